@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch 2.13.0 resolves to the CPU wheel on disk; torchrec goes in with --no-deps (its metadata wants the
+# CUDA fbgemm-gpu, the CPU build fbgemm-gpu-cpu is listed in pyproject.toml instead).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps torchrec==1.8.0
+	$(BIN)/python -c "import torchrec, lightning, mlflow; print('environment ready')"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m mmoe_rec.demo --workdir demo_out
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf demo_out mlruns mlflow.db

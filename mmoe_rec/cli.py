@@ -1,0 +1,40 @@
+"""`mmoe-rec` entry point: LightningCLI for fit / validate / test / predict, plain subcommands for the other jobs."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
+JOBS = {
+    "synth": "mmoe_rec.data.synthetic:main",
+    "features": "mmoe_rec.features.build:main",
+    "register": "mmoe_rec.registry.register:main",
+    "score": "mmoe_rec.registry.scoring:main",
+}
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in JOBS:
+        module, func = JOBS[argv[0]].split(":")
+        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS or (argv and argv[0] in ("-h", "--help")):
+        from mmoe_rec.training.cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return 0
+    print(
+        "usage: mmoe-rec {fit,validate,test,predict,synth,features,register,score} ...\n"
+        "  fit/validate/test/predict  train and evaluate (LightningCLI; --config configs/<model>_<dataset>.yaml)\n"
+        "  synth                      generate built-in synthetic data\n"
+        "  features                   fit a FeatureSpec on the train split and write feature Parquet\n"
+        "  register                   register a trained model in the MLflow model registry\n"
+        "  score                      batch-score a Parquet table with a registered model",
+        file=sys.stderr,
+    )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

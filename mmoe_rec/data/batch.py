@@ -1,0 +1,39 @@
+"""The Batch that moves one mini-batch from the data module to a model."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclasses.dataclass
+class Batch:
+    sparse: KeyedJaggedTensor  # keys = spec.sparse_features names, one bag per row per key
+    dense: torch.Tensor  # (B, D) float32, D = spec.dense_dim (may be 0)
+    labels: dict[str, torch.Tensor]  # task -> (B,) float32
+    weights: torch.Tensor | None = None  # (B,) float32 sample weights
+    ids: dict[str, Any] | None = None  # id columns passed through (lists / numpy arrays), never features
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            dense=self.dense.to(device, non_blocking=non_blocking),
+            labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
+            weights=None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
+            ids=self.ids,
+        )
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+            weights=None if self.weights is None else self.weights.pin_memory(),
+            ids=self.ids,
+        )

@@ -1,0 +1,121 @@
+"""FeatureSpec: what a fitted feature pipeline learnt, and the contract between features, data and models.
+
+A spec is fitted on the train split only and saved as ``spec.json``. The feature Parquet it produces has:
+
+- id columns: passed through unchanged (never features);
+- one int64 column per single-valued sparse feature, ids in ``[0, num_embeddings)``;
+- one ``list<int64>`` column per multi-valued sparse feature;
+- one float32 column per dense feature, in ``dense_features`` order (missing indicators are dense features too);
+- one float32 column per task label, named ``label_column(task)``;
+- optionally a float32 sample-weight column named ``WEIGHT_COLUMN``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+SPEC_FORMAT = 1
+WEIGHT_COLUMN = "sample_weight"
+TaskType = Literal["binary", "regression"]
+
+
+def label_column(task: str) -> str:
+    """Name of the feature-Parquet column holding a task's label."""
+    return f"label_{task}"
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseFeature:
+    name: str
+    num_embeddings: int  # ids are in [0, num_embeddings), OOV / hash buckets included
+    multi_valued: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    type: TaskType = "binary"
+
+
+@dataclasses.dataclass
+class FeatureSpec:
+    sparse_features: list[SparseFeature]
+    dense_features: list[str]
+    tasks: list[Task]
+    id_columns: list[str] = dataclasses.field(default_factory=list)
+    has_weight: bool = False
+    # How each raw column becomes a feature (vocabularies, statistics, ...): owned by mmoe_rec.features.
+    transforms: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Content hash of everything above; filled by `finalize()`.
+    version: str = ""
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def dense_dim(self) -> int:
+        return len(self.dense_features)
+
+    def task(self, name: str) -> Task:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task {name!r}; the feature spec has tasks {self.task_names}")
+
+    def _content(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("version")
+        d["format"] = SPEC_FORMAT
+        return d
+
+    def finalize(self) -> "FeatureSpec":
+        blob = json.dumps(self._content(), sort_keys=True, default=str).encode()
+        self.version = hashlib.sha256(blob).hexdigest()[:16]
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self._content()
+        d["version"] = self.version
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        fmt = d.get("format", SPEC_FORMAT)
+        if fmt != SPEC_FORMAT:
+            raise ValueError(f"feature spec format {fmt} is not supported (this mmoe-rec reads format {SPEC_FORMAT})")
+        return cls(
+            sparse_features=[SparseFeature(**s) for s in d["sparse_features"]],
+            dense_features=list(d["dense_features"]),
+            tasks=[Task(**t) for t in d["tasks"]],
+            id_columns=list(d.get("id_columns", [])),
+            has_weight=bool(d.get("has_weight", False)),
+            transforms=dict(d.get("transforms", {})),
+            version=d.get("version", ""),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write spec.json atomically (temporary file, then rename)."""
+        path = Path(path)
+        if not self.version:
+            self.finalize()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureSpec":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "spec.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"feature spec not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid spec.json ({e})") from None
+        return cls.from_dict(d)
