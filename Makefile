@@ -26,6 +26,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
+	$(BIN)/pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

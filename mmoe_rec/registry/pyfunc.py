@@ -1,0 +1,20 @@
+"""The MLflow pyfunc flavour of a mmoe-rec model: raw rows in, one score column per task out."""
+from __future__ import annotations
+
+import mlflow.pyfunc
+import pandas as pd
+import pyarrow as pa
+
+
+class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
+    """Holds no weights itself: `load_context` rebuilds the model from the logged package artifact."""
+
+    def load_context(self, context) -> None:
+        from mmoe_rec.registry.package import load_package
+        from mmoe_rec.registry.scorer import Scorer
+
+        self.scorer = Scorer(load_package(context.artifacts["package"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        table = pa.Table.from_pandas(pd.DataFrame(model_input), preserve_index=False)
+        return self.scorer.score_table(table, source="pyfunc input").to_pandas()

@@ -1,0 +1,36 @@
+"""Raw rows -> per-task scores with a trained model and the FeatureSpec it was trained with."""
+from __future__ import annotations
+
+import pyarrow as pa
+import torch
+
+from mmoe_rec.data.collate import BatchCollator
+from mmoe_rec.features.transform import transform_table
+from mmoe_rec.models.base import MultiTaskModel
+
+
+def score_column(task: str) -> str:
+    return f"score_{task}"
+
+
+class Scorer:
+    """Applies the model's own FeatureSpec (never refits): unseen categories land in the OOV bucket."""
+
+    def __init__(self, model: MultiTaskModel) -> None:
+        self.model = model.eval()
+        self.spec = model.feature_spec
+        self.collator = BatchCollator(self.spec, tasks=model.tasks, with_ids=False, with_labels=False)
+
+    @torch.no_grad()
+    def score_table(self, table: pa.Table, source: str = "input") -> pa.Table:
+        """(N rows of raw columns) -> (N rows: id columns, score_<task> per task)."""
+        features = transform_table(self.spec, table, with_labels=False, file=source)
+        chunks = features.combine_chunks().to_batches()
+        record_batch = chunks[0] if chunks else pa.RecordBatch.from_pylist([], schema=features.schema)
+        out = self.model(self.collator(record_batch))
+        columns: dict[str, pa.Array] = {col: features.column(col) for col in self.spec.id_columns}
+        for task in self.model.tasks:
+            logits = out.logits[task].float()  # (N,)
+            score = torch.sigmoid(logits) if self.spec.task(task).type == "binary" else logits
+            columns[score_column(task)] = pa.array(score.numpy(), pa.float32())
+        return pa.table(columns)
