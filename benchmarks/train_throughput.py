@@ -1,0 +1,458 @@
+"""Training throughput (rows/s) of mmoe-rec's MMoE vs DeepCTR-Torch and torch-rechub, side by side in one run.
+
+    .venv/bin/python benchmarks/train_throughput.py            # ~5 min on 2 CPU cores
+
+All three libraries train on the same rows of census-income features, encoded once by mmoe-rec's feature
+pipeline (``mmoe-rec features --schema configs/features/census.yaml``): mmoe-rec streams the feature Parquet
+through its FeatureDataModule, the peers get the same columns read into numpy. Same layer sizes, same batch
+size, Adam, one thread pool of ``--threads`` threads for everyone.
+
+Two models (benchmarks/README.md says why these two):
+- small: torch-rechub's census example (examples/ranking/run_census.py): embedding dim 4, 8 experts of one
+  16-unit layer, towers of 8, batch 1024. Bound by per-batch overhead. Target: mmoe-rec >= 5x torch-rechub.
+- large: embedding dim 8, 8 experts of 256-128, towers of 64, batch 1024. Bound by arithmetic.
+  Targets: mmoe-rec >= 1.4x DeepCTR-Torch, and mmoe-rec's model FLOP/s >= 80 % of a plain matmul's rate on the
+  same GEMM shapes, measured in the same run.
+
+Each training number is one full epoch through the library's normal training call after a short warm-up
+epoch; "data only" iterates the same loader without a model. Nothing here is a test: it prints, it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _peers import (  # noqa: E402
+    Arch, Arrays, deepctr_fit, deepctr_loader, deepctr_model, rechub_loader, rechub_model, rechub_train_epoch,
+    rechub_trainer,
+)
+from mmoe_rec.features.spec import FeatureSpec, label_column  # noqa: E402
+
+SMALL = Arch("small", embedding_dim=4, num_experts=8, expert_hidden=(16,), tower_hidden=(8,), batch_size=1024)
+LARGE = Arch("large", embedding_dim=8, num_experts=8, expert_hidden=(256, 128), tower_hidden=(64,), batch_size=1024)
+CENSUS_RAW = ROOT / "data" / "census_income"
+CENSUS_SCHEMA = ROOT / "configs" / "features" / "census.yaml"
+
+
+# --- features ----------------------------------------------------------------------------------------------
+
+def build_census_features(out: Path) -> str:
+    """Census train split through our feature pipeline; returns a description of where the features came from."""
+    if (out / "spec.json").exists() and (out / "train").is_dir():
+        return f"mmoe-rec features pipeline ({CENSUS_SCHEMA.relative_to(ROOT)}), cached in {out}"
+    # the command in the schema's header comment; the pipeline writes beside `out` and renames when complete
+    cmd = [sys.executable, "-m", "mmoe_rec.cli", "features", "--schema", str(CENSUS_SCHEMA),
+           "--input", f"train={_raw_census('train')}", "--input", f"valid+test={_raw_census('test')}",
+           "--output", str(out), "--seed", "0"]
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return f"mmoe-rec features pipeline ({CENSUS_SCHEMA.relative_to(ROOT)})"
+
+
+def _raw_census(split: str) -> Path:
+    for d in (CENSUS_RAW, ROOT.parent / "shared" / "data" / "census_income"):
+        for name in (f"{split}.csv.xz", f"{split}.csv"):
+            if (d / name).exists():
+                return d / name
+    raise FileNotFoundError(f"census {split} split not found under {CENSUS_RAW}")
+
+
+def subsample(feature_dir: Path, rows: int | None, out: Path) -> Path:
+    """A feature dir holding only the first ``rows`` training rows (same row-group size), or ``feature_dir``."""
+    files = sorted((feature_dir / "train").glob("*.parquet"))
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if rows is None or rows >= total:
+        return feature_dir
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "train").mkdir(parents=True)
+    shutil.copy(feature_dir / "spec.json", out / "spec.json")
+    for split in ("valid", "test"):  # never read (no validation), but a data module may look for them
+        if (feature_dir / split).is_dir():
+            (out / split).symlink_to((feature_dir / split).resolve())
+    rg = pq.ParquetFile(files[0]).metadata.row_group(0).num_rows
+    table = pa.concat_tables([pq.read_table(f) for f in files]).slice(0, rows)
+    pq.write_table(table, out / "train" / "part-00000.parquet", row_group_size=rg)
+    return out
+
+
+def read_arrays(feature_dir: Path) -> tuple[FeatureSpec, Arrays]:
+    """The training rows of a feature dir as numpy columns: the peers' input, identical to what we stream."""
+    spec = FeatureSpec.load(feature_dir / "spec.json")
+    multi = [f.name for f in spec.sparse_features if f.multi_valued]
+    if multi:
+        raise ValueError(f"the peers take one id per feature; multi-valued features {multi} are not comparable")
+    files = sorted((feature_dir / "train").glob("*.parquet"))
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    arrays = Arrays(
+        sparse={f.name: t.column(f.name).to_numpy().astype(np.int64) for f in spec.sparse_features},
+        vocab={f.name: f.num_embeddings for f in spec.sparse_features},
+        dense={c: t.column(c).to_numpy().astype(np.float32) for c in spec.dense_features},
+        labels=np.stack([t.column(label_column(k)).to_numpy().astype(np.float32) for k in spec.task_names], 1),
+        tasks=spec.task_names,
+    )
+    return spec, arrays
+
+
+# --- FLOPs and the matmul reference -------------------------------------------------------------------------
+
+def gemms(arch: Arch, input_dim: int, tasks: int, batch: int) -> list[tuple[int, int, int, int]]:
+    """The model's GEMMs per batch as (count, M, K, N): experts, gates, towers (+ their 1-unit output layer)."""
+    out, k = [], input_dim
+    for h in arch.expert_hidden:
+        out.append((arch.num_experts, batch, k, h))
+        k = h
+    out.append((tasks, batch, input_dim, arch.num_experts))  # gates
+    for h in arch.tower_hidden:
+        out.append((tasks, batch, k, h))
+        k = h
+    out.append((tasks, batch, k, 1))
+    return out
+
+
+def train_flops_per_row(arch: Arch, input_dim: int, tasks: int) -> float:
+    """Forward = 2 FLOPs per weight in a matmul + the gate-weighted sum of experts; training = 3x forward."""
+    macs = sum(c * k * n for c, _, k, n in gemms(arch, input_dim, tasks, 1))
+    macs += tasks * arch.num_experts * arch.expert_hidden[-1]  # mixture: sum_e g_e * expert_e
+    return 3 * 2 * macs
+
+
+def _rate(fn: Callable[[], None], flops: float, min_s: float = 0.6) -> float:
+    for _ in range(3):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < min_s:
+        fn()
+        n += 1
+    return flops * n / (time.perf_counter() - t0)
+
+
+def matmul_rates(arch: Arch, input_dim: int, tasks: int) -> dict[str, float]:
+    """FLOP/s of plain GEMMs doing the model's training arithmetic (forward X@W, backward dY@W^T and X^T@dY):
+    (a) one torch.mm per expert / gate / tower layer, (b) experts and gates fused into one wide mm per layer
+    (bmm for the later expert layers), and (c) a large square mm as the machine's peak, for context."""
+    g = torch.Generator().manual_seed(0)
+    shapes = gemms(arch, input_dim, tasks, arch.batch_size)
+    flops = sum(3 * 2 * c * m * k * n for c, m, k, n in shapes)
+
+    def mats(c, m, k, n):
+        return [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g), torch.randn(m, n, generator=g))
+                for _ in range(c)]
+
+    per = [mats(*s) for s in shapes]
+
+    def run_per():
+        for group in per:
+            for x, w, dy in group:
+                torch.mm(x, w), torch.mm(dy, w.t()), torch.mm(x.t(), dy)
+
+    fused = []
+    for c, m, k, n in shapes:
+        if k == input_dim or c == 1:  # same input for every expert / gate: one wide matmul
+            fused.append(("mm", *mats(1, m, k, c * n)[0]))
+        else:
+            fused.append(("bmm", torch.randn(c, m, k, generator=g), torch.randn(c, k, n, generator=g),
+                          torch.randn(c, m, n, generator=g)))
+
+    def run_fused():
+        for kind, x, w, dy in fused:
+            if kind == "mm":
+                torch.mm(x, w), torch.mm(dy, w.t()), torch.mm(x.t(), dy)
+            else:
+                torch.bmm(x, w), torch.bmm(dy, w.transpose(1, 2)), torch.bmm(x.transpose(1, 2), dy)
+
+    a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+    return {
+        "per_layer": _rate(run_per, flops),
+        "fused": _rate(run_fused, flops),
+        "square2048": _rate(lambda: torch.mm(a, b), 2 * 2048 ** 3),
+    }
+
+
+# --- timing -------------------------------------------------------------------------------------------------
+
+class OtherLoad:
+    """CPU share that OTHER processes took while a measurement ran (0 = the cores were ours alone).
+
+    On a shared machine a number measured while something else ran is low, so each row prints this share.
+    Busy time of the whole machine from /proc/stat, minus this process's own CPU time."""
+
+    def __enter__(self) -> "OtherLoad":
+        self.t0, self.busy0, self.own0 = time.perf_counter(), _machine_busy_s(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        others = (_machine_busy_s() - self.busy0) - (_cpu_seconds() - self.own0)
+        self.share = max(0.0, others) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+
+
+def _machine_busy_s() -> float:
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return float("nan")
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclasses.dataclass
+class Row:
+    arch: str
+    library: str
+    path: str
+    rows_per_s: float
+    seconds: float
+    rows: int
+    others: float = float("nan")  # CPU share other processes took meanwhile (OtherLoad)
+
+
+def loader_row(library: str, path: str, make_loader: Callable[[], object]) -> Row:
+    """Rows/s of iterating one epoch of a loader, touching nothing but the batches."""
+    loader = make_loader()
+    t0 = time.perf_counter()
+    rows = 0
+    for b in loader:
+        rows += _batch_rows(b)
+    sec = time.perf_counter() - t0
+    return Row("data", library, path, rows / sec, sec, rows)
+
+
+def measured(fn: Callable[..., Row], *args) -> Row:
+    with OtherLoad() as load:
+        row = fn(*args)
+    row.others = load.share
+    print(f"  measured {row.arch:5} {row.library:13} {row.path:46} {row.rows_per_s:9,.0f} rows/s "
+          f"(others {row.others * 100:.0f} %)", flush=True)
+    return row
+
+
+def _batch_rows(b) -> int:
+    if hasattr(b, "batch_size"):
+        return int(b.batch_size)
+    x, y = b
+    return int(y.shape[0])
+
+
+def bench_deepctr(arch: Arch, data: Arrays, warm_rows: int) -> Row:
+    torch.manual_seed(0)
+    model = deepctr_model(data, arch)
+    deepctr_fit(model, data, arch, slice(0, warm_rows))
+    sec = deepctr_fit(model, data, arch)
+    return Row(arch.name, "DeepCTR-Torch", "MMOE.fit", data.num_rows / sec, sec, data.num_rows)
+
+
+def bench_rechub(arch: Arch, data: Arrays, warm_rows: int, workdir: Path) -> Row:
+    torch.manual_seed(0)
+    model = rechub_model(data, arch)
+    trainer = rechub_trainer(model, data, str(workdir))
+    rechub_train_epoch(trainer, rechub_loader(data, arch, slice(0, warm_rows)))
+    loader = rechub_loader(data, arch)
+    sec = rechub_train_epoch(trainer, loader)
+    return Row(arch.name, "torch-rechub", "MTLTrainer.train_one_epoch", data.num_rows / sec, sec, data.num_rows)
+
+
+# --- mmoe-rec -----------------------------------------------------------------------------------------------
+
+MODEL_CLASS = "mmoe_rec.models.mmoe.MMoE"
+
+
+def ours_module(spec: FeatureSpec, arch: Arch):
+    from mmoe_rec.training.module import MultiTaskModule
+
+    init = {"embedding_dim": arch.embedding_dim, "num_experts": arch.num_experts,
+            "expert_hidden": list(arch.expert_hidden), "tower_hidden": list(arch.tower_hidden)}
+    # the module's defaults otherwise (Adam, lr 1e-3, as the peers): what `mmoe-rec fit` trains with
+    return MultiTaskModule(model={"class_path": MODEL_CLASS, "init_args": init}, feature_spec=spec)
+
+
+def ours_datamodule(data_dir: Path, arch: Arch):
+    from mmoe_rec.data.datamodule import FeatureDataModule
+
+    return FeatureDataModule(str(data_dir), batch_size=arch.batch_size, num_workers=0, seed=0)
+
+
+def lightning_fit(module, dm, limit_batches: int | None = None) -> float:
+    """Seconds for ``Trainer.fit`` of one epoch: no validation, no logger, no checkpoint, no progress bar."""
+    import lightning as L
+
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        limit_train_batches=limit_batches if limit_batches else 1.0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return time.perf_counter() - t0
+
+
+def plain_epoch(model, optimizer, loader, spec: FeatureSpec, limit_batches: int | None = None) -> float:
+    """Seconds for one epoch of a bare torch loop over our DataModule's loader: forward, task losses, step."""
+    from mmoe_rec.training.losses import task_losses
+
+    model.train()
+    t0 = time.perf_counter()
+    for i, batch in enumerate(loader):
+        if limit_batches and i >= limit_batches:
+            break
+        out = model(batch)
+        loss = sum(task_losses(out.logits, batch.labels, spec, model.tasks).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - t0
+
+
+def bench_ours_lightning(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int) -> Row:
+    torch.manual_seed(0)
+    module = ours_module(spec, arch)
+    lightning_fit(module, ours_datamodule(data_dir, arch), warm_batches)
+    sec = lightning_fit(module, ours_datamodule(data_dir, arch))
+    return Row(arch.name, "mmoe-rec", "Lightning Trainer.fit (MultiTaskModule)", rows / sec, sec, rows)
+
+
+def bench_ours_plain(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int) -> Row:
+    torch.manual_seed(0)
+    model = ours_module(spec, arch).model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    dm = ours_datamodule(data_dir, arch)
+    plain_epoch(model, opt, dm.train_dataloader(), spec, warm_batches)
+    sec = plain_epoch(model, opt, dm.train_dataloader(), spec)
+    return Row(arch.name, "mmoe-rec", "plain torch loop over FeatureDataModule", rows / sec, sec, rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--features", type=Path, help="an existing feature dir (spec.json, train/); default: build census")
+    p.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "train_throughput")
+    p.add_argument("--rows", type=int, default=None, help="first N training rows only, for everyone (default: all)")
+    p.add_argument("--warmup-batches", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--libs", default="mmoe-rec,deepctr,rechub")
+    p.add_argument("--models", default="small,large")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    libs = set(args.libs.split(","))
+    archs = [{"small": SMALL, "large": LARGE}[m] for m in args.models.split(",")]
+    whole = OtherLoad().__enter__()
+
+    if args.features:
+        feature_dir, source = args.features, f"given feature dir {args.features}"
+    else:
+        feature_dir = args.workdir / "census_features"
+        source = build_census_features(feature_dir)
+    data_dir = subsample(feature_dir, args.rows, args.workdir / "subsample")
+    spec, data = read_arrays(data_dir)
+    n_sparse, n_dense, n_tasks = len(spec.sparse_features), spec.dense_dim, len(spec.tasks)
+
+    print(f"features: {source}")
+    print(f"rows: {data.num_rows:,} (train split) | {n_sparse} sparse features (vocabularies "
+          f"{min(data.vocab.values())}..{max(data.vocab.values())}) + {n_dense} dense | tasks {spec.task_names}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"warm-up {args.warmup_batches} batches, then one full epoch timed")
+    rows: list[Row] = []
+    seen_batch_sizes: set[int] = set()
+    for arch in archs:
+        warm_rows = min(data.num_rows, args.warmup_batches * arch.batch_size)
+        if arch.batch_size not in seen_batch_sizes:  # data-only rows/s depends on the batch size, not the model
+            seen_batch_sizes.add(arch.batch_size)
+            label = f"batch {arch.batch_size}"
+            if "mmoe-rec" in libs:
+                rows.append(measured(loader_row, "mmoe-rec", f"FeatureDataModule.train_dataloader, {label}",
+                                     lambda: ours_datamodule(data_dir, arch).train_dataloader()))
+            if "deepctr" in libs:
+                m = deepctr_model(data, arch)
+                rows.append(measured(loader_row, "DeepCTR-Torch", f"the DataLoader fit() builds, {label}",
+                                     lambda: deepctr_loader(m, data, arch)))
+            if "rechub" in libs:
+                rows.append(measured(loader_row, "torch-rechub", f"DataGenerator loader, {label}",
+                                     lambda: rechub_loader(data, arch)))
+        if "mmoe-rec" in libs:
+            rows.append(measured(bench_ours_lightning, arch, spec, data_dir, data.num_rows, args.warmup_batches))
+            rows.append(measured(bench_ours_plain, arch, spec, data_dir, data.num_rows, args.warmup_batches))
+        if "deepctr" in libs:
+            rows.append(measured(bench_deepctr, arch, data, warm_rows))
+        if "rechub" in libs:
+            rows.append(measured(bench_rechub, arch, data, warm_rows, args.workdir))
+
+    _print_table(rows)
+    print()
+    for arch in archs:
+        input_dim = n_sparse * arch.embedding_dim + n_dense
+        flops = train_flops_per_row(arch, input_dim, n_tasks)
+        by = {r.library + ("/plain" if r.path.startswith("plain") else ""): r for r in rows if r.arch == arch.name}
+        print(f"{arch.name}: embedding dim {arch.embedding_dim} -> input {input_dim}, {arch.num_experts} experts of "
+              f"{'-'.join(map(str, arch.expert_hidden))}, towers of {'-'.join(map(str, arch.tower_hidden))}, "
+              f"batch {arch.batch_size}; {flops / 1e6:.3f} MFLOP per training row (3 x forward matmul FLOPs)")
+        ours, rechub, deepctr = by.get("mmoe-rec"), by.get("torch-rechub"), by.get("DeepCTR-Torch")
+        if ours and rechub:
+            tgt = "  (target >= 5x)" if arch is SMALL else ""
+            print(f"  mmoe-rec (Lightning) / torch-rechub  = {ratio(ours.rows_per_s, rechub.rows_per_s)}{tgt}")
+        if ours and deepctr:
+            tgt = "  (target >= 1.4x)" if arch is LARGE else ""
+            print(f"  mmoe-rec (Lightning) / DeepCTR-Torch = {ratio(ours.rows_per_s, deepctr.rows_per_s)}{tgt}")
+        if "mmoe-rec/plain" in by and ours:
+            print(f"  Lightning overhead: plain loop {by['mmoe-rec/plain'].rows_per_s:,.0f} rows/s vs Trainer.fit "
+                  f"{ours.rows_per_s:,.0f} rows/s ({(by['mmoe-rec/plain'].rows_per_s / ours.rows_per_s - 1) * 100:+.0f} %)")
+        if arch is LARGE:
+            mm = matmul_rates(arch, input_dim, n_tasks)
+            ref = max(mm["per_layer"], mm["fused"])
+            print(f"  plain matmul, this model's GEMM shapes (fwd + 2 bwd GEMMs per layer), same threads:")
+            print(f"    one mm per expert/gate/tower layer      {mm['per_layer'] / 1e9:7.1f} GFLOP/s")
+            print(f"    experts+gates fused (mm, then bmm)      {mm['fused'] / 1e9:7.1f} GFLOP/s")
+            print(f"    (2048^3 square mm, machine peak)        {mm['square2048'] / 1e9:7.1f} GFLOP/s")
+            for name, r in by.items():
+                achieved = flops * r.rows_per_s
+                tgt = "  (target >= 80 %)" if name == "mmoe-rec" else ""
+                print(f"  achieved model FLOP/s {name:22} {achieved / 1e9:7.1f} GFLOP/s = "
+                      f"{achieved / ref * 100:5.1f} % of the better plain-matmul rate{tgt}")
+    whole.__exit__(None, None, None)
+    print(f"\nwhole run {time.perf_counter() - whole.t0:.0f} s; other processes took {whole.share * 100:.0f} % "
+          "of the machine's CPU meanwhile")
+    return 0
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def _print_table(rows: list[Row]) -> None:
+    print()
+    print(f"| {'model':5} | {'library':13} | {'path':46} | {'rows/s':>9} | {'seconds':>7} | {'others':>6} |")
+    print(f"|{'-' * 7}|{'-' * 15}|{'-' * 48}|{'-' * 11}|{'-' * 9}|{'-' * 8}|")
+    for r in rows:
+        print(f"| {r.arch:5} | {r.library:13} | {r.path:46} | {r.rows_per_s:9,.0f} | {r.seconds:7.2f} "
+              f"| {r.others * 100:5.0f}% |")
+    print("others: CPU share other processes took during that measurement; above a few % the row is too low.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Built-in synthetic data: the MMoE paper's two-task regression generator and a recommender-shaped one.
+
+``mmoe``: Ma et al., KDD 2018, section 3.2. Two orthogonal unit vectors u1, u2 in R^d; w1 = c·u1,
+w2 = c·(p·u1 + sqrt(1 − p²)·u2); x ~ N(0, I_d);
+y_t = w_tᵀx + Σ_{i=1..m} sin(α_i·w_tᵀx + β_i) + ε_t, α_i, β_i ~ N(0, 1) drawn once and shared by both tasks.
+The paper's constants: d = 100, c = 1, m = 10. Its noise is written N(0, 0.01); public re-implementations use a
+standard deviation of 0.01, as here (``--noise-std``). p is the Pearson correlation of the two linear parts
+w_tᵀx; the sine terms make the label correlation a monotone but not identical function of p.
+
+``rec``: impressions (user, item) with Zipf-skewed popularity for both, item tags (list column), user interests
+("a|b|c" string column), device, numeric context (price, hour, position, user_age with ~10 % missing) and
+binary tasks (click, conversion, ...). Each task's logit is bias + scale · (sqrt(r)·s_shared + sqrt(1 − r)·s_task)
++ a task-specific context effect, where s_shared and s_task are user–item affinities from independent latent
+vectors (unit variance), so ``relatedness`` r in [0, 1] moves the tasks' label correlation from ~0 upwards.
+
+Both write raw Parquet in chunks (bounded memory) matching configs/features/synthetic_{mmoe,rec}.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# ---------------------------------------------------------------------------------------------- MMoE paper
+
+
+@dataclasses.dataclass
+class MMoESynthetic:
+    """The paper's generator with its random constants fixed by `seed`."""
+
+    p: float
+    d: int = 100
+    c: float = 1.0
+    m: int = 10
+    noise_std: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.p <= 1.0:
+            raise ValueError(f"p must be in [-1, 1], got {self.p}")
+        rng = np.random.default_rng([self.seed, 0])
+        q, _ = np.linalg.qr(rng.normal(size=(self.d, 2)))  # two orthonormal columns
+        u1, u2 = q[:, 0], q[:, 1]
+        self.w1 = self.c * u1
+        self.w2 = self.c * (self.p * u1 + np.sqrt(1.0 - self.p ** 2) * u2)
+        self.alpha = rng.normal(size=self.m)
+        self.beta = rng.normal(size=self.m)
+
+    def sample(self, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """x (n, d), y1, y2 (n,) and the linear parts lin1, lin2 (n,)."""
+        x = rng.normal(size=(n, self.d))
+        lin1, lin2 = x @ self.w1, x @ self.w2  # (n,)
+        sin1 = np.sin(np.outer(lin1, self.alpha) + self.beta).sum(axis=1)  # (n, m) -> (n,)
+        sin2 = np.sin(np.outer(lin2, self.alpha) + self.beta).sum(axis=1)
+        y1 = lin1 + sin1 + rng.normal(scale=self.noise_std, size=n)
+        y2 = lin2 + sin2 + rng.normal(scale=self.noise_std, size=n)
+        return {"x": x, "y1": y1, "y2": y2, "lin1": lin1, "lin2": lin2}
+
+    def tables(self, rows: int, chunk_rows: int = 262_144) -> Iterator[pa.Table]:
+        for k, start in enumerate(range(0, rows, chunk_rows)):
+            n = min(chunk_rows, rows - start)
+            s = self.sample(n, np.random.default_rng([self.seed, 1, k]))
+            cols = {"row_id": pa.array(np.arange(start, start + n, dtype=np.int64))}
+            x = s["x"].astype(np.float32)
+            for j in range(self.d):
+                cols[f"x{j}"] = pa.array(x[:, j])
+            cols["y1"] = pa.array(s["y1"].astype(np.float32))
+            cols["y2"] = pa.array(s["y2"].astype(np.float32))
+            yield pa.table(cols)
+
+
+# ---------------------------------------------------------------------------------------------- recommender
+
+DEVICES = ["android", "ios", "web", "tv"]
+DEVICE_P = [0.5, 0.3, 0.15, 0.05]
+INTERESTS = ["sports", "music", "news", "tech", "travel", "food", "fashion", "games", "movies", "finance"]
+TASK_BIAS = {"click": -1.8, "conversion": -3.0}
+
+
+def _zipf_probs(n: int, exponent: float) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** exponent
+    return w / w.sum()
+
+
+@dataclasses.dataclass
+class RecSynthetic:
+    """A fixed world of users and items (from `seed`); `tables()` draws impressions from it in chunks."""
+
+    relatedness: float = 0.5
+    num_users: int = 100_000
+    num_items: int = 20_000
+    num_tags: int = 500
+    zipf: float = 1.1
+    tasks: tuple[str, ...] = ("click", "conversion")
+    latent_dim: int = 8
+    scale: float = 1.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.relatedness <= 1.0:
+            raise ValueError(f"relatedness must be in [0, 1], got {self.relatedness}")
+        if len(self.tasks) < 2:
+            raise ValueError("the recommender generator needs at least two tasks")
+        rng = np.random.default_rng([self.seed, 0])
+        k = self.latent_dim
+        # popularity rank -> id, so that ids do not sort by popularity
+        self.user_ids = rng.permutation(self.num_users).astype(np.int64) + 1
+        self.item_ids = rng.permutation(self.num_items).astype(np.int64) + 1
+        self.user_cdf = np.cumsum(_zipf_probs(self.num_users, self.zipf))
+        self.item_cdf = np.cumsum(_zipf_probs(self.num_items, self.zipf))
+        # latent vectors (by popularity rank): one shared pair, one pair per task
+        self.u_shared, self.v_shared = rng.normal(size=(self.num_users, k)), rng.normal(size=(self.num_items, k))
+        self.u_task = {t: rng.normal(size=(self.num_users, k)) for t in self.tasks}
+        self.v_task = {t: rng.normal(size=(self.num_items, k)) for t in self.tasks}
+        self.task_bias = {t: TASK_BIAS.get(t, -2.5) for t in self.tasks}
+        # item attributes: 1-3 tags (Zipf over tags), a price level
+        n_tags = rng.integers(1, 4, self.num_items)
+        self.tag_offsets = np.concatenate([[0], np.cumsum(n_tags)]).astype(np.int64)
+        tag_cdf = np.cumsum(_zipf_probs(self.num_tags, 1.0))
+        self.tag_values = np.searchsorted(tag_cdf, rng.random(self.tag_offsets[-1]) * tag_cdf[-1]).astype(np.int64)
+        self.item_price = np.exp(rng.normal(3.0, 1.0, self.num_items))
+        # user attributes: interests as "a|b|c" (0-3 of them), age
+        n_int = rng.integers(0, 4, self.num_users)
+        picks = [rng.choice(len(INTERESTS), size=j, replace=False) for j in n_int]
+        self.user_interests = pa.array(["|".join(INTERESTS[i] for i in p) for p in picks], pa.string())
+        self.user_age = np.clip(rng.normal(38, 12, self.num_users), 16, 90).round()
+
+    def _draw(self, cdf: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        return np.minimum(np.searchsorted(cdf, rng.random(n) * cdf[-1]), len(cdf) - 1)
+
+    def sample(self, n: int, rng: np.random.Generator, first_row: int = 0) -> pa.Table:
+        u = self._draw(self.user_cdf, n, rng)  # popularity ranks, (n,)
+        i = self._draw(self.item_cdf, n, rng)
+        k = np.sqrt(self.latent_dim)
+        s_shared = (self.u_shared[u] * self.v_shared[i]).sum(1) / k  # (n,) unit variance
+        position = rng.geometric(0.3, n).astype(np.float64)
+        hour = rng.integers(0, 24, n).astype(np.float64)
+        price = self.item_price[i] * np.exp(rng.normal(0, 0.1, n))
+        context = {  # task-specific context effects, so that r = 0 leaves the tasks nearly unrelated
+            0: -0.25 * (position - 1),
+            1: -0.4 * (np.log(price) - 3.0),
+        }
+        labels = {}
+        r = self.relatedness
+        for j, t in enumerate(self.tasks):
+            s_task = (self.u_task[t][u] * self.v_task[t][i]).sum(1) / k
+            logit = self.task_bias[t] + self.scale * (np.sqrt(r) * s_shared + np.sqrt(1 - r) * s_task)
+            logit = logit + context.get(j, 0.0)
+            labels[t] = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int8)
+        lengths = np.diff(self.tag_offsets)[i]
+        out_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        gather = np.repeat(self.tag_offsets[i] - out_offsets[:-1], lengths) + np.arange(out_offsets[-1])
+        tags = pa.ListArray.from_arrays(pa.array(out_offsets.astype(np.int32)), pa.array(self.tag_values[gather]))
+        age = self.user_age[u]
+        age_missing = rng.random(n) < 0.1
+        cols = {
+            "row_id": pa.array(np.arange(first_row, first_row + n, dtype=np.int64)),
+            "user_id": pa.array(self.user_ids[u]),
+            "item_id": pa.array(self.item_ids[i]),
+            "tags": tags,
+            "interests": self.user_interests.take(pa.array(u)),
+            "device": pa.array(np.asarray(DEVICES)[self._draw(np.cumsum(DEVICE_P), n, rng)]),
+            "price": pa.array(price),
+            "hour": pa.array(hour),
+            "position": pa.array(position),
+            "user_age": pa.array(age, mask=age_missing),
+        }
+        cols.update({t: pa.array(v) for t, v in labels.items()})
+        return pa.table(cols)
+
+    def tables(self, rows: int, chunk_rows: int = 262_144) -> Iterator[pa.Table]:
+        for k, start in enumerate(range(0, rows, chunk_rows)):
+            n = min(chunk_rows, rows - start)
+            yield self.sample(n, np.random.default_rng([self.seed, 1, k]), first_row=start)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_per_file: int = 1_048_576,
+                  row_group_rows: int = 65_536) -> list[Path]:
+    """Write a stream of tables as output/part-NNNNN.parquet; temporary directory renamed when complete."""
+    output = Path(output)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer, file_rows, n_files = None, 0, 0
+        for t in tables:
+            if writer is None or file_rows >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                writer = pq.ParquetWriter(tmp / f"part-{n_files:05d}.parquet", t.schema)
+                n_files, file_rows = n_files + 1, 0
+            writer.write_table(t, row_group_size=row_group_rows)
+            file_rows += t.num_rows
+        if writer is not None:
+            writer.close()
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sorted(output.glob("part-*.parquet"))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmoe-rec synth", description="Generate built-in synthetic raw data (Parquet).")
+    sub = p.add_subparsers(dest="kind", required=True)
+    m = sub.add_parser("mmoe", help="the MMoE paper's two regression tasks (schema configs/features/synthetic_mmoe.yaml)")
+    m.add_argument("--p", type=float, default=0.5, help="correlation of the tasks' linear parts, in [-1, 1]")
+    m.add_argument("--d", type=int, default=100, help="input dimension (paper: 100)")
+    m.add_argument("--c", type=float, default=1.0, help="scale of the weight vectors (paper: 1)")
+    m.add_argument("--m", type=int, default=10, help="number of sine terms (paper: 10)")
+    m.add_argument("--noise-std", type=float, default=0.01, help="label noise standard deviation")
+    r = sub.add_parser("rec", help="recommender impressions with binary tasks (configs/features/synthetic_rec.yaml)")
+    r.add_argument("--relatedness", type=float, default=0.5, help="task relatedness r in [0, 1]")
+    r.add_argument("--users", type=int, default=100_000)
+    r.add_argument("--items", type=int, default=20_000)
+    r.add_argument("--tags", type=int, default=500)
+    r.add_argument("--zipf", type=float, default=1.1, help="popularity exponent of users and items")
+    r.add_argument("--tasks", default="click,conversion", help="comma-separated binary task names (>= 2)")
+    for s in (m, r):
+        s.add_argument("--rows", type=int, default=100_000)
+        s.add_argument("--output", required=True, help="output directory (part-*.parquet)")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--chunk-rows", type=int, default=262_144, help="rows generated at a time")
+        s.add_argument("--rows-per-file", type=int, default=1_048_576)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.kind == "mmoe":
+            gen = MMoESynthetic(p=args.p, d=args.d, c=args.c, m=args.m, noise_std=args.noise_std, seed=args.seed)
+        else:
+            gen = RecSynthetic(relatedness=args.relatedness, num_users=args.users, num_items=args.items,
+                               num_tags=args.tags, zipf=args.zipf, tasks=tuple(args.tasks.split(",")), seed=args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = write_parquet(gen.tables(args.rows, args.chunk_rows), args.output, rows_per_file=args.rows_per_file)
+    print(f"wrote {args.rows} rows to {args.output} ({len(files)} files)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""`mmoe-rec features`: fit a FeatureSpec on the train split, write feature Parquet for every split.
+
+    mmoe-rec features --schema S.yaml --input RAW --output DIR [--valid-fraction F --test-fraction G --seed N]
+    mmoe-rec features --schema S.yaml --input RAW --output DIR --split-column split
+    mmoe-rec features --schema S.yaml --input train=TRAIN --input valid+test=TEST --output DIR --seed N
+
+``--input`` takes a file, a directory or a glob, optionally prefixed by the splits its rows go to:
+``train=PATH`` (all rows to train), ``valid+test=PATH`` (each row to valid or test with equal chance) or
+weighted ``train:0.9+valid:0.1=PATH``. Unprefixed inputs are split by ``--split-column`` (values train /
+valid / test) or at random by ``--valid-fraction`` / ``--test-fraction``. Random assignment hashes
+(seed, file, row in file), so it does not depend on batch sizes or on the other files.
+
+Output: DIR/spec.json, DIR/manifest.json (row counts, inputs, seed) and DIR/{train,valid,test}/part-NNNNN.parquet
+with row groups of ``--row-group-rows``. Everything is written to a temporary directory beside DIR and renamed
+when complete; on error the temporary directory is removed and DIR is left as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import re
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mmoe_rec.features.columns import dictionary_fast_path
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.fit import SpecFitter
+from mmoe_rec.features.schema import Schema, load_schema
+from mmoe_rec.features.sources import iter_batches, resolve_inputs
+from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.features.transform import CompiledSpec, compiled
+
+SPLITS = ("train", "valid", "test")
+DICTIONARY_MAX_IDS = 1 << 14  # sparse outputs with at most this many ids are Parquet dictionary-encoded
+_PREFIX = re.compile(r"^([a-z]+(?::[0-9.]+)?(?:\+[a-z]+(?::[0-9.]+)?)*)=(.+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Input files and how their rows are assigned to splits.
+
+    rule: "fixed" (all rows to splits[0]), "random" (by weights), "column" (by the split column's values).
+    """
+
+    files: tuple[str, ...]
+    rule: str
+    splits: tuple[str, ...] = ("train",)
+    weights: tuple[float, ...] = (1.0,)
+
+    def may_hold(self, split: str) -> bool:
+        return self.rule == "column" or split in [s for s, w in zip(self.splits, self.weights) if w > 0]
+
+
+def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_fraction: float) -> Source:
+    m = _PREFIX.match(arg)
+    if m and not os.path.exists(arg):
+        splits, weights = [], []
+        for part in m.group(1).split("+"):
+            name, _, w = part.partition(":")
+            if name not in SPLITS:
+                raise FeatureDataError(f"unknown split {name!r} in --input {arg!r} (known: {SPLITS})")
+            splits.append(name)
+            weights.append(float(w) if w else 1.0)
+        files = tuple(resolve_inputs(m.group(2)))
+        if len(splits) == 1:
+            return Source(files, "fixed", (splits[0],), (1.0,))
+        total = sum(weights)
+        return Source(files, "random", tuple(splits), tuple(w / total for w in weights))
+    files = tuple(resolve_inputs(arg))
+    if split_column:
+        return Source(files, "column", SPLITS, (0.0, 0.0, 0.0))
+    train = 1.0 - valid_fraction - test_fraction
+    if not (0 < train <= 1 and valid_fraction >= 0 and test_fraction >= 0):
+        raise FeatureDataError(f"--valid-fraction {valid_fraction} and --test-fraction {test_fraction} must be >= 0 "
+                               "and leave rows for train")
+    return Source(files, "random", SPLITS, (train, valid_fraction, test_fraction))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def assign_splits(source: Source, file_index: int, row_offset: int, batch: pa.RecordBatch,
+                  seed: int, split_column: str | None, file: str) -> np.ndarray:
+    """(n,) int8 split index into SPLITS for each row of a batch."""
+    n = batch.num_rows
+    if source.rule == "fixed":
+        return np.full(n, SPLITS.index(source.splits[0]), np.int8)
+    if source.rule == "column":
+        col = batch.column(split_column)
+        idx = pc.index_in(pc.cast(col, pa.string()), value_set=pa.array(SPLITS))
+        if idx.null_count:
+            row = int(np.argmax(~idx.is_valid().to_numpy(zero_copy_only=False)))
+            raise FeatureDataError(f"split value {col[row].as_py()!r} is not one of {SPLITS}",
+                                   file=file, column=split_column, row=row_offset + row)
+        return idx.to_numpy(zero_copy_only=False).astype(np.int8)
+    rows = np.arange(row_offset, row_offset + n, dtype=np.uint64)
+    key = _splitmix64(np.uint64(seed & 0xFFFFFFFF) << np.uint64(32) ^ np.uint64(file_index)) ^ rows
+    u = (_splitmix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # uniform in [0, 1)
+    edges = np.cumsum(source.weights)[:-1]
+    which = np.searchsorted(edges, u, side="right")
+    return np.asarray([SPLITS.index(s) for s in source.splits], np.int8)[which]
+
+
+class SplitWriter:
+    """Appends feature tables to DIR/<split>/part-NNNNN.parquet in row groups of `row_group_rows`."""
+
+    def __init__(self, directory: Path, row_group_rows: int, rows_per_file: int,
+                 use_dictionary: bool | list[str] = True) -> None:
+        self.dir = directory
+        self.use_dictionary = use_dictionary
+        self.dir.mkdir(parents=True)
+        self.row_group_rows, self.rows_per_file = row_group_rows, rows_per_file
+        self.schema: pa.Schema | None = None
+        self._buf: list[pa.Table] = []
+        self._buffered = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file_rows = 0
+        self._files = 0
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            table = table.cast(self.schema)  # e.g. int32 ids in one file, int64 in another
+        self._buf.append(table)
+        self._buffered += table.num_rows
+        if self._buffered >= self.row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self._buf:
+            return
+        t = pa.concat_tables(self._buf)  # zero-copy; the writer encodes chunk by chunk
+        full = (t.num_rows // self.row_group_rows) * self.row_group_rows
+        cut = t.num_rows if final else full
+        for start in range(0, cut, self.row_group_rows):
+            self._write_group(t.slice(start, min(self.row_group_rows, cut - start)))
+        rest = t.slice(cut)
+        self._buf, self._buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    def _write_group(self, t: pa.Table) -> None:
+        if self._writer is None or self._file_rows >= self.rows_per_file:
+            self._new_file()
+        self._writer.write_table(t, row_group_size=self.row_group_rows)
+        self._file_rows += t.num_rows
+        self.rows += t.num_rows
+
+    def _new_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        path = self.dir / f"part-{self._files:05d}.parquet"
+        self._writer = pq.ParquetWriter(path, self.schema, compression="snappy", use_dictionary=self.use_dictionary)
+        self._files += 1
+        self._file_rows = 0
+
+    def close(self, empty_schema: pa.Schema) -> None:
+        self._flush(final=True)
+        if self._writer is None:  # an empty split still gets one (empty) file with the right columns
+            self.schema = self.schema or empty_schema
+            self._new_file()
+        self._writer.close()
+
+
+def prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run `it` in a background thread, `depth` items ahead (Arrow decoding releases the GIL, so reading
+    overlaps the transform on another core). Exceptions are re-raised here, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((True, done))
+        except BaseException as e:  # handed to the consumer
+            q.put((False, e))
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        th.join()
+
+
+class BackgroundWrites:
+    """Runs SplitWriter.write calls on one background thread, in submission order, at most `depth` pending,
+    so Parquet encoding overlaps the next batch's transform."""
+
+    def __init__(self, depth: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: list = []
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self._pending.append(self._pool.submit(fn, *args))
+        while len(self._pending) > self.depth:
+            self._pending.pop(0).result()
+
+    def drain(self) -> None:
+        try:
+            while self._pending:
+                self._pending.pop(0).result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _batches(sources: list[Source], columns: list[str], schema: Schema, batch_rows: int,
+             dictionary: Iterable[str] = ()) -> Iterator[tuple[int, Source, int, str, int, pa.RecordBatch]]:
+    for si, src in enumerate(sources):
+        for fi, path in enumerate(src.files):
+            for offset, batch in iter_batches(path, columns, schema.reader, batch_rows, dictionary):
+                yield si, src, fi, path, offset, batch
+
+
+def dictionary_inputs(cs: CompiledSpec, extra: list[str]) -> list[str]:
+    """Raw (string) columns to read dictionary-encoded in the transform pass: those used only by categorical
+    features that then compute ids once per distinct value (CompiledSpec._dictionary_ids); never id columns
+    (passed through as read), labels, weights, numeric or split columns."""
+    as_dict = pa.dictionary(pa.int32(), pa.string())
+    uses: dict[str, list[bool]] = {}
+    for st in cs.features.values():
+        uses.setdefault(st["column"], []).append(st["kind"] in ("vocab", "hash") and dictionary_fast_path(st, as_dict))
+    other = set(cs.spec.id_columns) | {t["column"] for t in cs.tasks.values()} | {cs.weight_column} | set(extra)
+    return [c for c, ok in uses.items() if c not in other and all(ok)]
+
+
+def dictionary_outputs(spec: FeatureSpec) -> list[str]:
+    """Output columns worth Parquet dictionary encoding: sparse features with few ids. Row ids, hashed /
+    large-vocabulary ids and float columns are written plain: their dictionaries are large or cost more
+    encoding time than they save space."""
+    return [f.name for f in spec.sparse_features if f.num_embeddings <= DICTIONARY_MAX_IDS]
+
+
+def group_by_split(table: pa.Table, split: np.ndarray) -> list[tuple[int, pa.Table]]:
+    """[(split index, its rows in input order)] for the splits present: one stable sort and one gather per
+    column, then zero-copy slices (instead of one filter per split)."""
+    counts = np.bincount(split, minlength=len(SPLITS))
+    if table.num_rows == 0:
+        return []
+    if counts.max() == table.num_rows:
+        return [(int(split[0]), table)]
+    order = pa.array(np.argsort(split, kind="stable"))
+    grouped = pa.table([c.take(order) for c in table.columns], schema=table.schema)
+    parts, start = [], 0
+    for k, n in enumerate(counts.tolist()):
+        if n:
+            parts.append((k, grouped.slice(start, n)))
+            start += n
+    return parts
+
+
+def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed: int = 0,
+          split_column: str | None = None, batch_rows: int = 65_536, row_group_rows: int = 65_536,
+          rows_per_file: int = 1_048_576, overwrite: bool = False, log=None) -> FeatureSpec:
+    """Fit on the train rows of `sources` (pass 1), transform every row into its split (pass 2)."""
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FeatureDataError("output directory exists and is not empty (use --overwrite)", file=str(output))
+    if split_column and any(s.rule == "column" for s in sources):
+        extra = [split_column]
+    else:
+        extra = []
+    columns = list(dict.fromkeys(schema.raw_columns() + extra))
+    fit_columns = list(dict.fromkeys(schema.raw_columns(with_labels=False) + extra))
+    t0 = time.perf_counter()
+
+    fitter = SpecFitter(schema)
+    seen_rows = 0
+    for si, src, fi, path, offset, batch in prefetch(_batches([s for s in sources if s.may_hold("train")],
+                                                              fit_columns, schema, batch_rows)):
+        seen_rows += batch.num_rows
+        split = assign_splits(src, fi, offset, batch, seed, split_column, path)
+        mask = split == 0
+        if mask.any():
+            fitter.update(batch, None if mask.all() else mask, file=path, row_offset=offset)
+    if seen_rows == 0 and all(s.may_hold("train") for s in sources):
+        raise FeatureDataError("empty input: no rows in " + ", ".join(f for s in sources for f in s.files))
+    spec = fitter.spec()
+    t_fit = time.perf_counter() - t0
+    if log:
+        log(f"fitted spec {spec.version} on {fitter.rows} train rows in {t_fit:.1f}s")
+
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        cs = compiled(spec)
+        encode = dictionary_outputs(spec)
+        writers = {s: SplitWriter(tmp / s, row_group_rows, rows_per_file, encode) for s in SPLITS}
+        total = 0
+        bg = BackgroundWrites()
+        try:
+            for si, src, fi, path, offset, batch in prefetch(_batches(sources, columns, schema, batch_rows,
+                                                                      dictionary_inputs(cs, extra))):
+                split = assign_splits(src, fi, offset, batch, seed, split_column, path)
+                out = cs.transform(batch, with_labels=True, file=path, row_offset=offset)
+                total += out.num_rows
+                for k, part in group_by_split(out, split):
+                    bg.submit(writers[SPLITS[k]].write, part)
+        finally:
+            bg.drain()
+        if total == 0:
+            raise FeatureDataError("empty input: no rows in " + ", ".join(f for s in sources for f in s.files))
+        id_types = next((w.schema for w in writers.values() if w.schema is not None), None)
+        empty = cs.output_schema(True, {f.name: f.type for f in id_types} if id_types is not None else None)
+        for w in writers.values():
+            w.close(empty)
+        spec.save(tmp / "spec.json")
+        elapsed = time.perf_counter() - t0
+        manifest = {
+            "spec_version": spec.version,
+            "rows": {s: writers[s].rows for s in SPLITS},
+            "seed": seed,
+            "split_column": split_column,
+            "inputs": [{"files": list(s.files), "rule": s.rule, "splits": list(s.splits), "weights": list(s.weights)}
+                       for s in sources],
+            "schema": schema.source,
+            "seconds": {"fit": round(t_fit, 3), "total": round(elapsed, 3)},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output)
+        if log:
+            rows = ", ".join(f"{s} {writers[s].rows}" for s in SPLITS)
+            log(f"wrote {output} ({rows} rows) in {elapsed:.1f}s ({total / elapsed:,.0f} rows/s incl. fit)")
+        return spec
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mmoe-rec features",
+        description="Fit a FeatureSpec on the train split and write feature Parquet (DIR/spec.json, "
+                    "DIR/{train,valid,test}/part-*.parquet).",
+        epilog="examples:\n"
+               "  mmoe-rec features --schema configs/features/synthetic_rec.yaml --input data/rec_raw "
+               "--output data/rec_features --valid-fraction 0.1 --test-fraction 0.1 --seed 0\n"
+               "  mmoe-rec features --schema configs/features/census.yaml "
+               "--input train=data/census_income/train.csv.xz --input valid+test=data/census_income/test.csv.xz "
+               "--output data/census_features --seed 0",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--schema", required=True, help="feature schema YAML (configs/features/*.yaml)")
+    p.add_argument("--input", action="append", required=True, metavar="[SPLITS=]PATH",
+                   help="CSV/Parquet file, directory or glob; optional prefix train=, valid+test=, "
+                        "train:0.9+valid:0.1= says which splits its rows go to (repeatable)")
+    p.add_argument("--output", required=True, help="output directory DIR")
+    p.add_argument("--split-column", help="column of unprefixed inputs holding train / valid / test")
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="unprefixed inputs: fraction to valid")
+    p.add_argument("--test-fraction", type=float, default=0.0, help="unprefixed inputs: fraction to test")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split assignment (default 0)")
+    p.add_argument("--batch-rows", type=int, default=65_536, help="rows per streamed batch")
+    p.add_argument("--row-group-rows", type=int, default=65_536, help="rows per Parquet row group")
+    p.add_argument("--rows-per-file", type=int, default=1_048_576, help="rows per output Parquet file")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.split_column and (args.valid_fraction or args.test_fraction):
+        print("error: --split-column excludes --valid-fraction / --test-fraction", file=sys.stderr)
+        return 2
+    try:
+        schema = load_schema(args.schema)
+        sources = [parse_input(a, args.split_column, args.valid_fraction, args.test_fraction) for a in args.input]
+        build(schema, sources, args.output, seed=args.seed, split_column=args.split_column,
+              batch_rows=args.batch_rows, row_group_rows=args.row_group_rows, rows_per_file=args.rows_per_file,
+              overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    except FeatureDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Raw Arrow columns -> checked numpy / Arrow values, or a FeatureDataError naming the column and row.
+
+Rows in errors are relative to the array passed in; callers shift them to the row inside the file.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.numeric import column_values
+from mmoe_rec.features.vocab import normalize_values
+
+
+def one_chunk(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(arr, pa.ChunkedArray):
+        return arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    return arr
+
+
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) \
+        or pa.types.is_decimal(t) or pa.types.is_null(t)
+
+
+def _first_failure(arr: pa.Array, convert) -> int:
+    """Row of the first element `convert` rejects (bisection: O(log n) conversions, only on the error path)."""
+    lo, hi = 0, len(arr)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            convert(arr.slice(lo, mid - lo))
+            lo = mid
+        except (pa.ArrowInvalid, ValueError):
+            hi = mid
+    return lo
+
+
+def _strings_to_float(arr: pa.Array, column: str) -> pa.Array:
+    arr = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
+    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)  # "" is missing, not an error
+    try:
+        return pc.cast(arr, pa.float64())
+    except pa.ArrowInvalid:
+        row = _first_failure(arr, lambda a: pc.cast(a, pa.float64()))
+        raise FeatureDataError(f"expected a number, found {arr[row].as_py()!r}", column=column, row=row) from None
+
+
+def numeric_column(arr, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values with 0 at missing, missing mask)."""
+    arr = one_chunk(arr)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        arr = _strings_to_float(arr, column)
+    elif not _is_numeric(t):
+        raise FeatureDataError(f"expected a numeric column, found type {t}", column=column)
+    elif not pa.types.is_floating(t):
+        arr = pc.cast(arr, pa.float64())
+    return column_values(arr)
+
+
+def categorical_column(arr, column: str) -> pa.Array:
+    """int64 or string values (nulls kept); integral floats are accepted as integers."""
+    arr = one_chunk(arr)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    if pa.types.is_floating(t):
+        x = arr.to_numpy(zero_copy_only=False)
+        bad = ~np.isnan(x) & (x != np.round(x))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise FeatureDataError(f"expected a categorical value, found the non-integral number {x[row]!r}",
+                                   column=column, row=row)
+        return pc.cast(arr, pa.int64(), safe=False)
+    if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+            or pa.types.is_boolean(t) or pa.types.is_null(t)):
+        raise FeatureDataError(f"expected a categorical (string or integer) column, found type {t}", column=column)
+    return normalize_values(arr)
+
+
+def multi_valued_column(arr, column: str, delimiter: str | None) -> tuple[pa.Array, np.ndarray]:
+    """(flat values, offsets (n+1,) int64); a null list or null string is an empty list."""
+    arr = one_chunk(arr)
+    t = arr.type
+    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None:
+        arr = pc.split_pattern(pc.cast(arr, pa.string()), delimiter)
+        t = arr.type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        hint = " (declare 'delimiter' for a delimited string column)" if pa.types.is_string(t) else ""
+        raise FeatureDataError(f"expected a list column, found type {t}{hint}", column=column)
+    if arr.null_count:
+        arr = pc.fill_null(arr, pa.scalar([], arr.type))
+    if arr.offset or pa.types.is_large_list(t):
+        arr = pa.concat_arrays([arr])  # offsets start at 0 after a copy
+    offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    offsets = offsets - offsets[0]
+    values = categorical_column(values, column)
+    if delimiter is not None and pa.types.is_string(values.type):
+        # empty pieces ("a||b", "") are no values: drop them and rebuild the offsets
+        keep = pc.not_equal(values, "").fill_null(True).to_numpy(zero_copy_only=False)
+        if not keep.all():
+            kept_before = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+            offsets = kept_before[offsets]
+            values = values.filter(pa.array(keep))
+    return values, offsets
+
+
+def dictionary_fast_path(state: dict, t: pa.DataType) -> bool:
+    """Whether a categorical feature can be computed on a dictionary column's distinct values and gathered
+    per row (string or integer values: no per-row errors possible; multi-valued only as delimited strings)."""
+    if not pa.types.is_dictionary(t):
+        return False
+    v = t.value_type
+    if state["multi_valued"]:
+        return state["delimiter"] is not None and (pa.types.is_string(v) or pa.types.is_large_string(v))
+    return pa.types.is_string(v) or pa.types.is_large_string(v) or pa.types.is_integer(v)
+
+
+def weight_column(arr, column: str) -> np.ndarray:
+    x, missing = numeric_column(arr, column)
+    if missing.any():
+        raise FeatureDataError("sample weight is missing", column=column, row=int(np.argmax(missing)))
+    if (x < 0).any():
+        raise FeatureDataError(f"sample weight is negative ({x[np.argmax(x < 0)]})", column=column,
+                               row=int(np.argmax(x < 0)))
+    return x.astype(np.float32)
+
+
+def label_values(arr, column: str, state: dict) -> np.ndarray:
+    """(n,) float32 label from a raw label column; NaN / null / disallowed values are errors."""
+    arr = one_chunk(arr)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    n = len(arr)
+    if arr.null_count:
+        row = int(np.argmax(~arr.is_valid().to_numpy(zero_copy_only=False)))
+        raise FeatureDataError("label is missing (null)", column=column, row=row)
+    if state["type"] == "regression" or state.get("positive") is None:
+        x, missing = numeric_column(arr, column)
+        if missing.any():
+            raise FeatureDataError("label is NaN", column=column, row=int(np.argmax(missing)))
+        if state["type"] == "binary":
+            bad = (x != 0) & (x != 1)
+            if bad.any():
+                row = int(np.argmax(bad))
+                raise FeatureDataError(f"binary label must be 0 or 1, found {x[row]!r}", column=column, row=row)
+        return x.astype(np.float32)
+    pos, neg = state["positive"], state.get("negative")
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        vals = pc.cast(arr, pa.string())
+        pos_set, neg_set = pa.array([str(v) for v in pos]), None if neg is None else pa.array([str(v) for v in neg])
+    else:
+        x, missing = numeric_column(arr, column)
+        if missing.any():
+            raise FeatureDataError("label is NaN", column=column, row=int(np.argmax(missing)))
+        vals = pa.array(x)
+        try:
+            pos_set = pa.array([float(v) for v in pos])
+            neg_set = None if neg is None else pa.array([float(v) for v in neg])
+        except (TypeError, ValueError):
+            raise FeatureDataError(f"numeric label column, but the schema's positive/negative values {pos}/{neg} "
+                                   "are not numbers", column=column) from None
+    is_pos = pc.is_in(vals, value_set=pos_set).to_numpy(zero_copy_only=False)
+    if neg_set is not None:
+        ok = is_pos | pc.is_in(vals, value_set=neg_set).to_numpy(zero_copy_only=False)
+        if not ok.all():
+            row = int(np.argmax(~ok))
+            raise FeatureDataError(f"label value {vals[row].as_py()!r} is neither positive {list(pos)} "
+                                   f"nor negative {list(neg)}", column=column, row=row)
+    return is_pos.astype(np.float32)[:n]

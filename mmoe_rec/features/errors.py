@@ -1,0 +1,25 @@
+"""The one error the feature pipeline raises for bad data or a bad schema."""
+from __future__ import annotations
+
+
+class FeatureDataError(ValueError):
+    """Bad input data or schema. The message names the file, the column and the row where they are known.
+
+    ``row`` is the 0-based data row inside ``file`` (header lines not counted).
+    """
+
+    def __init__(self, message: str, file: str | None = None, column: str | None = None, row: int | None = None):
+        self.file, self.column, self.row, self.reason = file, column, row, message
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        if row is not None:
+            where.append(f"row {row}")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+
+    def at(self, file: str | None = None, row_offset: int = 0) -> "FeatureDataError":
+        """The same error, placed in a file and shifted by the batch's first row in that file."""
+        row = None if self.row is None else self.row + row_offset
+        return FeatureDataError(self.reason, file=self.file or file, column=self.column, row=row)

@@ -1,0 +1,116 @@
+"""Fit a FeatureSpec from a stream of train rows: one pass, bounded memory (counts of distinct values,
+running moments, a fixed-size sample per numeric column)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from mmoe_rec.features.columns import categorical_column, multi_valued_column, numeric_column
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.numeric import RESERVOIR_SIZE, NumericStats, fit_numeric, prepare
+from mmoe_rec.features.schema import Schema
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.features.vocab import VocabCounter
+
+TRANSFORMS_FORMAT = 1
+
+
+def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list[str]:
+    have = set(table_columns)
+    return [c for c in needed if c not in have]
+
+
+class SpecFitter:
+    """Accumulates train statistics batch by batch; `spec()` turns them into a finalized FeatureSpec."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        self.rows = 0
+        self._counters = {c.name: VocabCounter() for c in schema.categorical if c.transform == "vocab"}
+        self._stats = {n.name: NumericStats(n.name, RESERVOIR_SIZE) for n in schema.numeric}
+
+    def update(self, table: pa.Table | pa.RecordBatch, mask: np.ndarray | None = None,
+               file: str | None = None, row_offset: int = 0) -> None:
+        """Add the rows of `table` where `mask` is true (all rows if None). Rows in errors are file rows."""
+        miss = missing_columns(table.column_names, self.schema.raw_columns(with_labels=False))
+        if miss:
+            raise FeatureDataError(f"missing column (the input has {table.column_names})", file=file, column=miss[0])
+        take = None if mask is None else pa.array(mask)
+        try:
+            for c in self.schema.categorical:
+                col = table.column(c.column)
+                if c.multi_valued:
+                    values, offsets = multi_valued_column(col, c.column, c.delimiter)
+                    if take is not None:  # keep the values of kept rows only
+                        per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+                        values = values.filter(pa.array(mask[per_value_row]))
+                else:
+                    values = categorical_column(col, c.column)
+                    if take is not None:
+                        values = values.filter(take)
+                if c.name in self._counters:
+                    self._counters[c.name].update(values)
+            for n in self.schema.numeric:
+                x, missing = numeric_column(table.column(n.column), n.column)
+                if mask is not None:
+                    x, missing = x[mask], missing[mask]
+                self._stats[n.name].update(prepare("none" if n.transform == "bucketize" else n.transform, x), missing)
+        except FeatureDataError as e:
+            raise e.at(file, row_offset) from None
+        self.rows += int(table.num_rows if mask is None else mask.sum())
+
+    def spec(self) -> FeatureSpec:
+        s = self.schema
+        if self.rows == 0:
+            raise FeatureDataError("the train split has no rows: nothing to fit the feature spec on")
+        sparse, dense, features = [], [], {}
+        for c in s.categorical:
+            state = {"kind": c.transform, "column": c.column, "multi_valued": c.multi_valued, "delimiter": c.delimiter}
+            if c.transform == "vocab":
+                values, kind = self._counters[c.name].vocabulary(c.min_count, c.max_size)
+                state.update(values=values, value_type=kind, min_count=c.min_count, num_embeddings=len(values) + 1)
+            else:
+                state.update(buckets=c.buckets, num_embeddings=c.buckets + 1)
+            features[c.name] = state
+            sparse.append(SparseFeature(c.name, state["num_embeddings"], multi_valued=c.multi_valued))
+        for n in s.numeric:
+            state = fit_numeric(n, self._stats[n.name])
+            features[n.name] = state
+            if n.transform == "bucketize":
+                sparse.append(SparseFeature(n.name, state["num_embeddings"]))
+            else:
+                dense.append(n.name)
+                if state["indicator"]:
+                    state["indicator_name"] = f"{n.name}_missing"
+                    dense.append(state["indicator_name"])
+        tasks = {t.name: {"column": t.column, "type": t.type,
+                          "positive": None if t.positive is None else list(t.positive),
+                          "negative": None if t.negative is None else list(t.negative)} for t in s.tasks}
+        transforms = {
+            "format": TRANSFORMS_FORMAT,
+            "features": features,
+            "tasks": tasks,
+            "weight_column": s.sample_weight,
+            "reader": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s.reader).items()},
+            "train_rows": self.rows,
+            "quantile_sketch": {"kind": "bottom-k uniform reservoir", "size": RESERVOIR_SIZE},
+        }
+        return FeatureSpec(
+            sparse_features=sparse,
+            dense_features=dense,
+            tasks=[Task(t.name, t.type) for t in s.tasks],
+            id_columns=list(s.id_columns),
+            has_weight=s.sample_weight is not None,
+            transforms=transforms,
+        ).finalize()
+
+
+def fit(schema: Schema, tables: Iterable[pa.Table | pa.RecordBatch]) -> FeatureSpec:
+    """Fit a FeatureSpec on train rows given as a stream of tables / record batches."""
+    fitter = SpecFitter(schema)
+    for t in tables:
+        fitter.update(t)
+    return fitter.spec()

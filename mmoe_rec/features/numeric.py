@@ -1,0 +1,133 @@
+"""Numeric columns: streaming train statistics and the transforms standardize / log1p / bucketize / none.
+
+Statistics come from one streaming pass: count, mean and M2 merged per batch (Chan et al.), so they do not
+depend on how rows are batched beyond float rounding, and a bounded uniform sample for quantiles
+(median imputation, bucketize boundaries). The sample is a "bottom-k" reservoir: every value gets a seeded
+uniform random key and the k values with the smallest keys are kept, which is a uniform sample without
+replacement of all values seen, mergeable batch by batch with numpy. With k = 65,536 a quantile's rank error
+is about 1/sqrt(k) ~ 0.4 %; exact when the train split has fewer than k non-missing values.
+
+``log1p`` is signed, sign(x) * log1p(|x|), so negative values do not become NaN; it is then standardized.
+Missing values (null, NaN) take the imputed value (on the transformed scale: mean -> 0 after standardizing)
+and set the dense ``<name>_missing`` indicator. ``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pyarrow as pa
+
+from mmoe_rec.features.schema import NumericSpec
+
+RESERVOIR_SIZE = 65_536
+_COMPARE_MAX_BOUNDARIES = 16  # bucketize by comparisons up to this many boundaries
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+class NumericStats:
+    """Streaming statistics of one numeric column (values already on the transform's scale)."""
+
+    def __init__(self, name: str, reservoir_size: int = RESERVOIR_SIZE) -> None:
+        self.count = 0
+        self.missing = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.k = reservoir_size
+        self._rng = np.random.default_rng(zlib.crc32(name.encode()))
+        self._keys = np.empty(0)
+        self._sample = np.empty(0)
+
+    def update(self, x: np.ndarray, missing: np.ndarray) -> None:
+        """x: (n,) float64 with anything at `missing` ignored."""
+        self.missing += int(missing.sum())
+        v = x[~missing]
+        n = v.size
+        if n == 0:
+            return
+        bmean = float(v.mean())
+        bm2 = float(((v - bmean) ** 2).sum())
+        tot = self.count + n
+        delta = bmean - self.mean
+        self.mean += delta * n / tot
+        self.m2 += bm2 + delta * delta * self.count * n / tot
+        self.count = tot
+        keys = np.concatenate([self._keys, self._rng.random(n)])
+        sample = np.concatenate([self._sample, v])
+        if keys.size > self.k:
+            keep = np.argpartition(keys, self.k)[: self.k]
+            keys, sample = keys[keep], sample[keep]
+        self._keys, self._sample = keys, sample
+
+    @property
+    def std(self) -> float:
+        return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
+
+    def quantiles(self, qs: np.ndarray) -> np.ndarray:
+        return np.quantile(np.sort(self._sample), qs) if self._sample.size else np.zeros(len(qs))
+
+
+def column_values(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values float64 with 0 at missing, missing mask) from a numeric Arrow array."""
+    x = arr.to_numpy(zero_copy_only=False)
+    x = np.asarray(x, dtype=np.float64)  # nulls arrive as NaN
+    missing = np.isnan(x)
+    if missing.any():
+        x = np.where(missing, 0.0, x)
+    return x, missing
+
+
+def prepare(cfg_transform: str, x: np.ndarray) -> np.ndarray:
+    return signed_log1p(x) if cfg_transform == "log1p" else x
+
+
+def fit_numeric(cfg: NumericSpec, stats: NumericStats) -> dict:
+    """Fitted state of one numeric feature (JSON-able), from its train statistics."""
+    state: dict = {"kind": "numeric", "column": cfg.column, "transform": cfg.transform,
+                   "train_count": stats.count, "train_missing": stats.missing}
+    if cfg.transform == "bucketize":
+        b = stats.quantiles(np.linspace(0, 1, cfg.buckets + 1)[1:-1])
+        state["boundaries"] = [float(v) for v in np.unique(b)]
+        state["num_embeddings"] = len(state["boundaries"]) + 2
+        return state
+    if cfg.transform == "none":
+        mean, std = 0.0, 1.0
+    else:
+        mean, std = stats.mean, stats.std
+        std = std if std > 1e-12 else 1.0  # a constant column stays 0, never inf
+    if cfg.impute == "mean":
+        impute = stats.mean
+    elif cfg.impute == "median":
+        impute = float(stats.quantiles(np.array([0.5]))[0])
+    elif cfg.impute == "zero":
+        impute = 0.0
+    else:
+        impute = float(prepare(cfg.transform, np.array([float(cfg.impute)]))[0])
+    indicator = stats.missing > 0 if cfg.missing_indicator == "auto" else bool(cfg.missing_indicator)
+    state.update(mean=float(mean), std=float(std), impute=float(impute), indicator=bool(indicator))
+    return state
+
+
+def apply_numeric(state: dict, x: np.ndarray, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Bucketize: (int64 ids, None). Otherwise: (float32 value, float32 missing indicator or None)."""
+    if state["transform"] == "bucketize":
+        bounds = np.asarray(state["boundaries"], np.float64)
+        if len(bounds) <= _COMPARE_MAX_BOUNDARIES:
+            # id - 1 = boundaries <= x (searchsorted side="right" on x without NaN: missing x are 0 here);
+            # two vectorized passes per boundary beat a binary search per value
+            ids = np.ones(len(x), np.int64)
+            for b in bounds:
+                ids += x >= b
+        else:
+            ids = np.searchsorted(bounds, x, side="right").astype(np.int64) + 1
+        ids[missing] = 0
+        return ids, None
+    v = prepare(state["transform"], x)
+    if missing.any():
+        v = np.where(missing, state["impute"], v)
+    v = ((v - state["mean"]) / state["std"]).astype(np.float32)
+    ind = missing.astype(np.float32) if state["indicator"] else None
+    return v, ind

@@ -1,0 +1,227 @@
+"""Feature schema: the user-written YAML that says which raw column becomes which feature.
+
+```yaml
+id_columns: [row_id]                 # passed through unchanged, never features
+categorical:
+  - {name: user_id, min_count: 2}    # vocabulary from the train split; id 0 = OOV / missing
+  - {name: item_id, transform: hash, buckets: 131072}   # stable FNV-1a hash into buckets 1..N; 0 = missing
+  - {name: tags, multi_valued: true}                    # list column -> list<int64>
+  - {name: interests, multi_valued: true, delimiter: "|"}  # "a|b|c" string column -> list<int64>
+numeric:
+  - {name: price, transform: log1p}                     # signed log1p, then standardized
+  - {name: age, transform: standardize, impute: median} # missing -> imputed value + indicator "age_missing"
+  - {name: position, transform: bucketize, buckets: 8}  # quantile buckets from train -> sparse ids (0 = missing)
+  - {names: [x0, x1, x2], transform: standardize}       # one entry for several columns
+tasks:
+  - {name: click, type: binary}                         # column defaults to the name; values 0/1
+  - {name: income, column: income_50k, type: binary, positive: ["50000+."], negative: ["- 50000."]}
+  - {name: dwell, type: regression}
+sample_weight: w                     # optional raw column -> float32 "sample_weight"
+reader: {header: false, column_names: [...], delimiter: ",", strip_whitespace: true}   # CSV only
+```
+
+Every entry may give ``column:`` when the raw column name differs from the feature name.
+Unknown keys, kinds or transforms are errors naming the schema file and the entry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmoe_rec.features.errors import FeatureDataError
+
+CATEGORICAL_TRANSFORMS = ("vocab", "hash")
+NUMERIC_TRANSFORMS = ("standardize", "log1p", "bucketize", "none")
+TASK_TYPES = ("binary", "regression")
+IMPUTE_KINDS = ("mean", "median", "zero")
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalSpec:
+    name: str
+    column: str
+    transform: str = "vocab"
+    min_count: int = 1
+    max_size: int | None = None
+    buckets: int | None = None  # hash buckets
+    multi_valued: bool = False
+    delimiter: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericSpec:
+    name: str
+    column: str
+    transform: str = "standardize"
+    buckets: int = 10  # bucketize only
+    impute: str | float = "mean"
+    missing_indicator: str | bool = "auto"  # auto: add one when the train split had missing values
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    column: str
+    type: str = "binary"
+    positive: tuple | None = None
+    negative: tuple | None = None  # with `positive` and no `negative`, every other value is a negative
+
+
+@dataclasses.dataclass(frozen=True)
+class ReaderSpec:
+    header: bool = True
+    column_names: tuple[str, ...] | None = None
+    delimiter: str = ","
+    strip_whitespace: bool = False
+    null_values: tuple[str, ...] = ("",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    id_columns: tuple[str, ...]
+    categorical: tuple[CategoricalSpec, ...]
+    numeric: tuple[NumericSpec, ...]
+    tasks: tuple[TaskSpec, ...]
+    sample_weight: str | None = None
+    reader: ReaderSpec = ReaderSpec()
+    source: str = "<schema>"
+
+    def raw_columns(self, with_labels: bool = True) -> list[str]:
+        """Raw columns the pipeline reads, without duplicates, in schema order."""
+        cols = list(self.id_columns) + [c.column for c in self.categorical] + [n.column for n in self.numeric]
+        if with_labels:
+            cols += [t.column for t in self.tasks]
+            if self.sample_weight:
+                cols.append(self.sample_weight)
+        return list(dict.fromkeys(cols))
+
+
+def _entries(raw: Any, section: str, src: str) -> list[dict]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+        raise FeatureDataError(f"section {section!r} must be a list of mappings", file=src)
+    out = []
+    for e in raw:
+        if "names" in e:  # one entry for several columns
+            names = e["names"]
+            if "name" in e or "column" in e or not isinstance(names, list):
+                raise FeatureDataError(f"{section}: 'names' must be a list and excludes 'name'/'column'", file=src)
+            rest = {k: v for k, v in e.items() if k != "names"}
+            out.extend({"name": str(n), **rest} for n in names)
+        else:
+            out.append(dict(e))
+    for e in out:
+        if "name" not in e:
+            raise FeatureDataError(f"{section}: every entry needs a 'name' ({e})", file=src)
+        e["name"] = str(e["name"])
+        e.setdefault("column", e["name"])
+    return out
+
+
+def _build(cls, e: dict, section: str, src: str):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(e) - fields
+    if unknown:
+        raise FeatureDataError(f"{section} entry has unknown keys {sorted(unknown)} (known: {sorted(fields)})",
+                               file=src, column=e.get("name"))
+    return cls(**e)
+
+
+def parse_schema(d: dict, source: str = "<schema>") -> Schema:
+    """Validate a schema mapping (as loaded from YAML) into a Schema."""
+    if not isinstance(d, dict):
+        raise FeatureDataError("a feature schema must be a mapping", file=source)
+    known = {"id_columns", "categorical", "numeric", "tasks", "sample_weight", "reader", "description"}
+    unknown = set(d) - known
+    if unknown:
+        raise FeatureDataError(f"unknown schema sections {sorted(unknown)} (known: {sorted(known)})", file=source)
+
+    cats = []
+    for e in _entries(d.get("categorical"), "categorical", source):
+        if "buckets" in e and "transform" not in e:
+            e["transform"] = "hash"
+        c = _build(CategoricalSpec, e, "categorical", source)
+        if c.transform not in CATEGORICAL_TRANSFORMS:
+            raise FeatureDataError(f"unknown categorical transform {c.transform!r} (known: {CATEGORICAL_TRANSFORMS})",
+                                   file=source, column=c.name)
+        if c.transform == "hash" and (not isinstance(c.buckets, int) or c.buckets < 1):
+            raise FeatureDataError("hash transform needs 'buckets: <positive int>'", file=source, column=c.name)
+        if c.delimiter is not None and not c.multi_valued:
+            raise FeatureDataError("'delimiter' only applies to multi_valued features", file=source, column=c.name)
+        cats.append(c)
+
+    nums = []
+    for e in _entries(d.get("numeric"), "numeric", source):
+        n = _build(NumericSpec, e, "numeric", source)
+        if n.transform not in NUMERIC_TRANSFORMS:
+            raise FeatureDataError(f"unknown numeric transform {n.transform!r} (known: {NUMERIC_TRANSFORMS})",
+                                   file=source, column=n.name)
+        if not (isinstance(n.impute, (int, float)) and not isinstance(n.impute, bool)) and n.impute not in IMPUTE_KINDS:
+            raise FeatureDataError(f"impute must be one of {IMPUTE_KINDS} or a number, got {n.impute!r}",
+                                   file=source, column=n.name)
+        if n.missing_indicator not in ("auto", True, False):
+            raise FeatureDataError("missing_indicator must be auto, true or false", file=source, column=n.name)
+        if n.transform == "bucketize" and (not isinstance(n.buckets, int) or n.buckets < 2):
+            raise FeatureDataError("bucketize needs 'buckets: <int >= 2>'", file=source, column=n.name)
+        nums.append(n)
+
+    tasks = []
+    for e in _entries(d.get("tasks"), "tasks", source):
+        for k in ("positive", "negative"):
+            if e.get(k) is not None:
+                v = e[k]
+                e[k] = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        t = _build(TaskSpec, e, "tasks", source)
+        if t.type not in TASK_TYPES:
+            raise FeatureDataError(f"unknown task type {t.type!r} (known: {TASK_TYPES})", file=source, column=t.name)
+        if t.type == "regression" and (t.positive or t.negative):
+            raise FeatureDataError("positive/negative values only apply to binary tasks", file=source, column=t.name)
+        if t.negative and not t.positive:
+            raise FeatureDataError("'negative' needs 'positive' too", file=source, column=t.name)
+        tasks.append(t)
+    if not tasks:
+        raise FeatureDataError("the schema declares no tasks", file=source)
+
+    reader_raw = dict(d.get("reader") or {})
+    for k in ("column_names", "null_values"):
+        if reader_raw.get(k) is not None:
+            reader_raw[k] = tuple(str(x) for x in reader_raw[k])
+    reader = _build(ReaderSpec, reader_raw, "reader", source)
+
+    schema = Schema(
+        id_columns=tuple(str(c) for c in d.get("id_columns") or ()),
+        categorical=tuple(cats),
+        numeric=tuple(nums),
+        tasks=tuple(tasks),
+        sample_weight=d.get("sample_weight"),
+        reader=reader,
+        source=source,
+    )
+    names = [c.name for c in cats] + [n.name for n in nums]
+    dup = {x for x in names if names.count(x) > 1}
+    if dup:
+        raise FeatureDataError(f"feature names used twice: {sorted(dup)}", file=source)
+    task_names = [t.name for t in tasks]
+    if len(set(task_names)) != len(task_names):
+        raise FeatureDataError(f"task names used twice: {task_names}", file=source)
+    label_cols = {t.column for t in tasks} | ({schema.sample_weight} if schema.sample_weight else set())
+    leaked = label_cols & ({c.column for c in cats} | {n.column for n in nums} | set(schema.id_columns))
+    if leaked:  # a label used as a feature gives AUC 1.0; refuse it
+        raise FeatureDataError(f"label / weight columns also declared as features or ids: {sorted(leaked)}", file=source)
+    return schema
+
+
+def load_schema(path: str | os.PathLike) -> Schema:
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FeatureDataError("schema file not found", file=str(path)) from None
+    except yaml.YAMLError as e:
+        raise FeatureDataError(f"not valid YAML ({e})", file=str(path)) from None
+    return parse_schema(d, source=str(path))

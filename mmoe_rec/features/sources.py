@@ -1,0 +1,148 @@
+"""Raw inputs: resolve files / directories / globs, and stream them as record batches in bounded memory.
+
+CSV (optionally .gz / .bz2 / .xz compressed) is read with pyarrow's streaming reader, every needed column as
+a string (the feature code converts and checks types itself, so an error can name the row). Parquet is read
+row group by row group with ``ParquetFile.iter_batches``. Each batch comes with its first row's index in the
+file, so errors can name the file row.
+"""
+from __future__ import annotations
+
+import glob
+import lzma
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.schema import ReaderSpec
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv", ".tsv", ".txt")
+COMPRESSION_SUFFIXES = ("", ".gz", ".bz2", ".xz")
+
+
+def input_format(path: str) -> str:
+    name = path.lower()
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if any(name.endswith(s + c) for s in CSV_SUFFIXES for c in COMPRESSION_SUFFIXES):
+        return "csv"
+    raise FeatureDataError("unknown input format (expected .parquet/.pq or .csv/.tsv, optionally .gz/.bz2/.xz)",
+                           file=path)
+
+
+def _is_data_file(p: Path) -> bool:
+    if not p.is_file() or p.name.startswith((".", "_")):
+        return False
+    try:
+        input_format(str(p))
+        return True
+    except FeatureDataError:
+        return False
+
+
+def resolve_inputs(spec: str) -> list[str]:
+    """A file, a directory (its data files, sorted) or a glob -> sorted list of files."""
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(str(f) for f in p.iterdir() if _is_data_file(f))
+    elif p.is_file():
+        input_format(spec)
+        files = [spec]
+    else:
+        files = sorted(f for f in glob.glob(spec, recursive=True) if _is_data_file(Path(f)))
+    if not files:
+        raise FeatureDataError("no input files found (file, directory or glob)", file=spec)
+    return files
+
+
+def _open_csv_stream(path: str):
+    if path.lower().endswith(".xz"):
+        return lzma.open(path, "rb")  # Arrow has no xz codec; lzma streams it
+    return pa.input_stream(path, compression="detect")
+
+
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_size: int):
+    read = pacsv.ReadOptions(
+        column_names=list(reader.column_names) if reader.column_names else None,
+        skip_rows=1 if (reader.column_names and reader.header) else 0,
+        autogenerate_column_names=not reader.header and not reader.column_names,
+        block_size=block_size,
+    )
+    parse = pacsv.ParseOptions(delimiter="\t" if path.lower().split(".")[-1] == "tsv" and reader.delimiter == ","
+                               else reader.delimiter)
+    convert = pacsv.ConvertOptions(
+        include_columns=include,
+        column_types={c: pa.string() for c in include} if include else None,
+        strings_can_be_null=True,
+        null_values=list(reader.null_values),
+    )
+    return pacsv.open_csv(_open_csv_stream(path), read_options=read, parse_options=parse, convert_options=convert)
+
+
+def csv_columns(path: str, reader: ReaderSpec) -> list[str]:
+    if reader.column_names:
+        return list(reader.column_names)
+    r = _csv_reader(path, reader, None, 1 << 16)
+    try:
+        return r.schema.names
+    finally:
+        r.close()
+
+
+def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
+                 batch_rows: int = 65_536, dictionary: Iterable[str] = ()) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """Yield (first row in file, batch of `columns`) for one input file. Missing columns, unreadable or
+    truncated files and empty files raise FeatureDataError naming the file (and column).
+
+    Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded)."""
+    reader = reader or ReaderSpec()
+    fmt = input_format(path)
+    try:
+        if fmt == "parquet":
+            try:
+                pf = pq.ParquetFile(path)
+            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+                raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
+            have = pf.schema_arrow.names
+            _check_columns(path, have, columns)
+            as_dict = [c for c in dict.fromkeys(dictionary)
+                       if c in columns and pf.schema_arrow.field(c).type == pa.string()]
+            if as_dict:
+                pf = pq.ParquetFile(path, read_dictionary=as_dict)
+            batches = pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(columns)))
+            strip = False
+        else:
+            have = csv_columns(path, reader)
+            _check_columns(path, have, columns)
+            batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), 1 << 22)
+            strip = reader.strip_whitespace
+        row = 0
+        for b in batches:
+            if strip:
+                b = pa.RecordBatch.from_arrays(
+                    [pc.utf8_trim_whitespace(a) if pa.types.is_string(a.type) else a for a in b.columns],
+                    names=b.schema.names)
+            for start in range(0, b.num_rows, batch_rows):
+                part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
+                yield row + start, part
+            row += b.num_rows
+    except FeatureDataError:
+        raise
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError) as e:
+        msg = str(e)
+        if "Empty CSV file" in msg:
+            raise FeatureDataError("empty input file (no header, no rows)", file=path) from None
+        raise FeatureDataError(f"unreadable or truncated {fmt} file ({msg.splitlines()[0] if msg else type(e).__name__})",
+                               file=path) from None
+
+
+def _check_columns(path: str, have: list[str], needed: list[str]) -> None:
+    missing = [c for c in needed if c not in set(have)]
+    if missing:
+        raise FeatureDataError(f"missing column (the file has {have})", file=path, column=missing[0])
+

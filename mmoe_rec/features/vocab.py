@@ -1,0 +1,187 @@
+"""Categorical values -> int64 ids: vocabularies (min-count, OOV bucket) and stable hashing.
+
+Id 0 is always the out-of-vocabulary / missing bucket, so an unseen value at scoring time is just id 0.
+
+- Vocabulary: ids 1..V for the values seen at least ``min_count`` times in the train split, most frequent first
+  (ties by value), so ids do not depend on the order rows arrive in.
+- Hashing: id = 1 + FNV-1a-64(utf-8 of the value) mod N. FNV-1a is computed with numpy over the Arrow string
+  buffers (one vectorized step per byte position), so it is the same in every process and on every machine
+  (Python's ``hash()`` is salted per process). Integers are hashed as their decimal string, so ``123`` in a
+  Parquet int column and ``"123"`` in a CSV give the same bucket.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
+_DIRECT_MAX = 1 << 22  # int vocabularies spanning fewer values than this use a direct-address table
+_CONSOLIDATE_AT = 1 << 21  # merge buffered per-batch counts once this many (value, count) pairs pile up
+_PADDED_MAX_LEN = 24  # fnv1a64 hashes values up to this long all rows at once, without sorting by length
+
+
+def normalize_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Categorical values as int64 (integer columns) or string (everything else), one chunk."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    if pa.types.is_integer(t):
+        return arr if t == pa.int64() else pc.cast(arr, pa.int64())
+    if t == pa.string():
+        return arr
+    return pc.cast(arr, pa.string())
+
+
+class VocabCounter:
+    """Counts values over a stream of arrays in bounded extra memory (the distinct values themselves)."""
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[pa.Table]] = {"int": [], "str": []}
+        self._pending = 0
+
+    def update(self, values: pa.Array) -> None:
+        values = normalize_values(values)
+        if len(values) == 0:
+            return
+        vc = pc.value_counts(values.drop_null())
+        if len(vc) == 0:
+            return
+        kind = "int" if vc.type.field(0).type == pa.int64() else "str"
+        self._parts[kind].append(pa.table({"v": vc.field("values"), "c": vc.field("counts")}))
+        self._pending += len(vc)
+        if self._pending >= _CONSOLIDATE_AT:
+            self._consolidate()
+
+    def _consolidate(self) -> None:
+        for kind, parts in self._parts.items():
+            if len(parts) > 1:
+                t = pa.concat_tables(parts).group_by("v").aggregate([("c", "sum")]).rename_columns(["v", "c"])
+                self._parts[kind] = [t]
+        self._pending = 0
+
+    def vocabulary(self, min_count: int = 1, max_size: int | None = None) -> tuple[list, str]:
+        """(values ordered by count desc then value, value type "int" or "str")."""
+        ints, strs = self._parts["int"], self._parts["str"]
+        if ints and strs:  # mixed input types: compare as strings
+            strs = strs + [pa.table({"v": pc.cast(t["v"], pa.string()), "c": t["c"]}) for t in ints]
+            ints = []
+        parts, kind = (ints, "int") if ints else (strs, "str")
+        if not parts:
+            return [], kind
+        t = pa.concat_tables(parts).group_by("v").aggregate([("c", "sum")]).rename_columns(["v", "c"])
+        t = t.filter(pc.greater_equal(t["c"], min_count))
+        t = t.sort_by([("c", "descending"), ("v", "ascending")])
+        if max_size is not None:
+            t = t.slice(0, max_size)
+        return t["v"].to_pylist(), kind
+
+
+class VocabLookup:
+    """Value -> id lookup built once per spec; ids 1..V, 0 for OOV and null."""
+
+    def __init__(self, values: list, kind: str) -> None:
+        self.size = len(values)
+        self.kind = kind
+        self._str_values = pa.array([str(v) for v in values], pa.string())
+        self._table = None
+        if kind == "int":
+            vals = np.asarray(values, dtype=np.int64)
+            self._order = np.argsort(vals, kind="stable")
+            self._sorted = vals[self._order]
+            if self.size and int(vals.max()) - int(vals.min()) < max(_DIRECT_MAX, 8 * self.size):
+                # dense ids (the usual case): a direct-address table, one gather per value. It is padded with
+                # a 0 at both ends so that out-of-range offsets clip onto OOV (np.take mode="clip").
+                self._lo = int(vals.min())
+                self._table = np.zeros(int(vals.max()) - self._lo + 3, np.int64)
+                self._table[vals - self._lo + 1] = np.arange(1, self.size + 1)
+
+    def __call__(self, arr: pa.Array) -> np.ndarray:
+        arr = normalize_values(arr)
+        n = len(arr)
+        if self.size == 0:
+            return np.zeros(n, np.int64)
+        if self.kind == "int" and arr.type == pa.int64():
+            # sorted-array binary search: no hash table rebuilt per batch
+            x = (arr.fill_null(np.iinfo(np.int64).min) if arr.null_count else arr).to_numpy(zero_copy_only=False)
+            if self._table is not None:
+                off = x - self._lo  # (n,) wraps like int64; in [0, span] inside the vocabulary range
+                off += 1
+                return np.take(self._table, off, mode="clip")  # nulls and out-of-range values clip onto a 0
+            pos = np.searchsorted(self._sorted, x).clip(0, self.size - 1)
+            hit = self._sorted[pos] == x
+            if arr.null_count:
+                hit &= arr.is_valid().to_numpy(zero_copy_only=False)
+            return np.where(hit, self._order[pos] + 1, 0).astype(np.int64)
+        if arr.type != pa.string():
+            arr = pc.cast(arr, pa.string())
+        idx = pc.index_in(arr, value_set=self._str_values)
+        return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+
+def fnv1a64(arr: pa.Array) -> np.ndarray:
+    """FNV-1a 64-bit hash of each value's utf-8 bytes, (n,) uint64. Nulls hash like the empty string."""
+    arr = normalize_values(arr)
+    if arr.type != pa.string():
+        arr = pc.cast(arr, pa.string())
+    n = len(arr)
+    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
+    if n == 0:
+        return h
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[arr.offset: arr.offset + n + 1].astype(np.int64)
+    lengths = np.diff(offsets)
+    if arr.null_count:
+        lengths = np.where(arr.is_valid().to_numpy(zero_copy_only=False), lengths, 0)
+    if data_buf is None or lengths.max(initial=0) == 0:
+        return h
+    data = np.frombuffer(data_buf, dtype=np.uint8)
+    starts = offsets[:-1]
+    longest, shortest = int(lengths.max()), int(lengths.min())
+    if longest <= _PADDED_MAX_LEN or n * longest <= 2 * int(lengths.sum()):
+        return _fnv_padded(h, data, starts, lengths, shortest, longest)
+    # process rows from longest to shortest so each byte position touches a prefix of the order
+    order = np.argsort(-lengths, kind="stable")
+    sorted_len = lengths[order]
+    hs = h[order]
+    ascending = sorted_len[::-1]
+    with np.errstate(over="ignore"):
+        for j in range(int(sorted_len[0])):
+            k = n - int(np.searchsorted(ascending, j, side="right"))  # rows with length > j
+            rows = order[:k]
+            hs[:k] = (hs[:k] ^ data[starts[rows] + j].astype(np.uint64)) * FNV_PRIME
+    h[order] = hs
+    return h
+
+
+def _fnv_padded(h: np.ndarray, data: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                shortest: int, longest: int) -> np.ndarray:
+    """FNV-1a over every row at once, one byte position per step (short or similar-length values, e.g. ids
+    as decimal strings): full-width numpy steps with no sort; rows shorter than a position keep their hash."""
+    data = np.concatenate([data, np.zeros(longest, np.uint8)])  # reads past a row's end stay in bounds
+    pos = starts.copy()  # (n,) byte offset of position j of each row
+    byte = np.empty(len(h), np.uint8)
+    step = np.empty_like(h)
+    with np.errstate(over="ignore"):
+        for j in range(longest):
+            np.take(data, pos, out=byte)
+            np.bitwise_xor(h, byte, out=step)
+            np.multiply(step, FNV_PRIME, out=step)
+            if j < shortest:
+                h, step = step, h
+            else:
+                np.copyto(h, step, where=lengths > j)
+            pos += 1
+    return h
+
+
+def hash_ids(arr: pa.Array, buckets: int) -> np.ndarray:
+    """Stable bucket ids in 1..buckets; 0 for null."""
+    arr = normalize_values(arr)
+    ids = (fnv1a64(arr) % np.uint64(buckets)).astype(np.int64) + 1
+    if arr.null_count:
+        ids[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
+    return ids

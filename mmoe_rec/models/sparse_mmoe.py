@@ -1,0 +1,243 @@
+"""Sparse multi-gate MoE: per-task gates each pick k of E shared experts, so E can grow at constant compute.
+
+x = embedding front(batch)                                   # (B, D_in)
+for every task t: routing_t = router_t(x)                    # k of E experts per row (or expert choice)
+mixed_t = sum over chosen experts of weight * expert(x)      # one vectorized dispatch for all tasks together
+        + sum of the always-on shared experts(x)             # DeepSeekMoE, num_shared_experts > 0
+        + dropped mass * fallback(x)                         # capacity drops never zero a task's input
+logit_t = tower_t(mixed_t)
+
+- Fine-grained experts (DeepSeekMoE): fine_grained = m splits every expert into m experts whose intermediate
+  widths are divided by m and activates m·k of them; the output width is shared by all experts (they are mixed),
+  so it is not split, and the experts need at least two layers.
+- Capacity: capacity_factor cf gives C = ceil(k·T/E·cf) per expert and task gate; first choices win over second
+  choices, then row order. A dropped assignment's combine weight goes to a fallback: the mean of the shared
+  experts if there are any, else a dedicated dense fallback expert run on the affected rows only. Drops are
+  counted in GateRecord.dropped. None = dropless.
+- Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
+  cf = capacity_factor or k. A row that no expert took counts as dropped and gets the fallback with weight 1.
+- Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z".
+- Loss-free balancing: per-gate selection bias, updated by `after_optimizer_step(output)` from the recorded
+  choices (b += rate · sign(mean load − load)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.models.base import MultiTaskModel
+from mmoe_rec.models.output import ModelOutput
+from mmoe_rec.nn.balance import BALANCE_LOSSES, cv_squared, load_loss, router_z_loss, switch_loss
+from mmoe_rec.nn.dispatch import LAYOUTS, StackedExperts, apply_capacity, capacity_for
+from mmoe_rec.nn.embedding import EmbeddingFront
+from mmoe_rec.nn.routing import ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Routing, SwitchRouter
+from mmoe_rec.nn.routing_record import GateRecord
+from mmoe_rec.nn.towers import Tower
+
+DEFAULT_BALANCE = {
+    "noisy_topk": {"importance": True, "load": True, "switch": False, "router_z": True},
+    "switch": {"importance": False, "load": False, "switch": True, "router_z": True},
+    "expert_choice": {"importance": False, "load": False, "switch": False, "router_z": True},
+}
+
+
+def fine_expert_hidden(expert_hidden: list[int], m: int) -> list[int]:
+    """Intermediate widths divided by m; the output width stays (every expert's output is mixed together)."""
+    if m == 1:
+        return list(expert_hidden)
+    if len(expert_hidden) < 2:
+        raise ValueError("fine_grained > 1 splits the experts' intermediate widths: expert_hidden needs at least "
+                         f"two layers (e.g. [64, 32]), got {expert_hidden}")
+    inner = expert_hidden[:-1]
+    if any(w % m for w in inner):
+        raise ValueError(f"fine_grained={m} must divide every intermediate width {inner}")
+    return [w // m for w in inner] + [expert_hidden[-1]]
+
+
+class SparseMMoE(MultiTaskModel):
+    def __init__(
+        self,
+        feature_spec: FeatureSpec,
+        *,
+        tasks: list[str] | None = None,
+        embedding_dim: int = 8,
+        num_experts: int = 16,
+        k: int = 2,
+        router: str = "noisy_topk",
+        expert_hidden: list[int] | tuple[int, ...] = (64,),
+        tower_hidden: list[int] | tuple[int, ...] = (16,),
+        expert_activation: str = "relu",
+        num_shared_experts: int = 0,
+        fine_grained: int = 1,
+        capacity_factor: float | None = None,
+        noise: bool = True,
+        normalize: str = "topk_softmax",
+        router_init: str = "auto",
+        balance: dict[str, bool] | None = None,
+        loss_free_bias: bool = False,
+        bias_update_rate: float = 1e-3,
+        dispatch_layout: str = "auto",
+    ) -> None:
+        super().__init__(feature_spec, tasks)
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
+        if num_experts < 1 or fine_grained < 1 or num_shared_experts < 0:
+            raise ValueError("num_experts and fine_grained must be >= 1, num_shared_experts >= 0")
+        if not 1 <= k <= num_experts:
+            raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
+        if router == "switch" and k != 1:
+            raise ValueError(f"the switch router is top-1: use k=1 (got k={k})")
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if loss_free_bias and router == "expert_choice":
+            raise ValueError("loss-free bias balancing needs token choice; expert choice is balanced by construction")
+        if dispatch_layout not in LAYOUTS:
+            raise ValueError(f"unknown dispatch_layout {dispatch_layout!r}; expected one of {LAYOUTS}")
+        balance = {**DEFAULT_BALANCE[router], **(balance or {})}
+        unknown = set(balance) - set(BALANCE_LOSSES)
+        if unknown:
+            raise ValueError(f"unknown balance loss(es) {sorted(unknown)}; expected some of {BALANCE_LOSSES}")
+        self.balance = [name for name in BALANCE_LOSSES if balance[name]]
+
+        self.router_name = router
+        self.num_experts = num_experts * fine_grained  # routed experts after the fine-grained split
+        self.k = k * fine_grained
+        self.capacity_factor = capacity_factor
+        self.dispatch_layout = dispatch_layout
+        hidden = fine_expert_hidden(list(expert_hidden), fine_grained)
+
+        self.front = EmbeddingFront(feature_spec, embedding_dim=embedding_dim)
+        d_in = self.front.out_dim
+        self.experts = StackedExperts(self.num_experts, d_in, hidden, activation=expert_activation)
+        self.shared_experts = (StackedExperts(num_shared_experts, d_in, hidden, activation=expert_activation)
+                               if num_shared_experts else None)
+        # Drops fall back to the shared experts; without any, to one dense fallback expert.
+        needs_fallback = capacity_factor is not None or router == "expert_choice"
+        self.fallback = (StackedExperts(1, d_in, hidden, activation=expert_activation)
+                         if needs_fallback and self.shared_experts is None else None)
+        self.gates = nn.ModuleDict({t: self._make_router(router, d_in, noise, normalize, router_init, loss_free_bias,
+                                                         bias_update_rate) for t in self.tasks})
+        self.towers = nn.ModuleDict({t: Tower(self.experts.out_dim, list(tower_hidden)) for t in self.tasks})
+
+    def _make_router(self, router, d_in, noise, normalize, init, loss_free_bias, rate) -> nn.Module:
+        if router == "noisy_topk":
+            return NoisyTopKRouter(d_in, self.num_experts, self.k, noise=noise, normalize=normalize, init=init,
+                                   loss_free_bias=loss_free_bias, bias_update_rate=rate)
+        if router == "switch":
+            return SwitchRouter(d_in, self.num_experts, noise=noise, init=init, loss_free_bias=loss_free_bias,
+                                bias_update_rate=rate)
+        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=self.capacity_factor or float(self.k))
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.front.parameters()
+        yield from self.experts.parameters()
+        if self.shared_experts is not None:
+            yield from self.shared_experts.parameters()
+
+    def forward(self, batch) -> ModelOutput:
+        return self.forward_dense(self.front(batch))
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _kept_assignments(self, r: Routing, T: int):
+        """Assignments after the capacity limit and each row's dropped combine mass (T,) (None if nothing can drop)."""
+        experts, rows, weights = r.assignments()  # (N,)
+        if r.chosen is None:  # expert choice: rows no expert took are the "dropped" ones, fallback weight 1
+            taken = torch.zeros(T, dtype=torch.bool, device=rows.device)
+            taken[rows] = True
+            return experts, rows, weights, (~taken).to(weights.dtype), int((~taken).sum())
+        if self.router_name == "expert_choice":  # eval fallback to top-k: cf was the rows per expert, not a limit
+            return experts, rows, weights, None, 0
+        cap = capacity_for(T, self.k, self.num_experts, self.capacity_factor)
+        if cap is None:
+            return experts, rows, weights, None, 0
+        keep = apply_capacity(r.chosen, self.num_experts, cap)  # (T, k)
+        dropped_mass = (r.weights * (~keep)).sum(1)  # (T,)
+        flat_keep = keep.t().reshape(-1)  # assignments are choice-major, like keep.t()
+        return experts[flat_keep], rows[flat_keep], weights[flat_keep], dropped_mass, int((~keep).sum())
+
+    def _aux(self, r: Routing) -> dict[str, torch.Tensor]:
+        experts, _, weights = r.assignments()
+        out = {}
+        if "importance" in self.balance:  # before capacity: what the gate asked for
+            importance = torch.zeros(self.num_experts, device=weights.device).index_add(0, experts, weights.float())
+            out["importance"] = cv_squared(importance)
+        if "load" in self.balance:
+            out["load"] = load_loss(r.load_prob).to(r.logits.device)
+        if "switch" in self.balance:
+            out["switch"] = switch_loss(r.probs, r.counts)
+        if "router_z" in self.balance:
+            out["router_z"] = router_z_loss(r.logits)
+        return out
+
+    def forward_dense(self, x: torch.Tensor) -> ModelOutput:
+        """The model after the embedding front: x (B, D_in) -> ModelOutput."""
+        T, G, E = x.shape[0], len(self.tasks), self.num_experts
+        routings = {t: self.gates[t](x) for t in self.tasks}
+        parts, drops = [], {}
+        for g, t in enumerate(self.tasks):
+            experts, rows, weights, dropped_mass, n_dropped = self._kept_assignments(routings[t], T)
+            parts.append((experts, rows, rows + g * T, weights))
+            drops[t] = (dropped_mass, n_dropped, experts, rows, weights)
+        experts, rows, out_rows, weights = (torch.cat(p) for p in zip(*parts))
+        plan = self.experts.plan(experts, rows, out_rows=out_rows, num_out=G * T, layout=self.dispatch_layout,
+                                 dtype=x.dtype)
+        mixed = self.experts(x, plan, weights).view(G, T, -1)  # (G, T, D) one dispatch for every task gate
+
+        shared_sum = shared_mean = None
+        if self.shared_experts is not None:
+            shared_all = self.shared_experts.forward_all(x)  # (S, T, D)
+            shared_sum, shared_mean = shared_all.sum(0), shared_all.mean(0)
+
+        logits, routing, aux_sum = {}, {}, {}
+        for g, t in enumerate(self.tasks):
+            h = mixed[g]
+            if shared_sum is not None:
+                h = h + shared_sum
+            dropped_mass, n_dropped, kept_e, kept_r, kept_w = drops[t]
+            if dropped_mass is not None:
+                h = self._fallback(x, h, dropped_mass, shared_mean)
+            logits[t] = self.towers[t](h)
+            r = routings[t]
+            for name, value in self._aux(r).items():
+                aux_sum[name] = aux_sum.get(name, 0.0) + value
+            routing[t] = self._record(t, r, kept_e, kept_r, kept_w, n_dropped, T)
+        aux = {name: value / G for name, value in aux_sum.items()}
+        return ModelOutput(logits=logits, aux=aux, routing=routing)
+
+    def _fallback(self, x, h, dropped_mass, shared_mean):
+        """Give each row's dropped combine mass to the shared experts' mean, or to the fallback expert."""
+        if shared_mean is not None:
+            return h + dropped_mass.unsqueeze(1).to(h.dtype) * shared_mean
+        idx = (dropped_mass > 0).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return h
+        fb = self.fallback.forward_all(x.index_select(0, idx))[0]  # (n, D) only the affected rows
+        return h.index_add(0, idx, dropped_mass.index_select(0, idx).unsqueeze(1).to(h.dtype) * fb)
+
+    def _record(self, task: str, r: Routing, experts, rows, weights, n_dropped: int, T: int) -> GateRecord:
+        with torch.no_grad():
+            combine = torch.zeros(T, self.num_experts, device=r.logits.device)
+            combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
+            n_assign = r.chosen.numel() if r.chosen is not None else T
+            extra = {"dropped_fraction": torch.tensor(n_dropped / max(1, n_assign))}
+            balancer = getattr(self.gates[task], "balancer", None)
+            if balancer is not None:
+                extra["bias_abs_mean"] = balancer.bias.abs().mean()
+        return GateRecord(combine=combine, probs=r.probs.detach(),
+                          chosen=None if r.chosen is None else r.chosen.detach(),
+                          dropped=torch.tensor(n_dropped, dtype=torch.int64), extra=extra)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, output: ModelOutput) -> None:
+        """Loss-free balancing: move each gate's selection bias towards an even load (recorded choices)."""
+        for t in self.tasks:
+            balancer = getattr(self.gates[t], "balancer", None)
+            record = output.routing.get(t)
+            if balancer is None or record is None or record.chosen is None:
+                continue
+            balancer.update(torch.bincount(record.chosen.reshape(-1), minlength=self.num_experts))

@@ -1,0 +1,330 @@
+"""Sparse dispatch of rows to stacked experts, with no Python loop over experts in the hot path.
+
+Experts are MLPs whose weights are stacked: layer l holds W_l (E, d_l, d_{l+1}) and b_l (E, d_{l+1}), the layout
+and parameter names of the dense `nn.experts.ExpertStack`, so weights copy between them. A routing decision is a
+list of N assignments (expert, source row, output row, weight); several task gates share one dispatch by giving
+gate g the output rows g*T .. g*T+T-1. `plan_dispatch` lays the assignments out by expert (one stable argsort,
+a bincount, a cumsum):
+
+- padded layout: E x C slots, C = the largest expert load; one `torch.bmm` per layer over (E, C, d). Padding
+  slots point at row 0 with weight 0, so they cost FLOPs but change no value and no gradient.
+- grouped layout: the N assignments sorted by expert, one `torch._grouped_mm` per layer (no padding). Chosen when
+  experts get many rows each (per-group overhead is then negligible) and this torch has the op.
+
+`ExpertDispatch` is one autograd Function: gather rows (index_select), the per-layer batched matmuls, the
+weighted scatter-add back (index_add_), and a hand-written backward doing the same with bmm / grouped_mm.
+
+Also here: capacity with dropping (`capacity_for`, `apply_capacity`), the dense "run every expert" reference path
+and the naive per-expert loop, both for tests and benchmarks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "identity": lambda z: z,
+}
+LAYOUTS = ("auto", "padded", "grouped")
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+# Below this many rows per expert on average the grouped matmul's per-group overhead dominates: use padded bmm.
+GROUPED_MIN_ROWS_PER_EXPERT = 128
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Capacity
+
+
+def capacity_for(num_rows: int, k: int, num_experts: int, capacity_factor: float | None) -> int | None:
+    """C = ceil(k * T / E * cf); None when dropless (cf None)."""
+    if capacity_factor is None:
+        return None
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+    return max(1, math.ceil(k * num_rows / num_experts * capacity_factor))
+
+
+def apply_capacity(chosen: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
+    """Which assignments fit: (T, k) bool. Priority: all first choices (in row order), then all second choices, ...
+
+    The position of each assignment inside its expert comes from one stable sort, no loop over experts.
+    """
+    T, k = chosen.shape
+    if capacity is None:
+        return torch.ones_like(chosen, dtype=torch.bool)
+    flat = chosen.t().reshape(-1)  # (k*T,) priority order: choice rank major, row minor
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    starts = counts.cumsum(0) - counts  # (E,) first sorted index of each expert
+    pos_sorted = torch.arange(flat.numel(), device=chosen.device) - starts[flat[order]]
+    pos = torch.empty_like(pos_sorted)
+    pos[order] = pos_sorted
+    return (pos < capacity).view(k, T).t()  # (T, k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclasses.dataclass
+class DispatchPlan:
+    """N assignments (expert, source row, output row) laid out in S slots grouped by expert."""
+
+    slot_assign: torch.Tensor  # (S,) assignment held by each slot; N on padding slots
+    rows: torch.Tensor  # (S,) int64 source row in x (0 on padding)
+    out_rows: torch.Tensor  # (S,) int64 row of the output the slot adds into (0 on padding, with weight 0)
+    experts: torch.Tensor  # (S,) int64 expert of each slot
+    counts: torch.Tensor  # (E,) int64 assignments per expert
+    capacity: int  # padded layout: slots per expert (S = E * capacity); 0 for grouped
+    offsets: torch.Tensor | None  # (E,) int32 cumulative counts: grouped layout only
+    num_out: int  # rows of the output (T, or G * T for G gates)
+
+    @property
+    def layout(self) -> str:
+        return "grouped" if self.offsets is not None else "padded"
+
+    @property
+    def padding_fraction(self) -> float:
+        s = self.rows.numel()
+        return 0.0 if s == 0 else 1.0 - float(self.counts.sum()) / s
+
+    def slot_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """(N,) assignment weights -> (S,) slot weights, 0 on padding (differentiable gather)."""
+        return torch.cat([weights, weights.new_zeros(1)]).index_select(0, self.slot_assign)
+
+
+def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *, out_rows: torch.Tensor | None = None,
+                  num_out: int | None = None, layout: str = "auto", grouped_ok: bool = True) -> DispatchPlan:
+    """Lay out N assignments by expert: one stable argsort, a bincount and a cumsum; no loop over experts.
+
+    experts, rows: (N,) int64; out_rows: (N,) output row of each assignment (default: rows), num_out rows in all.
+    grouped_ok: whether the experts can run grouped (`StackedExperts.supports_grouped`); "auto" then picks grouped
+    when experts average at least GROUPED_MIN_ROWS_PER_EXPERT rows, padded bmm otherwise.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown dispatch layout {layout!r}; expected one of {LAYOUTS}")
+    out_rows = rows if out_rows is None else out_rows
+    num_out = int(rows.max()) + 1 if num_out is None and rows.numel() else (num_out or 0)
+    E, N, dev = num_experts, experts.numel(), experts.device
+    order = torch.argsort(experts, stable=True)  # (N,) assignments sorted by expert, then by given order
+    counts = torch.bincount(experts, minlength=E)  # (E,)
+    if layout == "auto":
+        layout = "grouped" if grouped_ok and HAS_GROUPED_MM and N >= GROUPED_MIN_ROWS_PER_EXPERT * E else "padded"
+    if layout == "grouped":
+        if not (HAS_GROUPED_MM and grouped_ok):
+            raise ValueError("layout='grouped' needs torch._grouped_mm, float32/bfloat16 and 16-byte aligned widths")
+        return DispatchPlan(order, rows[order], out_rows[order], experts[order], counts, 0,
+                            counts.cumsum(0).to(torch.int32), num_out)
+    cap = max(1, int(counts.max())) if N else 1
+    sorted_experts = experts[order]
+    starts = counts.cumsum(0) - counts  # (E,) first sorted index of each expert
+    slot = sorted_experts * cap + (torch.arange(N, device=dev) - starts[sorted_experts])  # (N,)
+    slot_assign = torch.full((E * cap,), N, dtype=torch.long, device=dev)
+    slot_assign[slot] = order
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    slot_rows = torch.cat([rows, zero]).index_select(0, slot_assign)
+    slot_out = slot_rows if out_rows is rows else torch.cat([out_rows, zero]).index_select(0, slot_assign)
+    slot_experts = torch.arange(E, device=dev).repeat_interleave(cap)
+    return DispatchPlan(slot_assign, slot_rows, slot_out, slot_experts, counts, cap, None, num_out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The autograd Function
+
+
+def _layer_mm(h: torch.Tensor, w: torch.Tensor, plan_cap: int, offsets: torch.Tensor | None) -> torch.Tensor:
+    """(S, a) rows grouped by expert @ (E, a, b) -> (S, b)."""
+    if offsets is not None:
+        return torch._grouped_mm(h, w, offs=offsets)
+    E = w.shape[0]
+    return torch.bmm(h.view(E, plan_cap, h.shape[1]), w).view(-1, w.shape[2])
+
+
+def _weight_grad(h: torch.Tensor, g: torch.Tensor, plan_cap: int, offsets: torch.Tensor | None, E: int) -> torch.Tensor:
+    """dW = h^T g per expert: (S, a), (S, b) -> (E, a, b)."""
+    if offsets is not None:
+        return torch._grouped_mm(h.t(), g, offs=offsets)
+    return torch.bmm(h.view(E, plan_cap, -1).transpose(1, 2), g.view(E, plan_cap, -1))
+
+
+class ExpertDispatch(torch.autograd.Function):
+    """out[out_row(s)] += slot_w[s] * expert_{e(s)}(x[row(s)]) over all slots s. Shapes:
+
+    x (T, d); slot_w, rows, out_rows, experts (S,); params = W_0, b_0, W_1, b_1, ... with W_l (E, d_l, d_l+1).
+    Returns (num_out, D). Backward: the same gathers / batched matmuls / scatters, nothing per expert in Python.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slot_w, rows, out_rows, experts, offsets, capacity, num_out, activation, activate_last,
+                *params):
+        E = params[0].shape[0]
+        L = len(params) // 2
+        act = ACTIVATIONS[activation]
+        h = x.index_select(0, rows)  # (S, d)
+        saved_in, saved_act = [], []  # layer inputs; relu outputs or pre-activations for the backward
+        for layer in range(L):
+            w, b = params[2 * layer], params[2 * layer + 1]
+            saved_in.append(h)
+            z = _layer_mm(h, w, capacity, offsets)  # (S, d_l+1)
+            if offsets is not None:
+                z += b.index_select(0, experts)
+            else:
+                z.view(E, capacity, -1).add_(b.unsqueeze(1))
+            if layer < L - 1 or activate_last:
+                if activation == "relu":
+                    h = z.relu_()
+                    saved_act.append(h)
+                else:
+                    h = act(z)
+                    saved_act.append(z)
+            else:
+                h = z
+                saved_act.append(torch.empty(0))
+        y = h  # (S, D)
+        out = x.new_zeros(num_out, y.shape[1]).index_add_(0, out_rows, y * slot_w.unsqueeze(1))
+        ctx.meta = (capacity, activation, activate_last, L, E, offsets is not None)
+        ctx.save_for_backward(x, slot_w, rows, out_rows, experts, offsets if offsets is not None else torch.empty(0),
+                              y, *params, *saved_in, *saved_act)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        capacity, activation, activate_last, L, E, grouped = ctx.meta
+        saved = ctx.saved_tensors
+        x, slot_w, rows, out_rows, experts, offsets, y = saved[:7]
+        offsets = offsets if grouped else None
+        params = saved[7 : 7 + 2 * L]
+        saved_in = saved[7 + 2 * L : 7 + 3 * L]
+        saved_act = saved[7 + 3 * L : 7 + 4 * L]
+
+        gy = grad_out.index_select(0, out_rows)  # (S, D) gradient of each slot's weighted output
+        grad_w = torch.linalg.vecdot(gy, y) if ctx.needs_input_grad[1] else None  # (S,) one fused pass
+        gy.mul_(slot_w.unsqueeze(1))  # padding slots: weight 0, so no gradient flows from them anywhere
+
+        param_grads: list[torch.Tensor | None] = [None] * (2 * L)
+        for layer in reversed(range(L)):
+            w = params[2 * layer]
+            if layer < L - 1 or activate_last:
+                a = saved_act[layer]
+                if activation == "relu":
+                    gy = torch.ops.aten.threshold_backward(gy, a, 0.0)
+                else:
+                    with torch.enable_grad():
+                        z = a.detach().requires_grad_(True)
+                        (gy,) = torch.autograd.grad(ACTIVATIONS[activation](z), z, gy)
+            param_grads[2 * layer] = _weight_grad(saved_in[layer], gy, capacity, offsets, E)
+            if grouped:
+                param_grads[2 * layer + 1] = gy.new_zeros(E, gy.shape[1]).index_add_(0, experts, gy)
+            else:
+                param_grads[2 * layer + 1] = gy.view(E, capacity, -1).sum(1)
+            if layer > 0 or ctx.needs_input_grad[0]:
+                gy = _layer_mm(gy, w.transpose(1, 2), capacity, offsets)  # (S, d_l)
+        grad_x = x.new_zeros(x.shape).index_add_(0, rows, gy) if ctx.needs_input_grad[0] else None
+        return (grad_x, grad_w, None, None, None, None, None, None, None, None, *param_grads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stacked experts and their three compute paths
+
+
+class StackedExperts(nn.Module):
+    """E expert MLPs d_in -> hidden[0] -> ... -> hidden[-1], weights stacked as (E, d_l, d_l+1).
+
+    Activation after every layer (the last too unless activate_last=False). Init as nn.Linear, per expert.
+    """
+
+    def __init__(self, num_experts: int, d_in: int, hidden: list[int] | tuple[int, ...], activation: str = "relu",
+                 activate_last: bool = True) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not hidden:
+            raise ValueError("experts need at least one layer (hidden sizes may not be empty)")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        self.num_experts = num_experts
+        self.activation = activation
+        self.activate_last = activate_last
+        dims = [d_in, *hidden]
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
+        self.reset_parameters()
+
+    @property
+    def out_dim(self) -> int:
+        return self.weights[-1].shape[-1]
+
+    def reset_parameters(self) -> None:
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+
+    def supports_grouped(self, dtype: torch.dtype) -> bool:
+        """torch._grouped_mm takes float32 / bfloat16 with rows 16-byte aligned: widths divisible by 16 bytes."""
+        if not HAS_GROUPED_MM or dtype not in (torch.float32, torch.bfloat16):
+            return False
+        per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+        widths = [self.weights[0].shape[1], *(w.shape[2] for w in self.weights)]
+        return all(n % per_16_bytes == 0 for n in widths)
+
+    def plan(self, experts: torch.Tensor, rows: torch.Tensor, *, out_rows: torch.Tensor | None = None,
+             num_out: int | None = None, layout: str = "auto", dtype: torch.dtype = torch.float32) -> DispatchPlan:
+        return plan_dispatch(experts, rows, self.num_experts, out_rows=out_rows, num_out=num_out, layout=layout,
+                             grouped_ok=self.supports_grouped(dtype))
+
+    def _params(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.weights, self.biases) for t in pair]
+
+    def _act(self, z: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer < len(self.weights) - 1 or self.activate_last:
+            return ACTIVATIONS[self.activation](z)
+        return z
+
+    def forward(self, x: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
+        """Vectorized sparse path. x (T, d); weights (N,) per assignment -> (num_out, D)."""
+        if plan.layout == "grouped" and not self.supports_grouped(x.dtype):
+            raise ValueError(f"grouped dispatch does not support dtype {x.dtype} / these widths: use layout='padded'")
+        slot_w = plan.slot_weights(weights.to(x.dtype))  # (S,)
+        return ExpertDispatch.apply(x, slot_w, plan.rows, plan.out_rows, plan.experts, plan.offsets, plan.capacity,
+                                    plan.num_out, self.activation, self.activate_last, *self._params())
+
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: (T, d) -> (E, T, D). Reference path (E/k times the FLOPs)."""
+        E, T = self.num_experts, x.shape[0]
+        w0 = self.weights[0].permute(1, 0, 2).reshape(x.shape[1], -1)  # (d, E*h): all first layers in one GEMM
+        h = self._act(torch.addmm(self.biases[0].reshape(-1), x, w0).view(T, E, -1).transpose(0, 1), 0)  # (E, T, h)
+        for layer in range(1, len(self.weights)):
+            w, b = self.weights[layer], self.biases[layer]
+            h = self._act(torch.baddbmm(b.unsqueeze(1), h, w), layer)  # (E, T, d_l+1)
+        return h
+
+    def forward_dense(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """Dense reference: run all experts, mix with combine (..., T, E) -> (..., T, D)."""
+        return torch.einsum("...te,etd->...td", combine.to(x.dtype), self.forward_all(x))
+
+    def forward_loop(self, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
+                     out_rows: torch.Tensor | None = None, num_out: int | None = None) -> torch.Tensor:
+        """Naive reference over the same N assignments: per expert mask -> index -> matmuls -> index_add."""
+        out_rows = rows if out_rows is None else out_rows
+        out = x.new_zeros(x.shape[0] if num_out is None else num_out, self.out_dim)
+        for e in range(self.num_experts):
+            sel = (experts == e).nonzero().squeeze(1)
+            if sel.numel() == 0:
+                continue
+            h = x.index_select(0, rows.index_select(0, sel))
+            for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+                h = self._act(h @ w[e] + b[e], layer)
+            w = weights.index_select(0, sel).unsqueeze(1).to(x.dtype)
+            out.index_add_(0, out_rows.index_select(0, sel), h * w)  # in place: autograd records it
+        return out

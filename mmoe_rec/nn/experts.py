@@ -1,0 +1,193 @@
+"""ExpertStack: E expert MLPs of one shape, evaluated together as batched matmuls (no Python loop over experts).
+
+Layer l holds W_l (E, d_l, d_{l+1}) and b_l (E, d_{l+1}): the layout of `nn.dispatch.StackedExperts`, and the
+same parameter names (`weights`, `biases`), so weights copy between the dense and the sparse experts.
+Each layer is Linear -> norm -> activation -> dropout, like `nn.mlp.MLP`, the last layer activated too.
+
+Compute paths:
+- `forward(x)`: every expert on every row of one shared input, (B, D) -> (B, E, H). The first layer is ONE
+  GEMM (B, D) @ (D, E*h) for all experts; deeper layers are one `baddbmm` over E each.
+- `forward_each(xs)`: each expert on its own rows, (E', N, D) -> (E', N, H): PLE's upper levels (each expert
+  reads its task's input) and per-expert / padded sparse dispatch; `experts` picks a subset of the E experts.
+- `forward_one(x, e)`: expert e alone, (N, D) -> (N, H).
+
+Init: every expert's weights are drawn independently, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as nn.Linear does:
+experts that start identical get identical gradients under a symmetric gate and never separate (an
+"expert collapse" reported against peer libraries).
+
+Norm per (expert, channel): "layer" normalizes each expert's output vector with its own affine; "batch" keeps
+running statistics per (expert, channel) over the rows that expert saw.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmoe_rec.nn.mlp import check_activation, check_dropout, check_norm
+
+BN_MOMENTUM = 0.1  # as nn.BatchNorm1d
+NORM_EPS = 1e-5
+
+
+class ExpertStack(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        in_dim: int,
+        hidden: list[int] | tuple[int, ...],
+        *,
+        activation: str = "relu",
+        dropout: float = 0.0,
+        norm: str = "none",
+    ) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not hidden or in_dim < 1 or any(h < 1 for h in hidden):
+            raise ValueError(f"experts need at least one layer of width >= 1: in_dim={in_dim}, hidden={list(hidden)}")
+        self.num_experts = num_experts
+        self.in_dim = in_dim
+        self.activation = check_activation(activation)
+        self.dropout = check_dropout(dropout)
+        self.norm = check_norm(norm)
+        dims = [in_dim, *hidden]
+        E = num_experts
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(E, a, b)) for a, b in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(E, b)) for b in dims[1:])
+        widths = dims[1:]
+        # Per-(expert, channel) extras: PReLU slopes, norm affine, batch-norm running statistics.
+        self.slopes = nn.ParameterList(nn.Parameter(torch.empty(E, b)) for b in widths) if activation == "prelu" else None
+        self.norm_weights = nn.ParameterList(nn.Parameter(torch.empty(E, b)) for b in widths) if norm != "none" else None
+        self.norm_biases = nn.ParameterList(nn.Parameter(torch.empty(E, b)) for b in widths) if norm != "none" else None
+        if norm == "batch":
+            for i, b in enumerate(widths):
+                self.register_buffer(f"running_mean_{i}", torch.zeros(E, b))
+                self.register_buffer(f"running_var_{i}", torch.ones(E, b))
+        self.reset_parameters()
+
+    @property
+    def output_dim(self) -> int:
+        return self.weights[-1].shape[-1]
+
+    out_dim = output_dim  # the name nn.dispatch.StackedExperts uses
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.weights)
+
+    def reset_parameters(self) -> None:
+        # One draw over the whole (E, a, b) tensor: every expert gets its own independent sample.
+        for w, b in zip(self.weights, self.biases):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            nn.init.uniform_(b, -bound, bound)
+        if self.slopes is not None:
+            for a in self.slopes:
+                nn.init.constant_(a, 0.25)  # nn.PReLU's default
+        if self.norm_weights is not None:
+            for g, beta in zip(self.norm_weights, self.norm_biases):
+                nn.init.ones_(g)
+                nn.init.zeros_(beta)
+        if self.norm == "batch":
+            for i in range(self.num_layers):
+                getattr(self, f"running_mean_{i}").zero_()
+                getattr(self, f"running_var_{i}").fill_(1.0)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _post(self, z: torch.Tensor, layer: int, idx: torch.Tensor | None) -> torch.Tensor:
+        """Norm, activation, dropout on z (N, E', b): rows first, experts second (idx: which experts, None = all)."""
+
+        def per_expert(p: torch.Tensor) -> torch.Tensor:  # (E, b) -> (E', b), broadcasts over rows
+            return p if idx is None else p.index_select(0, idx)
+
+        if self.norm == "layer":
+            z = F.layer_norm(z, z.shape[-1:], eps=NORM_EPS)
+            z = z * per_expert(self.norm_weights[layer]) + per_expert(self.norm_biases[layer])
+        elif self.norm == "batch":
+            z = self._batch_norm(z, layer, idx)
+            z = z * per_expert(self.norm_weights[layer]) + per_expert(self.norm_biases[layer])
+        if self.activation == "relu":
+            z = torch.relu(z)
+        elif self.activation == "gelu":
+            z = F.gelu(z)
+        elif self.activation == "silu":
+            z = F.silu(z)
+        elif self.activation == "tanh":
+            z = torch.tanh(z)
+        else:  # prelu
+            z = torch.where(z >= 0, z, per_expert(self.slopes[layer]) * z)
+        if self.dropout > 0 and self.training:
+            z = F.dropout(z, self.dropout, training=True)
+        return z
+
+    def _batch_norm(self, z: torch.Tensor, layer: int, idx: torch.Tensor | None) -> torch.Tensor:
+        """Statistics per (expert, channel) over the rows (dim 0); running statistics updated only for idx."""
+        running_mean = getattr(self, f"running_mean_{layer}")
+        running_var = getattr(self, f"running_var_{layer}")
+        if self.training:
+            if z.shape[0] < 2:
+                raise ValueError("batch norm in training needs at least 2 rows per expert")
+            mean = z.mean(0)  # (E', b)
+            var = z.var(0, unbiased=False)
+            with torch.no_grad():
+                n = z.shape[0]
+                new_mean = (1 - BN_MOMENTUM) * _rows(running_mean, idx) + BN_MOMENTUM * mean
+                new_var = (1 - BN_MOMENTUM) * _rows(running_var, idx) + BN_MOMENTUM * var * n / (n - 1)
+                if idx is None:
+                    running_mean.copy_(new_mean)
+                    running_var.copy_(new_var)
+                else:
+                    running_mean.index_copy_(0, idx, new_mean)
+                    running_var.index_copy_(0, idx, new_var)
+        else:
+            mean, var = _rows(running_mean, idx), _rows(running_var, idx)
+        return (z - mean) * torch.rsqrt(var + NORM_EPS)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: x (B, D) -> (B, E, H)."""
+        if x.dim() != 2 or x.shape[1] != self.in_dim:
+            raise ValueError(f"expected input (B, {self.in_dim}), got {tuple(x.shape)}")
+        B, E = x.shape[0], self.num_experts
+        w0, b0 = self.weights[0], self.biases[0]
+        # One GEMM for the first layer of all experts: (B, D) @ (D, E*h) -> (B, E*h).
+        w_flat = w0.permute(1, 0, 2).reshape(self.in_dim, -1)  # (D, E*h)
+        h = torch.addmm(b0.reshape(-1), x, w_flat).view(B, E, -1)  # (B, E, h)
+        h = self._post(h, 0, None)
+        for layer in range(1, self.num_layers):
+            w, b = self.weights[layer], self.biases[layer]
+            z = torch.baddbmm(b.unsqueeze(1), h.transpose(0, 1), w)  # (E, B, h') one bmm for all experts
+            h = self._post(z.transpose(0, 1), layer, None)  # (B, E, h')
+        return h  # (B, E, H)
+
+    def forward_each(self, xs: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """Each expert on its own rows: xs (E', N, D) -> (E', N, H); experts: (E',) int64 indices (None = all E)."""
+        n_exp = self.num_experts if experts is None else experts.numel()
+        if xs.dim() != 3 or xs.shape[0] != n_exp or xs.shape[2] != self.in_dim:
+            raise ValueError(f"expected input ({n_exp}, N, {self.in_dim}), got {tuple(xs.shape)}")
+        h = xs
+        for layer in range(self.num_layers):
+            w, b = _rows(self.weights[layer], experts), _rows(self.biases[layer], experts)
+            z = torch.baddbmm(b.unsqueeze(1), h, w)  # (E', N, h')
+            h = self._post(z.transpose(0, 1), layer, experts).transpose(0, 1)
+        return h  # (E', N, H)
+
+    def forward_one(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """Expert `expert` alone: x (N, D) -> (N, H)."""
+        if not 0 <= expert < self.num_experts:
+            raise IndexError(f"expert {expert} out of range [0, {self.num_experts})")
+        idx = torch.tensor([expert], device=x.device)
+        return self.forward_each(x.unsqueeze(0), idx)[0]
+
+    def expert_parameters(self, expert: int) -> dict[str, torch.Tensor]:
+        """Views of one expert's parameters, e.g. {"weights.0": (d_in, h), "biases.0": (h,), ...}."""
+        return {name: p[expert] for name, p in self.named_parameters()}
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(0, idx)

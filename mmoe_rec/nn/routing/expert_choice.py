@@ -1,0 +1,49 @@
+"""Expert-choice routing (Zhou et al. 2022): each expert takes its top-c rows, c = ceil(T * cf / E).
+
+S = softmax(x·W) over experts; expert e takes the c rows with the largest S[:, e] and weights each by S[row, e].
+Balanced by construction (every expert gets exactly c rows) but a row's experts depend on the *other* rows of the
+batch: with one request there is nothing to compare against (c = 1 and every expert takes it), and a row's score
+changes with batch size and company. It is therefore a training-time rule only. At evaluation this router falls
+back to token-choice top-k over the same probabilities (k = round(cf), the average number of experts a row got in
+training, weighted by the raw probabilities as in training), so scoring is per row and deterministic;
+eval_fallback=False raises instead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmoe_rec.nn.routing import Routing
+from mmoe_rec.nn.routing.topk import init_router_weight
+
+
+class ExpertChoiceRouter(nn.Module):
+    def __init__(self, d_in: int, num_experts: int, capacity_factor: float = 2.0, *, init_std: float = 1e-2,
+                 eval_fallback: bool = True) -> None:
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if capacity_factor <= 0:
+            raise ValueError(f"expert-choice capacity_factor must be > 0, got {capacity_factor}")
+        self.num_experts, self.capacity_factor, self.eval_fallback = num_experts, capacity_factor, eval_fallback
+        self.eval_k = min(num_experts, max(1, round(capacity_factor)))
+        self.w_gate = nn.Parameter(torch.empty(d_in, num_experts))  # (d, E); zeros would tie every expert
+        init_router_weight(self.w_gate, "normal", init_std)
+
+    def rows_per_expert(self, num_rows: int) -> int:
+        return min(num_rows, max(1, math.ceil(num_rows * self.capacity_factor / self.num_experts)))
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = x.float() @ self.w_gate  # (T, E)
+        probs = torch.softmax(logits, dim=1)
+        if self.training:
+            c = self.rows_per_expert(x.shape[0])
+            top = probs.topk(c, dim=0)  # (c, E) rows each expert takes, and their probabilities as weights
+            return Routing(logits=logits, probs=probs, expert_rows=top.indices, expert_weights=top.values)
+        if not self.eval_fallback:
+            raise RuntimeError("expert-choice routing depends on the whole batch and cannot score rows on their own; "
+                               "construct with eval_fallback=True to use token-choice top-k at evaluation")
+        top = probs.topk(self.eval_k, dim=1)  # (T, k)
+        return Routing(logits=logits, probs=probs, chosen=top.indices, weights=top.values)

@@ -1,0 +1,204 @@
+"""RoutingMonitor: accumulates what the gates did over a window of steps and logs it.
+
+Every `every_n_steps` training steps and at each epoch end it sums the window's statistics across ranks
+(one all-reduce per tensor, the same order on every rank) and logs, on rank 0:
+- `experts/<gate>/...` (window) and `experts/epoch/<gate>/...` (epoch): see monitoring.utilization_metrics;
+- `relatedness/label_corr/<a>.vs.<b>`, `relatedness/gate_js/...`, `relatedness/gate_cos/...`,
+  `relatedness/expert_jaccard/...` (sparse gates), the same under `relatedness/epoch/...`;
+  `relatedness/grad_cos/...` is logged by the module itself when it samples gradients.
+At epoch end it writes PNGs as MLflow artifacts under `plots/` (overwritten each epoch, so they show the
+latest epoch): utilization_heatmap.png, expert_load.png, task_relatedness.png.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mmoe_rec.training import plots
+from mmoe_rec.training.monitoring import (
+    GateStats,
+    LabelStats,
+    chosen_mask,
+    gate_similarity,
+    jaccard_rows,
+    label_correlation,
+    pair_scalars,
+    task_gates,
+    utilization_metrics,
+)
+from mmoe_rec.training.tracking import log_png
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    out = []
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    for t in tensors:
+        t = t.to(device).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out.append(t.cpu())
+    return out
+
+
+class Window:
+    """Sums of one window (or one epoch): per gate, labels, chosen-expert Jaccard per task pair."""
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = tasks
+        self.gates: dict[str, GateStats] = {}
+        self.labels = LabelStats.empty(tasks)
+        self.jaccard: dict[tuple[str, str], torch.Tensor] = {}  # pair -> [sum, rows]
+
+    def update(self, routing: dict[str, Any], labels: dict[str, torch.Tensor]) -> None:
+        for name, record in routing.items():
+            if name not in self.gates:
+                self.gates[name] = GateStats.empty(record.num_experts)
+            self.gates[name].update(record)
+        self.labels.update(labels)
+        per_task = task_gates(list(routing), self.tasks)
+        masks = {t: chosen_mask(routing[g]) for t, g in per_task.items()}
+        masks = {t: m.cpu() for t, m in masks.items() if m is not None}
+        names = [t for t in self.tasks if t in masks]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if masks[a].shape != masks[b].shape:
+                    continue
+                j = jaccard_rows(masks[a], masks[b])
+                acc = self.jaccard.setdefault((a, b), torch.zeros(2, dtype=torch.float64))
+                acc += torch.tensor([float(j.sum()), float(j.numel())], dtype=torch.float64)
+
+    def reduce(self) -> None:
+        """Sum across ranks in place (every rank must call it at the same point: same gates, same pairs)."""
+        flat: list[torch.Tensor] = []
+        for name in sorted(self.gates):
+            flat += self.gates[name].tensors()
+        flat += self.labels.tensors()
+        pairs = sorted(self.jaccard)
+        flat += [self.jaccard[p] for p in pairs]
+        flat = _all_reduce(flat)
+        pos = 0
+        for name in sorted(self.gates):
+            self.gates[name].load_tensors(flat[pos:pos + 4])
+            pos += 4
+        self.labels.s1, self.labels.s2, count = flat[pos:pos + 3]
+        self.labels.count = float(count[0])
+        pos += 3
+        for p in pairs:
+            self.jaccard[p] = flat[pos]
+            pos += 1
+
+    @property
+    def empty(self) -> bool:
+        return not self.gates and self.labels.count == 0
+
+    def relatedness(self) -> dict[str, tuple[list[str], torch.Tensor]]:
+        out: dict[str, tuple[list[str], torch.Tensor]] = {}
+        if len(self.tasks) > 1 and self.labels.count > 1:
+            out["label_corr"] = label_correlation(self.labels)
+        per_task = task_gates(list(self.gates), self.tasks)
+        dists = {t: self.gates[g].utilization for t, g in per_task.items()}
+        out.update(gate_similarity(dists))
+        if self.jaccard:
+            names = [t for t in self.tasks if any(t in p for p in self.jaccard)]
+            mat = torch.eye(len(names), dtype=torch.float64)
+            for (a, b), (s, n) in self.jaccard.items():
+                i, j = names.index(a), names.index(b)
+                mat[i, j] = mat[j, i] = s / max(float(n), 1.0)
+            out["expert_jaccard"] = (names, mat)
+        return out
+
+    def metrics(self, experts_prefix: str, related_prefix: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, stats in self.gates.items():
+            out.update(utilization_metrics(name, stats, experts_prefix))
+        for kind, (names, mat) in self.relatedness().items():
+            out.update(pair_scalars(f"{related_prefix}/{kind}", names, mat))
+        return out
+
+
+class RoutingMonitor(L.Callback):
+    """Args:
+        every_n_steps: window length in training steps (logged at global steps divisible by it).
+        plots: write PNG plots at each training epoch end (rank 0).
+    """
+
+    def __init__(self, every_n_steps: int = 50, plots: bool = True) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.plots = plots
+        self.history_steps: list[int] = []
+        self.history: dict[str, list[np.ndarray]] = {}  # gate -> per log point (E,) load (fraction or util)
+        self._window: Window | None = None
+        self._epoch: Window | None = None
+
+    def _fresh(self, pl_module) -> Window:
+        return Window(list(pl_module.tasks))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._window = self._fresh(pl_module)
+        self._epoch = self._fresh(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        out = getattr(pl_module, "last_output", None)
+        if out is None or self._window is None:
+            return
+        self._window.update(out.routing, batch.labels)
+        self._epoch.update(out.routing, batch.labels)
+        if trainer.global_step % self.every_n_steps == 0:
+            self._window.reduce()
+            step = trainer.global_step
+            self._log(trainer, self._window.metrics("experts", "relatedness"), step)
+            self.history_steps.append(step)
+            for name, stats in self._window.gates.items():
+                load = stats.fraction if stats.sparse else stats.utilization
+                self.history.setdefault(name, []).append(load.numpy().copy())
+            self._window = self._fresh(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._epoch is None:
+            return
+        self._epoch.reduce()
+        if self._epoch.empty:
+            return
+        step = trainer.global_step
+        self._log(trainer, self._epoch.metrics("experts/epoch", "relatedness/epoch"), step)
+        if self.plots and trainer.is_global_zero:
+            self.write_plots(trainer.logger, self._epoch, getattr(pl_module, "last_grad_cosine", None))
+
+    @staticmethod
+    def _log(trainer, metrics: dict[str, float], step: int) -> None:
+        if metrics and trainer.logger is not None and trainer.is_global_zero:
+            trainer.logger.log_metrics(metrics, step=step)
+
+    def figures(self, window: Window, grad_cosine=None) -> dict[str, Any]:
+        figs = {}
+        if window.gates:
+            figs["utilization_heatmap"] = plots.utilization_heatmap(
+                {g: s.utilization.numpy() for g, s in window.gates.items()})
+        if self.history_steps:
+            sparse = any(s.sparse for s in window.gates.values())
+            figs["expert_load"] = plots.load_over_training(
+                self.history_steps,
+                {g: np.stack(v) for g, v in self.history.items() if len(v) == len(self.history_steps)},
+                ylabel="fraction of rows" if sparse else "mean gate weight",
+                title=f"Per-expert load over training (every {self.every_n_steps} steps)")
+        matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
+        if grad_cosine is not None:
+            matrices["grad_cos"] = (grad_cosine[0], grad_cosine[1].numpy())
+        if matrices:
+            figs["task_relatedness"] = plots.relatedness_matrices(matrices)
+        return figs
+
+    def write_plots(self, logger, window: Window, grad_cosine=None) -> None:
+        for name, fig in self.figures(window, grad_cosine).items():
+            try:
+                log_png(logger, fig, name)
+            finally:
+                plots.close(fig)

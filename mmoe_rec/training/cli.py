@@ -1,0 +1,100 @@
+"""`mmoe-rec fit|validate|test|predict`: LightningCLI with the model and data chosen by class path in YAML.
+
+    mmoe-rec fit --config configs/mmoe_synthetic.yaml
+    mmoe-rec fit --config configs/mmoe_synthetic.yaml --trainer.devices 2 --trainer.strategy ddp
+    mmoe-rec fit --config configs/mmoe_synthetic.yaml --print_config    # full, runnable config
+
+The FeatureSpec is linked from the data module (`data.spec`) into the module (`model.init_args.feature_spec`) at
+instantiation, so configs never repeat it. Lightning's SaveConfigCallback is off (it cannot write into an
+SQLite-backed MLflow run); the resolved config is logged to MLflow by `before_<subcommand>` instead.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import pyarrow.parquet as pq
+from lightning.pytorch.cli import LightningCLI
+
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
+from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.sharding import register_strategy
+from mmoe_rec.training.tracking import log_run_files
+
+DEFAULT_LOGGER = {
+    "class_path": "mmoe_rec.training.tracking.MLflowTracker",
+    "init_args": {"experiment_name": "mmoe-rec"},
+}
+
+
+def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str, ...]) -> None:
+    """Before any step: the module's tasks are loaded by the data and their label columns exist in every split."""
+    dm_tasks = getattr(datamodule, "tasks", None)
+    if dm_tasks is not None:
+        missing = [t for t in module.tasks if t not in dm_tasks]
+        if missing:
+            raise ValueError(f"model tasks {missing} are not loaded by the data module (data tasks: {dm_tasks})")
+    data_dir = getattr(datamodule, "data_dir", None)
+    if data_dir is None:
+        return
+    spec = datamodule.spec
+    for split in splits:
+        files = sorted((data_dir / split).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no *.parquet files in {data_dir / split}")
+        names = set(pq.read_schema(files[0]).names)
+        wanted = [label_column(t) for t in module.tasks] + ([WEIGHT_COLUMN] if spec.has_weight else [])
+        absent = [c for c in wanted if c not in names]
+        if absent:
+            raise ValueError(f"{files[0]}: label / weight column(s) {absent} missing from the features "
+                             f"(tasks {module.tasks}); rebuild the features or drop the task from the config")
+
+
+class MultiTaskCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.spec", "model.init_args.feature_spec", apply_on="instantiate")
+        parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})
+        parser.add_argument("--checkpoint_dir", type=Optional[str], default=None,
+                            help="directory of every ModelCheckpoint callback (overrides their dirpath)")
+
+    def _log_config(self) -> None:
+        sub = self.subcommand
+        config_yaml = self._parser(sub).dump(self.config[sub], skip_none=False)
+        log_run_files(self.trainer.logger, config_yaml, self.model.spec.to_dict())
+
+    def _before(self, splits: tuple[str, ...]) -> None:
+        check_data_for_module(self.datamodule, self.model, splits)
+        directory = self.config[self.subcommand].get("checkpoint_dir")
+        if directory:
+            for cb in self.trainer.checkpoint_callbacks:
+                cb.dirpath = os.path.realpath(directory)
+        self._log_config()
+
+    def before_fit(self) -> None:
+        self._before(("train", "valid"))
+
+    def before_validate(self) -> None:
+        self._before(("valid",))
+
+    def before_test(self) -> None:
+        self._before(("test",))
+
+    def before_predict(self) -> None:
+        check_data_for_module(self.datamodule, self.model, ())
+
+
+def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
+    # `mmoe-rec` passes sys.argv[1:] on as args; LightningCLI warns when both are set, needlessly here
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    register_strategy()
+    return MultiTaskCLI(
+        model_class=MultiTaskModule,
+        datamodule_class=FeatureDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        args=argv,
+    )

@@ -1,0 +1,231 @@
+"""MultiTaskModule: the LightningModule that trains any `MultiTaskModel`.
+
+It owns what the models do not: per-task losses, loss weighting across tasks, the models' auxiliary losses with
+their coefficients, the optimizer / scheduler, metrics, and the task-gradient similarity probe.
+
+The model is injected: `model` is either a callable `feature_spec -> MultiTaskModel` (what jsonargparse makes of
+`class_path` + `init_args` in a LightningCLI config) or the plain dict `{"class_path": ..., "init_args": {...}}`.
+The FeatureSpec comes from the data (the CLI links `data.spec` into `feature_spec`). Both are saved as plain
+hyper-parameters (class path, init args, spec dict), so `MultiTaskModule.load_from_checkpoint(path)` rebuilds
+everything without the CLI or the data.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from mmoe_rec.data.batch import Batch
+from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.models.base import MultiTaskModel
+from mmoe_rec.models.factory import build_model, class_path_of, import_class
+from mmoe_rec.models.output import ModelOutput
+from mmoe_rec.training.losses import task_losses
+from mmoe_rec.training.metrics import TaskMetrics
+from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
+from mmoe_rec.training.weighting import make_weighting
+
+DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
+DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}
+
+
+def model_config(model: Any) -> dict[str, Any]:
+    """{"class_path", "init_args"} of an injected model (dict, class, or jsonargparse's partial of a class)."""
+    if isinstance(model, dict):
+        if "class_path" not in model:
+            raise ValueError(f"model config needs a class_path, got keys {sorted(model)}")
+        return {"class_path": model["class_path"], "init_args": dict(model.get("init_args") or {})}
+    if isinstance(model, type):
+        return {"class_path": f"{model.__module__}.{model.__qualname__}", "init_args": {}}
+    if isinstance(model, functools.partial):
+        classes = [a for a in model.args if isinstance(a, type) and issubclass(a, MultiTaskModel)]
+        func = model.func if isinstance(model.func, type) else None
+        cls = func or (classes[-1] if classes else None)
+        if cls is not None:
+            return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(model.keywords)}
+    raise TypeError(f"model must be a class path config or a MultiTaskModel class, got {model!r}")
+
+
+def _instantiate(config: dict[str, Any], *args: Any) -> Any:
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"expected {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    return import_class(config["class_path"])(*args, **dict(config.get("init_args") or {}))
+
+
+class MultiTaskModule(L.LightningModule):
+    """Args:
+        model: the model class path and its init args (`feature_spec` is passed by this module).
+        feature_spec: the data's FeatureSpec (linked from the data module by the CLI; a dict in checkpoints).
+        task_weights: static per-task weights w_t (default 1 each); multiply whatever `weighting` does.
+        weighting: "fixed", "uncertainty" (Kendall et al. 2018) or "dwa" (dynamic weight average).
+        dwa_temperature: T of dynamic weight average.
+        aux_loss_coefs: coefficient of each auxiliary loss the model returns (`ModelOutput.aux`); a model aux
+            loss with no coefficient here is an error (set it to 0 to ignore it).
+        optimizer: {"class_path", "init_args"} of a torch optimizer.
+        lr_scheduler: optional {"class_path", "init_args", "interval", "frequency", "monitor"}.
+        grad_similarity_every: every N training steps, the cosine similarity of the tasks' loss gradients on
+            `model.shared_parameters()` is logged under `relatedness/grad_cos/...` (0 = never).
+    """
+
+    def __init__(
+        self,
+        model: Callable[[FeatureSpec], MultiTaskModel],
+        feature_spec: FeatureSpec | dict | None = None,
+        task_weights: dict[str, float] | None = None,
+        weighting: str = "fixed",
+        dwa_temperature: float = 2.0,
+        aux_loss_coefs: dict[str, float] | None = None,
+        optimizer: dict[str, Any] | None = None,
+        lr_scheduler: dict[str, Any] | None = None,
+        grad_similarity_every: int = 0,
+    ) -> None:
+        super().__init__()
+        if feature_spec is None:
+            raise ValueError("MultiTaskModule needs the data's feature_spec (the CLI links it from data.spec)")
+        spec = feature_spec if isinstance(feature_spec, FeatureSpec) else FeatureSpec.from_dict(feature_spec)
+        cfg = model_config(model)
+        self.model: MultiTaskModel = build_model(cfg["class_path"], spec, cfg["init_args"])
+        self.model_init_args = cfg["init_args"]  # what registry.package saves next to the weights
+        self.spec = spec
+        self.tasks = list(self.model.tasks)
+        self.task_types = {t: spec.task(t).type for t in self.tasks}
+        self.weighting = make_weighting(weighting, self.tasks, self.task_types, task_weights, dwa_temperature)
+        self.aux_coefs = dict(DEFAULT_AUX_COEFS if aux_loss_coefs is None else aux_loss_coefs)
+        self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
+        self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
+        import_class(self.optimizer_config["class_path"])  # a wrong class path fails now, not after setup
+        if self.lr_scheduler_config:
+            import_class(self.lr_scheduler_config["class_path"])
+        if grad_similarity_every < 0:
+            raise ValueError(f"grad_similarity_every must be >= 0, got {grad_similarity_every}")
+        self.grad_similarity_every = grad_similarity_every
+        self.val_metrics = TaskMetrics(spec, self.tasks, "val")
+        self.test_metrics = TaskMetrics(spec, self.tasks, "test")
+        self.save_hyperparameters({
+            "model": {"class_path": class_path_of(self.model), "init_args": cfg["init_args"]},
+            "feature_spec": spec.to_dict(),
+            "task_weights": task_weights,
+            "weighting": weighting,
+            "dwa_temperature": dwa_temperature,
+            "aux_loss_coefs": self.aux_coefs,
+            "optimizer": self.optimizer_config,
+            "lr_scheduler": self.lr_scheduler_config,
+            "grad_similarity_every": grad_similarity_every,
+        })
+        self.last_output: ModelOutput | None = None  # read by RoutingMonitor and after_optimizer_step
+        self.last_grad_cosine: tuple[list[str], torch.Tensor] | None = None
+        self._epoch_loss_sum: torch.Tensor | None = None  # (T,) on the model's device: no host sync per step
+        self._epoch_batches = 0
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self.model(batch)
+
+    # --- losses -----------------------------------------------------------------------------------------
+    def aux_loss(self, aux: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        total = 0.0
+        for name, value in aux.items():
+            if name not in self.aux_coefs:
+                raise KeyError(
+                    f"the model returned aux loss {name!r} with no coefficient; set model.init_args.aux_loss_coefs."
+                    f"{name} (0 ignores it); coefficients given: {self.aux_coefs}"
+                )
+            if self.aux_coefs[name]:
+                total = total + self.aux_coefs[name] * value
+        return total
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
+        task_total = self.weighting(losses)
+        loss = task_total + self.aux_loss(out.aux)
+        self.last_output = out
+        bs = batch.batch_size
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/task_loss", task_total, batch_size=bs)
+        for t, value in losses.items():
+            self.log(f"train/{t}/loss", value, batch_size=bs)
+        for name, value in out.aux.items():
+            self.log(f"train/aux/{name}", value, batch_size=bs)
+        if self.weighting.__class__.__name__ != "FixedWeighting":
+            for t, w in self.weighting.weights().items():
+                self.log(f"train/{t}/weight", w, batch_size=bs)
+        # rows seen this epoch, summed over steps and ranks: equals the train split size once per epoch
+        self.log("train/rows_seen", float(bs), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True,
+                 batch_size=1)
+        step_losses = torch.stack([losses[t].detach().float() for t in self.tasks])  # (T,)
+        self._epoch_loss_sum = step_losses if self._epoch_loss_sum is None else self._epoch_loss_sum + step_losses
+        self._epoch_batches += 1
+        if self.grad_similarity_every and self.global_step % self.grad_similarity_every == 0 and len(self.tasks) > 1:
+            self._log_grad_similarity(losses, bs)
+        return loss
+
+    def _log_grad_similarity(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        params = [p for p in self.model.shared_parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = {}
+        for t in self.tasks:
+            gs = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+            grads[t] = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().double()
+                                  for g, p in zip(gs, params)])
+        names, mat = gradient_cosine(grads)
+        self.last_grad_cosine = (names, mat)
+        for key, value in pair_scalars("relatedness/grad_cos", names, mat).items():
+            self.log(key, value, on_step=True, on_epoch=False, batch_size=batch_size)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.last_output is not None:
+            self.model.after_optimizer_step(self.last_output)  # e.g. loss-free balancing bias update
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_batches:
+            mean = self._epoch_loss_sum / self._epoch_batches
+            mean = self.trainer.strategy.reduce(mean, reduce_op="mean").cpu()  # same on all ranks
+            self.weighting.on_epoch_end({t: float(mean[i]) for i, t in enumerate(self.tasks)})
+        self._epoch_loss_sum = None
+        self._epoch_batches = 0
+
+    # --- evaluation -------------------------------------------------------------------------------------
+    def _eval_step(self, batch: Batch, metrics: TaskMetrics, prefix: str) -> None:
+        out = self.model(batch)
+        metrics.update(out.logits, batch.labels, batch.weights)
+        losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
+        self.log(f"{prefix}/loss", sum(losses.values()), sync_dist=True, batch_size=batch.batch_size)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        # torchmetrics already reduced across ranks; sync_dist only keeps Lightning from warning (same values)
+        self.log_dict(self.val_metrics.compute(), sync_dist=True)
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute(), sync_dist=True)
+        self.test_metrics.reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        out = self.model(batch)
+        scores = {
+            f"score_{t}": (torch.sigmoid(out.logits[t]) if self.task_types[t] == "binary" else out.logits[t]).cpu()
+            for t in self.tasks
+        }
+        return {"ids": batch.ids, **scores}
+
+    # --- optimization -----------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = _instantiate(self.optimizer_config, self.parameters())
+        if not self.lr_scheduler_config:
+            return optimizer
+        cfg = dict(self.lr_scheduler_config)
+        scheduler = _instantiate({"class_path": cfg["class_path"], "init_args": cfg.get("init_args")}, optimizer)
+        sched = {"scheduler": scheduler, "interval": cfg.get("interval", "epoch"), "frequency": cfg.get("frequency", 1)}
+        if cfg.get("monitor"):
+            sched["monitor"] = cfg["monitor"]
+        return {"optimizer": optimizer, "lr_scheduler": sched}

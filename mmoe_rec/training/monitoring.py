@@ -1,0 +1,254 @@
+"""Expert utilization and task relatedness: pure functions from GateRecords / labels / gradients to numbers.
+
+Nothing here logs or keeps state; `callbacks.RoutingMonitor` accumulates window sums with `GateStats` and
+turns them into metrics with `utilization_metrics` / `relatedness_metrics`.
+
+Definitions (E experts, T rows in the window, k chosen per row):
+- utilization[e]: mean over rows of the combine weight on expert e (what each task's gate actually uses).
+- fraction f[e] (sparse): share of assignments that went to e, counts / (k T); uniform routing gives 1/E.
+- importance CV^2: var / mean^2 (+eps) of per-expert summed combine weights (Shazeer et al. 2017).
+- load CV^2: the same on per-expert assignment counts. MaxVio = (max load - mean load) / mean load.
+- dead experts: experts with no assignment in the window.
+- entropy: mean over rows of -sum_e p log p of the router probabilities, also divided by log E (1 = uniform).
+- dropped fraction: assignments dropped by capacity / all assignments.
+- PLE share: per task gate, mean combine weight on each expert group ("own", "shared").
+- gate similarity between tasks: Jensen-Shannon divergence (base 2, in [0, 1]) and cosine of mean gate
+  distributions; chosen-expert overlap: mean over rows of Jaccard(|S_a ∩ S_b| / |S_a ∪ S_b|).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from mmoe_rec.nn.routing_record import GateRecord
+
+EPS = 1e-10
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """var / mean^2 of a (E,) vector (population variance); 0 for a constant vector."""
+    x = x.double()
+    return x.var(unbiased=False) / (x.mean() ** 2 + EPS)
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    load = load.double()
+    mean = load.mean()
+    return (load.max() - mean) / (mean + EPS)
+
+
+def entropy_rows(probs: torch.Tensor) -> torch.Tensor:
+    """(B, E) -> (B,) entropy in nats."""
+    p = probs.double().clamp_min(0)
+    return -(p * torch.log(p.clamp_min(EPS))).sum(-1)
+
+
+def chosen_mask(record: GateRecord) -> torch.Tensor | None:
+    """(B, E) bool of experts each row was sent to, or None for a dense gate."""
+    if record.chosen is None:
+        return None
+    mask = torch.zeros_like(record.combine, dtype=torch.bool)
+    mask.scatter_(1, record.chosen.long(), True)
+    return mask
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence, base 2 (0 = same distribution, 1 = disjoint support)."""
+    p = p.double() / p.double().sum().clamp_min(EPS)
+    q = q.double() / q.double().sum().clamp_min(EPS)
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return (a * (torch.log2(a.clamp_min(EPS)) - torch.log2(b.clamp_min(EPS)))).sum()
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = a.double().flatten(), b.double().flatten()
+    return (a @ b) / (a.norm() * b.norm()).clamp_min(EPS)
+
+
+def pairwise_matrix(vectors: dict[str, torch.Tensor], fn) -> tuple[list[str], torch.Tensor]:
+    names = list(vectors)
+    n = len(names)
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            mat[i, j] = fn(vectors[names[i]], vectors[names[j]])
+    return names, mat
+
+
+def pair_scalars(prefix: str, names: list[str], matrix: torch.Tensor) -> dict[str, float]:
+    """Upper-triangle entries as `<prefix>/<a>.vs.<b>` scalars (MLflow allows no other separator)."""
+    return {
+        f"{prefix}/{names[i]}.vs.{names[j]}": float(matrix[i, j])
+        for i in range(len(names)) for j in range(i + 1, len(names))
+    }
+
+
+def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
+    """Pearson correlation of the tasks' labels from running sums."""
+    n = sums.count
+    mean = sums.s1 / n  # (T,)
+    cov = sums.s2 / n - torch.outer(mean, mean)  # (T, T)
+    sd = cov.diagonal().clamp_min(0).sqrt()
+    corr = cov / torch.outer(sd, sd).clamp_min(EPS)
+    return list(sums.tasks), corr
+
+
+@dataclasses.dataclass
+class LabelStats:
+    """Running sums for label correlation: s1 = sum y (T,), s2 = sum y y^T (T, T)."""
+
+    tasks: list[str]
+    s1: torch.Tensor
+    s2: torch.Tensor
+    count: float = 0.0
+
+    @classmethod
+    def empty(cls, tasks: list[str]) -> "LabelStats":
+        t = len(tasks)
+        return cls(list(tasks), torch.zeros(t, dtype=torch.float64), torch.zeros(t, t, dtype=torch.float64))
+
+    def update(self, labels: dict[str, torch.Tensor]) -> None:
+        y = torch.stack([labels[t].detach().double().cpu() for t in self.tasks], dim=1)  # (B, T)
+        self.s1 += y.sum(0)
+        self.s2 += y.T @ y
+        self.count += y.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.s1, self.s2, torch.tensor([self.count], dtype=torch.float64)]
+
+
+@dataclasses.dataclass
+class GateStats:
+    """Window sums for one gate: everything needed for its utilization metrics, and summable across ranks."""
+
+    combine_sum: torch.Tensor  # (E,) sum over rows of combine weights
+    probs_sum: torch.Tensor  # (E,) sum over rows of router probabilities
+    counts: torch.Tensor  # (E,) assignments per expert (sparse gates; zeros for dense)
+    rows: float = 0.0
+    assignments: float = 0.0
+    dropped: float = 0.0
+    entropy_sum: float = 0.0
+    sparse: bool = False
+    groups: dict[str, list[int]] | None = None
+    extra_sum: dict[str, float] = dataclasses.field(default_factory=dict)
+    steps: int = 0
+
+    @classmethod
+    def empty(cls, num_experts: int) -> "GateStats":
+        z = lambda: torch.zeros(num_experts, dtype=torch.float64)  # noqa: E731
+        return cls(z(), z(), z())
+
+    def update(self, record: GateRecord) -> None:
+        combine = record.combine.detach().double().cpu()  # (B, E)
+        probs = record.probs.detach().double().cpu()  # (B, E)
+        self.combine_sum += combine.sum(0)
+        self.probs_sum += probs.sum(0)
+        self.rows += combine.shape[0]
+        self.entropy_sum += float(entropy_rows(probs).sum())
+        mask = chosen_mask(record)
+        if mask is not None:
+            self.sparse = True
+            self.counts += mask.sum(0).double().cpu()
+            self.assignments += float(record.chosen.numel())
+        if record.dropped is not None:
+            self.dropped += float(record.dropped)
+        self.groups = record.expert_groups
+        for key, value in record.extra.items():
+            v = value.detach().float()
+            self.extra_sum[key] = self.extra_sum.get(key, 0.0) + float(v.mean() if v.numel() > 1 else v)
+        self.steps += 1
+
+    # flat view for an all-reduce (sum) across ranks; order is fixed by the fields
+    def tensors(self) -> list[torch.Tensor]:
+        scalars = [self.rows, self.assignments, self.dropped, self.entropy_sum, float(self.steps)]
+        scalars += [self.extra_sum[k] for k in sorted(self.extra_sum)]
+        return [self.combine_sum, self.probs_sum, self.counts, torch.tensor(scalars, dtype=torch.float64)]
+
+    def load_tensors(self, tensors: list[torch.Tensor]) -> None:
+        self.combine_sum, self.probs_sum, self.counts, s = tensors
+        self.rows, self.assignments, self.dropped, self.entropy_sum, steps = (float(v) for v in s[:5])
+        self.steps = int(steps)
+        for key, v in zip(sorted(self.extra_sum), s[5:]):
+            self.extra_sum[key] = float(v)
+
+    @property
+    def utilization(self) -> torch.Tensor:
+        return self.combine_sum / max(self.rows, 1.0)
+
+    @property
+    def mean_probs(self) -> torch.Tensor:
+        return self.probs_sum / max(self.rows, 1.0)
+
+    @property
+    def fraction(self) -> torch.Tensor:
+        return self.counts / max(self.assignments, 1.0)
+
+
+def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") -> dict[str, float]:
+    """Scalars for one gate: `<prefix>/<gate>/util/e<i>`, `.../entropy`, sparse load statistics, extras."""
+    out: dict[str, float] = {}
+    base = f"{prefix}/{name}"
+    util = stats.utilization
+    num_experts = util.numel()
+    for i, u in enumerate(util.tolist()):
+        out[f"{base}/util/e{i}"] = u
+    out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum))
+    entropy = stats.entropy_sum / max(stats.rows, 1.0)
+    out[f"{base}/entropy"] = entropy
+    out[f"{base}/entropy_norm"] = entropy / math.log(num_experts) if num_experts > 1 else 0.0
+    if stats.sparse:
+        for i, f in enumerate(stats.fraction.tolist()):
+            out[f"{base}/fraction/e{i}"] = f
+        out[f"{base}/load_cv2"] = float(cv_squared(stats.counts))
+        out[f"{base}/max_vio"] = float(max_violation(stats.counts))
+        out[f"{base}/dead"] = float((stats.counts == 0).sum())
+        out[f"{base}/dropped_frac"] = stats.dropped / max(stats.assignments, 1.0)
+    if stats.groups:
+        for group, idx in stats.groups.items():
+            out[f"{base}/share/{group}"] = float(util[list(idx)].sum())
+    for key, total in stats.extra_sum.items():
+        out[f"{base}/{key}"] = total / max(stats.steps, 1)
+    return out
+
+
+def task_gates(gate_names: list[str], tasks: list[str]) -> dict[str, str]:
+    """task -> the gate that feeds its tower: gate `task`, or for PLE the last level's `<level>/<task>`."""
+    out = {}
+    for task in tasks:
+        if task in gate_names:
+            out[task] = task
+            continue
+        levels = [g for g in gate_names if g.rsplit("/", 1)[-1] == task and "/" in g]
+        if levels:
+            out[task] = sorted(levels)[-1]
+    return out
+
+
+def gate_similarity(mean_dists: dict[str, torch.Tensor]) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """task -> (E,) mean gate distribution  ->  {"gate_js": (names, matrix), "gate_cos": (names, matrix)}.
+
+    Only tasks whose gates span the same number of experts are compared (PLE task gates differ in size when
+    tasks own different numbers of experts; then similarity is over the shared experts only when sizes match).
+    """
+    sizes = {v.numel() for v in mean_dists.values()}
+    if len(mean_dists) < 2 or len(sizes) != 1:
+        return {}
+    return {"gate_js": pairwise_matrix(mean_dists, js_divergence), "gate_cos": pairwise_matrix(mean_dists, cosine)}
+
+
+def jaccard_rows(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
+    """(B, E) bool x2 -> (B,) |A ∩ B| / |A ∪ B| (1 where both are empty)."""
+    inter = (mask_a & mask_b).sum(-1).double()
+    union = (mask_a | mask_b).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def gradient_cosine(grads: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """task -> flat gradient of its loss on the shared parameters  ->  cosine matrix."""
+    return pairwise_matrix(grads, cosine)

@@ -1,0 +1,174 @@
+"""MLflow tracking: where runs go, a fail-fast reachability check, and what every run records.
+
+Store: `tracking_uri` argument, else $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory
+(MLflow >= 3.13 no longer accepts the old file store as an implicit default, so the SQLite URI is explicit).
+Every fit run logs: flattened hyper-parameters (the FeatureSpec itself as `spec.json`, not as params), the
+resolved LightningCLI config as `config.yaml` (Lightning's SaveConfigCallback cannot write into an SQLite-backed
+run, so the CLI hands the YAML to `log_run_files`), and the git commit as the tag `mlflow.source.git.commit`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+PROBE_TIMEOUT_S = 3.0
+MAX_PARAM_CHARS = 500
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached: raised before training starts, never a hang."""
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise TrackingUnavailable quickly if `uri` cannot work (server down, SQLite folder missing)."""
+    parsed = urlparse(uri)
+    hint = "set MLFLOW_TRACKING_URI (or trainer.logger.init_args.tracking_uri) to a reachable store, e.g. sqlite:///mlflow.db"
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            with socket.create_connection((parsed.hostname, port), timeout=timeout):
+                pass
+        except OSError as e:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e}, probed for {timeout:.0f} s); {hint}"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:":
+            folder = Path(path).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise TrackingUnavailable(f"MLflow SQLite store {uri}: folder {folder} does not exist; {hint}")
+
+
+def configure_tracking(uri: str | None = None) -> str:
+    """Resolve, check and install the tracking URI for this process; returns it."""
+    uri = resolve_tracking_uri(uri)
+    check_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def git_commit(start: str | os.PathLike | None = None) -> str | None:
+    """The checked-out commit, read from .git files (no git process): HEAD -> ref -> sha, packed-refs too."""
+    here = Path(start or Path(__file__).resolve().parent)
+    for folder in [here, *here.parents]:
+        git = folder / ".git"
+        if not git.is_dir():
+            continue
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        packed = git / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+        return None
+    return None
+
+
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> `a/b/c` keys; long values are cut to MAX_PARAM_CHARS (MLflow limits a param's size)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, name + "/"))
+        else:
+            text = json.dumps(value, default=str) if not isinstance(value, str) else value
+            out[name] = text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+    return out
+
+
+class MLflowTracker(MLFlowLogger):
+    """Lightning's MLFlowLogger with this project's defaults: SQLite store, fail-fast check, flattened params.
+
+    The check runs at construction, i.e. when LightningCLI instantiates the trainer, before any training.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "mmoe-rec",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, Any] | None = None,
+        artifact_location: str | None = None,
+        log_model: bool = False,
+    ) -> None:
+        uri = configure_tracking(tracking_uri)
+        tags = dict(tags or {})
+        commit = git_commit()
+        if commit:
+            tags.setdefault("mlflow.source.git.commit", commit)
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=uri,
+            tags=tags,
+            artifact_location=artifact_location,
+            log_model=log_model,
+        )
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any) -> None:
+        params = dict(params) if not isinstance(params, dict) else params
+        # the spec is logged whole as spec.json; LightningCLI's private keys are not parameters
+        params = {k: v for k, v in params.items() if k not in ("feature_spec", "_instantiator", "_class_path")}
+        flat = flatten_params(params)
+        client, run_id = self.experiment, self.run_id
+        items = list(flat.items())
+        from mlflow.entities import Param
+
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+
+    @rank_zero_only
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.experiment.log_text(self.run_id, text, artifact_file)
+
+    @rank_zero_only
+    def log_file(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.experiment.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any] | None) -> None:
+    """Resolved config and FeatureSpec into the run (rank 0; no-op for a non-MLflow logger)."""
+    if not isinstance(logger, MLFlowLogger):
+        return
+    if rank_zero_only.rank != 0:
+        return
+    client, run_id = logger.experiment, logger.run_id
+    if config_yaml:
+        client.log_text(run_id, config_yaml, "config.yaml")
+    if spec_dict:
+        client.log_text(run_id, json.dumps(spec_dict, indent=2, sort_keys=True, default=str), "spec.json")
+    commit = git_commit()
+    if commit:
+        client.set_tag(run_id, "mlflow.source.git.commit", commit)
+
+
+def log_png(logger: Any, fig, name: str, artifact_path: str = "plots") -> None:
+    """Save a matplotlib figure and log it as `<artifact_path>/<name>.png` (rank 0, MLflow loggers only)."""
+    if not isinstance(logger, MLFlowLogger) or rank_zero_only.rank != 0:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path)

@@ -1,0 +1,155 @@
+"""collate: RecordBatch -> Batch, checked against a row-by-row pure-Python reference."""
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from mmoe_rec.data.batch import Batch
+from mmoe_rec.data.collate import BatchCollator
+from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, SparseFeature, Task, label_column
+
+
+def _record_batch(feature_dir, split="train") -> pa.RecordBatch:
+    path = sorted((feature_dir / split).glob("*.parquet"))[0]
+    return pa.concat_batches(pq.read_table(path).to_batches())
+
+
+def _reference_bags(rows: list[dict], spec: FeatureSpec) -> dict[str, list[list[int]]]:
+    out = {}
+    for f in spec.sparse_features:
+        if f.multi_valued:
+            out[f.name] = [list(r[f.name] or []) for r in rows]
+        else:
+            out[f.name] = [[r[f.name]] for r in rows]
+    return out
+
+
+def _check_against_rows(batch: Batch, rb: pa.RecordBatch, spec: FeatureSpec) -> None:
+    rows = rb.to_pylist()
+    bags = _reference_bags(rows, spec)
+    kjt = batch.sparse
+    assert kjt.keys() == [f.name for f in spec.sparse_features]
+    assert kjt.stride() == len(rows)
+    # the KJT layout itself: key-major values, offsets = running sum of the reference bag lengths
+    flat = [i for f in spec.sparse_features for bag in bags[f.name] for i in bag]
+    ref_lengths = [len(bag) for f in spec.sparse_features for bag in bags[f.name]]
+    assert kjt.values().tolist() == flat
+    assert kjt.lengths().tolist() == ref_lengths
+    assert kjt.offsets().tolist() == np.concatenate([[0], np.cumsum(ref_lengths)]).tolist()
+    for name, ref in bags.items():
+        assert [t.tolist() for t in kjt[name].to_dense()] == ref
+    assert kjt.values().dtype == torch.int64 and kjt.lengths().dtype == torch.int64
+    ref_dense = torch.tensor([[r[c] for c in spec.dense_features] for r in rows], dtype=torch.float32)
+    assert batch.dense.dtype == torch.float32 and batch.dense.shape == (len(rows), spec.dense_dim)
+    torch.testing.assert_close(batch.dense, ref_dense, rtol=0, atol=0)
+    assert set(batch.labels) == set(spec.task_names)
+    for t in spec.task_names:
+        assert batch.labels[t].tolist() == [r[label_column(t)] for r in rows]
+
+
+def test_collate_matches_row_by_row_reference(feature_dir):
+    spec = FeatureSpec.load(feature_dir)
+    rb = _record_batch(feature_dir)
+    batch = BatchCollator(spec)(rb)
+    _check_against_rows(batch, rb, spec)
+    assert batch.ids is None and batch.weights is None
+
+
+def test_collate_of_a_sliced_record_batch_respects_the_slice_offset(feature_dir):
+    # the stream hands the collator zero-copy slices whose list offsets do not start at 0
+    spec = FeatureSpec.load(feature_dir)
+    rb = _record_batch(feature_dir).slice(37, 101)
+    _check_against_rows(BatchCollator(spec)(rb), rb, spec)
+
+
+def test_empty_and_null_lists_are_empty_bags():
+    spec = FeatureSpec(
+        sparse_features=[SparseFeature("tags", 10, multi_valued=True), SparseFeature("user", 5)],
+        dense_features=[],
+        tasks=[Task("click")],
+    )
+    rb = pa.RecordBatch.from_pydict({
+        "tags": pa.array([[], [3, 4], None, [], [7]], pa.list_(pa.int64())),
+        "user": pa.array([0, 1, 2, 3, 4], pa.int64()),
+        label_column("click"): pa.array([0, 1, 0, 1, 0], pa.float32()),
+    })
+    batch = BatchCollator(spec)(rb)
+    assert batch.sparse["tags"].lengths().tolist() == [0, 2, 0, 0, 1]
+    assert batch.sparse["tags"].values().tolist() == [3, 4, 7]
+    assert batch.sparse["user"].values().tolist() == [0, 1, 2, 3, 4]
+    assert batch.dense.shape == (5, 0)
+
+    all_empty = pa.RecordBatch.from_pydict({
+        "tags": pa.array([[], []], pa.list_(pa.int64())),
+        "user": pa.array([1, 2], pa.int64()),
+        label_column("click"): pa.array([0, 1], pa.float32()),
+    })
+    batch = BatchCollator(spec)(all_empty)
+    assert batch.sparse["tags"].lengths().tolist() == [0, 0]
+    assert batch.sparse["tags"].values().numel() == 0
+    assert batch.sparse.offsets().tolist() == [0, 0, 0, 1, 2]
+
+
+def test_weights_ids_and_task_subset(make_feature_dir):
+    d = make_feature_dir("weighted", rows={"train": 50}, with_weight=True)
+    spec = FeatureSpec.load(d)
+    rb = _record_batch(d)
+    batch = BatchCollator(spec, tasks=["convert"], with_ids=True)(rb)
+    assert list(batch.labels) == ["convert"]
+    assert batch.weights.tolist() == pytest.approx(rb.column(WEIGHT_COLUMN).to_pylist())
+    assert batch.ids["row_id"].tolist() == rb.column("row_id").to_pylist()
+    assert batch.ids["request_id"].tolist() == rb.column("request_id").to_pylist()
+
+
+def test_unknown_task_is_a_clear_error(feature_dir):
+    with pytest.raises(KeyError, match="unknown task 'ctr'"):
+        BatchCollator(FeatureSpec.load(feature_dir), tasks=["ctr"])
+
+
+def test_null_single_valued_id_is_an_error():
+    spec = FeatureSpec(sparse_features=[SparseFeature("user", 5)], dense_features=[], tasks=[Task("click")])
+    rb = pa.RecordBatch.from_pydict({"user": pa.array([1, None], pa.int64()), "label_click": pa.array([0.0, 1.0])})
+    with pytest.raises(ValueError, match="'user' has 1 null"):
+        BatchCollator(spec)(rb)
+
+
+def test_batch_pickles_and_embedding_bag_collection_pools_it(feature_dir):
+    spec = FeatureSpec.load(feature_dir)
+    rb = _record_batch(feature_dir).slice(0, 64)
+    batch = pickle.loads(pickle.dumps(BatchCollator(spec)(rb)))
+    ebc = EmbeddingBagCollection(
+        tables=[
+            EmbeddingBagConfig(name=f.name, embedding_dim=4, num_embeddings=f.num_embeddings,
+                               feature_names=[f.name], pooling=PoolingType.SUM)
+            for f in spec.sparse_features
+        ]
+    )
+    pooled = ebc(batch.sparse).to_dict()
+    for f in spec.sparse_features:
+        weight = ebc.embedding_bags[f.name].weight
+        ref = torch.stack([
+            weight[torch.tensor(bag, dtype=torch.long)].sum(0) if bag else torch.zeros(4)
+            for bag in _reference_bags(rb.to_pylist(), spec)[f.name]
+        ])
+        torch.testing.assert_close(pooled[f.name], ref)
+
+
+def test_lightning_moves_a_batch_through_batch_to(feature_dir):
+    spec = FeatureSpec.load(feature_dir)
+    batch = BatchCollator(spec, with_ids=True)(_record_batch(feature_dir).slice(0, 16))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    moved = move_data_to_device(batch, device)
+    assert isinstance(moved, Batch)
+    assert moved.sparse.values().device.type == device.type
+    assert moved.sparse.lengths().device.type == device.type
+    assert moved.dense.device.type == device.type and moved.labels["click"].device.type == device.type
+    assert moved.sparse.values().cpu().tolist() == batch.sparse.values().tolist()
+    assert moved.ids["row_id"].tolist() == batch.ids["row_id"].tolist()

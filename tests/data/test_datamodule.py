@@ -1,0 +1,274 @@
+"""Streaming data module: exactly-once coverage over ranks x workers, equal batch counts, seeded shuffles,
+the predict loader's ids, and the module under a real Lightning Trainer."""
+from __future__ import annotations
+
+import itertools
+import lzma
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mmoe_rec.data.batch import Batch
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.data.parquet_stream import rank_batch_sizes, worker_plan
+
+
+def _epoch(dm: FeatureDataModule, split: str, world: int, workers: int, train: bool, epoch: int = 0):
+    """Row ids and batch sizes each simulated rank sees in one epoch, read through a real DataLoader."""
+    dm.set_epoch(epoch)
+    ids, sizes = [], []
+    for rank in range(world):
+        dm.num_workers = workers
+        loader = dm.dataloader(split, train=train, with_ids=True, rank=rank, world_size=world)
+        batches = list(loader)
+        assert len(batches) == len(loader.dataset) == len(loader)
+        ids.append(np.concatenate([b.ids["row_id"] for b in batches]))
+        sizes.append([b.batch_size for b in batches])
+    return ids, sizes
+
+
+def _split_ids(d, split):
+    return np.sort(pq.read_table(d / split, columns=["row_id"]).column("row_id").to_numpy())
+
+
+@pytest.mark.parametrize("split,train", [("train", True), ("valid", False)])
+def test_every_row_exactly_once_across_2_ranks_x_2_workers(feature_dir, split, train):
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, eval_batch_size=50, shuffle_buffer=256)
+    ids, sizes = _epoch(dm, split, world=2, workers=2, train=train)
+    seen = np.concatenate(ids)
+    assert len(seen) == len(set(seen.tolist()))  # no row twice
+    np.testing.assert_array_equal(np.sort(seen), _split_ids(feature_dir, split))  # no row missed
+    assert len(sizes[0]) == len(sizes[1])
+    assert min(min(s) for s in sizes) > 0
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+def test_equal_batch_counts_for_awkward_row_counts(make_feature_dir):
+    d = make_feature_dir("awkward", rows={"train": 1001}, files_per_split={"train": 3}, row_group_size=97)
+    dm = FeatureDataModule(str(d), batch_size=64, shuffle_buffer=100)
+    ids, sizes = _epoch(dm, "train", world=2, workers=3, train=True)
+    assert len(sizes[0]) == len(sizes[1]) == 8  # ceil(ceil(1001 / 2) / 64)
+    assert sorted(sizes[0]) == sorted([64] * 7 + [53]) and sorted(sizes[1]) == sorted([64] * 7 + [52])
+    np.testing.assert_array_equal(np.sort(np.concatenate(ids)), np.arange(1001))
+
+
+def test_plan_covers_each_row_once_with_equal_non_empty_batch_counts():
+    # the pure plan, over many shapes: row ranges tile [0, N), counts are equal per rank, no batch is empty
+    for n, world, batch, workers in itertools.product([3, 64, 128, 129, 1001, 1024], [1, 2, 3], [2, 7, 64], [1, 2, 3]):
+        if n < world:
+            continue
+        counts, ranges = set(), []
+        for rank in range(world):
+            plans = [worker_plan(n, batch, rank, world, w, workers) for w in range(workers)]
+            counts.add(sum(len(p.batch_sizes) for p in plans))
+            for p in plans:
+                assert sum(p.batch_sizes) == p.row_stop - p.row_start
+                assert all(s > 0 for s in p.batch_sizes) and all(s <= batch for s in p.batch_sizes)
+                ranges.append((p.row_start, p.row_stop))
+        assert len(counts) == 1, (n, world, batch, workers)
+        covered = np.zeros(n, dtype=int)
+        for a, b in ranges:
+            covered[a:b] += 1
+        assert (covered == 1).all(), (n, world, batch, workers)
+
+
+def test_one_row_fewer_on_a_full_batch_boundary_splits_the_last_batch():
+    # 129 rows, 2 ranks, batch 64: rank 0 has 65 rows (64 + 1), rank 1 has 64 -> 2 batches each
+    assert rank_batch_sizes(129, 0, 2, 64) == [64, 1]
+    assert rank_batch_sizes(129, 1, 2, 64) == [32, 32]
+    with pytest.raises(ValueError, match="non-empty batches"):
+        rank_batch_sizes(3, 1, 2, 1)  # batch size 1 cannot hide the missing row
+    with pytest.raises(ValueError, match="non-empty batches"):
+        rank_batch_sizes(1, 1, 2, 64)  # fewer rows than ranks: rank 1 would have none
+
+
+def test_drop_last_makes_only_full_batches_and_no_duplicates(make_feature_dir):
+    d = make_feature_dir("drop", rows={"train": 1001}, row_group_size=97)
+    dm = FeatureDataModule(str(d), batch_size=64, drop_last=True, shuffle_buffer=100)
+    ids, sizes = _epoch(dm, "train", world=2, workers=2, train=True)
+    assert sizes == [[64] * 7, [64] * 7]
+    seen = np.concatenate(ids)
+    assert len(set(seen.tolist())) == len(seen) == 2 * 7 * 64
+
+
+def test_shuffle_is_seeded_and_changes_with_the_epoch(feature_dir):
+    def order(seed, epoch):
+        dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=seed, shuffle_buffer=256)
+        return np.concatenate(_epoch(dm, "train", world=1, workers=0, train=True, epoch=epoch)[0])
+
+    e0 = order(seed=7, epoch=0)
+    np.testing.assert_array_equal(e0, order(seed=7, epoch=0))
+    e1 = order(seed=7, epoch=1)
+    assert not np.array_equal(e0, e1) and not np.array_equal(e0, order(seed=8, epoch=0))
+    np.testing.assert_array_equal(np.sort(e0), np.sort(e1))
+    assert not np.array_equal(e0, np.sort(e0))  # shuffled at all
+    # rows of one batch come from several row groups (the buffer mixes them), not from one contiguous run
+    first_batch = e0[:64]
+    assert first_batch.max() - first_batch.min() > 300
+
+
+def test_validation_is_not_shuffled(feature_dir):
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, eval_batch_size=64)
+    for epoch in (0, 3):
+        ids = np.concatenate(_epoch(dm, "valid", world=1, workers=0, train=False, epoch=epoch)[0])
+        np.testing.assert_array_equal(ids, _split_ids(feature_dir, "valid"))
+
+
+def test_workers_do_not_change_the_rows_a_rank_reads(feature_dir):
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, shuffle_buffer=256)
+    one = _epoch(dm, "train", world=2, workers=0, train=True)[0]
+    two = _epoch(dm, "train", world=2, workers=2, train=True)[0]
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(np.sort(a), np.sort(b))
+
+
+def test_predict_loader_carries_ids_that_match_the_rows(feature_dir):
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, eval_batch_size=128)
+    batches = list(dm.predict_dataloader())
+    ref = pq.read_table(feature_dir / "test").to_pandas().set_index("row_id")
+    row_ids = np.concatenate([b.ids["row_id"] for b in batches])
+    np.testing.assert_array_equal(np.sort(row_ids), ref.index.to_numpy())
+    for b in batches:
+        assert list(b.ids) == ["row_id", "request_id"]
+        assert b.ids["request_id"].tolist() == [f"r{i}" for i in b.ids["row_id"]]
+        np.testing.assert_array_equal(b.dense[:, 0].numpy(), ref.loc[b.ids["row_id"], "d0"].to_numpy())
+    # train batches stay light: no ids
+    assert next(iter(dm.train_dataloader())).ids is None
+
+
+def test_state_dict_round_trip_replays_the_same_epoch(feature_dir):
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=3)
+    dm.set_epoch(2)
+    state = dm.state_dict()
+    assert state == {"epoch": 2, "seed": 3}
+    resumed = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    resumed.load_state_dict(state)
+    a = torch.cat([b.dense for b in dm.train_dataloader()])
+    b = torch.cat([b.dense for b in resumed.train_dataloader()])
+    torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_are_clear_errors(feature_dir, make_feature_dir, tmp_path):
+    with pytest.raises(KeyError, match="unknown task"):
+        FeatureDataModule(str(feature_dir), tasks=["ctr"])
+    with pytest.raises(FileNotFoundError, match="feature spec not found"):
+        FeatureDataModule(str(tmp_path))
+    d = make_feature_dir("no_test", rows={"train": 100})
+    with pytest.raises(FileNotFoundError, match="no \\*.parquet files"):
+        FeatureDataModule(str(d)).test_dataloader()
+    broken = make_feature_dir("broken", rows={"train": 100})
+    path = broken / "train" / "part-00000.parquet"
+    table = pq.read_table(path).drop_columns(["d1"])
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="part-00000.parquet: missing feature columns \\['d1'\\]"):
+        FeatureDataModule(str(broken)).train_dataloader()
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="part-00000.parquet: not a readable Parquet file"):
+        FeatureDataModule(str(broken)).train_dataloader()
+
+
+class _Recorder(L.LightningModule):
+    """Records what a Trainer feeds it: the first dense column of each train batch, per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
+        self.seen: dict[int, list[torch.Tensor]] = {}
+        self.val_rows = 0
+
+    def training_step(self, batch, batch_idx):
+        assert isinstance(batch, Batch) and isinstance(batch.sparse, KeyedJaggedTensor)
+        assert batch.sparse.values().device == self.device
+        self.seen.setdefault(self.current_epoch, []).append(batch.dense[:, 0].clone())
+        return (batch.dense @ self.w - batch.labels["click"]).pow(2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.val_rows += batch.batch_size
+
+    def predict_step(self, batch, batch_idx):
+        return batch.ids["row_id"], batch.dense @ self.w
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_under_a_lightning_trainer_epochs_reshuffle_and_predict_keeps_ids(feature_dir):
+    dm = FeatureDataModule(str(feature_dir), batch_size=256, eval_batch_size=250, seed=5)
+    model = _Recorder()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert model.val_rows == 2 * 500
+    assert dm.state_dict() == {"epoch": 1, "seed": 5}
+    for epoch in (0, 1):
+        # what the Trainer fed equals the epoch the data module makes when told that epoch
+        dm_ref = FeatureDataModule(str(feature_dir), batch_size=256, seed=5)
+        dm_ref.set_epoch(epoch)
+        ref = torch.cat([b.dense[:, 0] for b in dm_ref.train_dataloader()])
+        torch.testing.assert_close(torch.cat(model.seen[epoch]), ref)
+    assert not torch.equal(torch.cat(model.seen[0]), torch.cat(model.seen[1]))
+    preds = trainer.predict(model, datamodule=dm)
+    row_ids = np.concatenate([ids for ids, _ in preds])
+    np.testing.assert_array_equal(np.sort(row_ids), _split_ids(feature_dir, "test"))
+
+
+CENSUS_RAW = [Path(__file__).resolve().parents[2] / "data" / "census_income"]
+
+
+@pytest.mark.skipif(not (CENSUS_RAW[0] / "train.csv.xz").exists(), reason="census raw files not vendored")
+def test_census_sample_round_trip_raw_to_features_to_batches(tmp_path):
+    from mmoe_rec.features.build import main as build_features
+
+    raw = {}
+    for split, n in (("train", 3000), ("test", 1000)):
+        with lzma.open(CENSUS_RAW[0] / f"{split}.csv.xz", "rt") as f:
+            lines = list(itertools.islice(f, n))
+        (tmp_path / f"{split}.csv").write_text("".join(lines))
+        raw[split] = [[v.strip() for v in line.rstrip("\n").split(", ")] for line in lines]
+    out = tmp_path / "features"
+    schema = Path(__file__).resolve().parents[2] / "configs" / "features" / "census.yaml"
+    assert build_features([
+        "--schema", str(schema), "--input", f"train={tmp_path / 'train.csv'}",
+        "--input", f"valid+test={tmp_path / 'test.csv'}", "--output", str(out), "--row-group-rows", "700",
+    ]) == 0
+
+    dm = FeatureDataModule(str(out), batch_size=256, eval_batch_size=300, num_workers=2)
+    assert dm.spec.task_names == ["income", "never_married"]
+    age = dm.spec.dense_features.index("age")
+    # unshuffled train split, one rank, no workers (workers interleave their blocks of batches): the batches
+    # follow the raw rows one for one
+    dm.num_workers = 0
+    batches = list(dm.dataloader("train", rank=0, world_size=1))
+    income = torch.cat([b.labels["income"] for b in batches]).tolist()
+    never = torch.cat([b.labels["never_married"] for b in batches]).tolist()
+    assert income == [float(r[41] == "50000+.") for r in raw["train"]]
+    assert never == [float(r[7] == "Never married") for r in raw["train"]]
+    ages = torch.cat([b.dense[:, age] for b in batches]).numpy()
+    assert np.corrcoef(ages, [float(r[0]) for r in raw["train"]])[0, 1] > 0.9999  # standardized, not scrambled
+    for b in batches:
+        assert b.sparse.keys() == [f.name for f in dm.spec.sparse_features]
+        assert (b.sparse.lengths() == 1).all()
+        for f in dm.spec.sparse_features:
+            ids = b.sparse[f.name].values()
+            assert 0 <= ids.min() and ids.max() < f.num_embeddings
+    # a raw category maps to one id everywhere
+    sex_ids = torch.cat([b.sparse["sex"].values() for b in batches]).tolist()
+    assert len({(r[12], i) for r, i in zip(raw["train"], sex_ids)}) == len({r[12] for r in raw["train"]}) >= 2
+    # shuffled, 2 ranks x 2 workers: the same rows, once each
+    rows = []
+    dm.set_epoch(1)
+    dm.num_workers = 2
+    for rank in range(2):
+        for b in dm.dataloader("train", train=True, rank=rank, world_size=2):
+            rows += zip(b.dense[:, age].tolist(), b.labels["income"].tolist(), b.labels["never_married"].tolist())
+    ref = [(float(a), i, n) for a, i, n in zip(ages, income, never)]
+    assert sorted(rows) == sorted(ref)
+    evaluated = sum(b.batch_size for b in dm.val_dataloader()) + sum(b.batch_size for b in dm.test_dataloader())
+    assert evaluated == 1000

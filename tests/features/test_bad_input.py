@@ -1,0 +1,151 @@
+"""Each kind of bad input gives one FeatureDataError naming file, column and row, and leaves no output."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mmoe_rec.features.build import main as features_main
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.schema import load_schema
+
+CENSUS_LIKE = {
+    "categorical": [{"name": "city"}],
+    "numeric": [{"name": "amount"}],
+    "tasks": [{"name": "income", "column": "income", "type": "binary", "positive": ["50000+."],
+               "negative": ["- 50000."]}],
+}
+
+
+def _run(tmp_path, schema_file, *inputs):
+    out = tmp_path / "out"
+    argv = ["--schema", str(schema_file), "--output", str(out)] + [x for i in inputs for x in ("--input", str(i))]
+    return features_main(argv), out
+
+
+def _assert_clean(tmp_path, out):
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]  # no half-written output
+
+
+def _csv(tmp_path, rows: list[str], name="raw.csv"):
+    p = tmp_path / name
+    p.write_text("city,amount,income\n" + "".join(r + "\n" for r in rows))
+    return p
+
+
+def _good_rows(n=50):
+    return [f"c{i % 3},{i}.5,{'50000+.' if i % 4 == 0 else '- 50000.'}" for i in range(n)]
+
+
+def test_good_csv_builds(feat, tmp_path):
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), _csv(tmp_path, _good_rows()))
+    assert rc == 0 and (out / "spec.json").exists()
+
+
+def test_missing_column(feat, tmp_path, capsys):
+    raw = feat.write_parquet(tmp_path / "raw.parquet", feat.raw_table(20).drop_columns(["price"]))
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and str(raw) in err and "'price'" in err and "missing column" in err
+    _assert_clean(tmp_path, out)
+
+
+def test_wrong_type_value_in_numeric_csv_column_names_the_row(feat, tmp_path, capsys):
+    rows = _good_rows()
+    rows[37] = "c1,abc,- 50000."
+    raw = _csv(tmp_path, rows)
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}, column 'amount', row 37: expected a number, found 'abc'" in err
+    _assert_clean(tmp_path, out)
+
+
+def test_wrong_column_type_in_parquet(feat, tmp_path, capsys):
+    t = feat.raw_table(20)
+    t = t.set_column(t.schema.get_field_index("price"), "price", t["tags"])  # a list where a number belongs
+    raw = feat.write_parquet(tmp_path / "raw.parquet", t)
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and str(raw) in err and "'price'" in err and "expected a numeric column" in err
+    _assert_clean(tmp_path, out)
+
+
+def test_label_outside_allowed_values(feat, tmp_path, capsys):
+    rows = _good_rows(80)
+    rows[61] = "c0,1.0,50000"
+    raw = _csv(tmp_path, rows)
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}, column 'income', row 61: label value '50000'" in err
+    _assert_clean(tmp_path, out)
+
+
+def test_nan_label(feat, tmp_path, capsys):
+    t = feat.raw_table(300)
+    dwell = t["dwell"].to_numpy().copy()
+    dwell[257] = np.nan
+    t = t.set_column(t.schema.get_field_index("dwell"), "dwell", pa.array(dwell))
+    raw = feat.write_parquet(tmp_path / "raw.parquet", t, row_group_size=100)
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}, column 'dwell', row 257: label is NaN" in err
+    _assert_clean(tmp_path, out)
+
+
+def test_binary_label_not_zero_or_one(feat, tmp_path, capsys):
+    t = feat.raw_table(30)
+    click = t["click"].to_numpy().copy()
+    click[12] = 2
+    t = t.set_column(t.schema.get_field_index("click"), "click", pa.array(click))
+    raw = feat.write_parquet(tmp_path / "raw.parquet", t)
+    rc, _ = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), raw)
+    assert rc == 1 and "column 'click', row 12: binary label must be 0 or 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["empty_file", "header_only", "zero_row_parquet"])
+def test_empty_input(feat, tmp_path, capsys, kind):
+    if kind == "empty_file":
+        raw = tmp_path / "raw.csv"
+        raw.write_text("")
+    elif kind == "header_only":
+        raw = _csv(tmp_path, [])
+    else:
+        raw = feat.write_parquet(tmp_path / "raw.parquet", feat.raw_table(5).slice(0, 0))
+    schema = CENSUS_LIKE if kind != "zero_row_parquet" else None
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and "empty" in err and str(raw) in err
+    _assert_clean(tmp_path, out)
+
+
+def test_truncated_parquet(feat, tmp_path, capsys):
+    good = feat.write_parquet(tmp_path / "a.parquet", feat.raw_table(200))
+    data = good.read_bytes()
+    bad = tmp_path / "b.parquet"
+    bad.write_bytes(data[: len(data) // 2])
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), good, bad)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {bad}" in err and "unreadable Parquet" in err
+    _assert_clean(tmp_path, out)
+
+
+def test_unknown_transform_in_schema(feat, tmp_path, capsys):
+    schema = dict(CENSUS_LIKE, numeric=[{"name": "amount", "transform": "zscore"}])
+    path = feat.write_schema(tmp_path / "s.yaml", schema)
+    with pytest.raises(FeatureDataError, match=r"column 'amount'.*unknown numeric transform 'zscore'"):
+        load_schema(path)
+    rc, out = _run(tmp_path, path, _csv(tmp_path, _good_rows()))
+    assert rc == 1 and f"file {path}" in capsys.readouterr().err
+    _assert_clean(tmp_path, out)
+
+
+def test_existing_output_is_left_alone_on_error(feat, tmp_path):
+    good = _csv(tmp_path, _good_rows())
+    schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
+    rc, out = _run(tmp_path, schema, good)
+    before = sorted(p.name for p in out.rglob("*"))
+    bad = _csv(tmp_path, _good_rows() + ["c1,2.0,maybe"], name="bad.csv")
+    argv = ["--schema", str(schema), "--output", str(out), "--input", str(bad), "--overwrite"]
+    assert features_main(argv) == 1
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -1,0 +1,129 @@
+"""Fit on train only, transform identically in batch and row by row, stable hashing, deterministic splits."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmoe_rec.features.build import main as features_main
+from mmoe_rec.features.fit import SpecFitter
+from mmoe_rec.features.schema import parse_schema
+from mmoe_rec.features.spec import FeatureSpec, label_column
+from mmoe_rec.features.transform import transform_table
+from mmoe_rec.features.vocab import fnv1a64, hash_ids
+
+
+
+def _build(feat, tmp_path, *inputs, extra=()):
+    schema = feat.write_schema(tmp_path / "schema.yaml")
+    out = tmp_path / "out"
+    argv = ["--schema", str(schema), "--output", str(out)] + [a for i in inputs for a in ("--input", i)] + list(extra)
+    assert features_main(argv) == 0
+    return out, FeatureSpec.load(out)
+
+
+def test_value_only_in_test_is_oov_and_stats_come_from_train(feat, tmp_path):
+    train = feat.raw_table(300, seed=0, users=["alice", "bob"])
+    test = feat.raw_table(100, seed=1, users=["alice", "zed"], first_row=300)
+    test = test.set_column(test.schema.get_field_index("price"), "price", pa.array(np.full(100, 1e6)))
+    out, spec = _build(feat, tmp_path, f"train={feat.write_parquet(tmp_path / 'raw/train.parquet', train)}",
+                       f"test={feat.write_parquet(tmp_path / 'raw/test.parquet', test)}")
+    user = spec.transforms["features"]["user"]
+    assert sorted(user["values"]) == ["alice", "bob"]  # nothing from test
+    got = pq.read_table(out / "test")
+    raw_users = test["user"].to_pylist()
+    ids = got["user"].to_pylist()
+    assert all((i == 0) == (u == "zed") for u, i in zip(raw_users, ids))
+    assert 1 + user["values"].index("alice") in ids
+    # price statistics are the train ones: the test's huge prices do not move the mean
+    logp = np.log1p(train["price"].to_numpy())
+    assert spec.transforms["features"]["price"]["mean"] == pytest.approx(logp.mean(), rel=1e-9)
+    assert spec.transforms["features"]["price"]["std"] == pytest.approx(logp.std(), rel=1e-9)
+    assert pq.read_table(out / "train").num_rows == 300 and got.num_rows == 100
+
+
+def test_feature_parquet_layout_and_values(feat, tmp_path):
+    train = feat.raw_table(400, seed=3)
+    out, spec = _build(feat, tmp_path, f"train={feat.write_parquet(tmp_path / 'raw/t.parquet', train)}")
+    t = pq.read_table(out / "train")
+    assert [f.name for f in spec.sparse_features] == ["user", "item", "tags", "interests", "pos"]
+    assert spec.dense_features == ["price", "age", "age_missing"]
+    assert t.column_names == ["row_id", "user", "item", "tags", "interests", "pos", "price", "age", "age_missing",
+                              label_column("click"), label_column("dwell")]
+    assert t.schema.field("tags").type == pa.list_(pa.int64()) and t.schema.field("user").type == pa.int64()
+    assert all(t.schema.field(c).type == pa.float32() for c in spec.dense_features + ["label_click", "label_dwell"])
+    for f in spec.sparse_features:  # ids inside the embedding tables
+        v = t[f.name].combine_chunks()
+        v = v.flatten() if f.multi_valued else v
+        assert 0 <= min(v.to_pylist(), default=0) and max(v.to_pylist(), default=0) < f.num_embeddings
+    # interests "a|b" -> two ids; "" -> empty list
+    for raw, ids in zip(train["interests"].to_pylist(), t["interests"].to_pylist()):
+        assert len(ids) == (len(raw.split("|")) if raw else 0)
+    age_raw = train["age"].to_numpy(zero_copy_only=False)
+    miss = np.isnan(age_raw)
+    np.testing.assert_array_equal(t["age_missing"].to_numpy(), miss.astype(np.float32))
+    st = spec.transforms["features"]["age"]
+    assert st["impute"] == pytest.approx(np.median(age_raw[~miss]))
+    np.testing.assert_allclose(t["age"].to_numpy()[~miss], (age_raw[~miss] - st["mean"]) / st["std"], rtol=1e-5)
+    # bucketize: boundaries are train quantiles (exact below the reservoir size)
+    b = spec.transforms["features"]["pos"]["boundaries"]
+    assert b == sorted(set(np.quantile(train["pos"].to_numpy(), [0.25, 0.5, 0.75]).tolist()))
+    np.testing.assert_array_equal(t["label_dwell"].to_numpy(), train["dwell"].to_numpy().astype(np.float32))
+
+
+def test_single_row_transform_equals_batch(feat):
+    schema = parse_schema(feat.SCHEMA)
+    fitter = SpecFitter(schema)
+    fitter.update(feat.raw_table(500, seed=4))
+    spec = fitter.spec()
+    raw = feat.raw_table(40, seed=5, users=["alice", "bob", "newcomer"])
+    batch = transform_table(spec, raw)
+    df = raw.to_pandas()
+    for i in range(len(df)):
+        one = transform_table(spec, df.iloc[[i]])  # pandas, one row
+        assert one.to_pylist() == batch.slice(i, 1).to_pylist()
+    # scoring input has no labels: features only, identical values
+    no_labels = transform_table(spec, raw.drop_columns(["click", "dwell"]))
+    assert "label_click" not in no_labels.column_names
+    assert no_labels.to_pylist() == batch.drop_columns(["label_click", "label_dwell"]).to_pylist()
+
+
+def test_hash_is_stable_across_processes():
+    values = ["", "a", "foobar", "user_123", "ünïcode"]
+    # FNV-1a 64 reference values for "a" and "foobar"
+    assert fnv1a64(pa.array(["a", "foobar"])).tolist() == [0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+    code = ("import pyarrow as pa; from mmoe_rec.features.vocab import hash_ids; "
+            f"print(hash_ids(pa.array({values!r}), 1000).tolist())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={"PYTHONHASHSEED": "123"})
+    assert other.stdout.strip() == str(hash_ids(pa.array(values), 1000).tolist())
+    assert hash_ids(pa.array([123, None]), 1000).tolist() == hash_ids(pa.array(["123", None]), 1000).tolist()
+    assert hash_ids(pa.array([None]), 10).tolist() == [0]
+
+
+def test_random_split_is_deterministic_and_independent_of_batch_size(feat, tmp_path):
+    raw = feat.write_parquet(tmp_path / "raw/all.parquet", feat.raw_table(3000, seed=6), row_group_size=700)
+    runs = []
+    for k, batch_rows in enumerate(["256", "5000"]):
+        d = tmp_path / f"run{k}"
+        d.mkdir()
+        out, _ = _build(feat, d, str(raw), extra=["--valid-fraction", "0.2", "--test-fraction", "0.1", "--seed", "7",
+                                           "--batch-rows", batch_rows, "--row-group-rows", "512"])
+        runs.append({s: pq.read_table(out / s, columns=["row_id"])["row_id"].to_pylist() for s in
+                     ("train", "valid", "test")})
+    assert runs[0] == runs[1]
+    assert sorted(sum(runs[0].values(), [])) == list(range(3000))
+    assert abs(len(runs[0]["valid"]) - 600) < 90 and abs(len(runs[0]["test"]) - 300) < 70
+    assert pq.ParquetFile(next((tmp_path / "run0/out/train").glob("*.parquet"))).metadata.row_group(0).num_rows == 512
+
+
+def test_split_column(feat, tmp_path):
+    t = feat.raw_table(90, seed=8)
+    t = t.append_column("split", pa.array(["train", "valid", "test"] * 30))
+    out, _ = _build(feat, tmp_path, str(feat.write_parquet(tmp_path / "raw/s.parquet", t)), extra=["--split-column", "split"])
+    assert pq.read_table(out / "valid")["row_id"].to_pylist() == list(range(1, 90, 3))
+    assert "split" not in pq.read_table(out / "valid").column_names

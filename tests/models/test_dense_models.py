@@ -1,0 +1,290 @@
+"""Dense multi-task models: each equals its formula written per expert, PLE(no task experts, 1 level) = MMoE,
+shapes / dtypes / routing records of every model, gradients reach every expert."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mmoe_rec.data.batch import Batch
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.models import MMoE, OMoE, PLE, SharedBottom
+from mmoe_rec.models.factory import build_model, class_path_of
+
+TASKS = ["click", "convert", "stay"]
+B = 12
+
+
+def spec() -> FeatureSpec:
+    return FeatureSpec(
+        sparse_features=[SparseFeature("user", 20), SparseFeature("tags", 10, multi_valued=True)],
+        dense_features=["d0", "d1"],
+        tasks=[Task(t) for t in TASKS],
+    ).finalize()
+
+
+def batch(seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randint(0, 20, (B,), generator=g)
+    tag_len = torch.randint(0, 3, (B,), generator=g)
+    tags = torch.randint(0, 10, (int(tag_len.sum()),), generator=g)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user", "tags"], values=torch.cat([user, tags]),
+                                              lengths=torch.cat([torch.ones(B, dtype=torch.long), tag_len]))
+    return Batch(sparse=kjt, dense=torch.randn(B, 2, generator=g), labels={t: torch.zeros(B) for t in TASKS})
+
+
+def features(d: int = 18, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
+    return torch.randn(B, d, generator=torch.Generator().manual_seed(seed), dtype=dtype)  # 2 * 8 embedding + 2
+
+
+def mix(weights: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
+    """sum_i weights[:, i] * outs[i], written out."""
+    return sum(weights[:, i : i + 1] * o for i, o in enumerate(outs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each model equals its formula
+
+
+def test_mmoe_equals_its_formula_with_one_gate_per_task():
+    torch.manual_seed(0)
+    model = MMoE(spec(), num_experts=4, expert_hidden=[8, 5], gate_temperature=0.5).double()
+    x = features()
+    out = model.forward_dense(x)
+    experts = [model.experts.forward_one(x, e) for e in range(4)]
+    for i, t in enumerate(TASKS):
+        g = torch.softmax(x @ model.gates.weight[i] / 0.5, dim=-1)
+        torch.testing.assert_close(out.logits[t], model.towers[t](mix(g, experts)))
+        torch.testing.assert_close(out.routing[t].combine, g.float())
+
+
+def test_omoe_shares_one_gate_between_all_tasks():
+    torch.manual_seed(0)
+    model = OMoE(spec(), num_experts=3, expert_hidden=[6]).double()
+    x = features()
+    out = model.forward_dense(x)
+    g = torch.softmax(x @ model.gate.weight[0], dim=-1)
+    h = mix(g, [model.experts.forward_one(x, e) for e in range(3)])
+    assert set(out.routing) == {"shared"}
+    for t in TASKS:
+        torch.testing.assert_close(out.logits[t], model.towers[t](h))
+
+
+def test_shared_bottom_is_one_mlp_then_towers():
+    torch.manual_seed(0)
+    model = SharedBottom(spec(), bottom_hidden=[10, 6]).double()
+    x = features()
+    out = model.forward_dense(x)
+    assert out.routing == {} and out.aux == {}
+    for t in TASKS:
+        torch.testing.assert_close(out.logits[t], model.towers[t](model.bottom(x)))
+
+
+def reference_ple(model: PLE, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """PLE written per task and per expert (Tang et al. 2020): -> logits, gate weights by routing name."""
+    task_in = {t: x for t in TASKS}
+    shared_in = x
+    gates = {}
+    for li, level in enumerate(model.levels):
+        Kt, Ks = level.Kt, level.Ks
+        own = {t: [level.task_experts.forward_one(task_in[t], i * Kt + j) for j in range(Kt)]
+               for i, t in enumerate(TASKS)}
+        shared = [level.shared_experts.forward_one(shared_in, j) for j in range(Ks)]
+        new_in = {}
+        for i, t in enumerate(TASKS):
+            g = torch.softmax(task_in[t] @ level.task_gates.weight[i], dim=-1)  # over [own; shared]
+            new_in[t] = mix(g, own[t] + shared)
+            gates[f"{li}/{t}"] = g
+        if li < len(model.levels) - 1 and Ks:
+            g = torch.softmax(shared_in @ level.shared_gate.weight[0], dim=-1)  # over all experts of the level
+            shared_in = mix(g, [o for t in TASKS for o in own[t]] + shared)
+            gates[f"{li}/shared"] = g
+        task_in = new_in
+    return {t: model.towers[t](task_in[t]) for t in TASKS}, gates
+
+
+@pytest.mark.parametrize("levels,kt,ks", [(1, 2, 1), (3, 2, 2), (2, 0, 3), (2, 1, 0)])
+def test_ple_equals_its_per_task_per_expert_formula(levels, kt, ks):
+    torch.manual_seed(0)
+    model = PLE(spec(), num_levels=levels, num_task_experts=kt, num_shared_experts=ks, expert_hidden=[7, 5],
+                activation="silu").double()
+    x = features()
+    out = model.forward_dense(x)
+    want_logits, want_gates = reference_ple(model, x)
+    assert set(out.routing) == set(want_gates)
+    for t in TASKS:
+        torch.testing.assert_close(out.logits[t], want_logits[t])
+    for name, g in want_gates.items():
+        torch.testing.assert_close(out.routing[name].combine, g.float())
+
+
+@pytest.mark.parametrize("gate", ["softmax", "hard"])
+def test_ple_without_task_experts_and_one_level_equals_mmoe_on_the_same_weights(gate):
+    torch.manual_seed(0)
+    kw = dict(expert_hidden=[16, 8], tower_hidden=[4], gate=gate, gate_temperature=0.8, norm="layer")
+    mmoe = MMoE(spec(), num_experts=5, **kw)
+    torch.manual_seed(1)  # different init, then copy: equality comes from the weights, not the seed
+    ple = PLE(spec(), num_levels=1, num_task_experts=0, num_shared_experts=5, **kw)
+    with torch.no_grad():
+        ple.front.load_state_dict(mmoe.front.state_dict())
+        ple.levels[0].shared_experts.load_state_dict(mmoe.experts.state_dict())
+        ple.levels[0].task_gates.load_state_dict(mmoe.gates.state_dict())
+        ple.towers.load_state_dict(mmoe.towers.state_dict())
+    b = batch()
+    want, got = mmoe(b), ple(b)
+    for t in TASKS:
+        torch.testing.assert_close(got.logits[t], want.logits[t], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.routing[f"0/{t}"].combine, want.routing[t].combine, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shapes, dtypes, records
+
+
+MODELS = [
+    (SharedBottom, {}, set()),
+    (OMoE, {"num_experts": 3}, {"shared"}),
+    (MMoE, {"num_experts": 3}, set(TASKS)),
+    (MMoE, {"num_experts": 3, "gate": "hard", "norm": "batch", "dropout": 0.1, "activation": "prelu"}, set(TASKS)),
+    (PLE, {"num_levels": 2}, {"0/click", "0/convert", "0/stay", "0/shared", "1/click", "1/convert", "1/stay"}),
+    (PLE, {"num_levels": 1, "num_task_experts": 2, "num_shared_experts": 2, "norm": "layer"},
+     {"0/click", "0/convert", "0/stay"}),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,gates", MODELS)
+def test_every_model_returns_one_float32_logit_per_row_and_task_and_normalized_gate_records(cls, kwargs, gates):
+    torch.manual_seed(0)
+    model = cls(spec(), embedding_dim=4, embedding_dims={"user": 6}, pooling={"tags": "mean"}, **kwargs)
+    out = model(batch())
+    assert set(out.logits) == set(TASKS) and out.aux == {}
+    for t in TASKS:
+        assert out.logits[t].shape == (B,) and out.logits[t].dtype == torch.float32
+        assert torch.isfinite(out.logits[t]).all()
+    assert set(out.routing) == gates
+    for r in out.routing.values():
+        assert r.combine.dtype == r.probs.dtype == torch.float32 and not r.combine.requires_grad
+        torch.testing.assert_close(r.combine.sum(-1), torch.ones(B))
+        torch.testing.assert_close(r.probs.sum(-1), torch.ones(B))
+        if kwargs.get("gate") == "hard":
+            assert r.chosen.shape == (B, 1) and set(r.combine.unique().tolist()) == {0.0, 1.0}
+
+
+def test_ple_task_gate_records_say_which_experts_are_own_and_which_shared():
+    model = PLE(spec(), num_levels=2, num_task_experts=2, num_shared_experts=3)
+    out = model(batch())
+    r = out.routing["1/convert"]
+    assert r.combine.shape == (B, 5) and r.expert_groups == {"own": [0, 1], "shared": [2, 3, 4]}
+    shared = out.routing["0/shared"]
+    assert shared.combine.shape == (B, 9)
+    assert shared.expert_groups == {"click": [0, 1], "convert": [2, 3], "stay": [4, 5], "shared": [6, 7, 8]}
+
+
+@pytest.mark.parametrize("cls,kwargs,gates", MODELS)
+def test_forward_of_a_batch_equals_forward_dense_of_its_embedding(cls, kwargs, gates):
+    torch.manual_seed(0)
+    model = cls(spec(), **kwargs).eval()
+    b = batch()
+    full, body = model(b), model.forward_dense(model.front(b))
+    for t in TASKS:
+        torch.testing.assert_close(full.logits[t], body.logits[t], atol=0, rtol=0)
+
+
+def test_a_task_subset_builds_only_those_towers_and_gates():
+    model = MMoE(spec(), tasks=["convert"], num_experts=2)
+    out = model(batch())
+    assert set(out.logits) == {"convert"} and set(out.routing) == {"convert"} and set(model.towers) == {"convert"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients
+
+
+def expert_stacks(model):
+    from mmoe_rec.nn.experts import ExpertStack
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ExpertStack)]
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (OMoE, {"num_experts": 4}),
+    (MMoE, {"num_experts": 6, "expert_hidden": [8, 4]}),
+    (MMoE, {"num_experts": 4, "gate": "hard"}),
+    (PLE, {"num_levels": 3, "num_task_experts": 2, "num_shared_experts": 2}),
+])
+def test_gradients_reach_every_expert_gate_tower_and_the_embeddings(cls, kwargs):
+    torch.manual_seed(0)
+    model = cls(spec(), **kwargs)
+    out = model(batch())
+    sum(l.pow(2).sum() for l in out.logits.values()).backward()
+    stacks = expert_stacks(model)
+    assert stacks
+    for name, stack in stacks:
+        for p in stack.weights:
+            assert torch.all(p.grad.reshape(stack.num_experts, -1).abs().sum(1) > 0), name
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_hard_gates_learn_through_the_straight_through_estimator():
+    torch.manual_seed(0)
+    model = MMoE(spec(), num_experts=4, gate="hard")
+    model(batch()).logits["click"].sum().backward()
+    assert model.gates.weight.grad[0].abs().sum() > 0  # click's gate
+    assert model.gates.weight.grad[1:].abs().sum() == 0  # the other tasks' gates see no click loss
+
+
+def test_cgc_shared_parameters_are_what_every_task_reaches_and_task_experts_stay_private():
+    torch.manual_seed(0)
+    model = PLE(spec(), num_levels=1, num_task_experts=1, num_shared_experts=2)
+    level = model.levels[0]
+    shared_ids = {id(p) for p in model.shared_parameters()}
+    assert id(level.shared_experts.weights[0]) in shared_ids
+    assert id(level.task_experts.weights[0]) not in shared_ids
+    assert id(level.task_gates.weight) not in shared_ids
+    for i, t in enumerate(TASKS):
+        model.zero_grad(set_to_none=True)
+        model(batch()).logits[t].sum().backward()
+        for p in model.shared_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        per_expert = level.task_experts.weights[0].grad.reshape(len(TASKS), -1).abs().sum(1)  # one expert each
+        assert per_expert[i] > 0 and torch.all(per_expert[torch.arange(len(TASKS)) != i] == 0)
+
+
+@pytest.mark.parametrize("cls", [SharedBottom, OMoE, MMoE])
+def test_shared_parameters_are_the_embeddings_and_the_shared_body(cls):
+    model = cls(spec())
+    body = model.bottom if cls is SharedBottom else model.experts
+    want = {id(p) for p in [*model.front.parameters(), *body.parameters()]}
+    if cls is OMoE:
+        want |= {id(model.gate.weight)}
+    assert {id(p) for p in model.shared_parameters()} == want
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Construction
+
+
+def test_models_rebuild_from_class_path_and_state_dict():
+    torch.manual_seed(0)
+    kwargs = {"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 2, "expert_hidden": [8]}
+    model = PLE(spec(), **kwargs).eval()
+    again = build_model(class_path_of(model), spec(), kwargs).eval()
+    again.load_state_dict(model.state_dict())
+    b = batch()
+    for t in TASKS:
+        torch.testing.assert_close(again(b).logits[t], model(b).logits[t], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (PLE, {"num_task_experts": 0, "num_shared_experts": 0}),
+    (PLE, {"num_levels": 0}),
+    (MMoE, {"gate": "sparsemax"}),
+    (MMoE, {"gate_temperature": 0.0}),
+    (OMoE, {"activation": "swish"}),
+    (SharedBottom, {"norm": "group"}),
+    (MMoE, {"tasks": ["nope"]}),
+])
+def test_bad_configuration_is_rejected(cls, kwargs):
+    with pytest.raises(ValueError):
+        cls(spec(), **kwargs)

@@ -1,0 +1,227 @@
+"""SparseMMoE: equals dense MMoE at k = E, capacity drops are counted and fall back, aux losses, loss-free bias,
+expert choice, fine-grained and shared experts, validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mmoe_rec.data.batch import Batch
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.models.mmoe import MMoE
+from mmoe_rec.models.sparse_mmoe import SparseMMoE
+from mmoe_rec.nn.dispatch import apply_capacity, capacity_for
+
+TASKS = ["click", "convert", "stay"]
+
+
+def spec() -> FeatureSpec:
+    return FeatureSpec(
+        sparse_features=[SparseFeature("user", 20), SparseFeature("tags", 10, multi_valued=True)],
+        dense_features=["d0", "d1"],
+        tasks=[Task(t) for t in TASKS],
+    ).finalize()
+
+
+def batch(B: int = 12, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randint(0, 20, (B,), generator=g)
+    tag_len = torch.randint(0, 3, (B,), generator=g)
+    tags = torch.randint(0, 10, (int(tag_len.sum()),), generator=g)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user", "tags"], values=torch.cat([user, tags]),
+                                              lengths=torch.cat([torch.ones(B, dtype=torch.long), tag_len]))
+    return Batch(sparse=kjt, dense=torch.randn(B, 2, generator=g), labels={t: torch.zeros(B) for t in TASKS})
+
+
+def features(B: int = 40, d: int = 18, seed: int = 0) -> torch.Tensor:
+    return torch.randn(B, d, generator=torch.Generator().manual_seed(seed))  # 2 * 8 embedding + 2 dense
+
+
+def test_k_equal_e_without_noise_or_capacity_equals_dense_mmoe_on_the_same_weights():
+    torch.manual_seed(0)
+    dense = MMoE(spec(), num_experts=5, expert_hidden=[12, 6], tower_hidden=[4])
+    sparse = SparseMMoE(spec(), num_experts=5, k=5, expert_hidden=[12, 6], tower_hidden=[4], noise=False,
+                        dispatch_layout="padded")
+    with torch.no_grad():
+        sparse.front.load_state_dict(dense.front.state_dict())
+        sparse.experts.load_state_dict(dense.experts.state_dict())
+        for i, t in enumerate(TASKS):
+            sparse.gates[t].w_gate.copy_(dense.gates.weight[i])  # (D, E), no bias in either
+            sparse.towers[t].load_state_dict(dense.towers[t].state_dict())
+    b = batch()
+    want, got = dense(b), sparse(b)
+    for t in TASKS:
+        torch.testing.assert_close(got.logits[t], want.logits[t], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.routing[t].combine, want.routing[t].combine, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_vectorized_model_equals_its_dense_reference_path(layout):
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), embedding_dim=7, num_experts=6, k=2, expert_hidden=[16, 8], noise=False,
+                       dispatch_layout=layout)
+    x = features(d=16)  # 2 * 7 + 2: grouped matmul rows must be 16-byte aligned
+    out = model.forward_dense(x)
+    mixed_ref = []
+    for t in TASKS:
+        r = model.gates[t](x)
+        mixed_ref.append(model.experts.forward_dense(x, r.combine))
+    for i, t in enumerate(TASKS):
+        torch.testing.assert_close(out.logits[t], model.towers[t](mixed_ref[i]), atol=1e-5, rtol=1e-5)
+
+
+def test_outputs_records_and_aux_have_the_contracted_shapes():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=6, k=2)
+    out = model(batch(12))
+    assert set(out.logits) == set(TASKS)
+    for t in TASKS:
+        assert out.logits[t].shape == (12,) and out.logits[t].dtype == torch.float32
+        rec = out.routing[t]
+        assert rec.combine.shape == (12, 6) and rec.probs.shape == (12, 6) and rec.chosen.shape == (12, 2)
+        assert rec.dropped.dtype == torch.int64 and int(rec.dropped) == 0
+        assert ((rec.combine > 0).sum(1) == 2).all()
+    assert set(out.aux) == {"importance", "load", "router_z"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.aux.values())
+
+
+def test_aux_losses_are_the_average_over_task_gates():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=6, k=1, router="switch", noise=False, balance={"importance": True})
+    x = features()
+    out = model.forward_dense(x)
+    from mmoe_rec.nn.balance import switch_loss
+    per_gate = [switch_loss(model.gates[t](x).probs, torch.bincount(out.routing[t].chosen.reshape(-1), minlength=6))
+                for t in TASKS]
+    torch.testing.assert_close(out.aux["switch"], torch.stack(per_gate).mean())
+    assert set(out.aux) == {"importance", "switch", "router_z"}
+
+
+def test_eval_is_deterministic_nan_free_and_load_loss_is_zero():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=6, k=2, noise=True).eval()
+    x = features()
+    a, b = model.forward_dense(x), model.forward_dense(x)
+    for t in TASKS:
+        assert torch.equal(a.logits[t], b.logits[t]) and torch.isfinite(a.logits[t]).all()
+    assert a.aux["load"].item() == 0.0
+
+
+def test_training_gradients_reach_router_experts_and_towers():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, router="switch")
+    out = model(batch(64))
+    loss = sum(v.sum() for v in out.logits.values()) + sum(out.aux.values())
+    loss.backward()
+    for t in TASKS:
+        assert model.gates[t].w_gate.grad.abs().sum() > 0
+    chosen = torch.unique(torch.cat([out.routing[t].chosen.reshape(-1) for t in TASKS]))
+    grad = model.experts.weights[0].grad.abs().sum((1, 2))
+    assert (grad[chosen] > 0).all()
+    assert (grad[[e for e in range(4) if e not in chosen.tolist()]] == 0).all()
+
+
+def test_dropped_count_matches_brute_force_and_dropped_rows_keep_an_input():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=2, capacity_factor=0.5, noise=False)
+    x = features(40)
+    out = model.forward_dense(x)
+    cap = capacity_for(40, 2, 4, 0.5)
+    for t in TASKS:
+        chosen = out.routing[t].chosen
+        used, dropped = [0] * 4, 0
+        for j in range(2):
+            for row in range(40):
+                e = int(chosen[row, j])
+                if used[e] < cap:
+                    used[e] += 1
+                else:
+                    dropped += 1
+        assert int(out.routing[t].dropped) == dropped > 0
+        keep = apply_capacity(chosen, 4, cap)
+        assert int((~keep).sum()) == dropped
+        # combine has zeros where assignments were dropped, and rows that lost everything still get the fallback
+        assert ((out.routing[t].combine > 0).sum(1) == keep.sum(1)).all()
+    lost_all = ~apply_capacity(out.routing[TASKS[0]].chosen, 4, cap).any(1)
+    assert lost_all.any()
+    tower_in = model.fallback.forward_all(x[lost_all])[0]
+    assert tower_in.abs().sum() > 0  # what replaces the dropped mass is not zero
+
+
+def test_drops_fall_back_to_shared_experts_when_there_are_some():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, capacity_factor=0.25, num_shared_experts=2, noise=False,
+                       expert_hidden=[8, 8])
+    assert model.fallback is None
+    x = features(40)
+    out = model.forward_dense(x)
+    r = model.gates[TASKS[0]](x)
+    keep = apply_capacity(r.chosen, 4, capacity_for(40, 1, 4, 0.25))
+    shared = model.shared_experts.forward_all(x)  # (2, T, D)
+    routed = model.experts.forward_dense(x, r.combine * torch.zeros(40, 4).scatter(1, r.chosen, keep.float()))
+    dropped_mass = (r.weights * ~keep).sum(1, keepdim=True)
+    expected = model.towers[TASKS[0]](routed + shared.sum(0) + dropped_mass * shared.mean(0))
+    torch.testing.assert_close(out.logits[TASKS[0]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_free_bias_updates_from_recorded_loads_and_changes_choices():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, noise=False, loss_free_bias=True, bias_update_rate=0.002)
+    x = features(40)
+    out = model.forward_dense(x)
+    load = torch.bincount(out.routing[TASKS[0]].chosen.reshape(-1), minlength=4).float()
+    model.after_optimizer_step(out)
+    bias = model.gates[TASKS[0]].balancer.bias
+    torch.testing.assert_close(bias, 0.002 * torch.sign(load.mean() - load))
+    for _ in range(100):
+        model.after_optimizer_step(model.forward_dense(x))
+    balanced = torch.bincount(model.forward_dense(x).routing[TASKS[0]].chosen.reshape(-1), minlength=4)
+    assert balanced.max() - balanced.min() < load.max() - load.min()
+
+
+def test_expert_choice_trains_with_balanced_load_and_scores_rows_alone_at_eval():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=2, router="expert_choice")
+    x = features(20)
+    out = model.forward_dense(x)
+    for t in TASKS:
+        assert out.routing[t].chosen is None
+        assert torch.equal((out.routing[t].combine > 0).sum(0), torch.full((4,), 10))  # c = ceil(20 * 2 / 4)
+    model.eval()
+    full = model.forward_dense(x)
+    alone = model.forward_dense(x[5:6])
+    for t in TASKS:
+        torch.testing.assert_close(alone.logits[t], full.logits[t][5:6])
+
+
+def test_fine_grained_and_shared_experts_shapes():
+    model = SparseMMoE(spec(), num_experts=4, k=2, fine_grained=2, num_shared_experts=1, expert_hidden=[16, 8])
+    assert model.experts.num_experts == 8 and model.k == 4
+    assert model.experts.weights[0].shape == (8, 18, 8) and model.experts.weights[1].shape == (8, 8, 8)
+    out = model(batch(10))
+    assert out.routing[TASKS[0]].chosen.shape == (10, 4)
+    assert all(v.shape == (10,) for v in out.logits.values())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_experts=4, k=5), "k must be"),
+    (dict(capacity_factor=0.0), "capacity_factor"),
+    (dict(capacity_factor=-1.0), "capacity_factor"),
+    (dict(router="hash"), "unknown router"),
+    (dict(router="switch", k=2), "top-1"),
+    (dict(router="expert_choice", loss_free_bias=True), "loss-free"),
+    (dict(balance={"entropy": True}), "unknown balance"),
+    (dict(fine_grained=2, expert_hidden=[64]), "two layers"),
+    (dict(dispatch_layout="ragged"), "dispatch_layout"),
+])
+def test_invalid_configuration_raises_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseMMoE(spec(), **kwargs)
+
+
+def test_expert_choice_with_capacity_factor_drops_nothing_at_eval():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, router="expert_choice", capacity_factor=1.0).eval()
+    out = model.forward_dense(features(30))
+    for t in TASKS:
+        assert int(out.routing[t].dropped) == 0 and out.routing[t].chosen.shape == (30, 1)

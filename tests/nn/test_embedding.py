@@ -1,0 +1,114 @@
+"""EmbeddingFront: pooled embeddings equal a hand computation, dims / pooling per feature, dense features appended."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from mmoe_rec.data.batch import Batch
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.nn.embedding import EmbeddingFront
+
+
+def spec(dense=("d0", "d1", "d2")) -> FeatureSpec:
+    return FeatureSpec(
+        sparse_features=[SparseFeature("user", 6), SparseFeature("tags", 5, multi_valued=True),
+                         SparseFeature("item", 4)],
+        dense_features=list(dense),
+        tasks=[Task("click")],
+    )
+
+
+# 3 rows. user: one id per row; tags: [1, 3, 3], [], [4]; item: one id per row.
+USER, TAGS, ITEM = [[2], [5], [0]], [[1, 3, 3], [], [4]], [[3], [3], [1]]
+
+
+def kjt(keys=("user", "tags", "item")) -> KeyedJaggedTensor:
+    bags = {"user": USER, "tags": TAGS, "item": ITEM}
+    values = [v for k in keys for bag in bags[k] for v in bag]
+    lengths = [len(bag) for k in keys for bag in bags[k]]
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=torch.tensor(values, dtype=torch.long),
+                                               lengths=torch.tensor(lengths, dtype=torch.long))
+
+
+def batch(keys=("user", "tags", "item"), dense_dim=3) -> Batch:
+    dense = torch.arange(3 * dense_dim, dtype=torch.float32).view(3, dense_dim) / 10
+    return Batch(sparse=kjt(keys), dense=dense, labels={"click": torch.zeros(3)})
+
+
+def table(front: EmbeddingFront, name: str) -> torch.Tensor:
+    return front.ebc.embedding_bags[f"t_{name}"].weight.detach()
+
+
+def pool(weight: torch.Tensor, bag: list[int], how: str) -> torch.Tensor:
+    if not bag:
+        return torch.zeros(weight.shape[1])
+    rows = weight[torch.tensor(bag)]
+    return rows.sum(0) if how == "sum" else rows.mean(0)
+
+
+@pytest.mark.parametrize("keys", [("user", "tags", "item"), ("item", "user", "tags")])
+def test_pooled_output_equals_hand_computed_sum_and_mean_with_per_feature_dims(keys):
+    torch.manual_seed(0)
+    front = EmbeddingFront(spec(), embedding_dim=4, embedding_dims={"tags": 3}, pooling={"tags": "mean"})
+    b = batch(keys)
+    out = front(b)
+    assert front.output_dim == front.out_dim == 4 + 3 + 4 + 3
+    assert out.shape == (3, front.output_dim) and out.dtype == torch.float32
+    want = torch.stack([
+        torch.cat([pool(table(front, "user"), USER[i], "sum"), pool(table(front, "tags"), TAGS[i], "mean"),
+                   pool(table(front, "item"), ITEM[i], "sum"), b.dense[i]])
+        for i in range(3)
+    ])
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    assert torch.all(out[1, 4:7] == 0)  # the empty tag bag pools to zeros
+
+
+def test_sum_pooling_of_a_multi_valued_feature_counts_repeated_ids():
+    torch.manual_seed(0)
+    front = EmbeddingFront(spec(), embedding_dim=2, pooling="sum")
+    w = table(front, "tags")
+    torch.testing.assert_close(front(batch())[0, 2:4], w[1] + 2 * w[3])
+
+
+def test_init_is_normal_with_the_documented_std_whatever_the_vocabulary():
+    torch.manual_seed(0)
+    big = FeatureSpec([SparseFeature("a", 4000), SparseFeature("b", 3)], [], [Task("t")])
+    front = EmbeddingFront(big, embedding_dim=16, init_std=0.05)
+    w = table(front, "a")
+    assert abs(float(w.std()) - 0.05) < 0.003 and abs(float(w.mean())) < 0.003
+    assert float(table(front, "b").abs().max()) < 0.05 * 5  # not torchrec's U(+-1/sqrt(3)) = +-0.58
+
+
+def test_gradient_reaches_only_the_rows_that_were_looked_up():
+    front = EmbeddingFront(spec(), embedding_dim=2)
+    front(batch()).sum().backward()
+    grad = front.ebc.embedding_bags["t_user"].weight.grad
+    used = {2, 5, 0}
+    for row in range(6):
+        assert bool(grad[row].abs().sum() > 0) == (row in used)
+
+
+def test_without_sparse_features_the_output_is_the_dense_features():
+    front = EmbeddingFront(FeatureSpec([], ["x0", "x1"], [Task("y")]))
+    dense = torch.randn(5, 2)
+    b = Batch(sparse=KeyedJaggedTensor.empty(), dense=dense, labels={})
+    assert front.ebc is None and front.output_dim == 2
+    assert torch.equal(front(b), dense)
+
+
+def test_without_dense_features_the_output_is_the_pooled_embeddings():
+    front = EmbeddingFront(spec(dense=()), embedding_dim=3)
+    out = front(batch(dense_dim=0))
+    assert out.shape == (3, 9) and front.output_dim == 9
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"embedding_dims": {"nope": 3}},
+    {"pooling": {"nope": "sum"}},
+    {"pooling": "max"},
+    {"embedding_dim": 0},
+])
+def test_bad_configuration_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        EmbeddingFront(spec(), **kwargs)

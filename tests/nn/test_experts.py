@@ -1,0 +1,151 @@
+"""ExpertStack: batched experts equal a per-expert reference, experts start different, gradients reach all."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmoe_rec.nn.experts import ExpertStack
+
+
+def reference_expert(stack: ExpertStack, x: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e written out with plain per-expert tensors (no batching), (N, D) -> (N, H); dropout off."""
+    h = x
+    for layer, (w, b) in enumerate(zip(stack.weights, stack.biases)):
+        z = h @ w[e] + b[e]
+        if stack.norm == "layer":
+            z = F.layer_norm(z, z.shape[-1:], stack.norm_weights[layer][e], stack.norm_biases[layer][e], eps=1e-5)
+        elif stack.norm == "batch":
+            rm = getattr(stack, f"running_mean_{layer}")[e].clone()
+            rv = getattr(stack, f"running_var_{layer}")[e].clone()
+            z = F.batch_norm(z, rm, rv, stack.norm_weights[layer][e], stack.norm_biases[layer][e],
+                             training=stack.training, eps=1e-5)
+        if stack.activation == "prelu":
+            z = F.prelu(z, stack.slopes[layer][e])
+        else:
+            z = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}[stack.activation](z)
+        h = z
+    return h
+
+
+def randomize_norms(stack: ExpertStack) -> None:
+    with torch.no_grad():
+        for p in itertools.chain(stack.norm_weights or [], stack.norm_biases or [], stack.slopes or []):
+            p.uniform_(0.2, 1.5)
+        if stack.norm == "batch":
+            for i in range(stack.num_layers):
+                getattr(stack, f"running_mean_{i}").normal_()
+                getattr(stack, f"running_var_{i}").uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("activation,norm,hidden,training", [
+    ("relu", "none", [7], False),
+    ("gelu", "layer", [9, 5], True),
+    ("silu", "batch", [6, 4, 3], False),
+    ("prelu", "batch", [6, 4], True),
+    ("tanh", "none", [8, 8], True),
+])
+def test_forward_equals_a_per_expert_reference(activation, norm, hidden, training):
+    torch.manual_seed(0)
+    stack = ExpertStack(5, 11, hidden, activation=activation, norm=norm).double().train(training)
+    randomize_norms(stack)
+    x = torch.randn(13, 11, dtype=torch.float64)
+    want = torch.stack([reference_expert(stack, x, e) for e in range(5)], dim=1)  # before running stats move
+    got = stack(x)
+    assert got.shape == (13, 5, hidden[-1])
+    torch.testing.assert_close(got, want)
+
+
+def test_forward_each_and_forward_one_equal_forward_on_a_shared_input():
+    torch.manual_seed(0)
+    stack = ExpertStack(4, 6, [8, 3], activation="gelu", norm="layer").double()
+    randomize_norms(stack)
+    x = torch.randn(10, 6, dtype=torch.float64)
+    full = stack(x)  # (B, E, H)
+    torch.testing.assert_close(stack.forward_each(x.expand(4, 10, 6)), full.transpose(0, 1))
+    for e in range(4):
+        torch.testing.assert_close(stack.forward_one(x, e), full[:, e])
+
+
+def test_forward_each_runs_each_chosen_expert_on_its_own_rows():
+    torch.manual_seed(0)
+    stack = ExpertStack(6, 5, [4], activation="prelu", norm="layer").double()
+    randomize_norms(stack)
+    idx = torch.tensor([4, 1, 4])
+    xs = torch.randn(3, 7, 5, dtype=torch.float64)
+    got = stack.forward_each(xs, idx)
+    for j, e in enumerate(idx.tolist()):
+        torch.testing.assert_close(got[j], reference_expert(stack, xs[j], e))
+
+
+def test_batch_norm_running_statistics_match_torch_batch_norm_per_expert():
+    torch.manual_seed(0)
+    stack = ExpertStack(3, 4, [5], norm="batch").double().train()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    rm, rv = torch.zeros(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64)
+    z = torch.einsum("bd,edh->ebh", x, stack.weights[0]) + stack.biases[0].unsqueeze(1)
+    for e in range(3):
+        F.batch_norm(z[e].detach(), rm[e], rv[e], training=True, momentum=0.1)  # updates rm[e], rv[e] in place
+    stack(x)
+    torch.testing.assert_close(stack.running_mean_0, rm)
+    torch.testing.assert_close(stack.running_var_0, rv)
+
+
+def test_experts_are_not_identical_at_init_and_each_is_drawn_independently():
+    torch.manual_seed(0)
+    stack = ExpertStack(8, 32, [64, 16])
+    for w in stack.weights:
+        flat = w.detach().reshape(8, -1)  # one row per expert
+        bound = 1 / w.shape[1] ** 0.5
+        assert float(flat.abs().max()) <= bound
+        for a, b in itertools.combinations(range(8), 2):
+            assert not torch.allclose(flat[a], flat[b])
+            corr = torch.corrcoef(torch.stack([flat[a], flat[b]]))[0, 1]
+            assert abs(float(corr)) < 0.1  # independent draws: no shared component
+    out = stack(torch.randn(20, 32))
+    for a, b in itertools.combinations(range(8), 2):
+        assert not torch.allclose(out[:, a], out[:, b])
+
+
+def test_gradients_reach_every_expert_and_every_layer():
+    torch.manual_seed(0)
+    stack = ExpertStack(6, 5, [8, 4], activation="prelu", norm="layer")
+    stack(torch.randn(32, 5)).pow(2).sum().backward()
+    for name, p in stack.named_parameters():
+        per_expert = p.grad.reshape(6, -1).abs().sum(1)
+        assert torch.all(per_expert > 0), name
+
+
+def test_dropout_is_active_in_training_only():
+    torch.manual_seed(0)
+    stack = ExpertStack(3, 4, [50], dropout=0.5)
+    x = torch.randn(8, 4)
+    assert torch.equal(stack.eval()(x), stack.eval()(x))
+    train_out = stack.train()(x)
+    eval_out = stack.eval()(x)
+    alive = eval_out != 0
+    dropped = (train_out[alive] == 0).float().mean()
+    assert 0.35 < float(dropped) < 0.65  # p = 0.5
+    kept = train_out != 0
+    torch.testing.assert_close(train_out[kept], 2 * eval_out[kept])
+
+
+def test_parameter_layout_matches_the_sparse_stacked_experts():
+    from mmoe_rec.nn.dispatch import StackedExperts
+
+    torch.manual_seed(0)
+    dense = ExpertStack(4, 6, [8, 3])
+    sparse = StackedExperts(4, 6, [8, 3])
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(sparse.forward_all(x), dense(x).transpose(0, 1))
+
+
+@pytest.mark.parametrize("kwargs", [{"num_experts": 0}, {"hidden": []}, {"activation": "swish"}, {"norm": "group"},
+                                    {"dropout": 1.0}])
+def test_bad_configuration_is_rejected(kwargs):
+    args = {"num_experts": 2, "in_dim": 3, "hidden": [4], **kwargs}
+    with pytest.raises(ValueError):
+        ExpertStack(args.pop("num_experts"), args.pop("in_dim"), args.pop("hidden"), **args)

@@ -1,0 +1,105 @@
+"""DenseGates: softmax reference, float32, temperature, hard gate with a straight-through gradient, records."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmoe_rec.nn.gates import DenseGates
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def test_weights_equal_softmax_of_the_per_gate_logits_and_sum_to_one():
+    torch.manual_seed(0)
+    gates = DenseGates(6, 4, num_gates=3, temperature=0.7)
+    x = torch.randn(10, 6)
+    weights, probs = gates(x)
+    assert weights.shape == probs.shape == (10, 3, 4) and weights.dtype == torch.float32
+    for g in range(3):
+        want = torch.softmax(x @ gates.weight[g] / 0.7, dim=-1)
+        torch.testing.assert_close(weights[:, g], want)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(10, 3))
+
+
+def test_one_input_per_gate_equals_running_each_gate_on_its_input():
+    torch.manual_seed(0)
+    gates = DenseGates(5, 3, num_gates=2)
+    xs = torch.randn(2, 7, 5)
+    weights, _ = gates(xs)
+    for g in range(2):
+        torch.testing.assert_close(weights[:, g], torch.softmax(xs[g] @ gates.weight[g], dim=-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gates_compute_in_float32_whatever_the_input_dtype(dtype):
+    torch.manual_seed(0)
+    gates = DenseGates(8, 5, num_gates=2)
+    x = torch.randn(6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, probs = gates(x.to(dtype))
+    assert weights.dtype == probs.dtype == torch.float32
+    want, _ = gates(x.to(dtype).float())
+    torch.testing.assert_close(weights, want)
+
+
+def test_lower_temperature_gives_sharper_gates():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    base = DenseGates(8, 6)
+    entropies, maxima = [], []
+    for t in (4.0, 1.0, 0.25):
+        g = DenseGates(8, 6, temperature=t)
+        g.load_state_dict(base.state_dict())
+        w = g(x)[0].detach()
+        entropies.append(float(entropy(w)))
+        maxima.append(float(w.max(-1).values.mean()))
+    assert entropies[0] > entropies[1] > entropies[2]
+    assert maxima[0] < maxima[1] < maxima[2]
+
+
+def test_hard_gate_is_one_hot_at_the_softmax_argmax_and_passes_the_soft_gradient_straight_through():
+    torch.manual_seed(0)
+    hard = DenseGates(5, 4, num_gates=2, kind="hard", temperature=0.5)
+    soft = DenseGates(5, 4, num_gates=2, temperature=0.5)
+    soft.load_state_dict(hard.state_dict())
+    x, upstream = torch.randn(9, 5), torch.randn(9, 2, 4)
+
+    w_hard, p_hard = hard(x)
+    assert set(w_hard.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(w_hard.sum(-1), torch.ones(9, 2))
+    assert torch.equal(w_hard.argmax(-1), p_hard.argmax(-1))
+    (w_hard * upstream).sum().backward()
+
+    w_soft, _ = soft(x)
+    (w_soft * upstream).sum().backward()
+    assert hard.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(hard.weight.grad, soft.weight.grad)  # straight-through: d one-hot := d softmax
+
+
+def test_records_hold_the_used_weights_and_probabilities_detached():
+    torch.manual_seed(0)
+    x = torch.randn(7, 3)
+    soft = DenseGates(3, 4, num_gates=2)
+    w, p = soft(x)
+    r = soft.record(w, p, 1, {"own": [0], "shared": [1, 2, 3]})
+    assert torch.equal(r.combine, w[:, 1]) and torch.equal(r.probs, p[:, 1])
+    assert not r.combine.requires_grad and r.chosen is None and int(r.dropped) == 0
+    assert r.expert_groups == {"own": [0], "shared": [1, 2, 3]} and r.num_experts == 4
+
+    hard = DenseGates(3, 4, num_gates=2, kind="hard")
+    w, p = hard(x)
+    r = hard.record(w, p, 0)
+    assert r.chosen.shape == (7, 1) and torch.equal(r.chosen[:, 0], p[:, 0].argmax(-1))
+
+
+@pytest.mark.parametrize("kwargs", [{"kind": "sparsemax"}, {"temperature": 0.0}, {"num_gates": 0}])
+def test_bad_configuration_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        DenseGates(3, 4, **kwargs)
+
+
+def test_wrong_input_shape_is_rejected():
+    with pytest.raises(ValueError):
+        DenseGates(3, 4, num_gates=2)(torch.randn(3, 5, 3))

@@ -1,0 +1,130 @@
+"""Routers: validation, noise only in training, k = 1 gradients, the smooth load estimate, loss-free bias,
+expert choice."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmoe_rec.nn.routing import ExpertChoiceRouter, LossFreeBias, NoisyTopKRouter, SwitchRouter
+from mmoe_rec.nn.routing.topk import smooth_load
+
+
+def test_invalid_router_arguments_raise_at_construction():
+    with pytest.raises(ValueError, match="k must be"):
+        NoisyTopKRouter(4, 3, k=4)
+    with pytest.raises(ValueError, match="k must be"):
+        NoisyTopKRouter(4, 3, k=0)
+    with pytest.raises(ValueError, match="normalize"):
+        NoisyTopKRouter(4, 3, k=1, normalize="sparsemax")
+    with pytest.raises(ValueError, match="tie"):
+        NoisyTopKRouter(4, 3, k=1, noise=False, init="zeros")
+    with pytest.raises(ValueError, match="capacity_factor"):
+        ExpertChoiceRouter(4, 3, capacity_factor=0.0)
+
+
+def test_paper_init_is_zero_and_noise_breaks_the_tie_in_training_only():
+    router = NoisyTopKRouter(5, 6, k=2)
+    assert router.w_gate.abs().sum() == 0 and router.w_noise.abs().sum() == 0
+    x = torch.randn(64, 5)
+    chosen = router(x).chosen
+    assert len(torch.unique(chosen)) > 2  # noise spreads rows over experts
+    router.eval()
+    a, b = router(x), router(x)
+    assert torch.equal(a.chosen, b.chosen) and torch.equal(a.weights, b.weights)
+
+
+@pytest.mark.parametrize("normalize", ["topk_softmax", "softmax_topk"])
+def test_weights_sum_to_one_and_match_the_chosen_logits(normalize):
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(5, 6, k=3, noise=False, normalize=normalize, init_std=1.0)
+    r = router(torch.randn(20, 5))
+    assert torch.allclose(r.weights.sum(1), torch.ones(20))
+    expected = torch.softmax(r.logits.gather(1, r.chosen), dim=1)  # both modes agree without noise
+    assert torch.allclose(r.weights, expected, atol=1e-6)
+    assert torch.equal(r.chosen, r.logits.topk(3, dim=1).indices)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: NoisyTopKRouter(5, 4, k=1, noise=False, normalize="topk_softmax"),
+    lambda: NoisyTopKRouter(5, 4, k=1, noise=False, normalize="softmax_topk"),
+    lambda: NoisyTopKRouter(5, 4, k=1, noise=True, normalize="softmax_topk"),
+    lambda: SwitchRouter(5, 4),
+], ids=["topk_softmax", "softmax_topk", "noisy", "switch"])
+def test_router_gets_a_gradient_from_the_task_loss_with_k1(make):
+    torch.manual_seed(0)
+    router = make()
+    x = torch.randn(16, 5)
+    r = router(x)
+    assert r.chosen.shape == (16, 1)
+    assert not torch.allclose(r.weights, torch.ones_like(r.weights))  # the raw probability, not a constant 1
+    expert_out = torch.randn(16, 4)  # stands for the experts' contribution to the loss
+    (r.weights.squeeze(1) * expert_out.gather(1, r.chosen).squeeze(1)).sum().backward()
+    assert router.w_gate.grad.abs().sum() > 0
+
+
+def test_smooth_load_matches_monte_carlo_redraw_of_one_experts_noise():
+    torch.manual_seed(0)
+    T, E, k = 3, 5, 2
+    clean = torch.randn(T, E)
+    std = torch.rand(T, E) + 0.5
+    noisy = clean + torch.randn(T, E) * std
+    mask = torch.zeros(T, E, dtype=torch.bool).scatter_(1, noisy.topk(k, 1).indices, True)
+    p = smooth_load(clean, noisy, std, mask, k)
+    n = 40000
+    for t in range(T):
+        for i in range(E):
+            redraw = noisy[t].repeat(n, 1)
+            redraw[:, i] = clean[t, i] + torch.randn(n) * std[t, i]
+            in_top = (redraw.topk(k, 1).indices == i).any(1).float().mean()
+            assert p[t, i].item() == pytest.approx(in_top.item(), abs=0.015)
+
+
+def test_loss_free_bias_changes_the_choice_but_not_the_combine_weights():
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(5, 6, k=2, noise=False, init_std=1.0, loss_free_bias=True)
+    x = torch.randn(30, 5)
+    before = router(x)
+    router.balancer.bias[4] = 100.0  # expert 4 now always selected
+    after = router(x)
+    assert (after.chosen == 4).any(1).all()
+    assert not torch.equal(before.chosen, after.chosen)
+    # weights: softmax over the clean logits of the chosen experts, the bias nowhere in them
+    expected = torch.softmax(after.logits.gather(1, after.chosen), dim=1)
+    assert torch.allclose(after.weights, expected, atol=1e-6)
+    same = (before.chosen.sort(1).values == after.chosen.sort(1).values).all(1)
+    assert same.any()
+    b_w = before.weights.gather(1, before.chosen.argsort(1))[same]
+    a_w = after.weights.gather(1, after.chosen.argsort(1))[same]
+    assert torch.allclose(b_w, a_w)
+    assert not router.balancer.bias.requires_grad
+
+
+def test_loss_free_bias_update_moves_towards_the_mean_load():
+    bias = LossFreeBias(3, update_rate=0.5)
+    bias.update(torch.tensor([4, 0, 2]))  # mean 2: overloaded down, underloaded up, on the mean unchanged
+    assert torch.equal(bias.bias, torch.tensor([-0.5, 0.5, 0.0]))
+
+
+def test_expert_choice_gives_every_expert_exactly_c_rows_in_training():
+    torch.manual_seed(0)
+    router = ExpertChoiceRouter(5, 4, capacity_factor=2.0)
+    r = router(torch.randn(10, 5))
+    c = 5  # ceil(10 * 2 / 4)
+    assert r.chosen is None and r.expert_rows.shape == (c, 4)
+    assert torch.equal(r.counts, torch.full((4,), c))
+    assert torch.allclose(r.expert_weights, r.probs.gather(0, r.expert_rows))
+
+
+def test_expert_choice_eval_scores_each_row_on_its_own():
+    torch.manual_seed(0)
+    router = ExpertChoiceRouter(5, 4, capacity_factor=2.0, init_std=1.0)
+    router.eval()
+    x = torch.randn(10, 5)
+    batch = router(x)
+    alone = router(x[3:4])
+    assert torch.equal(batch.chosen[3:4], alone.chosen)
+    assert torch.allclose(batch.weights[3:4], alone.weights)
+    strict = ExpertChoiceRouter(5, 4, capacity_factor=2.0, eval_fallback=False)
+    strict.eval()
+    with pytest.raises(RuntimeError, match="cannot score rows on their own"):
+        strict(x)

@@ -1,0 +1,110 @@
+"""LightningCLI: committed configs, --print_config round trip, a CLI fit logged to MLflow, bad input errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import mlflow_run
+from mmoe_rec.training.cli import run_lightning_cli
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*_*.yaml"))
+TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
+        "--data.init_args.batch_size", "128"]
+
+
+def cli_error(argv, capsys) -> str:
+    """Run the CLI expecting failure; returns the error text (exception message or parser output)."""
+    with pytest.raises((SystemExit, ValueError, KeyError, TypeError)) as info:
+        run_lightning_cli(argv)
+    if isinstance(info.value, SystemExit):
+        assert info.value.code != 0
+        captured = capsys.readouterr()
+        return captured.err + captured.out
+    return str(info.value)
+
+
+def test_every_model_has_a_synthetic_and_a_census_config():
+    names = {p.stem for p in CONFIGS}
+    for model in ["shared_bottom", "omoe", "mmoe", "ple", "sparse_mmoe"]:
+        assert {f"{model}_synthetic", f"{model}_census"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_committed_config_parses_to_a_full_config(config, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_lightning_cli(["fit", "--config", str(config), "--print_config"])
+    assert info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    inner = printed["model"]["init_args"]["model"]
+    assert inner["class_path"].startswith("mmoe_rec.models.")
+    assert "tower_hidden" in inner["init_args"]  # defaults expanded: a full config
+    assert printed["trainer"]["logger"]["class_path"] == "mmoe_rec.training.tracking.MLflowTracker"
+
+
+def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, capsys):
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "sparse_mmoe_synthetic.yaml"),
+                           "--data.init_args.data_dir", str(feature_dir), "--print_config"])
+    printed = capsys.readouterr().out
+    (in_tmp / "printed.yaml").write_text(printed)
+    run_lightning_cli(["fit", "--config", "printed.yaml", *TINY, "--checkpoint_dir", str(in_tmp / "ck")])
+    run, client = mlflow_run(in_tmp / "mlflow.db")
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "spec.json", "plots"} <= files
+    logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))))
+    assert logged["model"]["init_args"]["model"]["init_args"]["num_experts"] == 16
+    assert run.data.tags.get("mlflow.source.git.commit")
+    assert "val/click/auc" in run.data.metrics and "experts/epoch/click/load_cv2" in run.data.metrics
+    assert list((in_tmp / "ck").glob("*.ckpt"))
+
+
+def test_unknown_task_is_an_error_before_training(feature_dir, capsys):
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir),
+                     "--model.init_args.model.init_args.tasks", "[click, purchase]"], capsys)
+    assert "purchase" in msg and "unknown task" in msg
+
+
+def test_missing_label_column_is_an_error_before_training(make_feature_dir, in_tmp, capsys):
+    fd = make_feature_dir("nolabel", rows={"train": 300, "valid": 100, "test": 100})
+    for path in (fd / "valid").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["label_convert"]), path)
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(fd)], capsys)
+    assert "label_convert" in msg and "missing" in msg
+    assert not (in_tmp / "checkpoints").exists()
+
+
+def test_wrong_class_path_is_an_error(feature_dir, capsys):
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir),
+                     "--model.init_args.model", '{"class_path": "mmoe_rec.models.mmoe.MMOE"}'], capsys)
+    assert "MMOE" in msg
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--model.init_args.model.init_args.k", "17"], "k must be in"),
+    (["--model.init_args.model.init_args.capacity_factor", "0"], "capacity_factor must be > 0"),
+])
+def test_bad_sparse_settings_are_errors(feature_dir, capsys, override, expected):
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "sparse_mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir), *override], capsys)
+    assert expected in msg
+
+
+def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, capsys, monkeypatch):
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir)], capsys)
+    assert "unreachable" in msg and time.monotonic() - start < 20

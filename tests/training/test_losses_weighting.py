@@ -1,0 +1,70 @@
+"""Per-task losses and loss weighting against hand-computed references."""
+import math
+
+import pytest
+import torch
+
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.training.losses import task_losses, weighted_mean
+from mmoe_rec.training.weighting import DynamicWeightAverage, UncertaintyWeighting, make_weighting
+
+
+def spec():
+    return FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("watch", "regression")]).finalize()
+
+
+def test_task_losses_match_reference_with_sample_weights():
+    logits = {"click": torch.tensor([0.0, 2.0, -1.0]), "watch": torch.tensor([1.0, 2.0, 3.0])}
+    labels = {"click": torch.tensor([1.0, 0.0, 1.0]), "watch": torch.tensor([0.0, 2.0, 5.0])}
+    w = torch.tensor([1.0, 2.0, 0.5])
+    out = task_losses(logits, labels, spec(), ["click", "watch"], w)
+    bce = [-math.log(1 / (1 + math.exp(-z))) if y else -math.log(1 - 1 / (1 + math.exp(-z)))
+           for z, y in zip([0.0, 2.0, -1.0], [1, 0, 1])]
+    ref_click = sum(wi * b for wi, b in zip([1.0, 2.0, 0.5], bce)) / 3.5
+    ref_watch = (1.0 * 1 + 2.0 * 0 + 0.5 * 4) / 3.5
+    assert out["click"].item() == pytest.approx(ref_click, rel=1e-6)
+    assert out["watch"].item() == pytest.approx(ref_watch, rel=1e-6)
+    # weight 2 on a row == that row twice
+    assert weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 1.0])).item() == pytest.approx(5 / 3)
+
+
+def test_missing_label_is_a_clear_error():
+    with pytest.raises(KeyError, match="no label for task 'watch'"):
+        task_losses({"click": torch.zeros(2), "watch": torch.zeros(2)}, {"click": torch.zeros(2)}, spec(),
+                    ["click", "watch"])
+
+
+def test_fixed_weighting_and_unknown_task_weight():
+    w = make_weighting("fixed", ["click", "watch"], {}, {"watch": 0.5})
+    assert w({"click": torch.tensor(2.0), "watch": torch.tensor(4.0)}).item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_weighting("fixed", ["click"], {}, {"clik": 1.0})
+    with pytest.raises(ValueError, match="unknown loss weighting"):
+        make_weighting("gradnorm2", ["click"], {})
+
+
+def test_uncertainty_weighting_formula_and_gradient():
+    w = UncertaintyWeighting(["click", "watch"], {"click": "binary", "watch": "regression"})
+    with torch.no_grad():
+        w.log_vars.copy_(torch.tensor([0.3, -0.2]))
+    lc, lw = torch.tensor(0.7), torch.tensor(2.0)
+    total = w({"click": lc, "watch": lw})
+    ref = math.exp(-0.3) * 0.7 + 0.15 + 0.5 * math.exp(0.2) * 2.0 - 0.1
+    assert total.item() == pytest.approx(ref, rel=1e-6)
+    total.backward()
+    # d/ds [exp(-s) L + s/2] = -exp(-s) L + 1/2
+    assert w.log_vars.grad[0].item() == pytest.approx(-math.exp(-0.3) * 0.7 + 0.5, rel=1e-5)
+    assert w.weights()["watch"] == pytest.approx(0.5 * math.exp(0.2), rel=1e-6)
+
+
+def test_dwa_weights_follow_loss_ratios():
+    w = DynamicWeightAverage(["a", "b"], temperature=2.0)
+    w.on_epoch_end({"a": 1.0, "b": 1.0})
+    assert w.weights() == {"a": 1.0, "b": 1.0}  # fewer than two epochs: uniform
+    w.on_epoch_end({"a": 0.5, "b": 0.9})  # a falls fast, b slowly -> b gets more weight
+    ra, rb = 0.5, 0.9
+    ea, eb = math.exp(ra / 2), math.exp(rb / 2)
+    assert w.weights()["a"] == pytest.approx(2 * ea / (ea + eb), rel=1e-5)
+    assert w.weights()["b"] == pytest.approx(2 * eb / (ea + eb), rel=1e-5)
+    total = w({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
+    assert total.item() == pytest.approx(2.0, rel=1e-5)

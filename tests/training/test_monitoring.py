@@ -1,0 +1,130 @@
+"""Monitoring functions against references computed by hand or with numpy."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mmoe_rec.nn.routing_record import GateRecord
+from mmoe_rec.training.metrics import TaskMetrics
+from mmoe_rec.training.monitoring import (
+    GateStats,
+    LabelStats,
+    cv_squared,
+    gate_similarity,
+    jaccard_rows,
+    js_divergence,
+    label_correlation,
+    max_violation,
+    pair_scalars,
+    task_gates,
+    utilization_metrics,
+)
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+
+
+def sparse_record(chosen, weights, num_experts, dropped=0):
+    chosen = torch.tensor(chosen)
+    combine = torch.zeros(len(chosen), num_experts).scatter(1, chosen, torch.tensor(weights))
+    probs = torch.full((len(chosen), num_experts), 1.0 / num_experts)
+    return GateRecord(combine=combine, probs=probs, chosen=chosen, dropped=torch.tensor(dropped),
+                      extra={"bias_abs_mean": torch.tensor(0.25)})
+
+
+def test_cv2_and_max_violation():
+    x = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert float(cv_squared(x)) == pytest.approx(np.var([1, 2, 3, 6]) / 3.0**2, rel=1e-6)
+    assert float(cv_squared(torch.ones(5))) == pytest.approx(0.0)
+    assert float(max_violation(x)) == pytest.approx((6 - 3) / 3)
+
+
+def test_js_divergence_bounds():
+    p = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-9)
+    assert float(js_divergence(p, torch.tensor([0.0, 0.0, 0.5, 0.5]))) == pytest.approx(1.0, abs=1e-9)
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    m = (p + q) / 2
+    ref = 0.5 * sum(a * math.log2(a / b) for a, b in zip(p.tolist(), m.tolist()) if a > 0) + \
+        0.5 * sum(a * math.log2(a / b) for a, b in zip(q.tolist(), m.tolist()) if a > 0)
+    assert float(js_divergence(p, q)) == pytest.approx(ref, rel=1e-9)
+
+
+def test_gate_stats_sparse_metrics():
+    # 4 rows, E=4, k=2: expert 3 never chosen -> dead; counts (3, 3, 2, 0)
+    rec = sparse_record([[0, 1], [0, 2], [1, 0], [1, 2]], [[0.6, 0.4], [0.5, 0.5], [0.7, 0.3], [0.9, 0.1]], 4,
+                        dropped=1)
+    stats = GateStats.empty(4)
+    stats.update(rec)
+    m = utilization_metrics("click", stats)
+    assert m["experts/click/fraction/e0"] == pytest.approx(3 / 8)
+    assert m["experts/click/fraction/e3"] == 0.0
+    assert m["experts/click/dead"] == 1.0
+    assert m["experts/click/dropped_frac"] == pytest.approx(1 / 8)
+    assert m["experts/click/util/e0"] == pytest.approx((0.6 + 0.5 + 0.3) / 4)
+    assert m["experts/click/load_cv2"] == pytest.approx(float(cv_squared(torch.tensor([3.0, 3, 2, 0]))))
+    assert m["experts/click/max_vio"] == pytest.approx((3 - 2) / 2)
+    assert m["experts/click/entropy_norm"] == pytest.approx(1.0)  # uniform probs
+    assert m["experts/click/bias_abs_mean"] == pytest.approx(0.25)
+
+
+def test_gate_stats_groups_share_for_ple():
+    combine = torch.tensor([[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
+    rec = GateRecord(combine=combine, probs=combine, expert_groups={"own": [0, 1], "shared": [2]})
+    stats = GateStats.empty(3)
+    stats.update(rec)
+    m = utilization_metrics("level1/click", stats)
+    assert m["experts/level1/click/share/own"] == pytest.approx(0.45)
+    assert m["experts/level1/click/share/shared"] == pytest.approx(0.55)
+    assert "experts/level1/click/dead" not in m  # dense gate: no load statistics
+
+
+def test_label_correlation_matches_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.random(200) < 0.4
+    b = a & (rng.random(200) < 0.5)
+    c = rng.normal(size=200)
+    stats = LabelStats.empty(["a", "b", "c"])
+    for sl in (slice(0, 70), slice(70, 200)):
+        stats.update({"a": torch.tensor(a[sl], dtype=torch.float32), "b": torch.tensor(b[sl], dtype=torch.float32),
+                      "c": torch.tensor(c[sl], dtype=torch.float32)})
+    names, corr = label_correlation(stats)
+    ref = np.corrcoef(np.stack([a, b, c]).astype(float))
+    np.testing.assert_allclose(corr.numpy(), ref, atol=1e-5)
+    assert pair_scalars("relatedness/label_corr", names, corr)["relatedness/label_corr/a.vs.b"] == \
+        pytest.approx(ref[0, 1], abs=1e-5)
+
+
+def test_jaccard_and_gate_similarity():
+    a = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    b = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    assert jaccard_rows(a, b).tolist() == pytest.approx([1 / 3, 1.0])
+    sims = gate_similarity({"x": torch.tensor([0.5, 0.5]), "y": torch.tensor([1.0, 0.0])})
+    names, cos = sims["gate_cos"]
+    assert float(cos[0, 1]) == pytest.approx(1 / math.sqrt(2))
+    assert float(sims["gate_js"][1][0, 0]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_task_gates_maps_ple_levels_to_last_level():
+    gates = ["level0/click", "level0/buy", "level0/shared", "level1/click", "level1/buy"]
+    assert task_gates(gates, ["click", "buy"]) == {"click": "level1/click", "buy": "level1/buy"}
+    assert task_gates(["click", "buy"], ["click", "buy"]) == {"click": "click", "buy": "buy"}
+
+
+def test_task_metrics_auc_logloss_mse_reference():
+    spec = FeatureSpec([SparseFeature("u", 2)], [], [Task("c"), Task("r", "regression")]).finalize()
+    m = TaskMetrics(spec, ["c", "r"], "val")
+    logits = torch.tensor([2.0, -1.0, 0.5, -0.5, 1.0])
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    r_pred, r_true = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), torch.tensor([1.0, 1.0, 3.0, 6.0, 5.0])
+    m.update({"c": logits[:2], "r": r_pred[:2]}, {"c": y[:2], "r": r_true[:2]})
+    m.update({"c": logits[2:], "r": r_pred[2:]}, {"c": y[2:], "r": r_true[2:]})
+    out = m.compute()
+    # AUC = P(score_pos > score_neg): positives (2.0, -0.5, 1.0) vs negatives (-1.0, 0.5) -> 5 of 6 pairs
+    pos, neg = logits[y == 1], logits[y == 0]
+    ref_auc = float((pos[:, None] > neg[None, :]).float().mean())
+    assert ref_auc == pytest.approx(5 / 6)
+    assert float(out["val/c/auc"]) == pytest.approx(ref_auc)
+    p = torch.sigmoid(logits)
+    ref_ll = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
+    assert float(out["val/c/logloss"]) == pytest.approx(ref_ll, rel=1e-5)
+    assert float(out["val/r/mse"]) == pytest.approx((0 + 1 + 0 + 4 + 0) / 5)
