@@ -13,10 +13,12 @@ a sharded one (tables placed by `EmbeddingShardingPlanner` under a sharding-type
 with all-to-all) and wraps the rest of the module (experts, gates, towers) in DDP. Tables use the DENSE compute
 kernel (plain parameters, updated by the configured optimizer), which is what runs on CPU.
 
-What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, measured by tests/training/test_sharding.py
-and by hand with 2 gloo processes):
-- table_wise, data_parallel: work on CPU / gloo.
-- row_wise, table_row_wise, column_wise: see SHARDING_SUPPORT below; the types marked "nccl" need GPUs with NCCL.
+What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo processes, 2026-11-23):
+- table_wise: trains under Lightning (tests/training/test_ddp.py), checkpoint reloads unsharded.
+- column_wise, data_parallel: sharded forward + backward seen working by hand (2 processes, MMoE on the tiny
+  feature dir); not covered by a test.
+- row_wise, table_row_wise (and grid_shard): torchrec's EmbeddingBagCollectionSharder offers them only for
+  compute device "cuda", so the planner finds no plan on CPU: they need GPUs (NCCL).
 
 Checkpoints: `lightning_module_state_dict` gathers every sharded table to rank 0 as a full tensor, so a
 checkpoint written under this strategy loads into an unsharded `MultiTaskModule` (for scoring / the registry).
@@ -37,10 +39,10 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "da
 # Observed with 2 CPU processes on gloo (see the module docstring); "nccl" = needs NCCL / GPUs.
 SHARDING_SUPPORT = {
     "table_wise": "gloo",
+    "column_wise": "gloo",
     "data_parallel": "gloo",
     "row_wise": "nccl",
     "table_row_wise": "nccl",
-    "column_wise": "nccl",
 }
 
 
