@@ -25,7 +25,7 @@ from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.training.losses import task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
-from mmoe_rec.training.weighting import make_weighting
+from mmoe_rec.training.weighting import FixedWeighting, make_weighting
 
 DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3}}
@@ -148,7 +148,7 @@ class MultiTaskModule(L.LightningModule):
             self.log(f"train/{t}/loss", value, batch_size=bs)
         for name, value in out.aux.items():
             self.log(f"train/aux/{name}", value, batch_size=bs)
-        if self.weighting.__class__.__name__ != "FixedWeighting":
+        if not isinstance(self.weighting, FixedWeighting):
             for t, w in self.weighting.weights().items():
                 self.log(f"train/{t}/weight", w, batch_size=bs)
         # rows seen this epoch, summed over steps and ranks: equals the train split size once per epoch

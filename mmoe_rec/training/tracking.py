@@ -30,7 +30,14 @@ class TrackingUnavailable(RuntimeError):
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The URI to use; a relative SQLite path is made absolute against the current directory, because MLflow
+    caches one store per URI string: a later chdir would otherwise keep writing to the first directory's file."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:":
+            uri = "sqlite:///" + str(Path(path).expanduser().resolve())
+    return uri
 
 
 def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:

@@ -48,6 +48,7 @@ def package(rec_data, tmp_path_factory):
 
 @pytest.fixture()
 def tracking(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts under ./mlruns beside an SQLite store
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

@@ -13,7 +13,6 @@ SPARSE = {"class_path": "mmoe_rec.models.sparse_mmoe.SparseMMoE",
 
 def mlflow_run(db: Path):
     """The single run in an SQLite store, and its client."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")

@@ -62,7 +62,7 @@ def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, ca
     assert list((in_tmp / "ck").glob("*.ckpt"))
 
 
-def test_unknown_task_is_an_error_before_training(feature_dir, capsys):
+def test_unknown_task_is_an_error_before_training(feature_dir, in_tmp, capsys):
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                      "--data.init_args.data_dir", str(feature_dir),
                      "--model.init_args.model.init_args.tasks", "[click, purchase]"], capsys)
@@ -79,7 +79,7 @@ def test_missing_label_column_is_an_error_before_training(make_feature_dir, in_t
     assert not (in_tmp / "checkpoints").exists()
 
 
-def test_wrong_class_path_is_an_error(feature_dir, capsys):
+def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                      "--data.init_args.data_dir", str(feature_dir),
                      "--model.init_args.model", '{"class_path": "mmoe_rec.models.mmoe.MMOE"}'], capsys)
@@ -90,13 +90,13 @@ def test_wrong_class_path_is_an_error(feature_dir, capsys):
     (["--model.init_args.model.init_args.k", "17"], "k must be in"),
     (["--model.init_args.model.init_args.capacity_factor", "0"], "capacity_factor must be > 0"),
 ])
-def test_bad_sparse_settings_are_errors(feature_dir, capsys, override, expected):
+def test_bad_sparse_settings_are_errors(feature_dir, in_tmp, capsys, override, expected):
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "sparse_mmoe_synthetic.yaml"), *TINY,
                      "--data.init_args.data_dir", str(feature_dir), *override], capsys)
     assert expected in msg
 
 
-def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, capsys, monkeypatch):
+def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, in_tmp, capsys, monkeypatch):
     import socket
     import time
 

@@ -45,7 +45,6 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     assert params["model/class_path"] == "mmoe_rec.models.mmoe.MMoE" and params["model/init_args/num_experts"] == "4"
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/utilization_heatmap.png", "plots/expert_load.png", "plots/task_relatedness.png"}
-    assert {"spec.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)} or True
     # reload without the data module or the CLI: same predictions
     reloaded = MultiTaskModule.load_from_checkpoint(ckpt.last_model_path, map_location="cpu").eval()
     module.eval()

@@ -21,11 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]  # closed on exit: nothing listens there
 
 
-def test_default_and_env_uri(monkeypatch):
+def test_default_and_env_uri(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri() == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    # relative SQLite paths are pinned to the working directory (MLflow caches stores by URI string)
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert resolve_tracking_uri() == "sqlite:///elsewhere.db"
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path.resolve()}/elsewhere.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////abs/x.db")
+    assert resolve_tracking_uri() == "sqlite:////abs/x.db"
     assert resolve_tracking_uri("http://x:1") == "http://x:1"
 
 
