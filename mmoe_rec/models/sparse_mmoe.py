@@ -26,6 +26,7 @@ import math
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mmoe_rec.features.spec import FeatureSpec
@@ -224,7 +225,8 @@ class SparseMMoE(MultiTaskModel):
             combine = torch.zeros(T, self.num_experts, device=r.logits.device)
             combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
             n_assign = r.chosen.numel() if r.chosen is not None else T
-            extra = {"dropped_fraction": torch.tensor(n_dropped / max(1, n_assign))}
+            extra = {"dropped_fraction": torch.tensor(n_dropped / max(1, n_assign)),
+                     "router_z": router_z_loss(r.logits.detach())}
             balancer = getattr(self.gates[task], "balancer", None)
             if balancer is not None:
                 extra["bias_abs_mean"] = balancer.bias.abs().mean()
@@ -240,4 +242,8 @@ class SparseMMoE(MultiTaskModel):
             record = output.routing.get(t)
             if balancer is None or record is None or record.chosen is None:
                 continue
-            balancer.update(torch.bincount(record.chosen.reshape(-1), minlength=self.num_experts))
+            load = torch.bincount(record.chosen.reshape(-1), minlength=self.num_experts)  # (E,)
+            if dist.is_available() and dist.is_initialized():
+                # every rank must apply the same update, or DDP replicas' biases (and choices) drift apart
+                dist.all_reduce(load)
+            balancer.update(load)

@@ -217,6 +217,12 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     return out
 
 
+def _level_number(gate: str) -> int:
+    """'10/click' or 'level10/click' -> 10: levels compare as numbers, so level 10 follows level 9."""
+    digits = "".join(ch for ch in gate.split("/", 1)[0] if ch.isdigit())
+    return int(digits) if digits else -1
+
+
 def task_gates(gate_names: list[str], tasks: list[str]) -> dict[str, str]:
     """task -> the gate that feeds its tower: gate `task`, or for PLE the last level's `<level>/<task>`."""
     out = {}
@@ -226,7 +232,7 @@ def task_gates(gate_names: list[str], tasks: list[str]) -> dict[str, str]:
             continue
         levels = [g for g in gate_names if g.rsplit("/", 1)[-1] == task and "/" in g]
         if levels:
-            out[task] = sorted(levels)[-1]
+            out[task] = max(levels, key=_level_number)
     return out
 
 

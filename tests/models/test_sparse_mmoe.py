@@ -83,6 +83,9 @@ def test_outputs_records_and_aux_have_the_contracted_shapes():
         assert ((rec.combine > 0).sum(1) == 2).all()
     assert set(out.aux) == {"importance", "load", "router_z"}
     assert all(v.dim() == 0 and torch.isfinite(v) for v in out.aux.values())
+    # each gate's router z is recorded for monitoring; their mean is the aux loss
+    per_gate_z = torch.stack([out.routing[t].extra["router_z"] for t in TASKS])
+    torch.testing.assert_close(per_gate_z.mean(), out.aux["router_z"].detach())
 
 
 def test_aux_losses_are_the_average_over_task_gates():

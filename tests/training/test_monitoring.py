@@ -128,3 +128,10 @@ def test_task_metrics_auc_logloss_mse_reference():
     ref_ll = float(-(y * p.log() + (1 - y) * (1 - p).log()).mean())
     assert float(out["val/c/logloss"]) == pytest.approx(ref_ll, rel=1e-5)
     assert float(out["val/r/mse"]) == pytest.approx((0 + 1 + 0 + 4 + 0) / 5)
+
+
+def test_task_gates_picks_the_last_ple_level_numerically():
+    from mmoe_rec.training.monitoring import task_gates
+
+    names = ["0/a", "9/a", "10/a", "9/shared", "2/b", "11/b"]
+    assert task_gates(names, ["a", "b"]) == {"a": "10/a", "b": "11/b"}
