@@ -1,6 +1,6 @@
 """Training throughput (rows/s) of mmoe-rec's MMoE vs DeepCTR-Torch and torch-rechub, side by side in one run.
 
-    .venv/bin/python benchmarks/train_throughput.py            # ~5 min on 2 CPU cores
+    .venv/bin/python benchmarks/train_throughput.py            # ~3 min on 2 idle CPU cores
 
 All three libraries train on the same rows of census-income features, encoded once by mmoe-rec's feature
 pipeline (``mmoe-rec features --schema configs/features/census.yaml``): mmoe-rec streams the feature Parquet

@@ -18,6 +18,24 @@ def run(cmd: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, check=True, env=env)
 
 
+def print_latest_run(tracking_uri: str, experiment: str) -> None:
+    """What the fit logged: validation metrics and a few expert / relatedness numbers of the newest run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], order_by=["start_time DESC"], max_results=1)
+    if runs.empty:
+        raise SystemExit(f"no MLflow run found in experiment {experiment!r}")
+    run = runs.iloc[0]
+    print(f"\nMLflow run {run['run_id']} ({experiment}):")
+    for col in sorted(c for c in runs.columns if c.startswith("metrics.")):
+        name = col[len("metrics."):]
+        if name.startswith(("val/", "relatedness/epoch/")) or name.endswith("entropy_norm"):
+            print(f"  {name:55s} {run[col]:.4f}")
+    artifacts = mlflow.MlflowClient().list_artifacts(run["run_id"], "plots")
+    print("  plots:", ", ".join(a.path for a in artifacts) or "none")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mmoe_rec.demo", description=__doc__)
     p.add_argument("--workdir", default="demo_out")
@@ -39,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     run(cli + ["fit", "--config", "configs/mmoe_synthetic.yaml", "--data.data_dir", str(features),
                "--trainer.max_epochs", str(args.epochs), "--trainer.default_root_dir", str(work),
                "--checkpoint_dir", str(ckpt_dir)], env)
+    print_latest_run(env["MLFLOW_TRACKING_URI"], "mmoe-rec-synthetic")
     checkpoints = sorted(glob.glob(str(ckpt_dir / "*.ckpt")), key=os.path.getmtime)
     if not checkpoints:
         raise SystemExit(f"fit wrote no checkpoint under {ckpt_dir}")

@@ -11,6 +11,11 @@ concatenated with the dense features: Batch -> (B, D_in), D_in = sum of embeddin
 - Output order: features in spec order, then the dense features. The pooled KeyedTensor is reordered by key
   if it does not come back in that order (a sharded collection may return its features grouped by shard).
 - A spec without sparse features has no collection: the output is the dense features alone.
+- Fast path: when every sparse feature is single-valued (a bag of one id: sum and mean pooling are that row)
+  and all share one dim, pooling is one `index_select` over the tables laid end to end instead of one
+  `embedding_bag` call per feature (33 calls for census; the calls, not the arithmetic, dominated small models).
+  Only for small tables (the concatenation is rebuilt each step) and only for the collection built here: a
+  sharded collection (DistributedModelParallel) takes the torchrec path.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+FAST_PATH_MAX_ELEMENTS = 1 << 20  # tables up to 4 MB in all are concatenated per step; larger ones use torchrec
 
 
 class EmbeddingFront(nn.Module):
@@ -67,6 +73,16 @@ class EmbeddingFront(nn.Module):
                 pooling=POOLINGS[pool], init_fn=functools.partial(nn.init.normal_, mean=0.0, std=init_std),
             ))
         self.ebc = EmbeddingBagCollection(tables) if tables else None
+        self._fast_single_ids = (
+            bool(tables)
+            and not any(f.multi_valued for f in feature_spec.sparse_features)
+            and len(set(self.dims.values())) == 1
+            and sum(f.num_embeddings * self.dims[f.name] for f in feature_spec.sparse_features) <= FAST_PATH_MAX_ELEMENTS
+        )
+        sizes = [f.num_embeddings for f in feature_spec.sparse_features]
+        # (F,) first row of each feature's table in the end-to-end concatenation
+        self.register_buffer("_row_offsets", torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0),
+                             persistent=False)
         self._output_dim = sum(self.dims.values()) + self.dense_dim
         if self._output_dim == 0:
             raise ValueError("the feature spec has neither sparse nor dense features")
@@ -79,7 +95,14 @@ class EmbeddingFront(nn.Module):
 
     def pooled(self, batch: Batch) -> torch.Tensor:
         """(B, sum of embedding dims): pooled embeddings in spec order."""
-        kt = self.ebc(batch.sparse)
+        kjt = batch.sparse
+        num_features, rows = len(self.sparse_names), batch.batch_size
+        if (self._fast_single_ids and type(self.ebc) is EmbeddingBagCollection
+                and kjt.keys() == self.sparse_names and kjt.values().numel() == num_features * rows):
+            ids = kjt.values().view(num_features, rows).t() + self._row_offsets  # (B, F): KJT values are key-major
+            table = torch.cat([self.ebc.embedding_bags[f"t_{n}"].weight for n in self.sparse_names])  # (sum V, d)
+            return table.index_select(0, ids.reshape(-1)).view(rows, -1)  # (B, F*d)
+        kt = self.ebc(kjt)
         if list(kt.keys()) == self.sparse_names:
             return kt.values()
         by_key = kt.to_dict()
