@@ -5,6 +5,7 @@ import tempfile
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from mmoe_rec.data.datamodule import FeatureDataModule
@@ -23,8 +24,11 @@ def train_and_test(
     batch_size: int = 1024,
     lr: float = 1e-3,
     logger: Any = False,
+    threads: int | None = None,
 ) -> dict[str, float]:
     """Fit with early stopping on `monitor` (validation split), then test the best checkpoint on the test split."""
+    if threads:
+        torch.set_num_threads(threads)  # small models: one thread each avoids OpenMP oversubscription on 2 cores
     L.seed_everything(seed, workers=True, verbose=False)
     dm = FeatureDataModule(data_dir, batch_size=batch_size, seed=seed)
     module = MultiTaskModule(model=model, feature_spec=dm.spec,

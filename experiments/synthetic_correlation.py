@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rows", type=int, default=30_000)
     ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     args = ap.parse_args()
     table: dict[tuple[str, float], list[float]] = {}
     for p in args.ps:
@@ -53,7 +55,7 @@ def main() -> int:
             for name, (class_path, init_args) in MODELS.items():
                 model = {"class_path": class_path, "init_args": {**init_args, "tower_hidden": [8]}}
                 r = train_and_test(str(data), model, seed=seed, max_epochs=args.max_epochs, monitor="val/loss",
-                                   mode="min", patience=3, batch_size=256, lr=1e-3)
+                                   mode="min", patience=3, batch_size=256, lr=args.lr, threads=args.threads)
                 mse = (r["test/y1/mse"] + r["test/y2/mse"]) / 2
                 table.setdefault((name, p), []).append(mse)
                 print(f"p={p} seed={seed} {name}: test MSE {mse:.4f} ({r['epochs']} epochs)", flush=True)
@@ -66,6 +68,16 @@ def main() -> int:
             v = table[(name, p)]
             sd = f" ± {statistics.stdev(v):.4f}" if len(v) > 1 else ""
             cells.append(f"{statistics.mean(v):.4f}{sd}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    # label scales differ between seeds (each seed draws its own sine constants): compare within a seed too
+    print("\nTest MSE relative to shared-bottom on the same data (mean over seeds; < 1 is better)")
+    print("| model | " + " | ".join(f"p = {p}" for p in args.ps) + " |")
+    print("|---|" + "---|" * len(args.ps))
+    for name in MODELS:
+        cells = []
+        for p in args.ps:
+            ratios = [m / b for m, b in zip(table[(name, p)], table[("shared-bottom", p)])]
+            cells.append(f"{statistics.mean(ratios):.2f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     return 0
 

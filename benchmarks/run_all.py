@@ -1,0 +1,34 @@
+"""`make bench`: every benchmark, one after another, each printing its own ratios measured side by side.
+
+Run on idle cores: these scripts print the CPU share other processes took where it matters, and a busy
+machine distorts absolute times (the ratios less so).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [
+    ["feature_build.py"],  # 5M synthetic rows: fit + transform rows/s, peak RSS
+    ["data_loading.py"],  # streaming DataModule rows/s
+    ["moe_layer.py"],  # sparse dispatch vs dense vs per-expert loop vs plain matmul
+    ["train_throughput.py"],  # training rows/s vs DeepCTR-Torch and torch-rechub on census features
+]
+
+
+def main() -> int:
+    failed = []
+    for script, *args in BENCHMARKS:
+        print(f"\n===== benchmarks/{script} {' '.join(args)}", flush=True)
+        rc = subprocess.run([sys.executable, str(HERE / script), *args]).returncode
+        if rc:
+            failed.append(script)
+    if failed:
+        print(f"failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
