@@ -13,9 +13,16 @@ import sys
 from pathlib import Path
 
 
-def run(cmd: list[str], env: dict[str, str]) -> None:
-    print(f"\n$ {shlex.join(cmd)}", flush=True)
-    subprocess.run(cmd, check=True, env=env)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path) -> None:
+    """Run in the work dir: MLflow's SQLite store keeps artifacts (plots, models) under ./mlruns beside it."""
+    print(f"\n$ (cd {cwd}) {shlex.join(cmd)}", flush=True)
+    subprocess.run(cmd, check=True, env=env, cwd=cwd)
+
+
+NEW_ROWS = 20_000
 
 
 def print_latest_run(tracking_uri: str, experiment: str) -> None:
@@ -47,24 +54,29 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     cli = [sys.executable, "-m", "mmoe_rec.cli"]
-    raw, fresh, features = work / "raw" / "synthetic_rec", work / "raw" / "new_impressions", work / "features" / "synthetic_rec"
+    raw, features = work / "raw" / "synthetic_rec", work / "features" / "synthetic_rec"
     ckpt_dir, scores = work / "checkpoints", work / "scores.parquet"
 
-    run(cli + ["synth", "rec", "--rows", str(args.rows), "--output", str(raw), "--seed", "0"], env)
-    run(cli + ["features", "--schema", "configs/features/synthetic_rec.yaml", "--input", str(raw),
+    # a world of 20k users and 5k items: small enough that two epochs of 200k impressions learn its ids
+    world = ["--users", "20000", "--items", "5000"]
+    # one stream of impressions: the first file trains, the second (never seen in training) is scored at the end
+    run(cli + ["synth", "rec", "--rows", str(args.rows + NEW_ROWS), "--rows-per-file", str(args.rows),
+               "--chunk-rows", str(NEW_ROWS),
+               "--output", str(raw), "--seed", "0"] + world, env, work)
+    train_file, new_file = sorted(glob.glob(str(raw / "*.parquet")))
+    run(cli + ["features", "--schema", str(ROOT / "configs/features/synthetic_rec.yaml"), "--input", train_file,
                "--output", str(features), "--valid-fraction", "0.1", "--test-fraction", "0.1", "--seed", "0",
-               "--overwrite"], env)
-    run(cli + ["fit", "--config", "configs/mmoe_synthetic.yaml", "--data.data_dir", str(features),
+               "--overwrite"], env, work)
+    run(cli + ["fit", "--config", str(ROOT / "configs/mmoe_synthetic.yaml"), "--data.data_dir", str(features),
                "--trainer.max_epochs", str(args.epochs), "--trainer.default_root_dir", str(work),
-               "--checkpoint_dir", str(ckpt_dir)], env)
+               "--checkpoint_dir", str(ckpt_dir)], env, work)
     print_latest_run(env["MLFLOW_TRACKING_URI"], "mmoe-rec-synthetic")
     checkpoints = sorted(glob.glob(str(ckpt_dir / "*.ckpt")), key=os.path.getmtime)
     if not checkpoints:
         raise SystemExit(f"fit wrote no checkpoint under {ckpt_dir}")
     best = [c for c in checkpoints if "last" not in Path(c).name] or checkpoints
-    run(cli + ["register", "--checkpoint", best[-1], "--name", "mmoe-synthetic", "--alias", "champion"], env)
-    run(cli + ["synth", "rec", "--rows", "20000", "--output", str(fresh), "--seed", "1"], env)
-    run(cli + ["score", "--model", "models:/mmoe-synthetic@champion", "--input", str(fresh), "--output", str(scores)], env)
+    run(cli + ["register", "--checkpoint", best[-1], "--name", "mmoe-synthetic", "--alias", "champion"], env, work)
+    run(cli + ["score", "--model", "models:/mmoe-synthetic@champion", "--input", new_file, "--output", str(scores)], env, work)
 
     import pyarrow.parquet as pq
 
