@@ -60,7 +60,7 @@ def main() -> int:
                   f"{r['test/never_married/auc']:.4f} ({r['epochs']} epochs)", flush=True)
             results.append(r)
         rows.append((name, results))
-    print(f"\n| model | params | test AUC income | test AUC never married | seeds |\n|---|---|---|---|---|")
+    print("\n| model | params | test AUC income | test AUC never married | seeds |\n|---|---|---|---|---|")
     for name, results in rows:
         cells = []
         for key in ("test/income/auc", "test/never_married/auc"):

@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.output import ModelOutput
 
@@ -14,7 +15,8 @@ from mmoe_rec.models.output import ModelOutput
 class MultiTaskModel(nn.Module, abc.ABC):
     """Models take the fitted FeatureSpec as first argument and hyper-parameters as keywords.
 
-    Subclasses implement `forward(batch) -> ModelOutput` and `shared_parameters()`. They know nothing of
+    Subclasses build `self.front` (the embedding front: Batch -> (B, D_in)) and implement
+    `forward_dense(x) -> ModelOutput` (everything after it) and `shared_parameters()`. They know nothing of
     training: no losses are stored on modules, no Lightning, no MLflow.
     """
 
@@ -30,6 +32,13 @@ class MultiTaskModel(nn.Module, abc.ABC):
         if not tasks:
             raise ValueError("a multi-task model needs at least one task")
         self.tasks = list(tasks)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        return self.forward_dense(self.front(batch))
+
+    @abc.abstractmethod
+    def forward_dense(self, x: torch.Tensor) -> ModelOutput:
+        """Everything after the embedding front: x (B, D_in) -> ModelOutput."""
 
     @abc.abstractmethod
     def shared_parameters(self) -> Iterator[nn.Parameter]:

@@ -14,7 +14,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.output import ModelOutput
@@ -48,16 +47,16 @@ class MMoE(MultiTaskModel):
         d_in = self.front.output_dim
         self.experts = ExpertStack(num_experts, d_in, list(expert_hidden), activation=activation, dropout=dropout,
                                    norm=norm)
-        self.gates = DenseGates(d_in, num_experts, len(self.tasks), kind=gate, temperature=gate_temperature)
+        self.gates = DenseGates(d_in, num_experts, self._num_gates(), kind=gate, temperature=gate_temperature)
         self.towers = make_towers(self.tasks, self.experts.output_dim, list(tower_hidden), activation=activation,
                                   dropout=dropout, norm=norm)
+
+    def _num_gates(self) -> int:
+        return len(self.tasks)  # one per task
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.front.parameters()
         yield from self.experts.parameters()
-
-    def forward(self, batch: Batch) -> ModelOutput:
-        return self.forward_dense(self.front(batch))
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""

@@ -1,7 +1,7 @@
 """OMoE: MMoE with one gate shared by all tasks (the "one-gate" baseline of Ma et al., KDD 2018).
 
 x = front(batch); h = sum_i g_i(x) * f_i(x) with g = softmax(W x / temperature); y_t = tower_t(h).
-Routing record: the one gate, under the name "shared".
+Routing record: the one gate, under the name "shared". Same arguments as MMoE.
 """
 from __future__ import annotations
 
@@ -10,59 +10,24 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mmoe_rec.data.batch import Batch
-from mmoe_rec.features.spec import FeatureSpec
-from mmoe_rec.models.base import MultiTaskModel
+from mmoe_rec.models.mmoe import MMoE
 from mmoe_rec.models.output import ModelOutput
-from mmoe_rec.nn.embedding import EmbeddingFront
-from mmoe_rec.nn.experts import ExpertStack
-from mmoe_rec.nn.gates import DenseGates
-from mmoe_rec.nn.towers import make_towers
 
 GATE_NAME = "shared"
 
 
-class OMoE(MultiTaskModel):
-    def __init__(
-        self,
-        feature_spec: FeatureSpec,
-        *,
-        tasks: list[str] | None = None,
-        embedding_dim: int = 8,
-        embedding_dims: dict[str, int] | None = None,
-        pooling: str | dict[str, str] = "sum",
-        num_experts: int = 8,
-        expert_hidden: list[int] | tuple[int, ...] = (64,),
-        tower_hidden: list[int] | tuple[int, ...] = (16,),
-        activation: str = "relu",
-        dropout: float = 0.0,
-        norm: str = "none",
-        gate: str = "softmax",
-        gate_temperature: float = 1.0,
-    ) -> None:
-        super().__init__(feature_spec, tasks)
-        self.front = EmbeddingFront(feature_spec, embedding_dim=embedding_dim, embedding_dims=embedding_dims,
-                                    pooling=pooling)
-        d_in = self.front.output_dim
-        self.experts = ExpertStack(num_experts, d_in, list(expert_hidden), activation=activation, dropout=dropout,
-                                   norm=norm)
-        self.gate = DenseGates(d_in, num_experts, 1, kind=gate, temperature=gate_temperature)
-        self.towers = make_towers(self.tasks, self.experts.output_dim, list(tower_hidden), activation=activation,
-                                  dropout=dropout, norm=norm)
+class OMoE(MMoE):
+    def _num_gates(self) -> int:
+        return 1
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        # The gate is shared by every task too.
-        yield from self.front.parameters()
-        yield from self.experts.parameters()
-        yield from self.gate.parameters()
-
-    def forward(self, batch: Batch) -> ModelOutput:
-        return self.forward_dense(self.front(batch))
+        yield from super().shared_parameters()
+        yield from self.gates.parameters()  # the gate is shared by every task too
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""
         expert_out = self.experts(x)  # (B, N, H)
-        weights, probs = self.gate(x)  # (B, 1, N) float32
+        weights, probs = self.gates(x)  # (B, 1, N) float32
         mixed = torch.bmm(weights.to(expert_out.dtype), expert_out)[:, 0]  # (B, H)
         logits = {t: self.towers[t](mixed) for t in self.tasks}
-        return ModelOutput(logits=logits, aux={}, routing={GATE_NAME: self.gate.record(weights, probs, 0)})
+        return ModelOutput(logits=logits, aux={}, routing={GATE_NAME: self.gates.record(weights, probs, 0)})

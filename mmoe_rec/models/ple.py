@@ -22,7 +22,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.output import ModelOutput
@@ -156,9 +155,6 @@ class PLE(MultiTaskModel):
                 yield from level.shared_experts.parameters()
             if level.shared_gate is not None:
                 yield from level.shared_gate.parameters()
-
-    def forward(self, batch: Batch) -> ModelOutput:
-        return self.forward_dense(self.front(batch))
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""

@@ -9,7 +9,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.output import ModelOutput
@@ -44,9 +43,6 @@ class SharedBottom(MultiTaskModel):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.front.parameters()
         yield from self.bottom.parameters()
-
-    def forward(self, batch: Batch) -> ModelOutput:
-        return self.forward_dense(self.front(batch))
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""

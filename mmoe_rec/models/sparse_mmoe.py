@@ -22,7 +22,6 @@ logit_t = tower_t(mixed_t)
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
@@ -139,9 +138,6 @@ class SparseMMoE(MultiTaskModel):
         if self.shared_experts is not None:
             yield from self.shared_experts.parameters()
 
-    def forward(self, batch) -> ModelOutput:
-        return self.forward_dense(self.front(batch))
-
     # ------------------------------------------------------------------------------------------------------------
 
     def _kept_assignments(self, r: Routing, T: int):
@@ -177,7 +173,7 @@ class SparseMMoE(MultiTaskModel):
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """The model after the embedding front: x (B, D_in) -> ModelOutput."""
-        T, G, E = x.shape[0], len(self.tasks), self.num_experts
+        T, G = x.shape[0], len(self.tasks)
         routings = {t: self.gates[t](x) for t in self.tasks}
         parts, drops = [], {}
         for g, t in enumerate(self.tasks):

@@ -63,7 +63,7 @@ def test_omoe_shares_one_gate_between_all_tasks():
     model = OMoE(spec(), num_experts=3, expert_hidden=[6]).double()
     x = features()
     out = model.forward_dense(x)
-    g = torch.softmax(x @ model.gate.weight[0], dim=-1)
+    g = torch.softmax(x @ model.gates.weight[0], dim=-1)
     h = mix(g, [model.experts.forward_one(x, e) for e in range(3)])
     assert set(out.routing) == {"shared"}
     for t in TASKS:
@@ -257,7 +257,7 @@ def test_shared_parameters_are_the_embeddings_and_the_shared_body(cls):
     body = model.bottom if cls is SharedBottom else model.experts
     want = {id(p) for p in [*model.front.parameters(), *body.parameters()]}
     if cls is OMoE:
-        want |= {id(model.gate.weight)}
+        want |= {id(model.gates.weight)}
     assert {id(p) for p in model.shared_parameters()} == want
 
 
