@@ -73,7 +73,9 @@ class CompiledSpec:
         A null index is a missing value (id 0, or an empty list)."""
         n_values = len(col.dictionary)
         idx = col.indices
-        rows = (idx.fill_null(n_values) if idx.null_count else idx).to_numpy(zero_copy_only=False)  # (n,)
+        if idx.null_count:  # widen first: len(dictionary) may not fit a narrow index type (int8 with 128 values)
+            idx = idx.cast(pa.int64()).fill_null(n_values)
+        rows = idx.to_numpy(zero_copy_only=False)  # (n,)
         if not state["multi_valued"]:
             ids = self._single(name, state, categorical_column(col.dictionary, state["column"]))  # (V,)
             return pa.array(np.take(np.append(ids, 0), rows), pa.int64())

@@ -110,7 +110,10 @@ class VocabLookup:
             if self._table is not None:
                 off = x - self._lo  # (n,) wraps like int64; in [0, span] inside the vocabulary range
                 off += 1
-                return np.take(self._table, off, mode="clip")  # nulls and out-of-range values clip onto a 0
+                ids = np.take(self._table, off, mode="clip")  # out-of-range values clip onto a 0
+                if arr.null_count:  # the int64-min fill may itself be in the vocabulary: nulls are OOV explicitly
+                    ids[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
+                return ids
             pos = np.searchsorted(self._sorted, x).clip(0, self.size - 1)
             hit = self._sorted[pos] == x
             if arr.null_count:
