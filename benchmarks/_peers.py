@@ -14,9 +14,14 @@ import contextlib
 import dataclasses
 import io
 import time
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+
+from mmoe_rec.features.spec import FeatureSpec, label_column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +49,34 @@ class Arrays:
         return self.labels.shape[0]
 
 
+def read_arrays(feature_dir: Path, split: str = "train", rows: int | None = None) -> tuple[FeatureSpec, Arrays]:
+    """One split of a feature dir (its first ``rows`` rows, or all) as numpy columns: the peers' input, identical
+    to what mmoe-rec streams."""
+    spec = FeatureSpec.load(feature_dir / "spec.json")
+    multi = [f.name for f in spec.sparse_features if f.multi_valued]
+    if multi:
+        raise ValueError(f"the peers take one id per feature; multi-valued features {multi} are not comparable")
+    files = sorted((feature_dir / split).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no Parquet files under {feature_dir / split}")
+    t = pa.concat_tables([pq.read_table(f) for f in files])
+    if rows is not None:
+        t = t.slice(0, rows)
+    arrays = Arrays(
+        sparse={f.name: t.column(f.name).to_numpy().astype(np.int64) for f in spec.sparse_features},
+        vocab={f.name: f.num_embeddings for f in spec.sparse_features},
+        dense={c: t.column(c).to_numpy().astype(np.float32) for c in spec.dense_features},
+        labels=np.stack([t.column(label_column(k)).to_numpy().astype(np.float32) for k in spec.task_names], 1),
+        tasks=spec.task_names,
+    )
+    return spec, arrays
+
+
 # --- DeepCTR-Torch -----------------------------------------------------------------------------------------
 
-def deepctr_model(data: Arrays, arch: Arch) -> torch.nn.Module:
+def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024) -> torch.nn.Module:
+    """``seed``: MMOE's own argument (default 1024). Its constructor calls ``torch.manual_seed(seed)``, which fixes
+    the initial weights AND resets torch's global generator that fit()'s shuffling draws from."""
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import MMOE
 
@@ -61,6 +91,7 @@ def deepctr_model(data: Arrays, arch: Arch) -> torch.nn.Module:
         tower_dnn_hidden_units=arch.tower_hidden,
         task_types=["binary"] * len(data.tasks),
         task_names=data.tasks,
+        seed=seed,
         device="cpu",
     )
     model.compile("adam", loss=["binary_crossentropy"] * len(data.tasks))

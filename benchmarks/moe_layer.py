@@ -12,7 +12,7 @@ Allocator: large fresh tensors on this VM pay ~0.5 GB/s of page faults on first 
 allocation over 32 MiB). By default the script asks glibc (mallopt) to keep freed memory in the heap, for every
 contender alike; --default-malloc measures without it.
 
-Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--threads N]
+Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--threads N] [--layout auto|grouped|padded]
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def interleaved_min(fns: dict, rounds: int, rounds_for: dict | None = None) -> d
     return best
 
 
-def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, dense_repeats: int) -> dict:
+def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, dense_repeats: int,
+             layout: str = "auto") -> dict:
     from mmoe_rec.nn.dispatch import StackedExperts
     from mmoe_rec.nn.routing import NoisyTopKRouter
 
@@ -70,7 +71,7 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
 
     def sparse():
         e, rows, w = router(x).assignments()
-        return experts(x, experts.plan(e, rows, num_out=T, dtype=x.dtype), w)
+        return experts(x, experts.plan(e, rows, num_out=T, dtype=x.dtype, layout=layout), w)
 
     def dense():
         return experts.forward_dense(x, router(x).combine)
@@ -106,7 +107,7 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
 
     with torch.no_grad():
         e, rows, _ = router(x).assignments()
-        plan = experts.plan(e, rows, num_out=T, dtype=x.dtype)
+        plan = experts.plan(e, rows, num_out=T, dtype=x.dtype, layout=layout)
         loads = plan.counts.float()
     flops_fwd = k * T * 2 * (d * h + h * d) + 2 * T * d * E
     mm_flops_fwd = 2 * k * T * d * h
@@ -133,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see module doc)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--layout", choices=["auto", "grouped", "padded"], default="auto",
+                   help="dispatch layout of the sparse layer (auto: grouped when experts get >= 128 rows on average)")
     args = p.parse_args(argv)
     tuned = False if args.default_malloc else tune_malloc()
     if args.threads:
@@ -142,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"1": (20.0, 2.0, 0.70), "2": (None, 3.0, 0.30)}
     all_results = {}
     if args.case in ("1", "all"):
-        all_results["1"] = run_case("1", E=64, k=2, T=16384, d=256, h=256, repeats=args.repeats, dense_repeats=2)
+        all_results["1"] = run_case("1", E=64, k=2, T=16384, d=256, h=256, repeats=args.repeats, dense_repeats=2,
+                                    layout=args.layout)
     if args.case in ("2", "all"):
         all_results["2"] = run_case("2", E=256, k=2, T=4096, d=64, h=64, repeats=args.repeats * 4,
-                                    dense_repeats=args.repeats)
+                                    dense_repeats=args.repeats, layout=args.layout)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print("targets (fwd+bwd): case 1 >= 20x dense, >= 2x loop, >= 70% matmul rate; case 2 >= 3x loop, >= 30%")
     for case, res in all_results.items():

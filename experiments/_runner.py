@@ -25,6 +25,7 @@ def train_and_test(
     lr: float = 1e-3,
     logger: Any = False,
     threads: int | None = None,
+    weight_decay: float = 0.0,
 ) -> dict[str, float]:
     """Fit with early stopping on `monitor` (validation split), then test the best checkpoint on the test split."""
     if threads:
@@ -32,7 +33,8 @@ def train_and_test(
     L.seed_everything(seed, workers=True, verbose=False)
     dm = FeatureDataModule(data_dir, batch_size=batch_size, seed=seed)
     module = MultiTaskModule(model=model, feature_spec=dm.spec,
-                             optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": lr}})
+                             optimizer={"class_path": "torch.optim.Adam",
+                                                "init_args": {"lr": lr, "weight_decay": weight_decay}})
     with tempfile.TemporaryDirectory() as ckpt_dir:
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode)
         trainer = L.Trainer(

@@ -14,6 +14,11 @@ carry the id columns, so scores need no order).
 
 Epochs: the train loader asks the attached Trainer for ``current_epoch`` each time it is iterated, so the
 shuffle is ``seed + epoch`` under Lightning with no callback. Without a Trainer call ``set_epoch(epoch)``.
+
+Resume: the checkpoint holds the seed, the epoch and how many training batches of that epoch had been trained
+(Lightning's batch progress at save time). A run resumed from a mid-epoch checkpoint replays the same epoch's
+batch sequence and skips the batches already trained, so it continues with the very next batch: the batch order
+of an epoch is a pure function of (seed, epoch, rank, world size, workers).
 """
 from __future__ import annotations
 
@@ -47,21 +52,37 @@ class FeatureDataLoader(DataLoader):
         dataset: FeatureParquetStream,
         finish: Callable[[ArrayBatch], Batch],
         epoch_fn: Callable[[], int] | None = None,
+        skip_fn: Callable[[int], int] | None = None,
         pin_batches: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(dataset, **kwargs)
         self.finish = finish
         self.epoch_fn = epoch_fn
+        self.skip_fn = skip_fn  # epoch -> leading batches to skip (already trained before a mid-epoch resume)
         self.pin_batches = pin_batches
 
     def __iter__(self) -> Iterator[Batch]:
+        skip = 0
         if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
+            epoch = self.epoch_fn()
+            self.dataset.set_epoch(epoch)
+            skip = self.skip_fn(epoch) if self.skip_fn is not None else 0
         finish, pin = self.finish, self.pin_batches
-        for arrays in super().__iter__():
+        for i, arrays in enumerate(super().__iter__()):
+            if i < skip:  # made (the sequence is fixed) but not finished into a Batch
+                continue
             batch = finish(arrays)
             yield batch.pin_memory() if pin else batch
+
+    # Lightning asks loaders for state_dict / load_state_dict to decide whether a mid-epoch resume is exact. The
+    # position is kept by FeatureDataModule (its checkpoint state is written after the batch counts are final,
+    # while a loader is asked after Lightning has already prefetched the next batch); these say where it is.
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": "kept by FeatureDataModule.state_dict" if self.skip_fn is not None else "none"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 class FeatureDataModule(L.LightningDataModule):
@@ -115,6 +136,7 @@ class FeatureDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.chunk_rows = chunk_rows
         self._epoch = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, batches of it already trained) from a checkpoint
         self._indexes: dict[tuple[str, bool], ParquetIndex] = {}
 
     # --- epochs and resume -------------------------------------------------------------------------------
@@ -128,12 +150,30 @@ class FeatureDataModule(L.LightningDataModule):
         return self._epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self._epoch, "seed": self.seed}
+        state = {"epoch": self._epoch, "seed": self.seed, "batches_done": 0}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit" and trainer.state.status == "running":
+            # batches whose optimizer step is done in the current epoch (a checkpoint written from
+            # on_train_batch_end counts the batch just trained, one written by a mid-epoch validation the batches
+            # before it; Lightning resumes after them)
+            state["epoch"] = trainer.current_epoch
+            state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # the checkpoint's seed wins, so a resumed run replays the same shuffles
         self._epoch = int(state_dict["epoch"])
         self.seed = int(state_dict["seed"])
+        done = int(state_dict.get("batches_done", 0))
+        self._resume_at = (self._epoch, done) if done > 0 else None
+
+    def _batches_to_skip(self, epoch: int) -> int:
+        """Once, for the epoch a mid-epoch checkpoint was written in: how many of its batches were trained."""
+        if self._resume_at is None or self._resume_at[0] != epoch:
+            return 0
+        done = self._resume_at[1]
+        self._resume_at = None
+        return done
 
     # --- datasets and loaders -----------------------------------------------------------------------------
     def collator(self, with_ids: bool = False) -> BatchCollator:
@@ -175,6 +215,7 @@ class FeatureDataModule(L.LightningDataModule):
             ds,
             finish=collate.to_batch,
             epoch_fn=self.current_epoch if train else None,
+            skip_fn=self._batches_to_skip if train else None,
             batch_size=None,
             collate_fn=_pass_through,
             num_workers=self.num_workers,

@@ -166,12 +166,12 @@ class ExpertDispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, slot_w, rows, out_rows, experts, offsets, capacity, num_out, activation, activate_last,
-                *params):
+                dropout, *params):
         E = params[0].shape[0]
         L = len(params) // 2
         act = ACTIVATIONS[activation]
         h = x.index_select(0, rows)  # (S, d)
-        saved_in, saved_act = [], []  # layer inputs; relu outputs or pre-activations for the backward
+        saved_in, saved_act, saved_mask = [], [], []  # layer inputs; relu outputs or pre-activations; dropout masks
         for layer in range(L):
             w, b = params[2 * layer], params[2 * layer + 1]
             saved_in.append(h)
@@ -183,29 +183,36 @@ class ExpertDispatch(torch.autograd.Function):
             if layer < L - 1 or activate_last:
                 if activation == "relu":
                     h = z.relu_()
+                    if dropout > 0:  # after a ReLU the kept mask is (h > 0): nothing more to save
+                        F.dropout(h, dropout, training=True, inplace=True)
                     saved_act.append(h)
                 else:
                     h = act(z)
                     saved_act.append(z)
+                    if dropout > 0:
+                        mask = torch.empty_like(h).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+                        h = h.mul_(mask)
+                        saved_mask.append(mask)
             else:
                 h = z
                 saved_act.append(torch.empty(0))
         y = h  # (S, D)
         out = x.new_zeros(num_out, y.shape[1]).index_add_(0, out_rows, y * slot_w.unsqueeze(1))
-        ctx.meta = (capacity, activation, activate_last, L, E, offsets is not None)
+        ctx.meta = (capacity, activation, activate_last, L, E, offsets is not None, dropout)
         ctx.save_for_backward(x, slot_w, rows, out_rows, experts, offsets if offsets is not None else torch.empty(0),
-                              y, *params, *saved_in, *saved_act)
+                              y, *params, *saved_in, *saved_act, *saved_mask)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        capacity, activation, activate_last, L, E, grouped = ctx.meta
+        capacity, activation, activate_last, L, E, grouped, dropout = ctx.meta
         saved = ctx.saved_tensors
         x, slot_w, rows, out_rows, experts, offsets, y = saved[:7]
         offsets = offsets if grouped else None
         params = saved[7 : 7 + 2 * L]
         saved_in = saved[7 + 2 * L : 7 + 3 * L]
         saved_act = saved[7 + 3 * L : 7 + 4 * L]
+        masks = list(saved[7 + 4 * L :])  # non-ReLU dropout masks (already scaled by 1 / keep), in layer order
 
         gy = grad_out.index_select(0, out_rows)  # (S, D) gradient of each slot's weighted output
         grad_w = torch.linalg.vecdot(gy, y) if ctx.needs_input_grad[1] else None  # (S,) one fused pass
@@ -217,8 +224,12 @@ class ExpertDispatch(torch.autograd.Function):
             if layer < L - 1 or activate_last:
                 a = saved_act[layer]
                 if activation == "relu":
-                    gy = torch.ops.aten.threshold_backward(gy, a, 0.0)
+                    gy = torch.ops.aten.threshold_backward(gy, a, 0.0)  # a is after dropout: zero where dropped
+                    if dropout > 0:
+                        gy.mul_(1.0 / (1.0 - dropout))
                 else:
+                    if dropout > 0:
+                        gy = gy * masks.pop()
                     with torch.enable_grad():
                         z = a.detach().requires_grad_(True)
                         (gy,) = torch.autograd.grad(ACTIVATIONS[activation](z), z, gy)
@@ -230,7 +241,7 @@ class ExpertDispatch(torch.autograd.Function):
             if layer > 0 or ctx.needs_input_grad[0]:
                 gy = _layer_mm(gy, w.transpose(1, 2), capacity, offsets)  # (S, d_l)
         grad_x = x.new_zeros(x.shape).index_add_(0, rows, gy) if ctx.needs_input_grad[0] else None
-        return (grad_x, grad_w, None, None, None, None, None, None, None, None, *param_grads)
+        return (grad_x, grad_w, None, None, None, None, None, None, None, None, None, *param_grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,11 +251,13 @@ class ExpertDispatch(torch.autograd.Function):
 class StackedExperts(nn.Module):
     """E expert MLPs d_in -> hidden[0] -> ... -> hidden[-1], weights stacked as (E, d_l, d_l+1).
 
-    Activation after every layer (the last too unless activate_last=False). Init as nn.Linear, per expert.
+    Activation after every layer (the last too unless activate_last=False), then dropout (training only) after
+    every activated layer, as `nn.experts.ExpertStack`. Init as nn.Linear, per expert. No norm: a per-(expert,
+    channel) norm would need its statistics over each expert's own rows, which the sparse path does not have.
     """
 
     def __init__(self, num_experts: int, d_in: int, hidden: list[int] | tuple[int, ...], activation: str = "relu",
-                 activate_last: bool = True) -> None:
+                 activate_last: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -252,9 +265,12 @@ class StackedExperts(nn.Module):
             raise ValueError("experts need at least one layer (hidden sizes may not be empty)")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.num_experts = num_experts
         self.activation = activation
         self.activate_last = activate_last
+        self.dropout = float(dropout)
         dims = [d_in, *hidden]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims, dims[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
@@ -288,7 +304,7 @@ class StackedExperts(nn.Module):
 
     def _act(self, z: torch.Tensor, layer: int) -> torch.Tensor:
         if layer < len(self.weights) - 1 or self.activate_last:
-            return ACTIVATIONS[self.activation](z)
+            return F.dropout(ACTIVATIONS[self.activation](z), self.dropout, training=self.training)
         return z
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
@@ -297,7 +313,8 @@ class StackedExperts(nn.Module):
             raise ValueError(f"grouped dispatch does not support dtype {x.dtype} / these widths: use layout='padded'")
         slot_w = plan.slot_weights(weights.to(x.dtype))  # (S,)
         return ExpertDispatch.apply(x, slot_w, plan.rows, plan.out_rows, plan.experts, plan.offsets, plan.capacity,
-                                    plan.num_out, self.activation, self.activate_last, *self._params())
+                                    plan.num_out, self.activation, self.activate_last,
+                                    self.dropout if self.training else 0.0, *self._params())
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: (T, d) -> (E, T, D). Reference path (E/k times the FLOPs)."""

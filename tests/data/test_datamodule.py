@@ -145,12 +145,18 @@ def test_state_dict_round_trip_replays_the_same_epoch(feature_dir):
     dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=3)
     dm.set_epoch(2)
     state = dm.state_dict()
-    assert state == {"epoch": 2, "seed": 3}
+    assert state == {"epoch": 2, "seed": 3, "batches_done": 0}
     resumed = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
     resumed.load_state_dict(state)
-    a = torch.cat([b.dense for b in dm.train_dataloader()])
-    b = torch.cat([b.dense for b in resumed.train_dataloader()])
-    torch.testing.assert_close(a, b)
+    a = [b.dense for b in dm.train_dataloader()]
+    b = [b.dense for b in resumed.train_dataloader()]
+    torch.testing.assert_close(torch.cat(a), torch.cat(b))
+    # a mid-epoch state: the first pass over that epoch skips the batches already trained, later passes do not
+    mid = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    mid.load_state_dict({**state, "batches_done": 5})
+    rest = [x.dense for x in mid.train_dataloader()]
+    torch.testing.assert_close(torch.cat(rest), torch.cat(a[5:]))
+    torch.testing.assert_close(torch.cat([x.dense for x in mid.train_dataloader()]), torch.cat(a))
 
 
 def test_bad_inputs_are_clear_errors(feature_dir, make_feature_dir, tmp_path):
@@ -206,7 +212,7 @@ def test_under_a_lightning_trainer_epochs_reshuffle_and_predict_keeps_ids(featur
     )
     trainer.fit(model, datamodule=dm)
     assert model.val_rows == 2 * 500
-    assert dm.state_dict() == {"epoch": 1, "seed": 5}
+    assert dm.state_dict() == {"epoch": 1, "seed": 5, "batches_done": 0}
     for epoch in (0, 1):
         # what the Trainer fed equals the epoch the data module makes when told that epoch
         dm_ref = FeatureDataModule(str(feature_dir), batch_size=256, seed=5)

@@ -88,6 +88,18 @@ def test_eval_is_deterministic_nan_free_and_load_loss_is_zero():
     assert a.aux["load"].item() == 0.0
 
 
+def test_dropout_acts_in_training_only_and_reaches_every_expert_path():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=6, k=2, noise=False, num_shared_experts=1, dropout=0.5)
+    assert model.experts.dropout == model.shared_experts.dropout == 0.5
+    x = features()
+    a, b = model.forward_dense(x), model.forward_dense(x)
+    assert any(not torch.equal(a.logits[t], b.logits[t]) for t in TASKS)  # fresh masks every call
+    model.eval()
+    a, b = model.forward_dense(x), model.forward_dense(x)
+    assert all(torch.equal(a.logits[t], b.logits[t]) for t in TASKS)
+
+
 def test_training_gradients_reach_router_experts_and_towers():
     torch.manual_seed(0)
     model = SparseMMoE(spec(), num_experts=4, k=1, router="switch")

@@ -61,6 +61,39 @@ def test_dispatch_gradcheck_padded():
     assert torch.autograd.gradcheck(lambda x, w, *p: ex(x, plan, w), (x, w, *ex.parameters()))
 
 
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_dispatch_with_dropout_gradcheck_and_eval_is_unchanged(act):
+    """Reseeding before every call fixes the dropout mask, so the training path is a deterministic function that
+    gradcheck can verify (the ReLU path recovers the mask from its saved output, the others save it)."""
+    T, E, d = 12, 4, 3
+    torch.manual_seed(0)
+    ex = StackedExperts(E, d, [6, 4], activation=act, dropout=0.4).double()
+    _, experts, rows, weights = random_assignments(T, E, 2, seed=1)
+    plan = plan_dispatch(experts, rows, E, num_out=T, layout="padded")
+    x = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    w = weights.clone().requires_grad_(True)
+
+    def train_step(x, w, *params):
+        torch.manual_seed(123)
+        return ex(x, plan, w)
+
+    ex.train()
+    assert torch.autograd.gradcheck(train_step, (x, w, *ex.parameters()))
+    dropped = train_step(x, w)
+    ex.eval()
+    plain = ex(x, plan, w)
+    assert not torch.allclose(dropped, plain)  # masks do something in training
+    ex.dropout = 0.0
+    torch.testing.assert_close(ex(x, plan, w), plain)  # and nothing in eval
+    # one layer: the output is linear in the mask, so the mean over many masks approaches the eval output
+    one = StackedExperts(E, d, [6], activation=act, dropout=0.4).double()
+    one.eval()
+    expected = one(x, plan, w)
+    one.train()
+    mean = torch.stack([one(x, plan, w) for _ in range(2000)]).mean(0)
+    assert (mean - expected).abs().max() < 0.05 * expected.abs().max()
+
+
 def test_multi_gate_outputs_go_to_their_own_rows():
     torch.manual_seed(0)
     T, E, d, G = 10, 5, 4, 3

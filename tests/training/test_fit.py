@@ -56,12 +56,12 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     assert reloaded.spec.to_dict() == dm.spec.to_dict()
 
 
-def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=()):
+def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
     module = module_for(dm)
-    trainer = L.Trainer(max_epochs=max_epochs, logger=False, limit_val_batches=0, callbacks=list(callbacks),
-                        default_root_dir=tmp, **FAST)
+    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
+                        callbacks=list(callbacks), default_root_dir=tmp, **FAST)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -82,6 +82,23 @@ def test_resume_from_checkpoint_continues_exactly(feature_dir, tmp_path):
     step_a = straight_trainer.optimizers[0].state_dict()["state"][0]["step"]
     step_b = resumed_trainer.optimizers[0].state_dict()["state"][0]["step"]
     assert float(step_a) == float(step_b) == straight_trainer.global_step
+
+
+@pytest.mark.parametrize("stop_at", [7, 30])  # 21 batches per epoch: inside the first and the second epoch
+def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(feature_dir, tmp_path, stop_at):
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2)
+    assert straight_trainer.global_step == 42
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
+    _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], max_steps=stop_at)  # "crashes" after stop_at steps
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    state = next(v for k, v in saved.items() if k.endswith("FeatureDataModule"))
+    assert saved["global_step"] == stop_at and state["batches_done"] == stop_at % 21
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path)
+    assert resumed_trainer.global_step == straight_trainer.global_step
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:  # the same batches in the same order after the resume: bitwise the same weights
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
 def test_early_stopping_on_chosen_metric(feature_dir, tmp_path):
