@@ -13,6 +13,7 @@ allocation over 32 MiB). By default the script asks glibc (mallopt) to keep free
 contender alike; --default-malloc measures without it.
 
 Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--threads N] [--layout auto|grouped|padded]
+                                     [--block-slots N] [--repeats N]
 """
 from __future__ import annotations
 
@@ -133,14 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", choices=["1", "2", "all"], default="all")
     p.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see module doc)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds per contender; the fastest counts")
+    p.add_argument("--block-slots", type=int, default=None,
+                   help="slots per expert block of the CPU grouped dispatch (0 = one block; default: the library's)")
     p.add_argument("--layout", choices=["auto", "grouped", "padded"], default="auto",
                    help="dispatch layout of the sparse layer (auto: grouped when experts get >= 128 rows on average)")
     args = p.parse_args(argv)
     tuned = False if args.default_malloc else tune_malloc()
+    import mmoe_rec.nn.dispatch as dispatch
+
+    if args.block_slots is not None:
+        dispatch.CPU_BLOCK_SLOTS = args.block_slots
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, malloc tuned: {tuned}, "
+          f"CPU dispatch blocks of {dispatch.CPU_BLOCK_SLOTS} slots, "
           f"load average before: {os.getloadavg()[0]:.2f} (other processes on this CPU distort absolute times)")
     targets = {"1": (20.0, 2.0, 0.70), "2": (None, 3.0, 0.30)}
     all_results = {}
@@ -148,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         all_results["1"] = run_case("1", E=64, k=2, T=16384, d=256, h=256, repeats=args.repeats, dense_repeats=2,
                                     layout=args.layout)
     if args.case in ("2", "all"):
-        all_results["2"] = run_case("2", E=256, k=2, T=4096, d=64, h=64, repeats=args.repeats * 4,
-                                    dense_repeats=args.repeats, layout=args.layout)
+        all_results["2"] = run_case("2", E=256, k=2, T=4096, d=64, h=64, repeats=args.repeats * 2,
+                                    dense_repeats=max(1, args.repeats // 2), layout=args.layout)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print("targets (fwd+bwd): case 1 >= 20x dense, >= 2x loop, >= 70% matmul rate; case 2 >= 3x loop, >= 30%")
     for case, res in all_results.items():

@@ -9,7 +9,9 @@ a bincount, a cumsum):
 - padded layout: E x C slots, C = the largest expert load; one `torch.bmm` per layer over (E, C, d). Padding
   slots point at row 0 with weight 0, so they cost FLOPs but change no value and no gradient.
 - grouped layout: the N assignments sorted by expert, one `torch._grouped_mm` per layer (no padding). Chosen when
-  experts get many rows each (per-group overhead is then negligible) and this torch has the op.
+  experts get many rows each (per-group overhead is then negligible) and this torch has the op. On CPU it runs
+  in blocks of whole experts of ~CPU_BLOCK_SLOTS slots, so each block's activations are still in cache when the
+  next layer reads them (benchmarks/README.md, sparse MoE layer).
 
 `ExpertDispatch` is one autograd Function: gather rows (index_select), the per-layer batched matmuls, the
 weighted scatter-add back (index_add_), and a hand-written backward doing the same with bmm / grouped_mm.
@@ -39,6 +41,8 @@ LAYOUTS = ("auto", "padded", "grouped")
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 # Below this many rows per expert on average the grouped matmul's per-group overhead dominates: use padded bmm.
 GROUPED_MIN_ROWS_PER_EXPERT = 128
+# Grouped dispatch on CPU runs in blocks of whole experts of about this many slots (see ExpertDispatch).
+CPU_BLOCK_SLOTS = 4096
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -157,91 +161,127 @@ def _weight_grad(h: torch.Tensor, g: torch.Tensor, plan_cap: int, offsets: torch
     return torch.bmm(h.view(E, plan_cap, -1).transpose(1, 2), g.view(E, plan_cap, -1))
 
 
+def expert_blocks(offsets: torch.Tensor | None, num_slots: int, num_experts: int,
+                  block_slots: int) -> list[tuple[int, int, int, int]]:
+    """Split the slots into blocks of whole experts, (e0, e1, s0, s1) each: experts [e0, e1) own slots [s0, s1).
+
+    Grouped layout only (offsets = cumulative slot counts); a block closes at the first expert that starts at or
+    past the next multiple of block_slots. One block for the padded layout or block_slots <= 0.
+    """
+    if offsets is None or block_slots <= 0 or num_slots <= block_slots:
+        return [(0, num_experts, 0, num_slots)]
+    ends = offsets.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # (E,) first slot of each expert
+    window = starts // block_slots
+    firsts = [0, *(torch.nonzero(window[1:] != window[:-1]).flatten() + 1).tolist()]  # experts opening a block
+    bounds = starts[firsts].tolist() + [num_slots]
+    return [(e0, e1, bounds[i], bounds[i + 1])
+            for i, (e0, e1) in enumerate(zip(firsts, firsts[1:] + [num_experts]))]
+
+
 class ExpertDispatch(torch.autograd.Function):
     """out[out_row(s)] += slot_w[s] * expert_{e(s)}(x[row(s)]) over all slots s. Shapes:
 
     x (T, d); slot_w, rows, out_rows, experts (S,); params = W_0, b_0, W_1, b_1, ... with W_l (E, d_l, d_l+1).
     Returns (num_out, D). Backward: the same gathers / batched matmuls / scatters, nothing per expert in Python.
+
+    The grouped layout runs in blocks of whole experts of about `block_slots` slots (a few per call, not one per
+    expert): each block's gathered rows and activations are made, used and saved while they are still in cache,
+    instead of every layer streaming (S, d) tensors through memory.
     """
 
     @staticmethod
     def forward(ctx, x, slot_w, rows, out_rows, experts, offsets, capacity, num_out, activation, activate_last,
-                dropout, *params):
+                dropout, block_slots, *params):
         E = params[0].shape[0]
         L = len(params) // 2
         act = ACTIVATIONS[activation]
-        h = x.index_select(0, rows)  # (S, d)
-        saved_in, saved_act, saved_mask = [], [], []  # layer inputs; relu outputs or pre-activations; dropout masks
-        for layer in range(L):
-            w, b = params[2 * layer], params[2 * layer + 1]
-            saved_in.append(h)
-            z = _layer_mm(h, w, capacity, offsets)  # (S, d_l+1)
-            if offsets is not None:
-                z += b.index_select(0, experts)
-            else:
-                z.view(E, capacity, -1).add_(b.unsqueeze(1))
-            if layer < L - 1 or activate_last:
-                if activation == "relu":
-                    h = z.relu_()
-                    if dropout > 0:  # after a ReLU the kept mask is (h > 0): nothing more to save
-                        F.dropout(h, dropout, training=True, inplace=True)
-                    saved_act.append(h)
+        blocks = expert_blocks(offsets, rows.numel(), E, block_slots)
+        out = x.new_zeros(num_out, params[-1].shape[-1])
+        saved: list[torch.Tensor] = []  # per block: L layer inputs, L activations, y, then any dropout masks
+        for e0, e1, s0, s1 in blocks:
+            offs = None if offsets is None else offsets[e0:e1] - s0
+            h = x.index_select(0, rows[s0:s1])  # (s, d)
+            ins, acts, masks = [], [], []  # layer inputs; relu outputs or pre-activations; dropout masks
+            for layer in range(L):
+                w, b = params[2 * layer][e0:e1], params[2 * layer + 1]
+                ins.append(h)
+                z = _layer_mm(h, w, capacity, offs)  # (s, d_l+1)
+                if offs is not None:
+                    z += b.index_select(0, experts[s0:s1])
                 else:
-                    h = act(z)
-                    saved_act.append(z)
-                    if dropout > 0:
-                        mask = torch.empty_like(h).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
-                        h = h.mul_(mask)
-                        saved_mask.append(mask)
-            else:
-                h = z
-                saved_act.append(torch.empty(0))
-        y = h  # (S, D)
-        out = x.new_zeros(num_out, y.shape[1]).index_add_(0, out_rows, y * slot_w.unsqueeze(1))
-        ctx.meta = (capacity, activation, activate_last, L, E, offsets is not None, dropout)
+                    z.view(E, capacity, -1).add_(b.unsqueeze(1))
+                if layer < L - 1 or activate_last:
+                    if activation == "relu":
+                        h = z.relu_()
+                        if dropout > 0:  # after a ReLU the kept mask is (h > 0): nothing more to save
+                            F.dropout(h, dropout, training=True, inplace=True)
+                        acts.append(h)
+                    else:
+                        h = act(z)
+                        acts.append(z)
+                        if dropout > 0:
+                            mask = torch.empty_like(h).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+                            h = h.mul_(mask)
+                            masks.append(mask)
+                else:
+                    h = z
+                    acts.append(torch.empty(0))
+            out.index_add_(0, out_rows[s0:s1], h * slot_w[s0:s1].unsqueeze(1))  # h is y (s, D) now
+            saved += [*ins, *acts, h, *masks]
+        ctx.meta = (capacity, activation, activate_last, L, E, dropout, blocks)
         ctx.save_for_backward(x, slot_w, rows, out_rows, experts, offsets if offsets is not None else torch.empty(0),
-                              y, *params, *saved_in, *saved_act, *saved_mask)
+                              *params, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        capacity, activation, activate_last, L, E, grouped, dropout = ctx.meta
+        capacity, activation, activate_last, L, E, dropout, blocks = ctx.meta
         saved = ctx.saved_tensors
-        x, slot_w, rows, out_rows, experts, offsets, y = saved[:7]
-        offsets = offsets if grouped else None
-        params = saved[7 : 7 + 2 * L]
-        saved_in = saved[7 + 2 * L : 7 + 3 * L]
-        saved_act = saved[7 + 3 * L : 7 + 4 * L]
-        masks = list(saved[7 + 4 * L :])  # non-ReLU dropout masks (already scaled by 1 / keep), in layer order
+        x, slot_w, rows, out_rows, experts, offsets = saved[:6]
+        offsets = offsets if offsets.numel() else None  # saved as an empty tensor for the padded layout
+        params = saved[6 : 6 + 2 * L]
+        per_block = saved[6 + 2 * L :]
+        n_masks = sum(1 for layer in range(L) if layer < L - 1 or activate_last) if (
+            dropout > 0 and activation != "relu") else 0
+        stride = 2 * L + 1 + n_masks
 
-        gy = grad_out.index_select(0, out_rows)  # (S, D) gradient of each slot's weighted output
-        grad_w = torch.linalg.vecdot(gy, y) if ctx.needs_input_grad[1] else None  # (S,) one fused pass
-        gy.mul_(slot_w.unsqueeze(1))  # padding slots: weight 0, so no gradient flows from them anywhere
-
-        param_grads: list[torch.Tensor | None] = [None] * (2 * L)
-        for layer in reversed(range(L)):
-            w = params[2 * layer]
-            if layer < L - 1 or activate_last:
-                a = saved_act[layer]
-                if activation == "relu":
-                    gy = torch.ops.aten.threshold_backward(gy, a, 0.0)  # a is after dropout: zero where dropped
-                    if dropout > 0:
-                        gy.mul_(1.0 / (1.0 - dropout))
+        grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = slot_w.new_empty(slot_w.shape) if ctx.needs_input_grad[1] else None
+        param_grads = [torch.empty_like(p) for p in params]
+        for i, (e0, e1, s0, s1) in enumerate(blocks):
+            block = per_block[i * stride : (i + 1) * stride]
+            ins, acts, y, masks = block[:L], block[L : 2 * L], block[2 * L], list(block[2 * L + 1 :])
+            offs = None if offsets is None else offsets[e0:e1] - s0
+            gy = grad_out.index_select(0, out_rows[s0:s1])  # (s, D) gradient of each slot's weighted output
+            if grad_w is not None:
+                grad_w[s0:s1] = torch.linalg.vecdot(gy, y)  # one fused pass
+            gy.mul_(slot_w[s0:s1].unsqueeze(1))  # padding slots: weight 0, so no gradient flows from them anywhere
+            for layer in reversed(range(L)):
+                w = params[2 * layer][e0:e1]
+                if layer < L - 1 or activate_last:
+                    a = acts[layer]
+                    if activation == "relu":
+                        gy = torch.ops.aten.threshold_backward(gy, a, 0.0)  # a is after dropout: zero where dropped
+                        if dropout > 0:
+                            gy.mul_(1.0 / (1.0 - dropout))
+                    else:
+                        if dropout > 0:
+                            gy = gy * masks.pop()
+                        with torch.enable_grad():
+                            z = a.detach().requires_grad_(True)
+                            (gy,) = torch.autograd.grad(ACTIVATIONS[activation](z), z, gy)
+                param_grads[2 * layer][e0:e1] = _weight_grad(ins[layer], gy, capacity, offs, e1 - e0)
+                if offs is not None:
+                    param_grads[2 * layer + 1][e0:e1] = gy.new_zeros(e1 - e0, gy.shape[1]).index_add_(
+                        0, experts[s0:s1] - e0, gy)
                 else:
-                    if dropout > 0:
-                        gy = gy * masks.pop()
-                    with torch.enable_grad():
-                        z = a.detach().requires_grad_(True)
-                        (gy,) = torch.autograd.grad(ACTIVATIONS[activation](z), z, gy)
-            param_grads[2 * layer] = _weight_grad(saved_in[layer], gy, capacity, offsets, E)
-            if grouped:
-                param_grads[2 * layer + 1] = gy.new_zeros(E, gy.shape[1]).index_add_(0, experts, gy)
-            else:
-                param_grads[2 * layer + 1] = gy.view(E, capacity, -1).sum(1)
-            if layer > 0 or ctx.needs_input_grad[0]:
-                gy = _layer_mm(gy, w.transpose(1, 2), capacity, offsets)  # (S, d_l)
-        grad_x = x.new_zeros(x.shape).index_add_(0, rows, gy) if ctx.needs_input_grad[0] else None
-        return (grad_x, grad_w, None, None, None, None, None, None, None, None, None, *param_grads)
+                    param_grads[2 * layer + 1][e0:e1] = gy.view(e1 - e0, capacity, -1).sum(1)
+                if layer > 0 or grad_x is not None:
+                    gy = _layer_mm(gy, w.transpose(1, 2), capacity, offs)  # (s, d_l)
+            if grad_x is not None:
+                grad_x.index_add_(0, rows[s0:s1], gy)
+        return (grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, *param_grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +354,8 @@ class StackedExperts(nn.Module):
         slot_w = plan.slot_weights(weights.to(x.dtype))  # (S,)
         return ExpertDispatch.apply(x, slot_w, plan.rows, plan.out_rows, plan.experts, plan.offsets, plan.capacity,
                                     plan.num_out, self.activation, self.activate_last,
-                                    self.dropout if self.training else 0.0, *self._params())
+                                    self.dropout if self.training else 0.0,
+                                    CPU_BLOCK_SLOTS if x.device.type == "cpu" else 0, *self._params())
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: (T, d) -> (E, T, D). Reference path (E/k times the FLOPs)."""

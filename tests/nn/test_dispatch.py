@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmoe_rec.nn.dispatch import StackedExperts, apply_capacity, capacity_for, plan_dispatch
+import mmoe_rec.nn.dispatch as dispatch
+from mmoe_rec.nn.dispatch import StackedExperts, apply_capacity, capacity_for, expert_blocks, plan_dispatch
 
 
 def random_assignments(T, E, k, seed=0):
@@ -48,6 +49,51 @@ def test_vectorized_equals_loop_equals_dense_forward_and_grads(layout, dtype, ac
         torch.testing.assert_close(out, results[0][0], **tol)
         for a, b in zip(grads, results[0][1]):
             torch.testing.assert_close(a, b, **tol)
+
+
+def test_expert_blocks_cover_every_expert_and_slot_once():
+    counts = torch.tensor([5, 0, 3, 9, 0, 0, 4, 1])
+    offsets = counts.cumsum(0).to(torch.int32)
+    for block_slots in (1, 4, 6, 100, 0):
+        blocks = expert_blocks(offsets, int(counts.sum()), 8, block_slots)
+        assert blocks[0][:3:2] == (0, 0) and blocks[-1][1] == 8 and blocks[-1][3] == 22
+        for (e0, e1, s0, s1), (f0, _, t0, _) in zip(blocks, blocks[1:]):
+            assert e1 == f0 and s1 == t0 and e0 < e1  # contiguous, no expert twice
+        for e0, e1, s0, s1 in blocks:  # a block owns exactly its experts' slots
+            assert s1 - s0 == int(counts[e0:e1].sum())
+    assert expert_blocks(None, 22, 8, 4) == [(0, 8, 0, 22)]  # padded layout: one block
+
+
+@pytest.mark.parametrize("block_slots", [0, 7, 16, 33])
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_blocked_grouped_dispatch_equals_the_loop(monkeypatch, block_slots, act):
+    """The CPU grouped path runs in blocks of whole experts: every block size gives the loop's values and grads."""
+    T, E, k, d = 60, 7, 2, 8
+    torch.manual_seed(0)
+    ex = StackedExperts(E, d, [16, 8], activation=act)
+    _, experts, rows, weights = random_assignments(T, E, k)
+    experts[experts == 3] = 4  # an empty expert inside a block
+    x = torch.randn(T, d, requires_grad=True)
+    w = weights.float().requires_grad_(True)
+    plan = ex.plan(experts, rows, num_out=T, layout="grouped")
+    gout = torch.randn(T, ex.out_dim)
+    monkeypatch.setattr(dispatch, "CPU_BLOCK_SLOTS", block_slots)
+    out = ex(x, plan, w)
+    grads = torch.autograd.grad((out * gout).sum(), [x, w, *ex.parameters()])
+    ref = ex.forward_loop(x, experts, rows, w)
+    ref_grads = torch.autograd.grad((ref * gout).sum(), [x, w, *ex.parameters()])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # with dropout the blocks draw their masks in their own order: still one deterministic function of the seed
+    ex.dropout = 0.3
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        o = ex(x, plan, w)
+        runs.append((o, torch.autograd.grad((o * gout).sum(), [x, w, *ex.parameters()])))
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=0, atol=0)
+    assert not torch.allclose(runs[0][0], out) and all(torch.isfinite(g).all() for g in runs[0][1])
 
 
 def test_dispatch_gradcheck_padded():
