@@ -1,20 +1,70 @@
 """Evaluation metrics per task with torchmetrics: state is kept per rank and reduced across ranks on `compute()`.
 
-binary:     auc (BinaryAUROC, exact: the rank's predictions are gathered, not binned) and logloss
+binary:     auc (WeightedBinaryAUROC, exact: every rank's predictions are gathered, not binned) and logloss
             (mean BCE as a MeanMetric: a (sum, weight) pair summed across ranks, so the global mean is exact
             whatever the per-rank row counts).
 regression: mse (MeanMetric of squared errors, same reduction).
-Sample weights weight logloss / mse; AUROC is unweighted (torchmetrics' AUROC takes no weights).
+Sample weights weight all three: a row of weight 2 counts as that row twice (torchmetrics' AUROC takes no
+weights, hence our own).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics import Metric, MeanMetric
+from torchmetrics.utilities.data import dim_zero_cat
 
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.training.losses import row_losses
+
+
+class WeightedBinaryAUROC(Metric):
+    """ROC AUC with sample weights: P(score of a positive > score of a negative), each pair weighted by the product
+    of the two rows' weights, ties counting one half. Equals the unweighted AUC when all weights are equal.
+
+    States are concatenated across ranks (like torchmetrics' exact BinaryAUROC). With no positive or no negative
+    weight the AUC is undefined: compute warns and returns 0, as torchmetrics does.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("scores", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+        self.add_state("weights", default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        self.scores.append(scores.detach().flatten().double())
+        self.labels.append(labels.detach().flatten().double())
+        w = torch.ones_like(self.scores[-1]) if weights is None else weights.detach().flatten().double()
+        self.weights.append(w)
+
+    def compute(self) -> torch.Tensor:
+        if isinstance(self.scores, list) and not self.scores:  # nothing seen on any rank
+            warnings.warn("AUC of no rows; returning 0", RuntimeWarning, stacklevel=2)
+            return torch.tensor(0.0)
+        return weighted_auc(dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.weights))
+
+
+def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N,) scores, 0/1 labels, weights -> scalar AUC. One sort; equal scores form one group whose negatives
+    count half against its positives."""
+    order = torch.argsort(scores)
+    s, y, w = scores[order], labels[order], weights[order]
+    _, group, _ = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
+    n_groups = int(group[-1]) + 1 if group.numel() else 0
+    pos = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group, w * y)  # (G,)
+    neg = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group, w * (1 - y))
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos <= 0 or total_neg <= 0:
+        warnings.warn("AUC is undefined without both positive and negative (weighted) rows; returning 0",
+                      RuntimeWarning, stacklevel=2)
+        return torch.tensor(0.0, device=s.device)
+    neg_below = torch.cumsum(neg, 0) - neg  # negative weight with a strictly lower score, per group
+    return ((pos * (neg_below + 0.5 * neg)).sum() / (total_pos * total_neg)).float()
 
 
 class TaskMetrics(nn.Module):
@@ -27,7 +77,7 @@ class TaskMetrics(nn.Module):
         self.metrics = nn.ModuleDict()
         for t, kind in self.types.items():
             if kind == "binary":
-                self.metrics[f"{t}__auc"] = BinaryAUROC()
+                self.metrics[f"{t}__auc"] = WeightedBinaryAUROC()
                 self.metrics[f"{t}__logloss"] = MeanMetric()
             else:
                 self.metrics[f"{t}__mse"] = MeanMetric()
@@ -40,7 +90,7 @@ class TaskMetrics(nn.Module):
             per_row = row_losses(logit, label, kind)  # (B,)
             w = torch.ones_like(per_row) if weights is None else weights.float()
             if kind == "binary":
-                self.metrics[f"{t}__auc"].update(torch.sigmoid(logit), label.long())
+                self.metrics[f"{t}__auc"].update(torch.sigmoid(logit), label, w)
                 self.metrics[f"{t}__logloss"].update(per_row, w)
             else:
                 self.metrics[f"{t}__mse"].update(per_row, w)

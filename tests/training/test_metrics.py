@@ -1,0 +1,79 @@
+"""Per-task metrics: the weighted AUC against torchmetrics' unweighted AUROC and a brute-force pairwise reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchmetrics.classification import BinaryAUROC
+
+from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.training.metrics import TaskMetrics, WeightedBinaryAUROC, weighted_auc
+
+
+def pairwise_auc(scores, labels, weights):
+    """O(n^2) definition: sum over (positive, negative) pairs of w_p * w_n * (1 if s_p > s_n, 1/2 if equal)."""
+    num = den = 0.0
+    for sp, yp, wp in zip(scores.tolist(), labels.tolist(), weights.tolist()):
+        if yp != 1:
+            continue
+        for sn, yn, wn in zip(scores.tolist(), labels.tolist(), weights.tolist()):
+            if yn != 0:
+                continue
+            num += wp * wn * (1.0 if sp > sn else 0.5 if sp == sn else 0.0)
+            den += wp * wn
+    return num / den
+
+
+def data(n=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 40, (n,), generator=g).float() / 40  # many ties on purpose
+    labels = (torch.rand(n, generator=g) < 0.3 + 0.5 * scores).float()
+    weights = torch.rand(n, generator=g) * 3
+    return scores, labels, weights
+
+
+def test_equal_weights_give_torchmetrics_auroc():
+    scores, labels, _ = data()
+    ref = BinaryAUROC()
+    ref.update(scores, labels.long())
+    ours = WeightedBinaryAUROC()
+    ours.update(scores[:100], labels[:100])  # several updates, as over validation batches
+    ours.update(scores[100:], labels[100:])
+    torch.testing.assert_close(ours.compute(), ref.compute(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weighted_auc_equals_the_pairwise_definition(seed):
+    scores, labels, weights = data(120, seed)
+    assert weighted_auc(scores.double(), labels.double(), weights.double()).item() == pytest.approx(
+        pairwise_auc(scores, labels, weights), abs=1e-6)
+
+
+def test_weight_two_is_the_row_twice():
+    scores, labels, _ = data(80)
+    w = torch.ones(80)
+    w[:10] = 2.0
+    dup = torch.cat([torch.arange(80), torch.arange(10)])
+    a = weighted_auc(scores.double(), labels.double(), w.double())
+    b = weighted_auc(scores[dup].double(), labels[dup].double(), torch.ones(90, dtype=torch.float64))
+    torch.testing.assert_close(a, b)
+
+
+def test_one_class_only_warns_and_returns_zero():
+    m = WeightedBinaryAUROC()
+    m.update(torch.rand(10), torch.zeros(10))
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        assert m.compute().item() == 0.0
+
+
+def test_task_metrics_weight_auc_and_logloss():
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click")]).finalize()
+    scores, labels, weights = data(200)
+    logits = torch.logit(scores.clamp(0.01, 0.99))
+    metrics = TaskMetrics(spec, ["click"], "val")
+    metrics.update({"click": logits[:120]}, {"click": labels[:120]}, weights[:120])
+    metrics.update({"click": logits[120:]}, {"click": labels[120:]}, weights[120:])
+    out = metrics.compute()
+    assert out["val/click/auc"].item() == pytest.approx(
+        pairwise_auc(torch.sigmoid(logits), labels, weights), abs=1e-6)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    assert out["val/click/logloss"].item() == pytest.approx(float((bce * weights).sum() / weights.sum()), rel=1e-5)
