@@ -17,8 +17,8 @@ logit_t = tower_t(mixed_t)
 - Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
   cf = capacity_factor or k. A row that no expert took counts as dropped and gets the fallback with weight 1.
 - Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z".
-- dropout: after every activated expert layer (routed, shared, fallback; inside the fused dispatch too) and in the
-  towers, in training only.
+- dropout and norm ("none" or "layer"): in every activated expert layer (routed, shared, fallback; inside the
+  fused dispatch too) and in the towers; dropout in training only.
 - Loss-free balancing: per-gate selection bias, updated by `after_optimizer_step(output)` from the recorded
   choices (b += rate · sign(mean load − load)).
 """
@@ -74,6 +74,7 @@ class SparseMMoE(MultiTaskModel):
         tower_hidden: list[int] | tuple[int, ...] = (16,),
         expert_activation: str = "relu",
         dropout: float = 0.0,
+        norm: str = "none",
         num_shared_experts: int = 0,
         fine_grained: int = 1,
         capacity_factor: float | None = None,
@@ -115,16 +116,16 @@ class SparseMMoE(MultiTaskModel):
 
         self.front = EmbeddingFront(feature_spec, embedding_dim=embedding_dim)
         d_in = self.front.out_dim
-        self.experts = StackedExperts(self.num_experts, d_in, hidden, activation=expert_activation, dropout=dropout)
-        self.shared_experts = (StackedExperts(num_shared_experts, d_in, hidden, activation=expert_activation,
-                                              dropout=dropout) if num_shared_experts else None)
+        mlp = dict(activation=expert_activation, dropout=dropout, norm=norm)
+        self.experts = StackedExperts(self.num_experts, d_in, hidden, **mlp)
+        self.shared_experts = StackedExperts(num_shared_experts, d_in, hidden, **mlp) if num_shared_experts else None
         # Drops fall back to the shared experts; without any, to one dense fallback expert.
         needs_fallback = capacity_factor is not None or router == "expert_choice"
-        self.fallback = (StackedExperts(1, d_in, hidden, activation=expert_activation, dropout=dropout)
+        self.fallback = (StackedExperts(1, d_in, hidden, **mlp)
                          if needs_fallback and self.shared_experts is None else None)
         self.gates = nn.ModuleDict({t: self._make_router(router, d_in, noise, normalize, router_init, loss_free_bias,
                                                          bias_update_rate) for t in self.tasks})
-        self.towers = nn.ModuleDict({t: Tower(self.experts.out_dim, list(tower_hidden), dropout=dropout)
+        self.towers = nn.ModuleDict({t: Tower(self.experts.out_dim, list(tower_hidden), dropout=dropout, norm=norm)
                                      for t in self.tasks})
 
     def _make_router(self, router, d_in, noise, normalize, init, loss_free_bias, rate) -> nn.Module:

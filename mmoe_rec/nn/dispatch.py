@@ -43,6 +43,8 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 GROUPED_MIN_ROWS_PER_EXPERT = 128
 # Grouped dispatch on CPU runs in blocks of whole experts of about this many slots (see ExpertDispatch).
 CPU_BLOCK_SLOTS = 4096
+NORMS = ("none", "layer")
+NORM_EPS = 1e-5  # as nn.LayerNorm and nn.experts.ExpertStack
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,6 +181,24 @@ def expert_blocks(offsets: torch.Tensor | None, num_slots: int, num_experts: int
             for i, (e0, e1) in enumerate(zip(firsts, firsts[1:] + [num_experts]))]
 
 
+def _per_expert_affine(t: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None, experts: torch.Tensor,
+                       E: int, capacity: int, grouped: bool) -> torch.Tensor:
+    """t * gamma[e(s)] (+ beta[e(s)]) per slot: (s, b), gamma / beta (E, b) -> (s, b)."""
+    if grouped:
+        g = gamma.index_select(0, experts)
+        return g.mul_(t) if beta is None else torch.addcmul(beta.index_select(0, experts), t, g)
+    shaped = t.view(E, capacity, -1)
+    out = shaped * gamma.unsqueeze(1) if beta is None else torch.addcmul(beta.unsqueeze(1), shaped, gamma.unsqueeze(1))
+    return out.view(t.shape)
+
+
+def _per_expert_sum(t: torch.Tensor, experts: torch.Tensor, E: int, capacity: int, grouped: bool) -> torch.Tensor:
+    """Sum of the slots' rows per expert: (s, b) -> (E, b); experts counted from 0 within the block."""
+    if grouped:
+        return t.new_zeros(E, t.shape[1]).index_add_(0, experts, t)
+    return t.view(E, capacity, -1).sum(1)
+
+
 class ExpertDispatch(torch.autograd.Function):
     """out[out_row(s)] += slot_w[s] * expert_{e(s)}(x[row(s)]) over all slots s. Shapes:
 
@@ -192,17 +212,18 @@ class ExpertDispatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, slot_w, rows, out_rows, experts, offsets, capacity, num_out, activation, activate_last,
-                dropout, block_slots, *params):
+                dropout, norm, block_slots, num_layers, *params):
+        L = num_layers
         E = params[0].shape[0]
-        L = len(params) // 2
+        norm_params = params[2 * L :]  # gamma_0, beta_0, gamma_1, ... for the normalized (activated) layers
         act = ACTIVATIONS[activation]
         blocks = expert_blocks(offsets, rows.numel(), E, block_slots)
-        out = x.new_zeros(num_out, params[-1].shape[-1])
-        saved: list[torch.Tensor] = []  # per block: L layer inputs, L activations, y, then any dropout masks
+        out = x.new_zeros(num_out, params[2 * L - 2].shape[-1])
+        saved: list[torch.Tensor] = []  # per block: L layer inputs, L activations, y, norm (x_hat, rstd)s, masks
         for e0, e1, s0, s1 in blocks:
             offs = None if offsets is None else offsets[e0:e1] - s0
             h = x.index_select(0, rows[s0:s1])  # (s, d)
-            ins, acts, masks = [], [], []  # layer inputs; relu outputs or pre-activations; dropout masks
+            ins, acts, normed, masks = [], [], [], []
             for layer in range(L):
                 w, b = params[2 * layer][e0:e1], params[2 * layer + 1]
                 ins.append(h)
@@ -211,6 +232,12 @@ class ExpertDispatch(torch.autograd.Function):
                     z += b.index_select(0, experts[s0:s1])
                 else:
                     z.view(E, capacity, -1).add_(b.unsqueeze(1))
+                if norm and (layer < L - 1 or activate_last):  # layer norm per row, affine per expert
+                    rstd = torch.rsqrt(z.var(1, unbiased=False, keepdim=True) + NORM_EPS)  # (s, 1)
+                    x_hat = (z - z.mean(1, keepdim=True)).mul_(rstd)
+                    gamma, beta = norm_params[2 * layer], norm_params[2 * layer + 1]  # (E, d_l+1)
+                    z = _per_expert_affine(x_hat, gamma, beta, experts[s0:s1], E, capacity, offs is not None)
+                    normed += [x_hat, rstd]
                 if layer < L - 1 or activate_last:
                     if activation == "relu":
                         h = z.relu_()
@@ -228,30 +255,33 @@ class ExpertDispatch(torch.autograd.Function):
                     h = z
                     acts.append(torch.empty(0))
             out.index_add_(0, out_rows[s0:s1], h * slot_w[s0:s1].unsqueeze(1))  # h is y (s, D) now
-            saved += [*ins, *acts, h, *masks]
-        ctx.meta = (capacity, activation, activate_last, L, E, dropout, blocks)
+            saved += [*ins, *acts, h, *normed, *masks]
+        ctx.meta = (capacity, activation, activate_last, L, E, dropout, norm, blocks)
         ctx.save_for_backward(x, slot_w, rows, out_rows, experts, offsets if offsets is not None else torch.empty(0),
                               *params, *saved)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        capacity, activation, activate_last, L, E, dropout, blocks = ctx.meta
+        capacity, activation, activate_last, L, E, dropout, norm, blocks = ctx.meta
         saved = ctx.saved_tensors
         x, slot_w, rows, out_rows, experts, offsets = saved[:6]
         offsets = offsets if offsets.numel() else None  # saved as an empty tensor for the padded layout
-        params = saved[6 : 6 + 2 * L]
-        per_block = saved[6 + 2 * L :]
-        n_masks = sum(1 for layer in range(L) if layer < L - 1 or activate_last) if (
-            dropout > 0 and activation != "relu") else 0
-        stride = 2 * L + 1 + n_masks
+        n_act = L if activate_last else L - 1  # activated (and, with norm, normalized) layers: the first n_act
+        n_params = 2 * L + (2 * n_act if norm else 0)
+        params = saved[6 : 6 + n_params]
+        per_block = saved[6 + n_params :]
+        n_norm = 2 * n_act if norm else 0
+        n_masks = n_act if dropout > 0 and activation != "relu" else 0
+        stride = 2 * L + 1 + n_norm + n_masks
 
         grad_x = x.new_zeros(x.shape) if ctx.needs_input_grad[0] else None
         grad_w = slot_w.new_empty(slot_w.shape) if ctx.needs_input_grad[1] else None
         param_grads = [torch.empty_like(p) for p in params]
         for i, (e0, e1, s0, s1) in enumerate(blocks):
             block = per_block[i * stride : (i + 1) * stride]
-            ins, acts, y, masks = block[:L], block[L : 2 * L], block[2 * L], list(block[2 * L + 1 :])
+            ins, acts, y = block[:L], block[L : 2 * L], block[2 * L]
+            normed, masks = block[2 * L + 1 : 2 * L + 1 + n_norm], list(block[2 * L + 1 + n_norm :])
             offs = None if offsets is None else offsets[e0:e1] - s0
             gy = grad_out.index_select(0, out_rows[s0:s1])  # (s, D) gradient of each slot's weighted output
             if grad_w is not None:
@@ -271,17 +301,26 @@ class ExpertDispatch(torch.autograd.Function):
                         with torch.enable_grad():
                             z = a.detach().requires_grad_(True)
                             (gy,) = torch.autograd.grad(ACTIVATIONS[activation](z), z, gy)
+                    if norm:  # back through gamma * x_hat + beta and the row normalization
+                        x_hat, rstd = normed[2 * layer], normed[2 * layer + 1]
+                        gamma = params[2 * L + 2 * layer]
+                        ex = experts[s0:s1]
+                        param_grads[2 * L + 2 * layer][e0:e1] = _per_expert_sum(gy * x_hat, ex - e0, e1 - e0,
+                                                                                capacity, offs is not None)
+                        param_grads[2 * L + 2 * layer + 1][e0:e1] = _per_expert_sum(gy, ex - e0, e1 - e0, capacity,
+                                                                                    offs is not None)
+                        g_hat = _per_expert_affine(gy, gamma, None, ex, E, capacity, offs is not None)
+                        gy = rstd * (g_hat - g_hat.mean(1, keepdim=True)
+                                     - x_hat * (g_hat * x_hat).mean(1, keepdim=True))
                 param_grads[2 * layer][e0:e1] = _weight_grad(ins[layer], gy, capacity, offs, e1 - e0)
-                if offs is not None:
-                    param_grads[2 * layer + 1][e0:e1] = gy.new_zeros(e1 - e0, gy.shape[1]).index_add_(
-                        0, experts[s0:s1] - e0, gy)
-                else:
-                    param_grads[2 * layer + 1][e0:e1] = gy.view(e1 - e0, capacity, -1).sum(1)
+                param_grads[2 * layer + 1][e0:e1] = _per_expert_sum(gy, experts[s0:s1] - e0, e1 - e0, capacity,
+                                                                    offs is not None)
                 if layer > 0 or grad_x is not None:
                     gy = _layer_mm(gy, w.transpose(1, 2), capacity, offs)  # (s, d_l)
             if grad_x is not None:
                 grad_x.index_add_(0, rows[s0:s1], gy)
-        return (grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, *param_grads)
+        return (grad_x, grad_w, None, None, None, None, None, None, None, None, None, None, None, None,
+                *param_grads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,13 +330,14 @@ class ExpertDispatch(torch.autograd.Function):
 class StackedExperts(nn.Module):
     """E expert MLPs d_in -> hidden[0] -> ... -> hidden[-1], weights stacked as (E, d_l, d_l+1).
 
-    Activation after every layer (the last too unless activate_last=False), then dropout (training only) after
-    every activated layer, as `nn.experts.ExpertStack`. Init as nn.Linear, per expert. No norm: a per-(expert,
-    channel) norm would need its statistics over each expert's own rows, which the sparse path does not have.
+    Every activated layer (all but the last unless activate_last) is Linear -> norm -> activation -> dropout, as
+    in `nn.experts.ExpertStack`, with the same parameter names. norm: "none" or "layer" (each row normalized,
+    then a per-(expert, channel) affine). Batch norm is not offered: its statistics would be over each expert's
+    routed rows, which change with the routing. Dropout in training only. Init as nn.Linear, per expert.
     """
 
     def __init__(self, num_experts: int, d_in: int, hidden: list[int] | tuple[int, ...], activation: str = "relu",
-                 activate_last: bool = True, dropout: float = 0.0) -> None:
+                 activate_last: bool = True, dropout: float = 0.0, norm: str = "none") -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -307,13 +347,22 @@ class StackedExperts(nn.Module):
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if norm not in NORMS:
+            raise ValueError(f"sparse experts take norm in {NORMS}, got {norm!r} (batch statistics per expert "
+                             "would follow the routing)")
         self.num_experts = num_experts
         self.activation = activation
         self.activate_last = activate_last
         self.dropout = float(dropout)
+        self.norm = norm
         dims = [d_in, *hidden]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_experts, a, b)) for a, b in zip(dims, dims[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in dims[1:])
+        normed = dims[1:] if activate_last else dims[1:-1]  # widths of the activated layers
+        self.norm_weights = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in normed) \
+            if norm == "layer" else None
+        self.norm_biases = nn.ParameterList(nn.Parameter(torch.empty(num_experts, b)) for b in normed) \
+            if norm == "layer" else None
         self.reset_parameters()
 
     @property
@@ -325,6 +374,10 @@ class StackedExperts(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             nn.init.uniform_(w, -bound, bound)
             nn.init.uniform_(b, -bound, bound)
+        if self.norm_weights is not None:
+            for g, beta in zip(self.norm_weights, self.norm_biases):
+                nn.init.ones_(g)
+                nn.init.zeros_(beta)
 
     def supports_grouped(self, dtype: torch.dtype) -> bool:
         """torch._grouped_mm takes float32 / bfloat16 with rows 16-byte aligned: widths divisible by 16 bytes."""
@@ -340,12 +393,21 @@ class StackedExperts(nn.Module):
                              grouped_ok=self.supports_grouped(dtype))
 
     def _params(self) -> list[torch.Tensor]:
-        return [t for pair in zip(self.weights, self.biases) for t in pair]
+        """W_0, b_0, W_1, b_1, ..., then the norm's gamma_0, beta_0, ... (ExpertDispatch's parameter order)."""
+        params = [t for pair in zip(self.weights, self.biases) for t in pair]
+        if self.norm_weights is not None:
+            params += [t for pair in zip(self.norm_weights, self.norm_biases) for t in pair]
+        return params
 
-    def _act(self, z: torch.Tensor, layer: int) -> torch.Tensor:
-        if layer < len(self.weights) - 1 or self.activate_last:
-            return F.dropout(ACTIVATIONS[self.activation](z), self.dropout, training=self.training)
-        return z
+    def _act(self, z: torch.Tensor, layer: int, expert: int | None = None) -> torch.Tensor:
+        """Norm, activation, dropout of layer `layer` on z: (E, T, b) for all experts, or (T, b) for `expert`."""
+        if not (layer < len(self.weights) - 1 or self.activate_last):
+            return z
+        if self.norm_weights is not None:
+            g, beta = self.norm_weights[layer], self.norm_biases[layer]
+            g, beta = (g.unsqueeze(1), beta.unsqueeze(1)) if expert is None else (g[expert], beta[expert])
+            z = F.layer_norm(z, z.shape[-1:], eps=NORM_EPS) * g + beta
+        return F.dropout(ACTIVATIONS[self.activation](z), self.dropout, training=self.training)
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
         """Vectorized sparse path. x (T, d); weights (N,) per assignment -> (num_out, D)."""
@@ -354,8 +416,9 @@ class StackedExperts(nn.Module):
         slot_w = plan.slot_weights(weights.to(x.dtype))  # (S,)
         return ExpertDispatch.apply(x, slot_w, plan.rows, plan.out_rows, plan.experts, plan.offsets, plan.capacity,
                                     plan.num_out, self.activation, self.activate_last,
-                                    self.dropout if self.training else 0.0,
-                                    CPU_BLOCK_SLOTS if x.device.type == "cpu" else 0, *self._params())
+                                    self.dropout if self.training else 0.0, self.norm == "layer",
+                                    CPU_BLOCK_SLOTS if x.device.type == "cpu" else 0, len(self.weights),
+                                    *self._params())
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: (T, d) -> (E, T, D). Reference path (E/k times the FLOPs)."""
@@ -382,7 +445,7 @@ class StackedExperts(nn.Module):
                 continue
             h = x.index_select(0, rows.index_select(0, sel))
             for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-                h = self._act(h @ w[e] + b[e], layer)
+                h = self._act(h @ w[e] + b[e], layer, e)
             w = weights.index_select(0, sel).unsqueeze(1).to(x.dtype)
             out.index_add_(0, out_rows.index_select(0, sel), h * w)  # in place: autograd records it
         return out

@@ -100,6 +100,27 @@ def test_dropout_acts_in_training_only_and_reaches_every_expert_path():
     assert all(torch.equal(a.logits[t], b.logits[t]) for t in TASKS)
 
 
+@pytest.mark.parametrize("layout", ["padded", "grouped"])
+def test_layer_norm_model_equals_its_dense_reference_and_trains(layout):
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), embedding_dim=7, num_experts=6, k=2, expert_hidden=[16, 8], noise=False,
+                       norm="layer", dispatch_layout=layout).eval()
+    with torch.no_grad():  # away from the identity init
+        for p in [*model.experts.norm_weights, *model.experts.norm_biases]:
+            p.uniform_(0.5, 1.5)
+    x = features(d=16)
+    out = model.forward_dense(x)
+    for t in TASKS:
+        mixed = model.experts.forward_dense(x, model.gates[t](x).combine)
+        torch.testing.assert_close(out.logits[t], model.towers[t](mixed), atol=1e-5, rtol=1e-5)
+    model.train()
+    out = model(batch(64))
+    sum(v.sum() for v in out.logits.values()).backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in model.experts.norm_weights)
+    with pytest.raises(ValueError, match="norm"):
+        SparseMMoE(spec(), norm="batch")
+
+
 def test_training_gradients_reach_router_experts_and_towers():
     torch.manual_seed(0)
     model = SparseMMoE(spec(), num_experts=4, k=1, router="switch")

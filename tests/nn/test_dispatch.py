@@ -20,6 +20,23 @@ def dense_combine(experts, rows, weights, T, E):
     return torch.zeros(T, E, dtype=weights.dtype).index_put((rows, experts), weights, accumulate=True)
 
 
+def assert_three_paths_agree(ex, x, w, experts, rows, plan, dtype):
+    """Vectorized dispatch, the per-expert loop and the dense every-expert path: same outputs and gradients."""
+    T, E = x.shape[0], ex.num_experts
+    gout = torch.randn(T, ex.out_dim, dtype=dtype)
+    results = []
+    for run in (lambda: ex(x, plan, w),
+                lambda: ex.forward_loop(x, experts, rows, w),
+                lambda: ex.forward_dense(x, dense_combine(experts, rows, w, T, E))):
+        out = run()
+        results.append((out, torch.autograd.grad((out * gout).sum(), [x, w, *ex.parameters()])))
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0], **tol)
+        for a, b in zip(grads, results[0][1]):
+            torch.testing.assert_close(a, b, **tol)
+
+
 @pytest.mark.parametrize("layout,dtype,act,activate_last", [
     ("padded", torch.float64, "relu", True),
     ("padded", torch.float64, "gelu", False),
@@ -36,19 +53,59 @@ def test_vectorized_equals_loop_equals_dense_forward_and_grads(layout, dtype, ac
     w = weights.to(dtype).requires_grad_(True)
     plan = ex.plan(experts, rows, num_out=T, layout=layout, dtype=dtype)
     assert plan.layout == layout
-    gout = torch.randn(T, ex.out_dim, dtype=dtype)
-    results = []
-    for run in (lambda: ex(x, plan, w),
-                lambda: ex.forward_loop(x, experts, rows, w),
-                lambda: ex.forward_dense(x, dense_combine(experts, rows, w, T, E))):
-        out = run()
-        grads = torch.autograd.grad((out * gout).sum(), [x, w, *ex.parameters()])
-        results.append((out, grads))
-    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
-    for out, grads in results[1:]:
-        torch.testing.assert_close(out, results[0][0], **tol)
-        for a, b in zip(grads, results[0][1]):
-            torch.testing.assert_close(a, b, **tol)
+    assert_three_paths_agree(ex, x, w, experts, rows, plan, dtype)
+
+
+@pytest.mark.parametrize("layout,dtype,act,activate_last,block_slots", [
+    ("padded", torch.float64, "relu", True, 0),
+    ("padded", torch.float64, "tanh", False, 0),
+    ("grouped", torch.float32, "relu", True, 0),
+    ("grouped", torch.float32, "gelu", False, 16),
+])
+def test_layer_norm_experts_vectorized_equals_loop_and_dense(monkeypatch, layout, dtype, act, activate_last,
+                                                             block_slots):
+    T, E, k, d = 50, 6, 2, 8
+    torch.manual_seed(0)
+    ex = StackedExperts(E, d, [16, 8], activation=act, activate_last=activate_last, norm="layer").to(dtype)
+    with torch.no_grad():  # away from the identity init, so a wrong gamma / beta index would show
+        for p in [*ex.norm_weights, *ex.norm_biases]:
+            p.uniform_(0.5, 1.5)
+    assert len(ex.norm_weights) == (2 if activate_last else 1)
+    _, experts, rows, weights = random_assignments(T, E, k)
+    experts[experts == 2] = 3  # an empty expert
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    w = weights.to(dtype).requires_grad_(True)
+    plan = ex.plan(experts, rows, num_out=T, layout=layout, dtype=dtype)
+    monkeypatch.setattr(dispatch, "CPU_BLOCK_SLOTS", block_slots)
+    assert_three_paths_agree(ex, x, w, experts, rows, plan, dtype)
+
+
+def test_layer_norm_dispatch_gradcheck_and_dense_expert_stack_agrees():
+    from mmoe_rec.nn.experts import ExpertStack
+
+    torch.manual_seed(0)
+    T, E, d = 10, 3, 4
+    ex = StackedExperts(E, d, [6, 5], activation="tanh", norm="layer", dropout=0.2).double()
+    with torch.no_grad():
+        for p in [*ex.norm_weights, *ex.norm_biases]:
+            p.uniform_(0.5, 1.5)
+    _, experts, rows, weights = random_assignments(T, E, 2, seed=2)
+    plan = plan_dispatch(experts, rows, E, num_out=T, layout="padded")
+    x = torch.randn(T, d, dtype=torch.float64, requires_grad=True)
+    w = weights.clone().requires_grad_(True)
+
+    def train_step(x, w, *params):
+        torch.manual_seed(3)  # the same dropout masks on every call
+        return ex(x, plan, w)
+
+    assert torch.autograd.gradcheck(train_step, (x, w, *ex.parameters()))
+    # the dense experts with the same weights (same names) compute the same experts
+    dense = ExpertStack(E, d, [6, 5], activation="tanh", norm="layer").double()
+    dense.load_state_dict(ex.state_dict(), strict=False)
+    ex.eval()
+    torch.testing.assert_close(dense(x).transpose(0, 1), ex.forward_all(x))
+    with pytest.raises(ValueError, match="norm"):
+        StackedExperts(E, d, [6], norm="batch")
 
 
 def test_expert_blocks_cover_every_expert_and_slot_once():
