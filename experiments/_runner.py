@@ -34,7 +34,7 @@ def train_and_test(
     dm = FeatureDataModule(data_dir, batch_size=batch_size, seed=seed)
     module = MultiTaskModule(model=model, feature_spec=dm.spec,
                              optimizer={"class_path": "torch.optim.Adam",
-                                                "init_args": {"lr": lr, "weight_decay": weight_decay}})
+                                        "init_args": {"lr": lr, "weight_decay": weight_decay}})
     with tempfile.TemporaryDirectory() as ckpt_dir:
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode)
         trainer = L.Trainer(

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmoe_rec.nn.experts import NORM_EPS  # the dense experts' layer norm epsilon: the two stacks compute alike
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
     "gelu": F.gelu,
@@ -44,7 +46,6 @@ GROUPED_MIN_ROWS_PER_EXPERT = 128
 # Grouped dispatch on CPU runs in blocks of whole experts of about this many slots (see ExpertDispatch).
 CPU_BLOCK_SLOTS = 4096
 NORMS = ("none", "layer")
-NORM_EPS = 1e-5  # as nn.LayerNorm and nn.experts.ExpertStack
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,6 +215,7 @@ class ExpertDispatch(torch.autograd.Function):
     def forward(ctx, x, slot_w, rows, out_rows, experts, offsets, capacity, num_out, activation, activate_last,
                 dropout, norm, block_slots, num_layers, *params):
         L = num_layers
+        n_act = L if activate_last else L - 1  # activated (and, with norm, normalized) layers: the first n_act
         E = params[0].shape[0]
         norm_params = params[2 * L :]  # gamma_0, beta_0, gamma_1, ... for the normalized (activated) layers
         act = ACTIVATIONS[activation]
@@ -232,13 +234,13 @@ class ExpertDispatch(torch.autograd.Function):
                     z += b.index_select(0, experts[s0:s1])
                 else:
                     z.view(E, capacity, -1).add_(b.unsqueeze(1))
-                if norm and (layer < L - 1 or activate_last):  # layer norm per row, affine per expert
+                if norm and layer < n_act:  # layer norm per row, affine per expert
                     rstd = torch.rsqrt(z.var(1, unbiased=False, keepdim=True) + NORM_EPS)  # (s, 1)
                     x_hat = (z - z.mean(1, keepdim=True)).mul_(rstd)
                     gamma, beta = norm_params[2 * layer], norm_params[2 * layer + 1]  # (E, d_l+1)
                     z = _per_expert_affine(x_hat, gamma, beta, experts[s0:s1], E, capacity, offs is not None)
                     normed += [x_hat, rstd]
-                if layer < L - 1 or activate_last:
+                if layer < n_act:
                     if activation == "relu":
                         h = z.relu_()
                         if dropout > 0:  # after a ReLU the kept mask is (h > 0): nothing more to save
@@ -283,13 +285,14 @@ class ExpertDispatch(torch.autograd.Function):
             ins, acts, y = block[:L], block[L : 2 * L], block[2 * L]
             normed, masks = block[2 * L + 1 : 2 * L + 1 + n_norm], list(block[2 * L + 1 + n_norm :])
             offs = None if offsets is None else offsets[e0:e1] - s0
+            grouped, ex, local = offs is not None, experts[s0:s1], experts[s0:s1] - e0  # local: ids within the block
             gy = grad_out.index_select(0, out_rows[s0:s1])  # (s, D) gradient of each slot's weighted output
             if grad_w is not None:
                 grad_w[s0:s1] = torch.linalg.vecdot(gy, y)  # one fused pass
             gy.mul_(slot_w[s0:s1].unsqueeze(1))  # padding slots: weight 0, so no gradient flows from them anywhere
             for layer in reversed(range(L)):
                 w = params[2 * layer][e0:e1]
-                if layer < L - 1 or activate_last:
+                if layer < n_act:
                     a = acts[layer]
                     if activation == "relu":
                         gy = torch.ops.aten.threshold_backward(gy, a, 0.0)  # a is after dropout: zero where dropped
@@ -304,17 +307,15 @@ class ExpertDispatch(torch.autograd.Function):
                     if norm:  # back through gamma * x_hat + beta and the row normalization
                         x_hat, rstd = normed[2 * layer], normed[2 * layer + 1]
                         gamma = params[2 * L + 2 * layer]
-                        ex = experts[s0:s1]
-                        param_grads[2 * L + 2 * layer][e0:e1] = _per_expert_sum(gy * x_hat, ex - e0, e1 - e0,
-                                                                                capacity, offs is not None)
-                        param_grads[2 * L + 2 * layer + 1][e0:e1] = _per_expert_sum(gy, ex - e0, e1 - e0, capacity,
-                                                                                    offs is not None)
-                        g_hat = _per_expert_affine(gy, gamma, None, ex, E, capacity, offs is not None)
+                        param_grads[2 * L + 2 * layer][e0:e1] = _per_expert_sum(gy * x_hat, local, e1 - e0, capacity,
+                                                                                grouped)
+                        param_grads[2 * L + 2 * layer + 1][e0:e1] = _per_expert_sum(gy, local, e1 - e0, capacity,
+                                                                                    grouped)
+                        g_hat = _per_expert_affine(gy, gamma, None, ex, E, capacity, grouped)
                         gy = rstd * (g_hat - g_hat.mean(1, keepdim=True)
                                      - x_hat * (g_hat * x_hat).mean(1, keepdim=True))
                 param_grads[2 * layer][e0:e1] = _weight_grad(ins[layer], gy, capacity, offs, e1 - e0)
-                param_grads[2 * layer + 1][e0:e1] = _per_expert_sum(gy, experts[s0:s1] - e0, e1 - e0, capacity,
-                                                                    offs is not None)
+                param_grads[2 * layer + 1][e0:e1] = _per_expert_sum(gy, local, e1 - e0, capacity, grouped)
                 if layer > 0 or grad_x is not None:
                     gy = _layer_mm(gy, w.transpose(1, 2), capacity, offs)  # (s, d_l)
             if grad_x is not None:
