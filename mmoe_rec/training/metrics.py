@@ -54,7 +54,7 @@ def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     count half against its positives."""
     order = torch.argsort(scores)
     s, y, w = scores[order], labels[order], weights[order]
-    _, group, _ = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
+    _, group = torch.unique_consecutive(s, return_inverse=True)  # (N,) tie group of each sorted row
     n_groups = int(group[-1]) + 1 if group.numel() else 0
     pos = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group, w * y)  # (G,)
     neg = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group, w * (1 - y))
