@@ -8,9 +8,9 @@ the router and the experts. Each expert is an FFN with one hidden layer, d -> h 
 "matmul rate" is the FLOP/s of a plain torch.mm of the experts' dominant shape (k·T, d) x (d, h) (fwd; fwd+bwd adds
 its two backward mms), measured in the same process; the sparse layer's achieved rate is its FLOPs / its time.
 
-Allocator: large fresh tensors on this VM pay ~0.5 GB/s of page faults on first touch (glibc maps/unmaps every
-allocation over 32 MiB). By default the script asks glibc (mallopt) to keep freed memory in the heap, for every
-contender alike; --default-malloc measures without it.
+Allocator: large fresh tensors on this VM pay page faults on first touch (glibc maps / unmaps big allocations and
+trims the heap). By default the script asks glibc to keep freed memory in the heap (benchmarks/_malloc.py), for
+every contender alike; --default-malloc measures without it.
 
 Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--threads N] [--layout auto|grouped|padded]
                                      [--block-slots N] [--repeats N]
@@ -18,23 +18,13 @@ Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--thr
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 import time
 
 import torch
 
-
-def tune_malloc() -> bool:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    ok = libc.mallopt(-4, 0)  # M_MMAP_MAX = 0: no mmap per allocation
-    ok &= libc.mallopt(-1, 1 << 40)  # M_TRIM_THRESHOLD: never give freed heap back
-    ok &= libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-    return bool(ok)
+from _malloc import tune_malloc
 
 
 def interleaved_min(fns: dict, rounds: int, rounds_for: dict | None = None) -> dict:

@@ -15,7 +15,11 @@ Two models (benchmarks/README.md says why these two):
   same GEMM shapes, measured in the same run.
 
 Each training number is the fastest of --epochs (default 3) full epochs through the library's normal training call,
-after a short warm-up; "data only" iterates the same loader without a model. Nothing here is a test: it prints,
+after a short warm-up. The contenders' epochs are interleaved (round after round, one epoch each), and the
+plain-matmul reference is measured at the start and after every round, its fastest kept: the machine's speed
+drifts over minutes, and interleaving makes everyone meet the same drift. "data only" iterates the same loader
+without a model. glibc malloc is told to keep freed memory (benchmarks/_malloc.py; --default-malloc: not),
+which applies to every contender alike. Nothing here is a test: it prints,
 it asserts nothing.
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ from _peers import (  # noqa: E402
     Arch, Arrays, deepctr_fit, deepctr_loader, deepctr_model, read_arrays, rechub_loader, rechub_model,
     rechub_train_epoch, rechub_trainer,
 )
+from _malloc import tune_malloc  # noqa: E402
 from mmoe_rec.features.spec import FeatureSpec  # noqa: E402
 
 SMALL = Arch("small", embedding_dim=4, num_experts=8, expert_hidden=(16,), tower_hidden=(8,), batch_size=1024)
@@ -242,28 +247,54 @@ def _batch_rows(b) -> int:
     return int(y.shape[0])
 
 
-def fastest_epoch(run_epoch: Callable[[], float], epochs: int) -> float:
-    """Seconds of the fastest of `epochs` consecutive timed epochs: the one least disturbed by other tenants of
-    this shared machine (single epochs of the small model last about a second and vary by up to 1.6x)."""
-    return min(run_epoch() for _ in range(epochs))
+@dataclasses.dataclass
+class Contender:
+    """One library's training of one model, built and warmed up; `epoch()` trains one full epoch, returns seconds."""
+
+    arch: str
+    library: str
+    path: str
+    rows: int
+    epoch: Callable[[], float]
+    best: float = float("inf")
+    others: float = float("nan")
+
+    def row(self) -> Row:
+        return Row(self.arch, self.library, self.path, self.rows / self.best, self.best, self.rows, self.others)
 
 
-def bench_deepctr(arch: Arch, data: Arrays, warm_rows: int, epochs: int) -> Row:
+def interleaved_epochs(contenders: list[Contender], epochs: int, between: Callable[[], None] | None = None) -> None:
+    """Round after round, one epoch of each contender in turn; each keeps its fastest epoch (the one least
+    disturbed by other tenants of this shared machine: single epochs vary by up to 1.6x). Interleaving puts
+    every contender through the same slow and fast spells, so the ratios hold up when the machine's speed drifts
+    over minutes. `between` runs after each round (the plain-matmul reference is re-measured there)."""
+    for r in range(epochs):
+        for c in contenders:
+            with OtherLoad() as load:
+                sec = c.epoch()
+            if sec < c.best:
+                c.best, c.others = sec, load.share
+            print(f"  epoch {r + 1}/{epochs} {c.arch:5} {c.library:13} {c.path:46} {c.rows / sec:9,.0f} rows/s "
+                  f"(others {load.share * 100:.0f} %)", flush=True)
+        if between is not None:
+            between()
+
+
+def deepctr_contender(arch: Arch, data: Arrays, warm_rows: int) -> Contender:
     torch.manual_seed(0)
     model = deepctr_model(data, arch)
     deepctr_fit(model, data, arch, slice(0, warm_rows))
-    sec = fastest_epoch(lambda: deepctr_fit(model, data, arch), epochs)
-    return Row(arch.name, "DeepCTR-Torch", "MMOE.fit", data.num_rows / sec, sec, data.num_rows)
+    return Contender(arch.name, "DeepCTR-Torch", "MMOE.fit", data.num_rows, lambda: deepctr_fit(model, data, arch))
 
 
-def bench_rechub(arch: Arch, data: Arrays, warm_rows: int, workdir: Path, epochs: int) -> Row:
+def rechub_contender(arch: Arch, data: Arrays, warm_rows: int, workdir: Path) -> Contender:
     torch.manual_seed(0)
     model = rechub_model(data, arch)
     trainer = rechub_trainer(model, data, str(workdir))
     rechub_train_epoch(trainer, rechub_loader(data, arch, slice(0, warm_rows)))
     loader = rechub_loader(data, arch)
-    sec = fastest_epoch(lambda: rechub_train_epoch(trainer, loader), epochs)
-    return Row(arch.name, "torch-rechub", "MTLTrainer.train_one_epoch", data.num_rows / sec, sec, data.num_rows)
+    return Contender(arch.name, "torch-rechub", "MTLTrainer.train_one_epoch", data.num_rows,
+                     lambda: rechub_train_epoch(trainer, loader))
 
 
 # --- mmoe-rec -----------------------------------------------------------------------------------------------
@@ -317,24 +348,23 @@ def plain_epoch(model, optimizer, loader, spec: FeatureSpec, limit_batches: int 
     return time.perf_counter() - t0
 
 
-def bench_ours_lightning(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int,
-                         epochs: int) -> Row:
+def ours_lightning_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int,
+                             warm_batches: int) -> Contender:
     torch.manual_seed(0)
     module = ours_module(spec, arch)
     lightning_fit(module, ours_datamodule(data_dir, arch), warm_batches)
-    sec = fastest_epoch(lambda: lightning_fit(module, ours_datamodule(data_dir, arch)), epochs)
-    return Row(arch.name, "mmoe-rec", "Lightning Trainer.fit (MultiTaskModule)", rows / sec, sec, rows)
+    return Contender(arch.name, "mmoe-rec", "Lightning Trainer.fit (MultiTaskModule)", rows,
+                     lambda: lightning_fit(module, ours_datamodule(data_dir, arch)))
 
 
-def bench_ours_plain(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int,
-                     epochs: int) -> Row:
+def ours_plain_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int) -> Contender:
     torch.manual_seed(0)
     model = ours_module(spec, arch).model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     dm = ours_datamodule(data_dir, arch)
     plain_epoch(model, opt, dm.train_dataloader(), spec, warm_batches)
-    sec = fastest_epoch(lambda: plain_epoch(model, opt, dm.train_dataloader(), spec), epochs)
-    return Row(arch.name, "mmoe-rec", "plain torch loop over FeatureDataModule", rows / sec, sec, rows)
+    return Contender(arch.name, "mmoe-rec", "plain torch loop over FeatureDataModule", rows,
+                     lambda: plain_epoch(model, opt, dm.train_dataloader(), spec))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -347,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--libs", default="mmoe-rec,deepctr,rechub")
     p.add_argument("--models", default="small,large")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (benchmarks/_malloc.py)")
     args = p.parse_args(argv)
+    malloc_tuned = False if args.default_malloc else tune_malloc()
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -373,13 +405,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows: {data.num_rows:,} (train split) | {n_sparse} sparse features (vocabularies "
           f"{min(data.vocab.values())}..{max(data.vocab.values())}) + {n_dense} dense | tasks {spec.task_names}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"warm-up {args.warmup_batches} batches, then the fastest of {args.epochs} full epochs")
+          f"warm-up {args.warmup_batches} batches, then the fastest of {args.epochs} interleaved full epochs; "
+          f"malloc tuned: {malloc_tuned}")
     rows: list[Row] = []
     mm: dict[str, float] = {}
-    if LARGE in archs:  # measured first, on the same threads, before anything else has warmed the caches
-        with OtherLoad() as mm_load:
-            mm = matmul_rates(LARGE, n_sparse * LARGE.embedding_dim + n_dense, n_tasks)
-        print(f"  measured plain-matmul reference (others {mm_load.share * 100:.0f} %)", flush=True)
+    mm_others: list[float] = []
+    input_large = n_sparse * LARGE.embedding_dim + n_dense
+
+    def measure_matmul() -> None:  # the reference: the fastest the machine ran these GEMMs at any point of the run
+        with OtherLoad() as load:
+            rates = matmul_rates(LARGE, input_large, n_tasks)
+        for key, rate in rates.items():
+            mm[key] = max(mm.get(key, 0.0), rate)
+        mm_others.append(load.share)
+        print(f"  plain-matmul reference {max(rates['per_layer'], rates['fused']) / 1e9:.1f} GFLOP/s "
+              f"(others {load.share * 100:.0f} %)", flush=True)
+
+    if LARGE in archs:  # measured first, before anything else has warmed the caches, and after every round
+        measure_matmul()
     seen_batch_sizes: set[int] = set()
     for arch in archs:
         warm_rows = min(data.num_rows, args.warmup_batches * arch.batch_size)
@@ -396,15 +439,16 @@ def main(argv: list[str] | None = None) -> int:
             if "rechub" in libs:
                 rows.append(measured(loader_row, "torch-rechub", f"DataGenerator loader, {label}",
                                      lambda: rechub_loader(data, arch)))
+        contenders = []
         if "mmoe-rec" in libs:
-            rows.append(measured(bench_ours_lightning, arch, spec, data_dir, data.num_rows, args.warmup_batches,
-                                 args.epochs))
-            rows.append(measured(bench_ours_plain, arch, spec, data_dir, data.num_rows, args.warmup_batches,
-                                 args.epochs))
+            contenders.append(ours_lightning_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches))
+            contenders.append(ours_plain_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches))
         if "deepctr" in libs:
-            rows.append(measured(bench_deepctr, arch, data, warm_rows, args.epochs))
+            contenders.append(deepctr_contender(arch, data, warm_rows))
         if "rechub" in libs:
-            rows.append(measured(bench_rechub, arch, data, warm_rows, args.workdir, args.epochs))
+            contenders.append(rechub_contender(arch, data, warm_rows, args.workdir))
+        interleaved_epochs(contenders, args.epochs, measure_matmul if arch is LARGE else None)
+        rows += [c.row() for c in contenders]
 
     _print_table(rows)
     print()
@@ -427,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{ours.rows_per_s:,.0f} rows/s ({(by['mmoe-rec/plain'].rows_per_s / ours.rows_per_s - 1) * 100:+.0f} %)")
         if arch is LARGE:
             ref = max(mm["per_layer"], mm["fused"])
-            print(f"  plain matmul, this model's GEMM shapes (fwd + 2 bwd GEMMs per layer), same threads "
-                  f"(others {mm_load.share * 100:.0f} %):")
+            print(f"  plain matmul, this model's GEMM shapes (fwd + 2 bwd GEMMs per layer), same threads, fastest of "
+                  f"{len(mm_others)} measurements spread over the run (others {min(mm_others) * 100:.0f}-"
+                  f"{max(mm_others) * 100:.0f} %):")
             print(f"    one mm per expert/gate/tower layer      {mm['per_layer'] / 1e9:7.1f} GFLOP/s")
             print(f"    experts+gates fused (mm, then bmm)      {mm['fused'] / 1e9:7.1f} GFLOP/s")
             print(f"    (2048^3 square mm, machine peak)        {mm['square2048'] / 1e9:7.1f} GFLOP/s")
