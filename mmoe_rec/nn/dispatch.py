@@ -270,10 +270,10 @@ class ExpertDispatch(torch.autograd.Function):
         x, slot_w, rows, out_rows, experts, offsets = saved[:6]
         offsets = offsets if offsets.numel() else None  # saved as an empty tensor for the padded layout
         n_act = L if activate_last else L - 1  # activated (and, with norm, normalized) layers: the first n_act
-        n_params = 2 * L + (2 * n_act if norm else 0)
+        n_norm = 2 * n_act if norm else 0  # norm parameters, and per block the saved (x_hat, rstd) pairs
+        n_params = 2 * L + n_norm
         params = saved[6 : 6 + n_params]
         per_block = saved[6 + n_params :]
-        n_norm = 2 * n_act if norm else 0
         n_masks = n_act if dropout > 0 and activation != "relu" else 0
         stride = 2 * L + 1 + n_norm + n_masks
 
