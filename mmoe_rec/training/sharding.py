@@ -22,12 +22,16 @@ What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo proces
 
 Checkpoints: `lightning_module_state_dict` gathers every sharded table to rank 0 as a full tensor, so a
 checkpoint written under this strategy loads into an unsharded `MultiTaskModule` (for scoring / the registry).
-Resuming training *under* sharding from such a checkpoint is not supported by this minimal path (the optimizer
-state of sharded tables stays per rank); resume with plain DDP, or start a fresh sharded run.
+The fused embedding optimizer's state (e.g. Adagrad's accumulators, one per table row) is gathered the same way
+into the checkpoint under `SHARDED_OPTIMIZER_KEY`. Resuming under this strategy (`--ckpt_path`) restores after
+DMP has sharded the module (DMP builds fresh tables, so weights loaded before it would be lost): each rank copies
+its own shards out of the full tables and optimizer state, and the run continues exactly as if it had not
+stopped (tests/training/test_ddp.py). A checkpoint without that state (from plain DDP) cannot resume a sharded
+run: the embedding optimizers differ; it is refused with a clear error.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -35,6 +39,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+
+SHARDED_OPTIMIZER_KEY = "sharded_embedding_optimizer"  # checkpoint entry: {table key: {state name: full tensor}}
 
 # Observed with 2 CPU processes on gloo (see the module docstring); "nccl" = needs NCCL / GPUs.
 SHARDING_SUPPORT = {
@@ -107,6 +113,58 @@ def _is_sharded(value: Any) -> bool:
     return isinstance(value, ShardedTensor)
 
 
+def gather_full(value: Any, rank: int) -> torch.Tensor | None:
+    """A ShardedTensor as one full tensor on rank 0 (None elsewhere); collective: every rank must call it."""
+    full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+    value.gather(dst=0, out=full)
+    return full
+
+
+def gather_optimizer_state(state: Mapping[str, Mapping[str, Any]], rank: int,
+                           world_size: int) -> dict[str, dict[str, torch.Tensor]] | None:
+    """{table key: {state name: ShardedTensor}} -> full tensors on rank 0 (None elsewhere); collective.
+
+    Each rank's fused optimizer lists only the tables it holds shards of (table-wise: different tables on
+    different ranks), so a per-key ShardedTensor.gather would pair up different tables on different ranks.
+    Instead every rank sends its local pieces (global offsets + values) and rank 0 assembles the tables.
+    """
+    local = []
+    for key, per in state.items():
+        for name, value in per.items():
+            if _is_sharded(value):
+                pieces = [(list(s.metadata.shard_offsets), s.tensor.detach().cpu()) for s in value.local_shards()]
+                local.append((key, name, tuple(value.size()), value.dtype, pieces))
+            else:  # replicated state: the same on every rank
+                local.append((key, name, None, None, value.detach().cpu()))
+    gathered: list[Any] | None = [None] * world_size if rank == 0 else None
+    dist.gather_object(local, gathered, dst=0)
+    if gathered is None:
+        return None
+    full: dict[str, dict[str, torch.Tensor]] = {}
+    for entries in gathered:
+        for key, name, size, dtype, payload in entries:
+            per = full.setdefault(key, {})
+            if size is None:
+                per[name] = payload
+                continue
+            table = per.setdefault(name, torch.zeros(size, dtype=dtype))
+            for offsets, values in payload:
+                table[tuple(slice(o, o + n) for o, n in zip(offsets, values.shape))] = values
+    return full
+
+
+@torch.no_grad()
+def copy_into_shards(sharded: Any, full: torch.Tensor, name: str) -> None:
+    """Write this rank's shards of `sharded` from the full tensor (local: no communication)."""
+    if tuple(full.shape) != tuple(sharded.size()):
+        raise ValueError(f"checkpoint entry {name!r} has shape {tuple(full.shape)}, the sharded model expects "
+                         f"{tuple(sharded.size())}")
+    for shard in sharded.local_shards():
+        offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+        window = tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+        shard.tensor.copy_(full[window])
+
+
 class ShardedEmbeddingStrategy(DDPStrategy):
     """DDP for the dense part, torchrec sharding for the embedding tables (see the module docstring)."""
 
@@ -127,17 +185,66 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         return shard_module(model, self.sharding_type, self.root_device,
                             embedding_optimizer=self.embedding_optimizer, embedding_lr=self.embedding_lr)
 
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # load weights into the shards DMP made: weights loaded before sharding would be dropped
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Full tensors on rank 0 (collective: every rank takes part in each gather)."""
         state = self.lightning_module.state_dict()
-        out = {}
-        for key, value in state.items():
-            if _is_sharded(value):
-                full = torch.empty(value.size(), dtype=value.dtype) if self.global_rank == 0 else None
-                value.gather(dst=0, out=full)
-                value = full
-            out[key] = value
-        return out
+        return {key: gather_full(value, self.global_rank) if _is_sharded(value) else value
+                for key, value in state.items()}
+
+    def _fused_optimizer(self) -> Any:
+        return getattr(self.model, "fused_optimizer", None)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Add the fused embedding optimizer's state, gathered to full tensors (all ranks call this)."""
+        fused = self._fused_optimizer()
+        if fused is not None and "optimizer_states" in checkpoint:  # not for weights-only checkpoints
+            state = gather_optimizer_state(fused.state_dict()["state"], self.global_rank, self.world_size)
+            if state is not None:
+                checkpoint[SHARDED_OPTIMIZER_KEY] = state
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Full tables from the checkpoint into this rank's shards; everything else as usual."""
+        module = self.lightning_module
+        current = module.state_dict()
+        saved = checkpoint["state_dict"]
+        sharded_keys = {k for k, v in current.items() if _is_sharded(v)}
+        for key in sharded_keys & saved.keys():
+            copy_into_shards(current[key], saved[key], key)
+        result = module.load_state_dict({k: v for k, v in saved.items() if k not in sharded_keys}, strict=False)
+        missing = set(result.missing_keys) - sharded_keys
+        absent_tables = sharded_keys - saved.keys()
+        if strict and (missing or result.unexpected_keys or absent_tables):
+            raise RuntimeError(f"checkpoint does not match the model: missing {sorted(missing | absent_tables)}, "
+                               f"unexpected {sorted(result.unexpected_keys)}")
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """The configured optimizers as usual, then each rank's shards of the fused embedding optimizer state."""
+        fused = self._fused_optimizer()
+        current = fused.state_dict()["state"] if fused is not None else {}
+        if current and SHARDED_OPTIMIZER_KEY not in checkpoint:
+            raise RuntimeError(
+                "this checkpoint holds no sharded-embedding optimizer state (it was not written under "
+                "ddp_sharded_embeddings), so it cannot resume a sharded run: resume it with --trainer.strategy ddp, "
+                "or load its weights into a fresh sharded run"
+            )
+        super().load_optimizer_state_dict(checkpoint)
+        saved = checkpoint.get(SHARDED_OPTIMIZER_KEY, {})
+        for key, per in current.items():
+            if key not in saved:
+                raise RuntimeError(f"checkpoint has no embedding optimizer state for {key!r}")
+            for name, value in per.items():
+                if name not in saved[key]:
+                    raise RuntimeError(f"checkpoint has no embedding optimizer state {name!r} for {key!r}")
+                if _is_sharded(value):
+                    copy_into_shards(value, saved[key][name], f"{key}/{name}")
+                else:
+                    with torch.no_grad():
+                        value.copy_(saved[key][name])
 
     def teardown(self) -> None:
         pl_module = self.lightning_module

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmoe_rec.nn.routing import ExpertChoiceRouter, LossFreeBias, NoisyTopKRouter, SwitchRouter
-from mmoe_rec.nn.routing.topk import smooth_load
+from mmoe_rec.nn.routing.topk import MAX_PASSES_UP_TO_K, smooth_load, top_indices, top_values
 
 
 def test_invalid_router_arguments_raise_at_construction():
@@ -20,6 +20,21 @@ def test_invalid_router_arguments_raise_at_construction():
         NoisyTopKRouter(4, 3, k=1, noise=False, init="zeros")
     with pytest.raises(ValueError, match="capacity_factor"):
         ExpertChoiceRouter(4, 3, capacity_factor=0.0)
+
+
+@pytest.mark.parametrize("k", [1, 2, MAX_PASSES_UP_TO_K, MAX_PASSES_UP_TO_K + 1, 8])
+def test_top_indices_match_torch_topk_and_leave_the_scores_alone(k):
+    scores = torch.randn(257, 8)
+    before = scores.clone()
+    assert torch.equal(top_indices(scores, k), scores.topk(k, dim=1).indices)  # no ties: the same, largest first
+    assert torch.equal(top_values(scores, k), scores.topk(k, dim=1).values)
+    assert torch.equal(scores, before)
+
+
+def test_top_indices_break_ties_towards_the_lower_expert():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    assert top_indices(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert top_indices(scores, 4).tolist() == [[1, 2, 3, 0], [0, 1, 2, 3]]
 
 
 def test_paper_init_is_zero_and_noise_breaks_the_tie_in_training_only():

@@ -7,7 +7,9 @@
   `train/rows_seen` (summed over steps and ranks) equals the split size. RoutingMonitor's all-reduced epoch
   label correlation equals the 1-process one.
 - torchrec DMP: table-wise sharded embedding tables under Lightning, 2 processes; the checkpoint (tables
-  gathered to rank 0) reloads into an unsharded module that reproduces the run's validation AUC.
+  gathered to rank 0) reloads into an unsharded module that reproduces the run's validation AUC, and a sharded
+  run resumed from it ends bitwise equal to one that ran straight through (tables and their fused optimizer
+  state go back into each rank's shards).
 """
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ from pathlib import Path
 import lightning as L
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from conftest import MMOE, metric_history, mlflow_run
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.training.cli import run_lightning_cli
 from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.sharding import SHARDED_OPTIMIZER_KEY, ShardedEmbeddingStrategy
 
 AUC_TOLERANCE = 0.02
 HERE = Path(__file__).resolve().parent
@@ -115,6 +119,15 @@ def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, mon
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
     run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    tables = {k: v for k, v in saved["state_dict"].items() if ".embedding_bags." in k}
+    assert len(tables) == 3
+    # the fused Adagrad accumulators of every table, whichever rank held it, gathered in full and trained (> 0)
+    optimizer_state = saved[SHARDED_OPTIMIZER_KEY]
+    assert sorted(optimizer_state) == sorted(tables)
+    for key, per in optimizer_state.items():
+        (accumulator,) = per.values()
+        assert accumulator.shape == tables[key].shape and float(accumulator.sum()) > 0
     run, _ = mlflow_run(tmp_path / "mlflow.db")
     logged_auc = run.data.metrics["val/click/auc"]
     assert logged_auc > 0.6
@@ -126,3 +139,32 @@ def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, mon
                         enable_model_summary=False)
     (result,) = trainer.validate(module, dm, verbose=False)
     assert result["val/click/auc"] == pytest.approx(logged_auc, abs=1e-5)
+
+    # resume the sharded run for a second epoch: the same weights as a sharded run of two epochs straight
+    straight = write_config(tmp_path / "straight" / "c.yaml", feature_dir, 64, tmp_path / "straight" / "audit",
+                            epochs=2, checkpoint=True)
+    resumed = write_config(tmp_path / "resumed" / "c.yaml", feature_dir, 64, tmp_path / "resumed" / "audit",
+                           epochs=2, checkpoint=True)
+    run_two_processes(tmp_path / "straight", straight, "--trainer.strategy", "ddp_sharded_embeddings")
+    run_two_processes(tmp_path / "resumed", resumed, "--trainer.strategy", "ddp_sharded_embeddings",
+                      "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
+    a = torch.load(tmp_path / "straight" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 2 * saved["global_step"]
+    assert audit(tmp_path / "resumed" / "audit") == {1: audit(tmp_path / "straight" / "audit")[1]}
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+    for key, per in a[SHARDED_OPTIMIZER_KEY].items():
+        for name, value in per.items():
+            torch.testing.assert_close(value, b[SHARDED_OPTIMIZER_KEY][key][name], rtol=0, atol=0, msg=key)
+
+
+def test_a_checkpoint_without_sharded_optimizer_state_cannot_resume_a_sharded_run():
+    class FusedOptimizer:  # stands in for DMP's fused optimizer: only its state's keys matter here
+        def state_dict(self):
+            return {"state": {"model.front.ebc.embedding_bags.t_user.weight": {"t_user.momentum1": torch.ones(2)}}}
+
+    strategy = ShardedEmbeddingStrategy()
+    strategy._fused_optimizer = lambda: FusedOptimizer()
+    with pytest.raises(RuntimeError, match="not written under ddp_sharded_embeddings"):
+        strategy.load_optimizer_state_dict({"optimizer_states": []})

@@ -13,7 +13,7 @@ probability softmax(H)_i over all E experts, as Switch does.
 Initialisation: the paper starts W_g and W_noise at zero, which is symmetric: only the training noise breaks the
 ties. With noise off (and at evaluation before training) all logits tie and every row would pick experts 0..k-1.
 init="auto" therefore takes zeros when noise is on and a small normal init when it is off; init="zeros" with
-noise=False is refused. Ties that remain are broken by torch.topk deterministically (same input, same choice).
+noise=False is refused. Ties that remain go to the lower expert index (`top_indices`), deterministically.
 """
 from __future__ import annotations
 
@@ -26,6 +26,28 @@ from mmoe_rec.nn.routing.loss_free import LossFreeBias
 
 NORMALIZE_MODES = ("topk_softmax", "softmax_topk")
 INITS = ("auto", "zeros", "normal")
+# Up to this k, top-k runs as k passes of max: on CPU 3x faster than torch.topk for (16384, 64) and k = 2
+# (benchmarks/README.md, sparse MoE layer), and it breaks ties documentedly (first maximal index).
+MAX_PASSES_UP_TO_K = 4
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row, largest first: (T, E) -> (T, k) int64. Ties: lower index first."""
+    if k > MAX_PASSES_UP_TO_K:
+        return scores.topk(k, dim=1).indices
+    picked = []
+    work = scores
+    for i in range(k):
+        idx = work.argmax(1, keepdim=True)  # (T, 1) first maximal index of each row
+        picked.append(idx)
+        if i < k - 1:  # mask the pick for the next pass (a copy: the caller's scores stay as they are)
+            work = work.scatter(1, idx, float("-inf"))
+    return torch.cat(picked, 1)
+
+
+def top_values(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest scores per row, largest first: (T, E) -> (T, k)."""
+    return scores.gather(1, top_indices(scores, k))
 
 
 def init_router_weight(w: torch.Tensor, init: str, std: float) -> None:
@@ -44,7 +66,7 @@ def smooth_load(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, mas
     E = clean.shape[1]
     if k >= E:
         return torch.ones_like(clean)  # every expert is always chosen
-    top = noisy.topk(k + 1, dim=1).values  # (T, k+1)
+    top = top_values(noisy, k + 1)  # (T, k+1)
     thr_if_in, thr_if_out = top[:, k : k + 1], top[:, k - 1 : k]
     p_in = torch.special.ndtr((clean - thr_if_in) / std)
     p_out = torch.special.ndtr((clean - thr_if_out) / std)
@@ -79,7 +101,7 @@ class NoisyTopKRouter(nn.Module):
 
     def _select(self, scores: torch.Tensor) -> torch.Tensor:
         ranked = self.balancer.selection_scores(scores) if self.balancer is not None else scores
-        return ranked.topk(self.k, dim=1).indices  # (T, k)
+        return top_indices(ranked, self.k)  # (T, k)
 
     def forward(self, x: torch.Tensor) -> Routing:
         x = x.float()  # routers in float32
