@@ -9,7 +9,9 @@ is about 1/sqrt(k) ~ 0.4 %; exact when the train split has fewer than k non-miss
 
 ``log1p`` is signed, sign(x) * log1p(|x|), so negative values do not become NaN; it is then standardized.
 Missing values (null, NaN) take the imputed value (on the transformed scale: mean -> 0 after standardizing)
-and set the dense ``<name>_missing`` indicator. ``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets.
+and set the dense ``<name>_missing`` indicator. ``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets;
+with ``zero_bucket`` the value 0 gets an id of its own and the quantiles are those of the non-zero values (for
+columns that are mostly 0, such as money amounts, whose quantiles over all rows would all be 0).
 """
 from __future__ import annotations
 
@@ -66,8 +68,10 @@ class NumericStats:
     def std(self) -> float:
         return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
 
-    def quantiles(self, qs: np.ndarray) -> np.ndarray:
-        return np.quantile(np.sort(self._sample), qs) if self._sample.size else np.zeros(len(qs))
+    def quantiles(self, qs: np.ndarray, nonzero: bool = False) -> np.ndarray:
+        """Quantiles of the sampled values (nonzero: of the non-zero ones only); zeros if there are none."""
+        sample = self._sample[self._sample != 0] if nonzero else self._sample
+        return np.quantile(np.sort(sample), qs) if sample.size else np.zeros(len(qs))
 
 
 def column_values(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +93,12 @@ def fit_numeric(cfg: NumericSpec, stats: NumericStats) -> dict:
     state: dict = {"kind": "numeric", "column": cfg.column, "transform": cfg.transform,
                    "train_count": stats.count, "train_missing": stats.missing}
     if cfg.transform == "bucketize":
-        b = stats.quantiles(np.linspace(0, 1, cfg.buckets + 1)[1:-1])
+        qs = np.linspace(0, 1, cfg.buckets + 1)[1:-1]
+        if cfg.zero_bucket:  # quantiles of the non-zero values; boundaries at 0 and just above give 0 its own id
+            b = stats.quantiles(qs, nonzero=True)
+            b = np.concatenate([b[b != 0], [0.0, np.nextafter(0.0, 1.0)]])
+        else:
+            b = stats.quantiles(qs)
         state["boundaries"] = [float(v) for v in np.unique(b)]
         state["num_embeddings"] = len(state["boundaries"]) + 2
         return state

@@ -11,6 +11,7 @@ numeric:
   - {name: price, transform: log1p}                     # signed log1p, then standardized
   - {name: age, transform: standardize, impute: median} # missing -> imputed value + indicator "age_missing"
   - {name: position, transform: bucketize, buckets: 8}  # quantile buckets from train -> sparse ids (0 = missing)
+  - {name: spend, transform: bucketize, buckets: 32, zero_bucket: true}  # 0 alone; quantiles of the non-zero values
   - {names: [x0, x1, x2], transform: standardize}       # one entry for several columns
 tasks:
   - {name: click, type: binary}                         # column defaults to the name; values 0/1
@@ -58,6 +59,7 @@ class NumericSpec:
     column: str
     transform: str = "standardize"
     buckets: int = 10  # bucketize only
+    zero_bucket: bool = False  # bucketize only: 0 alone in its bucket, quantiles over the non-zero values
     impute: str | float = "mean"
     missing_indicator: str | bool = "auto"  # auto: add one when the train split had missing values
 
@@ -168,6 +170,9 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
             raise FeatureDataError("missing_indicator must be auto, true or false", file=source, column=n.name)
         if n.transform == "bucketize" and (not isinstance(n.buckets, int) or n.buckets < 2):
             raise FeatureDataError("bucketize needs 'buckets: <int >= 2>'", file=source, column=n.name)
+        if n.zero_bucket is not False and (n.transform != "bucketize" or n.zero_bucket is not True):
+            raise FeatureDataError("'zero_bucket: true' only applies to transform bucketize", file=source,
+                                   column=n.name)
         nums.append(n)
 
     tasks = []

@@ -229,8 +229,8 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         if current and SHARDED_OPTIMIZER_KEY not in checkpoint:
             raise RuntimeError(
                 "this checkpoint holds no sharded-embedding optimizer state (it was not written under "
-                "ddp_sharded_embeddings), so it cannot resume a sharded run: resume it with --trainer.strategy ddp, "
-                "or load its weights into a fresh sharded run"
+                "ddp_sharded_embeddings), so it cannot resume a sharded run: the sharded tables' optimizer runs "
+                "inside their backward and has no state to take over; resume it with --trainer.strategy ddp"
             )
         super().load_optimizer_state_dict(checkpoint)
         saved = checkpoint.get(SHARDED_OPTIMIZER_KEY, {})

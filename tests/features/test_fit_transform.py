@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmoe_rec.features.build import main as features_main
+from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.fit import SpecFitter
 from mmoe_rec.features.schema import parse_schema
 from mmoe_rec.features.spec import FeatureSpec, label_column
@@ -73,6 +74,32 @@ def test_feature_parquet_layout_and_values(feat, tmp_path):
     b = spec.transforms["features"]["pos"]["boundaries"]
     assert b == sorted(set(np.quantile(train["pos"].to_numpy(), [0.25, 0.5, 0.75]).tolist()))
     np.testing.assert_array_equal(t["label_dwell"].to_numpy(), train["dwell"].to_numpy().astype(np.float32))
+
+
+def test_zero_bucket_gives_zero_its_own_id_and_spreads_the_non_zero_values():
+    # a money-like column: 90 % zeros, the rest spread over two orders of magnitude, one negative refund
+    rng = np.random.default_rng(0)
+    amount = np.where(rng.random(2000) < 0.9, 0.0, rng.uniform(10, 1000, 2000))
+    amount[7] = -50.0
+    raw = pa.table({"amount": amount, "click": rng.integers(0, 2, 2000)})
+    numeric = [{"name": "plain", "column": "amount", "transform": "bucketize", "buckets": 8},
+               {"name": "zeroed", "column": "amount", "transform": "bucketize", "buckets": 8, "zero_bucket": True}]
+    fitter = SpecFitter(parse_schema({"numeric": numeric, "tasks": [{"name": "click"}]}))
+    fitter.update(raw)
+    spec = fitter.spec()
+    out = transform_table(spec, raw)
+    plain, zeroed = out["plain"].to_numpy(), out["zeroed"].to_numpy()
+    assert len(np.unique(plain[amount > 0])) <= 1  # over all rows every quantile but the top is 0
+    nonzero = amount[amount != 0]
+    q = np.quantile(nonzero, np.linspace(0, 1, 9)[1:-1])
+    assert spec.transforms["features"]["zeroed"]["boundaries"] == sorted({*q.tolist(), 0.0, np.nextafter(0.0, 1.0)})
+    zero_id = zeroed[amount == 0]
+    assert len(np.unique(zero_id)) == 1 and not np.isin(zero_id[0], zeroed[amount != 0]).any()
+    assert zeroed[7] < zero_id[0] < zeroed[amount > 0].min()  # order kept: negative < 0 < positive
+    assert len(np.unique(zeroed[amount > 0])) >= 7  # the non-zero values fill the quantile buckets
+    with pytest.raises(FeatureDataError, match="zero_bucket"):
+        parse_schema({"numeric": [{"name": "amount", "transform": "log1p", "zero_bucket": True}],
+                      "tasks": [{"name": "click"}]})
 
 
 def test_single_row_transform_equals_batch(feat):
