@@ -13,7 +13,7 @@ trims the heap). By default the script asks glibc to keep freed memory in the he
 every contender alike; --default-malloc measures without it.
 
 Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--threads N] [--layout auto|grouped|padded]
-                                     [--block-slots N] [--repeats N]
+                                     [--block-slots N] [--repeats N] [--device cpu|cuda]
 """
 from __future__ import annotations
 
@@ -25,6 +25,17 @@ import time
 import torch
 
 from _malloc import tune_malloc
+
+
+def synced(fn, device: torch.device):
+    """fn, then wait for the GPU (timings of CUDA work must include the kernels, not just their launch)."""
+    if device.type != "cuda":
+        return fn
+
+    def go():
+        fn()
+        torch.cuda.synchronize(device)
+    return go
 
 
 def interleaved_min(fns: dict, rounds: int, rounds_for: dict | None = None) -> dict:
@@ -48,16 +59,16 @@ def interleaved_min(fns: dict, rounds: int, rounds_for: dict | None = None) -> d
 
 
 def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, dense_repeats: int,
-             layout: str = "auto") -> dict:
+             layout: str = "auto", device: torch.device = torch.device("cpu")) -> dict:
     from mmoe_rec.nn.dispatch import StackedExperts
     from mmoe_rec.nn.routing import NoisyTopKRouter
 
     torch.manual_seed(0)
-    experts = StackedExperts(E, d, [h, d], activation="relu", activate_last=False)
-    router = NoisyTopKRouter(d, E, k, noise=False, init="normal")
+    experts = StackedExperts(E, d, [h, d], activation="relu", activate_last=False).to(device)
+    router = NoisyTopKRouter(d, E, k, noise=False, init="normal").to(device)
     with torch.no_grad():  # unit-norm columns: experts equally likely, as a balanced (trained) router would make them
         router.w_gate.copy_(torch.nn.functional.normalize(torch.randn(d, E), dim=0))
-    x = torch.randn(T, d, requires_grad=True)
+    x = torch.randn(T, d, device=device, requires_grad=True)
     params = [x, *router.parameters(), *experts.parameters()]
 
     def sparse():
@@ -84,8 +95,8 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
             del out, grads
         return go
 
-    a = torch.randn(k * T, d)
-    w = torch.randn(d, h, requires_grad=True)
+    a = torch.randn(k * T, d, device=device)
+    w = torch.randn(d, h, device=device, requires_grad=True)
     a.requires_grad_(True)
 
     def mm_fwd():
@@ -107,8 +118,8 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
           f"load max/mean={float(loads.max() / loads.mean()):.2f}, sparse FLOPs fwd={flops_fwd / 1e9:.2f} G")
     results = {}
     for mode, wrap, mm_fn, mult in (("forward", fwd, mm_fwd, 1), ("fwd+bwd", fwd_bwd, mm_fwd_bwd, 3)):
-        t = interleaved_min({"sparse": wrap(sparse), "loop": wrap(loop), "dense": wrap(dense), "mm": mm_fn},
-                            repeats, {"dense": dense_repeats})
+        fns = {"sparse": wrap(sparse), "loop": wrap(loop), "dense": wrap(dense), "mm": mm_fn}
+        t = interleaved_min({n: synced(f, device) for n, f in fns.items()}, repeats, {"dense": dense_repeats})
         rate_sparse = mult * flops_fwd / t["sparse"]
         rate_mm = mult * mm_flops_fwd / t["mm"]
         results[mode] = (t["dense"] / t["sparse"], t["loop"] / t["sparse"], rate_sparse / rate_mm)
@@ -129,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="slots per expert block of the CPU grouped dispatch (0 = one block; default: the library's)")
     p.add_argument("--layout", choices=["auto", "grouped", "padded"], default="auto",
                    help="dispatch layout of the sparse layer (auto: grouped when experts get >= 128 rows on average)")
+    p.add_argument("--device", default="cpu", help="cpu (the targets are for this) or cuda (for information)")
     args = p.parse_args(argv)
+    device = torch.device(args.device)
     tuned = False if args.default_malloc else tune_malloc()
     import mmoe_rec.nn.dispatch as dispatch
 
@@ -137,17 +150,18 @@ def main(argv: list[str] | None = None) -> int:
         dispatch.CPU_BLOCK_SLOTS = args.block_slots
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, malloc tuned: {tuned}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"threads {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {where}, malloc tuned: {tuned}, "
           f"CPU dispatch blocks of {dispatch.CPU_BLOCK_SLOTS} slots, "
           f"load average before: {os.getloadavg()[0]:.2f} (other processes on this CPU distort absolute times)")
     targets = {"1": (20.0, 2.0, 0.70), "2": (None, 3.0, 0.30)}
     all_results = {}
     if args.case in ("1", "all"):
         all_results["1"] = run_case("1", E=64, k=2, T=16384, d=256, h=256, repeats=args.repeats, dense_repeats=2,
-                                    layout=args.layout)
+                                    layout=args.layout, device=device)
     if args.case in ("2", "all"):
         all_results["2"] = run_case("2", E=256, k=2, T=4096, d=64, h=64, repeats=args.repeats * 2,
-                                    dense_repeats=max(1, args.repeats // 2), layout=args.layout)
+                                    dense_repeats=max(1, args.repeats // 2), layout=args.layout, device=device)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print("targets (fwd+bwd): case 1 >= 20x dense, >= 2x loop, >= 70% matmul rate; case 2 >= 3x loop, >= 30%")
     for case, res in all_results.items():

@@ -17,14 +17,15 @@ def random_assignments(T, E, k, seed=0):
 
 
 def dense_combine(experts, rows, weights, T, E):
-    return torch.zeros(T, E, dtype=weights.dtype).index_put((rows, experts), weights, accumulate=True)
+    return torch.zeros(T, E, dtype=weights.dtype, device=weights.device).index_put((rows, experts), weights,
+                                                                                  accumulate=True)
 
 
 def assert_three_paths_agree(ex, x, w, experts, rows, plan, dtype):
     """Vectorized dispatch, the per-expert loop and the dense every-expert path: same outputs and gradients.
     Returns the vectorized output."""
     T, E = x.shape[0], ex.num_experts
-    gout = torch.randn(T, ex.out_dim, dtype=dtype)
+    gout = torch.randn(T, ex.out_dim, dtype=dtype, device=x.device)
     results = []
     for run in (lambda: ex(x, plan, w),
                 lambda: ex.forward_loop(x, experts, rows, w),
