@@ -37,6 +37,14 @@ def test_top_indices_break_ties_towards_the_lower_expert():
     assert top_indices(scores, 4).tolist() == [[1, 2, 3, 0], [0, 1, 2, 3]]
 
 
+def test_top_indices_of_non_finite_scores_stay_distinct():
+    scores = torch.tensor([[float("-inf")] * 4, [0.0, float("nan"), 1.0, float("-inf")]])
+    for k in (2, 3):
+        picked = top_indices(scores, k)
+        assert torch.equal(picked, scores.topk(k, dim=1).indices)
+        assert all(len(set(row)) == k for row in picked.tolist())
+
+
 def test_paper_init_is_zero_and_noise_breaks_the_tie_in_training_only():
     router = NoisyTopKRouter(5, 6, k=2)
     assert router.w_gate.abs().sum() == 0 and router.w_noise.abs().sum() == 0

@@ -26,15 +26,15 @@ from mmoe_rec.nn.routing.loss_free import LossFreeBias
 
 NORMALIZE_MODES = ("topk_softmax", "softmax_topk")
 INITS = ("auto", "zeros", "normal")
-# Up to this k, top-k runs as k passes of max: on CPU 3x faster than torch.topk for (16384, 64) and k = 2
-# (benchmarks/README.md, sparse MoE layer), and it breaks ties documentedly (first maximal index).
+# Up to this k, top-k on CPU runs as k passes of argmax: 3x faster than torch.topk for (16384, 64) and k = 2
+# (benchmarks/README.md, sparse MoE layer), ties going to the first maximal index. CUDA's topk is fast already.
 MAX_PASSES_UP_TO_K = 4
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row, largest first: (T, E) -> (T, k) int64. Ties: lower index first."""
-    if k > MAX_PASSES_UP_TO_K:
-        return scores.topk(k, dim=1).indices
+    if k > MAX_PASSES_UP_TO_K or scores.device.type != "cpu" or not bool(torch.isfinite(scores).all()):
+        return scores.topk(k, dim=1).indices  # masking a pick with -inf would repeat it in a row of non-finites
     picked = []
     work = scores
     for i in range(k):
