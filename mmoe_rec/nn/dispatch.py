@@ -9,7 +9,8 @@ a bincount, a cumsum):
 - padded layout: E x C slots, C = the largest expert load; one `torch.bmm` per layer over (E, C, d). Padding
   slots point at row 0 with weight 0, so they cost FLOPs but change no value and no gradient.
 - grouped layout: the N assignments sorted by expert, one `torch._grouped_mm` per layer (no padding). Chosen when
-  experts get many rows each (per-group overhead is then negligible) and this torch has the op. On CPU it runs
+  experts get many rows each (per-group overhead is then negligible), this torch has the op, and (on CUDA) the
+  dtype is bfloat16, the one its fast kernel takes; CUDA float32 takes the padded layout. On CPU it runs
   in blocks of whole experts of ~CPU_BLOCK_SLOTS slots, so each block's activations are still in cache when the
   next layer reads them (benchmarks/README.md, sparse MoE layer).
 
@@ -111,12 +112,15 @@ class DispatchPlan:
 
 
 def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *, out_rows: torch.Tensor | None = None,
-                  num_out: int | None = None, layout: str = "auto", grouped_ok: bool = True) -> DispatchPlan:
+                  num_out: int | None = None, layout: str = "auto", grouped_ok: bool = True,
+                  dtype: torch.dtype = torch.float32) -> DispatchPlan:
     """Lay out N assignments by expert: one stable argsort, a bincount and a cumsum; no loop over experts.
 
     experts, rows: (N,) int64; out_rows: (N,) output row of each assignment (default: rows), num_out rows in all.
     grouped_ok: whether the experts can run grouped (`StackedExperts.supports_grouped`); "auto" then picks grouped
-    when experts average at least GROUPED_MIN_ROWS_PER_EXPERT rows, padded bmm otherwise.
+    when experts average at least GROUPED_MIN_ROWS_PER_EXPERT rows and, on CUDA, the compute dtype is bfloat16
+    (CUDA's grouped matmul has its fast kernel for bf16; in float32 the padded bmm was 2.8x faster on an H100,
+    torch 2.11, `benchmarks/moe_layer.py --device cuda` case 1: 4.1 ms against 11.6 ms fwd+bwd); padded bmm otherwise.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"unknown dispatch layout {layout!r}; expected one of {LAYOUTS}")
@@ -126,7 +130,8 @@ def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *
     order = torch.argsort(experts, stable=True)  # (N,) assignments sorted by expert, then by given order
     counts = torch.bincount(experts, minlength=E)  # (E,)
     if layout == "auto":
-        layout = "grouped" if grouped_ok and HAS_GROUPED_MM and N >= GROUPED_MIN_ROWS_PER_EXPERT * E else "padded"
+        fast = grouped_ok and HAS_GROUPED_MM and (dev.type != "cuda" or dtype == torch.bfloat16)
+        layout = "grouped" if fast and N >= GROUPED_MIN_ROWS_PER_EXPERT * E else "padded"
     if layout == "grouped":
         if not (HAS_GROUPED_MM and grouped_ok):
             raise ValueError("layout='grouped' needs torch._grouped_mm, float32/bfloat16 and 16-byte aligned widths")
@@ -390,12 +395,8 @@ class StackedExperts(nn.Module):
 
     def plan(self, experts: torch.Tensor, rows: torch.Tensor, *, out_rows: torch.Tensor | None = None,
              num_out: int | None = None, layout: str = "auto", dtype: torch.dtype = torch.float32) -> DispatchPlan:
-        if layout == "auto" and experts.device.type == "cuda" and dtype != torch.bfloat16:
-            # CUDA's grouped matmul has its fast kernel for bfloat16; in float32 the padded bmm was 2.8x faster
-            # (H100, torch 2.11, benchmarks/moe_layer.py --device cuda case 1: 4.1 ms against 11.6 ms fwd+bwd)
-            layout = "padded"
         return plan_dispatch(experts, rows, self.num_experts, out_rows=out_rows, num_out=num_out, layout=layout,
-                             grouped_ok=self.supports_grouped(dtype))
+                             grouped_ok=self.supports_grouped(dtype), dtype=dtype)
 
     def _params(self) -> list[torch.Tensor]:
         """W_0, b_0, W_1, b_1, ..., then the norm's gamma_0, beta_0, ... (ExpertDispatch's parameter order)."""

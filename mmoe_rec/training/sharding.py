@@ -120,6 +120,11 @@ def gather_full(value: Any, rank: int) -> torch.Tensor | None:
     return full
 
 
+def _window(offsets: Any, sizes: Any) -> tuple[slice, ...]:
+    """The slices of a full tensor that one shard covers."""
+    return tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+
+
 def gather_optimizer_state(state: Mapping[str, Mapping[str, Any]], rank: int,
                            world_size: int) -> dict[str, dict[str, torch.Tensor]] | None:
     """{table key: {state name: ShardedTensor}} -> full tensors on rank 0 (None elsewhere); collective.
@@ -149,7 +154,7 @@ def gather_optimizer_state(state: Mapping[str, Mapping[str, Any]], rank: int,
                 continue
             table = per.setdefault(name, torch.zeros(size, dtype=dtype))
             for offsets, values in payload:
-                table[tuple(slice(o, o + n) for o, n in zip(offsets, values.shape))] = values
+                table[_window(offsets, values.shape)] = values
     return full
 
 
@@ -160,9 +165,7 @@ def copy_into_shards(sharded: Any, full: torch.Tensor, name: str) -> None:
         raise ValueError(f"checkpoint entry {name!r} has shape {tuple(full.shape)}, the sharded model expects "
                          f"{tuple(sharded.size())}")
     for shard in sharded.local_shards():
-        offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-        window = tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
-        shard.tensor.copy_(full[window])
+        shard.tensor.copy_(full[_window(shard.metadata.shard_offsets, shard.metadata.shard_sizes)])
 
 
 class ShardedEmbeddingStrategy(DDPStrategy):
