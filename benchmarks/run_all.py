@@ -14,6 +14,7 @@ BENCHMARKS = [
     ["feature_build.py"],  # 5M synthetic rows: fit + transform rows/s, peak RSS
     ["data_loading.py"],  # streaming DataModule rows/s
     ["moe_layer.py"],  # sparse dispatch vs dense vs per-expert loop vs plain matmul
+    ["expert_stack.py"],  # dense experts: autograd path vs nn.relu_experts, and the training step with each
     ["train_throughput.py"],  # training rows/s vs DeepCTR-Torch and torch-rechub on census features
 ]
 

@@ -63,6 +63,7 @@ class MMoE(MultiTaskModel):
         expert_out = self.experts(x)  # (B, N, H)
         weights, probs = self.gates(x)  # (B, T, N) float32
         mixed = torch.bmm(weights.to(expert_out.dtype), expert_out)  # (B, T, H)
-        logits = {t: self.towers[t](mixed[:, i]) for i, t in enumerate(self.tasks)}
+        per_task = mixed.unbind(1)  # T x (B, H); one stack in backward (indexing would zero-fill per task)
+        logits = {t: self.towers[t](per_task[i]) for i, t in enumerate(self.tasks)}
         routing = {t: self.gates.record(weights, probs, i) for i, t in enumerate(self.tasks)}
         return ModelOutput(logits=logits, aux={}, routing=routing)

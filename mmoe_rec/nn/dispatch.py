@@ -300,7 +300,8 @@ class ExpertDispatch(torch.autograd.Function):
                 if layer < n_act:
                     a = acts[layer]
                     if activation == "relu":
-                        gy = torch.ops.aten.threshold_backward(gy, a, 0.0)  # a is after dropout: zero where dropped
+                        # gy is ours (gathered or computed here): its ReLU gradient is taken in place
+                        torch.ops.aten.threshold_backward.grad_input(gy, a, 0.0, grad_input=gy)  # a: after dropout
                         if dropout > 0:
                             gy.mul_(1.0 / (1.0 - dropout))
                     else:

@@ -1,12 +1,15 @@
 """ExpertStack: E expert MLPs of one shape, evaluated together as batched matmuls (no Python loop over experts).
 
 Layer l holds W_l (E, d_l, d_{l+1}) and b_l (E, d_{l+1}): the layout of `nn.dispatch.StackedExperts`, and the
-same parameter names (`weights`, `biases`), so weights copy between the dense and the sparse experts.
+same parameter names (`weights`, `biases`), so weights copy between the dense and the sparse experts. W_0 is
+stored input-major in memory ((D, E, h0) strides, seen as (E, D, h0)) so that the first layer's wide GEMM reads
+it without a copy.
 Each layer is Linear -> norm -> activation -> dropout, like `nn.mlp.MLP`, the last layer activated too.
 
 Compute paths:
 - `forward(x)`: every expert on every row of one shared input, (B, D) -> (B, E, H). The first layer is ONE
-  GEMM (B, D) @ (D, E*h) for all experts; deeper layers are one `baddbmm` over E each.
+  GEMM (B, D) @ (D, E*h) for all experts; deeper layers are one `baddbmm` over E each. ReLU experts without
+  norm or dropout on the CPU go through `nn.relu_experts` (the same arithmetic, backward written by hand).
 - `forward_each(xs)`: each expert on its own rows, (E', N, D) -> (E', N, H): PLE's upper levels (each expert
   reads its task's input) and per-expert / padded sparse dispatch; `experts` picks a subset of the E experts.
 - `forward_one(x, e)`: expert e alone, (N, D) -> (N, H).
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmoe_rec.nn.mlp import check_activation, check_dropout, check_norm
+from mmoe_rec.nn.relu_experts import relu_experts
 
 BN_MOMENTUM = 0.1  # as nn.BatchNorm1d
 NORM_EPS = 1e-5
@@ -55,7 +59,10 @@ class ExpertStack(nn.Module):
         self.norm = check_norm(norm)
         dims = [in_dim, *hidden]
         E = num_experts
-        self.weights = nn.ParameterList(nn.Parameter(torch.empty(E, a, b)) for a, b in zip(dims, dims[1:]))
+        # The first layer's weight is stored input-major, (D, E, h0) in memory, and seen as (E, D, h0): its
+        # (D, E*h0) matrix for the one wide GEMM is then a view, not a copy per step.
+        self.weights = nn.ParameterList([nn.Parameter(torch.empty(in_dim, E, dims[1]).permute(1, 0, 2))])
+        self.weights.extend(nn.Parameter(torch.empty(E, a, b)) for a, b in zip(dims[1:], dims[2:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.empty(E, b)) for b in dims[1:])
         widths = dims[1:]
         # Per-(expert, channel) extras: PReLU slopes, norm affine, batch-norm running statistics.
@@ -82,7 +89,8 @@ class ExpertStack(nn.Module):
         # One draw over the whole (E, a, b) tensor: every expert gets its own independent sample.
         for w, b in zip(self.weights, self.biases):
             bound = 1.0 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
+            with torch.no_grad():  # drawn in (E, d, h) order whatever the memory layout: same values per seed
+                w.copy_(torch.empty(w.shape, dtype=w.dtype, device=w.device).uniform_(-bound, bound))
             nn.init.uniform_(b, -bound, bound)
         if self.slopes is not None:
             for a in self.slopes:
@@ -153,10 +161,12 @@ class ExpertStack(nn.Module):
         """Every expert on every row: x (B, D) -> (B, E, H)."""
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected input (B, {self.in_dim}), got {tuple(x.shape)}")
+        if self._relu_fast_path(x):
+            return relu_experts(x, list(self.weights), list(self.biases))
         B, E = x.shape[0], self.num_experts
         w0, b0 = self.weights[0], self.biases[0]
         # One GEMM for the first layer of all experts: (B, D) @ (D, E*h) -> (B, E*h).
-        w_flat = w0.permute(1, 0, 2).reshape(self.in_dim, -1)  # (D, E*h)
+        w_flat = w0.permute(1, 0, 2).reshape(self.in_dim, -1)  # (D, E*h), a view (w0 is stored input-major)
         h = torch.addmm(b0.reshape(-1), x, w_flat).view(B, E, -1)  # (B, E, h)
         h = self._post(h, 0, None)
         for layer in range(1, self.num_layers):
@@ -164,6 +174,13 @@ class ExpertStack(nn.Module):
             z = torch.baddbmm(b.unsqueeze(1), h.transpose(0, 1), w)  # (E, B, h') one bmm for all experts
             h = self._post(z.transpose(0, 1), layer, None)  # (B, E, h')
         return h  # (B, E, H)
+
+    def _relu_fast_path(self, x: torch.Tensor) -> bool:
+        """nn.relu_experts computes the same thing with fewer memory passes: ReLU experts without norm or active
+        dropout, on the CPU (where it was measured), without autocast, everything in one dtype."""
+        return (self.activation == "relu" and self.norm == "none" and (self.dropout == 0 or not self.training)
+                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+                and all(p.dtype == x.dtype for p in self.parameters()))
 
     def forward_each(self, xs: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """Each expert on its own rows: xs (E', N, D) -> (E', N, H); experts: (E',) int64 indices (None = all E)."""

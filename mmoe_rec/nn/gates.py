@@ -78,7 +78,10 @@ class DenseGates(nn.Module):
         """-> (weights, probs), both (B, G, E) float32. weights mix the experts (one-hot for "hard", with the
         straight-through gradient); probs are the softmax probabilities."""
         with torch.autocast(device_type=x.device.type, enabled=False):
-            probs = torch.softmax(self.logits(x) / self.temperature, dim=-1)
+            logits = self.logits(x)
+            if self.temperature != 1.0:  # skipped at 1: a pass forward and backward over (B, G, E)
+                logits = logits / self.temperature
+            probs = torch.softmax(logits, dim=-1)
             weights = _StraightThrough.apply(probs) if self.kind == "hard" else probs
         return weights, probs
 

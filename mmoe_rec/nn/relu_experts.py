@@ -1,0 +1,92 @@
+"""Every expert on every row for ReLU experts, forward and backward written out: `relu_experts(x, weights, biases)`.
+
+The same arithmetic as `ExpertStack.forward` for activation "relu", no norm, no dropout, with the backward pass
+written by hand so that it makes fewer passes over the large activations:
+- forward: the first layer is one GEMM for all experts, (B, D) @ (D, E*h0); every ReLU is applied in place on
+  the GEMM's fresh output (autograd's ReLU writes a second tensor and keeps both).
+- backward: the ReLU gradient is applied in place on gradients this function made itself (autograd allocates
+  a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
+  (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
+`benchmarks/expert_stack.py` measures it against autograd on the large MMoE of the throughput benchmark (E = 8,
+358 -> 256 -> 128, batch 1024, 2 CPU threads): 1-2 % on the experts with the mixture, 2 % on the whole training
+step together with ExpertStack's input-major first-layer weight (benchmarks/README.md). Small, but the
+remaining gap to the plain-matmul rate is made of such passes. Only first derivatives (no double backward).
+
+Layouts: weights[l] is (E, d_l, d_{l+1}); the first layer's output is kept as (B, E*h0) and read by layer 1 as
+an (E, B, h0) strided view; deeper outputs are (E, B, h_l) contiguous. The result is (B, E, H) (a transposed view
+of the last layer's (E, B, H) output when there are two layers or more). Being a view of an activation the
+backward reads, it must not be modified in place; autograd refuses that with an error (tested).
+"""
+from __future__ import annotations
+
+import torch
+
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+def relu_experts(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+    """x (B, D) -> (B, E, H): every expert (Linear -> ReLU per layer) on every row."""
+    params = [t for pair in zip(weights, biases) for t in pair]
+    return _ReluExperts.apply(x, *params)
+
+
+def _first_layer_matrix(w0: torch.Tensor) -> torch.Tensor:
+    """(E, D, h0) -> (D, E*h0): a view when w0 is stored input-major, as ExpertStack stores it."""
+    return w0.permute(1, 0, 2).reshape(w0.shape[1], -1)
+
+
+class _ReluExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ws, bs = params[0::2], params[1::2]
+        B, E = x.shape[0], ws[0].shape[0]
+        first = torch.addmm(bs[0].reshape(-1), x, _first_layer_matrix(ws[0])).relu_()  # (B, E*h0)
+        acts = [first]
+        h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
+        for w, b in zip(ws[1:], bs[1:]):
+            h = torch.baddbmm(b.unsqueeze(1), h, w).relu_()  # (E, B, h_l)
+            acts.append(h)
+        ctx.save_for_backward(x, *params, *acts)
+        ctx.num_layers = len(ws)
+        return first.view(B, E, -1) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        L = ctx.num_layers
+        x, *rest = ctx.saved_tensors
+        params, acts = rest[:2 * L], rest[2 * L:]
+        ws = params[0::2]
+        needs = ctx.needs_input_grad  # (x, w0, b0, w1, b1, ...)
+        B, E = x.shape[0], ws[0].shape[0]
+        grads: list[torch.Tensor | None] = [None] * (2 * L)
+
+        # The incoming gradient belongs to autograd: its ReLU gradient goes to a new tensor. The ones below are
+        # made here and take theirs in place.
+        if L == 1:
+            g = _threshold_backward(grad_out.reshape(B, -1), acts[0], 0)  # (B, E*h0)
+        else:
+            g = _threshold_backward(grad_out.transpose(0, 1), acts[-1], 0)  # (E, B, H)
+        for layer in range(L - 1, 0, -1):
+            below = acts[layer - 1]
+            below_ebh = below.view(B, E, -1).transpose(0, 1) if layer == 1 else below  # (E, B, h_{l-1})
+            if needs[1 + 2 * layer]:
+                grads[2 * layer] = torch.bmm(below_ebh.transpose(1, 2), g)  # (E, h_{l-1}, h_l)
+            if needs[2 + 2 * layer]:
+                grads[2 * layer + 1] = g.sum(1)  # (E, h_l)
+            w_t = ws[layer].transpose(1, 2)
+            if layer == 1:  # written in the (B, E*h0) layout of the first layer's output
+                g_below = torch.empty(B, E, below.shape[1] // E, dtype=g.dtype, device=g.device)
+                torch.bmm(g, w_t, out=g_below.transpose(0, 1))
+                g_below = g_below.view(B, -1)
+            else:
+                g_below = torch.bmm(g, w_t)  # (E, B, h_{l-1})
+            g = _threshold_backward.grad_input(g_below, below, 0, grad_input=g_below)
+
+        w0 = ws[0]
+        if needs[1]:
+            grads[0] = torch.mm(x.t(), g).view(w0.shape[1], E, -1).permute(1, 0, 2)  # (E, D, h0), input-major
+        if needs[2]:
+            grads[1] = g.sum(0).view(E, -1)  # (E, h0)
+        grad_x = torch.mm(g, _first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
+        return (grad_x, *grads)

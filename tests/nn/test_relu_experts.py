@@ -1,0 +1,117 @@
+"""relu_experts: the hand-written forward and backward equal autograd through plain per-expert ReLU MLPs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmoe_rec.nn.experts import ExpertStack
+from mmoe_rec.nn.relu_experts import relu_experts
+
+
+def per_expert_reference(x: torch.Tensor, weights, biases) -> torch.Tensor:
+    """(B, D) -> (B, E, H) with one Linear + ReLU per layer per expert, autograd's own ops."""
+    outs = []
+    for e in range(weights[0].shape[0]):
+        h = x
+        for w, b in zip(weights, biases):
+            h = torch.relu(h @ w[e] + b[e])
+        outs.append(h)
+    return torch.stack(outs, dim=1)
+
+
+def make_params(E: int, dims: list[int], dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(E, a, b, generator=g, dtype=dtype).requires_grad_() for a, b in zip(dims, dims[1:])]
+    bs = [torch.randn(E, b, generator=g, dtype=dtype).requires_grad_() for b in dims[1:]]
+    return ws, bs
+
+
+@pytest.mark.parametrize("dims", [[6, 5], [6, 7, 4], [6, 7, 5, 3]])
+def test_forward_and_every_gradient_equal_autograd_on_a_per_expert_reference(dims):
+    ws, bs = make_params(4, dims)
+    x = torch.randn(9, dims[0], dtype=torch.float64, requires_grad=True)
+    got = relu_experts(x, ws, bs)
+    want = per_expert_reference(x, ws, bs)
+    assert got.shape == (9, 4, dims[-1])
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(want)
+    params = [x, *ws, *bs]
+    grads_got = torch.autograd.grad(got, params, g)
+    grads_want = torch.autograd.grad(want, params, g)
+    for a, b in zip(grads_got, grads_want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck():
+    ws, bs = make_params(3, [4, 5, 3])
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *p: relu_experts(x, list(p[0::2]), list(p[1::2])),
+                                    (x, *[t for pair in zip(ws, bs) for t in pair]))
+
+
+def test_the_incoming_gradient_is_left_untouched_and_inputs_without_grad_get_none():
+    ws, bs = make_params(3, [4, 6, 2])
+    x = torch.randn(5, 4, dtype=torch.float64)  # no grad wanted for x (e.g. raw features)
+    bs[1].requires_grad_(False)  # a frozen bias
+    y = relu_experts(x, ws, bs)
+    g = torch.randn_like(y)
+    g_before = g.clone()
+    gw0, gb0, gw1 = torch.autograd.grad(y, [ws[0], bs[0], ws[1]], g)
+    assert torch.equal(g, g_before)
+    want = torch.autograd.grad(per_expert_reference(x, ws, bs), [ws[0], bs[0], ws[1]], g)
+    for a, b in zip((gw0, gb0, gw1), want):
+        torch.testing.assert_close(a, b)
+
+
+def test_modifying_the_output_in_place_is_caught_instead_of_corrupting_the_backward():
+    ws, bs = make_params(2, [3, 4, 2])
+    y = relu_experts(torch.randn(5, 3, dtype=torch.float64), ws, bs)
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        y.mul_(2)  # the output is a view of an activation the backward reads
+
+
+@pytest.mark.parametrize("hidden", [[16], [32, 16], [32, 24, 8]])
+def test_expert_stack_takes_the_fast_path_and_matches_its_autograd_path_exactly(hidden, monkeypatch):
+    torch.manual_seed(0)
+    stack = ExpertStack(5, 12, hidden)
+    x = torch.randn(37, 12, requires_grad=True)
+    assert stack._relu_fast_path(x)
+    y = stack(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    fast = [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()]
+    x.grad = None
+    stack.zero_grad()
+    monkeypatch.setattr(stack, "_relu_fast_path", lambda x: False)
+    y_slow = stack(x)
+    y_slow.backward(g)
+    slow = [x.grad] + [p.grad for p in stack.parameters()]
+    assert torch.equal(y, y_slow)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_fast_path_only_where_it_computes_the_same_thing():
+    x = torch.randn(4, 6)
+    assert ExpertStack(3, 6, [5]).train()._relu_fast_path(x)
+    assert ExpertStack(3, 6, [5], dropout=0.2).eval()._relu_fast_path(x)
+    assert not ExpertStack(3, 6, [5], dropout=0.2).train()._relu_fast_path(x)
+    assert not ExpertStack(3, 6, [5], activation="gelu")._relu_fast_path(x)
+    assert not ExpertStack(3, 6, [5], norm="layer")._relu_fast_path(x)
+    assert not ExpertStack(3, 6, [5])._relu_fast_path(x.double())  # parameters in float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ExpertStack(3, 6, [5])._relu_fast_path(x)
+
+
+def test_first_layer_weight_is_stored_input_major_and_its_gradient_keeps_that_layout():
+    torch.manual_seed(0)
+    stack = ExpertStack(4, 10, [8, 3])
+    w0 = stack.weights[0]
+    assert w0.shape == (4, 10, 8) and w0.permute(1, 0, 2).is_contiguous()
+    stack(torch.randn(6, 10)).sum().backward()
+    assert w0.grad.stride() == w0.stride()  # accumulated in place, no copy into another layout
+    # the values are those of a contiguous (E, D, h) draw: the layout does not change what a seed gives
+    torch.manual_seed(0)
+    bound = 1.0 / 10 ** 0.5
+    assert torch.equal(w0.detach(), torch.empty(4, 10, 8).uniform_(-bound, bound))
