@@ -115,3 +115,14 @@ def test_first_layer_weight_is_stored_input_major_and_its_gradient_keeps_that_la
     torch.manual_seed(0)
     bound = 1.0 / 10 ** 0.5
     assert torch.equal(w0.detach(), torch.empty(4, 10, 8).uniform_(-bound, bound))
+
+
+def test_inference_without_autograd_gives_the_same_output(monkeypatch):
+    torch.manual_seed(0)
+    stack = ExpertStack(3, 5, [4, 2]).eval()
+    x = torch.randn(7, 5)
+    with torch.inference_mode():
+        fast = stack(x)
+    monkeypatch.setattr(stack, "_relu_fast_path", lambda x: False)
+    with torch.no_grad():
+        assert torch.equal(fast, stack(x))
