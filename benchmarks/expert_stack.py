@@ -16,6 +16,7 @@ Nothing here is a test: it prints, it asserts nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -85,16 +86,11 @@ def experts_case(rounds: int) -> None:
 def training_step_case(rounds: int, workdir: Path) -> None:
     import train_throughput as tt
     from _peers import read_arrays
-    from mmoe_rec.training.losses import task_losses
 
     feature_dir = workdir / "census_features"
     tt.build_census_features(feature_dir)
     spec, _ = read_arrays(feature_dir)
-    batches = []
-    for i, b in enumerate(tt.ours_datamodule(feature_dir, tt.LARGE).train_dataloader()):
-        if i >= 40:
-            break
-        batches.append(b)
+    batches = list(itertools.islice(tt.ours_datamodule(feature_dir, tt.LARGE).train_dataloader(), 40))
     fns = {}
     for name in ("autograd", "relu_experts"):
         torch.manual_seed(0)
@@ -102,15 +98,10 @@ def training_step_case(rounds: int, workdir: Path) -> None:
         if name == "autograd":
             as_before(model.experts)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-        counter = iter(range(10 ** 9))
+        batch_cycle = itertools.cycle(batches)
 
-        def step(model=model, opt=opt, counter=counter):
-            b = batches[next(counter) % len(batches)]
-            out = model(b)
-            loss = sum(task_losses(out.logits, b.labels, spec, model.tasks).values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        def step(model=model, opt=opt, batch_cycle=batch_cycle):
+            tt.plain_step(model, opt, next(batch_cycle), spec)
         fns[name] = step
     report("2. large MMoE training step on census features (batch 1024, Adam)", interleaved(fns, rounds, 8),
            "autograd")

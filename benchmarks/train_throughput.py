@@ -331,20 +331,25 @@ def lightning_fit(module, dm, limit_batches: int | None = None) -> float:
     return time.perf_counter() - t0
 
 
-def plain_epoch(model, optimizer, loader, spec: FeatureSpec, limit_batches: int | None = None) -> float:
-    """Seconds for one epoch of a bare torch loop over our DataModule's loader: forward, task losses, step."""
+def plain_step(model, optimizer, batch, spec: FeatureSpec) -> None:
+    """One bare training step of our model: forward, the sum of the task losses, backward, optimizer step."""
     from mmoe_rec.training.losses import task_losses
 
+    out = model(batch)
+    loss = sum(task_losses(out.logits, batch.labels, spec, model.tasks).values())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def plain_epoch(model, optimizer, loader, spec: FeatureSpec, limit_batches: int | None = None) -> float:
+    """Seconds for one epoch of a bare torch loop over our DataModule's loader: forward, task losses, step."""
     model.train()
     t0 = time.perf_counter()
     for i, batch in enumerate(loader):
         if limit_batches and i >= limit_batches:
             break
-        out = model(batch)
-        loss = sum(task_losses(out.logits, batch.labels, spec, model.tasks).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        plain_step(model, optimizer, batch, spec)
     return time.perf_counter() - t0
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmoe_rec.nn.mlp import check_activation, check_dropout, check_norm
-from mmoe_rec.nn.relu_experts import relu_experts
+from mmoe_rec.nn.relu_experts import first_layer_matrix, relu_experts
 
 BN_MOMENTUM = 0.1  # as nn.BatchNorm1d
 NORM_EPS = 1e-5
@@ -166,7 +166,7 @@ class ExpertStack(nn.Module):
         B, E = x.shape[0], self.num_experts
         w0, b0 = self.weights[0], self.biases[0]
         # One GEMM for the first layer of all experts: (B, D) @ (D, E*h) -> (B, E*h).
-        w_flat = w0.permute(1, 0, 2).reshape(self.in_dim, -1)  # (D, E*h), a view (w0 is stored input-major)
+        w_flat = first_layer_matrix(w0)  # (D, E*h), a view (w0 is stored input-major)
         h = torch.addmm(b0.reshape(-1), x, w_flat).view(B, E, -1)  # (B, E, h)
         h = self._post(h, 0, None)
         for layer in range(1, self.num_layers):

@@ -30,7 +30,7 @@ def relu_experts(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torc
     return _ReluExperts.apply(x, *params)
 
 
-def _first_layer_matrix(w0: torch.Tensor) -> torch.Tensor:
+def first_layer_matrix(w0: torch.Tensor) -> torch.Tensor:
     """(E, D, h0) -> (D, E*h0): a view when w0 is stored input-major, as ExpertStack stores it."""
     return w0.permute(1, 0, 2).reshape(w0.shape[1], -1)
 
@@ -40,7 +40,7 @@ class _ReluExperts(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ws, bs = params[0::2], params[1::2]
         B, E = x.shape[0], ws[0].shape[0]
-        first = torch.addmm(bs[0].reshape(-1), x, _first_layer_matrix(ws[0])).relu_()  # (B, E*h0)
+        first = torch.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0])).relu_()  # (B, E*h0)
         acts = [first]
         h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
         for w, b in zip(ws[1:], bs[1:]):
@@ -88,5 +88,5 @@ class _ReluExperts(torch.autograd.Function):
             grads[0] = torch.mm(x.t(), g).view(w0.shape[1], E, -1).permute(1, 0, 2)  # (E, D, h0), input-major
         if needs[2]:
             grads[1] = g.sum(0).view(E, -1)  # (E, h0)
-        grad_x = torch.mm(g, _first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
+        grad_x = torch.mm(g, first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
         return (grad_x, *grads)
