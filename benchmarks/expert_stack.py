@@ -9,8 +9,10 @@ hits both alike), printing medians and the median of the per-round ratios:
 2. the whole training step of that large MMoE (embedding front, experts, gates, towers, losses, fused Adam) on
    census features, batches read once into memory.
 Contenders: "autograd" is ExpertStack's general path (ReLU and its gradient as separate tensors, the first-layer
-weight copied into its (D, E*h) matrix each step: ExpertStack before nn.relu_experts); "relu_experts" is the path
-ExpertStack takes for ReLU experts on the CPU. Both compute the same numbers (tests/nn/test_relu_experts.py).
+weight copied into its (D, E*h) matrix each step: ExpertStack before nn.relu_experts); "relu_experts/blas" is the
+path ExpertStack takes for ReLU experts on the CPU with every GEMM in PyTorch's own ops (MKL); "relu_experts" is
+that path under the default GEMM policy (nn.cpu_gemm: large products in oneDNN on AMD CPUs with AVX-512).
+All compute the same numbers up to float32 rounding (tests/nn/test_relu_experts.py, tests/nn/test_cpu_gemm.py).
 Nothing here is a test: it prints, it asserts nothing.
 """
 from __future__ import annotations
@@ -30,7 +32,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _malloc import tune_malloc  # noqa: E402
+from mmoe_rec.nn import cpu_gemm  # noqa: E402
 from mmoe_rec.nn.experts import ExpertStack  # noqa: E402
+
+# name -> (use ExpertStack's general autograd path, GEMM policy)
+CONTENDERS = {"autograd": (True, "blas"), "relu_experts/blas": (False, "blas"), "relu_experts": (False, "auto")}
 
 
 def as_before(stack: ExpertStack) -> ExpertStack:
@@ -69,15 +75,16 @@ def experts_case(rounds: int) -> None:
     gates = torch.softmax(torch.randn(B, T, E, generator=g), -1).requires_grad_()
     grad_mixed = torch.randn(B, T, hidden[-1], generator=g)
     fns = {}
-    for name in ("autograd", "relu_experts"):
+    for name, (general_path, policy) in CONTENDERS.items():
         torch.manual_seed(0)
         stack = ExpertStack(E, D, hidden)
-        if name == "autograd":
+        if general_path:
             as_before(stack)
 
-        def run(stack=stack):
-            mixed = torch.bmm(gates, stack(x))  # (B, T, H)
-            mixed.backward(grad_mixed)
+        def run(stack=stack, policy=policy):
+            with cpu_gemm.gemm_backend(policy):
+                mixed = torch.bmm(gates, stack(x))  # (B, T, H)
+                mixed.backward(grad_mixed)
         fns[name] = run
     report(f"1. experts + mixture, forward + backward: E={E}, {D} -> {hidden}, batch {B}, {T} gates",
            interleaved(fns, rounds, 5), "autograd")
@@ -92,16 +99,17 @@ def training_step_case(rounds: int, workdir: Path) -> None:
     spec, _ = read_arrays(feature_dir)
     batches = list(itertools.islice(tt.ours_datamodule(feature_dir, tt.LARGE).train_dataloader(), 40))
     fns = {}
-    for name in ("autograd", "relu_experts"):
+    for name, (general_path, policy) in CONTENDERS.items():
         torch.manual_seed(0)
         model = tt.ours_module(spec, tt.LARGE).model
-        if name == "autograd":
+        if general_path:
             as_before(model.experts)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         batch_cycle = itertools.cycle(batches)
 
-        def step(model=model, opt=opt, batch_cycle=batch_cycle):
-            tt.plain_step(model, opt, next(batch_cycle), spec)
+        def step(model=model, opt=opt, batch_cycle=batch_cycle, policy=policy):
+            with cpu_gemm.gemm_backend(policy):
+                tt.plain_step(model, opt, next(batch_cycle), spec)
         fns[name] = step
     report("2. large MMoE training step on census features (batch 1024, Adam)", interleaved(fns, rounds, 8),
            "autograd")

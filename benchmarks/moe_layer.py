@@ -7,6 +7,9 @@ the router and the experts. Each expert is an FFN with one hidden layer, d -> h 
 
 "matmul rate" is the FLOP/s of a plain torch.mm of the experts' dominant shape (k·T, d) x (d, h) (fwd; fwd+bwd adds
 its two backward mms), measured in the same process; the sparse layer's achieved rate is its FLOPs / its time.
+On the CPU the same three products are also timed through oneDNN (nn.cpu_gemm, forced): torch.mm is MKL, which runs
+AVX2 kernels on AMD CPUs, and oneDNN is up to 2x faster there (benchmarks/cpu_gemm.py). Both fractions are
+printed; the sparse layer's grouped / batched GEMMs are PyTorch's (MKL).
 
 Allocator: large fresh tensors on this VM pay page faults on first touch (glibc maps / unmaps big allocations and
 trims the heap). By default the script asks glibc to keep freed memory in the heap (benchmarks/_malloc.py), for
@@ -25,6 +28,9 @@ import time
 import torch
 
 from _malloc import tune_malloc
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mmoe_rec.nn import cpu_gemm  # noqa: E402
 
 
 def synced(fn, device: torch.device):
@@ -107,6 +113,18 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
         out = torch.mm(a, w)
         torch.autograd.grad(out.sum(), [a, w])
 
+    a_plain, w_plain, g_out = a.detach(), w.detach(), torch.ones(k * T, h, device=device)
+
+    def onednn_fwd():
+        with cpu_gemm.gemm_backend("onednn"):
+            cpu_gemm.mm(a_plain, w_plain)
+
+    def onednn_fwd_bwd():  # the same three products autograd runs for torch.mm
+        with cpu_gemm.gemm_backend("onednn"):
+            cpu_gemm.mm(a_plain, w_plain), cpu_gemm.mm(g_out, w_plain.t()), cpu_gemm.mm(a_plain.t(), g_out)
+
+    with_onednn = device.type == "cpu" and cpu_gemm.onednn_available()
+
     with torch.no_grad():
         e, rows, _ = router(x).assignments()
         plan = experts.plan(e, rows, num_out=T, dtype=x.dtype, layout=layout)
@@ -117,16 +135,23 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
     print(f"   dispatch layout={plan.layout}, padding={plan.padding_fraction:.1%}, "
           f"load max/mean={float(loads.max() / loads.mean()):.2f}, sparse FLOPs fwd={flops_fwd / 1e9:.2f} G")
     results = {}
-    for mode, wrap, mm_fn, mult in (("forward", fwd, mm_fwd, 1), ("fwd+bwd", fwd_bwd, mm_fwd_bwd, 3)):
+    for mode, wrap, mm_fn, dnn_fn, mult in (("forward", fwd, mm_fwd, onednn_fwd, 1),
+                                            ("fwd+bwd", fwd_bwd, mm_fwd_bwd, onednn_fwd_bwd, 3)):
         fns = {"sparse": wrap(sparse), "loop": wrap(loop), "dense": wrap(dense), "mm": mm_fn}
+        if with_onednn:
+            fns["onednn"] = dnn_fn
         t = interleaved_min({n: synced(f, device) for n, f in fns.items()}, repeats, {"dense": dense_repeats})
         rate_sparse = mult * flops_fwd / t["sparse"]
         rate_mm = mult * mm_flops_fwd / t["mm"]
-        results[mode] = (t["dense"] / t["sparse"], t["loop"] / t["sparse"], rate_sparse / rate_mm)
+        rate_dnn = mult * mm_flops_fwd / t["onednn"] if with_onednn else float("nan")
+        results[mode] = (t["dense"] / t["sparse"], t["loop"] / t["sparse"], rate_sparse / rate_mm,
+                         rate_sparse / rate_dnn)
+        dnn = f" | oneDNN mm {t['onednn'] * 1e3:6.1f} ms ({rate_dnn / 1e9:.0f} GFLOP/s)" if with_onednn else ""
         print(f"   {mode:8s}: sparse {t['sparse'] * 1e3:8.1f} ms | dense {t['dense'] * 1e3:8.1f} ms"
-              f" | loop {t['loop'] * 1e3:8.1f} ms | mm {t['mm'] * 1e3:6.1f} ms ({rate_mm / 1e9:.0f} GFLOP/s)")
+              f" | loop {t['loop'] * 1e3:8.1f} ms | mm {t['mm'] * 1e3:6.1f} ms ({rate_mm / 1e9:.0f} GFLOP/s){dnn}")
+        dnn = f", {results[mode][3]:.0%} of oneDNN's" if with_onednn else ""
         print(f"   {mode:8s}: sparse vs dense {results[mode][0]:5.1f}x | vs loop {results[mode][1]:5.2f}x"
-              f" | {rate_sparse / 1e9:.0f} GFLOP/s = {results[mode][2]:.0%} of the matmul rate")
+              f" | {rate_sparse / 1e9:.0f} GFLOP/s = {results[mode][2]:.0%} of the matmul rate{dnn}")
     return results
 
 
@@ -165,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     print("targets (fwd+bwd): case 1 >= 20x dense, >= 2x loop, >= 70% matmul rate; case 2 >= 3x loop, >= 30%")
     for case, res in all_results.items():
-        vs_dense, vs_loop, frac = res["fwd+bwd"]
+        vs_dense, vs_loop, frac, frac_dnn = res["fwd+bwd"]
         t_dense, t_loop, t_frac = targets[case]
         ok = (t_dense is None or vs_dense >= t_dense) and vs_loop >= t_loop and frac >= t_frac
+        dnn = "" if frac_dnn != frac_dnn else (  # NaN: no oneDNN contender
+            f" (against oneDNN's matmul rate: {frac_dnn:.0%}, {'met' if frac_dnn >= t_frac else 'not met'})")
         print(f"case {case} fwd+bwd: {vs_dense:.1f}x dense, {vs_loop:.2f}x loop, {frac:.0%} of matmul -> "
-              f"{'MET' if ok else 'NOT MET'}")
+              f"{'MET' if ok else 'NOT MET'}{dnn}")
     return 0
 
 

@@ -13,6 +13,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ["feature_build.py"],  # 5M synthetic rows: fit + transform rows/s, peak RSS
     ["data_loading.py"],  # streaming DataModule rows/s
+    ["cpu_gemm.py"],  # float32 GEMMs: PyTorch's mm (MKL) vs oneDNN, per shape and layout
     ["moe_layer.py"],  # sparse dispatch vs dense vs per-expert loop vs plain matmul
     ["expert_stack.py"],  # dense experts: autograd path vs nn.relu_experts, and the training step with each
     ["train_throughput.py"],  # training rows/s vs DeepCTR-Torch and torch-rechub on census features

@@ -7,10 +7,14 @@ written by hand so that it makes fewer passes over the large activations:
 - backward: the ReLU gradient is applied in place on gradients this function made itself (autograd allocates
   a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
   (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
+- every GEMM goes through nn.cpu_gemm, which sends float32 products to oneDNN where that was measured faster than
+  PyTorch's MKL (AMD CPUs with AVX-512; 2x on the AMD EPYC of the benchmarks): the first layer's three GEMMs, and
+  the deeper layers as one oneDNN call per expert. With the policy set to "blas" the arithmetic is exactly
+  ExpertStack's autograd path.
 `benchmarks/expert_stack.py` measures it against autograd on the large MMoE of the throughput benchmark (E = 8,
-358 -> 256 -> 128, batch 1024, 2 CPU threads): 1-2 % on the experts with the mixture, 2 % on the whole training
-step together with ExpertStack's input-major first-layer weight (benchmarks/README.md). Small, but the
-remaining gap to the plain-matmul rate is made of such passes. Only first derivatives (no double backward).
+358 -> 256 -> 128, batch 1024, 2 CPU threads): with PyTorch's own GEMMs 1-3 % on the experts with the mixture and
+on the whole training step (together with ExpertStack's input-major first-layer weight); with the default GEMM
+policy 1.7x on the experts and 1.6x on the step (benchmarks/README.md). Only first derivatives (no double backward).
 
 Layouts: weights[l] is (E, d_l, d_{l+1}); the first layer's output is kept as (B, E*h0) and read by layer 1 as
 an (E, B, h0) strided view; deeper outputs are (E, B, h_l) contiguous. The result is (B, E, H) (a transposed view
@@ -20,6 +24,8 @@ backward reads, it must not be modified in place; autograd refuses that with an 
 from __future__ import annotations
 
 import torch
+
+from mmoe_rec.nn import cpu_gemm
 
 _threshold_backward = torch.ops.aten.threshold_backward
 
@@ -40,11 +46,11 @@ class _ReluExperts(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ws, bs = params[0::2], params[1::2]
         B, E = x.shape[0], ws[0].shape[0]
-        first = torch.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0])).relu_()  # (B, E*h0)
+        first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0])).relu_()  # (B, E*h0)
         acts = [first]
         h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
         for w, b in zip(ws[1:], bs[1:]):
-            h = torch.baddbmm(b.unsqueeze(1), h, w).relu_()  # (E, B, h_l)
+            h = cpu_gemm.bmm(h, w, b).relu_()  # (E, B, h_l)
             acts.append(h)
         ctx.save_for_backward(x, *params, *acts)
         ctx.num_layers = len(ws)
@@ -71,22 +77,20 @@ class _ReluExperts(torch.autograd.Function):
             below = acts[layer - 1]
             below_ebh = below.view(B, E, -1).transpose(0, 1) if layer == 1 else below  # (E, B, h_{l-1})
             if needs[1 + 2 * layer]:
-                grads[2 * layer] = torch.bmm(below_ebh.transpose(1, 2), g)  # (E, h_{l-1}, h_l)
+                grads[2 * layer] = cpu_gemm.bmm_transposed_a(below_ebh, g)  # (E, h_{l-1}, h_l)
             if needs[2 + 2 * layer]:
                 grads[2 * layer + 1] = g.sum(1)  # (E, h_l)
             w_t = ws[layer].transpose(1, 2)
-            if layer == 1:  # written in the (B, E*h0) layout of the first layer's output
-                g_below = torch.empty(B, E, below.shape[1] // E, dtype=g.dtype, device=g.device)
-                torch.bmm(g, w_t, out=g_below.transpose(0, 1))
-                g_below = g_below.view(B, -1)
+            if layer == 1:  # made in the (B, E*h0) layout of the first layer's output
+                g_below = cpu_gemm.bmm(g, w_t, batch_dim=1).view(B, -1)
             else:
-                g_below = torch.bmm(g, w_t)  # (E, B, h_{l-1})
+                g_below = cpu_gemm.bmm(g, w_t)  # (E, B, h_{l-1})
             g = _threshold_backward.grad_input(g_below, below, 0, grad_input=g_below)
 
         w0 = ws[0]
         if needs[1]:
-            grads[0] = torch.mm(x.t(), g).view(w0.shape[1], E, -1).permute(1, 0, 2)  # (E, D, h0), input-major
+            grads[0] = cpu_gemm.mm(x.t(), g).view(w0.shape[1], E, -1).permute(1, 0, 2)  # (E, D, h0), input-major
         if needs[2]:
             grads[1] = g.sum(0).view(E, -1)  # (E, h0)
-        grad_x = torch.mm(g, first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
+        grad_x = cpu_gemm.mm(g, first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
         return (grad_x, *grads)

@@ -84,8 +84,12 @@ def test_resume_from_checkpoint_continues_exactly(feature_dir, tmp_path):
     assert float(step_a) == float(step_b) == straight_trainer.global_step
 
 
-@pytest.mark.parametrize("stop_at", [7, 30])  # 21 batches per epoch: inside the first and the second epoch
-def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(feature_dir, tmp_path, stop_at):
+# 21 batches per epoch: inside the first and the second epoch. The experts' GEMMs through PyTorch's own ops (the
+# `auto` policy on this model's small products) and through oneDNN (nn.cpu_gemm): exact either way.
+@pytest.mark.parametrize("stop_at, gemm", [(7, "auto"), (30, "auto"), (30, "onednn")])
+def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(feature_dir, tmp_path, stop_at, gemm,
+                                                                          monkeypatch):
+    monkeypatch.setenv("MMOE_REC_CPU_GEMM", gemm)
     straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2)
     assert straight_trainer.global_step == 42
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)

@@ -1,0 +1,169 @@
+"""Float32 matrix products on the CPU through oneDNN where it beats PyTorch's default BLAS: `mm`, `addmm`, `bmm`.
+
+PyTorch's CPU `mm` / `addmm` / `bmm` call MKL. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has
+AVX-512, while oneDNN (also built into PyTorch, reached through `torch.ops.mkldnn._linear_pointwise`) picks its
+kernels by instruction set. On the 2-vCPU AMD EPYC (Zen 5) of this project's benchmarks, oneDNN's float32
+matmul runs 1.95-2.23x MKL's rate on the large MMoE's GEMMs (`benchmarks/cpu_gemm.py`). Both are IEEE float32
+with float32 accumulation; they differ only in summation order (rounding-level differences, tested).
+
+oneDNN's speed depends on the operands' layouts in ways that are hard to predict (one strided case measured here
+took 2.7 s for products MKL does in 2.9 ms), so it is only given layouts that were measured: `a` row-major (rows
+may lie further apart than their length, as an expert's columns of a wider activation do) or dense column-major
+(the transpose of a contiguous tensor); `b` dense row-major or dense column-major.
+With `a` column-major (the weight gradient's x^T @ g) oneDNN wins only on large products (0.7-0.9x MKL on
+(64..256, 1024..4096) @ (.., 64..128), 1.6-1.9x from (358, 1024) @ (1024, 2048) up).
+
+`bmm` runs a batch of products as one oneDNN call per matrix when the policy picks oneDNN for them (a Python loop
+over the batch: meant for a handful of large products, such as the 8 experts' deeper layers of a dense MMoE; the
+sparse dispatch of many small experts keeps its one grouped / batched GEMM per layer).
+
+Policy (`MMOE_REC_CPU_GEMM`, read per call so tests and benchmarks can switch it; `gemm_backend(...)` does the
+same for a block of code):
+- `auto` (default): oneDNN when PyTorch has it, the CPU is an AMD one with AVX-512 (where MKL's handicap shows;
+  on Intel CPUs MKL runs AVX-512 itself, and no measurement here says oneDNN is faster there), both operands are
+  float32 in a measured layout and the product has at least `MIN_ONEDNN_MACS` multiply-adds
+  (`MIN_ONEDNN_MACS_A_TRANSPOSED` with `a` column-major). Below that MKL's lower per-call cost wins (14 against
+  6 us for (1024, 64) @ (64, 1)).
+- `onednn`: oneDNN for every float32 CPU product in a measured layout, whatever its size or the CPU (tests use it
+  to reach the oneDNN path anywhere).
+- `blas`: always PyTorch's own `mm` / `addmm`.
+Anything else (other dtypes or layouts, CUDA, empty products) goes to PyTorch's own ops. Outputs are new
+contiguous tensors. No autograd: callers are hand-written backward passes (`relu_experts`) or no-grad code.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+ENV_VAR = "MMOE_REC_CPU_GEMM"
+BACKENDS = ("auto", "onednn", "blas")
+MIN_ONEDNN_MACS = 1 << 21  # below ~2M multiply-adds MKL's lower call overhead wins (benchmarks/cpu_gemm.py)
+MIN_ONEDNN_MACS_A_TRANSPOSED = 1 << 27
+
+_override: list[str] = []  # innermost gemm_backend(...) block last
+
+
+def backend() -> str:
+    """The policy in force: the innermost `gemm_backend` block, else the environment, else `auto`."""
+    name = _override[-1] if _override else os.environ.get(ENV_VAR, "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def gemm_backend(name: str) -> Iterator[None]:
+    """Run a block under one policy ('auto', 'onednn' or 'blas'), e.g. to A/B the two in one process."""
+    if name not in BACKENDS:
+        raise ValueError(f"gemm backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+@functools.cache
+def onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def auto_prefers_onednn() -> bool:
+    """Whether `auto` sends large products to oneDNN on this machine: an AMD CPU that PyTorch runs with AVX-512."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:  # not Linux: no vendor to read, keep MKL
+        return False
+
+
+def _row_major(t: torch.Tensor, gaps_allowed: bool = False) -> bool:
+    if t.stride(1) != 1:
+        return False
+    return t.stride(0) >= t.shape[1] if gaps_allowed else t.stride(0) == t.shape[1]
+
+
+def _column_major(t: torch.Tensor) -> bool:
+    return t.stride(0) == 1 and t.stride(1) == t.shape[0]
+
+
+def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a (M, K) @ (K, N) product goes to oneDNN under the policy in force."""
+    if a.dim() != 2 or a.numel() == 0 or b.numel() == 0:  # empty products: PyTorch's ops handle them
+        return False
+    a_row_major = _row_major(a, gaps_allowed=True)
+    if not (a_row_major or _column_major(a)) or not (_row_major(b) or _column_major(b)):
+        return False
+    return _policy_picks_onednn(a, b, a.shape[0] * a.shape[1] * b.shape[1], a_row_major)
+
+
+def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_major: bool) -> bool:
+    """The policy's choice for a product of `macs` multiply-adds in a measured layout (a, b give dtype, device)."""
+    policy = backend()
+    if policy == "blas" or not onednn_available():
+        return False
+    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    if policy == "onednn":
+        return True
+    least = MIN_ONEDNN_MACS if a_row_major else MIN_ONEDNN_MACS_A_TRANSPOSED
+    return auto_prefers_onednn() and macs >= least
+
+
+def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # _linear_pointwise computes input @ weight.T + bias with weight (N, K): b.t() is a view, no copy.
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(M, K) @ (K, N) -> (M, N)."""
+    return _onednn(a, b, None) if uses_onednn(a, b) else torch.mm(a, b)
+
+
+def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bias (N,) + (M, K) @ (K, N) -> (M, N)."""
+    if uses_onednn(a, b) and bias.dtype == torch.float32:
+        return _onednn(a, b, bias.contiguous())
+    return torch.addmm(bias, a, b)
+
+
+MAX_LOOPED_BATCH = 32  # bmm loops in Python over the batch only for a few large products
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, batch_dim: int = 0) -> torch.Tensor:
+    """(E, M, K) @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with batch_dim=1 (then the
+    result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's output)."""
+    E, M, N = a.shape[0], a.shape[1], b.shape[2]
+    if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (bias is None or bias.dtype == torch.float32):
+        outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous()) for e in range(E)]
+        return torch.stack(outs, dim=batch_dim)  # one copy of the outputs; oneDNN cannot write into a slice
+    if batch_dim == 0:
+        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+    out = torch.empty(M, E, N, dtype=torch.result_type(a, b), device=a.device)
+    if bias is None:
+        torch.bmm(a, b, out=out.transpose(0, 1))
+    else:
+        torch.baddbmm(bias.unsqueeze(1), a, b, out=out.transpose(0, 1))
+    return out
+
+
+def bmm_transposed_a(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (E, K, M), b (E, K, N) -> a^T @ b (E, M, N): a batch of layers' weight gradients (inputs^T @ output
+    gradients). Through oneDNN each product runs as (b[e]^T @ a[e])^T with both operands made contiguous first:
+    2.1-2.5 ms, copies included, against 2.9-3.0 ms for MKL's bmm on (8, 1024, 256)^T @ (8, 1024, 128), where
+    oneDNN on the strided a[e]^T directly took 5.5 ms (benchmarks/cpu_gemm.py times one expert's product both
+    ways). The result is then a transposed view of an (E, N, M) tensor."""
+    E, K, M, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
+    # oneDNN gets (N, K) @ (K, M), both contiguous (row-major): a measured layout.
+    if 0 < E <= MAX_LOOPED_BATCH and K * M * N > 0 and _policy_picks_onednn(a, b, N * K * M, a_row_major=True):
+        b_t_all = b.transpose(1, 2).contiguous()  # (E, N, K)
+        a_all = a.contiguous()  # (E, K, M)
+        return torch.stack([_onednn(b_t_all[e], a_all[e], None) for e in range(E)]).transpose(1, 2)
+    return torch.bmm(a.transpose(1, 2), b)

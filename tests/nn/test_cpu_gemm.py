@@ -1,0 +1,179 @@
+"""cpu_gemm: oneDNN's products equal PyTorch's to float32 rounding; the policy decides which library runs."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmoe_rec.nn import cpu_gemm
+from mmoe_rec.nn.relu_experts import relu_experts
+
+needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this PyTorch has no oneDNN")
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def ran_onednn(fn) -> bool:
+    with OpLog() as log:
+        fn()
+    return any("_linear_pointwise" in name for name in log.names)
+
+
+def operand(rows: int, cols: int, column_major: bool, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if column_major:  # the transpose of a contiguous (cols, rows) tensor
+        return torch.randn(cols, rows, generator=g).t()
+    return torch.randn(rows, cols, generator=g)
+
+
+@needs_onednn
+@pytest.mark.parametrize("a_t, b_t", list(itertools.product([False, True], repeat=2)))
+def test_onednn_mm_and_addmm_equal_torch_to_float32_rounding_in_every_measured_layout(a_t, b_t):
+    a, b = operand(37, 23, a_t, 0), operand(23, 19, b_t, 1)
+    bias = torch.randn(19)
+    want_mm = (a.double() @ b.double()).float()
+    want_addmm = (bias.double() + a.double() @ b.double()).float()
+    with cpu_gemm.gemm_backend("onednn"):
+        assert cpu_gemm.uses_onednn(a, b)
+        assert ran_onednn(lambda: cpu_gemm.mm(a, b))
+        got_mm, got_addmm = cpu_gemm.mm(a, b), cpu_gemm.addmm(bias, a, b)
+        assert torch.equal(cpu_gemm.mm(a, b), got_mm)  # deterministic: the same product twice, bitwise
+    for got, want in ((got_mm, want_mm), (got_addmm, want_addmm)):
+        assert got.shape == (37, 19) and got.dtype == torch.float32 and got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # The same product through PyTorch's own op differs from oneDNN's by rounding only.
+    torch.testing.assert_close(got_mm, torch.mm(a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_blas_policy_is_exactly_torch_and_never_reaches_onednn():
+    a, b, bias = torch.randn(64, 48), torch.randn(48, 40), torch.randn(40)
+    with cpu_gemm.gemm_backend("blas"):
+        assert not ran_onednn(lambda: cpu_gemm.mm(a, b))
+        assert torch.equal(cpu_gemm.mm(a, b), torch.mm(a, b))
+        assert torch.equal(cpu_gemm.addmm(bias, a, b), torch.addmm(bias, a, b))
+
+
+@needs_onednn
+def test_unmeasured_layouts_other_dtypes_and_empty_products_stay_with_torch():
+    gapped = torch.randn(30, 40)[:, :20]  # rows 40 apart
+    a, b = torch.randn(8, 30), torch.randn(20, 8)
+    with cpu_gemm.gemm_backend("onednn"):
+        assert cpu_gemm.uses_onednn(gapped, b)  # a row-major `a` may have gaps (measured: an expert's columns)
+        assert not cpu_gemm.uses_onednn(a, gapped)  # a gapped `b` was once ~1000x slower in oneDNN
+        assert not cpu_gemm.uses_onednn(gapped.t(), a.t())  # so was a gapped column-major `a`
+        assert not ran_onednn(lambda: cpu_gemm.mm(a, gapped))
+        assert torch.equal(cpu_gemm.mm(a, gapped), torch.mm(a, gapped))
+        assert not cpu_gemm.uses_onednn(torch.randn(5, 4, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64))
+        empty = cpu_gemm.mm(torch.randn(0, 4), torch.randn(4, 3))
+        assert empty.shape == (0, 3)
+
+
+@needs_onednn
+def test_auto_takes_onednn_only_for_large_products_on_amd_cpus_with_avx512():
+    small = (torch.randn(64, 32), torch.randn(32, 16))  # 32k multiply-adds
+    large = (torch.randn(1024, 256), torch.randn(256, 128))  # 33M multiply-adds
+    large_a_transposed = (torch.randn(256, 1024).t(), torch.randn(256, 128))  # 33M, below the column-major bar
+    with cpu_gemm.gemm_backend("auto"):
+        assert not cpu_gemm.uses_onednn(*small)
+        assert not cpu_gemm.uses_onednn(*large_a_transposed)
+        assert cpu_gemm.uses_onednn(*large) == cpu_gemm.auto_prefers_onednn()
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        with open("/proc/cpuinfo") as f:
+            assert cpu_gemm.auto_prefers_onednn() == ("AuthenticAMD" in f.read())
+
+
+def test_policy_from_the_environment_and_nested_blocks(monkeypatch):
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "blas")
+    assert cpu_gemm.backend() == "blas"
+    with cpu_gemm.gemm_backend("onednn"):
+        assert cpu_gemm.backend() == "onednn"
+        with cpu_gemm.gemm_backend("auto"):
+            assert cpu_gemm.backend() == "auto"
+        assert cpu_gemm.backend() == "onednn"
+    assert cpu_gemm.backend() == "blas"
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="MMOE_REC_CPU_GEMM='fastest'"):
+        cpu_gemm.backend()
+    with pytest.raises(ValueError, match="'mkl'"):
+        with cpu_gemm.gemm_backend("mkl"):
+            pass
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+@pytest.mark.parametrize("dims", [[24, 16, 8], [24, 16, 12, 8]])
+def test_relu_experts_in_float32_match_a_float64_reference_under_either_library(policy, dims):
+    g = torch.Generator().manual_seed(3)
+    E = 4
+    ws = [torch.randn(E, a, b, generator=g) / a ** 0.5 for a, b in zip(dims, dims[1:])]
+    bs = [torch.randn(E, b, generator=g) * 0.1 for b in dims[1:]]
+    # The first layer's weight input-major, as ExpertStack stores it (its (D, E*h) matrix is then row-major).
+    ws[0] = ws[0].permute(1, 0, 2).contiguous().permute(1, 0, 2)
+    x = torch.randn(32, dims[0], generator=g)
+    params32 = [t.clone().requires_grad_() for t in (x, *ws, *bs)]
+    params64 = [t.double().requires_grad_() for t in (x, *ws, *bs)]
+    grad_out = torch.randn(32, E, dims[-1], generator=g)
+
+    L = len(dims) - 1
+
+    def run(params):
+        x_, *rest = params
+        return relu_experts(x_, rest[:L], rest[L:])
+
+    with cpu_gemm.gemm_backend(policy):
+        y32 = run(params32)
+        assert ran_onednn(lambda: run(params32)) == (policy == "onednn")
+        grads32 = torch.autograd.grad(y32, params32, grad_out)
+    y64 = run(params64)
+    grads64 = torch.autograd.grad(y64, params64, grad_out.double())
+    torch.testing.assert_close(y32, y64.float(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads32, grads64):
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+@pytest.mark.parametrize("batch_dim", [0, 1])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bmm_equals_torch_baddbmm_in_either_output_layout(policy, batch_dim, with_bias):
+    g = torch.Generator().manual_seed(5)
+    E, M, K, N = 3, 11, 7, 5
+    wide = torch.randn(M, E * K, generator=g)
+    a = wide.view(M, E, K).transpose(0, 1)  # (E, M, K): each matrix an expert's columns of a wider activation
+    b = torch.randn(E, N, K, generator=g).transpose(1, 2)  # (E, K, N), each matrix column-major
+    bias = torch.randn(E, N, generator=g) if with_bias else None
+    want = torch.bmm(a.double(), b.double()) + (0 if bias is None else bias.double().unsqueeze(1))
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.bmm(a, b, bias, batch_dim=batch_dim)
+        assert ran_onednn(lambda: cpu_gemm.bmm(a, b, bias, batch_dim=batch_dim)) == (policy == "onednn")
+    assert got.is_contiguous()
+    if batch_dim == 1:
+        assert got.shape == (M, E, N)
+        got = got.transpose(0, 1)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_bmm_transposed_a_equals_torch(policy):
+    g = torch.Generator().manual_seed(6)
+    E, K, M, N = 3, 13, 7, 5
+    a = torch.randn(K, E * M, generator=g).view(K, E, M).transpose(0, 1)  # (E, K, M), strided like an activation
+    b = torch.randn(E, K, N, generator=g)
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.bmm_transposed_a(a, b)
+        assert ran_onednn(lambda: cpu_gemm.bmm_transposed_a(a, b)) == (policy == "onednn")
+    assert got.shape == (E, M, N)
+    torch.testing.assert_close(got, torch.bmm(a.double().transpose(1, 2), b.double()).float(), rtol=1e-5, atol=1e-5)
