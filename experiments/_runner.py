@@ -20,14 +20,19 @@ def train_and_test(
     max_epochs: int,
     monitor: str,
     mode: str = "max",
-    patience: int = 2,
+    patience: int | None = 2,
     batch_size: int = 1024,
     lr: float = 1e-3,
     logger: Any = False,
     threads: int | None = None,
     weight_decay: float = 0.0,
+    eval_train: bool = False,
 ) -> dict[str, float]:
-    """Fit with early stopping on `monitor` (validation split), then test the best checkpoint on the test split."""
+    """Fit with early stopping on `monitor` (validation split), then test the best checkpoint on the test split.
+
+    patience=None: no early stopping, all `max_epochs` are trained and the final weights are tested.
+    eval_train: also evaluate the tested weights on the training split (its metrics come back as `train_eval/...`).
+    """
     if threads:
         torch.set_num_threads(threads)  # small models: one thread each avoids OpenMP oversubscription on 2 cores
     L.seed_everything(seed, workers=True, verbose=False)
@@ -37,13 +42,18 @@ def train_and_test(
                                         "init_args": {"lr": lr, "weight_decay": weight_decay}})
     with tempfile.TemporaryDirectory() as ckpt_dir:
         checkpoint = ModelCheckpoint(dirpath=ckpt_dir, monitor=monitor, mode=mode)
+        callbacks = [checkpoint] if patience is None else [checkpoint, EarlyStopping(monitor, mode=mode,
+                                                                                      patience=patience)]
         trainer = L.Trainer(
             max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[checkpoint, EarlyStopping(monitor, mode=mode, patience=patience)],
-            deterministic=False,
+            enable_model_summary=False, callbacks=callbacks, deterministic=False,
         )
         trainer.fit(module, datamodule=dm)
-        (result,) = trainer.test(module, datamodule=dm, ckpt_path=checkpoint.best_model_path, verbose=False)
+        tested = checkpoint.best_model_path if patience is not None else None  # None: the weights as trained
+        (result,) = trainer.test(module, datamodule=dm, ckpt_path=tested, verbose=False)
+        if eval_train:  # the validation step's metrics, computed over the training split
+            (on_train,) = trainer.validate(module, dataloaders=dm.train_dataloader(), verbose=False)
+            result.update({k.replace("val/", "train_eval/", 1): v for k, v in on_train.items()})
     result = {k: float(v) for k, v in result.items()}
     result["epochs"] = trainer.current_epoch
     result["params"] = sum(p.numel() for p in module.model.parameters())
