@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _malloc import tune_malloc  # noqa: E402
+from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 from mmoe_rec.nn.experts import ExpertStack  # noqa: E402
 

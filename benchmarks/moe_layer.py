@@ -12,8 +12,8 @@ AVX2 kernels on AMD CPUs, and oneDNN is up to 2x faster there (benchmarks/cpu_ge
 printed; the sparse layer's grouped / batched GEMMs are PyTorch's (MKL).
 
 Allocator: large fresh tensors on this VM pay page faults on first touch (glibc maps / unmaps big allocations and
-trims the heap). By default the script asks glibc to keep freed memory in the heap (benchmarks/_malloc.py), for
-every contender alike; --default-malloc measures without it.
+trims the heap). By default the script asks glibc to keep freed memory in the heap (mmoe_rec/malloc.py, which
+`mmoe-rec` applies too), for every contender alike; --default-malloc measures without it.
 
 Usage: python benchmarks/moe_layer.py [--case 1|2|all] [--default-malloc] [--threads N] [--layout auto|grouped|padded]
                                      [--block-slots N] [--repeats N] [--device cpu|cuda]
@@ -27,9 +27,8 @@ import time
 
 import torch
 
-from _malloc import tune_malloc
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 
 

@@ -18,9 +18,9 @@ Each training number is the fastest of --epochs (default 3) full epochs through 
 after a short warm-up. The contenders' epochs are interleaved (round after round, one epoch each), and the
 plain-matmul reference is measured at the start and after every round, its fastest kept: the machine's speed
 drifts over minutes, and interleaving makes everyone meet the same drift. "data only" iterates the same loader
-without a model. glibc malloc is told to keep freed memory (benchmarks/_malloc.py; --default-malloc: not),
-which applies to every contender alike. Nothing here is a test: it prints,
-it asserts nothing.
+without a model. glibc malloc is told to keep freed memory (mmoe_rec/malloc.py, as `mmoe-rec` does;
+--default-malloc: not), which applies to every contender alike. Nothing here is a test: it prints, it asserts
+nothing.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ from _peers import (  # noqa: E402
     Arch, Arrays, deepctr_fit, deepctr_loader, deepctr_model, read_arrays, rechub_loader, rechub_model,
     rechub_train_epoch, rechub_trainer,
 )
-from _malloc import tune_malloc  # noqa: E402
+from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.features.spec import FeatureSpec  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--libs", default="mmoe-rec,deepctr,rechub")
     p.add_argument("--models", default="small,large")
-    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (benchmarks/_malloc.py)")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (mmoe_rec/malloc.py)")
     args = p.parse_args(argv)
     malloc_tuned = False if args.default_malloc else tune_malloc()
 

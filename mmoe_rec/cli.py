@@ -16,6 +16,9 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from mmoe_rec import malloc
+
+    malloc.apply_from_env()  # before the first large tensor: training and scoring reuse freed memory
     if argv and argv[0] in JOBS:
         module, func = JOBS[argv[0]].split(":")
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
