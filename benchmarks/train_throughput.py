@@ -151,12 +151,6 @@ def matmul_rates(arch: Arch, input_dim: int, tasks: int) -> dict[str, float]:
                 for _ in range(c)]
 
     per = [mats(*s) for s in shapes]
-
-    def run_per():
-        for group in per:
-            for x, w, dy in group:
-                torch.mm(x, w), torch.mm(dy, w.t()), torch.mm(x.t(), dy)
-
     fused = []
     for c, m, k, n in shapes:
         if k == input_dim or c == 1:  # same input for every expert / gate: one wide matmul
@@ -165,25 +159,29 @@ def matmul_rates(arch: Arch, input_dim: int, tasks: int) -> dict[str, float]:
             fused.append(("bmm", torch.randn(c, m, k, generator=g), torch.randn(c, k, n, generator=g),
                           torch.randn(c, m, n, generator=g)))
 
-    def run_fused():
+    def three(mm, x, w, dy):  # a layer's forward and its two backward products
+        mm(x, w), mm(dy, w.t()), mm(x.t(), dy)
+
+    def run_per(mm=torch.mm):
+        for group in per:
+            for x, w, dy in group:
+                three(mm, x, w, dy)
+
+    def run_fused(mm=torch.mm, per_expert=False):
         for kind, x, w, dy in fused:
             if kind == "mm":
-                torch.mm(x, w), torch.mm(dy, w.t()), torch.mm(x.t(), dy)
+                three(mm, x, w, dy)
+            elif per_expert:  # a bmm as one mm per expert
+                for e in range(x.shape[0]):
+                    three(mm, x[e], w[e], dy[e])
             else:
                 torch.bmm(x, w), torch.bmm(dy, w.transpose(1, 2)), torch.bmm(x.transpose(1, 2), dy)
 
-    def run_per_onednn():
-        with cpu_gemm.gemm_backend("onednn"):
-            for group in per:
-                for x, w, dy in group:
-                    cpu_gemm.mm(x, w), cpu_gemm.mm(dy, w.t()), cpu_gemm.mm(x.t(), dy)
-
-    def run_fused_onednn():
-        with cpu_gemm.gemm_backend("onednn"):
-            for kind, x, w, dy in fused:
-                for e in range(x.shape[0] if kind == "bmm" else 1):
-                    xe, we, dye = (x[e], w[e], dy[e]) if kind == "bmm" else (x, w, dy)
-                    cpu_gemm.mm(xe, we), cpu_gemm.mm(dye, we.t()), cpu_gemm.mm(xe.t(), dye)
+    def with_onednn(fn):  # fn with every cpu_gemm.mm inside sent to oneDNN
+        def run():
+            with cpu_gemm.gemm_backend("onednn"):
+                fn()
+        return run
 
     a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
     rates = {
@@ -192,10 +190,9 @@ def matmul_rates(arch: Arch, input_dim: int, tasks: int) -> dict[str, float]:
         "square2048": _rate(lambda: torch.mm(a, b), 2 * 2048 ** 3),
     }
     if cpu_gemm.onednn_available():
-        rates["per_layer_onednn"] = _rate(run_per_onednn, flops)
-        rates["fused_onednn"] = _rate(run_fused_onednn, flops)
-        with cpu_gemm.gemm_backend("onednn"):
-            rates["square2048_onednn"] = _rate(lambda: cpu_gemm.mm(a, b), 2 * 2048 ** 3)
+        rates["per_layer_onednn"] = _rate(with_onednn(lambda: run_per(cpu_gemm.mm)), flops)
+        rates["fused_onednn"] = _rate(with_onednn(lambda: run_fused(cpu_gemm.mm, per_expert=True)), flops)
+        rates["square2048_onednn"] = _rate(with_onednn(lambda: cpu_gemm.mm(a, b)), 2 * 2048 ** 3)
     return rates
 
 
