@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -44,12 +45,19 @@ BACKENDS = ("auto", "onednn", "blas")
 MIN_ONEDNN_MACS = 1 << 21  # below ~2M multiply-adds MKL's lower call overhead wins (benchmarks/cpu_gemm.py)
 MIN_ONEDNN_MACS_A_TRANSPOSED = 1 << 27
 
-_override: list[str] = []  # innermost gemm_backend(...) block last
+_blocks = threading.local()  # .stack: this thread's gemm_backend(...) blocks, innermost last
+
+
+def _stack() -> list[str]:
+    if not hasattr(_blocks, "stack"):
+        _blocks.stack = []
+    return _blocks.stack
 
 
 def backend() -> str:
-    """The policy in force: the innermost `gemm_backend` block, else the environment, else `auto`."""
-    name = _override[-1] if _override else os.environ.get(ENV_VAR, "auto")
+    """The policy in force: this thread's innermost `gemm_backend` block, else the environment, else `auto`."""
+    stack = _stack()
+    name = stack[-1] if stack else os.environ.get(ENV_VAR, "auto")
     if name not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={name!r}: expected one of {', '.join(BACKENDS)}")
     return name
@@ -57,14 +65,15 @@ def backend() -> str:
 
 @contextlib.contextmanager
 def gemm_backend(name: str) -> Iterator[None]:
-    """Run a block under one policy ('auto', 'onednn' or 'blas'), e.g. to A/B the two in one process."""
+    """Run a block under one policy ('auto', 'onednn' or 'blas'), e.g. to A/B the two in one process. Per thread;
+    on the CPU autograd runs a backward on the thread that calls it, so a block covers the backward it calls."""
     if name not in BACKENDS:
         raise ValueError(f"gemm backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    _override.append(name)
+    _stack().append(name)
     try:
         yield
     finally:
-        _override.pop()
+        _stack().pop()
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -136,6 +137,11 @@ def test_relu_experts_in_float32_match_a_float64_reference_under_either_library(
         y32 = run(params32)
         assert ran_onednn(lambda: run(params32)) == (policy == "onednn")
         grads32 = torch.autograd.grad(y32, params32, grad_out)
+    # The backward reads the policy in force where it is called: a forward under "blas", its backward under policy.
+    with cpu_gemm.gemm_backend("blas"):
+        y_blas = run(params32)
+    with cpu_gemm.gemm_backend(policy):
+        assert ran_onednn(lambda: torch.autograd.grad(y_blas, params32, grad_out)) == (policy == "onednn")
     y64 = run(params64)
     grads64 = torch.autograd.grad(y64, params64, grad_out.double())
     torch.testing.assert_close(y32, y64.float(), rtol=1e-5, atol=1e-5)
@@ -177,3 +183,15 @@ def test_bmm_transposed_a_equals_torch(policy):
         assert ran_onednn(lambda: cpu_gemm.bmm_transposed_a(a, b)) == (policy == "onednn")
     assert got.shape == (E, M, N)
     torch.testing.assert_close(got, torch.bmm(a.double().transpose(1, 2), b.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_sets_the_policy_of_its_own_thread_only():
+    import threading
+
+    seen = []
+    with cpu_gemm.gemm_backend("blas"):
+        worker = threading.Thread(target=lambda: seen.append(cpu_gemm.backend()))
+        worker.start()
+        worker.join()
+        assert cpu_gemm.backend() == "blas"
+    assert seen == [os.environ.get(cpu_gemm.ENV_VAR, "auto")]
