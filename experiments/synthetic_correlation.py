@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import train_and_test  # noqa: E402
 
@@ -41,6 +44,14 @@ def make_data(base: Path, p: float, seed: int, rows: int) -> Path:
                               "--input", str(raw), "--output", str(features), "--valid-fraction", "0.1",
                               "--test-fraction", "0.1", "--seed", str(seed), "--overwrite"], check=True)
     return features
+
+
+def label_correlation(base: Path, p: float, seed: int) -> float:
+    """Pearson correlation of the two labels over all rows of one data set: the realised task relatedness (the sine
+    terms make it a monotone but not identical function of p)."""
+    labels = pq.read_table(base / f"raw_p{p}_s{seed}", columns=["y1", "y2"])
+    y1, y2 = (labels.column(name).to_numpy() for name in ("y1", "y2"))
+    return float(np.corrcoef(y1, y2)[0, 1])
 
 
 def train_one(run: tuple[float, int, str, str], max_epochs: int, lr: float, threads: int,
@@ -84,6 +95,14 @@ def main() -> int:
                 tables["training-split"].setdefault((name, p), []).append(train_mse)
                 on_train = f", training-split MSE {train_mse:.4f}"
             print(f"p={p} seed={seed} {name}: test MSE {mse:.4f}{on_train} ({epochs} epochs)", flush=True)
+    print("\nRealised label correlation of the two tasks: mean (min to max) over seeds", args.seeds)
+    cells = []
+    for p in args.ps:
+        corr = [label_correlation(Path(args.out), p, seed) for seed in args.seeds]
+        cells.append(f"{statistics.mean(corr):.3f} ({min(corr):.3f} to {max(corr):.3f})")
+    print("| | " + " | ".join(f"p = {p}" for p in args.ps) + " |")
+    print("|---|" + "---|" * len(args.ps))
+    print("| corr(y1, y2) | " + " | ".join(cells) + " |")
     for split, table in tables.items():
         if table:
             print_tables(table, split, args.ps, args.seeds)
