@@ -10,8 +10,8 @@ oneDNN's speed depends on the operands' layouts in ways that are hard to predict
 took 2.7 s for products MKL does in 2.9 ms), so it is only given layouts that were measured: `a` row-major (rows
 may lie further apart than their length, as an expert's columns of a wider activation do) or dense column-major
 (the transpose of a contiguous tensor); `b` dense row-major or dense column-major.
-With `a` column-major (the weight gradient's x^T @ g) oneDNN wins only on large products (0.7-0.9x MKL on
-(64..256, 1024..4096) @ (.., 64..128), 1.6-1.9x from (358, 1024) @ (1024, 2048) up).
+With `a` column-major (the weight gradient's x^T @ g) oneDNN wins clearly only on large products (0.7-1.2x MKL
+on (64..256, 1024..4096) @ (.., 64..128) across runs, 1.6-2.0x from (358, 1024) @ (1024, 2048) up).
 
 `bmm` runs a batch of products as one oneDNN call per matrix when the policy picks oneDNN for them (a Python loop
 over the batch: meant for a handful of large products, such as the 8 experts' deeper layers of a dense MMoE; the
