@@ -2,9 +2,10 @@
 
 PyTorch's CPU `mm` / `addmm` / `bmm` call MKL. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has
 AVX-512, while oneDNN (also built into PyTorch, reached through `torch.ops.mkldnn._linear_pointwise`) picks its
-kernels by instruction set. On the 2-vCPU AMD EPYC (Zen 5) of this project's benchmarks, oneDNN's float32
-matmul runs 1.95-2.23x MKL's rate on the large MMoE's GEMMs (`benchmarks/cpu_gemm.py`). Both are IEEE float32
-with float32 accumulation; they differ only in summation order (rounding-level differences, tested).
+kernels by instruction set. On the 2-vCPU AMD EPYCs of this project's benchmarks, oneDNN's float32 matmul runs
+1.95-2.23x MKL's rate on the large MMoE's GEMMs on a Zen 5, 1.1-1.45x on a Zen 4 (`benchmarks/cpu_gemm.py`).
+Both are IEEE float32 with float32 accumulation; they differ only in summation order (rounding-level
+differences, tested).
 
 oneDNN's speed depends on the operands' layouts in ways that are hard to predict (one strided case measured here
 took 2.7 s for products MKL does in 2.9 ms), so it is only given layouts that were measured: `a` row-major (rows
@@ -21,9 +22,14 @@ Policy (`MMOE_REC_CPU_GEMM`, read per call so tests and benchmarks can switch it
 same for a block of code):
 - `auto` (default): oneDNN when PyTorch has it, the CPU is an AMD one with AVX-512 (where MKL's handicap shows;
   on Intel CPUs MKL runs AVX-512 itself, and no measurement here says oneDNN is faster there), both operands are
-  float32 in a measured layout and the product has at least `MIN_ONEDNN_MACS` multiply-adds
-  (`MIN_ONEDNN_MACS_A_TRANSPOSED` with `a` column-major). Below that MKL's lower per-call cost wins (14 against
-  6 us for (1024, 64) @ (64, 1)).
+  float32 in a measured layout and the product is large enough (`auto_min_macs()`; at least
+  `MIN_ONEDNN_MACS_A_TRANSPOSED` with `a` column-major):
+  - full-width AVX-512 (Zen 5, AMD family 26 on): from `MIN_ONEDNN_MACS` multiply-adds. Below that MKL's lower
+    per-call cost wins (14 against 6 us for (1024, 64) @ (64, 1)).
+  - Zen 4 (family 25), which runs AVX-512 instructions on 256-bit units: oneDNN's lead is smaller there (1.1-1.45x
+    on the first layer's products, 1.25-1.35x on a 2048^3 square), and on an expert's deeper layer, 8 products of
+    (1024, 256) @ (256, 128) back to back, it loses to MKL's bmm (0.8-0.95x, the stacking copies included). So
+    only products from `MIN_ONEDNN_MACS_HALF_WIDTH` go to oneDNN there, which keeps the first layer's.
 - `onednn`: oneDNN for every float32 CPU product in a measured layout, whatever its size or the CPU (tests use it
   to reach the oneDNN path anywhere).
 - `blas`: always PyTorch's own `mm` / `addmm`.
@@ -43,7 +49,9 @@ import torch
 ENV_VAR = "MMOE_REC_CPU_GEMM"
 BACKENDS = ("auto", "onednn", "blas")
 MIN_ONEDNN_MACS = 1 << 21  # below ~2M multiply-adds MKL's lower call overhead wins (benchmarks/cpu_gemm.py)
+MIN_ONEDNN_MACS_HALF_WIDTH = 1 << 27  # Zen 4: the first layer's products (2^29.5) yes, a deeper layer's (2^25) no
 MIN_ONEDNN_MACS_A_TRANSPOSED = 1 << 27
+ZEN5_FAMILY = 26  # AMD family 0x1A: AVX-512 on full 512-bit units
 
 _blocks = threading.local()  # .stack: this thread's gemm_backend(...) blocks, innermost last
 
@@ -81,16 +89,39 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def min_macs_for(cpu_capability: str, cpuinfo: str) -> int | None:
+    """The smallest product (multiply-adds, `a` row-major) that `auto` sends to oneDNN on a CPU that PyTorch runs
+    with `cpu_capability` ("AVX512", "AVX2", ...) and that /proc/cpuinfo describes as `cpuinfo`; None: none."""
+    if not cpu_capability.startswith("AVX512"):
+        return None
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():  # the first processor's block is enough: all cores are alike in a VM
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return None
+    try:
+        family = int(fields.get("cpu family", ""))
+    except ValueError:
+        return None
+    return MIN_ONEDNN_MACS if family >= ZEN5_FAMILY else MIN_ONEDNN_MACS_HALF_WIDTH
+
+
 @functools.cache
-def auto_prefers_onednn() -> bool:
-    """Whether `auto` sends large products to oneDNN on this machine: an AMD CPU that PyTorch runs with AVX-512."""
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
+def auto_min_macs() -> int | None:
+    """`min_macs_for` this machine (None where there is no /proc/cpuinfo to read: keep MKL)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
-    except OSError:  # not Linux: no vendor to read, keep MKL
-        return False
+            cpuinfo = f.read()
+    except OSError:
+        return None
+    return min_macs_for(torch.backends.cpu.get_cpu_capability(), cpuinfo)
+
+
+def auto_prefers_onednn() -> bool:
+    """Whether `auto` sends any product to oneDNN on this machine: an AMD CPU that PyTorch runs with AVX-512."""
+    return auto_min_macs() is not None
 
 
 def _row_major(t: torch.Tensor, gaps_allowed: bool = False) -> bool:
@@ -122,8 +153,10 @@ def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_majo
         return False
     if policy == "onednn":
         return True
-    least = MIN_ONEDNN_MACS if a_row_major else MIN_ONEDNN_MACS_A_TRANSPOSED
-    return auto_prefers_onednn() and macs >= least
+    least = auto_min_macs()
+    if least is None:
+        return False
+    return macs >= (least if a_row_major else max(least, MIN_ONEDNN_MACS_A_TRANSPOSED))
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

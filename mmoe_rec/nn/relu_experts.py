@@ -8,13 +8,14 @@ written by hand so that it makes fewer passes over the large activations:
   a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
   (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
 - every GEMM goes through nn.cpu_gemm, which sends float32 products to oneDNN where that was measured faster than
-  PyTorch's MKL (AMD CPUs with AVX-512; 2x on the AMD EPYC of the benchmarks): the first layer's three GEMMs, and
-  the deeper layers as one oneDNN call per expert. With the policy set to "blas" the arithmetic is exactly
-  ExpertStack's autograd path.
+  PyTorch's MKL (AMD CPUs with AVX-512; 2x on a Zen 5 EPYC, 1.1-1.45x on a Zen 4): the first layer's three
+  GEMMs, and on a Zen 5 also the deeper layers as one oneDNN call per expert (on a Zen 4 MKL's bmm does those
+  faster). With the policy set to "blas" the arithmetic is exactly ExpertStack's autograd path.
 `benchmarks/expert_stack.py` measures it against autograd on the large MMoE of the throughput benchmark (E = 8,
 358 -> 256 -> 128, batch 1024, 2 CPU threads): with PyTorch's own GEMMs 1-3 % on the experts with the mixture and
 on the whole training step (together with ExpertStack's input-major first-layer weight); with the default GEMM
-policy 1.7x on the experts and 1.6x on the step (benchmarks/README.md). Only first derivatives (no double backward).
+policy 1.7x on the experts and 1.6x on the step on a Zen 5, 1.13x and 1.07x on a Zen 4 (benchmarks/README.md).
+Only first derivatives (no double backward).
 
 Layouts: weights[l] is (E, d_l, d_{l+1}); the first layer's output is kept as (B, E*h0) and read by layer 1 as
 an (E, B, h0) strided view; deeper outputs are (E, B, h_l) contiguous. The result is (B, E, H) (a transposed view

@@ -84,15 +84,47 @@ def test_unmeasured_layouts_other_dtypes_and_empty_products_stay_with_torch():
 @needs_onednn
 def test_auto_takes_onednn_only_for_large_products_on_amd_cpus_with_avx512():
     small = (torch.randn(64, 32), torch.randn(32, 16))  # 32k multiply-adds
-    large = (torch.randn(1024, 256), torch.randn(256, 128))  # 33M multiply-adds
-    large_a_transposed = (torch.randn(256, 1024).t(), torch.randn(256, 128))  # 33M, below the column-major bar
+    large = (torch.randn(1024, 256), torch.randn(256, 128))  # 2^25 multiply-adds
+    large_a_transposed = (torch.randn(256, 1024).t(), torch.randn(256, 128))  # 2^25, below the column-major bar
+    least = cpu_gemm.auto_min_macs()
     with cpu_gemm.gemm_backend("auto"):
         assert not cpu_gemm.uses_onednn(*small)
         assert not cpu_gemm.uses_onednn(*large_a_transposed)
-        assert cpu_gemm.uses_onednn(*large) == cpu_gemm.auto_prefers_onednn()
+        assert cpu_gemm.uses_onednn(*large) == (least is not None and least <= 1 << 25)
     if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         with open("/proc/cpuinfo") as f:
             assert cpu_gemm.auto_prefers_onednn() == ("AuthenticAMD" in f.read())
+
+
+def cpuinfo(vendor: str, family: int) -> str:
+    block = f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel name\t: Some CPU\n"
+    return "\n".join(block.format(i) for i in range(2))
+
+
+def test_auto_thresholds_by_cpu():
+    # Zen 5 (full-width AVX-512): from 2^21 multiply-adds; Zen 4 (AVX-512 on 256-bit units): the first layer's
+    # products only; Intel, or no AVX-512 in use: never (MKL runs AVX-512 itself on Intel).
+    assert cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", 26)) == cpu_gemm.MIN_ONEDNN_MACS
+    assert cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", 25)) == cpu_gemm.MIN_ONEDNN_MACS_HALF_WIDTH
+    assert cpu_gemm.MIN_ONEDNN_MACS < 1 << 25 < cpu_gemm.MIN_ONEDNN_MACS_HALF_WIDTH < 1024 * 358 * 2048
+    assert cpu_gemm.min_macs_for("AVX2", cpuinfo("AuthenticAMD", 26)) is None
+    assert cpu_gemm.min_macs_for("AVX512", cpuinfo("GenuineIntel", 6)) is None
+    assert cpu_gemm.min_macs_for("AVX512", "") is None
+    assert cpu_gemm.min_macs_for("AVX512", "vendor_id : AuthenticAMD\ncpu family : ?\n") is None
+
+
+@needs_onednn
+def test_auto_sends_a_deeper_layer_to_onednn_on_zen5_and_not_on_zen4(monkeypatch):
+    deeper_layer = (torch.randn(1024, 256), torch.randn(256, 128))  # an expert's second layer, 2^25 multiply-adds
+    first_layer = (torch.randn(1024, 358), torch.randn(358, 2048))
+    first_layer_wgrad = (torch.randn(1024, 358).t(), torch.randn(1024, 2048))  # a column-major, 2^29.5
+    for family, deeper in [(26, True), (25, False)]:
+        monkeypatch.setattr(cpu_gemm, "auto_min_macs",
+                            lambda family=family: cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", family)))
+        with cpu_gemm.gemm_backend("auto"):
+            assert cpu_gemm.uses_onednn(*deeper_layer) == deeper
+            assert cpu_gemm.uses_onednn(*first_layer)
+            assert cpu_gemm.uses_onednn(*first_layer_wgrad)
 
 
 def test_policy_from_the_environment_and_nested_blocks(monkeypatch):
