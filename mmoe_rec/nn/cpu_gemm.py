@@ -3,7 +3,7 @@
 PyTorch's CPU `mm` / `addmm` / `bmm` call MKL. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has
 AVX-512, while oneDNN (also built into PyTorch, reached through `torch.ops.mkldnn._linear_pointwise`) picks its
 kernels by instruction set. On the 2-vCPU AMD EPYCs of this project's benchmarks, oneDNN's float32 matmul runs
-1.95-2.23x MKL's rate on the large MMoE's GEMMs on a Zen 5, 1.1-1.45x on a Zen 4 (`benchmarks/cpu_gemm.py`).
+1.95-2.23x MKL's rate on the large MMoE's GEMMs on a Zen 5, 1.04-1.45x on a Zen 4 (`benchmarks/cpu_gemm.py`).
 Both are IEEE float32 with float32 accumulation; they differ only in summation order (rounding-level
 differences, tested).
 
@@ -26,9 +26,9 @@ same for a block of code):
   `MIN_ONEDNN_MACS_A_TRANSPOSED` with `a` column-major):
   - full-width AVX-512 (Zen 5, AMD family 26 on): from `MIN_ONEDNN_MACS` multiply-adds. Below that MKL's lower
     per-call cost wins (14 against 6 us for (1024, 64) @ (64, 1)).
-  - Zen 4 (family 25), which runs AVX-512 instructions on 256-bit units: oneDNN's lead is smaller there (1.1-1.45x
-    on the first layer's products, 1.25-1.35x on a 2048^3 square), and on an expert's deeper layer, 8 products of
-    (1024, 256) @ (256, 128) back to back, it loses to MKL's bmm (0.8-0.95x, the stacking copies included). So
+  - Zen 4 (family 25), which runs AVX-512 instructions on 256-bit units: oneDNN's lead is smaller there (1.04-1.45x
+    on the first layer's products, 1.13-1.36x on a 2048^3 square), and on an expert's deeper layer, 8 products of
+    (1024, 256) @ (256, 128) back to back, it loses to MKL's bmm (0.64-0.98x, the stacking copies included). So
     only products from `MIN_ONEDNN_MACS_HALF_WIDTH` go to oneDNN there, which keeps the first layer's.
 - `onednn`: oneDNN for every float32 CPU product in a measured layout, whatever its size or the CPU (tests use it
   to reach the oneDNN path anywhere).

@@ -8,7 +8,7 @@ written by hand so that it makes fewer passes over the large activations:
   a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
   (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
 - every GEMM goes through nn.cpu_gemm, which sends float32 products to oneDNN where that was measured faster than
-  PyTorch's MKL (AMD CPUs with AVX-512; 2x on a Zen 5 EPYC, 1.1-1.45x on a Zen 4): the first layer's three
+  PyTorch's MKL (AMD CPUs with AVX-512; 2x on a Zen 5 EPYC, 1.04-1.45x on a Zen 4): the first layer's three
   GEMMs, and on a Zen 5 also the deeper layers as one oneDNN call per expert (on a Zen 4 MKL's bmm does those
   faster). With the policy set to "blas" the arithmetic is exactly ExpertStack's autograd path.
 `benchmarks/expert_stack.py` measures it against autograd on the large MMoE of the throughput benchmark (E = 8,
