@@ -168,12 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            first_cpu = f.read().split("\n\n")[0].splitlines()
-    except OSError:
-        return "CPU model unknown"
-    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu)}
+    fields = cpu_gemm.cpuinfo_fields(cpu_gemm.read_cpuinfo())
     return f"{fields.get('model name', '?')}, family {fields.get('cpu family', '?')}"
 
 

@@ -165,5 +165,6 @@ def geometric_mean_interval(values: list[float], resamples: int = 10_000) -> tup
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return float(np.exp(logs.mean())), float(np.exp(lo)), float(np.exp(hi))
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -89,16 +89,32 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
+    """The "key : value" lines of /proc/cpuinfo text, the first processor's (all cores are alike in a VM)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+@functools.cache
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo, or "" where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def min_macs_for(cpu_capability: str, cpuinfo: str) -> int | None:
     """The smallest product (multiply-adds, `a` row-major) that `auto` sends to oneDNN on a CPU that PyTorch runs
     with `cpu_capability` ("AVX512", "AVX2", ...) and that /proc/cpuinfo describes as `cpuinfo`; None: none."""
     if not cpu_capability.startswith("AVX512"):
         return None
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():  # the first processor's block is enough: all cores are alike in a VM
-        key, sep, value = line.partition(":")
-        if sep and key.strip() not in fields:
-            fields[key.strip()] = value.strip()
+    fields = cpuinfo_fields(cpuinfo)
     if fields.get("vendor_id") != "AuthenticAMD":
         return None
     try:
@@ -111,12 +127,7 @@ def min_macs_for(cpu_capability: str, cpuinfo: str) -> int | None:
 @functools.cache
 def auto_min_macs() -> int | None:
     """`min_macs_for` this machine (None where there is no /proc/cpuinfo to read: keep MKL)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpuinfo = f.read()
-    except OSError:
-        return None
-    return min_macs_for(torch.backends.cpu.get_cpu_capability(), cpuinfo)
+    return min_macs_for(torch.backends.cpu.get_cpu_capability(), read_cpuinfo())
 
 
 def auto_prefers_onednn() -> bool:
