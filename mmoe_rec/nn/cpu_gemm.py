@@ -130,11 +130,6 @@ def auto_min_macs() -> int | None:
     return min_macs_for(torch.backends.cpu.get_cpu_capability(), read_cpuinfo())
 
 
-def auto_prefers_onednn() -> bool:
-    """Whether `auto` sends any product to oneDNN on this machine: an AMD CPU that PyTorch runs with AVX-512."""
-    return auto_min_macs() is not None
-
-
 def _row_major(t: torch.Tensor, gaps_allowed: bool = False) -> bool:
     if t.stride(1) != 1:
         return False

@@ -93,7 +93,7 @@ def test_auto_takes_onednn_only_for_large_products_on_amd_cpus_with_avx512():
         assert cpu_gemm.uses_onednn(*large) == (least is not None and least <= 1 << 25)
     if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         with open("/proc/cpuinfo") as f:
-            assert cpu_gemm.auto_prefers_onednn() == ("AuthenticAMD" in f.read())
+            assert (least is not None) == ("AuthenticAMD" in f.read())  # any product to oneDNN at all
 
 
 def cpuinfo(vendor: str, family: int) -> str:
