@@ -4,20 +4,27 @@ For each correlation p of the tasks' linear parts, regression data is generated 
 (`mmoe-rec synth mmoe`), features are fitted on its train split, and each model is trained with early stopping
 on validation loss; the table reports the mean test MSE of the two tasks (lower is better) over seeds.
 
-    python experiments/synthetic_correlation.py --ps 1.0 0.9 0.5 0.0 --seeds 0 1 2 --jobs 2
+    python experiments/synthetic_correlation.py --ps 1.0 0.9 0.5 0.0 --seeds 0 1 2 --jobs 2 --runs-csv runs.csv
+    python experiments/synthetic_correlation.py --tables-from runs.csv more_runs.csv   # tables only, no training
 
 Each run is seeded and single-threaded, so `--jobs` changes how long it takes, not what it prints.
+`--runs-csv` keeps every run's numbers (one row per p, seed and model); `--tables-from` prints the tables of one or
+more such files, e.g. seeds run in different sessions, without training again.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import csv
 import functools
+import math
 import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -81,20 +88,28 @@ def main() -> int:
     ap.add_argument("--fixed-epochs", action="store_true",
                     help="no early stopping: train --max-epochs epochs, test the final weights and also report "
                          "the MSE on the training split")
+    ap.add_argument("--runs-csv", type=Path, help="also write every run's numbers to this CSV (see --tables-from)")
+    ap.add_argument("--tables-from", type=Path, nargs="+", metavar="CSV",
+                    help="print the tables of runs saved with --runs-csv (several files: their runs together) "
+                         "for the --ps given, over every seed they hold; nothing is trained")
     args = ap.parse_args()
+    if args.tables_from:
+        records = read_runs(args.tables_from)
+        seeds = complete_seeds(records, args.ps)
+        print_all_tables(records, args.ps, seeds)
+        return 0
     runs = [(p, seed, name, str(make_data(Path(args.out), p, seed, args.rows)))
             for p in args.ps for seed in args.seeds for name in MODELS]
     train = functools.partial(train_one, max_epochs=args.max_epochs, lr=args.lr, threads=args.threads,
                               fixed_epochs=args.fixed_epochs)
-    tables: dict[str, dict[tuple[str, float], list[float]]] = {"test": {}, "training-split": {}}
+    records: list[RunRecord] = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for (p, seed, name, _), (mse, train_mse, epochs) in zip(runs, pool.map(train, runs)):  # submission order
-            tables["test"].setdefault((name, p), []).append(mse)
-            on_train = ""
-            if train_mse is not None:
-                tables["training-split"].setdefault((name, p), []).append(train_mse)
-                on_train = f", training-split MSE {train_mse:.4f}"
+            records.append(RunRecord(p, seed, name, mse, train_mse, epochs))
+            on_train = "" if train_mse is None else f", training-split MSE {train_mse:.4f}"
             print(f"p={p} seed={seed} {name}: test MSE {mse:.4f}{on_train} ({epochs} epochs)", flush=True)
+    if args.runs_csv:
+        write_runs(args.runs_csv, records)
     print("\nRealised label correlation of the two tasks: mean (min to max) over seeds", args.seeds)
     cells = []
     for p in args.ps:
@@ -103,10 +118,89 @@ def main() -> int:
     print("| | " + " | ".join(f"p = {p}" for p in args.ps) + " |")
     print("|---|" + "---|" * len(args.ps))
     print("| corr(y1, y2) | " + " | ".join(cells) + " |")
+    print_all_tables(records, args.ps, args.seeds)
+    return 0
+
+
+class RunRecord(NamedTuple):
+    p: float
+    seed: int
+    model: str
+    test_mse: float
+    train_mse: float | None  # only with --fixed-epochs
+    epochs: int
+
+
+RUN_FIELDS = list(RunRecord._fields)
+
+
+def write_runs(path: Path, records: list[RunRecord]) -> None:
+    """One CSV row per run, written to a temporary file and renamed when complete."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(RUN_FIELDS)
+        for r in records:
+            w.writerow([r.p, r.seed, r.model, repr(r.test_mse), "" if r.train_mse is None else repr(r.train_mse),
+                        r.epochs])
+    os.replace(tmp, path)
+
+
+def read_runs(paths: list[Path]) -> list[RunRecord]:
+    """The runs of one or more --runs-csv files. A bad cell or a (p, seed, model) held twice is an error naming the
+    file and line: runs are never silently dropped or counted twice."""
+    records: list[RunRecord] = []
+    seen: dict[tuple[float, int, str], str] = {}
+    for path in paths:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != RUN_FIELDS:
+                raise ValueError(f"{path}: expected the columns {RUN_FIELDS}, got {reader.fieldnames}")
+            for line, row in enumerate(reader, start=2):
+                where = f"{path}, line {line}"
+                try:
+                    rec = RunRecord(float(row["p"]), int(row["seed"]), row["model"], float(row["test_mse"]),
+                                    float(row["train_mse"]) if row["train_mse"] else None, int(row["epochs"]))
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{where}: {e}") from None
+                if rec.model not in MODELS:
+                    raise ValueError(f"{where}: unknown model {rec.model!r}; expected one of {sorted(MODELS)}")
+                if not (math.isfinite(rec.test_mse) and rec.test_mse > 0):
+                    raise ValueError(f"{where}: test_mse must be a positive number, got {row['test_mse']!r}")
+                key = (rec.p, rec.seed, rec.model)
+                if key in seen:
+                    raise ValueError(f"{where}: p={rec.p} seed={rec.seed} {rec.model} is already in {seen[key]}")
+                seen[key] = where
+                records.append(rec)
+    return records
+
+
+def complete_seeds(records: list[RunRecord], ps: list[float]) -> list[int]:
+    """The seeds that hold every model at every p (the tables pair by seed); an incomplete seed is an error."""
+    have = {(r.p, r.seed, r.model) for r in records}
+    seeds = sorted({r.seed for r in records})
+    for seed in seeds:
+        missing = [f"p={p} {m}" for p in ps for m in MODELS if (p, seed, m) not in have]
+        if missing:
+            raise ValueError(f"seed {seed} lacks runs: {', '.join(missing)}")
+    if not seeds:
+        raise ValueError("no runs to tabulate")
+    return seeds
+
+
+def print_all_tables(records: list[RunRecord], ps: list[float], seeds: list[int]) -> None:
+    """The test-split tables, and the training-split ones where every run has a training-split MSE."""
+    by_key = {(r.p, r.seed, r.model): r for r in records}
+    chosen = [by_key[(p, seed, m)] for p in ps for seed in seeds for m in MODELS]
+    tables: dict[str, dict[tuple[str, float], list[float]]] = {"test": {}, "training-split": {}}
+    for r in chosen:  # seeds in order within each (model, p): the ratios pair by seed
+        tables["test"].setdefault((r.model, r.p), []).append(r.test_mse)
+    if all(r.train_mse is not None for r in chosen):
+        for r in chosen:
+            tables["training-split"].setdefault((r.model, r.p), []).append(r.train_mse)
     for split, table in tables.items():
         if table:
-            print_tables(table, split, args.ps, args.seeds)
-    return 0
+            print_tables(table, split, ps, seeds)
 
 
 def print_tables(table: dict[tuple[str, float], list[float]], split: str, ps: list[float], seeds: list[int]) -> None:

@@ -37,3 +37,75 @@ def test_table_reports_mmoes_lead_and_its_change_with_p_paired_by_seed(capsys):
     assert "| OMoE / MMoE | 1.00 [1.00, 1.00] (0/2) | 1.50 [1.50, 1.50] (2/2) |" in out
     assert "| MMoE's lead relative to p = 1.0 | 1 | 1.50 [1.50, 1.50] |" in out
     assert "| OMoE | 0.50 | 0.60 |" in out  # relative to shared-bottom on the same data
+
+
+def _records(seeds=(0, 1), ps=(1.0, 0.0), with_train=True):
+    from synthetic_correlation import MODELS, RunRecord
+
+    out = []
+    for p in ps:
+        for seed in seeds:
+            for i, model in enumerate(MODELS):
+                mse = 1.0 + 0.1 * i + 0.01 * seed + (0.2 if p == 0.0 else 0.0)
+                out.append(RunRecord(p, seed, model, mse, mse / 2 if with_train else None, 10 + seed))
+    return out
+
+
+def test_runs_csv_round_trips_and_its_tables_equal_those_printed_after_training(tmp_path, capsys):
+    from synthetic_correlation import print_all_tables, read_runs, write_runs
+
+    records = _records()
+    path = tmp_path / "runs.csv"
+    write_runs(path, records)
+    assert not (tmp_path / "runs.csv.tmp").exists()  # written aside, then renamed
+    assert read_runs([path]) == records  # floats exactly (repr), train_mse kept
+
+    print_all_tables(records, [1.0, 0.0], [0, 1])
+    direct = capsys.readouterr().out
+    half_a, half_b = tmp_path / "a.csv", tmp_path / "b.csv"  # e.g. seeds run in two sessions
+    write_runs(half_a, [r for r in records if r.seed == 0])
+    write_runs(half_b, [r for r in records if r.seed == 1])
+    both = read_runs([half_b, half_a])
+    from synthetic_correlation import complete_seeds
+    assert complete_seeds(both, [1.0, 0.0]) == [0, 1]
+    print_all_tables(both, [1.0, 0.0], [0, 1])
+    assert capsys.readouterr().out == direct
+    assert "== training-split MSE" in direct and "== test MSE" in direct
+
+
+def test_runs_without_training_split_mse_print_only_the_test_tables(tmp_path, capsys):
+    from synthetic_correlation import print_all_tables, read_runs, write_runs
+
+    path = tmp_path / "runs.csv"
+    write_runs(path, _records(with_train=False))
+    print_all_tables(read_runs([path]), [1.0, 0.0], [0, 1])
+    out = capsys.readouterr().out
+    assert "== test MSE" in out and "training-split" not in out
+
+
+def test_saved_runs_counted_twice_incomplete_or_malformed_are_errors_naming_the_place(tmp_path):
+    from synthetic_correlation import complete_seeds, read_runs, write_runs
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    write_runs(a, _records())
+    write_runs(b, _records(seeds=(1,)))
+    with pytest.raises(ValueError, match=r"b\.csv, line 2: p=1\.0 seed=1 shared-bottom is already in .*a\.csv, line"):
+        read_runs([a, b])
+
+    partial = [r for r in _records() if not (r.seed == 1 and r.p == 0.0 and r.model == "MMoE")]
+    with pytest.raises(ValueError, match=r"seed 1 lacks runs: p=0\.0 MMoE"):
+        complete_seeds(partial, [1.0, 0.0])
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text(a.read_text().replace("shared-bottom", "SB", 1), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.csv, line 2: unknown model 'SB'"):
+        read_runs([bad])
+    lines = a.read_text(encoding="utf-8").splitlines()
+    fields = lines[3].split(",")
+    fields[3] = "nan"
+    (tmp_path / "nan.csv").write_text("\n".join(lines[:3] + [",".join(fields)] + lines[4:]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"nan\.csv, line 4: test_mse must be a positive number"):
+        read_runs([tmp_path / "nan.csv"])
+    (tmp_path / "cols.csv").write_text("p,seed\n1.0,0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cols\.csv: expected the columns"):
+        read_runs([tmp_path / "cols.csv"])
