@@ -391,8 +391,9 @@ def ours_lightning_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows
 
 def ours_plain_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int) -> Contender:
     torch.manual_seed(0)
-    model = ours_module(spec, arch).model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    module = ours_module(spec, arch)
+    model = module.model
+    opt = module.configure_optimizers()  # what Trainer.fit gets (fused Adam): the rows differ by Lightning only
     dm = ours_datamodule(data_dir, arch)
     plain_epoch(model, opt, dm.train_dataloader(), spec, warm_batches)
     return Contender(arch.name, "mmoe-rec", "plain torch loop over FeatureDataModule", rows,

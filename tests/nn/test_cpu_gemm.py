@@ -108,6 +108,7 @@ def test_auto_thresholds_by_cpu():
     assert cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", 25)) == cpu_gemm.MIN_ONEDNN_MACS_HALF_WIDTH
     assert cpu_gemm.MIN_ONEDNN_MACS < 1 << 25 < cpu_gemm.MIN_ONEDNN_MACS_HALF_WIDTH < 1024 * 358 * 2048
     assert cpu_gemm.min_macs_for("AVX2", cpuinfo("AuthenticAMD", 26)) is None
+    assert cpu_gemm.min_macs_for("AVX2", cpuinfo("AuthenticAMD", 25)) is None  # Zen 3: MKL won every product
     assert cpu_gemm.min_macs_for("AVX512", cpuinfo("GenuineIntel", 6)) is None
     assert cpu_gemm.min_macs_for("AVX512", "") is None
     assert cpu_gemm.min_macs_for("AVX512", "vendor_id : AuthenticAMD\ncpu family : ?\n") is None
