@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from synthetic_correlation import geometric_mean_interval, print_tables  # noqa: E402
+from synthetic_correlation import (  # noqa: E402
+    MODELS,
+    RunRecord,
+    complete_seeds,
+    geometric_mean_interval,
+    print_all_tables,
+    print_tables,
+    read_runs,
+    write_runs,
+)
 
 
 def test_geometric_mean_is_symmetric_in_the_ratio_where_the_arithmetic_mean_is_not():
@@ -40,8 +49,6 @@ def test_table_reports_mmoes_lead_and_its_change_with_p_paired_by_seed(capsys):
 
 
 def _records(seeds=(0, 1), ps=(1.0, 0.0), with_train=True):
-    from synthetic_correlation import MODELS, RunRecord
-
     out = []
     for p in ps:
         for seed in seeds:
@@ -52,8 +59,6 @@ def _records(seeds=(0, 1), ps=(1.0, 0.0), with_train=True):
 
 
 def test_runs_csv_round_trips_and_its_tables_equal_those_printed_after_training(tmp_path, capsys):
-    from synthetic_correlation import print_all_tables, read_runs, write_runs
-
     records = _records()
     path = tmp_path / "runs.csv"
     write_runs(path, records)
@@ -66,7 +71,6 @@ def test_runs_csv_round_trips_and_its_tables_equal_those_printed_after_training(
     write_runs(half_a, [r for r in records if r.seed == 0])
     write_runs(half_b, [r for r in records if r.seed == 1])
     both = read_runs([half_b, half_a])
-    from synthetic_correlation import complete_seeds
     assert complete_seeds(both, [1.0, 0.0]) == [0, 1]
     print_all_tables(both, [1.0, 0.0], [0, 1])
     assert capsys.readouterr().out == direct
@@ -74,8 +78,6 @@ def test_runs_csv_round_trips_and_its_tables_equal_those_printed_after_training(
 
 
 def test_runs_without_training_split_mse_print_only_the_test_tables(tmp_path, capsys):
-    from synthetic_correlation import print_all_tables, read_runs, write_runs
-
     path = tmp_path / "runs.csv"
     write_runs(path, _records(with_train=False))
     print_all_tables(read_runs([path]), [1.0, 0.0], [0, 1])
@@ -84,8 +86,6 @@ def test_runs_without_training_split_mse_print_only_the_test_tables(tmp_path, ca
 
 
 def test_saved_runs_counted_twice_incomplete_or_malformed_are_errors_naming_the_place(tmp_path):
-    from synthetic_correlation import complete_seeds, read_runs, write_runs
-
     a, b = tmp_path / "a.csv", tmp_path / "b.csv"
     write_runs(a, _records())
     write_runs(b, _records(seeds=(1,)))
