@@ -165,8 +165,9 @@ def read_runs(paths: list[Path]) -> list[RunRecord]:
                     raise ValueError(f"{where}: {e}") from None
                 if rec.model not in MODELS:
                     raise ValueError(f"{where}: unknown model {rec.model!r}; expected one of {sorted(MODELS)}")
-                if not (math.isfinite(rec.test_mse) and rec.test_mse > 0):
-                    raise ValueError(f"{where}: test_mse must be a positive number, got {row['test_mse']!r}")
+                for column, value in (("test_mse", rec.test_mse), ("train_mse", rec.train_mse)):
+                    if value is not None and not (math.isfinite(value) and value > 0):
+                        raise ValueError(f"{where}: {column} must be a positive number, got {row[column]!r}")
                 key = (rec.p, rec.seed, rec.model)
                 if key in seen:
                     raise ValueError(f"{where}: p={rec.p} seed={rec.seed} {rec.model} is already in {seen[key]}")

@@ -106,6 +106,11 @@ def test_saved_runs_counted_twice_incomplete_or_malformed_are_errors_naming_the_
     (tmp_path / "nan.csv").write_text("\n".join(lines[:3] + [",".join(fields)] + lines[4:]) + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"nan\.csv, line 4: test_mse must be a positive number"):
         read_runs([tmp_path / "nan.csv"])
+    fields = lines[3].split(",")
+    fields[4] = "-1.0"
+    (tmp_path / "neg.csv").write_text("\n".join(lines[:3] + [",".join(fields)] + lines[4:]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"neg\.csv, line 4: train_mse must be a positive number, got '-1\.0'"):
+        read_runs([tmp_path / "neg.csv"])
     (tmp_path / "cols.csv").write_text("p,seed\n1.0,0\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"cols\.csv: expected the columns"):
         read_runs([tmp_path / "cols.csv"])
