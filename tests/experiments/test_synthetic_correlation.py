@@ -101,16 +101,18 @@ def test_saved_runs_counted_twice_incomplete_or_malformed_are_errors_naming_the_
     with pytest.raises(ValueError, match=r"bad\.csv, line 2: unknown model 'SB'"):
         read_runs([bad])
     lines = a.read_text(encoding="utf-8").splitlines()
-    fields = lines[3].split(",")
-    fields[3] = "nan"
-    (tmp_path / "nan.csv").write_text("\n".join(lines[:3] + [",".join(fields)] + lines[4:]) + "\n", encoding="utf-8")
+
+    def with_cell_on_line_4(name: str, column: int, value: str):
+        fields = lines[3].split(",")
+        fields[column] = value
+        path = tmp_path / name
+        path.write_text("\n".join(lines[:3] + [",".join(fields)] + lines[4:]) + "\n", encoding="utf-8")
+        return path
+
     with pytest.raises(ValueError, match=r"nan\.csv, line 4: test_mse must be a positive number"):
-        read_runs([tmp_path / "nan.csv"])
-    fields = lines[3].split(",")
-    fields[4] = "-1.0"
-    (tmp_path / "neg.csv").write_text("\n".join(lines[:3] + [",".join(fields)] + lines[4:]) + "\n", encoding="utf-8")
+        read_runs([with_cell_on_line_4("nan.csv", 3, "nan")])
     with pytest.raises(ValueError, match=r"neg\.csv, line 4: train_mse must be a positive number, got '-1\.0'"):
-        read_runs([tmp_path / "neg.csv"])
+        read_runs([with_cell_on_line_4("neg.csv", 4, "-1.0")])
     (tmp_path / "cols.csv").write_text("p,seed\n1.0,0\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"cols\.csv: expected the columns"):
         read_runs([tmp_path / "cols.csv"])
