@@ -4,6 +4,12 @@ Sparse features become one KeyedJaggedTensor with keys in ``spec.sparse_features
 a single-valued int64 column gives length-1 bags, a multi-valued ``list<int64>`` column gives jagged bags
 (an empty or null list is an empty bag). KJT values and lengths are int64: ``nn.EmbeddingBag`` wants the
 offsets in the same dtype as the ids.
+
+When every sparse column is single-valued int64 (census: 44 of them) the KJT values are one Arrow call,
+``to_tensor`` of those columns in column-major order, which is the key-major layout of the values; likewise
+the dense columns when all are float32. Column by column, 1024 census rows took 174 us against 53 us (a Zen 5,
+2026-11-25): 44 lookups, conversions, copies and ``np.ones`` per batch. Other types and null ids take the
+column-by-column path, which converts them or names the column.
 """
 from __future__ import annotations
 
@@ -55,6 +61,9 @@ class BatchCollator:
         self.with_ids = with_ids
         self.with_labels = with_labels
         self.keys = [f.name for f in spec.sparse_features]
+        self._single_valued = bool(self.keys) and not any(f.multi_valued for f in spec.sparse_features)
+        self._int64_ids = pa.schema([(k, pa.int64()) for k in self.keys])
+        self._float32_dense = pa.schema([(c, pa.float32()) for c in spec.dense_features])
 
     @property
     def columns(self) -> list[str]:
@@ -73,17 +82,9 @@ class BatchCollator:
 
     def arrays(self, rb: pa.RecordBatch) -> ArrayBatch:
         b = rb.num_rows
-        values, lengths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-        for f in self.spec.sparse_features:
-            col = rb.column(f.name)
-            if f.multi_valued:
-                v, n = _jagged(col, f.name)
-            else:
-                v, n = _int64(col, f.name), np.ones(b, dtype=np.int64)
-            values.append(v)
-            lengths.append(n)
+        values, lengths = self._sparse_arrays(rb)
         if self.spec.dense_features:
-            dense = np.stack([_float32(rb.column(c), c) for c in self.spec.dense_features], axis=1)  # (B, D)
+            dense = _float32_matrix(rb, self.spec.dense_features, self._float32_dense)  # (B, D)
         else:
             dense = np.zeros((b, 0), dtype=np.float32)
         labels, weights, ids = {}, None, None
@@ -93,7 +94,32 @@ class BatchCollator:
                 weights = _float32(rb.column(WEIGHT_COLUMN), WEIGHT_COLUMN)
         if self.with_ids:
             ids = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in self.spec.id_columns}
-        return ArrayBatch(np.concatenate(values), np.concatenate(lengths), dense, labels, weights, ids)
+        return ArrayBatch(values, lengths, dense, labels, weights, ids)
+
+    def _sparse_arrays(self, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(values, lengths), key-major like a KJT."""
+        b = rb.num_rows
+        features = self.spec.sparse_features
+        if self._single_valued and b:
+            ids = rb.select(self.keys)
+            if ids.schema.equals(self._int64_ids):  # else the column-by-column path converts or names the problem
+                try:
+                    # (B, F) column-major = (F, B) row-major: the ids of each key in turn
+                    key_major = ids.to_tensor(row_major=False).to_numpy().T
+                except pa.ArrowTypeError:  # a null id: the column-by-column path below names the column
+                    pass
+                else:
+                    return np.array(key_major, dtype=np.int64).reshape(-1), np.ones(len(features) * b, np.int64)
+        values, lengths = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for f in features:
+            col = rb.column(f.name)
+            if f.multi_valued:
+                v, n = _jagged(col, f.name)
+            else:
+                v, n = _int64(col, f.name), np.ones(b, dtype=np.int64)
+            values.append(v)
+            lengths.append(n)
+        return np.concatenate(values), np.concatenate(lengths)
 
     def to_batch(self, a: ArrayBatch) -> Batch:
         sparse = KeyedJaggedTensor(
@@ -125,6 +151,14 @@ def _jagged(col: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
     lengths = pc.fill_null(pc.list_value_length(col), 0)  # a null list is an empty bag
     flat = pc.list_flatten(col)
     return _int64(flat, name), np.array(lengths.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _float32_matrix(rb: pa.RecordBatch, names: list[str], all_float32: pa.Schema) -> np.ndarray:
+    """(B, len(names)) float32, row-major; nulls become NaN. One Arrow call when the columns are all float32."""
+    cols = rb.select(names)
+    if rb.num_rows and cols.schema.equals(all_float32):
+        return np.array(cols.to_tensor(null_to_nan=True).to_numpy(), dtype=np.float32)
+    return np.stack([_float32(col, c) for col, c in zip(cols.columns, names)], axis=1)
 
 
 def _float32(col: pa.Array, name: str) -> np.ndarray:

@@ -1,6 +1,7 @@
 """collate: RecordBatch -> Batch, checked against a row-by-row pure-Python reference."""
 from __future__ import annotations
 
+import dataclasses
 import pickle
 
 import numpy as np
@@ -68,6 +69,28 @@ def test_collate_of_a_sliced_record_batch_respects_the_slice_offset(feature_dir)
     spec = FeatureSpec.load(feature_dir)
     rb = _record_batch(feature_dir).slice(37, 101)
     _check_against_rows(BatchCollator(spec)(rb), rb, spec)
+
+
+@pytest.mark.parametrize("id_type", [pa.int64(), pa.int32()])
+def test_single_valued_features_only_match_the_reference(feature_dir, id_type):
+    # all single-valued int64 ids: one Arrow call for the KJT values; int32 ids take the column-by-column path
+    spec = FeatureSpec.load(feature_dir)
+    spec = dataclasses.replace(spec, sparse_features=[f for f in spec.sparse_features if not f.multi_valued])
+    rb = _record_batch(feature_dir).slice(37, 101)
+    rb = rb.set_column(rb.schema.get_field_index("item"), "item", rb.column("item").cast(id_type))
+    _check_against_rows(BatchCollator(spec)(rb), rb, spec)
+
+
+@pytest.mark.parametrize("dense_type", [pa.float32(), pa.float64()])
+def test_null_dense_values_become_nan(dense_type):
+    spec = FeatureSpec(sparse_features=[SparseFeature("user", 5)], dense_features=["a", "b"], tasks=[Task("click")])
+    rb = pa.RecordBatch.from_pydict({"user": pa.array([1, 2, 3], pa.int64()),
+                                     "a": pa.array([0.5, None, 2.0], dense_type),
+                                     "b": pa.array([1.0, 2.0, 3.0], pa.float32()),
+                                     "label_click": pa.array([0.0, 1.0, 0.0])})
+    dense = BatchCollator(spec)(rb).dense
+    assert dense.dtype == torch.float32 and dense.shape == (3, 2)
+    assert dense[:, 0].tolist()[0] == 0.5 and torch.isnan(dense[1, 0]) and dense[2].tolist() == [2.0, 3.0]
 
 
 def test_empty_and_null_lists_are_empty_bags():

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
-from mmoe_rec.nn.embedding import EmbeddingFront
+from mmoe_rec.nn.embedding import FUSED_MAX_ELEMENTS, FUSED_TABLE, EmbeddingFront
 
 
 def spec(dense=("d0", "d1", "d2")) -> FeatureSpec:
@@ -37,7 +38,7 @@ def batch(keys=("user", "tags", "item"), dense_dim=3) -> Batch:
 
 
 def table(front: EmbeddingFront, name: str) -> torch.Tensor:
-    return front.ebc.embedding_bags[f"t_{name}"].weight.detach()
+    return front.table(name).detach()
 
 
 def pool(weight: torch.Tensor, bag: list[int], how: str) -> torch.Tensor:
@@ -83,6 +84,7 @@ def test_init_is_normal_with_the_documented_std_whatever_the_vocabulary():
 def test_gradient_reaches_only_the_rows_that_were_looked_up():
     front = EmbeddingFront(spec(), embedding_dim=2)
     front(batch()).sum().backward()
+    assert not front.fused  # tags is multi-valued: one table per feature
     grad = front.ebc.embedding_bags["t_user"].weight.grad
     used = {2, 5, 0}
     for row in range(6):
@@ -114,31 +116,74 @@ def test_bad_configuration_is_rejected(kwargs):
         EmbeddingFront(spec(), **kwargs)
 
 
+def single_valued_spec(user_rows: int = 6) -> FeatureSpec:
+    return FeatureSpec(sparse_features=[SparseFeature("user", user_rows), SparseFeature("item", 4)],
+                       dense_features=["d0"], tasks=[Task("click")])
+
+
+def single_valued_batch(keys=("user", "item")) -> Batch:
+    return Batch(sparse=kjt(keys), dense=torch.ones(3, 1), labels={"click": torch.zeros(3)})
+
+
+def table_grad(front: EmbeddingFront, name: str) -> torch.Tensor:
+    if not front.fused:
+        return front.ebc.embedding_bags[f"t_{name}"].weight.grad
+    start = int(front._row_offsets[front.sparse_names.index(name)])
+    return front.ebc.embedding_bags[FUSED_TABLE].weight.grad.narrow(0, start, front.table_rows[name])
+
+
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-def test_single_id_fast_path_equals_torchrec_pooling_forward_and_gradients(pooling):
-    single = FeatureSpec(sparse_features=[SparseFeature("user", 6), SparseFeature("item", 4)],
-                         dense_features=["d0"], tasks=[Task("click")])
-    torch.manual_seed(0)
-    front = EmbeddingFront(single, embedding_dim=5, pooling=pooling)
-    assert front._fast_single_ids
-    b = Batch(sparse=kjt(("user", "item")), dense=torch.ones(3, 1), labels={"click": torch.zeros(3)})
-    fast = front(b)
-    fast.pow(2).sum().backward()
-    grads_fast = {n: front.ebc.embedding_bags[f"t_{n}"].weight.grad.clone() for n in ("user", "item")}
-    front.zero_grad()
-    front._fast_single_ids = False  # the torchrec EmbeddingBagCollection path as the reference
-    ref = front(b)
-    ref.pow(2).sum().backward()
-    torch.testing.assert_close(fast, ref)
+def test_fused_table_equals_one_table_per_feature_values_forward_gradients_and_rng(pooling):
+    made, after = {}, {}
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        made[fuse] = EmbeddingFront(single_valued_spec(), embedding_dim=5, pooling=pooling, fuse_tables=fuse)
+        after[fuse] = torch.rand(3)  # the global RNG is where the per-table layout leaves it
+    per_table, fused = made[False], made[True]
+    assert fused.fused and not per_table.fused
+    assert [name for name, _ in fused.named_parameters()] == [f"ebc.embedding_bags.{FUSED_TABLE}.weight"]
+    assert torch.equal(after[False], after[True])
+    outs = {}
+    for fuse, front in made.items():
+        outs[fuse] = front(single_valued_batch())
+        outs[fuse].pow(2).sum().backward()
+    assert torch.equal(outs[True], outs[False])
     for n in ("user", "item"):
-        torch.testing.assert_close(grads_fast[n], front.ebc.embedding_bags[f"t_{n}"].weight.grad)
+        assert torch.equal(table(fused, n), table(per_table, n))
+        assert torch.equal(table_grad(fused, n), table_grad(per_table, n))
     # the hand computation too: user rows 2, 5, 0 and item rows 3, 3, 1
-    torch.testing.assert_close(fast[:, :5], table(front, "user")[torch.tensor([2, 5, 0])])
-    torch.testing.assert_close(fast[:, 5:10], table(front, "item")[torch.tensor([3, 3, 1])])
+    torch.testing.assert_close(outs[True][:, :5], table(fused, "user")[torch.tensor([2, 5, 0])])
+    torch.testing.assert_close(outs[True][:, 5:10], table(fused, "item")[torch.tensor([3, 3, 1])])
 
 
-def test_fast_path_is_off_for_multi_valued_or_mixed_dims():
-    assert not EmbeddingFront(spec())._fast_single_ids  # tags is multi-valued
-    single = FeatureSpec(sparse_features=[SparseFeature("user", 6), SparseFeature("item", 4)],
-                         dense_features=[], tasks=[Task("click")])
-    assert not EmbeddingFront(single, embedding_dim=4, embedding_dims={"item": 3})._fast_single_ids
+def test_fused_table_through_torchrec_equals_the_index_select_path():
+    torch.manual_seed(0)
+    front = EmbeddingFront(single_valued_spec(), embedding_dim=3)
+    fast = front(single_valued_batch(("user", "item")))
+    # keys in another order leave the index_select path: torchrec pools the fused table with shifted ids
+    through_torchrec = front(single_valued_batch(("item", "user")))
+    torch.testing.assert_close(through_torchrec, fast)
+    with pytest.raises(KeyError, match="nope"):
+        front(Batch(sparse=KeyedJaggedTensor.from_lengths_sync(keys=["user", "nope"], values=torch.zeros(6).long(),
+                                                               lengths=torch.ones(6).long()),
+                    dense=torch.ones(3, 1), labels={}))
+
+
+def test_a_per_table_state_dict_loads_into_the_fused_layout():
+    torch.manual_seed(0)
+    per_table = nn.ModuleDict({"front": EmbeddingFront(single_valued_spec(), embedding_dim=4, fuse_tables=False)})
+    fused = nn.ModuleDict({"front": EmbeddingFront(single_valued_spec(), embedding_dim=4)})
+    assert not torch.equal(table(fused["front"], "user"), table(per_table["front"], "user"))
+    fused.load_state_dict(per_table.state_dict())  # strict: no key missing or left over
+    b = single_valued_batch()
+    assert torch.equal(fused["front"](b), per_table["front"](b))
+
+
+def test_fusing_is_off_for_multi_valued_mixed_dims_large_tables_or_when_asked():
+    assert not EmbeddingFront(spec()).fused  # tags is multi-valued
+    assert not EmbeddingFront(single_valued_spec(), embedding_dim=4, embedding_dims={"item": 3}).fused
+    assert not EmbeddingFront(single_valued_spec(), fuse_tables=False).fused
+    assert EmbeddingFront(single_valued_spec(FUSED_MAX_ELEMENTS // 8 - 4), embedding_dim=8).fused
+    assert not EmbeddingFront(single_valued_spec(FUSED_MAX_ELEMENTS // 8 - 3), embedding_dim=8).fused
+    with pytest.raises(KeyError, match="nope"):
+        EmbeddingFront(single_valued_spec()).table("nope")

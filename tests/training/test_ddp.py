@@ -9,10 +9,12 @@
 - torchrec DMP: table-wise sharded embedding tables under Lightning, 2 processes; the checkpoint (tables
   gathered to rank 0) reloads into an unsharded module that reproduces the run's validation AUC, and a sharded
   run resumed from it ends bitwise equal to one that ran straight through (tables and their fused optimizer
-  state go back into each rank's shards).
+  state go back into each rank's shards). With single-valued features only, the front's one fused table
+  trains sharded the same way and reloads unsharded.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,6 +29,8 @@ import yaml
 
 from conftest import MMOE, metric_history, mlflow_run
 from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.nn.embedding import FUSED_TABLE
 from mmoe_rec.training.cli import run_lightning_cli
 from mmoe_rec.training.module import MultiTaskModule
 from mmoe_rec.training.sharding import SHARDED_OPTIMIZER_KEY, ShardedEmbeddingStrategy
@@ -157,6 +161,30 @@ def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, mon
     for key, per in a[SHARDED_OPTIMIZER_KEY].items():
         for name, value in per.items():
             torch.testing.assert_close(value, b[SHARDED_OPTIMIZER_KEY][key][name], rtol=0, atol=0, msg=key)
+
+
+def test_a_fused_table_trains_sharded_and_reloads_unsharded(make_feature_dir, tmp_path, monkeypatch):
+    """Single-valued features only: the front fuses its tables into one, which DMP places on one rank; the
+    sharded collection is called through torchrec with the ids shifted to the fused rows."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    feature_dir = make_feature_dir("single_valued")
+    spec = FeatureSpec.load(feature_dir / "spec.json")
+    single_valued = [f for f in spec.sparse_features if not f.multi_valued]
+    dataclasses.replace(spec, sparse_features=single_valued).finalize().save(feature_dir / "spec.json")
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
+    run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    tables = [k for k in saved["state_dict"] if ".embedding_bags." in k]
+    assert tables == [f"model.front.ebc.embedding_bags.{FUSED_TABLE}.weight"]
+    assert saved["state_dict"][tables[0]].shape[0] == sum(f.num_embeddings for f in single_valued)
+    run, _ = mlflow_run(tmp_path / "mlflow.db")
+    assert run.data.metrics["val/click/auc"] > 0.6
+    module = MultiTaskModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
+    assert module.model.front.fused
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    (result,) = trainer.validate(module, FeatureDataModule(str(feature_dir), batch_size=64, seed=0), verbose=False)
+    assert result["val/click/auc"] == pytest.approx(run.data.metrics["val/click/auc"], abs=1e-5)
 
 
 def test_a_checkpoint_without_sharded_optimizer_state_cannot_resume_a_sharded_run():
