@@ -17,8 +17,9 @@ concatenated with the dense features: Batch -> (B, D_in), D_in = sum of embeddin
   in all, the collection has ONE table, "t_fused", with the features' tables laid end to end in spec order
   (feature f's id i is row offset_f + i). Pooling is then one `index_select` of (B, F) ids, and the gradient
   lands in one parameter: one table instead of F (44 for census) saves the per-table autograd and optimizer
-  work that dominated small models (a bare training step of the small census MMoE: 2.45 -> 2.08 ms, a Zen 5,
-  2026-11-25).
+  work that dominated small models. A bare training step of the census MMoEs of benchmarks/train_throughput.py,
+  per-table against fused, interleaved in one process (a Zen 5, 2026-11-25): small 2.45 -> 2.08 ms, and in a
+  slower spell of the shared VM 6.4 -> 3.8 ms; large 22.3 -> 22.0 ms, and 26.7 -> 23.8 ms.
   The values are those the per-table layout would have (it is built first and copied, the global RNG left where
   the per-table layout leaves it), and the forward and the gradients are equal (tested), so a seeded run starts
   and steps the same either way (an optimizer step over one tensor instead of F rounds a global gradient norm
