@@ -18,13 +18,14 @@ concatenated with the dense features: Batch -> (B, D_in), D_in = sum of embeddin
   (feature f's id i is row offset_f + i). Pooling is then one `index_select` of (B, F) ids, and the gradient
   lands in one parameter: one table instead of F (44 for census) saves the per-table autograd and optimizer
   work that dominated small models. A bare training step of the census MMoEs of benchmarks/train_throughput.py,
-  per-table against fused, interleaved in one process (a Zen 5, 2026-11-25): small 2.45 -> 2.08 ms, and in a
-  slower spell of the shared VM 6.4 -> 3.8 ms; large 22.3 -> 22.0 ms, and 26.7 -> 23.8 ms.
+  per-table against fused, interleaved in one process (two runs, a Zen 5, 2026-11-25): small 6.4 -> 3.8 ms
+  both times, large 26.7 -> 23.8 and 26.0 -> 23.0 ms. A prototype of the same, half an hour earlier in a faster
+  spell of the shared VM: small 2.45 -> 2.08 ms, large 22.3 -> 22.0 ms.
   The values are those the per-table layout would have (it is built first and copied, the global RNG left where
   the per-table layout leaves it), and the forward and the gradients are equal (tested), so a seeded run starts
   and steps the same either way (an optimizer step over one tensor instead of F rounds a global gradient norm
-  differently, if one is clipped). A collection sharded by DistributedModelParallel is called through torchrec with the
-  ids shifted to the fused rows; a table this small has no reason to be sharded (it lands on one rank).
+  differently, if one is clipped). A collection sharded by DistributedModelParallel is called through torchrec
+  with the ids shifted to the fused rows; a table this small has no reason to be sharded (it lands on one rank).
   `table(name)` gives a feature's (V, d) rows in either layout, and a state dict saved with per-table keys
   loads into the fused layout.
 """
