@@ -116,3 +116,17 @@ def test_saved_runs_counted_twice_incomplete_or_malformed_are_errors_naming_the_
     (tmp_path / "cols.csv").write_text("p,seed\n1.0,0\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"cols\.csv: expected the columns"):
         read_runs([tmp_path / "cols.csv"])
+
+
+def test_shipped_200k_runs_print_the_readme_table(capsys):
+    """The README's 60-seed table of the 200,000-row protocol is what the shipped runs print."""
+    results = Path(__file__).resolve().parents[2] / "experiments" / "results"
+    records = read_runs([results / "synthetic_rows200k_fixed10_seeds0-29_2026-11-25.csv",
+                         results / "synthetic_rows200k_fixed10_seeds30-59_2026-11-25.csv"])
+    ps = [1.0, 0.9, 0.5, 0.0]
+    assert complete_seeds(records, ps) == list(range(60))
+    print_all_tables(records, ps, list(range(60)))
+    out = capsys.readouterr().out
+    assert ("| OMoE / MMoE | 0.88 [0.70, 1.10] (31/60) | 1.09 [0.86, 1.35] (38/60) | 1.21 [1.00, 1.45] (39/60) "
+            "| 1.42 [1.15, 1.76] (44/60) |") in out
+    assert "| MMoE's lead relative to p = 1.0 | 1 | 1.23 [1.06, 1.42] | 1.37 [1.07, 1.74] | 1.61 [1.20, 2.17] |" in out
