@@ -166,9 +166,10 @@ def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_majo
     return macs >= (least if a_row_major else max(least, MIN_ONEDNN_MACS_A_TRANSPOSED))
 
 
-def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # _linear_pointwise computes input @ weight.T + bias with weight (N, K): b.t() is a view, no copy.
-    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "")
+def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
+    # _linear_pointwise computes input @ weight.T + bias with weight (N, K): b.t() is a view, no copy. "relu" is
+    # applied by the GEMM to its output as it is written (no second pass over it).
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "relu" if relu else "none", [], "")
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -176,31 +177,35 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _onednn(a, b, None) if uses_onednn(a, b) else torch.mm(a, b)
 
 
-def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """bias (N,) + (M, K) @ (K, N) -> (M, N)."""
+def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """bias (N,) + (M, K) @ (K, N) -> (M, N); with relu=True, relu of that (the same values either way)."""
     if uses_onednn(a, b) and bias.dtype == torch.float32:
-        return _onednn(a, b, bias.contiguous())
-    return torch.addmm(bias, a, b)
+        return _onednn(a, b, bias.contiguous(), relu)
+    out = torch.addmm(bias, a, b)
+    return out.relu_() if relu else out
 
 
 MAX_LOOPED_BATCH = 32  # bmm loops in Python over the batch only for a few large products
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, batch_dim: int = 0) -> torch.Tensor:
+def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, batch_dim: int = 0,
+        relu: bool = False) -> torch.Tensor:
     """(E, M, K) @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with batch_dim=1 (then the
-    result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's output)."""
+    result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's output); relu=True:
+    relu of that."""
     E, M, N = a.shape[0], a.shape[1], b.shape[2]
     if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (bias is None or bias.dtype == torch.float32):
-        outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous()) for e in range(E)]
+        outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous(), relu) for e in range(E)]
         return torch.stack(outs, dim=batch_dim)  # one copy of the outputs; oneDNN cannot write into a slice
     if batch_dim == 0:
-        return torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
-    out = torch.empty(M, E, N, dtype=torch.result_type(a, b), device=a.device)
-    if bias is None:
-        torch.bmm(a, b, out=out.transpose(0, 1))
+        out = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
     else:
-        torch.baddbmm(bias.unsqueeze(1), a, b, out=out.transpose(0, 1))
-    return out
+        out = torch.empty(M, E, N, dtype=torch.result_type(a, b), device=a.device)
+        if bias is None:
+            torch.bmm(a, b, out=out.transpose(0, 1))
+        else:
+            torch.baddbmm(bias.unsqueeze(1), a, b, out=out.transpose(0, 1))
+    return out.relu_() if relu else out
 
 
 def bmm_transposed_a(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 The same arithmetic as `ExpertStack.forward` for activation "relu", no norm, no dropout, with the backward pass
 written by hand so that it makes fewer passes over the large activations:
-- forward: the first layer is one GEMM for all experts, (B, D) @ (D, E*h0); every ReLU is applied in place on
-  the GEMM's fresh output (autograd's ReLU writes a second tensor and keeps both).
+- forward: the first layer is one GEMM for all experts, (B, D) @ (D, E*h0); every ReLU is applied by the GEMM
+  as it writes its output (oneDNN) or in place on the GEMM's fresh output (MKL); autograd's ReLU writes a second
+  tensor and keeps both.
 - backward: the ReLU gradient is applied in place on gradients this function made itself (autograd allocates
   a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
   (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
@@ -47,11 +48,11 @@ class _ReluExperts(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ws, bs = params[0::2], params[1::2]
         B, E = x.shape[0], ws[0].shape[0]
-        first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0])).relu_()  # (B, E*h0)
+        first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0]), relu=True)  # (B, E*h0)
         acts = [first]
         h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
         for w, b in zip(ws[1:], bs[1:]):
-            h = cpu_gemm.bmm(h, w, b).relu_()  # (E, B, h_l)
+            h = cpu_gemm.bmm(h, w, b, relu=True)  # (E, B, h_l)
             acts.append(h)
         ctx.save_for_backward(x, *params, *acts)
         ctx.num_layers = len(ws)

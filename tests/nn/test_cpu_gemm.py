@@ -202,6 +202,22 @@ def test_bmm_equals_torch_baddbmm_in_either_output_layout(policy, batch_dim, wit
         assert got.shape == (M, E, N)
         got = got.transpose(0, 1)
     torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)
+    with cpu_gemm.gemm_backend(policy):  # relu inside the GEMM (oneDNN) or after it: the same values
+        got_relu = cpu_gemm.bmm(a, b, bias, batch_dim=batch_dim, relu=True)
+        assert torch.equal(got_relu, cpu_gemm.bmm(a, b, bias, batch_dim=batch_dim).relu())
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_addmm_with_relu_equals_relu_of_addmm_bitwise(policy):
+    g = torch.Generator().manual_seed(7)
+    a, b, bias = torch.randn(33, 21, generator=g), torch.randn(21, 17, generator=g), torch.randn(17, generator=g)
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.addmm(bias, a, b, relu=True)
+        assert ran_onednn(lambda: cpu_gemm.addmm(bias, a, b, relu=True)) == (policy == "onednn")
+        plain = cpu_gemm.addmm(bias, a, b)
+    assert (plain < 0).any() and (got >= 0).all()
+    assert torch.equal(got, plain.relu())
 
 
 @needs_onednn
