@@ -131,6 +131,11 @@ def auto_min_macs() -> int | None:
     return min_macs_for(torch.backends.cpu.get_cpu_capability(), read_cpuinfo())
 
 
+def row_major(t: torch.Tensor) -> bool:
+    """A 2-d tensor whose rows are dense and lie at least a row's length apart (a measured layout for `a`)."""
+    return t.dim() == 2 and _row_major(t, gaps_allowed=True)
+
+
 def _row_major(t: torch.Tensor, gaps_allowed: bool = False) -> bool:
     if t.stride(1) != 1:
         return False
@@ -149,6 +154,12 @@ def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not (a_row_major or _column_major(a)) or not (_row_major(b) or _column_major(b)):
         return False
     return _policy_picks_onednn(a, b, a.shape[0] * a.shape[1] * b.shape[1], a_row_major)
+
+
+def picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
+    """Whether the policy sends a product of `macs` multiply-adds to oneDNN once its operands are in measured
+    layouts (a row-major, b dense; the caller makes them so): a, b give dtype and device only."""
+    return _policy_picks_onednn(a, b, macs, a_row_major=True)
 
 
 def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_major: bool) -> bool:
@@ -208,16 +219,18 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, batc
     return out.relu_() if relu else out
 
 
-def bmm_transposed_a(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (E, K, M), b (E, K, N) -> a^T @ b (E, M, N): a batch of layers' weight gradients (inputs^T @ output
-    gradients). Through oneDNN each product runs as (b[e]^T @ a[e])^T with both operands made contiguous first:
-    2.1-2.5 ms, copies included, against 2.9-3.0 ms for MKL's bmm on (8, 1024, 256)^T @ (8, 1024, 128), where
-    oneDNN on the strided a[e]^T directly took 5.5 ms (benchmarks/cpu_gemm.py times one expert's product both
-    ways). The result is then a transposed view of an (E, N, M) tensor."""
-    E, K, M, N = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
+def bmm_transposed_a(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    """a (E, K, M), or E (K, M) matrices, b (E, K, N) -> a^T @ b (E, M, N): a batch of layers' weight gradients
+    (inputs^T @ output gradients). Through oneDNN each product runs as (b[e]^T @ a[e])^T with both operands made
+    contiguous first: 2.1-2.5 ms, copies included, against 2.9-3.0 ms for MKL's bmm on (8, 1024, 256)^T @
+    (8, 1024, 128), where oneDNN on the strided a[e]^T directly took 5.5 ms (benchmarks/cpu_gemm.py times one
+    expert's product both ways); inputs already held as contiguous matrices are read as they are. The result is
+    then a transposed view of an (E, N, M) tensor."""
+    E, K, M, N = len(a), a[0].shape[0], a[0].shape[1], b.shape[2]
     # oneDNN gets (N, K) @ (K, M), both contiguous (row-major): a measured layout.
-    if 0 < E <= MAX_LOOPED_BATCH and K * M * N > 0 and _policy_picks_onednn(a, b, N * K * M, a_row_major=True):
+    if 0 < E <= MAX_LOOPED_BATCH and K * M * N > 0 and _policy_picks_onednn(a[0], b, N * K * M, a_row_major=True):
         b_t_all = b.transpose(1, 2).contiguous()  # (E, N, K)
-        a_all = a.contiguous()  # (E, K, M)
+        a_all = [m.contiguous() for m in a] if isinstance(a, list) else a.contiguous()  # (E, K, M)
         return torch.stack([_onednn(b_t_all[e], a_all[e], None) for e in range(E)]).transpose(1, 2)
-    return torch.bmm(a.transpose(1, 2), b)
+    a_all = torch.stack(a) if isinstance(a, list) else a
+    return torch.bmm(a_all.transpose(1, 2), b)

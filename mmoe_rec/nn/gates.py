@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mmoe_rec.nn.routing_record import GateRecord
+from mmoe_rec.nn.softmax import softmax_last_dim
 
 GATE_KINDS = ("softmax", "hard")
 
@@ -81,7 +82,7 @@ class DenseGates(nn.Module):
             logits = self.logits(x)
             if self.temperature != 1.0:  # skipped at 1: a pass forward and backward over (B, G, E)
                 logits = logits / self.temperature
-            probs = torch.softmax(logits, dim=-1)
+            probs = softmax_last_dim(logits)
             weights = _StraightThrough.apply(probs) if self.kind == "hard" else probs
         return weights, probs
 

@@ -2,9 +2,11 @@
 
 The same arithmetic as `ExpertStack.forward` for activation "relu", no norm, no dropout, with the backward pass
 written by hand so that it makes fewer passes over the large activations:
-- forward: the first layer is one GEMM for all experts, (B, D) @ (D, E*h0); every ReLU is applied by the GEMM
-  as it writes its output (oneDNN) or in place on the GEMM's fresh output (MKL); autograd's ReLU writes a second
-  tensor and keeps both.
+- forward: the first layer is one GEMM for all experts, (B, D) @ (D, E*h0), or, where oneDNN runs every
+  expert's products one by one anyway (`first_layer_per_expert`: a Zen 5), one product per expert whose (B, h0)
+  output the next layer and the weight gradient read as a dense matrix; every ReLU is applied by the GEMM as it
+  writes its output (oneDNN) or in place on the GEMM's fresh output (MKL); autograd's ReLU writes a second tensor
+  and keeps both.
 - backward: the ReLU gradient is applied in place on gradients this function made itself (autograd allocates
   a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
   (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
@@ -19,9 +21,11 @@ policy 1.7x on the experts and 1.6x on the step on a Zen 5, 1.13x and 1.07x on a
 Only first derivatives (no double backward).
 
 Layouts: weights[l] is (E, d_l, d_{l+1}); the first layer's output is kept as (B, E*h0) and read by layer 1 as
-an (E, B, h0) strided view; deeper outputs are (E, B, h_l) contiguous. The result is (B, E, H) (a transposed view
-of the last layer's (E, B, H) output when there are two layers or more). Being a view of an activation the
-backward reads, it must not be modified in place; autograd refuses that with an error (tested).
+an (E, B, h0) strided view, or as E contiguous (B, h0) matrices; deeper outputs are (E, B, h_l) contiguous; the
+first layer's input and weight gradients are one wide GEMM each on a (B, E*h0) gradient either way. The result
+is (B, E, H) (a transposed view of the last layer's (E, B, H) output when there are two layers or more). Being a
+view of an activation the backward reads, it must not be modified in place; autograd refuses that with an error
+(tested).
 """
 from __future__ import annotations
 
@@ -43,48 +47,79 @@ def first_layer_matrix(w0: torch.Tensor) -> torch.Tensor:
     return w0.permute(1, 0, 2).reshape(w0.shape[1], -1)
 
 
+def first_layer_per_expert(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
+    """Whether the first layer runs as one oneDNN product per expert rather than one wide GEMM: when there is a
+    deeper layer and the policy sends both layers' per-expert products to oneDNN (a Zen 5; on a Zen 4 the deeper
+    layer stays in MKL's bmm). Each expert's activation is then its own contiguous (B, h0) matrix, which the
+    deeper layer's products read and the weight gradient's take without the copy a column slice of the wide
+    output needs: 2.5-4.3 % of the large MMoE's training step (in-process A/B, benchmarks/README.md)."""
+    if len(ws) < 2 or not 0 < ws[0].shape[0] <= cpu_gemm.MAX_LOOPED_BATCH or not cpu_gemm.row_major(x):
+        return False
+    B, (_, D, h0), h1 = x.shape[0], ws[0].shape, ws[1].shape[2]
+    return cpu_gemm.picks_onednn(x, ws[0], B * D * h0) and cpu_gemm.picks_onednn(x, ws[1], B * h0 * h1)
+
+
 class _ReluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ws, bs = params[0::2], params[1::2]
         B, E = x.shape[0], ws[0].shape[0]
-        first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0]), relu=True)  # (B, E*h0)
-        acts = [first]
-        h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
-        for w, b in zip(ws[1:], bs[1:]):
+        per_expert = first_layer_per_expert(x, ws)
+        if per_expert:
+            w0 = ws[0].contiguous()  # (E, D, h0): each expert's block dense (input-major rows are E*h0 apart)
+            firsts = [cpu_gemm.addmm(bs[0][e], x, w0[e], relu=True) for e in range(E)]  # E x (B, h0)
+            h = torch.stack([cpu_gemm.addmm(bs[1][e], firsts[e], ws[1][e], relu=True) for e in range(E)])
+            acts = [h]  # (E, B, h1)
+            deeper = zip(ws[2:], bs[2:])
+        else:
+            first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0]), relu=True)  # (B, E*h0)
+            firsts, acts = [first], []
+            h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
+            deeper = zip(ws[1:], bs[1:])
+        for w, b in deeper:
             h = cpu_gemm.bmm(h, w, b, relu=True)  # (E, B, h_l)
             acts.append(h)
-        ctx.save_for_backward(x, *params, *acts)
-        ctx.num_layers = len(ws)
-        return first.view(B, E, -1) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
+        ctx.save_for_backward(x, *params, *firsts, *acts)
+        ctx.num_layers, ctx.per_expert = len(ws), per_expert
+        return firsts[0].view(B, E, -1) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         L = ctx.num_layers
         x, *rest = ctx.saved_tensors
-        params, acts = rest[:2 * L], rest[2 * L:]
+        params, rest = rest[:2 * L], rest[2 * L:]
         ws = params[0::2]
         needs = ctx.needs_input_grad  # (x, w0, b0, w1, b1, ...)
         B, E = x.shape[0], ws[0].shape[0]
+        # the first layer's activation: E contiguous (B, h0) matrices, or one (B, E*h0) matrix
+        firsts, acts = (rest[:E], rest[E:]) if ctx.per_expert else (rest[:1], rest[1:])
+        first_ebh = firsts if ctx.per_expert else firsts[0].view(B, E, -1).transpose(0, 1)  # (E, B, h0)
+        acts = [first_ebh, *acts]
         grads: list[torch.Tensor | None] = [None] * (2 * L)
 
         # The incoming gradient belongs to autograd: its ReLU gradient goes to a new tensor. The ones below are
         # made here and take theirs in place.
         if L == 1:
-            g = _threshold_backward(grad_out.reshape(B, -1), acts[0], 0)  # (B, E*h0)
+            g = _threshold_backward(grad_out.reshape(B, -1), firsts[0], 0)  # (B, E*h0)
         else:
             g = _threshold_backward(grad_out.transpose(0, 1), acts[-1], 0)  # (E, B, H)
         for layer in range(L - 1, 0, -1):
-            below = acts[layer - 1]
-            below_ebh = below.view(B, E, -1).transpose(0, 1) if layer == 1 else below  # (E, B, h_{l-1})
+            below = acts[layer - 1]  # (E, B, h_{l-1}), or E (B, h0) matrices
             if needs[1 + 2 * layer]:
-                grads[2 * layer] = cpu_gemm.bmm_transposed_a(below_ebh, g)  # (E, h_{l-1}, h_l)
+                grads[2 * layer] = cpu_gemm.bmm_transposed_a(below, g)  # (E, h_{l-1}, h_l)
             if needs[2 + 2 * layer]:
                 grads[2 * layer + 1] = g.sum(1)  # (E, h_l)
             w_t = ws[layer].transpose(1, 2)
+            if layer == 1 and ctx.per_expert:  # each expert's gradient against its own activation, then side by side
+                g_each = [cpu_gemm.mm(g[e], w_t[e]) for e in range(E)]  # E x (B, h0)
+                for g_e, h_e in zip(g_each, firsts):
+                    _threshold_backward.grad_input(g_e, h_e, 0, grad_input=g_e)
+                g = torch.stack(g_each, dim=1).view(B, -1)  # (B, E*h0): the layout of the wide GEMMs below
+                continue
             if layer == 1:  # made in the (B, E*h0) layout of the first layer's output
                 g_below = cpu_gemm.bmm(g, w_t, batch_dim=1).view(B, -1)
+                below = firsts[0]
             else:
                 g_below = cpu_gemm.bmm(g, w_t)  # (E, B, h_{l-1})
             g = _threshold_backward.grad_input(g_below, below, 0, grad_input=g_below)

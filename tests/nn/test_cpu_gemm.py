@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmoe_rec.nn import cpu_gemm
-from mmoe_rec.nn.relu_experts import relu_experts
+from mmoe_rec.nn.relu_experts import first_layer_per_expert, relu_experts
 
 needs_onednn = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this PyTorch has no oneDNN")
 
@@ -167,6 +167,7 @@ def test_relu_experts_in_float32_match_a_float64_reference_under_either_library(
         return relu_experts(x_, rest[:L], rest[L:])
 
     with cpu_gemm.gemm_backend(policy):
+        assert first_layer_per_expert(x, ws) == (policy == "onednn")  # both paths of the first layer
         y32 = run(params32)
         assert ran_onednn(lambda: run(params32)) == (policy == "onednn")
         grads32 = torch.autograd.grad(y32, params32, grad_out)
@@ -175,11 +176,59 @@ def test_relu_experts_in_float32_match_a_float64_reference_under_either_library(
         y_blas = run(params32)
     with cpu_gemm.gemm_backend(policy):
         assert ran_onednn(lambda: torch.autograd.grad(y_blas, params32, grad_out)) == (policy == "onednn")
+    # ... and a forward under policy, its backward under "blas" (the per-expert first layer's saved activations
+    # then go through PyTorch's own products)
+    with cpu_gemm.gemm_backend(policy):
+        y_policy = run(params32)
+    with cpu_gemm.gemm_backend("blas"):
+        grads_mixed = torch.autograd.grad(y_policy, params32, grad_out)
     y64 = run(params64)
     grads64 = torch.autograd.grad(y64, params64, grad_out.double())
     torch.testing.assert_close(y32, y64.float(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads32, grads64):
+    for a, b, c in zip(grads32, grads64, grads_mixed):
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b.float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_relu_experts_per_expert_first_layer_with_inputs_that_want_no_gradient():
+    g = torch.Generator().manual_seed(8)
+    E, dims = 3, [20, 12, 6, 4]
+    ws = [(torch.randn(E, a, b, generator=g) / a ** 0.5).requires_grad_() for a, b in zip(dims, dims[1:])]
+    bs = [(torch.randn(E, b, generator=g) * 0.1).requires_grad_() for b in dims[1:]]
+    x = torch.randn(17, dims[0], generator=g)  # raw features: no gradient wanted
+    bs[1].requires_grad_(False)  # a frozen bias of the layer that reads the per-expert activations
+    wanted = [ws[0], bs[0], ws[1], ws[2], bs[2]]
+    grad_out = torch.randn(17, E, dims[-1], generator=g)
+    with cpu_gemm.gemm_backend("onednn"):
+        assert first_layer_per_expert(x, ws)
+        got = torch.autograd.grad(relu_experts(x, ws, bs), wanted, grad_out)
+    with cpu_gemm.gemm_backend("blas"):
+        assert not first_layer_per_expert(x, ws)
+        want = torch.autograd.grad(relu_experts(x, ws, bs), wanted, grad_out)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+def test_first_layer_per_expert_only_where_both_layers_go_to_onednn(monkeypatch):
+    x = torch.randn(1024, 358)
+    w0, w1 = torch.randn(8, 358, 256), torch.randn(8, 256, 128)  # the large MMoE: 2^26.5 and 2^25 multiply-adds
+    with cpu_gemm.gemm_backend("onednn"):
+        assert first_layer_per_expert(x, [w0, w1])
+        assert not first_layer_per_expert(x, [w0])  # one layer: the wide GEMM's output is already (B, E, H)
+        assert not first_layer_per_expert(x.t().contiguous().t(), [w0, w1])  # x column-major
+        assert not first_layer_per_expert(x.double(), [w0.double(), w1.double()])
+        many = torch.randn(cpu_gemm.MAX_LOOPED_BATCH + 1, 358, 4)
+        assert not first_layer_per_expert(x, [many, torch.randn(cpu_gemm.MAX_LOOPED_BATCH + 1, 4, 4)])
+    with cpu_gemm.gemm_backend("blas"):
+        assert not first_layer_per_expert(x, [w0, w1])
+    for family, per_expert in [(26, True), (25, False)]:  # Zen 4 keeps the deeper layer in MKL's bmm
+        monkeypatch.setattr(cpu_gemm, "auto_min_macs",
+                            lambda family=family: cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", family)))
+        with cpu_gemm.gemm_backend("auto"):
+            assert first_layer_per_expert(x, [w0, w1]) == per_expert
 
 
 @needs_onednn
@@ -232,6 +281,9 @@ def test_bmm_transposed_a_equals_torch(policy):
         assert ran_onednn(lambda: cpu_gemm.bmm_transposed_a(a, b)) == (policy == "onednn")
     assert got.shape == (E, M, N)
     torch.testing.assert_close(got, torch.bmm(a.double().transpose(1, 2), b.double()).float(), rtol=1e-5, atol=1e-5)
+    matrices = [m.contiguous() for m in a]  # the same inputs held as E contiguous (K, M) matrices
+    with cpu_gemm.gemm_backend(policy):
+        assert torch.equal(cpu_gemm.bmm_transposed_a(matrices, b), got)
 
 
 def test_a_block_sets_the_policy_of_its_own_thread_only():

@@ -17,6 +17,7 @@ from torch import nn
 
 from mmoe_rec.nn.routing import Routing
 from mmoe_rec.nn.routing.topk import init_router_weight
+from mmoe_rec.nn.softmax import softmax_last_dim
 
 
 class ExpertChoiceRouter(nn.Module):
@@ -37,7 +38,7 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = x.float() @ self.w_gate  # (T, E)
-        probs = torch.softmax(logits, dim=1)
+        probs = softmax_last_dim(logits)
         if self.training:
             c = self.rows_per_expert(x.shape[0])
             top = probs.topk(c, dim=0)  # (c, E) rows each expert takes, and their probabilities as weights

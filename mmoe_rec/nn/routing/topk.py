@@ -23,6 +23,7 @@ from torch import nn
 
 from mmoe_rec.nn.routing import Routing
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
+from mmoe_rec.nn.softmax import softmax_last_dim
 
 NORMALIZE_MODES = ("topk_softmax", "softmax_topk")
 INITS = ("auto", "zeros", "normal")
@@ -113,11 +114,11 @@ class NoisyTopKRouter(nn.Module):
         else:
             noisy = clean
         chosen = self._select(noisy)  # (T, k)
-        probs = torch.softmax(noisy, dim=1)  # (T, E)
+        probs = softmax_last_dim(noisy)  # (T, E)
         if self.k == 1:  # raw probability: a normalised single weight is 1 and has no gradient (module doc)
             weights = probs.gather(1, chosen)  # (T, 1)
         elif self.normalize == "topk_softmax":
-            weights = torch.softmax(noisy.gather(1, chosen), dim=1)  # (T, k)
+            weights = softmax_last_dim(noisy.gather(1, chosen))  # (T, k)
         else:
             weights = probs.gather(1, chosen)
             weights = weights / weights.sum(1, keepdim=True)
