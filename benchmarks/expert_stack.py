@@ -11,19 +11,22 @@ hits both alike), printing medians and the median of the per-round ratios:
 Contenders: "autograd" is ExpertStack's general path (ReLU and its gradient as separate tensors, the first-layer
 weight copied into its (D, E*h) matrix each step: ExpertStack before nn.relu_experts); "relu_experts/blas" is the
 path ExpertStack takes for ReLU experts on the CPU with every GEMM in PyTorch's own ops (MKL); "relu_experts" is
-that path under the default GEMM policy (nn.cpu_gemm: large products in oneDNN on AMD CPUs with AVX-512).
+that path under the default GEMM policy (nn.cpu_gemm: large products in oneDNN on AMD CPUs with AVX-512), and
+"relu_experts/wide" the same with the first layer always one wide GEMM (where `first_layer_per_expert` would
+run it one oneDNN product per expert; on other CPUs the two are the same thing).
 All compute the same numbers up to float32 rounding (tests/nn/test_relu_experts.py, tests/nn/test_cpu_gemm.py).
 Nothing here is a test: it prints, it asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,10 +36,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
+from mmoe_rec.nn import relu_experts as relu_experts_module  # noqa: E402
 from mmoe_rec.nn.experts import ExpertStack  # noqa: E402
 
-# name -> (use ExpertStack's general autograd path, GEMM policy)
-CONTENDERS = {"autograd": (True, "blas"), "relu_experts/blas": (False, "blas"), "relu_experts": (False, "auto")}
+# name -> (use ExpertStack's general autograd path, GEMM policy, first layer per expert where the policy says so)
+CONTENDERS = {"autograd": (True, "blas", True), "relu_experts/blas": (False, "blas", True),
+              "relu_experts": (False, "auto", True), "relu_experts/wide": (False, "auto", False)}
+
+
+@contextlib.contextmanager
+def gemm_setup(policy: str, per_expert_allowed: bool) -> Iterator[None]:
+    """The GEMM policy, and (this benchmark's switch) the first layer kept as one wide GEMM when not allowed."""
+    chooser = relu_experts_module.first_layer_per_expert
+    if not per_expert_allowed:
+        relu_experts_module.first_layer_per_expert = lambda x, ws: False
+    try:
+        with cpu_gemm.gemm_backend(policy):
+            yield
+    finally:
+        relu_experts_module.first_layer_per_expert = chooser
 
 
 def as_before(stack: ExpertStack) -> ExpertStack:
@@ -64,7 +82,7 @@ def report(title: str, times: dict[str, list[float]], base: str) -> None:
     print(f"\n{title}")
     for name, t in times.items():
         ratios = [a / b for a, b in zip(times[base], t)]
-        print(f"  {name:14s} median {statistics.median(t):7.2f} ms  best {min(t):7.2f} ms  "
+        print(f"  {name:17s} median {statistics.median(t):7.2f} ms  best {min(t):7.2f} ms  "
               f"speed-up vs {base}: median {statistics.median(ratios):.3f}x")
 
 
@@ -75,14 +93,14 @@ def experts_case(rounds: int) -> None:
     gates = torch.softmax(torch.randn(B, T, E, generator=g), -1).requires_grad_()
     grad_mixed = torch.randn(B, T, hidden[-1], generator=g)
     fns = {}
-    for name, (general_path, policy) in CONTENDERS.items():
+    for name, (general_path, policy, per_expert) in CONTENDERS.items():
         torch.manual_seed(0)
         stack = ExpertStack(E, D, hidden)
         if general_path:
             as_before(stack)
 
-        def run(stack=stack, policy=policy):
-            with cpu_gemm.gemm_backend(policy):
+        def run(stack=stack, policy=policy, per_expert=per_expert):
+            with gemm_setup(policy, per_expert):
                 mixed = torch.bmm(gates, stack(x))  # (B, T, H)
                 mixed.backward(grad_mixed)
         fns[name] = run
@@ -99,7 +117,7 @@ def training_step_case(rounds: int, workdir: Path) -> None:
     spec, _ = read_arrays(feature_dir)
     batches = list(itertools.islice(tt.ours_datamodule(feature_dir, tt.LARGE).train_dataloader(), 40))
     fns = {}
-    for name, (general_path, policy) in CONTENDERS.items():
+    for name, (general_path, policy, per_expert) in CONTENDERS.items():
         torch.manual_seed(0)
         model = tt.ours_module(spec, tt.LARGE).model
         if general_path:
@@ -107,8 +125,8 @@ def training_step_case(rounds: int, workdir: Path) -> None:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         batch_cycle = itertools.cycle(batches)
 
-        def step(model=model, opt=opt, batch_cycle=batch_cycle, policy=policy):
-            with cpu_gemm.gemm_backend(policy):
+        def step(model=model, opt=opt, batch_cycle=batch_cycle, policy=policy, per_expert=per_expert):
+            with gemm_setup(policy, per_expert):
                 tt.plain_step(model, opt, next(batch_cycle), spec)
         fns[name] = step
     report("2. large MMoE training step on census features (batch 1024, Adam)", interleaved(fns, rounds, 8),

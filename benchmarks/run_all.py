@@ -16,6 +16,7 @@ BENCHMARKS = [
     ["cpu_gemm.py"],  # float32 GEMMs: PyTorch's mm (MKL) vs oneDNN, per shape and layout
     ["moe_layer.py"],  # sparse dispatch vs dense vs per-expert loop vs plain matmul
     ["expert_stack.py"],  # dense experts: autograd path vs nn.relu_experts, and the training step with each
+    ["softmax_small.py"],  # gate softmax over few experts: torch.softmax vs the transposed way
     ["train_throughput.py"],  # training rows/s vs DeepCTR-Torch and torch-rechub on census features
 ]
 
