@@ -43,7 +43,7 @@ import contextlib
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -219,7 +219,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, batc
     return out.relu_() if relu else out
 
 
-def bmm_transposed_a(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+def bmm_transposed_a(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
     """a (E, K, M), or E (K, M) matrices, b (E, K, N) -> a^T @ b (E, M, N): a batch of layers' weight gradients
     (inputs^T @ output gradients). Through oneDNN each product runs as (b[e]^T @ a[e])^T with both operands made
     contiguous first: 2.1-2.5 ms, copies included, against 2.9-3.0 ms for MKL's bmm on (8, 1024, 256)^T @
@@ -230,7 +230,7 @@ def bmm_transposed_a(a: torch.Tensor | list[torch.Tensor], b: torch.Tensor) -> t
     # oneDNN gets (N, K) @ (K, M), both contiguous (row-major): a measured layout.
     if 0 < E <= MAX_LOOPED_BATCH and K * M * N > 0 and _policy_picks_onednn(a[0], b, N * K * M, a_row_major=True):
         b_t_all = b.transpose(1, 2).contiguous()  # (E, N, K)
-        a_all = [m.contiguous() for m in a] if isinstance(a, list) else a.contiguous()  # (E, K, M)
+        a_all = a.contiguous() if isinstance(a, torch.Tensor) else [m.contiguous() for m in a]  # (E, K, M)
         return torch.stack([_onednn(b_t_all[e], a_all[e], None) for e in range(E)]).transpose(1, 2)
-    a_all = torch.stack(a) if isinstance(a, list) else a
+    a_all = a if isinstance(a, torch.Tensor) else torch.stack(list(a))
     return torch.bmm(a_all.transpose(1, 2), b)

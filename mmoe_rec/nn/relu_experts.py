@@ -52,7 +52,8 @@ def first_layer_per_expert(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
     deeper layer and the policy sends both layers' per-expert products to oneDNN (a Zen 5; on a Zen 4 the deeper
     layer stays in MKL's bmm). Each expert's activation is then its own contiguous (B, h0) matrix, which the
     deeper layer's products read and the weight gradient's take without the copy a column slice of the wide
-    output needs: 2.5-4.3 % of the large MMoE's training step (in-process A/B, benchmarks/README.md)."""
+    output needs: 2-3 % of the large MMoE's training step on a Zen 5 (benchmarks/expert_stack.py,
+    relu_experts against relu_experts/wide; benchmarks/README.md)."""
     if len(ws) < 2 or not 0 < ws[0].shape[0] <= cpu_gemm.MAX_LOOPED_BATCH or not cpu_gemm.row_major(x):
         return False
     B, (_, D, h0), h1 = x.shape[0], ws[0].shape, ws[1].shape[2]

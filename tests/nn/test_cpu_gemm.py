@@ -284,6 +284,7 @@ def test_bmm_transposed_a_equals_torch(policy):
     matrices = [m.contiguous() for m in a]  # the same inputs held as E contiguous (K, M) matrices
     with cpu_gemm.gemm_backend(policy):
         assert torch.equal(cpu_gemm.bmm_transposed_a(matrices, b), got)
+        assert torch.equal(cpu_gemm.bmm_transposed_a(tuple(matrices), b), got)
 
 
 def test_a_block_sets_the_policy_of_its_own_thread_only():
