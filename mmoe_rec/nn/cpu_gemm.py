@@ -199,15 +199,17 @@ def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, relu: bool = Fal
 MAX_LOOPED_BATCH = 32  # bmm loops in Python over the batch only for a few large products
 
 
-def bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, batch_dim: int = 0,
-        relu: bool = False) -> torch.Tensor:
-    """(E, M, K) @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with batch_dim=1 (then the
-    result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's output); relu=True:
-    relu of that."""
-    E, M, N = a.shape[0], a.shape[1], b.shape[2]
+def bmm(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor, bias: torch.Tensor | None = None,
+        batch_dim: int = 0, relu: bool = False) -> torch.Tensor:
+    """(E, M, K), or E (M, K) matrices, @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with
+    batch_dim=1 (then the result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's
+    output); relu=True: relu of that."""
+    E, M, N = len(a), a[0].shape[0], b.shape[2]
     if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (bias is None or bias.dtype == torch.float32):
         outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous(), relu) for e in range(E)]
         return torch.stack(outs, dim=batch_dim)  # one copy of the outputs; oneDNN cannot write into a slice
+    if not isinstance(a, torch.Tensor):
+        a = torch.stack(list(a))
     if batch_dim == 0:
         out = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
     else:

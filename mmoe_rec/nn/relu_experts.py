@@ -69,15 +69,13 @@ class _ReluExperts(torch.autograd.Function):
         if per_expert:
             w0 = ws[0].contiguous()  # (E, D, h0): each expert's block dense (input-major rows are E*h0 apart)
             firsts = [cpu_gemm.addmm(bs[0][e], x, w0[e], relu=True) for e in range(E)]  # E x (B, h0)
-            h = torch.stack([cpu_gemm.addmm(bs[1][e], firsts[e], ws[1][e], relu=True) for e in range(E)])
-            acts = [h]  # (E, B, h1)
-            deeper = zip(ws[2:], bs[2:])
+            h = firsts
         else:
             first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0]), relu=True)  # (B, E*h0)
-            firsts, acts = [first], []
+            firsts = [first]
             h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
-            deeper = zip(ws[1:], bs[1:])
-        for w, b in deeper:
+        acts = []
+        for w, b in zip(ws[1:], bs[1:]):
             h = cpu_gemm.bmm(h, w, b, relu=True)  # (E, B, h_l)
             acts.append(h)
         ctx.save_for_backward(x, *params, *firsts, *acts)

@@ -246,6 +246,8 @@ def test_bmm_equals_torch_baddbmm_in_either_output_layout(policy, batch_dim, wit
     with cpu_gemm.gemm_backend(policy):
         got = cpu_gemm.bmm(a, b, bias, batch_dim=batch_dim)
         assert ran_onednn(lambda: cpu_gemm.bmm(a, b, bias, batch_dim=batch_dim)) == (policy == "onednn")
+        matrices = [m.contiguous() for m in a]  # the same inputs held as E contiguous (M, K) matrices
+        torch.testing.assert_close(cpu_gemm.bmm(matrices, b, bias, batch_dim=batch_dim), got, rtol=1e-6, atol=1e-6)
     assert got.is_contiguous()
     if batch_dim == 1:
         assert got.shape == (M, E, N)
@@ -283,8 +285,8 @@ def test_bmm_transposed_a_equals_torch(policy):
     torch.testing.assert_close(got, torch.bmm(a.double().transpose(1, 2), b.double()).float(), rtol=1e-5, atol=1e-5)
     matrices = [m.contiguous() for m in a]  # the same inputs held as E contiguous (K, M) matrices
     with cpu_gemm.gemm_backend(policy):
-        assert torch.equal(cpu_gemm.bmm_transposed_a(matrices, b), got)
-        assert torch.equal(cpu_gemm.bmm_transposed_a(tuple(matrices), b), got)
+        torch.testing.assert_close(cpu_gemm.bmm_transposed_a(matrices, b), got, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cpu_gemm.bmm_transposed_a(tuple(matrices), b), got, rtol=1e-6, atol=1e-6)
 
 
 def test_a_block_sets_the_policy_of_its_own_thread_only():
