@@ -10,9 +10,9 @@ Compute paths:
 - `forward(x)`: every expert on every row of one shared input, (B, D) -> (B, E, H). The first layer is ONE
   GEMM (B, D) @ (D, E*h) for all experts; deeper layers are one `baddbmm` over E each. ReLU experts without
   norm or dropout on the CPU go through `nn.relu_experts` (the same arithmetic, backward written by hand, GEMMs
-  through `nn.cpu_gemm`: on AMD CPUs with AVX-512 the first layer in oneDNN, on a Zen 5 also the deeper layers as
-  one oneDNN call per expert, twice MKL's batched rate there; elsewhere one bmm per layer, no Python loop over
-  experts).
+  through `nn.cpu_gemm`: on AMD CPUs with AVX-512 the first layer in oneDNN, on a Zen 5 every layer as one
+  oneDNN call per expert, twice MKL's batched rate there, the first layer's backward GEMMs still wide; elsewhere
+  one bmm per layer, no Python loop over experts).
 - `forward_each(xs)`: each expert on its own rows, (E', N, D) -> (E', N, H): PLE's upper levels (each expert
   reads its task's input) and per-expert / padded sparse dispatch; `experts` picks a subset of the E experts.
 - `forward_one(x, e)`: expert e alone, (N, D) -> (N, H).
