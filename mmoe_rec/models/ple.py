@@ -148,13 +148,22 @@ class PLE(MultiTaskModel):
                                   norm=norm)
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
-        # What every task's loss reaches: embeddings, shared experts, shared gates (not task experts / gates).
+        """What every task's loss reaches: the embeddings; each level's shared experts; and below the final level
+        its shared gate and its task experts too, since the shared gate mixes every expert of the level into the
+        shared output that all tasks read one level up; a level's task gates when the level above is not the
+        final one (their outputs feed that level's task experts, hence its shared gate). Left out: the final
+        level's task experts and gates, and the task gates just below it, which reach one task only."""
         yield from self.front.parameters()
-        for level in self.levels:
+        last = len(self.levels) - 1
+        for i, level in enumerate(self.levels):
             if level.shared_experts is not None:
                 yield from level.shared_experts.parameters()
-            if level.shared_gate is not None:
+            if level.shared_gate is not None:  # every level but the final one
                 yield from level.shared_gate.parameters()
+                if level.task_experts is not None:
+                    yield from level.task_experts.parameters()
+            if i + 1 < last:
+                yield from level.task_gates.parameters()
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""

@@ -13,7 +13,9 @@ logit_t = tower_t(mixed_t)
 - Capacity: capacity_factor cf gives C = ceil(k·T/E·cf) per expert and task gate; first choices win over second
   choices, then row order. A dropped assignment's combine weight goes to a fallback: the mean of the shared
   experts if there are any, else a dedicated dense fallback expert run on the affected rows only. Drops are
-  counted in GateRecord.dropped. None = dropless.
+  counted in GateRecord.dropped. None = dropless. At evaluation the limit is eval_capacity_factor, by default
+  None (dropless): with a limit, which of a row's choices fit depends on the other rows of the batch, so a row's
+  score would change with the batch it is scored in.
 - Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
   cf = capacity_factor or k. A row that no expert took counts as dropped and gets the fallback with weight 1.
 - Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z".
@@ -34,7 +36,7 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.balance import BALANCE_LOSSES, cv_squared, load_loss, router_z_loss, switch_loss
-from mmoe_rec.nn.dispatch import LAYOUTS, StackedExperts, apply_capacity, capacity_for
+from mmoe_rec.nn.dispatch import LAYOUTS, StackedExperts, apply_capacity, capacity_for, compute_dtype
 from mmoe_rec.nn.embedding import EmbeddingFront
 from mmoe_rec.nn.routing import ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Routing, SwitchRouter
 from mmoe_rec.nn.routing_record import GateRecord
@@ -78,7 +80,8 @@ class SparseMMoE(MultiTaskModel):
         num_shared_experts: int = 0,
         fine_grained: int = 1,
         capacity_factor: float | None = None,
-        noise: bool = True,
+        eval_capacity_factor: float | None = None,
+        noise: bool | None = None,
         normalize: str = "topk_softmax",
         router_init: str = "auto",
         balance: dict[str, bool] | None = None,
@@ -95,8 +98,11 @@ class SparseMMoE(MultiTaskModel):
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
         if router == "switch" and k != 1:
             raise ValueError(f"the switch router is top-1: use k=1 (got k={k})")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+            if cf is not None and cf <= 0:
+                raise ValueError(f"{name} must be > 0 or None (dropless), got {cf}")
+        if noise is None:  # noisy top-k is noisy by definition; Switch uses none (nn/routing/switch.py)
+            noise = router == "noisy_topk"
         if loss_free_bias and router == "expert_choice":
             raise ValueError("loss-free bias balancing needs token choice; expert choice is balanced by construction")
         if dispatch_layout not in LAYOUTS:
@@ -111,6 +117,7 @@ class SparseMMoE(MultiTaskModel):
         self.num_experts = num_experts * fine_grained  # routed experts after the fine-grained split
         self.k = k * fine_grained
         self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = eval_capacity_factor
         self.dispatch_layout = dispatch_layout
         hidden = fine_expert_hidden(list(expert_hidden), fine_grained)
 
@@ -120,7 +127,7 @@ class SparseMMoE(MultiTaskModel):
         self.experts = StackedExperts(self.num_experts, d_in, hidden, **mlp)
         self.shared_experts = StackedExperts(num_shared_experts, d_in, hidden, **mlp) if num_shared_experts else None
         # Drops fall back to the shared experts; without any, to one dense fallback expert.
-        needs_fallback = capacity_factor is not None or router == "expert_choice"
+        needs_fallback = capacity_factor is not None or eval_capacity_factor is not None or router == "expert_choice"
         self.fallback = (StackedExperts(1, d_in, hidden, **mlp)
                          if needs_fallback and self.shared_experts is None else None)
         self.gates = nn.ModuleDict({t: self._make_router(router, d_in, noise, normalize, router_init, loss_free_bias,
@@ -154,7 +161,8 @@ class SparseMMoE(MultiTaskModel):
             return experts, rows, weights, (~taken).to(weights.dtype), int((~taken).sum())
         if self.router_name == "expert_choice":  # eval fallback to top-k: cf was the rows per expert, not a limit
             return experts, rows, weights, None, 0
-        cap = capacity_for(T, self.k, self.num_experts, self.capacity_factor)
+        cf = self.capacity_factor if self.training else self.eval_capacity_factor
+        cap = capacity_for(T, self.k, self.num_experts, cf)
         if cap is None:
             return experts, rows, weights, None, 0
         keep = apply_capacity(r.chosen, self.num_experts, cap)  # (T, k)
@@ -187,7 +195,7 @@ class SparseMMoE(MultiTaskModel):
             drops[t] = (dropped_mass, n_dropped, experts, rows, weights)
         experts, rows, out_rows, weights = (torch.cat(p) for p in zip(*parts))
         plan = self.experts.plan(experts, rows, out_rows=out_rows, num_out=G * T, layout=self.dispatch_layout,
-                                 dtype=x.dtype)
+                                 dtype=compute_dtype(x))
         mixed = self.experts(x, plan, weights).view(G, T, -1)  # (G, T, D) one dispatch for every task gate
 
         shared_sum = shared_mean = None

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 from typing import Callable
 
 import torch
@@ -53,13 +54,27 @@ NORMS = ("none", "layer")
 # Capacity
 
 
+def ceil_scaled(count: int, factor: float, divisor: int) -> int:
+    """ceil(count * factor / divisor), with factor taken as the decimal it was written as: in floats
+    100 * 1.1 / 2 is 55.000000000000007, and its ceiling 56 would give every expert one slot too many."""
+    return math.ceil(Fraction(repr(float(factor))) * count / divisor)
+
+
 def capacity_for(num_rows: int, k: int, num_experts: int, capacity_factor: float | None) -> int | None:
     """C = ceil(k * T / E * cf); None when dropless (cf None)."""
     if capacity_factor is None:
         return None
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
-    return max(1, math.ceil(k * num_rows / num_experts * capacity_factor))
+    return max(1, ceil_scaled(k * num_rows, capacity_factor, num_experts))
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on for x's device and x is floating, else x's."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def apply_capacity(chosen: torch.Tensor, num_experts: int, capacity: int | None) -> torch.Tensor:
@@ -125,7 +140,7 @@ def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *
     if layout not in LAYOUTS:
         raise ValueError(f"unknown dispatch layout {layout!r}; expected one of {LAYOUTS}")
     out_rows = rows if out_rows is None else out_rows
-    num_out = int(rows.max()) + 1 if num_out is None and rows.numel() else (num_out or 0)
+    num_out = int(out_rows.max()) + 1 if num_out is None and out_rows.numel() else (num_out or 0)
     E, N, dev = num_experts, experts.numel(), experts.device
     order = torch.argsort(experts, stable=True)  # (N,) assignments sorted by expert, then by given order
     counts = torch.bincount(experts, minlength=E)  # (E,)
@@ -417,15 +432,22 @@ class StackedExperts(nn.Module):
         return F.dropout(ACTIVATIONS[self.activation](z), self.dropout, training=self.training)
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor) -> torch.Tensor:
-        """Vectorized sparse path. x (T, d); weights (N,) per assignment -> (num_out, D)."""
-        if plan.layout == "grouped" and not self.supports_grouped(x.dtype):
-            raise ValueError(f"grouped dispatch does not support dtype {x.dtype} / these widths: use layout='padded'")
-        slot_w = plan.slot_weights(weights.to(x.dtype))  # (S,)
-        return ExpertDispatch.apply(x, slot_w, plan.rows, plan.out_rows, plan.experts, plan.offsets, plan.capacity,
-                                    plan.num_out, self.activation, self.activate_last,
-                                    self.dropout if self.training else 0.0, self.norm == "layer",
-                                    CPU_BLOCK_SLOTS if x.device.type == "cpu" else 0, len(self.weights),
-                                    *self._params())
+        """Vectorized sparse path. x (T, d); weights (N,) per assignment -> (num_out, D), in `compute_dtype(x)`.
+
+        Under autocast the experts run in autocast's dtype: x, the weights and the parameters are cast once here
+        (the casts are differentiable, so float32 parameters get float32 gradients) and the custom function runs
+        with autocast off, so that its forward and backward see one dtype throughout."""
+        device = x.device.type
+        dtype = compute_dtype(x)
+        if plan.layout == "grouped" and not self.supports_grouped(dtype):
+            raise ValueError(f"grouped dispatch does not support dtype {dtype} / these widths: use layout='padded'")
+        params = [p.to(dtype) for p in self._params()]
+        with torch.autocast(device_type=device, enabled=False):
+            slot_w = plan.slot_weights(weights.to(dtype))  # (S,)
+            return ExpertDispatch.apply(x.to(dtype), slot_w, plan.rows, plan.out_rows, plan.experts, plan.offsets,
+                                        plan.capacity, plan.num_out, self.activation, self.activate_last,
+                                        self.dropout if self.training else 0.0, self.norm == "layer",
+                                        CPU_BLOCK_SLOTS if device == "cpu" else 0, len(self.weights), *params)
 
     def forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: (T, d) -> (E, T, D). Reference path (E/k times the FLOPs)."""

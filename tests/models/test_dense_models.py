@@ -230,6 +230,21 @@ def test_cgc_shared_parameters_are_what_every_task_reaches_and_task_experts_stay
         assert per_expert[i] > 0 and torch.all(per_expert[torch.arange(len(TASKS)) != i] == 0)
 
 
+@pytest.mark.parametrize("num_levels", [1, 2, 3])
+def test_ple_shared_parameters_are_exactly_those_every_task_loss_reaches(num_levels):
+    torch.manual_seed(0)
+    model = PLE(spec(), num_levels=num_levels, num_task_experts=1, num_shared_experts=2)
+    # entries of each parameter every task's loss reaches (task experts / gates of all tasks share one tensor)
+    common = {id(p): torch.ones_like(p, dtype=torch.bool) for p in model.parameters()}
+    for t in TASKS:
+        model.zero_grad(set_to_none=True)
+        model(batch()).logits[t].sum().backward()
+        for p in model.parameters():
+            common[id(p)] &= p.grad != 0 if p.grad is not None else torch.zeros_like(p, dtype=torch.bool)
+    reached_by_all = {key for key, mask in common.items() if mask.any()}
+    assert {id(p) for p in model.shared_parameters()} == reached_by_all
+
+
 @pytest.mark.parametrize("cls", [SharedBottom, OMoE, MMoE])
 def test_shared_parameters_are_the_embeddings_and_the_shared_body(cls):
     model = cls(spec())

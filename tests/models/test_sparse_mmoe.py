@@ -239,3 +239,48 @@ def test_expert_choice_with_capacity_factor_drops_nothing_at_eval():
     out = model.forward_dense(features(30))
     for t in TASKS:
         assert int(out.routing[t].dropped) == 0 and out.routing[t].chosen.shape == (30, 1)
+
+
+@pytest.mark.parametrize("kw", [dict(router="noisy_topk", k=2), dict(router="switch", k=1, capacity_factor=1.0),
+                                dict(router="expert_choice", k=2), dict(router="noisy_topk", k=2, num_shared_experts=1)])
+def test_trains_under_bf16_autocast_with_float32_routing_and_parameter_gradients(kw):
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, expert_hidden=[16, 16], **kw).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch(64))
+        loss = sum(v.float().mean() for v in out.logits.values()) + sum(out.aux.values(), torch.tensor(0.0))
+    loss.backward()
+    for t in TASKS:
+        assert out.routing[t].probs.dtype == torch.float32
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32), name
+    assert model.experts.weights[0].grad.abs().sum() > 0
+
+
+def test_switch_router_has_no_noise_unless_asked_for():
+    model = SparseMMoE(spec(), num_experts=4, k=1, router="switch").train()
+    assert all(not model.gates[t].noise for t in TASKS)
+    x = features(30)
+    first = [model.gates[t](x).chosen for t in TASKS]
+    assert all(torch.equal(a, model.gates[t](x).chosen) for a, t in zip(first, TASKS))  # deterministic
+    assert all(SparseMMoE(spec(), num_experts=4, k=1, router="switch", noise=True).gates[t].noise for t in TASKS)
+    assert all(SparseMMoE(spec(), num_experts=4, k=2).gates[t].noise for t in TASKS)  # noisy top-k: noisy
+
+
+def test_capacity_applies_in_training_and_eval_is_dropless_unless_an_eval_factor_is_set():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=2, capacity_factor=0.5, noise=False)
+    x = features(40)
+    assert all(int(model.forward_dense(x).routing[t].dropped) > 0 for t in TASKS)  # training: drops
+    model.eval()
+    out = model.forward_dense(x)
+    assert all(int(out.routing[t].dropped) == 0 for t in TASKS)
+    # each row scores the same alone, in halves, or in the whole batch
+    halves = [model.forward_dense(part) for part in (x[:17], x[17:])]
+    alone = model.forward_dense(x[5:6])
+    for t in TASKS:
+        torch.testing.assert_close(torch.cat([h.logits[t] for h in halves]), out.logits[t])
+        torch.testing.assert_close(alone.logits[t], out.logits[t][5:6])
+    limited = SparseMMoE(spec(), num_experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=0.5, noise=False)
+    limited.load_state_dict(model.state_dict())
+    assert all(int(limited.eval().forward_dense(x).routing[t].dropped) > 0 for t in TASKS)

@@ -211,6 +211,19 @@ def test_multi_gate_outputs_go_to_their_own_rows():
         torch.testing.assert_close(out[g], ex.forward_dense(x, dense_combine(e, r, w, T, E)))
 
 
+def test_plan_sizes_the_output_from_the_output_rows_when_num_out_is_not_given():
+    torch.manual_seed(0)
+    ex = StackedExperts(3, 4, [5]).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    experts, rows = torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 2, 4])
+    out_rows = rows + 5  # a second gate's rows
+    plan = ex.plan(experts, rows, out_rows=out_rows, dtype=x.dtype)
+    assert plan.num_out == 10
+    out = ex(x, plan, torch.ones(4, dtype=torch.float64))
+    torch.testing.assert_close(out[5:], ex.forward_loop(x, experts, rows, torch.ones(4, dtype=torch.float64)))
+    assert out[:5].abs().sum() == 0
+
+
 def test_gradients_reach_every_chosen_expert_and_no_other():
     torch.manual_seed(0)
     T, E, d = 20, 8, 4
@@ -230,6 +243,10 @@ def test_capacity_formula_and_validation():
     assert capacity_for(100, 2, 8, 1.0) == 25
     assert capacity_for(100, 2, 8, 1.25) == 32  # ceil(31.25)
     assert capacity_for(100, 2, 8, None) is None
+    # the factor as written: in floats 100 * 1.1 / 2 is 55.000000000000007, which must not round up to 56
+    assert capacity_for(100, 1, 2, 1.1) == 55
+    assert capacity_for(300, 2, 4, 0.7) == 105
+    assert capacity_for(10, 1, 3, 1.0) == 4  # ceil(3.33...)
     with pytest.raises(ValueError, match="capacity_factor"):
         capacity_for(100, 2, 8, 0.0)
 

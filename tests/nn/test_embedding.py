@@ -187,3 +187,19 @@ def test_fusing_is_off_for_multi_valued_mixed_dims_large_tables_or_when_asked():
     assert not EmbeddingFront(single_valued_spec(FUSED_MAX_ELEMENTS // 8 - 3), embedding_dim=8).fused
     with pytest.raises(KeyError, match="nope"):
         EmbeddingFront(single_valued_spec()).table("nope")
+
+
+@pytest.mark.parametrize("keys", [("user", "item"), ("item", "user")])  # index_select path, then torchrec's
+@pytest.mark.parametrize("bad_id", [6, 7, -1])
+def test_fused_table_refuses_an_id_outside_its_features_table(keys, bad_id):
+    # without the check, user id 6 would read item's row 0 of the fused table: a silent wrong answer
+    front = EmbeddingFront(single_valued_spec(), embedding_dim=3)
+    assert front.fused
+    values = {"user": [2, bad_id, 0], "item": [3, 3, 1]}
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=list(keys), values=torch.tensor([v for k in keys for v in values[k]]),
+                                                 lengths=torch.ones(6, dtype=torch.long))
+    with pytest.raises(IndexError, match=rf"'user': id {bad_id}.*6 rows"):
+        front(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))
+    per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=False)
+    with pytest.raises(Exception):  # the per-table layout refuses it too (torchrec's own error)
+        per_table(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))

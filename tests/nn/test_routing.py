@@ -37,12 +37,22 @@ def test_top_indices_break_ties_towards_the_lower_expert():
     assert top_indices(scores, 4).tolist() == [[1, 2, 3, 0], [0, 1, 2, 3]]
 
 
+@pytest.mark.parametrize("k", [MAX_PASSES_UP_TO_K + 1, 6, 8])
+def test_top_indices_break_ties_towards_the_lower_expert_above_the_argmax_passes(k):
+    # fine-grained routing reaches such k (k = 2 with fine_grained = 4 is 8 of the split experts)
+    assert top_indices(torch.zeros(3, 40), k).tolist() == [list(range(k))] * 3
+    scores = torch.randint(0, 3, (200, 16)).float()  # many ties
+    want = [sorted(range(16), key=lambda e: (-row[e], e))[:k] for row in scores.tolist()]
+    assert top_indices(scores, k).tolist() == want
+
+
 def test_top_indices_of_non_finite_scores_stay_distinct():
     scores = torch.tensor([[float("-inf")] * 4, [0.0, float("nan"), 1.0, float("-inf")]])
     for k in (2, 3):
         picked = top_indices(scores, k)
-        assert torch.equal(picked, scores.topk(k, dim=1).indices)
         assert all(len(set(row)) == k for row in picked.tolist())
+        assert picked[0].tolist() == list(range(k))  # ties (all -inf) to the lower expert
+        assert picked[1].tolist() == [1, 2, 0][:k]  # NaN ranks first, as in torch.topk / torch.sort
 
 
 def test_paper_init_is_zero_and_noise_breaks_the_tie_in_training_only():
@@ -151,3 +161,22 @@ def test_expert_choice_eval_scores_each_row_on_its_own():
     strict.eval()
     with pytest.raises(RuntimeError, match="cannot score rows on their own"):
         strict(x)
+
+
+@pytest.mark.parametrize("make", [lambda: NoisyTopKRouter(6, 4, k=2), lambda: SwitchRouter(6, 4),
+                                  lambda: ExpertChoiceRouter(6, 4, capacity_factor=2.0)])
+def test_routers_run_in_float32_under_autocast(make):
+    torch.manual_seed(0)
+    router = make().eval()  # no training noise: the three calls must agree
+    with torch.no_grad():
+        for p in router.parameters():
+            p.normal_()  # not the zero init: distinct logits
+    x = torch.randn(16, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = router(x)
+        routed_low = router(x.bfloat16())
+    plain = router(x)
+    for r in (routed, routed_low):
+        assert r.logits.dtype == r.probs.dtype == torch.float32
+    torch.testing.assert_close(routed.probs, plain.probs)  # not rounded to bf16 on the way
+    assert router.double()(x.double()).logits.dtype == torch.float32  # a float64 model routes in float32 too

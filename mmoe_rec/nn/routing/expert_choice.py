@@ -10,13 +10,12 @@ eval_fallback=False raises instead.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from mmoe_rec.nn.routing import Routing
-from mmoe_rec.nn.routing.topk import init_router_weight
+from mmoe_rec.nn.dispatch import ceil_scaled
+from mmoe_rec.nn.routing.topk import init_router_weight, top_indices
 from mmoe_rec.nn.softmax import softmax_last_dim
 
 
@@ -34,10 +33,15 @@ class ExpertChoiceRouter(nn.Module):
         init_router_weight(self.w_gate, "normal", init_std)
 
     def rows_per_expert(self, num_rows: int) -> int:
-        return min(num_rows, max(1, math.ceil(num_rows * self.capacity_factor / self.num_experts)))
+        return min(num_rows, max(1, ceil_scaled(num_rows, self.capacity_factor, self.num_experts)))
 
     def forward(self, x: torch.Tensor) -> Routing:
-        logits = x.float() @ self.w_gate  # (T, E)
+        # routers in float32 whatever the model's precision (autocast would run the GEMM in bf16 / fp16)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        logits = x @ self.w_gate.float()  # (T, E)
         probs = softmax_last_dim(logits)
         if self.training:
             c = self.rows_per_expert(x.shape[0])
@@ -46,5 +50,5 @@ class ExpertChoiceRouter(nn.Module):
         if not self.eval_fallback:
             raise RuntimeError("expert-choice routing depends on the whole batch and cannot score rows on their own; "
                                "construct with eval_fallback=True to use token-choice top-k at evaluation")
-        top = probs.topk(self.eval_k, dim=1)  # (T, k)
-        return Routing(logits=logits, probs=probs, chosen=top.indices, weights=top.values)
+        chosen = top_indices(probs, self.eval_k)  # (T, k), ties to the lower expert as in token choice
+        return Routing(logits=logits, probs=probs, chosen=chosen, weights=probs.gather(1, chosen))

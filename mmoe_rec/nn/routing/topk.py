@@ -28,14 +28,17 @@ from mmoe_rec.nn.softmax import softmax_last_dim
 NORMALIZE_MODES = ("topk_softmax", "softmax_topk")
 INITS = ("auto", "zeros", "normal")
 # Up to this k, top-k on CPU runs as k passes of argmax: 3x faster than torch.topk for (16384, 64) and k = 2
-# (benchmarks/README.md, sparse MoE layer), ties going to the first maximal index. CUDA's topk is fast already.
+# (benchmarks/README.md, sparse MoE layer), ties going to the first maximal index. Otherwise a stable sort.
 MAX_PASSES_UP_TO_K = 4
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k largest scores per row, largest first: (T, E) -> (T, k) int64. Ties: lower index first."""
+    """Indices of the k largest scores per row, largest first: (T, E) -> (T, k) int64. Ties: lower index first
+    (torch.topk gives no order among ties, so it is not used: fine-grained routing reaches k = 8 and more)."""
     if k > MAX_PASSES_UP_TO_K or scores.device.type != "cpu" or not bool(torch.isfinite(scores).all()):
-        return scores.topk(k, dim=1).indices  # masking a pick with -inf would repeat it in a row of non-finites
+        # a stable descending sort keeps tied scores in index order; masking a pick with -inf (below) would
+        # repeat it in a row of non-finites
+        return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     picked = []
     work = scores
     for i in range(k):
@@ -105,11 +108,15 @@ class NoisyTopKRouter(nn.Module):
         return top_indices(ranked, self.k)  # (T, k)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        x = x.float()  # routers in float32
-        clean = x @ self.w_gate  # (T, E)
+        # routers in float32 whatever the model's precision (autocast would run these GEMMs in bf16 / fp16)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._route(x.float())
+
+    def _route(self, x: torch.Tensor) -> Routing:
+        clean = x @ self.w_gate.float()  # (T, E)
         std = None
         if self.noise and self.training:
-            std = F.softplus(x @ self.w_noise) + self.noise_epsilon  # (T, E) > 0: never divides by zero
+            std = F.softplus(x @ self.w_noise.float()) + self.noise_epsilon  # (T, E) > 0: never divides by zero
             noisy = clean + torch.randn_like(clean) * std
         else:
             noisy = clean
