@@ -15,11 +15,13 @@ import warnings
 from typing import Optional
 
 import pyarrow.parquet as pq
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.predictions import ParquetPredictionWriter
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import log_run_files
 
@@ -58,6 +60,9 @@ class MultiTaskCLI(LightningCLI):
         parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})
         parser.add_argument("--checkpoint_dir", type=Optional[str], default=None,
                             help="directory of every ModelCheckpoint callback (overrides their dirpath)")
+        parser.add_argument("--predictions_path", type=str, default="predictions.parquet",
+                            help="predict: the Parquet file of ids and score_<task> columns (unless the config "
+                                 "has its own prediction writer callback)")
 
     def _log_config(self) -> None:
         sub = self.subcommand
@@ -83,6 +88,9 @@ class MultiTaskCLI(LightningCLI):
 
     def before_predict(self) -> None:
         check_data_for_module(self.datamodule, self.model, ())
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            path = self.config[self.subcommand].get("predictions_path") or "predictions.parquet"
+            self.trainer.callbacks.append(ParquetPredictionWriter(path))
 
 
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:

@@ -67,6 +67,9 @@ def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return ((pos * (neg_below + 0.5 * neg)).sum() / (total_pos * total_neg)).float()
 
 
+LOSS_METRIC = {"binary": "logloss", "regression": "mse"}  # the metric that is the task's training loss
+
+
 class TaskMetrics(nn.Module):
     """One split's metrics ("val" or "test"); names are `<prefix>/<task>/<metric>`."""
 
@@ -96,10 +99,14 @@ class TaskMetrics(nn.Module):
                 self.metrics[f"{t}__mse"].update(per_row, w)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """`<prefix>/<task>/<metric>` for every task, and `<prefix>/loss`: the sum of the tasks' losses (log-loss
+        or MSE), each the exact mean over every row of every rank, as the training loss sums the task losses."""
         out = {}
         for key, metric in self.metrics.items():
             task, name = key.split("__")
             out[f"{self.prefix}/{task}/{name}"] = metric.compute()
+        out[f"{self.prefix}/loss"] = sum(out[f"{self.prefix}/{t}/{LOSS_METRIC[kind]}"]
+                                         for t, kind in self.types.items())
         return out
 
     def reset(self) -> None:

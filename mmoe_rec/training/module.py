@@ -27,6 +27,7 @@ from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
 from mmoe_rec.training.weighting import FixedWeighting, make_weighting
 
+EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch's totals (see on_save_checkpoint)
 DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
 # fused: one kernel for all parameters instead of ~10 small ops per tensor (3.2 -> 0.6 ms/step on census)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}}
@@ -47,6 +48,21 @@ def model_config(model: Any) -> dict[str, Any]:
         if cls is not None:
             return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(model.keywords)}
     raise TypeError(f"model must be a class path config or a MultiTaskModel class, got {model!r}")
+
+
+SCHEDULER_KEYS = ("interval", "frequency", "monitor")  # Lightning's, beside the scheduler's own class and args
+
+
+def component_config(config: dict[str, Any], what: str, own_keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{"class_path", "init_args", *own_keys} of an optimizer / scheduler, any other key moved into init_args.
+
+    jsonargparse turns `--model.init_args.optimizer.init_args.lr 0.01` (and `...optimizer.lr 0.01`) into a key
+    "lr" beside "class_path" in this dict; read as it comes, the override would be silently ignored."""
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"{what} must be {{'class_path': ..., 'init_args': {{...}}}}, got {config!r}")
+    fixed = ("class_path", "init_args", *own_keys)
+    init_args = {**dict(config.get("init_args") or {}), **{k: v for k, v in config.items() if k not in fixed}}
+    return {**{k: config[k] for k in fixed if k in config and k != "init_args"}, "init_args": init_args}
 
 
 def _instantiate(config: dict[str, Any], *args: Any) -> Any:
@@ -94,8 +110,9 @@ class MultiTaskModule(L.LightningModule):
         self.task_types = {t: spec.task(t).type for t in self.tasks}
         self.weighting = make_weighting(weighting, self.tasks, self.task_types, task_weights, dwa_temperature)
         self.aux_coefs = dict(DEFAULT_AUX_COEFS if aux_loss_coefs is None else aux_loss_coefs)
-        self.optimizer_config = dict(optimizer or DEFAULT_OPTIMIZER)
-        self.lr_scheduler_config = dict(lr_scheduler) if lr_scheduler else None
+        self.optimizer_config = component_config(optimizer or DEFAULT_OPTIMIZER, "optimizer")
+        self.lr_scheduler_config = (component_config(lr_scheduler, "lr_scheduler", SCHEDULER_KEYS)
+                                    if lr_scheduler else None)
         import_class(self.optimizer_config["class_path"])  # a wrong class path fails now, not after setup
         if self.lr_scheduler_config:
             import_class(self.lr_scheduler_config["class_path"])
@@ -120,6 +137,7 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_loss_sum: torch.Tensor | None = None  # (T,) on the model's device: no host sync per step
         self._epoch_batches = 0
         self._epoch_rows = 0
+        self._resumed_epoch: int | None = None  # epoch of the checkpoint a fit resumed from (on_load_checkpoint)
 
     def forward(self, batch: Batch) -> ModelOutput:
         return self.model(batch)
@@ -188,25 +206,56 @@ class MultiTaskModule(L.LightningModule):
         return bool(every) and (self.global_step + 1) % every == 0  # Lightning's own rule (step counted from 1)
 
     def on_train_epoch_start(self) -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == self.current_epoch:  # resumed mid-epoch: the totals of the batches before came with it
+            return
         self._epoch_rows = 0
+        self._epoch_loss_sum = None
+        self._epoch_batches = 0
 
     def on_train_epoch_end(self) -> None:
         # rows seen this epoch, summed over ranks: equals the train split size once per epoch
         self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
                  sync_dist=True, batch_size=1)
-        if self._epoch_batches:
-            mean = self._epoch_loss_sum / self._epoch_batches
-            mean = self.trainer.strategy.reduce(mean, reduce_op="mean").cpu()  # same on all ranks
+        # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
+        loss_sum = self._epoch_loss_sum if self._epoch_loss_sum is not None else torch.zeros(len(self.tasks),
+                                                                                              device=self.device)
+        totals = torch.cat([loss_sum, loss_sum.new_tensor([self._epoch_batches])])  # (T + 1,)
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()  # same on all ranks
+        if totals[-1] > 0:
+            mean = totals[:-1] / totals[-1]
             self.weighting.on_epoch_end({t: float(mean[i]) for i, t in enumerate(self.tasks)})
         self._epoch_loss_sum = None
         self._epoch_batches = 0
 
+    # --- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The running totals of the epoch (rows seen, task-loss sums for the epoch mean that DWA reads) summed
+        # over ranks: every rank reaches this save (Lightning saves on all ranks and writes on rank 0), and a
+        # resume mid-epoch gives them to rank 0, so that the sums over ranks at the epoch's end come out as in a
+        # run that went straight through.
+        loss_sum = self._epoch_loss_sum if self._epoch_loss_sum is not None else torch.zeros(len(self.tasks),
+                                                                                              device=self.device)
+        totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([self._epoch_batches, self._epoch_rows],
+                                                                   dtype=torch.float64)])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
+        checkpoint[EPOCH_TOTALS_KEY] = {"epoch": self.current_epoch, "loss_sum": totals[:-2].float(),
+                                        "batches": int(totals[-2]), "rows": int(totals[-1])}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        totals = checkpoint.get(EPOCH_TOTALS_KEY)
+        if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
+            return
+        first = self.trainer.global_rank == 0
+        self._epoch_loss_sum = totals["loss_sum"].to(self.device) if first else None
+        self._epoch_batches = totals["batches"] if first else 0
+        self._epoch_rows = totals["rows"] if first else 0
+        self._resumed_epoch = totals["epoch"]
+
     # --- evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, metrics: TaskMetrics, prefix: str) -> None:
         out = self.model(batch)
-        metrics.update(out.logits, batch.labels, batch.weights)
-        losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
-        self.log(f"{prefix}/loss", sum(losses.values()), sync_dist=True, batch_size=batch.batch_size)
+        metrics.update(out.logits, batch.labels, batch.weights)  # <prefix>/loss too (TaskMetrics.compute)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")

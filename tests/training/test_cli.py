@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from conftest import mlflow_run
@@ -108,3 +109,51 @@ def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, in_tmp,
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                      "--data.init_args.data_dir", str(feature_dir)], capsys)
     assert "unreachable" in msg and time.monotonic() - start < 20
+
+
+def test_committed_configs_keep_the_best_and_the_latest_epoch(feature_dir, in_tmp):
+    # lr 0: validation never improves after the first epoch, so the best checkpoint stays at epoch 0 while
+    # last.ckpt must follow the run (Lightning's save_last alone writes it only when the best one is saved)
+    steps_per_epoch = 3
+    run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                       "--trainer.max_epochs", "3", "--trainer.callbacks.init_args.patience", "10",
+                       "--model.init_args.optimizer.init_args.lr", "0", "--data.init_args.data_dir", str(feature_dir),
+                       "--checkpoint_dir", str(in_tmp / "ck")])
+    assert sorted(p.name for p in (in_tmp / "ck").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    best = torch.load(in_tmp / "ck" / "best.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(in_tmp / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    # the dotted override reached the optimizer (jsonargparse puts it beside class_path in the dict)
+    assert last["hyper_parameters"]["optimizer"]["init_args"]["lr"] == 0
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == 0
+    assert (best["epoch"], best["global_step"]) == (0, steps_per_epoch)
+    assert (last["epoch"], last["global_step"]) == (2, 3 * steps_per_epoch)
+
+
+def test_optimizer_and_scheduler_settings_beside_class_path_go_to_init_args():
+    from mmoe_rec.training.module import component_config
+
+    assert component_config({"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}, "lr": 0.5},
+                            "optimizer") == {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.5, "fused": True}}
+    sched = component_config({"class_path": "torch.optim.lr_scheduler.StepLR", "step_size": 2, "interval": "step"},
+                             "lr_scheduler", ("interval", "frequency", "monitor"))
+    assert sched == {"class_path": "torch.optim.lr_scheduler.StepLR", "interval": "step", "init_args": {"step_size": 2}}
+    with pytest.raises(ValueError, match="class_path"):
+        component_config({"init_args": {"lr": 1.0}}, "optimizer")
+
+
+def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
+    run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                       "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck")])
+    run_lightning_cli(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                       "--data.init_args.data_dir", str(feature_dir), "--data.init_args.batch_size", "128",
+                       "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"), "--predictions_path", "out/pred.parquet"])
+    got = pq.read_table(in_tmp / "out" / "pred.parquet")
+    test = pq.read_table(feature_dir / "test")
+    assert got.num_rows == test.num_rows
+    assert {"score_click", "score_convert"} <= set(got.column_names)
+    assert got.column_names == ["row_id", "request_id", "score_click", "score_convert"]  # the spec's id columns
+    for id_column in ("row_id", "request_id"):  # every row of the split once
+        assert sorted(got.column(id_column).to_pylist()) == sorted(test.column(id_column).to_pylist())
+    scores = got.column("score_click").to_numpy()
+    assert ((scores > 0) & (scores < 1)).all()
+    assert not list((in_tmp / "out").glob(".*partial*"))

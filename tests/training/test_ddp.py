@@ -105,6 +105,10 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
         a1, a2 = run1.data.metrics[f"val/{task}/auc"], run2.data.metrics[f"val/{task}/auc"]
         assert a1 > 0.65 and abs(a1 - a2) < AUC_TOLERANCE, (task, a1, a2)
     assert metric_history(c2, run2, "train/rows_seen") == [2000.0, 2000.0]
+    # the split's loss is the tasks' log-losses summed, each reduced exactly over both ranks' rows
+    for run in (run1, run2):
+        m = run.data.metrics
+        assert m["val/loss"] == pytest.approx(m["val/click/logloss"] + m["val/convert/logloss"], rel=1e-6)
     # routing statistics are all-reduced over ranks: the epoch's label correlation (data only) is the same
     key = "relatedness/epoch/label_corr/click.vs.convert"
     assert run2.data.metrics[key] == pytest.approx(run1.data.metrics[key], abs=1e-9)

@@ -56,10 +56,10 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     assert reloaded.spec.to_dict() == dm.spec.to_dict()
 
 
-def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1):
+def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed"):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
-    module = module_for(dm)
+    module = module_for(dm, weighting=weighting)
     trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
                         callbacks=list(callbacks), default_root_dir=tmp, **FAST)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
@@ -103,6 +103,27 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(featur
     a, b = straight.state_dict(), resumed.state_dict()
     for k in a:  # the same batches in the same order after the resume: bitwise the same weights
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+# 21 batches per epoch. DWA weighs epoch 3 by the mean losses of epochs 1 and 2: a checkpoint at step 30 falls
+# inside epoch 2 (the weights epoch 3 trains with), one at step 50 inside epoch 3 (the weights after it, and the
+# rows seen in it)
+@pytest.mark.parametrize("weighting, stop_at", [("dwa", 30), ("dwa", 50), ("uncertainty", 50)])
+def test_mid_epoch_resume_keeps_the_epochs_totals_for_loss_weighting_and_rows_seen(feature_dir, tmp_path,
+                                                                                   weighting, stop_at):
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, weighting=weighting)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
+    _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=stop_at, weighting=weighting)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=path, weighting=weighting)
+    assert resumed.weighting.weights() == straight.weighting.weights()
+    if weighting == "dwa":
+        assert straight.weighting.weights()["click"] != 1.0  # the third epoch was reweighted
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # rows seen in the last epoch: the whole train split, the rows before the checkpoint included
+    assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
 
 
 def test_early_stopping_on_chosen_metric(feature_dir, tmp_path):

@@ -77,3 +77,18 @@ def test_task_metrics_weight_auc_and_logloss():
         pairwise_auc(torch.sigmoid(logits), labels, weights), abs=1e-6)
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
     assert out["val/click/logloss"].item() == pytest.approx(float((bce * weights).sum() / weights.sum()), rel=1e-5)
+
+
+def test_split_loss_is_the_sum_of_the_task_losses_over_all_rows():
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("dwell", "regression")]).finalize()
+    scores, labels, weights = data(200)
+    logits, dwell, target = torch.logit(scores.clamp(0.01, 0.99)), torch.randn(200), torch.randn(200)
+    metrics = TaskMetrics(spec, ["click", "dwell"], "test")
+    for part in (slice(0, 7), slice(7, 200)):  # batches of very different sizes: a mean of batch means would differ
+        metrics.update({"click": logits[part], "dwell": dwell[part]}, {"click": labels[part], "dwell": target[part]},
+                       weights[part])
+    out = metrics.compute()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    want = float((bce * weights).sum() / weights.sum() + ((dwell - target) ** 2 * weights).sum() / weights.sum())
+    assert out["test/loss"].item() == pytest.approx(want, rel=1e-5)
+    assert out["test/loss"].item() == pytest.approx((out["test/click/logloss"] + out["test/dwell/mse"]).item())

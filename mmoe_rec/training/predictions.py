@@ -1,0 +1,65 @@
+"""ParquetPredictionWriter: what `mmoe-rec predict` writes. Each predict batch's id columns and `score_<task>`
+(a probability for binary tasks, the prediction for regression) are appended to one Parquet file, in batch order,
+every row once. The file is written under a temporary name beside the target and renamed when the epoch is
+complete, so a failed run leaves no partial output. With several processes each writes its own rows to
+`<stem>.rank<k><suffix>` (rank 0 included).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class ParquetPredictionWriter(BasePredictionWriter):
+    def __init__(self, output: str = "predictions.parquet") -> None:
+        super().__init__(write_interval="batch")
+        self.output = Path(output)
+        self._writer: pq.ParquetWriter | None = None
+        self._target: Path | None = None
+        self._partial: Path | None = None
+        self.rows = 0
+
+    def target(self, trainer: "L.Trainer") -> Path:
+        if trainer.world_size == 1:
+            return self.output
+        return self.output.with_name(f"{self.output.stem}.rank{trainer.global_rank}{self.output.suffix}")
+
+    def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._target = self.target(trainer)
+        if self._target.is_dir():
+            raise IsADirectoryError(f"predictions output {self._target} is a directory; give a file path")
+        self._target.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
+        self._writer, self.rows = None, 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx,
+                           dataloader_idx=0) -> None:
+        columns = {name: pa.array(values) for name, values in (prediction.get("ids") or {}).items()}
+        columns.update({k: pa.array(v.float().numpy()) for k, v in prediction.items() if k.startswith("score_")})
+        table = pa.table(columns)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._partial, table.schema)
+        self._writer.write_table(table)
+        self.rows += table.num_rows
+
+    def on_predict_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        if self._writer is None:  # no batch on this rank: an empty file with the score columns
+            names = [f"score_{t}" for t in pl_module.tasks]
+            pq.write_table(pa.table({n: pa.array([], pa.float32()) for n in names}), self._partial)
+        else:
+            self._writer.close()
+            self._writer = None
+        os.replace(self._partial, self._target)
+
+    def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._partial is not None and self._partial.exists():
+            self._partial.unlink()
