@@ -22,9 +22,13 @@ class Scorer:
         self.collator = BatchCollator(self.spec, tasks=model.tasks, with_ids=False, with_labels=False)
 
     @torch.no_grad()
-    def score_table(self, table: pa.Table, source: str = "input") -> pa.Table:
-        """(N rows of raw columns) -> (N rows: id columns, score_<task> per task)."""
-        features = transform_table(self.spec, table, with_labels=False, file=source)
+    def score_table(self, table: pa.Table, source: str = "input", row_offset: int = 0) -> pa.Table:
+        """(N rows of raw columns) -> (N rows: id columns, score_<task> per task).
+
+        `source` names where the rows come from (a file path) and `row_offset` is the first row's index in it,
+        so that a bad value is reported at its row in that file, not at its row in this batch.
+        """
+        features = transform_table(self.spec, table, with_labels=False, file=source, row_offset=row_offset)
         chunks = features.combine_chunks().to_batches()
         record_batch = chunks[0] if chunks else pa.RecordBatch.from_pylist([], schema=features.schema)
         out = self.model(self.collator(record_batch))

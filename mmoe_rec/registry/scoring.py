@@ -2,7 +2,8 @@
 
 Output columns: the spec's id columns passed through, `score_<task>` per task, `model_name`, `model_version`.
 The output is written to a temporary file beside the target and renamed when complete; the row count out is
-checked against the row count in.
+checked against the row count in. An output that is an input file, or lies inside an input folder, is refused
+before anything is read. A bad value is reported at its file and its row inside that file.
 """
 from __future__ import annotations
 
@@ -42,9 +43,28 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
     return loaded.unwrap_python_model().scorer, name, str(version)
 
 
+def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str | os.PathLike) -> None:
+    """Refuse an `output` that is one of the input files or lies inside an input folder.
+
+    The output is renamed into place at the end: onto an input file it would replace the raw table it was scored
+    from, and inside an input folder it would be read back as input by the next run.
+    """
+    out = Path(output).expanduser().resolve()
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
+        src = Path(item).expanduser().resolve()
+        if src.is_dir():
+            if out == src or src in out.parents:
+                raise ValueError(f"--output {output} is inside the input folder {item}: it would be read as input "
+                                 f"by the next run; write the scores outside {item}")
+        elif out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
+            raise ValueError(f"--output {output} is the input file {item}: scoring would replace the raw table; "
+                             f"choose another output path")
+
+
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
                   model_version: str, batch_rows: int = 65_536) -> int:
     """Stream `inputs` through the model into one Parquet file at `output`. Returns the number of rows scored."""
+    check_output_is_not_an_input(inputs, output)
     output = Path(output)
     dataset = ds.dataset(inputs, format="parquet")
     expected = dataset.count_rows()
@@ -54,11 +74,13 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     writer = None
     try:
         for fragment in dataset.get_fragments():
+            file_rows = 0  # rows of this file already read: errors name the row inside the file, not the run
             for record_batch in fragment.to_batches(batch_size=batch_rows):
                 if record_batch.num_rows == 0:
                     continue
                 table = pa.Table.from_batches([record_batch])
-                scores = scorer.score_table(table, source=f"{fragment.path}, rows {written}..{written + table.num_rows - 1}")
+                scores = scorer.score_table(table, source=fragment.path, row_offset=file_rows)
+                file_rows += table.num_rows
                 scores = scores.append_column("model_name", pa.array([model_name] * scores.num_rows, pa.string()))
                 scores = scores.append_column("model_version", pa.array([model_version] * scores.num_rows, pa.string()))
                 if writer is None:
@@ -89,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-rows", type=int, default=65_536)
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     args = p.parse_args(argv)
+    check_output_is_not_an_input(args.input, args.output)  # before loading or reading anything
     from mmoe_rec.training.tracking import configure_tracking
 
     configure_tracking(args.tracking_uri)

@@ -5,13 +5,24 @@ Store: `tracking_uri` argument, else $MLFLOW_TRACKING_URI, else `sqlite:///mlflo
 Every fit run logs: flattened hyper-parameters (the FeatureSpec itself as `spec.json`, not as params), the
 resolved LightningCLI config as `config.yaml` (Lightning's SaveConfigCallback cannot write into an SQLite-backed
 run, so the CLI hands the YAML to `log_run_files`), and the git commit as the tag `mlflow.source.git.commit`.
+
+An HTTP(S) store is probed with a real request (GET <uri>/health, PROBE_TIMEOUT_S) before anything else: a server
+that accepts connections but never answers is reported as unreachable, not waited on. For such a store the
+process also gets shorter MLflow HTTP limits where the user set none (MLFLOW_HTTP_REQUEST_TIMEOUT=30 s,
+MLFLOW_HTTP_REQUEST_MAX_RETRIES=3, see HTTP_DEFAULTS), so a server that goes silent mid-run fails a call after
+about 2 minutes instead of MLflow's default of about 15 (120 s per read, 7 retries). Set either variable to
+keep MLflow's own value.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import socket
+import ssl
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -21,7 +32,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-PROBE_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 5.0
+# MLflow's HTTP client limits used for an HTTP(S) store when the environment sets none (see the module docstring)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
 MAX_PARAM_CHARS = 500
 
 
@@ -45,14 +58,7 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     parsed = urlparse(uri)
     hint = "set MLFLOW_TRACKING_URI (or trainer.logger.init_args.tracking_uri) to a reachable store, e.g. sqlite:///mlflow.db"
     if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parsed.hostname, port), timeout=timeout):
-                pass
-        except OSError as e:
-            raise TrackingUnavailable(
-                f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e}, probed for {timeout:.0f} s); {hint}"
-            ) from None
+        probe_http_server(uri, timeout, hint)
     elif parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):]
         if path and path != ":memory:":
@@ -61,10 +67,49 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
                 raise TrackingUnavailable(f"MLflow SQLite store {uri}: folder {folder} does not exist; {hint}")
 
 
+def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = "") -> None:
+    """GET <uri>/health; raise TrackingUnavailable unless some HTTP answer arrives within `timeout` seconds.
+
+    Any answer counts, whatever its status (an MLflow server says 200 'OK'; a 401/404 behind a proxy is still a
+    server, and MLflow's own calls then report what is wrong): only "nobody answers" is this check's business.
+    A TLS error also means a server answered; certificates are left to MLflow, which has its own settings for them.
+    """
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # an HTTP status line came back: a server is there
+    except (ssl.SSLError, ssl.CertificateError):
+        return
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, (ssl.SSLError, ssl.CertificateError)):
+            return
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            why = f"no HTTP answer from {url} within {timeout:g} s"
+        else:
+            why = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
+    except (socket.timeout, TimeoutError):
+        why = f"no HTTP answer from {url} within {timeout:g} s"
+    except (OSError, ValueError, http.client.HTTPException) as e:  # closed without a reply, not HTTP, bad URL
+        why = f"{type(e).__name__}: {e}"
+    raise TrackingUnavailable(
+        f"MLflow tracking server {uri} is unreachable ({why}; probed with a {timeout:g} s timeout); {hint}".rstrip("; ")
+    )
+
+
 def configure_tracking(uri: str | None = None) -> str:
-    """Resolve, check and install the tracking URI for this process; returns it."""
+    """Resolve, check and install the tracking URI for this process; returns it.
+
+    For an HTTP(S) store, MLflow's HTTP timeout and retry count get this project's shorter defaults
+    (HTTP_DEFAULTS) unless the environment already sets them.
+    """
     uri = resolve_tracking_uri(uri)
     check_tracking_uri(uri)
+    if urlparse(uri).scheme in ("http", "https"):
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
     return uri
 

@@ -125,3 +125,55 @@ def test_register_cli_from_package(package, tracking, capsys):
     assert register_main(["--package", str(package), "--name", "cli-model", "--alias", "staging"]) == 0
     assert "registered cli-model version 1" in capsys.readouterr().out
     assert str(mlflow.MlflowClient().get_model_version_by_alias("cli-model", "staging").version) == "1"
+
+
+def test_bad_value_in_a_later_file_is_reported_at_its_row_in_that_file(rec_data, package, tmp_path):
+    # two input files; the bad value is at row 523 of the second one, in its third batch of 200 rows
+    raw = pq.read_table(rec_data[1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(raw.slice(0, 700), folder / "part-0.parquet")
+    second = raw.slice(700)
+    price = [str(v) for v in second["price"].to_pylist()]
+    price[523] = "abc"
+    second = second.set_column(second.schema.get_field_index("price"), "price", pa.array(price, pa.string()))
+    pq.write_table(second, folder / "part-1.parquet")
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "scores.parquet"
+    with pytest.raises(FeatureDataError) as info:
+        score_parquet(scorer, str(folder), out, name, version, batch_rows=200)
+    err = info.value
+    assert Path(err.file).resolve() == (folder / "part-1.parquet").resolve()
+    assert (err.column, err.row) == ("price", 523)
+    assert f"file {err.file}, column 'price', row 523:" in str(err)
+    assert not out.exists() and list(tmp_path.glob(".scores*")) == []
+
+
+def test_score_refuses_to_write_over_its_input_file(rec_data, package, tracking, tmp_path):
+    raw_file = tmp_path / "raw.parquet"
+    pq.write_table(pq.read_table(rec_data[1]), raw_file)
+    before = raw_file.read_bytes()
+    with pytest.raises(ValueError, match="is the input file"):
+        score_main(["--model", str(package), "--input", str(raw_file), "--output", str(raw_file)])
+    # the same file spelt another way, through the library call
+    scorer, name, version = resolve_model(str(package))
+    with pytest.raises(ValueError, match="is the input file"):
+        score_parquet(scorer, [str(raw_file)], tmp_path / "x" / ".." / "raw.parquet", name, version)
+    assert raw_file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.parquet"]
+
+
+def test_score_refuses_an_output_inside_its_input_folder(rec_data, package, tracking, tmp_path):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    raw = pq.read_table(rec_data[1])
+    pq.write_table(raw.slice(0, 700), folder / "part-0.parquet")
+    pq.write_table(raw.slice(700), folder / "part-1.parquet")
+    for output in (folder / "scores.parquet", folder / "sub" / "scores.parquet"):
+        with pytest.raises(ValueError, match="inside the input folder"):
+            score_main(["--model", str(package), "--input", str(folder), "--output", str(output)])
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    # beside the folder is fine, and every row is scored once
+    out = tmp_path / "scores.parquet"
+    assert score_main(["--model", str(package), "--input", str(folder), "--output", str(out)]) == 0
+    assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()

@@ -1,6 +1,9 @@
 """Tracking store resolution, fail-fast checks, git commit, parameter flattening."""
+import http.server
+import os
 import re
 import socket
+import threading
 import time
 
 import pytest
@@ -9,6 +12,8 @@ from mmoe_rec.training.tracking import (
     DEFAULT_TRACKING_URI,
     MLflowTracker,
     TrackingUnavailable,
+    check_tracking_uri,
+    configure_tracking,
     flatten_params,
     git_commit,
     resolve_tracking_uri,
@@ -57,3 +62,97 @@ def test_flatten_params_nested_and_long_values():
     assert flat["model/class_path"] == "a.B"
     assert flat["model/init_args/h"] == "[64, 32]"
     assert len(flat["x"]) == 500 and flat["x"].endswith("...")
+
+
+@pytest.fixture
+def blackhole():
+    """A server that accepts TCP connections and never answers (a hung proxy or server): its URI."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    server.settimeout(0.2)
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+@pytest.fixture
+def http_server():
+    """A tiny HTTP server: /health answers 200 'OK' as an MLflow server does, anything else 404. Its URI."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"OK" if self.path == "/health" else b"not found"
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_server_that_accepts_but_never_answers_is_unreachable_not_a_hang(blackhole):
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="unreachable") as info:
+        check_tracking_uri(blackhole)
+    assert time.monotonic() - start < 10
+    assert blackhole in str(info.value) and "no HTTP answer" in str(info.value) and "5 s" in str(info.value)
+
+
+def test_tracker_on_a_silent_server_fails_fast(blackhole, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", blackhole)
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="unreachable"):
+        MLflowTracker()
+    assert time.monotonic() - start < 10
+
+
+@pytest.fixture
+def no_http_limits(monkeypatch):
+    """MLflow's HTTP limit variables unset for the test and restored (or removed) after it."""
+    import mlflow
+
+    for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.setenv(name, "x")  # recorded, so that teardown removes what configure_tracking sets
+        monkeypatch.delenv(name)
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def test_server_answering_like_mlflow_passes_and_gets_short_http_limits(http_server, no_http_limits, monkeypatch):
+    check_tracking_uri(http_server)
+    check_tracking_uri(http_server + "/")
+    check_tracking_uri(http_server + "/behind/a/prefix")  # answers 404 there: still a server, as before
+    assert configure_tracking(http_server) == http_server
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")  # the user's own value wins
+    configure_tracking(http_server)
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "600"
+
+
+def test_sqlite_store_keeps_mlflow_http_limits(tmp_path, no_http_limits):
+    configure_tracking(f"sqlite:///{tmp_path}/mlflow.db")
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
