@@ -40,7 +40,8 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="feature_bench_"))
     raw, out = work / "raw", work / "features"
     t = time.perf_counter()
-    write_parquet(RecSynthetic(relatedness=0.5, seed=0).tables(args.rows, chunk_rows=250_000), raw)
+    write_parquet(RecSynthetic(relatedness=0.5, seed=0).tables(args.rows, chunk_rows=250_000), raw,
+                  overwrite=True)  # a reused --workdir
     print(f"generated {args.rows:,} raw rows in {time.perf_counter() - t:.1f}s; RSS {rss_mb():.0f} MB")
 
     # sample RSS while the transform pass runs: at ~1M rows written and at the end
@@ -77,7 +78,7 @@ def main() -> None:
     sources = [build_mod.parse_input(str(raw), None, 0.1, 0.1)]
     logs = []
     t0 = time.perf_counter()
-    build_mod.build(schema, sources, out, seed=0, log=logs.append)
+    build_mod.build(schema, sources, out, seed=0, overwrite=True, log=logs.append)
     total = time.perf_counter() - t0
     cpu_transform = time.process_time() - cpu["transform_start"]
     marks["end"] = rss_mb()

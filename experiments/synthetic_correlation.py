@@ -46,9 +46,12 @@ def make_data(base: Path, p: float, seed: int, rows: int) -> Path:
     if not (features / "spec.json").exists():
         cli = [sys.executable, "-m", "mmoe_rec.cli"]
         subprocess.run(cli + ["synth", "mmoe", "--rows", str(rows), "--p", str(p), "--seed", str(seed),
-                              "--output", str(raw)], check=True)
+                              "--output", str(raw), "--overwrite"], check=True)  # a run cut off before features
+        # a data set of one file, named alone, splits its rows as in the published runs (features/build.py)
+        parts = sorted(raw.glob("*.parquet"))
+        part = parts[0] if len(parts) == 1 else raw
         subprocess.run(cli + ["features", "--schema", str(ROOT / "configs/features/synthetic_mmoe.yaml"),
-                              "--input", str(raw), "--output", str(features), "--valid-fraction", "0.1",
+                              "--input", str(part), "--output", str(features), "--valid-fraction", "0.1",
                               "--test-fraction", "0.1", "--seed", str(seed), "--overwrite"], check=True)
     return features
 

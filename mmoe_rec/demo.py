@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # one stream of impressions: the first file trains, the second (never seen in training) is scored at the end
     run(cli + ["synth", "rec", "--rows", str(args.rows + NEW_ROWS), "--rows-per-file", str(args.rows),
                "--chunk-rows", str(NEW_ROWS),
-               "--output", str(raw), "--seed", "0"] + world, env, work)
+               "--output", str(raw), "--seed", "0", "--overwrite"] + world, env, work)  # a rerun replaces it
     train_file, new_file = sorted(glob.glob(str(raw / "*.parquet")))
     run(cli + ["features", "--schema", str(ROOT / "configs/features/synthetic_rec.yaml"), "--input", train_file,
                "--output", str(features), "--valid-fraction", "0.1", "--test-fraction", "0.1", "--seed", "0",

@@ -185,10 +185,22 @@ class RecSynthetic:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_per_file: int = 1_048_576,
-                  row_group_rows: int = 65_536) -> list[Path]:
-    """Write a stream of tables as output/part-NNNNN.parquet; temporary directory renamed when complete."""
+def check_output(output: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an output that is a file, or a non-empty directory unless `overwrite`: never delete data unasked."""
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"output {output} exists and is not a directory")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {output} exists and is not empty (use --overwrite to replace it)")
+
+
+def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_per_file: int = 1_048_576,
+                  row_group_rows: int = 65_536, overwrite: bool = False) -> list[Path]:
+    """Write a stream of tables as output/part-NNNNN.parquet; temporary directory renamed when complete.
+    An existing non-empty output is an error (FileExistsError) unless `overwrite`; then it is replaced only
+    once the new one is complete."""
+    output = Path(output)
+    check_output(output, overwrite)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -204,9 +216,13 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
             file_rows += t.num_rows
         if writer is not None:
             writer.close()
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        if output.exists():  # move the old one aside first, so that a failure leaves one of them whole
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+            os.replace(tmp, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -235,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--chunk-rows", type=int, default=262_144, help="rows generated at a time")
         s.add_argument("--rows-per-file", type=int, default=1_048_576)
+        s.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return p
 
 
@@ -249,7 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    files = write_parquet(gen.tables(args.rows, args.chunk_rows), args.output, rows_per_file=args.rows_per_file)
+    try:
+        files = write_parquet(gen.tables(args.rows, args.chunk_rows), args.output, rows_per_file=args.rows_per_file,
+                              overwrite=args.overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {args.rows} rows to {args.output} ({len(files)} files)", file=sys.stderr)
     return 0
 

@@ -8,16 +8,23 @@
 ``train=PATH`` (all rows to train), ``valid+test=PATH`` (each row to valid or test with equal chance) or
 weighted ``train:0.9+valid:0.1=PATH``. Unprefixed inputs are split by ``--split-column`` (values train /
 valid / test) or at random by ``--valid-fraction`` / ``--test-fraction``. Random assignment hashes
-(seed, file, row in file), so it does not depend on batch sizes or on the other files.
+(seed, file's path relative to its input, row in file), so it does not depend on batch sizes, on the other
+files or on where the input directory lies. The relative path is the path below the directory for a directory,
+below the last directory without wildcards for a glob (``raw/*/part-0.parquet`` -> ``day=1/part-0.parquet``),
+and empty for an input that names one file (its hash is 0: such a file keeps the split of the earlier rule,
+which keyed files by their position among the input's files, so the census split and published results stand).
 
 Output: DIR/spec.json, DIR/manifest.json (row counts, inputs, seed) and DIR/{train,valid,test}/part-NNNNN.parquet
-with row groups of ``--row-group-rows``. Everything is written to a temporary directory beside DIR and renamed
-when complete; on error the temporary directory is removed and DIR is left as it was.
+of at most ``--rows-per-file`` rows, with row groups of ``--row-group-rows`` (a file's last group may be shorter).
+Everything is written to a temporary directory beside DIR and renamed when complete; on error the temporary
+directory is removed and DIR is left as it was.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import hashlib
 import json
 import os
 import queue
@@ -59,9 +66,28 @@ class Source:
     rule: str
     splits: tuple[str, ...] = ("train",)
     weights: tuple[float, ...] = (1.0,)
+    keys: tuple[str, ...] = ()  # per file: its path relative to the input (the split hash's key); default its name
 
     def may_hold(self, split: str) -> bool:
         return self.rule == "column" or split in [s for s, w in zip(self.splits, self.weights) if w > 0]
+
+    def key(self, file_index: int) -> str:
+        return self.keys[file_index] if self.keys else Path(self.files[file_index]).name
+
+
+def input_keys(spec: str, files: Iterable[str]) -> tuple[str, ...]:
+    """Each file's path relative to the root of `spec` (a directory, a file's directory, or a glob's leading
+    directories without wildcards), so that adding files or moving the tree leaves it unchanged."""
+    p = Path(spec)
+    if p.is_file():
+        return ("",)  # the input is the file itself
+    if p.is_dir():
+        root = p
+    else:
+        parts = p.parts
+        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+        root = Path(*parts[:fixed]) if fixed else Path(".")
+    return tuple(Path(os.path.relpath(f, root)).as_posix() for f in files)
 
 
 def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_fraction: float) -> Source:
@@ -75,18 +101,20 @@ def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_
             splits.append(name)
             weights.append(float(w) if w else 1.0)
         files = tuple(resolve_inputs(m.group(2)))
+        keys = input_keys(m.group(2), files)
         if len(splits) == 1:
-            return Source(files, "fixed", (splits[0],), (1.0,))
+            return Source(files, "fixed", (splits[0],), (1.0,), keys)
         total = sum(weights)
-        return Source(files, "random", tuple(splits), tuple(w / total for w in weights))
+        return Source(files, "random", tuple(splits), tuple(w / total for w in weights), keys)
     files = tuple(resolve_inputs(arg))
+    keys = input_keys(arg, files)
     if split_column:
-        return Source(files, "column", SPLITS, (0.0, 0.0, 0.0))
+        return Source(files, "column", SPLITS, (0.0, 0.0, 0.0), keys)
     train = 1.0 - valid_fraction - test_fraction
     if not (0 < train <= 1 and valid_fraction >= 0 and test_fraction >= 0):
         raise FeatureDataError(f"--valid-fraction {valid_fraction} and --test-fraction {test_fraction} must be >= 0 "
                                "and leave rows for train")
-    return Source(files, "random", SPLITS, (train, valid_fraction, test_fraction))
+    return Source(files, "random", SPLITS, (train, valid_fraction, test_fraction), keys)
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -97,9 +125,17 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def _key_hash(key: str) -> np.uint64:
+    """64-bit hash of a file's key; 0 for the empty key of a single-file input (the earlier rule's first file)."""
+    if not key:
+        return np.uint64(0)
+    return np.uint64(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"))
+
+
 def assign_splits(source: Source, file_index: int, row_offset: int, batch: pa.RecordBatch,
                   seed: int, split_column: str | None, file: str) -> np.ndarray:
-    """(n,) int8 split index into SPLITS for each row of a batch."""
+    """(n,) int8 split index into SPLITS for each row of a batch (random: a hash of the seed, the file's key,
+    never its position among the inputs, and the row in the file)."""
     n = batch.num_rows
     if source.rule == "fixed":
         return np.full(n, SPLITS.index(source.splits[0]), np.int8)
@@ -112,7 +148,7 @@ def assign_splits(source: Source, file_index: int, row_offset: int, batch: pa.Re
                                    file=file, column=split_column, row=row_offset + row)
         return idx.to_numpy(zero_copy_only=False).astype(np.int8)
     rows = np.arange(row_offset, row_offset + n, dtype=np.uint64)
-    key = _splitmix64(np.uint64(seed & 0xFFFFFFFF) << np.uint64(32) ^ np.uint64(file_index)) ^ rows
+    key = _splitmix64(np.uint64(seed & 0xFFFFFFFF) << np.uint64(32) ^ _key_hash(source.key(file_index))) ^ rows
     u = (_splitmix64(key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)  # uniform in [0, 1)
     edges = np.cumsum(source.weights)[:-1]
     which = np.searchsorted(edges, u, side="right")
@@ -120,7 +156,8 @@ def assign_splits(source: Source, file_index: int, row_offset: int, batch: pa.Re
 
 
 class SplitWriter:
-    """Appends feature tables to DIR/<split>/part-NNNNN.parquet in row groups of `row_group_rows`."""
+    """Appends feature tables to DIR/<split>/part-NNNNN.parquet, at most `rows_per_file` rows each, in row
+    groups of `row_group_rows` (fewer in a file's last group when rows_per_file is not a multiple of it)."""
 
     def __init__(self, directory: Path, row_group_rows: int, rows_per_file: int,
                  use_dictionary: bool | list[str] = True) -> None:
@@ -152,12 +189,22 @@ class SplitWriter:
         if not self._buf:
             return
         t = pa.concat_tables(self._buf)  # zero-copy; the writer encodes chunk by chunk
-        full = (t.num_rows // self.row_group_rows) * self.row_group_rows
-        cut = t.num_rows if final else full
-        for start in range(0, cut, self.row_group_rows):
-            self._write_group(t.slice(start, min(self.row_group_rows, cut - start)))
-        rest = t.slice(cut)
+        start = 0
+        while start < t.num_rows:
+            size = min(self.row_group_rows, self._room())  # a group never passes the file's end
+            if t.num_rows - start < size and not final:
+                break
+            n = min(size, t.num_rows - start)
+            self._write_group(t.slice(start, n))
+            start += n
+        rest = t.slice(start)
         self._buf, self._buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    def _room(self) -> int:
+        """Rows the next group may hold: what is left of the current file, or a new file's worth."""
+        if self._writer is None or self._file_rows >= self.rows_per_file:
+            return self.rows_per_file
+        return self.rows_per_file - self._file_rows
 
     def _write_group(self, t: pa.Table) -> None:
         if self._writer is None or self._file_rows >= self.rows_per_file:
@@ -189,20 +236,25 @@ def prefetch(it: Iterator, depth: int = 2) -> Iterator:
     done = object()
     stop = threading.Event()
 
+    def put(entry) -> bool:
+        """Queue `entry`; give up once the consumer has stopped (it takes nothing more: a plain put on a
+        full queue would block forever, and the consumer's join with it)."""
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def run():
         try:
             for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((True, item)):
                     return
-            q.put((True, done))
+            put((True, done))
         except BaseException as e:  # handed to the consumer
-            q.put((False, e))
+            put((False, e))
 
     th = threading.Thread(target=run, daemon=True)
     th.start()
@@ -291,6 +343,11 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
           rows_per_file: int = 1_048_576, overwrite: bool = False, log=None) -> FeatureSpec:
     """Fit on the train rows of `sources` (pass 1), transform every row into its split (pass 2)."""
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise FeatureDataError("output exists and is not a directory", file=str(output))
+    if row_group_rows < 1 or rows_per_file < 1 or batch_rows < 1:
+        raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
+                               f"{rows_per_file} must be positive")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FeatureDataError("output directory exists and is not empty (use --overwrite)", file=str(output))
     if split_column and any(s.rule == "column" for s in sources):

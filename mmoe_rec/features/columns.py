@@ -48,10 +48,11 @@ def _strings_to_float(arr: pa.Array, column: str) -> pa.Array:
 
 
 def numeric_column(arr, column: str) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 values with 0 at missing, missing mask)."""
-    arr = one_chunk(arr)
+    """(float64 values with 0 at missing, missing mask). inf, -inf and numbers beyond float64 ("1e999") are
+    errors: one of them would make the train mean and every transformed value inf or NaN."""
+    arr = raw = one_chunk(arr)
     if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
+        arr = raw = arr.dictionary_decode()
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         arr = _strings_to_float(arr, column)
@@ -59,7 +60,12 @@ def numeric_column(arr, column: str) -> tuple[np.ndarray, np.ndarray]:
         raise FeatureDataError(f"expected a numeric column, found type {t}", column=column)
     elif not pa.types.is_floating(t):
         arr = pc.cast(arr, pa.float64())
-    return column_values(arr)
+    x, missing = column_values(arr)
+    bad = ~np.isfinite(x)  # missing values are 0 here
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise FeatureDataError(f"expected a finite number, found {raw[row].as_py()!r}", column=column, row=row)
+    return x, missing
 
 
 def categorical_column(arr, column: str) -> pa.Array:
@@ -69,13 +75,17 @@ def categorical_column(arr, column: str) -> pa.Array:
         arr = arr.dictionary_decode()
     t = arr.type
     if pa.types.is_floating(t):
-        x = arr.to_numpy(zero_copy_only=False)
-        bad = ~np.isnan(x) & (x != np.round(x))
+        x = arr.to_numpy(zero_copy_only=False)  # nulls arrive as NaN
+        missing = np.isnan(x)
+        fraction = ~missing & (x != np.round(x))
+        bad = fraction | (~missing & ~(np.abs(x) < 2.0 ** 63))  # inf, or beyond int64
         if bad.any():
             row = int(np.argmax(bad))
-            raise FeatureDataError(f"expected a categorical value, found the non-integral number {x[row]!r}",
+            kind = "non-integral" if fraction[row] else "out-of-range"
+            raise FeatureDataError(f"expected a categorical value, found the {kind} number {x[row].item()!r}",
                                    column=column, row=row)
-        return pc.cast(arr, pa.int64(), safe=False)
+        # NaN is missing like null (a plain cast would turn it into the value -2**63, with an id of its own)
+        return pa.array(np.where(missing, 0.0, x).astype(np.int64), mask=missing if missing.any() else None)
     if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
             or pa.types.is_boolean(t) or pa.types.is_null(t)):
         raise FeatureDataError(f"expected a categorical (string or integer) column, found type {t}", column=column)
@@ -99,7 +109,14 @@ def multi_valued_column(arr, column: str, delimiter: str | None) -> tuple[pa.Arr
     offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
     values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
     offsets = offsets - offsets[0]
-    values = categorical_column(values, column)
+    try:
+        values = categorical_column(values, column)
+    except FeatureDataError as e:
+        if e.row is None:
+            raise
+        # the error's row is a position among the flat values: name the row whose list holds it
+        row = int(np.searchsorted(offsets, e.row, side="right")) - 1
+        raise FeatureDataError(e.reason, column=column, row=row) from None
     if delimiter is not None and pa.types.is_string(values.type):
         # empty pieces ("a||b", "") are no values: drop them and rebuild the offsets
         keep = pc.not_equal(values, "").fill_null(True).to_numpy(zero_copy_only=False)
@@ -148,7 +165,8 @@ def label_values(arr, column: str, state: dict) -> np.ndarray:
             bad = (x != 0) & (x != 1)
             if bad.any():
                 row = int(np.argmax(bad))
-                raise FeatureDataError(f"binary label must be 0 or 1, found {x[row]!r}", column=column, row=row)
+                raise FeatureDataError(f"binary label must be 0 or 1, found {x[row].item()!r}", column=column,
+                                       row=row)
         return x.astype(np.float32)
     pos, neg = state["positive"], state.get("negative")
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):

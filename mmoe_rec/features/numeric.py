@@ -9,7 +9,8 @@ is about 1/sqrt(k) ~ 0.4 %; exact when the train split has fewer than k non-miss
 
 ``log1p`` is signed, sign(x) * log1p(|x|), so negative values do not become NaN; it is then standardized.
 Missing values (null, NaN) take the imputed value (on the transformed scale: mean -> 0 after standardizing)
-and set the dense ``<name>_missing`` indicator. ``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets;
+and set the dense ``<name>_missing`` indicator; inf and overflowing numbers never get here (columns.numeric_column
+rejects them, naming the row). ``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets;
 with ``zero_bucket`` the value 0 gets an id of its own and the quantiles are those of the non-zero values (for
 columns that are mostly 0, such as money amounts, whose quantiles over all rows would all be 0).
 """

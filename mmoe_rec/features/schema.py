@@ -22,7 +22,9 @@ reader: {header: false, column_names: [...], delimiter: ",", strip_whitespace: t
 ```
 
 Every entry may give ``column:`` when the raw column name differs from the feature name.
-Unknown keys, kinds or transforms are errors naming the schema file and the entry.
+Unknown keys, kinds or transforms are errors naming the schema file and the entry, and so are two entries that
+would write the same output column (an id column and a feature, ``<name>_missing``, ``label_<task>``,
+``sample_weight``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from typing import Any
 import yaml
 
 from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 
 CATEGORICAL_TRANSFORMS = ("vocab", "hash")
 NUMERIC_TRANSFORMS = ("standardize", "log1p", "bucketize", "none")
@@ -218,7 +221,32 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
     leaked = label_cols & ({c.column for c in cats} | {n.column for n in nums} | set(schema.id_columns))
     if leaked:  # a label used as a feature gives AUC 1.0; refuse it
         raise FeatureDataError(f"label / weight columns also declared as features or ids: {sorted(leaked)}", file=source)
+    _check_output_names(schema)
     return schema
+
+
+def _output_names(schema: Schema) -> list[tuple[str, str]]:
+    """(feature-Parquet column, what it holds) for every column a build may write."""
+    out = [(c, f"id column {c!r}") for c in schema.id_columns]
+    out += [(c.name, f"categorical feature {c.name!r}") for c in schema.categorical]
+    for n in schema.numeric:
+        out.append((n.name, f"numeric feature {n.name!r}"))
+        if n.transform != "bucketize" and n.missing_indicator is not False:  # "auto" may add it
+            out.append((f"{n.name}_missing", f"missing indicator of numeric feature {n.name!r}"))
+    out += [(label_column(t.name), f"label of task {t.name!r}") for t in schema.tasks]
+    if schema.sample_weight:
+        out.append((WEIGHT_COLUMN, "sample weight"))
+    return out
+
+
+def _check_output_names(schema: Schema) -> None:
+    """Two outputs with one name would overwrite each other (or give a file two equal column names)."""
+    seen: dict[str, str] = {}
+    for name, what in _output_names(schema):
+        if name in seen:
+            raise FeatureDataError(f"output column {name!r} would hold both the {seen[name]} and the {what}; "
+                                   "rename one of them", file=schema.source)
+        seen[name] = what
 
 
 def load_schema(path: str | os.PathLike) -> Schema:

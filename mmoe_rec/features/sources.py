@@ -1,7 +1,8 @@
 """Raw inputs: resolve files / directories / globs, and stream them as record batches in bounded memory.
 
-CSV (optionally .gz / .bz2 / .xz compressed) is read with pyarrow's streaming reader, every needed column as
-a string (the feature code converts and checks types itself, so an error can name the row). Parquet is read
+CSV (optionally .gz / .bz2 / .xz compressed; .tsv tab-separated) is read with pyarrow's streaming reader, every
+needed column as a string (the feature code converts and checks types itself, so an error can name the row; a
+row with the wrong number of fields is named too). Parquet is read
 row group by row group with ``ParquetFile.iter_batches``. Each batch comes with its first row's index in the
 file, so errors can name the file row.
 """
@@ -66,15 +67,25 @@ def _open_csv_stream(path: str):
     return pa.input_stream(path, compression="detect")
 
 
-def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_size: int):
+def _delimiter(path: str, reader: ReaderSpec) -> str:
+    """The reader's delimiter, except that .tsv files (compressed or not) default to tabs."""
+    name = path.lower()
+    for c in COMPRESSION_SUFFIXES[1:]:
+        name = name.removesuffix(c)
+    return "\t" if name.endswith(".tsv") and reader.delimiter == "," else reader.delimiter
+
+
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_size: int,
+                on_invalid_row=None):
+    """on_invalid_row: pyarrow's invalid_row_handler; reads single-threaded then, as Arrow numbers rows only so."""
     read = pacsv.ReadOptions(
         column_names=list(reader.column_names) if reader.column_names else None,
         skip_rows=1 if (reader.column_names and reader.header) else 0,
         autogenerate_column_names=not reader.header and not reader.column_names,
         block_size=block_size,
+        use_threads=on_invalid_row is None,
     )
-    parse = pacsv.ParseOptions(delimiter="\t" if path.lower().split(".")[-1] == "tsv" and reader.delimiter == ","
-                               else reader.delimiter)
+    parse = pacsv.ParseOptions(delimiter=_delimiter(path, reader), invalid_row_handler=on_invalid_row)
     convert = pacsv.ConvertOptions(
         include_columns=include,
         column_types={c: pa.string() for c in include} if include else None,
@@ -137,8 +148,36 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         msg = str(e)
         if "Empty CSV file" in msg:
             raise FeatureDataError("empty input file (no header, no rows)", file=path) from None
+        if fmt == "csv" and msg.startswith("CSV parse error"):
+            bad = _bad_csv_row(path, reader, list(dict.fromkeys(columns)))
+            if bad is not None:
+                raise FeatureDataError(bad[1], file=path, row=bad[0]) from None
+            raise FeatureDataError(f"malformed CSV ({msg.splitlines()[0]})", file=path) from None
         raise FeatureDataError(f"unreadable or truncated {fmt} file ({msg.splitlines()[0] if msg else type(e).__name__})",
                                file=path) from None
+
+
+def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int, str] | None:
+    """(data row, message) of the first row with a wrong number of fields, or None. Only on the error path:
+    the file is read again single-threaded, the one way Arrow numbers the rows it rejects."""
+    found = []
+
+    def record(row) -> str:
+        found.append(row)
+        return "error"  # stop there (raising inside Arrow's handler would abort the process)
+
+    try:
+        for _ in _csv_reader(path, reader, include, 1 << 22, on_invalid_row=record):
+            pass
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError):
+        pass
+    if not found or found[0].number is None:
+        return None
+    row = found[0]
+    text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
+    # Arrow's number is the 1-based line in the file, the header line included
+    return (row.number - 1 - (1 if reader.header else 0),
+            f"malformed CSV row: expected {row.expected_columns} fields, found {row.actual_columns} ({text!r})")
 
 
 def _check_columns(path: str, have: list[str], needed: list[str]) -> None:

@@ -67,3 +67,28 @@ def test_synth_help_exits_cleanly(capsys):
     with pytest.raises(SystemExit) as e:
         synth_main(["--help"])
     assert e.value.code == 0 and "mmoe" in capsys.readouterr().out
+
+
+def test_synth_refuses_a_non_empty_output_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    args = ["mmoe", "--rows", "500", "--d", "4", "--output", str(out)]
+    assert synth_main(args) == 1
+    assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "user data"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing half-written left beside it
+    assert synth_main(args + ["--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"] and pq.read_table(out).num_rows == 500
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old directory left
+    assert synth_main(args + ["--overwrite"]) == 0  # rerunnable
+
+
+def test_synth_into_an_empty_directory_or_onto_a_file(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert synth_main(["mmoe", "--rows", "100", "--d", "4", "--output", str(empty)]) == 0
+    assert pq.read_table(empty).num_rows == 100
+    f = tmp_path / "file.parquet"
+    f.write_text("x")
+    assert synth_main(["mmoe", "--rows", "100", "--d", "4", "--output", str(f), "--overwrite"]) == 1
+    assert "not a directory" in capsys.readouterr().err and f.read_text() == "x"

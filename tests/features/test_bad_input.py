@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mmoe_rec.features.build import main as features_main
@@ -149,3 +150,89 @@ def test_existing_output_is_left_alone_on_error(feat, tmp_path):
     argv = ["--schema", str(schema), "--output", str(out), "--input", str(bad), "--overwrite"]
     assert features_main(argv) == 1
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("clash,names", [
+    ({"id_columns": ["city"]}, ("id column 'city'", "categorical feature 'city'")),
+    ({"numeric": [{"name": "amount"}, {"name": "amount_missing", "column": "city"}]},
+     ("missing indicator of numeric feature 'amount'", "numeric feature 'amount_missing'")),
+    ({"categorical": [{"name": "city"}, {"name": "label_income", "column": "city", "buckets": 8}]},
+     ("categorical feature 'label_income'", "label of task 'income'")),
+    ({"id_columns": ["sample_weight"], "sample_weight": "w"}, ("id column 'sample_weight'", "sample weight")),
+])
+def test_schema_output_name_collision_is_an_error_naming_both(feat, tmp_path, clash, names):
+    path = feat.write_schema(tmp_path / "s.yaml", dict(CENSUS_LIKE, **clash))
+    with pytest.raises(FeatureDataError) as e:
+        load_schema(path)
+    msg = str(e.value)
+    assert str(path) in msg and all(n in msg for n in names), msg
+
+
+def test_schema_without_indicator_may_use_the_indicator_name(feat, tmp_path):
+    schema = dict(CENSUS_LIKE, numeric=[{"name": "amount", "missing_indicator": False},
+                                        {"name": "amount_missing", "column": "amount", "transform": "log1p"}])
+    load_schema(feat.write_schema(tmp_path / "s.yaml", schema))
+
+
+@pytest.mark.parametrize("bad", ["inf", "-inf", "1e999", "parquet_inf"])
+def test_non_finite_number_names_file_column_and_row(feat, tmp_path, capsys, bad):
+    if bad == "parquet_inf":
+        t = feat.raw_table(50)
+        price = t["price"].to_numpy().copy()
+        price[23] = np.inf
+        raw = feat.write_parquet(tmp_path / "raw.parquet", t.set_column(t.schema.get_field_index("price"), "price",
+                                                                           pa.array(price)))
+        schema, where, shown = None, f"file {raw}, column 'price', row 23", "inf"
+    else:
+        rows = _good_rows()
+        rows[41] = f"c1,{bad},- 50000."
+        raw, schema = _csv(tmp_path, rows), CENSUS_LIKE
+        where, shown = f"file {raw}, column 'amount', row 41", repr(bad)
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"{where}: expected a finite number, found {shown}" in err, err
+    _assert_clean(tmp_path, out)
+
+
+def test_bad_value_in_multi_valued_column_names_its_row_and_plain_value(feat, tmp_path, capsys):
+    tags = pa.array([[1.0, 2.0], [], [3.0], [4.0, 5.0], None, [6.5], [7.0]], pa.list_(pa.float64()))
+    raw = feat.write_parquet(tmp_path / "raw.parquet", pa.table({"tags": tags, "y": [0, 1, 0, 1, 0, 1, 0]}))
+    schema = {"categorical": [{"name": "tags", "multi_valued": True}], "tasks": [{"name": "y"}]}
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
+    err = capsys.readouterr().err  # 6.5 is the 6th flat value, in row 5
+    assert rc == 1 and (f"file {raw}, column 'tags', row 5: expected a categorical value, "
+                        "found the non-integral number 6.5") in err, err
+    _assert_clean(tmp_path, out)
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_csv_row_with_wrong_field_count_names_the_row(feat, tmp_path, capsys, header):
+    rows = _good_rows(3000)
+    rows[2345] = "c1,7.5"  # a field short
+    raw = tmp_path / "raw.csv"
+    raw.write_text(("city,amount,income\n" if header else "") + "".join(r + "\n" for r in rows))
+    schema = CENSUS_LIKE if header else dict(CENSUS_LIKE, reader={"header": False,
+                                                                  "column_names": ["city", "amount", "income"]})
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}, row 2345: malformed CSV row: expected 3 fields, found 2 ('c1,7.5')" in err, err
+    assert "unreadable or truncated" not in err
+    _assert_clean(tmp_path, out)
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".tsv.gz", ".tsv.bz2", ".tsv.xz"])
+def test_compressed_tsv_is_read_tab_separated(feat, tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    text = "city\tamount\tincome\n" + "".join(r.replace(",", "\t") + "\n" for r in _good_rows())
+    raw = tmp_path / f"raw{suffix}"
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(raw.suffix, open)
+    with opener(raw, "wt") as f:
+        f.write(text)
+    csv = _csv(tmp_path, _good_rows())
+    schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
+    assert features_main(["--schema", str(schema), "--output", str(tmp_path / "tsv"), "--input", str(raw)]) == 0
+    assert features_main(["--schema", str(schema), "--output", str(tmp_path / "csv"), "--input", str(csv)]) == 0
+    assert pq.read_table(tmp_path / "tsv/train").equals(pq.read_table(tmp_path / "csv/train"))

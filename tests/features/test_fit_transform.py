@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -154,3 +155,27 @@ def test_split_column(feat, tmp_path):
     out, _ = _build(feat, tmp_path, str(feat.write_parquet(tmp_path / "raw/s.parquet", t)), extra=["--split-column", "split"])
     assert pq.read_table(out / "valid")["row_id"].to_pylist() == list(range(1, 90, 3))
     assert "split" not in pq.read_table(out / "valid").column_names
+
+
+def test_nan_in_float_categorical_is_missing_like_null():
+    """ids written as float64 with NaN for missing (pandas / Spark) get id 0, as the same column with nulls does."""
+    shop = [1.0, 2.0, np.nan, 2.0, np.nan, 7.0, 1.0, np.nan]
+    schema = parse_schema({"categorical": [{"name": "shop"}, {"name": "shop_h", "column": "shop", "buckets": 10},
+                                           {"name": "shops", "column": "many", "multi_valued": True}],
+                           "tasks": [{"name": "y"}]})
+    many = pa.array([[v, 3.0] for v in shop], pa.list_(pa.float64()))
+    with_nan = pa.table({"shop": pa.array(shop, from_pandas=False), "many": many, "y": [0, 1] * 4})
+    assert with_nan["shop"].null_count == 0  # NaN, not null
+    fitter = SpecFitter(schema)
+    fitter.update(with_nan)
+    spec = fitter.spec()
+    assert spec.transforms["features"]["shop"]["values"] == [1, 2, 7]  # no -2**63
+    assert spec.transforms["features"]["shops"]["values"] == [3, 1, 2, 7]
+    got = transform_table(spec, with_nan)
+    assert got["shop"].to_pylist() == [1, 2, 0, 2, 0, 3, 1, 0]
+    assert [h == 0 for h in got["shop_h"].to_pylist()] == [v != v for v in shop]
+    assert got["shops"].to_pylist()[2] == [0, 1]
+    # the reference: the same column read by pandas with None for missing (null in Arrow)
+    ref = transform_table(spec, pd.DataFrame({"shop": [None if v != v else v for v in shop], "many": many.to_pylist(),
+                                              "y": [0, 1] * 4}))
+    assert ref["shop"].to_pylist() == got["shop"].to_pylist() and ref["shop_h"].equals(got["shop_h"])
