@@ -8,6 +8,7 @@ import argparse
 import glob
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     run(cli + ["features", "--schema", str(ROOT / "configs/features/synthetic_rec.yaml"), "--input", train_file,
                "--output", str(features), "--valid-fraction", "0.1", "--test-fraction", "0.1", "--seed", "0",
                "--overwrite"], env, work)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # the demo's own: a rerun would add best-v1.ckpt beside the old
     run(cli + ["fit", "--config", str(ROOT / "configs/mmoe_synthetic.yaml"), "--data.data_dir", str(features),
                "--trainer.max_epochs", str(args.epochs), "--trainer.default_root_dir", str(work),
                "--checkpoint_dir", str(ckpt_dir)], env, work)
