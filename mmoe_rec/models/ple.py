@@ -67,7 +67,9 @@ class ExtractionLevel(nn.Module):
                             if not final and Ks else None)
         members = [[t * Kt + i for i in range(Kt)] + [T * Kt + j for j in range(Ks)] for t in range(T)]
         self.register_buffer("members", torch.tensor(members, dtype=torch.long).view(T, Kt + Ks), persistent=False)
-        self.task_groups = {"own": list(range(Kt)), SHARED: list(range(Kt, Kt + Ks))}
+        # a task gate's record spans the whole level (the other tasks' experts at weight 0): monitoring compares
+        # tasks expert by expert, and position j of two task gates is not the same expert
+        self.task_groups = {t: {"own": members[i][:Kt], SHARED: members[i][Kt:]} for i, t in enumerate(tasks)}
         self.shared_groups = {t: list(range(i * Kt, (i + 1) * Kt)) for i, t in enumerate(tasks)}
         self.shared_groups[SHARED] = list(range(T * Kt, T * Kt + Ks))
 
@@ -95,8 +97,12 @@ class ExtractionLevel(nn.Module):
         task_in = x if x.dim() == 2 else x[:, :T].transpose(0, 1)  # (B, D) or (T, B, D)
         w_task, p_task = self.task_gates(task_in)  # (B, T, Kt+Ks) float32
         B = w_task.shape[0]
-        combine = w_task.new_zeros(B, T, self.num_experts).scatter(2, self.members.expand(B, -1, -1), w_task)
-        records = {t: self.task_gates.record(w_task, p_task, i, self.task_groups) for i, t in enumerate(self.tasks)}
+        members = self.members.expand(B, -1, -1)  # (B, T, Kt+Ks)
+        combine = w_task.new_zeros(B, T, self.num_experts).scatter(2, members, w_task)  # (B, T, E)
+        with torch.no_grad():
+            probs = p_task.new_zeros(B, T, self.num_experts).scatter(2, members, p_task)  # (B, T, E)
+        records = {t: self.task_gates.record(combine.detach(), probs, i, self.task_groups[t])
+                   for i, t in enumerate(self.tasks)}
         if self.shared_gate is not None:
             w_sh, p_sh = self.shared_gate(x if x.dim() == 2 else x[:, T])  # (B, 1, E)
             combine = torch.cat([combine, w_sh], dim=1)  # (B, T+1, E)

@@ -55,12 +55,13 @@ class Window:
         self.labels = LabelStats.empty(tasks)
         self.jaccard: dict[tuple[str, str], torch.Tensor] = {}  # pair -> [sum, rows]
 
-    def update(self, routing: dict[str, Any], labels: dict[str, torch.Tensor]) -> None:
+    def update(self, routing: dict[str, Any], labels: dict[str, torch.Tensor],
+               weights: torch.Tensor | None = None) -> None:
         for name, record in routing.items():
             if name not in self.gates:
                 self.gates[name] = GateStats.empty(record.num_experts)
             self.gates[name].update(record)
-        self.labels.update(labels)
+        self.labels.update(labels, weights)
         per_task = task_gates(list(routing), self.tasks)
         masks = {t: chosen_mask(routing[g]) for t, g in per_task.items()}
         masks = {t: m.cpu() for t, m in masks.items() if m is not None}
@@ -134,26 +135,34 @@ class RoutingMonitor(L.Callback):
         self.every_n_steps = every_n_steps
         self.plots = plots
         self.history_steps: list[int] = []
-        self.history: dict[str, list[np.ndarray]] = {}  # gate -> per log point (E,) load (fraction or util)
-        self._window: Window | None = None
+        self.history: dict[str, list[np.ndarray]] = {}  # gate -> per log point (E,) load (share or util)
+        self._window: Window | None = None  # since the last log: runs on across epoch ends
         self._epoch: Window | None = None
+        self._last_logged_step: int | None = None
 
     def _fresh(self, pl_module) -> Window:
         return Window(list(pl_module.tasks))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._window = self._fresh(pl_module)
         self._epoch = self._fresh(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         out = getattr(pl_module, "last_output", None)
-        if out is None or self._window is None:
+        if out is None:
             return
-        self._window.update(out.routing, batch.labels)
-        self._epoch.update(out.routing, batch.labels)
-        if trainer.global_step % self.every_n_steps == 0:
+        # made here when missing: a fit resumed mid-epoch starts without on_train_epoch_start (its epoch's
+        # statistics then cover the batches after the resume)
+        if self._window is None:
+            self._window = self._fresh(pl_module)
+        if self._epoch is None:
+            self._epoch = self._fresh(pl_module)
+        self._window.update(out.routing, batch.labels, batch.weights)
+        self._epoch.update(out.routing, batch.labels, batch.weights)
+        step = trainer.global_step
+        # once per optimizer step: with gradient accumulation several batches end at the same global step
+        if step % self.every_n_steps == 0 and step != self._last_logged_step:
+            self._last_logged_step = step
             self._window.reduce()
-            step = trainer.global_step
             self._log(trainer, self._window.metrics("experts", "relatedness"), step)
             self.history_steps.append(step)
             for name, stats in self._window.gates.items():
@@ -187,7 +196,7 @@ class RoutingMonitor(L.Callback):
             figs["expert_load"] = plots.load_over_training(
                 self.history_steps,
                 {g: np.stack(v) for g, v in self.history.items() if len(v) == len(self.history_steps)},
-                ylabel="fraction of rows" if sparse else "mean gate weight",
+                ylabel="share of assignments" if sparse else "mean gate weight",
                 title=f"Per-expert load over training (every {self.every_n_steps} steps)")
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
         if grad_cosine is not None:

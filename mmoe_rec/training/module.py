@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
@@ -25,6 +26,7 @@ from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.training.losses import task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
+from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
 from mmoe_rec.training.weighting import FixedWeighting, make_weighting
 
 EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch's totals (see on_save_checkpoint)
@@ -137,6 +139,7 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_loss_sum: torch.Tensor | None = None  # (T,) on the model's device: no host sync per step
         self._epoch_batches = 0
         self._epoch_rows = 0
+        self._grad_similarity_step: int | None = None  # the last step the gradient probe ran at
         self._resumed_epoch: int | None = None  # epoch of the checkpoint a fit resumed from (on_load_checkpoint)
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -176,23 +179,42 @@ class MultiTaskModule(L.LightningModule):
         step_losses = torch.stack([losses[t].detach().float() for t in self.tasks])  # (T,)
         self._epoch_loss_sum = step_losses if self._epoch_loss_sum is None else self._epoch_loss_sum + step_losses
         self._epoch_batches += 1
-        if self.grad_similarity_every and self.global_step % self.grad_similarity_every == 0 and len(self.tasks) > 1:
-            self._log_grad_similarity(losses, bs)
+        step = self.global_step
+        if (self.grad_similarity_every and step % self.grad_similarity_every == 0 and len(self.tasks) > 1
+                and step != self._grad_similarity_step):  # once per optimizer step (gradient accumulation)
+            self._grad_similarity_step = step
+            self._log_grad_similarity(losses)
         return loss
 
-    def _log_grad_similarity(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+    def _log_grad_similarity(self, losses: dict[str, torch.Tensor]) -> None:
+        """Cosine of the tasks' loss gradients on the shared parameters, logged at this step on rank 0.
+
+        Under DDP each task's gradient is summed over the ranks first (one all-reduce of T x shared-parameter
+        floats every `grad_similarity_every` steps): the cosine of the global batch's gradients, not of rank 0's.
+        Under the sharded-embedding strategy the ranks hold different table shards, so there is no common vector
+        to sum; the probe is skipped there (with a warning)."""
+        trainer = self.trainer
+        distributed = trainer.world_size > 1
+        if distributed and isinstance(trainer.strategy, ShardedEmbeddingStrategy):
+            rank_zero_warn("grad_similarity_every is not supported under the sharded-embedding strategy; skipped")
+            self.grad_similarity_every = 0
+            return
         params = [p for p in self.model.shared_parameters() if p.requires_grad]
         if not params:
             return
-        grads = {}
+        per_task = []
         for t in self.tasks:
             gs = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-            grads[t] = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().double()
-                                  for g, p in zip(gs, params)])
-        names, mat = gradient_cosine(grads)
-        self.last_grad_cosine = (names, mat)
-        for key, value in pair_scalars("relatedness/grad_cos", names, mat).items():
-            self.log(key, value, on_step=True, on_epoch=False, batch_size=batch_size)
+            per_task.append(torch.cat([(g if g is not None else torch.zeros_like(p)).detach().flatten().double()
+                                       for g, p in zip(gs, params)]))
+        stacked = torch.stack(per_task)  # (T, P)
+        if distributed:
+            stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
+        names, mat = gradient_cosine({t: stacked[i] for i, t in enumerate(self.tasks)})
+        self.last_grad_cosine = (names, mat.cpu())
+        if trainer.logger is not None and trainer.is_global_zero:
+            # straight to the logger at this step: self.log would hold it until the next log_every_n_steps
+            trainer.logger.log_metrics(pair_scalars("relatedness/grad_cos", names, mat), step=self.global_step)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

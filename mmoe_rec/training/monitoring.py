@@ -6,11 +6,15 @@ turns them into metrics with `utilization_metrics` / `relatedness_metrics`.
 Definitions (E experts, T rows in the window, k chosen per row):
 - utilization[e]: mean over rows of the combine weight on expert e (what each task's gate actually uses).
 - fraction f[e] (sparse): share of assignments that went to e, counts / (k T); uniform routing gives 1/E.
+- sent[e] (sparse): fraction of rows sent to e, counts / T (sums to k over the experts).
 - importance CV^2: var / mean^2 (+eps) of per-expert summed combine weights (Shazeer et al. 2017).
 - load CV^2: the same on per-expert assignment counts. MaxVio = (max load - mean load) / mean load.
 - dead experts: experts with no assignment in the window.
-- entropy: mean over rows of -sum_e p log p of the router probabilities, also divided by log E (1 = uniform).
+- entropy: mean over rows of -sum_e p log p of the router probabilities, also divided by log E (1 = uniform),
+  E counting the experts the gate can weigh (a PLE task gate: its own and the shared ones).
 - dropped fraction: assignments dropped by capacity / all assignments.
+- router extras (router z, bias statistics): means over rows (each batch's value weighted by its rows).
+- label correlation: Pearson, sample-weighted (a row of weight 2 counts twice, as in the losses and metrics).
 - PLE share: per task gate, mean combine weight on each expert group ("own", "shared").
 - gate similarity between tasks: Jensen-Shannon divergence (base 2, in [0, 1]) and cosine of mean gate
   distributions; chosen-expert overlap: mean over rows of Jaccard(|S_a ∩ S_b| / |S_a ∪ S_b|).
@@ -113,11 +117,13 @@ class LabelStats:
         t = len(tasks)
         return cls(list(tasks), torch.zeros(t, dtype=torch.float64), torch.zeros(t, t, dtype=torch.float64))
 
-    def update(self, labels: dict[str, torch.Tensor]) -> None:
+    def update(self, labels: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> None:
         y = torch.stack([labels[t].detach().double().cpu() for t in self.tasks], dim=1)  # (B, T)
-        self.s1 += y.sum(0)
-        self.s2 += y.T @ y
-        self.count += y.shape[0]
+        w = torch.ones(y.shape[0], dtype=torch.float64) if weights is None else weights.detach().double().cpu()
+        wy = y * w[:, None]
+        self.s1 += wy.sum(0)
+        self.s2 += wy.T @ y
+        self.count += float(w.sum())
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.s1, self.s2, torch.tensor([self.count], dtype=torch.float64)]
@@ -136,8 +142,7 @@ class GateStats:
     entropy_sum: float = 0.0
     sparse: bool = False
     groups: dict[str, list[int]] | None = None
-    extra_sum: dict[str, float] = dataclasses.field(default_factory=dict)
-    steps: int = 0
+    extra_sum: dict[str, float] = dataclasses.field(default_factory=dict)  # value x rows, per extra
 
     @classmethod
     def empty(cls, num_experts: int) -> "GateStats":
@@ -159,22 +164,21 @@ class GateStats:
         if record.dropped is not None:
             self.dropped += float(record.dropped)
         self.groups = record.expert_groups
+        rows = combine.shape[0]
         for key, value in record.extra.items():
             v = value.detach().float()
-            self.extra_sum[key] = self.extra_sum.get(key, 0.0) + float(v.mean() if v.numel() > 1 else v)
-        self.steps += 1
+            self.extra_sum[key] = self.extra_sum.get(key, 0.0) + rows * float(v.mean() if v.numel() > 1 else v)
 
     # flat view for an all-reduce (sum) across ranks; order is fixed by the fields
     def tensors(self) -> list[torch.Tensor]:
-        scalars = [self.rows, self.assignments, self.dropped, self.entropy_sum, float(self.steps)]
+        scalars = [self.rows, self.assignments, self.dropped, self.entropy_sum]
         scalars += [self.extra_sum[k] for k in sorted(self.extra_sum)]
         return [self.combine_sum, self.probs_sum, self.counts, torch.tensor(scalars, dtype=torch.float64)]
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
         self.combine_sum, self.probs_sum, self.counts, s = tensors
-        self.rows, self.assignments, self.dropped, self.entropy_sum, steps = (float(v) for v in s[:5])
-        self.steps = int(steps)
-        for key, v in zip(sorted(self.extra_sum), s[5:]):
+        self.rows, self.assignments, self.dropped, self.entropy_sum = (float(v) for v in s[:4])
+        for key, v in zip(sorted(self.extra_sum), s[4:]):
             self.extra_sum[key] = float(v)
 
     @property
@@ -201,10 +205,13 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum))
     entropy = stats.entropy_sum / max(stats.rows, 1.0)
     out[f"{base}/entropy"] = entropy
-    out[f"{base}/entropy_norm"] = entropy / math.log(num_experts) if num_experts > 1 else 0.0
+    weighable = int((stats.probs_sum > 0).sum()) or num_experts  # a PLE task gate: its own + shared experts
+    out[f"{base}/entropy_norm"] = entropy / math.log(weighable) if weighable > 1 else 0.0
     if stats.sparse:
         for i, f in enumerate(stats.fraction.tolist()):
             out[f"{base}/fraction/e{i}"] = f
+        for i, f in enumerate((stats.counts / max(stats.rows, 1.0)).tolist()):
+            out[f"{base}/sent/e{i}"] = f
         out[f"{base}/load_cv2"] = float(cv_squared(stats.counts))
         out[f"{base}/max_vio"] = float(max_violation(stats.counts))
         out[f"{base}/dead"] = float((stats.counts == 0).sum())
@@ -213,7 +220,7 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
         for group, idx in stats.groups.items():
             out[f"{base}/share/{group}"] = float(util[list(idx)].sum())
     for key, total in stats.extra_sum.items():
-        out[f"{base}/{key}"] = total / max(stats.steps, 1)
+        out[f"{base}/{key}"] = total / max(stats.rows, 1.0)
     return out
 
 
@@ -239,8 +246,9 @@ def task_gates(gate_names: list[str], tasks: list[str]) -> dict[str, str]:
 def gate_similarity(mean_dists: dict[str, torch.Tensor]) -> dict[str, tuple[list[str], torch.Tensor]]:
     """task -> (E,) mean gate distribution  ->  {"gate_js": (names, matrix), "gate_cos": (names, matrix)}.
 
-    Only tasks whose gates span the same number of experts are compared (PLE task gates differ in size when
-    tasks own different numbers of experts; then similarity is over the shared experts only when sizes match).
+    Only tasks whose gates span the same experts are compared. PLE task gates are recorded over all experts of
+    their level (zero weight on the other tasks' own experts), so a task that uses only its own experts and one
+    that uses only its own are disjoint (JS 1, cosine 0).
     """
     sizes = {v.numel() for v in mean_dists.values()}
     if len(mean_dists) < 2 or len(sizes) != 1:

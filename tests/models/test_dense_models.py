@@ -73,7 +73,10 @@ def reference_ple(model: PLE, x: torch.Tensor) -> tuple[dict[str, torch.Tensor],
         for i, t in enumerate(TASKS):
             g = torch.softmax(task_in[t] @ level.task_gates.weight[i], dim=-1)  # over [own; shared]
             new_in[t] = mix(g, own[t] + shared)
-            gates[f"{li}/{t}"] = g
+            # recorded over every expert of the level, [all tasks' own; shared]: 0 on the other tasks' own
+            full = g.new_zeros(g.shape[0], len(TASKS) * Kt + Ks)
+            full[:, i * Kt:(i + 1) * Kt], full[:, len(TASKS) * Kt:] = g[:, :Kt], g[:, Kt:]
+            gates[f"{li}/{t}"] = full
         if li < len(model.levels) - 1 and Ks:
             g = torch.softmax(shared_in @ level.shared_gate.weight[0], dim=-1)  # over all experts of the level
             shared_in = mix(g, [o for t in TASKS for o in own[t]] + shared)
@@ -152,8 +155,10 @@ def test_every_model_returns_one_float32_logit_per_row_and_task_and_normalized_g
 def test_ple_task_gate_records_say_which_experts_are_own_and_which_shared():
     model = PLE(spec(), num_levels=2, num_task_experts=2, num_shared_experts=3)
     out = model(batch())
-    r = out.routing["1/convert"]
-    assert r.combine.shape == (B, 5) and r.expert_groups == {"own": [0, 1], "shared": [2, 3, 4]}
+    r = out.routing["1/convert"]  # over all 9 experts of the level: click's 0-1, convert's 2-3, stay's 4-5, shared
+    assert r.combine.shape == (B, 9) and r.expert_groups == {"own": [2, 3], "shared": [6, 7, 8]}
+    assert (r.combine[:, [0, 1, 4, 5]] == 0).all() and (r.probs[:, [0, 1, 4, 5]] == 0).all()
+    torch.testing.assert_close(r.combine[:, [2, 3, 6, 7, 8]].sum(1), torch.ones(B))
     shared = out.routing["0/shared"]
     assert shared.combine.shape == (B, 9)
     assert shared.expert_groups == {"click": [0, 1], "convert": [2, 3], "stay": [4, 5], "shared": [6, 7, 8]}

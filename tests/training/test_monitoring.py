@@ -135,3 +135,57 @@ def test_task_gates_picks_the_last_ple_level_numerically():
 
     names = ["0/a", "9/a", "10/a", "9/shared", "2/b", "11/b"]
     assert task_gates(names, ["a", "b"]) == {"a": "10/a", "b": "11/b"}
+
+
+def test_sparse_gate_reports_the_fraction_of_rows_sent_beside_the_share_of_assignments():
+    rec = sparse_record([[0, 1], [0, 2], [0, 1]], [[0.5, 0.5]] * 3, 4)  # every row sent to expert 0, k = 2
+    stats = GateStats.empty(4)
+    stats.update(rec)
+    m = utilization_metrics("click", stats)
+    assert m["experts/click/sent/e0"] == 1.0 and m["experts/click/fraction/e0"] == 0.5
+    assert sum(m[f"experts/click/sent/e{i}"] for i in range(4)) == pytest.approx(2.0)  # k
+
+
+def test_router_extras_are_means_over_rows_not_over_batches():
+    stats = GateStats.empty(4)
+    big = sparse_record([[0, 1]] * 9, [[0.5, 0.5]] * 9, 4)
+    small = sparse_record([[0, 1]], [[0.5, 0.5]], 4)
+    big.extra, small.extra = {"router_z": torch.tensor(1.0)}, {"router_z": torch.tensor(11.0)}
+    stats.update(big)
+    stats.update(small)
+    assert utilization_metrics("click", stats)["experts/click/router_z"] == pytest.approx((9 * 1 + 11) / 10)
+
+
+def test_label_correlation_counts_a_row_of_weight_two_twice():
+    rng = np.random.default_rng(1)
+    y = rng.random((60, 2)) < 0.5
+    w = rng.integers(1, 4, 60)
+    weighted = LabelStats.empty(["a", "b"])
+    weighted.update({"a": torch.tensor(y[:, 0]).float(), "b": torch.tensor(y[:, 1]).float()},
+                    torch.tensor(w, dtype=torch.float32))
+    repeated = LabelStats.empty(["a", "b"])
+    rep = np.repeat(y, w, axis=0)
+    repeated.update({"a": torch.tensor(rep[:, 0]).float(), "b": torch.tensor(rep[:, 1]).float()})
+    torch.testing.assert_close(label_correlation(weighted)[1], label_correlation(repeated)[1])
+
+
+def test_ple_task_gates_that_use_only_their_own_experts_are_disjoint():
+    from mmoe_rec.models.ple import PLE
+    from mmoe_rec.training.callbacks import Window
+
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("buy")]).finalize()
+    model = PLE(spec, num_levels=1, num_task_experts=1, num_shared_experts=1)
+    with torch.no_grad():  # each task's gate all on its own expert (position 0 of [own; shared])
+        model.levels[0].task_gates.weight.zero_()
+        model.levels[0].task_gates.weight[:, -1, 0] = 50.0  # the dense input column, large: softmax -> own
+    x = torch.cat([torch.zeros(8, model.front.output_dim - 1), torch.ones(8, 1)], dim=1)
+    out = model.forward_dense(x)
+    window = Window(["click", "buy"])
+    window.update(out.routing, {"click": torch.zeros(8), "buy": torch.ones(8)})
+    related = window.relatedness()
+    names, js = related["gate_js"]
+    assert float(js[0, 1]) == pytest.approx(1.0, abs=1e-6)  # disjoint: click's expert 0, buy's expert 1
+    assert float(related["gate_cos"][1][0, 1]) == pytest.approx(0.0, abs=1e-6)
+    m = utilization_metrics("0/click", window.gates["0/click"])
+    assert m["experts/0/click/share/own"] == pytest.approx(1.0, abs=1e-6)
+    assert m["experts/0/click/entropy_norm"] <= 1.0  # over its 2 weighable experts, not the level's 3

@@ -36,3 +36,73 @@ def test_relatedness_panels():
     assert "label correlation (Pearson)" in titles and "gate Jensen-Shannon divergence" in titles
     assert "0.30" in texts(fig)
     plots.close(fig)
+
+
+def _png_size(fig, path):
+    from PIL import Image
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # as tracking.log_png writes them
+    with Image.open(path) as im:
+        return im.size
+
+
+LONG_TASKS = ["click_through_rate_7d", "conversion_after_click_30d", "add_to_cart_probability",
+              "revenue_per_impression_usd", "long_dwell_time_over_60s"]
+
+
+def test_load_over_training_few_experts_lines_with_distinct_styles_and_shared_legend(recwarn, tmp_path):
+    steps = list(range(100, 4100, 100))
+    series = {"0/income": np.random.default_rng(0).dirichlet(np.ones(12), size=len(steps)),
+              "0/shared": np.random.default_rng(1).dirichlet(np.ones(6), size=len(steps))}  # uneven, PLE-like
+    fig = plots.load_over_training(steps, series, ylabel="mean gate weight")
+    assert len(fig.axes) == 2  # no colour bars: lines
+    lines = fig.axes[0].lines[:12]
+    assert len({(str(ln.get_color()), ln.get_linestyle()) for ln in lines}) == 12  # no two experts look alike
+    assert len(fig.axes[1].lines) == 6 + 1
+    (legend,) = fig.legends  # one legend for all panels, outside them
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == [f"e{e}" for e in range(12)] + ["uniform 1/E"]
+    w, h = _png_size(fig, tmp_path / "few.png")
+    assert w <= 1300 and h <= 1000
+    plots.close(fig)
+    assert not [w for w in recwarn.list if "layout" in str(w.message).lower()]
+
+
+def test_load_over_training_many_experts_heatmaps_readable_and_bounded(recwarn, tmp_path):
+    steps = list(range(100, 4100, 100))
+    rng = np.random.default_rng(0)
+    series = {t: rng.dirichlet(np.ones(64), size=len(steps)) for t in LONG_TASKS}
+    fig = plots.load_over_training(steps, series, ylabel="fraction of rows")
+    heat = [ax for ax in fig.axes if ax.images and ax.get_ylabel() == "expert"]
+    assert len(heat) == 5 and len(fig.axes) == 10  # one heatmap and one colour bar per gate
+    assert heat[0].images[0].get_array().shape == (64, len(steps))  # experts on y, steps on x
+    assert heat[-1].get_xlabel() == "training step"
+    assert all(t in ax.get_title() for t, ax in zip(LONG_TASKS, heat)) and "1/E" in heat[0].get_title()
+    cbars = [ax for ax in fig.axes if ax not in heat]
+    assert all(ax.get_ylabel() == "fraction of rows" for ax in cbars)
+    assert any("1/E" in t.get_text() for t in cbars[0].get_yticklabels())
+    assert len(heat[0].get_yticklabels()) <= 20  # thinned expert ticks
+    w, h = _png_size(fig, tmp_path / "many.png")
+    assert w <= 1600 and h <= 2700
+    plots.close(fig)
+    fig = plots.load_over_training(steps, {"a": rng.dirichlet(np.ones(256), size=len(steps))}, ylabel="x")
+    w, h = _png_size(fig, tmp_path / "huge.png")
+    assert w <= 1600 and h <= 600
+    plots.close(fig)
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+
+
+def test_wide_and_long_named_plots_stay_bounded_without_warnings(recwarn, tmp_path):
+    rng = np.random.default_rng(0)
+    fig = plots.utilization_heatmap({t: rng.dirichlet(np.ones(64)) for t in LONG_TASKS})
+    assert not fig.axes[0].texts  # 320 cells too narrow to print numbers in
+    assert len(fig.axes[0].get_xticklabels()) <= 40
+    w, h = _png_size(fig, tmp_path / "util.png")
+    assert w <= 1600 and h <= 600
+    plots.close(fig)
+    mats = {k: (LONG_TASKS, np.eye(5)) for k in ["label_corr", "gate_cos", "gate_js", "expert_jaccard", "grad_cos"]}
+    fig = plots.relatedness_matrices(mats)
+    assert "1.00" in texts(fig)
+    w, h = _png_size(fig, tmp_path / "rel.png")
+    assert w <= 1600 and h <= 2700
+    plots.close(fig)
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]

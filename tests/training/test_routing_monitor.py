@@ -1,0 +1,117 @@
+"""RoutingMonitor and the gradient probe inside real Lightning runs: which steps log, what a window holds, after a
+mid-epoch resume, with gradient accumulation; PLE relatedness over the level's experts."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.logger import Logger
+
+from conftest import MMOE
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.training.callbacks import RoutingMonitor
+from mmoe_rec.training.module import MultiTaskModule
+
+FAST = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0)
+UTIL = "experts/click/util/e0"
+
+
+class Capture(Logger):
+    """Every log_metrics call, in order: [(step, metrics)]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def steps_with(self, key: str) -> list[int]:
+        return [s for s, m in self.calls if key in m]
+
+
+class WindowSizes(RoutingMonitor):
+    """Records how many rows each logged step window held."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.rows: list[tuple[int, float]] = []
+
+    def _log(self, trainer, metrics, step) -> None:
+        if UTIL in metrics:
+            self.rows.append((step, self._window.gates["click"].rows))
+        super()._log(trainer, metrics, step)
+
+
+def fit(feature_dir, tmp, monitor, max_epochs=2, batch_size=96, ckpt_path=None, callbacks=(), max_steps=-1,
+        **module_kw):
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=batch_size, seed=3, shuffle_buffer=256)
+    module_kw.setdefault("optimizer", {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}})
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec, **module_kw)
+    logger = Capture()
+    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=logger, default_root_dir=tmp,
+                        callbacks=[monitor, *callbacks], **FAST)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer, logger
+
+
+def test_step_windows_run_across_epoch_ends(feature_dir, tmp_path):
+    # 2000 rows in batches of 96: 21 batches an epoch, the last of 80 rows; global steps 1-42. Windows of 5
+    # steps: the one logged at step 25 holds steps 21-25, across the epoch end (the last batch of epoch 1, then
+    # four of epoch 2); it used to be dropped at the epoch start
+    monitor = WindowSizes(every_n_steps=5, plots=False)
+    _, logger = fit(feature_dir, tmp_path, monitor)
+    assert logger.steps_with(UTIL) == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert dict(monitor.rows)[25] == 80 + 4 * 96  # nothing dropped at the epoch boundary
+    assert all(rows == 5 * 96 for step, rows in monitor.rows if step != 25)
+
+
+def test_with_gradient_accumulation_each_step_logs_once(feature_dir, tmp_path):
+    monitor = RoutingMonitor(every_n_steps=2, plots=False)
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec, grad_similarity_every=2)
+    logger = Capture()
+    trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=4, logger=logger, callbacks=[monitor],
+                        default_root_dir=tmp_path, **FAST)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 5  # 20 batches, 4 per optimizer step
+    steps = logger.steps_with(UTIL)
+    assert steps == sorted(set(steps)) == [0, 2, 4]
+    grad_steps = logger.steps_with("relatedness/grad_cos/click.vs.convert")
+    assert grad_steps == [0, 2, 4]
+
+
+def test_gradient_cosine_is_logged_at_the_step_it_was_sampled(feature_dir, tmp_path):
+    # through self.log it waited for the next log_every_n_steps (4) and repeated old values
+    _, logger = fit(feature_dir, tmp_path, RoutingMonitor(every_n_steps=50, plots=False), max_epochs=1,
+                    grad_similarity_every=6)
+    key = "relatedness/grad_cos/click.vs.convert"
+    assert logger.steps_with(key) == [0, 6, 12, 18]
+    values = [m[key] for _, m in logger.calls if key in m]
+    assert len(set(values)) == 4 and all(-1 <= v <= 1 for v in values)
+
+
+def test_a_fit_resumed_mid_epoch_keeps_logging(feature_dir, tmp_path):
+    _, straight = fit(feature_dir, tmp_path / "a", RoutingMonitor(every_n_steps=5, plots=False))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=15, save_top_k=-1)
+    fit(feature_dir, tmp_path / "b", RoutingMonitor(every_n_steps=5, plots=False), callbacks=[ckpt], max_steps=15)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    _, resumed = fit(feature_dir, tmp_path / "c", RoutingMonitor(every_n_steps=5, plots=False), ckpt_path=str(path))
+    assert resumed.steps_with(UTIL) == [s for s in straight.steps_with(UTIL) if s > 15]
+    epoch_key = "experts/epoch/click/util/e0"
+    assert resumed.steps_with(epoch_key) == straight.steps_with(epoch_key) == [21, 42]
