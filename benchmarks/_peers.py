@@ -74,9 +74,11 @@ def read_arrays(feature_dir: Path, split: str = "train", rows: int | None = None
 
 # --- DeepCTR-Torch -----------------------------------------------------------------------------------------
 
-def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024) -> torch.nn.Module:
+def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024, fused_adam: bool = False) -> torch.nn.Module:
     """``seed``: MMOE's own argument (default 1024). Its constructor calls ``torch.manual_seed(seed)``, which fixes
-    the initial weights AND resets torch's global generator that fit()'s shuffling draws from."""
+    the initial weights AND resets torch's global generator that fit()'s shuffling draws from. ``fused_adam``:
+    compile with ``torch.optim.Adam(lr=1e-3, fused=True)`` (what mmoe-rec uses) instead of its "adam" (the same
+    Adam, lr 1e-3, one small kernel per tensor)."""
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import MMOE
 
@@ -94,7 +96,8 @@ def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024) -> torch.nn.Module
         seed=seed,
         device="cpu",
     )
-    model.compile("adam", loss=["binary_crossentropy"] * len(data.tasks))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if fused_adam else "adam"
+    model.compile(optimizer, loss=["binary_crossentropy"] * len(data.tasks))
     return model
 
 
@@ -151,18 +154,19 @@ def rechub_loader(data: Arrays, arch: Arch, rows: slice = slice(None)) -> torch.
     return train
 
 
-def rechub_trainer(model: torch.nn.Module, data: Arrays, workdir: str):
+def rechub_trainer(model: torch.nn.Module, data: Arrays, workdir: str, fused_adam: bool = False):
     from torch_rechub.trainers import MTLTrainer
 
-    # run_census.py's settings: Adam lr 1e-3, weight decay 1e-4
+    # run_census.py's settings: Adam lr 1e-3, weight decay 1e-4 (fused_adam: the same, fused, as mmoe-rec's)
+    params = {"lr": 1e-3, "weight_decay": 1e-4, **({"fused": True} if fused_adam else {})}
     return MTLTrainer(
-        model, task_types=["classification"] * len(data.tasks), optimizer_params={"lr": 1e-3, "weight_decay": 1e-4},
+        model, task_types=["classification"] * len(data.tasks), optimizer_params=params,
         n_epoch=1, device="cpu", model_path=workdir,
     )
 
 
-def rechub_train_epoch(trainer, loader: torch.utils.data.DataLoader) -> float:
-    """Seconds for ``MTLTrainer.train_one_epoch`` over one loader epoch."""
+def rechub_train_epoch(trainer, loader) -> float:
+    """Seconds for ``MTLTrainer.train_one_epoch`` over one loader epoch (or a list of batches made in advance)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # tqdm, loss print
         t0 = time.perf_counter()
         trainer.train_one_epoch(loader)

@@ -302,6 +302,7 @@ class Contender:
     # the plain-matmul reference (FLOP/s), measured right before and right after each epoch when set
     paired_reference: Callable[[], float] | None = None
     paired: list[tuple[float, float, float]] = dataclasses.field(default_factory=list)  # (rows/s, before, after)
+    seconds: list[float] = dataclasses.field(default_factory=list)  # every timed epoch, round by round
 
     def row(self) -> Row:
         return Row(self.arch, self.library, self.path, self.rows / self.best, self.best, self.rows, self.others)
@@ -317,6 +318,7 @@ def interleaved_epochs(contenders: list[Contender], epochs: int, between: Callab
             before = c.paired_reference() if c.paired_reference else None
             with OtherLoad() as load:
                 sec = c.epoch()
+            c.seconds.append(sec)
             if sec < c.best:
                 c.best, c.others = sec, load.share
             paired = ""
@@ -330,19 +332,27 @@ def interleaved_epochs(contenders: list[Contender], epochs: int, between: Callab
             between()
 
 
-def deepctr_contender(arch: Arch, data: Arrays, warm_rows: int) -> Contender:
+def deepctr_contender(arch: Arch, data: Arrays, warm_rows: int, fused_adam: bool = False) -> Contender:
     torch.manual_seed(0)
-    model = deepctr_model(data, arch)
+    model = deepctr_model(data, arch, fused_adam=fused_adam)
     deepctr_fit(model, data, arch, slice(0, warm_rows))
     return Contender(arch.name, "DeepCTR-Torch", "MMOE.fit", data.num_rows, lambda: deepctr_fit(model, data, arch))
 
 
-def rechub_contender(arch: Arch, data: Arrays, warm_rows: int, workdir: Path) -> Contender:
+def rechub_contender(arch: Arch, data: Arrays, warm_rows: int, workdir: Path, fused_adam: bool = False,
+                     steps_only: bool = False) -> Contender:
+    """steps_only: the epoch's batches are collated once in advance and train_one_epoch runs over that list, so
+    the row measures torch-rechub's training steps without its DataGenerator loader (which reads one row at a
+    time: its 'data' row)."""
     torch.manual_seed(0)
     model = rechub_model(data, arch)
-    trainer = rechub_trainer(model, data, str(workdir))
+    trainer = rechub_trainer(model, data, str(workdir), fused_adam=fused_adam)
     rechub_train_epoch(trainer, rechub_loader(data, arch, slice(0, warm_rows)))
     loader = rechub_loader(data, arch)
+    if steps_only:
+        batches = list(loader)  # one shuffled epoch, replayed
+        return Contender(arch.name, "torch-rechub", "train_one_epoch, batches collated in advance", data.num_rows,
+                         lambda: rechub_train_epoch(trainer, batches))
     return Contender(arch.name, "torch-rechub", "MTLTrainer.train_one_epoch", data.num_rows,
                      lambda: rechub_train_epoch(trainer, loader))
 
@@ -412,13 +422,19 @@ def ours_lightning_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows
                      lambda: lightning_fit(module, ours_datamodule(data_dir, arch)))
 
 
-def ours_plain_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int) -> Contender:
+def ours_plain_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int, warm_batches: int,
+                         steps_only: bool = False) -> Contender:
+    """steps_only: over the epoch's batches collated once in advance (the step without the loader)."""
     torch.manual_seed(0)
     module = ours_module(spec, arch)
     model = module.model
     opt = module.configure_optimizers()  # what Trainer.fit gets (fused Adam): the rows differ by Lightning only
     dm = ours_datamodule(data_dir, arch)
     plain_epoch(model, opt, dm.train_dataloader(), spec, warm_batches)
+    if steps_only:
+        batches = list(dm.train_dataloader())
+        return Contender(arch.name, "mmoe-rec", "plain torch loop, batches collated in advance", rows,
+                         lambda: plain_epoch(model, opt, batches, spec))
     return Contender(arch.name, "mmoe-rec", "plain torch loop over FeatureDataModule", rows,
                      lambda: plain_epoch(model, opt, dm.train_dataloader(), spec))
 
@@ -434,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libs", default="mmoe-rec,deepctr,rechub")
     p.add_argument("--models", default="small,large")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (mmoe_rec/malloc.py)")
+    p.add_argument("--peers-fused-adam", action="store_true",
+                   help="the peers' Adam fused too (mmoe-rec's default); otherwise their own default Adam")
+    p.add_argument("--no-steps-only", action="store_true",
+                   help="skip the rows over batches collated in advance (training steps without the loaders)")
     args = p.parse_args(argv)
     malloc_tuned = False if args.default_malloc else tune_malloc()
 
@@ -462,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{min(data.vocab.values())}..{max(data.vocab.values())}) + {n_dense} dense | tasks {spec.task_names}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"warm-up {args.warmup_batches} batches, then the fastest of {args.epochs} interleaved full epochs; "
-          f"malloc tuned: {malloc_tuned}")
+          f"malloc tuned: {malloc_tuned}; mmoe-rec's Adam fused, the peers' "
+          f"{'fused too (--peers-fused-adam)' if args.peers_fused_adam else 'their default (unfused)'}")
     rows: list[Row] = []
     mm: dict[str, float] = {}
     mm_others: list[float] = []
@@ -483,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         measure_matmul()
     seen_batch_sizes: set[int] = set()
     large_contenders: list[Contender] = []
+    by_arch: dict[str, dict[str, Contender]] = {}
     paired_key = ""  # the reference's fastest way at the first measurement, re-timed around our large epochs
     for arch in archs:
         warm_rows = min(data.num_rows, args.warmup_batches * arch.batch_size)
@@ -511,13 +533,20 @@ def main(argv: list[str] | None = None) -> int:
                     return rate
                 contenders[-1].paired_reference = retime_paired
             contenders.append(ours_plain_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches))
+            if not args.no_steps_only:
+                contenders.append(ours_plain_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches,
+                                                       steps_only=True))
         if "deepctr" in libs:
-            contenders.append(deepctr_contender(arch, data, warm_rows))
+            contenders.append(deepctr_contender(arch, data, warm_rows, args.peers_fused_adam))
         if "rechub" in libs:
-            contenders.append(rechub_contender(arch, data, warm_rows, args.workdir))
+            contenders.append(rechub_contender(arch, data, warm_rows, args.workdir, args.peers_fused_adam))
+            if not args.no_steps_only:
+                contenders.append(rechub_contender(arch, data, warm_rows, args.workdir, args.peers_fused_adam,
+                                                   steps_only=True))
         interleaved_epochs(contenders, args.epochs, measure_matmul if arch is LARGE else None)
         if arch is LARGE:
             large_contenders = contenders
+        by_arch[arch.name] = {contender_key(c): c for c in contenders}
         rows += [c.row() for c in contenders]
 
     _print_table(rows)
@@ -525,17 +554,24 @@ def main(argv: list[str] | None = None) -> int:
     for arch in archs:
         input_dim = n_sparse * arch.embedding_dim + n_dense
         flops = train_flops_per_row(arch, input_dim, n_tasks)
-        by = {r.library + ("/plain" if r.path.startswith("plain") else ""): r for r in rows if r.arch == arch.name}
+        by = {contender_key(r): r for r in rows if r.arch == arch.name}
+        timed = by_arch.get(arch.name, {})
         print(f"{arch.name}: embedding dim {arch.embedding_dim} -> input {input_dim}, {arch.num_experts} experts of "
               f"{'-'.join(map(str, arch.expert_hidden))}, towers of {'-'.join(map(str, arch.tower_hidden))}, "
               f"batch {arch.batch_size}; {flops / 1e6:.3f} MFLOP per training row (3 x forward matmul FLOPs)")
         ours, rechub, deepctr = by.get("mmoe-rec"), by.get("torch-rechub"), by.get("DeepCTR-Torch")
         if ours and rechub:
             tgt = "  (target >= 5x)" if arch is SMALL else ""
-            print(f"  mmoe-rec (Lightning) / torch-rechub  = {ratio(ours.rows_per_s, rechub.rows_per_s)}{tgt}")
+            print(f"  mmoe-rec (Lightning) / torch-rechub  = {ratio(ours.rows_per_s, rechub.rows_per_s)}{tgt}; "
+                  f"{round_ratios(timed, 'mmoe-rec', 'torch-rechub')}")
+        if "mmoe-rec/steps" in by and "torch-rechub/steps" in by:
+            print(f"  training steps only (batches collated in advance): mmoe-rec / torch-rechub = "
+                  f"{ratio(by['mmoe-rec/steps'].rows_per_s, by['torch-rechub/steps'].rows_per_s)}; "
+                  f"{round_ratios(timed, 'mmoe-rec/steps', 'torch-rechub/steps')}")
         if ours and deepctr:
             tgt = "  (target >= 1.4x)" if arch is LARGE else ""
-            print(f"  mmoe-rec (Lightning) / DeepCTR-Torch = {ratio(ours.rows_per_s, deepctr.rows_per_s)}{tgt}")
+            print(f"  mmoe-rec (Lightning) / DeepCTR-Torch = {ratio(ours.rows_per_s, deepctr.rows_per_s)}{tgt}; "
+                  f"{round_ratios(timed, 'mmoe-rec', 'DeepCTR-Torch')}")
         if "mmoe-rec/plain" in by and ours:
             print(f"  Lightning overhead: plain loop {by['mmoe-rec/plain'].rows_per_s:,.0f} rows/s vs Trainer.fit "
                   f"{ours.rows_per_s:,.0f} rows/s ({(by['mmoe-rec/plain'].rows_per_s / ours.rows_per_s - 1) * 100:+.0f} %)")
@@ -572,6 +608,23 @@ def main(argv: list[str] | None = None) -> int:
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "-"
+
+
+def contender_key(c) -> str:
+    """library, library/plain (bare torch loop) or library/steps (over batches collated in advance)."""
+    if "collated in advance" in c.path:
+        return f"{c.library}/steps"
+    return c.library + ("/plain" if c.path.startswith("plain") else "")
+
+
+def round_ratios(timed: dict[str, Contender], a: str, b: str) -> str:
+    """The same ratio round by round (the two epochs of a round ran minutes apart at most): its median does not
+    pair one contender's luckiest epoch with the other's, which the fastest-of-N ratio can on a busy machine."""
+    if a not in timed or b not in timed:
+        return ""
+    per_round = [sb / sa for sa, sb in zip(timed[a].seconds, timed[b].seconds)]
+    return (f"round by round {', '.join(f'{r:.2f}x' for r in per_round)} "
+            f"(median {statistics.median(per_round):.2f}x)")
 
 
 def _print_table(rows: list[Row]) -> None:

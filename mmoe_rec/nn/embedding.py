@@ -159,9 +159,11 @@ class EmbeddingFront(nn.Module):
     def _check_ids(self, values: torch.Tensor) -> None:
         """(F, B) ids of single-valued features: each within its own table. In the fused table an id past its
         feature's table would silently read the next feature's rows (the per-table layout raises)."""
-        bad = (values.amax(1) >= self._table_sizes) | (values.amin(1) < 0)  # (F,); ~20 us for census' (44, 1024)
-        if not bool(bad.any()):
+        # one fused pass and one host sync (~0.07 ms a step for census' (44, 1024) in a training loop; the
+        # reductions per feature cost twice that); which feature and row only once something is out of range
+        if bool(((values >= 0) & (values < self._table_sizes[:, None])).all()):
             return
+        bad = (values.amax(1) >= self._table_sizes) | (values.amin(1) < 0)  # (F,)
         f = int(bad.nonzero()[0])
         size = int(self._table_sizes[f])
         row = int(((values[f] < 0) | (values[f] >= size)).nonzero()[0])
