@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mmoe_rec.output_dir import output_dir_problem, replace_dir
+
 # ---------------------------------------------------------------------------------------------- MMoE paper
 
 
@@ -187,11 +189,9 @@ class RecSynthetic:
 
 def check_output(output: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse an output that is a file, or a non-empty directory unless `overwrite`: never delete data unasked."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"output {output} exists and is not a directory")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {output} exists and is not empty (use --overwrite to replace it)")
+    problem = output_dir_problem(Path(output), overwrite)
+    if problem:
+        raise FileExistsError(f"{problem}: {output}")
 
 
 def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_per_file: int = 1_048_576,
@@ -216,13 +216,7 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
             file_rows += t.num_rows
         if writer is not None:
             writer.close()
-        if output.exists():  # move the old one aside first, so that a failure leaves one of them whole
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

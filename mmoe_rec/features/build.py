@@ -49,6 +49,7 @@ from mmoe_rec.features.schema import Schema, load_schema
 from mmoe_rec.features.sources import iter_batches, resolve_inputs
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
+from mmoe_rec.output_dir import output_dir_problem, replace_dir
 
 SPLITS = ("train", "valid", "test")
 DICTIONARY_MAX_IDS = 1 << 14  # sparse outputs with at most this many ids are Parquet dictionary-encoded
@@ -343,13 +344,12 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
           rows_per_file: int = 1_048_576, overwrite: bool = False, log=None) -> FeatureSpec:
     """Fit on the train rows of `sources` (pass 1), transform every row into its split (pass 2)."""
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise FeatureDataError("output exists and is not a directory", file=str(output))
+    problem = output_dir_problem(output, overwrite)
+    if problem:
+        raise FeatureDataError(problem, file=str(output))
     if row_group_rows < 1 or rows_per_file < 1 or batch_rows < 1:
         raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
                                f"{rows_per_file} must be positive")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise FeatureDataError("output directory exists and is not empty (use --overwrite)", file=str(output))
     if split_column and any(s.rule == "column" for s in sources):
         extra = [split_column]
     else:
@@ -413,13 +413,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
             "seconds": {"fit": round(t_fit, 3), "total": round(elapsed, 3)},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, output)
+        replace_dir(tmp, output)
         if log:
             rows = ", ".join(f"{s} {writers[s].rows}" for s in SPLITS)
             log(f"wrote {output} ({rows} rows) in {elapsed:.1f}s ({total / elapsed:,.0f} rows/s incl. fit)")
