@@ -222,12 +222,13 @@ class SparseMMoE(MultiTaskModel):
     def _fallback(self, x, h, dropped_mass, shared_mean):
         """Give each row's dropped combine mass to the shared experts' mean, or to the fallback expert."""
         if shared_mean is not None:
-            return h + dropped_mass.unsqueeze(1).to(h.dtype) * shared_mean
+            return h + (dropped_mass.unsqueeze(1) * shared_mean).to(h.dtype)
         idx = (dropped_mass > 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             return h
         fb = self.fallback.forward_all(x.index_select(0, idx))[0]  # (n, D) only the affected rows
-        return h.index_add(0, idx, dropped_mass.index_select(0, idx).unsqueeze(1).to(h.dtype) * fb)
+        # cast after the product: under autocast a layer-norm fallback comes back in float32 while h may be bf16
+        return h.index_add(0, idx, (dropped_mass.index_select(0, idx).unsqueeze(1) * fb).to(h.dtype))
 
     def _record(self, task: str, r: Routing, experts, rows, weights, n_dropped: int, T: int) -> GateRecord:
         with torch.no_grad():

@@ -177,7 +177,9 @@ class MultiTaskModule(L.LightningModule):
                 for t, w in self.weighting.weights().items():
                     self.log(f"train/{t}/weight", w, batch_size=bs)
         step_losses = torch.stack([losses[t].detach().float() for t in self.tasks])  # (T,)
-        self._epoch_loss_sum = step_losses if self._epoch_loss_sum is None else self._epoch_loss_sum + step_losses
+        # (.to: totals restored from a checkpoint arrive on the CPU, before Lightning moves the module to its device)
+        self._epoch_loss_sum = (step_losses if self._epoch_loss_sum is None
+                                else self._epoch_loss_sum.to(step_losses.device) + step_losses)
         self._epoch_batches += 1
         step = self.global_step
         if (self.grad_similarity_every and step % self.grad_similarity_every == 0 and len(self.tasks) > 1
@@ -240,8 +242,8 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
                  sync_dist=True, batch_size=1)
         # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
-        loss_sum = self._epoch_loss_sum if self._epoch_loss_sum is not None else torch.zeros(len(self.tasks),
-                                                                                              device=self.device)
+        loss_sum = (self._epoch_loss_sum.to(self.device) if self._epoch_loss_sum is not None
+                    else torch.zeros(len(self.tasks), device=self.device))
         totals = torch.cat([loss_sum, loss_sum.new_tensor([self._epoch_batches])])  # (T + 1,)
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()  # same on all ranks
         if totals[-1] > 0:
@@ -256,8 +258,8 @@ class MultiTaskModule(L.LightningModule):
         # over ranks: every rank reaches this save (Lightning saves on all ranks and writes on rank 0), and a
         # resume mid-epoch gives them to rank 0, so that the sums over ranks at the epoch's end come out as in a
         # run that went straight through.
-        loss_sum = self._epoch_loss_sum if self._epoch_loss_sum is not None else torch.zeros(len(self.tasks),
-                                                                                              device=self.device)
+        loss_sum = (self._epoch_loss_sum.to(self.device) if self._epoch_loss_sum is not None
+                    else torch.zeros(len(self.tasks), device=self.device))
         totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([self._epoch_batches, self._epoch_rows],
                                                                    dtype=torch.float64)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
@@ -269,7 +271,8 @@ class MultiTaskModule(L.LightningModule):
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return
         first = self.trainer.global_rank == 0
-        self._epoch_loss_sum = totals["loss_sum"].to(self.device) if first else None
+        # left on the CPU: Lightning calls this before it moves the module to its device (used with .to(...))
+        self._epoch_loss_sum = totals["loss_sum"] if first else None
         self._epoch_batches = totals["batches"] if first else 0
         self._epoch_rows = totals["rows"] if first else 0
         self._resumed_epoch = totals["epoch"]

@@ -115,9 +115,11 @@ def _is_sharded(value: Any) -> bool:
 
 def gather_full(value: Any, rank: int) -> torch.Tensor | None:
     """A ShardedTensor as one full tensor on rank 0 (None elsewhere); collective: every rank must call it."""
-    full = torch.empty(value.size(), dtype=value.dtype) if rank == 0 else None
+    # on the collective's device (CUDA under NCCL, whose gather refuses CPU outputs), then to the CPU
+    device = value._get_preferred_device()
+    full = torch.empty(value.size(), dtype=value.dtype, device=device) if rank == 0 else None
     value.gather(dst=0, out=full)
-    return full
+    return None if full is None else full.cpu()
 
 
 def _window(offsets: Any, sizes: Any) -> tuple[slice, ...]:

@@ -76,7 +76,8 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("current", torch.ones(len(self.tasks)))  # (T,)
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.static[t] * float(self.current[i]) * losses[t] for i, t in enumerate(self.tasks))
+        # current is a device buffer: indexing it keeps the step free of host syncs (float() would sync on GPU)
+        return sum(self.static[t] * self.current[i] * losses[t] for i, t in enumerate(self.tasks))
 
     def weights(self) -> dict[str, float]:
         return {t: self.static[t] * float(self.current[i]) for i, t in enumerate(self.tasks)}

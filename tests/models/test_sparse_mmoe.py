@@ -242,7 +242,11 @@ def test_expert_choice_with_capacity_factor_drops_nothing_at_eval():
 
 
 @pytest.mark.parametrize("kw", [dict(router="noisy_topk", k=2), dict(router="switch", k=1, capacity_factor=1.0),
-                                dict(router="expert_choice", k=2), dict(router="noisy_topk", k=2, num_shared_experts=1)])
+                                dict(router="expert_choice", k=2), dict(router="noisy_topk", k=2, num_shared_experts=1),
+                                # drops into the dedicated fallback expert, whose layer norm autocast runs in float32
+                                dict(router="noisy_topk", k=2, capacity_factor=0.5, norm="layer", noise=False),
+                                dict(router="noisy_topk", k=2, capacity_factor=0.5, norm="layer", noise=False,
+                                     num_shared_experts=1)])
 def test_trains_under_bf16_autocast_with_float32_routing_and_parameter_gradients(kw):
     torch.manual_seed(0)
     model = SparseMMoE(spec(), num_experts=4, expert_hidden=[16, 16], **kw).train()
