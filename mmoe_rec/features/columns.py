@@ -96,6 +96,8 @@ def multi_valued_column(arr, column: str, delimiter: str | None) -> tuple[pa.Arr
     """(flat values, offsets (n+1,) int64); a null list or null string is an empty list."""
     arr = one_chunk(arr)
     t = arr.type
+    if pa.types.is_null(t):  # every row null (pandas / Arrow type an all-None column so): every list empty
+        return pa.array([], pa.int64()), np.zeros(len(arr) + 1, dtype=np.int64)
     if (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None:
         arr = pc.split_pattern(pc.cast(arr, pa.string()), delimiter)
         t = arr.type

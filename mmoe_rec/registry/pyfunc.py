@@ -16,5 +16,8 @@ class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
         self.scorer = Scorer(load_package(context.artifacts["package"]))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        table = pa.Table.from_pandas(pd.DataFrame(model_input), preserve_index=False)
-        return self.scorer.score_table(table, source="pyfunc input").to_pandas()
+        frame = pd.DataFrame(model_input)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        out = self.scorer.score_table(table, source="pyfunc input").to_pandas()
+        out.index = frame.index  # row for row: scores assigned back onto a filtered or re-indexed frame align
+        return out

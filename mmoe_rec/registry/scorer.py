@@ -29,10 +29,11 @@ class Scorer:
         so that a bad value is reported at its row in that file, not at its row in this batch.
         """
         features = transform_table(self.spec, table, with_labels=False, file=source, row_offset=row_offset)
-        chunks = features.combine_chunks().to_batches()
-        record_batch = chunks[0] if chunks else pa.RecordBatch.from_pylist([], schema=features.schema)
-        out = self.model(self.collator(record_batch))
         columns: dict[str, pa.Array] = {col: features.column(col) for col in self.spec.id_columns}
+        if features.num_rows == 0:  # no rows, no model call (a batch of none is not one torchrec can pool)
+            return pa.table({**columns, **{score_column(t): pa.array([], pa.float32()) for t in self.model.tasks}})
+        record_batch = features.combine_chunks().to_batches()[0]
+        out = self.model(self.collator(record_batch))
         for task in self.model.tasks:
             logits = out.logits[task].float()  # (N,)
             score = torch.sigmoid(logits) if self.spec.task(task).type == "binary" else logits

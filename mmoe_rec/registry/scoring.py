@@ -61,6 +61,21 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
                              f"choose another output path")
 
 
+def _cast_like(scores: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
+    """The scores of a file whose id columns have other (compatible) types than the first file's, in the output's
+    schema; an id type that cannot be cast is an error naming the file and the column."""
+    for field in schema:
+        have = scores.schema.field(field.name).type
+        if have != field.type:
+            try:
+                column = scores.column(field.name).cast(field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"file {path}, column {field.name!r}: type {have} does not match {field.type} of "
+                                 f"the files before it ({e})") from None
+            scores = scores.set_column(scores.schema.get_field_index(field.name), field.name, column)
+    return scores
+
+
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
                   model_version: str, batch_rows: int = 65_536) -> int:
     """Stream `inputs` through the model into one Parquet file at `output`. Returns the number of rows scored."""
@@ -85,6 +100,8 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
                 scores = scores.append_column("model_version", pa.array([model_version] * scores.num_rows, pa.string()))
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, scores.schema)
+                elif scores.schema != writer.schema:  # another file's id columns typed differently
+                    scores = _cast_like(scores, writer.schema, fragment.path)
                 writer.write_table(scores)
                 written += scores.num_rows
         if writer is None:

@@ -177,3 +177,36 @@ def test_score_refuses_an_output_inside_its_input_folder(rec_data, package, trac
     out = tmp_path / "scores.parquet"
     assert score_main(["--model", str(package), "--input", str(folder), "--output", str(out)]) == 0
     assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
+
+
+def test_pyfunc_keeps_the_callers_index_scores_all_missing_lists_and_an_empty_frame(rec_data, package, tracking):
+    register_package(package, "rec-edge", alias="champion")
+    model = mlflow.pyfunc.load_model("models:/rec-edge@champion")
+    raw = pq.read_table(rec_data[1]).slice(0, 5).to_pandas()
+    raw.index = [100, 7, 55, 3, 9]  # a filtered / re-indexed frame
+    out = model.predict(raw)
+    assert list(out.index) == [100, 7, 55, 3, 9] and list(out["row_id"]) == list(raw["row_id"])
+    # one user with no interests and no tags: pandas types the all-None columns as null
+    one = raw.iloc[[2]].copy()
+    one["interests"], one["tags"] = [None], [None]
+    emptied = raw.iloc[[2]].copy()
+    emptied["interests"], emptied["tags"] = [""], [[]]
+    got = model.predict(one)
+    assert got["score_click"].iloc[0] == pytest.approx(model.predict(emptied)["score_click"].iloc[0], rel=1e-6)
+    none = model.predict(raw.iloc[:0])
+    assert len(none) == 0 and list(none.columns) == ["row_id", "score_click", "score_conversion"]
+
+
+def test_batch_scoring_takes_files_whose_id_columns_are_typed_differently(rec_data, package, tmp_path):
+    fresh = pq.read_table(rec_data[1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(fresh.slice(0, 700), folder / "a.parquet")
+    second = fresh.slice(700)
+    second = second.set_column(second.schema.get_field_index("row_id"), "row_id",
+                               second.column("row_id").cast(pa.int32()))
+    pq.write_table(second, folder / "b.parquet")
+    scorer, name, version = resolve_model(str(package))
+    assert score_parquet(scorer, str(folder), tmp_path / "s.parquet", name, version, batch_rows=300) == fresh.num_rows
+    got = pq.read_table(tmp_path / "s.parquet")
+    assert got.column("row_id").to_pylist() == fresh.column("row_id").to_pylist()
