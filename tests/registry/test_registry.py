@@ -127,17 +127,27 @@ def test_register_cli_from_package(package, tracking, capsys):
     assert str(mlflow.MlflowClient().get_model_version_by_alias("cli-model", "staging").version) == "1"
 
 
+def two_files(table: pa.Table, folder: Path, column: str, changed) -> Path:
+    """The first 700 rows as part-0.parquet, the rest as part-1.parquet with `column` replaced by
+    changed(column of those rows)."""
+    folder.mkdir()
+    pq.write_table(table.slice(0, 700), folder / "part-0.parquet")
+    second = table.slice(700)
+    second = second.set_column(second.schema.get_field_index(column), column, changed(second.column(column)))
+    pq.write_table(second, folder / "part-1.parquet")
+    return folder
+
+
 def test_bad_value_in_a_later_file_is_reported_at_its_row_in_that_file(rec_data, package, tmp_path):
     # two input files; the bad value is at row 523 of the second one, in its third batch of 200 rows
     raw = pq.read_table(rec_data[1])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    pq.write_table(raw.slice(0, 700), folder / "part-0.parquet")
-    second = raw.slice(700)
-    price = [str(v) for v in second["price"].to_pylist()]
-    price[523] = "abc"
-    second = second.set_column(second.schema.get_field_index("price"), "price", pa.array(price, pa.string()))
-    pq.write_table(second, folder / "part-1.parquet")
+
+    def bad_price(column):
+        price = [str(v) for v in column.to_pylist()]
+        price[523] = "abc"
+        return pa.array(price, pa.string())
+
+    folder = two_files(raw, tmp_path / "in", "price", bad_price)
     scorer, name, version = resolve_model(str(package))
     out = tmp_path / "scores.parquet"
     with pytest.raises(FeatureDataError) as info:
@@ -199,13 +209,7 @@ def test_pyfunc_keeps_the_callers_index_scores_all_missing_lists_and_an_empty_fr
 
 def test_batch_scoring_takes_files_whose_id_columns_are_typed_differently(rec_data, package, tmp_path):
     fresh = pq.read_table(rec_data[1])
-    folder = tmp_path / "in"
-    folder.mkdir()
-    pq.write_table(fresh.slice(0, 700), folder / "a.parquet")
-    second = fresh.slice(700)
-    second = second.set_column(second.schema.get_field_index("row_id"), "row_id",
-                               second.column("row_id").cast(pa.int32()))
-    pq.write_table(second, folder / "b.parquet")
+    folder = two_files(fresh, tmp_path / "in", "row_id", lambda column: column.cast(pa.int32()))
     scorer, name, version = resolve_model(str(package))
     assert score_parquet(scorer, str(folder), tmp_path / "s.parquet", name, version, batch_rows=300) == fresh.num_rows
     got = pq.read_table(tmp_path / "s.parquet")
