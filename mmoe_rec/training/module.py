@@ -237,13 +237,18 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_loss_sum = None
         self._epoch_batches = 0
 
+    def _epoch_loss_sums(self) -> torch.Tensor:
+        """(T,) this rank's task-loss sums over the epoch's batches so far, on the module's device."""
+        if self._epoch_loss_sum is None:
+            return torch.zeros(len(self.tasks), device=self.device)
+        return self._epoch_loss_sum.to(self.device)
+
     def on_train_epoch_end(self) -> None:
         # rows seen this epoch, summed over ranks: equals the train split size once per epoch
         self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
                  sync_dist=True, batch_size=1)
         # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
-        loss_sum = (self._epoch_loss_sum.to(self.device) if self._epoch_loss_sum is not None
-                    else torch.zeros(len(self.tasks), device=self.device))
+        loss_sum = self._epoch_loss_sums()
         totals = torch.cat([loss_sum, loss_sum.new_tensor([self._epoch_batches])])  # (T + 1,)
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()  # same on all ranks
         if totals[-1] > 0:
@@ -258,8 +263,7 @@ class MultiTaskModule(L.LightningModule):
         # over ranks: every rank reaches this save (Lightning saves on all ranks and writes on rank 0), and a
         # resume mid-epoch gives them to rank 0, so that the sums over ranks at the epoch's end come out as in a
         # run that went straight through.
-        loss_sum = (self._epoch_loss_sum.to(self.device) if self._epoch_loss_sum is not None
-                    else torch.zeros(len(self.tasks), device=self.device))
+        loss_sum = self._epoch_loss_sums()
         totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([self._epoch_batches, self._epoch_rows],
                                                                    dtype=torch.float64)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
