@@ -91,6 +91,9 @@ class MultiTaskCLI(LightningCLI):
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             path = self.config[self.subcommand].get("predictions_path") or "predictions.parquet"
             self.trainer.callbacks.append(ParquetPredictionWriter(path))
+        config = self.config_init[self.subcommand]
+        if config.get("return_predictions") is None:  # the writer has them: not every batch's scores in memory too
+            config["return_predictions"] = False
 
 
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:

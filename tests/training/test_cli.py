@@ -144,9 +144,10 @@ def test_optimizer_and_scheduler_settings_beside_class_path_go_to_init_args():
 def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
     run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                        "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck")])
-    run_lightning_cli(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
-                       "--data.init_args.data_dir", str(feature_dir), "--data.init_args.batch_size", "128",
-                       "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"), "--predictions_path", "out/pred.parquet"])
+    cli = run_lightning_cli(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                             "--data.init_args.data_dir", str(feature_dir), "--data.init_args.batch_size", "128",
+                             "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"), "--predictions_path", "out/pred.parquet"])
+    assert cli.trainer.predict_loop.return_predictions is False  # written out, not also kept in memory
     got = pq.read_table(in_tmp / "out" / "pred.parquet")
     test = pq.read_table(feature_dir / "test")
     assert got.num_rows == test.num_rows
