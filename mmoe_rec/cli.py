@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
@@ -14,6 +15,15 @@ JOBS = {
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+def _is_user_error(e: Exception) -> bool:
+    """Errors that say what is wrong with the input or the environment (their message is the whole story)."""
+    from mmoe_rec.features.errors import FeatureDataError
+
+    tracking = sys.modules.get("mmoe_rec.training.tracking")  # imported by the jobs that talk to MLflow
+    unavailable = (tracking.TrackingUnavailable,) if tracking else ()
+    return isinstance(e, (FeatureDataError, ValueError, OSError, *unavailable))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from mmoe_rec import malloc
@@ -21,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     malloc.apply_from_env()  # before the first large tensor: training and scoring reuse freed memory
     if argv and argv[0] in JOBS:
         module, func = JOBS[argv[0]].split(":")
-        return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+        try:
+            return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+        except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
+            if os.environ.get("MMOE_REC_TRACEBACK") or not _is_user_error(e):
+                raise
+            print(f"error: {e}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+            return 1
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS or (argv and argv[0] in ("-h", "--help")):
         from mmoe_rec.training.cli import run_lightning_cli
 

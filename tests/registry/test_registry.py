@@ -214,3 +214,17 @@ def test_batch_scoring_takes_files_whose_id_columns_are_typed_differently(rec_da
     assert score_parquet(scorer, str(folder), tmp_path / "s.parquet", name, version, batch_rows=300) == fresh.num_rows
     got = pq.read_table(tmp_path / "s.parquet")
     assert got.column("row_id").to_pylist() == fresh.column("row_id").to_pylist()
+
+
+def test_the_mmoe_rec_command_reports_bad_input_in_one_line(rec_data, package, tmp_path, capsys, monkeypatch):
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    raw_file = tmp_path / "raw.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 10), raw_file)
+    argv = ["score", "--model", str(package), "--input", str(raw_file), "--output", str(raw_file)]
+    assert mmoe_rec_main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output") and "is the input file" in err and "Traceback" not in err
+    monkeypatch.setenv("MMOE_REC_TRACEBACK", "1")  # the traceback on request
+    with pytest.raises(ValueError, match="is the input file"):
+        mmoe_rec_main(argv)
