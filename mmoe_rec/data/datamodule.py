@@ -13,7 +13,7 @@ order, with more workers the DataLoader interleaves the workers' contiguous bloc
 carry the id columns, so scores need no order).
 
 Epochs: the train loader asks the attached Trainer for ``current_epoch`` each time it is iterated, so the
-shuffle is ``seed + epoch`` under Lightning with no callback. Without a Trainer call ``set_epoch(epoch)``.
+shuffle is seeded by ``(seed, epoch)`` under Lightning with no callback. Without a Trainer call ``set_epoch(epoch)``.
 
 Resume: the checkpoint holds the seed, the epoch and how many training batches of that epoch had been trained
 (Lightning's batch progress at save time). A run resumed from a mid-epoch checkpoint replays the same epoch's
@@ -190,7 +190,7 @@ class FeatureDataModule(L.LightningDataModule):
     ) -> FeatureDataLoader:
         """The loader of one split for this rank (rank / world_size default to the DDP / torchrun ones).
 
-        ``train`` shuffles (row groups by seed + epoch, then the shuffle buffer), follows the Trainer's epoch and
+        ``train`` shuffles (row groups by (seed, epoch), then the shuffle buffer), follows the Trainer's epoch and
         applies ``drop_last``; otherwise rows come in file order and every row is kept.
         """
         collate = self.collator(with_ids)

@@ -4,7 +4,8 @@ The plan of an epoch depends only on (seed, epoch, row-group sizes, world size, 
 computes the same plan without talking to the others:
 
 1. The index lists the split's non-empty row groups ("units") in file / row-group order.
-2. Training permutes the unit order with ``numpy.random.default_rng(seed + epoch)``; evaluation keeps it.
+2. Training permutes the unit order with ``numpy.random.default_rng([seed, epoch])``; evaluation keeps it. (A
+   sum seed + epoch would give seed 1's epoch 0 the order of seed 0's epoch 1: seeds would not vary the data order.)
 3. Laid end to end, the units form one row sequence ``[0, N)``. Rank ``r`` of ``W`` takes a contiguous slice:
    ``N // W`` rows, one more for the first ``N % W`` ranks. Every row belongs to exactly one rank.
 4. Remainder policy (ranks must make the same number of batches or DDP hangs in a collective):
@@ -18,7 +19,7 @@ computes the same plan without talking to the others:
    i.e. a contiguous row range, so a row group is decoded by at most two workers. The DataLoader therefore
    yields exactly ``num_batches`` batches on every rank, whatever K is.
 
-Training rows also pass through a shuffle buffer inside each worker (seeded by seed + epoch, rank, worker).
+Training rows also pass through a shuffle buffer inside each worker (seeded by seed, epoch, rank, worker).
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def unit_order(num_units: int, seed: int, epoch: int, shuffle: bool) -> np.ndarr
     """Order in which the epoch lays the row groups end to end (identical on every rank)."""
     if not shuffle:
         return np.arange(num_units)
-    return np.random.default_rng(seed + epoch).permutation(num_units)
+    return np.random.default_rng([seed, epoch]).permutation(num_units)
 
 
 def rank_rows(num_rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -293,7 +294,7 @@ class FeatureParquetStream(IterableDataset):
         units = [self.index.units[i] for i in order]
         chunks = read_rows(units, plan.row_start, plan.row_stop, self.columns, self.chunk_rows)
         if self.shuffle:
-            rng = np.random.default_rng([self.seed + self.epoch, self.rank, worker])
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             batches = shuffle_batches(chunks, plan.batch_sizes, self.shuffle_buffer, rng)
         else:
             batches = cut_batches(chunks, plan.batch_sizes)

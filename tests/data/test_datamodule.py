@@ -278,3 +278,11 @@ def test_census_sample_round_trip_raw_to_features_to_batches(tmp_path):
     assert sorted(rows) == sorted(ref)
     evaluated = sum(b.batch_size for b in dm.val_dataloader()) + sum(b.batch_size for b in dm.test_dataloader())
     assert evaluated == 1000
+
+
+def test_seeds_do_not_share_epoch_orders():
+    # seeded by seed + epoch, seed 1's epoch 0 was seed 0's epoch 1: seeds then varied the weights, not the data
+    from mmoe_rec.data.parquet_stream import unit_order
+
+    orders = {(seed, epoch): unit_order(200, seed, epoch, True).tolist() for seed in range(3) for epoch in range(3)}
+    assert len({tuple(o) for o in orders.values()}) == len(orders)
