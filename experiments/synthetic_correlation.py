@@ -17,6 +17,7 @@ import argparse
 import concurrent.futures
 import csv
 import functools
+import json
 import math
 import multiprocessing
 import os
@@ -43,7 +44,9 @@ MODELS = {
 
 def make_data(base: Path, p: float, seed: int, rows: int) -> Path:
     raw, features = base / f"raw_p{p}_s{seed}", base / f"features_p{p}_s{seed}"
-    if not (features / "spec.json").exists():
+    made_for = features / "made_for.json"  # what the cached data was generated with: reused only if the same
+    wanted = {"rows": rows, "p": p, "seed": seed}
+    if not (features / "spec.json").exists() or not made_for.exists() or json.loads(made_for.read_text()) != wanted:
         cli = [sys.executable, "-m", "mmoe_rec.cli"]
         subprocess.run(cli + ["synth", "mmoe", "--rows", str(rows), "--p", str(p), "--seed", str(seed),
                               "--output", str(raw), "--overwrite"], check=True)  # a run cut off before features
@@ -53,6 +56,7 @@ def make_data(base: Path, p: float, seed: int, rows: int) -> Path:
         subprocess.run(cli + ["features", "--schema", str(ROOT / "configs/features/synthetic_mmoe.yaml"),
                               "--input", str(part), "--output", str(features), "--valid-fraction", "0.1",
                               "--test-fraction", "0.1", "--seed", str(seed), "--overwrite"], check=True)
+        made_for.write_text(json.dumps(wanted))
     return features
 
 

@@ -130,3 +130,14 @@ def test_shipped_200k_runs_print_the_readme_table(capsys):
     assert ("| OMoE / MMoE | 0.88 [0.70, 1.10] (31/60) | 1.09 [0.86, 1.35] (38/60) | 1.21 [1.00, 1.45] (39/60) "
             "| 1.42 [1.15, 1.76] (44/60) |") in out
     assert "| MMoE's lead relative to p = 1.0 | 1 | 1.23 [1.06, 1.42] | 1.37 [1.07, 1.74] | 1.61 [1.20, 2.17] |" in out
+
+
+def test_cached_data_is_rebuilt_when_asked_for_another_size(tmp_path):
+    import json
+
+    import synthetic_correlation as sc
+
+    small = sc.make_data(tmp_path, 0.5, 0, 300)
+    assert sum(json.loads((small / "manifest.json").read_text())["rows"].values()) == 300
+    again = sc.make_data(tmp_path, 0.5, 0, 500)  # the same folder: it used to return the 300-row data
+    assert sum(json.loads((again / "manifest.json").read_text())["rows"].values()) == 500
