@@ -69,16 +69,11 @@ Setup = tuple[torch.nn.Module, Callable[[], object], Callable[[Arrays], np.ndarr
 # --- data ---------------------------------------------------------------------------------------------------
 
 def ensure_features(features: Path) -> None:
-    if not (features / "spec.json").exists():
-        sys.path.insert(0, str(ROOT / "experiments"))
-        from census_results import build_features  # imported late: it pulls in Lightning
+    """The same feature folder as census_results.py's (rebuilt there when the schema or split seed changed)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from census_results import build_features  # imported late: it pulls in Lightning
 
-        build_features(features, seed=0)  # census_results.py's default split seed
-    schema = ROOT / "configs" / "features" / "census.yaml"
-    if schema.stat().st_mtime > (features / "spec.json").stat().st_mtime:
-        # a stale folder would compare the peers on other features than ours; warn rather than rebuild in place
-        print(f"warning: {schema.relative_to(ROOT)} is newer than {features}; pass --features <new folder> to "
-              "rebuild if the schema changed since", file=sys.stderr)
+    build_features(features, seed=0)  # census_results.py's default split seed
 
 
 def load_splits(features: Path, rows: int | None) -> tuple[list[str], dict[str, Arrays]]:

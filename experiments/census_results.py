@@ -8,6 +8,8 @@ into validation and test with seed 0; early stopping on validation income AUC; t
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import statistics
 import subprocess
 import sys
@@ -31,12 +33,17 @@ MODELS = {
 
 
 def build_features(out: Path, seed: int) -> None:
-    if (out / "spec.json").exists():
+    """The census feature Parquet at `out`, rebuilt unless it was made from this schema with this split seed."""
+    schema = ROOT / "configs/features/census.yaml"
+    made_for = out / "made_for.json"
+    wanted = {"split_seed": seed, "schema": hashlib.sha256(schema.read_bytes()).hexdigest()}
+    if (out / "spec.json").exists() and made_for.exists() and json.loads(made_for.read_text()) == wanted:
         return
-    subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "features", "--schema", str(ROOT / "configs/features/census.yaml"),
+    subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "features", "--schema", str(schema),
                     "--input", f"train={ROOT / 'data/census_income/train.csv.xz'}",
                     "--input", f"valid+test={ROOT / 'data/census_income/test.csv.xz'}",
-                    "--output", str(out), "--seed", str(seed)], check=True)
+                    "--output", str(out), "--seed", str(seed), "--overwrite"], check=True)
+    made_for.write_text(json.dumps(wanted))
 
 
 def main() -> int:
