@@ -67,13 +67,16 @@ class Source:
     rule: str
     splits: tuple[str, ...] = ("train",)
     weights: tuple[float, ...] = (1.0,)
-    keys: tuple[str, ...] = ()  # per file: its path relative to the input (the split hash's key); default its name
+    keys: tuple[str, ...] = ()  # per file: its path relative to the input (the split hash's key); default: see key()
 
     def may_hold(self, split: str) -> bool:
         return self.rule == "column" or split in [s for s, w in zip(self.splits, self.weights) if w > 0]
 
     def key(self, file_index: int) -> str:
-        return self.keys[file_index] if self.keys else Path(self.files[file_index]).name
+        if self.keys:
+            return self.keys[file_index]
+        # a Source made without keys splits as the CLI would: one file is its own input, several a directory's
+        return "" if len(self.files) == 1 else Path(self.files[file_index]).name
 
 
 def input_keys(spec: str, files: Iterable[str]) -> tuple[str, ...]:
