@@ -34,8 +34,9 @@ from mmoe_rec.training.tracking import log_png
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sums across ranks, returned on the CPU (where the metrics and plots are made from them)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensors
+        return [t.cpu() for t in tensors]
     out = []
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
@@ -64,15 +65,16 @@ class Window:
         self.labels.update(labels, weights)
         per_task = task_gates(list(routing), self.tasks)
         masks = {t: chosen_mask(routing[g]) for t, g in per_task.items()}
-        masks = {t: m.cpu() for t, m in masks.items() if m is not None}
+        masks = {t: m for t, m in masks.items() if m is not None}
         names = [t for t in self.tasks if t in masks]
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 if masks[a].shape != masks[b].shape:
                     continue
-                j = jaccard_rows(masks[a], masks[b])
-                acc = self.jaccard.setdefault((a, b), torch.zeros(2, dtype=torch.float64))
-                acc += torch.tensor([float(j.sum()), float(j.numel())], dtype=torch.float64)
+                j = jaccard_rows(masks[a], masks[b])  # (B,) on the gates' device: summed there, no host read
+                total = torch.stack([j.sum(), torch.full((), j.numel(), dtype=j.dtype, device=j.device)])
+                acc = self.jaccard.get((a, b))
+                self.jaccard[(a, b)] = total if acc is None else acc.to(total.device) + total
 
     def reduce(self) -> None:
         """Sum across ranks in place (every rank must call it at the same point: same gates, same pairs)."""
@@ -87,8 +89,7 @@ class Window:
         for name in sorted(self.gates):
             self.gates[name].load_tensors(flat[pos:pos + 4])
             pos += 4
-        self.labels.s1, self.labels.s2, count = flat[pos:pos + 3]
-        self.labels.count = float(count[0])
+        self.labels.load_tensors(flat[pos:pos + 3])
         pos += 3
         for p in pairs:
             self.jaccard[p] = flat[pos]

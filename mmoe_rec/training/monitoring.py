@@ -95,7 +95,7 @@ def pair_scalars(prefix: str, names: list[str], matrix: torch.Tensor) -> dict[st
 
 def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
     """Pearson correlation of the tasks' labels from running sums."""
-    n = sums.count
+    n = float(sums.count)
     mean = sums.s1 / n  # (T,)
     cov = sums.s2 / n - torch.outer(mean, mean)  # (T, T)
     sd = cov.diagonal().clamp_min(0).sqrt()
@@ -103,83 +103,107 @@ def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
     return list(sums.tasks), corr
 
 
+def _zeros(*shape: int, like: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float64, device=None if like is None else like.device)
+
+
 @dataclasses.dataclass
 class LabelStats:
-    """Running sums for label correlation: s1 = sum y (T,), s2 = sum y y^T (T, T)."""
+    """Running sums for label correlation: s1 = sum w y (T,), s2 = sum w y y^T (T, T), count = sum w ().
+
+    The sums live on the labels' device and are read back only when the window is reduced, so that a training
+    step on a GPU never waits for them."""
 
     tasks: list[str]
     s1: torch.Tensor
     s2: torch.Tensor
-    count: float = 0.0
+    count: torch.Tensor
 
     @classmethod
     def empty(cls, tasks: list[str]) -> "LabelStats":
         t = len(tasks)
-        return cls(list(tasks), torch.zeros(t, dtype=torch.float64), torch.zeros(t, t, dtype=torch.float64))
+        return cls(list(tasks), _zeros(t), _zeros(t, t), _zeros())
 
     def update(self, labels: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> None:
-        y = torch.stack([labels[t].detach().double().cpu() for t in self.tasks], dim=1)  # (B, T)
-        w = torch.ones(y.shape[0], dtype=torch.float64) if weights is None else weights.detach().double().cpu()
+        y = torch.stack([labels[t].detach().double() for t in self.tasks], dim=1)  # (B, T)
+        if self.s1.device != y.device:
+            self.s1, self.s2, self.count = (v.to(y.device) for v in (self.s1, self.s2, self.count))
+        w = torch.ones_like(y[:, 0]) if weights is None else weights.detach().double()  # (B,)
         wy = y * w[:, None]
         self.s1 += wy.sum(0)
         self.s2 += wy.T @ y
-        self.count += float(w.sum())
+        self.count += w.sum()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.s1, self.s2, torch.tensor([self.count], dtype=torch.float64)]
+        return [self.s1, self.s2, self.count.reshape(1)]
+
+    def load_tensors(self, tensors: list[torch.Tensor]) -> None:
+        self.s1, self.s2, count = tensors
+        self.count = count.reshape(())
 
 
 @dataclasses.dataclass
 class GateStats:
-    """Window sums for one gate: everything needed for its utilization metrics, and summable across ranks."""
+    """Window sums for one gate: everything needed for its utilization metrics, and summable across ranks.
+
+    Sums are tensors on the gate's device (rows and assignments are counted from shapes), so updating them never
+    reads a value back to the host; `utilization_metrics` reads them once per window."""
 
     combine_sum: torch.Tensor  # (E,) sum over rows of combine weights
     probs_sum: torch.Tensor  # (E,) sum over rows of router probabilities
     counts: torch.Tensor  # (E,) assignments per expert (sparse gates; zeros for dense)
+    dropped: torch.Tensor  # () assignments dropped by capacity
+    entropy_sum: torch.Tensor  # () sum over rows of the router entropy (nats)
     rows: float = 0.0
     assignments: float = 0.0
-    dropped: float = 0.0
-    entropy_sum: float = 0.0
     sparse: bool = False
     groups: dict[str, list[int]] | None = None
-    extra_sum: dict[str, float] = dataclasses.field(default_factory=dict)  # value x rows, per extra
+    extra_sum: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # () value x rows, per extra
 
     @classmethod
     def empty(cls, num_experts: int) -> "GateStats":
-        z = lambda: torch.zeros(num_experts, dtype=torch.float64)  # noqa: E731
-        return cls(z(), z(), z())
+        return cls(_zeros(num_experts), _zeros(num_experts), _zeros(num_experts), _zeros(), _zeros())
+
+    def _move_to(self, device: torch.device) -> None:
+        for field in ("combine_sum", "probs_sum", "counts", "dropped", "entropy_sum"):
+            setattr(self, field, getattr(self, field).to(device))
+        self.extra_sum = {k: v.to(device) for k, v in self.extra_sum.items()}
 
     def update(self, record: GateRecord) -> None:
-        combine = record.combine.detach().double().cpu()  # (B, E)
-        probs = record.probs.detach().double().cpu()  # (B, E)
+        combine = record.combine.detach().double()  # (B, E)
+        probs = record.probs.detach().double()  # (B, E)
+        if self.combine_sum.device != combine.device:
+            self._move_to(combine.device)
+        rows = combine.shape[0]
         self.combine_sum += combine.sum(0)
         self.probs_sum += probs.sum(0)
-        self.rows += combine.shape[0]
-        self.entropy_sum += float(entropy_rows(probs).sum())
+        self.rows += rows
+        self.entropy_sum += entropy_rows(probs).sum()
         mask = chosen_mask(record)
         if mask is not None:
             self.sparse = True
-            self.counts += mask.sum(0).double().cpu()
-            self.assignments += float(record.chosen.numel())
+            self.counts += mask.sum(0)
+            self.assignments += record.chosen.numel()
         if record.dropped is not None:
-            self.dropped += float(record.dropped)
+            self.dropped += record.dropped.detach().to(self.dropped.device)
         self.groups = record.expert_groups
-        rows = combine.shape[0]
         for key, value in record.extra.items():
-            v = value.detach().float()
-            self.extra_sum[key] = self.extra_sum.get(key, 0.0) + rows * float(v.mean() if v.numel() > 1 else v)
+            v = value.detach().double().mean()  # a per-expert extra (bias statistics) as its mean
+            self.extra_sum[key] = self.extra_sum.get(key, torch.zeros_like(self.dropped)) + rows * v.to(self.dropped.device)
 
     # flat view for an all-reduce (sum) across ranks; order is fixed by the fields
     def tensors(self) -> list[torch.Tensor]:
-        scalars = [self.rows, self.assignments, self.dropped, self.entropy_sum]
-        scalars += [self.extra_sum[k] for k in sorted(self.extra_sum)]
-        return [self.combine_sum, self.probs_sum, self.counts, torch.tensor(scalars, dtype=torch.float64)]
+        device = self.dropped.device
+        counted = torch.tensor([self.rows, self.assignments], dtype=torch.float64, device=device)
+        summed = torch.stack([self.dropped, self.entropy_sum] + [self.extra_sum[k] for k in sorted(self.extra_sum)])
+        return [self.combine_sum, self.probs_sum, self.counts, torch.cat([counted, summed])]
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
         self.combine_sum, self.probs_sum, self.counts, s = tensors
-        self.rows, self.assignments, self.dropped, self.entropy_sum = (float(v) for v in s[:4])
+        self.rows, self.assignments = float(s[0]), float(s[1])
+        self.dropped, self.entropy_sum = s[2], s[3]
         for key, v in zip(sorted(self.extra_sum), s[4:]):
-            self.extra_sum[key] = float(v)
+            self.extra_sum[key] = v
 
     @property
     def utilization(self) -> torch.Tensor:
@@ -203,7 +227,7 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     for i, u in enumerate(util.tolist()):
         out[f"{base}/util/e{i}"] = u
     out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum))
-    entropy = stats.entropy_sum / max(stats.rows, 1.0)
+    entropy = float(stats.entropy_sum) / max(stats.rows, 1.0)
     out[f"{base}/entropy"] = entropy
     weighable = int((stats.probs_sum > 0).sum()) or num_experts  # a PLE task gate: its own + shared experts
     out[f"{base}/entropy_norm"] = entropy / math.log(weighable) if weighable > 1 else 0.0
@@ -215,12 +239,12 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
         out[f"{base}/load_cv2"] = float(cv_squared(stats.counts))
         out[f"{base}/max_vio"] = float(max_violation(stats.counts))
         out[f"{base}/dead"] = float((stats.counts == 0).sum())
-        out[f"{base}/dropped_frac"] = stats.dropped / max(stats.assignments, 1.0)
+        out[f"{base}/dropped_frac"] = float(stats.dropped) / max(stats.assignments, 1.0)
     if stats.groups:
         for group, idx in stats.groups.items():
             out[f"{base}/share/{group}"] = float(util[list(idx)].sum())
     for key, total in stats.extra_sum.items():
-        out[f"{base}/{key}"] = total / max(stats.rows, 1.0)
+        out[f"{base}/{key}"] = float(total) / max(stats.rows, 1.0)
     return out
 
 

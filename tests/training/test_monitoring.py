@@ -189,3 +189,43 @@ def test_ple_task_gates_that_use_only_their_own_experts_are_disjoint():
     m = utilization_metrics("0/click", window.gates["0/click"])
     assert m["experts/0/click/share/own"] == pytest.approx(1.0, abs=1e-6)
     assert m["experts/0/click/entropy_norm"] <= 1.0  # over its 2 weighable experts, not the level's 3
+
+
+def test_window_updates_never_read_a_value_back_to_the_host():
+    """A GPU step must not wait for the monitor: its sums stay on the gates' device until the window is reduced.
+    Tensors on the meta device have no values, so any read (float(), .item(), .cpu(), .tolist()) raises."""
+    from mmoe_rec.training.callbacks import Window
+
+    def on_meta(record: GateRecord) -> GateRecord:
+        return GateRecord(combine=record.combine.to("meta"), probs=record.probs.to("meta"),
+                          chosen=record.chosen.to("meta"), dropped=record.dropped.to("meta"),
+                          extra={k: v.to("meta") for k, v in record.extra.items()})
+
+    window = Window(["click", "buy"])
+    for _ in range(2):  # the second update adds to sums already on the device
+        routing = {t: on_meta(sparse_record([[0, 1], [2, 3], [1, 2]], [[0.5, 0.5]] * 3, 4))
+                   for t in ("click", "buy")}
+        labels = {t: torch.ones(3, device="meta") for t in ("click", "buy")}
+        window.update(routing, labels, torch.ones(3, device="meta"))
+    with pytest.raises((NotImplementedError, RuntimeError)):  # the guard: a host read of a meta tensor does raise
+        float(window.gates["click"].entropy_sum)
+    assert window.gates["click"].rows == 6 and window.gates["click"].assignments == 12  # counted from shapes
+
+
+def test_window_metrics_after_a_reduce_equal_the_metrics_of_the_sums():
+    """Reduced (single process: copied to the CPU) or not, the window gives the same numbers."""
+    from mmoe_rec.training.callbacks import Window
+
+    window = Window(["click", "buy"])
+    for rows in ([[0, 1], [0, 2], [1, 3]], [[2, 3], [0, 1]]):
+        routing = {t: sparse_record(rows, [[0.7, 0.3]] * len(rows), 4, dropped=1) for t in ("click", "buy")}
+        labels = {"click": torch.tensor([1.0, 0.0, 1.0][:len(rows)]), "buy": torch.tensor([1.0, 0.0, 0.0][:len(rows)])}
+        window.update(routing, labels)
+    before = window.metrics("experts", "relatedness")
+    window.reduce()
+    after = window.metrics("experts", "relatedness")
+    assert after == pytest.approx(before)
+    assert before["experts/click/dropped_frac"] == pytest.approx(2 / 10)
+    assert before["experts/click/bias_abs_mean"] == pytest.approx(0.25)
+    assert before["relatedness/expert_jaccard/click.vs.buy"] == pytest.approx(1.0)
+    assert all(isinstance(v, float) for v in after.values())
