@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from mmoe_rec.registry.package import load_package, save_package
 from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
+from mmoe_rec.registry.signature import example_input, model_signature
 from mmoe_rec.training.tracking import configure_tracking
 
 
@@ -36,6 +37,8 @@ def register_package(
             artifacts={"package": str(package_dir)},
             registered_model_name=name,
             tags=tags,
+            signature=model_signature(spec),
+            input_example=example_input(spec),  # MLflow scores it while logging: a package that fails, fails here
             pip_requirements=_pip_requirements(),
         )
     version = str(info.registered_model_version)

@@ -228,3 +228,44 @@ def test_the_mmoe_rec_command_reports_bad_input_in_one_line(rec_data, package, t
     monkeypatch.setenv("MMOE_REC_TRACEBACK", "1")  # the traceback on request
     with pytest.raises(ValueError, match="is the input file"):
         mmoe_rec_main(argv)
+
+
+def test_registered_model_declares_its_raw_input_columns_and_score_outputs(rec_data, package, tracking):
+    register_package(package, "rec-signature")
+    model = mlflow.pyfunc.load_model("models:/rec-signature/1")
+    spec = load_package(package).feature_spec
+    raw = pq.read_table(rec_data[1]).slice(0, 4).to_pandas()
+    signature = model.metadata.signature
+    assert signature.inputs.input_names()[:len(spec.id_columns)] == spec.id_columns
+    assert set(signature.inputs.input_names()) <= set(raw.columns)  # every declared input is a raw column
+    assert signature.outputs.input_names() == spec.id_columns + [f"score_{t}" for t in spec.task_names]
+    out = model.predict(raw)
+    assert list(out.columns) == signature.outputs.input_names()
+    # columns the model does not read are ignored; a column it reads, missing, is named before anything runs
+    assert model.predict(raw.assign(unrelated=1))["score_click"].tolist() == out["score_click"].tolist()
+    needed = next(c for c in signature.inputs.input_names() if c not in spec.id_columns)
+    with pytest.raises(mlflow.exceptions.MlflowException, match=needed):
+        model.predict(raw.drop(columns=[needed]))
+
+
+def test_the_logged_input_example_is_a_raw_row_that_scores(rec_data, package, tracking, recwarn):
+    from mlflow.models import Model
+
+    from mmoe_rec.registry.signature import example_input
+
+    spec = load_package(package).feature_spec
+    example = example_input(spec)
+    assert len(example) == 1 and list(example.columns) == model_signature_names(spec)
+    assert example.drop(columns=spec.id_columns).notna().any(axis=None)  # real values, not only nulls
+    register_package(package, "rec-example")
+    assert not [w for w in recwarn if "input example was not provided" in str(w.message)]
+    logged = Model.load("models:/rec-example/1")
+    assert logged.load_input_example().shape == (1, example.shape[1])
+    scores = mlflow.pyfunc.load_model("models:/rec-example/1").predict(example)
+    assert all(0 < scores[f"score_{t}"].iloc[0] < 1 for t in spec.task_names)
+
+
+def model_signature_names(spec) -> list[str]:
+    from mmoe_rec.registry.signature import model_signature
+
+    return model_signature(spec).inputs.input_names()
