@@ -21,8 +21,12 @@ class Batch:
         return self.dense.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        """A copy on `device`. From page-locked memory (DataModule `pin_memory`) to a GPU the copy is
+        asynchronous even when not asked: Lightning passes `non_blocking` to tensors only, not to a Batch."""
+        device = torch.device(device)
+        non_blocking = non_blocking or (device.type == "cuda" and self.dense.is_pinned())
         return Batch(
-            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
             dense=self.dense.to(device, non_blocking=non_blocking),
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             weights=None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),

@@ -93,7 +93,7 @@ class FeatureDataModule(L.LightningDataModule):
         batch_size: rows per training batch (per rank).
         num_workers: DataLoader worker processes per rank (0 reads in the main process).
         shuffle_buffer: rows held by each worker's training shuffle buffer (on top of the row-group shuffle).
-        seed: base seed; epoch e shuffles with seed + e.
+        seed: base seed; epoch e shuffles with a generator seeded by (seed, e).
         tasks: tasks whose labels are loaded (default: all tasks of the spec).
         drop_last: training only; False keeps every row once per epoch (last batches may be smaller),
             True makes only full batches and skips each rank's leftover rows (see parquet_stream, 4.).

@@ -109,7 +109,7 @@ def test_lightning_trains_on_the_gpu(feature_dir, tmp_path, model):
         init.update(k=2)
     class_path = {"mmoe": "mmoe_rec.models.mmoe.MMoE", "sparse": "mmoe_rec.models.sparse_mmoe.SparseMMoE"}[model]
     L.seed_everything(0)
-    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0, pin_memory=model == "sparse")
     module = MultiTaskModule(model={"class_path": class_path, "init_args": init}, feature_spec=dm.spec,
                              optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}})
     trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=2, logger=False, enable_checkpointing=False,
@@ -118,3 +118,18 @@ def test_lightning_trains_on_the_gpu(feature_dir, tmp_path, model):
     assert trainer.strategy.root_device.type == "cuda"
     (result,) = trainer.validate(module, dm, verbose=False)
     assert result["val/click/auc"] > 0.6, result
+
+
+def test_a_pinned_batch_moves_to_the_gpu_unchanged(feature_dir):
+    from mmoe_rec.data.datamodule import FeatureDataModule
+
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0, pin_memory=True)
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.dense.is_pinned()
+    moved = batch.to("cuda")  # asynchronous from pinned memory; the values must still be the batch's
+    torch.cuda.synchronize()
+    torch.testing.assert_close(moved.dense.cpu(), batch.dense)
+    torch.testing.assert_close(moved.sparse.values().cpu(), batch.sparse.values())
+    for task, label in batch.labels.items():
+        torch.testing.assert_close(moved.labels[task].cpu(), label)
