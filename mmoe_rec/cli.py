@@ -24,6 +24,20 @@ def _is_user_error(e: Exception) -> bool:
     return isinstance(e, (FeatureDataError, ValueError, OSError, *unavailable))
 
 
+def _report(e: Exception) -> int:
+    """One line for a user error (the most specific one in its chain: jsonargparse wraps a model's own "k must be
+    in [1, num_experts]" in a union-type error that dumps the whole config); anything else is raised."""
+    if os.environ.get("MMOE_REC_TRACEBACK") or not _is_user_error(e):
+        raise e
+    chain, seen = [e], {id(e)}
+    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+        chain.append(nxt)
+        seen.add(id(nxt))
+    cause = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
+    print(f"error: {cause}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from mmoe_rec import malloc
@@ -34,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
-            if os.environ.get("MMOE_REC_TRACEBACK") or not _is_user_error(e):
-                raise
-            print(f"error: {e}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-            return 1
+            return _report(e)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS or (argv and argv[0] in ("-h", "--help")):
         from mmoe_rec.training.cli import run_lightning_cli
 
-        run_lightning_cli(argv)
+        try:
+            run_lightning_cli(argv)
+        except Exception as e:
+            return _report(e)
         return 0
     print(
         "usage: mmoe-rec {fit,validate,test,predict,synth,features,register,score} ...\n"

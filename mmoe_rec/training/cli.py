@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import pyarrow.parquet as pq
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
-from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import log_run_files
@@ -54,6 +56,21 @@ def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str
                              f"(tasks {module.tasks}); rebuild the features or drop the task from the config")
 
 
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as {"a.b.c": leaf}; an optimizer's or scheduler's stray keys folded into its init_args (as
+    the module reads them), so that `--...optimizer.init_args.lr` and `--...optimizer.lr` compare as one key."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if not isinstance(value, dict):
+        return {prefix: value}
+    if "class_path" in value and not prefix.endswith("feature_spec"):
+        value = component_config(value, prefix, SCHEDULER_KEYS)
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 class MultiTaskCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.spec", "model.init_args.feature_spec", apply_on="instantiate")
@@ -63,6 +80,23 @@ class MultiTaskCLI(LightningCLI):
         parser.add_argument("--predictions_path", type=str, default="predictions.parquet",
                             help="predict: the Parquet file of ids and score_<task> columns (unless the config "
                                  "has its own prediction writer callback)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning puts the checkpoint's model settings over the config's and the command line's: say which
+        given settings lose (a changed layer size or learning rate would otherwise be ignored without a word)."""
+        sub = self.config.get("subcommand")
+        given = _flat(self.config[sub].get("model")) if sub else {}
+        super()._parse_ckpt_path()
+        if not sub:
+            return
+        used = _flat(self.config[sub].get("model"))
+        lost = {k: (v, used[k]) for k, v in given.items()
+                if k in used and used[k] != v and ".feature_spec" not in f".{k}"}
+        if lost:
+            rank_zero_warn(
+                "these settings come from the checkpoint (--ckpt_path), not from the config or the command line: "
+                + "; ".join(f"model.{k}: given {g!r}, checkpoint {u!r}" for k, (g, u) in sorted(lost.items()))
+                + ". To train with other settings, start a new fit (optionally from the checkpoint's weights).")
 
     def _log_config(self) -> None:
         sub = self.subcommand
@@ -80,13 +114,22 @@ class MultiTaskCLI(LightningCLI):
     def before_fit(self) -> None:
         self._before(("train", "valid"))
 
+    def _require_checkpoint(self) -> None:
+        # validate / test / predict run in a fresh process: without a checkpoint the model is untrained
+        if not self.config[self.subcommand].get("ckpt_path"):
+            raise ValueError(f"`mmoe-rec {self.subcommand}` needs --ckpt_path (a checkpoint written by `mmoe-rec "
+                             f"fit`, e.g. checkpoints/<run>/best.ckpt): without it the model's weights are random")
+
     def before_validate(self) -> None:
+        self._require_checkpoint()
         self._before(("valid",))
 
     def before_test(self) -> None:
+        self._require_checkpoint()
         self._before(("test",))
 
     def before_predict(self) -> None:
+        self._require_checkpoint()
         check_data_for_module(self.datamodule, self.model, ())
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             path = self.config[self.subcommand].get("predictions_path") or "predictions.parquet"

@@ -112,6 +112,10 @@ class MultiTaskModule(L.LightningModule):
         self.task_types = {t: spec.task(t).type for t in self.tasks}
         self.weighting = make_weighting(weighting, self.tasks, self.task_types, task_weights, dwa_temperature)
         self.aux_coefs = dict(DEFAULT_AUX_COEFS if aux_loss_coefs is None else aux_loss_coefs)
+        if optimizer is not None and "class_path" not in optimizer:  # overrides of the default's arguments alone
+            given = {k: v for k, v in optimizer.items() if k != "init_args"}
+            optimizer = {"class_path": DEFAULT_OPTIMIZER["class_path"], "init_args": {
+                **DEFAULT_OPTIMIZER["init_args"], **dict(optimizer.get("init_args") or {}), **given}}
         self.optimizer_config = component_config(optimizer or DEFAULT_OPTIMIZER, "optimizer")
         self.lr_scheduler_config = (component_config(lr_scheduler, "lr_scheduler", SCHEDULER_KEYS)
                                     if lr_scheduler else None)
@@ -271,6 +275,15 @@ class MultiTaskModule(L.LightningModule):
                                         "batches": int(totals[-2]), "rows": int(totals[-1])}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this before it loads the weights: features of another spec (vocabularies in another
+        # order, other buckets) would otherwise be scored silently with the wrong embeddings
+        saved = (checkpoint.get("hyper_parameters") or {}).get("feature_spec")
+        saved_version = saved.get("version") if isinstance(saved, dict) else getattr(saved, "version", None)
+        if saved_version and saved_version != self.spec.version:
+            raise ValueError(
+                f"the checkpoint was trained on features of spec version {saved_version}, the data has spec version "
+                f"{self.spec.version}: their ids mean other values. Use the feature folder the model was trained "
+                f"on (its spec.json), or train again")
         totals = checkpoint.get(EPOCH_TOTALS_KEY)
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return

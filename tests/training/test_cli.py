@@ -158,3 +158,83 @@ def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
     scores = got.column("score_click").to_numpy()
     assert ((scores > 0) & (scores < 1)).all()
     assert not list((in_tmp / "out").glob(".*partial*"))
+
+
+def _fit_tiny(feature_dir, ck_dir, *extra):
+    run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                       "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(ck_dir), *extra])
+
+
+def test_a_checkpoint_is_refused_on_features_of_another_spec(feature_dir, in_tmp, capsys):
+    import shutil
+
+    from mmoe_rec.features.spec import FeatureSpec
+
+    _fit_tiny(feature_dir, in_tmp / "ck")
+    other = in_tmp / "refitted"  # the same columns and table sizes, another fitted spec (e.g. vocabularies reordered)
+    shutil.copytree(feature_dir, other)
+    spec = FeatureSpec.load(other / "spec.json")
+    spec.transforms = {**spec.transforms, "refitted": True}
+    spec.version = ""
+    (other / "spec.json").unlink()
+    spec.save(other / "spec.json")
+    for sub in ("test", "predict"):
+        msg = cli_error([sub, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                         "--data.init_args.data_dir", str(other), "--ckpt_path", str(in_tmp / "ck" / "best.ckpt")],
+                        capsys)
+        assert "spec version" in msg and FeatureSpec.load(feature_dir / "spec.json").version in msg
+        assert spec.version in msg
+
+
+def test_evaluating_without_a_checkpoint_is_an_error(feature_dir, in_tmp, capsys):
+    for sub in ("validate", "test", "predict"):
+        msg = cli_error([sub, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                         "--data.init_args.data_dir", str(feature_dir)], capsys)
+        assert "--ckpt_path" in msg and "random" in msg
+
+
+def test_settings_that_lose_to_the_checkpoint_are_named(feature_dir, in_tmp):
+    _fit_tiny(feature_dir, in_tmp / "ck")
+    with pytest.warns(UserWarning, match=r"come from the checkpoint") as record:
+        run_lightning_cli(["test", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                           "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"),
+                           "--model.init_args.model.init_args.num_experts", "3",
+                           "--model.init_args.optimizer.init_args.lr", "0.5"])
+    text = " ".join(str(w.message) for w in record if "come from the checkpoint" in str(w.message))
+    assert "model.init_args.model.init_args.num_experts: given 3" in text
+    assert "model.init_args.optimizer.init_args.lr: given 0.5" in text
+    assert "feature_spec" not in text  # the data's spec is linked in and checked separately
+
+
+def test_a_second_fit_replaces_best_and_last_instead_of_writing_versions(feature_dir, in_tmp):
+    _fit_tiny(feature_dir, in_tmp / "ck")
+    first = torch.load(in_tmp / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    _fit_tiny(feature_dir, in_tmp / "ck", "--seed_everything", "1")
+    assert sorted(p.name for p in (in_tmp / "ck").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    second = torch.load(in_tmp / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+    weights = [k for k in second["state_dict"] if k.endswith("weight")]
+    assert any(not torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in weights)
+
+
+def test_optimizer_arguments_alone_override_the_default_optimizer(feature_dir):
+    from mmoe_rec.features.spec import FeatureSpec
+    from mmoe_rec.training.module import MultiTaskModule
+
+    model = {"class_path": "mmoe_rec.models.mmoe.MMoE",
+             "init_args": {"embedding_dim": 4, "num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]}}
+    spec = FeatureSpec.load(feature_dir / "spec.json")
+    for given in ({"init_args": {"lr": 3e-3}}, {"lr": 3e-3}):  # `--model.init_args.optimizer.init_args.lr 3e-3`
+        module = MultiTaskModule(model=model, feature_spec=spec, optimizer=given)
+        assert module.optimizer_config == {"class_path": "torch.optim.Adam", "init_args": {"lr": 3e-3, "fused": True}}
+
+
+def test_the_command_prints_a_bad_model_setting_in_one_line(feature_dir, in_tmp, capsys, monkeypatch):
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    rc = main(["fit", "--config", str(CONFIGS[0].parent / "sparse_mmoe_synthetic.yaml"), *TINY,
+               "--data.init_args.data_dir", str(feature_dir), "--model.init_args.model.init_args.k", "17"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.splitlines()[0].startswith("error: k must be in [1, num_experts=")
+    assert "Given value" not in err and len(err) < 300  # not jsonargparse's dump of the whole config
