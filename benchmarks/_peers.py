@@ -74,11 +74,12 @@ def read_arrays(feature_dir: Path, split: str = "train", rows: int | None = None
 
 # --- DeepCTR-Torch -----------------------------------------------------------------------------------------
 
-def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024, fused_adam: bool = False) -> torch.nn.Module:
+def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024, fused_adam: bool = False, lr: float = 1e-3,
+                  weight_decay: float = 0.0) -> torch.nn.Module:
     """``seed``: MMOE's own argument (default 1024). Its constructor calls ``torch.manual_seed(seed)``, which fixes
     the initial weights AND resets torch's global generator that fit()'s shuffling draws from. ``fused_adam``:
     compile with ``torch.optim.Adam(lr=1e-3, fused=True)`` (what mmoe-rec uses) instead of its "adam" (the same
-    Adam, lr 1e-3, one small kernel per tensor)."""
+    Adam, lr 1e-3, one small kernel per tensor). Another ``lr`` or a ``weight_decay`` compiles with that Adam."""
     from deepctr_torch.inputs import DenseFeat, SparseFeat
     from deepctr_torch.models import MMOE
 
@@ -96,7 +97,10 @@ def deepctr_model(data: Arrays, arch: Arch, seed: int = 1024, fused_adam: bool =
         seed=seed,
         device="cpu",
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True) if fused_adam else "adam"
+    optimizer: str | torch.optim.Optimizer = "adam"  # torch.optim.Adam(params) with its defaults: lr 1e-3
+    if fused_adam or lr != 1e-3 or weight_decay:
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay,
+                                     **({"fused": True} if fused_adam else {}))
     model.compile(optimizer, loss=["binary_crossentropy"] * len(data.tasks))
     return model
 
@@ -154,11 +158,12 @@ def rechub_loader(data: Arrays, arch: Arch, rows: slice = slice(None)) -> torch.
     return train
 
 
-def rechub_trainer(model: torch.nn.Module, data: Arrays, workdir: str, fused_adam: bool = False):
+def rechub_trainer(model: torch.nn.Module, data: Arrays, workdir: str, fused_adam: bool = False, lr: float = 1e-3,
+                   weight_decay: float = 1e-4):
     from torch_rechub.trainers import MTLTrainer
 
-    # run_census.py's settings: Adam lr 1e-3, weight decay 1e-4 (fused_adam: the same, fused, as mmoe-rec's)
-    params = {"lr": 1e-3, "weight_decay": 1e-4, **({"fused": True} if fused_adam else {})}
+    # run_census.py's settings by default: Adam lr 1e-3, weight decay 1e-4 (fused_adam: fused, as mmoe-rec's)
+    params = {"lr": lr, "weight_decay": weight_decay, **({"fused": True} if fused_adam else {})}
     return MTLTrainer(
         model, task_types=["classification"] * len(data.tasks), optimizer_params=params,
         n_epoch=1, device="cpu", model_path=workdir,

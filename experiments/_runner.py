@@ -50,11 +50,15 @@ def train_and_test(
         )
         trainer.fit(module, datamodule=dm)
         tested = checkpoint.best_model_path if patience is not None else None  # None: the weights as trained
+        # the monitored validation metric of the tested checkpoint (what a selection on validation reads)
+        best_monitor = None if tested is None else float(checkpoint.best_model_score)
         (result,) = trainer.test(module, datamodule=dm, ckpt_path=tested, verbose=False)
         if eval_train:  # the validation step's metrics, computed over the training split
             (on_train,) = trainer.validate(module, dataloaders=dm.train_dataloader(), verbose=False)
             result.update({k.replace("val/", "train_eval/", 1): v for k, v in on_train.items()})
     result = {k: float(v) for k, v in result.items()}
     result["epochs"] = trainer.current_epoch
+    if best_monitor is not None:
+        result["best_monitor"] = best_monitor
     result["params"] = sum(p.numel() for p in module.model.parameters())
     return result

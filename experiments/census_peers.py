@@ -60,6 +60,7 @@ class Result:
     best_epoch: int
     seconds: float
     params: int
+    best_valid_auc: float = float("nan")  # validation income AUC of the tested epoch (what selection reads)
 
 
 # A peer, set up for one run: (model, train one epoch, predict probabilities (N, T) for a split)
@@ -88,9 +89,10 @@ def _columns(data: Arrays) -> dict[str, np.ndarray]:
 
 # --- the peers ----------------------------------------------------------------------------------------------
 
-def deepctr_setup(train: Arrays, arch: Arch, seed: int, workdir: str) -> Setup:
+def deepctr_setup(train: Arrays, arch: Arch, seed: int, workdir: str, **adam) -> Setup:
+    """`adam`: lr / weight_decay for its Adam (default: its "adam", lr 1e-3, no weight decay)."""
     # MMOE's constructor reseeds torch with its own `seed` argument (default 1024), so the run's seed goes there
-    model = deepctr_model(train, arch, seed=seed)
+    model = deepctr_model(train, arch, seed=seed, **adam)
 
     def predict(data: Arrays) -> np.ndarray:
         return model.predict(_columns(data), batch_size=PREDICT_BATCH)
@@ -98,9 +100,10 @@ def deepctr_setup(train: Arrays, arch: Arch, seed: int, workdir: str) -> Setup:
     return model, lambda: deepctr_fit(model, train, arch), predict
 
 
-def rechub_setup(train: Arrays, arch: Arch, seed: int, workdir: str) -> Setup:
+def rechub_setup(train: Arrays, arch: Arch, seed: int, workdir: str, **adam) -> Setup:
+    """`adam`: lr / weight_decay for its Adam (default: its census example's, lr 1e-3, weight decay 1e-4)."""
     model = rechub_model(train, arch)
-    trainer = rechub_trainer(model, train, workdir)  # Adam lr 1e-3, weight decay 1e-4
+    trainer = rechub_trainer(model, train, workdir, **adam)
     loader = rechub_loader(train, arch)  # reshuffled by torch's global generator on every pass
 
     def predict(data: Arrays) -> np.ndarray:
@@ -134,12 +137,13 @@ def seed_everything(seed: int) -> None:
 
 
 def train_and_test(setup: Callable[..., Setup], splits: dict[str, Arrays], arch: Arch, seed: int, max_epochs: int,
-                   patience: int, verbose: bool) -> Result:
-    """Epochs until `patience` epochs without a better validation income AUC, then the best epoch on the test split."""
+                   patience: int, verbose: bool, **adam) -> Result:
+    """Epochs until `patience` epochs without a better validation income AUC, then the best epoch on the test split.
+    `adam` (lr, weight_decay) goes to the peer's setup; without it each peer keeps its own default."""
     seed_everything(seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:  # torch-rechub's trainer wants a model_path (only fit() writes)
-        model, train_epoch, predict = setup(splits["train"], arch, seed, workdir)
+        model, train_epoch, predict = setup(splits["train"], arch, seed, workdir, **adam)
         best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
         for epoch in range(1, max_epochs + 1):
             train_epoch()
@@ -156,7 +160,7 @@ def train_and_test(setup: Callable[..., Setup], splits: dict[str, Arrays], arch:
         model.load_state_dict(best_state)
         test = aucs(splits["test"], predict(splits["test"]))
     params = sum(p.numel() for p in model.parameters())
-    return Result(test, epoch, best_epoch, time.perf_counter() - t0, params)
+    return Result(test, epoch, best_epoch, time.perf_counter() - t0, params, best_auc)
 
 
 # --- report -------------------------------------------------------------------------------------------------

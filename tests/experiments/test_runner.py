@@ -20,6 +20,7 @@ def test_fixed_epochs_train_every_epoch_and_report_the_training_split_too(featur
         assert 0.0 <= r[f"train_eval/{task}/auc"] <= 1.0
         assert r[f"train_eval/{task}/logloss"] > 0
     assert r["params"] > 0
+    assert "best_monitor" not in r  # no checkpoint was chosen: the final weights were tested
 
 
 def test_early_stopping_tests_the_best_checkpoint_without_training_split_metrics(feature_dir):
@@ -27,3 +28,4 @@ def test_early_stopping_tests_the_best_checkpoint_without_training_split_metrics
                        batch_size=256)
     assert 1 <= r["epochs"] <= 2
     assert "test/click/auc" in r and not any(k.startswith("train_eval/") for k in r)
+    assert r["best_monitor"] > 0  # the best validation loss: what a selection on validation reads

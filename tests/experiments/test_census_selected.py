@@ -1,0 +1,66 @@
+"""experiments/census_selected.py: the choice on validation, the runs file and resuming (no training here)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
+from census_selected import GRID, Outcome, Run, chosen_setting, print_tables, read_runs, write_runs  # noqa: E402
+
+
+def outcome(valid: float, test: float = 0.95) -> Outcome:
+    return Outcome(valid, test, 0.99, 5, 60.0, 1000)
+
+
+def selection(contender: str, valid: dict[tuple[float, float], list[float]], seeds=(1, 2)) -> dict[Run, Outcome]:
+    return {Run("select", contender, lr, wd, s): outcome(v, test=1.0 - v)  # test AUC ranks the other way round
+            for (lr, wd), vals in valid.items() for s, v in zip(seeds, vals)}
+
+
+def test_the_setting_with_the_best_mean_validation_auc_is_chosen_whatever_the_test_split_says():
+    valid = {GRID[0]: [0.950, 0.950], GRID[1]: [0.958, 0.946], GRID[2]: [0.953, 0.951], GRID[3]: [0.940, 0.960]}
+    # means 0.950, 0.952, 0.952, 0.950: GRID[1] and GRID[2] tie on the mean; the earlier one wins the tie
+    assert chosen_setting(selection("MMoE", valid), "MMoE", [1, 2]) == GRID[1]
+    valid[GRID[2]] = [0.954, 0.951]
+    assert chosen_setting(selection("MMoE", valid), "MMoE", [1, 2]) == GRID[2]
+
+
+def test_no_choice_until_every_selection_run_is_done():
+    valid = {s: [0.95, 0.95] for s in GRID}
+    done = selection("PLE", valid)
+    done.pop(Run("select", "PLE", *GRID[3], 2))
+    assert chosen_setting(done, "PLE", [1, 2]) is None
+    assert chosen_setting(done, "MMoE", [1, 2]) is None  # nothing of another contender counts
+
+
+def test_runs_file_round_trips_and_a_bad_line_names_the_file_and_line(tmp_path):
+    done = selection("MMoE", {s: [0.95, 0.951] for s in GRID})
+    done[Run("report", "MMoE", *GRID[0], 7)] = outcome(0.9512, 0.9561)
+    path = tmp_path / "runs.csv"
+    write_runs(path, done)
+    assert read_runs(path) == done
+    assert not list(tmp_path.glob("*.tmp"))
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace("0.95", "n/a", 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=r"runs\.csv, line 4"):
+        read_runs(path)
+
+
+def test_tables_report_only_the_chosen_setting_on_the_report_seeds(capsys):
+    done = selection("MMoE", {GRID[0]: [0.95, 0.95], GRID[1]: [0.96, 0.96], GRID[2]: [0.94, 0.94],
+                              GRID[3]: [0.93, 0.93]})
+    done.update(selection("PLE", {s: [0.95, 0.95] for s in GRID}))
+    for seed, test in ((10, 0.9560), (11, 0.9562)):
+        done[Run("report", "MMoE", *GRID[1], seed)] = outcome(0.955, test)
+        done[Run("report", "MMoE", *GRID[0], seed)] = outcome(0.955, 0.5)  # not chosen: must not be reported
+    for seed, test in ((10, 0.9550), (11, 0.9552)):
+        done[Run("report", "PLE", *GRID[0], seed)] = outcome(0.955, test)
+    print_tables(done, ["MMoE", "PLE"], [1, 2], [10, 11])
+    out = capsys.readouterr().out
+    assert "| MMoE | 0.9500 | 0.9600 * | 0.9400 | 0.9300 |" in out
+    assert "| MMoE | 1,000 | lr 0.001, wd 0.0001 | 0.9550 ± 0.0000 | 0.9561 ± 0.0001 |" in out
+    assert "| PLE | 1,000 | lr 0.001, wd 0 |" in out
+    assert "vs PLE: +0.0010 ± 0.0001" in out
