@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Optional
 
 import pyarrow.parquet as pq
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
@@ -100,8 +101,13 @@ class MultiTaskCLI(LightningCLI):
 
     def _log_config(self) -> None:
         sub = self.subcommand
-        config_yaml = self._parser(sub).dump(self.config[sub], skip_none=False)
-        log_run_files(self.trainer.logger, config_yaml, self.model.spec.to_dict())
+        config = yaml.safe_load(self._parser(sub).dump(self.config[sub], skip_none=False))
+        module_args = (config.get("model") or {}).get("init_args") or {}
+        for key, own in (("optimizer", ()), ("lr_scheduler", SCHEDULER_KEYS)):
+            if isinstance(module_args.get(key), dict) and "class_path" in module_args[key]:
+                # a dotted override sits beside class_path in the parsed dict: log the settings the run used
+                module_args[key] = component_config(module_args[key], key, own)
+        log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict())
 
     def _before(self, splits: tuple[str, ...]) -> None:
         check_data_for_module(self.datamodule, self.model, splits)

@@ -52,12 +52,15 @@ def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, ca
                            "--data.init_args.data_dir", str(feature_dir), "--print_config"])
     printed = capsys.readouterr().out
     (in_tmp / "printed.yaml").write_text(printed)
-    run_lightning_cli(["fit", "--config", "printed.yaml", *TINY, "--checkpoint_dir", str(in_tmp / "ck")])
+    run_lightning_cli(["fit", "--config", "printed.yaml", *TINY, "--checkpoint_dir", str(in_tmp / "ck"),
+                       "--model.init_args.optimizer.init_args.lr", "0.004"])
     run, client = mlflow_run(in_tmp / "mlflow.db")
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "spec.json", "plots"} <= files
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))))
     assert logged["model"]["init_args"]["model"]["init_args"]["num_experts"] == 16
+    optimizer = logged["model"]["init_args"]["optimizer"]  # the override where it took effect, not beside it
+    assert optimizer["init_args"]["lr"] == 0.004 and set(optimizer) == {"class_path", "init_args"}
     assert run.data.tags.get("mlflow.source.git.commit")
     assert "val/click/auc" in run.data.metrics and "experts/epoch/click/load_cv2" in run.data.metrics
     assert list((in_tmp / "ck").glob("*.ckpt"))
