@@ -22,6 +22,7 @@ of an epoch is a pure function of (seed, epoch, rank, world size, workers).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -158,13 +159,32 @@ class FeatureDataModule(L.LightningDataModule):
             # before it; Lightning resumes after them)
             state["epoch"] = trainer.current_epoch
             state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            if math.isfinite(trainer.num_training_batches):  # done == this: written at the epoch's end
+                state["epoch_batches"] = int(trainer.num_training_batches)
+        state["plan"] = self._batch_plan()
         return state
+
+    def _batch_plan(self) -> dict[str, int]:
+        """What decides which rows a rank's first n batches of an epoch hold (besides seed and epoch)."""
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return {"world_size": int(world_size), "batch_size": self.batch_size, "num_workers": self.num_workers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # the checkpoint's seed wins, so a resumed run replays the same shuffles
         self._epoch = int(state_dict["epoch"])
         self.seed = int(state_dict["seed"])
         done = int(state_dict.get("batches_done", 0))
+        saved, now = state_dict.get("plan"), self._batch_plan()
+        mid_epoch = 0 < done < state_dict.get("epoch_batches", math.inf)
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"  # evaluation reads no training batches
+        if mid_epoch and fitting and saved is not None and saved != now:
+            # batches_done counts each rank's batches of the saved plan: under another plan skipping that many
+            # would train some rows twice and others not at all in this epoch
+            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
+            raise ValueError(
+                f"this checkpoint was written in the middle of epoch {self._epoch} ({done} batches per rank done); "
+                f"resuming it mid-epoch needs the same processes, batch size and loader workers ({changed}). "
+                f"Resume with the checkpoint's settings, or from a checkpoint written at an epoch's end")
         self._resume_at = (self._epoch, done) if done > 0 else None
 
     def _batches_to_skip(self, epoch: int) -> int:

@@ -170,16 +170,16 @@ class MultiTaskModule(L.LightningModule):
         self.last_output = out
         bs = batch.batch_size
         self._epoch_rows += bs
-        if self._logs_this_step():
-            self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-            self.log("train/task_loss", task_total, batch_size=bs)
+        if self._logs_this_step():  # under DDP: means over the ranks (every rank has the same batch count)
+            self.log("train/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+            self.log("train/task_loss", task_total, batch_size=bs, sync_dist=True)
             for t, value in losses.items():
-                self.log(f"train/{t}/loss", value, batch_size=bs)
+                self.log(f"train/{t}/loss", value, batch_size=bs, sync_dist=True)
             for name, value in out.aux.items():
-                self.log(f"train/aux/{name}", value, batch_size=bs)
+                self.log(f"train/aux/{name}", value, batch_size=bs, sync_dist=True)
             if not isinstance(self.weighting, FixedWeighting):
                 for t, w in self.weighting.weights().items():
-                    self.log(f"train/{t}/weight", w, batch_size=bs)
+                    self.log(f"train/{t}/weight", w, batch_size=bs)  # the same on every rank
         step_losses = torch.stack([losses[t].detach().float() for t in self.tasks])  # (T,)
         # (.to: totals restored from a checkpoint arrive on the CPU, before Lightning moves the module to its device)
         self._epoch_loss_sum = (step_losses if self._epoch_loss_sum is None
@@ -284,6 +284,7 @@ class MultiTaskModule(L.LightningModule):
                 f"the checkpoint was trained on features of spec version {saved_version}, the data has spec version "
                 f"{self.spec.version}: their ids mean other values. Use the feature folder the model was trained "
                 f"on (its spec.json), or train again")
+        self._check_embedding_optimizer(checkpoint)
         totals = checkpoint.get(EPOCH_TOTALS_KEY)
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return
@@ -293,6 +294,19 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_batches = totals["batches"] if first else 0
         self._epoch_rows = totals["rows"] if first else 0
         self._resumed_epoch = totals["epoch"]
+
+    def _check_embedding_optimizer(self, checkpoint: dict[str, Any]) -> None:
+        """A fit resumed from a ddp_sharded_embeddings checkpoint under another strategy would train the tables
+        with the configured optimizer from fresh state and drop their fused optimizer's state: refused."""
+        from mmoe_rec.training.sharding import SHARDED_OPTIMIZER_KEY, ShardedEmbeddingStrategy
+
+        if (SHARDED_OPTIMIZER_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit"
+                and not isinstance(self.trainer.strategy, ShardedEmbeddingStrategy)):
+            raise ValueError(
+                f"this checkpoint was written under ddp_sharded_embeddings: its embedding tables are trained by their "
+                f"own fused optimizer, whose state it holds, and {type(self.trainer.strategy).__name__} would "
+                f"replace it with the configured optimizer from scratch. Resume it with --trainer.strategy "
+                f"ddp_sharded_embeddings (validate / test / predict / register take it under any strategy)")
 
     # --- evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, metrics: TaskMetrics, prefix: str) -> None:

@@ -10,8 +10,12 @@
 `ShardedEmbeddingStrategy` is Lightning's DDP strategy with one change: instead of wrapping the LightningModule
 in DistributedDataParallel it wraps it in torchrec's DMP, which replaces every EmbeddingBagCollection in place by
 a sharded one (tables placed by `EmbeddingShardingPlanner` under a sharding-type constraint, lookups exchanged
-with all-to-all) and wraps the rest of the module (experts, gates, towers) in DDP. Tables use the DENSE compute
-kernel (plain parameters, updated by the configured optimizer), which is what runs on CPU.
+with all-to-all) and wraps the rest of the module (experts, gates, towers) in DDP. Sharded tables use torchrec's
+FUSED kernel (fbgemm's table-batched embedding, the only one torchrec offers for them on CPU): their optimizer
+runs inside the backward and is the strategy's own, `embedding_optimizer` at `embedding_lr` (default exact
+Adagrad at 0.01), not the configured torch optimizer, whose class, lr, weight decay and scheduler train the dense
+part only (fbgemm has no CPU kernel for Adam). The strategy says so in a warning when it shards. data_parallel
+tables are plain (DENSE) parameters, trained by the configured optimizer.
 
 What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo processes, 2026-11-23):
 - table_wise: trains under Lightning (tests/training/test_ddp.py), checkpoint reloads unsharded.
@@ -36,6 +40,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
@@ -187,6 +192,12 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         self.embedding_lr = embedding_lr
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
+        if self.sharding_type != "data_parallel":
+            rank_zero_warn(
+                f"ddp_sharded_embeddings: the sharded embedding tables are trained by fbgemm's fused "
+                f"{self.embedding_optimizer} at lr {self.embedding_lr} inside the backward (strategy init_args "
+                f"embedding_optimizer / embedding_lr); the configured optimizer, its lr, weight decay and scheduler "
+                f"train the dense part only")
         return shard_module(model, self.sharding_type, self.root_device,
                             embedding_optimizer=self.embedding_optimizer, embedding_lr=self.embedding_lr)
 

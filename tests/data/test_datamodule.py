@@ -145,7 +145,8 @@ def test_state_dict_round_trip_replays_the_same_epoch(feature_dir):
     dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=3)
     dm.set_epoch(2)
     state = dm.state_dict()
-    assert state == {"epoch": 2, "seed": 3, "batches_done": 0}
+    assert state == {"epoch": 2, "seed": 3, "batches_done": 0,
+                     "plan": {"world_size": 1, "batch_size": 64, "num_workers": 0}}
     resumed = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
     resumed.load_state_dict(state)
     a = [b.dense for b in dm.train_dataloader()]
@@ -212,7 +213,7 @@ def test_under_a_lightning_trainer_epochs_reshuffle_and_predict_keeps_ids(featur
     )
     trainer.fit(model, datamodule=dm)
     assert model.val_rows == 2 * 500
-    assert dm.state_dict() == {"epoch": 1, "seed": 5, "batches_done": 0}
+    assert {k: v for k, v in dm.state_dict().items() if k != "plan"} == {"epoch": 1, "seed": 5, "batches_done": 0}
     for epoch in (0, 1):
         # what the Trainer fed equals the epoch the data module makes when told that epoch
         dm_ref = FeatureDataModule(str(feature_dir), batch_size=256, seed=5)
@@ -286,3 +287,23 @@ def test_seeds_do_not_share_epoch_orders():
 
     orders = {(seed, epoch): unit_order(200, seed, epoch, True).tolist() for seed in range(3) for epoch in range(3)}
     assert len({tuple(o) for o in orders.values()}) == len(orders)
+
+
+def test_a_mid_epoch_state_resumes_only_under_the_same_batch_plan(feature_dir):
+    saved = FeatureDataModule(str(feature_dir), batch_size=64, seed=3).state_dict()
+    assert saved["plan"] == {"world_size": 1, "batch_size": 64, "num_workers": 0}
+    mid_epoch = {**saved, "epoch": 1, "batches_done": 5, "plan": {**saved["plan"], "world_size": 2}}
+    # two processes had done 5 batches each; one process skipping 5 of its batches would retrain rows
+    with pytest.raises(ValueError, match=r"world_size 2 -> 1"):
+        FeatureDataModule(str(feature_dir), batch_size=64).load_state_dict(mid_epoch)
+    with pytest.raises(ValueError, match=r"batch_size 64 -> 128"):
+        FeatureDataModule(str(feature_dir), batch_size=128).load_state_dict({**saved, "batches_done": 5})
+    same = FeatureDataModule(str(feature_dir), batch_size=64)
+    same.load_state_dict({**saved, "batches_done": 5})
+    assert same.seed == 3 and same._batches_to_skip(0) == 5
+    at_epoch_end = FeatureDataModule(str(feature_dir), batch_size=128)  # nothing to skip: any plan resumes
+    at_epoch_end.load_state_dict({**mid_epoch, "batches_done": 0})
+    at_epoch_end.load_state_dict({**mid_epoch, "batches_done": 16, "epoch_batches": 16})  # the epoch's last batch
+    old = FeatureDataModule(str(feature_dir), batch_size=64)  # checkpoints from before the plan was saved
+    old.load_state_dict({k: v for k, v in mid_epoch.items() if k != "plan"})
+    assert old._batches_to_skip(1) == 5

@@ -1,5 +1,6 @@
 """Test helper callback (imported by the DDP subprocess via PYTHONPATH): per rank and epoch, the number of
-training rows seen and the sum of the dense feature d0 over them, appended to OUT_DIR/rank<r>.jsonl."""
+training rows seen and the sum of the dense feature d0 over them, appended to OUT_DIR/rank<r>.jsonl; and per
+step, the rank's own training loss beside the latest `train/loss` logged (NaN before the first log)."""
 import json
 from pathlib import Path
 
@@ -11,15 +12,20 @@ class RowAudit(L.Callback):
         self.out_dir = Path(out_dir)
         self.rows = 0
         self.d0 = 0.0
+        self.losses: list[list[float]] = []  # [global step, own loss, logged train/loss]
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self.rows, self.d0 = 0, 0.0
+        self.rows, self.d0, self.losses = 0, 0.0, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rows += batch.batch_size
         self.d0 += float(batch.dense[:, 0].double().sum())
+        logged = trainer.callback_metrics.get("train/loss")
+        self.losses.append([trainer.global_step, float(outputs["loss"]),
+                            float("nan") if logged is None else float(logged)])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
-            f.write(json.dumps({"epoch": trainer.current_epoch, "rows": self.rows, "d0": self.d0}) + "\n")
+            f.write(json.dumps({"epoch": trainer.current_epoch, "rows": self.rows, "d0": self.d0,
+                                "losses": self.losses}) + "\n")

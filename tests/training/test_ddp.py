@@ -62,13 +62,14 @@ def write_config(path: Path, feature_dir: Path, batch_size: int, audit_dir: Path
     return path
 
 
-def run_two_processes(workdir: Path, config: Path, *extra: str) -> None:
+def run_two_processes(workdir: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "mmoe_rec.cli", "fit", "--config", str(config),
            "--trainer.devices", "2", *extra]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def audit(audit_dir: Path) -> dict[int, dict[str, float]]:
@@ -121,12 +122,27 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
         assert epoch["rows"] == 2000 and epoch["ranks"] == [1000, 1000]
         assert epoch["d0"] == pytest.approx(d0, rel=1e-9, abs=1e-6)
     assert audit(one / "audit")[1]["rows"] == 2000
+    # the logged training loss is the mean over both ranks' batches, not rank 0's alone
+    per_rank = [[json.loads(line)["losses"] for line in (two / "audit" / f"rank{r}.jsonl").read_text().splitlines()]
+                for r in (0, 1)]
+    logged_steps = 0
+    for epoch0, epoch1 in zip(*per_rank):
+        for (step, own0, logged0), (step1, own1, logged1) in zip(epoch0, epoch1):
+            assert step == step1
+            if step % 5 == 0:  # log_every_n_steps 5: the steps whose loss was logged
+                logged_steps += 1
+                assert logged0 == pytest.approx(logged1, rel=1e-6)
+                assert logged0 == pytest.approx((own0 + own1) / 2, rel=1e-5)
+                assert own0 != pytest.approx(own1, rel=1e-5)  # the ranks' losses differ: the mean is a real check
+    assert logged_steps >= 4
 
 
 def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
-    run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    # the tables' own optimizer is named: the configured Adam (lr 0.01) trains the dense part only
+    assert "trained by fbgemm's fused exact_adagrad at lr 0.01" in " ".join(proc.stderr.split())
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     tables = {k: v for k, v in saved["state_dict"].items() if ".embedding_bags." in k}
     assert len(tables) == 3
@@ -176,7 +192,9 @@ def test_a_fused_table_trains_sharded_and_reloads_unsharded(make_feature_dir, tm
     single_valued = [f for f in spec.sparse_features if not f.multi_valued]
     dataclasses.replace(spec, sparse_features=single_valued).finalize().save(feature_dir / "spec.json")
     cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
-    run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    # the tables' own optimizer is named: the configured Adam (lr 0.01) trains the dense part only
+    assert "trained by fbgemm's fused exact_adagrad at lr 0.01" in " ".join(proc.stderr.split())
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     tables = [k for k in saved["state_dict"] if ".embedding_bags." in k]
     assert tables == [f"model.front.ebc.embedding_bags.{FUSED_TABLE}.weight"]
@@ -200,3 +218,20 @@ def test_a_checkpoint_without_sharded_optimizer_state_cannot_resume_a_sharded_ru
     strategy._fused_optimizer = lambda: FusedOptimizer()
     with pytest.raises(RuntimeError, match="not written under ddp_sharded_embeddings"):
         strategy.load_optimizer_state_dict({"optimizer_states": []})
+
+
+def test_a_sharded_checkpoint_cannot_resume_a_fit_under_another_strategy(feature_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 256, tmp_path / "audit", epochs=1, checkpoint=True)
+    run_lightning_cli(["fit", "--config", str(cfg)])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    saved[SHARDED_OPTIMIZER_KEY] = {"model.front.ebc.embedding_bags.t_user.weight": {"t_user.momentum1": torch.ones(2)}}
+    torch.save(saved, tmp_path / "sharded.ckpt")  # what a ddp_sharded_embeddings run writes besides the weights
+    cfg2 = write_config(tmp_path / "again" / "c.yaml", feature_dir, 256, tmp_path / "again" / "audit", epochs=2,
+                        checkpoint=True)
+    with pytest.raises(ValueError, match="written under ddp_sharded_embeddings"):
+        run_lightning_cli(["fit", "--config", str(cfg2), "--ckpt_path", str(tmp_path / "sharded.ckpt")])
+    # evaluating it is fine: the weights are full tensors
+    run_lightning_cli(["validate", "--config", str(cfg2), "--ckpt_path", str(tmp_path / "sharded.ckpt")])
