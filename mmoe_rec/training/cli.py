@@ -97,7 +97,7 @@ class MultiTaskCLI(LightningCLI):
             rank_zero_warn(
                 "these settings come from the checkpoint (--ckpt_path), not from the config or the command line: "
                 + "; ".join(f"model.{k}: given {g!r}, checkpoint {u!r}" for k, (g, u) in sorted(lost.items()))
-                + ". To train with other settings, start a new fit (optionally from the checkpoint's weights).")
+                + ". To train with other settings, start a new fit.")
 
     def _log_config(self) -> None:
         sub = self.subcommand
