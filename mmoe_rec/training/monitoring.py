@@ -103,8 +103,8 @@ def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
     return list(sums.tasks), corr
 
 
-def _zeros(*shape: int, like: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.zeros(shape, dtype=torch.float64, device=None if like is None else like.device)
+def _zeros(*shape: int) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float64)
 
 
 @dataclasses.dataclass
@@ -188,8 +188,8 @@ class GateStats:
             self.dropped += record.dropped.detach().to(self.dropped.device)
         self.groups = record.expert_groups
         for key, value in record.extra.items():
-            v = value.detach().double().mean()  # a per-expert extra (bias statistics) as its mean
-            self.extra_sum[key] = self.extra_sum.get(key, torch.zeros_like(self.dropped)) + rows * v.to(self.dropped.device)
+            v = value.detach().double().mean().to(self.dropped.device)  # a per-expert extra (bias statistics): mean
+            self.extra_sum[key] = self.extra_sum.get(key, torch.zeros_like(self.dropped)) + rows * v
 
     # flat view for an all-reduce (sum) across ranks; order is fixed by the fields
     def tensors(self) -> list[torch.Tensor]:

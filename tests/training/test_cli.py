@@ -200,7 +200,8 @@ def test_settings_that_lose_to_the_checkpoint_are_named(feature_dir, in_tmp):
     _fit_tiny(feature_dir, in_tmp / "ck")
     with pytest.warns(UserWarning, match=r"come from the checkpoint") as record:
         run_lightning_cli(["test", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
-                           "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"),
+                           "--data.init_args.data_dir", str(feature_dir),
+                           "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"),
                            "--model.init_args.model.init_args.num_experts", "3",
                            "--model.init_args.optimizer.init_args.lr", "0.5"])
     text = " ".join(str(w.message) for w in record if "come from the checkpoint" in str(w.message))
