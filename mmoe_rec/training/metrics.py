@@ -52,6 +52,8 @@ class WeightedBinaryAUROC(Metric):
 def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(N,) scores, 0/1 labels, weights -> scalar AUC. One sort; equal scores form one group whose negatives
     count half against its positives."""
+    if not bool(torch.isfinite(scores).all()):  # a diverged model: no ranking, as its log-loss is NaN too
+        return torch.tensor(float("nan"), device=scores.device)
     order = torch.argsort(scores)
     s, y, w = scores[order], labels[order], weights[order]
     _, group = torch.unique_consecutive(s, return_inverse=True)  # (N,) tie group of each sorted row
@@ -67,6 +69,10 @@ def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return ((pos * (neg_below + 0.5 * neg)).sum() / (total_pos * total_neg)).float()
 
 
+# MeanMetric's nan_strategy: a float replaces NaN values by itself, here NaN (its "disable" would also drop the
+# sample weights: torchmetrics 1.9 then weights every row 1)
+NAN_STAYS = float("nan")
+
 LOSS_METRIC = {"binary": "logloss", "regression": "mse"}  # the metric that is the task's training loss
 
 
@@ -81,9 +87,11 @@ class TaskMetrics(nn.Module):
         for t, kind in self.types.items():
             if kind == "binary":
                 self.metrics[f"{t}__auc"] = WeightedBinaryAUROC()
-                self.metrics[f"{t}__logloss"] = MeanMetric()
+                self.metrics[f"{t}__logloss"] = MeanMetric(nan_strategy=NAN_STAYS)
             else:
-                self.metrics[f"{t}__mse"] = MeanMetric()
+                self.metrics[f"{t}__mse"] = MeanMetric(nan_strategy=NAN_STAYS)
+        # a NaN row makes the mean NaN: torchmetrics' default drops it with a warning, which would give a diverged
+        # model a finite validation loss that early stopping and checkpoints believe
 
     @torch.no_grad()
     def update(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],

@@ -92,3 +92,19 @@ def test_split_loss_is_the_sum_of_the_task_losses_over_all_rows():
     want = float((bce * weights).sum() / weights.sum() + ((dwell - target) ** 2 * weights).sum() / weights.sum())
     assert out["test/loss"].item() == pytest.approx(want, rel=1e-5)
     assert out["test/loss"].item() == pytest.approx((out["test/click/logloss"] + out["test/dwell/mse"]).item())
+
+
+def test_a_row_with_a_nan_output_makes_the_split_metrics_nan_not_finite():
+    """A model that diverged on some rows must not get a finite validation loss from the rows that are left:
+    early stopping and checkpoints read it (the training loss of the same batch is NaN)."""
+    import math
+
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("dwell", "regression")]).finalize()
+    metrics = TaskMetrics(spec, ["click", "dwell"], "val")
+    metrics.update({"click": torch.tensor([2.0, -1.0, 0.5]), "dwell": torch.tensor([0.1, 0.2, 0.3])},
+                   {"click": torch.tensor([1.0, 0.0, 1.0]), "dwell": torch.tensor([0.0, 0.0, 0.0])})
+    metrics.update({"click": torch.tensor([float("nan"), 0.3]), "dwell": torch.tensor([float("nan"), 0.1])},
+                   {"click": torch.tensor([0.0, 1.0]), "dwell": torch.tensor([0.0, 0.0])})
+    out = metrics.compute()
+    for key in ("val/click/logloss", "val/click/auc", "val/dwell/mse", "val/loss"):
+        assert math.isnan(float(out[key])), (key, out[key])
