@@ -21,7 +21,16 @@ def _is_user_error(e: Exception) -> bool:
 
     tracking = sys.modules.get("mmoe_rec.training.tracking")  # imported by the jobs that talk to MLflow
     unavailable = (tracking.TrackingUnavailable,) if tracking else ()
-    return isinstance(e, (FeatureDataError, ValueError, OSError, *unavailable))
+    mlflow_errors = sys.modules.get("mlflow.exceptions")  # e.g. a registered model or alias that does not exist
+    registry = (mlflow_errors.MlflowException,) if mlflow_errors else ()
+    return isinstance(e, (FeatureDataError, ValueError, OSError, *unavailable, *registry))
+
+
+def print_user_error(e: Exception) -> None:
+    """`error: <message>` in one line, or the exception raised with its traceback under MMOE_REC_TRACEBACK=1."""
+    if os.environ.get("MMOE_REC_TRACEBACK"):
+        raise e
+    print(f"error: {e}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
 
 
 def _report(e: Exception) -> int:
@@ -33,8 +42,7 @@ def _report(e: Exception) -> int:
     while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
         chain.append(nxt)
         seen.add(id(nxt))
-    cause = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
-    print(f"error: {cause}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    print_user_error([x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1])
     return 1
 
 

@@ -258,13 +258,17 @@ def main(argv: list[str] | None = None) -> int:
             gen = RecSynthetic(relatedness=args.relatedness, num_users=args.users, num_items=args.items,
                                num_tags=args.tags, zipf=args.zipf, tasks=tuple(args.tasks.split(",")), seed=args.seed)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from mmoe_rec.cli import print_user_error
+
+        print_user_error(e)
         return 2
     try:
         files = write_parquet(gen.tables(args.rows, args.chunk_rows), args.output, rows_per_file=args.rows_per_file,
                               overwrite=args.overwrite)
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from mmoe_rec.cli import print_user_error
+
+        print_user_error(e)
         return 1
     print(f"wrote {args.rows} rows to {args.output} ({len(files)} files)", file=sys.stderr)
     return 0

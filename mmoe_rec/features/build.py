@@ -467,7 +467,9 @@ def main(argv: list[str] | None = None) -> int:
               batch_rows=args.batch_rows, row_group_rows=args.row_group_rows, rows_per_file=args.rows_per_file,
               overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
     except FeatureDataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from mmoe_rec.cli import print_user_error
+
+        print_user_error(e)
         return 1
     return 0
 

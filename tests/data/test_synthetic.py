@@ -83,6 +83,25 @@ def test_synth_refuses_a_non_empty_output_without_overwrite(tmp_path, capsys):
     assert synth_main(args + ["--overwrite"]) == 0  # rerunnable
 
 
+def test_synth_and_features_errors_give_the_traceback_on_request(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "raw"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    assert synth_main(["mmoe", "--rows", "50", "--d", "4", "--output", str(out)]) == 1
+    assert "MMOE_REC_TRACEBACK=1" in capsys.readouterr().err  # the hint, as every mmoe-rec job prints it
+    monkeypatch.setenv("MMOE_REC_TRACEBACK", "1")
+    with pytest.raises(FileExistsError):
+        synth_main(["mmoe", "--rows", "50", "--d", "4", "--output", str(out)])
+    with pytest.raises(ValueError, match="p must be in"):
+        synth_main(["mmoe", "--rows", "50", "--p", "3", "--output", str(tmp_path / "p3")])
+    from mmoe_rec.features.errors import FeatureDataError
+
+    with pytest.raises(FeatureDataError, match="not empty"):
+        features_main(["--schema", str(ROOT / "configs/features/synthetic_mmoe.yaml"), "--input", str(out),
+                       "--output", str(out)])
+
+
 def test_synth_into_an_empty_directory_or_onto_a_file(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

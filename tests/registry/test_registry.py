@@ -230,6 +230,19 @@ def test_the_mmoe_rec_command_reports_bad_input_in_one_line(rec_data, package, t
         mmoe_rec_main(argv)
 
 
+def test_scoring_with_an_unknown_alias_is_one_line(rec_data, package, tracking, tmp_path, capsys, monkeypatch):
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    register_package(package, "rec-alias", alias="champion")
+    argv = ["score", "--model", "models:/rec-alias@nosuchalias", "--input", str(rec_data[1]),
+            "--output", str(tmp_path / "s.parquet")]
+    assert mmoe_rec_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: Registered model alias nosuchalias not found" in err and "Traceback" not in err
+    assert not (tmp_path / "s.parquet").exists()
+
+
 def test_registered_model_declares_its_raw_input_columns_and_score_outputs(rec_data, package, tracking):
     register_package(package, "rec-signature")
     model = mlflow.pyfunc.load_model("models:/rec-signature/1")
