@@ -21,10 +21,11 @@ sparse dispatch of many small experts keeps its one grouped / batched GEMM per l
 Policy (`MMOE_REC_CPU_GEMM`, read per call so tests and benchmarks can switch it; `gemm_backend(...)` does the
 same for a block of code):
 - `auto` (default): oneDNN when PyTorch has it, the CPU is an AMD one with AVX-512 (where MKL's handicap shows;
-  on Intel CPUs MKL runs AVX-512 itself, and no measurement here says oneDNN is faster there; on a Zen 3, AVX2
-  only, MKL won every product of the large MMoE, oneDNN at 0.62-0.92x), both operands are float32 in a measured
-  layout and the product is large enough (`auto_min_macs()`; at least `MIN_ONEDNN_MACS_A_TRANSPOSED` with `a`
-  column-major):
+  on Intel CPUs MKL runs AVX-512 itself: on a 2-vCPU Xeon, Emerald Rapids, oneDNN ran the large MMoE's products
+  at 0.51-1.02x MKL's rate, the 2048^3 square at 0.93x, an expert's deeper layer as relu_experts runs it at
+  0.63-0.71x, 2026-12-06; on a Zen 3, AVX2 only, MKL won every product of the large MMoE, oneDNN at 0.62-0.92x),
+  both operands are float32 in a measured layout and the product is large enough (`auto_min_macs()`; at least
+  `MIN_ONEDNN_MACS_A_TRANSPOSED` with `a` column-major):
   - full-width AVX-512 (Zen 5, AMD family 26 on): from `MIN_ONEDNN_MACS` multiply-adds. Below that MKL's lower
     per-call cost wins (14 against 6 us for (1024, 64) @ (64, 1)).
   - Zen 4 (family 25), which runs AVX-512 instructions on 256-bit units: oneDNN's lead is smaller there (1.04-1.45x

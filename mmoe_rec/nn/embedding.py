@@ -15,9 +15,10 @@ concatenated with the dense features: Batch -> (B, D_in), D_in = sum of embeddin
 - Fused tables (`fuse_tables=True`, the default): when every sparse feature is single-valued (a bag of one id:
   sum and mean pooling are that row), all share one dim and the tables hold at most FUSED_MAX_ELEMENTS values
   in all, the collection has ONE table, "t_fused", with the features' tables laid end to end in spec order
-  (feature f's id i is row offset_f + i). Pooling is then one `index_select` of (B, F) ids, and the gradient
-  lands in one parameter: one table instead of F (44 for census) saves the per-table autograd and optimizer
-  work that dominated small models. A bare training step of the census MMoEs of benchmarks/train_throughput.py,
+  (feature f's id i is row offset_f + i). Pooling is then one `index_select` of (B, F) ids (`nn.row_gather`,
+  whose CPU backward avoids the false sharing of index_select's), and the gradient lands in one parameter:
+  one table instead of F (44 for census) saves the per-table autograd and optimizer work that dominated small
+  models. A bare training step of the census MMoEs of benchmarks/train_throughput.py,
   per-table against fused, interleaved in one process (two runs, a Zen 5, 2026-11-25): small 6.4 -> 3.8 ms
   both times, large 26.7 -> 23.8 and 26.0 -> 23.0 ms. A prototype of the same, half an hour earlier in a faster
   spell of the shared VM: small 2.45 -> 2.08 ms, large 22.3 -> 22.0 ms.
@@ -41,6 +42,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.nn.row_gather import gather_rows
 
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 FUSED_MAX_ELEMENTS = 1 << 20  # single-valued tables up to 4 MB in all are fused into one
@@ -148,7 +150,7 @@ class EmbeddingFront(nn.Module):
                 self._check_ids(values)
                 ids = values.t() + self._row_offsets  # (B, F)
                 table = self.ebc.embedding_bags[FUSED_TABLE].weight  # (sum V, d)
-                return table.index_select(0, ids.reshape(-1)).view(rows, -1)  # (B, F*d)
+                return gather_rows(table, ids.reshape(-1)).view(rows, -1)  # (B, F*d)
             kjt = self._to_fused_rows(kjt)
         kt = self.ebc(kjt)
         if list(kt.keys()) == self.sparse_names:

@@ -156,6 +156,24 @@ def test_fused_table_equals_one_table_per_feature_values_forward_gradients_and_r
     torch.testing.assert_close(outs[True][:, 5:10], table(fused, "item")[torch.tensor([3, 3, 1])])
 
 
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.add(node.name())
+            todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def test_the_fused_tables_cpu_gradient_is_summed_by_row_gather():
+    # nn.row_gather's backward (no false sharing between threads), not index_select's; equal values are tested
+    # above and in tests/nn/test_row_gather.py
+    front = EmbeddingFront(single_valued_spec(), embedding_dim=4)
+    nodes = graph_nodes(front.pooled(single_valued_batch()))
+    assert "_GatherRowsBackward" in nodes and "IndexSelectBackward0" not in nodes
+
+
 def test_fused_table_through_torchrec_equals_the_index_select_path():
     torch.manual_seed(0)
     front = EmbeddingFront(single_valued_spec(), embedding_dim=3)
