@@ -216,7 +216,13 @@ class FeatureDataModule(L.LightningDataModule):
         collate = self.collator(with_ids)
         key = (split, with_ids)
         if key not in self._indexes:
-            self._indexes[key] = ParquetIndex.from_dir(self.data_dir / split, collate.columns)
+            index = ParquetIndex.from_dir(self.data_dir / split, collate.columns)
+            if index.num_rows == 0:  # `mmoe-rec features` writes every split, empty where no rows went to it
+                how = f"an input prefixed {split}=" + (f" or --{split}-fraction" if split != "train" else "")
+                skip = ", or fit without validation (--trainer.limit_val_batches 0)" if split == "valid" else ""
+                raise ValueError(f"split {split!r} in {self.data_dir} has no rows: build the features with rows in it "
+                                 f"(`mmoe-rec features` with {how}){skip}")
+            self._indexes[key] = index
         ds = FeatureParquetStream(
             self._indexes[key],
             collate.arrays,

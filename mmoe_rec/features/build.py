@@ -109,6 +109,9 @@ def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_
         if len(splits) == 1:
             return Source(files, "fixed", (splits[0],), (1.0,), keys)
         total = sum(weights)
+        if total <= 0 or len(set(splits)) < len(splits):
+            raise FeatureDataError(f"--input {arg!r}: the split weights must add up to more than 0, each split named "
+                                   "once")
         return Source(files, "random", tuple(splits), tuple(w / total for w in weights), keys)
     files = tuple(resolve_inputs(arg))
     keys = input_keys(arg, files)
@@ -342,6 +345,19 @@ def group_by_split(table: pa.Table, split: np.ndarray) -> list[tuple[int, pa.Tab
     return parts
 
 
+def _refuse_repeated_files(sources: list[Source]) -> None:
+    """A file named by two inputs (or twice by one glob list) would be read twice: its rows duplicated, or the same
+    rows in train and in valid / test."""
+    seen: dict[str, str] = {}
+    for src in sources:
+        for f in src.files:
+            real = os.path.realpath(f)
+            if real in seen:
+                raise FeatureDataError(f"the input file is given twice ({seen[real]!r} and {f!r}): its rows would be "
+                                       "read twice, duplicated or in two splits", file=f)
+            seen[real] = f
+
+
 def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed: int = 0,
           split_column: str | None = None, batch_rows: int = 65_536, row_group_rows: int = 65_536,
           rows_per_file: int = 1_048_576, overwrite: bool = False, log=None) -> FeatureSpec:
@@ -353,6 +369,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     if row_group_rows < 1 or rows_per_file < 1 or batch_rows < 1:
         raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
                                f"{rows_per_file} must be positive")
+    _refuse_repeated_files(sources)
     if split_column and any(s.rule == "column" for s in sources):
         extra = [split_column]
     else:

@@ -1,7 +1,8 @@
 """Numeric columns: streaming train statistics and the transforms standardize / log1p / bucketize / none.
 
-Statistics come from one streaming pass: count, mean and M2 merged per batch (Chan et al.), so they do not
-depend on how rows are batched beyond float rounding, and a bounded uniform sample for quantiles
+Statistics come from one streaming pass: count, mean and M2 of fixed blocks of STATS_BLOCK values merged in row
+order (Chan et al.), so they do not depend on how rows are batched, not even in the last bit (the spec's
+version hashes them: `--batch-rows` must not change it), and a bounded uniform sample for quantiles
 (median imputation, bucketize boundaries). The sample is a "bottom-k" reservoir: every value gets a seeded
 uniform random key and the k values with the smallest keys are kept, which is a uniform sample without
 replacement of all values seen, mergeable batch by batch with numpy. With k = 65,536 a quantile's rank error
@@ -24,6 +25,7 @@ import pyarrow as pa
 from mmoe_rec.features.schema import NumericSpec
 
 RESERVOIR_SIZE = 65_536
+STATS_BLOCK = 4_096  # values per block of the mean / M2 merge; a batch's remainder waits for the next batch
 _COMPARE_MAX_BOUNDARIES = 16  # bucketize by comparisons up to this many boundaries
 
 
@@ -35,10 +37,9 @@ class NumericStats:
     """Streaming statistics of one numeric column (values already on the transform's scale)."""
 
     def __init__(self, name: str, reservoir_size: int = RESERVOIR_SIZE) -> None:
-        self.count = 0
         self.missing = 0
-        self.mean = 0.0
-        self.m2 = 0.0
+        self._merged = (0, 0.0, 0.0)  # count, mean, M2 of the full blocks so far
+        self._pending = np.empty(0)  # values after the last full block (< STATS_BLOCK)
         self.k = reservoir_size
         self._rng = np.random.default_rng(zlib.crc32(name.encode()))
         self._keys = np.empty(0)
@@ -51,13 +52,15 @@ class NumericStats:
         n = v.size
         if n == 0:
             return
-        bmean = float(v.mean())
-        bm2 = float(((v - bmean) ** 2).sum())
-        tot = self.count + n
-        delta = bmean - self.mean
-        self.mean += delta * n / tot
-        self.m2 += bm2 + delta * delta * self.count * n / tot
-        self.count = tot
+        values = np.concatenate([self._pending, v]) if self._pending.size else v
+        full = values.size - values.size % STATS_BLOCK
+        if full:
+            blocks = values[:full].reshape(-1, STATS_BLOCK)  # (m, STATS_BLOCK)
+            means = blocks.mean(axis=1)
+            m2s = ((blocks - means[:, None]) ** 2).sum(axis=1)
+            for bmean, bm2 in zip(means.tolist(), m2s.tolist()):
+                self._merged = _merge(self._merged, STATS_BLOCK, bmean, bm2)
+        self._pending = values[full:].copy()
         keys = np.concatenate([self._keys, self._rng.random(n)])
         sample = np.concatenate([self._sample, v])
         if keys.size > self.k:
@@ -65,14 +68,39 @@ class NumericStats:
             keys, sample = keys[keep], sample[keep]
         self._keys, self._sample = keys, sample
 
+    def _totals(self) -> tuple[int, float, float]:
+        """(count, mean, M2) of every value so far: the full blocks, then the pending values as one block."""
+        if not self._pending.size:
+            return self._merged
+        v = self._pending
+        bmean = float(v.mean())
+        return _merge(self._merged, v.size, bmean, float(((v - bmean) ** 2).sum()))
+
+    @property
+    def count(self) -> int:
+        return self._totals()[0]
+
+    @property
+    def mean(self) -> float:
+        return self._totals()[1]
+
     @property
     def std(self) -> float:
-        return float(np.sqrt(self.m2 / self.count)) if self.count else 0.0
+        count, _, m2 = self._totals()
+        return float(np.sqrt(m2 / count)) if count else 0.0
 
     def quantiles(self, qs: np.ndarray, nonzero: bool = False) -> np.ndarray:
         """Quantiles of the sampled values (nonzero: of the non-zero ones only); zeros if there are none."""
         sample = self._sample[self._sample != 0] if nonzero else self._sample
         return np.quantile(np.sort(sample), qs) if sample.size else np.zeros(len(qs))
+
+
+def _merge(acc: tuple[int, float, float], n: int, bmean: float, bm2: float) -> tuple[int, float, float]:
+    """(count, mean, M2) of acc's values and n more with mean bmean and M2 bm2 (Chan et al.)."""
+    count, mean, m2 = acc
+    tot = count + n
+    delta = bmean - mean
+    return tot, mean + delta * n / tot, m2 + bm2 + delta * delta * count * n / tot
 
 
 def column_values(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:

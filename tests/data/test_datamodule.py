@@ -174,6 +174,9 @@ def test_bad_inputs_are_clear_errors(feature_dir, make_feature_dir, tmp_path):
     pq.write_table(table, path)
     with pytest.raises(ValueError, match="part-00000.parquet: missing feature columns \\['d1'\\]"):
         FeatureDataModule(str(broken)).train_dataloader()
+    no_valid = make_feature_dir("no_valid", rows={"train": 100, "valid": 0})  # as `features` writes an empty split
+    with pytest.raises(ValueError, match="split 'valid' in .* has no rows.*--valid-fraction.*limit_val_batches 0"):
+        FeatureDataModule(str(no_valid)).val_dataloader()
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match="part-00000.parquet: not a readable Parquet file"):
         FeatureDataModule(str(broken)).train_dataloader()

@@ -236,3 +236,22 @@ def test_compressed_tsv_is_read_tab_separated(feat, tmp_path, suffix):
     assert features_main(["--schema", str(schema), "--output", str(tmp_path / "tsv"), "--input", str(raw)]) == 0
     assert features_main(["--schema", str(schema), "--output", str(tmp_path / "csv"), "--input", str(csv)]) == 0
     assert pq.read_table(tmp_path / "tsv/train").equals(pq.read_table(tmp_path / "csv/train"))
+
+
+@pytest.mark.parametrize("second", ["valid+test={dir}/./raw.csv", "train={dir}/raw*.csv"])
+def test_a_file_given_by_two_inputs_is_refused_not_read_twice(feat, tmp_path, capsys, second):
+    # read twice, its rows would be duplicated in train, or the same rows would be in train and in valid / test
+    raw = _csv(tmp_path, _good_rows())
+    schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
+    rc, out = _run(tmp_path, schema, f"train={raw}", second.format(dir=tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 1 and "given twice" in err and "raw.csv" in err
+    _assert_clean(tmp_path, out)
+
+
+@pytest.mark.parametrize("prefix", ["train:0+valid:0", "train+train"])
+def test_split_weights_that_cannot_split_are_refused(feat, tmp_path, capsys, prefix):
+    raw = _csv(tmp_path, _good_rows())
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), f"{prefix}={raw}")
+    assert rc == 1 and "split weights" in capsys.readouterr().err
+    _assert_clean(tmp_path, out)

@@ -1,6 +1,8 @@
 """Fit on train only, transform identically in batch and row by row, stable hashing, deterministic splits."""
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import pytest
 from mmoe_rec.features.build import main as features_main
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.fit import SpecFitter
+from mmoe_rec.features.numeric import STATS_BLOCK, NumericStats
 from mmoe_rec.features.schema import parse_schema
 from mmoe_rec.features.spec import FeatureSpec, label_column
 from mmoe_rec.features.transform import transform_table
@@ -135,7 +138,7 @@ def test_hash_is_stable_across_processes():
 
 def test_random_split_is_deterministic_and_independent_of_batch_size(feat, tmp_path):
     raw = feat.write_parquet(tmp_path / "raw/all.parquet", feat.raw_table(3000, seed=6), row_group_size=700)
-    runs = []
+    runs, versions = [], []
     for k, batch_rows in enumerate(["256", "5000"]):
         d = tmp_path / f"run{k}"
         d.mkdir()
@@ -143,7 +146,9 @@ def test_random_split_is_deterministic_and_independent_of_batch_size(feat, tmp_p
                                            "--batch-rows", batch_rows, "--row-group-rows", "512"])
         runs.append({s: pq.read_table(out / s, columns=["row_id"])["row_id"].to_pylist() for s in
                      ("train", "valid", "test")})
+        versions.append(json.loads((out / "spec.json").read_text())["version"])
     assert runs[0] == runs[1]
+    assert versions[0] == versions[1]  # the numeric statistics too, to the last bit (the version hashes them)
     assert sorted(sum(runs[0].values(), [])) == list(range(3000))
     assert abs(len(runs[0]["valid"]) - 600) < 90 and abs(len(runs[0]["test"]) - 300) < 70
     assert pq.ParquetFile(next((tmp_path / "run0/out/train").glob("*.parquet"))).metadata.row_group(0).num_rows == 512
@@ -179,3 +184,19 @@ def test_nan_in_float_categorical_is_missing_like_null():
     ref = transform_table(spec, pd.DataFrame({"shop": [None if v != v else v for v in shop], "many": many.to_pylist(),
                                               "y": [0, 1] * 4}))
     assert ref["shop"].to_pylist() == got["shop"].to_pylist() and ref["shop_h"].equals(got["shop_h"])
+
+
+def test_numeric_statistics_do_not_depend_on_the_batching_not_even_in_the_last_bit():
+    rng = np.random.default_rng(3)
+    x = rng.lognormal(3.0, 2.0, 3 * STATS_BLOCK + 123)  # full blocks and a remainder
+    missing = rng.random(x.size) < 0.1
+    got = []
+    for batch in (1_000, 4_096, 5_000, x.size):
+        stats = NumericStats("amount")
+        for i in range(0, x.size, batch):
+            stats.update(x[i:i + batch], missing[i:i + batch])
+        got.append((stats.count, stats.missing, stats.mean, stats.std))
+    assert all(g == got[0] for g in got)
+    values = x[~missing]
+    assert got[0][:2] == (values.size, int(missing.sum()))
+    np.testing.assert_allclose(got[0][2:], (values.mean(), values.std()), rtol=1e-12)
