@@ -20,4 +20,6 @@ class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
         table = pa.Table.from_pandas(frame, preserve_index=False)
         out = self.scorer.score_table(table, source="pyfunc input").to_pandas()
         out.index = frame.index  # row for row: scores assigned back onto a filtered or re-indexed frame align
+        for column in self.scorer.spec.id_columns:  # the caller's ids as given: through Arrow, a nullable integer
+            out[column] = frame[column].array  # column would come back as float64 (ids above 2**53 merged)
         return out

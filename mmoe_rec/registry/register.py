@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+import mmoe_rec
 from mmoe_rec.registry.package import load_package, save_package
 from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
 from mmoe_rec.registry.signature import example_input, model_signature
@@ -37,9 +38,10 @@ def register_package(
             artifacts={"package": str(package_dir)},
             registered_model_name=name,
             tags=tags,
-            signature=model_signature(spec),
+            signature=model_signature(spec, tasks=list(model.tasks)),
             input_example=example_input(spec),  # MLflow scores it while logging: a package that fails, fails here
-            pip_requirements=_pip_requirements(),
+            pip_requirements=pip_requirements(),
+            code_paths=[str(Path(mmoe_rec.__file__).parent)],  # the model loads where mmoe-rec is not installed
         )
     version = str(info.registered_model_version)
     client = MlflowClient()
@@ -55,10 +57,25 @@ def promote(name: str, version: str, alias: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
-def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
+# What loading and scoring a registered model imports (mmoe_rec itself travels with the model as code). On a
+# CPU-only machine torchrec goes in with --no-deps, as `make setup` does: its metadata asks for the CUDA fbgemm-gpu,
+# where fbgemm-gpu-cpu is the one that runs (a pip requirements file cannot say --no-deps for one package).
+SERVING_DISTRIBUTIONS = ("torch", "fbgemm-gpu-cpu", "torchrec", "tensordict", "pyre-extensions", "numpy", "pandas",
+                         "pyarrow", "pyyaml", "psutil", "tqdm", "mlflow")
 
-    return [f"mmoe-rec=={version('mmoe-rec')}", f"torch=={version('torch')}", f"torchrec=={version('torchrec')}"]
+
+def pip_requirements() -> list[str]:
+    """`name==version` of each serving distribution installed here, without local version tags (torch's "+cpu"
+    names a build of one index, not a version pip can resolve elsewhere)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for name in SERVING_DISTRIBUTIONS:
+        try:
+            pins.append(f"{name}=={version(name).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return pins
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,9 @@ from mmoe_rec.features.transform import transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
 
+JOB_COLUMNS = ("model_name", "model_version")  # added by the batch scoring job
+
+
 def score_column(task: str) -> str:
     return f"score_{task}"
 
@@ -19,6 +22,11 @@ class Scorer:
     def __init__(self, model: MultiTaskModel) -> None:
         self.model = model.eval()
         self.spec = model.feature_spec
+        taken = {score_column(t) for t in model.tasks} | set(JOB_COLUMNS)
+        clash = [c for c in self.spec.id_columns if c in taken]
+        if clash:  # the score (or the job's column) would overwrite the id, or the output have a column twice
+            raise ValueError(f"id columns {clash} have the names of output columns ({sorted(taken)}): rename them in "
+                             "the feature schema")
         self.collator = BatchCollator(self.spec, tasks=model.tasks, with_ids=False, with_labels=False)
 
     @torch.no_grad()

@@ -1,6 +1,10 @@
 """Batch scoring job: raw Parquet in, score Parquet out, with a registered model.
 
-Output columns: the spec's id columns passed through, `score_<task>` per task, `model_name`, `model_version`.
+Output columns: the spec's id columns passed through, `score_<task>` per task, `model_name`, `model_version` (the
+registry's version number, an alias or "latest" resolved; for a package folder "package-" and its weights' hash).
+Id columns keep their values exactly: files whose id columns are typed differently are written in the one type
+every file converts to without loss (int32 and int64 as int64), found before scoring; ids that would change
+("007" as 7) are an error naming the files. Files without rows give an output without rows.
 The output is written to a temporary file beside the target and renamed when complete; the row count out is
 checked against the row count in. An output that is an input file, or lies inside an input folder, is refused
 before anything is read. A bad value is reported at its file and its row inside that file.
@@ -8,6 +12,7 @@ before anything is read. A bad value is reported at its file and its row inside 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
@@ -20,18 +25,25 @@ import pyarrow.parquet as pq
 from mmoe_rec.registry.scorer import Scorer
 
 
+USAGE = "--model must be models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest or a package folder"
+
+
 def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
-    """Load `models:/name@alias`, `models:/name/version`, or a local package folder. Returns (scorer, name, version)."""
+    """Load `models:/name@alias`, `models:/name/version`, `models:/name/latest`, or a local package folder.
+    Returns (scorer, name, version): the registry's version number (an alias or "latest" resolved to it), or for
+    a package folder "package-" + the first 16 hex digits of its weights' SHA-256 (two packages with the same
+    features but other weights must not write the same model_version)."""
     if os.path.isdir(model_uri) and os.path.exists(os.path.join(model_uri, "model.json")):
         from mmoe_rec.registry.package import load_package
 
         model = load_package(model_uri)
-        return Scorer(model), Path(model_uri).name, model.feature_spec.version
+        weights_hash = _file_sha256(Path(model_uri) / "weights.pt")[:16]
+        return Scorer(model), Path(model_uri).resolve().name, f"package-{weights_hash}"
     import mlflow.pyfunc
     from mlflow import MlflowClient
 
     if not model_uri.startswith("models:/"):
-        raise ValueError(f"--model must be models:/<name>@<alias>, models:/<name>/<version> or a package folder, got {model_uri!r}")
+        raise ValueError(f"{USAGE}, got {model_uri!r}")
     ref = model_uri[len("models:/"):]
     client = MlflowClient()
     if "@" in ref:
@@ -39,8 +51,25 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
         version = client.get_model_version_by_alias(name, alias).version
     else:
         name, _, version = ref.partition("/")
+        if not name or not version or "/" in version:
+            raise ValueError(f"{USAGE}, got {model_uri!r}")
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise ValueError(f"{model_uri}: registered model {name!r} has no versions")
+            version = str(max(int(v.version) for v in versions))
+        elif not version.isdigit():
+            raise ValueError(f"{USAGE}, got {model_uri!r} (version {version!r} is not a number)")
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     return loaded.unwrap_python_model().scorer, name, str(version)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str | os.PathLike) -> None:
@@ -61,51 +90,105 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
                              f"choose another output path")
 
 
-def _cast_like(scores: pa.Table, schema: pa.Schema, path: str) -> pa.Table:
-    """The scores of a file whose id columns have other (compatible) types than the first file's, in the output's
-    schema; an id type that cannot be cast is an error naming the file and the column."""
-    for field in schema:
-        have = scores.schema.field(field.name).type
-        if have != field.type:
-            try:
-                column = scores.column(field.name).cast(field.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                raise ValueError(f"file {path}, column {field.name!r}: type {have} does not match {field.type} of "
-                                 f"the files before it ({e})") from None
-            scores = scores.set_column(scores.schema.get_field_index(field.name), field.name, column)
+def common_id_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type both id types convert to without losing or changing a value, or None where there is none (an
+    integer against a string: "007" is not 7; an integer against a float; uint64 against a signed type)."""
+    if a == b:
+        return a
+    strings = (pa.string(), pa.large_string())
+    if a in strings and b in strings:
+        return pa.large_string()
+    binaries = (pa.binary(), pa.large_binary())
+    if a in binaries and b in binaries:
+        return pa.large_binary()
+    if pa.types.is_floating(a) and pa.types.is_floating(b):
+        return a if a.bit_width >= b.bit_width else b
+    if pa.types.is_integer(a) and pa.types.is_integer(b):
+        if pa.types.is_signed_integer(a) == pa.types.is_signed_integer(b):
+            return a if a.bit_width >= b.bit_width else b
+        signed, unsigned = (a, b) if pa.types.is_signed_integer(a) else (b, a)
+        if unsigned.bit_width < signed.bit_width:
+            return signed
+        return pa.int64() if unsigned.bit_width < 64 else None
+    return None
+
+
+def _value_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pa.types.is_dictionary(t) else t  # dictionary ids are written decoded
+
+
+def output_id_types(fragments: list, id_columns: tuple[str, ...]) -> dict[str, pa.DataType]:
+    """Each id column's type in the output: the one every input file's column converts to without loss, found
+    before anything is scored, so that the files' order does not decide it. A column that is all null in a file
+    (Arrow's null type) takes any type. Incompatible files are an error naming both files and the column."""
+    found: dict[str, tuple[pa.DataType, str]] = {}
+    for fragment in fragments:
+        schema = fragment.physical_schema
+        for column in id_columns:
+            if schema.get_field_index(column) < 0:
+                continue  # the scorer names the file and the missing column
+            have = _value_type(schema.field(column).type)
+            if pa.types.is_null(have):
+                continue
+            if column not in found:
+                found[column] = (have, fragment.path)
+                continue
+            before, first = found[column]
+            common = common_id_type(before, have)
+            if common is None:
+                raise ValueError(f"file {fragment.path}, column {column!r}: ids of type {have}, but {first} has "
+                                 f"{before}; one cannot be converted to the other without changing ids (\"007\" is "
+                                 "not 7): write the id column with one type in every file")
+            found[column] = (common, first)
+    return {column: t for column, (t, _) in found.items()}
+
+
+def _with_id_types(scores: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
+    for column, t in types.items():
+        i = scores.schema.get_field_index(column)
+        if scores.schema.field(column).type != t:
+            scores = scores.set_column(i, column, scores.column(column).cast(t))  # lossless: see output_id_types
     return scores
 
 
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
                   model_version: str, batch_rows: int = 65_536) -> int:
-    """Stream `inputs` through the model into one Parquet file at `output`. Returns the number of rows scored."""
+    """Stream `inputs` through the model into one Parquet file at `output`. Returns the number of rows scored.
+    Input files without rows give an output without rows (the columns and types as always)."""
     check_output_is_not_an_input(inputs, output)
     output = Path(output)
     dataset = ds.dataset(inputs, format="parquet")
+    fragments = list(dataset.get_fragments())
+    if not fragments:
+        raise ValueError(f"{inputs}: no Parquet files to score")
+    id_types = output_id_types(fragments, scorer.spec.id_columns)
     expected = dataset.count_rows()
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     output.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     writer = None
+
+    def scored(table: pa.Table, path: str, row_offset: int) -> pa.Table:
+        scores = scorer.score_table(table, source=path, row_offset=row_offset)
+        scores = scores.append_column("model_name", pa.array([model_name] * scores.num_rows, pa.string()))
+        scores = scores.append_column("model_version", pa.array([model_version] * scores.num_rows, pa.string()))
+        return _with_id_types(scores, id_types)
+
     try:
-        for fragment in dataset.get_fragments():
+        for fragment in fragments:
             file_rows = 0  # rows of this file already read: errors name the row inside the file, not the run
             for record_batch in fragment.to_batches(batch_size=batch_rows):
                 if record_batch.num_rows == 0:
                     continue
-                table = pa.Table.from_batches([record_batch])
-                scores = scorer.score_table(table, source=fragment.path, row_offset=file_rows)
-                file_rows += table.num_rows
-                scores = scores.append_column("model_name", pa.array([model_name] * scores.num_rows, pa.string()))
-                scores = scores.append_column("model_version", pa.array([model_version] * scores.num_rows, pa.string()))
+                scores = scored(pa.Table.from_batches([record_batch]), fragment.path, file_rows)
+                file_rows += record_batch.num_rows
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, scores.schema)
-                elif scores.schema != writer.schema:  # another file's id columns typed differently
-                    scores = _cast_like(scores, writer.schema, fragment.path)
                 writer.write_table(scores)
                 written += scores.num_rows
-        if writer is None:
-            raise ValueError(f"{inputs}: no rows to score")
+        if writer is None:  # every file is empty: an empty output in the usual columns, not an error
+            empty = fragments[0].physical_schema.empty_table()
+            writer = pq.ParquetWriter(tmp, scored(empty, fragments[0].path, 0).schema)
         writer.close()
         writer = None
         if written != expected:
@@ -122,7 +205,8 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mmoe-rec score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, or a package folder")
+    p.add_argument("--model", required=True,
+                   help="models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest, or a package folder")
     p.add_argument("--input", required=True, nargs="+", help="raw Parquet file(s) or a folder")
     p.add_argument("--output", required=True, help="score Parquet file to write")
     p.add_argument("--batch-rows", type=int, default=65_536)

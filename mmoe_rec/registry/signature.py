@@ -12,9 +12,9 @@ from mmoe_rec.features.transform import compiled
 from mmoe_rec.registry.scorer import score_column
 
 
-def model_signature(spec: FeatureSpec) -> ModelSignature:
+def model_signature(spec: FeatureSpec, tasks: list[str] | None = None) -> ModelSignature:
     """Inputs: the raw columns the FeatureSpec reads (id columns, then each feature's source column). Outputs: the
-    id columns, then `score_<task>` per task.
+    id columns, then `score_<task>` per task the model scores (`tasks`, default every task of the spec).
 
     Input columns are declared without a type: the feature transform takes a column as strings, integers or
     floats, as lists or delimited strings, with nulls, and MLflow's type enforcement would refuse some of these
@@ -23,7 +23,7 @@ def model_signature(spec: FeatureSpec) -> ModelSignature:
     """
     inputs = [ColSpec(AnyType(), column) for column in compiled(spec).input_columns(with_labels=False)]
     outputs = [ColSpec(AnyType(), column) for column in spec.id_columns]
-    outputs += [ColSpec("float", score_column(task)) for task in spec.task_names]
+    outputs += [ColSpec("float", score_column(task)) for task in (spec.task_names if tasks is None else tasks)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 

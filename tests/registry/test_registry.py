@@ -282,3 +282,135 @@ def model_signature_names(spec) -> list[str]:
     from mmoe_rec.registry.signature import model_signature
 
     return model_signature(spec).inputs.input_names()
+
+
+def test_pyfunc_returns_the_callers_ids_unchanged_even_nullable_integers_past_2_53(rec_data, package, tracking):
+    import pandas as pd
+
+    register_package(package, "rec-ids", alias="champion")
+    model = mlflow.pyfunc.load_model("models:/rec-ids@champion")
+    raw = pq.read_table(rec_data[1]).slice(0, 5).to_pandas()
+    raw["row_id"] = pd.array([2**60 + 1, None, 2**60 + 3, 4, 5], dtype="Int64")  # through float64: 1 and 3 merge
+    out = model.predict(raw)
+    assert out["row_id"].dtype != "float64"  # Int64, or object after MLflow's input checks: exact either way
+    assert out["row_id"].tolist() == [2**60 + 1, pd.NA, 2**60 + 3, 4, 5]
+
+
+def test_the_registered_model_loads_and_scores_where_mmoe_rec_is_not_installed(rec_data, package, tracking, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from mmoe_rec.registry.register import pip_requirements
+
+    register_package(package, "rec-portable")
+    local = mlflow.artifacts.download_artifacts("models:/rec-portable/1", dst_path=str(tmp_path / "model"))
+    requirements = (Path(local) / "requirements.txt").read_text()
+    assert "mmoe-rec" not in requirements and "+cpu" not in requirements and "torch==" in requirements
+    assert all(pin in requirements for pin in pip_requirements())
+    raw = tmp_path / "raw.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), raw)
+    code = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "mmoe_rec" not in str(getattr(f, "__module__", ""))]  # editable
+sys.path_hooks[:] = [h for h in sys.path_hooks if "mmoe_rec" not in str(getattr(h, "__module__", ""))]
+sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+try:
+    import mmoe_rec
+    raise SystemExit("mmoe_rec is importable: the test proves nothing")
+except ImportError:
+    pass
+import json, mlflow.pyfunc, pyarrow.parquet as pq
+model = mlflow.pyfunc.load_model({local!r})
+out = model.predict(pq.read_table({str(raw)!r}).to_pandas())
+import mmoe_rec
+print(json.dumps({{"module": mmoe_rec.__file__, "scores": out["score_click"].tolist()}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["module"].startswith(str(Path(local).resolve())) or got["module"].startswith(local)
+    ref = reference_scores(load_package(package), pq.read_table(raw))["click"]
+    np.testing.assert_allclose(got["scores"], ref, rtol=1e-6)
+
+
+def test_the_signature_lists_the_scores_of_the_models_tasks_only(rec_data, tracking, tmp_path):
+    spec = FeatureSpec.load(rec_data[2])
+    one_task = save_package(MMoE(spec, tasks=["click"], **INIT_ARGS), {**INIT_ARGS, "tasks": ["click"]},
+                            tmp_path / "click_only")
+    register_package(one_task, "rec-click")
+    model = mlflow.pyfunc.load_model("models:/rec-click/1")
+    assert model.metadata.signature.outputs.input_names() == spec.id_columns + ["score_click"]
+    out = model.predict(pq.read_table(rec_data[1]).slice(0, 3).to_pandas())
+    assert list(out.columns) == spec.id_columns + ["score_click"]
+
+
+def test_a_later_files_ids_are_never_converted_to_another_value(rec_data, package, tmp_path):
+    fresh = pq.read_table(rec_data[1])
+    scorer, name, version = resolve_model(str(package))
+    as_text = two_files(fresh, tmp_path / "text", "row_id",
+                        lambda column: pa.array([f"00{v}" for v in column.to_pylist()], pa.string()))
+    out = tmp_path / "s.parquet"
+    with pytest.raises(ValueError, match="part-1.parquet, column 'row_id': ids of type string.*part-0.parquet has"):
+        score_parquet(scorer, str(as_text), out, name, version)
+    assert not out.exists() and list(tmp_path.glob(".s.parquet*")) == []
+
+
+@pytest.mark.parametrize("first", ["int32", "null"])
+def test_the_files_order_does_not_decide_the_id_type(rec_data, package, tmp_path, first):
+    # an int32 (or all-null) first file and an int64 second file with an id past the int32 range
+    fresh = pq.read_table(rec_data[1]).slice(0, 1000)
+    big = 3_000_000_000
+
+    def later(column):
+        return pa.array([big] + column.to_pylist()[1:], pa.int64())
+
+    folder = two_files(fresh, tmp_path / "in", "row_id", later)
+    head = pq.read_table(folder / "part-0.parquet")
+    ids = head.column("row_id").cast(pa.int32()) if first == "int32" else pa.nulls(head.num_rows)
+    pq.write_table(head.set_column(head.schema.get_field_index("row_id"), "row_id", ids), folder / "part-0.parquet")
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    assert score_parquet(scorer, str(folder), out, name, version, batch_rows=300) == fresh.num_rows
+    got = pq.read_table(out).column("row_id")
+    assert got.type == pa.int64()
+    assert got.to_pylist()[700] == big
+    assert got.to_pylist()[:700] == (head.column("row_id").to_pylist() if first == "int32" else [None] * 700)
+
+
+def test_input_files_without_rows_give_an_output_without_rows(rec_data, package, tmp_path):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 0), empty)
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    assert score_parquet(scorer, str(empty), out, name, version) == 0
+    got = pq.read_table(out)
+    assert got.num_rows == 0
+    assert got.column_names == ["row_id", "score_click", "score_conversion", "model_name", "model_version"]
+    assert got.schema.field("score_click").type == pa.float32()
+
+
+def test_model_versions_are_real_versions(rec_data, package, tracking, tmp_path):
+    register_package(package, "rec-latest")
+    register_package(package, "rec-latest")
+    assert resolve_model("models:/rec-latest/latest")[1:] == ("rec-latest", "2")
+    for bad in ("models:/rec-latest", "models:/rec-latest/two"):
+        with pytest.raises(ValueError, match="--model must be"):
+            resolve_model(bad)
+    # a package folder: its weights' hash, not its features' (same features, other weights: another version)
+    _, _, version = resolve_model(str(package))
+    torch.manual_seed(1)
+    other = save_package(MMoE(FeatureSpec.load(rec_data[2]), **INIT_ARGS), INIT_ARGS, tmp_path / "other")
+    assert version.startswith("package-") and resolve_model(str(other))[2] != version
+
+
+def test_id_columns_named_like_output_columns_are_refused(rec_data, tmp_path):
+    import dataclasses
+
+    from mmoe_rec.registry.scorer import Scorer
+
+    spec = FeatureSpec.load(rec_data[2])
+    for clash in ("score_click", "model_version"):
+        model = MMoE(dataclasses.replace(spec, id_columns=[clash]), **INIT_ARGS)
+        with pytest.raises(ValueError, match=f"id columns \\['{clash}'\\] have the names of output columns"):
+            Scorer(model)
