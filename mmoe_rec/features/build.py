@@ -17,7 +17,8 @@ which keyed files by their position among the input's files, so the census split
 Output: DIR/spec.json, DIR/manifest.json (row counts, inputs, seed) and DIR/{train,valid,test}/part-NNNNN.parquet
 of at most ``--rows-per-file`` rows, with row groups of ``--row-group-rows`` (a file's last group may be shorter).
 Everything is written to a temporary directory beside DIR and renamed when complete; on error the temporary
-directory is removed and DIR is left as it was.
+directory is removed and DIR is left as it was. Id columns are written with one type, which every input file's
+type must widen to without loss (mmoe_rec/features/id_columns.py), checked before anything is read.
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ import pyarrow.parquet as pq
 from mmoe_rec.features.columns import dictionary_fast_path
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.fit import SpecFitter
+from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import Schema, load_schema
-from mmoe_rec.features.sources import iter_batches, resolve_inputs
+from mmoe_rec.features.sources import column_types, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import output_dir_problem, replace_dir
@@ -185,8 +187,8 @@ class SplitWriter:
             return
         if self.schema is None:
             self.schema = table.schema
-        elif table.schema != self.schema:
-            table = table.cast(self.schema)  # e.g. int32 ids in one file, int64 in another
+        elif table.schema != self.schema:  # build() gives the id columns one type (id_columns.cast_ids) first
+            raise ValueError(f"feature table schema changed between writes: {table.schema} after {self.schema}")
         self._buf.append(table)
         self._buffered += table.num_rows
         if self._buffered >= self.row_group_rows:
@@ -358,6 +360,12 @@ def _refuse_repeated_files(sources: list[Source]) -> None:
             seen[real] = f
 
 
+def id_column_types(schema: Schema, sources: list[Source]) -> dict[str, pa.DataType]:
+    """The type each id column is written with, from the input files' schemas (id_columns.plan_id_types)."""
+    ids = list(schema.id_columns)
+    return plan_id_types((f, column_types(f, ids)) for s in sources for f in s.files)
+
+
 def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed: int = 0,
           split_column: str | None = None, batch_rows: int = 65_536, row_group_rows: int = 65_536,
           rows_per_file: int = 1_048_576, overwrite: bool = False, log=None) -> FeatureSpec:
@@ -370,6 +378,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
                                f"{rows_per_file} must be positive")
     _refuse_repeated_files(sources)
+    id_types = id_column_types(schema, sources)
     if split_column and any(s.rule == "column" for s in sources):
         extra = [split_column]
     else:
@@ -408,7 +417,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
             for si, src, fi, path, offset, batch in prefetch(_batches(sources, columns, schema, batch_rows,
                                                                       dictionary_inputs(cs, extra))):
                 split = assign_splits(src, fi, offset, batch, seed, split_column, path)
-                out = cs.transform(batch, with_labels=True, file=path, row_offset=offset)
+                out = cast_ids(cs.transform(batch, with_labels=True, file=path, row_offset=offset), id_types, path)
                 total += out.num_rows
                 for k, part in group_by_split(out, split):
                     bg.submit(writers[SPLITS[k]].write, part)
@@ -416,8 +425,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
             bg.drain()
         if total == 0:
             raise FeatureDataError("empty input: no rows in " + ", ".join(f for s in sources for f in s.files))
-        id_types = next((w.schema for w in writers.values() if w.schema is not None), None)
-        empty = cs.output_schema(True, {f.name: f.type for f in id_types} if id_types is not None else None)
+        empty = cs.output_schema(True, id_types)
         for w in writers.values():
             w.close(empty)
         spec.save(tmp / "spec.json")

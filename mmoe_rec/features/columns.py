@@ -92,6 +92,17 @@ def categorical_column(arr, column: str) -> pa.Array:
     return normalize_values(arr)
 
 
+def single_categorical_column(arr, column: str) -> pa.Array:
+    """categorical_column for a single-valued feature, where "" is missing (id 0) like null whatever the format:
+    the CSV reader gives null for an empty field, a Parquet file or a DataFrame the empty string."""
+    values = categorical_column(arr, column)
+    if pa.types.is_string(values.type):
+        empty = pc.equal(values, "")
+        if pc.any(empty).as_py():
+            values = pc.if_else(empty, pa.scalar(None, pa.string()), values)
+    return values
+
+
 def multi_valued_column(arr, column: str, delimiter: str | None) -> tuple[pa.Array, np.ndarray]:
     """(flat values, offsets (n+1,) int64); a null list or null string is an empty list."""
     arr = one_chunk(arr)

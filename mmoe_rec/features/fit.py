@@ -8,7 +8,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from mmoe_rec.features.columns import categorical_column, multi_valued_column, numeric_column
+from mmoe_rec.features.columns import multi_valued_column, numeric_column, single_categorical_column
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.numeric import RESERVOIR_SIZE, NumericStats, fit_numeric, prepare
 from mmoe_rec.features.schema import Schema
@@ -48,7 +48,7 @@ class SpecFitter:
                         per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
                         values = values.filter(pa.array(mask[per_value_row]))
                 else:
-                    values = categorical_column(col, c.column)
+                    values = single_categorical_column(col, c.column)
                     if take is not None:
                         values = values.filter(take)
                 if c.name in self._counters:

@@ -22,8 +22,10 @@ reader: {header: false, column_names: [...], delimiter: ",", strip_whitespace: t
 ```
 
 Every entry may give ``column:`` when the raw column name differs from the feature name.
-Unknown keys, kinds or transforms are errors naming the schema file and the entry, and so are two entries that
-would write the same output column (an id column and a feature, ``<name>_missing``, ``label_<task>``,
+Unknown keys, kinds or transforms are errors naming the schema file and the entry, and so are values of the wrong
+type or range (``min_count`` / ``max_size`` / ``buckets`` not positive integers, ``multi_valued`` not a boolean,
+``id_columns`` not a list, a ``sample_weight`` that is a label column, a value both positive and negative) and two
+entries that would write the same output column (an id column and a feature, ``<name>_missing``, ``label_<task>``,
 ``sample_weight``).
 """
 from __future__ import annotations
@@ -128,6 +130,56 @@ def _entries(raw: Any, section: str, src: str) -> list[dict]:
     return out
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # YAML `true` is an int to Python
+
+
+def _require(ok: bool, message: str, src: str, entry: str | None = None) -> None:
+    if not ok:
+        raise FeatureDataError(message, file=src, column=entry)
+
+
+def _check_categorical(c: CategoricalSpec, src: str) -> None:
+    _require(_is_int(c.min_count) and c.min_count >= 1, f"min_count must be an integer >= 1, got {c.min_count!r}",
+             src, c.name)
+    _require(c.max_size is None or (_is_int(c.max_size) and c.max_size >= 1),
+             f"max_size must be an integer >= 1, got {c.max_size!r}", src, c.name)
+    _require(isinstance(c.multi_valued, bool), f"multi_valued must be true or false, got {c.multi_valued!r}",
+             src, c.name)
+    _require(c.delimiter is None or (isinstance(c.delimiter, str) and c.delimiter != ""),
+             f"delimiter must be a non-empty string, got {c.delimiter!r}", src, c.name)
+
+
+def _label_keys(values: tuple) -> set:
+    """How a positive / negative value may match: as text (string labels) and as a number (numeric labels)."""
+    keys = set()
+    for v in values:
+        keys.add(str(v))
+        try:
+            keys.add(float(v))
+        except (TypeError, ValueError):
+            pass
+    return keys
+
+
+def _check_task_values(t: TaskSpec, src: str) -> None:
+    for k in ("positive", "negative"):
+        for v in getattr(t, k) or ():
+            _require(isinstance(v, (str, int, float)), f"{k} values must be strings or numbers, got {v!r}", src, t.name)
+    for v in t.negative or ():
+        _require(not (_label_keys((v,)) & _label_keys(t.positive)), f"label value {v!r} is both positive and negative",
+                 src, t.name)
+
+
+def _id_columns(raw: Any, src: str) -> tuple[str, ...]:
+    """A list of column names (a bare string would be read as its characters)."""
+    if raw is None:
+        return ()
+    _require(isinstance(raw, list) and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in raw),
+             f"id_columns must be a list of column names, got {raw!r}", src)
+    return tuple(str(c) for c in raw)
+
+
 def _build(cls, e: dict, section: str, src: str):
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = set(e) - fields
@@ -154,7 +206,8 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
         if c.transform not in CATEGORICAL_TRANSFORMS:
             raise FeatureDataError(f"unknown categorical transform {c.transform!r} (known: {CATEGORICAL_TRANSFORMS})",
                                    file=source, column=c.name)
-        if c.transform == "hash" and (not isinstance(c.buckets, int) or c.buckets < 1):
+        _check_categorical(c, source)
+        if c.transform == "hash" and (not _is_int(c.buckets) or c.buckets < 1):
             raise FeatureDataError("hash transform needs 'buckets: <positive int>'", file=source, column=c.name)
         if c.delimiter is not None and not c.multi_valued:
             raise FeatureDataError("'delimiter' only applies to multi_valued features", file=source, column=c.name)
@@ -171,7 +224,7 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
                                    file=source, column=n.name)
         if n.missing_indicator not in ("auto", True, False):
             raise FeatureDataError("missing_indicator must be auto, true or false", file=source, column=n.name)
-        if n.transform == "bucketize" and (not isinstance(n.buckets, int) or n.buckets < 2):
+        if n.transform == "bucketize" and (not _is_int(n.buckets) or n.buckets < 2):
             raise FeatureDataError("bucketize needs 'buckets: <int >= 2>'", file=source, column=n.name)
         if n.zero_bucket is not False and (n.transform != "bucketize" or n.zero_bucket is not True):
             raise FeatureDataError("'zero_bucket: true' only applies to transform bucketize", file=source,
@@ -191,6 +244,7 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
             raise FeatureDataError("positive/negative values only apply to binary tasks", file=source, column=t.name)
         if t.negative and not t.positive:
             raise FeatureDataError("'negative' needs 'positive' too", file=source, column=t.name)
+        _check_task_values(t, source)
         tasks.append(t)
     if not tasks:
         raise FeatureDataError("the schema declares no tasks", file=source)
@@ -200,13 +254,20 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
         if reader_raw.get(k) is not None:
             reader_raw[k] = tuple(str(x) for x in reader_raw[k])
     reader = _build(ReaderSpec, reader_raw, "reader", source)
+    for k in ("header", "strip_whitespace"):
+        _require(isinstance(getattr(reader, k), bool), f"reader {k} must be true or false", source)
+    weight = d.get("sample_weight")
+    _require(weight is None or isinstance(weight, str), f"sample_weight must be one column name, got {weight!r}",
+             source)
+    _require(weight not in {t.column for t in tasks},
+             f"sample_weight {weight!r} is also a task's label column", source)
 
     schema = Schema(
-        id_columns=tuple(str(c) for c in d.get("id_columns") or ()),
+        id_columns=_id_columns(d.get("id_columns"), source),
         categorical=tuple(cats),
         numeric=tuple(nums),
         tasks=tuple(tasks),
-        sample_weight=d.get("sample_weight"),
+        sample_weight=weight,
         reader=reader,
         source=source,
     )

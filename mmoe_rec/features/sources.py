@@ -4,10 +4,12 @@ CSV (optionally .gz / .bz2 / .xz compressed; .tsv tab-separated) is read with py
 needed column as a string (the feature code converts and checks types itself, so an error can name the row; a
 row with the wrong number of fields is named too). Parquet is read
 row group by row group with ``ParquetFile.iter_batches``. Each batch comes with its first row's index in the
-file, so errors can name the file row.
+file, so errors can name the file row. A needed column named twice in a file, or a CSV header that differs
+from the schema's ``reader.column_names``, is an error naming the file.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import lzma
 from pathlib import Path
@@ -95,14 +97,40 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_
     return pacsv.open_csv(_open_csv_stream(path), read_options=read, parse_options=parse, convert_options=convert)
 
 
-def csv_columns(path: str, reader: ReaderSpec) -> list[str]:
-    if reader.column_names:
-        return list(reader.column_names)
-    r = _csv_reader(path, reader, None, 1 << 16)
+def _header_names(path: str, reader: ReaderSpec) -> list[str]:
+    r = _csv_reader(path, dataclasses.replace(reader, column_names=None), None, 1 << 16)
     try:
         return r.schema.names
     finally:
         r.close()
+
+
+def csv_columns(path: str, reader: ReaderSpec) -> list[str]:
+    """The file's column names: reader.column_names, which a header line must repeat, else the header's."""
+    if not reader.column_names:
+        return _header_names(path, reader)
+    if reader.header:
+        header = _header_names(path, reader)
+        if header != list(reader.column_names):  # the names would be given to other columns
+            raise FeatureDataError(f"the file's header {header} differs from the schema's reader.column_names "
+                                   f"{list(reader.column_names)}", file=path)
+    return list(reader.column_names)
+
+
+def _open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
+
+
+def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
+    """Arrow type of each of `columns`, as iter_batches yields it, without reading rows. A CSV column is always a
+    string (its file is not opened here); a column a Parquet file lacks is left out (iter_batches reports it)."""
+    if input_format(path) == "csv":
+        return {c: pa.string() for c in columns}
+    schema = _open_parquet(path).schema_arrow
+    return {c: schema.field(c).type for c in columns if schema.get_field_index(c) >= 0}
 
 
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
@@ -115,10 +143,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     fmt = input_format(path)
     try:
         if fmt == "parquet":
-            try:
-                pf = pq.ParquetFile(path)
-            except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-                raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
+            pf = _open_parquet(path)
             have = pf.schema_arrow.names
             _check_columns(path, have, columns)
             as_dict = [c for c in dict.fromkeys(dictionary)
@@ -184,4 +209,8 @@ def _check_columns(path: str, have: list[str], needed: list[str]) -> None:
     missing = [c for c in needed if c not in set(have)]
     if missing:
         raise FeatureDataError(f"missing column (the file has {have})", file=path, column=missing[0])
+    twice = [c for c in dict.fromkeys(needed) if have.count(c) > 1]
+    if twice:  # Arrow would silently take the first of them
+        raise FeatureDataError(f"the file names this column twice (its columns are {have}): which one is meant is "
+                               "unclear", file=path, column=twice[0])
 

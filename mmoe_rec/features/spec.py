@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from mmoe_rec.features.errors import FeatureDataError
+
 SPEC_FORMAT = 1
 WEIGHT_COLUMN = "sample_weight"
 TaskType = Literal["binary", "regression"]
@@ -85,18 +87,24 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
+        """The spec of `d`, its version recomputed: checkpoints and caches key on it, so content edited by hand
+        under an old version is an error (a FeatureDataError, which is a ValueError)."""
         fmt = d.get("format", SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
             raise ValueError(f"feature spec format {fmt} is not supported (this mmoe-rec reads format {SPEC_FORMAT})")
-        return cls(
+        spec = cls(
             sparse_features=[SparseFeature(**s) for s in d["sparse_features"]],
             dense_features=list(d["dense_features"]),
             tasks=[Task(**t) for t in d["tasks"]],
             id_columns=list(d.get("id_columns", [])),
             has_weight=bool(d.get("has_weight", False)),
             transforms=dict(d.get("transforms", {})),
-            version=d.get("version", ""),
-        )
+        ).finalize()
+        stored = d.get("version") or spec.version  # a spec written without a version just gets one
+        if stored != spec.version:
+            raise FeatureDataError(f"the feature spec's content does not match its version {stored} (it hashes to "
+                                   f"{spec.version}): was it edited? Refit it instead")
+        return spec
 
     def save(self, path: str | os.PathLike) -> None:
         """Write spec.json atomically (temporary file, then rename)."""
@@ -118,4 +126,7 @@ class FeatureSpec:
             raise FileNotFoundError(f"feature spec not found: {path}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a valid spec.json ({e})") from None
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except FeatureDataError as e:
+            raise e.at(str(path)) from None

@@ -11,12 +11,12 @@ import pandas as pd
 import pyarrow as pa
 
 from mmoe_rec.features.columns import (
-    categorical_column,
     dictionary_fast_path,
     label_values,
     multi_valued_column,
     numeric_column,
     one_chunk,
+    single_categorical_column,
     weight_column,
 )
 from mmoe_rec.features.errors import FeatureDataError
@@ -66,7 +66,7 @@ class CompiledSpec:
             values, offsets = multi_valued_column(col, state["column"], state["delimiter"])
             ids = self._single(name, state, values)
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
-        return pa.array(self._single(name, state, categorical_column(col, state["column"])), pa.int64())
+        return pa.array(self._single(name, state, single_categorical_column(col, state["column"])), pa.int64())
 
     def _dictionary_ids(self, name: str, state: dict, col: pa.DictionaryArray) -> pa.Array:
         """Ids of each distinct value once, gathered per row: the same ids as for the decoded column.
@@ -77,7 +77,7 @@ class CompiledSpec:
             idx = idx.cast(pa.int64()).fill_null(n_values)
         rows = idx.to_numpy(zero_copy_only=False)  # (n,)
         if not state["multi_valued"]:
-            ids = self._single(name, state, categorical_column(col.dictionary, state["column"]))  # (V,)
+            ids = self._single(name, state, single_categorical_column(col.dictionary, state["column"]))  # (V,)
             return pa.array(np.take(np.append(ids, 0), rows), pa.int64())
         values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"])  # (V+1,)
         ids = self._single(name, state, values)  # ids of the dictionary's flat values

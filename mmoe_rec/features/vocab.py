@@ -8,6 +8,10 @@ Id 0 is always the out-of-vocabulary / missing bucket, so an unseen value at sco
   buffers (one vectorized step per byte position), so it is the same in every process and on every machine
   (Python's ``hash()`` is salted per process). Integers are hashed as their decimal string, so ``123`` in a
   Parquet int column and ``"123"`` in a CSV give the same bucket.
+
+Integer columns are int64 values; uint64 values beyond int64 make their column decimal strings, which find the
+same vocabulary entry and hash bucket as that text in a CSV. A vocabulary fitted on integers also finds the
+integral-float text of its values (``"10.0"``, ``"1e3"``: how a CSV export writes an int column with gaps).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ FNV_PRIME = np.uint64(0x100000001B3)
 _DIRECT_MAX = 1 << 22  # int vocabularies spanning fewer values than this use a direct-address table
 _CONSOLIDATE_AT = 1 << 21  # merge buffered per-batch counts once this many (value, count) pairs pile up
 _PADDED_MAX_LEN = 24  # fnv1a64 hashes values up to this long all rows at once, without sorting by length
+_INT64_MAX = (1 << 63) - 1
+_FLOAT_TEXT = r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$"  # a decimal point or an exponent
 
 
 def normalize_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -29,11 +35,26 @@ def normalize_values(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     t = arr.type
+    if t == pa.uint64() and (pc.max(arr).as_py() or 0) > _INT64_MAX:
+        return pc.cast(arr, pa.string())  # no int64 holds them: their decimal text, as a CSV would give them
     if pa.types.is_integer(t):
         return arr if t == pa.int64() else pc.cast(arr, pa.int64())
     if t == pa.string():
         return arr
     return pc.cast(arr, pa.string())
+
+
+def integral_float_text_as_int(arr: pa.Array) -> pa.Array:
+    """String values such as "10.0" or "1e3" as their integer's decimal text ("10", "1000"); other values as
+    they are (so "007" or "10.5" still match no integer)."""
+    is_float = pc.match_substring_regex(arr, _FLOAT_TEXT)
+    if not pc.any(is_float).as_py():
+        return arr
+    x = pc.cast(pc.if_else(is_float, arr, pa.scalar(None, pa.string())), pa.float64())
+    # below 2**53 a float64 is its integer exactly; above, "9007199254740993.0" would find ...992's entry
+    integral = pc.fill_null(pc.and_(pc.equal(x, pc.round(x)), pc.less(pc.abs(x), 2.0 ** 53)), False)
+    as_int = pc.cast(pc.cast(pc.if_else(integral, x, 0.0), pa.int64()), pa.string())
+    return pc.if_else(integral, as_int, arr)
 
 
 class VocabCounter:
@@ -121,6 +142,8 @@ class VocabLookup:
             return np.where(hit, self._order[pos] + 1, 0).astype(np.int64)
         if arr.type != pa.string():
             arr = pc.cast(arr, pa.string())
+        elif self.kind == "int":  # "10.0" from a CSV is the 10 a float column gives (categorical_column)
+            arr = integral_float_text_as_int(arr)
         idx = pc.index_in(arr, value_set=self._str_values)
         return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.registry.scorer import Scorer
 
 
@@ -90,65 +91,12 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
                              f"choose another output path")
 
 
-def common_id_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
-    """The type both id types convert to without losing or changing a value, or None where there is none (an
-    integer against a string: "007" is not 7; an integer against a float; uint64 against a signed type)."""
-    if a == b:
-        return a
-    strings = (pa.string(), pa.large_string())
-    if a in strings and b in strings:
-        return pa.large_string()
-    binaries = (pa.binary(), pa.large_binary())
-    if a in binaries and b in binaries:
-        return pa.large_binary()
-    if pa.types.is_floating(a) and pa.types.is_floating(b):
-        return a if a.bit_width >= b.bit_width else b
-    if pa.types.is_integer(a) and pa.types.is_integer(b):
-        if pa.types.is_signed_integer(a) == pa.types.is_signed_integer(b):
-            return a if a.bit_width >= b.bit_width else b
-        signed, unsigned = (a, b) if pa.types.is_signed_integer(a) else (b, a)
-        if unsigned.bit_width < signed.bit_width:
-            return signed
-        return pa.int64() if unsigned.bit_width < 64 else None
-    return None
-
-
-def _value_type(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t  # dictionary ids are written decoded
-
-
-def output_id_types(fragments: list, id_columns: tuple[str, ...]) -> dict[str, pa.DataType]:
-    """Each id column's type in the output: the one every input file's column converts to without loss, found
-    before anything is scored, so that the files' order does not decide it. A column that is all null in a file
-    (Arrow's null type) takes any type. Incompatible files are an error naming both files and the column."""
-    found: dict[str, tuple[pa.DataType, str]] = {}
-    for fragment in fragments:
-        schema = fragment.physical_schema
-        for column in id_columns:
-            if schema.get_field_index(column) < 0:
-                continue  # the scorer names the file and the missing column
-            have = _value_type(schema.field(column).type)
-            if pa.types.is_null(have):
-                continue
-            if column not in found:
-                found[column] = (have, fragment.path)
-                continue
-            before, first = found[column]
-            common = common_id_type(before, have)
-            if common is None:
-                raise ValueError(f"file {fragment.path}, column {column!r}: ids of type {have}, but {first} has "
-                                 f"{before}; one cannot be converted to the other without changing ids (\"007\" is "
-                                 "not 7): write the id column with one type in every file")
-            found[column] = (common, first)
-    return {column: t for column, (t, _) in found.items()}
-
-
-def _with_id_types(scores: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
-    for column, t in types.items():
-        i = scores.schema.get_field_index(column)
-        if scores.schema.field(column).type != t:
-            scores = scores.set_column(i, column, scores.column(column).cast(t))  # lossless: see output_id_types
-    return scores
+def _id_types(fragments: list, id_columns: list[str]) -> dict[str, pa.DataType]:
+    """Each id column's type in the output, from every input file's schema before anything is scored (the files'
+    order does not decide it): features.id_columns' lossless widening, or an error naming both files."""
+    def present(schema: pa.Schema) -> dict[str, pa.DataType]:
+        return {c: schema.field(c).type for c in id_columns if schema.get_field_index(c) >= 0}
+    return plan_id_types((fragment.path, present(fragment.physical_schema)) for fragment in fragments)
 
 
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
@@ -161,7 +109,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     fragments = list(dataset.get_fragments())
     if not fragments:
         raise ValueError(f"{inputs}: no Parquet files to score")
-    id_types = output_id_types(fragments, scorer.spec.id_columns)
+    id_types = _id_types(fragments, scorer.spec.id_columns)
     expected = dataset.count_rows()
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +120,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
         scores = scorer.score_table(table, source=path, row_offset=row_offset)
         scores = scores.append_column("model_name", pa.array([model_name] * scores.num_rows, pa.string()))
         scores = scores.append_column("model_version", pa.array([model_version] * scores.num_rows, pa.string()))
-        return _with_id_types(scores, id_types)
+        return cast_ids(scores, id_types, path)
 
     try:
         for fragment in fragments:

@@ -46,7 +46,7 @@ def id_ref(v, st: dict) -> int:
 
 def ids_ref(v, st: dict):
     if not st["multi_valued"]:
-        return id_ref(v, st)
+        return id_ref(None if v == "" else v, st)  # "" is missing, even where an old vocabulary holds it
     pieces = [] if v is None else [p for p in v.split(st["delimiter"]) if p != ""]  # empty pieces are no values
     return [id_ref(p, st) for p in pieces]
 

@@ -1,0 +1,193 @@
+"""What the review of the feature pipeline found: id columns whose type changes between input files, uint64 ids
+beyond int64, CSV and Parquet inputs that gave the same value different ids, ambiguous CSV headers, and a
+hand-edited spec.json that kept its old version."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mmoe_rec.features.build import main as features_main
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.fit import fit
+from mmoe_rec.features.schema import parse_schema
+from mmoe_rec.features.sources import iter_batches
+from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.features.transform import transform_table
+
+SCHEMA = {
+    "id_columns": ["rid"],
+    "categorical": [{"name": "u"}, {"name": "h", "transform": "hash", "buckets": 1000}],
+    "numeric": [{"name": "x"}],
+    "tasks": [{"name": "click"}],
+}
+
+
+def _features(tmp_path, *inputs, schema=None):
+    s = tmp_path / "s.yaml"
+    s.write_text(yaml.safe_dump(schema or SCHEMA))
+    out = tmp_path / "out"
+    argv = ["--schema", str(s), "--output", str(out)] + [a for i in inputs for a in ("--input", str(i))]
+    return features_main(argv), out
+
+
+def _parquet(path, **cols):
+    n = len(next(iter(cols.values())))
+    cols.setdefault("u", ["a"] * n)
+    cols.setdefault("h", ["a"] * n)
+    cols.setdefault("x", [1.0] * n)
+    cols.setdefault("click", [0] * n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), path)
+    return path
+
+
+# --- 1. id column types across input files ---
+
+@pytest.mark.parametrize("later", [pa.array(["007", "8"]), pa.array([7.0, 8.0]), pa.array([7, 8], pa.uint64())],
+                         ids=["string", "float", "uint64"])
+def test_id_column_of_another_type_in_a_later_file_names_file_column_and_types(tmp_path, capsys, later):
+    a = _parquet(tmp_path / "raw/a.parquet", rid=pa.array([1, 2], pa.int64()))
+    b = _parquet(tmp_path / "raw/b.parquet", rid=later)
+    rc, out = _features(tmp_path, f"train={a}", f"test={b}")
+    err = capsys.readouterr().err
+    assert rc == 1 and str(b) in err and "'rid'" in err and "int64" in err and str(later.type) in err
+    assert not out.exists()
+
+
+def test_id_column_is_widened_losslessly_whatever_file_comes_first(tmp_path):
+    a = _parquet(tmp_path / "raw/a.parquet", rid=pa.array([1, 2], pa.int32()), name=pa.array(["p", "q"]))
+    b = _parquet(tmp_path / "raw/b.parquet", rid=pa.array([2**40, 5], pa.int64()),
+                 name=pa.array(["r", "p"]).dictionary_encode())
+    c = _parquet(tmp_path / "raw/c.parquet", rid=pa.array([None, None], pa.null()), name=pa.array(["s", "t"]))
+    schema = {**SCHEMA, "id_columns": ["rid", "name"]}
+    rc, out = _features(tmp_path, f"train={c}", f"train={a}", f"test={b}", schema=schema)
+    assert rc == 0
+    train, test = pq.read_table(out / "train"), pq.read_table(out / "test")
+    assert train.schema.field("rid").type == test.schema.field("rid").type == pa.int64()
+    assert train.schema.field("name").type == test.schema.field("name").type == pa.string()
+    assert train["rid"].to_pylist() == [None, None, 1, 2] and test["rid"].to_pylist() == [2**40, 5]
+    assert test["name"].to_pylist() == ["r", "p"]
+    empty = pq.read_table(out / "valid")  # an empty split gets the same id types
+    assert empty.num_rows == 0 and empty.schema.field("rid").type == pa.int64()
+
+
+# --- 2. uint64 categorical values beyond int64 ---
+
+def test_uint64_categorical_beyond_int64_is_its_decimal_value_not_a_crash():
+    big = 2**63 + 5
+    schema = parse_schema(SCHEMA)
+    t = pa.table({"rid": [1, 2, 3], "u": pa.array([10, big, big], pa.uint64()),
+                  "h": pa.array([10, big, None], pa.uint64()), "x": [1.0, 2.0, 3.0], "click": [0, 1, 0]})
+    spec = fit(schema, [t])
+    assert sorted(map(str, spec.transforms["features"]["u"]["values"])) == sorted(["10", str(big)])
+    out = transform_table(spec, t)
+    as_text = transform_table(spec, t.set_column(1, "u", pa.array(["10", str(big), str(big)]))
+                              .set_column(2, "h", pa.array(["10", str(big), None])))
+    assert out["u"].to_pylist() == as_text["u"].to_pylist() and out["u"][1].as_py() != 0
+    assert out["h"].to_pylist() == as_text["h"].to_pylist() and out["h"][2].as_py() == 0
+    small = transform_table(spec, t.set_column(1, "u", pa.array([10, 10, 11], pa.int64())))
+    assert small["u"].to_pylist()[:2] == [out["u"][0].as_py()] * 2 and small["u"][2].as_py() == 0
+
+
+# --- 3. CSV and Parquet / pandas give the same ids ---
+
+ROWS = {"rid": ["1", "2", "3", "4", "5", "6"], "u": ["10", "", "11", "10", "", "12"],
+        "h": ["7", "", "8", "", "7", "9"], "x": ["1", "2", "3", "4", "5", "6"], "click": ["0", "1", "0", "1", "0", "1"]}
+
+
+def _csv_text(cols: dict) -> str:
+    names = list(cols)
+    return ",".join(names) + "\n" + "".join(",".join(r) + "\n" for r in zip(*cols.values()))
+
+
+def _csv_table(tmp_path, cols: dict, name="raw.csv") -> pa.Table:
+    p = tmp_path / name
+    p.write_text(_csv_text(cols))
+    return pa.Table.from_batches([b for _, b in iter_batches(str(p), list(cols))])
+
+
+@pytest.mark.parametrize("typed", [
+    {"u": pa.array(["10", "", "11", "10", "", "12"]), "h": pa.array(["7", "", "8", "", "7", "9"])},
+    {"u": pa.array([10.0, None, 11.0, 10.0, np.nan, 12.0]), "h": pa.array([7.0, np.nan, 8.0, None, 7.0, 9.0])},
+], ids=["strings-with-empty", "floats-with-nan"])
+@pytest.mark.parametrize("fit_on", ["csv", "parquet"])
+def test_csv_and_parquet_of_the_same_rows_get_the_same_ids(tmp_path, typed, fit_on):
+    schema = parse_schema(SCHEMA)
+    from_csv = _csv_table(tmp_path, ROWS)
+    parquet_path = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"rid": [1, 2, 3, 4, 5, 6], **typed, "x": [1.0, 2, 3, 4, 5, 6],
+                             "click": [0, 1, 0, 1, 0, 1]}), parquet_path)
+    from_parquet = pq.read_table(parquet_path)
+    spec = fit(schema, [from_csv if fit_on == "csv" else from_parquet])
+    a, b = transform_table(spec, from_csv), transform_table(spec, from_parquet)
+    assert a["u"].to_pylist() == b["u"].to_pylist() and a["h"].to_pylist() == b["h"].to_pylist()
+    assert a["u"].to_pylist()[1] == a["u"].to_pylist()[4] == 0 and a["h"].to_pylist()[1] == 0  # "" is missing
+    assert len(spec.transforms["features"]["u"]["values"]) == 3  # "" is no vocabulary value
+
+
+def test_integral_float_strings_find_an_int_vocabulary(tmp_path):
+    schema = parse_schema(SCHEMA)
+    spec = fit(schema, [pa.table({"rid": [1, 2], "u": [10.0, 11.0], "h": ["a", "b"], "x": [1.0, 2.0],
+                                  "click": [0, 1]})])
+    assert spec.transforms["features"]["u"]["value_type"] == "int"
+    csv = _csv_table(tmp_path, {"rid": ["1", "2", "3", "4", "5"], "u": ["10.0", "11", "1.1e1", "10.5", "x"],
+                                "h": ["a"] * 5, "x": ["1"] * 5, "click": ["0"] * 5})
+    ids = transform_table(spec, csv)["u"].to_pylist()
+    want = transform_table(spec, pa.table({"rid": [1], "u": [10], "h": ["a"], "x": [1.0]}))["u"][0].as_py()
+    assert ids[0] == want != 0 and ids[1] == ids[2] != 0 and ids[3] == ids[4] == 0
+
+
+def test_float_text_past_2_53_finds_no_neighbouring_integer(tmp_path):
+    # float64 holds integers exactly only up to 2**53: "9007199254740993.0" would round to ...992's entry
+    big = 2**53
+    spec = fit(parse_schema(SCHEMA), [pa.table({"rid": [1, 2], "u": [big, big + 2], "h": ["a", "b"], "x": [1.0, 2.0],
+                                                "click": [0, 1]})])
+    csv = _csv_table(tmp_path, {"rid": ["1", "2", "3"], "u": [f"{big}", f"{big + 1}.0", f"{big + 2}"],
+                                "h": ["a"] * 3, "x": ["1"] * 3, "click": ["0"] * 3})
+    ids = transform_table(spec, csv)["u"].to_pylist()
+    assert ids[0] != 0 and ids[2] != 0 and ids[1] == 0
+
+
+# --- 5. CSV headers ---
+
+def test_csv_with_a_needed_column_twice_in_the_header_is_refused(tmp_path, capsys):
+    p = tmp_path / "dup.csv"
+    p.write_text("rid,u,h,x,click,x\n1,a,b,1,0,2\n")
+    rc, out = _features(tmp_path, f"train={p}")
+    err = capsys.readouterr().err
+    assert rc == 1 and str(p) in err and "'x'" in err and "twice" in err
+
+
+def test_csv_header_that_differs_from_reader_column_names_is_refused(tmp_path, capsys):
+    schema = {**SCHEMA, "reader": {"header": True, "column_names": ["rid", "u", "h", "x", "click"]}}
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text("rid,u,h,x,click\n1,a,b,1,0\n")
+    bad.write_text("rid,h,u,x,click\n2,a,b,1,0\n")  # u and h swapped: the names would be given to other columns
+    rc, out = _features(tmp_path, f"train={good}", f"test={bad}", schema=schema)
+    err = capsys.readouterr().err
+    assert rc == 1 and str(bad) in err and "column_names" in err
+    rc, out = _features(tmp_path, f"train={good}", schema=schema)
+    assert rc == 0
+
+
+# --- 6. spec.json version ---
+
+def test_hand_edited_spec_json_is_refused_and_an_unedited_one_loads(tmp_path):
+    schema = parse_schema(SCHEMA)
+    spec = fit(schema, [pa.table({"rid": [1, 2], "u": ["a", "b"], "h": ["a", "b"], "x": [1.5, 2.25],
+                                  "click": [0, 1]})])
+    spec.save(tmp_path / "spec.json")
+    assert FeatureSpec.load(tmp_path).version == spec.version
+    d = json.loads((tmp_path / "spec.json").read_text())
+    d["transforms"]["features"]["u"]["values"] = ["b", "a"]
+    (tmp_path / "spec.json").write_text(json.dumps(d))
+    with pytest.raises(FeatureDataError, match="version") as e:
+        FeatureSpec.load(tmp_path)
+    assert str(tmp_path / "spec.json") in str(e.value)
+    d.pop("version")  # a spec written without a version gets its content hash
+    assert FeatureSpec.from_dict(d).version not in ("", spec.version)

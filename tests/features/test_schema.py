@@ -1,0 +1,54 @@
+"""Schema values of the wrong type or range are errors naming the schema file and the entry, never a crash later
+or a silent reading (a string counted as true, a string split into characters)."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.schema import load_schema
+
+BASE = {"categorical": [{"name": "u"}], "numeric": [{"name": "x"}], "tasks": [{"name": "click"}]}
+
+
+def _with(section: str | None = None, **entry) -> dict:
+    d = {k: [dict(e) for e in v] for k, v in BASE.items()}
+    if section is None:
+        d.update(entry)
+    else:
+        d[section][0].update(entry)
+    return d
+
+
+@pytest.mark.parametrize("schema, entry", [
+    (_with("categorical", min_count="2"), "min_count"),
+    (_with("categorical", min_count=0), "min_count"),
+    (_with("categorical", max_size=-1), "max_size"),
+    (_with("categorical", max_size=0), "max_size"),
+    (_with("categorical", max_size=1.5), "max_size"),
+    (_with("categorical", transform="hash", buckets=True), "buckets"),
+    (_with("categorical", multi_valued="no"), "multi_valued"),
+    (_with("numeric", transform="bucketize", buckets=True), "buckets"),
+    (_with(id_columns="rid"), "id_columns"),
+    (_with(id_columns=[["rid"]]), "id_columns"),
+    (_with(sample_weight="click"), "sample_weight"),
+    (_with(sample_weight=["w"]), "sample_weight"),
+    (_with("tasks", positive=["a", "b"], negative=["b"]), "'b'"),
+    (_with("tasks", positive=[{"a": 1}]), "positive"),
+], ids=["min_count-str", "min_count-0", "max_size-neg", "max_size-0", "max_size-float", "hash-buckets-bool",
+        "multi_valued-str", "bucketize-buckets-bool", "id_columns-str", "id_columns-nested", "weight-is-label",
+        "weight-list", "positive-and-negative", "positive-mapping"])
+def test_bad_schema_value_names_the_schema_file_and_the_entry(tmp_path, schema, entry):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(schema))
+    with pytest.raises(FeatureDataError) as e:
+        load_schema(path)
+    assert e.value.file == str(path) and entry in str(e.value)
+
+
+def test_good_schema_values_still_load(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**_with("categorical", min_count=2, max_size=10, multi_valued=False),
+                                    "id_columns": ["rid"], "sample_weight": "w"}))
+    s = load_schema(path)
+    assert s.id_columns == ("rid",) and s.categorical[0].min_count == 2 and s.sample_weight == "w"
