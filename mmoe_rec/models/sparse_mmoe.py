@@ -17,12 +17,19 @@ logit_t = tower_t(mixed_t)
   None (dropless): with a limit, which of a row's choices fit depends on the other rows of the batch, so a row's
   score would change with the batch it is scored in.
 - Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
-  cf = capacity_factor or k. A row that no expert took counts as dropped and gets the fallback with weight 1.
-- Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z".
+  cf = capacity_factor or k. A row that no expert took counts as dropped (GateRecord.dropped counts rows, out of
+  T, not assignments) and gets the fallback with weight 1. Its record carries the (T, E) assignment mask
+  (GateRecord.assigned) instead of `chosen`. At evaluation it is token-choice top-k and dropless:
+  eval_capacity_factor is refused with it.
+- Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z". Defaults
+  (DEFAULT_BALANCE, then `default_balance`): importance + load for noisy top-k, switch for Switch, router_z for
+  all; load only with noise (without it the loss is a constant 0: asking for it is an error); with loss_free_bias
+  only router_z (the bias alone balances, no loss competes with the task losses), unless `balance` asks.
 - dropout and norm ("none" or "layer"): in every activated expert layer (routed, shared, fallback; inside the
   fused dispatch too) and in the towers; dropout in training only.
-- Loss-free balancing: per-gate selection bias, updated by `after_optimizer_step(output)` from the recorded
-  choices (b += rate · sign(mean load − load)).
+- Loss-free balancing: per-gate selection bias, updated by `after_optimizer_step(output)` (b += rate · sign(mean
+  load − load)) from the loads of every training forward since the last update: all micro-batches of a step under
+  gradient accumulation, summed over DDP ranks.
 """
 from __future__ import annotations
 
@@ -47,6 +54,16 @@ DEFAULT_BALANCE = {
     "switch": {"importance": False, "load": False, "switch": True, "router_z": True},
     "expert_choice": {"importance": False, "load": False, "switch": False, "router_z": True},
 }
+
+
+def default_balance(router: str, noise: bool, loss_free_bias: bool) -> dict[str, bool]:
+    """The balance losses on unless `balance` says otherwise."""
+    out = dict(DEFAULT_BALANCE[router])
+    if loss_free_bias:  # DeepSeek-V3 balances with the bias alone: no aux loss competing with the task losses
+        out.update(importance=False, load=False, switch=False)
+    if not noise:  # the load loss needs the noise scale: without it, a constant 0 with no gradient
+        out["load"] = False
+    return out
 
 
 def fine_expert_hidden(expert_hidden: list[int], m: int) -> list[int]:
@@ -105,12 +122,19 @@ class SparseMMoE(MultiTaskModel):
             noise = router == "noisy_topk"
         if loss_free_bias and router == "expert_choice":
             raise ValueError("loss-free bias balancing needs token choice; expert choice is balanced by construction")
+        if router == "expert_choice" and eval_capacity_factor is not None:
+            raise ValueError("expert choice scores with dropless token-choice top-k at evaluation (a row is scored on "
+                             "its own): eval_capacity_factor does not apply; leave it None")
         if dispatch_layout not in LAYOUTS:
             raise ValueError(f"unknown dispatch_layout {dispatch_layout!r}; expected one of {LAYOUTS}")
-        balance = {**DEFAULT_BALANCE[router], **(balance or {})}
+        balance = {**default_balance(router, noise, loss_free_bias), **(balance or {})}
         unknown = set(balance) - set(BALANCE_LOSSES)
         if unknown:
             raise ValueError(f"unknown balance loss(es) {sorted(unknown)}; expected some of {BALANCE_LOSSES}")
+        if balance["load"] and (router == "expert_choice" or not noise):
+            raise ValueError("the load balance loss is defined by the router's training noise; without it "
+                             f"(router={router!r}, noise={noise}) it is always 0 and never balances: set noise=True "
+                             "with a token-choice router, or leave load out of `balance`")
         self.balance = [name for name in BALANCE_LOSSES if balance[name]]
 
         self.router_name = router
@@ -159,8 +183,6 @@ class SparseMMoE(MultiTaskModel):
             taken = torch.zeros(T, dtype=torch.bool, device=rows.device)
             taken[rows] = True
             return experts, rows, weights, (~taken).to(weights.dtype), int((~taken).sum())
-        if self.router_name == "expert_choice":  # eval fallback to top-k: cf was the rows per expert, not a limit
-            return experts, rows, weights, None, 0
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         cap = capacity_for(T, self.k, self.num_experts, cf)
         if cap is None:
@@ -188,6 +210,8 @@ class SparseMMoE(MultiTaskModel):
         """The model after the embedding front: x (B, D_in) -> ModelOutput."""
         T, G = x.shape[0], len(self.tasks)
         routings = {t: self.gates[t](x) for t in self.tasks}
+        if self.training:
+            self._count_loads(routings)
         parts, drops = [], {}
         for g, t in enumerate(self.tasks):
             experts, rows, weights, dropped_mass, n_dropped = self._kept_assignments(routings[t], T)
@@ -219,6 +243,14 @@ class SparseMMoE(MultiTaskModel):
         aux = {name: value / G for name, value in aux_sum.items()}
         return ModelOutput(logits=logits, aux=aux, routing=routing)
 
+    def _count_loads(self, routings: dict[str, Routing]) -> None:
+        """Loss-free balancing: add this forward's loads to the count the next bias update reads (every
+        micro-batch of an optimizer step, not only the last)."""
+        for t, r in routings.items():
+            balancer = getattr(self.gates[t], "balancer", None)
+            if balancer is not None:
+                balancer.add_load(r.counts)  # (E,) before capacity: what the selection asked for
+
     def _fallback(self, x, h, dropped_mass, shared_mean):
         """Give each row's dropped combine mass to the shared experts' mean, or to the fallback expert."""
         if shared_mean is not None:
@@ -240,19 +272,22 @@ class SparseMMoE(MultiTaskModel):
             balancer = getattr(self.gates[task], "balancer", None)
             if balancer is not None:
                 extra["bias_abs_mean"] = balancer.bias.abs().mean()
+        token_choice = r.chosen is not None  # expert choice: a row has any number of experts, so a (T, E) mask
         return GateRecord(combine=combine, probs=r.probs.detach(),
-                          chosen=None if r.chosen is None else r.chosen.detach(),
+                          chosen=r.chosen.detach() if token_choice else None,
+                          assigned=None if token_choice else r.mask,
                           dropped=torch.tensor(n_dropped, dtype=torch.int64), extra=extra)
 
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:
-        """Loss-free balancing: move each gate's selection bias towards an even load (recorded choices)."""
+        """Loss-free balancing: move each gate's selection bias towards an even load. The load is counted by the
+        training forwards since the last update (all micro-batches of the step), not read from `output`, which
+        holds only the last one."""
         for t in self.tasks:
             balancer = getattr(self.gates[t], "balancer", None)
-            record = output.routing.get(t)
-            if balancer is None or record is None or record.chosen is None:
+            if balancer is None:
                 continue
-            load = torch.bincount(record.chosen.reshape(-1), minlength=self.num_experts)  # (E,)
+            load = balancer.take_load()  # (E,) int64
             if dist.is_available() and dist.is_initialized():
                 # every rank must apply the same update, or DDP replicas' biases (and choices) drift apart
                 dist.all_reduce(load)

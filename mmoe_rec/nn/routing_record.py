@@ -12,10 +12,13 @@ class GateRecord:
 
     combine: (B, E) float32 weights actually used to mix expert outputs (zeros where an expert is not chosen).
     probs:   (B, E) float32 router probabilities before top-k selection (equal to `combine` for dense softmax).
-    chosen:  (B, k) int64 chosen experts per row, or None for a dense gate.
-    dropped: scalar int64, assignments dropped by the capacity limit (0 when dropless / dense).
+    chosen:  (B, k) int64 chosen experts per row (token choice), or None (dense gate, expert choice).
+    dropped: scalar int64. Token choice: assignments dropped by the capacity limit (out of B·k). Expert choice:
+             rows that no expert took (out of B). 0 when dropless / dense.
     expert_groups: optional name -> expert indices (PLE: {"own": [...], "shared": [...]}).
     extra:   further scalars a router wants logged (router z, bias statistics, ...).
+    assigned: (B, E) bool, True where a row was sent to an expert, for routings in which a row gets any number of
+             experts (expert choice; `chosen` is None then), else None. Sparse, like `chosen`: load statistics.
     """
 
     combine: torch.Tensor
@@ -24,7 +27,13 @@ class GateRecord:
     dropped: torch.Tensor | None = None
     expert_groups: dict[str, list[int]] | None = None
     extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    assigned: torch.Tensor | None = None  # last: the fields before keep their positions
 
     @property
     def num_experts(self) -> int:
         return self.combine.shape[-1]
+
+    @property
+    def drop_base(self) -> int:
+        """What `dropped` counts out of, from shapes: B·k assignments (token choice), B rows (expert choice)."""
+        return self.chosen.numel() if self.chosen is not None else self.combine.shape[0]

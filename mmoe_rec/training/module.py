@@ -225,7 +225,9 @@ class MultiTaskModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.last_output is not None:
-            self.model.after_optimizer_step(self.last_output)  # e.g. loss-free balancing bias update
+            # e.g. the loss-free balancing bias update, from the loads the model counted over all of this step's
+            # micro-batches (last_output holds only the last one under gradient accumulation)
+            self.model.after_optimizer_step(self.last_output)
 
     def _logs_this_step(self) -> bool:
         """Step metrics reach the logger only every `log_every_n_steps`; each `self.log` costs ~0.5-1 ms, so the

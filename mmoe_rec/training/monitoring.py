@@ -3,16 +3,20 @@
 Nothing here logs or keeps state; `callbacks.RoutingMonitor` accumulates window sums with `GateStats` and
 turns them into metrics with `utilization_metrics` / `relatedness_metrics`.
 
-Definitions (E experts, T rows in the window, k chosen per row):
+Definitions (E experts, T rows in the window, k chosen per row; sparse = the record says which experts each row
+was sent to: `chosen` (token choice) or the `assigned` mask (expert choice, a row gets any number of experts)):
 - utilization[e]: mean over rows of the combine weight on expert e (what each task's gate actually uses).
-- fraction f[e] (sparse): share of assignments that went to e, counts / (k T); uniform routing gives 1/E.
-- sent[e] (sparse): fraction of rows sent to e, counts / T (sums to k over the experts).
+- fraction f[e] (sparse): share of assignments that went to e, counts / all assignments (k T for token choice);
+  uniform routing gives 1/E.
+- sent[e] (sparse): fraction of rows sent to e, counts / T (sums to k over the experts for token choice, to the
+  mean number of experts per row for expert choice).
 - importance CV^2: var / mean^2 (+eps) of per-expert summed combine weights (Shazeer et al. 2017).
 - load CV^2: the same on per-expert assignment counts. MaxVio = (max load - mean load) / mean load.
 - dead experts: experts with no assignment in the window.
 - entropy: mean over rows of -sum_e p log p of the router probabilities, also divided by log E (1 = uniform),
   E counting the experts the gate can weigh (a PLE task gate: its own and the shared ones).
-- dropped fraction: assignments dropped by capacity / all assignments.
+- dropped fraction: token choice: assignments dropped by capacity / all assignments (k T); expert choice: rows no
+  expert took / T.
 - router extras (router z, bias statistics): means over rows (each batch's value weighted by its rows).
 - label correlation: Pearson, sample-weighted (a row of weight 2 counts twice, as in the losses and metrics).
 - PLE share: per task gate, mean combine weight on each expert group ("own", "shared").
@@ -51,6 +55,8 @@ def entropy_rows(probs: torch.Tensor) -> torch.Tensor:
 
 def chosen_mask(record: GateRecord) -> torch.Tensor | None:
     """(B, E) bool of experts each row was sent to, or None for a dense gate."""
+    if record.assigned is not None:
+        return record.assigned.bool()
     if record.chosen is None:
         return None
     mask = torch.zeros_like(record.combine, dtype=torch.bool)
@@ -146,16 +152,16 @@ class LabelStats:
 class GateStats:
     """Window sums for one gate: everything needed for its utilization metrics, and summable across ranks.
 
-    Sums are tensors on the gate's device (rows and assignments are counted from shapes), so updating them never
+    Sums are tensors on the gate's device (rows and the drop base are counted from shapes), so updating them never
     reads a value back to the host; `utilization_metrics` reads them once per window."""
 
     combine_sum: torch.Tensor  # (E,) sum over rows of combine weights
     probs_sum: torch.Tensor  # (E,) sum over rows of router probabilities
     counts: torch.Tensor  # (E,) assignments per expert (sparse gates; zeros for dense)
-    dropped: torch.Tensor  # () assignments dropped by capacity
+    dropped: torch.Tensor  # () dropped assignments (token choice) or untaken rows (expert choice)
     entropy_sum: torch.Tensor  # () sum over rows of the router entropy (nats)
     rows: float = 0.0
-    assignments: float = 0.0
+    drop_base: float = 0.0  # what `dropped` is out of: assignments (token choice) or rows (expert choice)
     sparse: bool = False
     groups: dict[str, list[int]] | None = None
     extra_sum: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # () value x rows, per extra
@@ -183,7 +189,7 @@ class GateStats:
         if mask is not None:
             self.sparse = True
             self.counts += mask.sum(0)
-            self.assignments += record.chosen.numel()
+            self.drop_base += record.drop_base
         if record.dropped is not None:
             self.dropped += record.dropped.detach().to(self.dropped.device)
         self.groups = record.expert_groups
@@ -194,13 +200,13 @@ class GateStats:
     # flat view for an all-reduce (sum) across ranks; order is fixed by the fields
     def tensors(self) -> list[torch.Tensor]:
         device = self.dropped.device
-        counted = torch.tensor([self.rows, self.assignments], dtype=torch.float64, device=device)
+        counted = torch.tensor([self.rows, self.drop_base], dtype=torch.float64, device=device)
         summed = torch.stack([self.dropped, self.entropy_sum] + [self.extra_sum[k] for k in sorted(self.extra_sum)])
         return [self.combine_sum, self.probs_sum, self.counts, torch.cat([counted, summed])]
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
         self.combine_sum, self.probs_sum, self.counts, s = tensors
-        self.rows, self.assignments = float(s[0]), float(s[1])
+        self.rows, self.drop_base = float(s[0]), float(s[1])
         self.dropped, self.entropy_sum = s[2], s[3]
         for key, v in zip(sorted(self.extra_sum), s[4:]):
             self.extra_sum[key] = v
@@ -214,8 +220,13 @@ class GateStats:
         return self.probs_sum / max(self.rows, 1.0)
 
     @property
+    def assignments(self) -> torch.Tensor:
+        """() all assignments: k per row for token choice, any number per row for expert choice."""
+        return self.counts.sum()
+
+    @property
     def fraction(self) -> torch.Tensor:
-        return self.counts / max(self.assignments, 1.0)
+        return self.counts / self.assignments.clamp_min(1.0)
 
 
 def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") -> dict[str, float]:
@@ -239,7 +250,7 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
         out[f"{base}/load_cv2"] = float(cv_squared(stats.counts))
         out[f"{base}/max_vio"] = float(max_violation(stats.counts))
         out[f"{base}/dead"] = float((stats.counts == 0).sum())
-        out[f"{base}/dropped_frac"] = float(stats.dropped) / max(stats.assignments, 1.0)
+        out[f"{base}/dropped_frac"] = float(stats.dropped) / max(stats.drop_base, 1.0)
     if stats.groups:
         for group, idx in stats.groups.items():
             out[f"{base}/share/{group}"] = float(util[list(idx)].sum())

@@ -227,6 +227,11 @@ def test_fine_grained_and_shared_experts_shapes():
     (dict(balance={"entropy": True}), "unknown balance"),
     (dict(fine_grained=2, expert_hidden=[64]), "two layers"),
     (dict(dispatch_layout="ragged"), "dispatch_layout"),
+    # silent no-ops refused: a load loss without noise is a constant 0; expert choice is dropless at evaluation
+    (dict(noise=False, balance={"load": True}), "load balance loss"),
+    (dict(router="switch", k=1, balance={"load": True}), "load balance loss"),
+    (dict(router="expert_choice", balance={"load": True}), "load balance loss"),
+    (dict(router="expert_choice", eval_capacity_factor=2.0), "eval_capacity_factor"),
 ])
 def test_invalid_configuration_raises_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -288,3 +293,81 @@ def test_capacity_applies_in_training_and_eval_is_dropless_unless_an_eval_factor
     limited = SparseMMoE(spec(), num_experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=0.5, noise=False)
     limited.load_state_dict(model.state_dict())
     assert all(int(limited.eval().forward_dense(x).routing[t].dropped) > 0 for t in TASKS)
+
+
+@pytest.mark.parametrize("kw,plain", [
+    (dict(router="noisy_topk", k=2), {"importance", "load", "router_z"}),
+    (dict(router="switch", k=1), {"switch", "router_z"}),
+])
+def test_loss_free_bias_turns_the_default_balance_losses_off_but_keeps_router_z(kw, plain):
+    x = features()
+    assert set(SparseMMoE(spec(), num_experts=4, **kw).forward_dense(x).aux) == plain
+    # the bias alone balances (DeepSeek-V3): no aux loss competes with the task losses
+    assert set(SparseMMoE(spec(), num_experts=4, loss_free_bias=True, **kw).forward_dense(x).aux) == {"router_z"}
+
+
+@pytest.mark.parametrize("kw,balance", [
+    (dict(router="noisy_topk", k=2), {"importance": True, "load": True}),
+    (dict(router="switch", k=1), {"switch": True}),
+])
+def test_loss_free_bias_keeps_the_balance_losses_asked_for_explicitly(kw, balance):
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, loss_free_bias=True, balance=balance, **kw)
+    out = model.forward_dense(features())
+    assert set(out.aux) == set(balance) | {"router_z"}
+    assert all(v.requires_grad for v in out.aux.values())
+
+
+def test_without_noise_the_load_loss_is_not_a_default_and_with_noise_switch_can_have_it():
+    assert set(SparseMMoE(spec(), num_experts=4, k=2, noise=False).forward_dense(features()).aux) == {
+        "importance", "router_z"}
+    out = SparseMMoE(spec(), num_experts=4, k=1, router="switch", noise=True,
+                     balance={"load": True}).forward_dense(features())
+    assert set(out.aux) == {"switch", "load", "router_z"} and out.aux["load"].requires_grad
+
+
+def test_expert_choice_records_its_assignment_mask_and_counts_untaken_rows_as_dropped():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, router="expert_choice", capacity_factor=1.0)
+    x = features(10)  # c = ceil(10 * 1 / 4) = 3 rows per expert: 12 assignments over 10 rows
+    out = model.forward_dense(x)
+    for t in TASKS:
+        rec, r = out.routing[t], model.gates[t](x)
+        taken = torch.zeros(10, 4, dtype=torch.bool)
+        for e in range(4):
+            taken[r.expert_rows[:, e], e] = True
+        assert rec.chosen is None and torch.equal(rec.assigned, taken)
+        assert torch.equal(rec.assigned.sum(0), torch.full((4,), 3))
+        untaken = int((~taken.any(1)).sum())
+        assert int(rec.dropped) == untaken  # rows, not assignments
+        assert rec.drop_base == 10
+    assert any(int(out.routing[t].dropped) > 0 for t in TASKS)
+    model.eval()  # token-choice top-k at evaluation: chosen again, no mask
+    rec = model.forward_dense(x).routing[TASKS[0]]
+    assert rec.chosen.shape == (10, 1) and rec.assigned is None
+
+
+def test_loss_free_bias_update_counts_every_micro_batch_since_the_last_step():
+    """Gradient accumulation: one optimizer step after two micro-batches moves the bias by the load of both."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, noise=False, loss_free_bias=True, bias_update_rate=0.002)
+    parts = [features(40, seed=1), features(40, seed=2)]
+    outs = [model.forward_dense(p) for p in parts]
+    model.eval()
+    model.forward_dense(parts[0])  # an evaluation forward does not count
+    model.train()
+    model.after_optimizer_step(outs[-1])
+
+    def loads(out):
+        return {t: torch.bincount(out.routing[t].chosen.reshape(-1), minlength=4).float() for t in TASKS}
+
+    both = {t: a + b for (t, a), b in zip(loads(outs[0]).items(), loads(outs[1]).values())}
+    last = loads(outs[1])
+    for t in TASKS:
+        torch.testing.assert_close(model.gates[t].balancer.bias, 0.002 * torch.sign(both[t].mean() - both[t]))
+    # the case discriminates: the last micro-batch alone would have moved some bias otherwise
+    assert any(not torch.equal(torch.sign(both[t].mean() - both[t]), torch.sign(last[t].mean() - last[t]))
+               for t in TASKS)
+    before = {t: model.gates[t].balancer.bias.clone() for t in TASKS}
+    model.after_optimizer_step(outs[-1])  # counted loads were taken: a step without forwards moves nothing
+    assert all(torch.equal(model.gates[t].balancer.bias, before[t]) for t in TASKS)

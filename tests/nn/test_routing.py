@@ -77,6 +77,21 @@ def test_weights_sum_to_one_and_match_the_chosen_logits(normalize):
     assert torch.equal(r.chosen, r.logits.topk(3, dim=1).indices)
 
 
+def test_both_normalize_names_are_one_rule_with_bitwise_equal_weights_and_gradients():
+    """softmax over all E renormalised over the chosen k == softmax over the chosen k (the normaliser cancels):
+    the two names are kept for configs, and run the same computation, noise included."""
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    got = {}
+    for name in ("topk_softmax", "softmax_topk"):
+        torch.manual_seed(0)
+        router = NoisyTopKRouter(5, 6, k=3, noise=True, normalize=name, init="normal", init_std=1.0).train()
+        r = router(x)  # same seed: same noise
+        (r.weights * torch.arange(3.0)).sum().backward()
+        got[name] = (r.chosen, r.weights.detach(), router.w_gate.grad, router.w_noise.grad)
+    for a, b in zip(got["topk_softmax"], got["softmax_topk"]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("make", [
     lambda: NoisyTopKRouter(5, 4, k=1, noise=False, normalize="topk_softmax"),
     lambda: NoisyTopKRouter(5, 4, k=1, noise=False, normalize="softmax_topk"),
@@ -136,6 +151,16 @@ def test_loss_free_bias_update_moves_towards_the_mean_load():
     bias = LossFreeBias(3, update_rate=0.5)
     bias.update(torch.tensor([4, 0, 2]))  # mean 2: overloaded down, underloaded up, on the mean unchanged
     assert torch.equal(bias.bias, torch.tensor([-0.5, 0.5, 0.0]))
+
+
+def test_loss_free_bias_sums_the_loads_added_since_the_last_take():
+    bias = LossFreeBias(3)
+    assert torch.equal(bias.take_load(), torch.zeros(3, dtype=torch.long))  # nothing routed yet
+    bias.add_load(torch.tensor([4, 0, 2]))
+    bias.add_load(torch.tensor([0, 1, 1]))
+    assert torch.equal(bias.take_load(), torch.tensor([4, 1, 3]))
+    assert torch.equal(bias.take_load(), torch.zeros(3, dtype=torch.long))  # taking resets the count
+    assert "pending_load" not in bias.state_dict()  # a step's count is not model state
 
 
 def test_expert_choice_gives_every_expert_exactly_c_rows_in_training():

@@ -153,7 +153,41 @@ def test_sparse_model_sample_weights_uncertainty_and_loss_free_bias(make_feature
     assert sum(fractions) == pytest.approx(1.0, abs=1e-6)
     for key in ["experts/epoch/click/load_cv2", "experts/epoch/click/max_vio", "experts/epoch/click/dead",
                 "experts/epoch/click/dropped_frac", "experts/epoch/click/bias_abs_mean",
-                "relatedness/epoch/expert_jaccard/click.vs.convert", "train/aux/importance", "train/click/weight"]:
+                "relatedness/epoch/expert_jaccard/click.vs.convert", "train/aux/router_z", "train/click/weight"]:
         assert key in m, key
+    assert "train/aux/importance" not in m and "train/aux/load" not in m  # loss-free: the bias alone balances
     assert m["experts/epoch/click/bias_abs_mean"] > 0  # after_optimizer_step moved the loss-free bias
     assert not torch.equal(module.weighting.log_vars.detach(), torch.zeros(2))  # learnt log-variances
+
+
+class MicroBatchLoads(L.Callback):
+    """After each training batch: every gate's load in that batch (from the step's output) and its bias."""
+
+    def __init__(self) -> None:
+        self.loads: list[dict[str, torch.Tensor]] = []
+        self.biases: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        routing = pl_module.last_output.routing
+        self.loads.append({t: torch.bincount(r.chosen.reshape(-1), minlength=r.num_experts) for t, r in routing.items()})
+        self.biases.append({t: g.balancer.bias.clone() for t, g in pl_module.model.gates.items()})
+
+
+def test_loss_free_bias_under_gradient_accumulation_counts_every_micro_batch(feature_dir, tmp_path):
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=128, seed=0)
+    model = copy.deepcopy(SPARSE)
+    model["init_args"].update(loss_free_bias=True, bias_update_rate=0.01)
+    module = module_for(dm, model)
+    seen = MicroBatchLoads()
+    trainer = L.Trainer(max_steps=1, accumulate_grad_batches=2, logger=False, callbacks=[seen], limit_val_batches=0,
+                        enable_checkpointing=False, default_root_dir=tmp_path, **FAST)
+    trainer.fit(module, dm)
+    assert len(seen.loads) == 2  # two micro-batches, one optimizer step
+    first, (last, bias) = seen.loads[0], (seen.loads[1], seen.biases[1])
+    assert all(not b.any() for b in seen.biases[0].values())  # no update after the first micro-batch
+    for t in bias:
+        load = (first[t] + last[t]).float()
+        torch.testing.assert_close(bias[t], 0.01 * torch.sign(load.mean() - load))
+    # the last micro-batch alone would have given another update
+    assert any(not torch.equal(bias[t], 0.01 * torch.sign(last[t].float().mean() - last[t].float())) for t in bias)

@@ -31,6 +31,15 @@ def sparse_record(chosen, weights, num_experts, dropped=0):
                       extra={"bias_abs_mean": torch.tensor(0.25)})
 
 
+def expert_choice_record(expert_rows, num_rows, num_experts, dropped):
+    """expert_rows[e]: the rows expert e took (expert choice: a row may get any number of experts)."""
+    assigned = torch.zeros(num_rows, num_experts, dtype=torch.bool)
+    for e, rows in enumerate(expert_rows):
+        assigned[rows, e] = True
+    probs = torch.full((num_rows, num_experts), 1.0 / num_experts)
+    return GateRecord(combine=probs * assigned, probs=probs, dropped=torch.tensor(dropped), assigned=assigned)
+
+
 def test_cv2_and_max_violation():
     x = torch.tensor([1.0, 2.0, 3.0, 6.0])
     assert float(cv_squared(x)) == pytest.approx(np.var([1, 2, 3, 6]) / 3.0**2, rel=1e-6)
@@ -209,7 +218,7 @@ def test_window_updates_never_read_a_value_back_to_the_host():
         window.update(routing, labels, torch.ones(3, device="meta"))
     with pytest.raises((NotImplementedError, RuntimeError)):  # the guard: a host read of a meta tensor does raise
         float(window.gates["click"].entropy_sum)
-    assert window.gates["click"].rows == 6 and window.gates["click"].assignments == 12  # counted from shapes
+    assert window.gates["click"].rows == 6 and window.gates["click"].drop_base == 12  # counted from shapes
 
 
 def test_window_metrics_after_a_reduce_equal_the_metrics_of_the_sums():
@@ -229,3 +238,47 @@ def test_window_metrics_after_a_reduce_equal_the_metrics_of_the_sums():
     assert before["experts/click/bias_abs_mean"] == pytest.approx(0.25)
     assert before["relatedness/expert_jaccard/click.vs.buy"] == pytest.approx(1.0)
     assert all(isinstance(v, float) for v in after.values())
+
+
+def test_expert_choice_gate_gets_load_statistics_and_its_dropped_rows_out_of_the_rows():
+    # 4 rows, E = 3, every expert takes c = 2 rows: e0 {0, 1}, e1 {1, 3}, e2 {0, 3}; row 2 by none
+    rec = expert_choice_record([[0, 1], [1, 3], [0, 3]], 4, 3, dropped=1)
+    stats = GateStats.empty(3)
+    stats.update(rec)
+    m = utilization_metrics("click", stats)
+    assert [m[f"experts/click/fraction/e{i}"] for i in range(3)] == pytest.approx([2 / 6] * 3)  # 6 assignments
+    assert [m[f"experts/click/sent/e{i}"] for i in range(3)] == pytest.approx([2 / 4] * 3)
+    assert m["experts/click/load_cv2"] == 0.0 and m["experts/click/max_vio"] == 0.0
+    assert m["experts/click/dead"] == 0.0
+    assert m["experts/click/dropped_frac"] == pytest.approx(1 / 4)  # one row of four, not of the assignments
+
+
+def test_expert_choice_gates_get_the_chosen_expert_overlap_between_tasks():
+    from mmoe_rec.training.callbacks import Window
+
+    click = expert_choice_record([[0, 1], [1, 3], [0, 3]], 4, 3, dropped=1)  # rows' experts {0,2} {0,1} {} {1,2}
+    buy = expert_choice_record([[0, 2], [1, 2], [1, 3]], 4, 3, dropped=0)  # {0} {1,2} {0,1} {2}
+    window = Window(["click", "buy"])
+    window.update({"click": click, "buy": buy}, {t: torch.ones(4) for t in ("click", "buy")})
+    m = window.metrics("experts", "relatedness")
+    assert m["relatedness/expert_jaccard/click.vs.buy"] == pytest.approx((1 / 2 + 1 / 3 + 0 + 1 / 2) / 4)
+    assert m["experts/buy/dropped_frac"] == 0.0 and m["experts/click/dropped_frac"] == pytest.approx(1 / 4)
+
+
+def test_an_expert_choice_model_gets_the_sparse_gate_metrics_in_training():
+    from mmoe_rec.models.sparse_mmoe import SparseMMoE
+    from mmoe_rec.training.callbacks import Window
+
+    spec = FeatureSpec(sparse_features=[SparseFeature("user", 5)], dense_features=["d0"],
+                       tasks=[Task("click"), Task("buy")]).finalize()
+    torch.manual_seed(0)
+    model = SparseMMoE(spec, embedding_dim=3, num_experts=4, k=1, router="expert_choice", capacity_factor=1.0)
+    out = model.forward_dense(torch.randn(10, model.front.out_dim))  # c = 3 rows per expert
+    window = Window(["click", "buy"])
+    window.update(out.routing, {t: torch.ones(10) for t in ("click", "buy")})
+    m = window.metrics("experts", "relatedness")
+    for key in ["fraction/e0", "sent/e0", "load_cv2", "max_vio", "dead", "dropped_frac"]:
+        assert f"experts/click/{key}" in m, key
+    assert m["experts/click/fraction/e0"] == pytest.approx(3 / 12)
+    assert m["experts/click/dropped_frac"] == pytest.approx(int(out.routing["click"].dropped) / 10)
+    assert "relatedness/expert_jaccard/click.vs.buy" in m

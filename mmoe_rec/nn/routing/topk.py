@@ -1,14 +1,15 @@
 """Noisy top-k gating (Shazeer et al. 2017).
 
 H(x) = x·W_g + N(0,1) * softplus(x·W_noise), noise only in training. The k largest H (plus the loss-free bias, if
-any) are chosen. Combine weights, two modes:
+any) are chosen. Combine weights: softmax over the k chosen noisy logits, g(x) = softmax(KeepTopK(H(x), k)).
 
-- "topk_softmax" (default, the paper): softmax over the k chosen noisy logits only.
-- "softmax_topk": softmax over all E, keep the chosen, renormalise to sum 1.
+`normalize` accepts two names for this one rule: "topk_softmax" (the paper's) and "softmax_topk" (softmax over
+all E, keep the chosen, renormalise to sum 1). They are the same function of the same noisy logits: the softmax's
+normaliser over all E cancels in the renormalisation, leaving exp(H_i) / sum over the chosen of exp(H_j). Both
+names are accepted so that existing configs still load; both run the first form.
 
-With k = 1 both modes would give the constant weight 1 (a softmax over one logit; a renormalised single
-probability) and the router would get no gradient from the task loss. For k = 1 both therefore keep the raw
-probability softmax(H)_i over all E experts, as Switch does.
+With k = 1 that weight is the constant 1 and the router would get no gradient from the task loss. For k = 1 the
+weight is therefore the raw probability softmax(H)_i over all E experts, as Switch does.
 
 Initialisation: the paper starts W_g and W_noise at zero, which is symmetric: only the training noise breaks the
 ties. With noise off (and at evaluation before training) all logits tie and every row would pick experts 0..k-1.
@@ -25,7 +26,7 @@ from mmoe_rec.nn.routing import Routing
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.nn.softmax import softmax_last_dim
 
-NORMALIZE_MODES = ("topk_softmax", "softmax_topk")
+NORMALIZE_MODES = ("topk_softmax", "softmax_topk")  # two names of one rule (module doc)
 INITS = ("auto", "zeros", "normal")
 # Up to this k, top-k on CPU runs as k passes of argmax: 3x faster than torch.topk for (16384, 64) and k = 2
 # (benchmarks/README.md, sparse MoE layer), ties going to the first maximal index. Otherwise a stable sort.
@@ -124,11 +125,8 @@ class NoisyTopKRouter(nn.Module):
         probs = softmax_last_dim(noisy)  # (T, E)
         if self.k == 1:  # raw probability: a normalised single weight is 1 and has no gradient (module doc)
             weights = probs.gather(1, chosen)  # (T, 1)
-        elif self.normalize == "topk_softmax":
+        else:  # either normalize name: softmax over all then renormalised over the chosen is this
             weights = softmax_last_dim(noisy.gather(1, chosen))  # (T, k)
-        else:
-            weights = probs.gather(1, chosen)
-            weights = weights / weights.sum(1, keepdim=True)
         load_prob = None
         if std is not None:
             bias = self.balancer.bias.detach() if self.balancer is not None else 0.0
