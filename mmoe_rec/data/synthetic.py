@@ -5,7 +5,9 @@ w2 = c·(p·u1 + sqrt(1 − p²)·u2); x ~ N(0, I_d);
 y_t = w_tᵀx + Σ_{i=1..m} sin(α_i·w_tᵀx + β_i) + ε_t, α_i, β_i ~ N(0, 1) drawn once and shared by both tasks.
 The paper's constants: d = 100, c = 1, m = 10. Its noise is written N(0, 0.01); public re-implementations use a
 standard deviation of 0.01, as here (``--noise-std``). p is the Pearson correlation of the two linear parts
-w_tᵀx; the sine terms make the label correlation a monotone but not identical function of p.
+w_tᵀx; the sine terms make the label correlation a monotone but not identical function of p on [0, 1] (the
+paper's range). For p < 0 the sines' even parts keep a positive covariance, so the label correlation depends on
+the drawn α, β and can even be positive (p = −1 gave −0.99 to +0.80 across seeds, 100k rows each).
 
 ``rec``: impressions (user, item) with Zipf-skewed popularity for both, item tags (list column), user interests
 ("a|b|c" string column), device, numeric context (price, hour, position, user_age with ~10 % missing) and
@@ -13,7 +15,12 @@ binary tasks (click, conversion, ...). Each task's logit is bias + scale · (sqr
 + a task-specific context effect, where s_shared and s_task are user–item affinities from independent latent
 vectors (unit variance), so ``relatedness`` r in [0, 1] moves the tasks' label correlation from ~0 upwards.
 
-Both write raw Parquet in chunks (bounded memory) matching configs/features/synthetic_{mmoe,rec}.yaml.
+Both write raw Parquet matching configs/features/synthetic_{mmoe,rec}.yaml, in chunks (bounded memory) and in
+files of at most ``--rows-per-file`` rows. Rows are drawn in blocks of BLOCK_ROWS (the last one holds what is
+left), block b from its own generator seeded (seed, 1, b), so that the data depends only on the seed and
+``--rows``, not on ``--chunk-rows`` or ``--rows-per-file``. BLOCK_ROWS is the chunk size every command used by
+default before 2026-12-06, when each chunk had its own generator: data made then with the default chunk size
+(the README's synthetic experiments) is made again the same.
 """
 from __future__ import annotations
 
@@ -23,13 +30,32 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmoe_rec.output_dir import output_dir_problem, replace_dir
+
+BLOCK_ROWS = 262_144  # rows per seeded generator: a constant, so the data does not depend on the chunk size
+
+
+def _chunks(block: Callable[[int, int], pa.Table], rows: int, chunk_rows: int) -> Iterator[pa.Table]:
+    """Rows [0, rows) in tables of `chunk_rows`, cut from the blocks `block(b, n)` of BLOCK_ROWS rows each (n: the
+    block's rows, fewer in the last one)."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    drawn, table = -1, None  # one block kept: consecutive chunks share at most their boundary block
+    for start in range(0, rows, chunk_rows):
+        end, parts = min(start + chunk_rows, rows), []
+        for b in range(start // BLOCK_ROWS, (end - 1) // BLOCK_ROWS + 1):
+            if b != drawn:
+                drawn, table = b, block(b, min(BLOCK_ROWS, rows - b * BLOCK_ROWS))
+            lo, hi = max(start, b * BLOCK_ROWS), min(end, (b + 1) * BLOCK_ROWS)
+            parts.append(table.slice(lo - b * BLOCK_ROWS, hi - lo))
+        yield pa.concat_tables(parts)
+
 
 # ---------------------------------------------------------------------------------------------- MMoE paper
 
@@ -66,17 +92,19 @@ class MMoESynthetic:
         y2 = lin2 + sin2 + rng.normal(scale=self.noise_std, size=n)
         return {"x": x, "y1": y1, "y2": y2, "lin1": lin1, "lin2": lin2}
 
+    def block(self, b: int, n: int) -> pa.Table:
+        """Rows [b·BLOCK_ROWS, b·BLOCK_ROWS + n) as the raw table."""
+        s = self.sample(n, np.random.default_rng([self.seed, 1, b]))
+        cols = {"row_id": pa.array(np.arange(b * BLOCK_ROWS, b * BLOCK_ROWS + n, dtype=np.int64))}
+        x = s["x"].astype(np.float32)
+        for j in range(self.d):
+            cols[f"x{j}"] = pa.array(x[:, j])
+        cols["y1"] = pa.array(s["y1"].astype(np.float32))
+        cols["y2"] = pa.array(s["y2"].astype(np.float32))
+        return pa.table(cols)
+
     def tables(self, rows: int, chunk_rows: int = 262_144) -> Iterator[pa.Table]:
-        for k, start in enumerate(range(0, rows, chunk_rows)):
-            n = min(chunk_rows, rows - start)
-            s = self.sample(n, np.random.default_rng([self.seed, 1, k]))
-            cols = {"row_id": pa.array(np.arange(start, start + n, dtype=np.int64))}
-            x = s["x"].astype(np.float32)
-            for j in range(self.d):
-                cols[f"x{j}"] = pa.array(x[:, j])
-            cols["y1"] = pa.array(s["y1"].astype(np.float32))
-            cols["y2"] = pa.array(s["y2"].astype(np.float32))
-            yield pa.table(cols)
+        return _chunks(self.block, rows, chunk_rows)
 
 
 # ---------------------------------------------------------------------------------------------- recommender
@@ -85,6 +113,7 @@ DEVICES = ["android", "ios", "web", "tv"]
 DEVICE_P = [0.5, 0.3, 0.15, 0.05]
 INTERESTS = ["sports", "music", "news", "tech", "travel", "food", "fashion", "games", "movies", "finance"]
 TASK_BIAS = {"click": -1.8, "conversion": -3.0}
+REC_COLUMNS = ("row_id", "user_id", "item_id", "tags", "interests", "device", "price", "hour", "position", "user_age")
 
 
 def _zipf_probs(n: int, exponent: float) -> np.ndarray:
@@ -111,6 +140,7 @@ class RecSynthetic:
             raise ValueError(f"relatedness must be in [0, 1], got {self.relatedness}")
         if len(self.tasks) < 2:
             raise ValueError("the recommender generator needs at least two tasks")
+        _check_task_names(self.tasks)
         rng = np.random.default_rng([self.seed, 0])
         k = self.latent_dim
         # popularity rank -> id, so that ids do not sort by popularity
@@ -178,10 +208,24 @@ class RecSynthetic:
         cols.update({t: pa.array(v) for t, v in labels.items()})
         return pa.table(cols)
 
+    def block(self, b: int, n: int) -> pa.Table:
+        """Rows [b·BLOCK_ROWS, b·BLOCK_ROWS + n)."""
+        return self.sample(n, np.random.default_rng([self.seed, 1, b]), first_row=b * BLOCK_ROWS)
+
     def tables(self, rows: int, chunk_rows: int = 262_144) -> Iterator[pa.Table]:
-        for k, start in enumerate(range(0, rows, chunk_rows)):
-            n = min(chunk_rows, rows - start)
-            yield self.sample(n, np.random.default_rng([self.seed, 1, k]), first_row=start)
+        return _chunks(self.block, rows, chunk_rows)
+
+
+def _check_task_names(tasks: tuple[str, ...]) -> None:
+    """A task's label column must not replace a feature column or another task's labels."""
+    seen: set[str] = set()
+    for t in tasks:
+        if t in REC_COLUMNS:
+            raise ValueError(f"task name {t!r} collides with the generated column {t!r}; "
+                             f"the generated columns are {', '.join(REC_COLUMNS)}")
+        if t in seen:
+            raise ValueError(f"task name {t!r} is given twice")
+        seen.add(t)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -205,15 +249,14 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        writer, file_rows, n_files = None, 0, 0
-        for t in tables:
-            if writer is None or file_rows >= rows_per_file:
+        writer, n_files = None, 0
+        for k, t in _file_pieces(tables, rows_per_file):
+            if k == n_files:  # the first piece of file k
                 if writer is not None:
                     writer.close()
-                writer = pq.ParquetWriter(tmp / f"part-{n_files:05d}.parquet", t.schema)
-                n_files, file_rows = n_files + 1, 0
+                writer = pq.ParquetWriter(tmp / f"part-{k:05d}.parquet", t.schema)
+                n_files += 1
             writer.write_table(t, row_group_size=row_group_rows)
-            file_rows += t.num_rows
         if writer is not None:
             writer.close()
         replace_dir(tmp, output)
@@ -223,11 +266,32 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
     return sorted(output.glob("part-*.parquet"))
 
 
+def _file_pieces(tables: Iterator[pa.Table], rows_per_file: int) -> Iterator[tuple[int, pa.Table]]:
+    """(file index, rows) with every table cut where a file of `rows_per_file` rows ends."""
+    if rows_per_file < 1:
+        raise ValueError(f"rows_per_file must be at least 1, got {rows_per_file}")
+    written = 0
+    for t in tables:
+        while t.num_rows:
+            piece = t.slice(0, rows_per_file - written % rows_per_file)
+            yield written // rows_per_file, piece
+            written += piece.num_rows
+            t = t.slice(piece.num_rows)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Zero rows would write an empty data set and report success; zero-sized chunks or files never finish."""
+    for flag in ("rows", "chunk_rows", "rows_per_file"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe-rec synth", description="Generate built-in synthetic raw data (Parquet).")
     sub = p.add_subparsers(dest="kind", required=True)
     m = sub.add_parser("mmoe", help="the MMoE paper's two regression tasks (schema configs/features/synthetic_mmoe.yaml)")
-    m.add_argument("--p", type=float, default=0.5, help="correlation of the tasks' linear parts, in [-1, 1]")
+    m.add_argument("--p", type=float, default=0.5, help="correlation of the tasks' linear parts, in [-1, 1] (the label "
+                   "correlation follows it on [0, 1] only; module doc)")
     m.add_argument("--d", type=int, default=100, help="input dimension (paper: 100)")
     m.add_argument("--c", type=float, default=1.0, help="scale of the weight vectors (paper: 1)")
     m.add_argument("--m", type=int, default=10, help="number of sine terms (paper: 10)")
@@ -243,8 +307,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--rows", type=int, default=100_000)
         s.add_argument("--output", required=True, help="output directory (part-*.parquet)")
         s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--chunk-rows", type=int, default=262_144, help="rows generated at a time")
-        s.add_argument("--rows-per-file", type=int, default=1_048_576)
+        s.add_argument("--chunk-rows", type=int, default=262_144,
+                       help=f"rows generated and written at a time (memory: at least {BLOCK_ROWS}); "
+                            "the data does not depend on it")
+        s.add_argument("--rows-per-file", type=int, default=1_048_576, help="most rows in one output file")
         s.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     return p
 
@@ -252,6 +318,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        _check_counts(args)
         if args.kind == "mmoe":
             gen = MMoESynthetic(p=args.p, d=args.d, c=args.c, m=args.m, noise_std=args.noise_std, seed=args.seed)
         else:

@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mmoe_rec.data.synthetic import MMoESynthetic, RecSynthetic
+from mmoe_rec.data import synthetic
+from mmoe_rec.data.synthetic import REC_COLUMNS, MMoESynthetic, RecSynthetic
 from mmoe_rec.data.synthetic import main as synth_main
 from mmoe_rec.features.build import main as features_main
 
@@ -111,3 +112,61 @@ def test_synth_into_an_empty_directory_or_onto_a_file(tmp_path, capsys):
     f.write_text("x")
     assert synth_main(["mmoe", "--rows", "100", "--d", "4", "--output", str(f), "--overwrite"]) == 1
     assert "not a directory" in capsys.readouterr().err and f.read_text() == "x"
+
+
+def test_synth_files_hold_at_most_rows_per_file(tmp_path):
+    out = tmp_path / "raw"
+    assert synth_main(["rec", "--rows", "300", "--chunk-rows", "100", "--rows-per-file", "128", "--users", "200",
+                       "--items", "100", "--output", str(out)]) == 0
+    files = sorted(out.glob("part-*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in files] == [128, 128, 44]  # chunks split at file boundaries
+    assert pq.read_table(out)["row_id"].to_pylist() == list(range(300))
+
+
+@pytest.mark.parametrize("kind,args", [("mmoe", ["--d", "4"]), ("rec", ["--users", "200", "--items", "100"])])
+def test_synth_rows_depend_only_on_seed_and_row_index(tmp_path, monkeypatch, kind, args):
+    def rows(n: int, chunk_rows: int, rows_per_file: int = 1_000_000):
+        out = tmp_path / f"raw_{n}_{chunk_rows}_{rows_per_file}"
+        assert synth_main([kind, "--rows", str(n), "--chunk-rows", str(chunk_rows), "--rows-per-file",
+                           str(rows_per_file), "--seed", "3", "--output", str(out)] + args) == 0
+        return pq.read_table(out)
+
+    monkeypatch.setattr(synthetic, "BLOCK_ROWS", 6_000)  # several blocks in a small test
+    t = rows(20_000, 100)
+    assert t.equals(rows(20_000, 64)) and t.equals(rows(20_000, 262_144, rows_per_file=7_000))  # memory settings
+    assert t["row_id"].to_pylist() == list(range(20_000))
+
+
+def test_synth_makes_the_data_it_made_before_blocks(tmp_path):
+    # values of the generator before 2026-12-06 (one generator per default-sized chunk): the README's synthetic
+    # experiments, made with the default chunk size, are made again the same
+    assert synth_main(["mmoe", "--rows", "300", "--d", "4", "--seed", "3", "--chunk-rows", "7",
+                       "--output", str(tmp_path / "m")]) == 0
+    m = pq.read_table(tmp_path / "m")
+    assert m["y1"].to_pylist()[:3] == [2.9647271633148193, 0.184503436088562, 2.9233078956604004]
+    assert m["x0"].to_pylist()[299] == 2.5496280193328857
+    assert synth_main(["rec", "--rows", "300", "--users", "200", "--items", "100", "--seed", "3",
+                       "--output", str(tmp_path / "r")]) == 0
+    r = pq.read_table(tmp_path / "r")
+    assert r["user_id"].to_pylist()[:5] == [118, 100, 120, 129, 191]
+    assert r["item_id"].to_pylist()[295:] == [23, 2, 40, 22, 82]
+    assert sum(r["click"].to_pylist()) == 46 and r["price"].to_pylist()[:2] == [23.597722087723113, 20.993134468003504]
+
+
+def test_synth_refuses_non_positive_row_counts(tmp_path, capsys):
+    for flag in ("--rows", "--chunk-rows", "--rows-per-file"):
+        out = tmp_path / flag.strip("-")
+        assert synth_main(["mmoe", "--d", "4", "--output", str(out), flag, "0"]) == 2
+        assert f"error: {flag} must be at least 1, got 0" in capsys.readouterr().err
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("tasks,column", [("click,price", "price"), ("row_id,click", "row_id"),
+                                          ("click,click", "click")])
+def test_synth_refuses_a_task_named_like_another_column(tmp_path, capsys, tasks, column):
+    out = tmp_path / "raw"
+    assert synth_main(["rec", "--rows", "100", "--users", "200", "--items", "100", "--tasks", tasks,
+                       "--output", str(out)]) == 2
+    assert f"task name '{column}'" in capsys.readouterr().err and not out.exists()
+    t = RecSynthetic(num_users=200, num_items=100).sample(10, np.random.default_rng(0))
+    assert t.column_names == [*REC_COLUMNS, "click", "conversion"]  # the names refused are the columns written
