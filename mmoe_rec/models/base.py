@@ -31,6 +31,8 @@ class MultiTaskModel(nn.Module, abc.ABC):
             raise ValueError(f"unknown task(s) {unknown}; the feature spec has tasks {names}")
         if not tasks:
             raise ValueError("a multi-task model needs at least one task")
+        if len(set(tasks)) != len(tasks):  # a second gate would overwrite the first's logits and routing
+            raise ValueError(f"tasks {list(tasks)} name a task twice")
         self.tasks = list(tasks)
 
     def forward(self, batch: Batch) -> ModelOutput:

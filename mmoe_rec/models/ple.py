@@ -157,8 +157,9 @@ class PLE(MultiTaskModel):
         """What every task's loss reaches: the embeddings; each level's shared experts; and below the final level
         its shared gate and its task experts too, since the shared gate mixes every expert of the level into the
         shared output that all tasks read one level up; a level's task gates when the level above is not the
-        final one (their outputs feed that level's task experts, hence its shared gate). Left out: the final
-        level's task experts and gates, and the task gates just below it, which reach one task only."""
+        final one and has task experts and a shared gate (their outputs feed that level's task experts, hence its
+        shared gate). Left out: the final level's task experts and gates, and task gates whose outputs reach one
+        task only (below the final level, or below a level without task experts or shared experts)."""
         yield from self.front.parameters()
         last = len(self.levels) - 1
         for i, level in enumerate(self.levels):
@@ -168,8 +169,14 @@ class PLE(MultiTaskModel):
                 yield from level.shared_gate.parameters()
                 if level.task_experts is not None:
                     yield from level.task_experts.parameters()
-            if i + 1 < last:
+            if i + 1 < last and self._reaches_every_task(self.levels[i + 1]):
                 yield from level.task_gates.parameters()
+
+    @staticmethod
+    def _reaches_every_task(level: nn.Module) -> bool:
+        """Whether a task's output fed into `level` reaches every task: through its task experts, which its shared
+        gate mixes into the shared output (without either, a task's output stays with that task)."""
+        return level.task_experts is not None and level.shared_gate is not None
 
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""

@@ -235,10 +235,13 @@ def test_cgc_shared_parameters_are_what_every_task_reaches_and_task_experts_stay
         assert per_expert[i] > 0 and torch.all(per_expert[torch.arange(len(TASKS)) != i] == 0)
 
 
-@pytest.mark.parametrize("num_levels", [1, 2, 3])
-def test_ple_shared_parameters_are_exactly_those_every_task_loss_reaches(num_levels):
+@pytest.mark.parametrize("num_levels,num_task_experts,num_shared_experts",
+                         [(1, 1, 2), (2, 1, 2), (3, 1, 2), (3, 0, 2), (4, 0, 2), (3, 2, 0), (4, 1, 0)])
+def test_ple_shared_parameters_are_exactly_those_every_task_loss_reaches(num_levels, num_task_experts,
+                                                                         num_shared_experts):
     torch.manual_seed(0)
-    model = PLE(spec(), num_levels=num_levels, num_task_experts=1, num_shared_experts=2)
+    model = PLE(spec(), num_levels=num_levels, num_task_experts=num_task_experts,
+                num_shared_experts=num_shared_experts)
     # entries of each parameter every task's loss reaches (task experts / gates of all tasks share one tensor)
     common = {id(p): torch.ones_like(p, dtype=torch.bool) for p in model.parameters()}
     for t in TASKS:
@@ -283,6 +286,8 @@ def test_models_rebuild_from_class_path_and_state_dict():
     (OMoE, {"activation": "swish"}),
     (SharedBottom, {"norm": "group"}),
     (MMoE, {"tasks": ["nope"]}),
+    (MMoE, {"tasks": [TASKS[0], TASKS[0]]}),  # a second gate would overwrite the first's logits
+    (PLE, {"tasks": [TASKS[1], TASKS[1]]}),
 ])
 def test_bad_configuration_is_rejected(cls, kwargs):
     with pytest.raises(ValueError):
