@@ -144,6 +144,19 @@ class RoutingMonitor(L.Callback):
     def _fresh(self, pl_module) -> Window:
         return Window(list(pl_module.tasks))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The load history behind the expert-load plot, so that a resumed fit plots the whole run (plain lists: a
+        checkpoint loads without numpy objects). The open window is not saved: its steps' statistics are lost."""
+        return {"history_steps": list(self.history_steps),
+                "history": {name: [load.tolist() for load in loads] for name, loads in self.history.items()},
+                "last_logged_step": self._last_logged_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history_steps = list(state_dict.get("history_steps", []))
+        self.history = {name: [np.asarray(load, dtype=np.float64) for load in loads]
+                        for name, loads in state_dict.get("history", {}).items()}
+        self._last_logged_step = state_dict.get("last_logged_step")
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch = self._fresh(pl_module)
 

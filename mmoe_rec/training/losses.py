@@ -1,6 +1,8 @@
 """Per-task losses: BCE on logits for binary tasks, MSE for regression, each a sample-weighted mean."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +43,21 @@ def task_losses(
             raise KeyError(f"batch has no label for task {t!r} (labels: {sorted(labels)})")
         out[t] = weighted_mean(row_losses(logits[t], labels[t], spec.task(t).type), sample_weights)
     return out
+
+
+def rank_weight_scale(weights: torch.Tensor | None, world_size: int,
+                      sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | float:
+    """What each rank's sample-weighted losses are multiplied by so that DDP trains on the global weighted mean.
+
+    A rank's loss is sum_rank(w l) / sum_rank(w), and DDP averages the ranks' gradients: unscaled, the objective
+    would be the mean over ranks of their own weighted means, in which a rank holding light rows counts as much
+    as one holding heavy rows (each rank streams its own slice of the files; weights that follow file order, such
+    as date partitions, would skew it). Scaled by world_size * sum_rank(w) / sum_all(w), the average of the ranks'
+    gradients is that of sum_all(w l) / sum_all(w), and the mean over ranks of the logged losses is the global
+    weighted mean. One all-reduce of a scalar per step, only with weights under several processes.
+    """
+    if weights is None or world_size <= 1:
+        return 1.0
+    local = weights.detach().float().sum()
+    total = sum_over_ranks(local.clone())
+    return world_size * local / total.clamp_min(1e-12)

@@ -79,9 +79,11 @@ LOSS_METRIC = {"binary": "logloss", "regression": "mse"}  # the metric that is t
 class TaskMetrics(nn.Module):
     """One split's metrics ("val" or "test"); names are `<prefix>/<task>/<metric>`."""
 
-    def __init__(self, spec: FeatureSpec, tasks: list[str], prefix: str) -> None:
+    def __init__(self, spec: FeatureSpec, tasks: list[str], prefix: str,
+                 task_weights: dict[str, float] | None = None) -> None:
         super().__init__()
         self.prefix = prefix
+        self.task_weights = {t: float((task_weights or {}).get(t, 1.0)) for t in tasks}  # static, as in training
         self.types = {t: spec.task(t).type for t in tasks}
         self.metrics = nn.ModuleDict()
         for t, kind in self.types.items():
@@ -99,21 +101,27 @@ class TaskMetrics(nn.Module):
         for t, kind in self.types.items():
             logit, label = logits[t].detach().float(), labels[t].float()
             per_row = row_losses(logit, label, kind)  # (B,)
-            w = torch.ones_like(per_row) if weights is None else weights.float()
+            # a copy per task: torchmetrics sets the weight of a NaN row to 1 in place
+            w = torch.ones_like(per_row) if weights is None else weights.detach().float().clone()
             if kind == "binary":
-                self.metrics[f"{t}__auc"].update(torch.sigmoid(logit), label, w)
+                # AUC ranks the logits themselves: a float32 sigmoid ties every logit above ~16.6 at 1.0; +-inf
+                # rank as the largest / smallest finite values (NaN stays NaN)
+                finite = torch.nan_to_num(logit.double(), nan=float("nan"), posinf=1e300, neginf=-1e300)
+                self.metrics[f"{t}__auc"].update(finite, label, w)
                 self.metrics[f"{t}__logloss"].update(per_row, w)
             else:
                 self.metrics[f"{t}__mse"].update(per_row, w)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """`<prefix>/<task>/<metric>` for every task, and `<prefix>/loss`: the sum of the tasks' losses (log-loss
-        or MSE), each the exact mean over every row of every rank, as the training loss sums the task losses."""
+        """`<prefix>/<task>/<metric>` for every task, and `<prefix>/loss`: the tasks' losses (log-loss or MSE), each
+        the exact mean over every row of every rank, summed with the static task weights as the training loss
+        sums them (the learnt uncertainty / DWA weights left out: they change as training goes, and a loss to
+        select checkpoints by must not)."""
         out = {}
         for key, metric in self.metrics.items():
             task, name = key.split("__")
             out[f"{self.prefix}/{task}/{name}"] = metric.compute()
-        out[f"{self.prefix}/loss"] = sum(out[f"{self.prefix}/{t}/{LOSS_METRIC[kind]}"]
+        out[f"{self.prefix}/loss"] = sum(self.task_weights[t] * out[f"{self.prefix}/{t}/{LOSS_METRIC[kind]}"]
                                          for t, kind in self.types.items())
         return out
 

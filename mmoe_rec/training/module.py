@@ -23,7 +23,7 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
-from mmoe_rec.training.losses import task_losses
+from mmoe_rec.training.losses import rank_weight_scale, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
 from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
@@ -125,8 +125,8 @@ class MultiTaskModule(L.LightningModule):
         if grad_similarity_every < 0:
             raise ValueError(f"grad_similarity_every must be >= 0, got {grad_similarity_every}")
         self.grad_similarity_every = grad_similarity_every
-        self.val_metrics = TaskMetrics(spec, self.tasks, "val")
-        self.test_metrics = TaskMetrics(spec, self.tasks, "test")
+        self.val_metrics = TaskMetrics(spec, self.tasks, "val", self.weighting.static)
+        self.test_metrics = TaskMetrics(spec, self.tasks, "test", self.weighting.static)
         self.save_hyperparameters({
             "model": {"class_path": class_path_of(self.model), "init_args": cfg["init_args"]},
             "feature_spec": spec.to_dict(),
@@ -165,6 +165,10 @@ class MultiTaskModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch)
         losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
+        if batch.weights is not None and self.trainer.world_size > 1:  # the global weighted mean under DDP
+            scale = rank_weight_scale(batch.weights, self.trainer.world_size,
+                                      lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            losses = {t: value * scale for t, value in losses.items()}
         task_total = self.weighting(losses)
         loss = task_total + self.aux_loss(out.aux)
         self.last_output = out

@@ -68,3 +68,45 @@ def test_dwa_weights_follow_loss_ratios():
     assert w.weights()["b"] == pytest.approx(2 * eb / (ea + eb), rel=1e-5)
     total = w({"a": torch.tensor(1.0), "b": torch.tensor(1.0)})
     assert total.item() == pytest.approx(2.0, rel=1e-5)
+
+
+def _weighted_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmoe_rec.training.losses import rank_weight_scale, weighted_mean
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
+        x, w = _weighted_ddp_rows()
+        mine = slice(4 * rank, 4 * rank + 4)  # each rank its own slice: heavy rows on rank 0, light on rank 1
+        loss = weighted_mean(model(x[mine]).squeeze(1) ** 2, w[mine])
+        scale = rank_weight_scale(w[mine], world, lambda t: (dist.all_reduce(t), t)[1])
+        (loss * scale).backward()
+        if rank == 0:
+            torch.save(model.module.weight.grad, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _weighted_ddp_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.arange(24, dtype=torch.float32).view(8, 3) / 10
+    w = torch.tensor([5.0] * 4 + [0.1] * 4)
+    return x, w
+
+
+def test_under_ddp_sample_weights_give_the_global_weighted_mean_not_a_mean_of_ranks(tmp_path):
+    # two real gloo processes against one process on all rows: the same gradient
+    import torch.multiprocessing as mp
+
+    mp.spawn(_weighted_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "grad.pt")), nprocs=2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1, bias=False)
+    x, w = _weighted_ddp_rows()
+    from mmoe_rec.training.losses import rank_weight_scale, weighted_mean
+
+    weighted_mean(model(x).squeeze(1) ** 2, w).backward()
+    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), model.weight.grad, rtol=1e-5, atol=1e-7)
+    assert rank_weight_scale(w, 1, lambda t: t) == 1.0 and rank_weight_scale(None, 2, lambda t: t) == 1.0

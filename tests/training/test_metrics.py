@@ -108,3 +108,39 @@ def test_a_row_with_a_nan_output_makes_the_split_metrics_nan_not_finite():
     out = metrics.compute()
     for key in ("val/click/logloss", "val/click/auc", "val/dwell/mse", "val/loss"):
         assert math.isnan(float(out[key])), (key, out[key])
+
+
+def test_auc_ranks_confident_logits_that_a_float32_sigmoid_would_tie():
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click")]).finalize()
+    logits, labels = torch.tensor([-3.0, 17.0, 18.0, 19.0, 20.0]), torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0])
+    assert torch.sigmoid(logits[1:]).unique().numel() == 1  # all 1.0 in float32
+    metrics = TaskMetrics(spec, ["click"], "val")
+    metrics.update({"click": logits}, {"click": labels})
+    assert metrics.compute()["val/click/auc"].item() == pytest.approx(pairwise_auc(logits, labels, torch.ones(5)))
+    assert metrics.compute()["val/click/auc"].item() == pytest.approx(5 / 6)
+    infinite = TaskMetrics(spec, ["click"], "val")  # an infinite logit is the largest score, not a NaN AUC
+    infinite.update({"click": torch.tensor([float("inf"), 0.0, float("-inf")])}, {"click": torch.tensor([1.0, 0, 0])})
+    assert infinite.compute()["val/click/auc"].item() == 1.0
+
+
+def test_a_nan_output_leaves_the_callers_weights_and_the_other_tasks_alone():
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("convert")]).finalize()
+    weights = torch.tensor([3.0, 3.0, 3.0, 1.0])
+    metrics = TaskMetrics(spec, ["click", "convert"], "val")
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    convert = torch.tensor([0.5, -0.5, 2.0, 1.0])
+    metrics.update({"click": torch.tensor([float("nan"), 0.1, 0.2, 0.3]), "convert": convert},
+                   {"click": labels, "convert": labels}, weights)
+    assert weights.tolist() == [3.0, 3.0, 3.0, 1.0]
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(convert, labels, reduction="none")
+    want = float((bce * weights).sum() / weights.sum())
+    assert metrics.compute()["val/convert/logloss"].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_split_loss_weights_the_tasks_as_the_static_task_weights_do():
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("dwell", "regression")]).finalize()
+    metrics = TaskMetrics(spec, ["click", "dwell"], "val", task_weights={"dwell": 0.25})
+    metrics.update({"click": torch.tensor([0.3, -0.2]), "dwell": torch.tensor([1.0, 2.0])},
+                   {"click": torch.tensor([1.0, 0.0]), "dwell": torch.tensor([0.0, 0.0])})
+    out = metrics.compute()
+    assert out["val/loss"].item() == pytest.approx((out["val/click/logloss"] + 0.25 * out["val/dwell/mse"]).item())

@@ -115,3 +115,18 @@ def test_a_fit_resumed_mid_epoch_keeps_logging(feature_dir, tmp_path):
     assert resumed.steps_with(UTIL) == [s for s in straight.steps_with(UTIL) if s > 15]
     epoch_key = "experts/epoch/click/util/e0"
     assert resumed.steps_with(epoch_key) == straight.steps_with(epoch_key) == [21, 42]
+
+
+def test_a_resumed_fit_keeps_the_load_history_of_the_steps_before_it(feature_dir, tmp_path):
+    straight = RoutingMonitor(every_n_steps=5, plots=False)
+    fit(feature_dir, tmp_path / "a", straight)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=15, save_top_k=-1)
+    fit(feature_dir, tmp_path / "b", RoutingMonitor(every_n_steps=5, plots=False), callbacks=[ckpt], max_steps=15)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    resumed = RoutingMonitor(every_n_steps=5, plots=False)
+    fit(feature_dir, tmp_path / "c", resumed, ckpt_path=str(path))
+    assert resumed.history_steps == straight.history_steps  # the plot covers the whole run, not the steps after 15
+    for gate, loads in straight.history.items():
+        assert len(resumed.history[gate]) == len(loads)
+        for a, b in zip(resumed.history[gate][:3], loads[:3]):  # logged before the checkpoint: the same loads
+            assert a.tolist() == b.tolist()
