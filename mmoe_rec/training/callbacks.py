@@ -30,7 +30,7 @@ from mmoe_rec.training.monitoring import (
     task_gates,
     utilization_metrics,
 )
-from mmoe_rec.training.tracking import log_png
+from mmoe_rec.training.tracking import log_json, log_png
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -192,6 +192,11 @@ class RoutingMonitor(L.Callback):
             return
         step = trainer.global_step
         self._log(trainer, self._epoch.metrics("experts/epoch", "relatedness/epoch"), step)
+        if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
+            matrices = {kind: {"tasks": list(names), "matrix": mat.tolist()}
+                        for kind, (names, mat) in self._epoch.relatedness().items()}
+            if matrices:
+                log_json(trainer.logger, matrices, f"relatedness/epoch_{trainer.current_epoch:03d}.json")
         if self.plots and trainer.is_global_zero:
             self.write_plots(trainer.logger, self._epoch, getattr(pl_module, "last_grad_cosine", None))
 

@@ -107,7 +107,8 @@ class MultiTaskCLI(LightningCLI):
             if isinstance(module_args.get(key), dict) and "class_path" in module_args[key]:
                 # a dotted override sits beside class_path in the parsed dict: log the settings the run used
                 module_args[key] = component_config(module_args[key], key, own)
-        log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict())
+        log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
+                      getattr(self.datamodule, "data_dir", None))
 
     def _before(self, splits: tuple[str, ...]) -> None:
         check_data_for_module(self.datamodule, self.model, splits)
@@ -143,6 +144,7 @@ class MultiTaskCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         if config.get("return_predictions") is None:  # the writer has them: not every batch's scores in memory too
             config["return_predictions"] = False
+        self._log_config()  # a predict run records what made it, as every other run does
 
 
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:

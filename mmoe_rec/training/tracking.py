@@ -4,7 +4,13 @@ Store: `tracking_uri` argument, else $MLFLOW_TRACKING_URI, else `sqlite:///mlflo
 (MLflow >= 3.13 no longer accepts the old file store as an implicit default, so the SQLite URI is explicit).
 Every fit run logs: flattened hyper-parameters (the FeatureSpec itself as `spec.json`, not as params), the
 resolved LightningCLI config as `config.yaml` (Lightning's SaveConfigCallback cannot write into an SQLite-backed
-run, so the CLI hands the YAML to `log_run_files`), and the git commit as the tag `mlflow.source.git.commit`.
+run, so the CLI hands the YAML to `log_run_files`), the git commit as the tag `mlflow.source.git.commit` (and
+`mmoe_rec.git_dirty`: whether tracked files were modified), the data folder as the tag `mmoe_rec.data_dir` and
+its `manifest.json` as `data/manifest.json`. validate / test / predict runs log the same.
+
+A SQLite store is opened and its write lock taken once before anything else, so a folder or file that cannot be
+written is an error at once (MLflow itself retries for about 2 minutes, then fails with a message that does not
+say why).
 
 An HTTP(S) store is probed with a real request (GET <uri>/health, PROBE_TIMEOUT_S) before anything else: a server
 that accepts connections but never answers is reported as unreachable, not waited on. For such a store the
@@ -19,7 +25,9 @@ import http.client
 import json
 import os
 import socket
+import sqlite3
 import ssl
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
@@ -65,6 +73,28 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
             folder = Path(path).expanduser().resolve().parent
             if not folder.is_dir():
                 raise TrackingUnavailable(f"MLflow SQLite store {uri}: folder {folder} does not exist; {hint}")
+            probe_sqlite_store(Path(path).expanduser().resolve(), uri, hint)
+
+
+def probe_sqlite_store(db: Path, uri: str, hint: str) -> None:
+    """Open the SQLite file and take (then release) its write lock: a folder or file that cannot be written is
+    reported now, not after MLflow's own connection retries (about 2 minutes, then an error that does not say
+    why). A database another process is writing to is fine (busy, not broken). Creates the file if it is missing,
+    as MLflow would."""
+    try:
+        con = sqlite3.connect(str(db), timeout=2.0)
+        try:
+            con.execute("begin immediate")
+            con.rollback()
+        finally:
+            con.close()
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):
+            return
+        raise TrackingUnavailable(f"MLflow SQLite store {uri}: cannot write {db} ({e}); {hint}") from None
+    except sqlite3.Error as e:
+        raise TrackingUnavailable(f"MLflow SQLite store {uri}: {db} is not a usable SQLite database ({e}); "
+                                  f"{hint}") from None
 
 
 def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = "") -> None:
@@ -114,26 +144,57 @@ def configure_tracking(uri: str | None = None) -> str:
     return uri
 
 
-def git_commit(start: str | os.PathLike | None = None) -> str | None:
-    """The checked-out commit, read from .git files (no git process): HEAD -> ref -> sha, packed-refs too."""
-    here = Path(start or Path(__file__).resolve().parent)
-    for folder in [here, *here.parents]:
+def _git_dir(start: Path) -> Path | None:
+    """The git directory of the checkout holding `start`: a `.git` folder, or the folder a `.git` file names
+    ("gitdir: ..."), as in a worktree or a submodule."""
+    for folder in [start, *start.parents]:
         git = folder / ".git"
-        if not git.is_dir():
-            continue
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        packed = git / "packed-refs"
-        if packed.is_file():
-            for line in packed.read_text().splitlines():
-                if line.endswith(" " + ref):
-                    return line.split()[0]
-        return None
+        if git.is_dir():
+            return git
+        if git.is_file():
+            text = git.read_text().strip()
+            if text.startswith("gitdir: "):
+                target = Path(text[len("gitdir: "):])
+                return target if target.is_absolute() else (folder / target).resolve()
     return None
+
+
+def git_commit(start: str | os.PathLike | None = None) -> str | None:
+    """The checked-out commit, read from git's files (no git process): HEAD -> ref -> sha, packed-refs too; in a
+    worktree HEAD is its own and the refs are the main repository's (its `commondir`)."""
+    git = _git_dir(Path(start or Path(__file__).resolve().parent))
+    if git is None or not (git / "HEAD").is_file():
+        return None
+    head = (git / "HEAD").read_text().strip()
+    if not head.startswith("ref: "):
+        return head
+    ref = head[5:]
+    common = git
+    if (git / "commondir").is_file():
+        common = (git / (git / "commondir").read_text().strip()).resolve()
+    for base in dict.fromkeys([git, common]):
+        if (base / ref).is_file():
+            return (base / ref).read_text().strip()
+    packed = common / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    return None
+
+
+def git_dirty(start: str | os.PathLike | None = None) -> bool | None:
+    """Whether tracked files differ from the commit (`git status --porcelain --untracked-files=no`); None where
+    there is no git, no checkout, or no answer within 10 s. A run from a modified tree must not claim its commit."""
+    folder = Path(start or Path(__file__).resolve().parent)
+    if _git_dir(folder) is None:
+        return None
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -163,20 +224,26 @@ class MLflowTracker(MLFlowLogger):
         tags: dict[str, Any] | None = None,
         artifact_location: str | None = None,
         log_model: bool = False,
+        run_id: str | None = None,
     ) -> None:
+        """run_id: log into this existing run (e.g. a fit resumed from a checkpoint continues its run)."""
         uri = configure_tracking(tracking_uri)
         tags = dict(tags or {})
         commit = git_commit()
         if commit:
             tags.setdefault("mlflow.source.git.commit", commit)
-        super().__init__(
-            experiment_name=experiment_name,
-            run_name=run_name,
-            tracking_uri=uri,
-            tags=tags,
-            artifact_location=artifact_location,
-            log_model=log_model,
-        )
+        try:
+            super().__init__(
+                experiment_name=experiment_name,
+                run_name=run_name,
+                tracking_uri=uri,
+                tags=tags,
+                artifact_location=artifact_location,
+                log_model=log_model,
+                run_id=run_id,
+            )
+        except Exception as e:  # one line that says which store, not a union-validation error from the CLI parser
+            raise TrackingUnavailable(f"MLflow tracking store {uri}: {type(e).__name__}: {e}") from e
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
@@ -200,8 +267,11 @@ class MLflowTracker(MLFlowLogger):
         self.experiment.log_artifact(self.run_id, str(path), artifact_path)
 
 
-def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any] | None) -> None:
-    """Resolved config and FeatureSpec into the run (rank 0; no-op for a non-MLflow logger)."""
+def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any] | None,
+                  data_dir: str | os.PathLike | None = None) -> None:
+    """Resolved config and FeatureSpec into the run, the git commit and whether the tree was modified, and the
+    data: its absolute folder as a tag and its manifest.json (row counts, inputs, seed of the feature build) as
+    `data/manifest.json` (rank 0; no-op for a non-MLflow logger)."""
     if not isinstance(logger, MLFlowLogger):
         return
     if rank_zero_only.rank != 0:
@@ -214,6 +284,21 @@ def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any
     commit = git_commit()
     if commit:
         client.set_tag(run_id, "mlflow.source.git.commit", commit)
+    dirty = git_dirty()
+    if dirty is not None:
+        client.set_tag(run_id, "mmoe_rec.git_dirty", str(dirty).lower())
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser().resolve()
+        client.set_tag(run_id, "mmoe_rec.data_dir", str(folder))
+        if (folder / "manifest.json").is_file():
+            client.log_artifact(run_id, str(folder / "manifest.json"), "data")
+
+
+def log_json(logger: Any, obj: Any, artifact_file: str) -> None:
+    """Log `obj` as a JSON artifact file (rank 0, MLflow loggers only)."""
+    if not isinstance(logger, MLFlowLogger) or rank_zero_only.rank != 0:
+        return
+    logger.experiment.log_text(logger.run_id, json.dumps(obj, indent=1), artifact_file)
 
 
 def log_png(logger: Any, fig, name: str, artifact_path: str = "plots") -> None:

@@ -1,6 +1,7 @@
 """LightningCLI: committed configs, --print_config round trip, a CLI fit logged to MLflow, bad input errors."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -56,12 +57,18 @@ def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, ca
                        "--model.init_args.optimizer.init_args.lr", "0.004"])
     run, client = mlflow_run(in_tmp / "mlflow.db")
     files = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "spec.json", "plots"} <= files
+    assert {"config.yaml", "spec.json", "plots", "relatedness"} <= files
+    matrices = json.load(open(client.download_artifacts(run.info.run_id, "relatedness/epoch_000.json", str(in_tmp))))
+    label = matrices["label_corr"]
+    assert label["tasks"] == ["click", "convert"] and label["matrix"][0][0] == pytest.approx(1.0)
+    assert label["matrix"][0][1] == pytest.approx(run.data.metrics["relatedness/epoch/label_corr/click.vs.convert"])
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))))
     assert logged["model"]["init_args"]["model"]["init_args"]["num_experts"] == 16
     optimizer = logged["model"]["init_args"]["optimizer"]  # the override where it took effect, not beside it
     assert optimizer["init_args"]["lr"] == 0.004 and set(optimizer) == {"class_path", "init_args"}
     assert run.data.tags.get("mlflow.source.git.commit")
+    assert run.data.tags.get("mmoe_rec.git_dirty") in ("true", "false")  # a modified tree does not pass as clean
+    assert run.data.tags["mmoe_rec.data_dir"] == str(feature_dir.resolve())
     assert "val/click/auc" in run.data.metrics and "experts/epoch/click/load_cv2" in run.data.metrics
     assert list((in_tmp / "ck").glob("*.ckpt"))
 
@@ -161,6 +168,14 @@ def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
     scores = got.column("score_click").to_numpy()
     assert ((scores > 0) & (scores < 1)).all()
     assert not list((in_tmp / "out").glob(".*partial*"))
+    # the predict run records what made it, as fit / validate / test runs do
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert len(runs) == 2
+    for run in runs:
+        assert {"config.yaml", "spec.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def _fit_tiny(feature_dir, ck_dir, *extra):

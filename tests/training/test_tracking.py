@@ -57,6 +57,52 @@ def test_git_commit_is_read_without_git():
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
 
 
+def test_git_commit_of_a_checkout_a_packed_ref_and_a_worktree(tmp_path):
+    main_sha, feature_sha, detached = "a" * 40, "b" * 40, "c" * 40
+    git = tmp_path / "main" / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text("ref: refs/heads/main\n")
+    (git / "packed-refs").write_text(f"# pack-refs with: peeled\n{main_sha} refs/heads/main\n")
+    (git / "refs" / "heads" / "feature").write_text(feature_sha + "\n")
+    (tmp_path / "main" / "pkg").mkdir()
+    assert git_commit(tmp_path / "main" / "pkg") == main_sha  # from packed-refs
+    # a worktree: .git is a file naming its git dir, whose HEAD is its own and whose refs are the main repo's
+    for name, head in (("wt", "ref: refs/heads/feature"), ("wt2", detached)):
+        own = git / "worktrees" / name
+        own.mkdir(parents=True)
+        (own / "HEAD").write_text(head + "\n")
+        (own / "commondir").write_text("../..\n")
+        (tmp_path / name / "pkg").mkdir(parents=True)
+        (tmp_path / name / ".git").write_text(f"gitdir: {own}\n")
+    assert git_commit(tmp_path / "wt" / "pkg") == feature_sha
+    assert git_commit(tmp_path / "wt2" / "pkg") == detached
+    assert git_commit(tmp_path) is None or git_commit(tmp_path) != main_sha  # above the checkout: not this one
+
+
+@pytest.mark.parametrize("where", ["unwritable", "not-a-database"])
+def test_a_sqlite_store_that_cannot_be_written_fails_at_once_naming_it(tmp_path, where):
+    if where == "unwritable":
+        uri = "sqlite:////proc/mlflow.db"  # a folder no one can create files in, root included
+    else:
+        (tmp_path / "x.db").write_bytes(b"this is no sqlite file" * 100)
+        uri = f"sqlite:///{tmp_path / 'x.db'}"
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="MLflow SQLite store"):
+        MLflowTracker(tracking_uri=uri)
+    assert time.monotonic() - start < 10  # MLflow's own retries took about 110 s
+
+
+def test_a_fit_can_continue_an_existing_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(tracking_uri=uri)
+    first.log_metrics({"x": 1.0}, step=0)
+    again = MLflowTracker(tracking_uri=uri, run_id=first.run_id)
+    again.log_metrics({"x": 2.0}, step=1)
+    assert again.run_id == first.run_id
+    history = again.experiment.get_metric_history(first.run_id, "x")
+    assert sorted(m.value for m in history) == [1.0, 2.0]
+
+
 def test_flatten_params_nested_and_long_values():
     flat = flatten_params({"model": {"class_path": "a.B", "init_args": {"k": 2, "h": [64, 32]}}, "x": "y" * 900})
     assert flat["model/class_path"] == "a.B"
