@@ -267,7 +267,8 @@ class SparseMMoE(MultiTaskModel):
             combine = torch.zeros(T, self.num_experts, device=r.logits.device)
             combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
             n_assign = r.chosen.numel() if r.chosen is not None else T
-            extra = {"dropped_fraction": torch.tensor(n_dropped / max(1, n_assign)),
+            # on the gate's device: the monitor adds them to device sums every step without a host copy
+            extra = {"dropped_fraction": torch.tensor(n_dropped / max(1, n_assign), device=combine.device),
                      "router_z": router_z_loss(r.logits.detach())}
             balancer = getattr(self.gates[task], "balancer", None)
             if balancer is not None:
@@ -276,7 +277,7 @@ class SparseMMoE(MultiTaskModel):
         return GateRecord(combine=combine, probs=r.probs.detach(),
                           chosen=r.chosen.detach() if token_choice else None,
                           assigned=None if token_choice else r.mask,
-                          dropped=torch.tensor(n_dropped, dtype=torch.int64), extra=extra)
+                          dropped=torch.tensor(n_dropped, dtype=torch.int64, device=combine.device), extra=extra)
 
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:

@@ -202,10 +202,10 @@ class EmbeddingFront(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        dense = batch.dense.float()  # (B, D_dense)
         if self.ebc is None:
-            return dense
+            return batch.dense.float()  # (B, D_dense)
         pooled = self.pooled(batch)  # (B, D_emb)
         if self.dense_dim == 0:
             return pooled
-        return torch.cat([pooled, dense], dim=1)  # (B, D_in)
+        # the tables' dtype: a model cast to bfloat16 (precision "bf16-true") gets bf16 inputs, not float32 ones
+        return torch.cat([pooled, batch.dense.to(pooled.dtype)], dim=1)  # (B, D_in)

@@ -91,5 +91,5 @@ class DenseGates(nn.Module):
         """GateRecord of gate `gate` from this forward's (B, G, E) weights and probs (detached)."""
         w, p = weights[:, gate].detach(), probs[:, gate].detach()  # (B, E)
         chosen = w.argmax(-1, keepdim=True) if self.kind == "hard" else None  # (B, 1): a hard gate is top-1
-        return GateRecord(combine=w, probs=p, chosen=chosen, dropped=torch.zeros((), dtype=torch.int64),
+        return GateRecord(combine=w, probs=p, chosen=chosen, dropped=w.new_zeros((), dtype=torch.int64),
                           expert_groups=expert_groups)

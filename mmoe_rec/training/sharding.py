@@ -23,6 +23,9 @@ What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo proces
   feature dir); not covered by a test.
 - row_wise, table_row_wise (and grid_shard): torchrec's EmbeddingBagCollectionSharder offers them only for
   compute device "cuda", so the planner finds no plan on CPU: they need GPUs (NCCL).
+- On GPUs any sharding needs fbgemm's CUDA kernels, which the pinned fbgemm-gpu-cpu does not have: install the
+  CUDA build fbgemm-gpu in its place (`require_fbgemm_kernels` refuses to shard without them). Never run here:
+  no GPU was available to this project's sessions.
 
 Checkpoints: `lightning_module_state_dict` gathers every sharded table to rank 0 as a full tensor, so a
 checkpoint written under this strategy loads into an unsharded `MultiTaskModule` (for scoring / the registry).
@@ -35,6 +38,7 @@ run: the embedding optimizers differ; it is refused with a clear error.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Mapping
 
 import torch
@@ -67,6 +71,24 @@ def embedding_tables(module: nn.Module) -> list[str]:
     return names
 
 
+FBGEMM_PROBE_OP = "fbgemm::permute_2D_sparse_data"  # the sharded input split's first fbgemm op
+
+
+def require_fbgemm_kernels(device: torch.device | str) -> None:
+    """Refuse to shard on a device whose fbgemm kernels are not installed: this project pins the CPU build
+    (fbgemm-gpu-cpu), which registers none for CUDA, so a sharded run on GPUs would fail at its first batch with
+    a dispatcher error. On GPUs install the CUDA build instead (fbgemm-gpu of the same version, and torchrec with
+    its dependencies)."""
+    importlib.import_module("fbgemm_gpu")  # registers the fbgemm ops
+
+    key = {"cuda": "CUDA", "cpu": "CPU"}.get(torch.device(device).type)
+    if key and not torch._C._dispatch_has_kernel_for_dispatch_key(FBGEMM_PROBE_OP, key):
+        raise RuntimeError(f"the installed fbgemm has no {key} kernels ({FBGEMM_PROBE_OP} has none), so embedding "
+                           f"tables cannot be sharded on {device}: this project installs fbgemm-gpu-cpu; on GPUs "
+                           "install fbgemm-gpu (the CUDA build, same version) in its place, or train with the "
+                           "plain ddp strategy (tables replicated)")
+
+
 def shard_module(
     module: nn.Module, sharding_type: str, device: torch.device, pg=None,
     embedding_optimizer: str = "exact_adagrad", embedding_lr: float = 0.01,
@@ -89,6 +111,7 @@ def shard_module(
 
     if sharding_type not in SHARDING_TYPES:
         raise ValueError(f"unknown sharding_type {sharding_type!r}; choose one of {SHARDING_TYPES}")
+    require_fbgemm_kernels(device)
     pg = pg or dist.group.WORLD
     backend = dist.get_backend(pg)
     if SHARDING_SUPPORT[sharding_type] == "nccl" and backend != "nccl":

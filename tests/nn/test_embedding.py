@@ -221,3 +221,11 @@ def test_fused_table_refuses_an_id_outside_its_features_table(keys, bad_id):
     per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=False)
     with pytest.raises(Exception):  # the per-table layout refuses it too (torchrec's own error)
         per_table(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))
+
+
+def test_a_bfloat16_front_gives_bfloat16_inputs():
+    # precision "bf16-true" casts the model: float32 dense features beside bf16 embeddings would make the first
+    # bf16 layer fail with a dtype mismatch
+    front = EmbeddingFront(single_valued_spec(), embedding_dim=4).to(torch.bfloat16)
+    out = front(single_valued_batch())
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 2 * 4 + 1)

@@ -103,3 +103,12 @@ def test_bad_configuration_is_rejected(kwargs):
 def test_wrong_input_shape_is_rejected():
     with pytest.raises(ValueError):
         DenseGates(3, 4, num_gates=2)(torch.randn(3, 5, 3))
+
+
+def test_records_live_on_the_gates_device():
+    # the monitor adds `dropped` to sums on the gates' device every step: a CPU tensor would be a host copy (and
+    # a stream sync) per gate and step on a GPU; the meta device stands in for one here
+    gates = DenseGates(6, 4, num_gates=2)
+    weights, probs = gates(torch.randn(5, 6))
+    record = gates.record(weights.to("meta"), probs.to("meta"), 1)
+    assert record.dropped.device.type == "meta" and record.combine.device.type == "meta"

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import importlib
 import dataclasses
 import json
 import os
@@ -235,3 +236,14 @@ def test_a_sharded_checkpoint_cannot_resume_a_fit_under_another_strategy(feature
         run_lightning_cli(["fit", "--config", str(cfg2), "--ckpt_path", str(tmp_path / "sharded.ckpt")])
     # evaluating it is fine: the weights are full tensors
     run_lightning_cli(["validate", "--config", str(cfg2), "--ckpt_path", str(tmp_path / "sharded.ckpt")])
+
+
+def test_sharding_on_a_device_without_fbgemm_kernels_is_refused_with_the_install_advice():
+    from mmoe_rec.training.sharding import require_fbgemm_kernels
+
+    require_fbgemm_kernels("cpu")  # the pinned fbgemm-gpu-cpu has them
+    importlib.import_module("fbgemm_gpu")  # registers the fbgemm ops
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fbgemm::permute_2D_sparse_data", "CUDA"):
+        pytest.skip("this fbgemm has CUDA kernels")
+    with pytest.raises(RuntimeError, match="no CUDA kernels.*install fbgemm-gpu"):
+        require_fbgemm_kernels("cuda")
