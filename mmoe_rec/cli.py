@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             return _report(e)
-    if argv and argv[0] in LIGHTNING_SUBCOMMANDS or (argv and argv[0] in ("-h", "--help")):
+    if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mmoe_rec.training.cli import run_lightning_cli
 
         try:
@@ -65,16 +65,18 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             return _report(e)
         return 0
+    asked = bool(argv) and argv[0] in ("-h", "--help")  # every subcommand, not only LightningCLI's four
     print(
         "usage: mmoe-rec {fit,validate,test,predict,synth,features,register,score} ...\n"
         "  fit/validate/test/predict  train and evaluate (LightningCLI; --config configs/<model>_<dataset>.yaml)\n"
         "  synth                      generate built-in synthetic data\n"
         "  features                   fit a FeatureSpec on the train split and write feature Parquet\n"
         "  register                   register a trained model in the MLflow model registry\n"
-        "  score                      batch-score a Parquet table with a registered model",
-        file=sys.stderr,
+        "  score                      batch-score a Parquet table with a registered model\n"
+        "mmoe-rec <subcommand> --help describes each.",
+        file=sys.stdout if asked else sys.stderr,
     )
-    return 2
+    return 0 if asked else 2
 
 
 if __name__ == "__main__":

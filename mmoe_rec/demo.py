@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     world = ["--users", "20000", "--items", "5000"]
     # one stream of impressions: the first file trains, the second (never seen in training) is scored at the end
     run(cli + ["synth", "rec", "--rows", str(args.rows + NEW_ROWS), "--rows-per-file", str(args.rows),
-               "--chunk-rows", str(NEW_ROWS),
                "--output", str(raw), "--seed", "0", "--overwrite"] + world, env, work)  # a rerun replaces it
-    train_file, new_file = sorted(glob.glob(str(raw / "*.parquet")))
+    # files of at most args.rows rows: the first holds the training rows, the second the NEW_ROWS after them
+    # (or their first args.rows, when args.rows < NEW_ROWS)
+    train_file, new_file = sorted(glob.glob(str(raw / "*.parquet")))[:2]
     run(cli + ["features", "--schema", str(ROOT / "configs/features/synthetic_rec.yaml"), "--input", train_file,
                "--output", str(features), "--valid-fraction", "0.1", "--test-fraction", "0.1", "--seed", "0",
                "--overwrite"], env, work)

@@ -257,3 +257,11 @@ def test_the_command_prints_a_bad_model_setting_in_one_line(feature_dir, in_tmp,
     assert rc == 1
     assert err.splitlines()[0].startswith("error: k must be in [1, num_experts=")
     assert "Given value" not in err and len(err) < 300  # not jsonargparse's dump of the whole config
+
+
+def test_mmoe_rec_help_lists_every_subcommand(capsys):
+    from mmoe_rec.cli import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "predict", "synth", "features", "register", "score"))
