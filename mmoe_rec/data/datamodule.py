@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from mmoe_rec.data.batch import Batch
@@ -247,6 +248,10 @@ class FeatureDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,  # workers are re-made each epoch and inherit the new epoch
             pin_batches=self.pin_memory,  # pin the finished Batch (the DataLoader would only see numpy)
+            # its own generator: each iterator draws a base seed, which from the global generator would move the
+            # model's random stream (routing noise, dropout) at every epoch and validation, and differently in a
+            # run resumed from a checkpoint than in one that went straight through
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> FeatureDataLoader:

@@ -30,6 +30,7 @@ from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
 from mmoe_rec.training.weighting import FixedWeighting, make_weighting
 
 EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch's totals (see on_save_checkpoint)
+RNG_KEY = "mmoe_rec_rng_states"  # in a checkpoint: every rank's torch generator states (see _gather_rng_states)
 DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
 # fused: one kernel for all parameters instead of ~10 small ops per tensor (3.2 -> 0.6 ms/step on census)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}}
@@ -247,6 +248,21 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_loss_sum = None
         self._epoch_batches = 0
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        resumed = self._resumed_epoch
+        if resumed is None or resumed == self.current_epoch:
+            return
+        # A checkpoint written on the last batch of epoch `resumed`, before its epoch end: Lightning resumes in the
+        # next epoch without calling on_train_epoch_start or the skipped epoch's end. Close that epoch's totals
+        # here (the loss weighting's epoch update, as a straight run made it), then start this epoch's afresh.
+        self._resumed_epoch = None
+        rank_zero_warn(f"resumed from a checkpoint written on the last batch of epoch {resumed}, before its epoch "
+                       f"end: Lightning skips that epoch's validation and end; its loss-weighting update is applied "
+                       f"now, its train/rows_seen is not logged. A checkpoint written at the epoch's end "
+                       f"(save_last, or every_n_train_steps not a multiple of the epoch's batches) avoids this.")
+        self._close_epoch_totals()
+        self._epoch_rows = 0
+
     def _epoch_loss_sums(self) -> torch.Tensor:
         """(T,) this rank's task-loss sums over the epoch's batches so far, on the module's device."""
         if self._epoch_loss_sum is None:
@@ -258,6 +274,11 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
                  sync_dist=True, batch_size=1)
         # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
+        self._close_epoch_totals()
+
+    def _close_epoch_totals(self) -> None:
+        """The epoch's mean task losses over every batch of every rank to the loss weighting (DWA reads them);
+        the sums start again. Collective: every rank calls it."""
         loss_sum = self._epoch_loss_sums()
         totals = torch.cat([loss_sum, loss_sum.new_tensor([self._epoch_batches])])  # (T + 1,)
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()  # same on all ranks
@@ -279,6 +300,29 @@ class MultiTaskModule(L.LightningModule):
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
         checkpoint[EPOCH_TOTALS_KEY] = {"epoch": self.current_epoch, "loss_sum": totals[:-2].float(),
                                         "batches": int(totals[-2]), "rows": int(totals[-1])}
+        checkpoint[RNG_KEY] = self._gather_rng_states()
+
+    def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
+        """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit
+        continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Collective."""
+        def gathered(state: torch.Tensor) -> torch.Tensor:
+            out = self.trainer.strategy.all_gather(state.to(self.device))
+            return (out if self.trainer.world_size > 1 else out.unsqueeze(0)).cpu()
+
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"cpu": gathered(torch.get_rng_state()), "cuda": None if cuda is None else gathered(cuda)}
+
+    def _restore_rng_states(self, states: dict[str, torch.Tensor | None] | None) -> None:
+        """This rank's saved generator states, when resuming a fit (a checkpoint from another number of ranks
+        keeps the states it has for ranks it had)."""
+        rank = self.trainer.global_rank
+        if not states or rank >= len(states["cpu"]):
+            return
+        # clone: a row of the (W, n) tensor is a view at an offset, which set_rng_state reads from its storage's
+        # start (rank 1's state crashed the process)
+        torch.set_rng_state(states["cpu"][rank].to(torch.uint8).clone())
+        if states.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8).clone(), torch.cuda.current_device())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this before it loads the weights: features of another spec (vocabularies in another
@@ -291,6 +335,8 @@ class MultiTaskModule(L.LightningModule):
                 f"{self.spec.version}: their ids mean other values. Use the feature folder the model was trained "
                 f"on (its spec.json), or train again")
         self._check_embedding_optimizer(checkpoint)
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._restore_rng_states(checkpoint.get(RNG_KEY))
         totals = checkpoint.get(EPOCH_TOTALS_KEY)
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return

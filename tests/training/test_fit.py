@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import lightning as L
 import pytest
@@ -56,10 +57,10 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     assert reloaded.spec.to_dict() == dm.spec.to_dict()
 
 
-def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed"):
+def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed", model=MMOE):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
-    module = module_for(dm, weighting=weighting)
+    module = module_for(dm, model, weighting=weighting)
     trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
                         callbacks=list(callbacks), default_root_dir=tmp, **FAST)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
@@ -105,17 +106,41 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(featur
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+# Routing noise (noisy top-k) and dropout draw from torch's generator: its state is in the checkpoint, and the
+# loaders draw from their own, so a resumed run draws what the straight run drew. Step 30 is mid-epoch, 21 an
+# epoch's last batch (validation in between: its loader must not move the stream either).
+@pytest.mark.parametrize("stop_at", [30, 21])
+def test_a_resumed_fit_continues_the_random_stream_of_noisy_routing_and_dropout(feature_dir, tmp_path, stop_at):
+    noisy = copy.deepcopy(SPARSE)
+    noisy["init_args"].update(dropout=0.2)  # noisy_topk: noise on by default
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2, model=noisy)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
+    _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], max_steps=stop_at, model=noisy)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, model=noisy)
+    assert resumed_trainer.global_step == straight_trainer.global_step == 42
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 # 21 batches per epoch. DWA weighs epoch 3 by the mean losses of epochs 1 and 2: a checkpoint at step 30 falls
 # inside epoch 2 (the weights epoch 3 trains with), one at step 50 inside epoch 3 (the weights after it, and the
-# rows seen in it)
-@pytest.mark.parametrize("weighting, stop_at", [("dwa", 30), ("dwa", 50), ("uncertainty", 50)])
+# rows seen in it). Steps 21 and 42 are an epoch's last batch, before its end: Lightning resumes in the next
+# epoch without the skipped epoch's end, which the module makes up for (and says so).
+@pytest.mark.parametrize("weighting, stop_at",
+                         [("dwa", 30), ("dwa", 50), ("uncertainty", 50), ("dwa", 21), ("dwa", 42)])
 def test_mid_epoch_resume_keeps_the_epochs_totals_for_loss_weighting_and_rows_seen(feature_dir, tmp_path,
                                                                                    weighting, stop_at):
     straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, weighting=weighting)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
     _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=stop_at, weighting=weighting)
     (path,) = (tmp_path / "b").glob("*.ckpt")
-    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=path, weighting=weighting)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=path, weighting=weighting)
+    said = any("last batch of epoch" in str(w.message) for w in caught)
+    assert said == (stop_at % 21 == 0)
     assert resumed.weighting.weights() == straight.weighting.weights()
     if weighting == "dwa":
         assert straight.weighting.weights()["click"] != 1.0  # the third epoch was reweighted
