@@ -87,6 +87,7 @@ def _weighted_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> 
         (loss * scale).backward()
         if rank == 0:
             torch.save(model.module.weight.grad, out_file)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (that aborted rank 1)
     finally:
         dist.destroy_process_group()
 
