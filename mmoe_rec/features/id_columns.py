@@ -48,6 +48,11 @@ def common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
     return None
 
 
+def schema_types(schema: pa.Schema, columns: list[str]) -> dict[str, pa.DataType]:
+    """The type of each of `columns` that `schema` has (a missing one is left out: the reader reports it)."""
+    return {c: schema.field(c).type for c in columns if schema.get_field_index(c) >= 0}
+
+
 def plan_id_types(files: Iterable[tuple[str, dict[str, pa.DataType]]]) -> dict[str, pa.DataType]:
     """(file, {id column: its type there}) for every input file -> the type each id column is written with."""
     types: dict[str, pa.DataType] = {}

@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.id_columns import schema_types
 from mmoe_rec.features.schema import ReaderSpec
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -129,8 +130,7 @@ def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
     string (its file is not opened here); a column a Parquet file lacks is left out (iter_batches reports it)."""
     if input_format(path) == "csv":
         return {c: pa.string() for c in columns}
-    schema = _open_parquet(path).schema_arrow
-    return {c: schema.field(c).type for c in columns if schema.get_field_index(c) >= 0}
+    return schema_types(_open_parquet(path).schema_arrow, columns)
 
 
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from mmoe_rec.features.id_columns import cast_ids, plan_id_types
+from mmoe_rec.features.id_columns import cast_ids, plan_id_types, schema_types
 from mmoe_rec.registry.scorer import Scorer
 
 
@@ -94,9 +94,7 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
 def _id_types(fragments: list, id_columns: list[str]) -> dict[str, pa.DataType]:
     """Each id column's type in the output, from every input file's schema before anything is scored (the files'
     order does not decide it): features.id_columns' lossless widening, or an error naming both files."""
-    def present(schema: pa.Schema) -> dict[str, pa.DataType]:
-        return {c: schema.field(c).type for c in id_columns if schema.get_field_index(c) >= 0}
-    return plan_id_types((fragment.path, present(fragment.physical_schema)) for fragment in fragments)
+    return plan_id_types((f.path, schema_types(f.physical_schema, id_columns)) for f in fragments)
 
 
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
