@@ -33,13 +33,21 @@ def print_user_error(e: Exception) -> None:
     print(f"error: {e}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
 
 
+def _cause(e: BaseException) -> BaseException | None:
+    """The exception `e` was raised from or while handling; none where `raise ... from None` replaced it with a
+    clearer message (e.g. "feature spec not found: DIR/spec.json" over "[Errno 2] No such file ...")."""
+    if e.__cause__ is not None:
+        return e.__cause__
+    return None if e.__suppress_context__ else e.__context__
+
+
 def _report(e: Exception) -> int:
     """One line for a user error (the most specific one in its chain: jsonargparse wraps a model's own "k must be
     in [1, num_experts]" in a union-type error that dumps the whole config); anything else is raised."""
     if os.environ.get("MMOE_REC_TRACEBACK") or not _is_user_error(e):
         raise e
     chain, seen = [e], {id(e)}
-    while (nxt := chain[-1].__cause__ or chain[-1].__context__) is not None and id(nxt) not in seen:
+    while (nxt := _cause(chain[-1])) is not None and id(nxt) not in seen:
         chain.append(nxt)
         seen.add(id(nxt))
     print_user_error([x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1])

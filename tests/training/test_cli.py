@@ -259,6 +259,18 @@ def test_the_command_prints_a_bad_model_setting_in_one_line(feature_dir, in_tmp,
     assert "Given value" not in err and len(err) < 300  # not jsonargparse's dump of the whole config
 
 
+def test_a_missing_feature_directory_is_named_by_its_spec_path(in_tmp, capsys, monkeypatch):
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    rc = main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+               "--data.init_args.data_dir", str(in_tmp / "nowhere")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    # the message raised `from None`, not the OSError it replaced ("[Errno 2] No such file or directory")
+    assert err.splitlines()[0] == f"error: feature spec not found: {in_tmp / 'nowhere' / 'spec.json'}"
+
+
 def test_mmoe_rec_help_lists_every_subcommand(capsys):
     from mmoe_rec.cli import main
 
