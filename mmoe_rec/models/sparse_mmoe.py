@@ -9,11 +9,11 @@ logit_t = tower_t(mixed_t)
 
 - Fine-grained experts (DeepSeekMoE): fine_grained = m splits every expert into m experts whose intermediate
   widths are divided by m and activates m·k of them; the output width is shared by all experts (they are mixed),
-  so it is not split, and the experts need at least two layers.
+  so it is not split, and the experts need at least two layers. Not with the top-1 Switch router (refused).
 - Capacity: capacity_factor cf gives C = ceil(k·T/E·cf) per expert and task gate; first choices win over second
   choices, then row order. A dropped assignment's combine weight goes to a fallback: the mean of the shared
   experts if there are any, else a dedicated dense fallback expert run on the affected rows only. Drops are
-  counted in GateRecord.dropped. None = dropless. At evaluation the limit is eval_capacity_factor, by default
+  counted in GateRecord.dropped. None = dropless (a factor must be finite: `.inf` is refused). At evaluation the limit is eval_capacity_factor, by default
   None (dropless): with a limit, which of a row's choices fit depends on the other rows of the batch, so a row's
   score would change with the batch it is scored in.
 - Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
@@ -43,7 +43,9 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.balance import BALANCE_LOSSES, cv_squared, load_loss, router_z_loss, switch_loss
-from mmoe_rec.nn.dispatch import LAYOUTS, StackedExperts, apply_capacity, capacity_for, compute_dtype
+from mmoe_rec.nn.dispatch import (
+    LAYOUTS, StackedExperts, apply_capacity, capacity_for, check_capacity_factor, compute_dtype,
+)
 from mmoe_rec.nn.embedding import EmbeddingFront
 from mmoe_rec.nn.routing import ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Routing, SwitchRouter
 from mmoe_rec.nn.routing_record import GateRecord
@@ -115,9 +117,11 @@ class SparseMMoE(MultiTaskModel):
             raise ValueError(f"k must be in [1, num_experts={num_experts}], got {k}")
         if router == "switch" and k != 1:
             raise ValueError(f"the switch router is top-1: use k=1 (got k={k})")
-        for name, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if cf is not None and cf <= 0:
-                raise ValueError(f"{name} must be > 0 or None (dropless), got {cf}")
+        if router == "switch" and fine_grained > 1:
+            raise ValueError(f"fine_grained={fine_grained} activates fine_grained * k experts per row, the switch "
+                             "router exactly one: use router='noisy_topk' (noise=False for a deterministic top-k)")
+        check_capacity_factor(capacity_factor)
+        check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         if noise is None:  # noisy top-k is noisy by definition; Switch uses none (nn/routing/switch.py)
             noise = router == "noisy_topk"
         if loss_free_bias and router == "expert_choice":
@@ -135,6 +139,10 @@ class SparseMMoE(MultiTaskModel):
             raise ValueError("the load balance loss is defined by the router's training noise; without it "
                              f"(router={router!r}, noise={noise}) it is always 0 and never balances: set noise=True "
                              "with a token-choice router, or leave load out of `balance`")
+        if balance["switch"] and router == "expert_choice":
+            raise ValueError("the switch loss E * sum_i f_i * P_i is the constant 1 under expert choice (every expert "
+                             "takes the same number of rows, f_i = 1/E) and never balances: leave switch out of "
+                             "`balance`")
         self.balance = [name for name in BALANCE_LOSSES if balance[name]]
 
         self.router_name = router

@@ -60,12 +60,17 @@ def ceil_scaled(count: int, factor: float, divisor: int) -> int:
     return math.ceil(Fraction(repr(float(factor))) * count / divisor)
 
 
+def check_capacity_factor(capacity_factor: float | None, name: str = "capacity_factor") -> None:
+    """A finite number > 0, or None for dropless (YAML `null`; `.inf` is refused rather than taken as "no limit")."""
+    if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"{name} must be a finite number > 0, or None (dropless), got {capacity_factor}")
+
+
 def capacity_for(num_rows: int, k: int, num_experts: int, capacity_factor: float | None) -> int | None:
     """C = ceil(k * T / E * cf); None when dropless (cf None)."""
+    check_capacity_factor(capacity_factor)
     if capacity_factor is None:
         return None
-    if capacity_factor <= 0:
-        raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
     return max(1, ceil_scaled(k * num_rows, capacity_factor, num_experts))
 
 

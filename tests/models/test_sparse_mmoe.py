@@ -232,6 +232,14 @@ def test_fine_grained_and_shared_experts_shapes():
     (dict(router="switch", k=1, balance={"load": True}), "load balance loss"),
     (dict(router="expert_choice", balance={"load": True}), "load balance loss"),
     (dict(router="expert_choice", eval_capacity_factor=2.0), "eval_capacity_factor"),
+    (dict(router="expert_choice", balance={"switch": True}), "constant 1 under expert choice"),
+    # switch is top-1: with fine_grained m it would route 1 expert where m are promised (and size capacity for m)
+    (dict(router="switch", k=1, fine_grained=2, expert_hidden=[16, 8]), "fine_grained"),
+    # "no limit" is None; inf / nan used to pass here and fail in the first forward with a Fraction error
+    (dict(capacity_factor=float("inf")), "finite number > 0"),
+    (dict(capacity_factor=float("nan")), "finite number > 0"),
+    (dict(eval_capacity_factor=float("inf")), "eval_capacity_factor must be a finite"),
+    (dict(router="expert_choice", capacity_factor=float("inf")), "finite number > 0"),
 ])
 def test_invalid_configuration_raises_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mmoe_rec.nn.routing import Routing
-from mmoe_rec.nn.dispatch import ceil_scaled
+from mmoe_rec.nn.dispatch import ceil_scaled, check_capacity_factor
 from mmoe_rec.nn.routing.topk import init_router_weight, top_indices
 from mmoe_rec.nn.softmax import softmax_last_dim
 
@@ -25,8 +25,9 @@ class ExpertChoiceRouter(nn.Module):
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if capacity_factor <= 0:
-            raise ValueError(f"expert-choice capacity_factor must be > 0, got {capacity_factor}")
+        if capacity_factor is None:
+            raise ValueError("expert choice needs a capacity_factor (rows per expert = ceil(T * cf / E)), got None")
+        check_capacity_factor(capacity_factor, "expert-choice capacity_factor")
         self.num_experts, self.capacity_factor, self.eval_fallback = num_experts, capacity_factor, eval_fallback
         self.eval_k = min(num_experts, max(1, round(capacity_factor)))
         self.w_gate = nn.Parameter(torch.empty(d_in, num_experts))  # (d, E); zeros would tie every expert
