@@ -15,11 +15,13 @@ def features(B: int = 40, d: int = 18, seed: int = 0) -> torch.Tensor:
     return torch.randn(B, d, generator=torch.Generator().manual_seed(seed))  # 2 * 8 embedding + 2 dense
 
 
-def test_k_equal_e_without_noise_or_capacity_equals_dense_mmoe_on_the_same_weights():
+@pytest.mark.parametrize("layout,dim,hidden", [("padded", 8, [12, 6]),
+                                               ("grouped", 7, [16, 8])])  # grouped: 16-byte widths (input 2*7+2)
+def test_k_equal_e_without_noise_or_capacity_equals_dense_mmoe_on_the_same_weights(layout, dim, hidden):
     torch.manual_seed(0)
-    dense = MMoE(spec(), num_experts=5, expert_hidden=[12, 6], tower_hidden=[4])
-    sparse = SparseMMoE(spec(), num_experts=5, k=5, expert_hidden=[12, 6], tower_hidden=[4], noise=False,
-                        dispatch_layout="padded")
+    dense = MMoE(spec(), embedding_dim=dim, num_experts=5, expert_hidden=hidden, tower_hidden=[4])
+    sparse = SparseMMoE(spec(), embedding_dim=dim, num_experts=5, k=5, expert_hidden=hidden, tower_hidden=[4],
+                        noise=False, dispatch_layout=layout)
     with torch.no_grad():
         sparse.front.load_state_dict(dense.front.state_dict())
         sparse.experts.load_state_dict(dense.experts.state_dict())
@@ -31,6 +33,16 @@ def test_k_equal_e_without_noise_or_capacity_equals_dense_mmoe_on_the_same_weigh
     for t in TASKS:
         torch.testing.assert_close(got.logits[t], want.logits[t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.routing[t].combine, want.routing[t].combine, atol=1e-6, rtol=1e-5)
+    # and the same gradients for every parameter: front, experts, each task's gate and tower
+    sum(got.logits.values()).sum().backward()
+    sum(want.logits.values()).sum().backward()
+    pairs = [(sparse.front, dense.front), (sparse.experts, dense.experts)]
+    pairs += [(sparse.towers[t], dense.towers[t]) for t in TASKS]
+    for mine, ref in pairs:
+        for (name, p), (_, q) in zip(mine.named_parameters(), ref.named_parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+    for i, t in enumerate(TASKS):
+        torch.testing.assert_close(sparse.gates[t].w_gate.grad, dense.gates.weight.grad[i], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["padded", "grouped"])
