@@ -97,11 +97,11 @@ class Window:
 
     @property
     def empty(self) -> bool:
-        return not self.gates and self.labels.count == 0
+        return not self.gates and self.labels.rows == 0
 
     def relatedness(self) -> dict[str, tuple[list[str], torch.Tensor]]:
         out: dict[str, tuple[list[str], torch.Tensor]] = {}
-        if len(self.tasks) > 1 and self.labels.count > 1:
+        if len(self.tasks) > 1 and self.labels.defined:
             out["label_corr"] = label_correlation(self.labels)
         per_task = task_gates(list(self.gates), self.tasks)
         dists = {t: self.gates[g].utilization for t, g in per_task.items()}

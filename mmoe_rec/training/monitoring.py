@@ -77,8 +77,10 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b), whatever their scale (gradients of 1e-6 are as aligned as gradients of 1); 0 if either is 0."""
     a, b = a.double().flatten(), b.double().flatten()
-    return (a @ b) / (a.norm() * b.norm()).clamp_min(EPS)
+    den = a.norm() * b.norm()
+    return torch.where(den > 0, (a @ b) / den.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
 
 
 def pairwise_matrix(vectors: dict[str, torch.Tensor], fn) -> tuple[list[str], torch.Tensor]:
@@ -103,9 +105,14 @@ def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
     """Pearson correlation of the tasks' labels from running sums."""
     n = float(sums.count)
     mean = sums.s1 / n  # (T,)
-    cov = sums.s2 / n - torch.outer(mean, mean)  # (T, T)
-    sd = cov.diagonal().clamp_min(0).sqrt()
-    corr = cov / torch.outer(sd, sd).clamp_min(EPS)
+    second = sums.s2 / n  # (T, T) E[y y^T]
+    cov = second - torch.outer(mean, mean)  # (T, T)
+    var = cov.diagonal()
+    # A constant label's variance is rounding noise of E[y^2] - E[y]^2: zero, judged against E[y^2], not against an
+    # absolute epsilon (labels of scale 1e-6 have variances of 1e-12 and are as correlated as labels of scale 1).
+    sd = torch.where(var > 1e-12 * second.diagonal(), var.clamp_min(0).sqrt(), 0.0)  # (T,)
+    den = torch.outer(sd, sd)
+    corr = torch.where(den > 0, cov / den.clamp_min(torch.finfo(torch.float64).tiny), 0.0).clamp(-1.0, 1.0)
     return list(sums.tasks), corr
 
 
@@ -115,7 +122,8 @@ def _zeros(*shape: int) -> torch.Tensor:
 
 @dataclasses.dataclass
 class LabelStats:
-    """Running sums for label correlation: s1 = sum w y (T,), s2 = sum w y y^T (T, T), count = sum w ().
+    """Running sums for label correlation: s1 = sum w y (T,), s2 = sum w y y^T (T, T), count = sum w (), and the
+    number of rows () (weights may be any non-negative scale: "more than one row" is judged on rows, not on sum w).
 
     The sums live on the labels' device and are read back only when the window is reduced, so that a training
     step on a GPU never waits for them."""
@@ -124,28 +132,36 @@ class LabelStats:
     s1: torch.Tensor
     s2: torch.Tensor
     count: torch.Tensor
+    rows: torch.Tensor
 
     @classmethod
     def empty(cls, tasks: list[str]) -> "LabelStats":
         t = len(tasks)
-        return cls(list(tasks), _zeros(t), _zeros(t, t), _zeros())
+        return cls(list(tasks), _zeros(t), _zeros(t, t), _zeros(), _zeros())
 
     def update(self, labels: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> None:
         y = torch.stack([labels[t].detach().double() for t in self.tasks], dim=1)  # (B, T)
         if self.s1.device != y.device:
-            self.s1, self.s2, self.count = (v.to(y.device) for v in (self.s1, self.s2, self.count))
+            self.s1, self.s2, self.count, self.rows = (v.to(y.device) for v in (self.s1, self.s2, self.count,
+                                                                                self.rows))
         w = torch.ones_like(y[:, 0]) if weights is None else weights.detach().double()  # (B,)
         wy = y * w[:, None]
         self.s1 += wy.sum(0)
         self.s2 += wy.T @ y
         self.count += w.sum()
+        self.rows += y.shape[0]  # from the shape: no read back from the device
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.s1, self.s2, self.count.reshape(1)]
+        return [self.s1, self.s2, torch.stack([self.count, self.rows])]
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
-        self.s1, self.s2, count = tensors
-        self.count = count.reshape(())
+        self.s1, self.s2, scalars = tensors
+        self.count, self.rows = scalars[0], scalars[1]
+
+    @property
+    def defined(self) -> bool:
+        """Whether a correlation can be computed: more than one row, of positive total weight."""
+        return bool(self.rows > 1) and bool(self.count > 0)
 
 
 @dataclasses.dataclass
@@ -237,7 +253,11 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     num_experts = util.numel()
     for i, u in enumerate(util.tolist()):
         out[f"{base}/util/e{i}"] = u
-    out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum))
+    # Balance statistics over the experts the gate can reach: a PLE task gate is recorded over the whole level,
+    # with weight 0 on the other tasks' own experts, which would count as dead and inflate CV^2 and MaxVio.
+    # (The per-expert util / fraction / sent keys stay level-wide so that tasks compare expert by expert.)
+    reach = sorted({i for idx in stats.groups.values() for i in idx}) if stats.groups else list(range(num_experts))
+    out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum[reach]))
     entropy = float(stats.entropy_sum) / max(stats.rows, 1.0)
     out[f"{base}/entropy"] = entropy
     weighable = int((stats.probs_sum > 0).sum()) or num_experts  # a PLE task gate: its own + shared experts
@@ -247,9 +267,10 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
             out[f"{base}/fraction/e{i}"] = f
         for i, f in enumerate((stats.counts / max(stats.rows, 1.0)).tolist()):
             out[f"{base}/sent/e{i}"] = f
-        out[f"{base}/load_cv2"] = float(cv_squared(stats.counts))
-        out[f"{base}/max_vio"] = float(max_violation(stats.counts))
-        out[f"{base}/dead"] = float((stats.counts == 0).sum())
+        counts = stats.counts[reach]
+        out[f"{base}/load_cv2"] = float(cv_squared(counts))
+        out[f"{base}/max_vio"] = float(max_violation(counts))
+        out[f"{base}/dead"] = float((counts == 0).sum())
         out[f"{base}/dropped_frac"] = float(stats.dropped) / max(stats.drop_base, 1.0)
     if stats.groups:
         for group, idx in stats.groups.items():

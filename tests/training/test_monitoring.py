@@ -10,6 +10,7 @@ from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import (
     GateStats,
     LabelStats,
+    cosine,
     cv_squared,
     gate_similarity,
     jaccard_rows,
@@ -282,3 +283,68 @@ def test_an_expert_choice_model_gets_the_sparse_gate_metrics_in_training():
     assert m["experts/click/fraction/e0"] == pytest.approx(3 / 12)
     assert m["experts/click/dropped_frac"] == pytest.approx(int(out.routing["click"].dropped) / 10)
     assert "relatedness/expert_jaccard/click.vs.buy" in m
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e-9])
+def test_cosine_and_label_correlation_do_not_depend_on_scale(scale):
+    g = torch.randn(50, generator=torch.Generator().manual_seed(0)) * scale
+    assert float(cosine(g, g)) == pytest.approx(1.0)
+    assert float(cosine(g, -g)) == pytest.approx(-1.0)
+    assert float(cosine(g, torch.zeros(50))) == 0.0
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=300)
+    b = 0.7 * a + rng.normal(size=300)
+    stats = LabelStats.empty(["a", "b", "flat"])
+    stats.update({"a": torch.tensor(a * scale), "b": torch.tensor(b * scale), "flat": torch.full((300,), 0.3)})
+    corr = label_correlation(stats)[1]
+    assert float(corr[0, 1]) == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-6)
+    assert float(corr[0, 0]) == pytest.approx(1.0)
+    assert corr[2].tolist() == [0.0, 0.0, 0.0]  # a constant label correlates with nothing (rounding noise -> 0)
+
+
+def test_label_correlation_is_reported_for_small_sample_weights():
+    """`count` is the sum of weights: "more than one row" must not read it (0.001 per row made it vanish)."""
+    from mmoe_rec.training.callbacks import Window
+
+    rng = np.random.default_rng(3)
+    y = torch.tensor(rng.random((500, 2)) < 0.5, dtype=torch.float32)
+    got = {}
+    for w in (1.0, 1e-3):
+        window = Window(["click", "buy"])
+        window.update({}, {"click": y[:, 0], "buy": y[:, 1]}, torch.full((500,), w))
+        got[w] = window.relatedness()["label_corr"][1]
+    torch.testing.assert_close(got[1e-3], got[1.0])
+    window = Window(["click", "buy"])
+    window.update({}, {"click": y[:1, 0], "buy": y[:1, 1]}, torch.full((1,), 5.0))
+    assert "label_corr" not in window.relatedness()  # one row, however heavy: no correlation
+
+
+def test_ple_task_gate_balance_statistics_cover_only_the_experts_it_can_reach():
+    """A PLE task gate is recorded over the whole level; the other tasks' own experts are not its dead experts."""
+    from mmoe_rec.models.ple import PLE
+    from mmoe_rec.training.callbacks import Window
+
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("buy"), Task("like")]).finalize()
+    tasks = ["click", "buy", "like"]
+    torch.manual_seed(0)
+    hard = PLE(spec, num_levels=1, num_task_experts=2, num_shared_experts=2, gate="hard")
+    out = hard.forward_dense(torch.randn(4000, hard.front.output_dim))
+    window = Window(tasks)
+    window.update(out.routing, {t: torch.ones(4000) for t in tasks})
+    stats = window.gates["0/click"]
+    reach = sorted(i for idx in stats.groups.values() for i in idx)
+    assert len(reach) == 4 and (stats.counts[reach] > 0).all()  # every reachable expert chosen
+    m = utilization_metrics("0/click", stats)
+    assert m["experts/0/click/dead"] == 0.0
+    assert m["experts/0/click/load_cv2"] == pytest.approx(float(cv_squared(stats.counts[reach])))
+    assert m["experts/0/click/max_vio"] == pytest.approx(float(max_violation(stats.counts[reach])))
+    assert sum(m[f"experts/0/click/fraction/e{i}"] for i in range(8)) == pytest.approx(1.0)  # still level-wide
+
+    uniform = PLE(spec, num_levels=1, num_task_experts=2, num_shared_experts=2)
+    with torch.no_grad():
+        uniform.levels[0].task_gates.weight.zero_()  # every task gate: 1/4 on each of its 4 experts
+    out = uniform.forward_dense(torch.randn(100, uniform.front.output_dim))
+    window = Window(tasks)
+    window.update(out.routing, {t: torch.ones(100) for t in tasks})
+    m = utilization_metrics("0/click", window.gates["0/click"])
+    assert m["experts/0/click/importance_cv2"] == pytest.approx(0.0, abs=1e-9)
