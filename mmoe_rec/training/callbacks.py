@@ -22,6 +22,7 @@ from mmoe_rec.training import plots
 from mmoe_rec.training.monitoring import (
     GateStats,
     LabelStats,
+    reachable_experts,
     chosen_mask,
     gate_similarity,
     jaccard_rows,
@@ -207,14 +208,24 @@ class RoutingMonitor(L.Callback):
 
     def figures(self, window: Window, grad_cosine=None) -> dict[str, Any]:
         figs = {}
+        # experts a gate cannot reach (a PLE task gate over its level: the other tasks' own experts) as NaN, which
+        # the plots leave blank and leave out of the gate's uniform share 1/E
+        unreachable = {g: sorted(set(range(s.utilization.numel())) - set(reachable_experts(s)))
+                       for g, s in window.gates.items()}
+
+        def blank(gate: str, values: np.ndarray) -> np.ndarray:  # (..., E)
+            values = np.array(values, dtype=float)
+            values[..., unreachable.get(gate, [])] = np.nan
+            return values
+
         if window.gates:
             figs["utilization_heatmap"] = plots.utilization_heatmap(
-                {g: s.utilization.numpy() for g, s in window.gates.items()})
+                {g: blank(g, s.utilization.numpy()) for g, s in window.gates.items()})
         if self.history_steps:
             sparse = any(s.sparse for s in window.gates.values())
             figs["expert_load"] = plots.load_over_training(
                 self.history_steps,
-                {g: np.stack(v) for g, v in self.history.items() if len(v) == len(self.history_steps)},
+                {g: blank(g, np.stack(v)) for g, v in self.history.items() if len(v) == len(self.history_steps)},
                 ylabel="share of assignments" if sparse else "mean gate weight",
                 title=f"Per-expert load over training (every {self.every_n_steps} steps)")
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}

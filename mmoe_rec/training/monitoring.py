@@ -245,6 +245,14 @@ class GateStats:
         return self.counts / self.assignments.clamp_min(1.0)
 
 
+def reachable_experts(stats: GateStats) -> list[int]:
+    """The experts a gate can weigh: a PLE task gate is recorded over its whole level, with weight 0 on the other
+    tasks' own experts (its groups name the ones it reaches); any other gate reaches all of them."""
+    if stats.groups:
+        return sorted({i for idx in stats.groups.values() for i in idx})
+    return list(range(stats.utilization.numel()))
+
+
 def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") -> dict[str, float]:
     """Scalars for one gate: `<prefix>/<gate>/util/e<i>`, `.../entropy`, sparse load statistics, extras."""
     out: dict[str, float] = {}
@@ -253,15 +261,14 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     num_experts = util.numel()
     for i, u in enumerate(util.tolist()):
         out[f"{base}/util/e{i}"] = u
-    # Balance statistics over the experts the gate can reach: a PLE task gate is recorded over the whole level,
-    # with weight 0 on the other tasks' own experts, which would count as dead and inflate CV^2 and MaxVio.
-    # (The per-expert util / fraction / sent keys stay level-wide so that tasks compare expert by expert.)
-    reach = sorted({i for idx in stats.groups.values() for i in idx}) if stats.groups else list(range(num_experts))
+    # Balance statistics over the experts the gate can reach (a PLE task gate: its own + the shared ones); the other
+    # tasks' own experts would count as dead and inflate CV^2 and MaxVio. The per-expert util / fraction / sent
+    # keys stay level-wide so that tasks compare expert by expert.
+    reach = reachable_experts(stats)
     out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum[reach]))
     entropy = float(stats.entropy_sum) / max(stats.rows, 1.0)
     out[f"{base}/entropy"] = entropy
-    weighable = int((stats.probs_sum > 0).sum()) or num_experts  # a PLE task gate: its own + shared experts
-    out[f"{base}/entropy_norm"] = entropy / math.log(weighable) if weighable > 1 else 0.0
+    out[f"{base}/entropy_norm"] = entropy / math.log(len(reach)) if len(reach) > 1 else 0.0
     if stats.sparse:
         for i, f in enumerate(stats.fraction.tolist()):
             out[f"{base}/fraction/e{i}"] = f

@@ -3,15 +3,17 @@
 `RoutingMonitor` writes three of them at each epoch end (MLflow artifacts under `plots/`):
 
 - `utilization_heatmap` — expert utilization: one row per gate (task, or `level/task` for PLE), one column per
-  expert, colour = mean combine weight that gate gave the expert over the epoch. Gates with fewer experts than
-  the widest one (PLE) leave blank cells. Numbers are written in the cells when they fit; the colour bar marks the
-  uniform share 1/E when all gates have the same number of experts E.
+  expert, colour = mean combine weight that gate gave the expert over the epoch. Experts a gate cannot reach (NaN:
+  a PLE task gate and the other tasks' own experts) and gates with fewer experts than the widest one leave blank
+  cells. Numbers are written in the cells when they fit; the colour bar marks the uniform share 1/E when all gates
+  reach the same number of experts E.
 - `expert_load` (`load_over_training`) — per-expert load at every logged step, one panel per gate. With at most
   `LINE_MAX_EXPERTS` experts per gate: one line per expert (distinct colour/style pairs, same colour for the same
-  expert index in every panel, one shared legend) and a dotted uniform 1/E reference line. With more experts: a
-  step × expert heatmap per gate (steps on x, experts on y) on a diverging scale centred on that gate's uniform
-  share 1/E (blue: below, red: above), with the colour bar labelled with the load measure and 1/E ticked on it,
-  so that dead and overloaded experts stand out at 64 or 256 experts.
+  expert index in every panel, one shared legend) and a dotted uniform 1/E reference line, E counting the experts
+  the gate reaches (an all-NaN column is an expert it cannot reach: no line). With more experts: a step × expert
+  heatmap per gate (steps on x, experts on y) on a diverging scale centred on that gate's uniform share 1/E
+  (blue: below, red: above, grey: an expert the gate cannot reach), with the colour bar labelled with the load
+  measure and 1/E ticked on it, so that dead and overloaded experts stand out at 64 or 256 experts.
 - `task_relatedness` (`relatedness_matrices`) — one T × T panel per measure (label correlation, gate cosine,
   gate Jensen–Shannon divergence, chosen-expert Jaccard, loss-gradient cosine), values annotated when small.
 
@@ -67,8 +69,8 @@ def _expert_axis(axis, num_experts: int, max_ticks: int) -> None:
 def utilization_heatmap(utilization: dict[str, np.ndarray], title: str = "Expert utilization (mean gate weight)"):
     """gate -> (E,) mean combine weight. Rows: gates (tasks), columns: experts."""
     gates = list(utilization)
-    sizes = {len(np.atleast_1d(v)) for v in utilization.values()}
-    width = max(sizes)
+    width = max(len(np.atleast_1d(v)) for v in utilization.values())
+    sizes = {int(np.isfinite(np.atleast_1d(v)).sum()) for v in utilization.values()}  # experts each gate reaches
     mat = np.full((len(gates), width), np.nan)
     for i, g in enumerate(gates):
         mat[i, : len(utilization[g])] = utilization[g]
@@ -88,9 +90,10 @@ def utilization_heatmap(utilization: dict[str, np.ndarray], title: str = "Expert
     ax.set_ylabel("gate (task)")
     ax.set_title(title)
     cbar = fig.colorbar(im, ax=ax, label="mean gate weight")
-    if len(sizes) == 1 and 1.0 / width <= im.norm.vmax:  # same E for all gates: mark the uniform share
-        cbar.ax.axhline(1.0 / width, color="red", linewidth=1.5)
-        cbar.ax.text(-0.1, 1.0 / width, "1/E", color="red", fontsize=8, ha="right", va="center",
+    reached = next(iter(sizes))
+    if len(sizes) == 1 and reached and 1.0 / reached <= im.norm.vmax:  # same E for all gates: the uniform share
+        cbar.ax.axhline(1.0 / reached, color="red", linewidth=1.5)
+        cbar.ax.text(-0.1, 1.0 / reached, "1/E", color="red", fontsize=8, ha="right", va="center",
                      transform=cbar.ax.get_yaxis_transform())
     return fig
 
@@ -131,8 +134,9 @@ def _load_lines(steps, gates, values, max_experts, ylabel, title):
     handles = {}
     for ax, g in zip(axes[:, 0], gates):
         v = values[g]
-        num_experts = v.shape[1]
-        for e in range(num_experts):
+        reached = [e for e in range(v.shape[1]) if not np.isnan(v[:, e]).all()]
+        num_experts = len(reached)
+        for e in reached:
             color, dash = _line_style(e)
             (line,) = ax.plot(steps, v[:, e], marker="." if len(steps) < 30 else None, color=color,
                               linestyle=dash, linewidth=1.3, label=f"e{e}")
@@ -160,18 +164,20 @@ def _load_heatmaps(steps, gates, values, max_experts, ylabel, title):
     fig_w = min(MAX_WIDTH_IN, 10.0)
     fig, axes = plt.subplots(n, 1, figsize=(fig_w, panel_h * n + 0.9), squeeze=False, sharex=True,
                              layout="constrained")
-    cmap = plt.get_cmap("RdBu_r")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#a0a0a0")  # unreachable (NaN): grey, not the white of 1/E
     max_ticks_y = max(2, int(panel_h / 0.22))
     for ax, g in zip(axes[:, 0], gates):
         v = values[g]  # (S, E)
-        num_experts = v.shape[1]
+        num_experts = int((~np.isnan(v).all(axis=0)).sum())  # the experts the gate reaches (others: all NaN, blank)
         uniform = 1.0 / max(num_experts, 1)
-        top = float(np.nanmax(v)) if v.size else 0.0
+        top = float(np.nanmax(v)) if num_experts and v.size else 0.0
         norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(top, 2.0 * uniform))
         im = ax.imshow(v.T, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest", origin="lower")
-        _expert_axis(ax.yaxis, num_experts, max_ticks_y)
+        _expert_axis(ax.yaxis, v.shape[1], max_ticks_y)
         ax.set_ylabel("expert")
-        ax.set_title(f"{g}  ({num_experts} experts, uniform 1/E = {uniform:.3g})", fontsize=FONT)
+        reach = (f"{num_experts} experts" if num_experts == v.shape[1]
+                 else f"{num_experts} of {v.shape[1]} experts, grey: not reachable")
+        ax.set_title(f"{g}  ({reach}, uniform 1/E = {uniform:.3g})", fontsize=FONT)
         cbar = fig.colorbar(im, ax=ax, pad=0.01, fraction=0.04, aspect=12)
         cbar.set_label(ylabel, fontsize=9 if label_in < panel_h else 7)
         ticks = [0.0, uniform, norm.vmax]

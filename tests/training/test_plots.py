@@ -106,3 +106,51 @@ def test_wide_and_long_named_plots_stay_bounded_without_warnings(recwarn, tmp_pa
     assert w <= 1600 and h <= 2700
     plots.close(fig)
     assert not recwarn.list, [str(w.message) for w in recwarn.list]
+
+
+def _ple_monitor_figures(num_task_experts: int, num_shared_experts: int):
+    """A real PLE forward (task gates recorded over the whole level) through RoutingMonitor.figures."""
+    import torch
+
+    from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+    from mmoe_rec.models.ple import PLE
+    from mmoe_rec.training.callbacks import RoutingMonitor, Window
+
+    tasks = ["click", "buy"]
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task(t) for t in tasks]).finalize()
+    torch.manual_seed(0)
+    model = PLE(spec, num_levels=1, num_task_experts=num_task_experts, num_shared_experts=num_shared_experts)
+    out = model.forward_dense(torch.randn(64, model.front.output_dim))
+    window = Window(tasks)
+    window.update(out.routing, {t: torch.ones(64) for t in tasks})
+    monitor = RoutingMonitor(every_n_steps=10)
+    monitor.history_steps = [10, 20]
+    monitor.history = {g: [s.utilization.numpy()] * 2 for g, s in window.gates.items()}
+    return monitor.figures(window)
+
+
+def test_ple_task_gates_plot_only_the_experts_they_reach():
+    """Each task gate reaches 2 own + 2 shared of the level's 6 experts: the other task's own experts are blank
+    (not 0.00, not a line), and the uniform share is 1/4, not 1/6."""
+    figs = _ple_monitor_figures(num_task_experts=2, num_shared_experts=2)
+    heat = figs["utilization_heatmap"]
+    row = heat.axes[0].images[0].get_array()[0]  # gate 0/click: [click own 2 | buy own 2 | shared 2]
+    blank = np.ma.getmaskarray(row) | np.isnan(np.ma.getdata(row))
+    assert blank.tolist() == [False, False, True, True, False, False]
+    assert "1/E" in [t.get_text() for t in heat.axes[1].texts]
+    cbar_marks = [line.get_ydata()[0] for line in heat.axes[1].lines]
+    assert 0.25 in cbar_marks
+    load = figs["expert_load"]
+    click = next(ax for ax in load.axes if ax.get_title() == "0/click")
+    uniform = [line for line in click.lines if line.get_label() == "uniform 1/E"]
+    assert len(click.lines) == 4 + 1 and uniform[0].get_ydata()[0] == 0.25
+    for fig in figs.values():
+        plots.close(fig)
+
+
+def test_ple_task_gates_load_heatmap_titles_count_the_reached_experts():
+    figs = _ple_monitor_figures(num_task_experts=4, num_shared_experts=8)  # 16 reached of 16 + 4 = 20 (heatmaps)
+    titles = [ax.get_title() for ax in figs["expert_load"].axes if ax.get_title()]
+    assert "0/click  (12 of 16 experts, grey: not reachable, uniform 1/E = 0.0833)" in titles
+    for fig in figs.values():
+        plots.close(fig)
