@@ -258,7 +258,6 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     out: dict[str, float] = {}
     base = f"{prefix}/{name}"
     util = stats.utilization
-    num_experts = util.numel()
     for i, u in enumerate(util.tolist()):
         out[f"{base}/util/e{i}"] = u
     # Balance statistics over the experts the gate can reach (a PLE task gate: its own + the shared ones); the other
