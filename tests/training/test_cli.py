@@ -259,6 +259,24 @@ def test_the_command_prints_a_bad_model_setting_in_one_line(feature_dir, in_tmp,
     assert "Given value" not in err and len(err) < 300  # not jsonargparse's dump of the whole config
 
 
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.endswith("_synthetic.yaml")][:1])
+def test_a_fit_stopped_mid_epoch_by_max_steps_ends_cleanly(config, feature_dir, in_tmp):
+    """No validation ran, so early stopping has nothing to check: it must wait for a validation, not fail
+    (Lightning's default checks at the end of the training epoch and raised 'val/click/auc not available')."""
+    run_lightning_cli(["fit", "--config", str(config), "--data.init_args.data_dir", str(feature_dir),
+                       "--data.init_args.batch_size", "64", "--trainer.max_steps", "2",
+                       "--checkpoint_dir", str(in_tmp / "ck")])
+    assert (in_tmp / "ck" / "last.ckpt").exists()
+
+
+def test_every_committed_early_stopping_checks_after_validation():
+    for config in CONFIGS:
+        callbacks = yaml.safe_load(config.read_text())["trainer"].get("callbacks") or []
+        for cb in callbacks:
+            if cb["class_path"].endswith("EarlyStopping"):
+                assert cb["init_args"].get("check_on_train_epoch_end") is False, config.name
+
+
 def test_a_missing_feature_directory_is_named_by_its_spec_path(in_tmp, capsys, monkeypatch):
     from mmoe_rec.cli import main
 
