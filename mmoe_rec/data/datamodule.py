@@ -18,7 +18,9 @@ shuffle is seeded by ``(seed, epoch)`` under Lightning with no callback. Without
 Resume: the checkpoint holds the seed, the epoch and how many training batches of that epoch had been trained
 (Lightning's batch progress at save time). A run resumed from a mid-epoch checkpoint replays the same epoch's
 batch sequence and skips the batches already trained, so it continues with the very next batch: the batch order
-of an epoch is a pure function of (seed, epoch, rank, world size, workers).
+of an epoch is a pure function of the epoch, the rank and the "batch plan" saved with it (world size, batch size,
+workers, shuffle buffer, chunk rows, drop_last, seed and the train split's files and row groups). A mid-epoch
+checkpoint resumes only under the same plan: under another one, skipping its batches would train some rows twice.
 """
 from __future__ import annotations
 
@@ -165,27 +167,37 @@ class FeatureDataModule(L.LightningDataModule):
         state["plan"] = self._batch_plan()
         return state
 
-    def _batch_plan(self) -> dict[str, int]:
-        """What decides which rows a rank's first n batches of an epoch hold (besides seed and epoch)."""
+    def _batch_plan(self) -> dict[str, Any]:
+        """What decides which rows a rank's first n batches of an epoch hold (besides the epoch)."""
         world_size = self.trainer.world_size if self.trainer is not None else 1
-        return {"world_size": int(world_size), "batch_size": self.batch_size, "num_workers": self.num_workers}
+        train = self._index("train")
+        return {
+            "world_size": int(world_size), "batch_size": self.batch_size, "num_workers": self.num_workers,
+            # the buffer's and the chunks' sizes decide when the shuffle buffer permutes
+            "shuffle_buffer": self.shuffle_buffer, "chunk_rows": self.chunk_rows, "drop_last": self.drop_last,
+            "seed": self.seed, "train_rows": train.num_rows, "train_row_groups": train.fingerprint(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # the checkpoint's seed wins, so a resumed run replays the same shuffles
         self._epoch = int(state_dict["epoch"])
         self.seed = int(state_dict["seed"])
         done = int(state_dict.get("batches_done", 0))
-        saved, now = state_dict.get("plan"), self._batch_plan()
+        saved = state_dict.get("plan")
         mid_epoch = 0 < done < state_dict.get("epoch_batches", math.inf)
         fitting = self.trainer is None or self.trainer.state.fn == "fit"  # evaluation reads no training batches
-        if mid_epoch and fitting and saved is not None and saved != now:
+        if mid_epoch and fitting and saved is not None:
             # batches_done counts each rank's batches of the saved plan: under another plan skipping that many
-            # would train some rows twice and others not at all in this epoch
-            changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v)
-            raise ValueError(
-                f"this checkpoint was written in the middle of epoch {self._epoch} ({done} batches per rank done); "
-                f"resuming it mid-epoch needs the same processes, batch size and loader workers ({changed}). "
-                f"Resume with the checkpoint's settings, or from a checkpoint written at an epoch's end")
+            # would train some rows twice and others not at all in this epoch. Keys a plan saved by an older
+            # version lacks cannot be checked.
+            now = self._batch_plan()
+            changed = ", ".join(f"{k} {v} -> {now.get(k)}" for k, v in saved.items() if now.get(k) != v)
+            if changed:
+                raise ValueError(
+                    f"this checkpoint was written in the middle of epoch {self._epoch} ({done} batches per rank "
+                    f"done); resuming it mid-epoch needs the same batch plan: processes, batch size, loader workers, "
+                    f"shuffle buffer, chunk rows, drop_last, seed and train split ({changed}). "
+                    f"Resume with the checkpoint's settings and data, or from a checkpoint written at an epoch's end")
         self._resume_at = (self._epoch, done) if done > 0 else None
 
     def _batches_to_skip(self, epoch: int) -> int:
@@ -215,17 +227,14 @@ class FeatureDataModule(L.LightningDataModule):
         applies ``drop_last``; otherwise rows come in file order and every row is kept.
         """
         collate = self.collator(with_ids)
-        key = (split, with_ids)
-        if key not in self._indexes:
-            index = ParquetIndex.from_dir(self.data_dir / split, collate.columns)
-            if index.num_rows == 0:  # `mmoe-rec features` writes every split, empty where no rows went to it
-                how = f"an input prefixed {split}=" + (f" or --{split}-fraction" if split != "train" else "")
-                skip = ", or fit without validation (--trainer.limit_val_batches 0)" if split == "valid" else ""
-                raise ValueError(f"split {split!r} in {self.data_dir} has no rows: build the features with rows in it "
-                                 f"(`mmoe-rec features` with {how}){skip}")
-            self._indexes[key] = index
+        index = self._index(split, with_ids)
+        if index.num_rows == 0:  # `mmoe-rec features` writes every split, empty where no rows went to it
+            how = f"an input prefixed {split}=" + (f" or --{split}-fraction" if split != "train" else "")
+            skip = ", or fit without validation (--trainer.limit_val_batches 0)" if split == "valid" else ""
+            raise ValueError(f"split {split!r} in {self.data_dir} has no rows: build the features with rows in it "
+                             f"(`mmoe-rec features` with {how}){skip}")
         ds = FeatureParquetStream(
-            self._indexes[key],
+            index,
             collate.arrays,
             collate.columns,
             self.batch_size if train else self.eval_batch_size,
@@ -236,6 +245,8 @@ class FeatureDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             chunk_rows=self.chunk_rows,
+            finite_columns=collate.finite_columns,
+            nonnegative_columns=collate.nonnegative_columns,
         )
         ds.set_epoch(self._epoch)
         return FeatureDataLoader(
@@ -253,6 +264,14 @@ class FeatureDataModule(L.LightningDataModule):
             # run resumed from a checkpoint than in one that went straight through
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _index(self, split: str, with_ids: bool = False) -> ParquetIndex:
+        """The split's row groups, its columns' types checked from the footers (cached: read once)."""
+        key = (split, with_ids)
+        if key not in self._indexes:
+            collate = self.collator(with_ids)
+            self._indexes[key] = ParquetIndex.from_dir(self.data_dir / split, collate.columns, collate.column_kinds)
+        return self._indexes[key]
 
     def train_dataloader(self) -> FeatureDataLoader:
         return self.dataloader("train", train=True)

@@ -12,27 +12,63 @@ computes the same plan without talking to the others:
    every rank makes ``num_batches = ceil(ceil(N / W) / B)`` batches, all of B rows except the last one,
    which takes what is left. A rank that got one row fewer may be left with an empty last batch; then its
    last two batches share the last B rows (ceil(B/2) and floor(B/2)). No row is dropped, none is repeated.
-   With ``drop_last=True`` (training only) each rank instead makes ``floor(N // W / B)`` full batches and
-   skips the rest of its slice; the unit shuffle changes which rows are skipped from epoch to epoch.
+   With ``drop_last=True`` each rank instead makes ``floor(N // W / B)`` full batches from a window of its
+   slice that starts at an offset drawn from ``default_rng([seed, epoch, rank, DROP_TAG])`` and wraps around
+   the slice's end; the rows it skips (at most B) change from epoch to epoch, each row equally likely, even
+   when the data is one row group and the unit shuffle moves nothing.
    Validation / test use the same split, so DDP metrics see every row once (no DistributedSampler padding).
 5. Worker ``k`` of ``K`` takes the contiguous block of its rank's batches ``[k * nb // K, (k + 1) * nb // K)``,
-   i.e. a contiguous row range, so a row group is decoded by at most two workers. The DataLoader therefore
-   yields exactly ``num_batches`` batches on every rank, whatever K is.
+   i.e. a contiguous row range (two when a drop_last window wraps), so a row group is decoded by at most two
+   workers. The DataLoader therefore yields exactly ``num_batches`` batches on every rank, whatever K is.
 
 Training rows also pass through a shuffle buffer inside each worker (seeded by seed, epoch, rank, worker).
+
+The index reads the files' footers only: it checks each column's Arrow type against its kind (``COLUMN_KINDS``)
+and picks one type per column, to which every chunk is cast before chunks of different files are merged.
+Label and weight values are checked chunk by chunk as they are read, where the file and row are still known.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
+import itertools
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+DROP_TAG = 0x64726F70  # "drop": keeps the drop_last offset's generator apart from the shuffles' ones
+MAX_OPEN_FILES = 8  # per worker: a worker may visit thousands of shards in an epoch, more than it may hold open
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnKind:
+    accepts: Callable[[pa.DataType], bool]
+    expected: str  # what an error says was expected
+    wide: pa.DataType  # the type files that disagree are cast to
+
+
+def _int_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+# Non-integer ids are refused, not cast: casting would truncate 1.9 to 1 or parse "3" as 3.
+COLUMN_KINDS = {
+    "int": ColumnKind(pa.types.is_integer, "an integer type", pa.int64()),
+    "list<int>": ColumnKind(_int_list, "list<integer>", pa.list_(pa.int64())),
+    "number": ColumnKind(_number, "a float or integer type", pa.float64()),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,43 +76,85 @@ class RowGroup:
     path: str
     index: int  # row-group number inside the file
     num_rows: int
+    first_row: int = 0  # row number inside the file of the row group's first row (for error messages)
 
 
 @dataclasses.dataclass(frozen=True)
 class ParquetIndex:
-    """Every non-empty row group of a set of Parquet files, in file order."""
+    """Every non-empty row group of a set of Parquet files, in file order, and the Arrow type each required
+    column is read as (the files' type if they agree, else the kind's wide type, else the types' common one)."""
 
     units: tuple[RowGroup, ...]
+    schema: pa.Schema = dataclasses.field(default_factory=lambda: pa.schema([]))
 
     @property
     def num_rows(self) -> int:
         return sum(u.num_rows for u in self.units)
 
+    def fingerprint(self) -> str:
+        """Hash of the file names and row-group sizes: equal fingerprints give equal epoch plans."""
+        h = hashlib.sha256()
+        for u in self.units:
+            h.update(f"{Path(u.path).name}:{u.index}:{u.num_rows}\n".encode())
+        return h.hexdigest()[:16]
+
     @classmethod
-    def from_dir(cls, directory: str | os.PathLike, required_columns: list[str] = ()) -> "ParquetIndex":
+    def from_dir(
+        cls, directory: str | os.PathLike, required_columns: Sequence[str] = (), kinds: Mapping[str, str] | None = None
+    ) -> "ParquetIndex":
         directory = Path(directory)
         files = sorted(directory.glob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"no *.parquet files in {directory}")
-        return cls.from_files(files, required_columns)
+        return cls.from_files(files, required_columns, kinds)
 
     @classmethod
-    def from_files(cls, files: list[str | os.PathLike], required_columns: list[str] = ()) -> "ParquetIndex":
+    def from_files(
+        cls,
+        files: list[str | os.PathLike],
+        required_columns: Sequence[str] = (),
+        kinds: Mapping[str, str] | None = None,
+    ) -> "ParquetIndex":
+        """``kinds`` maps some required columns to a key of ``COLUMN_KINDS``; only footers are read."""
+        kinds = kinds or {}
         units = []
+        types: dict[str, dict[pa.DataType, str]] = {c: {} for c in required_columns}  # column -> type -> first file
         for path in files:
             try:
-                meta = pq.ParquetFile(path).metadata
+                meta = pq.read_metadata(path)
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
-            names = set(meta.schema.to_arrow_schema().names)
-            missing = [c for c in required_columns if c not in names]
+            schema = meta.schema.to_arrow_schema()
+            missing = [c for c in required_columns if c not in schema.names]
             if missing:
                 raise ValueError(f"{path}: missing feature columns {missing}")
+            for c in required_columns:
+                t = schema.field(c).type
+                kind = COLUMN_KINDS[kinds[c]] if c in kinds else None
+                if kind is not None and not kind.accepts(t):
+                    raise ValueError(f"{path}: column {c} is {t}, expected {kind.expected}")
+                types[c].setdefault(t, str(path))
+            first_row = 0
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
                 if n:
-                    units.append(RowGroup(str(path), i, n))
-        return cls(tuple(units))
+                    units.append(RowGroup(str(path), i, n, first_row))
+                first_row += n
+        schema = pa.schema([(c, _read_type(c, types[c], kinds.get(c))) for c in required_columns if types[c]])
+        return cls(tuple(units), schema)
+
+
+def _read_type(column: str, seen: dict[pa.DataType, str], kind: str | None) -> pa.DataType:
+    """The one type a column is read as, given the types the files have (type -> first file with it)."""
+    if len(seen) == 1:
+        return next(iter(seen))
+    if kind is not None:
+        return COLUMN_KINDS[kind].wide
+    try:  # a pass-through column (ids): lossless widening only, e.g. int32 + int64 -> int64
+        return pa.unify_schemas([pa.schema([(column, t)]) for t in seen], promote_options="permissive").field(0).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        (t0, p0), (t1, p1) = list(seen.items())[:2]
+        raise ValueError(f"{p1}: column {column} is {t1}, but {p0} has it as {t0}") from None
 
 
 def resolve_rank_world() -> tuple[int, int]:
@@ -128,52 +206,136 @@ def rank_batch_sizes(num_rows: int, rank: int, world: int, batch_size: int, drop
 
 @dataclasses.dataclass(frozen=True)
 class WorkerPlan:
-    row_start: int  # [row_start, row_stop) of the epoch's row sequence
-    row_stop: int
+    ranges: tuple[tuple[int, int], ...]  # [start, stop) ranges of the epoch's row sequence, read in this order
     batch_sizes: tuple[int, ...]
 
 
 def worker_plan(
-    num_rows: int, batch_size: int, rank: int, world: int, worker: int, num_workers: int, drop_last: bool = False
+    num_rows: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    worker: int,
+    num_workers: int,
+    drop_last: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
 ) -> WorkerPlan:
     """The contiguous block of its rank's batches (and so rows) that one loader worker makes."""
     sizes = rank_batch_sizes(num_rows, rank, world, batch_size, drop_last)
     nb = len(sizes)
     first, last = worker * nb // num_workers, (worker + 1) * nb // num_workers
-    start = rank_rows(num_rows, rank, world)[0] + sum(sizes[:first])
-    return WorkerPlan(start, start + sum(sizes[first:last]), tuple(sizes[first:last]))
+    lo, hi = rank_rows(num_rows, rank, world)
+    start, count = sum(sizes[:first]), sum(sizes[first:last])  # in the rank's kept rows
+    if not drop_last:
+        return WorkerPlan(((lo + start, lo + start + count),), tuple(sizes[first:last]))
+    # the kept window starts at a seeded offset and wraps around the slice's end (module docstring, 4.)
+    n = hi - lo
+    start = (start + int(np.random.default_rng([seed, epoch, rank, DROP_TAG]).integers(n))) % n
+    ranges = [(lo + start, lo + min(n, start + count))]
+    if start + count > n:
+        ranges.append((lo, lo + start + count - n))
+    return WorkerPlan(tuple(ranges), tuple(sizes[first:last]))
+
+
+class _OpenFiles:
+    """The last ``size`` ParquetFiles used, kept open; older ones are closed."""
+
+    def __init__(self, size: int = MAX_OPEN_FILES) -> None:
+        self.size = size
+        self.files: collections.OrderedDict[str, pq.ParquetFile] = collections.OrderedDict()
+
+    def get(self, path: str) -> pq.ParquetFile:
+        pf = self.files.pop(path, None)
+        self.files[path] = pq.ParquetFile(path) if pf is None else pf
+        if len(self.files) > self.size:
+            self.files.popitem(last=False)[1].close()
+        return self.files[path]
+
+    def close(self) -> None:
+        while self.files:
+            self.files.popitem()[1].close()
 
 
 def read_rows(
-    units: list[RowGroup], start: int, stop: int, columns: list[str], chunk_rows: int = 65536
+    units: list[RowGroup],
+    start: int,
+    stop: int,
+    columns: list[str],
+    chunk_rows: int = 65536,
+    schema: pa.Schema | None = None,
+    finite_columns: Sequence[str] = (),
+    nonnegative_columns: Sequence[str] = (),
 ) -> Iterator[pa.RecordBatch]:
-    """Rows [start, stop) of the sequence made by ``units`` laid end to end, as RecordBatches of <= chunk_rows."""
+    """Rows [start, stop) of the sequence made by ``units`` laid end to end, as RecordBatches of <= chunk_rows.
+
+    Each chunk has ``columns`` in that order, those in ``schema`` cast to its type, so chunks of different
+    files merge. Values of ``finite_columns`` must be finite numbers (no null, NaN or inf), and those of
+    ``nonnegative_columns`` also >= 0; else a ValueError names the file, the column and the row in the file.
+    """
+    schema = pa.schema([]) if schema is None else schema
+    types = [schema.field(c).type if c in schema.names else None for c in columns]
+    checks = [(c, c in nonnegative_columns) for c in dict.fromkeys([*finite_columns, *nonnegative_columns])]
     bounds = np.concatenate([[0], np.cumsum([u.num_rows for u in units])])
     u = int(np.searchsorted(bounds, start, side="right")) - 1
-    files: dict[str, pq.ParquetFile] = {}
+    files = _OpenFiles()
     pos = start
     try:
         while pos < stop:
             unit = units[u]
             lo, hi = pos - bounds[u], min(stop, bounds[u + 1]) - bounds[u]  # rows wanted inside this row group
-            if unit.path not in files:
-                files[unit.path] = pq.ParquetFile(unit.path)
             off = 0
-            chunks = files[unit.path].iter_batches(
+            chunks = files.get(unit.path).iter_batches(
                 batch_size=chunk_rows, row_groups=[unit.index], columns=columns, use_threads=False
             )
             for rb in chunks:
                 a, b = max(lo, off), min(hi, off + rb.num_rows)
                 if b > a:
-                    yield rb.slice(a - off, b - a)
+                    part = _conform(rb.slice(a - off, b - a), columns, types, unit.path)
+                    for c, nonnegative in checks:
+                        _check_values(part.column(c), nonnegative, unit.path, c, unit.first_row + a)
+                    yield part
                 off += rb.num_rows
                 if off >= hi:
                     break
             pos = bounds[u] + hi
             u += 1
     finally:
-        for pf in files.values():
-            pf.close()
+        files.close()
+
+
+def _conform(rb: pa.RecordBatch, columns: list[str], types: list[pa.DataType | None], path: str) -> pa.RecordBatch:
+    """``rb`` with ``columns`` in order, cast to ``types`` (None: as read), every field nullable and no
+    metadata: files whose column order, widths or nullability differ then give chunks that concatenate."""
+    arrays = []
+    for c, t in zip(columns, types):
+        col = rb.column(c)
+        if t is not None and col.type != t:
+            try:
+                col = col.cast(t)
+            except pa.ArrowException as e:
+                raise ValueError(f"{path}: column {c} is {col.type} and does not convert to {t} ({e})") from None
+        arrays.append(col)
+    return pa.RecordBatch.from_arrays(arrays, names=columns)
+
+
+def _check_values(col: pa.Array, nonnegative: bool, path: str, name: str, first_row: int) -> None:
+    """Raise at the first null, NaN, inf (or, if ``nonnegative``, negative) value; ``first_row`` is the row in
+    the file of ``col[0]``. Vectorised: a few Arrow kernels per chunk."""
+    ok = pc.is_valid(col)
+    if pa.types.is_floating(col.type):
+        ok = pc.and_(ok, pc.fill_null(pc.is_finite(col), False))
+    if nonnegative and not pa.types.is_boolean(col.type):
+        ok = pc.and_(ok, pc.fill_null(pc.greater_equal(col, 0), False))
+    if pc.all(ok).as_py() is not False:
+        return
+    bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
+    value = col[int(bad[0])].as_py()
+    what = "a finite number >= 0" if nonnegative else "a finite number"
+    raise ValueError(
+        f"{path}: column {name} is {'null' if value is None else value} at row {first_row + int(bad[0])} "
+        f"({len(bad)} such value(s) in rows {first_row}..{first_row + len(col) - 1}); every value must be {what}"
+    )
 
 
 def _concat(parts: list[pa.RecordBatch]) -> pa.RecordBatch:
@@ -239,6 +401,7 @@ class FeatureParquetStream(IterableDataset):
 
     ``rank`` / ``world_size`` default to ``resolve_rank_world()`` at construction, i.e. in the main process
     after DDP is set up. ``len()`` is the number of batches per rank, the same on every rank.
+    ``finite_columns`` / ``nonnegative_columns``: see ``read_rows`` (labels; sample weights).
     """
 
     def __init__(
@@ -255,6 +418,8 @@ class FeatureParquetStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         chunk_rows: int = 65536,
+        finite_columns: Sequence[str] = (),
+        nonnegative_columns: Sequence[str] = (),
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
@@ -273,6 +438,8 @@ class FeatureParquetStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.chunk_rows = chunk_rows
+        self.finite_columns = tuple(finite_columns)
+        self.nonnegative_columns = tuple(nonnegative_columns)
         self.epoch = 0
         len(self)  # fail here, in the main process, if the rows cannot be planned
 
@@ -286,13 +453,18 @@ class FeatureParquetStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan = worker_plan(
-            self.index.num_rows, self.batch_size, self.rank, self.world_size, worker, num_workers, self.drop_last
+            self.index.num_rows, self.batch_size, self.rank, self.world_size, worker, num_workers, self.drop_last,
+            self.seed, self.epoch,
         )
         if not plan.batch_sizes:
             return
         order = unit_order(len(self.index.units), self.seed, self.epoch, self.shuffle)
         units = [self.index.units[i] for i in order]
-        chunks = read_rows(units, plan.row_start, plan.row_stop, self.columns, self.chunk_rows)
+        chunks = itertools.chain.from_iterable(
+            read_rows(units, start, stop, self.columns, self.chunk_rows, self.index.schema, self.finite_columns,
+                      self.nonnegative_columns)
+            for start, stop in plan.ranges
+        )
         if self.shuffle:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
             batches = shuffle_batches(chunks, plan.batch_sizes, self.shuffle_buffer, rng)

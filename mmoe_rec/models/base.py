@@ -46,6 +46,11 @@ class MultiTaskModel(nn.Module, abc.ABC):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters every task's loss reaches (embeddings, shared experts): used for task-gradient similarity."""
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The weights of the last layer every task's loss reaches, where GradNorm (Chen et al. 2018) measures and
+        balances the tasks' gradient norms. Empty: the model has none (GradNorm then refuses it)."""
+        return []
+
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:
         """Hook for state updated outside autograd after each step (loss-free balancing biases). Default: none."""

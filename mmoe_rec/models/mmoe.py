@@ -58,6 +58,9 @@ class MMoE(MultiTaskModel):
         yield from self.front.parameters()
         yield from self.experts.parameters()
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        return [self.experts.weights[-1]]  # (E, h_{L-1}, H): every expert's last layer
+
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""
         expert_out = self.experts(x)  # (B, N, H)

@@ -153,6 +153,13 @@ class PLE(MultiTaskModel):
         self.towers = make_towers(self.tasks, d, list(tower_hidden), activation=activation, dropout=dropout,
                                   norm=norm)
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        """The last layer of the highest level's shared experts (the final gates mix them into every task)."""
+        for level in reversed(self.levels):
+            if level.shared_experts is not None:
+                return [level.shared_experts.weights[-1]]
+        return []
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """What every task's loss reaches: the embeddings; each level's shared experts; and below the final level
         its shared gate and its task experts too, since the shared gate mixes every expert of the level into the

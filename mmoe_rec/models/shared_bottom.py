@@ -44,6 +44,10 @@ class SharedBottom(MultiTaskModel):
         yield from self.front.parameters()
         yield from self.bottom.parameters()
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        linears = [m for m in self.bottom.net if isinstance(m, nn.Linear)]
+        return [linears[-1].weight] if linears else []
+
     def forward_dense(self, x: torch.Tensor) -> ModelOutput:
         """Everything after the embedding front: x (B, D_in) -> ModelOutput."""
         h = self.bottom(x)  # (B, H)

@@ -182,6 +182,10 @@ class SparseMMoE(MultiTaskModel):
         if self.shared_experts is not None:
             yield from self.shared_experts.parameters()
 
+    def last_shared_layer(self) -> list[nn.Parameter]:
+        shared = [self.shared_experts.weights[-1]] if self.shared_experts is not None else []
+        return [self.experts.weights[-1], *shared]  # routed (and always-on shared) experts' last layers
+
     # ------------------------------------------------------------------------------------------------------------
 
     def _kept_assignments(self, r: Routing, T: int):

@@ -27,7 +27,7 @@ from mmoe_rec.training.losses import rank_weight_scale, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
 from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
-from mmoe_rec.training.weighting import FixedWeighting, make_weighting
+from mmoe_rec.training.weighting import FixedWeighting, GradNorm, make_weighting
 
 EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch's totals (see on_save_checkpoint)
 RNG_KEY = "mmoe_rec_rng_states"  # in a checkpoint: every rank's torch generator states (see _gather_rng_states)
@@ -79,8 +79,10 @@ class MultiTaskModule(L.LightningModule):
         model: the model class path and its init args (`feature_spec` is passed by this module).
         feature_spec: the data's FeatureSpec (linked from the data module by the CLI; a dict in checkpoints).
         task_weights: static per-task weights w_t (default 1 each); multiply whatever `weighting` does.
-        weighting: "fixed", "uncertainty" (Kendall et al. 2018) or "dwa" (dynamic weight average).
+        weighting: "fixed", "uncertainty" (Kendall et al. 2018), "dwa" (dynamic weight average, Liu et al. 2019)
+            or "gradnorm" (Chen et al. 2018, on `model.last_shared_layer()`; not with sharded embeddings).
         dwa_temperature: T of dynamic weight average.
+        gradnorm_alpha: GradNorm's asymmetry alpha (0: equal gradient norms; larger: slower tasks pulled harder).
         aux_loss_coefs: coefficient of each auxiliary loss the model returns (`ModelOutput.aux`); a model aux
             loss with no coefficient here is an error (set it to 0 to ignore it).
         optimizer: {"class_path", "init_args"} of a torch optimizer.
@@ -96,6 +98,7 @@ class MultiTaskModule(L.LightningModule):
         task_weights: dict[str, float] | None = None,
         weighting: str = "fixed",
         dwa_temperature: float = 2.0,
+        gradnorm_alpha: float = 1.5,
         aux_loss_coefs: dict[str, float] | None = None,
         optimizer: dict[str, Any] | None = None,
         lr_scheduler: dict[str, Any] | None = None,
@@ -111,7 +114,11 @@ class MultiTaskModule(L.LightningModule):
         self.spec = spec
         self.tasks = list(self.model.tasks)
         self.task_types = {t: spec.task(t).type for t in self.tasks}
-        self.weighting = make_weighting(weighting, self.tasks, self.task_types, task_weights, dwa_temperature)
+        self.weighting = make_weighting(weighting, self.tasks, self.task_types, task_weights, dwa_temperature,
+                                        gradnorm_alpha)
+        if isinstance(self.weighting, GradNorm) and not self.model.last_shared_layer():
+            raise ValueError(f"weighting 'gradnorm' needs a shared layer; {type(self.model).__name__} with these "
+                             "settings has none (MultiTaskModel.last_shared_layer() is empty)")
         self.aux_coefs = dict(DEFAULT_AUX_COEFS if aux_loss_coefs is None else aux_loss_coefs)
         if optimizer is not None and "class_path" not in optimizer:  # overrides of the default's arguments alone
             given = {k: v for k, v in optimizer.items() if k != "init_args"}
@@ -134,6 +141,7 @@ class MultiTaskModule(L.LightningModule):
             "task_weights": task_weights,
             "weighting": weighting,
             "dwa_temperature": dwa_temperature,
+            "gradnorm_alpha": gradnorm_alpha,
             "aux_loss_coefs": self.aux_coefs,
             "optimizer": self.optimizer_config,
             "lr_scheduler": self.lr_scheduler_config,
@@ -170,7 +178,7 @@ class MultiTaskModule(L.LightningModule):
             scale = rank_weight_scale(batch.weights, self.trainer.world_size,
                                       lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             losses = {t: value * scale for t, value in losses.items()}
-        task_total = self.weighting(losses)
+        task_total = self.weighting(losses, self.model.last_shared_layer)
         loss = task_total + self.aux_loss(out.aux)
         self.last_output = out
         bs = batch.batch_size
@@ -185,6 +193,8 @@ class MultiTaskModule(L.LightningModule):
             if not isinstance(self.weighting, FixedWeighting):
                 for t, w in self.weighting.weights().items():
                     self.log(f"train/{t}/weight", w, batch_size=bs)  # the same on every rank
+            if isinstance(self.weighting, GradNorm):
+                self.log("train/gradnorm_loss", self.weighting.last_gradnorm_loss, batch_size=bs, sync_dist=True)
         step_losses = torch.stack([losses[t].detach().float() for t in self.tasks])  # (T,)
         # (.to: totals restored from a checkpoint arrive on the CPU, before Lightning moves the module to its device)
         self._epoch_loss_sum = (step_losses if self._epoch_loss_sum is None
@@ -229,6 +239,7 @@ class MultiTaskModule(L.LightningModule):
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
+        self.weighting.after_optimizer_step()  # GradNorm: its weights back to sum K
         if self.last_output is not None:
             # e.g. the loss-free balancing bias update, from the loads the model counted over all of this step's
             # micro-batches (last_output holds only the last one under gradient accumulation)
@@ -239,6 +250,11 @@ class MultiTaskModule(L.LightningModule):
         calls are skipped in between (a small model's whole step is a few ms)."""
         every = self.trainer.log_every_n_steps
         return bool(every) and (self.global_step + 1) % every == 0  # Lightning's own rule (step counted from 1)
+
+    def on_fit_start(self) -> None:
+        if isinstance(self.weighting, GradNorm) and isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):
+            raise ValueError("weighting 'gradnorm' is not supported with the sharded-embedding strategy (untested "
+                             "there); use it with plain DDP, or another weighting")
 
     def on_train_epoch_start(self) -> None:
         resumed, self._resumed_epoch = self._resumed_epoch, None

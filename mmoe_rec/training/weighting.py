@@ -6,15 +6,23 @@
   approximation of the paper, eq. 10): exp(-s_t) L_t + 0.5 s_t. Large-loss (noisy) tasks learn a large s_t.
 - ``dwa`` dynamic weight average (Liu, Johns & Davison 2019): w_t(e) = K softmax_t(r_t(e-1) / T), with
   r_t(e-1) = L_t(e-1) / L_t(e-2) the ratio of the last two epochs' mean losses; w_t = 1 for the first two epochs.
+- ``gradnorm`` (Chen, Badrinarayanan, Lee & Rabinovich 2018): learnable w_t, trained so that the gradient norms of
+  the weighted task losses on the model's last shared layer W, G_t = ||grad_W w_t L_t||, move toward
+  mean_t(G_t) * r_t^alpha, where r_t = (L_t / L_t(0)) / mean_s(L_s / L_s(0)) is the task's relative inverse
+  training rate (L_t(0): its loss at the first step). The gradient-norm loss sum_t |G_t - target_t| (target held
+  constant) trains only w; the network trains on sum_t w_t L_t with w held constant; after every optimizer step
+  w is renormalized to sum to K. Costs one extra backward to W per task and step.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
-WEIGHTINGS = ("fixed", "uncertainty", "dwa")
+WEIGHTINGS = ("fixed", "uncertainty", "dwa", "gradnorm")
+SharedLayer = Callable[[], list[nn.Parameter]]  # the model's last shared layer (GradNorm's W), asked for lazily
 
 
 class LossWeighting(nn.Module):
@@ -29,7 +37,7 @@ class LossWeighting(nn.Module):
             raise ValueError(f"task_weights name unknown task(s) {unknown}; tasks are {self.tasks}")
         self.static = {t: float(task_weights.get(t, 1.0)) for t in self.tasks}
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
         return sum(self.static[t] * losses[t] for t in self.tasks)
 
     def weights(self) -> dict[str, float]:
@@ -37,6 +45,9 @@ class LossWeighting(nn.Module):
 
     def on_epoch_end(self, mean_losses: dict[str, float]) -> None:
         """Called once per training epoch with the epoch's mean (unweighted) task losses."""
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (GradNorm renormalizes its weights)."""
 
 
 class FixedWeighting(LossWeighting):
@@ -49,7 +60,7 @@ class UncertaintyWeighting(LossWeighting):
         self.task_types = dict(task_types)
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))  # (T,) s_t = log sigma_t^2, learnt
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
         total = 0.0
         for i, t in enumerate(self.tasks):
             s = self.log_vars[i]
@@ -75,7 +86,7 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("history", torch.full((2, len(self.tasks)), float("nan")))  # (2, T): e-2, e-1
         self.register_buffer("current", torch.ones(len(self.tasks)))  # (T,)
 
-    def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
         # current is a device buffer: indexing it keeps the step free of host syncs (float() would sync on GPU)
         return sum(self.static[t] * self.current[i] * losses[t] for i, t in enumerate(self.tasks))
 
@@ -93,9 +104,61 @@ class DynamicWeightAverage(LossWeighting):
         self.current.copy_(len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0))
 
 
+class GradNorm(LossWeighting):
+    def __init__(self, tasks: list[str], task_weights: dict[str, float] | None = None, alpha: float = 1.5):
+        super().__init__(tasks, task_weights)
+        if not alpha >= 0:
+            raise ValueError(f"gradnorm alpha must be >= 0, got {alpha}")
+        self.alpha = alpha
+        self.task_weights = nn.Parameter(torch.ones(len(self.tasks)))  # (T,) w_t, learnt; sum kept at T
+        self.register_buffer("static_weights", torch.tensor([self.static[t] for t in self.tasks]), persistent=False)
+        # L_t(0), set at the first training step; a buffer, so a resumed run keeps its reference losses
+        self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # (T,)
+        self.last_gradnorm_loss: torch.Tensor | None = None  # sum_t |G_t - target_t| of the last step (logged)
+
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
+        if shared_layer is None or not (layer := [p for p in shared_layer() if p.requires_grad]):
+            raise ValueError("gradnorm needs the model's last shared layer (MultiTaskModel.last_shared_layer()); "
+                             "this model has none with gradients: use another weighting")
+        static = self.static_weights  # (T,)
+        raw = torch.stack([losses[t] for t in self.tasks]).float()  # (T,) unweighted task losses
+        # ||grad_W (static_t L_t)|| per task; G_t = w_t * that (w_t is a scalar factor of the task's loss)
+        norms = torch.stack([self._grad_norm(losses[t], layer) for t in self.tasks]) * static  # (T,)
+        with torch.no_grad():
+            if torch.isnan(self.initial_losses).any():
+                self.initial_losses.copy_(raw.detach().clamp_min(1e-12))
+            ratio = raw.detach() / self.initial_losses  # (T,) L_t / L_t(0)
+            rate = ratio / ratio.mean()  # (T,) relative inverse training rate r_t
+            target = (self.task_weights * norms).mean() * rate ** self.alpha  # (T,) held constant
+        gradnorm_loss = (self.task_weights * norms - target).abs().sum()  # trains w only (norms, target constant)
+        self.last_gradnorm_loss = gradnorm_loss.detach()
+        weighted = (static * self.task_weights.detach() * raw).sum()  # trains the network, w constant
+        # the value is the weighted task loss (what train/task_loss reports); the gradient also carries w's
+        return weighted + (gradnorm_loss - gradnorm_loss.detach())
+
+    @staticmethod
+    def _grad_norm(loss: torch.Tensor, layer: list[nn.Parameter]) -> torch.Tensor:
+        """||grad_W loss||, detached: a constant of the gradient-norm loss (no second-order terms)."""
+        if not loss.requires_grad:  # a task that does not reach W this step (e.g. no rows)
+            return loss.new_zeros((), dtype=torch.float32)
+        grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)
+        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
+        return torch.stack(squares).sum().sqrt() if squares else loss.new_zeros((), dtype=torch.float32)
+
+    def weights(self) -> dict[str, float]:
+        w = self.task_weights.detach().float().cpu()
+        return {t: self.static[t] * float(w[i]) for i, t in enumerate(self.tasks)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        # w > 0 and sum_t w_t = T, as in the paper (renormalized after each update)
+        w = self.task_weights.clamp_min(1e-6)
+        self.task_weights.copy_(w * (len(self.tasks) / w.sum()))
+
+
 def make_weighting(
     name: str, tasks: list[str], task_types: dict[str, str], task_weights: dict[str, float] | None = None,
-    dwa_temperature: float = 2.0,
+    dwa_temperature: float = 2.0, gradnorm_alpha: float = 1.5,
 ) -> LossWeighting:
     if name == "fixed":
         return FixedWeighting(tasks, task_weights)
@@ -103,4 +166,6 @@ def make_weighting(
         return UncertaintyWeighting(tasks, task_types, task_weights)
     if name == "dwa":
         return DynamicWeightAverage(tasks, task_weights, dwa_temperature)
+    if name == "gradnorm":
+        return GradNorm(tasks, task_weights, gradnorm_alpha)
     raise ValueError(f"unknown loss weighting {name!r}; choose one of {WEIGHTINGS}")

@@ -144,6 +144,35 @@ def test_null_single_valued_id_is_an_error():
         BatchCollator(spec)(rb)
 
 
+@pytest.mark.parametrize("values,id_type", [([1.9, 2.5], pa.float64()), (["3", "4"], pa.string())])
+def test_non_integer_ids_are_refused_not_truncated_or_parsed(values, id_type):
+    spec = FeatureSpec(sparse_features=[SparseFeature("user", 5), SparseFeature("tags", 5, multi_valued=True)],
+                       dense_features=[], tasks=[Task("click")])
+    ok_tags = pa.array([[1], []], pa.list_(pa.int64()))
+    rb = pa.RecordBatch.from_pydict({"user": pa.array(values, id_type), "tags": ok_tags,
+                                     "label_click": pa.array([0.0, 1.0])})
+    with pytest.raises(TypeError, match=f"'user' must hold integer ids, found {id_type}"):
+        BatchCollator(spec)(rb)
+    rb = pa.RecordBatch.from_pydict({"user": pa.array([1, 2]), "tags": pa.array([values, []], pa.list_(id_type)),
+                                     "label_click": pa.array([0.0, 1.0])})
+    with pytest.raises(TypeError, match=f"'tags' must hold integer ids, found {id_type}"):
+        BatchCollator(spec)(rb)
+
+
+@pytest.mark.parametrize("column,value,shown", [
+    ("label_click", float("nan"), "nan"), ("label_click", None, "None"), ("label_click", float("-inf"), "-inf"),
+    (WEIGHT_COLUMN, -0.5, "-0.5"), (WEIGHT_COLUMN, None, "None"),
+])
+def test_a_non_finite_label_or_negative_weight_is_an_error(column, value, shown):
+    spec = FeatureSpec(sparse_features=[SparseFeature("user", 5)], dense_features=[], tasks=[Task("click")],
+                       has_weight=True)
+    cols = {"user": pa.array([1, 2, 3]), "label_click": [0.0, 1.0, 0.0], WEIGHT_COLUMN: [1.0, 1.0, 2.0]}
+    cols[column] = pa.array(cols[column][:2] + [value], pa.float32())
+    rb = pa.RecordBatch.from_pydict(cols)
+    with pytest.raises(ValueError, match=f"'{column}' is {shown} at row 2 of the batch"):
+        BatchCollator(spec)(rb)
+
+
 def test_batch_pickles_and_embedding_bag_collection_pools_it(feature_dir):
     spec = FeatureSpec.load(feature_dir)
     rb = _record_batch(feature_dir).slice(0, 64)

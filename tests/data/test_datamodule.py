@@ -67,9 +67,9 @@ def test_plan_covers_each_row_once_with_equal_non_empty_batch_counts():
             plans = [worker_plan(n, batch, rank, world, w, workers) for w in range(workers)]
             counts.add(sum(len(p.batch_sizes) for p in plans))
             for p in plans:
-                assert sum(p.batch_sizes) == p.row_stop - p.row_start
+                assert len(p.ranges) == 1 and sum(p.batch_sizes) == p.ranges[0][1] - p.ranges[0][0]
                 assert all(s > 0 for s in p.batch_sizes) and all(s <= batch for s in p.batch_sizes)
-                ranges.append((p.row_start, p.row_stop))
+                ranges += p.ranges
         assert len(counts) == 1, (n, world, batch, workers)
         covered = np.zeros(n, dtype=int)
         for a, b in ranges:
@@ -145,8 +145,9 @@ def test_state_dict_round_trip_replays_the_same_epoch(feature_dir):
     dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=3)
     dm.set_epoch(2)
     state = dm.state_dict()
-    assert state == {"epoch": 2, "seed": 3, "batches_done": 0,
-                     "plan": {"world_size": 1, "batch_size": 64, "num_workers": 0}}
+    assert {k: v for k, v in state.items() if k != "plan"} == {"epoch": 2, "seed": 3, "batches_done": 0}
+    assert {k: state["plan"][k] for k in ("world_size", "batch_size", "num_workers", "seed", "train_rows")} == {
+        "world_size": 1, "batch_size": 64, "num_workers": 0, "seed": 3, "train_rows": 2000}
     resumed = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
     resumed.load_state_dict(state)
     a = [b.dense for b in dm.train_dataloader()]
@@ -294,7 +295,8 @@ def test_seeds_do_not_share_epoch_orders():
 
 def test_a_mid_epoch_state_resumes_only_under_the_same_batch_plan(feature_dir):
     saved = FeatureDataModule(str(feature_dir), batch_size=64, seed=3).state_dict()
-    assert saved["plan"] == {"world_size": 1, "batch_size": 64, "num_workers": 0}
+    assert {k: saved["plan"][k] for k in ("world_size", "batch_size", "num_workers")} == {
+        "world_size": 1, "batch_size": 64, "num_workers": 0}
     mid_epoch = {**saved, "epoch": 1, "batches_done": 5, "plan": {**saved["plan"], "world_size": 2}}
     # two processes had done 5 batches each; one process skipping 5 of its batches would retrain rows
     with pytest.raises(ValueError, match=r"world_size 2 -> 1"):
@@ -310,3 +312,25 @@ def test_a_mid_epoch_state_resumes_only_under_the_same_batch_plan(feature_dir):
     old = FeatureDataModule(str(feature_dir), batch_size=64)  # checkpoints from before the plan was saved
     old.load_state_dict({k: v for k, v in mid_epoch.items() if k != "plan"})
     assert old._batches_to_skip(1) == 5
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"shuffle_buffer": 200}, "shuffle_buffer 100 -> 200"), ({"chunk_rows": 50}, "chunk_rows 65536 -> 50"),
+    ({"drop_last": True}, "drop_last False -> True"), ({"data": (1002, 97)}, "train_rows 1001 -> 1002"),
+    ({"data": (1001, 50)}, "train_row_groups [0-9a-f]+ -> [0-9a-f]+"),  # same rows in other row groups
+])
+def test_a_mid_epoch_resume_refuses_any_change_to_the_batch_order(make_feature_dir, change, named):
+    # each of these changes which rows a rank's first n batches hold: skipping n would retrain or skip rows
+    d = make_feature_dir("plan", rows={"train": 1001}, files_per_split={"train": 3}, row_group_size=97)
+    kw = dict(batch_size=32, num_workers=0, seed=4, shuffle_buffer=100, chunk_rows=65536, drop_last=False)
+    mid_epoch = {**FeatureDataModule(str(d), **kw).state_dict(), "epoch": 2, "batches_done": 10}
+    data = d
+    if "data" in change:
+        rows, group = change["data"]
+        data = make_feature_dir("plan_other", rows={"train": rows}, files_per_split={"train": 3}, row_group_size=group)
+    with pytest.raises(ValueError, match=f"middle of epoch 2.*same batch plan.*{named}"):
+        FeatureDataModule(str(data), **{**kw, **{k: v for k, v in change.items() if k != "data"}}).load_state_dict(
+            mid_epoch)
+    same = FeatureDataModule(str(d), **kw)
+    same.load_state_dict(mid_epoch)
+    assert same._batches_to_skip(2) == 10

@@ -263,6 +263,22 @@ def test_shared_parameters_are_the_embeddings_and_the_shared_body(cls):
     assert {id(p) for p in model.shared_parameters()} == want
 
 
+@pytest.mark.parametrize("cls,kwargs,gates", MODELS)
+def test_the_last_shared_layer_is_shared_and_reached_by_every_task(cls, kwargs, gates):
+    """GradNorm balances the tasks' gradient norms there: each task's loss must reach it."""
+    torch.manual_seed(0)
+    model = cls(spec(), **kwargs)
+    layer = model.last_shared_layer()
+    assert layer and {id(p) for p in layer} <= {id(p) for p in model.shared_parameters()}
+    for t in TASKS:
+        grads = torch.autograd.grad(model(batch()).logits[t].sum(), layer)
+        assert all(g.abs().sum() > 0 for g in grads), t
+
+
+def test_ple_without_shared_experts_has_no_last_shared_layer():
+    assert PLE(spec(), num_levels=2, num_task_experts=1, num_shared_experts=0).last_shared_layer() == []
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Construction
 

@@ -391,3 +391,12 @@ def test_loss_free_bias_update_counts_every_micro_batch_since_the_last_step():
     before = {t: model.gates[t].balancer.bias.clone() for t in TASKS}
     model.after_optimizer_step(outs[-1])  # counted loads were taken: a step without forwards moves nothing
     assert all(torch.equal(model.gates[t].balancer.bias, before[t]) for t in TASKS)
+
+
+def test_the_last_shared_layer_is_the_experts_last_layer_and_every_task_reaches_it():
+    model = SparseMMoE(spec(), num_experts=4, k=2, num_shared_experts=1, expert_hidden=[16, 8], noise=False)
+    layer = model.last_shared_layer()
+    assert [p.shape for p in layer] == [(4, 16, 8), (1, 16, 8)]
+    for t in TASKS:
+        grads = torch.autograd.grad(model(batch()).logits[t].sum(), layer)
+        assert all(g.abs().sum() > 0 for g in grads), t

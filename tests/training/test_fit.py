@@ -129,7 +129,8 @@ def test_a_resumed_fit_continues_the_random_stream_of_noisy_routing_and_dropout(
 # rows seen in it). Steps 21 and 42 are an epoch's last batch, before its end: Lightning resumes in the next
 # epoch without the skipped epoch's end, which the module makes up for (and says so).
 @pytest.mark.parametrize("weighting, stop_at",
-                         [("dwa", 30), ("dwa", 50), ("uncertainty", 50), ("dwa", 21), ("dwa", 42)])
+                         [("dwa", 30), ("dwa", 50), ("uncertainty", 50), ("dwa", 21), ("dwa", 42),
+                          ("gradnorm", 30)])
 def test_mid_epoch_resume_keeps_the_epochs_totals_for_loss_weighting_and_rows_seen(feature_dir, tmp_path,
                                                                                    weighting, stop_at):
     straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, weighting=weighting)
@@ -142,8 +143,8 @@ def test_mid_epoch_resume_keeps_the_epochs_totals_for_loss_weighting_and_rows_se
     said = any("last batch of epoch" in str(w.message) for w in caught)
     assert said == (stop_at % 21 == 0)
     assert resumed.weighting.weights() == straight.weighting.weights()
-    if weighting == "dwa":
-        assert straight.weighting.weights()["click"] != 1.0  # the third epoch was reweighted
+    if weighting in ("dwa", "gradnorm"):
+        assert straight.weighting.weights()["click"] != 1.0  # reweighted (dwa: the third epoch; gradnorm: each step)
     a, b = straight.state_dict(), resumed.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -183,6 +184,39 @@ def test_sparse_model_sample_weights_uncertainty_and_loss_free_bias(make_feature
     assert "train/aux/importance" not in m and "train/aux/load" not in m  # loss-free: the bias alone balances
     assert m["experts/epoch/click/bias_abs_mean"] > 0  # after_optimizer_step moved the loss-free bias
     assert not torch.equal(module.weighting.log_vars.detach(), torch.zeros(2))  # learnt log-variances
+
+
+def test_gradnorm_fit_logs_its_weights_and_loss_and_keeps_them_summing_to_the_task_count(feature_dir, in_tmp):
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    module = module_for(dm, SPARSE, weighting="gradnorm", gradnorm_alpha=1.0)
+    trainer = L.Trainer(max_epochs=1, log_every_n_steps=2, logger=MLflowTracker(), enable_checkpointing=False,
+                        **FAST)
+    trainer.fit(module, dm)
+    m = mlflow_run(in_tmp / "mlflow.db")[0].data.metrics
+    assert {"train/gradnorm_loss", "train/click/weight", "train/convert/weight"} <= set(m)
+    w = module.weighting.task_weights.detach()
+    assert w.sum().item() == pytest.approx(2.0) and not torch.equal(w, torch.ones(2))
+    assert not torch.isnan(module.weighting.initial_losses).any()
+
+
+def test_gradnorm_is_refused_for_a_model_without_a_shared_layer(feature_dir):
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    ple = {"class_path": "mmoe_rec.models.ple.PLE",
+           "init_args": {"num_levels": 1, "num_task_experts": 1, "num_shared_experts": 0}}
+    with pytest.raises(ValueError, match="needs a shared layer"):
+        module_for(dm, ple, weighting="gradnorm")
+
+
+def test_gradnorm_is_refused_under_the_sharded_embedding_strategy(feature_dir, tmp_path):
+    from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
+
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    module = module_for(dm, weighting="gradnorm")
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        strategy=ShardedEmbeddingStrategy(), **FAST)
+    with pytest.raises(ValueError, match="gradnorm.*sharded-embedding"):
+        trainer.fit(module, dm)
 
 
 class MicroBatchLoads(L.Callback):

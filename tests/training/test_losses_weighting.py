@@ -6,7 +6,7 @@ import torch
 
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
 from mmoe_rec.training.losses import task_losses, weighted_mean
-from mmoe_rec.training.weighting import DynamicWeightAverage, UncertaintyWeighting, make_weighting
+from mmoe_rec.training.weighting import DynamicWeightAverage, GradNorm, UncertaintyWeighting, make_weighting
 
 
 def spec():
@@ -96,6 +96,64 @@ def _weighted_ddp_rows() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.arange(24, dtype=torch.float32).view(8, 3) / 10
     w = torch.tensor([5.0] * 4 + [0.1] * 4)
     return x, w
+
+
+def _gradnorm_case(seed=0):
+    """A shared layer W (3, 4) and two task losses of different gradient scale on it."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(3, 4, generator=g))
+    x1, x2 = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+
+    def losses(scale=1.0):
+        return {"click": ((x1 @ W) ** 2).mean() * scale, "watch": 10.0 * ((x2 @ W) ** 2).mean()}
+    return W, losses
+
+
+def test_gradnorm_loss_value_and_gradients_match_the_paper_by_hand():
+    W, losses = _gradnorm_case()
+    gn = GradNorm(["click", "watch"], {"watch": 0.5}, alpha=1.5)
+    with torch.no_grad():
+        gn.task_weights.copy_(torch.tensor([1.2, 0.8]))
+    gn(losses(), lambda: [W])  # the first step sets L(0)
+    gn.task_weights.grad = None
+    W.grad = None
+    now = losses(scale=0.5)  # click's loss halved since L(0): it trains faster, r_click < 1
+    out = gn(now, lambda: [W])
+    out.backward()
+    w, static = torch.tensor([1.2, 0.8]), torch.tensor([1.0, 0.5])
+    L = torch.stack([now["click"], now["watch"]]).detach()
+    L0 = torch.stack([v for v in losses().values()]).detach()
+    norms = torch.stack([torch.autograd.grad(static[i] * v, W, retain_graph=True)[0].norm()
+                         for i, v in enumerate(losses(scale=0.5).values())])
+    G = w * norms
+    ratio = (L / L0)
+    target = G.mean() * (ratio / ratio.mean()) ** 1.5
+    assert out.item() == pytest.approx(float((static * w * L).sum()), rel=1e-6)  # value: the weighted task loss
+    torch.testing.assert_close(gn.task_weights.grad, torch.sign(G - target) * norms)  # d/dw sum |G - target|
+    ref_W = torch.autograd.grad((static * w * torch.stack(list(losses(scale=0.5).values()))).sum(), W)[0]
+    torch.testing.assert_close(W.grad, ref_W)  # the network trains on sum w L with w held constant
+    assert gn.last_gradnorm_loss.item() == pytest.approx(float((G - target).abs().sum()), rel=1e-6)
+
+
+def test_gradnorm_renormalizes_and_lowers_the_weight_of_the_task_with_the_larger_gradient():
+    W, losses = _gradnorm_case(1)
+    gn = GradNorm(["click", "watch"], alpha=0.0)  # alpha 0: equal gradient norms are the target
+    opt = torch.optim.Adam(gn.parameters(), lr=0.05)
+    for _ in range(30):
+        opt.zero_grad()
+        gn(losses(), lambda: [W]).backward()
+        opt.step()
+        gn.after_optimizer_step()
+        assert gn.task_weights.sum().item() == pytest.approx(2.0) and (gn.task_weights > 0).all()
+    weights = gn.weights()
+    assert weights["watch"] < 0.5 < 1.5 < weights["click"]  # watch's loss is 10x: its gradient norm is larger
+
+
+def test_gradnorm_is_refused_without_a_shared_layer_and_checks_alpha():
+    with pytest.raises(ValueError, match="last shared layer"):
+        GradNorm(["click", "watch"])({"click": torch.tensor(1.0), "watch": torch.tensor(1.0)}, lambda: [])
+    with pytest.raises(ValueError, match="alpha"):
+        make_weighting("gradnorm", ["click", "watch"], {}, gradnorm_alpha=-1.0)
 
 
 def test_under_ddp_sample_weights_give_the_global_weighted_mean_not_a_mean_of_ranks(tmp_path):
