@@ -36,7 +36,7 @@ same for a block of code):
   to reach the oneDNN path anywhere).
 - `blas`: always PyTorch's own `mm` / `addmm`.
 Anything else (other dtypes or layouts, CUDA, empty products) goes to PyTorch's own ops. Outputs are new
-contiguous tensors. No autograd: callers are hand-written backward passes (`relu_experts`) or no-grad code.
+contiguous tensors (except `bmm_transposed_a`'s on the oneDNN path: a transposed view). No autograd: callers are hand-written backward passes (`relu_experts`) or no-grad code.
 """
 from __future__ import annotations
 

@@ -103,6 +103,8 @@ class EmbeddingFront(nn.Module):
         self.register_buffer("_row_offsets", torch.tensor([0] + sizes[:-1], dtype=torch.int64).cumsum(0),
                              persistent=False)
         self.register_buffer("_table_sizes", torch.tensor(sizes, dtype=torch.int64), persistent=False)  # (F,)
+        # an empty float buffer: follows module.to(dtype), so a front without tables knows the model's dtype
+        self.register_buffer("_dtype_probe", torch.empty(0), persistent=False)
         if self.fused:
             self.ebc = self._fused_collection(tables)
         self._output_dim = sum(self.dims.values()) + self.dense_dim
@@ -152,6 +154,9 @@ class EmbeddingFront(nn.Module):
                 table = self.ebc.embedding_bags[FUSED_TABLE].weight  # (sum V, d)
                 return gather_rows(table, ids.reshape(-1)).view(rows, -1)  # (B, F*d)
             kjt = self._to_fused_rows(kjt)
+        elif type(self.ebc) is not EmbeddingBagCollection:
+            # sharded by DMP: fbgemm's kernels would read row 0 for an id outside its table and go on
+            self._check_bag_ids(kjt)
         kt = self.ebc(kjt)
         if list(kt.keys()) == self.sparse_names:
             return kt.values()
@@ -160,7 +165,8 @@ class EmbeddingFront(nn.Module):
 
     def _check_ids(self, values: torch.Tensor) -> None:
         """(F, B) ids of single-valued features: each within its own table. In the fused table an id past its
-        feature's table would silently read the next feature's rows (the per-table layout raises)."""
+        feature's table would silently read the next feature's rows (the per-table layout raises; sharded, it is
+        checked by `_check_bag_ids`)."""
         # one fused pass and one host sync (~0.07 ms a step for census' (44, 1024) in a training loop; the
         # reductions per feature cost twice that); which feature and row only once something is out of range
         if bool(((values >= 0) & (values < self._table_sizes[:, None])).all()):
@@ -173,16 +179,15 @@ class EmbeddingFront(nn.Module):
                          f"outside its table of {size} rows (ids 0..{size - 1}); was the data encoded with this "
                          "model's feature spec?")
 
-    def _to_fused_rows(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """The same bags with each feature's ids shifted to its rows of the fused table (the torchrec path)."""
+    def _check_bag_ids(self, kjt: KeyedJaggedTensor) -> tuple[list[int], torch.Tensor]:
+        """Every id of every bag within its feature's table; returns each key's position in spec order and (keys,)
+        its number of ids. An unknown key or an id outside its table is an error naming the feature."""
         index = {n: i for i, n in enumerate(self.sparse_names)}
         unknown = [k for k in kjt.keys() if k not in index]
         if unknown:
             raise KeyError(f"sparse features {unknown} are not in the spec {self.sparse_names}")
         key_index = [index[k] for k in kjt.keys()]
-        key_offsets = self._row_offsets[key_index]  # (keys,)
-        counts = torch.tensor(kjt.length_per_key(), dtype=torch.int64, device=key_offsets.device)
-        shift = torch.repeat_interleave(key_offsets, counts)  # (values,)
+        counts = torch.tensor(kjt.length_per_key(), dtype=torch.int64, device=self._table_sizes.device)
         limit = torch.repeat_interleave(self._table_sizes[key_index], counts)  # (values,) each id's table size
         bad = (kjt.values() < 0) | (kjt.values() >= limit)
         if bool(bad.any()):
@@ -190,6 +195,12 @@ class EmbeddingFront(nn.Module):
             key = int(torch.searchsorted(counts.cumsum(0), at, right=True))
             raise IndexError(f"sparse feature {kjt.keys()[key]!r}: id {int(kjt.values()[at])} is outside its table "
                              f"of {int(limit[at])} rows; was the data encoded with this model's feature spec?")
+        return key_index, counts
+
+    def _to_fused_rows(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """The same bags with each feature's ids shifted to its rows of the fused table (the torchrec path)."""
+        key_index, counts = self._check_bag_ids(kjt)
+        shift = torch.repeat_interleave(self._row_offsets[key_index], counts)  # (values,)
         return KeyedJaggedTensor(keys=kjt.keys(), values=kjt.values() + shift, lengths=kjt.lengths(),
                                  stride=kjt.stride())
 
@@ -202,8 +213,8 @@ class EmbeddingFront(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        if self.ebc is None:
-            return batch.dense.float()  # (B, D_dense)
+        if self.ebc is None:  # dense features only: in the model's dtype (a bf16-true model gets bf16 inputs)
+            return batch.dense.to(self._dtype_probe.dtype)  # (B, D_dense)
         pooled = self.pooled(batch)  # (B, D_emb)
         if self.dense_dim == 0:
             return pooled

@@ -265,6 +265,9 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         """The configured optimizers as usual, then each rank's shards of the fused embedding optimizer state."""
         fused = self._fused_optimizer()
         current = fused.state_dict()["state"] if fused is not None else {}
+        # tables whose optimizer keeps state: a stateless one (exact_sgd) lists its tables with no state at all,
+        # and its checkpoint holds nothing for them
+        current = {key: per for key, per in current.items() if per}
         if current and SHARDED_OPTIMIZER_KEY not in checkpoint:
             raise RuntimeError(
                 "this checkpoint holds no sharded-embedding optimizer state (it was not written under "

@@ -229,3 +229,8 @@ def test_a_bfloat16_front_gives_bfloat16_inputs():
     front = EmbeddingFront(single_valued_spec(), embedding_dim=4).to(torch.bfloat16)
     out = front(single_valued_batch())
     assert out.dtype == torch.bfloat16 and out.shape == (3, 2 * 4 + 1)
+    # without sparse features there are no tables to take the dtype from: still the model's dtype
+    dense_only = EmbeddingFront(FeatureSpec([], ["x0", "x1"], [Task("y")]))
+    b = Batch(sparse=KeyedJaggedTensor.empty(), dense=torch.randn(5, 2).to(torch.bfloat16), labels={})
+    assert dense_only.to(torch.bfloat16)(b).dtype == torch.bfloat16
+    assert dense_only.float()(b).dtype == torch.float32

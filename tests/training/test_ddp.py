@@ -247,3 +247,62 @@ def test_sharding_on_a_device_without_fbgemm_kernels_is_refused_with_the_install
         pytest.skip("this fbgemm has CUDA kernels")
     with pytest.raises(RuntimeError, match="no CUDA kernels.*install fbgemm-gpu"):
         require_fbgemm_kernels("cuda")
+
+
+def test_a_sharded_per_table_front_refuses_an_id_outside_its_table(tmp_path):
+    """Sharded, the tables are looked up by fbgemm's kernels, which read row 0 for an id outside its table (a log
+    line, no error): the front checks the ids itself, as the unsharded lookups do. One gloo process suffices."""
+    import torch.distributed as dist
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from mmoe_rec.data.batch import Batch
+    from mmoe_rec.features.spec import SparseFeature, Task
+    from mmoe_rec.nn.embedding import EmbeddingFront
+    from mmoe_rec.training.sharding import shard_module
+
+    spec = FeatureSpec([SparseFeature("user", 5), SparseFeature("tags", 4, multi_valued=True)], ["d"],
+                       [Task("y")]).finalize()
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        front = EmbeddingFront(spec, embedding_dim=4)
+        assert not front.fused  # a multi-valued feature: one table per feature
+        sharded = shard_module(front, "table_wise", torch.device("cpu"))
+
+        def batch(user_ids):
+            values = torch.tensor([*user_ids, 1, 2, 3])  # user: one id per row; tags: [1, 2], [3]
+            sparse = KeyedJaggedTensor.from_lengths_sync(keys=["user", "tags"], values=values,
+                                                         lengths=torch.tensor([1, 1, 2, 1]))
+            return Batch(sparse=sparse, dense=torch.ones(2, 1), labels={})
+
+        assert sharded(batch([4, 0])).shape == (2, 4 + 4 + 1)
+        with pytest.raises(IndexError, match="'user': id 5 is outside its table of 5 rows"):
+            sharded(batch([5, 0]))
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir, tmp_path):
+    """exact_sgd keeps no state: its checkpoint holds none, and a resume must not ask for it (one gloo process)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(root, epochs, ckpt_path=None):
+        L.seed_everything(0)
+        dm = FeatureDataModule(str(feature_dir), batch_size=200, seed=0)
+        module = MultiTaskModule(model=MMOE, feature_spec=dm.spec)
+        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            strategy=ShardedEmbeddingStrategy(embedding_optimizer="exact_sgd"),
+                            callbacks=[ModelCheckpoint(dirpath=root, save_last=True)], default_root_dir=root)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return torch.load(root / "last.ckpt", map_location="cpu", weights_only=False)
+
+    straight = fit(tmp_path / "straight", 2)
+    first = fit(tmp_path / "first", 1)
+    assert not first[SHARDED_OPTIMIZER_KEY]  # nothing to keep
+    resumed = fit(tmp_path / "resumed", 2, ckpt_path=tmp_path / "first" / "last.ckpt")
+    assert resumed["global_step"] == straight["global_step"]
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
