@@ -276,7 +276,7 @@ def measured(fn: Callable[..., Row], *args) -> Row:
     with OtherLoad() as load:
         row = fn(*args)
     row.others = load.share
-    print(f"  measured {row.arch:5} {row.library:13} {row.path:46} {row.rows_per_s:9,.0f} rows/s "
+    print(f"  measured {row.arch:5} {row.library:13} {row.path:50} {row.rows_per_s:9,.0f} rows/s "
           f"(others {row.others * 100:.0f} %)", flush=True)
     return row
 
@@ -326,7 +326,7 @@ def interleaved_epochs(contenders: list[Contender], epochs: int, between: Callab
                 after = c.paired_reference()
                 c.paired.append((c.rows / sec, before, after))
                 paired = f"; reference just before / after {before / 1e9:.1f} / {after / 1e9:.1f} GFLOP/s"
-            print(f"  epoch {r + 1}/{epochs} {c.arch:5} {c.library:13} {c.path:46} {c.rows / sec:9,.0f} rows/s "
+            print(f"  epoch {r + 1}/{epochs} {c.arch:5} {c.library:13} {c.path:50} {c.rows / sec:9,.0f} rows/s "
                   f"(others {load.share * 100:.0f} %){paired}", flush=True)
         if between is not None:
             between()
@@ -377,8 +377,22 @@ def ours_datamodule(data_dir: Path, arch: Arch):
     return FeatureDataModule(str(data_dir), batch_size=arch.batch_size, num_workers=0, seed=0)
 
 
-def lightning_fit(module, dm, limit_batches: int | None = None) -> float:
-    """Seconds for ``Trainer.fit`` of one epoch: no validation, no logger, no checkpoint, no progress bar."""
+class Replay:
+    """An epoch's batches collated in advance, replayed as a training loader (a sized iterable Lightning takes)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def lightning_fit(module, dm, limit_batches: int | None = None, batches: Replay | None = None) -> float:
+    """Seconds for ``Trainer.fit`` of one epoch: no validation, no logger, no checkpoint, no progress bar; over
+    ``batches`` (collated in advance) instead of the data module's loader when given."""
     import lightning as L
 
     trainer = L.Trainer(
@@ -387,7 +401,10 @@ def lightning_fit(module, dm, limit_batches: int | None = None) -> float:
         limit_train_batches=limit_batches if limit_batches else 1.0,
     )
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    if batches is not None:
+        trainer.fit(module, train_dataloaders=batches)
+    else:
+        trainer.fit(module, datamodule=dm)
     return time.perf_counter() - t0
 
 
@@ -414,10 +431,16 @@ def plain_epoch(model, optimizer, loader, spec: FeatureSpec, limit_batches: int 
 
 
 def ours_lightning_contender(arch: Arch, spec: FeatureSpec, data_dir: Path, rows: int,
-                             warm_batches: int) -> Contender:
+                             warm_batches: int, steps_only: bool = False) -> Contender:
+    """steps_only: Trainer.fit over the epoch's batches collated once in advance, the counterpart of
+    torch-rechub's train_one_epoch over its collated batches (each library's own training loop, no loader)."""
     torch.manual_seed(0)
     module = ours_module(spec, arch)
     lightning_fit(module, ours_datamodule(data_dir, arch), warm_batches)
+    if steps_only:
+        batches = Replay(list(ours_datamodule(data_dir, arch).train_dataloader()))
+        return Contender(arch.name, "mmoe-rec", "Lightning Trainer.fit, batches collated in advance", rows,
+                         lambda: lightning_fit(module, None, batches=batches))
     return Contender(arch.name, "mmoe-rec", "Lightning Trainer.fit (MultiTaskModule)", rows,
                      lambda: lightning_fit(module, ours_datamodule(data_dir, arch)))
 
@@ -534,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
                 contenders[-1].paired_reference = retime_paired
             contenders.append(ours_plain_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches))
             if not args.no_steps_only:
+                contenders.append(ours_lightning_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches,
+                                                           steps_only=True))
                 contenders.append(ours_plain_contender(arch, spec, data_dir, data.num_rows, args.warmup_batches,
                                                        steps_only=True))
         if "deepctr" in libs:
@@ -565,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  mmoe-rec (Lightning) / torch-rechub  = {ratio(ours.rows_per_s, rechub.rows_per_s)}{tgt}; "
                   f"{round_ratios(timed, 'mmoe-rec', 'torch-rechub')}")
         if "mmoe-rec/steps" in by and "torch-rechub/steps" in by:
-            print(f"  training steps only (batches collated in advance): mmoe-rec / torch-rechub = "
+            print(f"  training steps only (batches collated in advance, each library's own loop: Lightning Trainer.fit "
+                  f"/ train_one_epoch): mmoe-rec / torch-rechub = "
                   f"{ratio(by['mmoe-rec/steps'].rows_per_s, by['torch-rechub/steps'].rows_per_s)}; "
                   f"{round_ratios(timed, 'mmoe-rec/steps', 'torch-rechub/steps')}")
         if ours and deepctr:
@@ -611,9 +637,10 @@ def ratio(a: float, b: float) -> str:
 
 
 def contender_key(c) -> str:
-    """library, library/plain (bare torch loop) or library/steps (over batches collated in advance)."""
+    """library, library/plain (bare torch loop), library/steps (the library's own loop over batches collated in
+    advance) or library/steps-plain (a bare torch loop over them)."""
     if "collated in advance" in c.path:
-        return f"{c.library}/steps"
+        return f"{c.library}/steps" + ("-plain" if c.path.startswith("plain") else "")
     return c.library + ("/plain" if c.path.startswith("plain") else "")
 
 
@@ -629,10 +656,10 @@ def round_ratios(timed: dict[str, Contender], a: str, b: str) -> str:
 
 def _print_table(rows: list[Row]) -> None:
     print()
-    print(f"| {'model':5} | {'library':13} | {'path':46} | {'rows/s':>9} | {'seconds':>7} | {'others':>6} |")
-    print(f"|{'-' * 7}|{'-' * 15}|{'-' * 48}|{'-' * 11}|{'-' * 9}|{'-' * 8}|")
+    print(f"| {'model':5} | {'library':13} | {'path':50} | {'rows/s':>9} | {'seconds':>7} | {'others':>6} |")
+    print(f"|{'-' * 7}|{'-' * 15}|{'-' * 52}|{'-' * 11}|{'-' * 9}|{'-' * 8}|")
     for r in rows:
-        print(f"| {r.arch:5} | {r.library:13} | {r.path:46} | {r.rows_per_s:9,.0f} | {r.seconds:7.2f} "
+        print(f"| {r.arch:5} | {r.library:13} | {r.path:50} | {r.rows_per_s:9,.0f} | {r.seconds:7.2f} "
               f"| {r.others * 100:5.0f}% |")
     print("others: CPU share other processes took during that measurement; above a few % the row is too low.")
 

@@ -470,16 +470,22 @@ class StackedExperts(nn.Module):
 
     def forward_loop(self, x: torch.Tensor, experts: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor,
                      out_rows: torch.Tensor | None = None, num_out: int | None = None) -> torch.Tensor:
-        """Naive reference over the same N assignments: per expert mask -> index -> matmuls -> index_add."""
+        """Naive reference over the same N assignments: per expert mask -> index -> matmuls -> index_add.
+
+        Each expert's weights are taken by one `unbind` per layer, as a loop over per-expert modules would hold
+        them: indexing the stacked tensor per expert (`w[e]`) would make the backward write a full-size zero
+        gradient per expert and layer (4 GB a step in benchmarks/moe_layer.py's case 1), a handicap no naive
+        implementation with per-expert weights has."""
         out_rows = rows if out_rows is None else out_rows
         out = x.new_zeros(x.shape[0] if num_out is None else num_out, self.out_dim)
+        per_expert = [(w.unbind(0), b.unbind(0)) for w, b in zip(self.weights, self.biases)]  # layer -> E views
         for e in range(self.num_experts):
             sel = (experts == e).nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
             h = x.index_select(0, rows.index_select(0, sel))
-            for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
-                h = self._act(h @ w[e] + b[e], layer, e)
+            for layer, (ws, bs) in enumerate(per_expert):
+                h = self._act(h @ ws[e] + bs[e], layer, e)
             w = weights.index_select(0, sel).unsqueeze(1).to(x.dtype)
             out.index_add_(0, out_rows.index_select(0, sel), h * w)  # in place: autograd records it
         return out
