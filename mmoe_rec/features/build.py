@@ -13,6 +13,8 @@ files or on where the input directory lies. The relative path is the path below 
 below the last directory without wildcards for a glob (``raw/*/part-0.parquet`` -> ``day=1/part-0.parquet``),
 and empty for an input that names one file (its hash is 0: such a file keeps the split of the earlier rule,
 which keyed files by their position among the input's files, so the census split and published results stand).
+Two single-file inputs split at random therefore put their rows at the same positions in the same split (a
+warning says so): give such files as one directory or glob input to split them independently.
 
 Output: DIR/spec.json, DIR/manifest.json (row counts, inputs, seed) and DIR/{train,valid,test}/part-NNNNN.parquet
 of at most ``--rows-per-file`` rows, with row groups of ``--row-group-rows`` (a file's last group may be shorter).
@@ -27,6 +29,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -47,12 +50,14 @@ from mmoe_rec.features.columns import dictionary_fast_path
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.fit import SpecFitter
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
+from mmoe_rec.features.label_check import TrainLabelCheck
 from mmoe_rec.features.schema import Schema, load_schema
 from mmoe_rec.features.sources import column_types, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import output_dir_problem, replace_dir
 
+logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
 DICTIONARY_MAX_IDS = 1 << 14  # sparse outputs with at most this many ids are Parquet dictionary-encoded
 _PREFIX = re.compile(r"^([a-z]+(?::[0-9.]+)?(?:\+[a-z]+(?::[0-9.]+)?)*)=(.+)$")
@@ -360,6 +365,25 @@ def _refuse_repeated_files(sources: list[Source]) -> None:
             seen[real] = f
 
 
+def _refuse_inputs_in_output(sources: list[Source], output: Path) -> None:
+    """--overwrite replaces the output directory whole: an input inside it would be deleted (or half read)."""
+    out = Path(os.path.realpath(output))
+    for src in sources:
+        for f in src.files:
+            if Path(os.path.realpath(f)).is_relative_to(out):
+                raise FeatureDataError(f"the input file lies inside the output directory {str(output)!r}, which the "
+                                       "build replaces: choose an output directory apart from the inputs", file=f)
+
+
+def _warn_single_file_inputs(sources: list[Source]) -> None:
+    """Single-file inputs are keyed by nothing but the row (Source.key), so their random splits coincide."""
+    single = [s.files[0] for s in sources if s.rule == "random" and len(s.files) == 1 and s.key(0) == ""]
+    if len(single) > 1:
+        logger.warning("inputs %s are single files split at random: a single-file input is keyed by nothing but "
+                       "the row, so their rows at the same positions go to the same split; give them as one directory "
+                       "or glob input to split them independently", ", ".join(single))
+
+
 def id_column_types(schema: Schema, sources: list[Source]) -> dict[str, pa.DataType]:
     """The type each id column is written with, from the input files' schemas (id_columns.plan_id_types)."""
     ids = list(schema.id_columns)
@@ -374,10 +398,12 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     problem = output_dir_problem(output, overwrite)
     if problem:
         raise FeatureDataError(problem, file=str(output))
+    _refuse_inputs_in_output(sources, output)
     if row_group_rows < 1 or rows_per_file < 1 or batch_rows < 1:
         raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
                                f"{rows_per_file} must be positive")
     _refuse_repeated_files(sources)
+    _warn_single_file_inputs(sources)
     id_types = id_column_types(schema, sources)
     if split_column and any(s.rule == "column" for s in sources):
         extra = [split_column]
@@ -412,6 +438,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         encode = dictionary_outputs(spec)
         writers = {s: SplitWriter(tmp / s, row_group_rows, rows_per_file, encode) for s in SPLITS}
         total = 0
+        labels = TrainLabelCheck(cs.tasks)
         bg = BackgroundWrites()
         try:
             for si, src, fi, path, offset, batch in prefetch(_batches(sources, columns, schema, batch_rows,
@@ -419,12 +446,14 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
                 split = assign_splits(src, fi, offset, batch, seed, split_column, path)
                 out = cast_ids(cs.transform(batch, with_labels=True, file=path, row_offset=offset), id_types, path)
                 total += out.num_rows
+                labels.update(batch, out, split == 0)
                 for k, part in group_by_split(out, split):
                     bg.submit(writers[SPLITS[k]].write, part)
         finally:
             bg.drain()
         if total == 0:
             raise FeatureDataError("empty input: no rows in " + ", ".join(f for s in sources for f in s.files))
+        labels.check()
         empty = cs.output_schema(True, id_types)
         for w in writers.values():
             w.close(empty)

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmoe_rec.features.errors import FeatureDataError
-from mmoe_rec.features.numeric import column_values
+from mmoe_rec.features.numeric import column_values, to_float32
+from mmoe_rec.features.schema import label_keys
 from mmoe_rec.features.vocab import normalize_values
 
 
@@ -59,7 +60,8 @@ def numeric_column(arr, column: str) -> tuple[np.ndarray, np.ndarray]:
     elif not _is_numeric(t):
         raise FeatureDataError(f"expected a numeric column, found type {t}", column=column)
     elif not pa.types.is_floating(t):
-        arr = pc.cast(arr, pa.float64())
+        # unsafe: an integer beyond 2**53 rounds to the nearest float64 (a safe cast refuses it, naming no row)
+        arr = pc.cast(arr, pa.float64(), safe=False)
     x, missing = column_values(arr)
     bad = ~np.isfinite(x)  # missing values are 0 here
     if bad.any():
@@ -103,13 +105,16 @@ def single_categorical_column(arr, column: str) -> pa.Array:
     return values
 
 
-def multi_valued_column(arr, column: str, delimiter: str | None) -> tuple[pa.Array, np.ndarray]:
-    """(flat values, offsets (n+1,) int64); a null list or null string is an empty list."""
+def multi_valued_column(arr, column: str, delimiter: str | None,
+                        strip: bool = False) -> tuple[pa.Array, np.ndarray]:
+    """(flat values, offsets (n+1,) int64); a null list or null string is an empty list.
+    strip: trim the pieces of a delimited string (the reader's strip_whitespace: "a | b" is "a", "b")."""
     arr = one_chunk(arr)
     t = arr.type
     if pa.types.is_null(t):  # every row null (pandas / Arrow type an all-None column so): every list empty
         return pa.array([], pa.int64()), np.zeros(len(arr) + 1, dtype=np.int64)
-    if (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None:
+    split = (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None
+    if split:
         arr = pc.split_pattern(pc.cast(arr, pa.string()), delimiter)
         t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
@@ -122,6 +127,8 @@ def multi_valued_column(arr, column: str, delimiter: str | None) -> tuple[pa.Arr
     offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
     values = arr.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
     offsets = offsets - offsets[0]
+    if split and strip:
+        values = pc.utf8_trim_whitespace(values)
     try:
         values = categorical_column(values, column)
     except FeatureDataError as e:
@@ -158,7 +165,7 @@ def weight_column(arr, column: str) -> np.ndarray:
     if (x < 0).any():
         raise FeatureDataError(f"sample weight is negative ({x[np.argmax(x < 0)]})", column=column,
                                row=int(np.argmax(x < 0)))
-    return x.astype(np.float32)
+    return to_float32(x, column, "sample weight")
 
 
 def label_values(arr, column: str, state: dict) -> np.ndarray:
@@ -180,11 +187,11 @@ def label_values(arr, column: str, state: dict) -> np.ndarray:
                 row = int(np.argmax(bad))
                 raise FeatureDataError(f"binary label must be 0 or 1, found {x[row].item()!r}", column=column,
                                        row=row)
-        return x.astype(np.float32)
+        return to_float32(x, column, "label")
     pos, neg = state["positive"], state.get("negative")
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         vals = pc.cast(arr, pa.string())
-        pos_set, neg_set = pa.array([str(v) for v in pos]), None if neg is None else pa.array([str(v) for v in neg])
+        pos_set, neg_set = _matching_texts(vals, pos), None if neg is None else _matching_texts(vals, neg)
     else:
         x, missing = numeric_column(arr, column)
         if missing.any():
@@ -204,3 +211,23 @@ def label_values(arr, column: str, state: dict) -> np.ndarray:
             raise FeatureDataError(f"label value {vals[row].as_py()!r} is neither positive {list(pos)} "
                                    f"nor negative {list(neg)}", column=column, row=row)
     return is_pos.astype(np.float32)[:n]
+
+
+def _matching_texts(vals: pa.Array, wanted) -> pa.Array:
+    """The distinct texts of `vals` that match a schema value, as text or as a number (schema.label_keys):
+    `positive: [1]` matches "1" and "1.0" alike; "50000+." is no number and matches as text only."""
+    keys = label_keys(tuple(wanted))
+    numbers = {k for k in keys if isinstance(k, float)}
+    out = []
+    for v in pc.unique(vals).to_pylist():
+        if v is None:
+            continue
+        if v in keys:
+            out.append(v)
+        elif numbers and "_" not in v:  # Python's float() takes "1_0"; a number in a CSV does not
+            try:
+                if float(v) in numbers:
+                    out.append(v)
+            except ValueError:
+                pass
+    return pa.array(out, pa.string())

@@ -43,7 +43,8 @@ class SpecFitter:
             for c in self.schema.categorical:
                 col = table.column(c.column)
                 if c.multi_valued:
-                    values, offsets = multi_valued_column(col, c.column, c.delimiter)
+                    strip = self.schema.reader.strip_whitespace
+                    values, offsets = multi_valued_column(col, c.column, c.delimiter, strip)
                     if take is not None:  # keep the values of kept rows only
                         per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
                         values = values.filter(pa.array(mask[per_value_row]))

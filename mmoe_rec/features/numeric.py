@@ -11,7 +11,9 @@ is about 1/sqrt(k) ~ 0.4 %; exact when the train split has fewer than k non-miss
 ``log1p`` is signed, sign(x) * log1p(|x|), so negative values do not become NaN; it is then standardized.
 Missing values (null, NaN) take the imputed value (on the transformed scale: mean -> 0 after standardizing)
 and set the dense ``<name>_missing`` indicator; inf and overflowing numbers never get here (columns.numeric_column
-rejects them, naming the row). ``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets;
+rejects them, naming the row). Finite values so large that the train mean or std overflows (|x| near 1e308)
+are an error naming the column, and a transformed value beyond float32's range (3.4e38) one naming the row.
+``bucketize`` gives sparse ids: 0 = missing, 1..B+1 buckets;
 with ``zero_bucket`` the value 0 gets an id of its own and the quantiles are those of the non-zero values (for
 columns that are mostly 0, such as money amounts, whose quantiles over all rows would all be 0).
 """
@@ -22,8 +24,10 @@ import zlib
 import numpy as np
 import pyarrow as pa
 
+from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.schema import NumericSpec
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 RESERVOIR_SIZE = 65_536
 STATS_BLOCK = 4_096  # values per block of the mean / M2 merge; a batch's remainder waits for the next batch
 _COMPARE_MAX_BOUNDARIES = 16  # bucketize by comparisons up to this many boundaries
@@ -31,6 +35,16 @@ _COMPARE_MAX_BOUNDARIES = 16  # bucketize by comparisons up to this many boundar
 
 def signed_log1p(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log1p(np.abs(x))
+
+
+def to_float32(v: np.ndarray, column: str, what: str = "value") -> np.ndarray:
+    """v as float32; a value beyond float32's range is an error naming its row (astype would make it inf)."""
+    bad = np.abs(v) > FLOAT32_MAX
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise FeatureDataError(f"{what} {v[row].item()!r} does not fit a float32 (|x| <= {FLOAT32_MAX:.4g})",
+                               column=column, row=row)
+    return v.astype(np.float32)
 
 
 class NumericStats:
@@ -56,8 +70,9 @@ class NumericStats:
         full = values.size - values.size % STATS_BLOCK
         if full:
             blocks = values[:full].reshape(-1, STATS_BLOCK)  # (m, STATS_BLOCK)
-            means = blocks.mean(axis=1)
-            m2s = ((blocks - means[:, None]) ** 2).sum(axis=1)
+            with np.errstate(over="ignore", invalid="ignore"):  # huge values: fit_numeric names the column
+                means = blocks.mean(axis=1)
+                m2s = ((blocks - means[:, None]) ** 2).sum(axis=1)
             for bmean, bm2 in zip(means.tolist(), m2s.tolist()):
                 self._merged = _merge(self._merged, STATS_BLOCK, bmean, bm2)
         self._pending = values[full:].copy()
@@ -73,8 +88,9 @@ class NumericStats:
         if not self._pending.size:
             return self._merged
         v = self._pending
-        bmean = float(v.mean())
-        return _merge(self._merged, v.size, bmean, float(((v - bmean) ** 2).sum()))
+        with np.errstate(over="ignore", invalid="ignore"):
+            bmean = float(v.mean())
+            return _merge(self._merged, v.size, bmean, float(((v - bmean) ** 2).sum()))
 
     @property
     def count(self) -> int:
@@ -99,7 +115,7 @@ def _merge(acc: tuple[int, float, float], n: int, bmean: float, bm2: float) -> t
     """(count, mean, M2) of acc's values and n more with mean bmean and M2 bm2 (Chan et al.)."""
     count, mean, m2 = acc
     tot = count + n
-    delta = bmean - mean
+    delta = bmean - mean  # Python floats: an overflow gives inf / NaN (fit_numeric refuses them), no exception
     return tot, mean + delta * n / tot, m2 + bm2 + delta * delta * count * n / tot
 
 
@@ -128,6 +144,7 @@ def fit_numeric(cfg: NumericSpec, stats: NumericStats) -> dict:
             b = np.concatenate([b[b != 0], [0.0, np.nextafter(0.0, 1.0)]])
         else:
             b = stats.quantiles(qs)
+        _require_finite(cfg, "bucket boundaries", b)
         state["boundaries"] = [float(v) for v in np.unique(b)]
         state["num_embeddings"] = len(state["boundaries"]) + 2
         return state
@@ -135,6 +152,8 @@ def fit_numeric(cfg: NumericSpec, stats: NumericStats) -> dict:
         mean, std = 0.0, 1.0
     else:
         mean, std = stats.mean, stats.std
+        _require_finite(cfg, "mean", mean)
+        _require_finite(cfg, "standard deviation", std)
         std = std if std > 1e-12 else 1.0  # a constant column stays 0, never inf
     if cfg.impute == "mean":
         impute = stats.mean
@@ -144,9 +163,16 @@ def fit_numeric(cfg: NumericSpec, stats: NumericStats) -> dict:
         impute = 0.0
     else:
         impute = float(prepare(cfg.transform, np.array([float(cfg.impute)]))[0])
+    _require_finite(cfg, "imputed value", impute)
     indicator = stats.missing > 0 if cfg.missing_indicator == "auto" else bool(cfg.missing_indicator)
     state.update(mean=float(mean), std=float(std), impute=float(impute), indicator=bool(indicator))
     return state
+
+
+def _require_finite(cfg: NumericSpec, what: str, v) -> None:
+    if not np.isfinite(v).all():
+        raise FeatureDataError(f"the train {what} ({cfg.transform}) is not finite: the values are too large "
+                               "(|x| near 1e308 overflows float64 arithmetic)", column=cfg.column)
 
 
 def apply_numeric(state: dict, x: np.ndarray, missing: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -166,6 +192,6 @@ def apply_numeric(state: dict, x: np.ndarray, missing: np.ndarray) -> tuple[np.n
     v = prepare(state["transform"], x)
     if missing.any():
         v = np.where(missing, state["impute"], v)
-    v = ((v - state["mean"]) / state["std"]).astype(np.float32)
+    v = to_float32((v - state["mean"]) / state["std"], state.get("column"), "transformed value")
     ind = missing.astype(np.float32) if state["indicator"] else None
     return v, ind

@@ -150,8 +150,9 @@ def _check_categorical(c: CategoricalSpec, src: str) -> None:
              f"delimiter must be a non-empty string, got {c.delimiter!r}", src, c.name)
 
 
-def _label_keys(values: tuple) -> set:
-    """How a positive / negative value may match: as text (string labels) and as a number (numeric labels)."""
+def label_keys(values: tuple) -> set:
+    """How a positive / negative value may match: as text, and as a number (numeric labels, or the text of a
+    number in a string column: columns.label_values)."""
     keys = set()
     for v in values:
         keys.add(str(v))
@@ -166,8 +167,11 @@ def _check_task_values(t: TaskSpec, src: str) -> None:
     for k in ("positive", "negative"):
         for v in getattr(t, k) or ():
             _require(isinstance(v, (str, int, float)), f"{k} values must be strings or numbers, got {v!r}", src, t.name)
+            # YAML 1.1 reads unquoted yes / no / true / on as booleans, which would match no label value
+            _require(not isinstance(v, bool), f"{k} value {v!r} is a YAML boolean, not a label value: quote it "
+                     f"(\"yes\", \"true\")", src, t.name)
     for v in t.negative or ():
-        _require(not (_label_keys((v,)) & _label_keys(t.positive)), f"label value {v!r} is both positive and negative",
+        _require(not (label_keys((v,)) & label_keys(t.positive)), f"label value {v!r} is both positive and negative",
                  src, t.name)
 
 

@@ -4,8 +4,9 @@ CSV (optionally .gz / .bz2 / .xz compressed; .tsv tab-separated) is read with py
 needed column as a string (the feature code converts and checks types itself, so an error can name the row; a
 row with the wrong number of fields is named too). Parquet is read
 row group by row group with ``ParquetFile.iter_batches``. Each batch comes with its first row's index in the
-file, so errors can name the file row. A needed column named twice in a file, or a CSV header that differs
-from the schema's ``reader.column_names``, is an error naming the file.
+file, so errors can name the file row. With ``reader.strip_whitespace`` CSV fields are trimmed, and a field
+that is one of ``reader.null_values`` once trimmed (" ?") is null. A needed column named twice in a file, or a
+CSV header that differs from the schema's ``reader.column_names``, is an error naming the file.
 """
 from __future__ import annotations
 
@@ -157,12 +158,11 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             _check_columns(path, have, columns)
             batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), 1 << 22)
             strip = reader.strip_whitespace
+            nulls = pa.array(list(reader.null_values), pa.string())
         row = 0
         for b in batches:
             if strip:
-                b = pa.RecordBatch.from_arrays(
-                    [pc.utf8_trim_whitespace(a) if pa.types.is_string(a.type) else a for a in b.columns],
-                    names=b.schema.names)
+                b = pa.RecordBatch.from_arrays([_strip(a, nulls) for a in b.columns], names=b.schema.names)
             for start in range(0, b.num_rows, batch_rows):
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
                 yield row + start, part
@@ -180,6 +180,18 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             raise FeatureDataError(f"malformed CSV ({msg.splitlines()[0]})", file=path) from None
         raise FeatureDataError(f"unreadable or truncated {fmt} file ({msg.splitlines()[0] if msg else type(e).__name__})",
                                file=path) from None
+
+
+def _strip(a: pa.Array, nulls: pa.Array) -> pa.Array:
+    """A string column trimmed; a value that is a null value once trimmed (" ?") is null, as "?" is."""
+    if not pa.types.is_string(a.type):
+        return a
+    a = pc.utf8_trim_whitespace(a)
+    if len(nulls):
+        is_null = pc.is_in(a, value_set=nulls)
+        if pc.any(is_null).as_py():
+            a = pc.if_else(is_null, pa.scalar(None, pa.string()), a)
+    return a
 
 
 def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int, str] | None:

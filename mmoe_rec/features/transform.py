@@ -37,6 +37,8 @@ class CompiledSpec:
         self.features: dict = spec.transforms.get("features", {})
         self.tasks: dict = spec.transforms.get("tasks", {})
         self.weight_column: str | None = spec.transforms.get("weight_column")
+        # the pieces of delimited strings are trimmed as in fitting, whatever the input's format
+        self.strip = bool((spec.transforms.get("reader") or {}).get("strip_whitespace", False))
         self.lookups = {name: VocabLookup(st["values"], st["value_type"])
                         for name, st in self.features.items() if st["kind"] == "vocab"}
 
@@ -63,7 +65,7 @@ class CompiledSpec:
         if dictionary_fast_path(state, col.type):
             return self._dictionary_ids(name, state, col)
         if state["multi_valued"]:
-            values, offsets = multi_valued_column(col, state["column"], state["delimiter"])
+            values, offsets = multi_valued_column(col, state["column"], state["delimiter"], self.strip)
             ids = self._single(name, state, values)
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
         return pa.array(self._single(name, state, single_categorical_column(col, state["column"])), pa.int64())
@@ -79,7 +81,8 @@ class CompiledSpec:
         if not state["multi_valued"]:
             ids = self._single(name, state, single_categorical_column(col.dictionary, state["column"]))  # (V,)
             return pa.array(np.take(np.append(ids, 0), rows), pa.int64())
-        values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"])  # (V+1,)
+        values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"],
+                                              self.strip)  # (V+1,)
         ids = self._single(name, state, values)  # ids of the dictionary's flat values
         lengths = np.append(np.diff(offsets), 0)[rows]  # (n,); the appended 0 is the null index
         out_offsets = np.zeros(len(rows) + 1, np.int64)
