@@ -94,7 +94,11 @@ class CompiledSpec:
 
     def _single(self, name: str, state: dict, values: pa.Array) -> np.ndarray:
         if state["kind"] == "vocab":
-            return self.lookups[name](values)
+            lookup = self.lookups[name]
+            problem = lookup.type_mismatch(values)
+            if problem:
+                raise FeatureDataError(problem, column=state["column"])
+            return lookup(values)
         return hash_ids(values, state["buckets"])
 
     def transform(self, table: pa.Table | pa.RecordBatch, with_labels: bool | None = None,

@@ -108,6 +108,9 @@ class VocabLookup:
         self.size = len(values)
         self.kind = kind
         self._str_values = pa.array([str(v) for v in values], pa.string())
+        # what an integer column can match in a vocabulary fitted on text: integer texts ("007" is not the 7 an
+        # integer column gives, "7" is)
+        self._int_texts = bool(pc.any(pc.match_substring_regex(self._str_values, r"^-?[1-9]\d*$|^0$")).as_py())
         self._table = None
         if kind == "int":
             vals = np.asarray(values, dtype=np.int64)
@@ -119,6 +122,22 @@ class VocabLookup:
                 self._lo = int(vals.min())
                 self._table = np.zeros(int(vals.max()) - self._lo + 3, np.int64)
                 self._table[vals - self._lo + 1] = np.arange(1, self.size + 1)
+
+    def type_mismatch(self, arr: pa.Array) -> str | None:
+        """Why the values `arr` cannot match this vocabulary at all (every row would be out of vocabulary,
+        silently), or None: an integer column with values, against a vocabulary of text values none of which
+        is an integer's text."""
+        if self.kind != "str" or self.size == 0 or len(arr) == arr.null_count:
+            return None
+        t = arr.type
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        if pa.types.is_integer(t) and not self._int_texts:
+            shown = self._str_values.slice(0, 3).to_pylist()
+            return (f"the column is {t}, but its vocabulary was fitted on text values ({shown}, ...) none of which a "
+                    f"{t} column can give: every row would be out of vocabulary. Give the raw text values (is this "
+                    f"already-encoded feature data?)")
+        return None
 
     def __call__(self, arr: pa.Array) -> np.ndarray:
         arr = normalize_values(arr)

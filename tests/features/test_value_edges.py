@@ -178,3 +178,22 @@ def test_no_warning_without_two_single_file_random_inputs(tmp_path, caplog, inpu
         rc, _ = _build(tmp_path, schema, *[i.format(a=a, b=b, d=d) for i in inputs],
                        extra=["--valid-fraction", "0.2"] if "=" not in inputs[0] else [])
     assert rc == 0 and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_an_integer_column_against_a_text_vocabulary_is_refused_not_scored_out_of_vocabulary(tmp_path):
+    """Label-encoded (or already-transformed) input for a vocabulary fitted on text: every row would silently be
+    out of vocabulary. A vocabulary with integer texts still takes an integer column (7 is its "7")."""
+    raw = _parquet(tmp_path / "raw.parquet", device=["android", "ios", "web", "ios"], zip=["7", "12", "7", "12"],
+                   y=[0, 1, 0, 1])
+    schema = {"categorical": [{"name": "device"}, {"name": "zip"}], "tasks": [{"name": "y"}]}
+    rc, out = _build(tmp_path, schema, f"train={raw}")
+    assert rc == 0
+    spec = FeatureSpec.load(out / "spec.json")
+    good = pd.DataFrame({"device": ["ios", "web"], "zip": ["12", "7"]})
+    want = transform_table(spec, good, with_labels=False)
+    as_ints = transform_table(spec, good.assign(zip=[12, 7]), with_labels=False)
+    assert as_ints.column("zip").to_pylist() == want.column("zip").to_pylist() != [0, 0]
+    with pytest.raises(FeatureDataError, match=r"column 'device'.*int64.*out of vocabulary"):
+        transform_table(spec, good.assign(device=[1, 2]), with_labels=False)
+    nulls = transform_table(spec, good.assign(device=pd.array([None, None], dtype="Int64")), with_labels=False)
+    assert nulls.column("device").to_pylist() == [0, 0]  # no values: missing, as before
