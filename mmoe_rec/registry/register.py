@@ -23,6 +23,8 @@ def register_package(
     experiment: str = "mmoe-rec",
 ) -> tuple[str, str]:
     """Log `package_dir` as a pyfunc model (inside `run_id` if given) and register it. Returns (name, version)."""
+    if alias is not None:
+        check_alias(alias)  # the registry refuses it only after the new version exists: a version without its alias
     model = load_package(package_dir)  # fails here, not at serving time, if the package does not load
     spec = model.feature_spec
     tags = {"feature_spec_version": spec.version, "tasks": ",".join(model.tasks)}
@@ -52,8 +54,22 @@ def register_package(
     return name, version
 
 
+def check_alias(alias: str) -> None:
+    """MLflow's own alias rules (allowed characters and length; `latest` in any case and `v<digits>` reserved), as a
+    ValueError in one line."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as e:
+        raise ValueError(f"--alias {alias!r}: {e.message}") from None
+
+
 def promote(name: str, version: str, alias: str) -> None:
     """Move `alias` (e.g. champion) to `version`."""
+    check_alias(alias)
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
@@ -88,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default=None, help="log the model inside this MLflow run (default: a new run)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     args = p.parse_args(argv)
+    if args.alias is not None:
+        check_alias(args.alias)  # before the checkpoint is read or the store opened
     configure_tracking(args.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package

@@ -5,6 +5,8 @@ import pyarrow as pa
 import torch
 
 from mmoe_rec.data.collate import BatchCollator
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.spec import FeatureSpec, label_column
 from mmoe_rec.features.transform import transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
@@ -14,6 +16,18 @@ JOB_COLUMNS = ("model_name", "model_version")  # added by the batch scoring job
 
 def score_column(task: str) -> str:
     return f"score_{task}"
+
+
+def feature_only_columns(spec: FeatureSpec) -> set[str]:
+    """Columns the feature Parquet of `spec` has and its raw input does not: `label_<task>` and the `<name>_missing`
+    indicators, less any raw column the spec reads under the same name (a label column may be called label_click).
+    Feature Parquet keeps the raw names of the features themselves, so only these tell the two apart."""
+    transforms = spec.transforms
+    own = {label_column(t) for t in spec.task_names}
+    own |= {s["indicator_name"] for s in transforms.get("features", {}).values() if s.get("indicator")}
+    raw = set(spec.id_columns) | {s["column"] for s in transforms.get("features", {}).values()}
+    raw |= {t.get("column") for t in transforms.get("tasks", {}).values()} | {transforms.get("weight_column")}
+    return own - raw
 
 
 class Scorer:
@@ -28,6 +42,15 @@ class Scorer:
             raise ValueError(f"id columns {clash} have the names of output columns ({sorted(taken)}): rename them in "
                              "the feature schema")
         self.collator = BatchCollator(self.spec, tasks=model.tasks, with_ids=False, with_labels=False)
+        self.feature_only = feature_only_columns(self.spec)
+
+    def check_raw_columns(self, columns: list[str], source: str = "input") -> None:
+        """Refuse feature Parquet: its features have their raw names, so it would be transformed a second time
+        (ids looked up as raw values, standardized values standardized again) and score wrong without an error."""
+        found = sorted(self.feature_only.intersection(columns))
+        if found:
+            raise FeatureDataError(f"this looks like feature Parquet written by `mmoe-rec features` (it has the "
+                                   f"columns {found}); score raw rows", file=source)
 
     @torch.no_grad()
     def score_table(self, table: pa.Table, source: str = "input", row_offset: int = 0) -> pa.Table:
@@ -36,6 +59,7 @@ class Scorer:
         `source` names where the rows come from (a file path) and `row_offset` is the first row's index in it,
         so that a bad value is reported at its row in that file, not at its row in this batch.
         """
+        self.check_raw_columns(table.column_names, source)
         features = transform_table(self.spec, table, with_labels=False, file=source, row_offset=row_offset)
         columns: dict[str, pa.Array] = {col: features.column(col) for col in self.spec.id_columns}
         if features.num_rows == 0:  # no rows, no model call (a batch of none is not one torchrec can pool)

@@ -6,8 +6,11 @@ Id columns keep their values exactly: files whose id columns are typed different
 every file converts to without loss (int32 and int64 as int64), found before scoring; ids that would change
 ("007" as 7) are an error naming the files. Files without rows give an output without rows.
 The output is written to a temporary file beside the target and renamed when complete; the row count out is
-checked against the row count in. An output that is an input file, or lies inside an input folder, is refused
-before anything is read. A bad value is reported at its file and its row inside that file.
+checked against the row count in. `--input` takes files and folders together (a folder: its Parquet files,
+skipping names that start with "." or "_"); a file named twice is refused. An output that is an input file, lies
+inside an input folder or is a folder is refused before anything is read. Feature Parquet (written by
+`mmoe-rec features`) is refused: scoring transforms raw rows itself. A bad value is reported at its file and its
+row inside that file.
 """
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types, schema_types
+from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import Scorer
 
 
@@ -42,27 +47,48 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
         return Scorer(model), Path(model_uri).resolve().name, f"package-{weights_hash}"
     import mlflow.pyfunc
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     if not model_uri.startswith("models:/"):
         raise ValueError(f"{USAGE}, got {model_uri!r}")
     ref = model_uri[len("models:/"):]
-    client = MlflowClient()
     if "@" in ref:
         name, alias = ref.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
+        version = None
     else:
         name, _, version = ref.partition("/")
         if not name or not version or "/" in version:
             raise ValueError(f"{USAGE}, got {model_uri!r}")
-        if version == "latest":
+        if version != "latest" and not version.isdigit():
+            raise ValueError(f"{USAGE}, got {model_uri!r} (version {version!r} is not a number)")
+    client = MlflowClient()
+    try:
+        if version is None:
+            version = client.get_model_version_by_alias(name, alias).version
+        elif version == "latest":
             versions = client.search_model_versions(f"name = '{name}'")
             if not versions:
-                raise ValueError(f"{model_uri}: registered model {name!r} has no versions")
-            version = str(max(int(v.version) for v in versions))
-        elif not version.isdigit():
-            raise ValueError(f"{USAGE}, got {model_uri!r} (version {version!r} is not a number)")
+                raise ValueError(f"{model_uri}: registered model {name!r} has no versions in {_store()}")
+            version = max(int(v.version) for v in versions)
+        else:  # the registry's own spelling ("01" is version 1), and a version that is not there is named here
+            version = client.get_model_version(name, version).version
+    except MlflowException as e:  # not found: say in which store, the usual cause being the wrong one
+        raise MlflowException(f"{e.message.rstrip('.')} in {_store()}", error_code=e.error_code) from None
+    version = str(version)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    return loaded.unwrap_python_model().scorer, name, str(version)
+    return loaded.unwrap_python_model().scorer, name, version
+
+
+def _store() -> str:
+    """The tracking URI in use, without a password it may carry (the message goes to logs)."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
 
 
 def _file_sha256(path: Path) -> str:
@@ -74,10 +100,11 @@ def _file_sha256(path: Path) -> str:
 
 
 def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str | os.PathLike) -> None:
-    """Refuse an `output` that is one of the input files or lies inside an input folder.
+    """Refuse an `output` that is one of the input files, lies inside an input folder, or is a folder.
 
     The output is renamed into place at the end: onto an input file it would replace the raw table it was scored
-    from, and inside an input folder it would be read back as input by the next run.
+    from, inside an input folder it would be read back as input by the next run, and onto a folder the rename
+    would fail only after every row is scored.
     """
     out = Path(output).expanduser().resolve()
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
@@ -89,6 +116,9 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
         elif out == src or (out.exists() and src.exists() and os.path.samefile(out, src)):
             raise ValueError(f"--output {output} is the input file {item}: scoring would replace the raw table; "
                              f"choose another output path")
+    if out.is_dir():
+        raise ValueError(f"--output {output} is a directory: --output must be a file path, such as "
+                         f"{Path(output) / 'scores.parquet'}")
 
 
 def _id_types(fragments: list, id_columns: list[str]) -> dict[str, pa.DataType]:
@@ -103,10 +133,13 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     Input files without rows give an output without rows (the columns and types as always)."""
     check_output_is_not_an_input(inputs, output)
     output = Path(output)
-    dataset = ds.dataset(inputs, format="parquet")
-    fragments = list(dataset.get_fragments())
-    if not fragments:
+    files = expand_inputs(inputs)  # one flat list: a folder and files together, each file once
+    if not files:
         raise ValueError(f"{inputs}: no Parquet files to score")
+    dataset = ds.dataset(files, format="parquet")
+    fragments = list(dataset.get_fragments())
+    for fragment in fragments:  # before any row is scored
+        scorer.check_raw_columns(fragment.physical_schema.names, fragment.path)
     id_types = _id_types(fragments, scorer.spec.id_columns)
     expected = dataset.count_rows()
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -159,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     args = p.parse_args(argv)
     check_output_is_not_an_input(args.input, args.output)  # before loading or reading anything
+    expand_inputs(args.input)  # a file named twice, or no such input: refused before the model loads
     from mmoe_rec.training.tracking import configure_tracking
 
     configure_tracking(args.tracking_uri)
     start = time.perf_counter()
     scorer, name, version = resolve_model(args.model)
-    inputs = args.input[0] if len(args.input) == 1 else args.input
-    rows = score_parquet(scorer, inputs, args.output, name, version, args.batch_rows)
+    rows = score_parquet(scorer, args.input, args.output, name, version, args.batch_rows)
     secs = time.perf_counter() - start
     print(f"scored {rows} rows with {name} v{version} -> {args.output} ({rows / secs:,.0f} rows/s)", file=sys.stderr)
     return 0

@@ -414,3 +414,95 @@ def test_id_columns_named_like_output_columns_are_refused(rec_data, tmp_path):
         model = MMoE(dataclasses.replace(spec, id_columns=[clash]), **INIT_ARGS)
         with pytest.raises(ValueError, match=f"id columns \\['{clash}'\\] have the names of output columns"):
             Scorer(model)
+
+
+def test_a_file_named_twice_is_refused_before_the_model_loads(rec_data, package, tracking, tmp_path, monkeypatch):
+    raw_file = tmp_path / "in" / "raw.parquet"
+    raw_file.parent.mkdir()
+    pq.write_table(pq.read_table(rec_data[1]), raw_file)
+    out = tmp_path / "s.parquet"
+    monkeypatch.chdir(tmp_path)
+    # no such model: the duplicate is found first
+    with pytest.raises(ValueError, match=r"given twice \('in/raw.parquet' and './in/raw.parquet'\)"):
+        score_main(["--model", "models:/absent/1", "--input", "in/raw.parquet", "./in/raw.parquet",
+                    "--output", str(out)])
+    scorer, name, version = resolve_model(str(package))
+    with pytest.raises(ValueError, match=r"given twice \('in/raw.parquet' and '.*in/raw.parquet'\)"):  # via its folder
+        score_parquet(scorer, ["in", str(raw_file)], out, name, version)
+    assert not out.exists()
+
+
+def test_a_folder_and_files_are_scored_together_each_row_once(rec_data, package, tmp_path):
+    raw = pq.read_table(rec_data[1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(raw.slice(0, 500), folder / "part-0.parquet")
+    pq.write_table(raw.slice(500, 500), folder / "part-1.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")  # a job's marker, skipped as before
+    pq.write_table(raw.slice(1000), tmp_path / "rest.parquet")
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    assert score_parquet(scorer, [str(folder), str(tmp_path / "rest.parquet")], out, name, version) == raw.num_rows
+    assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
+
+
+@pytest.mark.parametrize("alias", ["latest", "Latest", "v3", "V12", "bad alias", "a/b", ""])
+def test_an_invalid_alias_is_refused_before_anything_is_registered(package, tracking, alias, capsys, monkeypatch):
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    with pytest.raises(ValueError, match=f"--alias '{alias}': "):
+        register_package(package, "rec-bad-alias", alias=alias)
+    assert mmoe_rec_main(["register", "--package", str(package), "--name", "rec-bad-alias", "--alias", alias]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --alias '{alias}': ") and "Traceback" not in err
+    assert mlflow.MlflowClient().search_model_versions("name = 'rec-bad-alias'") == []  # no version without alias
+
+
+def test_model_version_is_the_registrys_number_as_typed_otherwise(rec_data, package, tracking, tmp_path):
+    register_package(package, "rec-typed")
+    out = tmp_path / "s.parquet"
+    assert score_main(["--model", "models:/rec-typed/01", "--input", str(rec_data[1]), "--output", str(out)]) == 0
+    assert set(pq.read_table(out)["model_version"].to_pylist()) == {"1"}
+    # not found: the store it looked in is named (the usual cause is the wrong MLFLOW_TRACKING_URI)
+    for missing in ("models:/rec-typed/5", "models:/rec-typed@nosuch", "models:/absent/1"):
+        with pytest.raises(mlflow.exceptions.MlflowException, match=f"not found in {tracking}$"):
+            resolve_model(missing)
+    with pytest.raises(ValueError, match=f"has no versions in {tracking}$"):
+        resolve_model("models:/absent/latest")
+
+
+def test_feature_parquet_is_refused_but_a_raw_label_column_called_label_task_is_not(rec_data, package, tmp_path):
+    import copy
+    import dataclasses
+
+    from mmoe_rec.features.spec import label_column
+    from mmoe_rec.registry.scorer import Scorer
+
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    with pytest.raises(FeatureDataError, match="looks like feature Parquet written by `mmoe-rec features`.*score raw"):
+        score_main(["--model", str(package), "--input", str(rec_data[2] / "test"), "--output", str(out)])
+    raw = pq.read_table(rec_data[1]).slice(0, 50)
+    with pytest.raises(FeatureDataError, match=r"\['user_age_missing'\]"):  # a missing indicator alone gives it away
+        scorer.score_table(raw.append_column("user_age_missing", pa.array([0.0] * 50, pa.float32())))
+    assert not out.exists()
+    # a spec whose raw label columns are named label_<task>: such raw rows score
+    spec = FeatureSpec.load(rec_data[2])
+    transforms = copy.deepcopy(spec.transforms)
+    for task in spec.task_names:
+        transforms["tasks"][task]["column"] = label_column(task)
+    relabelled = Scorer(MMoE(dataclasses.replace(spec, transforms=transforms), **INIT_ARGS))
+    renamed = raw.rename_columns([label_column(c) if c in spec.task_names else c for c in raw.column_names])
+    assert relabelled.score_table(renamed).num_rows == 50
+
+
+def test_an_output_that_is_a_folder_is_refused_before_the_model_loads(rec_data, package, tracking, tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="--output must be a file path"):
+        score_main(["--model", "models:/absent/1", "--input", str(rec_data[1]), "--output", str(folder)])
+    scorer, name, version = resolve_model(str(package))
+    with pytest.raises(ValueError, match="--output must be a file path"):
+        score_parquet(scorer, str(rec_data[1]), folder, name, version)
+    assert list(folder.iterdir()) == []

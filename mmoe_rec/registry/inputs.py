@@ -1,0 +1,48 @@
+"""The scoring job's `--input`: files and folders -> one flat list of Parquet files, each file once.
+
+A folder gives its files recursively, sorted, skipping any name (file or folder below it) that starts with "." or
+"_" (`_SUCCESS`, `.crc`, a writer's temporary file), as pyarrow's dataset discovery does. A file named explicitly is
+taken as it is. One flat list lets a folder and files be scored together (pyarrow takes a folder or a list of
+files, not both), and lets a file named twice be refused instead of scored twice.
+"""
+from __future__ import annotations
+
+import os
+
+
+def _folder_files(folder: str) -> list[str]:
+    files, visited = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        visited.add(os.path.realpath(root))  # a link back up the tree is walked once, not forever
+        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))
+                   and os.path.realpath(os.path.join(root, d)) not in visited]
+        files += [os.path.join(root, n) for n in names if not n.startswith((".", "_"))]
+    return sorted(files)
+
+
+def expand_inputs(inputs: str | os.PathLike | list) -> list[str]:
+    """Every input file, folders expanded in place, in the order given; a file named twice (by any spelling, or
+    once itself and once through its folder) is an error naming both spellings."""
+    files: list[str] = []
+    for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
+        item = str(item)
+        if os.path.isdir(item):
+            files += _folder_files(item)
+        elif os.path.exists(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"--input {item}: no such file or folder")
+    refuse_repeated_files(files)
+    return files
+
+
+def refuse_repeated_files(files: list[str]) -> None:
+    """A file read twice would be scored twice: duplicated rows that the row-count check counts as expected."""
+    seen: dict[str, str] = {}
+    for f in files:
+        real = os.path.realpath(f)
+        if real in seen:
+            raise ValueError(f"the input file is given twice ({seen[real]!r} and {f!r}): its rows would be scored "
+                             "twice; name each file once")
+        seen[real] = f
+
