@@ -14,7 +14,7 @@ class Batch:
     dense: torch.Tensor  # (B, D) float32, D = spec.dense_dim (may be 0)
     labels: dict[str, torch.Tensor]  # task -> (B,) float32
     weights: torch.Tensor | None = None  # (B,) float32 sample weights
-    ids: dict[str, Any] | None = None  # id columns passed through (lists / numpy arrays), never features
+    ids: dict[str, Any] | None = None  # id columns passed through (Arrow arrays: type and nulls kept), never features
 
     @property
     def batch_size(self) -> int:

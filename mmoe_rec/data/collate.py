@@ -42,7 +42,7 @@ class ArrayBatch:
     dense: np.ndarray  # (B, D) float32
     labels: dict[str, np.ndarray]  # task -> (B,) float32
     weights: np.ndarray | None = None  # (B,) float32
-    ids: dict[str, np.ndarray] | None = None
+    ids: dict[str, pa.Array] | None = None  # id columns as read (type and nulls kept)
 
 
 class BatchCollator:
@@ -117,7 +117,8 @@ class BatchCollator:
             if self.spec.has_weight:
                 weights = _finite32(rb.column(WEIGHT_COLUMN), WEIGHT_COLUMN, nonnegative=True)
         if self.with_ids:
-            ids = {c: rb.column(c).to_numpy(zero_copy_only=False) for c in self.spec.id_columns}
+            # as Arrow arrays: to_numpy would make an int64 column with a null float64 (ids past 2**53 rounded)
+            ids = {c: rb.column(c) for c in self.spec.id_columns}
         return ArrayBatch(values, lengths, dense, labels, weights, ids)
 
     def _sparse_arrays(self, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,8 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
-        columns = {name: pa.array(values) for name, values in (prediction.get("ids") or {}).items()}
+        columns = {name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+                   for name, values in (prediction.get("ids") or {}).items()}  # ids keep their Arrow type
         columns.update({k: pa.array(v.float().numpy()) for k, v in prediction.items() if k.startswith("score_")})
         table = pa.table(columns)
         if self._writer is None:

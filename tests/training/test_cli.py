@@ -99,7 +99,7 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
 
 @pytest.mark.parametrize("override, expected", [
     (["--model.init_args.model.init_args.k", "17"], "k must be in"),
-    (["--model.init_args.model.init_args.capacity_factor", "0"], "capacity_factor must be > 0"),
+    (["--model.init_args.model.init_args.capacity_factor", "0"], "capacity_factor must be a finite number > 0"),
 ])
 def test_bad_sparse_settings_are_errors(feature_dir, in_tmp, capsys, override, expected):
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "sparse_mmoe_synthetic.yaml"), *TINY,
@@ -176,6 +176,26 @@ def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
     assert len(runs) == 2
     for run in runs:
         assert {"config.yaml", "spec.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_predict_keeps_integer_ids_with_nulls_and_past_2_53_exactly(make_feature_dir, in_tmp):
+    """Ids go through as Arrow arrays: numpy would make an int64 column with a null float64 (2**53 + 1 rounded,
+    or a writer schema that changes between batches)."""
+    import pyarrow as pa
+
+    features = make_feature_dir("null_ids")
+    test = pq.read_table(features / "test")
+    ids = test.column("row_id").to_pylist()
+    ids[0], ids[200] = 2 ** 53 + 1, None  # the null in a later batch than the first
+    for f in (features / "test").glob("*.parquet"):
+        f.unlink()
+    pq.write_table(test.set_column(0, "row_id", pa.array(ids, pa.int64())), features / "test" / "part-00000.parquet")
+    _fit_tiny(features, in_tmp / "ck")
+    run_lightning_cli(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                       "--data.init_args.data_dir", str(features), "--data.init_args.batch_size", "128",
+                       "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"), "--predictions_path", "pred.parquet"])
+    got = pq.read_table(in_tmp / "pred.parquet").column("row_id")
+    assert got.type == pa.int64() and got.to_pylist() == ids
 
 
 def _fit_tiny(feature_dir, ck_dir, *extra):
