@@ -178,7 +178,10 @@ class MultiTaskModule(L.LightningModule):
             scale = rank_weight_scale(batch.weights, self.trainer.world_size,
                                       lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             losses = {t: value * scale for t, value in losses.items()}
-        task_total = self.weighting(losses, self.model.last_shared_layer)
+        rank_mean = None
+        if self.trainer.world_size > 1:  # GradNorm balances the global batch's gradients (weighting.py)
+            rank_mean = functools.partial(self.trainer.strategy.reduce, reduce_op="mean")
+        task_total = self.weighting(losses, self.model.last_shared_layer, rank_mean)
         loss = task_total + self.aux_loss(out.aux)
         self.last_output = out
         bs = batch.batch_size

@@ -11,7 +11,9 @@
   mean_t(G_t) * r_t^alpha, where r_t = (L_t / L_t(0)) / mean_s(L_s / L_s(0)) is the task's relative inverse
   training rate (L_t(0): its loss at the first step). The gradient-norm loss sum_t |G_t - target_t| (target held
   constant) trains only w; the network trains on sum_t w_t L_t with w held constant; after every optimizer step
-  w is renormalized to sum to K. Costs one extra backward to W per task and step.
+  w is renormalized to sum to K. Costs one extra backward to W per task and step. Under DDP the gradients on W
+  and the losses are averaged over the ranks first (one all-reduce of K x |W| floats a step): the balance is that
+  of the global batch the network trains on, and every rank computes the same w.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import nn
 
 WEIGHTINGS = ("fixed", "uncertainty", "dwa", "gradnorm")
 SharedLayer = Callable[[], list[nn.Parameter]]  # the model's last shared layer (GradNorm's W), asked for lazily
+RankMean = Callable[[torch.Tensor], torch.Tensor]  # a tensor's mean over the DDP ranks (None: one process)
 
 
 class LossWeighting(nn.Module):
@@ -37,7 +40,8 @@ class LossWeighting(nn.Module):
             raise ValueError(f"task_weights name unknown task(s) {unknown}; tasks are {self.tasks}")
         self.static = {t: float(task_weights.get(t, 1.0)) for t in self.tasks}
 
-    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
+                rank_mean: RankMean | None = None) -> torch.Tensor:
         return sum(self.static[t] * losses[t] for t in self.tasks)
 
     def weights(self) -> dict[str, float]:
@@ -60,7 +64,8 @@ class UncertaintyWeighting(LossWeighting):
         self.task_types = dict(task_types)
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))  # (T,) s_t = log sigma_t^2, learnt
 
-    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
+                rank_mean: RankMean | None = None) -> torch.Tensor:
         total = 0.0
         for i, t in enumerate(self.tasks):
             s = self.log_vars[i]
@@ -86,7 +91,8 @@ class DynamicWeightAverage(LossWeighting):
         self.register_buffer("history", torch.full((2, len(self.tasks)), float("nan")))  # (2, T): e-2, e-1
         self.register_buffer("current", torch.ones(len(self.tasks)))  # (T,)
 
-    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
+                rank_mean: RankMean | None = None) -> torch.Tensor:
         # current is a device buffer: indexing it keeps the step free of host syncs (float() would sync on GPU)
         return sum(self.static[t] * self.current[i] * losses[t] for i, t in enumerate(self.tasks))
 
@@ -116,18 +122,23 @@ class GradNorm(LossWeighting):
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # (T,)
         self.last_gradnorm_loss: torch.Tensor | None = None  # sum_t |G_t - target_t| of the last step (logged)
 
-    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None) -> torch.Tensor:
+    def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
+                rank_mean: RankMean | None = None) -> torch.Tensor:
         if shared_layer is None or not (layer := [p for p in shared_layer() if p.requires_grad]):
             raise ValueError("gradnorm needs the model's last shared layer (MultiTaskModel.last_shared_layer()); "
                              "this model has none with gradients: use another weighting")
         static = self.static_weights  # (T,)
         raw = torch.stack([losses[t] for t in self.tasks]).float()  # (T,) unweighted task losses
+        grads = torch.stack([self._layer_grad(losses[t], layer) for t in self.tasks])  # (T, |W|) grad_W L_t
+        seen = raw.detach()  # (T,)
+        if rank_mean is not None:  # the global batch's gradients and losses, the same on every rank
+            grads, seen = rank_mean(grads), rank_mean(seen)
         # ||grad_W (static_t L_t)|| per task; G_t = w_t * that (w_t is a scalar factor of the task's loss)
-        norms = torch.stack([self._grad_norm(losses[t], layer) for t in self.tasks]) * static  # (T,)
+        norms = grads.norm(dim=1) * static  # (T,)
         with torch.no_grad():
             if torch.isnan(self.initial_losses).any():
-                self.initial_losses.copy_(raw.detach().clamp_min(1e-12))
-            ratio = raw.detach() / self.initial_losses  # (T,) L_t / L_t(0)
+                self.initial_losses.copy_(seen.clamp_min(1e-12))
+            ratio = seen / self.initial_losses  # (T,) L_t / L_t(0)
             rate = ratio / ratio.mean()  # (T,) relative inverse training rate r_t
             target = (self.task_weights * norms).mean() * rate ** self.alpha  # (T,) held constant
         gradnorm_loss = (self.task_weights * norms - target).abs().sum()  # trains w only (norms, target constant)
@@ -137,13 +148,14 @@ class GradNorm(LossWeighting):
         return weighted + (gradnorm_loss - gradnorm_loss.detach())
 
     @staticmethod
-    def _grad_norm(loss: torch.Tensor, layer: list[nn.Parameter]) -> torch.Tensor:
-        """||grad_W loss||, detached: a constant of the gradient-norm loss (no second-order terms)."""
-        if not loss.requires_grad:  # a task that does not reach W this step (e.g. no rows)
-            return loss.new_zeros((), dtype=torch.float32)
+    def _layer_grad(loss: torch.Tensor, layer: list[nn.Parameter]) -> torch.Tensor:
+        """grad_W loss flattened, (|W|,) float32, detached: a constant of the gradient-norm loss (no second-order
+        terms); zeros where the loss does not reach W."""
+        if not loss.requires_grad:  # a task that does not reach W this step
+            return torch.cat([p.new_zeros(p.numel(), dtype=torch.float32) for p in layer])
         grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)
-        squares = [g.detach().float().pow(2).sum() for g in grads if g is not None]
-        return torch.stack(squares).sum().sqrt() if squares else loss.new_zeros((), dtype=torch.float32)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().float().flatten()
+                          for g, p in zip(grads, layer)])
 
     def weights(self) -> dict[str, float]:
         w = self.task_weights.detach().float().cpu()

@@ -169,3 +169,52 @@ def test_under_ddp_sample_weights_give_the_global_weighted_mean_not_a_mean_of_ra
     weighted_mean(model(x).squeeze(1) ** 2, w).backward()
     torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), model.weight.grad, rtol=1e-5, atol=1e-7)
     assert rank_weight_scale(w, 1, lambda t: t) == 1.0 and rank_weight_scale(None, 2, lambda t: t) == 1.0
+
+
+def _gradnorm_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _gradnorm_losses(W, x1, x2) -> dict[str, torch.Tensor]:
+    return {"click": ((x1 @ W) ** 2).mean(), "watch": 10.0 * ((x2 @ W) ** 2).mean()}
+
+
+def _gradnorm_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        gn = DistributedDataParallel(GradNorm(["click", "watch"], alpha=1.5))
+        W = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
+        x1, x2 = _gradnorm_rows()
+        mine = slice(4 * rank, 4 * rank + 4)  # each rank half the rows
+
+        def rank_mean(t):
+            dist.all_reduce(t)
+            return t / world
+        for step in range(2):  # the first step sets L(0); the second has r_t != 1
+            gn.zero_grad()
+            gn(_gradnorm_losses(W * (1 + step), x1[mine], x2[mine]), lambda: [W], rank_mean).backward()
+        if rank == 0:
+            torch.save(gn.module.task_weights.grad, out_file)
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_gradnorm_balances_the_global_batch_as_one_process_would(tmp_path):
+    """Each rank's own gradient norms, averaged by DDP, are not GradNorm's: the gradients on W and the losses are
+    averaged over the ranks first, so 2 processes on half the rows each give one process's weight gradient."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gradnorm_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "grad.pt")), nprocs=2)
+    gn = GradNorm(["click", "watch"], alpha=1.5)
+    W = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
+    x1, x2 = _gradnorm_rows()
+    for step in range(2):
+        gn.zero_grad()
+        gn(_gradnorm_losses(W * (1 + step), x1, x2), lambda: [W]).backward()
+    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), gn.task_weights.grad, rtol=1e-5, atol=1e-7)
