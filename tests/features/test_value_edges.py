@@ -27,6 +27,13 @@ def _build(tmp_path, schema: dict | str, *inputs, extra=()):
     return features_main(argv), out
 
 
+def _build_csv(tmp_path, text: str, schema: str):
+    """A train split from CSV text, built with `schema` (YAML)."""
+    raw = tmp_path / "raw.csv"
+    raw.write_text(text)
+    return _build(tmp_path, schema, f"train={raw}")
+
+
 def _parquet(path, **cols):
     pq.write_table(pa.table(cols), path)
     return path
@@ -76,11 +83,9 @@ def test_a_value_beyond_float32_is_an_error_naming_file_column_and_row(tmp_path,
     ("['50000+.']", ", negative: ['- 50000.']", ["50000+.", "- 50000.", " 50000+."]),  # text stays text
 ])
 def test_numeric_positive_values_match_the_numbers_of_a_string_column(tmp_path, positive, negative, labels):
-    raw = tmp_path / "raw.csv"
-    raw.write_text("c,y\n" + "".join(f"c{i},{v}\n" for i, v in enumerate(labels)))
     schema = f"reader: {{strip_whitespace: true}}\ncategorical: [{{name: c}}]\n" \
              f"tasks: [{{name: y, type: binary, positive: {positive}{negative}}}]\n"
-    rc, out = _build(tmp_path, schema, f"train={raw}")
+    rc, out = _build_csv(tmp_path, "c,y\n" + "".join(f"c{i},{v}\n" for i, v in enumerate(labels)), schema)
     assert rc == 0
     assert pq.read_table(out / "train")["label_y"].to_pylist() == [1.0, 0.0, 1.0]
 
@@ -98,10 +103,8 @@ def test_an_unquoted_yaml_boolean_label_value_is_refused_with_a_quoting_hint(tmp
     ("positive: ['a'], negative: ['b']", ["a", "a", "a"], "negative"),
 ])
 def test_a_train_split_without_positive_or_negative_rows_is_an_error(tmp_path, capsys, tasks, rows, missing):
-    raw = tmp_path / "raw.csv"
-    raw.write_text("c,lab\n" + "".join(f"c{i},{v}\n" for i, v in enumerate(rows)))
     schema = f"categorical: [{{name: c}}]\ntasks: [{{name: y, column: lab, type: binary, {tasks}}}]\n"
-    rc, out = _build(tmp_path, schema, f"train={raw}")
+    rc, out = _build_csv(tmp_path, "c,lab\n" + "".join(f"c{i},{v}\n" for i, v in enumerate(rows)), schema)
     err = capsys.readouterr().err
     assert rc == 1 and f"column 'lab': binary task 'y' has no {missing} row in the train split" in err, err
     assert f"'{rows[0]}'" in err  # a value seen
@@ -111,22 +114,18 @@ def test_a_train_split_without_positive_or_negative_rows_is_an_error(tmp_path, c
 # --- whitespace: null values and delimited pieces ---
 
 def test_a_null_value_with_whitespace_around_it_is_missing_when_stripping(tmp_path):
-    raw = tmp_path / "raw.csv"
-    raw.write_text("c,x,y\na, 1.5,1\n ? , ?,0\nb,2.5,1\n")
     schema = "reader: {strip_whitespace: true, null_values: ['?']}\ncategorical: [{name: c}]\n" \
              "numeric: [{name: x}]\ntasks: [{name: y}]\n"
-    rc, out = _build(tmp_path, schema, f"train={raw}")
+    rc, out = _build_csv(tmp_path, "c,x,y\na, 1.5,1\n ? , ?,0\nb,2.5,1\n", schema)
     assert rc == 0
     t = pq.read_table(out / "train")
     assert t["c"].to_pylist()[1] == 0 and t["x_missing"].to_pylist() == [0.0, 1.0, 0.0]
 
 
 def test_delimited_pieces_are_trimmed_when_stripping(tmp_path):
-    raw = tmp_path / "raw.csv"
-    raw.write_text("tags,y\n a|b ,1\na | b,0\nb|a,1\n")
     schema = "reader: {strip_whitespace: true}\ncategorical: [{name: tags, multi_valued: true, delimiter: '|'}]\n" \
              "tasks: [{name: y}]\n"
-    rc, out = _build(tmp_path, schema, f"train={raw}")
+    rc, out = _build_csv(tmp_path, "tags,y\n a|b ,1\na | b,0\nb|a,1\n", schema)
     assert rc == 0
     spec = FeatureSpec.load(out)
     assert sorted(spec.transforms["features"]["tags"]["values"]) == ["a", "b"]
