@@ -58,8 +58,11 @@ def check_alias(alias: str) -> None:
     """MLflow's own alias rules (allowed characters and length; `latest` in any case and `v<digits>` reserved), as a
     ValueError in one line."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
 
+    try:  # private helpers of MLflow's: a release without them leaves the check to the registry
+        from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+    except ImportError:
+        return
     try:
         _validate_model_alias_name(alias)
         _validate_model_alias_name_reserved(alias)
