@@ -192,6 +192,8 @@ class FeatureDataModule(L.LightningDataModule):
             # version lacks cannot be checked.
             now = self._batch_plan()
             changed = ", ".join(f"{k} {v} -> {now.get(k)}" for k, v in saved.items() if now.get(k) != v)
+            if "drop_last" not in saved and self.drop_last:  # older code kept another drop_last window
+                changed = ", ".join(filter(None, [changed, "drop_last window (saved by an older version)"]))
             if changed:
                 raise ValueError(
                     f"this checkpoint was written in the middle of epoch {self._epoch} ({done} batches per rank "

@@ -1,4 +1,4 @@
-"""The scoring job's `--input`: files and folders -> one flat list of Parquet files, each file once.
+"""The scoring job's `--input`: files and folders -> one flat list of files (Parquet, as read), each file once.
 
 A folder gives its files recursively, sorted, skipping any name (file or folder below it) that starts with "." or
 "_" (`_SUCCESS`, `.crc`, a writer's temporary file), as pyarrow's dataset discovery does. A file named explicitly is

@@ -47,10 +47,11 @@ class Scorer:
     def check_raw_columns(self, columns: list[str], source: str = "input") -> None:
         """Refuse feature Parquet: its features have their raw names, so it would be transformed a second time
         (ids looked up as raw values, standardized values standardized again) and score wrong without an error."""
-        found = sorted(self.feature_only.intersection(columns))
-        if found:
+        # all of them: feature Parquet always has every label and indicator column, while a wide raw table may
+        # happen to carry one such name (a precomputed label_click, the user's own age_missing flag)
+        if self.feature_only and self.feature_only <= set(columns):
             raise FeatureDataError(f"this looks like feature Parquet written by `mmoe-rec features` (it has the "
-                                   f"columns {found}); score raw rows", file=source)
+                                   f"columns {sorted(self.feature_only)}); score raw rows", file=source)
 
     @torch.no_grad()
     def score_table(self, table: pa.Table, source: str = "input", row_offset: int = 0) -> pa.Table:

@@ -6,7 +6,7 @@ Id columns keep their values exactly: files whose id columns are typed different
 every file converts to without loss (int32 and int64 as int64), found before scoring; ids that would change
 ("007" as 7) are an error naming the files. Files without rows give an output without rows.
 The output is written to a temporary file beside the target and renamed when complete; the row count out is
-checked against the row count in. `--input` takes files and folders together (a folder: its Parquet files,
+checked against the row count in. `--input` takes files and folders together (a folder: all its files,
 skipping names that start with "." or "_"); a file named twice is refused. An output that is an input file, lies
 inside an input folder or is a folder is refused before anything is read. Feature Parquet (written by
 `mmoe-rec features`) is refused: scoring transforms raw rows itself. A bad value is reported at its file and its
@@ -73,7 +73,11 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
         else:  # the registry's own spelling ("01" is version 1), and a version that is not there is named here
             version = client.get_model_version(name, version).version
     except MlflowException as e:  # not found: say in which store, the usual cause being the wrong one
-        raise MlflowException(f"{e.message.rstrip('.')} in {_store()}", error_code=e.error_code) from None
+        from mlflow.protos.databricks_pb2 import ErrorCode
+
+        # e.error_code is the code's name; the constructor takes its number (else INTERNAL_ERROR, HTTP 500)
+        raise MlflowException(f"{e.message.rstrip('.')} in {_store()}",
+                              error_code=ErrorCode.Value(e.error_code)) from None
     version = str(version)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     return loaded.unwrap_python_model().scorer, name, version

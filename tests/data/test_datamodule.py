@@ -334,3 +334,18 @@ def test_a_mid_epoch_resume_refuses_any_change_to_the_batch_order(make_feature_d
     same = FeatureDataModule(str(d), **kw)
     same.load_state_dict(mid_epoch)
     assert same._batches_to_skip(2) == 10
+
+
+def test_a_mid_epoch_drop_last_checkpoint_of_older_code_is_refused(make_feature_dir):
+    """Plans saved before 2026-12-06 hold no drop_last: with drop_last on, the older code kept another window of
+    rows, so its batches_done does not count batches of the current order."""
+    d = make_feature_dir("old_plan", rows={"train": 1001}, files_per_split={"train": 3}, row_group_size=97)
+    kw = dict(batch_size=32, num_workers=0, seed=4, drop_last=True)
+    state = FeatureDataModule(str(d), **kw).state_dict()
+    old_plan = {k: state["plan"][k] for k in ("world_size", "batch_size", "num_workers")}  # what older code saved
+    mid_epoch = {**state, "plan": old_plan, "epoch": 2, "batches_done": 10}
+    with pytest.raises(ValueError, match="drop_last window"):
+        FeatureDataModule(str(d), **kw).load_state_dict(mid_epoch)
+    without = FeatureDataModule(str(d), **{**kw, "drop_last": False})  # every row kept: the same order as before
+    without.load_state_dict(mid_epoch)
+    assert without._batches_to_skip(2) == 10
