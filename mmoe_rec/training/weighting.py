@@ -10,8 +10,9 @@
   the weighted task losses on the model's last shared layer W, G_t = ||grad_W w_t L_t||, move toward
   mean_t(G_t) * r_t^alpha, where r_t = (L_t / L_t(0)) / mean_s(L_s / L_s(0)) is the task's relative inverse
   training rate (L_t(0): its loss at the first step). The gradient-norm loss sum_t |G_t - target_t| (target held
-  constant) trains only w; the network trains on sum_t w_t L_t with w held constant; after every optimizer step
-  w is renormalized to sum to K. Costs one extra backward to W per task and step. Under DDP the gradients on W
+  constant) trains only w; the network trains on sum_t s_t w_t L_t with w held constant, s_t the static
+  task_weights, which multiply on top of w (G_t leaves them out, so w does not learn to undo them); after every
+  optimizer step w is renormalized to sum to K. Costs one extra backward to W per task and step. Under DDP the gradients on W
   and the losses are averaged over the ranks first (one all-reduce of K x |W| floats a step): the balance is that
   of the global batch the network trains on, and every rank computes the same w.
 """
@@ -130,11 +131,12 @@ class GradNorm(LossWeighting):
         static = self.static_weights  # (T,)
         raw = torch.stack([losses[t] for t in self.tasks]).float()  # (T,) unweighted task losses
         grads = torch.stack([self._layer_grad(losses[t], layer) for t in self.tasks])  # (T, |W|) grad_W L_t
-        seen = raw.detach()  # (T,)
+        seen = raw.detach().clone()  # (T,) a copy: the ranks' mean is taken in place
         if rank_mean is not None:  # the global batch's gradients and losses, the same on every rank
             grads, seen = rank_mean(grads), rank_mean(seen)
-        # ||grad_W (static_t L_t)|| per task; G_t = w_t * that (w_t is a scalar factor of the task's loss)
-        norms = grads.norm(dim=1) * static  # (T,)
+        # G_t = w_t ||grad_W L_t||: GradNorm balances the learnt w_t; the static weights multiply on top (measured
+        # on static_t L_t, w_t would learn to undo them, and a task weighted 0 would drag every target to 0)
+        norms = grads.norm(dim=1)  # (T,)
         with torch.no_grad():
             if torch.isnan(self.initial_losses).any():
                 self.initial_losses.copy_(seen.clamp_min(1e-12))

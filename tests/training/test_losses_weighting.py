@@ -123,8 +123,8 @@ def test_gradnorm_loss_value_and_gradients_match_the_paper_by_hand():
     w, static = torch.tensor([1.2, 0.8]), torch.tensor([1.0, 0.5])
     L = torch.stack([now["click"], now["watch"]]).detach()
     L0 = torch.stack([v for v in losses().values()]).detach()
-    norms = torch.stack([torch.autograd.grad(static[i] * v, W, retain_graph=True)[0].norm()
-                         for i, v in enumerate(losses(scale=0.5).values())])
+    norms = torch.stack([torch.autograd.grad(v, W, retain_graph=True)[0].norm()
+                         for v in losses(scale=0.5).values()])  # of the unweighted losses: static weights on top
     G = w * norms
     ratio = (L / L0)
     target = G.mean() * (ratio / ratio.mean()) ** 1.5
@@ -147,6 +147,26 @@ def test_gradnorm_renormalizes_and_lowers_the_weight_of_the_task_with_the_larger
         assert gn.task_weights.sum().item() == pytest.approx(2.0) and (gn.task_weights > 0).all()
     weights = gn.weights()
     assert weights["watch"] < 0.5 < 1.5 < weights["click"]  # watch's loss is 10x: its gradient norm is larger
+
+
+@pytest.mark.parametrize("static", [{"watch": 0.1}, {"watch": 0.0}])
+def test_gradnorm_keeps_the_static_task_weights_on_top_of_what_it_learns(static):
+    """Measured on static-weighted losses, w learnt to undo the static ratio, and a task weighted 0 dragged every
+    target (and after renormalization every effective weight) to 0."""
+    learnt = {}
+    for given in (None, static):
+        W, losses = _gradnorm_case(1)
+        gn = GradNorm(["click", "watch"], given, alpha=1.5)
+        opt = torch.optim.Adam(gn.parameters(), lr=0.05)
+        for _ in range(60):
+            opt.zero_grad()
+            gn(losses(), lambda: [W]).backward()
+            opt.step()
+            gn.after_optimizer_step()
+        learnt[given is None] = gn.task_weights.detach().clone()
+    assert gn.weights()["watch"] == pytest.approx(static["watch"] * float(learnt[False][1]), abs=1e-7)
+    torch.testing.assert_close(learnt[False], learnt[True])  # the same w with or without static weights
+    assert learnt[False][0] > 1.0  # click's weight still learnt, not driven to 0
 
 
 def test_gradnorm_is_refused_without_a_shared_layer_and_checks_alpha():
