@@ -24,8 +24,8 @@ What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo proces
 - row_wise, table_row_wise (and grid_shard): torchrec's EmbeddingBagCollectionSharder offers them only for
   compute device "cuda", so the planner finds no plan on CPU: they need GPUs (NCCL).
 - On GPUs any sharding needs fbgemm's CUDA kernels, which the pinned fbgemm-gpu-cpu does not have: install the
-  CUDA build fbgemm-gpu in its place (`require_fbgemm_kernels` refuses to shard without them). Never run here:
-  no GPU was available to this project's sessions.
+  CUDA build fbgemm-gpu in its place (`require_fbgemm_kernels` refuses to shard without them). Never run on a
+  GPU: the project's one GPU check (H100, 2026-11-24, README) did not cover sharding.
 
 Checkpoints: `lightning_module_state_dict` gathers every sharded table to rank 0 as a full tensor, so a
 checkpoint written under this strategy loads into an unsharded `MultiTaskModule` (for scoring / the registry).
