@@ -5,6 +5,9 @@
   3 dense features, id columns row_id (unique over all splits) and request_id (string).
   train 2000 rows in 2 files, valid 500, test 500; row groups of 300 rows (uneven last ones).
 - ``make_feature_dir``: factory ``make_feature_dir(name, rows={"train": n, ...}, ...) -> Path`` for other sizes.
+- every test (autouse ``no_state_left``): the process group a test's in-process DDP / sharded run initialized is
+  destroyed, the environment variables Lightning and MLflow set (MASTER_ADDR, ..., MLFLOW_TRACKING_URI,
+  MLFLOW_EXPERIMENT_ID) are restored and MLflow's global tracking URI is reset, so no test sees another's state.
 
 Labels depend on the features (click on d0 and the user, convert on click and the item), so a model trained
 on ``feature_dir`` should beat chance.
@@ -21,6 +24,29 @@ import pytest
 from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, SparseFeature, Task, label_column
 
 NUM_USERS, NUM_ITEMS, NUM_TAGS = 50, 30, 20
+STATE_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MLFLOW_TRACKING_URI",
+             "MLFLOW_EXPERIMENT_ID")
+
+
+@pytest.fixture(autouse=True)
+def no_state_left(monkeypatch):
+    import os
+    import sys
+
+    for name in STATE_ENV:  # recorded by monkeypatch, restored after the test whatever the test or MLflow did
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.setenv(name, "")
+            monkeypatch.delenv(name)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # e.g. a Trainer with the sharded strategy in-process
+        dist.destroy_process_group()
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)  # its module-level URI back to "from the environment"
 
 
 def feature_spec(with_weight: bool = False) -> FeatureSpec:

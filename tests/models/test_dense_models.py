@@ -294,17 +294,17 @@ def test_models_rebuild_from_class_path_and_state_dict():
         torch.testing.assert_close(again(b).logits[t], model(b).logits[t], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("cls,kwargs", [
-    (PLE, {"num_task_experts": 0, "num_shared_experts": 0}),
-    (PLE, {"num_levels": 0}),
-    (MMoE, {"gate": "sparsemax"}),
-    (MMoE, {"gate_temperature": 0.0}),
-    (OMoE, {"activation": "swish"}),
-    (SharedBottom, {"norm": "group"}),
-    (MMoE, {"tasks": ["nope"]}),
-    (MMoE, {"tasks": [TASKS[0], TASKS[0]]}),  # a second gate would overwrite the first's logits
-    (PLE, {"tasks": [TASKS[1], TASKS[1]]}),
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (PLE, {"num_task_experts": 0, "num_shared_experts": 0}, "at least one expert per gate"),
+    (PLE, {"num_levels": 0}, "num_levels must be >= 1"),
+    (MMoE, {"gate": "sparsemax"}, "unknown gate 'sparsemax'"),
+    (MMoE, {"gate_temperature": 0.0}, "temperature must be > 0"),
+    (OMoE, {"activation": "swish"}, "unknown activation 'swish'"),
+    (SharedBottom, {"norm": "group"}, "unknown norm 'group'"),
+    (MMoE, {"tasks": ["nope"]}, r"unknown task\(s\) \['nope'\]"),
+    (MMoE, {"tasks": [TASKS[0], TASKS[0]]}, "name a task twice"),  # a second gate would overwrite the first's
+    (PLE, {"tasks": [TASKS[1], TASKS[1]]}, "name a task twice"),
 ])
-def test_bad_configuration_is_rejected(cls, kwargs):
-    with pytest.raises(ValueError):
+def test_bad_configuration_is_rejected(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
         cls(spec(), **kwargs)

@@ -105,14 +105,14 @@ def test_without_dense_features_the_output_is_the_pooled_embeddings():
     assert out.shape == (3, 9) and front.output_dim == 9
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"embedding_dims": {"nope": 3}},
-    {"pooling": {"nope": "sum"}},
-    {"pooling": "max"},
-    {"embedding_dim": 0},
+@pytest.mark.parametrize("kwargs,match", [
+    ({"embedding_dims": {"nope": 3}}, "embedding_dims names unknown sparse feature"),
+    ({"pooling": {"nope": "sum"}}, "pooling names unknown sparse feature"),
+    ({"pooling": "max"}, "pooling of 'user' must be one of"),
+    ({"embedding_dim": 0}, "embedding dim of 'user' must be >= 1"),
 ])
-def test_bad_configuration_is_rejected(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_configuration_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         EmbeddingFront(spec(), **kwargs)
 
 
@@ -219,7 +219,7 @@ def test_fused_table_refuses_an_id_outside_its_features_table(keys, bad_id):
     with pytest.raises(IndexError, match=rf"'user': id {bad_id}.*6 rows"):
         front(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))
     per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=False)
-    with pytest.raises(Exception):  # the per-table layout refuses it too (torchrec's own error)
+    with pytest.raises(RuntimeError, match="not in the valid range"):  # the per-table layout: torchrec's own error
         per_table(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))
 
 

@@ -143,9 +143,12 @@ def test_parameter_layout_matches_the_sparse_stacked_experts():
     torch.testing.assert_close(sparse.forward_all(x), dense(x).transpose(0, 1))
 
 
-@pytest.mark.parametrize("kwargs", [{"num_experts": 0}, {"hidden": []}, {"activation": "swish"}, {"norm": "group"},
-                                    {"dropout": 1.0}])
-def test_bad_configuration_is_rejected(kwargs):
+@pytest.mark.parametrize("kwargs,match", [
+    ({"num_experts": 0}, "num_experts must be >= 1"), ({"hidden": []}, "at least one layer"),
+    ({"activation": "swish"}, "unknown activation 'swish'"), ({"norm": "group"}, "unknown norm 'group'"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+])
+def test_bad_configuration_is_rejected(kwargs, match):
     args = {"num_experts": 2, "in_dim": 3, "hidden": [4], **kwargs}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         ExpertStack(args.pop("num_experts"), args.pop("in_dim"), args.pop("hidden"), **args)

@@ -94,14 +94,16 @@ def test_records_hold_the_used_weights_and_probabilities_detached():
     assert r.chosen.shape == (7, 1) and torch.equal(r.chosen[:, 0], p[:, 0].argmax(-1))
 
 
-@pytest.mark.parametrize("kwargs", [{"kind": "sparsemax"}, {"temperature": 0.0}, {"num_gates": 0}])
-def test_bad_configuration_is_rejected(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs,match", [({"kind": "sparsemax"}, "unknown gate 'sparsemax'"),
+                                          ({"temperature": 0.0}, "temperature must be > 0"),
+                                          ({"num_gates": 0}, "num_gates >= 1")])
+def test_bad_configuration_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
         DenseGates(3, 4, **kwargs)
 
 
 def test_wrong_input_shape_is_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"gate input must be \(B, 3\)"):
         DenseGates(3, 4, num_gates=2)(torch.randn(3, 5, 3))
 
 

@@ -473,7 +473,8 @@ def test_model_version_is_the_registrys_number_as_typed_otherwise(rec_data, pack
         resolve_model("models:/absent/latest")
 
 
-def test_feature_parquet_is_refused_but_a_raw_label_column_called_label_task_is_not(rec_data, package, tmp_path):
+def test_feature_parquet_is_refused_but_a_raw_label_column_called_label_task_is_not(rec_data, package, tracking,
+                                                                                    tmp_path):
     import copy
     import dataclasses
 

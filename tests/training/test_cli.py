@@ -118,7 +118,7 @@ def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, in_tmp,
     start = time.monotonic()
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                      "--data.init_args.data_dir", str(feature_dir)], capsys)
-    assert "unreachable" in msg and time.monotonic() - start < 20
+    assert "unreachable" in msg and time.monotonic() - start < 60  # a hang guard, not a speed test
 
 
 def test_committed_configs_keep_the_best_and_the_latest_epoch(feature_dir, in_tmp):

