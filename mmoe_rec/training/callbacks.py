@@ -196,6 +196,9 @@ class RoutingMonitor(L.Callback):
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
             matrices = {kind: {"tasks": list(names), "matrix": mat.tolist()}
                         for kind, (names, mat) in self._epoch.relatedness().items()}
+            grad_cosine = getattr(pl_module, "last_grad_cosine", None)  # the epoch's last gradient probe
+            if grad_cosine is not None:
+                matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": grad_cosine[1].tolist()}
             if matrices:
                 log_json(trainer.logger, matrices, f"relatedness/epoch_{trainer.current_epoch:03d}.json")
         if self.plots and trainer.is_global_zero:

@@ -26,7 +26,7 @@ from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
 from mmoe_rec.training.sharding import register_strategy
-from mmoe_rec.training.tracking import log_run_files
+from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files
 
 DEFAULT_LOGGER = {
     "class_path": "mmoe_rec.training.tracking.MLflowTracker",
@@ -107,8 +107,16 @@ class MultiTaskCLI(LightningCLI):
             if isinstance(module_args.get(key), dict) and "class_path" in module_args[key]:
                 # a dotted override sits beside class_path in the parsed dict: log the settings the run used
                 module_args[key] = component_config(module_args[key], key, own)
-        log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
-                      getattr(self.datamodule, "data_dir", None))
+        from mlflow.exceptions import MlflowException
+
+        try:  # the run's first call to the store: a server that answers but is no MLflow fails here
+            log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
+                          getattr(self.datamodule, "data_dir", None))
+        except MlflowException as e:
+            import mlflow
+
+            raise TrackingUnavailable(f"MLflow tracking store {mlflow.get_tracking_uri()} refused the run's first "
+                                      f"call (is it an MLflow tracking server?): {e.message[:300]}") from e
 
     def _before(self, splits: tuple[str, ...]) -> None:
         check_data_for_module(self.datamodule, self.model, splits)

@@ -62,6 +62,9 @@ def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, ca
     label = matrices["label_corr"]
     assert label["tasks"] == ["click", "convert"] and label["matrix"][0][0] == pytest.approx(1.0)
     assert label["matrix"][0][1] == pytest.approx(run.data.metrics["relatedness/epoch/label_corr/click.vs.convert"])
+    grad = matrices["grad_cos"]  # the epoch's last gradient probe (step 0 here) as numbers too, not only drawn
+    assert grad["tasks"] == ["click", "convert"] and grad["matrix"][0][0] == pytest.approx(1.0)
+    assert grad["matrix"][0][1] == pytest.approx(run.data.metrics["relatedness/grad_cos/click.vs.convert"])
     logged = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(in_tmp))))
     assert logged["model"]["init_args"]["model"]["init_args"]["num_experts"] == 16
     optimizer = logged["model"]["init_args"]["optimizer"]  # the override where it took effect, not beside it
@@ -119,6 +122,37 @@ def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, in_tmp,
     msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                      "--data.init_args.data_dir", str(feature_dir)], capsys)
     assert "unreachable" in msg and time.monotonic() - start < 60  # a hang guard, not a speed test
+
+
+def test_a_server_that_answers_but_is_no_mlflow_is_named_as_the_tracking_store(feature_dir, in_tmp, monkeypatch):
+    """Its /health probe gets an answer (404 here), so the run's first store call is where it fails: the error
+    names the store instead of passing on MLflow's raw 'API request ... failed with error code 404'."""
+    import http.server
+    import threading
+
+    from mmoe_rec.training.tracking import TrackingUnavailable
+
+    class NotMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_error(404)
+
+        do_POST = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotMlflow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        with pytest.raises(TrackingUnavailable, match=f"MLflow tracking store {uri} .*is it an MLflow tracking server"):
+            run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                               "--data.init_args.data_dir", str(feature_dir)])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_committed_configs_keep_the_best_and_the_latest_epoch(feature_dir, in_tmp):
