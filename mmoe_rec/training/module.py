@@ -153,6 +153,7 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_batches = 0
         self._epoch_rows = 0
         self._grad_similarity_step: int | None = None  # the last step the gradient probe ran at
+        self._sharded_probe_said = False  # the sharded-embedding probe's warning, once
         self._resumed_epoch: int | None = None  # epoch of the checkpoint a fit resumed from (on_load_checkpoint)
 
     def forward(self, batch: Batch) -> ModelOutput:
@@ -215,15 +216,19 @@ class MultiTaskModule(L.LightningModule):
 
         Under DDP each task's gradient is summed over the ranks first (one all-reduce of T x shared-parameter
         floats every `grad_similarity_every` steps): the cosine of the global batch's gradients, not of rank 0's.
-        Under the sharded-embedding strategy the ranks hold different table shards, so there is no common vector
-        to sum; the probe is skipped there (with a warning)."""
+        Under the sharded-embedding strategy the ranks hold different table shards (trained inside the backward by
+        fbgemm, no gradient to read), so the cosine there covers the dense shared parameters only (experts, shared
+        bottom, ...: replicated on every rank), without the embedding tables (said once in a warning)."""
         trainer = self.trainer
         distributed = trainer.world_size > 1
-        if distributed and isinstance(trainer.strategy, ShardedEmbeddingStrategy):
-            rank_zero_warn("grad_similarity_every is not supported under the sharded-embedding strategy; skipped")
-            self.grad_similarity_every = 0
-            return
         params = [p for p in self.model.shared_parameters() if p.requires_grad]
+        if isinstance(trainer.strategy, ShardedEmbeddingStrategy):
+            tables = {id(p) for p in self.model.front.parameters()}
+            params = [p for p in params if id(p) not in tables]
+            if not self._sharded_probe_said:
+                self._sharded_probe_said = True
+                rank_zero_warn("under the sharded-embedding strategy the loss-gradient cosine (relatedness/grad_cos) "
+                               "covers the dense shared parameters only, not the sharded embedding tables")
         if not params:
             return
         per_task = []
