@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -56,6 +57,10 @@ def _report(e: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if importlib.util.find_spec("torchrec") is None:  # not a declared dependency: pip would pull CUDA fbgemm-gpu
+        print("error: torchrec is not installed; install it without its dependencies (the CPU fbgemm is pinned): "
+              "pip install --no-deps torchrec==1.8.0 (README, set-up)", file=sys.stderr)
+        return 1
     from mmoe_rec import malloc
 
     malloc.apply_from_env()  # before the first large tensor: training and scoring reuse freed memory

@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=2)
     args = p.parse_args(argv)
+    if not (ROOT / "configs" / "features" / "synthetic_rec.yaml").is_file():  # a wheel ships the code only
+        print(f"error: the demo reads configs/ of a source checkout, and {ROOT} has none (the package is installed "
+              "without it): run it from a clone of the repository (`make demo`)", file=sys.stderr)
+        return 1
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)

@@ -1,0 +1,23 @@
+"""The entry points outside a full set-up: without torchrec, and the demo without a source checkout's configs."""
+from __future__ import annotations
+
+import importlib.util
+
+
+def test_mmoe_rec_without_torchrec_says_how_to_install_it_in_one_line(capsys, monkeypatch):
+    from mmoe_rec import cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchrec" else find_spec(name, *a))
+    assert cli.main(["score", "--help"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: torchrec is not installed") and "pip install --no-deps torchrec==1.8.0" in err
+
+
+def test_the_demo_outside_a_checkout_stops_before_doing_anything(tmp_path, capsys, monkeypatch):
+    from mmoe_rec import demo
+
+    monkeypatch.setattr(demo, "ROOT", tmp_path / "site-packages")  # where a wheel install puts the package's parent
+    assert demo.main(["--workdir", str(tmp_path / "work"), "--rows", "100"]) == 1
+    assert "run it from a clone of the repository" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # no synthetic data written first
