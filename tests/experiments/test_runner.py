@@ -11,11 +11,11 @@ MODEL = {"class_path": "mmoe_rec.models.mmoe.MMoE",
          "init_args": {"embedding_dim": 4, "num_experts": 2, "expert_hidden": [8], "tower_hidden": [4]}}
 
 
-def _mmoe():
-    from conftest import feature_spec
+def _mmoe(feature_dir):
+    from mmoe_rec.features.spec import FeatureSpec
     from mmoe_rec.models.mmoe import MMoE
 
-    return MMoE(feature_spec(), **MODEL["init_args"])
+    return MMoE(FeatureSpec.load(feature_dir / "spec.json"), **MODEL["init_args"])
 
 
 def test_fixed_epochs_train_every_epoch_and_report_the_training_split_too(feature_dir):
@@ -25,7 +25,7 @@ def test_fixed_epochs_train_every_epoch_and_report_the_training_split_too(featur
     for task in ("click", "convert"):  # the labels follow the features: the tested weights learnt (0.74 / 0.67 seen)
         assert r[f"test/{task}/auc"] > 0.6 and r[f"train_eval/{task}/auc"] > 0.6
         assert 0 < r[f"train_eval/{task}/logloss"] < 0.7
-    assert r["params"] == sum(p.numel() for p in _mmoe().parameters())
+    assert r["params"] == sum(p.numel() for p in _mmoe(feature_dir).parameters())
     assert "best_monitor" not in r  # no checkpoint was chosen: the final weights were tested
 
 

@@ -135,17 +135,25 @@ def test_gradnorm_loss_value_and_gradients_match_the_paper_by_hand():
     assert gn.last_gradnorm_loss.item() == pytest.approx(float((G - target).abs().sum()), rel=1e-6)
 
 
-def test_gradnorm_renormalizes_and_lowers_the_weight_of_the_task_with_the_larger_gradient():
+def _train_gradnorm_weights(gn: GradNorm, steps: int, each_step=lambda gn: None) -> GradNorm:
+    """Adam on GradNorm's weights alone over the fixed two-task case, renormalizing after every step."""
     W, losses = _gradnorm_case(1)
-    gn = GradNorm(["click", "watch"], alpha=0.0)  # alpha 0: equal gradient norms are the target
     opt = torch.optim.Adam(gn.parameters(), lr=0.05)
-    for _ in range(30):
+    for _ in range(steps):
         opt.zero_grad()
         gn(losses(), lambda: [W]).backward()
         opt.step()
         gn.after_optimizer_step()
+        each_step(gn)
+    return gn
+
+
+def test_gradnorm_renormalizes_and_lowers_the_weight_of_the_task_with_the_larger_gradient():
+    def renormalized(gn):
         assert gn.task_weights.sum().item() == pytest.approx(2.0) and (gn.task_weights > 0).all()
-    weights = gn.weights()
+
+    # alpha 0: equal gradient norms are the target
+    weights = _train_gradnorm_weights(GradNorm(["click", "watch"], alpha=0.0), 30, renormalized).weights()
     assert weights["watch"] < 0.5 < 1.5 < weights["click"]  # watch's loss is 10x: its gradient norm is larger
 
 
@@ -155,14 +163,7 @@ def test_gradnorm_keeps_the_static_task_weights_on_top_of_what_it_learns(static)
     target (and after renormalization every effective weight) to 0."""
     learnt = {}
     for given in (None, static):
-        W, losses = _gradnorm_case(1)
-        gn = GradNorm(["click", "watch"], given, alpha=1.5)
-        opt = torch.optim.Adam(gn.parameters(), lr=0.05)
-        for _ in range(60):
-            opt.zero_grad()
-            gn(losses(), lambda: [W]).backward()
-            opt.step()
-            gn.after_optimizer_step()
+        gn = _train_gradnorm_weights(GradNorm(["click", "watch"], given, alpha=1.5), 60)
         learnt[given is None] = gn.task_weights.detach().clone()
     assert gn.weights()["watch"] == pytest.approx(static["watch"] * float(learnt[False][1]), abs=1e-7)
     torch.testing.assert_close(learnt[False], learnt[True])  # the same w with or without static weights
