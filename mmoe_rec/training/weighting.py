@@ -117,7 +117,7 @@ class GradNorm(LossWeighting):
         if not alpha >= 0:
             raise ValueError(f"gradnorm alpha must be >= 0, got {alpha}")
         self.alpha = alpha
-        self.task_weights = nn.Parameter(torch.ones(len(self.tasks)))  # (T,) w_t, learnt; sum kept at T
+        self.learnt_weights = nn.Parameter(torch.ones(len(self.tasks)))  # (T,) w_t, learnt; sum kept at T
         self.register_buffer("static_weights", torch.tensor([self.static[t] for t in self.tasks]), persistent=False)
         # L_t(0), set at the first training step; a buffer, so a resumed run keeps its reference losses
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # (T,)
@@ -142,10 +142,10 @@ class GradNorm(LossWeighting):
                 self.initial_losses.copy_(seen.clamp_min(1e-12))
             ratio = seen / self.initial_losses  # (T,) L_t / L_t(0)
             rate = ratio / ratio.mean()  # (T,) relative inverse training rate r_t
-            target = (self.task_weights * norms).mean() * rate ** self.alpha  # (T,) held constant
-        gradnorm_loss = (self.task_weights * norms - target).abs().sum()  # trains w only (norms, target constant)
+            target = (self.learnt_weights * norms).mean() * rate ** self.alpha  # (T,) held constant
+        gradnorm_loss = (self.learnt_weights * norms - target).abs().sum()  # trains w only (norms, target constant)
         self.last_gradnorm_loss = gradnorm_loss.detach()
-        weighted = (static * self.task_weights.detach() * raw).sum()  # trains the network, w constant
+        weighted = (static * self.learnt_weights.detach() * raw).sum()  # trains the network, w constant
         # the value is the weighted task loss (what train/task_loss reports); the gradient also carries w's
         return weighted + (gradnorm_loss - gradnorm_loss.detach())
 
@@ -160,14 +160,14 @@ class GradNorm(LossWeighting):
                           for g, p in zip(grads, layer)])
 
     def weights(self) -> dict[str, float]:
-        w = self.task_weights.detach().float().cpu()
+        w = self.learnt_weights.detach().float().cpu()
         return {t: self.static[t] * float(w[i]) for i, t in enumerate(self.tasks)}
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         # w > 0 and sum_t w_t = T, as in the paper (renormalized after each update)
-        w = self.task_weights.clamp_min(1e-6)
-        self.task_weights.copy_(w * (len(self.tasks) / w.sum()))
+        w = self.learnt_weights.clamp_min(1e-6)
+        self.learnt_weights.copy_(w * (len(self.tasks) / w.sum()))
 
 
 def make_weighting(

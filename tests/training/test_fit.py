@@ -195,7 +195,7 @@ def test_gradnorm_fit_logs_its_weights_and_loss_and_keeps_them_summing_to_the_ta
     trainer.fit(module, dm)
     m = mlflow_run(in_tmp / "mlflow.db")[0].data.metrics
     assert {"train/gradnorm_loss", "train/click/weight", "train/convert/weight"} <= set(m)
-    w = module.weighting.task_weights.detach()
+    w = module.weighting.learnt_weights.detach()
     assert w.sum().item() == pytest.approx(2.0) and not torch.equal(w, torch.ones(2))
     assert not torch.isnan(module.weighting.initial_losses).any()
 

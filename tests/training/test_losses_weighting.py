@@ -113,9 +113,9 @@ def test_gradnorm_loss_value_and_gradients_match_the_paper_by_hand():
     W, losses = _gradnorm_case()
     gn = GradNorm(["click", "watch"], {"watch": 0.5}, alpha=1.5)
     with torch.no_grad():
-        gn.task_weights.copy_(torch.tensor([1.2, 0.8]))
+        gn.learnt_weights.copy_(torch.tensor([1.2, 0.8]))
     gn(losses(), lambda: [W])  # the first step sets L(0)
-    gn.task_weights.grad = None
+    gn.learnt_weights.grad = None
     W.grad = None
     now = losses(scale=0.5)  # click's loss halved since L(0): it trains faster, r_click < 1
     out = gn(now, lambda: [W])
@@ -129,7 +129,7 @@ def test_gradnorm_loss_value_and_gradients_match_the_paper_by_hand():
     ratio = (L / L0)
     target = G.mean() * (ratio / ratio.mean()) ** 1.5
     assert out.item() == pytest.approx(float((static * w * L).sum()), rel=1e-6)  # value: the weighted task loss
-    torch.testing.assert_close(gn.task_weights.grad, torch.sign(G - target) * norms)  # d/dw sum |G - target|
+    torch.testing.assert_close(gn.learnt_weights.grad, torch.sign(G - target) * norms)  # d/dw sum |G - target|
     ref_W = torch.autograd.grad((static * w * torch.stack(list(losses(scale=0.5).values()))).sum(), W)[0]
     torch.testing.assert_close(W.grad, ref_W)  # the network trains on sum w L with w held constant
     assert gn.last_gradnorm_loss.item() == pytest.approx(float((G - target).abs().sum()), rel=1e-6)
@@ -150,7 +150,7 @@ def _train_gradnorm_weights(gn: GradNorm, steps: int, each_step=lambda gn: None)
 
 def test_gradnorm_renormalizes_and_lowers_the_weight_of_the_task_with_the_larger_gradient():
     def renormalized(gn):
-        assert gn.task_weights.sum().item() == pytest.approx(2.0) and (gn.task_weights > 0).all()
+        assert gn.learnt_weights.sum().item() == pytest.approx(2.0) and (gn.learnt_weights > 0).all()
 
     # alpha 0: equal gradient norms are the target
     weights = _train_gradnorm_weights(GradNorm(["click", "watch"], alpha=0.0), 30, renormalized).weights()
@@ -164,7 +164,7 @@ def test_gradnorm_keeps_the_static_task_weights_on_top_of_what_it_learns(static)
     learnt = {}
     for given in (None, static):
         gn = _train_gradnorm_weights(GradNorm(["click", "watch"], given, alpha=1.5), 60)
-        learnt[given is None] = gn.task_weights.detach().clone()
+        learnt[given is None] = gn.learnt_weights.detach().clone()
     assert gn.weights()["watch"] == pytest.approx(static["watch"] * float(learnt[False][1]), abs=1e-7)
     torch.testing.assert_close(learnt[False], learnt[True])  # the same w with or without static weights
     assert learnt[False][0] > 1.0  # click's weight still learnt, not driven to 0
@@ -220,7 +220,7 @@ def _gradnorm_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> 
             gn.zero_grad()
             gn(_gradnorm_losses(W * (1 + step), x1[mine], x2[mine]), lambda: [W], rank_mean).backward()
         if rank == 0:
-            torch.save(gn.module.task_weights.grad, out_file)
+            torch.save(gn.module.learnt_weights.grad, out_file)
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
@@ -238,4 +238,4 @@ def test_under_ddp_gradnorm_balances_the_global_batch_as_one_process_would(tmp_p
     for step in range(2):
         gn.zero_grad()
         gn(_gradnorm_losses(W * (1 + step), x1, x2), lambda: [W]).backward()
-    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), gn.task_weights.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), gn.learnt_weights.grad, rtol=1e-5, atol=1e-7)
