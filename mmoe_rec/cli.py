@@ -57,7 +57,9 @@ def _report(e: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if importlib.util.find_spec("torchrec") is None:  # not a declared dependency: pip would pull CUDA fbgemm-gpu
+    needs_torchrec = bool(argv) and argv[0] in (*LIGHTNING_SUBCOMMANDS, "register", "score") \
+        and not {"-h", "--help"} & set(argv[1:])
+    if needs_torchrec and importlib.util.find_spec("torchrec") is None:  # not declared: pip would pull CUDA fbgemm
         print("error: torchrec is not installed; install it without its dependencies (the CPU fbgemm is pinned): "
               "pip install --no-deps torchrec==1.8.0 (README, set-up)", file=sys.stderr)
         return 1

@@ -115,8 +115,9 @@ class MultiTaskCLI(LightningCLI):
         except MlflowException as e:
             import mlflow
 
+            # from None: the CLI prints the last user error of a chain, which would be MLflow's raw text again
             raise TrackingUnavailable(f"MLflow tracking store {mlflow.get_tracking_uri()} refused the run's first "
-                                      f"call (is it an MLflow tracking server?): {e.message[:300]}") from e
+                                      f"call (is it an MLflow tracking server?): {e.message[:300]}") from None
 
     def _before(self, splits: tuple[str, ...]) -> None:
         check_data_for_module(self.datamodule, self.model, splits)

@@ -265,6 +265,7 @@ class MultiTaskModule(L.LightningModule):
                              "there); use it with plain DDP, or another weighting")
 
     def on_train_epoch_start(self) -> None:
+        self.last_grad_cosine = None  # an epoch without a probe reports none, not an earlier epoch's
         resumed, self._resumed_epoch = self._resumed_epoch, None
         if resumed == self.current_epoch:  # resumed mid-epoch: the totals of the batches before came with it
             return

@@ -149,6 +149,12 @@ class GradNorm(LossWeighting):
         # the value is the weighted task loss (what train/task_loss reports); the gradient also carries w's
         return weighted + (gradnorm_loss - gradnorm_loss.detach())
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints of the first GradNorm (2026-12-06, one hour) named the learnt weights "task_weights"
+        if prefix + "task_weights" in state_dict and prefix + "learnt_weights" not in state_dict:
+            state_dict[prefix + "learnt_weights"] = state_dict.pop(prefix + "task_weights")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @staticmethod
     def _layer_grad(loss: torch.Tensor, layer: list[nn.Parameter]) -> torch.Tensor:
         """grad_W loss flattened, (|W|,) float32, detached: a constant of the gradient-norm loss (no second-order

@@ -124,7 +124,8 @@ def test_unreachable_tracking_server_is_an_error_not_a_hang(feature_dir, in_tmp,
     assert "unreachable" in msg and time.monotonic() - start < 60  # a hang guard, not a speed test
 
 
-def test_a_server_that_answers_but_is_no_mlflow_is_named_as_the_tracking_store(feature_dir, in_tmp, monkeypatch):
+def test_a_server_that_answers_but_is_no_mlflow_is_named_as_the_tracking_store(feature_dir, in_tmp, monkeypatch,
+                                                                                capsys):
     """Its /health probe gets an answer (404 here), so the run's first store call is where it fails: the error
     names the store instead of passing on MLflow's raw 'API request ... failed with error code 404'."""
     import http.server
@@ -146,10 +147,16 @@ def test_a_server_that_answers_but_is_no_mlflow_is_named_as_the_tracking_store(f
     uri = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    args = ["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+            "--data.init_args.data_dir", str(feature_dir)]
     try:
         with pytest.raises(TrackingUnavailable, match=f"MLflow tracking store {uri} .*is it an MLflow tracking server"):
-            run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
-                               "--data.init_args.data_dir", str(feature_dir)])
+            run_lightning_cli(args)
+        from mmoe_rec.cli import main
+
+        monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+        assert main(args) == 1  # and the command prints that, not MLflow's raw text from further down the chain
+        assert capsys.readouterr().err.startswith(f"error: MLflow tracking store {uri} refused")
     finally:
         server.shutdown()
         server.server_close()

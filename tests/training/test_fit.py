@@ -219,6 +219,24 @@ def test_gradnorm_is_refused_under_the_sharded_embedding_strategy(feature_dir, t
         trainer.fit(module, dm)
 
 
+def test_an_epoch_without_a_gradient_probe_reports_no_gradient_cosine(feature_dir, in_tmp):
+    """The probe runs at step 0 only (every 100 steps, 3 steps an epoch): epoch 1's relatedness JSON must not
+    repeat epoch 0's gradient cosine under its own number."""
+    import json
+
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    module = module_for(dm, grad_similarity_every=100)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, log_every_n_steps=1,
+                        logger=MLflowTracker(), callbacks=[RoutingMonitor(every_n_steps=1, plots=False)],
+                        enable_checkpointing=False, **FAST)
+    trainer.fit(module, dm)
+    run, client = mlflow_run(in_tmp / "mlflow.db")
+    epochs = [json.load(open(client.download_artifacts(run.info.run_id, f"relatedness/epoch_00{e}.json", str(in_tmp))))
+              for e in (0, 1)]
+    assert "grad_cos" in epochs[0] and "grad_cos" not in epochs[1]
+
+
 class MicroBatchLoads(L.Callback):
     """After each training batch: every gate's load in that batch (from the step's output) and its bias."""
 

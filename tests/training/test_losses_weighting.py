@@ -239,3 +239,13 @@ def test_under_ddp_gradnorm_balances_the_global_batch_as_one_process_would(tmp_p
         gn.zero_grad()
         gn(_gradnorm_losses(W * (1 + step), x1, x2), lambda: [W]).backward()
     torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), gn.learnt_weights.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_gradnorm_loads_the_state_of_its_first_version():
+    """The learnt weights were saved as "task_weights" for an hour on 2026-12-06: such checkpoints still load."""
+    gn = _train_gradnorm_weights(GradNorm(["click", "watch"]), 3)
+    state = {("task_weights" if k == "learnt_weights" else k): v for k, v in gn.state_dict().items()}
+    again = GradNorm(["click", "watch"])
+    again.load_state_dict(state)  # strict
+    torch.testing.assert_close(again.learnt_weights, gn.learnt_weights)
+    torch.testing.assert_close(again.initial_losses, gn.initial_losses)
