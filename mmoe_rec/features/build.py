@@ -56,6 +56,7 @@ from mmoe_rec.features.sources import column_types, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import output_dir_problem, replace_dir
+from mmoe_rec.paths import first_repeated_file
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
@@ -355,14 +356,10 @@ def group_by_split(table: pa.Table, split: np.ndarray) -> list[tuple[int, pa.Tab
 def _refuse_repeated_files(sources: list[Source]) -> None:
     """A file named by two inputs (or twice by one glob list) would be read twice: its rows duplicated, or the same
     rows in train and in valid / test."""
-    seen: dict[str, str] = {}
-    for src in sources:
-        for f in src.files:
-            real = os.path.realpath(f)
-            if real in seen:
-                raise FeatureDataError(f"the input file is given twice ({seen[real]!r} and {f!r}): its rows would be "
-                                       "read twice, duplicated or in two splits", file=f)
-            seen[real] = f
+    repeated = first_repeated_file(f for src in sources for f in src.files)
+    if repeated:
+        raise FeatureDataError(f"the input file is given twice ({repeated[0]!r} and {repeated[1]!r}): its rows would "
+                               "be read twice, duplicated or in two splits", file=repeated[1])
 
 
 def _refuse_inputs_in_output(sources: list[Source], output: Path) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from mmoe_rec.paths import first_repeated_file
+
 
 def _folder_files(folder: str) -> list[str]:
     files, visited = [], set()
@@ -38,11 +40,8 @@ def expand_inputs(inputs: str | os.PathLike | list) -> list[str]:
 
 def refuse_repeated_files(files: list[str]) -> None:
     """A file read twice would be scored twice: duplicated rows that the row-count check counts as expected."""
-    seen: dict[str, str] = {}
-    for f in files:
-        real = os.path.realpath(f)
-        if real in seen:
-            raise ValueError(f"the input file is given twice ({seen[real]!r} and {f!r}): its rows would be scored "
-                             "twice; name each file once")
-        seen[real] = f
+    repeated = first_repeated_file(files)
+    if repeated:
+        raise ValueError(f"the input file is given twice ({repeated[0]!r} and {repeated[1]!r}): its rows would be "
+                         "scored twice; name each file once")
 

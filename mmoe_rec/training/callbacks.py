@@ -193,16 +193,16 @@ class RoutingMonitor(L.Callback):
             return
         step = trainer.global_step
         self._log(trainer, self._epoch.metrics("experts/epoch", "relatedness/epoch"), step)
+        grad_cosine = getattr(pl_module, "last_grad_cosine", None)  # the epoch's last gradient probe, if it had one
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
             matrices = {kind: {"tasks": list(names), "matrix": mat.tolist()}
                         for kind, (names, mat) in self._epoch.relatedness().items()}
-            grad_cosine = getattr(pl_module, "last_grad_cosine", None)  # the epoch's last gradient probe
             if grad_cosine is not None:
                 matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": grad_cosine[1].tolist()}
             if matrices:
                 log_json(trainer.logger, matrices, f"relatedness/epoch_{trainer.current_epoch:03d}.json")
         if self.plots and trainer.is_global_zero:
-            self.write_plots(trainer.logger, self._epoch, getattr(pl_module, "last_grad_cosine", None))
+            self.write_plots(trainer.logger, self._epoch, grad_cosine)
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float], step: int) -> None:

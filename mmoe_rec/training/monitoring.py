@@ -79,8 +79,12 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a, b), whatever their scale (gradients of 1e-6 are as aligned as gradients of 1); 0 if either is 0."""
     a, b = a.double().flatten(), b.double().flatten()
-    den = a.norm() * b.norm()
-    return torch.where(den > 0, (a @ b) / den.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return _ratio_or_zero(a @ b, a.norm() * b.norm())
+
+
+def _ratio_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den where den > 0, else 0 (float64; no epsilon, which would shrink ratios of small numbers)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
 
 
 def pairwise_matrix(vectors: dict[str, torch.Tensor], fn) -> tuple[list[str], torch.Tensor]:
@@ -111,8 +115,7 @@ def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
     # A constant label's variance is rounding noise of E[y^2] - E[y]^2: zero, judged against E[y^2], not against an
     # absolute epsilon (labels of scale 1e-6 have variances of 1e-12 and are as correlated as labels of scale 1).
     sd = torch.where(var > 1e-12 * second.diagonal(), var.clamp_min(0).sqrt(), 0.0)  # (T,)
-    den = torch.outer(sd, sd)
-    corr = torch.where(den > 0, cov / den.clamp_min(torch.finfo(torch.float64).tiny), 0.0).clamp(-1.0, 1.0)
+    corr = _ratio_or_zero(cov, torch.outer(sd, sd)).clamp(-1.0, 1.0)
     return list(sums.tasks), corr
 
 
