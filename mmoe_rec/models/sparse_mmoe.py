@@ -17,7 +17,8 @@ logit_t = tower_t(mixed_t)
   None (dropless): with a limit, which of a row's choices fit depends on the other rows of the batch, so a row's
   score would change with the batch it is scored in.
 - Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
-  cf = capacity_factor or k. A row that no expert took counts as dropped (GateRecord.dropped counts rows, out of
+  cf = (capacity_factor or k) · fine_grained: like k, capacity_factor counts experts before the fine-grained
+  split, so that m·cf of the split experts take a row on average (the compute of cf unsplit ones). A row that no expert took counts as dropped (GateRecord.dropped counts rows, out of
   T, not assignments) and gets the fallback with weight 1. Its record carries the (T, E) assignment mask
   (GateRecord.assigned) instead of `chosen`. At evaluation it is token-choice top-k and dropless:
   eval_capacity_factor is refused with it.
@@ -49,6 +50,7 @@ from mmoe_rec.nn.dispatch import (
 from mmoe_rec.nn.embedding import EmbeddingFront
 from mmoe_rec.nn.routing import ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Routing, SwitchRouter
 from mmoe_rec.nn.routing_record import GateRecord
+from mmoe_rec.nn.softmax import softmax_last_dim
 from mmoe_rec.nn.towers import Tower
 
 DEFAULT_BALANCE = {
@@ -148,6 +150,7 @@ class SparseMMoE(MultiTaskModel):
         self.router_name = router
         self.num_experts = num_experts * fine_grained  # routed experts after the fine-grained split
         self.k = k * fine_grained
+        self.fine_grained = fine_grained
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = eval_capacity_factor
         self.dispatch_layout = dispatch_layout
@@ -174,7 +177,9 @@ class SparseMMoE(MultiTaskModel):
         if router == "switch":
             return SwitchRouter(d_in, self.num_experts, noise=noise, init=init, loss_free_bias=loss_free_bias,
                                 bias_update_rate=rate)
-        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=self.capacity_factor or float(self.k))
+        # experts per row on average, in split experts: self.k is already k * fine_grained
+        per_row = self.k if self.capacity_factor is None else self.capacity_factor * self.fine_grained
+        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=float(per_row))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.front.parameters()
@@ -286,7 +291,9 @@ class SparseMMoE(MultiTaskModel):
             if balancer is not None:
                 extra["bias_abs_mean"] = balancer.bias.abs().mean()
         token_choice = r.chosen is not None  # expert choice: a row has any number of experts, so a (T, E) mask
-        return GateRecord(combine=combine, probs=r.probs.detach(),
+        # what the router prefers, for the entropy: the training noise's softmax would read as the noise scale
+        probs = r.probs.detach() if r.load_prob is None else softmax_last_dim(r.logits.detach())  # (T, E)
+        return GateRecord(combine=combine, probs=probs,
                           chosen=r.chosen.detach() if token_choice else None,
                           assigned=None if token_choice else r.mask,
                           dropped=torch.tensor(n_dropped, dtype=torch.int64, device=combine.device), extra=extra)

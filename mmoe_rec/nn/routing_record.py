@@ -11,7 +11,8 @@ class GateRecord:
     """One gate's routing on one batch. All tensors are detached views that monitoring may read.
 
     combine: (B, E) float32 weights actually used to mix expert outputs (zeros where an expert is not chosen).
-    probs:   (B, E) float32 router probabilities before top-k selection (equal to `combine` for dense softmax).
+    probs:   (B, E) float32 router probabilities before top-k selection, from the clean logits (without the
+             training noise of noisy top-k; equal to `combine` for dense softmax).
     chosen:  (B, k) int64 chosen experts per row (token choice), or None (dense gate, expert choice).
     dropped: scalar int64. Token choice: assignments dropped by the capacity limit (out of B·k). Expert choice:
              rows that no expert took (out of B). 0 when dropless / dense.

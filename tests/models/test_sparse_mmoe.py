@@ -229,6 +229,21 @@ def test_fine_grained_and_shared_experts_shapes():
     assert all(v.shape == (10,) for v in out.logits.values())
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 1.0, 2.0])
+def test_expert_choice_fine_grained_gives_a_row_m_times_the_split_experts(capacity_factor):
+    """capacity_factor counts experts before the fine-grained split, as k does: with m = 4 a row takes on average
+    4·cf experts of a quarter width, the compute of cf unsplit experts (it used to get cf split ones)."""
+    torch.manual_seed(0)
+    per_row = {}
+    for m in (1, 4):
+        model = SparseMMoE(spec(), router="expert_choice", num_experts=4, k=1, fine_grained=m,
+                           expert_hidden=[16, 8], capacity_factor=capacity_factor).train()
+        rec = model(batch(64)).routing[TASKS[0]]
+        per_row[m] = rec.assigned.sum(1).float().mean().item() * model.experts.weights[0].shape[2]  # hidden units
+        assert model.eval()(batch(64)).routing[TASKS[0]].chosen.shape[1] == m * round(capacity_factor or 1)
+    assert per_row[4] == pytest.approx(per_row[1])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_experts=4, k=5), "k must be"),
     (dict(capacity_factor=0.0), "capacity_factor"),
@@ -400,3 +415,14 @@ def test_the_last_shared_layer_is_the_experts_last_layer_and_every_task_reaches_
     for t in TASKS:
         grads = torch.autograd.grad(model(batch()).logits[t].sum(), layer)
         assert all(g.abs().sum() > 0 for g in grads), t
+
+
+def test_recorded_probabilities_are_the_clean_router_ones_not_the_training_noise():
+    """Monitoring reads GateRecord.probs for the gate entropy: with the zero-initialised router every clean logit is
+    0, so the gate is uniform whatever the noise (it used to record softmax(clean + noise): entropy 0.90, not 1)."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), router="noisy_topk", num_experts=8, k=2).train()
+    assert bool((model.gates[TASKS[0]].w_gate == 0).all())
+    rec = model(batch(64)).routing[TASKS[0]]
+    torch.testing.assert_close(rec.probs, torch.full((64, 8), 1 / 8))
+    assert rec.combine[rec.combine > 0].std() > 0  # the noise still picks and weights the experts
