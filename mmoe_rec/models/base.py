@@ -51,6 +51,12 @@ class MultiTaskModel(nn.Module, abc.ABC):
         balances the tasks' gradient norms. Empty: the model has none (GradNorm then refuses it)."""
         return []
 
+    def aux_loss_names(self) -> tuple[str, ...]:
+        """Names of the auxiliary losses this model may put in `ModelOutput.aux` beside the balance losses of
+        the sparse models (the training module refuses coefficients for any other name, to catch a misspelt one).
+        A model with aux losses of its own names them here. Default: none."""
+        return ()
+
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:
         """Hook for state updated outside autograd after each step (loss-free balancing biases). Default: none."""

@@ -53,7 +53,7 @@ def model_config(model: Any) -> dict[str, Any]:
     raise TypeError(f"model must be a class path config or a MultiTaskModel class, got {model!r}")
 
 
-SCHEDULER_KEYS = ("interval", "frequency", "monitor")  # Lightning's, beside the scheduler's own class and args
+SCHEDULER_KEYS = ("interval", "frequency", "monitor", "name", "strict")  # Lightning's, beside the class and args
 
 
 def component_config(config: dict[str, Any], what: str, own_keys: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -84,9 +84,11 @@ class MultiTaskModule(L.LightningModule):
         dwa_temperature: T of dynamic weight average.
         gradnorm_alpha: GradNorm's asymmetry alpha (0: equal gradient norms; larger: slower tasks pulled harder).
         aux_loss_coefs: coefficient of each auxiliary loss the model returns (`ModelOutput.aux`); a model aux
-            loss with no coefficient here is an error (set it to 0 to ignore it).
+            loss with no coefficient here is an error (set it to 0 to ignore it), and so is a coefficient for a
+            name that is neither a balance loss nor in `model.aux_loss_names()`.
         optimizer: {"class_path", "init_args"} of a torch optimizer.
-        lr_scheduler: optional {"class_path", "init_args", "interval", "frequency", "monitor"}.
+        lr_scheduler: optional {"class_path", "init_args", "interval", "frequency", "monitor", "name",
+            "strict"} (the last four: Lightning's scheduler keys).
         grad_similarity_every: every N training steps, the cosine similarity of the tasks' loss gradients on
             `model.shared_parameters()` is logged under `relatedness/grad_cos/...` (0 = never).
     """
@@ -120,6 +122,11 @@ class MultiTaskModule(L.LightningModule):
             raise ValueError(f"weighting 'gradnorm' needs a shared layer; {type(self.model).__name__} with these "
                              "settings has none (MultiTaskModel.last_shared_layer() is empty)")
         self.aux_coefs = dict(DEFAULT_AUX_COEFS if aux_loss_coefs is None else aux_loss_coefs)
+        known = (*DEFAULT_AUX_COEFS, *self.model.aux_loss_names())  # the shared configs list all four for every model
+        unknown = sorted(set(self.aux_coefs) - set(known))
+        if unknown:  # a misspelt key would leave the loss it meant at its old coefficient, silently
+            raise ValueError(f"aux_loss_coefs: unknown aux loss {', '.join(map(repr, unknown))}; known: "
+                             f"{', '.join(known)} (a model with aux losses of its own names them in aux_loss_names())")
         if optimizer is not None and "class_path" not in optimizer:  # overrides of the default's arguments alone
             given = {k: v for k, v in optimizer.items() if k != "init_args"}
             optimizer = {"class_path": DEFAULT_OPTIMIZER["class_path"], "init_args": {
@@ -408,7 +415,9 @@ class MultiTaskModule(L.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
         out = self.model(batch)
         scores = {
-            f"score_{t}": (torch.sigmoid(out.logits[t]) if self.task_types[t] == "binary" else out.logits[t]).cpu()
+            # in float32: a bf16 sigmoid writes every logit above ~6.2 as exactly 1.0 and ties close scores
+            f"score_{t}": (torch.sigmoid(out.logits[t].float()) if self.task_types[t] == "binary"
+                           else out.logits[t].float()).cpu()
             for t in self.tasks
         }
         return {"ids": batch.ids, **scores}
@@ -421,6 +430,7 @@ class MultiTaskModule(L.LightningModule):
         cfg = dict(self.lr_scheduler_config)
         scheduler = _instantiate({"class_path": cfg["class_path"], "init_args": cfg.get("init_args")}, optimizer)
         sched = {"scheduler": scheduler, "interval": cfg.get("interval", "epoch"), "frequency": cfg.get("frequency", 1)}
-        if cfg.get("monitor"):
-            sched["monitor"] = cfg["monitor"]
+        for key in ("monitor", "name", "strict"):  # Lightning's own keys, left to its defaults when not given
+            if cfg.get(key) is not None:
+                sched[key] = cfg[key]
         return {"optimizer": optimizer, "lr_scheduler": sched}

@@ -1,0 +1,83 @@
+"""MultiTaskModule's configuration checks and outputs: aux-loss coefficient names, Lightning's scheduler keys,
+predictions in float32 under bf16."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import MMOE, SPARSE
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.models.mmoe import MMoE
+from mmoe_rec.models.output import ModelOutput
+from mmoe_rec.training.module import DEFAULT_AUX_COEFS, MultiTaskModule
+
+FAST = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, logger=False, enable_checkpointing=False)
+
+
+def test_a_misspelt_aux_loss_coefficient_is_refused(feature_dir):
+    """`laod: 3.0` used to be kept beside `load: 0.01` and ignored: the load loss stayed at 0.01, silently."""
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    with pytest.raises(ValueError, match="unknown aux loss 'laod'"):
+        MultiTaskModule(model=copy.deepcopy(SPARSE), feature_spec=spec,
+                        aux_loss_coefs={**DEFAULT_AUX_COEFS, "laod": 3.0})
+    MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, aux_loss_coefs=dict(DEFAULT_AUX_COEFS))  # all four
+
+
+class MMoEWithAux(MMoE):
+    """A user's model with an aux loss of its own, named in aux_loss_names()."""
+
+    def aux_loss_names(self) -> tuple[str, ...]:
+        return ("gate_l2",)
+
+    def forward_dense(self, x: torch.Tensor) -> ModelOutput:
+        out = super().forward_dense(x)
+        out.aux["gate_l2"] = self.gates.weight.pow(2).sum()
+        return out
+
+
+def test_a_models_own_aux_loss_takes_a_coefficient(feature_dir):
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    model = {"class_path": f"{__name__}.MMoEWithAux", "init_args": MMOE["init_args"]}
+    module = MultiTaskModule(model=model, feature_spec=spec, aux_loss_coefs={"gate_l2": 0.5})
+    aux = {"gate_l2": torch.tensor(2.0)}
+    assert float(module.aux_loss(aux)) == pytest.approx(1.0)
+
+
+def test_lightnings_scheduler_keys_name_and_strict_reach_lightning(feature_dir):
+    """`name` used to go into StepLR's arguments: TypeError at fit time."""
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=128, seed=0)
+    sched = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5},
+             "interval": "step", "name": "lr-step", "strict": True}
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec, lr_scheduler=sched,
+                             optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}})
+    got = module.configure_optimizers()["lr_scheduler"]
+    assert got["name"] == "lr-step" and got["strict"] is True and got["interval"] == "step"
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0, **FAST)
+    trainer.fit(module, dm)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert trainer.lr_scheduler_configs[0].name == "lr-step"
+
+
+def test_predictions_under_bf16_are_float32_probabilities(feature_dir):
+    """A bf16 sigmoid wrote every logit above ~6.2 as exactly 1.0 and tied close scores."""
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    dm.setup("predict")
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec).eval()
+    with torch.no_grad():  # large logits: the towers' output bias
+        for tower in module.model.towers.values():
+            list(tower.parameters())[-1].fill_(7.0)
+    batch = next(iter(dm.predict_dataloader()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = module.model(batch).logits
+        out = module.predict_step(batch, 0)
+    for t in module.tasks:
+        assert logits[t].dtype == torch.bfloat16
+        score = out[f"score_{t}"]
+        assert score.dtype == torch.float32
+        torch.testing.assert_close(score, torch.sigmoid(logits[t].float()))
+        assert (score < 1.0).all()
