@@ -18,8 +18,9 @@ logit_t = tower_t(mixed_t)
   score would change with the batch it is scored in.
 - Expert choice (training only, see nn/routing/expert_choice.py): each expert takes c = ceil(T·cf/E) rows,
   cf = (capacity_factor or k) · fine_grained: like k, capacity_factor counts experts before the fine-grained
-  split, so that m·cf of the split experts take a row on average (the compute of cf unsplit ones). A row that no expert took counts as dropped (GateRecord.dropped counts rows, out of
-  T, not assignments) and gets the fallback with weight 1. Its record carries the (T, E) assignment mask
+  split, so that m·cf of the split experts take a row on average (the compute of cf unsplit ones). A row that
+  no expert took counts as dropped (GateRecord.dropped counts rows, out of T, not assignments) and gets the
+  fallback with weight 1. Its record carries the (T, E) assignment mask
   (GateRecord.assigned) instead of `chosen`. At evaluation it is token-choice top-k and dropless:
   eval_capacity_factor is refused with it.
 - Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z". Defaults

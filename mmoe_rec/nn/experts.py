@@ -170,7 +170,7 @@ class ExpertStack(nn.Module):
         w0, b0 = self.weights[0], self.biases[0]
         # One GEMM for the first layer of all experts: (B, D) @ (D, E*h) -> (B, E*h).
         w_flat = first_layer_matrix(w0)  # (D, E*h), a view (w0 is stored input-major)
-        h = torch.addmm(b0.reshape(-1), x, w_flat).view(B, E, -1)  # (B, E, h)
+        h = torch.addmm(b0.reshape(-1), x, w_flat).view(B, E, w0.shape[2])  # (B, E, h) (B may be 0)
         h = self._post(h, 0, None)
         for layer in range(1, self.num_layers):
             w, b = self.weights[layer], self.biases[layer]

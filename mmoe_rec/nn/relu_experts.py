@@ -18,7 +18,8 @@ written by hand so that it makes fewer passes over the large activations:
 358 -> 256 -> 128, batch 1024, 2 CPU threads): with PyTorch's own GEMMs 1-3 % on the experts with the mixture and
 on the whole training step (together with ExpertStack's input-major first-layer weight); with the default GEMM
 policy 1.7x on the experts and 1.6x on the step on a Zen 5, 1.13x and 1.07x on a Zen 4 (benchmarks/README.md).
-Only first derivatives (no double backward).
+Under `create_graph=True` (a gradient penalty, a double backward) the backward is autograd's through the same
+arithmetic in plain ops (`_autograd_forward`), so that the gradient it returns can be differentiated again.
 
 Layouts: weights[l] is (E, d_l, d_{l+1}); the first layer's output is kept as (B, E*h0) and read by layer 1 as
 an (E, B, h0) strided view, or as E contiguous (B, h0) matrices; deeper outputs are (E, B, h_l) contiguous; the
@@ -73,18 +74,19 @@ class _ReluExperts(torch.autograd.Function):
         else:
             first = cpu_gemm.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0]), relu=True)  # (B, E*h0)
             firsts = [first]
-            h = first.view(B, E, -1).transpose(0, 1)  # (E, B, h0), strided
+            h = first.view(B, E, ws[0].shape[2]).transpose(0, 1)  # (E, B, h0), strided (widths explicit: B may be 0)
         acts = []
         for w, b in zip(ws[1:], bs[1:]):
             h = cpu_gemm.bmm(h, w, b, relu=True)  # (E, B, h_l)
             acts.append(h)
         ctx.save_for_backward(x, *params, *firsts, *acts)
         ctx.num_layers, ctx.per_expert = len(ws), per_expert
-        return firsts[0].view(B, E, -1) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
+        return firsts[0].view(B, E, ws[0].shape[2]) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: the hand-written passes below are first derivatives only
+            return _differentiable_backward(ctx, grad_out)
         L = ctx.num_layers
         x, *rest = ctx.saved_tensors
         params, rest = rest[:2 * L], rest[2 * L:]
@@ -93,14 +95,15 @@ class _ReluExperts(torch.autograd.Function):
         B, E = x.shape[0], ws[0].shape[0]
         # the first layer's activation: E contiguous (B, h0) matrices, or one (B, E*h0) matrix
         firsts, acts = (rest[:E], rest[E:]) if ctx.per_expert else (rest[:1], rest[1:])
-        first_ebh = firsts if ctx.per_expert else firsts[0].view(B, E, -1).transpose(0, 1)  # (E, B, h0)
+        h0 = ws[0].shape[2]
+        first_ebh = firsts if ctx.per_expert else firsts[0].view(B, E, h0).transpose(0, 1)  # (E, B, h0)
         acts = [first_ebh, *acts]
         grads: list[torch.Tensor | None] = [None] * (2 * L)
 
         # The incoming gradient belongs to autograd: its ReLU gradient goes to a new tensor. The ones below are
         # made here and take theirs in place.
         if L == 1:
-            g = _threshold_backward(grad_out.reshape(B, -1), firsts[0], 0)  # (B, E*h0)
+            g = _threshold_backward(grad_out.reshape(B, E * h0), firsts[0], 0)  # (B, E*h0)
         else:
             g = _threshold_backward(grad_out.transpose(0, 1), acts[-1], 0)  # (E, B, H)
         for layer in range(L - 1, 0, -1):
@@ -114,10 +117,10 @@ class _ReluExperts(torch.autograd.Function):
                 g_each = [cpu_gemm.mm(g[e], w_t[e]) for e in range(E)]  # E x (B, h0)
                 for g_e, h_e in zip(g_each, firsts):
                     _threshold_backward.grad_input(g_e, h_e, 0, grad_input=g_e)
-                g = torch.stack(g_each, dim=1).view(B, -1)  # (B, E*h0): the layout of the wide GEMMs below
+                g = torch.stack(g_each, dim=1).view(B, E * h0)  # (B, E*h0): the layout of the wide GEMMs below
                 continue
             if layer == 1:  # made in the (B, E*h0) layout of the first layer's output
-                g_below = cpu_gemm.bmm(g, w_t, batch_dim=1).view(B, -1)
+                g_below = cpu_gemm.bmm(g, w_t, batch_dim=1).view(B, E * h0)
                 below = firsts[0]
             else:
                 g_below = cpu_gemm.bmm(g, w_t)  # (E, B, h_{l-1})
@@ -125,8 +128,30 @@ class _ReluExperts(torch.autograd.Function):
 
         w0 = ws[0]
         if needs[1]:
-            grads[0] = cpu_gemm.mm(x.t(), g).view(w0.shape[1], E, -1).permute(1, 0, 2)  # (E, D, h0), input-major
+            grads[0] = cpu_gemm.mm(x.t(), g).view(w0.shape[1], E, h0).permute(1, 0, 2)  # (E, D, h0), input-major
         if needs[2]:
-            grads[1] = g.sum(0).view(E, -1)  # (E, h0)
+            grads[1] = g.sum(0).view(E, h0)  # (E, h0)
         grad_x = cpu_gemm.mm(g, first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
         return (grad_x, *grads)
+
+
+def _autograd_forward(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
+    """The forward in plain autograd ops (ExpertStack's general path for ReLU): x (B, D) -> (B, E, H)."""
+    B, E = x.shape[0], ws[0].shape[0]
+    h = torch.relu(torch.addmm(bs[0].reshape(-1), x, first_layer_matrix(ws[0]))).view(B, E, ws[0].shape[2])
+    for w, b in zip(ws[1:], bs[1:]):
+        h = torch.relu(torch.baddbmm(b.unsqueeze(1), h.transpose(0, 1), w)).transpose(0, 1)  # (B, E, h_l)
+    return h
+
+
+def _differentiable_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """The input gradients as autograd makes them with create_graph=True, from the saved inputs: the forward is
+    recomputed in plain ops (inside a backward that builds a graph, its cost is the least of it)."""
+    L = ctx.num_layers
+    x, *params = ctx.saved_tensors[:1 + 2 * L]
+    inputs = [x, *params]
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+    with torch.enable_grad():
+        out = _autograd_forward(x, params[0::2], params[1::2])
+        got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(got) if need else None for need in ctx.needs_input_grad)

@@ -11,7 +11,8 @@ bitwise the same (each element sums the same terms in the same order: ids in ord
 back to the table's (V, d) layout (d * V values, 37 KB for census).
 
 Forward and the gradient of `ids` (none: integer) are index_select's. On other devices the backward is
-index_select's own (CUDA's index_add_ has no such problem). First derivatives only.
+index_select's own (CUDA's index_add_ has no such problem). Under `create_graph=True` (a gradient penalty) the
+backward is autograd's differentiable index_add instead.
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class _GatherRows(torch.autograd.Function):
         return table.index_select(0, ids)  # (N, d)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_rows: torch.Tensor):
         (ids,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate again
+            return grad_rows.new_zeros(ctx.num_rows, grad_rows.shape[1]).index_add(0, ids, grad_rows), None
         return row_gradient(grad_rows, ids, ctx.num_rows), None

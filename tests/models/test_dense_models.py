@@ -174,6 +174,22 @@ def test_forward_of_a_batch_equals_forward_dense_of_its_embedding(cls, kwargs, g
         torch.testing.assert_close(full.logits[t], body.logits[t], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("cls,kwargs,gates", MODELS)
+@pytest.mark.parametrize("layers", [[8], [8, 5]])
+def test_a_batch_of_no_rows_gives_empty_logits_and_gradients(cls, kwargs, gates, layers):
+    """A reshape with -1 cannot size a 0-row tensor: MMoE / OMoE / PLE failed on an empty batch."""
+    model = cls(spec(), **kwargs, **({"bottom_hidden": layers} if cls is SharedBottom else {"expert_hidden": layers}))
+    x = torch.zeros(0, model.front.out_dim, requires_grad=True)
+    for mode in (model.eval, model.train):
+        if mode == model.train and kwargs.get("norm") == "batch":
+            continue  # batch norm needs rows to take statistics from
+        mode()
+        out = model.forward_dense(x)
+        assert all(out.logits[t].shape == (0,) for t in TASKS)
+        sum(v.sum() for v in out.logits.values()).backward()
+        assert x.grad.shape == (0, model.front.out_dim)
+
+
 def test_a_task_subset_builds_only_those_towers_and_gates():
     model = MMoE(spec(), tasks=["convert"], num_experts=2)
     out = model(batch())

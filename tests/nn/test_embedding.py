@@ -219,7 +219,7 @@ def test_fused_table_refuses_an_id_outside_its_features_table(keys, bad_id):
     with pytest.raises(IndexError, match=rf"'user': id {bad_id}.*6 rows"):
         front(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))
     per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=False)
-    with pytest.raises(RuntimeError, match="not in the valid range"):  # the per-table layout: torchrec's own error
+    with pytest.raises(IndexError, match=rf"'user': id {bad_id}.*6 rows"):  # torchrec's own error named no feature
         per_table(Batch(sparse=sparse, dense=torch.ones(3, 1), labels={}))
 
 
@@ -234,3 +234,19 @@ def test_a_bfloat16_front_gives_bfloat16_inputs():
     b = Batch(sparse=KeyedJaggedTensor.empty(), dense=torch.randn(5, 2).to(torch.bfloat16), labels={})
     assert dense_only.to(torch.bfloat16)(b).dtype == torch.bfloat16
     assert dense_only.float()(b).dtype == torch.float32
+
+
+def test_the_fused_front_pools_by_the_bag_lengths_when_there_are_as_many_ids_as_bags():
+    """Bags [] and [1, 3] hold 2 ids for 2 rows, like two one-id bags: the fast path read them as ids 1 and 3."""
+    fused = EmbeddingFront(single_valued_spec(), embedding_dim=3)
+    per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=False)
+    fused.load_state_dict(per_table.state_dict())  # the per-table layout loads into the fused table
+    assert fused.fused and not per_table.fused
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item"], values=torch.tensor([1, 3, 2, 0]),
+                                                 lengths=torch.tensor([0, 2, 1, 1]))
+    b = Batch(sparse=sparse, dense=torch.ones(2, 1), labels={})
+    want = per_table(b)
+    torch.testing.assert_close(fused(b), want)
+    user = per_table.table("user")
+    torch.testing.assert_close(want[0, :3], torch.zeros(3))  # an empty bag pools to zeros
+    torch.testing.assert_close(want[1, :3], user[1] + user[3])

@@ -71,3 +71,18 @@ def test_gradcheck_in_double():
     table = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
     ids = torch.tensor([0, 5, 5, 2])
     assert torch.autograd.gradcheck(lambda t: gather_rows(t, ids), (table,))
+
+
+def test_a_double_backward_equals_index_selects():
+    """create_graph=True through the gather (a penalty on the rows' gradient): differentiable like index_select's."""
+    table = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, 5, 5, 2])
+    scale = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def penalized(gather):
+        g, = torch.autograd.grad((gather(table, ids) * scale).pow(2).sum(), table, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), [table, scale])
+
+    for got, want in zip(penalized(gather_rows), penalized(lambda t, i: t.index_select(0, i))):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradgradcheck(lambda t: gather_rows(t, ids), (table,))
