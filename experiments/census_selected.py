@@ -121,7 +121,10 @@ def write_runs(path: Path, done: dict[Run, Outcome]) -> None:
 
 
 def read_runs(path: Path) -> dict[Run, Outcome]:
+    """The runs of a --runs-csv file. A bad cell or a run (stage, contender, lr, weight_decay, seed) held twice is an
+    error naming the file and line: a run is never silently replaced by another row."""
     done: dict[Run, Outcome] = {}
+    seen: dict[Run, int] = {}
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != FIELDS:
@@ -134,6 +137,10 @@ def read_runs(path: Path) -> dict[Run, Outcome]:
                               int(row["epochs"]), float(row["seconds"]), int(row["params"]))
             except (TypeError, ValueError) as e:
                 raise SystemExit(f"{path}, line {line}: {e}") from None
+            if run in seen:
+                raise SystemExit(f"{path}, line {line}: {run.stage} {run.contender} lr={run.lr:g} "
+                                 f"weight_decay={run.weight_decay:g} seed={run.seed} is already at line {seen[run]}")
+            seen[run] = line
             done[run] = out
     return done
 

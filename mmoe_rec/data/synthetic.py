@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -74,6 +75,16 @@ class MMoESynthetic:
     def __post_init__(self) -> None:
         if not -1.0 <= self.p <= 1.0:
             raise ValueError(f"p must be in [-1, 1], got {self.p}")
+        if self.d < 2:
+            raise ValueError(f"--d must be at least 2 (two orthogonal unit vectors are needed), got {self.d}")
+        if not math.isfinite(self.c):
+            raise ValueError(f"--c must be a finite number, got {self.c}")
+        if self.m < 0:
+            raise ValueError(f"--m must be at least 0, got {self.m}")
+        if not (math.isfinite(self.noise_std) and self.noise_std >= 0):
+            raise ValueError(f"--noise-std must be a finite number >= 0, got {self.noise_std}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be at least 0, got {self.seed}")
         rng = np.random.default_rng([self.seed, 0])
         q, _ = np.linalg.qr(rng.normal(size=(self.d, 2)))  # two orthonormal columns
         u1, u2 = q[:, 0], q[:, 1]

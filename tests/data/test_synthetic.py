@@ -1,6 +1,7 @@
 """Synthetic generators: the MMoE paper's correlation control, the rec generator's relatedness, the CLI + schemas."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,28 @@ def test_synth_refuses_non_positive_row_counts(tmp_path, capsys):
         assert synth_main(["mmoe", "--d", "4", "--output", str(out), flag, "0"]) == 2
         assert f"error: {flag} must be at least 1, got 0" in capsys.readouterr().err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--d", 1, "--d must be at least 2 (two orthogonal unit vectors are needed), got 1"),
+    ("--d", 0, "--d must be at least 2"),
+    ("--m", -1, "--m must be at least 0, got -1"),
+    ("--noise-std", -1.0, "--noise-std must be a finite number >= 0, got -1.0"),
+    ("--noise-std", float("nan"), "--noise-std must be a finite number >= 0, got nan"),
+    ("--c", float("inf"), "--c must be a finite number, got inf"),
+    ("--seed", -1, "--seed must be at least 0, got -1"),
+])
+def test_synth_mmoe_refuses_bad_generator_options_before_writing(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "raw"
+    args = ["mmoe", "--rows", "10", "--output", str(out), flag, str(value)]
+    assert synth_main(args if flag == "--d" else [*args, "--d", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing written, no temporary directory left
+    field = flag[2:].replace("-", "_")
+    with pytest.raises(ValueError, match=re.escape(message)):  # the same check for the generator used from Python
+        MMoESynthetic(p=0.5, **{"d": 4, field: value})
+    MMoESynthetic(p=0.5, d=2, m=0, noise_std=0.0, c=0.0)  # the edge values are allowed
 
 
 @pytest.mark.parametrize("tasks,column", [("click,price", "price"), ("row_id,click", "row_id"),

@@ -49,6 +49,20 @@ def test_runs_file_round_trips_and_a_bad_line_names_the_file_and_line(tmp_path):
         read_runs(path)
 
 
+def test_a_run_held_twice_in_the_runs_file_is_refused_naming_both_lines(tmp_path):
+    done = selection("MMoE", {s: [0.95, 0.951] for s in GRID})
+    done[Run("report", "MMoE", *GRID[0], 7)] = outcome(0.9512, 0.9561)
+    path = tmp_path / "runs.csv"
+    write_runs(path, done)
+    lines = path.read_text().splitlines()
+    first = len(lines)  # the report run is the last row
+    lines.append(lines[-1].replace("0.9561", "0.94"))  # the same run again with another test AUC
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=rf"runs\.csv, line {first + 1}: report MMoE lr=0\.001 weight_decay=0 "
+                                         rf"seed=7 is already at line {first}$"):
+        read_runs(path)
+
+
 def test_tables_report_only_the_chosen_setting_on_the_report_seeds(capsys):
     done = selection("MMoE", {GRID[0]: [0.95, 0.95], GRID[1]: [0.96, 0.96], GRID[2]: [0.94, 0.94],
                               GRID[3]: [0.93, 0.93]})
