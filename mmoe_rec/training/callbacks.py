@@ -24,6 +24,7 @@ from mmoe_rec.training.monitoring import (
     LabelStats,
     reachable_experts,
     chosen_mask,
+    gate_pair_sums,
     gate_similarity,
     jaccard_rows,
     label_correlation,
@@ -49,13 +50,17 @@ def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class Window:
-    """Sums of one window (or one epoch): per gate, labels, chosen-expert Jaccard per task pair."""
+    """Sums of one window (or one epoch): per gate, labels, and per task pair the per-row gate similarity and
+    chosen-expert Jaccard."""
 
     def __init__(self, tasks: list[str]) -> None:
         self.tasks = tasks
         self.gates: dict[str, GateStats] = {}
         self.labels = LabelStats.empty(tasks)
         self.jaccard: dict[tuple[str, str], torch.Tensor] = {}  # pair -> [sum, rows]
+        # tasks whose gates span the same experts (the largest such group) -> (pairs, 3) per-row gate similarity
+        # sums [JS, cosine, rows] (monitoring.gate_pair_sums)
+        self.gate_pairs: dict[tuple[str, ...], torch.Tensor] = {}
 
     def update(self, routing: dict[str, Any], labels: dict[str, torch.Tensor],
                weights: torch.Tensor | None = None) -> None:
@@ -65,6 +70,15 @@ class Window:
             self.gates[name].update(record)
         self.labels.update(labels, weights)
         per_task = task_gates(list(routing), self.tasks)
+        by_shape: dict[tuple[int, ...], list[str]] = {}  # gates over different experts are not compared
+        for t in self.tasks:
+            if t in per_task:
+                by_shape.setdefault(tuple(routing[per_task[t]].combine.shape), []).append(t)
+        names = max(by_shape.values(), key=len, default=[])
+        if len(names) > 1:
+            total = gate_pair_sums(torch.stack([routing[per_task[t]].combine.detach() for t in names]))
+            acc = self.gate_pairs.get(tuple(names))
+            self.gate_pairs[tuple(names)] = total if acc is None else acc.to(total.device) + total
         masks = {t: chosen_mask(routing[g]) for t, g in per_task.items()}
         masks = {t: m for t, m in masks.items() if m is not None}
         names = [t for t in self.tasks if t in masks]
@@ -85,6 +99,8 @@ class Window:
         flat += self.labels.tensors()
         pairs = sorted(self.jaccard)
         flat += [self.jaccard[p] for p in pairs]
+        gate_pairs = sorted(self.gate_pairs)
+        flat += [self.gate_pairs[p] for p in gate_pairs]
         flat = _all_reduce(flat)
         pos = 0
         for name in sorted(self.gates):
@@ -95,6 +111,9 @@ class Window:
         for p in pairs:
             self.jaccard[p] = flat[pos]
             pos += 1
+        for p in gate_pairs:
+            self.gate_pairs[p] = flat[pos]
+            pos += 1
 
     @property
     def empty(self) -> bool:
@@ -104,9 +123,9 @@ class Window:
         out: dict[str, tuple[list[str], torch.Tensor]] = {}
         if len(self.tasks) > 1 and self.labels.defined:
             out["label_corr"] = label_correlation(self.labels)
-        per_task = task_gates(list(self.gates), self.tasks)
-        dists = {t: self.gates[g].utilization for t, g in per_task.items()}
-        out.update(gate_similarity(dists))
+        if self.gate_pairs:  # one group in practice; the one seen with the most rows if the gates changed shape
+            names = max(self.gate_pairs, key=lambda key: float(self.gate_pairs[key][0, 2]))
+            out.update(gate_similarity(list(names), self.gate_pairs[names]))
         if self.jaccard:
             names = [t for t in self.tasks if any(t in p for p in self.jaccard)]
             mat = torch.eye(len(names), dtype=torch.float64)

@@ -20,8 +20,10 @@ was sent to: `chosen` (token choice) or the `assigned` mask (expert choice, a ro
 - router extras (router z, bias statistics): means over rows (each batch's value weighted by its rows).
 - label correlation: Pearson, sample-weighted (a row of weight 2 counts twice, as in the losses and metrics).
 - PLE share: per task gate, mean combine weight on each expert group ("own", "shared").
-- gate similarity between tasks: Jensen-Shannon divergence (base 2, in [0, 1]) and cosine of mean gate
-  distributions; chosen-expert overlap: mean over rows of Jaccard(|S_a ∩ S_b| / |S_a ∪ S_b|).
+- gate similarity between tasks: mean over rows of the Jensen-Shannon divergence (base 2, in [0, 1]) and of the
+  cosine of the two tasks' gate distributions on that row (their combine weights); chosen-expert overlap: mean
+  over rows of Jaccard(|S_a ∩ S_b| / |S_a ∪ S_b|). Per row, not of the window's mean distributions: balancing
+  pulls every gate's mean towards uniform, and the means of two gates that route each row differently agree.
 """
 from __future__ import annotations
 
@@ -66,14 +68,7 @@ def chosen_mask(record: GateRecord) -> torch.Tensor | None:
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Jensen-Shannon divergence, base 2 (0 = same distribution, 1 = disjoint support)."""
-    p = p.double() / p.double().sum().clamp_min(EPS)
-    q = q.double() / q.double().sum().clamp_min(EPS)
-    m = 0.5 * (p + q)
-
-    def kl(a, b):
-        return (a * (torch.log2(a.clamp_min(EPS)) - torch.log2(b.clamp_min(EPS)))).sum()
-
-    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+    return js_rows(p.double().reshape(1, -1), q.double().reshape(1, -1))[0]
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -308,17 +303,51 @@ def task_gates(gate_names: list[str], tasks: list[str]) -> dict[str, str]:
     return out
 
 
-def gate_similarity(mean_dists: dict[str, torch.Tensor]) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """task -> (E,) mean gate distribution  ->  {"gate_js": (names, matrix), "gate_cos": (names, matrix)}.
+def js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(..., E) x2 -> (...,) Jensen-Shannon divergence of each row's two distributions, base 2 (rows normalised)."""
+    p = p / p.sum(-1, keepdim=True).clamp_min(EPS)
+    q = q / q.sum(-1, keepdim=True).clamp_min(EPS)
+    m = 0.5 * (p + q)
 
-    Only tasks whose gates span the same experts are compared. PLE task gates are recorded over all experts of
-    their level (zero weight on the other tasks' own experts), so a task that uses only its own experts and one
-    that uses only its own are disjoint (JS 1, cosine 0).
+    def kl(a, b):  # 0 log 0 = 0
+        return (a * (torch.log2(a.clamp_min(EPS)) - torch.log2(b.clamp_min(EPS)))).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0.0)  # rounding can leave -1e-8
+
+
+def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., E) x2 -> (...,) cosine of each row pair; 0 where either row is 0."""
+    num, den = (a * b).sum(-1), a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def gate_pair_sums(combines: torch.Tensor) -> torch.Tensor:
+    """(T, B, E) combine weights of T tasks' gates over the same experts -> (P, 3) float64 for the P = T(T-1)/2
+    pairs in `torch.triu_indices(T, T, 1)` order: [sum over rows of the JS divergence, of the cosine, rows].
+    On the gates' device, in one pass for all pairs (a training step pays it; the sums are read once a window)."""
+    T, B = combines.shape[:2]
+    i, j = torch.triu_indices(T, T, 1, device=combines.device)
+    a, b = combines.float()[i], combines.float()[j]  # (P, B, E)
+    js, cos = js_rows(a, b).sum(-1), cosine_rows(a, b).sum(-1)  # (P,)
+    return torch.stack([js.double(), cos.double(), torch.full_like(js, B, dtype=torch.float64)], dim=1)
+
+
+def gate_similarity(names: list[str], pair_sums: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """Tasks whose gates span the same experts, their `gate_pair_sums` summed over a window -> per-row means
+    {"gate_js": (names, matrix), "gate_cos": (names, matrix)} (diagonal: JS 0, cosine 1).
+
+    PLE task gates are recorded over all experts of their level (zero weight on the other tasks' own experts),
+    so a task that uses only its own experts and one that uses only its own are disjoint (JS 1, cosine 0).
     """
-    sizes = {v.numel() for v in mean_dists.values()}
-    if len(mean_dists) < 2 or len(sizes) != 1:
+    T = len(names)
+    if T < 2:
         return {}
-    return {"gate_js": pairwise_matrix(mean_dists, js_divergence), "gate_cos": pairwise_matrix(mean_dists, cosine)}
+    i, j = torch.triu_indices(T, T, 1)
+    means = pair_sums[:, :2].double().cpu() / pair_sums[:, 2:].double().cpu().clamp_min(1.0)  # (P, 2)
+    js, cos = torch.zeros(T, T, dtype=torch.float64), torch.eye(T, dtype=torch.float64)
+    js[i, j] = js[j, i] = means[:, 0]
+    cos[i, j] = cos[j, i] = means[:, 1]
+    return {"gate_js": (list(names), js), "gate_cos": (list(names), cos)}
 
 
 def jaccard_rows(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:

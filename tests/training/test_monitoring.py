@@ -12,6 +12,7 @@ from mmoe_rec.training.monitoring import (
     LabelStats,
     cosine,
     cv_squared,
+    gate_pair_sums,
     gate_similarity,
     jaccard_rows,
     js_divergence,
@@ -108,10 +109,33 @@ def test_jaccard_and_gate_similarity():
     a = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
     b = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]], dtype=torch.bool)
     assert jaccard_rows(a, b).tolist() == pytest.approx([1 / 3, 1.0])
-    sims = gate_similarity({"x": torch.tensor([0.5, 0.5]), "y": torch.tensor([1.0, 0.0])})
+    x, y = torch.tensor([[0.5, 0.5], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two rows, 2 experts
+    sums = gate_pair_sums(torch.stack([x, y, y]))  # pairs (x, y), (x, y), (y, y)
+    sims = gate_similarity(["x", "y", "z"], sums)
     names, cos = sims["gate_cos"]
-    assert float(cos[0, 1]) == pytest.approx(1 / math.sqrt(2))
-    assert float(sims["gate_js"][1][0, 0]) == pytest.approx(0.0, abs=1e-9)
+    assert names == ["x", "y", "z"]
+    assert float(cos[0, 1]) == float(cos[1, 0]) == pytest.approx((1 / math.sqrt(2) + 1) / 2)  # mean over rows
+    assert float(cos[1, 2]) == pytest.approx(1.0) and float(cos[0, 0]) == 1.0
+    js = sims["gate_js"][1]
+    assert float(js[0, 1]) == pytest.approx((float(js_divergence(x[0], y[0])) + 0.0) / 2)
+    assert float(js[1, 2]) == pytest.approx(0.0, abs=1e-9) and float(js[0, 0]) == 0.0
+
+
+def test_gate_similarity_is_per_row_not_of_the_mean_distributions():
+    """Two gates that route every row to different experts, half the rows each way: their mean distributions are
+    the same (uniform), which read as JS 0 / cosine 1 ("tasks route identically"); per row they are disjoint."""
+    from mmoe_rec.nn.routing_record import GateRecord
+    from mmoe_rec.training.callbacks import Window
+
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(4, 1)  # (8, 2)
+    b = a.flip(1)
+    window = Window(["click", "buy"])
+    window.update({"click": GateRecord(combine=a, probs=a), "buy": GateRecord(combine=b, probs=b)},
+                  {"click": torch.zeros(8), "buy": torch.ones(8)})
+    torch.testing.assert_close(window.gates["click"].utilization, window.gates["buy"].utilization)
+    related = window.relatedness()
+    assert float(related["gate_js"][1][0, 1]) == pytest.approx(1.0)
+    assert float(related["gate_cos"][1][0, 1]) == pytest.approx(0.0)
 
 
 def test_task_gates_maps_ple_levels_to_last_level():
