@@ -238,7 +238,7 @@ class SparseMMoE(MultiTaskModel):
         experts, rows, out_rows, weights = (torch.cat(p) for p in zip(*parts))
         plan = self.experts.plan(experts, rows, out_rows=out_rows, num_out=G * T, layout=self.dispatch_layout,
                                  dtype=compute_dtype(x))
-        mixed = self.experts(x, plan, weights).view(G, T, -1)  # (G, T, D) one dispatch for every task gate
+        mixed = self.experts(x, plan, weights).view(G, T, self.experts.out_dim)  # (G, T, D) one dispatch, all gates
 
         shared_sum = shared_mean = None
         if self.shared_experts is not None:

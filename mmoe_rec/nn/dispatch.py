@@ -157,7 +157,7 @@ def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *
             raise ValueError("layout='grouped' needs torch._grouped_mm, float32/bfloat16 and 16-byte aligned widths")
         return DispatchPlan(order, rows[order], out_rows[order], experts[order], counts, 0,
                             counts.cumsum(0).to(torch.int32), num_out)
-    cap = max(1, int(counts.max())) if N else 1
+    cap = int(counts.max()) if N else 0
     sorted_experts = experts[order]
     starts = counts.cumsum(0) - counts  # (E,) first sorted index of each expert
     slot = sorted_experts * cap + (torch.arange(N, device=dev) - starts[sorted_experts])  # (N,)
@@ -179,14 +179,14 @@ def _layer_mm(h: torch.Tensor, w: torch.Tensor, plan_cap: int, offsets: torch.Te
     if offsets is not None:
         return torch._grouped_mm(h, w, offs=offsets)
     E = w.shape[0]
-    return torch.bmm(h.view(E, plan_cap, h.shape[1]), w).view(-1, w.shape[2])
+    return torch.bmm(h.view(E, plan_cap, h.shape[1]), w).view(E * plan_cap, w.shape[2])
 
 
 def _weight_grad(h: torch.Tensor, g: torch.Tensor, plan_cap: int, offsets: torch.Tensor | None, E: int) -> torch.Tensor:
     """dW = h^T g per expert: (S, a), (S, b) -> (E, a, b)."""
     if offsets is not None:
         return torch._grouped_mm(h.t(), g, offs=offsets)
-    return torch.bmm(h.view(E, plan_cap, -1).transpose(1, 2), g.view(E, plan_cap, -1))
+    return torch.bmm(h.view(E, plan_cap, h.shape[1]).transpose(1, 2), g.view(E, plan_cap, g.shape[1]))
 
 
 def expert_blocks(offsets: torch.Tensor | None, num_slots: int, num_experts: int,
@@ -213,7 +213,7 @@ def _per_expert_affine(t: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor 
     if grouped:
         g = gamma.index_select(0, experts)
         return g.mul_(t) if beta is None else torch.addcmul(beta.index_select(0, experts), t, g)
-    shaped = t.view(E, capacity, -1)
+    shaped = t.view(E, capacity, t.shape[1])
     out = shaped * gamma.unsqueeze(1) if beta is None else torch.addcmul(beta.unsqueeze(1), shaped, gamma.unsqueeze(1))
     return out.view(t.shape)
 
@@ -222,7 +222,7 @@ def _per_expert_sum(t: torch.Tensor, experts: torch.Tensor, E: int, capacity: in
     """Sum of the slots' rows per expert: (s, b) -> (E, b); experts counted from 0 within the block."""
     if grouped:
         return t.new_zeros(E, t.shape[1]).index_add_(0, experts, t)
-    return t.view(E, capacity, -1).sum(1)
+    return t.view(E, capacity, t.shape[1]).sum(1)
 
 
 class ExpertDispatch(torch.autograd.Function):
@@ -258,7 +258,7 @@ class ExpertDispatch(torch.autograd.Function):
                 if offs is not None:
                     z += b.index_select(0, experts[s0:s1])
                 else:
-                    z.view(E, capacity, -1).add_(b.unsqueeze(1))
+                    z.view(E, capacity, z.shape[1]).add_(b.unsqueeze(1))
                 if norm and layer < n_act:  # layer norm per row, affine per expert
                     rstd = torch.rsqrt(z.var(1, unbiased=False, keepdim=True) + NORM_EPS)  # (s, 1)
                     x_hat = (z - z.mean(1, keepdim=True)).mul_(rstd)
@@ -458,7 +458,8 @@ class StackedExperts(nn.Module):
         """Every expert on every row: (T, d) -> (E, T, D). Reference path (E/k times the FLOPs)."""
         E, T = self.num_experts, x.shape[0]
         w0 = self.weights[0].permute(1, 0, 2).reshape(x.shape[1], -1)  # (d, E*h): all first layers in one GEMM
-        h = self._act(torch.addmm(self.biases[0].reshape(-1), x, w0).view(T, E, -1).transpose(0, 1), 0)  # (E, T, h)
+        h0 = w0.shape[1] // E  # widths explicit, not -1: T may be 0
+        h = self._act(torch.addmm(self.biases[0].reshape(-1), x, w0).view(T, E, h0).transpose(0, 1), 0)  # (E, T, h)
         for layer in range(1, len(self.weights)):
             w, b = self.weights[layer], self.biases[layer]
             h = self._act(torch.baddbmm(b.unsqueeze(1), h, w), layer)  # (E, T, d_l+1)

@@ -426,3 +426,16 @@ def test_recorded_probabilities_are_the_clean_router_ones_not_the_training_noise
     rec = model(batch(64)).routing[TASKS[0]]
     torch.testing.assert_close(rec.probs, torch.full((64, 8), 1 / 8))
     assert rec.combine[rec.combine > 0].std() > 0  # the noise still picks and weights the experts
+
+
+@pytest.mark.parametrize("layout", ["auto", "padded", "grouped"])
+@pytest.mark.parametrize("extra", [{}, {"eval_capacity_factor": 1.0}, {"num_shared_experts": 1}])
+def test_a_batch_of_no_rows_gives_empty_logits_and_gradients(layout, extra):
+    """The padded plan put E padding slots on row 0 of an empty input, and -1 in a view cannot size 0 elements."""
+    model = SparseMMoE(spec(), embedding_dim=7, num_experts=4, k=2, expert_hidden=[16, 8], noise=False,
+                       dispatch_layout=layout, **extra).eval()
+    x = torch.zeros(0, model.front.out_dim, requires_grad=True)
+    out = model.forward_dense(x)
+    assert all(out.logits[t].shape == (0,) for t in TASKS)
+    sum(v.sum() for v in out.logits.values()).backward()
+    assert x.grad.shape == (0, model.front.out_dim)
