@@ -1,5 +1,6 @@
 """Plots: readable figures (title, labels, colour bars, annotated cells) written as PNG."""
 import numpy as np
+from matplotlib.colors import TwoSlopeNorm, to_hex
 
 from mmoe_rec.training import plots
 
@@ -20,8 +21,8 @@ def test_heatmap_has_labels_colorbar_and_annotations(tmp_path):
 
 
 def test_load_over_training_one_line_per_expert():
-    fig = plots.load_over_training([10, 20, 30], {"click": np.full((3, 4), 0.25), "buy": np.full((3, 4), 0.25)},
-                                   ylabel="fraction of rows")
+    load = np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.2, 0.3], [0.4, 0.3, 0.2, 0.1]])
+    fig = plots.load_over_training([10, 20, 30], {"click": load, "buy": load[::-1]}, ylabel="fraction of rows")
     assert len(fig.axes) == 2
     assert len(fig.axes[0].lines) == 4 + 1  # experts + the uniform reference line
     assert fig.axes[-1].get_xlabel() == "training step"
@@ -51,16 +52,16 @@ LONG_TASKS = ["click_through_rate_7d", "conversion_after_click_30d", "add_to_car
 
 def test_load_over_training_few_experts_lines_with_distinct_styles_and_shared_legend(recwarn, tmp_path):
     steps = list(range(100, 4100, 100))
-    series = {"0/income": np.random.default_rng(0).dirichlet(np.ones(12), size=len(steps)),
+    series = {"0/income": np.random.default_rng(0).dirichlet(np.ones(10), size=len(steps)),
               "0/shared": np.random.default_rng(1).dirichlet(np.ones(6), size=len(steps))}  # uneven, PLE-like
     fig = plots.load_over_training(steps, series, ylabel="mean gate weight")
     assert len(fig.axes) == 2  # no colour bars: lines
-    lines = fig.axes[0].lines[:12]
-    assert len({(str(ln.get_color()), ln.get_linestyle()) for ln in lines}) == 12  # no two experts look alike
+    lines = fig.axes[0].lines[:10]
+    assert len({(str(ln.get_color()), ln.get_linestyle()) for ln in lines}) == 10  # no two experts look alike
     assert len(fig.axes[1].lines) == 6 + 1
     (legend,) = fig.legends  # one legend for all panels, outside them
     labels = [t.get_text() for t in legend.get_texts()]
-    assert labels == [f"e{e}" for e in range(12)] + ["uniform 1/E"]
+    assert labels == [f"e{e}" for e in range(10)] + ["uniform 1/E"]
     w, h = _png_size(fig, tmp_path / "few.png")
     assert w <= 1300 and h <= 1000
     plots.close(fig)
@@ -137,7 +138,7 @@ def test_ple_task_gates_plot_only_the_experts_they_reach():
     row = heat.axes[0].images[0].get_array()[0]  # gate 0/click: [click own 2 | buy own 2 | shared 2]
     blank = np.ma.getmaskarray(row) | np.isnan(np.ma.getdata(row))
     assert blank.tolist() == [False, False, True, True, False, False]
-    assert "1/E" in [t.get_text() for t in heat.axes[1].texts]
+    assert "1/E=0.25" in [t.get_text() for t in heat.axes[1].get_yticklabels()]
     cbar_marks = [line.get_ydata()[0] for line in heat.axes[1].lines]
     assert 0.25 in cbar_marks
     load = figs["expert_load"]
@@ -154,3 +155,86 @@ def test_ple_task_gates_load_heatmap_titles_count_the_reached_experts():
     assert "0/click  (12 of 16 experts, grey: not reachable, uniform 1/E = 0.0833)" in titles
     for fig in figs.values():
         plots.close(fig)
+
+
+# Reviewed readability defects (values logged by real runs)
+NOISY_16 = [0.0677, 0.0608, 0.0578, 0.0585, 0.0626, 0.0666, 0.0627, 0.0655, 0.06, 0.0673, 0.0628, 0.0619, 0.0595,
+            0.0593, 0.0639, 0.0631]  # noisy top-k, 16 experts
+EXPERT_CHOICE_16 = [0.0083, 0.008, 0.008, 0.0081, 0.0083, 0.0081, 0.0083, 0.0081, 0.0081, 0.0079, 0.0082, 0.008,
+                    0.008, 0.0081, 0.0081, 0.0083]
+
+
+def test_utilization_annotations_tell_close_values_apart():
+    for vals in (NOISY_16, EXPERT_CHOICE_16):
+        fig = plots.utilization_heatmap({"click": np.array(vals)})
+        shown = {t.get_text(): v for t, v in zip(fig.axes[0].texts, vals)}
+        assert len(shown) == len(set(vals))  # distinct values read distinct (not all "0.06"/"0.07" or "0.01")
+        assert all(abs(float(text) - v) < 1e-9 for text, v in shown.items())
+        plots.close(fig)
+
+
+def test_utilization_colours_diverge_around_the_uniform_share():
+    fig = plots.utilization_heatmap({"click": np.array(NOISY_16), "buy": np.array(NOISY_16[::-1])})
+    norm = fig.axes[0].images[0].norm
+    assert isinstance(norm, TwoSlopeNorm) and norm.vcenter == 1 / 16 and norm.vmin == 0
+    cbar = fig.axes[1]
+    assert cbar.get_ylabel() == "mean gate weight"
+    assert "1/E=0.0625" in [t.get_text() for t in cbar.get_yticklabels()]
+    plots.close(fig)
+
+
+def test_utilization_unreachable_cells_are_grey_and_explained():
+    u = {"0/click": np.array([.25, .28, np.nan, np.nan, .26, .21]),
+         "0/conversion": np.array([np.nan, np.nan, .24, .3, .25, .21])}
+    fig = plots.utilization_heatmap(u)
+    ax = fig.axes[0]
+    assert to_hex(ax.images[0].cmap.get_bad(), keep_alpha=True) == "#a0a0a0ff"  # opaque grey, as in the load heatmaps
+    assert "grey: not reachable" in ax.get_title()
+    plots.close(fig)
+    fig = plots.utilization_heatmap({"click": np.array([0.5, 0.5])})
+    assert "grey" not in fig.axes[0].get_title()  # no note without blank cells
+    plots.close(fig)
+
+
+def test_load_lines_have_one_colour_per_expert():
+    steps = list(range(10, 210, 10))
+    for num_experts in range(2, 13):
+        series = {"click": np.random.default_rng(num_experts).dirichlet(np.ones(num_experts), size=len(steps))}
+        fig = plots.load_over_training(steps, series, ylabel="mean gate weight")
+        expert_lines = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("e")]
+        if num_experts <= plots.LINE_MAX_EXPERTS:
+            assert len(expert_lines) == num_experts
+        colours = [to_hex(ln.get_color()) for ln in expert_lines]
+        assert len(set(colours)) == len(colours), num_experts  # no two experts share a colour (12 did: e10 = e0)
+        plots.close(fig)
+
+
+def test_load_constant_uniform_gate_gets_a_note_not_a_flat_map():
+    """Expert choice: every expert takes c rows, so its share is exactly 1/E at every step."""
+    steps = [5, 10, 15, 20]
+    for num_experts in (8, 16):  # lines and heatmaps
+        flat = np.full((len(steps), num_experts), np.float32(1 / num_experts), dtype=float)
+        fig = plots.load_over_training(steps, {"click": flat, "buy": flat}, ylabel="share of assignments")
+        panels = [ax for ax in fig.axes if ax.get_title()]
+        assert len(panels) == 2 and len(fig.axes) == 2  # no colour bars either
+        for ax in panels:
+            assert not ax.images and not ax.lines
+            assert any("by construction" in t.get_text() for t in ax.texts)
+            assert "1/E" in ax.get_title()
+        plots.close(fig)
+
+
+def test_relatedness_colour_bars_labelled_and_js_colours_run_like_similarities():
+    eye = np.eye(2)
+    mats = {"label_corr": (["a", "b"], eye), "gate_cos": (["a", "b"], eye), "gate_js": (["a", "b"], 1 - eye),
+            "expert_jaccard": (["a", "b"], eye), "grad_cos": (["a", "b"], eye)}
+    fig = plots.relatedness_matrices(mats)
+    cbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(cbars) == 5 and all(ax.get_ylabel() for ax in cbars)
+    assert "JS divergence, bits (0 = identical)" in [ax.get_ylabel() for ax in cbars]
+    panels = {ax.get_title(): ax.images[0] for ax in fig.axes if ax.images and ax.get_title()}
+    js, cos = panels["gate Jensen-Shannon divergence"], panels["gate cosine similarity"]
+    assert js.cmap.name.endswith("_r") and not cos.cmap.name.endswith("_r")
+    # identical tasks (JS 0, cosine 1) get the same colour
+    assert np.allclose(js.cmap(js.norm(0.0)), cos.cmap(cos.norm(1.0)))
+    plots.close(fig)
