@@ -34,7 +34,7 @@ def test_relatedness_panels():
          "gate_js": (["a", "b"], np.array([[0.0, 0.1], [0.1, 0.0]]))}
     fig = plots.relatedness_matrices(m)
     titles = [ax.get_title() for ax in fig.axes]
-    assert "label correlation (Pearson)" in titles and "gate Jensen-Shannon divergence" in titles
+    assert "label correlation (Pearson)" in titles and "gate Jensen-Shannon divergence, mean over rows" in titles
     assert "0.30" in texts(fig)
     plots.close(fig)
 
