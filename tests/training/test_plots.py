@@ -233,7 +233,7 @@ def test_relatedness_colour_bars_labelled_and_js_colours_run_like_similarities()
     assert len(cbars) == 5 and all(ax.get_ylabel() for ax in cbars)
     assert "JS divergence, bits (0 = identical)" in [ax.get_ylabel() for ax in cbars]
     panels = {ax.get_title(): ax.images[0] for ax in fig.axes if ax.images and ax.get_title()}
-    js, cos = panels["gate Jensen-Shannon divergence"], panels["gate cosine similarity"]
+    js, cos = panels["gate Jensen-Shannon divergence, mean over rows"], panels["gate cosine, mean over rows"]
     assert js.cmap.name.endswith("_r") and not cos.cmap.name.endswith("_r")
     # identical tasks (JS 0, cosine 1) get the same colour
     assert np.allclose(js.cmap(js.norm(0.0)), cos.cmap(cos.norm(1.0)))
