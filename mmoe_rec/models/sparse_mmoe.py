@@ -284,10 +284,9 @@ class SparseMMoE(MultiTaskModel):
         with torch.no_grad():
             combine = torch.zeros(T, self.num_experts, device=r.logits.device)
             combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
-            n_assign = r.chosen.numel() if r.chosen is not None else T
             # on the gate's device: the monitor adds them to device sums every step without a host copy
-            extra = {"dropped_fraction": torch.tensor(n_dropped / max(1, n_assign), device=combine.device),
-                     "router_z": router_z_loss(r.logits.detach())}
+            # (the dropped fraction is the monitor's own `dropped_frac`, from `dropped` and the assignments)
+            extra = {"router_z": router_z_loss(r.logits.detach())}
             balancer = getattr(self.gates[task], "balancer", None)
             if balancer is not None:
                 extra["bias_abs_mean"] = balancer.bias.abs().mean()

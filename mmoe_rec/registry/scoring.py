@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help="models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest, or a package folder")
-    p.add_argument("--input", required=True, nargs="+", help="raw Parquet file(s) or a folder")
+    # extend: `--input a --input b` scores both (with nargs alone the last --input replaced the ones before)
+    p.add_argument("--input", required=True, nargs="+", action="extend",
+                   help="raw Parquet file(s) or a folder (several after one --input, or --input repeated)")
     p.add_argument("--output", required=True, help="score Parquet file to write")
     p.add_argument("--batch-rows", type=int, default=65_536)
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
@@ -204,5 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     scorer, name, version = resolve_model(args.model)
     rows = score_parquet(scorer, args.input, args.output, name, version, args.batch_rows)
     secs = time.perf_counter() - start
-    print(f"scored {rows} rows with {name} v{version} -> {args.output} ({rows / secs:,.0f} rows/s)", file=sys.stderr)
+    label = f"{name} v{version}" if version.isdigit() else f"{name} ({version})"  # package-<hash>: no "v"
+    print(f"scored {rows} rows with {label} -> {args.output} ({rows / secs:,.0f} rows/s)", file=sys.stderr)
     return 0

@@ -187,6 +187,12 @@ def test_score_refuses_an_output_inside_its_input_folder(rec_data, package, trac
     out = tmp_path / "scores.parquet"
     assert score_main(["--model", str(package), "--input", str(folder), "--output", str(out)]) == 0
     assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
+    # --input repeated names both files (it used to keep the last one only: 700 rows silently missing)
+    parts = [str(folder / "part-0.parquet"), str(folder / "part-1.parquet")]
+    assert score_main(["--model", str(package), "--input", parts[0], "--input", parts[1], "--output", str(out)]) == 0
+    assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
+    with pytest.raises(ValueError, match="given twice"):
+        score_main(["--model", str(package), "--input", parts[0], "--input", parts[0], "--output", str(out)])
 
 
 def test_pyfunc_keeps_the_callers_index_scores_all_missing_lists_and_an_empty_frame(rec_data, package, tracking):
