@@ -1,6 +1,7 @@
 """`mmoe-rec` entry point: LightningCLI for fit / validate / test / predict, plain subcommands for the other jobs."""
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import os
@@ -24,7 +25,8 @@ def _is_user_error(e: Exception) -> bool:
     unavailable = (tracking.TrackingUnavailable,) if tracking else ()
     mlflow_errors = sys.modules.get("mlflow.exceptions")  # e.g. a registered model or alias that does not exist
     registry = (mlflow_errors.MlflowException,) if mlflow_errors else ()
-    return isinstance(e, (FeatureDataError, ValueError, OSError, *unavailable, *registry))
+    # ArgumentError: a config or command-line setting LightningCLI's parser refused (a class path, a key)
+    return isinstance(e, (FeatureDataError, ValueError, OSError, argparse.ArgumentError, *unavailable, *registry))
 
 
 def print_user_error(e: Exception) -> None:

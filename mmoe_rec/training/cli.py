@@ -167,5 +167,7 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
         subclass_mode_data=True,
         save_config_callback=None,
         auto_configure_optimizers=False,
+        # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it
+        parser_kwargs={"exit_on_error": False, **{sub: {"exit_on_error": False} for sub in MultiTaskCLI.subcommands()}},
         args=argv,
     )

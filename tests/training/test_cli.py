@@ -1,6 +1,7 @@
 """LightningCLI: committed configs, --print_config round trip, a CLI fit logged to MLflow, bad input errors."""
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
 
 def cli_error(argv, capsys) -> str:
     """Run the CLI expecting failure; returns the error text (exception message or parser output)."""
-    with pytest.raises((SystemExit, ValueError, KeyError, TypeError)) as info:
+    with pytest.raises((SystemExit, ValueError, KeyError, TypeError, argparse.ArgumentError)) as info:
         run_lightning_cli(argv)
     if isinstance(info.value, SystemExit):
         assert info.value.code != 0
@@ -98,6 +99,24 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
                      "--data.init_args.data_dir", str(feature_dir),
                      "--model.init_args.model", '{"class_path": "mmoe_rec.models.mmoe.MMOE"}'], capsys)
     assert "MMOE" in msg
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--model.init_args.model", '{"class_path": "mmoe_rec.models.mmoe.MMOE"}'], "has no attribute 'MMOE'"),
+    (["--model.init_args.model.init_args.num_expert", "3"], "Option 'num_expert' is not accepted"),
+    (["--trainer.max_epochs", "abc"], "Expected a <class 'int'>. Got value: abc"),
+])
+def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_dir, in_tmp, capsys, override,
+                                                                      expected):
+    """jsonargparse printed ~45 lines of usage before the message; now the parser raises and mmoe-rec prints the
+    message alone."""
+    from mmoe_rec.cli import main
+
+    code = main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                 "--data.init_args.data_dir", str(feature_dir), *override])
+    err = capsys.readouterr().err
+    assert code == 1 and expected in err and "usage:" not in err
+    assert len(err.strip().splitlines()) <= 4, err
 
 
 @pytest.mark.parametrize("override, expected", [
