@@ -24,6 +24,7 @@ checkpoint resumes only under the same plan: under another one, skipping its bat
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,6 +39,17 @@ from mmoe_rec.data.parquet_stream import FeatureParquetStream, ParquetIndex
 from mmoe_rec.features.spec import FeatureSpec
 
 SPLITS = ("train", "valid", "test")
+
+
+def _manifest_rows(data_dir: Path) -> dict[str, int]:
+    """Rows per split that the feature build's manifest.json records; empty if there is no readable record."""
+    try:
+        rows = json.loads((data_dir / "manifest.json").read_text()).get("rows")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(rows, dict):
+        return {}
+    return {k: v for k, v in rows.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def _pass_through(item: Any) -> Any:
@@ -268,12 +280,29 @@ class FeatureDataModule(L.LightningDataModule):
         )
 
     def _index(self, split: str, with_ids: bool = False) -> ParquetIndex:
-        """The split's row groups, its columns' types checked from the footers (cached: read once)."""
+        """The split's row groups, its columns' types checked from the footers (cached: read once). A file made
+        with another feature spec (its footer says so) is refused, and so is a split whose row count differs from
+        the one manifest.json records (a file added to or removed from the folder after the build)."""
         key = (split, with_ids)
         if key not in self._indexes:
             collate = self.collator(with_ids)
-            self._indexes[key] = ParquetIndex.from_dir(self.data_dir / split, collate.columns, collate.column_kinds)
+            index = ParquetIndex.from_dir(self.data_dir / split, collate.columns, collate.column_kinds,
+                                          spec_version=self.spec.version)
+            self._check_manifest_rows(split, index.num_rows)
+            self._indexes[key] = index
         return self._indexes[key]
+
+    def _check_manifest_rows(self, split: str, found: int) -> None:
+        """The footers give the row count for free: check it against manifest.json's ``rows`` when the folder has
+        one (a folder written by hand or by older tools may have none, or none for this split: nothing to check)."""
+        expected = _manifest_rows(self.data_dir).get(split)
+        if expected is not None and expected != found:
+            raise ValueError(
+                f"split {split!r} in {self.data_dir} has {found} rows in its Parquet files, but manifest.json records "
+                f"{expected} rows for it: a file was added to or removed from {self.data_dir / split} after the "
+                f"feature build (a file of another build would be read with the wrong meaning of its ids). Restore "
+                f"the folder or rebuild the features (`mmoe-rec features`)"
+            )
 
     def train_dataloader(self) -> FeatureDataLoader:
         return self.dataloader("train", train=True)

@@ -24,7 +24,9 @@ computes the same plan without talking to the others:
 Training rows also pass through a shuffle buffer inside each worker (seeded by seed, epoch, rank, worker).
 
 The index reads the files' footers only: it checks each column's Arrow type against its kind (``COLUMN_KINDS``)
-and picks one type per column, to which every chunk is cast before chunks of different files are merged.
+and picks one type per column, to which every chunk is cast before chunks of different files are merged. Given
+the folder's spec version, it refuses a file whose footer records another one (``SPEC_VERSION_KEY``): a file made
+with another feature spec, whose ids mean other values.
 Label and weight values are checked chunk by chunk as they are read, where the file and row are still known.
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from mmoe_rec.features.spec import SPEC_VERSION_KEY
 
 DROP_TAG = 0x64726F70  # "drop": keeps the drop_last offset's generator apart from the shuffles' ones
 MAX_OPEN_FILES = 8  # per worker: a worker may visit thousands of shards in an epoch, more than it may hold open
@@ -100,13 +104,17 @@ class ParquetIndex:
 
     @classmethod
     def from_dir(
-        cls, directory: str | os.PathLike, required_columns: Sequence[str] = (), kinds: Mapping[str, str] | None = None
+        cls,
+        directory: str | os.PathLike,
+        required_columns: Sequence[str] = (),
+        kinds: Mapping[str, str] | None = None,
+        spec_version: str | None = None,
     ) -> "ParquetIndex":
         directory = Path(directory)
         files = sorted(directory.glob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"no *.parquet files in {directory}")
-        return cls.from_files(files, required_columns, kinds)
+        return cls.from_files(files, required_columns, kinds, spec_version)
 
     @classmethod
     def from_files(
@@ -114,8 +122,10 @@ class ParquetIndex:
         files: list[str | os.PathLike],
         required_columns: Sequence[str] = (),
         kinds: Mapping[str, str] | None = None,
+        spec_version: str | None = None,
     ) -> "ParquetIndex":
-        """``kinds`` maps some required columns to a key of ``COLUMN_KINDS``; only footers are read."""
+        """``kinds`` maps some required columns to a key of ``COLUMN_KINDS``; only footers are read.
+        ``spec_version``: the feature spec the files must have been made with (see ``_check_spec_version``)."""
         kinds = kinds or {}
         units = []
         types: dict[str, dict[pa.DataType, str]] = {c: {} for c in required_columns}  # column -> type -> first file
@@ -124,6 +134,8 @@ class ParquetIndex:
                 meta = pq.read_metadata(path)
             except (OSError, pa.ArrowException) as e:
                 raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
+            if spec_version:
+                _check_spec_version(path, meta.metadata, spec_version)
             schema = meta.schema.to_arrow_schema()
             missing = [c for c in required_columns if c not in schema.names]
             if missing:
@@ -142,6 +154,22 @@ class ParquetIndex:
                 first_row += n
         schema = pa.schema([(c, _read_type(c, types[c], kinds.get(c))) for c in required_columns if types[c]])
         return cls(tuple(units), schema)
+
+
+def _check_spec_version(path, metadata: dict[bytes, bytes] | None, expected: str) -> None:
+    """Refuse a file whose footer records another feature spec version than ``expected`` (the folder's spec.json):
+    one made by another build (other vocabularies, buckets) and dropped into this folder would be read with the
+    wrong meaning of its ids, silently. A file without the key is accepted as before: feature folders built before
+    the build recorded the version (and files written by other tools) have none."""
+    found = (metadata or {}).get(SPEC_VERSION_KEY.encode())
+    if found is None:
+        return
+    found = found.decode(errors="replace")
+    if found != expected:
+        raise ValueError(
+            f"{path}: this file was made with feature spec version {found}, but its folder's spec.json has version "
+            f"{expected}: its ids mean other values. Remove the file, or rebuild the features (`mmoe-rec features`)"
+        )
 
 
 def _read_type(column: str, seen: dict[pa.DataType, str], kind: str | None) -> pa.DataType:

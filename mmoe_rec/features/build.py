@@ -17,7 +17,8 @@ Two single-file inputs split at random therefore put their rows at the same posi
 warning says so): give such files as one directory or glob input to split them independently.
 
 Output: DIR/spec.json, DIR/manifest.json (row counts, inputs, seed) and DIR/{train,valid,test}/part-NNNNN.parquet
-of at most ``--rows-per-file`` rows, with row groups of ``--row-group-rows`` (a file's last group may be shorter).
+of at most ``--rows-per-file`` rows, with row groups of ``--row-group-rows`` (a file's last group may be shorter);
+each file records the spec's version in its key-value metadata (spec.SPEC_VERSION_KEY) for the data loader's check.
 Everything is written to a temporary directory beside DIR and renamed when complete; on error the temporary
 directory is removed and DIR is left as it was. Id columns are written with one type, which every input file's
 type must widen to without loss (mmoe_rec/features/id_columns.py), checked before anything is read.
@@ -53,7 +54,7 @@ from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.label_check import TrainLabelCheck
 from mmoe_rec.features.schema import Schema, load_schema
 from mmoe_rec.features.sources import column_types, iter_batches, resolve_inputs
-from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import output_dir_problem, replace_dir
 from mmoe_rec.paths import first_repeated_file
@@ -172,12 +173,15 @@ def assign_splits(source: Source, file_index: int, row_offset: int, batch: pa.Re
 
 class SplitWriter:
     """Appends feature tables to DIR/<split>/part-NNNNN.parquet, at most `rows_per_file` rows each, in row
-    groups of `row_group_rows` (fewer in a file's last group when rows_per_file is not a multiple of it)."""
+    groups of `row_group_rows` (fewer in a file's last group when rows_per_file is not a multiple of it).
+    `spec_version`: recorded in every file's key-value metadata (SPEC_VERSION_KEY), so that a file is known as made
+    with that spec wherever it ends up (the data loader refuses one whose version is not its folder's spec.json's)."""
 
     def __init__(self, directory: Path, row_group_rows: int, rows_per_file: int,
-                 use_dictionary: bool | list[str] = True) -> None:
+                 use_dictionary: bool | list[str] = True, spec_version: str | None = None) -> None:
         self.dir = directory
         self.use_dictionary = use_dictionary
+        self.metadata = {SPEC_VERSION_KEY: spec_version} if spec_version else {}
         self.dir.mkdir(parents=True)
         self.row_group_rows, self.rows_per_file = row_group_rows, rows_per_file
         self.schema: pa.Schema | None = None
@@ -232,7 +236,9 @@ class SplitWriter:
         if self._writer is not None:
             self._writer.close()
         path = self.dir / f"part-{self._files:05d}.parquet"
-        self._writer = pq.ParquetWriter(path, self.schema, compression="snappy", use_dictionary=self.use_dictionary)
+        schema = self.schema.with_metadata({**(self.schema.metadata or {}), **self.metadata}) if self.metadata \
+            else self.schema
+        self._writer = pq.ParquetWriter(path, schema, compression="snappy", use_dictionary=self.use_dictionary)
         self._files += 1
         self._file_rows = 0
 
@@ -433,7 +439,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     try:
         cs = compiled(spec)
         encode = dictionary_outputs(spec)
-        writers = {s: SplitWriter(tmp / s, row_group_rows, rows_per_file, encode) for s in SPLITS}
+        writers = {s: SplitWriter(tmp / s, row_group_rows, rows_per_file, encode, spec.version) for s in SPLITS}
         total = 0
         labels = TrainLabelCheck(cs.tasks)
         bg = BackgroundWrites()

@@ -94,10 +94,21 @@ def categorical_column(arr, column: str) -> pa.Array:
     return normalize_values(arr)
 
 
-def single_categorical_column(arr, column: str) -> pa.Array:
+def single_categorical_column(arr, column: str, strip: bool = False, null_values=()) -> pa.Array:
     """categorical_column for a single-valued feature, where "" is missing (id 0) like null whatever the format:
-    the CSV reader gives null for an empty field, a Parquet file or a DataFrame the empty string."""
+    the CSV reader gives null for an empty field, a Parquet file or a DataFrame the empty string.
+
+    strip (the reader's strip_whitespace): string values are trimmed, then a value that is one of `null_values`
+    once trimmed is null, the order the CSV reader applies them in (sources._strip), so a Parquet file or a
+    DataFrame with the CSV's padded fields (' Private') gives the ids of the CSV's. Done again on CSV input,
+    which the reader trimmed already: both steps are idempotent."""
     values = categorical_column(arr, column)
+    if strip and pa.types.is_string(values.type):
+        values = pc.utf8_trim_whitespace(values)
+        if len(null_values):
+            is_null = pc.is_in(values, value_set=pa.array(list(null_values), pa.string()))
+            if pc.any(is_null).as_py():
+                values = pc.if_else(is_null, pa.scalar(None, pa.string()), values)
     if pa.types.is_string(values.type):
         empty = pc.equal(values, "")
         if pc.any(empty).as_py():
@@ -168,8 +179,10 @@ def weight_column(arr, column: str) -> np.ndarray:
     return to_float32(x, column, "sample weight")
 
 
-def label_values(arr, column: str, state: dict) -> np.ndarray:
-    """(n,) float32 label from a raw label column; NaN / null / disallowed values are errors."""
+def label_values(arr, column: str, state: dict, strip: bool = False) -> np.ndarray:
+    """(n,) float32 label from a raw label column; NaN / null / disallowed values are errors.
+    strip (the reader's strip_whitespace): text labels are trimmed (' 50000+.' of a Parquet file made from the
+    CSV matches '50000+.' as the CSV reader's trimmed field does)."""
     arr = one_chunk(arr)
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
@@ -191,6 +204,8 @@ def label_values(arr, column: str, state: dict) -> np.ndarray:
     pos, neg = state["positive"], state.get("negative")
     if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
         vals = pc.cast(arr, pa.string())
+        if strip:
+            vals = pc.utf8_trim_whitespace(vals)
         pos_set, neg_set = _matching_texts(vals, pos), None if neg is None else _matching_texts(vals, neg)
     else:
         x, missing = numeric_column(arr, column)

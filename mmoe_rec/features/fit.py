@@ -49,7 +49,9 @@ class SpecFitter:
                         per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
                         values = values.filter(pa.array(mask[per_value_row]))
                 else:
-                    values = single_categorical_column(col, c.column)
+                    # trimmed as the transform trims them (CompiledSpec), so fit and transform see the same values
+                    values = single_categorical_column(col, c.column, self.schema.reader.strip_whitespace,
+                                                       self.schema.reader.null_values)
                     if take is not None:
                         values = values.filter(take)
                 if c.name in self._counters:

@@ -18,8 +18,11 @@ tasks:
   - {name: income, column: income_50k, type: binary, positive: ["50000+."], negative: ["- 50000."]}
   - {name: dwell, type: regression}
 sample_weight: w                     # optional raw column -> float32 "sample_weight"
-reader: {header: false, column_names: [...], delimiter: ",", strip_whitespace: true}   # CSV only
+reader: {header: false, column_names: [...], delimiter: ",", strip_whitespace: true}   # CSV only, but:
 ```
+
+``reader.strip_whitespace`` also trims the categorical and text-label strings of Parquet / DataFrame input (then a
+single value that is one of ``reader.null_values`` once trimmed is missing), so such rows get the CSV's ids.
 
 Every entry may give ``column:`` when the raw column name differs from the feature name.
 Unknown keys, kinds or transforms are errors naming the schema file and the entry, and so are values of the wrong

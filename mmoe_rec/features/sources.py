@@ -10,7 +10,7 @@ CSV header that differs from the schema's ``reader.column_names``, is an error n
 """
 from __future__ import annotations
 
-import dataclasses
+import csv
 import glob
 import lzma
 from pathlib import Path
@@ -99,12 +99,48 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_
     return pacsv.open_csv(_open_csv_stream(path), read_options=read, parse_options=parse, convert_options=convert)
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _first_line(path: str) -> bytes | None:
+    """The file's first non-empty line (without its line end), or None if it has none. Read in Python, never
+    with Arrow's streaming CSV reader: that one starts a read-ahead thread over the (lzma) Python file object,
+    which could still be running at interpreter exit, right after an error message about this header, and
+    abort the process ("terminate called without an active exception", exit 134)."""
+    head = b""
+    with _open_csv_stream(path) as f:
+        while True:
+            block = f.read(1 << 16)
+            head += block
+            if head.startswith(_UTF8_BOM):
+                body = head[len(_UTF8_BOM):]
+            elif _UTF8_BOM.startswith(head) and block:
+                continue  # too short yet to tell
+            else:
+                body = head
+            body = body.lstrip(b"\r\n")  # empty lines before the header are skipped, as Arrow does
+            end = min((i for i in (body.find(b"\n"), body.find(b"\r")) if i >= 0), default=-1)
+            if end >= 0:
+                return body[:end]
+            if not block:
+                return body or None
+
+
 def _header_names(path: str, reader: ReaderSpec) -> list[str]:
-    r = _csv_reader(path, dataclasses.replace(reader, column_names=None), None, 1 << 16)
+    """The column names Arrow's CSV reader gives the file (as _csv_reader opens it without column_names): the
+    first line's fields ('"' quotes, doubled quote inside), or f0, f1, ... for as many fields without a header."""
+    line = _first_line(path)
+    if line is None:
+        raise FeatureDataError("empty input file (no header, no rows)", file=path)
     try:
-        return r.schema.names
-    finally:
-        r.close()
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FeatureDataError(f"the CSV file's first line is not UTF-8 text ({e})", file=path) from None
+    delimiter = _delimiter(path, reader)
+    if len(delimiter) != 1:
+        raise FeatureDataError(f"reader.delimiter must be one character, got {delimiter!r}", file=path)
+    fields = next(csv.reader([text], delimiter=delimiter, quotechar='"', doublequote=True, strict=False))
+    return fields if reader.header else [f"f{i}" for i in range(len(fields))]
 
 
 def csv_columns(path: str, reader: ReaderSpec) -> list[str]:

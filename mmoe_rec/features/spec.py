@@ -8,6 +8,9 @@ A spec is fitted on the train split only and saved as ``spec.json``. The feature
 - one float32 column per dense feature, in ``dense_features`` order (missing indicators are dense features too);
 - one float32 column per task label, named ``label_column(task)``;
 - optionally a float32 sample-weight column named ``WEIGHT_COLUMN``.
+
+Each such file records the spec's version in its key-value metadata under ``SPEC_VERSION_KEY``, so a file made with
+another spec is recognised wherever it is dropped (mmoe_rec.data.parquet_stream.ParquetIndex).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from mmoe_rec.features.errors import FeatureDataError
 
 SPEC_FORMAT = 1
 WEIGHT_COLUMN = "sample_weight"
+SPEC_VERSION_KEY = "mmoe_rec.spec_version"  # feature Parquet footer metadata: the version of the spec it was made with
 TaskType = Literal["binary", "regression"]
 
 

@@ -37,8 +37,12 @@ class CompiledSpec:
         self.features: dict = spec.transforms.get("features", {})
         self.tasks: dict = spec.transforms.get("tasks", {})
         self.weight_column: str | None = spec.transforms.get("weight_column")
-        # the pieces of delimited strings are trimmed as in fitting, whatever the input's format
-        self.strip = bool((spec.transforms.get("reader") or {}).get("strip_whitespace", False))
+        # strings (single values, the pieces of delimited strings, text labels) are trimmed as in fitting, whatever
+        # the input's format: Parquet / DataFrame rows keep the padding the CSV reader trims (' Private'); a single
+        # value that is one of the reader's null_values once trimmed is missing, as in a CSV
+        reader = spec.transforms.get("reader") or {}
+        self.strip = bool(reader.get("strip_whitespace", False))
+        self.null_values = tuple(reader.get("null_values") or ())
         self.lookups = {name: VocabLookup(st["values"], st["value_type"])
                         for name, st in self.features.items() if st["kind"] == "vocab"}
 
@@ -68,7 +72,8 @@ class CompiledSpec:
             values, offsets = multi_valued_column(col, state["column"], state["delimiter"], self.strip)
             ids = self._single(name, state, values)
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
-        return pa.array(self._single(name, state, single_categorical_column(col, state["column"])), pa.int64())
+        values = single_categorical_column(col, state["column"], self.strip, self.null_values)
+        return pa.array(self._single(name, state, values), pa.int64())
 
     def _dictionary_ids(self, name: str, state: dict, col: pa.DictionaryArray) -> pa.Array:
         """Ids of each distinct value once, gathered per row: the same ids as for the decoded column.
@@ -79,7 +84,8 @@ class CompiledSpec:
             idx = idx.cast(pa.int64()).fill_null(n_values)
         rows = idx.to_numpy(zero_copy_only=False)  # (n,)
         if not state["multi_valued"]:
-            ids = self._single(name, state, single_categorical_column(col.dictionary, state["column"]))  # (V,)
+            values = single_categorical_column(col.dictionary, state["column"], self.strip, self.null_values)
+            ids = self._single(name, state, values)  # (V,)
             return pa.array(np.take(np.append(ids, 0), rows), pa.int64())
         values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"],
                                               self.strip)  # (V+1,)
@@ -136,7 +142,8 @@ class CompiledSpec:
             if with_labels:
                 for t in self.spec.task_names:
                     st = self.tasks[t]
-                    out[label_column(t)] = pa.array(label_values(table.column(st["column"]), st["column"], st))
+                    out[label_column(t)] = pa.array(label_values(table.column(st["column"]), st["column"], st,
+                                                                        self.strip))
                 if self.weight_column:
                     out[WEIGHT_COLUMN] = pa.array(weight_column(table.column(self.weight_column), self.weight_column))
         except FeatureDataError as e:

@@ -1,0 +1,92 @@
+"""reader.strip_whitespace applies whatever the input's format: single-valued categorical strings of a Parquet file
+or a DataFrame (pandas keeps a CSV's ", " padding: ' Private') are trimmed like the CSV reader's fields, at fit and
+at transform, and a value that is one of reader.null_values once trimmed is missing. Without strip_whitespace the
+padded values stay distinct values."""
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from mmoe_rec.features.build import main as features_main
+from mmoe_rec.features.spec import FeatureSpec
+from mmoe_rec.features.transform import transform_table
+
+WORKERS = ["Private", "Self-emp", "Private", "Never worked", "Private", "Self-emp"]
+INCOME = ["- 50000.", "50000+.", "- 50000.", "- 50000.", "50000+.", "- 50000."]
+
+
+def _schema(tmp_path, strip: bool, null_values=("",)):
+    schema = {
+        "id_columns": ["rid"],
+        "categorical": [{"name": "worker"}, {"name": "hashed", "column": "worker", "transform": "hash",
+                                             "buckets": 1000}],
+        "numeric": [{"name": "x"}],
+        "tasks": [{"name": "income", "positive": ["50000+."], "negative": ["- 50000."]}],
+        "reader": {"strip_whitespace": strip, "null_values": list(null_values)},
+    }
+    path = tmp_path / f"schema_{strip}.yaml"
+    path.write_text(yaml.safe_dump(schema))
+    return path
+
+
+def _raw(workers, income=INCOME) -> pa.Table:
+    n = len(workers)
+    return pa.table({"rid": pa.array(range(n), pa.int64()), "worker": pa.array(workers),
+                     "x": pa.array([float(i) for i in range(n)]), "income": pa.array(income)})
+
+
+def _build(tmp_path, name, table, strip, **kw):
+    raw = tmp_path / f"{name}.parquet"
+    pq.write_table(table, raw)
+    out = tmp_path / name
+    assert features_main(["--schema", str(_schema(tmp_path, strip, **kw)), "--input", f"train={raw}",
+                          "--output", str(out)]) == 0
+    return FeatureSpec.load(out / "spec.json"), pq.read_table(out / "train")
+
+
+def test_padded_parquet_strings_fit_and_transform_like_the_trimmed_values_under_strip_whitespace(tmp_path):
+    padded = [" " + w for w in WORKERS]  # as pandas.read_csv gives a census field: ' Private'
+    spec_p, feats_p = _build(tmp_path, "padded", _raw(padded), strip=True)
+    spec_t, feats_t = _build(tmp_path, "trimmed", _raw(WORKERS), strip=True)
+    # fit: the vocabulary holds the trimmed values, the same as fitted on the trimmed rows
+    assert spec_p.transforms["features"]["worker"]["values"] == ["Private", "Self-emp", "Never worked"]
+    assert spec_p.version == spec_t.version
+    # transform (the build's pass 2, dictionary-encoded Parquet): the ids of the trimmed values, none OOV
+    assert feats_p.column("worker").to_pylist() == feats_t.column("worker").to_pylist() == [1, 2, 1, 3, 1, 2]
+    assert feats_p.column("hashed").to_pylist() == feats_t.column("hashed").to_pylist()
+    # transform of a DataFrame / plain-string Arrow table at scoring time: the same ids
+    for rows in (pd.DataFrame({"rid": range(6), "worker": padded, "x": 1.0}),
+                 pa.table({"rid": list(range(6)), "worker": [w + "  " for w in WORKERS], "x": [1.0] * 6})):
+        got = transform_table(spec_t, rows, with_labels=False)  # fitted on trimmed rows (a CSV's), as scoring does
+        assert got.column("worker").to_pylist() == [1, 2, 1, 3, 1, 2]
+        assert got.column("hashed").to_pylist() == feats_t.column("hashed").to_pylist()
+    # without strip_whitespace the padded values stay values of their own
+    plain = [" Private", "Private", " Private", "Self-emp", "Private ", "Self-emp"]
+    spec, feats = _build(tmp_path, "plain", _raw(plain), strip=False)
+    assert sorted(spec.transforms["features"]["worker"]["values"]) == [" Private", "Private", "Private ", "Self-emp"]
+    ids = feats.column("worker").to_pylist()
+    assert ids[0] == ids[2] and len({ids[0], ids[1], ids[4], ids[3]}) == 4 and 0 not in ids
+    got = transform_table(spec, pd.DataFrame({"rid": [0, 1], "worker": [" Private", "Private"], "x": 1.0}))
+    assert got.column("worker").to_pylist() == ids[:2]
+
+
+def test_padded_text_labels_match_the_schema_values_under_strip_whitespace(tmp_path):
+    _, feats = _build(tmp_path, "labels", _raw(WORKERS, [" " + v + " " for v in INCOME]), strip=True)
+    assert feats.column("label_income").to_pylist() == [0, 1, 0, 0, 1, 0]
+
+
+def test_a_null_value_once_trimmed_is_missing_in_parquet_as_in_csv(tmp_path):
+    workers = [" Private", " ?", "?", " Self-emp", " Private", "  ? "]
+    spec, feats = _build(tmp_path, "nulls", _raw(workers), strip=True, null_values=("", "?"))
+    assert spec.transforms["features"]["worker"]["values"] == ["Private", "Self-emp"]  # "?" is no value
+    assert feats.column("worker").to_pylist() == [1, 0, 0, 2, 1, 0]
+    csv = tmp_path / "nulls.csv"
+    rows = "".join(f"{i},{w},1.0,{y}\n" for i, (w, y) in enumerate(zip(workers, INCOME)))
+    csv.write_text("rid,worker,x,income\n" + rows)
+    out = tmp_path / "nulls_csv"
+    assert features_main(["--schema", str(_schema(tmp_path, True, ("", "?"))), "--input", f"train={csv}",
+                          "--output", str(out)]) == 0
+    assert pq.read_table(out / "train").column("worker").to_pylist() == [1, 0, 0, 2, 1, 0]
+
