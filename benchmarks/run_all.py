@@ -18,6 +18,8 @@ BENCHMARKS = [
     ["expert_stack.py"],  # dense experts: autograd path vs nn.relu_experts, and the training step with each
     ["softmax_small.py"],  # gate softmax over few experts: torch.softmax vs the transposed way
     ["train_throughput.py"],  # training rows/s vs DeepCTR-Torch and torch-rechub on census features
+    ["step_budget.py"],  # the large model's step against the plain-matmul reference, piece by piece (after the
+    # line above: it reads the census features that train_throughput.py builds)
 ]
 
 

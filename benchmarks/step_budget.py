@@ -1,0 +1,179 @@
+"""Where the large MMoE's training step stands against the plain-matmul reference of train_throughput.py, piece by
+piece: how much of a step the GEMMs alone take, and what must fit beside them for 80 %.
+
+    .venv/bin/python benchmarks/step_budget.py             # ~2 min on 2 idle CPU cores (census features built
+                                                          # by train_throughput.py, or --features DIR)
+
+Issue #5 asks for model FLOP/s >= 80 % of a plain matmul's rate on the same GEMM shapes. That leaves the step
+1.25x the reference's time for everything: the GEMMs as they run in the step, and all the rest (ReLU, biases,
+embeddings, mixture, towers' small ops, losses, Adam, the loader, the training loop). This script times, in
+interleaved rounds (the median of each, and each ratio against the same round's reference):
+- reference: train_throughput.MatmulReference's fastest way, the model's GEMMs bare with their operands hot;
+- GEMM replay: the very GEMM calls of one real training step of ours (captured with a TorchDispatchMode: the same
+  ops, shapes, layouts, order and input tensors), replayed back to back with nothing between them, fresh outputs
+  each call as in the step. This is the step's GEMM time if every other op cost nothing;
+- Adam: the fused Adam step alone, on the model's parameters and a step's gradients;
+- loader: FeatureDataModule's train loader, per batch, without a model;
+- bare step: forward, losses, backward, Adam over batches collated in advance (train_throughput's plain loop);
+- Lightning step: Trainer.fit over the same batches, per step (the fixed cost of a fit is taken out by timing two
+  lengths), and Trainer.fit with the loader (what train_throughput.py's headline row measures), per step.
+The "best case" line adds the replayed GEMMs, Adam and the loader, the parts no implementation of this model and
+pipeline can leave out, and says which share of the reference that leaves. Nothing here is a test: it prints.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train_throughput as tt  # noqa: E402
+from mmoe_rec.malloc import keep_freed_memory  # noqa: E402
+
+aten = torch.ops.aten
+GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+try:  # oneDNN's fused linear (nn.cpu_gemm on AMD CPUs with AVX-512)
+    GEMM_OPS.add(torch.ops.mkldnn._linear_pointwise.default)
+except AttributeError:
+    pass
+
+
+class CaptureGemms(TorchDispatchMode):
+    """Records every GEMM op with its arguments while a step runs (the tensors are kept alive for the replay)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in GEMM_OPS:
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", type=Path, default=ROOT / "bench_out" / "train_throughput" / "census_features")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=30, help="steps per timed block")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if not (args.features / "spec.json").exists():
+        raise SystemExit(f"{args.features}: no feature dir; run benchmarks/train_throughput.py once (it builds "
+                         "the census features there) or pass --features")
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    arch = tt.LARGE
+    spec, _ = tt.read_arrays(args.features)
+    input_dim = len(spec.sparse_features) * arch.embedding_dim + spec.dense_dim
+    reference = tt.MatmulReference(arch, input_dim, len(spec.tasks))
+    ref_key = max(tt.REFERENCE_KEYS, key=lambda key: reference.rate(key) if key in reference.runs else 0.0)
+    flops = reference.flops  # per step of batch_size rows (train_throughput's count)
+
+    torch.manual_seed(0)
+    module = tt.ours_module(spec, arch)
+    model = module.model
+    opt = module.configure_optimizers()
+    batches = list(tt.ours_datamodule(args.features, arch).train_dataloader())[: 2 * args.steps]
+    model.train()
+    for b in batches[:10]:  # warm-up
+        tt.plain_step(model, opt, b, spec)
+    capture = CaptureGemms()
+    with capture:
+        tt.plain_step(model, opt, batches[0], spec)
+    gemm_calls = capture.calls
+
+    def replay() -> None:
+        for func, a, kw in gemm_calls:
+            func(*a, **kw)
+
+    def block(fn: Callable[[], None], n: int) -> float:  # seconds per call
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    def bare_steps() -> float:
+        t0 = time.perf_counter()
+        for b in batches[: args.steps]:
+            tt.plain_step(model, opt, b, spec)
+        return (time.perf_counter() - t0) / args.steps
+
+    def loader_batches() -> float:
+        t0, n = time.perf_counter(), 0
+        for _ in tt.ours_datamodule(args.features, arch).train_dataloader():
+            n += 1
+            if n == 2 * args.steps:
+                break
+        return (time.perf_counter() - t0) / n
+
+    def lightning_per_step(with_loader: bool) -> float:  # two lengths: the fit's fixed cost cancels
+        n1, n2 = args.steps // 3, args.steps
+        if with_loader:
+            t1 = tt.lightning_fit(module, tt.ours_datamodule(args.features, arch), n1)
+            t2 = tt.lightning_fit(module, tt.ours_datamodule(args.features, arch), n2)
+        else:
+            t1 = tt.lightning_fit(module, None, batches=tt.Replay(batches[:n1]))
+            t2 = tt.lightning_fit(module, None, batches=tt.Replay(batches[:n2]))
+        return (t2 - t1) / (n2 - n1)
+
+    timers: dict[str, Callable[[], float]] = {
+        "reference (plain GEMMs, operands hot)": lambda: flops / reference.rate(ref_key, rounds=1),
+        "GEMM replay (the step's GEMM calls alone)": lambda: block(replay, args.steps),
+        "fused Adam step": lambda: block(opt.step, args.steps),
+        "loader, per batch": loader_batches,
+        "bare step (collated batches)": bare_steps,
+        "Lightning step (collated batches)": lambda: lightning_per_step(False),
+        "Lightning step with the loader": lambda: lightning_per_step(True),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; large MMoE (E=8, {input_dim} -> 256 -> 128, "
+          f"towers 64, batch {arch.batch_size}); {flops / 1e9:.2f} GFLOP a step; {len(gemm_calls)} GEMM calls a step; "
+          f"reference way: {ref_key}; {args.rounds} interleaved rounds of {args.steps} steps")
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    shares: dict[str, list[float]] = {k: [] for k in timers}
+    for r in range(args.rounds):
+        times = {name: fn() for name, fn in timers.items()}
+        ref = times["reference (plain GEMMs, operands hot)"]
+        for name, t in times.items():
+            samples[name].append(t)
+            shares[name].append(t / ref)
+        bare = times["bare step (collated batches)"]
+        print(f"  round {r + 1}: reference {flops / ref / 1e9:.1f} GFLOP/s, bare step {bare * 1e3:.1f} ms", flush=True)
+    print(f"\n{'part':44s} {'ms/step':>8s} {'x reference (median of rounds)':>32s}")
+    for name in timers:
+        print(f"{name:44s} {median_ms(samples[name]):8.2f} {statistics.median(shares[name]):32.3f}")
+    floor = [g + a + lo for g, a, lo in zip(shares["GEMM replay (the step's GEMM calls alone)"],
+                                             shares["fused Adam step"], shares["loader, per batch"])]
+    print("\nFLOP/s share of the reference (reference time / time), median of rounds:")
+    for name in ("GEMM replay (the step's GEMM calls alone)", "bare step (collated batches)",
+                 "Lightning step (collated batches)", "Lightning step with the loader"):
+        print(f"  {name:44s} {statistics.median(1 / s for s in shares[name]) * 100:5.1f} %")
+    print(f"  {'best case: GEMM replay + Adam + loader':44s} {statistics.median(1 / f for f in floor) * 100:5.1f} %"
+          "   (every other op free)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
