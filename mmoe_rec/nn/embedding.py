@@ -164,9 +164,24 @@ class EmbeddingFront(nn.Module):
                 self._check_bag_ids(kjt)  # raises the error naming the feature when an id is out of range
             raise
         if list(kt.keys()) == self.sparse_names:
-            return kt.values()
-        by_key = kt.to_dict()
-        return torch.cat([by_key[n] for n in self.sparse_names], dim=1)
+            pooled = kt.values()
+        else:
+            by_key = kt.to_dict()
+            pooled = torch.cat([by_key[n] for n in self.sparse_names], dim=1)
+        if self.fused and any(self.poolings[n] == "mean" for n in kjt.keys()):
+            pooled = self._mean_of_fused_sums(pooled, kjt, rows)
+        return pooled  # (B, sum of embedding dims)
+
+    def _mean_of_fused_sums(self, pooled: torch.Tensor, kjt: KeyedJaggedTensor, rows: int) -> torch.Tensor:
+        """The fused table pools by sum (one id a bag: sum = mean); a bag of several ids of a mean-pooled feature
+        (a hand-built batch: the spec says single-valued) is divided by its length here, as its own table would."""
+        lengths = kjt.lengths().view(len(kjt.keys()), rows)  # (K, B) in the batch's key order
+        divisor = torch.ones(rows, len(self.sparse_names), dtype=pooled.dtype, device=pooled.device)  # (B, F)
+        for k, name in enumerate(kjt.keys()):
+            if self.poolings[name] == "mean":
+                divisor[:, self.sparse_names.index(name)] = lengths[k].clamp_min(1).to(pooled.dtype)
+        d = pooled.shape[1] // len(self.sparse_names)  # one dim for every feature when fused
+        return pooled / divisor.repeat_interleave(d, dim=1)
 
     def _single_id_bags(self, values: torch.Tensor, lengths: torch.Tensor) -> bool:
         """Whether the (F, B) ids are one per bag (lengths (F*B,) all 1; F*B ids may also be empty bags beside

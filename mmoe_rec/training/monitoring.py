@@ -21,7 +21,8 @@ was sent to: `chosen` (token choice) or the `assigned` mask (expert choice, a ro
 - label correlation: Pearson, sample-weighted (a row of weight 2 counts twice, as in the losses and metrics).
 - PLE share: per task gate, mean combine weight on each expert group ("own", "shared").
 - gate similarity between tasks: mean over rows of the Jensen-Shannon divergence (base 2, in [0, 1]) and of the
-  cosine of the two tasks' gate distributions on that row (their combine weights); chosen-expert overlap: mean
+  cosine of the two tasks' gate distributions on that row (their combine weights; rows either gate left without
+  weight, dropped to the fallback, are left out); chosen-expert overlap: mean
   over rows of Jaccard(|S_a ∩ S_b| / |S_a ∪ S_b|). Per row, not of the window's mean distributions: balancing
   pulls every gate's mean towards uniform, and the means of two gates that route each row differently agree.
 """
@@ -323,13 +324,17 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def gate_pair_sums(combines: torch.Tensor) -> torch.Tensor:
     """(T, B, E) combine weights of T tasks' gates over the same experts -> (P, 3) float64 for the P = T(T-1)/2
-    pairs in `torch.triu_indices(T, T, 1)` order: [sum over rows of the JS divergence, of the cosine, rows].
+    pairs in `torch.triu_indices(T, T, 1)` order: [sum of the JS divergence, sum of the cosine, rows], over the
+    rows both gates weigh. A row a gate left without weight (expert choice: no expert took it; token choice:
+    every choice dropped by capacity; it goes to the fallback) has no distribution to compare: counted as 0 it
+    would read identical gates as cosine 0.8 when a fifth of the rows are dropped.
     On the gates' device, in one pass for all pairs (a training step pays it; the sums are read once a window)."""
-    T, B = combines.shape[:2]
+    T = combines.shape[0]
     i, j = torch.triu_indices(T, T, 1, device=combines.device)
     a, b = combines.float()[i], combines.float()[j]  # (P, B, E)
-    js, cos = js_rows(a, b).sum(-1), cosine_rows(a, b).sum(-1)  # (P,)
-    return torch.stack([js.double(), cos.double(), torch.full_like(js, B, dtype=torch.float64)], dim=1)
+    both = ((a.sum(-1) > 0) & (b.sum(-1) > 0)).to(torch.float32)  # (P, B)
+    js, cos = (js_rows(a, b) * both).sum(-1), (cosine_rows(a, b) * both).sum(-1)  # (P,)
+    return torch.stack([js, cos, both.sum(-1)], dim=1).double()
 
 
 def gate_similarity(names: list[str], pair_sums: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:

@@ -236,10 +236,12 @@ def test_a_bfloat16_front_gives_bfloat16_inputs():
     assert dense_only.float()(b).dtype == torch.float32
 
 
-def test_the_fused_front_pools_by_the_bag_lengths_when_there_are_as_many_ids_as_bags():
-    """Bags [] and [1, 3] hold 2 ids for 2 rows, like two one-id bags: the fast path read them as ids 1 and 3."""
-    fused = EmbeddingFront(single_valued_spec(), embedding_dim=3)
-    per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=False)
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_the_fused_front_pools_by_the_bag_lengths_when_there_are_as_many_ids_as_bags(pooling):
+    """Bags [] and [1, 3] hold 2 ids for 2 rows, like two one-id bags: the fast path read them as ids 1 and 3; and
+    the fused table sums, so a mean-pooled feature's bag of 2 came out twice its mean."""
+    fused = EmbeddingFront(single_valued_spec(), embedding_dim=3, pooling=pooling)
+    per_table = EmbeddingFront(single_valued_spec(), embedding_dim=3, pooling=pooling, fuse_tables=False)
     fused.load_state_dict(per_table.state_dict())  # the per-table layout loads into the fused table
     assert fused.fused and not per_table.fused
     sparse = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item"], values=torch.tensor([1, 3, 2, 0]),
@@ -249,4 +251,4 @@ def test_the_fused_front_pools_by_the_bag_lengths_when_there_are_as_many_ids_as_
     torch.testing.assert_close(fused(b), want)
     user = per_table.table("user")
     torch.testing.assert_close(want[0, :3], torch.zeros(3))  # an empty bag pools to zeros
-    torch.testing.assert_close(want[1, :3], user[1] + user[3])
+    torch.testing.assert_close(want[1, :3], (user[1] + user[3]) / (2 if pooling == "mean" else 1))

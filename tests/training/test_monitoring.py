@@ -121,6 +121,19 @@ def test_jaccard_and_gate_similarity():
     assert float(js[1, 2]) == pytest.approx(0.0, abs=1e-9) and float(js[0, 0]) == 0.0
 
 
+def test_gate_similarity_leaves_out_the_rows_a_gate_dropped():
+    """A row without combine weight (expert choice: no expert took it) has no distribution: identical gates that
+    drop the same fifth of the rows read cosine 1 and JS 0 (cosine 0.8 when those rows counted as 0)."""
+    g = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), -1)
+    g[:2] = 0.0
+    sims = gate_similarity(["a", "b"], gate_pair_sums(torch.stack([g, g.clone()])))
+    assert float(sims["gate_cos"][1][0, 1]) == pytest.approx(1.0)
+    assert float(sims["gate_js"][1][0, 1]) == pytest.approx(0.0, abs=1e-6)
+    h = g.clone()
+    h[2] = 0.0  # dropped by one gate only: left out too (7 rows both weigh)
+    assert float(gate_pair_sums(torch.stack([g, h]))[0, 2]) == 7
+
+
 def test_gate_similarity_is_per_row_not_of_the_mean_distributions():
     """Two gates that route every row to different experts, half the rows each way: their mean distributions are
     the same (uniform), which read as JS 0 / cosine 1 ("tasks route identically"); per row they are disjoint."""
