@@ -91,6 +91,17 @@ class Window:
                 acc = self.jaccard.get((a, b))
                 self.jaccard[(a, b)] = total if acc is None else acc.to(total.device) + total
 
+    def add(self, other: "Window") -> None:
+        """Adds another window's sums (the same tasks) into this one; `other` is left as it is."""
+        for name, stats in other.gates.items():
+            if name not in self.gates:
+                self.gates[name] = GateStats.empty(stats.combine_sum.numel())
+            self.gates[name].add(stats)
+        self.labels.add(other.labels)
+        for mine, theirs in ((self.jaccard, other.jaccard), (self.gate_pairs, other.gate_pairs)):
+            for key, total in theirs.items():
+                mine[key] = mine[key].to(total.device) + total if key in mine else total.clone()
+
     def reduce(self) -> None:
         """Sum across ranks in place (every rank must call it at the same point: same gates, same pairs)."""
         flat: list[torch.Tensor] = []
@@ -159,6 +170,9 @@ class RoutingMonitor(L.Callback):
         self.history: dict[str, list[np.ndarray]] = {}  # gate -> per log point (E,) load (share or util)
         self._window: Window | None = None  # since the last log: runs on across epoch ends
         self._epoch: Window | None = None
+        # the steps since the last log or epoch end: each step updates this one only, and it is added to the
+        # window and the epoch when either ends (a step's statistics are computed once, not once per window)
+        self._segment: Window | None = None
         self._last_logged_step: int | None = None
 
     def _fresh(self, pl_module) -> Window:
@@ -190,12 +204,14 @@ class RoutingMonitor(L.Callback):
             self._window = self._fresh(pl_module)
         if self._epoch is None:
             self._epoch = self._fresh(pl_module)
-        self._window.update(out.routing, batch.labels, batch.weights)
-        self._epoch.update(out.routing, batch.labels, batch.weights)
+        if self._segment is None:
+            self._segment = self._fresh(pl_module)
+        self._segment.update(out.routing, batch.labels, batch.weights)
         step = trainer.global_step
         # once per optimizer step: with gradient accumulation several batches end at the same global step
         if step % self.every_n_steps == 0 and step != self._last_logged_step:
             self._last_logged_step = step
+            self._flush_segment()
             self._window.reduce()
             self._log(trainer, self._window.metrics("experts", "relatedness"), step)
             self.history_steps.append(step)
@@ -204,7 +220,15 @@ class RoutingMonitor(L.Callback):
                 self.history.setdefault(name, []).append(load.numpy().copy())
             self._window = self._fresh(pl_module)
 
+    def _flush_segment(self) -> None:
+        if self._segment is not None:
+            for target in (self._window, self._epoch):
+                if target is not None:
+                    target.add(self._segment)
+            self._segment = None
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._flush_segment()
         if self._epoch is None:
             return
         self._epoch.reduce()

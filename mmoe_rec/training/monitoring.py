@@ -150,6 +150,12 @@ class LabelStats:
         self.count += w.sum()
         self.rows += y.shape[0]  # from the shape: no read back from the device
 
+    def add(self, other: "LabelStats") -> None:
+        """Adds another window's sums (the same tasks) into these."""
+        device = other.s1.device
+        self.s1, self.s2 = self.s1.to(device) + other.s1, self.s2.to(device) + other.s2
+        self.count, self.rows = self.count.to(device) + other.count, self.rows.to(device) + other.rows
+
     def tensors(self) -> list[torch.Tensor]:
         return [self.s1, self.s2, torch.stack([self.count, self.rows])]
 
@@ -211,6 +217,20 @@ class GateStats:
         for key, value in record.extra.items():
             v = value.detach().double().mean().to(self.dropped.device)  # a per-expert extra (bias statistics): mean
             self.extra_sum[key] = self.extra_sum.get(key, torch.zeros_like(self.dropped)) + rows * v
+
+    def add(self, other: "GateStats") -> None:
+        """Adds another window's sums for the same gate into these (new tensors: `other` is left as it is)."""
+        device = other.dropped.device
+        if self.dropped.device != device:
+            self._move_to(device)
+        for field in ("combine_sum", "probs_sum", "counts", "dropped", "entropy_sum"):
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+        self.rows += other.rows
+        self.drop_base += other.drop_base
+        self.sparse = self.sparse or other.sparse
+        self.groups = other.groups if other.groups is not None else self.groups
+        for key, total in other.extra_sum.items():
+            self.extra_sum[key] = self.extra_sum[key] + total if key in self.extra_sum else total.clone()
 
     # flat view for an all-reduce (sum) across ranks; order is fixed by the fields
     def tensors(self) -> list[torch.Tensor]:

@@ -385,3 +385,41 @@ def test_ple_task_gate_balance_statistics_cover_only_the_experts_it_can_reach():
     window.update(out.routing, {t: torch.ones(100) for t in tasks})
     m = utilization_metrics("0/click", window.gates["0/click"])
     assert m["experts/0/click/importance_cv2"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_a_window_made_of_added_segments_equals_one_updated_step_by_step():
+    """RoutingMonitor computes a step's statistics once, into a segment that is added to the open window and the
+    epoch: the sums must be those of updating each window with every step, and adding must not alias."""
+    from mmoe_rec.nn.routing_record import GateRecord
+    from mmoe_rec.training.callbacks import Window
+
+    g = torch.Generator().manual_seed(3)
+
+    def step(rows: int):
+        probs = {t: torch.softmax(torch.randn(rows, 4, generator=g), -1) for t in ("click", "buy")}
+        chosen = {t: p.topk(2, -1).indices for t, p in probs.items()}
+        routing = {t: GateRecord(combine=torch.zeros_like(p).scatter_(1, chosen[t], p.gather(1, chosen[t])),
+                                 probs=p, chosen=chosen[t], dropped=torch.tensor(1),
+                                 extra={"router_z": torch.rand((), generator=g)}) for t, p in probs.items()}
+        labels = {t: (torch.rand(rows, generator=g) < 0.4).float() for t in probs}
+        return routing, labels, torch.rand(rows, generator=g) + 0.5
+
+    steps = [step(rows) for rows in (16, 9, 23)]
+    direct, added = Window(["click", "buy"]), Window(["click", "buy"])
+    for routing, labels, weights in steps:
+        direct.update(routing, labels, weights)
+    first = Window(["click", "buy"])
+    first.update(*steps[0])
+    rest = Window(["click", "buy"])
+    for s in steps[1:]:
+        rest.update(*s)
+    added.add(first)
+    added.add(rest)
+    before = [t.clone() for t in first.gates["click"].tensors()]
+    added.gates["click"].combine_sum += 1.0  # the segment added must not change with the window it went into
+    torch.testing.assert_close(first.gates["click"].tensors(), before)
+    added.gates["click"].combine_sum -= 1.0
+    for name in direct.gates:
+        torch.testing.assert_close(added.gates[name].tensors(), direct.gates[name].tensors())
+    torch.testing.assert_close(added.labels.tensors(), direct.labels.tensors())
+    assert direct.metrics("experts", "relatedness") == pytest.approx(added.metrics("experts", "relatedness"))
