@@ -5,6 +5,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import sys
 
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
@@ -29,11 +30,13 @@ def _is_user_error(e: Exception) -> bool:
     return isinstance(e, (FeatureDataError, ValueError, OSError, argparse.ArgumentError, *unavailable, *registry))
 
 
-def print_user_error(e: Exception) -> None:
-    """`error: <message>` in one line, or the exception raised with its traceback under MMOE_REC_TRACEBACK=1."""
+def print_user_error(e: Exception, about: str | None = None) -> None:
+    """`error: [<about>: ]<message>` in one line, or the exception raised with its traceback under
+    MMOE_REC_TRACEBACK=1."""
     if os.environ.get("MMOE_REC_TRACEBACK"):
         raise e
-    print(f"error: {e}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+    print(f"error: {f'{about}: ' if about else ''}{e}\n(MMOE_REC_TRACEBACK=1 shows where it was raised)",
+          file=sys.stderr)
 
 
 def _cause(e: BaseException) -> BaseException | None:
@@ -53,8 +56,22 @@ def _report(e: Exception) -> int:
     while (nxt := _cause(chain[-1])) is not None and id(nxt) not in seen:
         chain.append(nxt)
         seen.add(id(nxt))
-    print_user_error([x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1])
+    innermost = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
+    key = _parser_key(chain)  # jsonargparse's innermost message names the value, not the setting
+    print_user_error(innermost, key if key and key not in str(innermost) else None)
     return 1
+
+
+def _parser_key(chain: list[BaseException]) -> str | None:
+    """The setting a LightningCLI parser error is about: the first `Parser key "..."` of the deepest exception in
+    the chain that names one (`trainer.max_epochs`, or a model's `num_experts`), when the chain is a parser's."""
+    if not any(isinstance(x, argparse.ArgumentError) for x in chain):
+        return None
+    for x in reversed(chain):
+        found = re.search(r'Parser key "([^"]+)"', str(x))
+        if found:
+            return found.group(1)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import lzma
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -102,11 +103,36 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _first_line(path: str) -> bytes | None:
-    """The file's first non-empty line (without its line end), or None if it has none. Read in Python, never
-    with Arrow's streaming CSV reader: that one starts a read-ahead thread over the (lzma) Python file object,
-    which could still be running at interpreter exit, right after an error message about this header, and
-    abort the process ("terminate called without an active exception", exit 134)."""
+def _record_end(body: bytes, delimiter: int) -> int:
+    """Index of the line end that closes the first CSV record of `body`, or -1 if it is not in `body` yet. A line
+    end inside a quoted field ('"' at a field's start, '""' a quote inside it) does not close the record; a quote
+    elsewhere in a field is a plain character, as in Arrow's reader and Python's csv module."""
+    quoted, field_start, i, n = False, True, 0, len(body)
+    while i < n:
+        c = body[i]
+        if quoted:
+            if c == 0x22:  # '"': a doubled quote stays inside, a single one closes the field's quoting
+                if i + 1 < n and body[i + 1] == 0x22:
+                    i += 1
+                elif i + 1 >= n:
+                    return -1  # cannot tell yet
+                else:
+                    quoted = False
+        elif c in (0x0A, 0x0D):
+            return i
+        elif c == 0x22 and field_start:
+            quoted = True
+        field_start = c == delimiter and not quoted
+        i += 1
+    return -1
+
+
+def _first_record(path: str, delimiter: str) -> bytes | None:
+    """The file's first CSV record (the first non-empty line, and the lines a quoted field spans), without its
+    line end; None if the file has none. Read in Python, never with Arrow's streaming CSV reader: that one starts
+    a read-ahead thread over the (lzma) Python file object, which could still be running at interpreter exit,
+    right after an error message about this header, and abort the process ("terminate called without an active
+    exception", exit 134)."""
     head = b""
     with _open_csv_stream(path) as f:
         while True:
@@ -119,7 +145,7 @@ def _first_line(path: str) -> bytes | None:
             else:
                 body = head
             body = body.lstrip(b"\r\n")  # empty lines before the header are skipped, as Arrow does
-            end = min((i for i in (body.find(b"\n"), body.find(b"\r")) if i >= 0), default=-1)
+            end = _record_end(body, ord(delimiter))
             if end >= 0:
                 return body[:end]
             if not block:
@@ -128,18 +154,22 @@ def _first_line(path: str) -> bytes | None:
 
 def _header_names(path: str, reader: ReaderSpec) -> list[str]:
     """The column names Arrow's CSV reader gives the file (as _csv_reader opens it without column_names): the
-    first line's fields ('"' quotes, doubled quote inside), or f0, f1, ... for as many fields without a header."""
-    line = _first_line(path)
-    if line is None:
-        raise FeatureDataError("empty input file (no header, no rows)", file=path)
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise FeatureDataError(f"the CSV file's first line is not UTF-8 text ({e})", file=path) from None
+    first record's fields ('"' quotes, doubled quote inside), or f0, f1, ... for as many fields without a header."""
     delimiter = _delimiter(path, reader)
     if len(delimiter) != 1:
         raise FeatureDataError(f"reader.delimiter must be one character, got {delimiter!r}", file=path)
-    fields = next(csv.reader([text], delimiter=delimiter, quotechar='"', doublequote=True, strict=False))
+    line = _first_record(path, delimiter)
+    if line is None:
+        raise FeatureDataError("empty input file (no header, no rows)", file=path)
+    if reader.header:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FeatureDataError(f"the CSV file's header is not UTF-8 text ({e})", file=path) from None
+    else:  # only the fields are counted: a data row may hold other bytes in columns the schema does not read
+        text = line.decode("latin-1")
+    fields = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"', doublequote=True,
+                             strict=False))
     return fields if reader.header else [f"f{i}" for i in range(len(fields))]
 
 

@@ -99,6 +99,8 @@ HEADERS = {
     "empty_lines_first": b"\n\r\n a ,b\n1,2\n",
     "empty_names": b"a,,b,\n1,2,3,4\n",
     "utf8": "é,ü\n1,2\n".encode(),
+    "newline_in_quotes": b'"a\nb",c\n1,2\n',  # one header field spans two lines (the first line alone: ['a'])
+    "crlf_in_quotes": b'"a\r\nb","c"",d"\r\n1,2\r\n',
 }
 
 
@@ -125,3 +127,11 @@ def test_an_empty_csv_or_a_header_that_is_not_utf8_is_an_error_naming_the_file(t
         with pytest.raises(FeatureDataError) as e:
             list(iter_batches(str(path), ["b"], ReaderSpec()))
         assert str(path) in str(e.value)
+
+
+def test_without_a_header_a_first_row_that_is_not_utf8_is_only_counted(tmp_path):
+    """header: false needs the number of fields only: a latin-1 byte in a column the schema never reads used to
+    refuse a file that Arrow reads (it checks UTF-8 in the columns it converts)."""
+    path = tmp_path / "raw.csv"
+    path.write_bytes("1,caf\xe9,3\n4,x,6\n".encode("latin-1"))
+    assert csv_columns(str(path), ReaderSpec(header=False)) == ["f0", "f1", "f2"]

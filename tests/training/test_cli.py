@@ -104,7 +104,8 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
 @pytest.mark.parametrize("override, expected", [
     (["--model.init_args.model", '{"class_path": "mmoe_rec.models.mmoe.MMOE"}'], "has no attribute 'MMOE'"),
     (["--model.init_args.model.init_args.num_expert", "3"], "Option 'num_expert' is not accepted"),
-    (["--trainer.max_epochs", "abc"], "Expected a <class 'int'>. Got value: abc"),
+    (["--trainer.max_epochs", "abc"], "trainer.max_epochs: Expected a <class 'int'>. Got value: abc"),
+    (["--model.init_args.model.init_args.num_experts", "eight"], "num_experts: Expected a <class 'int'>"),
 ])
 def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_dir, in_tmp, capsys, override,
                                                                       expected):
