@@ -38,3 +38,28 @@ class GateRecord:
     def drop_base(self) -> int:
         """What `dropped` counts out of, from shapes: B·k assignments (token choice), B rows (expert choice)."""
         return self.chosen.numel() if self.chosen is not None else self.combine.shape[0]
+
+
+def concat_records(records: list[GateRecord]) -> GateRecord | None:
+    """One gate's records of several batches as one record of all their rows (what monitoring sums is the same),
+    or None when they do not line up (other experts, extras or routing kind): then take them one by one.
+    `dropped` adds up; an extra becomes the row-weighted mean of its batch means (monitoring weighs each batch's
+    extra by its rows)."""
+    first = records[0]
+    kinds = {(r.num_experts, r.chosen is None, r.chosen.shape[1] if r.chosen is not None else 0,
+              r.assigned is None, r.dropped is None, tuple(sorted(r.extra))) for r in records}
+    if len(kinds) != 1:
+        return None
+    rows = [r.combine.shape[0] for r in records]
+    total = max(sum(rows), 1)
+    extra = {key: sum(n * r.extra[key].detach().double().mean() for n, r in zip(rows, records)) / total
+             for key in first.extra}
+    return GateRecord(
+        combine=torch.cat([r.combine for r in records]),
+        probs=torch.cat([r.probs for r in records]),
+        chosen=None if first.chosen is None else torch.cat([r.chosen for r in records]),
+        dropped=None if first.dropped is None else sum(r.dropped for r in records),
+        expert_groups=first.expert_groups,
+        extra=extra,
+        assigned=None if first.assigned is None else torch.cat([r.assigned for r in records]),
+    )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmoe_rec.nn.routing_record import concat_records
 from mmoe_rec.training import plots
 from mmoe_rec.training.monitoring import (
     GateStats,
@@ -33,6 +34,12 @@ from mmoe_rec.training.monitoring import (
     utilization_metrics,
 )
 from mmoe_rec.training.tracking import log_json, log_png
+
+
+# the monitor's segment computes its batches' statistics together once they hold this many gate weights (rows x
+# experts over the gates): 16 MB of float32 each for the kept combine weights and probabilities; a dense 2-gate
+# model of 8 experts at batch 1024 settles every 256 steps, or at the window's or the epoch's end if sooner
+SEGMENT_BUFFER_ELEMENTS = 1 << 22
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -53,7 +60,11 @@ class Window:
     """Sums of one window (or one epoch): per gate, labels, and per task pair the per-row gate similarity and
     chosen-expert Jaccard."""
 
-    def __init__(self, tasks: list[str]) -> None:
+    def __init__(self, tasks: list[str], buffer_elements: int = 0) -> None:
+        """buffer_elements > 0: `update` keeps the batches (references to their records, labels and weights)
+        until they hold that many gate weights (rows x experts, over the gates), then computes their statistics
+        in one pass over all their rows (`settle`): about a hundred small ops a batch become as many for the
+        lot. Every reader of the sums settles first."""
         self.tasks = tasks
         self.gates: dict[str, GateStats] = {}
         self.labels = LabelStats.empty(tasks)
@@ -61,9 +72,36 @@ class Window:
         # tasks whose gates span the same experts (the largest such group) -> (pairs, 3) per-row gate similarity
         # sums [JS, cosine, rows] (monitoring.gate_pair_sums)
         self.gate_pairs: dict[tuple[str, ...], torch.Tensor] = {}
+        self.buffer_elements = buffer_elements
+        self._pending: list[tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]] = []
+        self._pending_elements = 0
 
     def update(self, routing: dict[str, Any], labels: dict[str, torch.Tensor],
                weights: torch.Tensor | None = None) -> None:
+        if not self.buffer_elements:
+            self._update(routing, labels, weights)
+            return
+        self._pending.append((routing, labels, weights))
+        self._pending_elements += sum(r.combine.numel() for r in routing.values())
+        if self._pending_elements >= self.buffer_elements:
+            self.settle()
+
+    def settle(self) -> None:
+        """The statistics of the buffered batches, in one pass over their rows (batch by batch where their
+        records do not line up: another set of gates, experts or extras)."""
+        steps, self._pending, self._pending_elements = self._pending, [], 0
+        if len(steps) > 1 and all(s[0].keys() == steps[0][0].keys() for s in steps):
+            routing = {name: concat_records([s[0][name] for s in steps]) for name in steps[0][0]}
+            if all(r is not None for r in routing.values()) and all(
+                    s[1].keys() == steps[0][1].keys() and (s[2] is None) == (steps[0][2] is None) for s in steps):
+                labels = {t: torch.cat([s[1][t] for s in steps]) for t in steps[0][1]}
+                weights = None if steps[0][2] is None else torch.cat([s[2] for s in steps])
+                steps = [(routing, labels, weights)]
+        for step in steps:
+            self._update(*step)
+
+    def _update(self, routing: dict[str, Any], labels: dict[str, torch.Tensor],
+                weights: torch.Tensor | None = None) -> None:
         for name, record in routing.items():
             if name not in self.gates:
                 self.gates[name] = GateStats.empty(record.num_experts)
@@ -93,6 +131,8 @@ class Window:
 
     def add(self, other: "Window") -> None:
         """Adds another window's sums (the same tasks) into this one; `other` is left as it is."""
+        self.settle()
+        other.settle()
         for name, stats in other.gates.items():
             if name not in self.gates:
                 self.gates[name] = GateStats.empty(stats.combine_sum.numel())
@@ -104,6 +144,7 @@ class Window:
 
     def reduce(self) -> None:
         """Sum across ranks in place (every rank must call it at the same point: same gates, same pairs)."""
+        self.settle()
         flat: list[torch.Tensor] = []
         for name in sorted(self.gates):
             flat += self.gates[name].tensors()
@@ -128,9 +169,11 @@ class Window:
 
     @property
     def empty(self) -> bool:
+        self.settle()
         return not self.gates and self.labels.rows == 0
 
     def relatedness(self) -> dict[str, tuple[list[str], torch.Tensor]]:
+        self.settle()
         out: dict[str, tuple[list[str], torch.Tensor]] = {}
         if len(self.tasks) > 1 and self.labels.defined:
             out["label_corr"] = label_correlation(self.labels)
@@ -147,6 +190,7 @@ class Window:
         return out
 
     def metrics(self, experts_prefix: str, related_prefix: str) -> dict[str, float]:
+        self.settle()
         out: dict[str, float] = {}
         for name, stats in self.gates.items():
             out.update(utilization_metrics(name, stats, experts_prefix))
@@ -205,7 +249,7 @@ class RoutingMonitor(L.Callback):
         if self._epoch is None:
             self._epoch = self._fresh(pl_module)
         if self._segment is None:
-            self._segment = self._fresh(pl_module)
+            self._segment = Window(list(pl_module.tasks), buffer_elements=SEGMENT_BUFFER_ELEMENTS)
         self._segment.update(out.routing, batch.labels, batch.weights)
         step = trainer.global_step
         # once per optimizer step: with gradient accumulation several batches end at the same global step
