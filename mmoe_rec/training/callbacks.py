@@ -37,9 +37,10 @@ from mmoe_rec.training.tracking import log_json, log_png
 
 
 # the monitor's segment computes its batches' statistics together once they hold this many gate weights (rows x
-# experts over the gates): 16 MB of float32 each for the kept combine weights and probabilities; a dense 2-gate
-# model of 8 experts at batch 1024 settles every 256 steps, or at the window's or the epoch's end if sooner
-SEGMENT_BUFFER_ELEMENTS = 1 << 22
+# experts over the gates): 8 MB of float32 each for the kept combine weights and probabilities (a settle's
+# temporaries: a few times that, the pair statistics in chunks); a dense 2-gate model of 8 experts at batch 1024
+# settles every 128 steps, or at the window's or the epoch's end if sooner
+SEGMENT_BUFFER_ELEMENTS = 1 << 21
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

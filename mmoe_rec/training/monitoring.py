@@ -36,6 +36,7 @@ import torch
 from mmoe_rec.nn.routing_record import GateRecord
 
 EPS = 1e-10
+PAIR_CHUNK_ELEMENTS = 1 << 20  # gate_pair_sums' temporaries: about 4 MB of float32 each
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -348,13 +349,19 @@ def gate_pair_sums(combines: torch.Tensor) -> torch.Tensor:
     rows both gates weigh. A row a gate left without weight (expert choice: no expert took it; token choice:
     every choice dropped by capacity; it goes to the fallback) has no distribution to compare: counted as 0 it
     would read identical gates as cosine 0.8 when a fifth of the rows are dropped.
-    On the gates' device, in one pass for all pairs (a training step pays it; the sums are read once a window)."""
-    T = combines.shape[0]
+    On the gates' device, all pairs in one pass over rows taken in chunks of at most `PAIR_CHUNK_ELEMENTS`
+    pair-row-expert values, which bounds the temporaries of a monitor that settles many batches at once."""
+    T, B, E = combines.shape
     i, j = torch.triu_indices(T, T, 1, device=combines.device)
-    a, b = combines.float()[i], combines.float()[j]  # (P, B, E)
-    both = ((a.sum(-1) > 0) & (b.sum(-1) > 0)).to(torch.float32)  # (P, B)
-    js, cos = (js_rows(a, b) * both).sum(-1), (cosine_rows(a, b) * both).sum(-1)  # (P,)
-    return torch.stack([js, cos, both.sum(-1)], dim=1).double()
+    step = max(1, PAIR_CHUNK_ELEMENTS // max(1, len(i) * E))
+    out = torch.zeros(len(i), 3, dtype=torch.float64, device=combines.device)
+    for start in range(0, B, step):
+        chunk = combines[:, start:start + step].float()
+        a, b = chunk[i], chunk[j]  # (P, rows, E)
+        both = ((a.sum(-1) > 0) & (b.sum(-1) > 0)).to(torch.float32)  # (P, rows)
+        js, cos = (js_rows(a, b) * both).sum(-1), (cosine_rows(a, b) * both).sum(-1)  # (P,)
+        out += torch.stack([js, cos, both.sum(-1)], dim=1).double()
+    return out
 
 
 def gate_similarity(names: list[str], pair_sums: torch.Tensor) -> dict[str, tuple[list[str], torch.Tensor]]:

@@ -134,6 +134,15 @@ def test_gate_similarity_leaves_out_the_rows_a_gate_dropped():
     assert float(gate_pair_sums(torch.stack([g, h]))[0, 2]) == 7
 
 
+def test_gate_pair_sums_in_row_chunks_equal_one_pass(monkeypatch):
+    from mmoe_rec.training import monitoring
+
+    c = torch.softmax(torch.randn(4, 50, 6, generator=torch.Generator().manual_seed(1)), -1)  # 4 gates, 50 rows
+    whole = gate_pair_sums(c)
+    monkeypatch.setattr(monitoring, "PAIR_CHUNK_ELEMENTS", 6 * 6 * 7)  # 6 pairs x 6 experts x 7 rows a chunk
+    torch.testing.assert_close(gate_pair_sums(c), whole, rtol=1e-6, atol=1e-6)  # float32 sums per chunk
+
+
 def test_gate_similarity_is_per_row_not_of_the_mean_distributions():
     """Two gates that route every row to different experts, half the rows each way: their mean distributions are
     the same (uniform), which read as JS 0 / cosine 1 ("tasks route identically"); per row they are disjoint."""
