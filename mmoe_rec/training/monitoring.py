@@ -80,8 +80,8 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _ratio_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den where den > 0, else 0 (float64; no epsilon, which would shrink ratios of small numbers)."""
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    """num / den where den > 0, else 0 (no epsilon, which would shrink ratios of small numbers)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
 
 
 def pairwise_matrix(vectors: dict[str, torch.Tensor], fn) -> tuple[list[str], torch.Tensor]:
@@ -339,8 +339,7 @@ def js_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(..., E) x2 -> (...,) cosine of each row pair; 0 where either row is 0."""
-    num, den = (a * b).sum(-1), a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    return _ratio_or_zero((a * b).sum(-1), a.norm(dim=-1) * b.norm(dim=-1))
 
 
 def gate_pair_sums(combines: torch.Tensor) -> torch.Tensor:
