@@ -315,3 +315,8 @@ class FeatureDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> FeatureDataLoader:
         return self.dataloader(self.predict_split, with_ids=True)
+
+    def predict_rows(self) -> int:
+        """Rows of the predict split, all ranks together (from the footers): what a prediction writer checks its
+        rows against."""
+        return self._index(self.predict_split, with_ids=True).num_rows

@@ -3,17 +3,26 @@
 every row once. The file is written under a temporary name beside the target and renamed when the epoch is
 complete, so a failed run leaves no partial output. With several processes each writes its own rows to
 `<stem>.rank<k><suffix>` (rank 0 included).
+
+Before any file is renamed, the ranks sum their row counts (a collective: a rank that died fails it, and with it
+the run, instead of rank 0 finishing alone with half the rows), and the total must be the predict split's rows
+when the data module says how many (`predict_rows()`). After the rename, rank 0 removes the files an earlier run
+wrote under the same path with another number of processes (`<stem><suffix>` beside rank files, or rank files
+past this run's), so that the folder holds one run's predictions, each row once; it warns naming them.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
@@ -56,7 +65,33 @@ class ParquetPredictionWriter(BasePredictionWriter):
         else:
             self._writer.close()
             self._writer = None
+        # every rank's rows, summed: with a rank gone this collective fails, and no file is renamed
+        count = torch.tensor(float(self.rows), dtype=torch.float64, device=pl_module.device)
+        total = int(trainer.strategy.reduce(count, reduce_op="sum").item())
+        predict_rows = getattr(trainer.datamodule, "predict_rows", None)
+        expected = predict_rows() if callable(predict_rows) else None
+        if expected is not None and total != expected:
+            raise RuntimeError(f"predictions: {total} rows written over {trainer.world_size} process(es), but the "
+                               f"predict split has {expected}; nothing was written to {self.output}")
         os.replace(self._partial, self._target)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self._remove_earlier_runs(trainer.world_size)
+
+    def _remove_earlier_runs(self, world_size: int) -> None:
+        """Files of an earlier run under this path with another number of processes: read with this run's, a
+        folder of them would hold rows twice."""
+        mine = {self.output.with_name(f"{self.output.stem}.rank{r}{self.output.suffix}") for r in range(world_size)}
+        if world_size == 1:
+            mine = {self.output}
+        rank_file = re.compile(rf"{re.escape(self.output.stem)}\.rank\d+{re.escape(self.output.suffix)}")
+        stale = sorted(p for p in self.output.parent.iterdir()
+                       if p not in mine and (p == self.output or rank_file.fullmatch(p.name)))
+        for p in stale:
+            p.unlink()
+        if stale:
+            rank_zero_warn(f"removed the predictions an earlier run wrote under {self.output} with another number "
+                           f"of processes: {', '.join(p.name for p in stale)}")
 
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         if self._writer is not None:

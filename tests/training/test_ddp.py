@@ -309,3 +309,28 @@ def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir,
     assert resumed["global_step"] == straight["global_step"]
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_runs_file(feature_dir, tmp_path,
+                                                                                          monkeypatch):
+    """The rank files are renamed only after the ranks' row counts add up to the split's (a collective that a
+    dead rank fails); a 1-process run's file under the same path is removed, so the folder holds each row once."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
+    run_lightning_cli(["fit", "--config", str(cfg)])
+    (tmp_path / "pred.parquet").write_bytes(b"an earlier 1-process run")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "predict", "--config", str(cfg),
+                           "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                           "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                           "--predictions_path", str(tmp_path / "pred.parquet")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "removed the predictions an earlier run wrote" in proc.stderr
+    assert not (tmp_path / "pred.parquet").exists()
+    ids = [i for r in (0, 1) for i in pq.read_table(tmp_path / f"pred.rank{r}.parquet")["row_id"].to_pylist()]
+    test_ids = [i for p in sorted((feature_dir / "test").glob("*.parquet"))
+                for i in pq.read_table(p)["row_id"].to_pylist()]
+    assert sorted(ids) == sorted(test_ids)  # every test row, once

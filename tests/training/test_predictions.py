@@ -1,0 +1,50 @@
+"""ParquetPredictionWriter: every row of the predict split once, the total checked before any file is renamed, and
+the files of an earlier run under the same path with another number of processes removed."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import MMOE
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.predictions import ParquetPredictionWriter
+
+FAST = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False, logger=False,
+            enable_checkpointing=False)
+
+
+def predict(feature_dir, output, dm=None):
+    dm = dm or FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(output))], **FAST)
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+    return dm
+
+
+def test_every_row_once_and_the_files_of_an_earlier_run_with_more_processes_removed(feature_dir, tmp_path):
+    out = tmp_path / "pred.parquet"
+    stale = [tmp_path / "pred.rank0.parquet", tmp_path / "pred.rank1.parquet"]
+    keep = tmp_path / "pred.rank1.parquet.bak"
+    for p in (*stale, keep):
+        p.write_bytes(b"an earlier 2-process run")
+    with pytest.warns(UserWarning, match="pred.rank0.parquet, pred.rank1.parquet"):
+        dm = predict(feature_dir, out)
+    assert pq.read_table(out).num_rows == dm.predict_rows()
+    assert not any(p.exists() for p in stale) and keep.exists()  # only this path's rank files
+
+
+def test_a_row_count_that_is_not_the_splits_renames_nothing(feature_dir, tmp_path, monkeypatch):
+    """What a rank that died (or a loader that lost rows) leaves: fewer rows than the split. The run fails and the
+    earlier output stays as it was (rank 0 used to rename its file and exit 0 with half the rows)."""
+    out = tmp_path / "pred.parquet"
+    out.write_bytes(b"an earlier run")
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    monkeypatch.setattr(dm, "predict_rows", lambda: 10 ** 6)
+    with pytest.raises(RuntimeError, match="rows written over 1 process"):
+        predict(feature_dir, out, dm)
+    assert out.read_bytes() == b"an earlier run"
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.parquet"]  # the partial file removed
