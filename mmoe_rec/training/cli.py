@@ -111,7 +111,7 @@ class MultiTaskCLI(LightningCLI):
 
         try:  # the run's first call to the store: a server that answers but is no MLflow fails here
             log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
-                          getattr(self.datamodule, "data_dir", None))
+                          getattr(self.datamodule, "data_dir", None), command=sub)
         except MlflowException as e:
             import mlflow
 

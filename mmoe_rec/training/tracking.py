@@ -268,15 +268,18 @@ class MLflowTracker(MLFlowLogger):
 
 
 def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any] | None,
-                  data_dir: str | os.PathLike | None = None) -> None:
-    """Resolved config and FeatureSpec into the run, the git commit and whether the tree was modified, and the
-    data: its absolute folder as a tag and its manifest.json (row counts, inputs, seed of the feature build) as
-    `data/manifest.json` (rank 0; no-op for a non-MLflow logger)."""
+                  data_dir: str | os.PathLike | None = None, command: str | None = None) -> None:
+    """Resolved config and FeatureSpec into the run, the git commit and whether the tree was modified, the data:
+    its absolute folder as a tag and its manifest.json (row counts, inputs, seed of the feature build) as
+    `data/manifest.json`, and the `mmoe-rec` subcommand that made the run as the tag `mmoe_rec.command` (fit, test
+    and predict runs of one config share a run name) (rank 0; no-op for a non-MLflow logger)."""
     if not isinstance(logger, MLFlowLogger):
         return
     if rank_zero_only.rank != 0:
         return
     client, run_id = logger.experiment, logger.run_id
+    if command:
+        client.set_tag(run_id, "mmoe_rec.command", command)
     if config_yaml:
         client.log_text(run_id, config_yaml, "config.yaml")
     if spec_dict:

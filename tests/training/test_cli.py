@@ -237,6 +237,8 @@ def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
     assert len(runs) == 2
     for run in runs:
         assert {"config.yaml", "spec.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    # both runs carry the config's run name: the tag says which command made each
+    assert sorted(r.data.tags.get("mmoe_rec.command") for r in runs) == ["fit", "predict"]
 
 
 def test_predict_keeps_integer_ids_with_nulls_and_past_2_53_exactly(make_feature_dir, in_tmp):
