@@ -68,11 +68,6 @@ def chosen_mask(record: GateRecord) -> torch.Tensor | None:
     return mask
 
 
-def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence, base 2 (0 = same distribution, 1 = disjoint support)."""
-    return js_rows(p.double().reshape(1, -1), q.double().reshape(1, -1))[0]
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """cos(a, b), whatever their scale (gradients of 1e-6 are as aligned as gradients of 1); 0 if either is 0."""
     a, b = a.double().flatten(), b.double().flatten()

@@ -35,9 +35,13 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self.rows = 0
 
     def target(self, trainer: "L.Trainer") -> Path:
-        if trainer.world_size == 1:
+        return self._path(trainer.global_rank, trainer.world_size)
+
+    def _path(self, rank: int, world_size: int) -> Path:
+        """The file rank `rank` of a run of `world_size` processes writes."""
+        if world_size == 1:
             return self.output
-        return self.output.with_name(f"{self.output.stem}.rank{trainer.global_rank}{self.output.suffix}")
+        return self.output.with_name(f"{self.output.stem}.rank{rank}{self.output.suffix}")
 
     def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self._target = self.target(trainer)
@@ -81,9 +85,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
     def _remove_earlier_runs(self, world_size: int) -> None:
         """Files of an earlier run under this path with another number of processes: read with this run's, a
         folder of them would hold rows twice."""
-        mine = {self.output.with_name(f"{self.output.stem}.rank{r}{self.output.suffix}") for r in range(world_size)}
-        if world_size == 1:
-            mine = {self.output}
+        mine = {self._path(rank, world_size) for rank in range(world_size)}
         rank_file = re.compile(rf"{re.escape(self.output.stem)}\.rank\d+{re.escape(self.output.suffix)}")
         stale = sorted(p for p in self.output.parent.iterdir()
                        if p not in mine and (p == self.output or rank_file.fullmatch(p.name)))

@@ -15,7 +15,7 @@ from mmoe_rec.training.monitoring import (
     gate_pair_sums,
     gate_similarity,
     jaccard_rows,
-    js_divergence,
+    js_rows,
     label_correlation,
     max_violation,
     pair_scalars,
@@ -47,6 +47,11 @@ def test_cv2_and_max_violation():
     assert float(cv_squared(x)) == pytest.approx(np.var([1, 2, 3, 6]) / 3.0**2, rel=1e-6)
     assert float(cv_squared(torch.ones(5))) == pytest.approx(0.0)
     assert float(max_violation(x)) == pytest.approx((6 - 3) / 3)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """One pair of distributions through the per-row JS divergence, in float64."""
+    return float(js_rows(p.double()[None], q.double()[None])[0])
 
 
 def test_js_divergence_bounds():
