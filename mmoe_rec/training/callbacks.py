@@ -168,6 +168,36 @@ class Window:
             self.gate_pairs[p] = flat[pos]
             pos += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sums as CPU tensors and plain values (a checkpoint loads them with weights_only)."""
+        self.settle()
+        gates = {}
+        for name, stats in self.gates.items():
+            gates[name] = {"combine_sum": stats.combine_sum.cpu(), "probs_sum": stats.probs_sum.cpu(),
+                           "counts": stats.counts.cpu(), "dropped": stats.dropped.cpu(),
+                           "entropy_sum": stats.entropy_sum.cpu(), "rows": stats.rows,
+                           "drop_base": stats.drop_base, "sparse": stats.sparse, "groups": stats.groups,
+                           "extra_sum": {k: v.cpu() for k, v in stats.extra_sum.items()}}
+        labels = self.labels
+        return {"tasks": list(self.tasks), "gates": gates,
+                "labels": {"s1": labels.s1.cpu(), "s2": labels.s2.cpu(), "count": labels.count.cpu(),
+                           "rows": labels.rows.cpu()},
+                "jaccard": [[list(pair), total.cpu()] for pair, total in self.jaccard.items()],
+                "gate_pairs": [[list(names), total.cpu()] for names, total in self.gate_pairs.items()]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Window":
+        window = cls(list(state["tasks"]))
+        for name, g in state["gates"].items():
+            window.gates[name] = GateStats(g["combine_sum"], g["probs_sum"], g["counts"], g["dropped"],
+                                           g["entropy_sum"], g["rows"], g["drop_base"], g["sparse"], g["groups"],
+                                           dict(g["extra_sum"]))
+        lab = state["labels"]
+        window.labels = LabelStats(list(state["tasks"]), lab["s1"], lab["s2"], lab["count"], lab["rows"])
+        window.jaccard = {tuple(pair): total for pair, total in state["jaccard"]}
+        window.gate_pairs = {tuple(names): total for names, total in state["gate_pairs"]}
+        return window
+
     @property
     def empty(self) -> bool:
         self.settle()
@@ -219,36 +249,72 @@ class RoutingMonitor(L.Callback):
         # window and the epoch when either ends (a step's statistics are computed once, not once per window)
         self._segment: Window | None = None
         self._last_logged_step: int | None = None
+        self._current_epoch: int | None = None  # the trainer's epoch, for the checkpoint (state_dict has no trainer)
+        self._restored: dict[str, Any] | None = None  # open sums from a checkpoint, until the fit takes them
 
     def _fresh(self, pl_module) -> Window:
         return Window(list(pl_module.tasks))
 
     def state_dict(self) -> dict[str, Any]:
         """The load history behind the expert-load plot, so that a resumed fit plots the whole run (plain lists: a
-        checkpoint loads without numpy objects). The open window is not saved: its steps' statistics are lost."""
-        return {"history_steps": list(self.history_steps),
-                "history": {name: [load.tolist() for load in loads] for name, loads in self.history.items()},
-                "last_logged_step": self._last_logged_step}
+        checkpoint loads without numpy objects), and the sums of the open window and epoch summed over ranks, so
+        that a fit resumed mid-epoch logs the statistics a straight run logs. Collective: Lightning builds the
+        checkpoint on every rank (and writes it on rank 0), as the module's epoch totals rely on too."""
+        state = {"history_steps": list(self.history_steps),
+                 "history": {name: [load.tolist() for load in loads] for name, loads in self.history.items()},
+                 "last_logged_step": self._last_logged_step}
+        if self._segment is None and self._window is None and self._epoch is None:
+            return state  # no training step yet on any rank (they step together)
+        tasks = next(w.tasks for w in (self._segment, self._window, self._epoch) if w is not None)
+        open_sums = {}
+        for key, target in (("window", self._window), ("epoch", self._epoch)):
+            total = Window(tasks)  # the live sums stay this rank's own
+            for part in (target, self._segment):
+                if part is not None:
+                    total.add(part)
+            total.reduce()
+            open_sums[key] = total.state_dict()
+        state["open"] = {"epoch_index": self._current_epoch, **open_sums}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history_steps = list(state_dict.get("history_steps", []))
         self.history = {name: [np.asarray(load, dtype=np.float64) for load in loads]
                         for name, loads in state_dict.get("history", {}).items()}
         self._last_logged_step = state_dict.get("last_logged_step")
+        self._restored = state_dict.get("open")
+
+    def _take_restored(self, trainer) -> None:
+        """A resumed fit's open sums go to rank 0 (they are the sums over the ranks of the saved run): the window
+        always (it runs across epoch ends), the epoch's when the fit resumes inside the epoch they belong to."""
+        restored, self._restored = self._restored, None
+        if restored is None or not trainer.is_global_zero:
+            return
+        self._window.add(Window.from_state_dict(restored["window"]))
+        if restored["epoch_index"] == trainer.current_epoch:
+            self._epoch.add(Window.from_state_dict(restored["epoch"]))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch = self._fresh(pl_module)
+        self._current_epoch = trainer.current_epoch
+        if self._restored is not None:
+            if self._window is None:
+                self._window = self._fresh(pl_module)
+            self._take_restored(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         out = getattr(pl_module, "last_output", None)
         if out is None:
             return
-        # made here when missing: a fit resumed mid-epoch starts without on_train_epoch_start (its epoch's
-        # statistics then cover the batches after the resume)
+        # made here when missing: a fit resumed from a checkpoint of an epoch's last batch starts the next epoch
+        # without on_train_epoch_start (the checkpoint's open epoch sums then belong to the skipped epoch)
         if self._window is None:
             self._window = self._fresh(pl_module)
         if self._epoch is None:
             self._epoch = self._fresh(pl_module)
+            self._current_epoch = trainer.current_epoch
+        if self._restored is not None:
+            self._take_restored(trainer)
         if self._segment is None:
             self._segment = Window(list(pl_module.tasks), buffer_elements=SEGMENT_BUFFER_ELEMENTS)
         self._segment.update(out.routing, batch.labels, batch.weights)

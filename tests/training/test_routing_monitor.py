@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers.logger import Logger
 
-from conftest import MMOE
+from conftest import MMOE, SPARSE
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.training.callbacks import RoutingMonitor
 from mmoe_rec.training.module import MultiTaskModule
@@ -57,11 +58,11 @@ class WindowSizes(RoutingMonitor):
 
 
 def fit(feature_dir, tmp, monitor, max_epochs=2, batch_size=96, ckpt_path=None, callbacks=(), max_steps=-1,
-        **module_kw):
+        model=MMOE, **module_kw):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=batch_size, seed=3, shuffle_buffer=256)
     module_kw.setdefault("optimizer", {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}})
-    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec, **module_kw)
+    module = MultiTaskModule(model=copy.deepcopy(model), feature_spec=dm.spec, **module_kw)
     logger = Capture()
     trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=logger, default_root_dir=tmp,
                         callbacks=[monitor, *callbacks], **FAST)
@@ -115,6 +116,44 @@ def test_a_fit_resumed_mid_epoch_keeps_logging(feature_dir, tmp_path):
     assert resumed.steps_with(UTIL) == [s for s in straight.steps_with(UTIL) if s > 15]
     epoch_key = "experts/epoch/click/util/e0"
     assert resumed.steps_with(epoch_key) == straight.steps_with(epoch_key) == [21, 42]
+
+
+# noisy top-k with a capacity and loss-free bias: drops, loads, bias statistics and expert overlap in the window
+SPARSE_DROPPING = {"class_path": SPARSE["class_path"],
+                   "init_args": {**SPARSE["init_args"], "capacity_factor": 1.0, "loss_free_bias": True,
+                                 "bias_update_rate": 0.01}}
+
+
+@pytest.mark.parametrize("model", [MMOE, SPARSE_DROPPING], ids=["mmoe", "sparse"])
+def test_a_fit_resumed_mid_window_and_mid_epoch_logs_what_a_straight_fit_logs(feature_dir, tmp_path, model):
+    """The checkpoint at step 13 falls inside the window of steps 11-15 and inside epoch 0 (steps 1-21): the
+    window logged at 15 and the epoch's statistics at 21 cover the steps before the checkpoint too (they covered
+    only the steps after it), and everything after matches the straight fit's values."""
+    _, straight = fit(feature_dir, tmp_path / "a", RoutingMonitor(every_n_steps=5, plots=False), model=model)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=13, save_top_k=-1)
+    fit(feature_dir, tmp_path / "b", RoutingMonitor(every_n_steps=5, plots=False), callbacks=[ckpt], max_steps=13,
+        model=model)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    _, resumed = fit(feature_dir, tmp_path / "c", RoutingMonitor(every_n_steps=5, plots=False), ckpt_path=str(path),
+                     model=model)
+
+    def monitored(logger):  # step -> the monitor's metrics logged at it (Lightning logs a step more than once)
+        out: dict[int, dict[str, float]] = {}
+        for step, metrics in logger.calls:
+            mine = {k: v for k, v in metrics.items() if k.startswith(("experts/", "relatedness/"))}
+            if step > 13 and mine:
+                out.setdefault(step, {}).update(mine)
+        return out
+
+    want, got = monitored(straight), monitored(resumed)
+    assert sorted(got) == sorted(want) == [15, 20, 21, 25, 30, 35, 40, 42]
+    for step, metrics in want.items():
+        assert got[step].keys() == metrics.keys(), step
+        for key, value in metrics.items():
+            assert got[step][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
+    if model is SPARSE_DROPPING:  # the statistics that differed after a resume are among those compared
+        assert any(k.endswith("dropped_frac") and v > 0 for k, v in want[21].items())
+        assert any("bias" in k for k in want[21])
 
 
 def test_a_resumed_fit_keeps_the_load_history_of_the_steps_before_it(feature_dir, tmp_path):
