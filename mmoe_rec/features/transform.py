@@ -20,6 +20,7 @@ from mmoe_rec.features.columns import (
     weight_column,
 )
 from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import apply_numeric
 from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, label_column
 from mmoe_rec.features.vocab import VocabLookup, hash_ids
@@ -174,5 +175,5 @@ def transform_table(spec: FeatureSpec, table: pa.Table | pa.RecordBatch | pd.Dat
     (scoring input has none); ``True`` requires them, ``False`` skips them.
     """
     if isinstance(table, pd.DataFrame):
-        table = pa.Table.from_pandas(table, preserve_index=False)
+        table = table_from_pandas(table, file, row_offset)
     return compiled(spec).transform(table, with_labels=with_labels, file=file, row_offset=row_offset)

@@ -57,6 +57,11 @@ class MultiTaskModel(nn.Module, abc.ABC):
         A model with aux losses of its own names them here. Default: none."""
         return ()
 
+    def eval_batch_dependence(self) -> str | None:
+        """Why this model's scores in eval mode depend on the other rows of the batch, or None when a row's score
+        is its own (every model by default; the scoring job and the pyfunc warn otherwise)."""
+        return None
+
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:
         """Hook for state updated outside autograd after each step (loss-free balancing biases). Default: none."""

@@ -182,6 +182,14 @@ class SparseMMoE(MultiTaskModel):
         per_row = self.k if self.capacity_factor is None else self.capacity_factor * self.fine_grained
         return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=float(per_row))
 
+    def eval_batch_dependence(self) -> str | None:
+        if self.eval_capacity_factor is None:
+            return None
+        return (f"eval_capacity_factor={self.eval_capacity_factor}: each expert takes at most its capacity of a "
+                f"batch's rows at evaluation and drops the rest to the fallback, so a row's score depends on the "
+                f"rows it is scored with (the batch size, --batch-rows, a Parquet file's row groups, a request's "
+                f"other rows); leave eval_capacity_factor None (dropless) for scores that are the row's own")
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.front.parameters()
         yield from self.experts.parameters()

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import mlflow.pyfunc
 import pandas as pd
-import pyarrow as pa
+
+from mmoe_rec.features.frames import table_from_pandas
 
 
 class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
@@ -17,7 +18,7 @@ class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
-        table = pa.Table.from_pandas(frame, preserve_index=False)
+        table = table_from_pandas(frame, "pyfunc input")
         out = self.scorer.score_table(table, source="pyfunc input").to_pandas()
         out.index = frame.index  # row for row: scores assigned back onto a filtered or re-indexed frame align
         for column in self.scorer.spec.id_columns:  # the caller's ids as given: through Arrow, a nullable integer

@@ -23,6 +23,7 @@ def register_package(
     experiment: str = "mmoe-rec",
 ) -> tuple[str, str]:
     """Log `package_dir` as a pyfunc model (inside `run_id` if given) and register it. Returns (name, version)."""
+    check_model_name(name)
     if alias is not None:
         check_alias(alias)  # the registry refuses it only after the new version exists: a version without its alias
     model = load_package(package_dir)  # fails here, not at serving time, if the package does not load
@@ -52,6 +53,15 @@ def register_package(
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return name, version
+
+
+def check_model_name(name: str) -> None:
+    """A name that `models:/<name>@<alias>` and `models:/<name>/<version>` can address (the registry itself takes
+    "a@b" or "a/b", which no model URI then reaches), as a ValueError in one line."""
+    if not name.strip() or "@" in name or "/" in name or ("'" in name and '"' in name):
+        raise ValueError(f"--name {name!r}: a registered model name needs a character other than a space and must "
+                         f"not hold '@' or '/' (models:/<name>@<alias> and models:/<name>/<version> could not name "
+                         f"it) or both kinds of quote")
 
 
 def check_alias(alias: str) -> None:
@@ -107,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default=None, help="log the model inside this MLflow run (default: a new run)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     args = p.parse_args(argv)
+    check_model_name(args.name)  # before the checkpoint is read or the store opened
     if args.alias is not None:
-        check_alias(args.alias)  # before the checkpoint is read or the store opened
+        check_alias(args.alias)
     configure_tracking(args.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package

@@ -1,6 +1,8 @@
 """Raw rows -> per-task scores with a trained model and the FeatureSpec it was trained with."""
 from __future__ import annotations
 
+import warnings
+
 import pyarrow as pa
 import torch
 
@@ -36,6 +38,9 @@ class Scorer:
     def __init__(self, model: MultiTaskModel) -> None:
         self.model = model.eval()
         self.spec = model.feature_spec
+        dependence = model.eval_batch_dependence()
+        if dependence:
+            warnings.warn(f"scores depend on the batch: {dependence}", stacklevel=2)
         taken = {score_column(t) for t in model.tasks} | set(JOB_COLUMNS)
         clash = [c for c in self.spec.id_columns if c in taken]
         if clash:  # the score (or the job's column) would overwrite the id, or the output have a column twice

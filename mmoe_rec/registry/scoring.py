@@ -66,7 +66,8 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
         if version is None:
             version = client.get_model_version_by_alias(name, alias).version
         elif version == "latest":
-            versions = client.search_model_versions(f"name = '{name}'")
+            quote = '"' if "'" in name else "'"  # register refuses a name with both
+            versions = client.search_model_versions(f"name = {quote}{name}{quote}")
             if not versions:
                 raise ValueError(f"{model_uri}: registered model {name!r} has no versions in {_store()}")
             version = max(int(v.version) for v in versions)

@@ -213,6 +213,50 @@ def test_pyfunc_keeps_the_callers_index_scores_all_missing_lists_and_an_empty_fr
     assert len(none) == 0 and list(none.columns) == ["row_id", "score_click", "score_conversion"]
 
 
+def test_pyfunc_reads_object_columns_that_mix_numbers_and_text(rec_data, package, tracking):
+    """`frame.loc[i, "price"] = "2.5"` in a float column, an unseen user "u5" among int ids: pandas keeps such a
+    column as objects, which pyarrow refused (ArrowInvalid, no row); it is read as text, as from a CSV."""
+    register_package(package, "rec-mixed", alias="champion")
+    model = mlflow.pyfunc.load_model("models:/rec-mixed@champion")
+    raw = pq.read_table(rec_data[1]).slice(0, 20).to_pandas()
+    want = model.predict(raw)
+
+    mixed = raw.astype({"price": object, "user_id": object, "row_id": object})
+    mixed.loc[13, "price"] = str(raw.loc[13, "price"])  # the same number as text
+    mixed.loc[5, "row_id"] = "r5"  # ids come back as given
+    got = model.predict(mixed)
+    assert got["score_click"].tolist() == want["score_click"].tolist()
+    assert got["row_id"].tolist() == [*raw["row_id"][:5], "r5", *raw["row_id"][6:]]
+
+    unseen_int, unseen_text = raw.copy(), raw.astype({"user_id": object})
+    unseen_int.loc[4, "user_id"] = 10**9  # an id no vocabulary holds: the out-of-vocabulary bucket
+    unseen_text.loc[4, "user_id"] = "u5"
+    assert model.predict(unseen_text)["score_click"].tolist() == model.predict(unseen_int)["score_click"].tolist()
+
+    bad = raw.astype({"price": object})
+    bad.loc[13, "price"] = "abc"
+    with pytest.raises(FeatureDataError, match=r"column 'price', row 13: expected a number, found 'abc'"):
+        model.predict(bad)
+    bad.at[13, "price"] = [1, 2]
+    with pytest.raises(FeatureDataError, match=r"column 'price', row 13: a list"):
+        model.predict(bad)
+
+
+def test_a_model_whose_eval_scores_depend_on_the_batch_is_scored_with_a_warning(rec_data):
+    import warnings
+
+    from mmoe_rec.models.sparse_mmoe import SparseMMoE
+    from mmoe_rec.registry.scorer import Scorer
+
+    spec = FeatureSpec.load(rec_data[2])
+    args = dict(embedding_dim=4, num_experts=4, k=2, expert_hidden=[8], tower_hidden=[4], capacity_factor=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropless at evaluation (the default): a row's score is its own, no warning
+        Scorer(SparseMMoE(spec, **args))
+    with pytest.warns(UserWarning, match=r"scores depend on the batch: eval_capacity_factor=1.0: .*--batch-rows"):
+        Scorer(SparseMMoE(spec, eval_capacity_factor=1.0, **args))
+
+
 def test_batch_scoring_takes_files_whose_id_columns_are_typed_differently(rec_data, package, tmp_path):
     fresh = pq.read_table(rec_data[1])
     folder = two_files(fresh, tmp_path / "in", "row_id", lambda column: column.cast(pa.int32()))
@@ -463,6 +507,26 @@ def test_an_invalid_alias_is_refused_before_anything_is_registered(package, trac
     err = capsys.readouterr().err
     assert err.startswith(f"error: --alias '{alias}': ") and "Traceback" not in err
     assert mlflow.MlflowClient().search_model_versions("name = 'rec-bad-alias'") == []  # no version without alias
+
+
+@pytest.mark.parametrize("name", ["a@b", "a/b", " ", "it's \"x\""])
+def test_a_name_no_model_uri_can_address_is_refused_before_anything_is_registered(package, tracking, name, capsys,
+                                                                                   monkeypatch):
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    with pytest.raises(ValueError, match="--name "):
+        register_package(package, name)
+    assert mmoe_rec_main(["register", "--package", str(package), "--name", name]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --name {name!r}: ")
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_a_name_with_a_quote_resolves_as_latest(rec_data, package, tracking):
+    """The `latest` lookup filtered by `name = '...'`: a quote in the name broke the filter."""
+    register_package(package, "bob's model")
+    scorer, name, version = resolve_model("models:/bob's model/latest")
+    assert (name, version) == ("bob's model", "1")
 
 
 def test_model_version_is_the_registrys_number_as_typed_otherwise(rec_data, package, tracking, tmp_path):
