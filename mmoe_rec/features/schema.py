@@ -34,6 +34,7 @@ entries that would write the same output column (an id column and a feature, ``<
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -128,9 +129,17 @@ def _entries(raw: Any, section: str, src: str) -> list[dict]:
     for e in out:
         if "name" not in e:
             raise FeatureDataError(f"{section}: every entry needs a 'name' ({e})", file=src)
+        for key in ("name", "column"):  # a list or mapping here would become a column called "['a']"
+            if key in e and not _is_name(e[key]):
+                raise FeatureDataError(f"{section}: {key!r} must be one column name, got {e[key]!r}", file=src)
         e["name"] = str(e["name"])
-        e.setdefault("column", e["name"])
+        e["column"] = str(e.get("column", e["name"]))
     return out
+
+
+def _is_name(v: Any) -> bool:
+    """A column name as YAML may give it: text, or an integer (a CSV header "2019")."""
+    return isinstance(v, (str, int)) and not isinstance(v, bool)
 
 
 def _is_int(v: Any) -> bool:
@@ -226,8 +235,9 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
         if n.transform not in NUMERIC_TRANSFORMS:
             raise FeatureDataError(f"unknown numeric transform {n.transform!r} (known: {NUMERIC_TRANSFORMS})",
                                    file=source, column=n.name)
-        if not (isinstance(n.impute, (int, float)) and not isinstance(n.impute, bool)) and n.impute not in IMPUTE_KINDS:
-            raise FeatureDataError(f"impute must be one of {IMPUTE_KINDS} or a number, got {n.impute!r}",
+        is_number = isinstance(n.impute, (int, float)) and not isinstance(n.impute, bool)
+        if (not is_number and n.impute not in IMPUTE_KINDS) or (is_number and not math.isfinite(n.impute)):
+            raise FeatureDataError(f"impute must be one of {IMPUTE_KINDS} or a finite number, got {n.impute!r}",
                                    file=source, column=n.name)
         if n.missing_indicator not in ("auto", True, False):
             raise FeatureDataError("missing_indicator must be auto, true or false", file=source, column=n.name)
@@ -244,6 +254,8 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
             if e.get(k) is not None:
                 v = e[k]
                 e[k] = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+                _require(len(e[k]) > 0, f"{k} must list at least one label value (or be left out)", source,
+                         e["name"])
         t = _build(TaskSpec, e, "tasks", source)
         if t.type not in TASK_TYPES:
             raise FeatureDataError(f"unknown task type {t.type!r} (known: {TASK_TYPES})", file=source, column=t.name)
@@ -256,13 +268,20 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
     if not tasks:
         raise FeatureDataError("the schema declares no tasks", file=source)
 
-    reader_raw = dict(d.get("reader") or {})
+    reader_raw = d.get("reader") or {}
+    _require(isinstance(reader_raw, dict), f"reader must be a mapping, got {reader_raw!r}", source)
+    reader_raw = dict(reader_raw)
     for k in ("column_names", "null_values"):
-        if reader_raw.get(k) is not None:
-            reader_raw[k] = tuple(str(x) for x in reader_raw[k])
+        if reader_raw.get(k) is not None:  # a bare string would be read as its characters
+            v = reader_raw[k]
+            _require(isinstance(v, list) and all(_is_name(x) for x in v),
+                     f"reader {k} must be a list of strings, got {v!r}", source)
+            reader_raw[k] = tuple(str(x) for x in v)
     reader = _build(ReaderSpec, reader_raw, "reader", source)
     for k in ("header", "strip_whitespace"):
         _require(isinstance(getattr(reader, k), bool), f"reader {k} must be true or false", source)
+    _require(isinstance(reader.delimiter, str) and len(reader.delimiter) == 1,
+             f"reader delimiter must be one character, got {reader.delimiter!r}", source)
     weight = d.get("sample_weight")
     _require(weight is None or isinstance(weight, str), f"sample_weight must be one column name, got {weight!r}",
              source)
@@ -289,6 +308,10 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
     leaked = label_cols & ({c.column for c in cats} | {n.column for n in nums} | set(schema.id_columns))
     if leaked:  # a label used as a feature gives AUC 1.0; refuse it
         raise FeatureDataError(f"label / weight columns also declared as features or ids: {sorted(leaked)}", file=source)
+    id_features = set(schema.id_columns) & ({c.column for c in cats} | {n.column for n in nums})
+    if id_features:  # ids are passed through, never features (a row id as a feature memorises rows)
+        raise FeatureDataError(f"id columns also read as features: {sorted(id_features)}; an id column is passed "
+                               f"through only (drop it from id_columns to make it a feature)", file=source)
     _check_output_names(schema)
     return schema
 

@@ -14,6 +14,7 @@ import csv
 import glob
 import io
 import lzma
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -208,6 +209,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded)."""
     reader = reader or ReaderSpec()
     fmt = input_format(path)
+    have: list[str] = []
     try:
         if fmt == "parquet":
             pf = _open_parquet(path)
@@ -244,8 +246,60 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             if bad is not None:
                 raise FeatureDataError(bad[1], file=path, row=bad[0]) from None
             raise FeatureDataError(f"malformed CSV ({msg.splitlines()[0]})", file=path) from None
+        if fmt == "csv" and "invalid UTF8" in msg:  # Arrow names a column index and, not always, a line
+            match = re.search(r"CSV column #(\d+)", msg)
+            index = int(match.group(1)) if match else -1
+            raise FeatureDataError("not UTF-8 text (CSV files are read as UTF-8: convert it, e.g. with iconv)",
+                                   file=path, column=have[index] if 0 <= index < len(have) else None,
+                                   row=_first_non_utf8_row(path, reader)) from None
         raise FeatureDataError(f"unreadable or truncated {fmt} file ({msg.splitlines()[0] if msg else type(e).__name__})",
                                file=path) from None
+
+
+def _csv_records(path: str, delimiter: str) -> Iterator[bytes]:
+    """The file's CSV records as bytes, empty lines skipped (as Arrow skips them) and a quoted field's line ends
+    kept inside its record; the header, if any, is the first. Read in Python: for error messages only."""
+    with _open_csv_stream(path) as f:
+        buf, pos, first = b"", 0, True
+        while True:
+            block = f.read(1 << 20)
+            buf = buf[pos:] + block
+            pos = 0
+            if first and (len(buf) >= len(_UTF8_BOM) or not block):
+                first = False
+                if buf.startswith(_UTF8_BOM):
+                    pos = len(_UTF8_BOM)
+            while pos < len(buf):
+                if buf[pos] in (0x0A, 0x0D):  # an empty line, or the \n of a \r\n
+                    pos += 1
+                    continue
+                newline = min((i for i in (buf.find(b"\n", pos), buf.find(b"\r", pos)) if i >= 0), default=-1)
+                if newline >= 0 and buf.find(b'"', pos, newline) < 0:
+                    end = newline  # no quote before the line end: the record is the line (the fast common case)
+                else:
+                    end = _record_end(buf[pos:], ord(delimiter))
+                    end = pos + end if end >= 0 else -1
+                if end < 0:
+                    break
+                yield buf[pos:end]
+                pos = end + 1
+            if not block:
+                if pos < len(buf):
+                    yield buf[pos:]
+                return
+
+
+def _first_non_utf8_row(path: str, reader: ReaderSpec) -> int | None:
+    """The data row (0-based, header not counted) of the first record that is not UTF-8 text, or None."""
+    records = _csv_records(path, _delimiter(path, reader))
+    if reader.header:
+        next(records, None)
+    for row, record in enumerate(records):
+        try:
+            record.decode("utf-8")
+        except UnicodeDecodeError:
+            return row
+    return None
 
 
 def _strip(a: pa.Array, nulls: pa.Array) -> pa.Array:

@@ -87,8 +87,10 @@ class VocabCounter:
     def vocabulary(self, min_count: int = 1, max_size: int | None = None) -> tuple[list, str]:
         """(values ordered by count desc then value, value type "int" or "str")."""
         ints, strs = self._parts["int"], self._parts["str"]
-        if ints and strs:  # mixed input types: compare as strings
-            strs = strs + [pa.table({"v": pc.cast(t["v"], pa.string()), "c": t["c"]}) for t in ints]
+        if ints and strs:  # mixed input types (Parquet ints, CSV text): compare as text, where a CSV's "10.0" is
+            # the 10 of the integers (as a vocabulary fitted on integers finds it), not a value of its own
+            strs = [pa.table({"v": integral_float_text_as_int(t["v"].combine_chunks()), "c": t["c"]}) for t in strs]
+            strs += [pa.table({"v": pc.cast(t["v"], pa.string()), "c": t["c"]}) for t in ints]
             ints = []
         parts, kind = (ints, "int") if ints else (strs, "str")
         if not parts:
@@ -164,6 +166,12 @@ class VocabLookup:
         elif self.kind == "int":  # "10.0" from a CSV is the 10 a float column gives (categorical_column)
             arr = integral_float_text_as_int(arr)
         idx = pc.index_in(arr, value_set=self._str_values)
+        if self.kind == "str" and self._int_texts and idx.null_count > arr.null_count:
+            # a text vocabulary holding integers' texts (fitted on ints and text together): "10.0" that is no
+            # entry of its own finds the 10 (entries are matched as they are first)
+            folded = integral_float_text_as_int(arr)
+            if folded is not arr:
+                idx = pc.coalesce(idx, pc.index_in(folded, value_set=self._str_values))
         return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
 
 

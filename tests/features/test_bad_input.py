@@ -153,7 +153,6 @@ def test_existing_output_is_left_alone_on_error(feat, tmp_path):
 
 
 @pytest.mark.parametrize("clash,names", [
-    ({"id_columns": ["city"]}, ("id column 'city'", "categorical feature 'city'")),
     ({"numeric": [{"name": "amount"}, {"name": "amount_missing", "column": "city"}]},
      ("missing indicator of numeric feature 'amount'", "numeric feature 'amount_missing'")),
     ({"categorical": [{"name": "city"}, {"name": "label_income", "column": "city", "buckets": 8}]},

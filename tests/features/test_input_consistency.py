@@ -142,6 +142,22 @@ def test_integral_float_strings_find_an_int_vocabulary(tmp_path):
     assert ids[0] == want != 0 and ids[1] == ids[2] != 0 and ids[3] == ids[4] == 0
 
 
+@pytest.mark.parametrize("words", [[], ["abc"]], ids=["numbers-only", "with-a-word"])
+def test_integral_float_text_and_integers_fitted_together_are_one_value(tmp_path, words):
+    """Parquet floats 7.0 / 10.0 (integers to the transform) and a CSV's "7.0", "10", "10.0" in one train split:
+    the vocabulary held "7" and "7.0" as two values, so a CSV-trained row got an id Parquet rows never give."""
+    schema = parse_schema(SCHEMA)
+    parquet = pa.table({"rid": [1, 2], "u": [7.0, 10.0], "h": ["a", "b"], "x": [1.0, 2.0], "click": [0, 1]})
+    texts = ["7.0", "10", "10.0", *words]
+    n = len(texts)
+    csv = _csv_table(tmp_path, {"rid": [str(i) for i in range(3, 3 + n)], "u": texts, "h": ["a"] * n,
+                                "x": ["1"] * n, "click": ["0"] * n})
+    spec = fit(schema, [parquet, csv])
+    assert sorted(spec.transforms["features"]["u"]["values"]) == sorted(["7", "10", *words])
+    p_ids, c_ids = transform_table(spec, parquet)["u"].to_pylist(), transform_table(spec, csv)["u"].to_pylist()
+    assert c_ids[:3] == [p_ids[0], p_ids[1], p_ids[1]] and 0 not in p_ids + c_ids
+
+
 def test_float_text_past_2_53_finds_no_neighbouring_integer(tmp_path):
     # float64 holds integers exactly only up to 2**53: "9007199254740993.0" would round to ...992's entry
     big = 2**53
@@ -154,6 +170,17 @@ def test_float_text_past_2_53_finds_no_neighbouring_integer(tmp_path):
 
 
 # --- 5. CSV headers ---
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"], ids=["plain", "bom"])
+def test_a_csv_row_that_is_not_utf8_is_named_by_file_column_and_data_row(tmp_path, capsys, bom):
+    """Arrow said 'unreadable or truncated csv file (In CSV column #1: Row #4: ...)': a column index, a line number
+    (or none after a quoted line end), and a file that is neither."""
+    path = tmp_path / "raw.csv"
+    path.write_bytes(bom + b'rid,u,h,x,click\r\n1,a,a,1,0\r\n\r\n2,"two\nlines",a,2,1\n3,caf\xe9,a,3,0\n4,d,a,4,1\n')
+    rc, _ = _features(tmp_path, path)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {path}, column 'u', row 2: not UTF-8 text" in err, err
+
 
 def test_csv_with_a_needed_column_twice_in_the_header_is_refused(tmp_path, capsys):
     p = tmp_path / "dup.csv"

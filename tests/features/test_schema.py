@@ -35,9 +35,24 @@ def _with(section: str | None = None, **entry) -> dict:
     (_with(sample_weight=["w"]), "sample_weight"),
     (_with("tasks", positive=["a", "b"], negative=["b"]), "'b'"),
     (_with("tasks", positive=[{"a": 1}]), "positive"),
+    (_with("tasks", positive=[]), "positive must list"),
+    (_with("tasks", positive=["a"], negative=[]), "negative must list"),
+    (_with("tasks", name=["a"]), "'name' must be one column name"),
+    (_with("categorical", column=["u", "v"]), "'column' must be one column name"),
+    (_with(reader={"null_values": "NA"}), "null_values must be a list"),
+    (_with(reader={"column_names": "rid"}), "column_names must be a list"),
+    (_with(reader={"delimiter": 5}), "delimiter must be one character"),
+    (_with(reader={"delimiter": ";;"}), "delimiter must be one character"),
+    (_with(reader=["x"]), "reader must be a mapping"),
+    (_with("numeric", impute=float("nan")), "finite number"),
+    (_with("numeric", impute=float("inf")), "finite number"),
+    (_with(id_columns=["u"]), "id columns also read as features: ['u']"),
+    (_with(id_columns=["user"], categorical=[{"name": "u", "column": "user"}]), "id columns also read as features"),
 ], ids=["min_count-str", "min_count-0", "max_size-neg", "max_size-0", "max_size-float", "hash-buckets-bool",
         "multi_valued-str", "bucketize-buckets-bool", "id_columns-str", "id_columns-nested", "weight-is-label",
-        "weight-list", "positive-and-negative", "positive-mapping"])
+        "weight-list", "positive-and-negative", "positive-mapping", "positive-empty", "negative-empty", "name-list",
+        "column-list", "null_values-str", "column_names-str", "delimiter-int", "delimiter-two", "reader-list",
+        "impute-nan", "impute-inf", "id-is-feature", "id-is-another-features-column"])
 def test_bad_schema_value_names_the_schema_file_and_the_entry(tmp_path, schema, entry):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(schema))
