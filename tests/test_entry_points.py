@@ -29,3 +29,16 @@ def test_the_demo_outside_a_checkout_stops_before_doing_anything(tmp_path, capsy
     assert demo.main(["--workdir", str(tmp_path / "work"), "--rows", "100"]) == 1
     assert "run it from a clone of the repository" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # no synthetic data written first
+
+
+def test_the_pipelines_scripts_run_their_jobs():
+    """pipelines/ holds thin entry points of the jobs (DESIGN.md): each runs its subcommand's parser."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script, job in (("build_features.py", "mmoe-rec features"), ("score.py", "mmoe-rec score")):
+        proc = subprocess.run([sys.executable, str(root / "pipelines" / script), "--help"], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and f"usage: {job}" in proc.stdout, (script, proc.stdout[:300], proc.stderr[-500:])
