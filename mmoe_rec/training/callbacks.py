@@ -340,23 +340,26 @@ class RoutingMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._flush_segment()
-        if self._epoch is None:
+        # the epoch is closed: a checkpoint written after this (at the epoch's end) holds no open epoch sums, and
+        # the sums below, already over all ranks, are never summed over the ranks again
+        epoch, self._epoch = self._epoch, None
+        if epoch is None:
             return
-        self._epoch.reduce()
-        if self._epoch.empty:
+        epoch.reduce()
+        if epoch.empty:
             return
         step = trainer.global_step
-        self._log(trainer, self._epoch.metrics("experts/epoch", "relatedness/epoch"), step)
+        self._log(trainer, epoch.metrics("experts/epoch", "relatedness/epoch"), step)
         grad_cosine = getattr(pl_module, "last_grad_cosine", None)  # the epoch's last gradient probe, if it had one
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
             matrices = {kind: {"tasks": list(names), "matrix": mat.tolist()}
-                        for kind, (names, mat) in self._epoch.relatedness().items()}
+                        for kind, (names, mat) in epoch.relatedness().items()}
             if grad_cosine is not None:
                 matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": grad_cosine[1].tolist()}
             if matrices:
                 log_json(trainer.logger, matrices, f"relatedness/epoch_{trainer.current_epoch:03d}.json")
         if self.plots and trainer.is_global_zero:
-            self.write_plots(trainer.logger, self._epoch, grad_cosine)
+            self.write_plots(trainer.logger, epoch, grad_cosine)
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float], step: int) -> None:

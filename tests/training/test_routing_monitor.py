@@ -124,15 +124,22 @@ SPARSE_DROPPING = {"class_path": SPARSE["class_path"],
                                  "bias_update_rate": 0.01}}
 
 
-@pytest.mark.parametrize("model", [MMOE, SPARSE_DROPPING], ids=["mmoe", "sparse"])
-def test_a_fit_resumed_mid_window_and_mid_epoch_logs_what_a_straight_fit_logs(feature_dir, tmp_path, model):
+@pytest.mark.parametrize("model,at", [(MMOE, 13), (SPARSE_DROPPING, 13), (MMOE, "epoch end")],
+                         ids=["mmoe", "sparse", "mmoe-epoch-end"])
+def test_a_fit_resumed_mid_window_and_mid_epoch_logs_what_a_straight_fit_logs(feature_dir, tmp_path, model, at):
     """The checkpoint at step 13 falls inside the window of steps 11-15 and inside epoch 0 (steps 1-21): the
     window logged at 15 and the epoch's statistics at 21 cover the steps before the checkpoint too (they covered
-    only the steps after it), and everything after matches the straight fit's values."""
+    only the steps after it), and everything after matches the straight fit's values. One written at epoch 0's
+    end (step 21, inside the window of steps 21-25) holds that window and no epoch sums."""
     _, straight = fit(feature_dir, tmp_path / "a", RoutingMonitor(every_n_steps=5, plots=False), model=model)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=13, save_top_k=-1)
-    fit(feature_dir, tmp_path / "b", RoutingMonitor(every_n_steps=5, plots=False), callbacks=[ckpt], max_steps=13,
-        model=model)
+    if at == "epoch end":
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
+        stop, after = dict(max_epochs=1), 21
+    else:
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=at, save_top_k=-1)
+        stop, after = dict(max_steps=at), at
+    fit(feature_dir, tmp_path / "b", RoutingMonitor(every_n_steps=5, plots=False), callbacks=[ckpt], model=model,
+        **stop)
     (path,) = (tmp_path / "b").glob("*.ckpt")
     _, resumed = fit(feature_dir, tmp_path / "c", RoutingMonitor(every_n_steps=5, plots=False), ckpt_path=str(path),
                      model=model)
@@ -141,12 +148,12 @@ def test_a_fit_resumed_mid_window_and_mid_epoch_logs_what_a_straight_fit_logs(fe
         out: dict[int, dict[str, float]] = {}
         for step, metrics in logger.calls:
             mine = {k: v for k, v in metrics.items() if k.startswith(("experts/", "relatedness/"))}
-            if step > 13 and mine:
+            if step > after and mine:
                 out.setdefault(step, {}).update(mine)
         return out
 
     want, got = monitored(straight), monitored(resumed)
-    assert sorted(got) == sorted(want) == [15, 20, 21, 25, 30, 35, 40, 42]
+    assert sorted(got) == sorted(want) == [s for s in [15, 20, 21, 25, 30, 35, 40, 42] if s > after]
     for step, metrics in want.items():
         assert got[step].keys() == metrics.keys(), step
         for key, value in metrics.items():
