@@ -6,6 +6,7 @@ column goes to the transform as text instead: the transform parses numeric text,
 integer vocabulary, and names the file, column and row of a value it cannot read, as it does for CSV input."""
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 
@@ -21,14 +22,14 @@ def table_from_pandas(frame: pd.DataFrame, file: str | None = None, row_offset: 
     A value that is neither a scalar nor missing in such a column (a list among strings) is an error naming it."""
     try:
         return pa.Table.from_pandas(frame, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an int past 64 bits among others
         pass
     arrays = []
     for name in frame.columns:
         column = frame[name]
         try:
             arrays.append(pa.array(column, from_pandas=True))
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
             arrays.append(_as_text(column, str(name), file, row_offset, err))
     return pa.Table.from_arrays(arrays, names=[str(name) for name in frame.columns])
 
@@ -42,7 +43,7 @@ def _as_text(column: pd.Series, name: str, file: str | None, row_offset: int, er
             texts.append(None)
         elif isinstance(value, str):
             texts.append(value)
-        elif isinstance(value, numbers.Real):
+        elif isinstance(value, (numbers.Real, decimal.Decimal)):
             texts.append(_number_text(value))
         else:
             raise FeatureDataError(f"a {type(value).__name__} ({value!r:.60}) among values of another kind: pyarrow "
@@ -50,11 +51,10 @@ def _as_text(column: pd.Series, name: str, file: str | None, row_offset: int, er
     return pa.array(texts, type=pa.string())
 
 
-def _number_text(value: numbers.Real) -> str:
-    """The text of a number as the transform reads the same number in a column of its own, so that a row gives the
-    same ids beside text as alone: an integral float as its integer (a categorical column takes 4034.0 as 4034,
-    whose text is hashed and looked up), any other float as its shortest round-trip text (the numeric value it
-    parses back to is the float itself), a bool as Arrow casts it to text."""
+def _number_text(value: numbers.Real | decimal.Decimal) -> str:
+    """A number's text, read by the transform as that number: an integral float as its integer (a categorical
+    column takes 4034.0 as 4034, whose text is hashed and looked up), any other float as its shortest round-trip
+    text (a numeric feature parses it back to the float itself), a bool as Arrow casts it to text ("true")."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):

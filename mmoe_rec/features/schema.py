@@ -274,8 +274,10 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
     for k in ("column_names", "null_values"):
         if reader_raw.get(k) is not None:  # a bare string would be read as its characters
             v = reader_raw[k]
-            _require(isinstance(v, list) and all(_is_name(x) for x in v),
-                     f"reader {k} must be a list of strings, got {v!r}", source)
+            _require(isinstance(v, list) and all(_is_name(x) or (k == "null_values" and isinstance(x, float)
+                                                 and math.isfinite(x)) for x in v),
+                     f"reader {k} must be a list of strings (YAML numbers are taken as their text: -999.0 as "
+                     f"'-999.0'), got {v!r}", source)
             reader_raw[k] = tuple(str(x) for x in v)
     reader = _build(ReaderSpec, reader_raw, "reader", source)
     for k in ("header", "strip_whitespace"):

@@ -104,11 +104,11 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _record_end(body: bytes, delimiter: int) -> int:
-    """Index of the line end that closes the first CSV record of `body`, or -1 if it is not in `body` yet. A line
-    end inside a quoted field ('"' at a field's start, '""' a quote inside it) does not close the record; a quote
-    elsewhere in a field is a plain character, as in Arrow's reader and Python's csv module."""
-    quoted, field_start, i, n = False, True, 0, len(body)
+def _record_end(body: bytes, delimiter: int, start: int = 0) -> int:
+    """Index of the line end that closes the CSV record starting at `start` in `body`, or -1 if it is not in
+    `body` yet. A line end inside a quoted field ('"' at a field's start, '""' a quote inside it) does not close
+    the record; a quote elsewhere in a field is a plain character, as in Arrow's reader and Python's csv module."""
+    quoted, field_start, i, n = False, True, start, len(body)
     while i < n:
         c = body[i]
         if quoted:
@@ -251,7 +251,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             index = int(match.group(1)) if match else -1
             raise FeatureDataError("not UTF-8 text (CSV files are read as UTF-8: convert it, e.g. with iconv)",
                                    file=path, column=have[index] if 0 <= index < len(have) else None,
-                                   row=_first_non_utf8_row(path, reader)) from None
+                                   row=_first_non_utf8_row(path, reader, index) if index >= 0 else None) from None
         raise FeatureDataError(f"unreadable or truncated {fmt} file ({msg.splitlines()[0] if msg else type(e).__name__})",
                                file=path) from None
 
@@ -273,12 +273,13 @@ def _csv_records(path: str, delimiter: str) -> Iterator[bytes]:
                 if buf[pos] in (0x0A, 0x0D):  # an empty line, or the \n of a \r\n
                     pos += 1
                     continue
-                newline = min((i for i in (buf.find(b"\n", pos), buf.find(b"\r", pos)) if i >= 0), default=-1)
+                newline = buf.find(b"\n", pos)
+                carriage = buf.find(b"\r", pos, newline if newline >= 0 else len(buf))
+                newline = carriage if carriage >= 0 else newline  # \r alone, or the \r of \r\n
                 if newline >= 0 and buf.find(b'"', pos, newline) < 0:
                     end = newline  # no quote before the line end: the record is the line (the fast common case)
                 else:
-                    end = _record_end(buf[pos:], ord(delimiter))
-                    end = pos + end if end >= 0 else -1
+                    end = _record_end(buf, ord(delimiter), pos)
                 if end < 0:
                     break
                 yield buf[pos:end]
@@ -289,16 +290,27 @@ def _csv_records(path: str, delimiter: str) -> Iterator[bytes]:
                 return
 
 
-def _first_non_utf8_row(path: str, reader: ReaderSpec) -> int | None:
-    """The data row (0-based, header not counted) of the first record that is not UTF-8 text, or None."""
-    records = _csv_records(path, _delimiter(path, reader))
+def _first_non_utf8_row(path: str, reader: ReaderSpec, column: int) -> int | None:
+    """The data row (0-based, header not counted) of the first record whose field `column` (the file's column
+    index, as Arrow names it) is not UTF-8 text, or None. Other columns may hold any bytes: they are not read."""
+    delimiter = _delimiter(path, reader)
+    records = _csv_records(path, delimiter)
     if reader.header:
         next(records, None)
     for row, record in enumerate(records):
         try:
             record.decode("utf-8")
+            continue  # the whole record is UTF-8 (the common case): no field to split
         except UnicodeDecodeError:
-            return row
+            pass
+        # latin-1 maps every byte to one character: the fields split there and encode back to their bytes
+        fields = next(csv.reader(io.StringIO(record.decode("latin-1"), newline=""), delimiter=delimiter,
+                                 quotechar='"', doublequote=True, strict=False), [])
+        if column < len(fields):
+            try:
+                fields[column].encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:
+                return row
     return None
 
 

@@ -85,14 +85,16 @@ class VocabCounter:
         self._pending = 0
 
     def vocabulary(self, min_count: int = 1, max_size: int | None = None) -> tuple[list, str]:
-        """(values ordered by count desc then value, value type "int" or "str")."""
+        """(values ordered by count desc then value, value type "int", "str" or "mixed": text values fitted on
+        integers and text together, Parquet ints and a CSV's text in one split)."""
         ints, strs = self._parts["int"], self._parts["str"]
-        if ints and strs:  # mixed input types (Parquet ints, CSV text): compare as text, where a CSV's "10.0" is
-            # the 10 of the integers (as a vocabulary fitted on integers finds it), not a value of its own
+        kind = "int" if ints else "str"
+        if ints and strs:  # compared as text, where a CSV's "10.0" is the 10 of the integers (as a vocabulary
+            # fitted on integers finds it), not a value of its own; the lookup folds such text likewise ("mixed")
             strs = [pa.table({"v": integral_float_text_as_int(t["v"].combine_chunks()), "c": t["c"]}) for t in strs]
             strs += [pa.table({"v": pc.cast(t["v"], pa.string()), "c": t["c"]}) for t in ints]
-            ints = []
-        parts, kind = (ints, "int") if ints else (strs, "str")
+            ints, kind = [], "mixed"
+        parts = ints or strs
         if not parts:
             return [], kind
         t = pa.concat_tables(parts).group_by("v").aggregate([("c", "sum")]).rename_columns(["v", "c"])
@@ -108,7 +110,9 @@ class VocabLookup:
 
     def __init__(self, values: list, kind: str) -> None:
         self.size = len(values)
-        self.kind = kind
+        # "mixed": text values (as "str") fitted on integers and text, where "10.0" that is no entry finds the 10
+        self.fold_float_text = kind == "mixed"
+        self.kind = "str" if kind == "mixed" else kind
         self._str_values = pa.array([str(v) for v in values], pa.string())
         # what an integer column can match in a vocabulary fitted on text: integer texts ("007" is not the 7 an
         # integer column gives, "7" is)
@@ -166,13 +170,14 @@ class VocabLookup:
         elif self.kind == "int":  # "10.0" from a CSV is the 10 a float column gives (categorical_column)
             arr = integral_float_text_as_int(arr)
         idx = pc.index_in(arr, value_set=self._str_values)
-        if self.kind == "str" and self._int_texts and idx.null_count > arr.null_count:
-            # a text vocabulary holding integers' texts (fitted on ints and text together): "10.0" that is no
-            # entry of its own finds the 10 (entries are matched as they are first)
-            folded = integral_float_text_as_int(arr)
-            if folded is not arr:
-                idx = pc.coalesce(idx, pc.index_in(folded, value_set=self._str_values))
-        return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+        ids = idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+        if self.fold_float_text and idx.null_count > arr.null_count:
+            # the values no entry matched as written, and only those: "10.0" finds the 10 of the integers
+            missed = np.flatnonzero((ids == 0) & arr.is_valid().to_numpy(zero_copy_only=False))
+            folded = integral_float_text_as_int(arr.take(pa.array(missed)))
+            again = pc.index_in(folded, value_set=self._str_values)
+            ids[missed] = again.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+        return ids
 
 
 def fnv1a64(arr: pa.Array) -> np.ndarray:

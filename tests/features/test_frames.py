@@ -31,6 +31,15 @@ def test_an_object_column_of_numbers_and_text_becomes_text_and_missing_values_nu
     assert table.column("ok").type == pa.int64()
 
 
+def test_integers_past_64_bits_and_decimals_among_other_values_become_text():
+    import decimal
+
+    frame = pd.DataFrame({"id": pd.Series([2**64 - 1, "sku"], dtype=object), "big": pd.Series([2**70, 5], dtype=object),
+                          "price": pd.Series([decimal.Decimal("1.5"), 2.5], dtype=object)})
+    table = table_from_pandas(frame)  # OverflowError inside pyarrow, no column named
+    assert table.to_pydict() == {"id": [str(2**64 - 1), "sku"], "big": [str(2**70), "5"], "price": ["1.5", "2.5"]}
+
+
 @pytest.mark.parametrize("bad", [[1, 2], {"a": 1}, b"raw"])
 def test_a_value_that_is_no_scalar_among_others_is_named_by_column_and_row(bad):
     column = pd.Series(["a", 2, "c", "d"], dtype=object)

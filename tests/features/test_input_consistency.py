@@ -154,8 +154,22 @@ def test_integral_float_text_and_integers_fitted_together_are_one_value(tmp_path
                                 "x": ["1"] * n, "click": ["0"] * n})
     spec = fit(schema, [parquet, csv])
     assert sorted(spec.transforms["features"]["u"]["values"]) == sorted(["7", "10", *words])
+    assert spec.transforms["features"]["u"]["value_type"] == "mixed"
     p_ids, c_ids = transform_table(spec, parquet)["u"].to_pylist(), transform_table(spec, csv)["u"].to_pylist()
     assert c_ids[:3] == [p_ids[0], p_ids[1], p_ids[1]] and 0 not in p_ids + c_ids
+
+
+def test_a_vocabulary_fitted_on_text_alone_takes_text_as_written(tmp_path):
+    """Only a fit on integers and text together folds "10.0" into the 10: a CSV-only fit keeps "10.0" out of
+    vocabulary, as models trained on it saw it (and as the README says)."""
+    rows = {"rid": ["1", "2", "3", "4"], "u": ["10", "10", "20", "abc"], "h": ["a"] * 4, "x": ["1"] * 4,
+            "click": ["0", "1", "0", "1"]}
+    spec = fit(parse_schema(SCHEMA), [_csv_table(tmp_path, rows)])
+    assert spec.transforms["features"]["u"]["value_type"] == "str"
+    later = {"rid": [str(i) for i in range(5)], "u": ["10", "10.0", "1e1", "20.00", "abc"], "h": ["a"] * 5,
+             "x": ["1"] * 5, "click": ["0"] * 5}
+    ids = transform_table(spec, _csv_table(tmp_path, later, name="later.csv"))["u"].to_pylist()
+    assert ids[0] != 0 and ids[1:4] == [0, 0, 0] and ids[4] != 0
 
 
 def test_float_text_past_2_53_finds_no_neighbouring_integer(tmp_path):
@@ -176,7 +190,9 @@ def test_a_csv_row_that_is_not_utf8_is_named_by_file_column_and_data_row(tmp_pat
     """Arrow said 'unreadable or truncated csv file (In CSV column #1: Row #4: ...)': a column index, a line number
     (or none after a quoted line end), and a file that is neither."""
     path = tmp_path / "raw.csv"
-    path.write_bytes(bom + b'rid,u,h,x,click\r\n1,a,a,1,0\r\n\r\n2,"two\nlines",a,2,1\n3,caf\xe9,a,3,0\n4,d,a,4,1\n')
+    # data row 0 holds a latin-1 byte in a column the schema does not read ("note"): Arrow never decodes it
+    path.write_bytes(bom + b'rid,u,note,h,x,click\r\n1,a,\xe9t\xe9,a,1,0\r\n\r\n2,"two\nlines",,a,2,1\n'
+                     b'3,caf\xe9,,a,3,0\n4,d,,a,4,1\n')
     rc, _ = _features(tmp_path, path)
     err = capsys.readouterr().err
     assert rc == 1 and f"file {path}, column 'u', row 2: not UTF-8 text" in err, err

@@ -67,3 +67,5 @@ def test_good_schema_values_still_load(tmp_path):
                                     "id_columns": ["rid"], "sample_weight": "w"}))
     s = load_schema(path)
     assert s.id_columns == ("rid",) and s.categorical[0].min_count == 2 and s.sample_weight == "w"
+    path.write_text(yaml.safe_dump(_with(reader={"null_values": ["NA", -999.0, -1]})))
+    assert load_schema(path).reader.null_values == ("NA", "-999.0", "-1")  # YAML numbers as their text
