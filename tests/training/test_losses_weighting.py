@@ -74,9 +74,12 @@ def _exit_rank_without_finalizing() -> None:
     """Ends a spawned rank whose work is done and checked in, skipping the interpreter's finalization.
 
     A DistributedDataParallel module keeps its gloo process group alive from C++ after destroy_process_group (a
-    weakref to the group outlives both, even after gc.collect()), and its teardown during finalization aborted a
-    rank with "terminate called without an active exception" (SIGABRT) in CI and in 2 of about 160 runs
-    under load on this 2-core machine (2026-12-06). A forked multiprocessing child ends with os._exit likewise."""
+    weakref to the group outlives both, even after gc.collect()), so its worker threads run on. A core dump of a
+    rank that aborted with "terminate called without an active exception" (SIGABRT; CI, and 2 of about 160 runs
+    under load here, 2026-12-06) shows the race: a gloo worker drops a finished allreduce's AsyncWork while the
+    main thread is in Py_FinalizeEx; the work's thread-local state holds a Python object, whose decref takes the
+    GIL, and a thread taking the GIL during finalization is ended by pthread_exit, whose unwinding through C++
+    calls std::terminate. A forked multiprocessing child ends with os._exit likewise."""
     import os
     import sys
 
