@@ -132,7 +132,53 @@ def shard_module(
         topology=Topology(world_size=env.world_size, compute_device=device.type), constraints=constraints
     )
     plan = planner.collective_plan(module, sharders, pg)
-    return DistributedModelParallel(module, env=env, device=device, plan=plan, sharders=sharders)
+    start = _table_weights(module, pg)  # DMP draws the tables again on the CPU (it copies them only to a GPU)
+    sharded = DistributedModelParallel(module, env=env, device=device, plan=plan, sharders=sharders)
+    _write_tables(module, start)
+    return sharded
+
+
+def _table_keys(module: nn.Module) -> list[str]:
+    """The state_dict keys of every EmbeddingBagCollection table's weight in `module`."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    keys = []
+    for name, m in module.named_modules():
+        if isinstance(m, EmbeddingBagCollection):
+            prefix = f"{name}." if name else ""
+            keys += [f"{prefix}embedding_bags.{cfg.name}.weight" for cfg in m.embedding_bag_configs()]
+    return keys
+
+
+@torch.no_grad()
+def _table_weights(module: nn.Module, pg) -> dict[str, torch.Tensor]:
+    """The tables' weights as the model was built (or loaded) before sharding, rank 0's on every rank: the start
+    plain DDP gives the dense part by broadcasting rank 0's parameters. Collective."""
+    state = module.state_dict()
+    weights = {}
+    for key in _table_keys(module):
+        weight = state[key].detach().clone()
+        dist.broadcast(weight, src=dist.get_global_rank(pg, 0), group=pg)
+        weights[key] = weight
+    return weights
+
+
+@torch.no_grad()
+def _write_tables(module: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """The weights into the sharded tables: each rank's shards of a model-parallel table, the whole table of a
+    data_parallel one (local: no communication)."""
+    current = module.state_dict()
+    plain = {}
+    for key, weight in weights.items():
+        if _is_sharded(current[key]):
+            copy_into_shards(current[key], weight, key)
+        else:
+            plain[key] = weight
+    if plain:
+        result = module.load_state_dict(plain, strict=False)
+        if set(plain) & set(result.missing_keys) or result.unexpected_keys:
+            raise RuntimeError(f"could not write the embedding tables into the sharded model: unexpected "
+                               f"{result.unexpected_keys}")
 
 
 def _is_sharded(value: Any) -> bool:

@@ -287,6 +287,42 @@ def test_a_sharded_per_table_front_refuses_an_id_outside_its_table(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("sharding_type", ["table_wise", "data_parallel"])
+@pytest.mark.parametrize("fused", [False, True], ids=["per-table", "fused-table"])
+def test_sharding_keeps_the_tables_the_model_starts_with(tmp_path, sharding_type, fused):
+    """torchrec's DMP builds the sharded tables anew and copies the module's weights only to a GPU: on the CPU they
+    were drawn again, so a sharded fit started elsewhere than the model (and plain ddp) did, and a model loaded
+    for fine-tuning lost its tables. One gloo process suffices."""
+    import torch.distributed as dist
+
+    from mmoe_rec.features.spec import SparseFeature, Task
+    from mmoe_rec.nn.embedding import EmbeddingFront
+    from mmoe_rec.training.sharding import _is_sharded, gather_full, shard_module
+
+    features = [SparseFeature("user", 50), SparseFeature("item", 30)]
+    if not fused:
+        features.append(SparseFeature("tags", 4, multi_valued=True))
+    spec = FeatureSpec(features, ["d"], [Task("y")]).finalize()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        front = EmbeddingFront(spec, embedding_dim=4)
+        assert front.fused == fused
+        with torch.no_grad():  # weights of its own, as a model loaded from a checkpoint has
+            for p in front.parameters():
+                p.copy_(torch.arange(p.numel(), dtype=p.dtype).view_as(p) / p.numel())
+        before = {k: v.clone() for k, v in front.state_dict().items()}
+        sharded = shard_module(front, sharding_type, torch.device("cpu"))
+        after = front.state_dict()
+        assert before.keys() == after.keys()
+        for key, want in before.items():
+            got = gather_full(after[key], 0) if _is_sharded(after[key]) else after[key]
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=key)
+        assert sharded is not None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir, tmp_path):
     """exact_sgd keeps no state: its checkpoint holds none, and a resume must not ask for it (one gloo process)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
