@@ -25,6 +25,7 @@ from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
+from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files
 
@@ -160,14 +161,18 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
     # `mmoe-rec` passes sys.argv[1:] on as args; LightningCLI warns when both are set, needlessly here
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     register_strategy()
-    return MultiTaskCLI(
-        model_class=MultiTaskModule,
-        datamodule_class=FeatureDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it
-        parser_kwargs={"exit_on_error": False, **{sub: {"exit_on_error": False} for sub in MultiTaskCLI.subcommands()}},
-        args=argv,
-    )
+    try:
+        return MultiTaskCLI(
+            model_class=MultiTaskModule,
+            datamodule_class=FeatureDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it
+            parser_kwargs={"exit_on_error": False,
+                           **{sub: {"exit_on_error": False} for sub in MultiTaskCLI.subcommands()}},
+            args=argv,
+        )
+    finally:
+        settle_gloo_workers()  # a multi-process CPU run: see gloo_exit (a rank could abort at exit)
