@@ -113,7 +113,10 @@ class MultiTaskCLI(LightningCLI):
         try:  # the run's first call to the store: a server that answers but is no MLflow fails here
             log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
                           getattr(self.datamodule, "data_dir", None), command=sub)
-        except MlflowException as e:
+        except Exception as e:
+            _end_run_failed(self.trainer.logger)  # not left RUNNING (an artifact folder that cannot be written)
+            if not isinstance(e, MlflowException):
+                raise
             import mlflow
 
             # from None: the CLI prints the last user error of a chain, which would be MLflow's raw text again
@@ -155,6 +158,18 @@ class MultiTaskCLI(LightningCLI):
         if config.get("return_predictions") is None:  # the writer has them: not every batch's scores in memory too
             config["return_predictions"] = False
         self._log_config()  # a predict run records what made it, as every other run does
+
+
+def _end_run_failed(logger: Any) -> None:
+    """Marks the logger's MLflow run FAILED if it was created (best effort: the store may be what failed)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if not isinstance(logger, MLFlowLogger) or getattr(logger, "_run_id", None) is None:
+        return
+    try:
+        logger.experiment.set_terminated(logger.run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
 
 
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:

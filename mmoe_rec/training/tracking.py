@@ -37,13 +37,16 @@ from urllib.parse import urlparse
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PROBE_TIMEOUT_S = 5.0
 # MLflow's HTTP client limits used for an HTTP(S) store when the environment sets none (see the module docstring)
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
-MAX_PARAM_CHARS = 500
+try:  # MLflow's own limit on a param's value (6000 characters in MLflow 2 and 3)
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as MAX_PARAM_CHARS
+except ImportError:  # pragma: no cover - a release without it
+    MAX_PARAM_CHARS = 6000
 
 
 class TrackingUnavailable(RuntimeError):
@@ -81,6 +84,12 @@ def probe_sqlite_store(db: Path, uri: str, hint: str) -> None:
     reported now, not after MLflow's own connection retries (about 2 minutes, then an error that does not say
     why). A database another process is writing to is fine (busy, not broken). Creates the file if it is missing,
     as MLflow would."""
+    try:  # SQLite writes a journal beside the file: an existing database in a folder that takes no file fails late
+        with tempfile.TemporaryFile(dir=db.parent):
+            pass
+    except OSError as e:
+        raise TrackingUnavailable(f"MLflow SQLite store {uri}: its folder {db.parent} cannot be written ({e}); "
+                                  f"{hint}") from None
     try:
         con = sqlite3.connect(str(db), timeout=2.0)
         try:
@@ -198,7 +207,8 @@ def git_dirty(start: str | os.PathLike | None = None) -> bool | None:
 
 
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dicts -> `a/b/c` keys; long values are cut to MAX_PARAM_CHARS (MLflow limits a param's size)."""
+    """Nested dicts -> `a/b/c` keys; a value longer than MLflow takes (MAX_PARAM_CHARS) is cut, with a warning
+    (config.yaml holds it whole)."""
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
@@ -206,7 +216,25 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
             out.update(flatten_params(value, name + "/"))
         else:
             text = json.dumps(value, default=str) if not isinstance(value, str) else value
-            out[name] = text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+            if len(text) > MAX_PARAM_CHARS:
+                rank_zero_warn(f"param {name!r} is {len(text)} characters, more than MLflow takes: logged cut to "
+                               f"{MAX_PARAM_CHARS} (config.yaml holds it whole)")
+                text = text[: MAX_PARAM_CHARS - 3] + "..."
+            out[name] = text
+    return out
+
+
+def resumed_params(flat: dict[str, str], logged: dict[str, str]) -> dict[str, str]:
+    """The params to log into a run that already has `logged` ones (a fit resumed into its earlier run): new keys
+    as they are, a key logged before with another value (MLflow refuses to change one) as `resume-<n>/<key>`,
+    n one past the run's last resume; keys logged before with the same value are left out."""
+    out = {k: v for k, v in flat.items() if k not in logged}
+    changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
+    if changed:
+        done = [int(k.split("/", 1)[0][len("resume-"):]) for k in logged
+                if k.startswith("resume-") and k.split("/", 1)[0][len("resume-"):].isdigit()]
+        n = max(done, default=0) + 1
+        out.update({f"resume-{n}/{k}": v for k, v in changed.items()})
     return out
 
 
@@ -252,6 +280,9 @@ class MLflowTracker(MLFlowLogger):
         params = {k: v for k, v in params.items() if k not in ("feature_spec", "_instantiator", "_class_path")}
         flat = flatten_params(params)
         client, run_id = self.experiment, self.run_id
+        logged = client.get_run(run_id).data.params
+        if logged:  # a run logged into again (trainer.logger.init_args.run_id): its params stay as they were
+            flat = resumed_params(flat, logged)
         items = list(flat.items())
         from mlflow.entities import Param
 
@@ -280,8 +311,12 @@ def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any
     client, run_id = logger.experiment, logger.run_id
     if command:
         client.set_tag(run_id, "mmoe_rec.command", command)
-    if config_yaml:
-        client.log_text(run_id, config_yaml, "config.yaml")
+    if config_yaml:  # a run logged into again keeps the config.yaml that made it; the later one beside it
+        names = {a.path for a in client.list_artifacts(run_id)}
+        name, n = "config.yaml", 1
+        while name in names:
+            name, n = f"config.resume-{n}.yaml", n + 1
+        client.log_text(run_id, config_yaml, name)
     if spec_dict:
         client.log_text(run_id, json.dumps(spec_dict, indent=2, sort_keys=True, default=str), "spec.json")
     commit = git_commit()

@@ -10,6 +10,7 @@ import pytest
 
 from mmoe_rec.training.tracking import (
     DEFAULT_TRACKING_URI,
+    MAX_PARAM_CHARS,
     MLflowTracker,
     TrackingUnavailable,
     check_tracking_uri,
@@ -104,10 +105,65 @@ def test_a_fit_can_continue_an_existing_run(tmp_path):
 
 
 def test_flatten_params_nested_and_long_values():
+    # MLflow takes 6000 characters: 900 (an expert_hidden of 200 layers) was cut to 500 without a word
     flat = flatten_params({"model": {"class_path": "a.B", "init_args": {"k": 2, "h": [64, 32]}}, "x": "y" * 900})
     assert flat["model/class_path"] == "a.B"
     assert flat["model/init_args/h"] == "[64, 32]"
-    assert len(flat["x"]) == 500 and flat["x"].endswith("...")
+    assert flat["x"] == "y" * 900
+    with pytest.warns(UserWarning, match="param 'x' is 7000 characters"):
+        cut = flatten_params({"x": "y" * 7000})["x"]
+    assert len(cut) == MAX_PARAM_CHARS == 6000 and cut.endswith("...")
+
+
+def test_a_run_logged_into_again_keeps_its_params_and_config(tmp_path):
+    """A fit resumed into its earlier run with another batch size: MLflow refused the changed param, which left
+    the finished run FAILED with its config.yaml replaced by one that never trained it."""
+    from mmoe_rec.training.tracking import log_run_files
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(tracking_uri=uri)
+    log_run_files(first, "batch_size: 256\n", None)
+    first.log_hyperparams({"batch_size": 256, "lr": 0.01})
+    for batch_size in (128, 64):
+        again = MLflowTracker(tracking_uri=uri, run_id=first.run_id)
+        log_run_files(again, f"batch_size: {batch_size}\n", None)
+        again.log_hyperparams({"batch_size": batch_size, "lr": 0.01, "workers": 2})
+    params = again.experiment.get_run(first.run_id).data.params
+    assert params == {"batch_size": "256", "lr": "0.01", "workers": "2", "resume-1/batch_size": "128",
+                      "resume-2/batch_size": "64"}
+    files = {a.path for a in again.experiment.list_artifacts(first.run_id)}
+    assert files == {"config.yaml", "config.resume-1.yaml", "config.resume-2.yaml"}
+    local = again.experiment.download_artifacts(first.run_id, "config.yaml", str(tmp_path))
+    assert open(local).read() == "batch_size: 256\n"
+
+
+def test_an_existing_sqlite_store_in_a_folder_that_takes_no_file_fails_at_once(tmp_path):
+    """SQLite writes a journal beside the database: the lock probe passed, and MLflow failed 7 s later with an
+    autoflush message and a hint about HTTP servers. `chattr +i` keeps even root from creating files."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    MLflowTracker(tracking_uri=f"sqlite:///{folder / 'x.db'}")  # an existing store
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        if os.access(folder, os.W_OK) and _can_create(folder):
+            pytest.skip("the folder still takes files")
+        with pytest.raises(TrackingUnavailable, match=f"its folder {folder} cannot be written"):
+            check_tracking_uri(f"sqlite:///{folder / 'x.db'}")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)])
+
+
+def _can_create(folder) -> bool:
+    try:
+        (folder / "probe").write_bytes(b"")
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
 
 
 @pytest.fixture
@@ -202,3 +258,26 @@ def test_server_answering_like_mlflow_passes_and_gets_short_http_limits(http_ser
 def test_sqlite_store_keeps_mlflow_http_limits(tmp_path, no_http_limits):
     configure_tracking(f"sqlite:///{tmp_path}/mlflow.db")
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_a_run_whose_files_cannot_be_logged_ends_failed_not_running(tmp_path, monkeypatch):
+    """An artifact folder that cannot be written failed the run's first files after the run existed: it stayed
+    RUNNING in the store. MultiTaskCLI._log_config marks it FAILED before the error goes on."""
+    from types import SimpleNamespace
+
+    from mmoe_rec.training import cli
+    from mmoe_rec.training.cli import MultiTaskCLI
+
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = tracker.run_id  # the run exists
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("[Errno 1] Operation not permitted: './mlruns'")
+
+    monkeypatch.setattr(cli, "log_run_files", refuse)
+    fake = SimpleNamespace(subcommand="fit", trainer=SimpleNamespace(logger=tracker),
+                           model=SimpleNamespace(spec=SimpleNamespace(to_dict=dict)), datamodule=None,
+                           config={"fit": {}}, _parser=lambda sub: SimpleNamespace(dump=lambda *a, **k: "{}\n"))
+    with pytest.raises(PermissionError, match="not permitted"):
+        MultiTaskCLI._log_config(fake)
+    assert tracker.experiment.get_run(run_id).info.status == "FAILED"
