@@ -19,6 +19,7 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
@@ -113,6 +114,9 @@ class MultiTaskCLI(LightningCLI):
         try:  # the run's first call to the store: a server that answers but is no MLflow fails here
             log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
                           getattr(self.datamodule, "data_dir", None), command=sub)
+            if isinstance(self.trainer.logger, MLFlowLogger):  # the model's and data's own come from Lightning
+                self.trainer.logger.log_hyperparams({"trainer": config.get("trainer") or {},
+                                                     "seed_everything": config.get("seed_everything")})
         except Exception as e:
             _end_run_failed(self.trainer.logger)  # not left RUNNING (an artifact folder that cannot be written)
             if not isinstance(e, MlflowException):
@@ -162,8 +166,6 @@ class MultiTaskCLI(LightningCLI):
 
 def _end_run_failed(logger: Any) -> None:
     """Marks the logger's MLflow run FAILED if it was created (best effort: the store may be what failed)."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
     if not isinstance(logger, MLFlowLogger) or getattr(logger, "_run_id", None) is None:
         return
     try:

@@ -70,6 +70,9 @@ def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, ca
     assert logged["model"]["init_args"]["model"]["init_args"]["num_experts"] == 16
     optimizer = logged["model"]["init_args"]["optimizer"]  # the override where it took effect, not beside it
     assert optimizer["init_args"]["lr"] == 0.004 and set(optimizer) == {"class_path", "init_args"}
+    params = run.data.params  # the trainer's settings and the seed are params too, not only in config.yaml
+    assert params["trainer/max_epochs"] == str(logged["trainer"]["max_epochs"])
+    assert params["seed_everything"] == str(logged["seed_everything"]) and "trainer/accelerator" in params
     assert run.data.tags.get("mlflow.source.git.commit")
     assert run.data.tags.get("mmoe_rec.git_dirty") in ("true", "false")  # a modified tree does not pass as clean
     assert run.data.tags["mmoe_rec.data_dir"] == str(feature_dir.resolve())
