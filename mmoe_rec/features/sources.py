@@ -134,23 +134,13 @@ def _first_record(path: str, delimiter: str) -> bytes | None:
     a read-ahead thread over the (lzma) Python file object, which could still be running at interpreter exit,
     right after an error message about this header, and abort the process ("terminate called without an active
     exception", exit 134)."""
-    head = b""
-    with _open_csv_stream(path) as f:
-        while True:
-            block = f.read(1 << 16)
-            head += block
-            if head.startswith(_UTF8_BOM):
-                body = head[len(_UTF8_BOM):]
-            elif _UTF8_BOM.startswith(head) and block:
-                continue  # too short yet to tell
-            else:
-                body = head
-            body = body.lstrip(b"\r\n")  # empty lines before the header are skipped, as Arrow does
-            end = _record_end(body, ord(delimiter))
-            if end >= 0:
-                return body[:end]
-            if not block:
-                return body or None
+    return next(_csv_records(path, delimiter, block_bytes=1 << 16), None)
+
+
+def _split_fields(text: str, delimiter: str) -> list[str]:
+    """One CSV record's fields ('"' quotes, a doubled quote inside), as Arrow's reader splits them."""
+    return next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"', doublequote=True,
+                           strict=False), [])
 
 
 def _header_names(path: str, reader: ReaderSpec) -> list[str]:
@@ -169,8 +159,7 @@ def _header_names(path: str, reader: ReaderSpec) -> list[str]:
             raise FeatureDataError(f"the CSV file's header is not UTF-8 text ({e})", file=path) from None
     else:  # only the fields are counted: a data row may hold other bytes in columns the schema does not read
         text = line.decode("latin-1")
-    fields = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"', doublequote=True,
-                             strict=False))
+    fields = _split_fields(text, delimiter)
     return fields if reader.header else [f"f{i}" for i in range(len(fields))]
 
 
@@ -256,13 +245,14 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                                file=path) from None
 
 
-def _csv_records(path: str, delimiter: str) -> Iterator[bytes]:
-    """The file's CSV records as bytes, empty lines skipped (as Arrow skips them) and a quoted field's line ends
-    kept inside its record; the header, if any, is the first. Read in Python: for error messages only."""
+def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+    """The file's CSV records as bytes, a UTF-8 BOM and empty lines skipped (as Arrow skips them), a quoted
+    field's line ends kept inside its record; the header, if any, is the first. Read in Python: for the header and
+    for error messages."""
     with _open_csv_stream(path) as f:
         buf, pos, first = b"", 0, True
         while True:
-            block = f.read(1 << 20)
+            block = f.read(block_bytes)
             buf = buf[pos:] + block
             pos = 0
             if first and (len(buf) >= len(_UTF8_BOM) or not block):
@@ -304,8 +294,7 @@ def _first_non_utf8_row(path: str, reader: ReaderSpec, column: int) -> int | Non
         except UnicodeDecodeError:
             pass
         # latin-1 maps every byte to one character: the fields split there and encode back to their bytes
-        fields = next(csv.reader(io.StringIO(record.decode("latin-1"), newline=""), delimiter=delimiter,
-                                 quotechar='"', doublequote=True, strict=False), [])
+        fields = _split_fields(record.decode("latin-1"), delimiter)
         if column < len(fields):
             try:
                 fields[column].encode("latin-1").decode("utf-8")
