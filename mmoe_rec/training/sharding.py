@@ -61,14 +61,20 @@ SHARDING_SUPPORT = {
 }
 
 
-def embedding_tables(module: nn.Module) -> list[str]:
+def _tables(module: nn.Module) -> list[tuple[str, str]]:
+    """(table name, its weight's state_dict key) of every EmbeddingBagCollection table in `module`."""
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    names = []
-    for m in module.modules():
+    out = []
+    for name, m in module.named_modules():
         if isinstance(m, EmbeddingBagCollection):
-            names += [cfg.name for cfg in m.embedding_bag_configs()]
-    return names
+            prefix = f"{name}." if name else ""
+            out += [(cfg.name, f"{prefix}embedding_bags.{cfg.name}.weight") for cfg in m.embedding_bag_configs()]
+    return out
+
+
+def embedding_tables(module: nn.Module) -> list[str]:
+    return [table for table, _ in _tables(module)]
 
 
 FBGEMM_PROBE_OP = "fbgemm::permute_2D_sparse_data"  # the sharded input split's first fbgemm op
@@ -138,25 +144,13 @@ def shard_module(
     return sharded
 
 
-def _table_keys(module: nn.Module) -> list[str]:
-    """The state_dict keys of every EmbeddingBagCollection table's weight in `module`."""
-    from torchrec.modules.embedding_modules import EmbeddingBagCollection
-
-    keys = []
-    for name, m in module.named_modules():
-        if isinstance(m, EmbeddingBagCollection):
-            prefix = f"{name}." if name else ""
-            keys += [f"{prefix}embedding_bags.{cfg.name}.weight" for cfg in m.embedding_bag_configs()]
-    return keys
-
-
 @torch.no_grad()
 def _table_weights(module: nn.Module, pg) -> dict[str, torch.Tensor]:
     """The tables' weights as the model was built (or loaded) before sharding, rank 0's on every rank: the start
     plain DDP gives the dense part by broadcasting rank 0's parameters. Collective."""
     state = module.state_dict()
     weights = {}
-    for key in _table_keys(module):
+    for _, key in _tables(module):
         weight = state[key].detach().clone()
         dist.broadcast(weight, src=dist.get_global_rank(pg, 0), group=pg)
         weights[key] = weight
