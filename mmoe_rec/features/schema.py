@@ -307,10 +307,11 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
     if len(set(task_names)) != len(task_names):
         raise FeatureDataError(f"task names used twice: {task_names}", file=source)
     label_cols = {t.column for t in tasks} | ({schema.sample_weight} if schema.sample_weight else set())
-    leaked = label_cols & ({c.column for c in cats} | {n.column for n in nums} | set(schema.id_columns))
+    feature_columns = {c.column for c in cats} | {n.column for n in nums}
+    leaked = label_cols & (feature_columns | set(schema.id_columns))
     if leaked:  # a label used as a feature gives AUC 1.0; refuse it
         raise FeatureDataError(f"label / weight columns also declared as features or ids: {sorted(leaked)}", file=source)
-    id_features = set(schema.id_columns) & ({c.column for c in cats} | {n.column for n in nums})
+    id_features = set(schema.id_columns) & feature_columns
     if id_features:  # ids are passed through, never features (a row id as a feature memorises rows)
         raise FeatureDataError(f"id columns also read as features: {sorted(id_features)}; an id column is passed "
                                f"through only (drop it from id_columns to make it a feature)", file=source)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import sqlite3
 import ssl
@@ -231,8 +232,7 @@ def resumed_params(flat: dict[str, str], logged: dict[str, str]) -> dict[str, st
     out = {k: v for k, v in flat.items() if k not in logged}
     changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
     if changed:
-        done = [int(k.split("/", 1)[0][len("resume-"):]) for k in logged
-                if k.startswith("resume-") and k.split("/", 1)[0][len("resume-"):].isdigit()]
+        done = [int(m.group(1)) for m in map(re.compile(r"resume-(\d+)/").match, logged) if m]
         n = max(done, default=0) + 1
         out.update({f"resume-{n}/{k}": v for k, v in changed.items()})
     return out
