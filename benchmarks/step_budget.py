@@ -11,7 +11,7 @@ interleaved rounds (the median of each, and each ratio against the same round's 
 - reference: train_throughput.MatmulReference's fastest way, the model's GEMMs bare with their operands hot;
 - GEMM replay: the very GEMM calls of one real training step of ours (captured with a TorchDispatchMode: the same
   ops, shapes, layouts, order and input tensors), replayed back to back with nothing between them, fresh outputs
-  each call as in the step. This is the step's GEMM time if every other op cost nothing;
+  each call as in the step (a call that writes into a given `out=` tensor writes into the same one again). This is the step's GEMM time if every other op cost nothing;
 - Adam: the fused Adam step alone, on the model's parameters and a step's gradients;
 - loader: FeatureDataModule's train loader, per batch, without a model;
 - bare step: forward, losses, backward, Adam over batches collated in advance (train_throughput's plain loop);
@@ -42,7 +42,9 @@ import train_throughput as tt  # noqa: E402
 from mmoe_rec.malloc import keep_freed_memory  # noqa: E402
 
 aten = torch.ops.aten
-GEMM_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+# every overload: relu_experts writes a product straight into a strided output with `torch.bmm(..., out=...)`
+GEMM_OPS = {getattr(op, overload) for op in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
+            for overload in ("default", "out")}
 try:  # oneDNN's fused linear (nn.cpu_gemm on AMD CPUs with AVX-512)
     GEMM_OPS.add(torch.ops.mkldnn._linear_pointwise.default)
 except AttributeError:
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     gemm_calls = capture.calls
 
     def replay() -> None:
-        for func, a, kw in gemm_calls:
-            func(*a, **kw)
+        with torch.no_grad():  # the GEMMs alone: no autograd graph for the weights' calls (out= refuses one)
+            for func, a, kw in gemm_calls:
+                func(*a, **kw)
 
     def block(fn: Callable[[], None], n: int) -> float:  # seconds per call
         t0 = time.perf_counter()
