@@ -11,7 +11,8 @@ interleaved rounds (the median of each, and each ratio against the same round's 
 - reference: train_throughput.MatmulReference's fastest way, the model's GEMMs bare with their operands hot;
 - GEMM replay: the very GEMM calls of one real training step of ours (captured with a TorchDispatchMode: the same
   ops, shapes, layouts, order and input tensors), replayed back to back with nothing between them, fresh outputs
-  each call as in the step (a call that writes into a given `out=` tensor writes into the same one again). This is the step's GEMM time if every other op cost nothing;
+  each call as in the step (a call that writes into a given `out=` tensor writes into the same one again).
+  This is the step's GEMM time if every other op cost nothing;
 - Adam: the fused Adam step alone, on the model's parameters and a step's gradients;
 - loader: FeatureDataModule's train loader, per batch, without a model;
 - bare step: forward, losses, backward, Adam over batches collated in advance (train_throughput's plain loop);
