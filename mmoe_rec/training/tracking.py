@@ -225,17 +225,27 @@ def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def resumed_params(flat: dict[str, str], logged: dict[str, str]) -> dict[str, str]:
+def resumed_params(flat: dict[str, str], logged: dict[str, str], resume: int) -> dict[str, str]:
     """The params to log into a run that already has `logged` ones (a fit resumed into its earlier run): new keys
-    as they are, a key logged before with another value (MLflow refuses to change one) as `resume-<n>/<key>`,
-    n one past the run's last resume; keys logged before with the same value are left out."""
+    as they are, a key logged before with another value (MLflow refuses to change one) as `resume-<resume>/<key>`;
+    keys logged before with the same value are left out."""
     out = {k: v for k, v in flat.items() if k not in logged}
-    changed = {k: v for k, v in flat.items() if k in logged and logged[k] != v}
-    if changed:
-        done = [int(m.group(1)) for m in map(re.compile(r"resume-(\d+)/").match, logged) if m]
-        n = max(done, default=0) + 1
-        out.update({f"resume-{n}/{k}": v for k, v in changed.items()})
+    out.update({f"resume-{resume}/{k}": v for k, v in flat.items() if k in logged and logged[k] != v})
     return out
+
+
+_RESUME_PARAM = re.compile(r"resume-(\d+)/")
+_RESUME_CONFIG = re.compile(r"config\.resume-(\d+)\.yaml$")
+
+
+def next_resume_index(client: Any, run_id: str) -> int:
+    """One past the last resume recorded in a run, by its `resume-<n>/` params and `config.resume-<n>.yaml` files,
+    so that a resume's params and config carry the same n (a resume that changes no param still logs its config)."""
+    params = client.get_run(run_id).data.params
+    files = [a.path for a in client.list_artifacts(run_id)]
+    done = [int(m.group(1)) for m in map(_RESUME_PARAM.match, params) if m]
+    done += [int(m.group(1)) for m in map(_RESUME_CONFIG.match, files) if m]
+    return max(done, default=0) + 1
 
 
 class MLflowTracker(MLFlowLogger):
@@ -272,6 +282,14 @@ class MLflowTracker(MLFlowLogger):
             )
         except Exception as e:  # one line that says which store, not a union-validation error from the CLI parser
             raise TrackingUnavailable(f"MLflow tracking store {uri}: {type(e).__name__}: {e}") from e
+        self._resume_index: int | None = None
+
+    def resume_index(self) -> int:
+        """The n of this logger's `resume-<n>/` params and `config.resume-<n>.yaml`, read from the run before this
+        logger first writes one of them and kept: the params logged in several calls of one fit share it."""
+        if self._resume_index is None:
+            self._resume_index = next_resume_index(self.experiment, self.run_id)
+        return self._resume_index
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
@@ -282,7 +300,7 @@ class MLflowTracker(MLFlowLogger):
         client, run_id = self.experiment, self.run_id
         logged = client.get_run(run_id).data.params
         if logged:  # a run logged into again (trainer.logger.init_args.run_id): its params stay as they were
-            flat = resumed_params(flat, logged)
+            flat = resumed_params(flat, logged, self.resume_index())
         items = list(flat.items())
         from mlflow.entities import Param
 
@@ -312,10 +330,10 @@ def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any
     if command:
         client.set_tag(run_id, "mmoe_rec.command", command)
     if config_yaml:  # a run logged into again keeps the config.yaml that made it; the later one beside it
-        names = {a.path for a in client.list_artifacts(run_id)}
-        name, n = "config.yaml", 1
-        while name in names:
-            name, n = f"config.resume-{n}.yaml", n + 1
+        name = "config.yaml"
+        if any(a.path == name for a in client.list_artifacts(run_id)):
+            n = logger.resume_index() if isinstance(logger, MLflowTracker) else next_resume_index(client, run_id)
+            name = f"config.resume-{n}.yaml"
         client.log_text(run_id, config_yaml, name)
     if spec_dict:
         client.log_text(run_id, json.dumps(spec_dict, indent=2, sort_keys=True, default=str), "spec.json")

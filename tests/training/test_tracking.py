@@ -137,6 +137,31 @@ def test_a_run_logged_into_again_keeps_its_params_and_config(tmp_path):
     assert open(local).read() == "batch_size: 256\n"
 
 
+def test_one_resume_logs_its_params_and_config_under_one_number(tmp_path):
+    """A resume that changed nothing still logs its config (config.resume-1.yaml), so the next one is resume 2 for
+    its params too; and the CLI logs the trainer's params and Lightning the model's in two calls, both of one
+    resume (they were numbered 1 and 2)."""
+    from mmoe_rec.training.tracking import log_run_files
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(tracking_uri=uri)
+    log_run_files(first, "lr: 0.01\n", None)
+    first.log_hyperparams({"trainer": {"max_epochs": 2}, "model": {"lr": 0.01}})
+    same = MLflowTracker(tracking_uri=uri, run_id=first.run_id)
+    log_run_files(same, "lr: 0.01\n", None)
+    same.log_hyperparams({"trainer": {"max_epochs": 2}})
+    same.log_hyperparams({"model": {"lr": 0.01}})
+    changed = MLflowTracker(tracking_uri=uri, run_id=first.run_id)
+    log_run_files(changed, "lr: 0.001\n", None)
+    changed.log_hyperparams({"trainer": {"max_epochs": 4}})
+    changed.log_hyperparams({"model": {"lr": 0.001}})
+    params = changed.experiment.get_run(first.run_id).data.params
+    assert {k: v for k, v in params.items() if k.startswith("resume-")} == {
+        "resume-2/trainer/max_epochs": "4", "resume-2/model/lr": "0.001"}
+    files = {a.path for a in changed.experiment.list_artifacts(first.run_id)}
+    assert files == {"config.yaml", "config.resume-1.yaml", "config.resume-2.yaml"}
+
+
 def test_an_existing_sqlite_store_in_a_folder_that_takes_no_file_fails_at_once(tmp_path):
     """SQLite writes a journal beside the database: the lock probe passed, and MLflow failed 7 s later with an
     autoflush message and a hint about HTTP servers. `chattr +i` keeps even root from creating files."""
