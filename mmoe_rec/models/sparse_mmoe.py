@@ -46,7 +46,7 @@ from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.balance import BALANCE_LOSSES, cv_squared, load_loss, router_z_loss, switch_loss
 from mmoe_rec.nn.dispatch import (
-    LAYOUTS, StackedExperts, apply_capacity, capacity_for, check_capacity_factor, compute_dtype,
+    LAYOUTS, StackedExperts, apply_capacity, capacity_for, check_capacity_factor, compute_dtype, exact_factor,
 )
 from mmoe_rec.nn.embedding import EmbeddingFront
 from mmoe_rec.nn.routing import ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Routing, SwitchRouter
@@ -178,9 +178,10 @@ class SparseMMoE(MultiTaskModel):
         if router == "switch":
             return SwitchRouter(d_in, self.num_experts, noise=noise, init=init, loss_free_bias=loss_free_bias,
                                 bias_update_rate=rate)
-        # experts per row on average, in split experts: self.k is already k * fine_grained
-        per_row = self.k if self.capacity_factor is None else self.capacity_factor * self.fine_grained
-        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=float(per_row))
+        # experts per row on average, in split experts: self.k is already k * fine_grained; the product exact, so
+        # that the capacity is the ceiling of the decimal cf as written times m (see ceil_scaled)
+        per_row = self.k if self.capacity_factor is None else exact_factor(self.capacity_factor) * self.fine_grained
+        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=per_row)
 
     def eval_batch_dependence(self) -> str | None:
         if self.eval_capacity_factor is None:

@@ -42,10 +42,10 @@ def switch_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     E = probs.shape[1]
     counts = counts.float()
     f = counts / counts.sum().clamp_min(1.0)  # (E,) fraction of assignments; not differentiable (argmax-based)
-    p = probs.float().mean(0)  # (E,) carries the gradient
+    p = probs.float().sum(0) / max(probs.shape[0], 1)  # (E,) mean probability (0, not NaN, for no rows); gradient
     return E * (f * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """logits: (T, E) router logits."""
-    return torch.logsumexp(logits.float(), dim=1).pow(2).mean()
+    """logits: (T, E) router logits; the mean over rows of logsumexp², 0 for a batch of no rows (not NaN)."""
+    return torch.logsumexp(logits.float(), dim=1).pow(2).sum() / max(logits.shape[0], 1)

@@ -54,10 +54,16 @@ NORMS = ("none", "layer")
 # Capacity
 
 
-def ceil_scaled(count: int, factor: float, divisor: int) -> int:
+def exact_factor(factor: float | Fraction) -> Fraction:
+    """A factor as the decimal it was written as (1.1 is 11/10, not 1.100000000000000088...); a Fraction as it is."""
+    return factor if isinstance(factor, Fraction) else Fraction(repr(float(factor)))
+
+
+def ceil_scaled(count: int, factor: float | Fraction, divisor: int) -> int:
     """ceil(count * factor / divisor), with factor taken as the decimal it was written as: in floats
-    100 * 1.1 / 2 is 55.000000000000007, and its ceiling 56 would give every expert one slot too many."""
-    return math.ceil(Fraction(repr(float(factor))) * count / divisor)
+    100 * 1.1 / 2 is 55.000000000000007, and its ceiling 56 would give every expert one slot too many. A product
+    of factors is passed as a Fraction (exact_factor(cf) * m), since in floats 1.1 * 3 is 3.3000000000000003."""
+    return math.ceil(exact_factor(factor) * count / divisor)
 
 
 def check_capacity_factor(capacity_factor: float | None, name: str = "capacity_factor") -> None:

@@ -244,6 +244,21 @@ def test_expert_choice_fine_grained_gives_a_row_m_times_the_split_experts(capaci
     assert per_row[4] == pytest.approx(per_row[1])
 
 
+def test_expert_choice_fine_grained_capacity_is_the_ceiling_of_the_decimal_factor():
+    # 1.1 * 3 is 3.3000000000000003 in floats: ceil(40 * 3.3 / 12) = 11 rows per expert, not 12
+    model = SparseMMoE(spec(), router="expert_choice", num_experts=4, k=1, fine_grained=3, capacity_factor=1.1,
+                       expert_hidden=[12, 6]).train()
+    rec = model.forward_dense(features(40)).routing[TASKS[0]]
+    assert rec.assigned.sum(0).tolist() == [11] * 12
+
+
+@pytest.mark.parametrize("router,k", [("switch", 1), ("noisy_topk", 2), ("expert_choice", 1)])
+def test_a_batch_of_no_rows_gives_finite_aux_losses(router, k):
+    model = SparseMMoE(spec(), router=router, num_experts=4, k=k).train()
+    out = model.forward_dense(features(0))
+    assert out.aux and all(torch.isfinite(v) for v in out.aux.values()), out.aux
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_experts=4, k=5), "k must be"),
     (dict(capacity_factor=0.0), "capacity_factor"),

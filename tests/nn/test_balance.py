@@ -77,3 +77,14 @@ def test_load_loss_in_training_is_finite_and_reaches_both_router_weights():
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert router.w_gate.grad.abs().sum() > 0 and router.w_noise.grad.abs().sum() > 0
+
+
+def test_switch_and_z_losses_of_a_batch_of_no_rows_are_zero_not_nan():
+    # 0 rows are supported by every router; mean() of nothing was NaN, and 0 * NaN kept the monitor's router-z NaN
+    logits = torch.zeros(0, 4, requires_grad=True)
+    probs = logits.softmax(-1)
+    for loss in (switch_loss(probs, torch.zeros(4, dtype=torch.long)), router_z_loss(logits)):
+        assert loss.item() == 0.0
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert grad.shape == (0, 4)
+

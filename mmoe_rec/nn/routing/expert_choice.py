@@ -10,6 +10,8 @@ eval_fallback=False raises instead.
 """
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 from torch import nn
 
@@ -20,8 +22,8 @@ from mmoe_rec.nn.softmax import softmax_last_dim
 
 
 class ExpertChoiceRouter(nn.Module):
-    def __init__(self, d_in: int, num_experts: int, capacity_factor: float = 2.0, *, init_std: float = 1e-2,
-                 eval_fallback: bool = True) -> None:
+    def __init__(self, d_in: int, num_experts: int, capacity_factor: float | Fraction = 2.0, *,
+                 init_std: float = 1e-2, eval_fallback: bool = True) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
