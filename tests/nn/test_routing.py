@@ -205,3 +205,14 @@ def test_routers_run_in_float32_under_autocast(make):
         assert r.logits.dtype == r.probs.dtype == torch.float32
     torch.testing.assert_close(routed.probs, plain.probs)  # not rounded to bf16 on the way
     assert router.double()(x.double()).logits.dtype == torch.float32  # a float64 model routes in float32 too
+
+
+def test_loss_free_bias_stays_float32_and_keeps_moving_in_a_bfloat16_model():
+    # in bfloat16 a step of 1e-3 is below half an ulp once |b| >= 0.5: the bias stuck at -0.5 / 0.5
+    bias = LossFreeBias(2, 1e-3).to(torch.bfloat16)
+    assert bias.bias.dtype == torch.float32
+    for _ in range(2000):
+        bias.update(torch.tensor([10, 0]))
+    assert bias.bias.tolist() == pytest.approx([-2.0, 2.0], abs=1e-3)
+    router = NoisyTopKRouter(6, 4, 2, loss_free_bias=True).to(torch.bfloat16)
+    assert router.balancer.bias.dtype == torch.float32

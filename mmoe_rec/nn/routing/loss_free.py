@@ -24,6 +24,14 @@ class LossFreeBias(nn.Module):
         # from rank 0 at every forward, which would replace each rank's own count; nor is it worth saving.
         self.pending_load: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        # the bias stays float32 when the model is cast (`.to(torch.bfloat16)`): past |b| = 0.5 a step of 1e-3 is
+        # below half a bfloat16 ulp, and the bias would stop moving
+        super()._apply(fn, recurse)
+        if self.bias.is_floating_point() and self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
+
     def selection_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """(T, E) scores -> scores used only for ranking (detached bias: no gradient path)."""
         return scores + self.bias.detach()
