@@ -27,7 +27,7 @@ from mmoe_rec.training.monitoring import (
     chosen_mask,
     gate_pair_sums,
     gate_similarity,
-    jaccard_rows,
+    jaccard_sums,
     label_correlation,
     pair_scalars,
     task_gates,
@@ -125,8 +125,7 @@ class Window:
             for b in names[i + 1:]:
                 if masks[a].shape != masks[b].shape:
                     continue
-                j = jaccard_rows(masks[a], masks[b])  # (B,) on the gates' device: summed there, no host read
-                total = torch.stack([j.sum(), torch.full((), j.numel(), dtype=j.dtype, device=j.device)])
+                total = jaccard_sums(masks[a], masks[b])  # (2,) on the gates' device: summed there, no host read
                 acc = self.jaccard.get((a, b))
                 self.jaccard[(a, b)] = total if acc is None else acc.to(total.device) + total
 

@@ -14,7 +14,7 @@ from mmoe_rec.training.monitoring import (
     cv_squared,
     gate_pair_sums,
     gate_similarity,
-    jaccard_rows,
+    jaccard_sums,
     js_rows,
     label_correlation,
     max_violation,
@@ -111,9 +111,10 @@ def test_label_correlation_matches_numpy():
 
 
 def test_jaccard_and_gate_similarity():
-    a = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
-    b = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0]], dtype=torch.bool)
-    assert jaccard_rows(a, b).tolist() == pytest.approx([1 / 3, 1.0])
+    a = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[1, 0, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    # rows 1/3, 1 and 0 (disjoint); the row neither gate sent anywhere is left out (it counted as overlap 1)
+    assert jaccard_sums(a, b).tolist() == pytest.approx([4 / 3, 3.0])
     x, y = torch.tensor([[0.5, 0.5], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # two rows, 2 experts
     sums = gate_pair_sums(torch.stack([x, y, y]))  # pairs (x, y), (x, y), (y, y)
     sims = gate_similarity(["x", "y", "z"], sums)
@@ -483,3 +484,22 @@ def test_a_buffered_window_settles_to_the_sums_of_one_updated_batch_by_batch(kin
     odd.settle()
     assert odd.gates["click"].rows == 7 + 3
     assert float(odd.gates["click"].extra_sum["other"]) == pytest.approx(3 * 2.0)
+
+
+def test_expert_overlap_leaves_out_rows_no_expert_took():
+    """Expert choice: two gates pick disjoint experts for row 0 and no expert takes rows 1-2 for either. The
+    overlap is 0, as the gates' cosine says; rows taken by nobody counted as overlap 1 (0.667)."""
+    from mmoe_rec.training.callbacks import Window
+
+    def record(mask: torch.Tensor) -> GateRecord:
+        combine = mask.float() / mask.float().sum(1, keepdim=True).clamp_min(1)
+        return GateRecord(combine=combine, probs=torch.full((3, 4), 0.25), chosen=None,
+                          dropped=(mask.sum(1) == 0).sum(), assigned=mask)
+
+    a = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    window = Window(["a", "b"])
+    window.update({"a": record(a), "b": record(b)}, {"a": torch.tensor([0.0, 1, 0]), "b": torch.tensor([1.0, 0, 1])})
+    related = window.relatedness()
+    assert float(related["gate_cos"][1][0, 1]) == 0.0
+    assert float(related["expert_jaccard"][1][0, 1]) == 0.0
