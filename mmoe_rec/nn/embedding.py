@@ -153,6 +153,8 @@ class EmbeddingFront(nn.Module):
                     ids = values.t() + self._row_offsets  # (B, F)
                     table = self.ebc.embedding_bags[FUSED_TABLE].weight  # (sum V, d)
                     return gather_rows(table, ids.reshape(-1)).view(rows, num_features * table.shape[1])  # (B, F*d)
+        self._check_keys(kjt)
+        if self.fused:
             kjt = self._to_fused_rows(kjt)
         elif type(self.ebc) is not EmbeddingBagCollection:
             # sharded by DMP: fbgemm's kernels would read row 0 for an id outside its table and go on
@@ -204,13 +206,22 @@ class EmbeddingFront(nn.Module):
                          f"outside its table of {size} rows (ids 0..{size - 1}); was the data encoded with this "
                          "model's feature spec?")
 
+    def _check_keys(self, kjt: KeyedJaggedTensor) -> None:
+        """The batch's sparse features are the spec's (any order): one missing was a bare KeyError from inside
+        torchrec, one unknown was ignored by the per-table layout."""
+        keys = kjt.keys()
+        missing = [n for n in self.sparse_names if n not in keys]
+        unknown = [k for k in keys if k not in self.sparse_names]
+        if missing or unknown:
+            parts = ([f"missing {missing}"] if missing else []) + ([f"not in the spec {unknown}"] if unknown else [])
+            raise KeyError(f"the batch's sparse features {list(keys)} are not the spec's {self.sparse_names}: "
+                           + "; ".join(parts))
+
     def _check_bag_ids(self, kjt: KeyedJaggedTensor) -> tuple[list[int], torch.Tensor]:
-        """Every id of every bag within its feature's table; returns each key's position in spec order and (keys,)
-        its number of ids. An unknown key or an id outside its table is an error naming the feature."""
+        """Every id of every bag within its feature's table (the keys checked by `_check_keys`); returns each key's
+        position in spec order and (keys,) its number of ids. An id outside its table is an error naming the
+        feature."""
         index = {n: i for i, n in enumerate(self.sparse_names)}
-        unknown = [k for k in kjt.keys() if k not in index]
-        if unknown:
-            raise KeyError(f"sparse features {unknown} are not in the spec {self.sparse_names}")
         key_index = [index[k] for k in kjt.keys()]
         counts = torch.tensor(kjt.length_per_key(), dtype=torch.int64, device=self._table_sizes.device)
         limit = torch.repeat_interleave(self._table_sizes[key_index], counts)  # (values,) each id's table size

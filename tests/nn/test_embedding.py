@@ -252,3 +252,19 @@ def test_the_fused_front_pools_by_the_bag_lengths_when_there_are_as_many_ids_as_
     user = per_table.table("user")
     torch.testing.assert_close(want[0, :3], torch.zeros(3))  # an empty bag pools to zeros
     torch.testing.assert_close(want[1, :3], (user[1] + user[3]) / (2 if pooling == "mean" else 1))
+
+
+@pytest.mark.parametrize("fuse_tables", [True, False])
+def test_a_batch_whose_sparse_features_are_not_the_specs_is_an_error_naming_them(fuse_tables):
+    # one missing was a bare KeyError('item') from inside torchrec; one unknown was ignored by the per-table layout
+    front = EmbeddingFront(single_valued_spec(), embedding_dim=3, fuse_tables=fuse_tables)
+
+    def batch(keys: list[str]) -> Batch:
+        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.zeros(3 * len(keys)).long(),
+                                                  lengths=torch.ones(3 * len(keys)).long())
+        return Batch(sparse=kjt, dense=torch.ones(3, 1), labels={})
+
+    with pytest.raises(KeyError, match=r"missing \['item'\]"):
+        front(batch(["user"]))
+    with pytest.raises(KeyError, match=r"not in the spec \['nope'\]"):
+        front(batch(["user", "item", "nope"]))
