@@ -180,8 +180,13 @@ class SparseMMoE(MultiTaskModel):
                                 bias_update_rate=rate)
         # experts per row on average, in split experts: self.k is already k * fine_grained; the product exact, so
         # that the capacity is the ceiling of the decimal cf as written times m (see ceil_scaled)
-        per_row = self.k if self.capacity_factor is None else exact_factor(self.capacity_factor) * self.fine_grained
-        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=per_row)
+        if self.capacity_factor is None:
+            return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=self.k)
+        per_row = exact_factor(self.capacity_factor) * self.fine_grained
+        # evaluation's k rounds the float product, as it did before the capacity was exact (a trained model's eval
+        # k stays what it was where cf * m is a half: 1.1 * 55 is 60.50000000000001 in floats, 61)
+        eval_k = round(self.capacity_factor * self.fine_grained)
+        return ExpertChoiceRouter(d_in, self.num_experts, capacity_factor=per_row, eval_k=eval_k)
 
     def eval_batch_dependence(self) -> str | None:
         if self.eval_capacity_factor is None:

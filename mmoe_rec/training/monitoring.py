@@ -379,8 +379,7 @@ def gate_similarity(names: list[str], pair_sums: torch.Tensor) -> dict[str, tupl
 def jaccard_sums(mask_a: torch.Tensor, mask_b: torch.Tensor) -> torch.Tensor:
     """(B, E) bool x2 -> (2,) float64: the sum of |A ∩ B| / |A ∪ B| over the rows either gate sent somewhere, and
     the number of those rows. A row neither sent anywhere (expert choice: no expert took it) says nothing about
-    overlap and is left out, as gate_pair_sums leaves out rows neither gate weighs (scored 1, it made disjoint
-    gates look alike)."""
+    overlap and is left out (scored 1, it made disjoint gates look alike); a row only one gate sent scores 0."""
     inter = (mask_a & mask_b).sum(-1).double()
     union = (mask_a | mask_b).sum(-1).double()
     return torch.stack([(inter / union.clamp_min(1)).sum(), (union > 0).sum().double()])

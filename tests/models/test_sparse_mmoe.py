@@ -250,6 +250,10 @@ def test_expert_choice_fine_grained_capacity_is_the_ceiling_of_the_decimal_facto
                        expert_hidden=[12, 6]).train()
     rec = model.forward_dense(features(40)).routing[TASKS[0]]
     assert rec.assigned.sum(0).tolist() == [11] * 12
+    # evaluation's k is the round of the float cf * m, as before the capacity was exact: 1.1 * 55 is 60.50000000000001
+    model = SparseMMoE(spec(), router="expert_choice", num_experts=8, k=1, fine_grained=55, capacity_factor=1.1,
+                       expert_hidden=[110, 55])
+    assert model.gates[TASKS[0]].eval_k == 61
 
 
 @pytest.mark.parametrize("router,k", [("switch", 1), ("noisy_topk", 2), ("expert_choice", 1)])

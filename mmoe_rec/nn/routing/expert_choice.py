@@ -23,7 +23,8 @@ from mmoe_rec.nn.softmax import softmax_last_dim
 
 class ExpertChoiceRouter(nn.Module):
     def __init__(self, d_in: int, num_experts: int, capacity_factor: float | Fraction = 2.0, *,
-                 init_std: float = 1e-2, eval_fallback: bool = True) -> None:
+                 init_std: float = 1e-2, eval_fallback: bool = True, eval_k: int | None = None) -> None:
+        """eval_k: experts a row takes at evaluation (token choice), by default round(capacity_factor)."""
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
@@ -31,7 +32,7 @@ class ExpertChoiceRouter(nn.Module):
             raise ValueError("expert choice needs a capacity_factor (rows per expert = ceil(T * cf / E)), got None")
         check_capacity_factor(capacity_factor, "expert-choice capacity_factor")
         self.num_experts, self.capacity_factor, self.eval_fallback = num_experts, capacity_factor, eval_fallback
-        self.eval_k = min(num_experts, max(1, round(capacity_factor)))
+        self.eval_k = min(num_experts, max(1, round(capacity_factor) if eval_k is None else eval_k))
         self.w_gate = nn.Parameter(torch.empty(d_in, num_experts))  # (d, E); zeros would tie every expert
         init_router_weight(self.w_gate, "normal", init_std)
 

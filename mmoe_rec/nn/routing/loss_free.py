@@ -25,11 +25,13 @@ class LossFreeBias(nn.Module):
         self.pending_load: torch.Tensor | None = None
 
     def _apply(self, fn, recurse: bool = True):
-        # the bias stays float32 when the model is cast (`.to(torch.bfloat16)`): past |b| = 0.5 a step of 1e-3 is
-        # below half a bfloat16 ulp, and the bias would stop moving
+        # the bias stays float32, with its values, when the model is cast (`.to(torch.bfloat16)`, precision
+        # "bf16-true", which Lightning applies after restoring a checkpoint): past |b| = 0.5 a step of 1e-3 is below
+        # half a bfloat16 ulp, and the bias would stop moving; cast and back, a trained bias is rounded
+        kept = self.bias
         super()._apply(fn, recurse)
-        if self.bias.is_floating_point() and self.bias.dtype != torch.float32:
-            self.bias = self.bias.float()
+        if self.bias.dtype != kept.dtype:
+            self.bias = kept.to(device=self.bias.device)
         return self
 
     def selection_scores(self, scores: torch.Tensor) -> torch.Tensor:
