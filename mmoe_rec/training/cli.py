@@ -59,6 +59,17 @@ def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str
                              f"(tasks {module.tasks}); rebuild the features or drop the task from the config")
 
 
+def check_monitors(trainer, module: MultiTaskModule) -> None:
+    """Before any step: a callback that watches a validation metric (EarlyStopping, ModelCheckpoint) watches one
+    the module logs; Lightning finds out at the first validation, after a whole epoch of training."""
+    logged = module.val_metrics.names()
+    for cb in trainer.callbacks:
+        monitor = getattr(cb, "monitor", None)
+        if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
+            raise ValueError(f"{type(cb).__name__} monitors {monitor!r}, which this model does not log (tasks "
+                             f"{module.tasks}; validation metrics: {', '.join(logged)})")
+
+
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     """A nested config as {"a.b.c": leaf}; an optimizer's or scheduler's stray keys folded into its init_args (as
     the module reads them), so that `--...optimizer.init_args.lr` and `--...optimizer.lr` compare as one key."""
@@ -136,6 +147,7 @@ class MultiTaskCLI(LightningCLI):
         self._log_config()
 
     def before_fit(self) -> None:
+        check_monitors(self.trainer, self.model)
         self._before(("train", "valid"))
 
     def _require_checkpoint(self) -> None:

@@ -112,6 +112,11 @@ class TaskMetrics(nn.Module):
             else:
                 self.metrics[f"{t}__mse"].update(per_row, w)
 
+    def names(self) -> list[str]:
+        """The names `compute` returns."""
+        per_task = [f"{self.prefix}/{t}/{name}" for t, name in (k.split("__") for k in self.metrics)]
+        return per_task + [f"{self.prefix}/loss"]
+
     def compute(self) -> dict[str, torch.Tensor]:
         """`<prefix>/<task>/<metric>` for every task, and `<prefix>/loss`: the tasks' losses (log-loss or MSE), each
         the exact mean over every row of every rank, summed with the static task weights as the training loss

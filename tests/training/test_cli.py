@@ -87,6 +87,16 @@ def test_unknown_task_is_an_error_before_training(feature_dir, in_tmp, capsys):
     assert "purchase" in msg and "unknown task" in msg
 
 
+def test_a_monitored_metric_the_model_does_not_log_is_an_error_before_training(feature_dir, in_tmp, capsys):
+    # the config's ModelCheckpoint and EarlyStopping watch val/click/auc: a model of the other task alone failed at
+    # the first validation, after a whole epoch, with Lightning's traceback
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir),
+                     "--model.init_args.model.init_args.tasks", "[convert]"], capsys)
+    assert "monitors 'val/click/auc'" in msg and "val/convert/auc" in msg
+    assert not (in_tmp / "checkpoints").exists() and not list(in_tmp.rglob("*.ckpt"))
+
+
 def test_missing_label_column_is_an_error_before_training(make_feature_dir, in_tmp, capsys):
     fd = make_feature_dir("nolabel", rows={"train": 300, "valid": 100, "test": 100})
     for path in (fd / "valid").glob("*.parquet"):
