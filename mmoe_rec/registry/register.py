@@ -124,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package
         if args.checkpoint:
+            from mmoe_rec.training.checkpoint_file import check_checkpoint_file
             from mmoe_rec.training.module import MultiTaskModule
 
+            check_checkpoint_file(args.checkpoint)
             module = MultiTaskModule.load_from_checkpoint(args.checkpoint, map_location="cpu")
             package = save_package(module.model, module.model_init_args, Path(tmp) / "package")
         name, version = register_package(package, args.name, alias=args.alias, run_id=args.run_id)

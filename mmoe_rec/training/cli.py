@@ -27,6 +27,7 @@ from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
+from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files
 
@@ -100,6 +101,8 @@ class MultiTaskCLI(LightningCLI):
         given settings lose (a changed layer size or learning rate would otherwise be ignored without a word)."""
         sub = self.config.get("subcommand")
         given = _flat(self.config[sub].get("model")) if sub else {}
+        if sub and self.config[sub].get("ckpt_path"):  # before the trainer and its MLflow run are made
+            check_checkpoint_file(self.config[sub]["ckpt_path"])
         super()._parse_ckpt_path()
         if not sub:
             return

@@ -293,6 +293,16 @@ def test_scoring_with_an_unknown_alias_is_one_line(rec_data, package, tracking, 
     assert not (tmp_path / "s.parquet").exists()
 
 
+def test_register_names_a_checkpoint_file_that_is_no_checkpoint(rec_data, tracking, capsys, monkeypatch):
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    parquet = next(rec_data[1].glob("*.parquet"))  # torch.load: a traceback advising weights_only=False
+    assert mmoe_rec_main(["register", "--checkpoint", str(parquet), "--name", "not-a-model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: checkpoint {parquet}") and "not a checkpoint" in err and "weights_only" not in err
+
+
 def test_registered_model_declares_its_raw_input_columns_and_score_outputs(rec_data, package, tracking):
     register_package(package, "rec-signature")
     model = mlflow.pyfunc.load_model("models:/rec-signature/1")

@@ -385,6 +385,25 @@ def test_a_missing_feature_directory_is_named_by_its_spec_path(in_tmp, capsys, m
     assert err.splitlines()[0] == f"error: feature spec not found: {in_tmp / 'nowhere' / 'spec.json'}"
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_a_ckpt_path_that_is_no_checkpoint_is_one_line_before_any_run(feature_dir, in_tmp, capsys, monkeypatch,
+                                                                      subcommand):
+    # a Parquet file gave torch.load's traceback advising weights_only=False; a missing file was found only after
+    # the trainer and its MLflow run were made (a FAILED run left behind)
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    not_a_checkpoint = next((feature_dir / "train").glob("*.parquet"))
+    for path, expected in ((not_a_checkpoint, "not a checkpoint written by `mmoe-rec fit`"),
+                           (in_tmp / "nope.ckpt", "no such file")):
+        rc = main([subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                   "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", str(path)])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.startswith(f"error: checkpoint {path}") and expected in err, err
+        assert "weights_only" not in err and "Traceback" not in err
+    assert not (in_tmp / "mlflow.db").exists()
+
+
 def test_mmoe_rec_help_lists_every_subcommand(capsys):
     from mmoe_rec.cli import main
 

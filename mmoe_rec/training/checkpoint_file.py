@@ -1,0 +1,43 @@
+"""A checkpoint path checked before it is read: `check_checkpoint_file(path)`.
+
+torch.load reports a file that is no checkpoint in ways that name neither the file nor the cause: a Parquet file
+as "Weights only load failed ... Re-running torch.load with weights_only set to False will likely succeed" (advice
+that would unpickle an arbitrary file), a truncated one as "[Errno 22] Invalid argument", an empty one as a bare
+EOFError, a text file as "KeyError: 101". A checkpoint written by `torch.save` (as Lightning writes them) is a zip
+archive with a `<name>/data.pkl` member; reading its central directory is cheap (the end of the file), so every
+path is checked this way before the checkpoint is loaded.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+
+# --ckpt_path values Lightning resolves itself ("last": the latest of the ModelCheckpoint callbacks, ...)
+LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """Raises FileNotFoundError / ValueError naming `path` unless it is a readable torch.save zip archive (a name
+    Lightning resolves itself, or a remote URL, is left to Lightning)."""
+    text = str(path)
+    if text in LIGHTNING_CKPT_NAMES or text.startswith("registry:") or "://" in text:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p}: no such file")
+    if p.is_dir():
+        raise ValueError(f"checkpoint {p}: a folder, not a checkpoint file (e.g. checkpoints/<run>/best.ckpt)")
+    size = p.stat().st_size
+    if size == 0:
+        raise ValueError(f"checkpoint {p}: an empty file")
+    try:
+        with zipfile.ZipFile(p) as archive:
+            pickled = any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+    except zipfile.BadZipFile:
+        pickled = None
+    if not pickled:
+        raise ValueError(f"checkpoint {p} ({size:,} bytes): not a checkpoint written by `mmoe-rec fit` "
+                         f"(a PyTorch checkpoint is a zip archive{' with a data.pkl' if pickled is False else ''}; "
+                         "this file is truncated or another kind of file)")

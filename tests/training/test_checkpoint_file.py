@@ -1,0 +1,30 @@
+"""check_checkpoint_file: a path that is no checkpoint is named, with what it is, before torch.load reads it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmoe_rec.training.checkpoint_file import check_checkpoint_file
+
+
+def test_a_torch_save_file_passes_and_lightnings_own_names_are_left_to_it(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "good.ckpt")
+    check_checkpoint_file(tmp_path / "good.ckpt")
+    for name in ("last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/x.ckpt"):
+        check_checkpoint_file(name)
+
+
+def test_files_that_are_no_checkpoint_are_named(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(1000)}}, tmp_path / "good.ckpt")
+    data = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])  # torch.load: "[Errno 22] Invalid argument"
+    (tmp_path / "empty.ckpt").write_bytes(b"")  # a bare EOFError
+    (tmp_path / "text.ckpt").write_text("hello\n")  # "KeyError: 101"
+    (tmp_path / "folder.ckpt").mkdir()
+    for name, match in (("truncated", "truncated or another kind of file"), ("empty", "an empty file"),
+                        ("text", "not a checkpoint written by `mmoe-rec fit`"), ("folder", "a folder")):
+        with pytest.raises(ValueError, match=match) as info:
+            check_checkpoint_file(tmp_path / f"{name}.ckpt")
+        assert str(tmp_path / f"{name}.ckpt") in str(info.value)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        check_checkpoint_file(tmp_path / "nope.ckpt")
