@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"fit wrote no checkpoint under {ckpt_dir}")
     best = [c for c in checkpoints if "last" not in Path(c).name] or checkpoints
     run(cli + ["register", "--checkpoint", best[-1], "--name", "mmoe-synthetic", "--alias", "champion"], env, work)
-    run(cli + ["score", "--model", "models:/mmoe-synthetic@champion", "--input", new_file, "--output", str(scores)], env, work)
+    run(cli + ["score", "--model", "models:/mmoe-synthetic@champion", "--input", new_file, "--output", str(scores),
+               "--overwrite"], env, work)
 
     import pyarrow.parquet as pq
 

@@ -194,11 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     # extend: `--input a --input b` scores both (with nargs alone the last --input replaced the ones before)
     p.add_argument("--input", required=True, nargs="+", action="extend",
                    help="raw Parquet file(s) or a folder (several after one --input, or --input repeated)")
-    p.add_argument("--output", required=True, help="score Parquet file to write")
-    p.add_argument("--batch-rows", type=int, default=65_536)
+    p.add_argument("--output", required=True, help="score Parquet file to write (not one that exists, unless "
+                                                    "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.add_argument("--batch-rows", type=int, default=65_536, help="rows read and scored at a time (memory)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     args = p.parse_args(argv)
     check_output_is_not_an_input(args.input, args.output)  # before loading or reading anything
+    if args.batch_rows < 1:
+        raise ValueError(f"--batch-rows must be >= 1, got {args.batch_rows}")
+    if Path(args.output).exists() and not args.overwrite:  # as `features` and `synth`: never replace data unasked
+        raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it")
     expand_inputs(args.input)  # a file named twice, or no such input: refused before the model loads
     from mmoe_rec.training.tracking import configure_tracking
 

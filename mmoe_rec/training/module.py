@@ -12,6 +12,7 @@ everything without the CLI or the data.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import lightning as L
@@ -74,6 +75,15 @@ def _instantiate(config: dict[str, Any], *args: Any) -> Any:
     return import_class(config["class_path"])(*args, **dict(config.get("init_args") or {}))
 
 
+def _try_instantiate(key: str, config: dict[str, Any], *args: Any) -> Any:
+    """`_instantiate` of a class_path + init_args config, its ValueError / TypeError prefixed with the setting."""
+    init_args = dict(config.get("init_args") or {})
+    try:
+        return _instantiate({"class_path": config["class_path"], "init_args": init_args}, *args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{key} {config['class_path']} with {init_args}: {e}") from None
+
+
 class MultiTaskModule(L.LightningModule):
     """Args:
         model: the model class path and its init args (`feature_spec` is passed by this module).
@@ -127,6 +137,9 @@ class MultiTaskModule(L.LightningModule):
         if unknown:  # a misspelt key would leave the loss it meant at its old coefficient, silently
             raise ValueError(f"aux_loss_coefs: unknown aux loss {', '.join(map(repr, unknown))}; known: "
                              f"{', '.join(known)} (a model with aux losses of its own names them in aux_loss_names())")
+        bad = {k: v for k, v in self.aux_coefs.items() if not (math.isfinite(float(v)) and float(v) >= 0)}
+        if bad:  # a negative coefficient rewards imbalance
+            raise ValueError(f"aux_loss_coefs must be finite and >= 0, got {bad}")
         if optimizer is not None and "class_path" not in optimizer:  # overrides of the default's arguments alone
             given = {k: v for k, v in optimizer.items() if k != "init_args"}
             optimizer = {"class_path": DEFAULT_OPTIMIZER["class_path"], "init_args": {
@@ -134,9 +147,7 @@ class MultiTaskModule(L.LightningModule):
         self.optimizer_config = component_config(optimizer or DEFAULT_OPTIMIZER, "optimizer")
         self.lr_scheduler_config = (component_config(lr_scheduler, "lr_scheduler", SCHEDULER_KEYS)
                                     if lr_scheduler else None)
-        import_class(self.optimizer_config["class_path"])  # a wrong class path fails now, not after setup
-        if self.lr_scheduler_config:
-            import_class(self.lr_scheduler_config["class_path"])
+        self._try_optimizer()
         if grad_similarity_every < 0:
             raise ValueError(f"grad_similarity_every must be >= 0, got {grad_similarity_every}")
         self.grad_similarity_every = grad_similarity_every
@@ -423,6 +434,14 @@ class MultiTaskModule(L.LightningModule):
         return {"ids": batch.ids, **scores}
 
     # --- optimization -----------------------------------------------------------------------------------
+    def _try_optimizer(self) -> None:
+        """The optimizer and scheduler built once on a stand-in parameter: a wrong class path, an unknown argument
+        or a value the class refuses (a negative learning rate) fails now, naming the setting, not after the
+        trainer, the data and the MLflow run are set up."""
+        optimizer = _try_instantiate("optimizer", self.optimizer_config, [torch.nn.Parameter(torch.zeros(1))])
+        if self.lr_scheduler_config:
+            _try_instantiate("lr_scheduler", self.lr_scheduler_config, optimizer)
+
     def configure_optimizers(self) -> Any:
         optimizer = _instantiate(self.optimizer_config, self.parameters())
         if not self.lr_scheduler_config:

@@ -40,6 +40,11 @@ class LossWeighting(nn.Module):
         if unknown:
             raise ValueError(f"task_weights name unknown task(s) {unknown}; tasks are {self.tasks}")
         self.static = {t: float(task_weights.get(t, 1.0)) for t in self.tasks}
+        bad = {t: w for t, w in self.static.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:  # a negative weight trains a task's loss up; NaN or inf makes every step NaN
+            raise ValueError(f"task_weights must be finite and >= 0 (0: the task is evaluated, not trained), got {bad}")
+        if self.tasks and not any(self.static.values()):
+            raise ValueError(f"task_weights are all 0: no task would be trained ({self.static})")
 
     def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
                 rank_mean: RankMean | None = None) -> torch.Tensor:

@@ -189,10 +189,12 @@ def test_score_refuses_an_output_inside_its_input_folder(rec_data, package, trac
     assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
     # --input repeated names both files (it used to keep the last one only: 700 rows silently missing)
     parts = [str(folder / "part-0.parquet"), str(folder / "part-1.parquet")]
-    assert score_main(["--model", str(package), "--input", parts[0], "--input", parts[1], "--output", str(out)]) == 0
+    assert score_main(["--model", str(package), "--input", parts[0], "--input", parts[1], "--output", str(out),
+                       "--overwrite"]) == 0
     assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
     with pytest.raises(ValueError, match="given twice"):
-        score_main(["--model", str(package), "--input", parts[0], "--input", parts[0], "--output", str(out)])
+        score_main(["--model", str(package), "--input", parts[0], "--input", parts[0], "--output", str(out),
+                    "--overwrite"])
 
 
 def test_pyfunc_keeps_the_callers_index_scores_all_missing_lists_and_an_empty_frame(rec_data, package, tracking):
@@ -301,6 +303,24 @@ def test_register_names_a_checkpoint_file_that_is_no_checkpoint(rec_data, tracki
     assert mmoe_rec_main(["register", "--checkpoint", str(parquet), "--name", "not-a-model"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: checkpoint {parquet}") and "not a checkpoint" in err and "weights_only" not in err
+
+
+def test_score_refuses_an_existing_output_unless_told_to_overwrite(rec_data, package, tmp_path, capsys,
+                                                                  monkeypatch):
+    # a second run replaced the first's scores without a word (`features` and `synth` refuse)
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    raw_file, out = tmp_path / "raw.parquet", tmp_path / "scores.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), raw_file)
+    argv = ["score", "--model", str(package), "--input", str(raw_file), "--output", str(out)]
+    assert mmoe_rec_main(argv) == 0
+    first = out.stat().st_mtime_ns
+    assert mmoe_rec_main(argv) == 1
+    assert "exists: pass --overwrite" in capsys.readouterr().err and out.stat().st_mtime_ns == first
+    assert mmoe_rec_main([*argv, "--overwrite"]) == 0 and pq.read_table(out).num_rows == 20
+    assert mmoe_rec_main([*argv, "--overwrite", "--batch-rows", "0"]) == 1
+    assert "--batch-rows must be >= 1" in capsys.readouterr().err
 
 
 def test_registered_model_declares_its_raw_input_columns_and_score_outputs(rec_data, package, tracking):

@@ -27,6 +27,29 @@ def test_a_misspelt_aux_loss_coefficient_is_refused(feature_dir):
     MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, aux_loss_coefs=dict(DEFAULT_AUX_COEFS))  # all four
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(task_weights={"click": -1.0}), r"task_weights must be finite and >= 0.*'click': -1.0"),  # trained up
+    (dict(task_weights={"click": float("nan")}), "task_weights must be finite"),
+    (dict(task_weights={"click": float("inf")}), "task_weights must be finite"),
+    (dict(task_weights={"click": 0.0, "convert": 0.0}), "all 0"),
+    (dict(aux_loss_coefs={"load": -0.01}), r"aux_loss_coefs must be finite and >= 0.*'load': -0.01"),
+    (dict(optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": -0.1}}),
+     r"optimizer torch.optim.Adam with \{'lr': -0.1\}: Invalid learning rate"),
+    (dict(optimizer={"class_path": "torch.optim.Adam", "init_args": {"lrr": 0.1}}), "unexpected keyword.*'lrr'"),
+    (dict(lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"gama": 0.5}}),
+     "lr_scheduler torch.optim.lr_scheduler.StepLR"),
+])
+def test_bad_weights_coefficients_and_optimizer_settings_fail_when_the_module_is_made(feature_dir, kwargs, match):
+    # they were accepted (weights, coefficients) or found only in configure_optimizers, after the trainer, the data
+    # and the MLflow run were set up, in torch's words ("Invalid learning rate: -0.1", naming no setting)
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    with pytest.raises(ValueError, match=match):
+        MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, **kwargs)
+    MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, task_weights={"click": 0.0, "convert": 2.0},
+                    optimizer={"class_path": "torch.optim.Adam", "init_args": {"lr": 0.1}},
+                    lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}})
+
+
 class MMoEWithAux(MMoE):
     """A user's model with an aux loss of its own, named in aux_loss_names()."""
 
