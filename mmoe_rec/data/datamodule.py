@@ -137,6 +137,14 @@ class FeatureDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if predict_split not in SPLITS:
             raise ValueError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
+        # before the trainer and its MLflow run: a batch size of 0 was found when the first loader was made
+        # (eval_batch_size 0 silently meant batch_size)
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                   ("shuffle_buffer", shuffle_buffer, 0), ("chunk_rows", chunk_rows, 1)):
+            if value < least:
+                raise ValueError(f"data {name} must be >= {least}, got {value}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"data eval_batch_size must be >= 1 (or null: batch_size), got {eval_batch_size}")
         self.data_dir = Path(data_dir)
         self.spec = FeatureSpec.load(self.data_dir / "spec.json")
         self.tasks = list(self.spec.task_names if tasks is None else tasks)

@@ -349,3 +349,16 @@ def test_a_mid_epoch_drop_last_checkpoint_of_older_code_is_refused(make_feature_
     without = FeatureDataModule(str(d), **{**kw, "drop_last": False})  # every row kept: the same order as before
     without.load_state_dict(mid_epoch)
     assert without._batches_to_skip(2) == 10
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=0), "batch_size must be >= 1, got 0"),
+    (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),  # silently meant batch_size
+    (dict(num_workers=-1), "num_workers must be >= 0"),
+    (dict(chunk_rows=0), "chunk_rows must be >= 1"),
+])
+def test_bad_loader_settings_are_refused_when_the_data_module_is_made(feature_dir, kwargs, match):
+    # a batch size of 0 was found when the first loader was made, after the trainer and its MLflow run
+    with pytest.raises(ValueError, match=match):
+        FeatureDataModule(str(feature_dir), **kwargs)
+    FeatureDataModule(str(feature_dir), batch_size=1, eval_batch_size=None, num_workers=0, shuffle_buffer=0)
