@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _args import at_least  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 
 # (label, M, K, N, a layout, b layout)
@@ -152,8 +153,8 @@ def expert_layer(rounds: int, g: torch.Generator, E: int = 8, B: int = 1024, h0:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=at_least(1), default=9)
+    p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from _args import at_least
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task, label_column
 
@@ -60,9 +61,9 @@ def time_epoch(data_dir: Path, batch_size: int, workers: int) -> tuple[int, int,
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=1_000_000)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--rows", type=at_least(1), default=1_000_000)
+    p.add_argument("--batch-size", type=at_least(1), default=1024)
+    p.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1])
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mmoe_rec_bench_") as tmp:
         root = Path(tmp)

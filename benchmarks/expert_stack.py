@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _args import at_least  # noqa: E402
 from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 from mmoe_rec.nn import relu_experts as relu_experts_module  # noqa: E402
@@ -135,8 +136,8 @@ def training_step_case(rounds: int, workdir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=at_least(1), default=15)
+    p.add_argument("--threads", type=at_least(1), default=2)
     p.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "train_throughput")
     p.add_argument("--skip-step", action="store_true", help="only the experts (no census features needed)")
     args = p.parse_args(argv)

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 
+from _args import at_least
 from mmoe_rec.data.synthetic import RecSynthetic, write_parquet
 from mmoe_rec.features import build as build_mod
 from mmoe_rec.features.schema import load_schema
@@ -34,7 +35,7 @@ def rss_mb() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=5_000_000)
+    ap.add_argument("--rows", type=at_least(1), default=5_000_000)
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="feature_bench_"))
@@ -93,7 +94,8 @@ def main() -> None:
     print(f"transform pass:  {total - t_fit:6.1f}s  {args.rows / (total - t_fit):12,.0f} rows/s  (read, transform, write)")
     print(f"transform pass CPU (all threads): {cpu_transform:.1f}s, {cpu_transform / args.rows * 1e6:.2f}s per 1M rows")
     print(f"fit + transform: {total:6.1f}s  {args.rows / total:12,.0f} rows/s")
-    print(f"RSS after 1M transformed rows: {marks.get('1M', float('nan')):.0f} MB; at the end: {marks['end']:.0f} MB")
+    at_1m = f"{marks['1M']:.0f} MB" if "1M" in marks else "- (fewer than 1M rows)"
+    print(f"RSS after 1M transformed rows: {at_1m}; at the end: {marks['end']:.0f} MB")
     print(f"peak RSS (sampled): {peak['mb']:.0f} MB; ru_maxrss: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if not args.workdir:
         shutil.rmtree(work)

@@ -28,6 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _args import at_least  # noqa: E402
 from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--case", choices=["1", "2", "all"], default="all")
     p.add_argument("--default-malloc", action="store_true", help="do not tune glibc malloc (see module doc)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    p.add_argument("--repeats", type=int, default=10, help="timed rounds per contender; the fastest counts")
+    p.add_argument("--repeats", type=at_least(1), default=10, help="timed rounds per contender; the fastest counts")
     p.add_argument("--block-slots", type=int, default=None,
                    help="slots per expert block of the CPU grouped dispatch (0 = one block; default: the library's)")
     p.add_argument("--layout", choices=["auto", "grouped", "padded"], default="auto",

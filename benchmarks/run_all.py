@@ -5,6 +5,7 @@ machine distorts absolute times (the ratios less so).
 """
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,15 @@ BENCHMARKS = [
 ]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", metavar="SCRIPT", choices=[b[0] for b in BENCHMARKS],
+                   help="run these scripts alone, in the order above (each has its own --help)")
+    only = p.parse_args(argv).only  # --help prints this and exits; it used to start the whole suite
     failed = []
     for script, *args in BENCHMARKS:
+        if only and script not in only:
+            continue
         print(f"\n===== benchmarks/{script} {' '.join(args)}", flush=True)
         rc = subprocess.run([sys.executable, str(HERE / script), *args]).returncode
         if rc:

@@ -21,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _args import at_least  # noqa: E402
 from mmoe_rec.nn.softmax import transposed_softmax, transposes  # noqa: E402
 
 
@@ -40,8 +41,8 @@ def forward_backward(softmax, z: torch.Tensor, upstream: torch.Tensor):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=at_least(1), default=2)
+    ap.add_argument("--rounds", type=at_least(1), default=7)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "

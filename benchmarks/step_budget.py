@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _args import at_least  # noqa: E402
 import train_throughput as tt  # noqa: E402
 from mmoe_rec.malloc import keep_freed_memory  # noqa: E402
 
@@ -73,9 +74,10 @@ def median_ms(samples: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", type=Path, default=ROOT / "bench_out" / "train_throughput" / "census_features")
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=30, help="steps per timed block")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=at_least(1), default=7)
+    p.add_argument("--steps", type=at_least(3), default=30,
+                   help="steps per timed block (>= 3: Lightning's step is timed over steps // 3 and steps)")
+    p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
     if not (args.features / "spec.json").exists():
         raise SystemExit(f"{args.features}: no feature dir; run benchmarks/train_throughput.py once (it builds "

@@ -52,6 +52,7 @@ from _peers import (  # noqa: E402
     Arch, Arrays, deepctr_fit, deepctr_loader, deepctr_model, read_arrays, rechub_loader, rechub_model,
     rechub_train_epoch, rechub_trainer,
 )
+from _args import at_least  # noqa: E402
 from mmoe_rec.malloc import keep_freed_memory as tune_malloc  # noqa: E402
 from mmoe_rec.features.spec import FeatureSpec  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
@@ -398,7 +399,7 @@ def lightning_fit(module, dm, limit_batches: int | None = None, batches: Replay 
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        limit_train_batches=limit_batches if limit_batches else 1.0,
+        limit_train_batches=limit_batches if limit_batches is not None else 1.0,
     )
     t0 = time.perf_counter()
     if batches is not None:
@@ -466,10 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--features", type=Path, help="an existing feature dir (spec.json, train/); default: build census")
     p.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "train_throughput")
-    p.add_argument("--rows", type=int, default=None, help="first N training rows only, for everyone (default: all)")
-    p.add_argument("--warmup-batches", type=int, default=20)
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs per contender; the fastest counts")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=at_least(1), default=None, help="first N training rows only, for everyone (default: all)")
+    p.add_argument("--warmup-batches", type=at_least(0), default=20)
+    p.add_argument("--epochs", type=at_least(1), default=3, help="timed epochs per contender; the fastest counts")
+    p.add_argument("--threads", type=at_least(1), default=2)
     p.add_argument("--libs", default="mmoe-rec,deepctr,rechub")
     p.add_argument("--models", default="small,large")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc malloc as it is (mmoe_rec/malloc.py)")
