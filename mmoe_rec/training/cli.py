@@ -201,9 +201,11 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
             subclass_mode_data=True,
             save_config_callback=None,
             auto_configure_optimizers=False,
-            # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it
-            parser_kwargs={"exit_on_error": False,
-                           **{sub: {"exit_on_error": False} for sub in MultiTaskCLI.subcommands()}},
+            # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it;
+            # no abbreviations: `--trainer.max_epoch 7` was taken as max_epochs (a YAML `max_epoch:` is refused)
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
+                           **{sub: {"exit_on_error": False, "allow_abbrev": False}
+                              for sub in MultiTaskCLI.subcommands()}},
             args=argv,
         )
     finally:

@@ -119,6 +119,8 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
     (["--model.init_args.model.init_args.num_expert", "3"], "Option 'num_expert' is not accepted"),
     (["--trainer.max_epochs", "abc"], "trainer.max_epochs: Expected a <class 'int'>. Got value: abc"),
     (["--model.init_args.model.init_args.num_experts", "eight"], "num_experts: Expected a <class 'int'>"),
+    # an abbreviation was taken for the option it begins (max_epochs), where the same key in YAML is refused
+    (["--trainer.max_epoch", "7"], "unrecognized arguments: --trainer.max_epoch 7"),
 ])
 def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_dir, in_tmp, capsys, override,
                                                                       expected):
