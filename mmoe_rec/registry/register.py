@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     check_model_name(args.name)  # before the checkpoint is read or the store opened
     if args.alias is not None:
         check_alias(args.alias)
-    configure_tracking(args.tracking_uri)
+    configure_tracking(args.tracking_uri, setting="--tracking-uri")
     with tempfile.TemporaryDirectory() as tmp:
         package = args.package
         if args.checkpoint:

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     expand_inputs(args.input)  # a file named twice, or no such input: refused before the model loads
     from mmoe_rec.training.tracking import configure_tracking
 
-    configure_tracking(args.tracking_uri)
+    configure_tracking(args.tracking_uri, setting="--tracking-uri")
     start = time.perf_counter()
     scorer, name, version = resolve_model(args.model)
     rows = score_parquet(scorer, args.input, args.output, name, version, args.batch_rows)

@@ -65,10 +65,14 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Raise TrackingUnavailable quickly if `uri` cannot work (server down, SQLite folder missing)."""
+FIT_URI_SETTING = "trainer.logger.init_args.tracking_uri"
+
+
+def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str = FIT_URI_SETTING) -> None:
+    """Raise TrackingUnavailable quickly if `uri` cannot work (server down, SQLite folder missing); the message
+    says to set MLFLOW_TRACKING_URI or `setting` (the caller's own option: `--tracking-uri` for score, register)."""
     parsed = urlparse(uri)
-    hint = "set MLFLOW_TRACKING_URI (or trainer.logger.init_args.tracking_uri) to a reachable store, e.g. sqlite:///mlflow.db"
+    hint = f"set MLFLOW_TRACKING_URI (or {setting}) to a reachable store, e.g. sqlite:///mlflow.db"
     if parsed.scheme in ("http", "https"):
         probe_http_server(uri, timeout, hint)
     elif parsed.scheme == "sqlite":
@@ -139,14 +143,14 @@ def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = ""
     )
 
 
-def configure_tracking(uri: str | None = None) -> str:
-    """Resolve, check and install the tracking URI for this process; returns it.
+def configure_tracking(uri: str | None = None, setting: str = FIT_URI_SETTING) -> str:
+    """Resolve, check and install the tracking URI for this process; returns it (`setting`: check_tracking_uri).
 
     For an HTTP(S) store, MLflow's HTTP timeout and retry count get this project's shorter defaults
     (HTTP_DEFAULTS) unless the environment already sets them.
     """
     uri = resolve_tracking_uri(uri)
-    check_tracking_uri(uri)
+    check_tracking_uri(uri, setting=setting)
     if urlparse(uri).scheme in ("http", "https"):
         for name, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)

@@ -323,6 +323,22 @@ def test_score_refuses_an_existing_output_unless_told_to_overwrite(rec_data, pac
     assert "--batch-rows must be >= 1" in capsys.readouterr().err
 
 
+def test_an_unusable_store_for_score_and_register_names_their_own_option(rec_data, package, tmp_path, capsys,
+                                                                         monkeypatch):
+    # the hint named trainer.logger.init_args.tracking_uri, a setting of `fit` that score and register do not have
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    store = f"sqlite:///{tmp_path / 'no_such_folder' / 'mlflow.db'}"
+    raw_file = tmp_path / "raw.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 5), raw_file)
+    for argv in (["score", "--model", str(package), "--input", str(raw_file), "--output", str(tmp_path / "s.parquet")],
+                 ["register", "--package", str(package), "--name", "x"]):
+        assert mmoe_rec_main([*argv, "--tracking-uri", store]) == 1
+        err = capsys.readouterr().err
+        assert "does not exist" in err and "(or --tracking-uri)" in err and "trainer.logger" not in err
+
+
 def test_registered_model_declares_its_raw_input_columns_and_score_outputs(rec_data, package, tracking):
     register_package(package, "rec-signature")
     model = mlflow.pyfunc.load_model("models:/rec-signature/1")
