@@ -16,7 +16,7 @@ class FeatureDataError(ValueError):
         if column is not None:
             where.append(f"column {column!r}")
         if row is not None:
-            where.append(f"row {row}")
+            where.append(f"row {row} (0-based)")  # a file's first data row is row 0 (its header not counted)
         super().__init__(f"{', '.join(where)}: {message}" if where else message)
 
     def at(self, file: str | None = None, row_offset: int = 0) -> "FeatureDataError":

@@ -58,7 +58,7 @@ def test_wrong_type_value_in_numeric_csv_column_names_the_row(feat, tmp_path, ca
     raw = _csv(tmp_path, rows)
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), raw)
     err = capsys.readouterr().err
-    assert rc == 1 and f"file {raw}, column 'amount', row 37: expected a number, found 'abc'" in err
+    assert rc == 1 and f"file {raw}, column 'amount', row 37 (0-based): expected a number, found 'abc'" in err
     _assert_clean(tmp_path, out)
 
 
@@ -78,7 +78,7 @@ def test_label_outside_allowed_values(feat, tmp_path, capsys):
     raw = _csv(tmp_path, rows)
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), raw)
     err = capsys.readouterr().err
-    assert rc == 1 and f"file {raw}, column 'income', row 61: label value '50000'" in err
+    assert rc == 1 and f"file {raw}, column 'income', row 61 (0-based): label value '50000'" in err
     _assert_clean(tmp_path, out)
 
 
@@ -90,7 +90,7 @@ def test_nan_label(feat, tmp_path, capsys):
     raw = feat.write_parquet(tmp_path / "raw.parquet", t, row_group_size=100)
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), raw)
     err = capsys.readouterr().err
-    assert rc == 1 and f"file {raw}, column 'dwell', row 257: label is NaN" in err
+    assert rc == 1 and f"file {raw}, column 'dwell', row 257 (0-based): label is NaN" in err
     _assert_clean(tmp_path, out)
 
 
@@ -101,7 +101,7 @@ def test_binary_label_not_zero_or_one(feat, tmp_path, capsys):
     t = t.set_column(t.schema.get_field_index("click"), "click", pa.array(click))
     raw = feat.write_parquet(tmp_path / "raw.parquet", t)
     rc, _ = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), raw)
-    assert rc == 1 and "column 'click', row 12: binary label must be 0 or 1" in capsys.readouterr().err
+    assert rc == 1 and "column 'click', row 12 (0-based): binary label must be 0 or 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["empty_file", "header_only", "zero_row_parquet"])
@@ -181,12 +181,12 @@ def test_non_finite_number_names_file_column_and_row(feat, tmp_path, capsys, bad
         price[23] = np.inf
         raw = feat.write_parquet(tmp_path / "raw.parquet", t.set_column(t.schema.get_field_index("price"), "price",
                                                                            pa.array(price)))
-        schema, where, shown = None, f"file {raw}, column 'price', row 23", "inf"
+        schema, where, shown = None, f"file {raw}, column 'price', row 23 (0-based)", "inf"
     else:
         rows = _good_rows()
         rows[41] = f"c1,{bad},- 50000."
         raw, schema = _csv(tmp_path, rows), CENSUS_LIKE
-        where, shown = f"file {raw}, column 'amount', row 41", repr(bad)
+        where, shown = f"file {raw}, column 'amount', row 41 (0-based)", repr(bad)
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
     err = capsys.readouterr().err
     assert rc == 1 and f"{where}: expected a finite number, found {shown}" in err, err
@@ -199,7 +199,7 @@ def test_bad_value_in_multi_valued_column_names_its_row_and_plain_value(feat, tm
     schema = {"categorical": [{"name": "tags", "multi_valued": True}], "tasks": [{"name": "y"}]}
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
     err = capsys.readouterr().err  # 6.5 is the 6th flat value, in row 5
-    assert rc == 1 and (f"file {raw}, column 'tags', row 5: expected a categorical value, "
+    assert rc == 1 and (f"file {raw}, column 'tags', row 5 (0-based): expected a categorical value, "
                         "found the non-integral number 6.5") in err, err
     _assert_clean(tmp_path, out)
 
@@ -214,7 +214,7 @@ def test_csv_row_with_wrong_field_count_names_the_row(feat, tmp_path, capsys, he
                                                                   "column_names": ["city", "amount", "income"]})
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
     err = capsys.readouterr().err
-    assert rc == 1 and f"file {raw}, row 2345: malformed CSV row: expected 3 fields, found 2 ('c1,7.5')" in err, err
+    assert rc == 1 and f"file {raw}, row 2345 (0-based): malformed CSV row: expected 3 fields, found 2 ('c1,7.5')" in err, err
     assert "unreadable or truncated" not in err
     _assert_clean(tmp_path, out)
 

@@ -68,7 +68,7 @@ def test_features_cli_reports_a_bad_value_instead_of_hanging(tmp_path, capsys):
     argv = ["--schema", str(schema), "--input", f"train={raw}", "--output", str(tmp_path / "out"),
             "--batch-rows", "3000"]
     assert _finishes(lambda: rc.append(features_main(argv))), "mmoe-rec features hung on a bad value"
-    assert rc == [1] and f"file {raw}, column 'x', row 2999: expected a number, found 'oops'" in capsys.readouterr().err
+    assert rc == [1] and f"file {raw}, column 'x', row 2999 (0-based): expected a number, found 'oops'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -44,7 +44,7 @@ def test_integers_past_64_bits_and_decimals_among_other_values_become_text():
 def test_a_value_that_is_no_scalar_among_others_is_named_by_column_and_row(bad):
     column = pd.Series(["a", 2, "c", "d"], dtype=object)
     column.at[2] = bad
-    with pytest.raises(FeatureDataError, match=r"^file f.csv, column 'tags', row 12: a (list|dict|bytes) "):
+    with pytest.raises(FeatureDataError, match=r"^file f.csv, column 'tags', row 12 \(0-based\): a (list|dict|bytes) "):
         table_from_pandas(pd.DataFrame({"tags": column}), "f.csv", row_offset=10)
 
 

@@ -195,7 +195,7 @@ def test_a_csv_row_that_is_not_utf8_is_named_by_file_column_and_data_row(tmp_pat
                      b'3,caf\xe9,,a,3,0\n4,d,,a,4,1\n')
     rc, _ = _features(tmp_path, path)
     err = capsys.readouterr().err
-    assert rc == 1 and f"file {path}, column 'u', row 2: not UTF-8 text" in err, err
+    assert rc == 1 and f"file {path}, column 'u', row 2 (0-based): not UTF-8 text" in err, err
 
 
 def test_csv_with_a_needed_column_twice_in_the_header_is_refused(tmp_path, capsys):

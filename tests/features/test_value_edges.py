@@ -70,7 +70,7 @@ def test_a_value_beyond_float32_is_an_error_naming_file_column_and_row(tmp_path,
               "sample_weight": "w"}
     rc, out = _build(tmp_path, schema, f"train={raw}")
     err = capsys.readouterr().err
-    assert rc == 1 and f"file {raw}, column '{column}', row 2" in err and "float32" in err, err
+    assert rc == 1 and f"file {raw}, column '{column}', row 2 (0-based)" in err and "float32" in err, err
     assert not out.exists()
 
 

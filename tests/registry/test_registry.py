@@ -155,7 +155,7 @@ def test_bad_value_in_a_later_file_is_reported_at_its_row_in_that_file(rec_data,
     err = info.value
     assert Path(err.file).resolve() == (folder / "part-1.parquet").resolve()
     assert (err.column, err.row) == ("price", 523)
-    assert f"file {err.file}, column 'price', row 523:" in str(err)
+    assert f"file {err.file}, column 'price', row 523 (0-based):" in str(err)
     assert not out.exists() and list(tmp_path.glob(".scores*")) == []
 
 
@@ -237,10 +237,10 @@ def test_pyfunc_reads_object_columns_that_mix_numbers_and_text(rec_data, package
 
     bad = raw.astype({"price": object})
     bad.loc[13, "price"] = "abc"
-    with pytest.raises(FeatureDataError, match=r"column 'price', row 13: expected a number, found 'abc'"):
+    with pytest.raises(FeatureDataError, match=r"column 'price', row 13 \(0-based\): expected a number, found 'abc'"):
         model.predict(bad)
     bad.at[13, "price"] = [1, 2]
-    with pytest.raises(FeatureDataError, match=r"column 'price', row 13: a list"):
+    with pytest.raises(FeatureDataError, match=r"column 'price', row 13 \(0-based\): a list"):
         model.predict(bad)
 
 
