@@ -58,20 +58,21 @@ def _report(e: Exception) -> int:
         seen.add(id(nxt))
     innermost = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
     key = _parser_key(chain)  # jsonargparse's innermost message names the value, not the setting
-    print_user_error(innermost, key if key and key not in str(innermost) else None)
+    message = str(innermost)
+    if "Got value: Namespace(" in message:  # the whole sub-config of a class, printed back: cut
+        innermost = type(innermost)(message[: message.index("Got value: Namespace(")].rstrip(". ") + ".")
+    print_user_error(innermost, key if key and not message.startswith(key) else None)
     return 1
 
 
 def _parser_key(chain: list[BaseException]) -> str | None:
-    """The setting a LightningCLI parser error is about: the first `Parser key "..."` of the deepest exception in
-    the chain that names one (`trainer.max_epochs`, or a model's `num_experts`), when the chain is a parser's."""
+    """The setting a LightningCLI parser error is about, when the chain is a parser's: the `Parser key "..."`s of
+    the exception that names the most of them, each nested in the one before through its class's init_args
+    (`trainer.max_epochs`; `model`, `model` -> `model.init_args.model`, the option the user wrote)."""
     if not any(isinstance(x, argparse.ArgumentError) for x in chain):
         return None
-    for x in reversed(chain):
-        found = re.search(r'Parser key "([^"]+)"', str(x))
-        if found:
-            return found.group(1)
-    return None
+    keys = max((re.findall(r'Parser key "([^"]+)"', str(x)) for x in chain), key=len)
+    return ".init_args.".join(keys) or None
 
 
 def main(argv: list[str] | None = None) -> int:

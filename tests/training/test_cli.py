@@ -121,6 +121,11 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
     (["--model.init_args.model.init_args.num_experts", "eight"], "num_experts: Expected a <class 'int'>"),
     # an abbreviation was taken for the option it begins (max_epochs), where the same key in YAML is refused
     (["--trainer.max_epoch", "7"], "unrecognized arguments: --trainer.max_epoch 7"),
+    # named by the option written, not "model" nor nothing; without the class's sub-config printed back
+    (["--model.init_args.model.class_path", "mmoe_rec.models.mmoe.MMoEx"],
+     "error: model.init_args.model: Type typing.Callable"),
+    (["--model.init_args.model.init_args.num_experts", "eight"],
+     "error: model.init_args.model.init_args.num_experts: Expected"),
 ])
 def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_dir, in_tmp, capsys, override,
                                                                       expected):
@@ -131,7 +136,7 @@ def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_di
     code = main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                  "--data.init_args.data_dir", str(feature_dir), *override])
     err = capsys.readouterr().err
-    assert code == 1 and expected in err and "usage:" not in err
+    assert code == 1 and expected in err and "usage:" not in err and "Namespace(" not in err
     assert len(err.strip().splitlines()) <= 4, err
 
 
