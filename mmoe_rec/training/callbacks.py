@@ -29,6 +29,7 @@ from mmoe_rec.training.monitoring import (
     gate_similarity,
     jaccard_sums,
     label_correlation,
+    matrix_for_json,
     pair_scalars,
     task_gates,
     utilization_metrics,
@@ -351,10 +352,10 @@ class RoutingMonitor(L.Callback):
         self._log(trainer, epoch.metrics("experts/epoch", "relatedness/epoch"), step)
         grad_cosine = getattr(pl_module, "last_grad_cosine", None)  # the epoch's last gradient probe, if it had one
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
-            matrices = {kind: {"tasks": list(names), "matrix": mat.tolist()}
+            matrices = {kind: {"tasks": list(names), "matrix": matrix_for_json(mat)}
                         for kind, (names, mat) in epoch.relatedness().items()}
             if grad_cosine is not None:
-                matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": grad_cosine[1].tolist()}
+                matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": matrix_for_json(grad_cosine[1])}
             if matrices:
                 log_json(trainer.logger, matrices, f"relatedness/epoch_{trainer.current_epoch:03d}.json")
         if self.plots and trainer.is_global_zero:

@@ -90,15 +90,21 @@ def pairwise_matrix(vectors: dict[str, torch.Tensor], fn) -> tuple[list[str], to
 
 
 def pair_scalars(prefix: str, names: list[str], matrix: torch.Tensor) -> dict[str, float]:
-    """Upper-triangle entries as `<prefix>/<a>.vs.<b>` scalars (MLflow allows no other separator)."""
-    return {
-        f"{prefix}/{names[i]}.vs.{names[j]}": float(matrix[i, j])
-        for i in range(len(names)) for j in range(i + 1, len(names))
-    }
+    """Upper-triangle entries as `<prefix>/<a>.vs.<b>` scalars (MLflow allows no other separator); an undefined
+    entry (NaN: the correlation of a label that did not vary) is left out, not logged as a number."""
+    pairs = ((i, j) for i in range(len(names)) for j in range(i + 1, len(names)))
+    return {f"{prefix}/{names[i]}.vs.{names[j]}": float(matrix[i, j]) for i, j in pairs
+            if math.isfinite(float(matrix[i, j]))}
+
+
+def matrix_for_json(matrix: torch.Tensor) -> list[list[float | None]]:
+    """A matrix as nested lists, an undefined (NaN) entry as null (JSON has no NaN)."""
+    return [[v if math.isfinite(v) else None for v in row] for row in matrix.tolist()]
 
 
 def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
-    """Pearson correlation of the tasks' labels from running sums."""
+    """Pearson correlation of the tasks' labels from running sums; NaN (undefined) in the row and column of a label
+    that did not vary in the window (a rare task with no positive), whose 0 read as "uncorrelated"."""
     n = float(sums.count)
     mean = sums.s1 / n  # (T,)
     second = sums.s2 / n  # (T, T) E[y y^T]
@@ -108,6 +114,9 @@ def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
     # absolute epsilon (labels of scale 1e-6 have variances of 1e-12 and are as correlated as labels of scale 1).
     sd = torch.where(var > 1e-12 * second.diagonal(), var.clamp_min(0).sqrt(), 0.0)  # (T,)
     corr = _ratio_or_zero(cov, torch.outer(sd, sd)).clamp(-1.0, 1.0)
+    constant = sd == 0  # (T,)
+    corr[constant, :] = float("nan")
+    corr[:, constant] = float("nan")
     return list(sums.tasks), corr
 
 

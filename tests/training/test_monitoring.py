@@ -351,7 +351,12 @@ def test_cosine_and_label_correlation_do_not_depend_on_scale(scale):
     corr = label_correlation(stats)[1]
     assert float(corr[0, 1]) == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-6)
     assert float(corr[0, 0]) == pytest.approx(1.0)
-    assert corr[2].tolist() == [0.0, 0.0, 0.0]  # a constant label correlates with nothing (rounding noise -> 0)
+    # a constant label's correlation is undefined: NaN (it read 0, "uncorrelated"), and not logged as a pair
+    assert corr[2].isnan().all() and corr[:, 2].isnan().all()
+    assert set(pair_scalars("label_corr", ["a", "b", "flat"], corr)) == {"label_corr/a.vs.b"}
+    from mmoe_rec.training.monitoring import matrix_for_json
+
+    assert matrix_for_json(corr)[2] == [None, None, None]  # JSON has no NaN
 
 
 def test_label_correlation_is_reported_for_small_sample_weights():
