@@ -60,7 +60,7 @@ def _report(e: Exception) -> int:
     key = _parser_key(chain)  # jsonargparse's innermost message names the value, not the setting
     message = str(innermost)
     if "Got value: Namespace(" in message:  # the whole sub-config of a class, printed back: cut
-        innermost = type(innermost)(message[: message.index("Got value: Namespace(")].rstrip(". ") + ".")
+        innermost = ValueError(message[: message.index("Got value: Namespace(")].rstrip(". ") + ".")
     print_user_error(innermost, key if key and not message.startswith(key) else None)
     return 1
 
