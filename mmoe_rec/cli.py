@@ -47,7 +47,7 @@ def _cause(e: BaseException) -> BaseException | None:
     return None if e.__suppress_context__ else e.__context__
 
 
-def _report(e: Exception) -> int:
+def _report(e: Exception, argv: list[str] | None = None) -> int:
     """One line for a user error (the most specific one in its chain: jsonargparse wraps a model's own "k must be
     in [1, num_experts]" in a union-type error that dumps the whole config); anything else is raised."""
     if os.environ.get("MMOE_REC_TRACEBACK") or not _is_user_error(e):
@@ -57,7 +57,7 @@ def _report(e: Exception) -> int:
         chain.append(nxt)
         seen.add(id(nxt))
     innermost = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
-    key = _parser_key(chain)  # jsonargparse's innermost message names the value, not the setting
+    key = _parser_key(chain, argv or [])  # jsonargparse's innermost message names the value, not the setting
     message = str(innermost)
     if "Got value: Namespace(" in message:  # the whole sub-config of a class, printed back: cut
         innermost = ValueError(message[: message.index("Got value: Namespace(")].rstrip(". ") + ".")
@@ -65,14 +65,21 @@ def _report(e: Exception) -> int:
     return 1
 
 
-def _parser_key(chain: list[BaseException]) -> str | None:
+def _parser_key(chain: list[BaseException], argv: list[str]) -> str | None:
     """The setting a LightningCLI parser error is about, when the chain is a parser's: the `Parser key "..."`s of
     the exception that names the most of them, each nested in the one before through its class's init_args
-    (`trainer.max_epochs`; `model`, `model` -> `model.init_args.model`, the option the user wrote)."""
+    (`trainer.max_epochs`; `model`, `model` -> `model.init_args.model`, the option the user wrote). A union type
+    (the logger) names its key once per alternative (`trainer.logger`, `log_model`, `log_model`): where the
+    command line has the option with the repeat dropped and not the one with it, the repeat is dropped."""
     if not any(isinstance(x, argparse.ArgumentError) for x in chain):
         return None
     keys = max((re.findall(r'Parser key "([^"]+)"', str(x)) for x in chain), key=len)
-    return ".init_args.".join(keys) or None
+    if not keys:
+        return None
+    deduped = [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    written = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+    full, short = ".init_args.".join(keys), ".init_args.".join(deduped)
+    return short if short in written and full not in written else full
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
-            return _report(e)
+            return _report(e, argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mmoe_rec.training.cli import run_lightning_cli
 
         try:
             run_lightning_cli(argv)
         except Exception as e:
-            return _report(e)
+            return _report(e, argv)
         return 0
     asked = bool(argv) and argv[0] in ("-h", "--help")  # every subcommand, not only LightningCLI's four
     print(

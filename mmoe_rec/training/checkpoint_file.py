@@ -24,7 +24,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
     text = str(path)
     if text in LIGHTNING_CKPT_NAMES or text.startswith("registry:") or "://" in text:
         return
-    p = Path(path)
+    p = Path(path).expanduser()  # Lightning and torch read `~/...` (through fsspec), unexpanded by a shell in YAML
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p}: no such file")
     if p.is_dir():

@@ -64,11 +64,13 @@ def check_monitors(trainer, module: MultiTaskModule) -> None:
     """Before any step: a callback that watches a validation metric (EarlyStopping, ModelCheckpoint) watches one
     the module logs; Lightning finds out at the first validation, after a whole epoch of training."""
     logged = module.val_metrics.names()
-    for cb in trainer.callbacks:
-        monitor = getattr(cb, "monitor", None)
+    watchers = [(type(cb).__name__, getattr(cb, "monitor", None)) for cb in trainer.callbacks]
+    if module.lr_scheduler_config:  # ReduceLROnPlateau's `monitor` key
+        watchers.append(("the lr_scheduler", module.lr_scheduler_config.get("monitor")))
+    for who, monitor in watchers:
         if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
-            raise ValueError(f"{type(cb).__name__} monitors {monitor!r}, which this model does not log (tasks "
-                             f"{module.tasks}; validation metrics: {', '.join(logged)})")
+            raise ValueError(f"{who} monitors {monitor!r}, which this model does not log (tasks {module.tasks}; "
+                             f"validation metrics: {', '.join(logged)})")
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -295,10 +295,13 @@ def relatedness_matrices(matrices: dict[str, tuple[list[str], np.ndarray]],
     for ax, name in zip(axes.flat, names):
         tasks, mat = matrices[name]
         mat = np.asarray(mat, dtype=float)
-        vmin, vmax = ranges.get(name, (float(np.nanmin(mat)), float(np.nanmax(mat))))
+        finite = mat[np.isfinite(mat)]
+        vmin, vmax = ranges.get(name) or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
         # the same colour end means "similar" in every panel: red / bright; JS is a divergence (0 = identical),
-        # so its viridis runs the other way round
+        # so its viridis runs the other way round; an undefined cell (NaN: a label that did not vary) is grey, not
+        # the white of a correlation of 0
         cmap = plt.get_cmap("RdBu_r" if vmin < 0 else "viridis_r" if name == "gate_js" else "viridis")
+        cmap = cmap.with_extremes(bad=UNREACHABLE)
         # aspect="auto": the panel is sized so that cells come out about square, and constrained layout can then
         # place labels and colour bars without overlaps
         im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
@@ -308,7 +311,8 @@ def relatedness_matrices(matrices: dict[str, tuple[list[str], np.ndarray]],
         ax.set_yticks(range(len(tasks)), tasks, fontsize=tick_fs)
         ax.set_xlabel("task")
         ax.set_ylabel("task")
-        ax.set_title(labels.get(name, name), fontsize=FONT)
+        undefined = "\n(grey: undefined, a label that did not vary)" if np.isnan(mat).any() else ""
+        ax.set_title(labels.get(name, name) + undefined, fontsize=FONT)
         cbar = fig.colorbar(im, ax=ax, pad=0.03)
         cbar.set_label(cbar_labels.get(name, name), fontsize=9)
     fig.suptitle(title)

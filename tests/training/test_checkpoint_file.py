@@ -14,6 +14,12 @@ def test_a_torch_save_file_passes_and_lightnings_own_names_are_left_to_it(tmp_pa
         check_checkpoint_file(name)
 
 
+def test_a_home_relative_path_is_expanded_as_lightning_expands_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({"state_dict": {}}, tmp_path / "good.ckpt")
+    check_checkpoint_file("~/good.ckpt")  # it was "no such file"
+
+
 def test_files_that_are_no_checkpoint_are_named(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(1000)}}, tmp_path / "good.ckpt")
     data = (tmp_path / "good.ckpt").read_bytes()

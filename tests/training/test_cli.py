@@ -95,6 +95,11 @@ def test_a_monitored_metric_the_model_does_not_log_is_an_error_before_training(f
                      "--model.init_args.model.init_args.tasks", "[convert]"], capsys)
     assert "monitors 'val/click/auc'" in msg and "val/convert/auc" in msg
     assert not (in_tmp / "checkpoints").exists() and not list(in_tmp.rglob("*.ckpt"))
+    # the scheduler's monitor too (ReduceLROnPlateau)
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir), "--model.init_args.lr_scheduler",
+                     "{class_path: torch.optim.lr_scheduler.ReduceLROnPlateau, monitor: val/clik/auc}"], capsys)
+    assert "the lr_scheduler monitors 'val/clik/auc'" in msg
 
 
 def test_missing_label_column_is_an_error_before_training(make_feature_dir, in_tmp, capsys):
@@ -126,6 +131,8 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
      "error: model.init_args.model: Type typing.Callable"),
     (["--model.init_args.model.init_args.num_experts", "eight"],
      "error: model.init_args.model.init_args.num_experts: Expected"),
+    # a union type (the logger) names its key once per alternative: it printed ...log_model.init_args.log_model
+    (["--trainer.logger.init_args.log_model", "maybe"], "error: trainer.logger.init_args.log_model: Expected"),
 ])
 def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_dir, in_tmp, capsys, override,
                                                                       expected):

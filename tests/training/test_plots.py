@@ -196,6 +196,20 @@ def test_utilization_unreachable_cells_are_grey_and_explained():
     plots.close(fig)
 
 
+def test_relatedness_undefined_cells_are_grey_and_explained(recwarn):
+    # a label that did not vary has no correlation (NaN): drawn white, it looked like a correlation of 0
+    corr = np.array([[1.0, np.nan, 0.0], [np.nan, np.nan, np.nan], [0.0, np.nan, 1.0]])
+    fig = plots.relatedness_matrices({"label_corr": (["a", "flat", "c"], corr)})
+    ax = [ax for ax in fig.axes if ax.images][0]
+    assert to_hex(ax.images[0].cmap.get_bad(), keep_alpha=True) == "#a0a0a0ff"
+    assert "grey: undefined" in ax.get_title()
+    plots.close(fig)
+    fig = plots.relatedness_matrices({"label_corr": (["a", "b"], np.full((2, 2), np.nan)),
+                                      "other": (["a", "b"], np.full((2, 2), np.nan))})  # no finite value at all
+    plots.close(fig)
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]  # "All-NaN slice encountered"
+
+
 def test_load_lines_have_one_colour_per_expert():
     steps = list(range(10, 210, 10))
     for num_experts in range(2, 13):
