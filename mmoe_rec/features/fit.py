@@ -44,7 +44,8 @@ class SpecFitter:
                 col = table.column(c.column)
                 if c.multi_valued:
                     strip = self.schema.reader.strip_whitespace
-                    values, offsets = multi_valued_column(col, c.column, c.delimiter, strip)
+                    values, offsets = multi_valued_column(col, c.column, c.delimiter, strip,
+                                                          self.schema.reader.null_values)
                     if take is not None:  # keep the values of kept rows only
                         per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
                         values = values.filter(pa.array(mask[per_value_row]))
@@ -57,7 +58,7 @@ class SpecFitter:
                 if c.name in self._counters:
                     self._counters[c.name].update(values)
             for n in self.schema.numeric:
-                x, missing = numeric_column(table.column(n.column), n.column)
+                x, missing = numeric_column(table.column(n.column), n.column, self.schema.reader.null_values)
                 if mask is not None:
                     x, missing = x[mask], missing[mask]
                 self._stats[n.name].update(prepare("none" if n.transform == "bucketize" else n.transform, x), missing)
