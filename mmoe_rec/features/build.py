@@ -405,6 +405,8 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     if row_group_rows < 1 or rows_per_file < 1 or batch_rows < 1:
         raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
                                f"{rows_per_file} must be positive")
+    if not 0 <= seed < 2 ** 32:  # the split keys take 32 bits of it: 3 and 2**32 + 3 made the same split
+        raise FeatureDataError(f"--seed must be in [0, 2**32), got {seed}")
     _refuse_repeated_files(sources)
     _warn_single_file_inputs(sources)
     id_types = id_column_types(schema, sources)

@@ -162,3 +162,15 @@ def test_output_naming_an_existing_file_is_a_clear_error(tmp_path, capsys):
         assert features_main(["--schema", str(schema), "--input", f"train={raw}", "--output", str(raw)] + extra) == 1
         assert f"file {raw}: output exists and is not a directory" in capsys.readouterr().err
     assert raw.read_text() == "x,y\n1,0\n2,1\n"
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 32), str(2 ** 32 + 3)])
+def test_a_seed_outside_32_bits_is_refused(tmp_path, capsys, seed):
+    # the split keys take 32 bits of the seed: --seed 2**32 + 3 made the split of --seed 3 (and -1 that of 2**32 - 1)
+    _raw(tmp_path / "raw.parquet", 0)
+    schema = tmp_path / "s.yaml"
+    schema.write_text("id_columns: [rid]\nnumeric: [{name: x}]\ntasks: [{name: y}]\n")
+    argv = ["--schema", str(schema), "--input", str(tmp_path / "raw.parquet"), "--output", str(tmp_path / "out")]
+    assert features_main(argv + ["--seed", seed]) == 1
+    assert f"--seed must be in [0, 2**32), got {seed}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -48,11 +48,19 @@ def _with(section: str | None = None, **entry) -> dict:
     (_with("numeric", impute=float("inf")), "finite number"),
     (_with(id_columns=["u"]), "id columns also read as features: ['u']"),
     (_with(id_columns=["user"], categorical=[{"name": "u", "column": "user"}]), "id columns also read as features"),
+    # options the transform does not read were accepted and ignored
+    (_with("categorical", transform="hash", buckets=7, min_count=5), "['min_count'] do not apply to transform hash"),
+    (_with("categorical", transform="hash", buckets=7, max_size=9), "['max_size'] do not apply to transform hash"),
+    (_with("categorical", transform="vocab", buckets=3), "['buckets'] do not apply to transform vocab"),
+    (_with("numeric", transform="bucketize", buckets=2, impute=99), "['impute'] do not apply to transform bucketize"),
+    (_with("numeric", transform="bucketize", missing_indicator=True), "['missing_indicator'] do not apply"),
+    (_with("numeric", transform="standardize", buckets=4), "['buckets'] do not apply to transform standardize"),
 ], ids=["min_count-str", "min_count-0", "max_size-neg", "max_size-0", "max_size-float", "hash-buckets-bool",
         "multi_valued-str", "bucketize-buckets-bool", "id_columns-str", "id_columns-nested", "weight-is-label",
         "weight-list", "positive-and-negative", "positive-mapping", "positive-empty", "negative-empty", "name-list",
         "column-list", "null_values-str", "column_names-str", "delimiter-int", "delimiter-two", "reader-list",
-        "impute-nan", "impute-inf", "id-is-feature", "id-is-another-features-column"])
+        "impute-nan", "impute-inf", "id-is-feature", "id-is-another-features-column", "hash-min_count",
+        "hash-max_size", "vocab-buckets", "bucketize-impute", "bucketize-indicator", "standardize-buckets"])
 def test_bad_schema_value_names_the_schema_file_and_the_entry(tmp_path, schema, entry):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(schema))
