@@ -48,7 +48,7 @@ def build_features(out: Path, seed: int) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", default="experiments_out/census_features")
+    p.add_argument("--features", default=str(ROOT / "experiments_out" / "census_features"))
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--models", nargs="+", default=list(MODELS))
