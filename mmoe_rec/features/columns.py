@@ -38,20 +38,27 @@ def _first_failure(arr: pa.Array, convert) -> int:
     return lo
 
 
-def _null_where(values: pa.Array, null_values) -> pa.Array:
-    """String values that are one of `null_values` made null (the CSV reader's rule, for Parquet / DataFrames)."""
+def null_fields(text: pa.Array, null_values, strip: bool) -> pa.Array:
+    """`text` (strings) with the fields the CSV reader reads as null made null: a field that is one of `null_values`
+    as written, or, with strip (sources._strip), once trimmed (`" ?"` is null for `?`, and so is `" ?"` itself
+    when it is the null value). Nothing else is changed (not trimmed)."""
     if not len(null_values):
-        return values
-    is_null = pc.is_in(values, value_set=pa.array(list(null_values), pa.string()))
+        return text
+    value_set = pa.array(list(null_values), pa.string())
+    is_null = pc.is_in(text, value_set=value_set)
+    if strip:
+        is_null = pc.or_(is_null, pc.is_in(pc.utf8_trim_whitespace(text), value_set=value_set))
     if not pc.any(is_null).as_py():
-        return values
-    return pc.if_else(is_null, pa.scalar(None, pa.string()), values)
+        return text
+    return pc.if_else(is_null, pa.scalar(None, pa.string()), text)
 
 
-def _strings_to_float(arr: pa.Array, column: str, null_values=()) -> pa.Array:
-    arr = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
+def _strings_to_float(arr: pa.Array, column: str, null_values=(), strip: bool = False) -> pa.Array:
+    # a null value is missing, as the CSV reader makes it, not an error (matched before the trim the parse needs,
+    # so that without strip " -1" stays the number -1 for a null value "-1", as in a CSV)
+    arr = null_fields(pc.cast(arr, pa.string()), null_values, strip)
+    arr = pc.utf8_trim_whitespace(arr)
     arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)  # "" is missing, not an error
-    arr = _null_where(arr, null_values)  # "?" is missing, as the CSV reader makes it, not an error
     try:
         return pc.cast(arr, pa.float64())
     except pa.ArrowInvalid:
@@ -59,17 +66,17 @@ def _strings_to_float(arr: pa.Array, column: str, null_values=()) -> pa.Array:
         raise FeatureDataError(f"expected a number, found {arr[row].as_py()!r}", column=column, row=row) from None
 
 
-def numeric_column(arr, column: str, null_values=()) -> tuple[np.ndarray, np.ndarray]:
+def numeric_column(arr, column: str, null_values=(), strip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(float64 values with 0 at missing, missing mask). inf, -inf and numbers beyond float64 ("1e999") are
     errors: one of them would make the train mean and every transformed value inf or NaN. Numbers as text (a
-    Parquet string column, a DataFrame) are trimmed, and one of the reader's `null_values` is missing, as in a
-    CSV (which the reader nulled already)."""
+    Parquet string column, a DataFrame): a field the CSV reader reads as null (`null_fields`) is missing, as in
+    a CSV (whose reader nulled it already)."""
     arr = raw = one_chunk(arr)
     if pa.types.is_dictionary(arr.type):
         arr = raw = arr.dictionary_decode()
     t = arr.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        arr = _strings_to_float(arr, column, null_values)
+        arr = _strings_to_float(arr, column, null_values, strip)
     elif not _is_numeric(t):
         raise FeatureDataError(f"expected a numeric column, found type {t}", column=column)
     elif not pa.types.is_floating(t):
@@ -117,7 +124,7 @@ def single_categorical_column(arr, column: str, strip: bool = False, null_values
     which the reader trimmed already: both steps are idempotent."""
     values = categorical_column(arr, column)
     if strip and pa.types.is_string(values.type):
-        values = _null_where(pc.utf8_trim_whitespace(values), null_values)
+        values = pc.utf8_trim_whitespace(null_fields(values, null_values, strip))
     if pa.types.is_string(values.type):
         empty = pc.equal(values, "")
         if pc.any(empty).as_py():
@@ -128,9 +135,10 @@ def single_categorical_column(arr, column: str, strip: bool = False, null_values
 def multi_valued_column(arr, column: str, delimiter: str | None, strip: bool = False,
                         null_values=()) -> tuple[pa.Array, np.ndarray]:
     """(flat values, offsets (n+1,) int64); a null list or null string is an empty list.
-    strip: trim the pieces of a delimited string (the reader's strip_whitespace: "a | b" is "a", "b"), and make
-    a whole string that is one of `null_values` once trimmed null (an empty list), as the CSV reader nulls such a
-    field before it is split, so Parquet / DataFrame rows get the CSV's ids (as single_categorical_column)."""
+    strip: trim the pieces of a delimited string (the reader's strip_whitespace: "a | b" is "a", "b"), and, where
+    `null_values` are given (specs fitted since they are: a feature's `null_fields`), make a whole string the CSV
+    reader reads as null an empty list (`null_fields`), as that reader does before the field is split, so that
+    Parquet / DataFrame rows get the CSV's ids (as single_categorical_column)."""
     arr = one_chunk(arr)
     t = arr.type
     if pa.types.is_null(t):  # every row null (pandas / Arrow type an all-None column so): every list empty
@@ -138,9 +146,8 @@ def multi_valued_column(arr, column: str, delimiter: str | None, strip: bool = F
     split = (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None
     if split:
         text = pc.cast(arr, pa.string())
-        if strip and len(null_values):
-            text = pc.if_else(pc.is_null(_null_where(pc.utf8_trim_whitespace(text), null_values)),
-                              pa.scalar(None, pa.string()), text)
+        if strip:
+            text = null_fields(text, null_values, strip)
         arr = pc.split_pattern(text, delimiter)
         t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)):

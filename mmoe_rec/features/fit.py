@@ -23,6 +23,14 @@ def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list
     return [c for c in needed if c not in have]
 
 
+def null_fields(c, schema) -> bool:
+    """Whether a delimited feature's whole fields that the CSV reader reads as null are made empty lists in Parquet /
+    DataFrame input too (columns.null_fields): with strip_whitespace and null values, in specs fitted since 2026-12-06
+    (the transform reads it from the feature's state, so a spec fitted before keeps its ids)."""
+    return bool(c.multi_valued and c.delimiter is not None and schema.reader.strip_whitespace
+                and schema.reader.null_values)
+
+
 class SpecFitter:
     """Accumulates train statistics batch by batch; `spec()` turns them into a finalized FeatureSpec."""
 
@@ -45,7 +53,8 @@ class SpecFitter:
                 if c.multi_valued:
                     strip = self.schema.reader.strip_whitespace
                     values, offsets = multi_valued_column(col, c.column, c.delimiter, strip,
-                                                          self.schema.reader.null_values)
+                                                          self.schema.reader.null_values if null_fields(c, self.schema)
+                                                          else ())
                     if take is not None:  # keep the values of kept rows only
                         per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
                         values = values.filter(pa.array(mask[per_value_row]))
@@ -58,7 +67,8 @@ class SpecFitter:
                 if c.name in self._counters:
                     self._counters[c.name].update(values)
             for n in self.schema.numeric:
-                x, missing = numeric_column(table.column(n.column), n.column, self.schema.reader.null_values)
+                x, missing = numeric_column(table.column(n.column), n.column, self.schema.reader.null_values,
+                                            self.schema.reader.strip_whitespace)
                 if mask is not None:
                     x, missing = x[mask], missing[mask]
                 self._stats[n.name].update(prepare("none" if n.transform == "bucketize" else n.transform, x), missing)
@@ -73,6 +83,8 @@ class SpecFitter:
         sparse, dense, features = [], [], {}
         for c in s.categorical:
             state = {"kind": c.transform, "column": c.column, "multi_valued": c.multi_valued, "delimiter": c.delimiter}
+            if null_fields(c, s):  # recorded: specs fitted before kept a delimited "?" as the value "?"
+                state["null_fields"] = True
             if c.transform == "vocab":
                 values, kind = self._counters[c.name].vocabulary(c.min_count, c.max_size)
                 state.update(values=values, value_type=kind, min_count=c.min_count, num_embeddings=len(values) + 1)

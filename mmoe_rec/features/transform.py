@@ -71,7 +71,7 @@ class CompiledSpec:
             return self._dictionary_ids(name, state, col)
         if state["multi_valued"]:
             values, offsets = multi_valued_column(col, state["column"], state["delimiter"], self.strip,
-                                                  self.null_values)
+                                                  self.null_values if state.get("null_fields") else ())
             ids = self._single(name, state, values)
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
         values = single_categorical_column(col, state["column"], self.strip, self.null_values)
@@ -89,8 +89,8 @@ class CompiledSpec:
             values = single_categorical_column(col.dictionary, state["column"], self.strip, self.null_values)
             ids = self._single(name, state, values)  # (V,)
             return pa.array(np.take(np.append(ids, 0), rows), pa.int64())
-        values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"],
-                                              self.strip, self.null_values)  # (V+1,)
+        values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"], self.strip,
+                                              self.null_values if state.get("null_fields") else ())  # (V+1,)
         ids = self._single(name, state, values)  # ids of the dictionary's flat values
         lengths = np.append(np.diff(offsets), 0)[rows]  # (n,); the appended 0 is the null index
         out_offsets = np.zeros(len(rows) + 1, np.int64)
@@ -129,7 +129,7 @@ class CompiledSpec:
                 if st["kind"] in ("vocab", "hash"):
                     sparse[name] = self._ids(name, st, col)
                     continue
-                x, miss = numeric_column(col, st["column"], self.null_values)
+                x, miss = numeric_column(col, st["column"], self.null_values, self.strip)
                 value, indicator = apply_numeric(st, x, miss)
                 if st["transform"] == "bucketize":
                     sparse[name] = pa.array(value, pa.int64())

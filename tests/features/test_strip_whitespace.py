@@ -119,3 +119,62 @@ def test_a_null_value_in_a_delimited_list_or_a_numeric_text_is_missing_in_parque
     assert [len(t) for t in csv_rows["tags"]] == [2, 0, 1, 0, 2] and csv_rows["x_missing"] == [0, 1, 0, 1, 0]
     frame = transform_table(spec, pd.DataFrame({"rid": range(5), "tags": tags, "x": xs}))
     assert frame.column("tags").to_pylist() == csv_rows["tags"] and frame.column("x").to_pylist() == csv_rows["x"]
+
+
+def _csv_and_parquet_builds(tmp_path, schema: dict, columns: dict[str, list]):
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    n = len(next(iter(columns.values())))
+    csv = tmp_path / "raw.csv"
+    names = ["rid", *columns, "y"]
+    csv.write_text(",".join(names) + "\n" + "".join(
+        ",".join([str(i), *(columns[c][i] for c in columns), str(i % 2)]) + "\n" for i in range(n)))
+    parquet = tmp_path / "raw.parquet"
+    pq.write_table(pa.table({"rid": list(range(n)), **columns, "y": [i % 2 for i in range(n)]}), parquet)
+    built = {}
+    for name, raw in (("csv", csv), ("parquet", parquet)):
+        out = tmp_path / name
+        assert features_main(["--schema", str(tmp_path / "schema.yaml"), "--input", f"train={raw}",
+                              "--output", str(out)]) == 0
+        built[name] = (FeatureSpec.load(out / "spec.json"), pq.read_table(out / "train").to_pydict())
+    return built
+
+
+def test_a_null_value_with_spaces_in_it_is_matched_as_written_as_the_csv_reader_does(tmp_path):
+    # the CSV reader matches the field as written, then (strip) trimmed: a null value " ?" matched only trimmed
+    # text in Parquet, so "?" got an id of its own and a numeric " ?" was an error
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "c"}, {"name": "t", "multi_valued": True,
+                                                                     "delimiter": "|"}],
+              "numeric": [{"name": "x", "missing_indicator": True}], "tasks": [{"name": "y"}],
+              "reader": {"strip_whitespace": True, "null_values": ["", " ?"]}}
+    built = _csv_and_parquet_builds(tmp_path, schema, {"c": ["a", " ?", "b"], "t": ["a|b", " ?", "b"],
+                                                       "x": ["1", " ?", "2"]})
+    (spec, csv_rows), (parquet_spec, parquet_rows) = built["csv"], built["parquet"]
+    assert csv_rows["c"][1] == 0 and csv_rows["t"][1] == [] and csv_rows["x_missing"] == [0, 1, 0]
+    assert parquet_spec.version == spec.version and all(parquet_rows[k] == csv_rows[k] for k in ("c", "t", "x"))
+
+
+def test_without_strip_a_padded_number_is_not_a_null_value(tmp_path):
+    # null value "-1": the CSV reader keeps " -1" (strip off) as the number -1; Parquet text must too
+    schema = {"id_columns": ["rid"], "numeric": [{"name": "x", "missing_indicator": True}], "tasks": [{"name": "y"}],
+              "reader": {"strip_whitespace": False, "null_values": ["", "-1"]}}
+    built = _csv_and_parquet_builds(tmp_path, schema, {"x": [" 5", " -1", "-1", " 7"]})
+    (spec, csv_rows), (parquet_spec, parquet_rows) = built["csv"], built["parquet"]
+    assert csv_rows["x_missing"] == [0, 0, 1, 0] == parquet_rows["x_missing"]
+    assert parquet_spec.version == spec.version and parquet_rows["x"] == csv_rows["x"]
+
+
+def test_a_spec_fitted_before_delimited_null_fields_keeps_its_ids(tmp_path):
+    # specs fitted before 2026-12-06 kept a delimited Parquet "?" as the value "?": their models were trained so,
+    # and score so still (the feature's state has no null_fields)
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "t", "multi_valued": True, "delimiter": "|"}],
+              "tasks": [{"name": "y"}], "reader": {"strip_whitespace": True, "null_values": ["", "?"]}}
+    spec, _ = _csv_and_parquet_builds(tmp_path, schema, {"t": ["a|?", "?", "b"]})["parquet"]
+    assert spec.transforms["features"]["t"]["null_fields"] is True
+    frame = pd.DataFrame({"rid": [0, 1], "t": ["?", "a"]})
+    assert transform_table(spec, frame).column("t").to_pylist()[0] == []
+    old = spec.to_dict()
+    del old["transforms"]["features"]["t"]["null_fields"]
+    old.pop("version")
+    old_spec = FeatureSpec.from_dict(old)
+    question = old_spec.transforms["features"]["t"]["values"].index("?") + 1
+    assert transform_table(old_spec, frame).column("t").to_pylist()[0] == [question]
