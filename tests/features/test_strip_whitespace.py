@@ -92,35 +92,6 @@ def test_a_null_value_once_trimmed_is_missing_in_parquet_as_in_csv(tmp_path):
 
 
 
-def test_a_null_value_in_a_delimited_list_or_a_numeric_text_is_missing_in_parquet_as_in_csv(tmp_path):
-    # the CSV reader nulls a field that is a null value before it is split or parsed; from Parquet or a DataFrame a
-    # delimited "?" was the list ["?"] (an id of its own) and a numeric "?" an error at scoring
-    schema = {"id_columns": ["rid"],
-              "categorical": [{"name": "tags", "multi_valued": True, "delimiter": "|"}],
-              "numeric": [{"name": "x", "missing_indicator": True}],
-              "tasks": [{"name": "y"}],
-              "reader": {"strip_whitespace": True, "null_values": ["", "?"]}}
-    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
-    tags, xs = ["a|?", " ? ", "b", "?", "a|b"], ["1.0", "?", "2.5", " ? ", "3"]
-    csv = tmp_path / "raw.csv"
-    csv.write_text("rid,tags,x,y\n" + "".join(f"{i},{t},{x},{i % 2}\n" for i, (t, x) in enumerate(zip(tags, xs))))
-    parquet = tmp_path / "raw.parquet"
-    pq.write_table(pa.table({"rid": list(range(5)), "tags": tags, "x": xs, "y": [i % 2 for i in range(5)]}), parquet)
-    built = {}
-    for name, raw in (("csv", csv), ("parquet", parquet)):
-        out = tmp_path / name
-        assert features_main(["--schema", str(tmp_path / "schema.yaml"), "--input", f"train={raw}",
-                              "--output", str(out)]) == 0
-        built[name] = (FeatureSpec.load(out / "spec.json"), pq.read_table(out / "train").to_pydict())
-    (spec, csv_rows), (parquet_spec, parquet_rows) = built["csv"], built["parquet"]
-    assert parquet_spec.version == spec.version
-    for column in ("tags", "x", "x_missing"):
-        assert parquet_rows[column] == csv_rows[column], column
-    assert [len(t) for t in csv_rows["tags"]] == [2, 0, 1, 0, 2] and csv_rows["x_missing"] == [0, 1, 0, 1, 0]
-    frame = transform_table(spec, pd.DataFrame({"rid": range(5), "tags": tags, "x": xs}))
-    assert frame.column("tags").to_pylist() == csv_rows["tags"] and frame.column("x").to_pylist() == csv_rows["x"]
-
-
 def _csv_and_parquet_builds(tmp_path, schema: dict, columns: dict[str, list]):
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
     n = len(next(iter(columns.values())))
@@ -137,6 +108,25 @@ def _csv_and_parquet_builds(tmp_path, schema: dict, columns: dict[str, list]):
                               "--output", str(out)]) == 0
         built[name] = (FeatureSpec.load(out / "spec.json"), pq.read_table(out / "train").to_pydict())
     return built
+
+
+def test_a_null_value_in_a_delimited_list_or_a_numeric_text_is_missing_in_parquet_as_in_csv(tmp_path):
+    # the CSV reader nulls a field that is a null value before it is split or parsed; from Parquet or a DataFrame a
+    # delimited "?" was the list ["?"] (an id of its own) and a numeric "?" an error at scoring
+    schema = {"id_columns": ["rid"],
+              "categorical": [{"name": "tags", "multi_valued": True, "delimiter": "|"}],
+              "numeric": [{"name": "x", "missing_indicator": True}],
+              "tasks": [{"name": "y"}],
+              "reader": {"strip_whitespace": True, "null_values": ["", "?"]}}
+    tags, xs = ["a|?", " ? ", "b", "?", "a|b"], ["1.0", "?", "2.5", " ? ", "3"]
+    built = _csv_and_parquet_builds(tmp_path, schema, {"tags": tags, "x": xs})
+    (spec, csv_rows), (parquet_spec, parquet_rows) = built["csv"], built["parquet"]
+    assert parquet_spec.version == spec.version
+    for column in ("tags", "x", "x_missing"):
+        assert parquet_rows[column] == csv_rows[column], column
+    assert [len(t) for t in csv_rows["tags"]] == [2, 0, 1, 0, 2] and csv_rows["x_missing"] == [0, 1, 0, 1, 0]
+    frame = transform_table(spec, pd.DataFrame({"rid": range(5), "tags": tags, "x": xs}))
+    assert frame.column("tags").to_pylist() == csv_rows["tags"] and frame.column("x").to_pylist() == csv_rows["x"]
 
 
 def test_a_null_value_with_spaces_in_it_is_matched_as_written_as_the_csv_reader_does(tmp_path):
