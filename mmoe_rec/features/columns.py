@@ -118,8 +118,8 @@ def single_categorical_column(arr, column: str, strip: bool = False, null_values
     """categorical_column for a single-valued feature, where "" is missing (id 0) like null whatever the format:
     the CSV reader gives null for an empty field, a Parquet file or a DataFrame the empty string.
 
-    strip (the reader's strip_whitespace): string values are trimmed, then a value that is one of `null_values`
-    once trimmed is null, the order the CSV reader applies them in (sources._strip), so a Parquet file or a
+    strip (the reader's strip_whitespace): a value the CSV reader reads as null (one of `null_values` as written
+    or once trimmed: `null_fields`) is null, and string values are trimmed (sources._strip), so a Parquet file or a
     DataFrame with the CSV's padded fields (' Private') gives the ids of the CSV's. Done again on CSV input,
     which the reader trimmed already: both steps are idempotent."""
     values = categorical_column(arr, column)

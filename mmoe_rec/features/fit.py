@@ -23,7 +23,7 @@ def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list
     return [c for c in needed if c not in have]
 
 
-def null_fields(c, schema) -> bool:
+def nulls_delimited_fields(c, schema) -> bool:
     """Whether a delimited feature's whole fields that the CSV reader reads as null are made empty lists in Parquet /
     DataFrame input too (columns.null_fields): with strip_whitespace and null values, in specs fitted since 2026-12-06
     (the transform reads it from the feature's state, so a spec fitted before keeps its ids)."""
@@ -53,7 +53,7 @@ class SpecFitter:
                 if c.multi_valued:
                     strip = self.schema.reader.strip_whitespace
                     values, offsets = multi_valued_column(col, c.column, c.delimiter, strip,
-                                                          self.schema.reader.null_values if null_fields(c, self.schema)
+                                                          self.schema.reader.null_values if nulls_delimited_fields(c, self.schema)
                                                           else ())
                     if take is not None:  # keep the values of kept rows only
                         per_value_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
@@ -83,7 +83,7 @@ class SpecFitter:
         sparse, dense, features = [], [], {}
         for c in s.categorical:
             state = {"kind": c.transform, "column": c.column, "multi_valued": c.multi_valued, "delimiter": c.delimiter}
-            if null_fields(c, s):  # recorded: specs fitted before kept a delimited "?" as the value "?"
+            if nulls_delimited_fields(c, s):  # recorded: specs fitted before kept a delimited "?" as the value "?"
                 state["null_fields"] = True
             if c.transform == "vocab":
                 values, kind = self._counters[c.name].vocabulary(c.min_count, c.max_size)
