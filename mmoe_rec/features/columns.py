@@ -53,6 +53,23 @@ def null_fields(text: pa.Array, null_values, strip: bool) -> pa.Array:
     return pc.if_else(is_null, pa.scalar(None, pa.string()), text)
 
 
+def numeric_null_values(null_values, strip: bool) -> tuple[list[str], bool]:
+    """(the null values numeric text is matched against, whether the feature's state records them). Text that is no
+    number ("?") was an error before it was a null value, so it is matched in every spec; a null value that reads
+    as a number ("-1") was that number in specs fitted before 2026-12-06, and is matched only where the state says
+    so (`null_numbers`), so that an older spec keeps its values."""
+    numbers = [v for v in null_values if _reads_as_number(v.strip() if strip else v)]
+    return [v for v in null_values if v not in numbers], bool(numbers)
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _strings_to_float(arr: pa.Array, column: str, null_values=(), strip: bool = False) -> pa.Array:
     # a null value is missing, as the CSV reader makes it, not an error (matched before the trim the parse needs,
     # so that without strip " -1" stays the number -1 for a null value "-1", as in a CSV)
@@ -135,20 +152,17 @@ def single_categorical_column(arr, column: str, strip: bool = False, null_values
 def multi_valued_column(arr, column: str, delimiter: str | None, strip: bool = False,
                         null_values=()) -> tuple[pa.Array, np.ndarray]:
     """(flat values, offsets (n+1,) int64); a null list or null string is an empty list.
-    strip: trim the pieces of a delimited string (the reader's strip_whitespace: "a | b" is "a", "b"), and, where
-    `null_values` are given (specs fitted since they are: a feature's `null_fields`), make a whole string the CSV
-    reader reads as null an empty list (`null_fields`), as that reader does before the field is split, so that
-    Parquet / DataFrame rows get the CSV's ids (as single_categorical_column)."""
+    strip: trim the pieces of a delimited string (the reader's strip_whitespace: "a | b" is "a", "b").
+    null_values (given for specs fitted since they are: a feature's `null_fields`): a whole string the CSV reader
+    reads as null (`null_fields`) is an empty list, as that reader makes it before the field is split, so that
+    Parquet / DataFrame rows get the CSV's ids."""
     arr = one_chunk(arr)
     t = arr.type
     if pa.types.is_null(t):  # every row null (pandas / Arrow type an all-None column so): every list empty
         return pa.array([], pa.int64()), np.zeros(len(arr) + 1, dtype=np.int64)
     split = (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None
     if split:
-        text = pc.cast(arr, pa.string())
-        if strip:
-            text = null_fields(text, null_values, strip)
-        arr = pc.split_pattern(text, delimiter)
+        arr = pc.split_pattern(null_fields(pc.cast(arr, pa.string()), null_values, strip), delimiter)
         t = arr.type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
         hint = " (declare 'delimiter' for a delimited string column)" if pa.types.is_string(t) else ""

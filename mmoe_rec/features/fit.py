@@ -8,7 +8,9 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from mmoe_rec.features.columns import multi_valued_column, numeric_column, single_categorical_column
+from mmoe_rec.features.columns import (
+    multi_valued_column, numeric_column, numeric_null_values, single_categorical_column,
+)
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.numeric import RESERVOIR_SIZE, NumericStats, fit_numeric, prepare
 from mmoe_rec.features.schema import Schema
@@ -25,10 +27,12 @@ def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list
 
 def nulls_delimited_fields(c, schema) -> bool:
     """Whether a delimited feature's whole fields that the CSV reader reads as null are made empty lists in Parquet /
-    DataFrame input too (columns.null_fields): with strip_whitespace and null values, in specs fitted since 2026-12-06
-    (the transform reads it from the feature's state, so a spec fitted before keeps its ids)."""
-    return bool(c.multi_valued and c.delimiter is not None and schema.reader.strip_whitespace
-                and schema.reader.null_values)
+    DataFrame input too (columns.null_fields). Recorded in the feature's state (specs fitted since 2026-12-06; one
+    fitted before keeps its ids), and only where it can change an id: a null value that is not blank (with strip,
+    a blank one gives an empty list anyway, as does "" without)."""
+    strip = schema.reader.strip_whitespace
+    return bool(c.multi_valued and c.delimiter is not None
+                and any(v.strip() if strip else v for v in schema.reader.null_values))
 
 
 class SpecFitter:
@@ -68,7 +72,7 @@ class SpecFitter:
                     self._counters[c.name].update(values)
             for n in self.schema.numeric:
                 x, missing = numeric_column(table.column(n.column), n.column, self.schema.reader.null_values,
-                                            self.schema.reader.strip_whitespace)
+                                            self.schema.reader.strip_whitespace)  # all of them in a new fit
                 if mask is not None:
                     x, missing = x[mask], missing[mask]
                 self._stats[n.name].update(prepare("none" if n.transform == "bucketize" else n.transform, x), missing)
@@ -94,6 +98,8 @@ class SpecFitter:
             sparse.append(SparseFeature(c.name, state["num_embeddings"], multi_valued=c.multi_valued))
         for n in s.numeric:
             state = fit_numeric(n, self._stats[n.name])
+            if numeric_null_values(s.reader.null_values, s.reader.strip_whitespace)[1]:
+                state["null_numbers"] = True  # recorded: specs fitted before read a null value "-1" as -1
             features[n.name] = state
             if n.transform == "bucketize":
                 sparse.append(SparseFeature(n.name, state["num_embeddings"]))

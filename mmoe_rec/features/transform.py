@@ -15,6 +15,7 @@ from mmoe_rec.features.columns import (
     label_values,
     multi_valued_column,
     numeric_column,
+    numeric_null_values,
     one_chunk,
     single_categorical_column,
     weight_column,
@@ -44,6 +45,7 @@ class CompiledSpec:
         reader = spec.transforms.get("reader") or {}
         self.strip = bool(reader.get("strip_whitespace", False))
         self.null_values = tuple(reader.get("null_values") or ())
+        self.text_null_values = numeric_null_values(self.null_values, self.strip)[0]  # see its docstring
         self.lookups = {name: VocabLookup(st["values"], st["value_type"])
                         for name, st in self.features.items() if st["kind"] == "vocab"}
 
@@ -129,7 +131,8 @@ class CompiledSpec:
                 if st["kind"] in ("vocab", "hash"):
                     sparse[name] = self._ids(name, st, col)
                     continue
-                x, miss = numeric_column(col, st["column"], self.null_values, self.strip)
+                nulls = self.null_values if st.get("null_numbers") else self.text_null_values
+                x, miss = numeric_column(col, st["column"], nulls, self.strip)
                 value, indicator = apply_numeric(st, x, miss)
                 if st["transform"] == "bucketize":
                     sparse[name] = pa.array(value, pa.int64())

@@ -168,3 +168,39 @@ def test_a_spec_fitted_before_delimited_null_fields_keeps_its_ids(tmp_path):
     old_spec = FeatureSpec.from_dict(old)
     question = old_spec.transforms["features"]["t"]["values"].index("?") + 1
     assert transform_table(old_spec, frame).column("t").to_pylist()[0] == [question]
+
+
+def test_without_strip_a_whole_delimited_null_field_is_an_empty_list_as_in_csv(tmp_path):
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "t", "multi_valued": True, "delimiter": "|"}],
+              "tasks": [{"name": "y"}], "reader": {"strip_whitespace": False, "null_values": ["", "?", " NA "]}}
+    built = _csv_and_parquet_builds(tmp_path, schema, {"t": [" a|b", "?", " NA ", "b", " ?"]})
+    (spec, csv_rows), (parquet_spec, parquet_rows) = built["csv"], built["parquet"]
+    assert csv_rows["t"][1:3] == [[], []] and len(csv_rows["t"][4]) == 1  # " ?" is no null value without strip
+    assert parquet_spec.version == spec.version and parquet_rows["t"] == csv_rows["t"]
+
+
+def test_blank_null_values_record_nothing_and_keep_the_spec_version(tmp_path):
+    # the marker is written only where it can change an id: a schema with the default null value "" and a
+    # delimited feature keeps the version its specs had
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "t", "multi_valued": True, "delimiter": "|"}],
+              "numeric": [{"name": "x"}], "tasks": [{"name": "y"}],
+              "reader": {"strip_whitespace": True, "null_values": ["", "  "]}}
+    spec, _ = _csv_and_parquet_builds(tmp_path, schema, {"t": ["a|b", "b"], "x": ["1", "2"]})["csv"]
+    assert "null_fields" not in spec.transforms["features"]["t"]
+    assert "null_numbers" not in spec.transforms["features"]["x"]
+
+
+def test_a_spec_fitted_before_numeric_null_values_keeps_reading_a_number_as_that_number(tmp_path):
+    # null value "-1": a spec fitted before read a Parquet text "-1" as the number -1 (its mean and std include it);
+    # it still does. A new fit reads it as missing (as the CSV reader does) and records that (null_numbers)
+    schema = {"id_columns": ["rid"], "numeric": [{"name": "x", "missing_indicator": True}], "tasks": [{"name": "y"}],
+              "reader": {"strip_whitespace": True, "null_values": ["", "-1", "?"]}}
+    spec, rows = _csv_and_parquet_builds(tmp_path, schema, {"x": ["5", "-1", "3", "7"]})["parquet"]
+    assert spec.transforms["features"]["x"]["null_numbers"] is True and rows["x_missing"] == [0, 1, 0, 0]
+    old = spec.to_dict()
+    del old["transforms"]["features"]["x"]["null_numbers"]
+    old.pop("version")
+    old_spec = FeatureSpec.from_dict(old)
+    frame = pd.DataFrame({"rid": [0, 1, 2], "x": ["-1", "?", "5"]})
+    assert transform_table(old_spec, frame).column("x_missing").to_pylist() == [0, 1, 0]  # "?" was an error
+    assert transform_table(spec, frame).column("x_missing").to_pylist() == [1, 1, 0]
