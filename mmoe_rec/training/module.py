@@ -273,9 +273,12 @@ class MultiTaskModule(L.LightningModule):
 
     def _logs_this_step(self) -> bool:
         """Step metrics reach the logger only every `log_every_n_steps`; each `self.log` costs ~0.5-1 ms, so the
-        calls are skipped in between (a small model's whole step is a few ms)."""
+        calls are skipped in between (a small model's whole step is a few ms). The epoch's last batch logs too: a
+        ModelCheckpoint or EarlyStopping watching `train/loss` reads it at the epoch's end, and an epoch shorter
+        than log_every_n_steps failed there (Lightning passes it to the logger only on its own steps)."""
         every = self.trainer.log_every_n_steps
-        return bool(every) and (self.global_step + 1) % every == 0  # Lightning's own rule (step counted from 1)
+        # Lightning's own rule (step counted from 1)
+        return bool(every) and ((self.global_step + 1) % every == 0 or bool(self.trainer.is_last_batch))
 
     def on_fit_start(self) -> None:
         if isinstance(self.weighting, GradNorm) and isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):

@@ -162,6 +162,17 @@ def test_early_stopping_on_chosen_metric(feature_dir, tmp_path):
     assert trainer.current_epoch == 2 and stop.stopped_epoch == 1
 
 
+def test_a_checkpoint_on_train_loss_works_with_epochs_shorter_than_log_every_n_steps(feature_dir, tmp_path):
+    # train/loss was logged only every log_every_n_steps (50 by default): with 3 steps an epoch the checkpoint
+    # found no train/loss at the epoch's end and the fit failed after its first epoch
+    dm = FeatureDataModule(str(feature_dir), batch_size=256, seed=0)
+    best = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="train/loss", mode="min", save_top_k=1)
+    trainer = L.Trainer(max_epochs=2, logger=False, callbacks=[best], limit_train_batches=3, log_every_n_steps=50,
+                        default_root_dir=tmp_path, **FAST)
+    trainer.fit(module_for(dm), dm)
+    assert best.best_model_path and torch.isfinite(best.best_model_score)
+
+
 def test_sparse_model_sample_weights_uncertainty_and_loss_free_bias(make_feature_dir, in_tmp):
     feature_dir = make_feature_dir("weighted", with_weight=True, rows={"train": 1200, "valid": 300, "test": 300})
     L.seed_everything(0)
