@@ -72,7 +72,7 @@ class SpecFitter:
                     self._counters[c.name].update(values)
             for n in self.schema.numeric:
                 x, missing = numeric_column(table.column(n.column), n.column, self.schema.reader.null_values,
-                                            self.schema.reader.strip_whitespace)  # all of them in a new fit
+                                            self.schema.reader.strip_whitespace)  # all: null_numbers recorded
                 if mask is not None:
                     x, missing = x[mask], missing[mask]
                 self._stats[n.name].update(prepare("none" if n.transform == "bucketize" else n.transform, x), missing)
