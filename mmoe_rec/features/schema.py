@@ -228,8 +228,8 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
         if c.delimiter is not None and not c.multi_valued:
             raise FeatureDataError("'delimiter' only applies to multi_valued features", file=source, column=c.name)
         # an option the transform does not read is an error, not silently ignored
-        unused = [k for k in ("min_count", "max_size") if e.get(k) is not None] if c.transform == "hash" else \
-            [k for k in ("buckets",) if e.get(k) is not None]
+        not_read = ("min_count", "max_size") if c.transform == "hash" else ("buckets",)
+        unused = [k for k in not_read if e.get(k) is not None]
         if unused:
             raise FeatureDataError(f"{unused} do not apply to transform {c.transform} ('buckets' is for hash, "
                                    "'min_count' / 'max_size' for vocab)", file=source, column=c.name)
@@ -253,9 +253,10 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
             raise FeatureDataError("'zero_bucket: true' only applies to transform bucketize", file=source,
                                    column=n.name)
         # bucketize gives a missing value its own bucket: no impute, no indicator; only bucketize has buckets
-        unused = ([k for k in ("impute",) if e.get(k) is not None]
-                  + (["missing_indicator"] if e.get("missing_indicator") is True else [])) \
-            if n.transform == "bucketize" else [k for k in ("buckets",) if e.get(k) is not None]
+        not_read = ("impute",) if n.transform == "bucketize" else ("buckets",)
+        unused = [k for k in not_read if e.get(k) is not None]
+        if n.transform == "bucketize" and e.get("missing_indicator") is True:
+            unused.append("missing_indicator")
         if unused:
             raise FeatureDataError(f"{unused} do not apply to transform {n.transform} (bucketize gives a missing "
                                    "value its own bucket; only bucketize has 'buckets')", file=source, column=n.name)

@@ -24,10 +24,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
+from mmoe_rec.training.checkpoint_file import check_checkpoint_file
+from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
-from mmoe_rec.training.gloo_exit import settle_gloo_workers
-from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files
 
