@@ -90,7 +90,7 @@ class MultiTaskModule(L.LightningModule):
         feature_spec: the data's FeatureSpec (linked from the data module by the CLI; a dict in checkpoints).
         task_weights: static per-task weights w_t (default 1 each); multiply whatever `weighting` does.
         weighting: "fixed", "uncertainty" (Kendall et al. 2018), "dwa" (dynamic weight average, Liu et al. 2019)
-            or "gradnorm" (Chen et al. 2018, on `model.last_shared_layer()`; not with sharded embeddings).
+            or "gradnorm" (Chen et al. 2018, on `model.last_shared_layer()`).
         dwa_temperature: T of dynamic weight average.
         gradnorm_alpha: GradNorm's asymmetry alpha (0: equal gradient norms; larger: slower tasks pulled harder).
         aux_loss_coefs: coefficient of each auxiliary loss the model returns (`ModelOutput.aux`); a model aux
@@ -279,11 +279,6 @@ class MultiTaskModule(L.LightningModule):
         every = self.trainer.log_every_n_steps
         # Lightning's own rule (step counted from 1)
         return bool(every) and ((self.global_step + 1) % every == 0 or bool(self.trainer.is_last_batch))
-
-    def on_fit_start(self) -> None:
-        if isinstance(self.weighting, GradNorm) and isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):
-            raise ValueError("weighting 'gradnorm' is not supported with the sharded-embedding strategy (untested "
-                             "there); use it with plain DDP, or another weighting")
 
     def on_train_epoch_start(self) -> None:
         self.last_grad_cosine = None  # an epoch without a probe reports none, not an earlier epoch's

@@ -10,7 +10,7 @@
   gathered to rank 0) reloads into an unsharded module that reproduces the run's validation AUC, and a sharded
   run resumed from it ends bitwise equal to one that ran straight through (tables and their fused optimizer
   state go back into each rank's shards). With single-valued features only, the front's one fused table
-  trains sharded the same way and reloads unsharded.
+  trains sharded the same way and reloads unsharded. GradNorm's step is the same sharded as under plain DDP.
 """
 from __future__ import annotations
 
@@ -187,6 +187,28 @@ def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, mon
     for key, per in a[SHARDED_OPTIMIZER_KEY].items():
         for name, value in per.items():
             torch.testing.assert_close(value, b[SHARDED_OPTIMIZER_KEY][key][name], rtol=0, atol=0, msg=key)
+
+
+def test_gradnorm_under_sharded_embeddings_makes_the_step_plain_ddp_makes(feature_dir, tmp_path, monkeypatch):
+    """GradNorm's per-task gradients of the shared layer (one extra backward per task, averaged over the ranks) do
+    not depend on where the tables live: one step from the same start gives, sharded, the learnt task weights, the
+    reference losses and the dense parameters of plain DDP. One step only: from the second on the tables differ
+    (fused Adagrad against Adam)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    states = {}
+    for strategy in ("ddp", "ddp_sharded_embeddings"):
+        cfg = write_config(tmp_path / strategy / "c.yaml", feature_dir, 64, tmp_path / strategy / "audit", epochs=1,
+                           checkpoint=True)
+        run_two_processes(tmp_path / strategy, cfg, "--trainer.strategy", strategy, "--trainer.max_steps", "1",
+                          "--model.init_args.weighting", "gradnorm")
+        saved = torch.load(tmp_path / strategy / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+        states[strategy] = saved["state_dict"]
+    plain, sharded = states["ddp"], states["ddp_sharded_embeddings"]
+    assert sorted(plain) == sorted(sharded)
+    learnt = plain["weighting.learnt_weights"]
+    assert float((learnt - 1).abs().max()) > 1e-4  # the step moved the weights (away from 1 each)
+    for key in plain:
+        torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_a_fused_table_trains_sharded_and_reloads_unsharded(make_feature_dir, tmp_path, monkeypatch):
