@@ -81,17 +81,22 @@ def _delimiter(path: str, reader: ReaderSpec) -> str:
     return "\t" if name.endswith(".tsv") and reader.delimiter == "," else reader.delimiter
 
 
-def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, block_size: int,
-                on_invalid_row=None):
-    """on_invalid_row: pyarrow's invalid_row_handler; reads single-threaded then, as Arrow numbers rows only so."""
+CSV_BLOCK_BYTES = 1 << 22  # Arrow's read block: CSV is parsed (and held) this much at a time
+
+
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_invalid_row=None):
+    """on_invalid_row: pyarrow's invalid_row_handler; reads single-threaded then, as Arrow numbers rows only so.
+    A quoted field may hold line breaks (RFC 4180): Arrow is told so, or it cuts its blocks at the last line end
+    and refuses a file whose block ends fall inside such a field ("CSV parser got out of sync with chunker")."""
     read = pacsv.ReadOptions(
         column_names=list(reader.column_names) if reader.column_names else None,
         skip_rows=1 if (reader.column_names and reader.header) else 0,
         autogenerate_column_names=not reader.header and not reader.column_names,
-        block_size=block_size,
+        block_size=CSV_BLOCK_BYTES,
         use_threads=on_invalid_row is None,
     )
-    parse = pacsv.ParseOptions(delimiter=_delimiter(path, reader), invalid_row_handler=on_invalid_row)
+    parse = pacsv.ParseOptions(delimiter=_delimiter(path, reader), newlines_in_values=True,
+                               invalid_row_handler=on_invalid_row)
     convert = pacsv.ConvertOptions(
         include_columns=include,
         column_types={c: pa.string() for c in include} if include else None,
@@ -213,7 +218,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         else:
             have = csv_columns(path, reader)
             _check_columns(path, have, columns)
-            batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), 1 << 22)
+            batches = _csv_reader(path, reader, list(dict.fromkeys(columns)))
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
         row = 0
@@ -325,7 +330,7 @@ def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int
         return "error"  # stop there (raising inside Arrow's handler would abort the process)
 
     try:
-        for _ in _csv_reader(path, reader, include, 1 << 22, on_invalid_row=record):
+        for _ in _csv_reader(path, reader, include, on_invalid_row=record):
             pass
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError):
         pass
