@@ -112,7 +112,11 @@ def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_
             if name not in SPLITS:
                 raise FeatureDataError(f"unknown split {name!r} in --input {arg!r} (known: {SPLITS})")
             splits.append(name)
-            weights.append(float(w) if w else 1.0)
+            try:
+                weights.append(float(w) if w else 1.0)
+            except ValueError:  # the pattern takes digits and dots: '.', '1.2.3'
+                raise FeatureDataError(f"--input {arg!r}: the weight of split {name!r}, {w!r}, is not a number "
+                                       "(e.g. train:0.8+valid:0.1+test:0.1=FILES)") from None
         files = tuple(resolve_inputs(m.group(2)))
         keys = input_keys(m.group(2), files)
         if len(splits) == 1:

@@ -93,17 +93,26 @@ class FeatureSpec:
     def from_dict(cls, d: dict[str, Any]) -> "FeatureSpec":
         """The spec of `d`, its version recomputed: checkpoints and caches key on it, so content edited by hand
         under an old version is an error (a FeatureDataError, which is a ValueError)."""
+        if not isinstance(d, dict):
+            raise FeatureDataError(f"not a feature spec: a JSON object was expected, not {type(d).__name__}")
         fmt = d.get("format", SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
-            raise ValueError(f"feature spec format {fmt} is not supported (this mmoe-rec reads format {SPEC_FORMAT})")
-        spec = cls(
-            sparse_features=[SparseFeature(**s) for s in d["sparse_features"]],
-            dense_features=list(d["dense_features"]),
-            tasks=[Task(**t) for t in d["tasks"]],
-            id_columns=list(d.get("id_columns", [])),
-            has_weight=bool(d.get("has_weight", False)),
-            transforms=dict(d.get("transforms", {})),
-        ).finalize()
+            raise FeatureDataError(f"feature spec format {fmt!r} is not supported (this mmoe-rec reads format "
+                                   f"{SPEC_FORMAT!r})")
+        try:
+            spec = cls(
+                sparse_features=[SparseFeature(**s) for s in d["sparse_features"]],
+                dense_features=list(d["dense_features"]),
+                tasks=[Task(**t) for t in d["tasks"]],
+                id_columns=list(d.get("id_columns", [])),
+                has_weight=bool(d.get("has_weight", False)),
+                transforms=dict(d.get("transforms", {})),
+            )
+        except KeyError as e:
+            raise FeatureDataError(f"not a valid feature spec: it has no {e.args[0]!r}") from None
+        except TypeError as e:  # an entry that is not an object, or has fields a feature or task does not take
+            raise FeatureDataError(f"not a valid feature spec: {e}") from None
+        spec.finalize()
         stored = d.get("version") or spec.version  # a spec written without a version just gets one
         if stored != spec.version:
             raise FeatureDataError(f"the feature spec's content does not match its version {stored} (it hashes to "

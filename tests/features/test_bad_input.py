@@ -254,3 +254,13 @@ def test_split_weights_that_cannot_split_are_refused(feat, tmp_path, capsys, pre
     rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), f"{prefix}={raw}")
     assert rc == 1 and "split weights" in capsys.readouterr().err
     _assert_clean(tmp_path, out)
+
+
+@pytest.mark.parametrize("weight", [".", "0.1."])
+def test_a_split_weight_that_is_no_number_is_refused_naming_the_input(feat, tmp_path, capsys, weight):
+    raw = _csv(tmp_path, _good_rows())
+    arg = f"train:{weight}+valid:1={raw}"
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), arg)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"--input {arg!r}" in err and f"{weight!r}, is not a number" in err
+    _assert_clean(tmp_path, out)

@@ -234,3 +234,25 @@ def test_hand_edited_spec_json_is_refused_and_an_unedited_one_loads(tmp_path):
     assert str(tmp_path / "spec.json") in str(e.value)
     d.pop("version")  # a spec written without a version gets its content hash
     assert FeatureSpec.from_dict(d).version not in ("", spec.version)
+
+
+def test_a_spec_json_of_another_format_or_shape_is_an_error_naming_the_file(tmp_path):
+    """A newer format, a format written as text, a missing part or an entry of the wrong shape: each refused by a
+    message naming spec.json (a bare KeyError or an unnamed ValueError before)."""
+    schema = parse_schema(SCHEMA)
+    spec = fit(schema, [pa.table({"rid": [1, 2], "u": ["a", "b"], "h": ["a", "b"], "x": [1.5, 2.25],
+                                  "click": [0, 1]})])
+    good = spec.to_dict()
+    path = tmp_path / "spec.json"
+    cases = {
+        "format 2 is not supported": {**good, "format": 2},
+        "format '1' is not supported": {**good, "format": str(good["format"])},
+        "has no 'sparse_features'": {k: v for k, v in good.items() if k != "sparse_features"},
+        "not a valid feature spec": {**good, "tasks": ["click"]},
+        "a JSON object was expected, not list": [good],
+    }
+    for message, content in cases.items():
+        path.write_text(json.dumps(content))
+        with pytest.raises(FeatureDataError, match=message) as e:
+            FeatureSpec.load(tmp_path)
+        assert str(path) in str(e.value)
