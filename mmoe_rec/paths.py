@@ -1,4 +1,5 @@
-"""Input paths read by the jobs (features, score): one rule for "the same file named twice"."""
+"""Input paths read by the jobs (features, score): one rule for a folder's files, one for "the same file named
+twice"."""
 from __future__ import annotations
 
 import os
@@ -15,3 +16,20 @@ def first_repeated_file(files: Iterable[str]) -> tuple[str, str] | None:
             return seen[real], f
         seen[real] = f
     return None
+
+
+def skipped_name(name: str) -> bool:
+    """A name a folder's listing passes over: "." or "_" first (`_SUCCESS`, `.crc`, a writer's temporary file), as
+    pyarrow's dataset discovery does."""
+    return name.startswith((".", "_"))
+
+
+def folder_files(folder: str) -> list[str]:
+    """Every file under `folder`, recursively (partition folders such as `day=2/` included), sorted, passing over
+    `skipped_name`s (files, and folders with all below them); links are followed, a link back up the tree once."""
+    files, visited = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        visited.add(os.path.realpath(root))  # a link back up the tree is walked once, not forever
+        dirs[:] = [d for d in dirs if not skipped_name(d) and os.path.realpath(os.path.join(root, d)) not in visited]
+        files += [os.path.join(root, n) for n in names if not skipped_name(n)]
+    return sorted(files)

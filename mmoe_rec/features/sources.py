@@ -14,6 +14,7 @@ import csv
 import glob
 import io
 import lzma
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.id_columns import schema_types
 from mmoe_rec.features.schema import ReaderSpec
+from mmoe_rec.paths import folder_files, skipped_name
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".tsv", ".txt")
@@ -42,28 +44,27 @@ def input_format(path: str) -> str:
                            file=path)
 
 
-def _is_data_file(p: Path) -> bool:
-    if not p.is_file() or p.name.startswith((".", "_")):
-        return False
-    try:
-        input_format(str(p))
-        return True
-    except FeatureDataError:
-        return False
-
-
 def resolve_inputs(spec: str) -> list[str]:
-    """A file, a directory (its data files, sorted) or a glob -> sorted list of files."""
+    """A file, a folder or a glob -> sorted list of files. A folder gives every file below it (recursively, as the
+    scoring job reads one), a glob every file it matches; both pass over names that start with "." or "_"
+    (`_SUCCESS`, `.crc`). Any other file must be of a known format: one passed over would lose its rows unseen."""
     p = Path(spec)
     if p.is_dir():
-        files = sorted(str(f) for f in p.iterdir() if _is_data_file(f))
+        files = folder_files(spec)
     elif p.is_file():
         input_format(spec)
         files = [spec]
     else:
-        files = sorted(f for f in glob.glob(spec, recursive=True) if _is_data_file(Path(f)))
+        files = sorted(f for f in glob.glob(spec, recursive=True)
+                       if os.path.isfile(f) and not skipped_name(Path(f).name))
     if not files:
         raise FeatureDataError("no input files found (file, directory or glob)", file=spec)
+    for f in files:
+        try:
+            input_format(f)
+        except FeatureDataError as e:
+            raise FeatureDataError(f"{e.reason}; it is one of --input {spec}'s files: move it out, or name the "
+                                   "data files by a glob", file=f) from None
     return files
 
 

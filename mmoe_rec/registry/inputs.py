@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import os
 
-from mmoe_rec.paths import first_repeated_file
-
-
-def _folder_files(folder: str) -> list[str]:
-    files, visited = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        visited.add(os.path.realpath(root))  # a link back up the tree is walked once, not forever
-        dirs[:] = [d for d in dirs if not d.startswith((".", "_"))
-                   and os.path.realpath(os.path.join(root, d)) not in visited]
-        files += [os.path.join(root, n) for n in names if not n.startswith((".", "_"))]
-    return sorted(files)
+from mmoe_rec.paths import first_repeated_file, folder_files
 
 
 def expand_inputs(inputs: str | os.PathLike | list) -> list[str]:
@@ -29,7 +19,7 @@ def expand_inputs(inputs: str | os.PathLike | list) -> list[str]:
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
         item = str(item)
         if os.path.isdir(item):
-            files += _folder_files(item)
+            files += folder_files(item)
         elif os.path.exists(item):
             files.append(item)
         else:

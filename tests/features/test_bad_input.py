@@ -1,6 +1,8 @@
 """Each kind of bad input gives one FeatureDataError naming file, column and row, and leaves no output."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -264,3 +266,34 @@ def test_a_split_weight_that_is_no_number_is_refused_naming_the_input(feat, tmp_
     err = capsys.readouterr().err
     assert rc == 1 and f"--input {arg!r}" in err and f"{weight!r}, is not a number" in err
     _assert_clean(tmp_path, out)
+
+
+def test_a_folder_input_reads_its_subfolders_and_refuses_a_file_it_cannot_read(feat, tmp_path, capsys):
+    """A folder's files below its top level (a partition folder `day=2/`) were passed over, and so were files of
+    an unknown format: their rows were lost without a word. Now every file below the folder is read, names that
+    start with "." or "_" (`_SUCCESS`, `_tmp/`) passed over as in the scoring job, and any other file must be
+    readable."""
+    import json
+
+    raw = tmp_path / "raw"
+    (raw / "day=2").mkdir(parents=True)
+    (raw / "_tmp").mkdir()
+    _csv(raw, _good_rows(30), "day1.csv")
+    _csv(raw / "day=2", _good_rows(20), "part-0.csv")
+    _csv(raw / "_tmp", _good_rows(7), "part-9.csv")
+    (raw / "_SUCCESS").write_text("")
+    (raw / ".day1.csv.crc").write_text("x")
+    schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
+    rc, out = _run(tmp_path, schema, f"train={raw}")
+    assert rc == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows"]["train"] == 50
+    (source,) = manifest["inputs"]
+    assert [Path(f).relative_to(raw).as_posix() for f in source["files"]] == ["day1.csv", "day=2/part-0.csv"]
+
+    (raw / "day=3.csv.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    for arg in (raw, f"{raw}/*"):
+        rc, out2 = _run(tmp_path / "again", schema, f"train={arg}")
+        err = capsys.readouterr().err
+        assert rc == 1 and f"file {raw / 'day=3.csv.zst'}: unknown input format" in err and str(arg) in err, err
+
