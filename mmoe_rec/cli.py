@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
 JOBS = {
@@ -82,6 +86,26 @@ def _parser_key(chain: list[BaseException], argv: list[str]) -> str | None:
     return short if short in written and full not in written else full
 
 
+def _sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signal.SIGTERM)  # the shell's code for "killed by SIGTERM"
+
+
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job as an exception does, not by Python's default of
+    dying on the spot: the job's cleanup runs, so no `.<output>.tmp-<pid>` is left beside the output (nothing
+    removes it later: the name holds the pid). The handler before is put back after the job (main() may run inside
+    another program); Lightning's subcommands keep Lightning's own handling."""
+    if threading.current_thread() is not threading.main_thread():  # handlers are set from the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     needs_torchrec = bool(argv) and argv[0] in (*LIGHTNING_SUBCOMMANDS, "register", "score") \
@@ -96,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in JOBS:
         module, func = JOBS[argv[0]].split(":")
         try:
-            return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+            with exit_on_sigterm():
+                return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             return _report(e, argv)
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:

@@ -6,7 +6,7 @@
 """
 import sys
 
-from mmoe_rec.features.build import main
+from mmoe_rec.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["features", *sys.argv[1:]]))  # as `mmoe-rec features` runs it: its error report, its set-up

@@ -42,3 +42,42 @@ def test_the_pipelines_scripts_run_their_jobs():
         proc = subprocess.run([sys.executable, str(root / "pipelines" / script), "--help"], capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0 and f"usage: {job}" in proc.stdout, (script, proc.stdout[:300], proc.stderr[-500:])
+
+
+def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
+    """`kill` / `timeout` / a scheduler's cancel send SIGTERM, on which Python dies at once by default: a features
+    build stopped so left its `.<output>.tmp-<pid>` folder (106 MB in a review's run), which nothing removes later.
+    Now the job ends as on an error: its cleanup runs, the exit code is 143 (128 + SIGTERM), no output is written.
+    The build is held at its first batch (patched to wait), so the signal lands mid-job every time."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    (tmp_path / "raw.csv").write_text("city,y\n" + "".join(f"c{i % 5},{i % 2}\n" for i in range(100)))
+    (tmp_path / "s.yaml").write_text("categorical: [{name: city}]\ntasks: [{name: y, column: y, type: binary}]\n")
+    started = tmp_path / "started"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from mmoe_rec.features import build
+        def held(*args):
+            open({str(started)!r}, "w").close()
+            time.sleep(120)
+        build.group_by_split = held
+        from mmoe_rec.cli import main
+        sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv", "--output", "out"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not started.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # the job is mid-write
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not (tmp_path / "out").exists()
