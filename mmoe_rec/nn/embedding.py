@@ -154,6 +154,8 @@ class EmbeddingFront(nn.Module):
                     table = self.ebc.embedding_bags[FUSED_TABLE].weight  # (sum V, d)
                     return gather_rows(table, ids.reshape(-1)).view(rows, num_features * table.shape[1])  # (B, F*d)
         self._check_keys(kjt)
+        if rows == 0:  # torchrec's per-table lookup fails on a batch of no rows (an IndexError naming nothing)
+            return self._dtype_probe.new_zeros(0, sum(self.dims.values()))  # (0, sum of embedding dims)
         if self.fused:
             kjt = self._to_fused_rows(kjt)
         elif type(self.ebc) is not EmbeddingBagCollection:
@@ -172,7 +174,8 @@ class EmbeddingFront(nn.Module):
             pooled = torch.cat([by_key[n] for n in self.sparse_names], dim=1)
         if self.fused and any(self.poolings[n] == "mean" for n in kjt.keys()):
             pooled = self._mean_of_fused_sums(pooled, kjt, rows)
-        return pooled  # (B, sum of embedding dims)
+        # torchrec pools a bfloat16 (or float64) table into float32: the model's dtype, as the fused gather gives
+        return pooled.to(self._dtype_probe.dtype)  # (B, sum of embedding dims)
 
     def _mean_of_fused_sums(self, pooled: torch.Tensor, kjt: KeyedJaggedTensor, rows: int) -> torch.Tensor:
         """The fused table pools by sum (one id a bag: sum = mean); a bag of several ids of a mean-pooled feature

@@ -236,6 +236,34 @@ def test_a_bfloat16_front_gives_bfloat16_inputs():
     assert dense_only.float()(b).dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_front_of_per_table_lookups_gives_the_models_dtype(dtype):
+    """torchrec pools a bfloat16 / float64 table into float32: a model with a multi-valued feature (tables not fused)
+    cast by precision "bf16-true" got float32 inputs for its bf16 layers and failed on the dtype mismatch."""
+    from mmoe_rec.models.mmoe import MMoE
+
+    front = EmbeddingFront(spec(), embedding_dim=4)
+    assert not front.fused
+    want = front(batch())
+    got = front.to(dtype)(batch())
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    model = MMoE(spec(), num_experts=2, embedding_dim=4).to(dtype)
+    assert model(batch()).logits["click"].dtype == dtype
+
+
+@pytest.mark.parametrize("fuse_tables", [True, False])
+def test_a_batch_of_no_rows_pools_to_no_rows(fuse_tables):
+    """The per-table lookup raised torchrec's bare IndexError on a 0-row batch (the fused gather did not)."""
+    sv = spec() if not fuse_tables else single_valued_spec()
+    front = EmbeddingFront(sv, embedding_dim=4, fuse_tables=fuse_tables)
+    keys = list(front.sparse_names)
+    empty = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.zeros(0, dtype=torch.long),
+                                                lengths=torch.zeros(0, dtype=torch.long))
+    out = front(Batch(sparse=empty, dense=torch.zeros(0, sv.dense_dim), labels={}))
+    assert out.shape == (0, front.output_dim) and out.dtype == torch.float32
+
+
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 def test_the_fused_front_pools_by_the_bag_lengths_when_there_are_as_many_ids_as_bags(pooling):
     """Bags [] and [1, 3] hold 2 ids for 2 rows, like two one-id bags: the fast path read them as ids 1 and 3; and
