@@ -323,7 +323,8 @@ def task_gates(gate_names: list[str], tasks: list[str]) -> dict[str, str]:
         if task in gate_names:
             out[task] = task
             continue
-        levels = [g for g in gate_names if g.rsplit("/", 1)[-1] == task and "/" in g]
+        # `<level>/<task>`: the level is before the first "/", the task all after it (a task name may hold "/")
+        levels = [g for g in gate_names if "/" in g and g.split("/", 1)[1] == task]
         if levels:
             out[task] = max(levels, key=_level_number)
     return out

@@ -197,6 +197,9 @@ def test_task_gates_picks_the_last_ple_level_numerically():
 
     names = ["0/a", "9/a", "10/a", "9/shared", "2/b", "11/b"]
     assert task_gates(names, ["a", "b"]) == {"a": "10/a", "b": "11/b"}
+    # a task name holding "/" (the gate is "<level>/<task>"): it was left out, its expert use never logged
+    names = ["0/ctr/v2", "0/cvr", "0/shared", "1/ctr/v2", "1/cvr"]
+    assert task_gates(names, ["ctr/v2", "cvr", "v2"]) == {"ctr/v2": "1/ctr/v2", "cvr": "1/cvr"}
 
 
 def test_sparse_gate_reports_the_fraction_of_rows_sent_beside_the_share_of_assignments():
