@@ -117,8 +117,9 @@ class BatchCollator:
             if self.spec.has_weight:
                 weights = _finite32(rb.column(WEIGHT_COLUMN), WEIGHT_COLUMN, nonnegative=True)
         if self.with_ids:
-            # as Arrow arrays: to_numpy would make an int64 column with a null float64 (ids past 2**53 rounded)
-            ids = {c: rb.column(c) for c in self.spec.id_columns}
+            # as Arrow arrays: to_numpy would make an int64 column with a null float64 (ids past 2**53 rounded);
+            # compacted: a slice of a larger chunk pickles (to the main process) with the chunk's whole buffers
+            ids = {c: pa.concat_arrays([rb.column(c)]) for c in self.spec.id_columns}
         return ArrayBatch(values, lengths, dense, labels, weights, ids)
 
     def _sparse_arrays(self, rb: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:

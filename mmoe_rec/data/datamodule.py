@@ -269,6 +269,7 @@ class FeatureDataModule(L.LightningDataModule):
             chunk_rows=self.chunk_rows,
             finite_columns=collate.finite_columns,
             nonnegative_columns=collate.nonnegative_columns,
+            id_columns=[f.name for f in self.spec.sparse_features],
         )
         ds.set_epoch(self._epoch)
         return FeatureDataLoader(

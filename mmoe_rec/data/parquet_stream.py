@@ -18,8 +18,10 @@ computes the same plan without talking to the others:
    when the data is one row group and the unit shuffle moves nothing.
    Validation / test use the same split, so DDP metrics see every row once (no DistributedSampler padding).
 5. Worker ``k`` of ``K`` takes the contiguous block of its rank's batches ``[k * nb // K, (k + 1) * nb // K)``,
-   i.e. a contiguous row range (two when a drop_last window wraps), so a row group is decoded by at most two
-   workers. The DataLoader therefore yields exactly ``num_batches`` batches on every rank, whatever K is.
+   i.e. a contiguous row range (two when a drop_last window wraps). A worker decodes each row group its range
+   touches from the group's start to the range's end (Arrow reads a row group in chunks from its start), so a row
+   group larger than a worker's share is decoded in part by each worker whose range it holds. The DataLoader
+   yields exactly ``num_batches`` batches on every rank, whatever K is.
 
 Training rows also pass through a shuffle buffer inside each worker (seeded by seed, epoch, rank, worker).
 
@@ -267,18 +269,24 @@ def worker_plan(
 
 
 class _OpenFiles:
-    """The last ``size`` ParquetFiles used, kept open; older ones are closed."""
+    """The last ``size`` ParquetFiles used, kept open; older ones are closed. Their footers stay parsed: a shuffled
+    epoch visits row groups of many files in turn, and parsing a file's footer again at each (every row group's
+    metadata) made 20 files of 10-row groups read 11x slower than 5."""
 
     def __init__(self, size: int = MAX_OPEN_FILES) -> None:
         self.size = size
         self.files: collections.OrderedDict[str, pq.ParquetFile] = collections.OrderedDict()
+        self.footers: dict[str, pq.FileMetaData] = {}
 
     def get(self, path: str) -> pq.ParquetFile:
         pf = self.files.pop(path, None)
-        self.files[path] = pq.ParquetFile(path) if pf is None else pf
+        if pf is None:
+            pf = pq.ParquetFile(path, metadata=self.footers.get(path))
+            self.footers.setdefault(path, pf.metadata)
+        self.files[path] = pf
         if len(self.files) > self.size:
             self.files.popitem(last=False)[1].close()
-        return self.files[path]
+        return pf
 
     def close(self) -> None:
         while self.files:
@@ -294,12 +302,15 @@ def read_rows(
     schema: pa.Schema | None = None,
     finite_columns: Sequence[str] = (),
     nonnegative_columns: Sequence[str] = (),
+    id_columns: Sequence[str] = (),
 ) -> Iterator[pa.RecordBatch]:
     """Rows [start, stop) of the sequence made by ``units`` laid end to end, as RecordBatches of <= chunk_rows.
 
     Each chunk has ``columns`` in that order, those in ``schema`` cast to its type, so chunks of different
-    files merge. Values of ``finite_columns`` must be finite numbers (no null, NaN or inf), and those of
-    ``nonnegative_columns`` also >= 0; else a ValueError names the file, the column and the row in the file.
+    files merge. Values of ``finite_columns`` must be finite numbers (no null, NaN or inf), those of
+    ``nonnegative_columns`` also >= 0, and the ids of ``id_columns`` (sparse features: an int or a list of
+    ints, a null list being an empty bag) not null; else a ValueError names the file, the column and the row in
+    the file. A row group that cannot be decoded (a damaged page) is a ValueError naming the file and row group.
     """
     schema = pa.schema([]) if schema is None else schema
     types = [schema.field(c).type if c in schema.names else None for c in columns]
@@ -313,15 +324,14 @@ def read_rows(
             unit = units[u]
             lo, hi = pos - bounds[u], min(stop, bounds[u + 1]) - bounds[u]  # rows wanted inside this row group
             off = 0
-            chunks = files.get(unit.path).iter_batches(
-                batch_size=chunk_rows, row_groups=[unit.index], columns=columns, use_threads=False
-            )
-            for rb in chunks:
+            for rb in _row_group_chunks(files, unit, columns, chunk_rows):
                 a, b = max(lo, off), min(hi, off + rb.num_rows)
                 if b > a:
                     part = _conform(rb.slice(a - off, b - a), columns, types, unit.path)
                     for c, nonnegative in checks:
                         _check_values(part.column(c), nonnegative, unit.path, c, unit.first_row + a)
+                    for c in id_columns:
+                        _check_ids(part.column(c), unit.path, c, unit.first_row + a)
                     yield part
                 off += rb.num_rows
                 if off >= hi:
@@ -330,6 +340,19 @@ def read_rows(
             u += 1
     finally:
         files.close()
+
+
+def _row_group_chunks(files: _OpenFiles, unit: RowGroup, columns: list[str],
+                      chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """One row group's RecordBatches; a read or decode error (a damaged page: Arrow names neither file nor column)
+    names the file and the row group."""
+    try:
+        yield from files.get(unit.path).iter_batches(
+            batch_size=chunk_rows, row_groups=[unit.index], columns=columns, use_threads=False
+        )
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{unit.path}: row group {unit.index} (rows {unit.first_row}.."
+                         f"{unit.first_row + unit.num_rows - 1} of the file) cannot be read: {e}") from None
 
 
 def _conform(rb: pa.RecordBatch, columns: list[str], types: list[pa.DataType | None], path: str) -> pa.RecordBatch:
@@ -364,6 +387,19 @@ def _check_values(col: pa.Array, nonnegative: bool, path: str, name: str, first_
         f"{path}: column {name} is {'null' if value is None else value} at row {first_row + int(bad[0])} "
         f"({len(bad)} such value(s) in rows {first_row}..{first_row + len(col) - 1}); every value must be {what}"
     )
+
+
+def _check_ids(col: pa.Array, path: str, name: str, first_row: int) -> None:
+    """Raise at the first null id: a null int, or a null inside a list (a null list is an empty bag)."""
+    listed = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+    ids = pc.list_flatten(col) if listed else col
+    if not ids.null_count:
+        return
+    bad = np.flatnonzero(~pc.is_valid(ids).to_numpy(zero_copy_only=False))
+    rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)[bad] if listed else bad
+    raise ValueError(f"{path}: column {name} has a null id at row {first_row + int(rows[0])} ({len(bad)} null id(s) in "
+                     f"rows {first_row}..{first_row + len(col) - 1}); feature Parquet holds an id for every value "
+                     "(a missing one has its own), so the file was not written by `mmoe-rec features` as it is")
 
 
 def _concat(parts: list[pa.RecordBatch]) -> pa.RecordBatch:
@@ -429,7 +465,8 @@ class FeatureParquetStream(IterableDataset):
 
     ``rank`` / ``world_size`` default to ``resolve_rank_world()`` at construction, i.e. in the main process
     after DDP is set up. ``len()`` is the number of batches per rank, the same on every rank.
-    ``finite_columns`` / ``nonnegative_columns``: see ``read_rows`` (labels; sample weights).
+    ``finite_columns`` / ``nonnegative_columns`` / ``id_columns``: see ``read_rows`` (labels; sample weights;
+    sparse features).
     """
 
     def __init__(
@@ -448,6 +485,7 @@ class FeatureParquetStream(IterableDataset):
         chunk_rows: int = 65536,
         finite_columns: Sequence[str] = (),
         nonnegative_columns: Sequence[str] = (),
+        id_columns: Sequence[str] = (),
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
@@ -468,6 +506,7 @@ class FeatureParquetStream(IterableDataset):
         self.chunk_rows = chunk_rows
         self.finite_columns = tuple(finite_columns)
         self.nonnegative_columns = tuple(nonnegative_columns)
+        self.id_columns = tuple(id_columns)
         self.epoch = 0
         len(self)  # fail here, in the main process, if the rows cannot be planned
 
@@ -490,7 +529,7 @@ class FeatureParquetStream(IterableDataset):
         units = [self.index.units[i] for i in order]
         chunks = itertools.chain.from_iterable(
             read_rows(units, start, stop, self.columns, self.chunk_rows, self.index.schema, self.finite_columns,
-                      self.nonnegative_columns)
+                      self.nonnegative_columns, self.id_columns)
             for start, stop in plan.ranges
         )
         if self.shuffle:

@@ -132,6 +132,22 @@ def test_weights_ids_and_task_subset(make_feature_dir):
     assert batch.ids["request_id"].tolist() == rb.column("request_id").to_pylist()
 
 
+def test_a_slice_s_ids_cross_the_worker_pipe_without_the_chunks_buffers(make_feature_dir):
+    """Predict batches are slices of a larger chunk: their id columns pickled (worker -> main process) with the
+    whole chunk's buffers, ~50x the bytes of the batch's ids."""
+    import pickle
+
+    d = make_feature_dir("ids_pickle", rows={"train": 2000})
+    spec = FeatureSpec.load(d)
+    chunk = _record_batch(d)
+    assert chunk.num_rows >= 1000
+    part = chunk.slice(500, 16)
+    arrays = BatchCollator(spec, with_ids=True).arrays(part)
+    whole = len(pickle.dumps(chunk.column("row_id")))
+    assert len(pickle.dumps(arrays.ids["row_id"])) < whole / 20
+    assert arrays.ids["row_id"].to_pylist() == part.column("row_id").to_pylist()
+
+
 def test_unknown_task_is_a_clear_error(feature_dir):
     with pytest.raises(KeyError, match="unknown task 'ctr'"):
         BatchCollator(FeatureSpec.load(feature_dir), tasks=["ctr"])
