@@ -9,6 +9,7 @@ import mlflow
 from mlflow import MlflowClient
 
 import mmoe_rec
+from mmoe_rec.registry.code_version import CODE_TAG, code_fingerprint
 from mmoe_rec.registry.package import load_package, save_package
 from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
 from mmoe_rec.registry.signature import example_input, model_signature
@@ -22,13 +23,16 @@ def register_package(
     run_id: str | None = None,
     experiment: str = "mmoe-rec",
 ) -> tuple[str, str]:
-    """Log `package_dir` as a pyfunc model (inside `run_id` if given) and register it. Returns (name, version)."""
+    """Log `package_dir` as a pyfunc model (inside `run_id` if given) and register it. Returns (name, version).
+
+    The logged model is loaded back and scores its input example before a version is made: a package that cannot
+    score is an error, with nothing registered and no alias moved (a run of our own ends FAILED)."""
     check_model_name(name)
     if alias is not None:
         check_alias(alias)  # the registry refuses it only after the new version exists: a version without its alias
     model = load_package(package_dir)  # fails here, not at serving time, if the package does not load
     spec = model.feature_spec
-    tags = {"feature_spec_version": spec.version, "tasks": ",".join(model.tasks)}
+    tags = {"feature_spec_version": spec.version, "tasks": ",".join(model.tasks), CODE_TAG: code_fingerprint()}
     if run_id is None:
         mlflow.set_experiment(experiment)
         run_ctx = mlflow.start_run(run_name=f"register-{name}")
@@ -39,20 +43,40 @@ def register_package(
             name="model",
             python_model=MultiTaskPyfunc(),
             artifacts={"package": str(package_dir)},
-            registered_model_name=name,
             tags=tags,
             signature=model_signature(spec, tasks=list(model.tasks)),
-            input_example=example_input(spec),  # MLflow scores it while logging: a package that fails, fails here
+            input_example=example_input(spec),  # MLflow only warns when it does not score
             pip_requirements=pip_requirements(),
             code_paths=[str(Path(mmoe_rec.__file__).parent)],  # the model loads where mmoe-rec is not installed
         )
-    version = str(info.registered_model_version)
+        failure = scoring_failure(info.model_uri, spec, list(model.tasks))
+        if failure and run_id is None:
+            raise RuntimeError(failure)  # inside our own run: it ends FAILED
+    if failure:
+        raise RuntimeError(failure)  # a run given by --run-id (a training run) keeps its status
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     if alias:
         client.set_registered_model_alias(name, alias, version)
     return name, version
+
+
+def scoring_failure(model_uri: str, spec, tasks: list[str]) -> str | None:
+    """Why the logged pyfunc at `model_uri` does not load and score its one-row input example, or None."""
+    example = example_input(spec)
+    try:
+        scores = mlflow.pyfunc.load_model(model_uri).predict(example)
+    except Exception as e:  # whatever the model raises: the version must not be made
+        return (f"the logged model does not score its input example ({type(e).__name__}: {e}); nothing was "
+                "registered")
+    wanted = [f"score_{t}" for t in tasks]
+    missing = [c for c in wanted if c not in scores.columns]
+    if missing or len(scores) != len(example):
+        return (f"the logged model scored its {len(example)}-row input example into {len(scores)} rows with columns "
+                f"{list(scores.columns)} (expected {wanted}); nothing was registered")
+    return None
 
 
 def check_model_name(name: str) -> None:

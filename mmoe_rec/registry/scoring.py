@@ -27,6 +27,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types, schema_types
+from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import Scorer
 
@@ -80,6 +81,9 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
         raise MlflowException(f"{e.message.rstrip('.')} in {_store()}",
                               error_code=ErrorCode.Value(e.error_code)) from None
     version = str(version)
+    mismatch = code_mismatch(f"models:/{name}/{version}", client.get_model_version(name, version).tags)
+    if mismatch:
+        print(mismatch, file=sys.stderr)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     return loaded.unwrap_python_model().scorer, name, version
 

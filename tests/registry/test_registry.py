@@ -625,3 +625,44 @@ def test_an_output_that_is_a_folder_is_refused_before_the_model_loads(rec_data, 
     with pytest.raises(ValueError, match="--output must be a file path"):
         score_parquet(scorer, str(rec_data[1]), folder, name, version)
     assert list(folder.iterdir()) == []
+
+
+def test_a_model_that_cannot_score_is_not_registered_and_the_alias_stays(rec_data, package, tracking, monkeypatch):
+    """MLflow only warns when the input example does not score; register made the version and moved the alias onto
+    it all the same. Now the logged model is loaded back and scores its example first."""
+    from mmoe_rec.registry.scorer import Scorer
+
+    _, v1 = register_package(package, "rec-guarded", alias="champion")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("cannot score")
+
+    monkeypatch.setattr(Scorer, "score_table", broken)
+    with pytest.raises(RuntimeError, match=r"does not score its input example \(RuntimeError: cannot score\); "
+                                           "nothing was registered"):
+        register_package(package, "rec-guarded", alias="champion")
+    client = mlflow.MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions("name = 'rec-guarded'")] == [v1]
+    assert str(client.get_model_version_by_alias("rec-guarded", "champion").version) == v1
+    runs = mlflow.search_runs(experiment_names=["mmoe-rec"], order_by=["start_time DESC"])
+    assert runs["status"].iloc[0] == "FAILED"  # the register run of the refused model
+
+
+def test_scoring_with_other_code_than_the_model_was_registered_with_says_so(rec_data, package, tracking, tmp_path,
+                                                                           capsys):
+    """The score job runs the installed mmoe-rec, a pyfunc loaded elsewhere the copy saved with the model: each
+    version records the code it was registered with, and the job warns when it runs other code."""
+    from mmoe_rec.registry.code_version import CODE_TAG, code_fingerprint
+
+    name, version = register_package(package, "rec-code")
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(name, version).tags[CODE_TAG] == code_fingerprint()
+    argv = ["--model", f"models:/{name}/{version}", "--input", str(rec_data[1]), "--overwrite"]
+    assert score_main([*argv, "--output", str(tmp_path / "a.parquet")]) == 0
+    assert "registered with mmoe-rec code" not in capsys.readouterr().err
+    client.set_model_version_tag(name, version, CODE_TAG, "0123456789abcdef")  # as if registered by another release
+    assert score_main([*argv, "--output", str(tmp_path / "b.parquet")]) == 0
+    err = capsys.readouterr().err
+    assert (f"models:/{name}/{version} was registered with mmoe-rec code 0123456789abcdef, and this job runs code "
+            f"{code_fingerprint()}") in err
+    assert pq.read_table(tmp_path / "b.parquet").equals(pq.read_table(tmp_path / "a.parquet"))

@@ -1,0 +1,39 @@
+"""Which mmoe-rec code a model version was registered with, and whether this process runs the same code.
+
+A registered model carries a copy of mmoe-rec's code (`code_paths`): a process that loads it as a pyfunc without
+mmoe-rec imported runs that copy, while `mmoe-rec score`, which has imported the installed mmoe-rec first, runs
+the installed one. After an upgrade the two can transform or score one model version differently, so each version
+is tagged with a fingerprint of the code it was registered with, and the score job says when it runs other code.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import mmoe_rec
+
+CODE_TAG = "mmoe_rec_code"  # model-version tag: code_fingerprint() at registration
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """16 hex digits of SHA-256 over every .py file of the running mmoe_rec package (relative path and bytes)."""
+    root = Path(mmoe_rec.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def code_mismatch(model: str, tags: dict[str, str]) -> str | None:
+    """A warning when `model` (a model version's `tags`) was registered with code other than this process runs;
+    None when the same, or when the version predates the tag."""
+    registered = tags.get(CODE_TAG)
+    if registered is None or registered == code_fingerprint():
+        return None
+    return (f"warning: {model} was registered with mmoe-rec code {registered}, and this job runs code "
+            f"{code_fingerprint()}: its scores can differ from the model's pyfunc, which runs the code saved with "
+            "the model. Register the model again with this code, or score where the code it was registered with "
+            "is installed.")
