@@ -158,7 +158,9 @@ def multi_valued_column(arr, column: str, delimiter: str | None, strip: bool = F
     Parquet / DataFrame rows get the CSV's ids."""
     arr = one_chunk(arr)
     t = arr.type
-    if pa.types.is_null(t):  # every row null (pandas / Arrow type an all-None column so): every list empty
+    # every row missing: Arrow / pandas type an all-None column as null, and pandas reads a CSV column with no value
+    # (or a DataFrame column of NaN) as float64 NaN: every list empty, as when some rows have values
+    if pa.types.is_null(t) or (pa.types.is_floating(t) and not pc.any(pc.invert(pc.is_nan(arr))).as_py()):
         return pa.array([], pa.int64()), np.zeros(len(arr) + 1, dtype=np.int64)
     split = (pa.types.is_string(t) or pa.types.is_large_string(t)) and delimiter is not None
     if split:

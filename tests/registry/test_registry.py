@@ -211,6 +211,10 @@ def test_pyfunc_keeps_the_callers_index_scores_all_missing_lists_and_an_empty_fr
     emptied["interests"], emptied["tags"] = [""], [[]]
     got = model.predict(one)
     assert got["score_click"].iloc[0] == pytest.approx(model.predict(emptied)["score_click"].iloc[0], rel=1e-6)
+    # pandas reads a CSV column with no value in any row as float64 NaN: those lists are empty too (an error before)
+    nan = raw.iloc[[2]].copy()
+    nan["interests"], nan["tags"] = [float("nan")], [float("nan")]
+    assert model.predict(nan)["score_click"].iloc[0] == pytest.approx(got["score_click"].iloc[0], rel=1e-6)
     none = model.predict(raw.iloc[:0])
     assert len(none) == 0 and list(none.columns) == ["row_id", "score_click", "score_conversion"]
 
