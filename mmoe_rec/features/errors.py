@@ -23,3 +23,11 @@ class FeatureDataError(ValueError):
         """The same error, placed in a file and shifted by the batch's first row in that file."""
         row = None if self.row is None else self.row + row_offset
         return FeatureDataError(self.reason, file=self.file or file, column=self.column, row=row)
+
+
+def missing_columns_error(missing: list[str], have: list[str], file: str | None, holder: str = "the input"
+                          ) -> FeatureDataError:
+    """The error for input lacking `missing` columns (all named at once: one at a time takes a run each)."""
+    if len(missing) == 1:
+        return FeatureDataError(f"missing column ({holder} has {have})", file=file, column=missing[0])
+    return FeatureDataError(f"missing columns {', '.join(map(repr, missing))} ({holder} has {have})", file=file)

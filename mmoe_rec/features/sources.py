@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.errors import FeatureDataError, missing_columns_error
 from mmoe_rec.features.id_columns import schema_types
 from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.paths import folder_files, skipped_name
@@ -345,9 +345,9 @@ def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int
 
 
 def _check_columns(path: str, have: list[str], needed: list[str]) -> None:
-    missing = [c for c in needed if c not in set(have)]
+    missing = list(dict.fromkeys(c for c in needed if c not in set(have)))
     if missing:
-        raise FeatureDataError(f"missing column (the file has {have})", file=path, column=missing[0])
+        raise missing_columns_error(missing, have, path, holder="the file")
     twice = [c for c in dict.fromkeys(needed) if have.count(c) > 1]
     if twice:  # Arrow would silently take the first of them
         raise FeatureDataError(f"the file names this column twice (its columns are {have}): which one is meant is "

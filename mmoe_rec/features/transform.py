@@ -20,7 +20,7 @@ from mmoe_rec.features.columns import (
     single_categorical_column,
     weight_column,
 )
-from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.errors import FeatureDataError, missing_columns_error
 from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import apply_numeric
 from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, label_column
@@ -56,6 +56,12 @@ class CompiledSpec:
             if self.weight_column:
                 cols.append(self.weight_column)
         return list(dict.fromkeys(cols))
+
+    def check_columns(self, names: list[str], with_labels: bool, file: str | None = None) -> None:
+        """Refuse input without every column the transform reads, naming all that are missing at once."""
+        missing = [c for c in self.input_columns(with_labels) if c not in names]
+        if missing:
+            raise missing_columns_error(missing, names, file)
 
     def output_schema(self, with_labels: bool, id_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
         fields = [pa.field(c, (id_types or {}).get(c, pa.string())) for c in self.spec.id_columns]
@@ -118,10 +124,7 @@ class CompiledSpec:
         label_cols = [t["column"] for t in self.tasks.values()] + ([self.weight_column] if self.weight_column else [])
         if with_labels is None:
             with_labels = all(c in names for c in label_cols)
-        needed = self.input_columns(with_labels)
-        missing = [c for c in needed if c not in names]
-        if missing:
-            raise FeatureDataError(f"missing column (the input has {names})", file=file, column=missing[0])
+        self.check_columns(names, with_labels, file)
         out: dict[str, pa.Array] = {c: table.column(c) for c in self.spec.id_columns}
         try:
             dense: dict[str, np.ndarray] = {}

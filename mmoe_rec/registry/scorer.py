@@ -9,7 +9,7 @@ import torch
 from mmoe_rec.data.collate import BatchCollator
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.spec import FeatureSpec, label_column
-from mmoe_rec.features.transform import transform_table
+from mmoe_rec.features.transform import compiled, transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
 
@@ -50,13 +50,15 @@ class Scorer:
         self.feature_only = feature_only_columns(self.spec)
 
     def check_raw_columns(self, columns: list[str], source: str = "input") -> None:
-        """Refuse feature Parquet: its features have their raw names, so it would be transformed a second time
-        (ids looked up as raw values, standardized values standardized again) and score wrong without an error."""
+        """Refuse input that lacks raw columns the spec reads (all of them named), and feature Parquet: its features
+        have their raw names, so it would be transformed a second time (ids looked up as raw values, standardized
+        values standardized again) and score wrong without an error."""
         # all of them: feature Parquet always has every label and indicator column, while a wide raw table may
         # happen to carry one such name (a precomputed label_click, the user's own age_missing flag)
         if self.feature_only and self.feature_only <= set(columns):
             raise FeatureDataError(f"this looks like feature Parquet written by `mmoe-rec features` (it has the "
                                    f"columns {sorted(self.feature_only)}); score raw rows", file=source)
+        compiled(self.spec).check_columns(list(columns), with_labels=False, file=source)
 
     @torch.no_grad()
     def score_table(self, table: pa.Table, source: str = "input", row_offset: int = 0) -> pa.Table:

@@ -52,6 +52,12 @@ def test_missing_column(feat, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and str(raw) in err and "'price'" in err and "missing column" in err
     _assert_clean(tmp_path, out)
+    # every missing column at once, not one a run
+    two = feat.write_parquet(tmp_path / "two.parquet", feat.raw_table(20).drop_columns(["price", "user"]))
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), two)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {two}: missing columns 'user', 'price' (the file has" in err, err
+    _assert_clean(tmp_path, out)
 
 
 def test_wrong_type_value_in_numeric_csv_column_names_the_row(feat, tmp_path, capsys):

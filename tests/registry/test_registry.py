@@ -670,3 +670,24 @@ def test_scoring_with_other_code_than_the_model_was_registered_with_says_so(rec_
     assert (f"models:/{name}/{version} was registered with mmoe-rec code 0123456789abcdef, and this job runs code "
             f"{code_fingerprint()}") in err
     assert pq.read_table(tmp_path / "b.parquet").equals(pq.read_table(tmp_path / "a.parquet"))
+
+
+def test_every_missing_column_of_every_file_is_named_before_any_row_is_scored(rec_data, package, tmp_path,
+                                                                              monkeypatch):
+    """A later file lacking columns was found only once every row before it was scored, and one column at a time
+    (fix it, rerun, meet the next)."""
+    from mmoe_rec.registry.scorer import Scorer
+
+    raw = pq.read_table(rec_data[1])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(raw.slice(0, 700), folder / "part-0.parquet")
+    pq.write_table(raw.slice(700).drop_columns(["device", "price"]), folder / "part-1.parquet")
+    scorer, name, version = resolve_model(str(package))
+    scored = []
+    real = Scorer.score_table
+    monkeypatch.setattr(Scorer, "score_table", lambda self, *a, **k: scored.append(1) or real(self, *a, **k))
+    with pytest.raises(FeatureDataError, match="missing columns 'device', 'price'") as info:
+        score_parquet(scorer, str(folder), tmp_path / "scores.parquet", name, version)
+    assert Path(info.value.file).resolve() == (folder / "part-1.parquet").resolve()
+    assert scored == [] and not (tmp_path / "scores.parquet").exists()
