@@ -26,6 +26,8 @@ class MultiTaskModel(nn.Module, abc.ABC):
         names = feature_spec.task_names
         if tasks is None:
             tasks = names
+        if isinstance(tasks, str):  # a YAML `tasks: click` would be read letter by letter
+            raise ValueError(f"tasks must be a list of task names, got the string {tasks!r} (write [{tasks}])")
         unknown = [t for t in tasks if t not in names]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; the feature spec has tasks {names}")

@@ -320,6 +320,7 @@ def test_models_rebuild_from_class_path_and_state_dict():
     (MMoE, {"tasks": ["nope"]}, r"unknown task\(s\) \['nope'\]"),
     (MMoE, {"tasks": [TASKS[0], TASKS[0]]}, "name a task twice"),  # a second gate would overwrite the first's
     (PLE, {"tasks": [TASKS[1], TASKS[1]]}, "name a task twice"),
+    (MMoE, {"tasks": TASKS[0]}, f"tasks must be a list of task names, got the string '{TASKS[0]}'"),
 ])
 def test_bad_configuration_is_rejected(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
