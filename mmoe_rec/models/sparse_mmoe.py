@@ -132,6 +132,10 @@ class SparseMMoE(MultiTaskModel):
         if router == "expert_choice" and eval_capacity_factor is not None:
             raise ValueError("expert choice scores with dropless token-choice top-k at evaluation (a row is scored on "
                              "its own): eval_capacity_factor does not apply; leave it None")
+        if eval_capacity_factor is not None and capacity_factor is None and not num_shared_experts:
+            raise ValueError("eval_capacity_factor without capacity_factor or shared experts: the rows evaluation drops "
+                             "would go to the dense fallback expert, which dropless training never trains (it stays "
+                             "at its random start); set capacity_factor too, or num_shared_experts >= 1")
         if dispatch_layout not in LAYOUTS:
             raise ValueError(f"unknown dispatch_layout {dispatch_layout!r}; expected one of {LAYOUTS}")
         balance = {**default_balance(router, noise, loss_free_bias), **(balance or {})}
@@ -228,7 +232,8 @@ class SparseMMoE(MultiTaskModel):
         experts, _, weights = r.assignments()
         out = {}
         if "importance" in self.balance:  # before capacity: what the gate asked for
-            importance = torch.zeros(self.num_experts, device=weights.device).index_add(0, experts, weights.float())
+            importance = torch.zeros(self.num_experts, device=weights.device, dtype=torch.float32).index_add(
+                0, experts, weights.float())
             out["importance"] = cv_squared(importance)
         if "load" in self.balance:
             out["load"] = load_loss(r.load_prob).to(r.logits.device)
@@ -288,15 +293,17 @@ class SparseMMoE(MultiTaskModel):
         if shared_mean is not None:
             return h + (dropped_mass.unsqueeze(1) * shared_mean).to(h.dtype)
         idx = (dropped_mass > 0).nonzero().squeeze(1)
-        if idx.numel() == 0:
+        if idx.numel() == 0 and not (self.training and torch.is_grad_enabled()):
             return h
+        # in training even on no rows: the fallback's parameters then get a (zero) gradient, which DDP needs of
+        # every parameter each step unless find_unused_parameters is set
         fb = self.fallback.forward_all(x.index_select(0, idx))[0]  # (n, D) only the affected rows
         # cast after the product: under autocast a layer-norm fallback comes back in float32 while h may be bf16
         return h.index_add(0, idx, (dropped_mass.index_select(0, idx).unsqueeze(1) * fb).to(h.dtype))
 
     def _record(self, task: str, r: Routing, experts, rows, weights, n_dropped: int, T: int) -> GateRecord:
         with torch.no_grad():
-            combine = torch.zeros(T, self.num_experts, device=r.logits.device)
+            combine = torch.zeros(T, self.num_experts, device=r.logits.device, dtype=torch.float32)
             combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
             # on the gate's device: the monitor adds them to device sums every step without a host copy
             # (the dropped fraction is the monitor's own `dropped_frac`, from `dropped` and the assignments)

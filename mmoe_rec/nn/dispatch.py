@@ -287,7 +287,10 @@ class ExpertDispatch(torch.autograd.Function):
                 else:
                     h = z
                     acts.append(torch.empty(0))
-            out.index_add_(0, out_rows[s0:s1], h * slot_w[s0:s1].unsqueeze(1))  # h is y (s, D) now
+            w = slot_w[s0:s1].unsqueeze(1)  # (s, 1)
+            # a padding slot (weight 0) ran its expert on row 0: 0 * y is NaN where y overflowed (float16), which
+            # would make row 0's output NaN though row 0 never chose that expert; a 0 weight adds exactly 0
+            out.index_add_(0, out_rows[s0:s1], torch.where(w != 0, h * w, 0.0))  # h is y (s, D) now
             saved += [*ins, *acts, h, *normed, *masks]
         ctx.meta = (capacity, activation, activate_last, L, E, dropout, norm, blocks)
         ctx.save_for_backward(x, slot_w, rows, out_rows, experts, offsets if offsets is not None else torch.empty(0),

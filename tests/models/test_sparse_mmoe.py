@@ -174,6 +174,55 @@ def test_dropped_count_matches_brute_force_and_dropped_rows_keep_an_input():
     assert tower_in.abs().sum() > 0  # what replaces the dropped mass is not zero
 
 
+def test_drops_fall_back_to_the_dense_fallback_expert_without_shared_experts():
+    """What reaches the tower: the kept assignments' mixture plus each row's dropped mass times the fallback expert
+    (a fallback left out passed every test before)."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, capacity_factor=0.25, noise=False, expert_hidden=[8, 8])
+    assert model.fallback is not None
+    x = features(40)
+    out = model.forward_dense(x)
+    r = model.gates[TASKS[0]](x)
+    keep = apply_capacity(r.chosen, 4, capacity_for(40, 1, 4, 0.25))
+    assert (~keep).any()
+    routed = model.experts.forward_dense(x, r.combine * torch.zeros(40, 4).scatter(1, r.chosen, keep.float()))
+    dropped_mass = (r.weights * ~keep).sum(1, keepdim=True)
+    expected = model.towers[TASKS[0]](routed + dropped_mass * model.fallback.forward_all(x)[0])
+    torch.testing.assert_close(out.logits[TASKS[0]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_fallback_expert_has_a_gradient_in_a_step_that_drops_nothing(tmp_path):
+    """DDP (find_unused_parameters off, its default) needs a gradient for every parameter each step: with a
+    capacity no row exceeded, the fallback expert was skipped and the second step failed ("Expected to have
+    finished reduction in the prior iteration"). It now runs on no rows: zero gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, capacity_factor=4.0, noise=False)
+    out = model.forward_dense(features(40))
+    assert all(int(out.routing[t].dropped) == 0 for t in TASKS)
+    sum(v.sum() for v in out.logits.values()).backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.fallback.parameters())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        for _ in range(3):
+            sum(v.sum() for v in ddp(batch(32)).logits.values()).backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_float64_default_dtype_does_not_break_the_routing_sums():
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = SparseMMoE(spec(), num_experts=4, k=2, balance={"importance": True})
+        out = model(batch(16))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert out.routing[TASKS[0]].combine.dtype == torch.float32 and torch.isfinite(out.aux["importance"])
+
+
 def test_drops_fall_back_to_shared_experts_when_there_are_some():
     torch.manual_seed(0)
     model = SparseMMoE(spec(), num_experts=4, k=1, capacity_factor=0.25, num_shared_experts=2, noise=False,
@@ -277,7 +326,9 @@ def test_a_batch_of_no_rows_gives_finite_aux_losses(router, k):
     (dict(noise=False, balance={"load": True}), "load balance loss"),
     (dict(router="switch", k=1, balance={"load": True}), "load balance loss"),
     (dict(router="expert_choice", balance={"load": True}), "load balance loss"),
-    (dict(router="expert_choice", eval_capacity_factor=2.0), "eval_capacity_factor"),
+    (dict(router="expert_choice", eval_capacity_factor=2.0), "eval_capacity_factor does not apply"),
+    # the rows evaluation drops would go to a fallback expert that dropless training never trains
+    (dict(eval_capacity_factor=1.0), "dropless training never trains"),
     (dict(router="expert_choice", balance={"switch": True}), "constant 1 under expert choice"),
     # switch is top-1: with fine_grained m it would route 1 expert where m are promised (and size capacity for m)
     (dict(router="switch", k=1, fine_grained=2, expert_hidden=[16, 8]), "fine_grained"),
@@ -448,7 +499,7 @@ def test_recorded_probabilities_are_the_clean_router_ones_not_the_training_noise
 
 
 @pytest.mark.parametrize("layout", ["auto", "padded", "grouped"])
-@pytest.mark.parametrize("extra", [{}, {"eval_capacity_factor": 1.0}, {"num_shared_experts": 1}])
+@pytest.mark.parametrize("extra", [{}, {"capacity_factor": 2.0, "eval_capacity_factor": 1.0}, {"num_shared_experts": 1}])
 def test_a_batch_of_no_rows_gives_empty_logits_and_gradients(layout, extra):
     """The padded plan put E padding slots on row 0 of an empty input, and -1 in a view cannot size 0 elements."""
     model = SparseMMoE(spec(), embedding_dim=7, num_experts=4, k=2, expert_hidden=[16, 8], noise=False,

@@ -195,6 +195,25 @@ def test_dispatch_with_dropout_gradcheck_and_eval_is_unchanged(act):
     assert (mean - expected).abs().max() < 0.05 * expected.abs().max()
 
 
+def test_a_padding_slot_whose_expert_overflows_leaves_row_0_alone():
+    """Padding slots run their expert on row 0 with weight 0; where that expert overflows on row 0 (float16),
+    0 * inf = NaN made row 0's output NaN although row 0 never chose it. Now row 0 equals the loop's."""
+    torch.manual_seed(0)
+    stack = StackedExperts(2, 4, [8, 4])
+    with torch.no_grad():
+        for w in stack.weights:
+            w[1].mul_(3000.0)  # expert 1 overflows float16 (max 65504) on a large input
+    stack = stack.to(torch.float16)
+    x = torch.tensor([[5.0, 5, 5, 5], [0.01, 0.01, 0.01, 0.01], [0.01, -0.01, 0.01, -0.01]], dtype=torch.float16)
+    assert not torch.isfinite(stack.forward_all(x[:1])[1]).all()
+    experts, rows, w = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.float16)
+    plan = stack.plan(experts, rows, layout="padded", dtype=torch.float16)
+    assert plan.capacity == 2 and plan.rows.tolist() == [0, 1, 2, 0]  # expert 1's padding slot holds row 0
+    out = stack(x, plan, w)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, stack.forward_loop(x, experts, rows, w), rtol=0, atol=0)
+
+
 def test_multi_gate_outputs_go_to_their_own_rows():
     torch.manual_seed(0)
     T, E, d, G = 10, 5, 4, 3
