@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -92,12 +91,9 @@ def _store() -> str:
     """The tracking URI in use, without a password it may carry (the message goes to logs)."""
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+    from mmoe_rec.training.tracking import redacted
+
+    return redacted(mlflow.get_tracking_uri())
 
 
 def _file_sha256(path: Path) -> str:

@@ -29,7 +29,7 @@ from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
 from mmoe_rec.training.sharding import register_strategy
-from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files
+from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files, metric_name_part_problem, redacted
 
 DEFAULT_LOGGER = {
     "class_path": "mmoe_rec.training.tracking.MLflowTracker",
@@ -71,6 +71,19 @@ def check_monitors(trainer, module: MultiTaskModule) -> None:
         if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
             raise ValueError(f"{who} monitors {monitor!r}, which this model does not log (tasks {module.tasks}; "
                              f"validation metrics: {', '.join(logged)})")
+
+
+def check_task_names_for_mlflow(trainer, module: MultiTaskModule) -> None:
+    """Before the MLflow run is made: every task name can stand in a metric name (`val/<task>/auc`). Lightning would
+    log others with characters deleted, or fail at the first metric once training has started."""
+    if not any(isinstance(logger, MLFlowLogger) for logger in trainer.loggers):
+        return
+    for task in module.tasks:
+        problem = metric_name_part_problem(task)
+        if problem:
+            raise ValueError(f"task {task!r} cannot be named in MLflow metrics (val/{task}/auc, ...): {problem}; "
+                             "rename it in the feature schema and rebuild the features, or train without the "
+                             "MLflow logger (--trainer.logger false)")
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -140,11 +153,13 @@ class MultiTaskCLI(LightningCLI):
             import mlflow
 
             # from None: the CLI prints the last user error of a chain, which would be MLflow's raw text again
-            raise TrackingUnavailable(f"MLflow tracking store {mlflow.get_tracking_uri()} refused the run's first "
-                                      f"call (is it an MLflow tracking server?): {e.message[:300]}") from None
+            store = redacted(mlflow.get_tracking_uri())
+            raise TrackingUnavailable(f"MLflow tracking store {store} refused the run's first call (is it an MLflow "
+                                      f"tracking server?): {e.message[:300]}") from None
 
     def _before(self, splits: tuple[str, ...]) -> None:
         check_data_for_module(self.datamodule, self.model, splits)
+        check_task_names_for_mlflow(self.trainer, self.model)
         directory = self.config[self.subcommand].get("checkpoint_dir")
         if directory:
             for cb in self.trainer.checkpoint_callbacks:

@@ -21,6 +21,8 @@ keep MLflow's own value.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
 import json
 import os
@@ -34,7 +36,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from lightning.pytorch.loggers import MLFlowLogger
@@ -59,10 +61,26 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     caches one store per URI string: a later chdir would otherwise keep writing to the first directory's file."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        path = uri[len("sqlite:///"):]
+        path, query = _sqlite_path(uri)
         if path and path != ":memory:":
-            uri = "sqlite:///" + str(Path(path).expanduser().resolve())
+            uri = "sqlite:///" + str(Path(path).expanduser().resolve()) + query
     return uri
+
+
+def _sqlite_path(uri: str) -> tuple[str, str]:
+    """(the database file's path, the query string with its '?', or "") of a sqlite:/// URI: SQLAlchemy reads
+    `?timeout=30` as an option, not as part of the file name."""
+    path, sep, query = uri[len("sqlite:///"):].partition("?")
+    return path, sep + query
+
+
+def redacted(uri: str) -> str:
+    """`uri` without a password it may carry (messages go to logs)."""
+    parts = urlparse(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
 
 
 FIT_URI_SETTING = "trainer.logger.init_args.tracking_uri"
@@ -76,7 +94,7 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str 
     if parsed.scheme in ("http", "https"):
         probe_http_server(uri, timeout, hint)
     elif parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):]
+        path = _sqlite_path(uri)[0]
         if path and path != ":memory:":
             folder = Path(path).expanduser().resolve().parent
             if not folder.is_dir():
@@ -118,9 +136,15 @@ def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = ""
     server, and MLflow's own calls then report what is wrong): only "nobody answers" is this check's business.
     A TLS error also means a server answered; certificates are left to MLflow, which has its own settings for them.
     """
-    url = uri.rstrip("/") + "/health"
+    parts = urlparse(uri.rstrip("/") + "/health")
+    headers = {}
+    if parts.username is not None:  # urllib takes no user:password@ in a URL (MLflow's requests does): a header
+        login = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(login).decode()
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    url = parts.geturl()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="GET"), timeout=timeout):
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers, method="GET"), timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # an HTTP status line came back: a server is there
@@ -139,7 +163,8 @@ def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = ""
     except (OSError, ValueError, http.client.HTTPException) as e:  # closed without a reply, not HTTP, bad URL
         why = f"{type(e).__name__}: {e}"
     raise TrackingUnavailable(
-        f"MLflow tracking server {uri} is unreachable ({why}; probed with a {timeout:g} s timeout); {hint}".rstrip("; ")
+        f"MLflow tracking server {redacted(uri)} is unreachable ({why}; probed with a {timeout:g} s timeout); "
+        f"{hint}".rstrip("; ")
     )
 
 
@@ -211,14 +236,59 @@ def git_dirty(start: str | os.PathLike | None = None) -> bool | None:
     return bool(done.stdout.strip()) if done.returncode == 0 else None
 
 
+# What Lightning's MLFlowLogger keeps of a metric name (it deletes every other character, with a warning)
+_METRIC_CHARS = re.compile(r"[A-Za-z0-9_/. -]+")
+MAX_PARAM_KEY_CHARS = 250  # MLflow's limit on a param's name
+
+
+def metric_name_part_problem(name: str) -> str | None:
+    """Why `name` (a task name) cannot stand inside a metric name such as `val/<name>/auc` as MLflow logs it through
+    Lightning, or None: Lightning deletes characters outside [A-Za-z0-9_/. -] (`ctr@7d` would log as `ctr7d`,
+    `点击` as nothing: `train//loss`, which MLflow refuses mid-fit), and MLflow refuses a name its path
+    normalisation changes (an empty, `.` or `..` part between slashes)."""
+    if not _METRIC_CHARS.fullmatch(name):
+        bad = sorted(set(_METRIC_CHARS.sub("", name)))
+        return (f"characters {''.join(bad)!r} are not kept in MLflow metric names (letters A-Z a-z, digits, _ - . / "
+                "space)")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "an empty, '.' or '..' part between slashes makes MLflow refuse the metric name"
+    return None
+
+
+def _param_key(name: str) -> str:
+    """`name` as MLflow takes a param key: characters it refuses (outside word characters and / . - space :) as
+    '_', empty / '.' / '..' path parts dropped, at most MAX_PARAM_KEY_CHARS (a cut key ends with a hash of it)."""
+    key = re.sub(r"[^\w/.\- :]", "_", name)
+    key = "/".join(part for part in key.split("/") if part not in ("", ".", "..")) or "_"
+    if len(key) > MAX_PARAM_KEY_CHARS:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        key = f"{key[:MAX_PARAM_KEY_CHARS - 10]}-{digest}"
+    return key
+
+
 def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts -> `a/b/c` keys; a value longer than MLflow takes (MAX_PARAM_CHARS) is cut, with a warning
-    (config.yaml holds it whole)."""
+    (config.yaml holds it whole); a key MLflow would refuse (a character it does not take, an empty part, over
+    MAX_PARAM_KEY_CHARS) is logged under a key it takes, with a warning (a refused key failed the run)."""
+    flat = _flatten(params, prefix)
+    out = {name: text for name, text in flat.items() if _param_key(name) == name}
+    for name, text in flat.items():
+        key = _param_key(name)
+        if key == name:
+            continue
+        while key in out or key in flat:  # a name taken already: keep both
+            key += "_"
+        rank_zero_warn(f"param {name!r} is not a name MLflow takes: logged as {key!r}")
+        out[key] = text
+    return out
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(flatten_params(value, name + "/"))
+            out.update(_flatten(value, name + "/"))
         else:
             text = json.dumps(value, default=str) if not isinstance(value, str) else value
             if len(text) > MAX_PARAM_CHARS:
@@ -285,7 +355,7 @@ class MLflowTracker(MLFlowLogger):
                 run_id=run_id,
             )
         except Exception as e:  # one line that says which store, not a union-validation error from the CLI parser
-            raise TrackingUnavailable(f"MLflow tracking store {uri}: {type(e).__name__}: {e}") from e
+            raise TrackingUnavailable(f"MLflow tracking store {redacted(uri)}: {type(e).__name__}: {e}") from e
         self._resume_index: int | None = None
 
     def resume_index(self) -> int:

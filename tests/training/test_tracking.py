@@ -115,6 +115,40 @@ def test_flatten_params_nested_and_long_values():
     assert len(cut) == MAX_PARAM_CHARS == 6000 and cut.endswith("...")
 
 
+def test_param_names_mlflow_refuses_are_logged_under_names_it_takes(tmp_path):
+    """An empty dict key, a character MLflow does not take in a param name, a name over 250 characters: each made
+    log_hyperparams raise and the run end FAILED. Now each is logged under a name MLflow takes, none overwritten."""
+    nested = {"model": {"": 1, "a@b": 2, "a_b": 3, "..": 4, "k" * 300: 5, "ok": 6}}
+    with pytest.warns(UserWarning, match="is not a name MLflow takes"):
+        flat = flatten_params(nested)
+    assert sorted(flat.values()) == ["1", "2", "3", "4", "5", "6"] and flat["model/a_b"] == "3"
+    assert flat["model/ok"] == "6" and all(len(k) <= 250 for k in flat)
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.warns(UserWarning):
+        tracker.log_hyperparams(nested)
+    logged = tracker.experiment.get_run(tracker.run_id).data.params
+    assert sorted(logged.values()) == ["1", "2", "3", "4", "5", "6"]
+
+
+@pytest.mark.parametrize("task,ok", [("click", True), ("ctr/v2", True), ("a b-c.d", True), ("ctr@7d", False),
+                                     ("点击", False), ("a//b", False), ("/a", False), ("a/..", False)])
+def test_a_task_name_mlflow_metrics_cannot_hold_is_refused_before_the_run(tmp_path, task, ok):
+    """Lightning deletes characters outside [A-Za-z0-9_/. -] from metric names: `ctr@7d`'s metrics were renamed
+    `val/ctr7d/auc`, and `点击`'s `train//loss` failed the fit at its first log, once training had started."""
+    from types import SimpleNamespace
+
+    from mmoe_rec.training.cli import check_task_names_for_mlflow
+
+    module = SimpleNamespace(tasks=["other", task])
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if ok:
+        check_task_names_for_mlflow(SimpleNamespace(loggers=[tracker]), module)
+    else:
+        with pytest.raises(ValueError, match=f"task {re.escape(repr(task))} cannot be named in MLflow metrics"):
+            check_task_names_for_mlflow(SimpleNamespace(loggers=[tracker]), module)
+    check_task_names_for_mlflow(SimpleNamespace(loggers=[]), module)  # no MLflow logger: no such limit
+
+
 def test_a_run_logged_into_again_keeps_its_params_and_config(tmp_path):
     """A fit resumed into its earlier run with another batch size: MLflow refused the changed param, which left
     the finished run FAILED with its config.yaml replaced by one that never trained it."""
@@ -306,3 +340,45 @@ def test_a_run_whose_files_cannot_be_logged_ends_failed_not_running(tmp_path, mo
     with pytest.raises(PermissionError, match="not permitted"):
         MultiTaskCLI._log_config(fake)
     assert tracker.experiment.get_run(run_id).info.status == "FAILED"
+
+
+def test_a_server_uri_with_a_login_is_probed_with_it_and_errors_hide_the_password():
+    """urllib takes no user:password@ in a URL: such a store (MLflow's own client takes it) was called unreachable,
+    and the message printed the password."""
+    import base64
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        check_tracking_uri(f"http://ann:s%40cret@127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert seen == ["Basic " + base64.b64encode(b"ann:s@cret").decode()]
+    with pytest.raises(TrackingUnavailable, match="unreachable") as info:
+        check_tracking_uri(f"http://ann:secret@127.0.0.1:{free_port()}", timeout=2)
+    assert "ann:***@127.0.0.1" in str(info.value) and "secret" not in str(info.value)
+
+
+def test_a_sqlite_uri_with_options_checks_and_creates_the_database_file_itself(tmp_path, monkeypatch):
+    """`?timeout=30` was taken as part of the file name: an empty `mlflow.db?timeout=30` was made and checked."""
+    monkeypatch.chdir(tmp_path)
+    uri = resolve_tracking_uri("sqlite:///mlflow.db?timeout=30")
+    assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=30"
+    check_tracking_uri(uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
