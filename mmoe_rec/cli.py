@@ -86,24 +86,35 @@ def _parser_key(chain: list[BaseException], argv: list[str]) -> str | None:
     return short if short in written and full not in written else full
 
 
+class _Terminated(SystemExit):
+    """Raised by the SIGTERM handler of `exit_on_sigterm`."""
+
+
 def _sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signal.SIGTERM)  # the shell's code for "killed by SIGTERM"
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise _Terminated(128 + signal.SIGTERM)  # the shell's code for "killed by SIGTERM"
 
 
 @contextlib.contextmanager
 def exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job as an exception does, not by Python's default of
-    dying on the spot: the job's cleanup runs, so no `.<output>.tmp-<pid>` is left beside the output (nothing
-    removes it later: the name holds the pid). The handler before is put back after the job (main() may run inside
-    another program); Lightning's subcommands keep Lightning's own handling."""
-    if threading.current_thread() is not threading.main_thread():  # handlers are set from the main thread only
+    """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job through its cleanup, then the process at once,
+    as SIGTERM's default does: without it no `.<output>.tmp-<pid>` would be removed (nothing removes it later: the
+    name holds the pid). The process ends by os._exit once the exception has come through the job: an interpreter
+    shutdown while a reader thread is still inside Python (Arrow reading an .xz file through Python's lzma) aborted
+    the process. Only where SIGTERM has its default action (a host program's own handler is left alone), and from
+    the main thread (the only one that may set handlers); the action before is put back after the job."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _sigterm)
+    signal.signal(signal.SIGTERM, _sigterm)
     try:
         yield
+    except _Terminated as e:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:

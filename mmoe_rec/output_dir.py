@@ -5,8 +5,12 @@ Both `mmoe-rec features` and `mmoe-rec synth` write into a temporary directory b
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -21,11 +25,33 @@ def output_dir_problem(output: Path, overwrite: bool) -> str | None:
 
 def replace_dir(new: Path, output: Path) -> None:
     """Put the complete directory `new` at `output`. An existing output is moved aside first and deleted only
-    after the rename, so that a failure in between leaves one of the two whole."""
-    if output.exists():
-        old = output.parent / f".{output.name}.old-{os.getpid()}"
-        os.replace(output, old)
-        os.replace(new, output)
+    after the rename, so that a failure in between leaves one of the two whole. SIGTERM waits until both renames
+    are done (between them the output would be missing, the old one set aside)."""
+    with _sigterm_held():
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+            os.replace(new, output)
+        else:
+            old = None
+            os.replace(new, output)
+    if old is not None:
         shutil.rmtree(old)
-    else:
-        os.replace(new, output)
+
+
+@contextlib.contextmanager
+def _sigterm_held() -> Iterator[None]:
+    """A SIGTERM that arrives in the block is taken after it, by the handler in force before (the process default
+    included). Signals cannot be blocked for Python code alone: any thread may receive one, and Python runs its
+    handler in the main thread at once; so the handler is swapped for one that only notes the signal."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if got:
+            os.kill(os.getpid(), signal.SIGTERM)  # now, to the handler before

@@ -81,3 +81,85 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
         proc.kill()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_while_arrow_reads_an_xz_file_through_python_ends_the_job_cleanly(tmp_path):
+    """.xz input is read by Arrow's CSV reader from Python's lzma file, on Arrow's own threads. SIGTERM ended the job
+    through SystemExit and then the interpreter's shutdown, during which such a thread, still inside Python's read,
+    aborted the process (exit 134, "Fatal Python error: PyGILState_Release"). The reads are slowed here so that one
+    is in progress when the signal comes."""
+    import lzma
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    with lzma.open(tmp_path / "raw.csv.xz", "wt", preset=0) as f:
+        f.write("city,y\n" + "".join(f"c{i % 5},{i % 2}\n" for i in range(20_000)))
+    (tmp_path / "s.yaml").write_text("categorical: [{name: city}]\ntasks: [{name: y, column: y, type: binary}]\n")
+    reading = tmp_path / "reading"
+    script = textwrap.dedent(f"""
+        import lzma, os, sys, time
+        from mmoe_rec.features import sources
+
+        class Slow:
+            def __init__(self, f):
+                self.f = f
+            def read(self, n=-1):
+                if any(p.startswith(".out.tmp-") for p in os.listdir({str(tmp_path)!r})):
+                    open({str(reading)!r}, "w").close()  # the transform pass is reading
+                time.sleep(0.05)
+                return self.f.read(min(n, 4096) if n and n > 0 else 4096)
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+            def __enter__(self):
+                return self
+            def __exit__(self, *exc):
+                self.f.close()
+
+        real = lzma.open
+        sources.lzma.open = lambda *a, **k: Slow(real(*a, **k))
+        from mmoe_rec.cli import main
+        sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv.xz", "--output", "out"]))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not reading.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read()
+        assert code == 128 + signal.SIGTERM, (code, err[-2000:])
+        assert "Fatal Python error" not in err and "terminate called" not in err
+    finally:
+        proc.kill()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_host_programs_sigterm_handler_is_left_alone_and_the_default_restored(monkeypatch):
+    """main() run inside another program: its own SIGTERM handler stays in force during the job; where SIGTERM has
+    its default action, the job's handler is installed for the job only."""
+    import signal
+
+    from mmoe_rec import cli
+    from mmoe_rec.features import build
+
+    during = []
+    monkeypatch.setattr(build, "main", lambda argv: during.append(signal.getsignal(signal.SIGTERM)) or 0)
+
+    def host(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, host)
+    try:
+        assert cli.main(["features"]) == 0 and during[-1] is host
+        assert signal.getsignal(signal.SIGTERM) is host
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        assert cli.main(["features"]) == 0 and during[-1] is cli._sigterm
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

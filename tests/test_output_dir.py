@@ -1,0 +1,34 @@
+"""output_dir.replace_dir: the new directory takes the output's place whole, a SIGTERM taken only after the swap."""
+from __future__ import annotations
+
+import os
+import signal
+
+from mmoe_rec import output_dir
+
+
+def test_replace_dir_swaps_whole_and_takes_a_sigterm_only_after_the_renames(tmp_path, monkeypatch):
+    """Between its two renames the output is missing and the old one set aside: a SIGTERM there (whose handler
+    ends the job) left the output deleted. It is now taken by the handler in force once both renames are done."""
+    out, new = tmp_path / "out", tmp_path / ".out.tmp"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "new.txt").write_text("new")
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if src == new:  # the second rename: a SIGTERM arrives just before it
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_replace(src, dst)
+        seen.append(("renamed", dst))
+
+    monkeypatch.setattr(output_dir.os, "replace", replace)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(("sigterm", None)))
+    try:
+        output_dir.replace_dir(new, out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [what for what, _ in seen] == ["renamed", "renamed", "sigterm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "new.txt").read_text() == "new"
