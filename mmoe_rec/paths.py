@@ -24,10 +24,13 @@ def skipped_name(name: str) -> bool:
     return name.startswith((".", "_"))
 
 
-def folder_files(folder: str) -> list[str]:
+def folder_files(folder: str, exclude: str | os.PathLike | None = None) -> list[str]:
     """Every file under `folder`, recursively (partition folders such as `day=2/` included), sorted, passing over
-    `skipped_name`s (files, and folders with all below them); links are followed, a link back up the tree once."""
+    `skipped_name`s (files, and folders with all below them) and the folder `exclude` (a job's own output inside
+    its input folder); links are followed, a link back up the tree once."""
     files, visited = [], set()
+    if exclude is not None:
+        visited.add(os.path.realpath(exclude))
     for root, dirs, names in os.walk(folder, followlinks=True):
         visited.add(os.path.realpath(root))  # a link back up the tree is walked once, not forever
         dirs[:] = [d for d in dirs if not skipped_name(d) and os.path.realpath(os.path.join(root, d)) not in visited]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ from mmoe_rec.features.fit import SpecFitter
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.label_check import TrainLabelCheck
 from mmoe_rec.features.schema import Schema, load_schema
-from mmoe_rec.features.sources import column_types, iter_batches, resolve_inputs
+from mmoe_rec.features.sources import column_types, glob_root, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import output_dir_problem, replace_dir
@@ -84,8 +83,12 @@ class Source:
     def key(self, file_index: int) -> str:
         if self.keys:
             return self.keys[file_index]
-        # a Source made without keys splits as the CLI would: one file is its own input, several a directory's
-        return "" if len(self.files) == 1 else Path(self.files[file_index]).name
+        # a Source made without keys splits as the CLI would: one file is its own input, several a folder's (each
+        # keyed by its path below the files' common folder, so that day=1/part-0 and day=2/part-0 differ)
+        if len(self.files) == 1:
+            return ""
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in self.files])
+        return Path(os.path.relpath(os.path.abspath(self.files[file_index]), root)).as_posix()
 
 
 def input_keys(spec: str, files: Iterable[str]) -> tuple[str, ...]:
@@ -94,16 +97,13 @@ def input_keys(spec: str, files: Iterable[str]) -> tuple[str, ...]:
     p = Path(spec)
     if p.is_file():
         return ("",)  # the input is the file itself
-    if p.is_dir():
-        root = p
-    else:
-        parts = p.parts
-        fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
-        root = Path(*parts[:fixed]) if fixed else Path(".")
+    root = p if p.is_dir() else glob_root(spec)
     return tuple(Path(os.path.relpath(f, root)).as_posix() for f in files)
 
 
-def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_fraction: float) -> Source:
+def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_fraction: float,
+                output: str | os.PathLike | None = None) -> Source:
+    """One --input: `[split[:weight][+...]=]FILES`; `output` (the build's) is passed over inside an input folder."""
     m = _PREFIX.match(arg)
     if m and not os.path.exists(arg):
         splits, weights = [], []
@@ -117,7 +117,7 @@ def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_
             except ValueError:  # the pattern takes digits and dots: '.', '1.2.3'
                 raise FeatureDataError(f"--input {arg!r}: the weight of split {name!r}, {w!r}, is not a number "
                                        "(e.g. train:0.8+valid:0.1+test:0.1=FILES)") from None
-        files = tuple(resolve_inputs(m.group(2)))
+        files = tuple(resolve_inputs(m.group(2), output))
         keys = input_keys(m.group(2), files)
         if len(splits) == 1:
             return Source(files, "fixed", (splits[0],), (1.0,), keys)
@@ -126,7 +126,7 @@ def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_
             raise FeatureDataError(f"--input {arg!r}: the split weights must add up to more than 0, each split named "
                                    "once")
         return Source(files, "random", tuple(splits), tuple(w / total for w in weights), keys)
-    files = tuple(resolve_inputs(arg))
+    files = tuple(resolve_inputs(arg, output))
     keys = input_keys(arg, files)
     if split_column:
         return Source(files, "column", SPLITS, (0.0, 0.0, 0.0), keys)
@@ -525,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         schema = load_schema(args.schema)
-        sources = [parse_input(a, args.split_column, args.valid_fraction, args.test_fraction) for a in args.input]
+        sources = [parse_input(a, args.split_column, args.valid_fraction, args.test_fraction, args.output)
+                   for a in args.input]
         build(schema, sources, args.output, seed=args.seed, split_column=args.split_column,
               batch_rows=args.batch_rows, row_group_rows=args.row_group_rows, rows_per_file=args.rows_per_file,
               overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))

@@ -44,28 +44,50 @@ def input_format(path: str) -> str:
                            file=path)
 
 
-def resolve_inputs(spec: str) -> list[str]:
+def resolve_inputs(spec: str, exclude: str | os.PathLike | None = None) -> list[str]:
     """A file, a folder or a glob -> sorted list of files. A folder gives every file below it (recursively, as the
-    scoring job reads one), a glob every file it matches; both pass over names that start with "." or "_"
-    (`_SUCCESS`, `.crc`). Any other file must be of a known format: one passed over would lose its rows unseen."""
+    scoring job reads one), a glob every file it matches and every file below a folder it matches; both pass over
+    names that start with "." or "_" (`_SUCCESS`, `.crc`, `_tmp/`) below the input's root, and the folder `exclude`
+    (the build's own output, when it lies inside an input folder). Any other file must be of a known format: one
+    passed over would lose its rows unseen."""
     p = Path(spec)
     if p.is_dir():
-        files = folder_files(spec)
+        files = folder_files(spec, exclude)
     elif p.is_file():
         input_format(spec)
         files = [spec]
     else:
-        files = sorted(f for f in glob.glob(spec, recursive=True)
-                       if os.path.isfile(f) and not skipped_name(Path(f).name))
+        root = glob_root(spec)
+        found: list[str] = []
+        for match in sorted(glob.glob(spec, recursive=True)):
+            if os.path.isdir(match):
+                found += folder_files(match, exclude)
+            elif os.path.isfile(match):
+                found.append(match)
+        out = None if exclude is None else os.path.realpath(exclude)
+        files = sorted(f for f in dict.fromkeys(found)
+                       if not any(skipped_name(part) for part in Path(os.path.relpath(f, root)).parts)
+                       and (out is None or not os.path.realpath(f).startswith(out + os.sep)))
     if not files:
         raise FeatureDataError("no input files found (file, directory or glob)", file=spec)
     for f in files:
         try:
             input_format(f)
         except FeatureDataError as e:
-            raise FeatureDataError(f"{e.reason}; it is one of --input {spec}'s files: move it out, or name the "
-                                   "data files by a glob", file=f) from None
+            built = next((d for d in Path(f).parents
+                          if (d / "spec.json").is_file() and (d / "manifest.json").is_file()), None)
+            where = (f"it is in {built}, a feature folder `mmoe-rec features` wrote inside --input {spec}: move that "
+                     "folder out of the input" if built else
+                     f"it is one of --input {spec}'s files: move it out, or name the data files by a glob")
+            raise FeatureDataError(f"{e.reason}; {where}", file=f) from None
     return files
+
+
+def glob_root(spec: str) -> Path:
+    """A glob's leading folders before its first wildcard ("." if it starts with one)."""
+    parts = Path(spec).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+    return Path(*parts[:fixed]) if fixed else Path(".")
 
 
 def _open_csv_stream(path: str):

@@ -1,6 +1,8 @@
 """Each kind of bad input gives one FeatureDataError naming file, column and row, and leaves no output."""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -279,8 +281,6 @@ def test_a_folder_input_reads_its_subfolders_and_refuses_a_file_it_cannot_read(f
     an unknown format: their rows were lost without a word. Now every file below the folder is read, names that
     start with "." or "_" (`_SUCCESS`, `_tmp/`) passed over as in the scoring job, and any other file must be
     readable."""
-    import json
-
     raw = tmp_path / "raw"
     (raw / "day=2").mkdir(parents=True)
     (raw / "_tmp").mkdir()
@@ -303,3 +303,35 @@ def test_a_folder_input_reads_its_subfolders_and_refuses_a_file_it_cannot_read(f
         err = capsys.readouterr().err
         assert rc == 1 and f"file {raw / 'day=3.csv.zst'}: unknown input format" in err and str(arg) in err, err
 
+
+
+def test_an_output_inside_its_input_folder_is_passed_over_and_globs_read_partition_folders(feat, tmp_path, capsys):
+    """`--input raw --output raw/features`: the rerun read the first run's output as input (refused as an unknown
+    format since folders are read whole). The build's own output is passed over; another feature folder inside
+    the input is named as such. A glob `raw/*` reads what a matched folder holds, and skips `_`/`.` names below
+    its root as a folder input does."""
+    from mmoe_rec.features.build import Source, parse_input
+
+    raw = tmp_path / "raw"
+    (raw / "day=2").mkdir(parents=True)
+    (raw / "_tmp").mkdir()
+    _csv(raw, _good_rows(30), "day1.csv")
+    _csv(raw / "day=2", _good_rows(20), "part-0.csv")
+    _csv(raw / "_tmp", _good_rows(7), "part-9.csv")
+    schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
+    argv = ["--schema", str(schema), "--input", f"train={raw}", "--output", str(raw / "features")]
+    assert features_main(argv) == 0
+    assert features_main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+    assert json.loads((raw / "features" / "manifest.json").read_text())["rows"]["train"] == 50
+    rc = features_main(["--schema", str(schema), "--input", f"train={raw}", "--output", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"it is in {raw / 'features'}, a feature folder `mmoe-rec features` wrote" in err, err
+
+    shutil.rmtree(raw / "features")
+    glob_source = parse_input(f"train={raw}/*", None, 0, 0)
+    assert glob_source.keys == ("day1.csv", "day=2/part-0.csv")
+    # made in Python without keys: files of two partition folders with one name keep distinct split keys
+    _csv(raw, _good_rows(5), "part-0.csv")
+    plain = Source((str(raw / "part-0.csv"), str(raw / "day=2" / "part-0.csv")), "random", ("train", "valid"),
+                   (0.5, 0.5))
+    assert [plain.key(0), plain.key(1)] == ["part-0.csv", "day=2/part-0.csv"]
