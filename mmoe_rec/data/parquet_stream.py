@@ -52,6 +52,7 @@ from mmoe_rec.features.spec import SPEC_VERSION_KEY
 
 DROP_TAG = 0x64726F70  # "drop": keeps the drop_last offset's generator apart from the shuffles' ones
 MAX_OPEN_FILES = 8  # per worker: a worker may visit thousands of shards in an epoch, more than it may hold open
+MAX_PARSED_FOOTERS = 64  # per worker: footers kept parsed (of files closed again), see _OpenFiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,20 +270,25 @@ def worker_plan(
 
 
 class _OpenFiles:
-    """The last ``size`` ParquetFiles used, kept open; older ones are closed. Their footers stay parsed: a shuffled
-    epoch visits row groups of many files in turn, and parsing a file's footer again at each (every row group's
-    metadata) made 20 files of 10-row groups read 11x slower than 5."""
+    """The last ``size`` ParquetFiles used, kept open; older ones are closed. The last ``footers`` files' footers
+    stay parsed: a shuffled epoch visits row groups of many files in turn, and parsing a file's footer again at each
+    (every row group's metadata) made 20 files of 10-row groups read 11x slower than 5. Both are bounded: a parsed
+    footer can take a megabyte (80 columns x 16 row groups), and a worker may visit thousands of files."""
 
-    def __init__(self, size: int = MAX_OPEN_FILES) -> None:
+    def __init__(self, size: int = MAX_OPEN_FILES, footers: int | None = None) -> None:
         self.size = size
         self.files: collections.OrderedDict[str, pq.ParquetFile] = collections.OrderedDict()
-        self.footers: dict[str, pq.FileMetaData] = {}
+        self.footer_size = MAX_PARSED_FOOTERS if footers is None else footers
+        self.footers: collections.OrderedDict[str, pq.FileMetaData] = collections.OrderedDict()
 
     def get(self, path: str) -> pq.ParquetFile:
         pf = self.files.pop(path, None)
         if pf is None:
             pf = pq.ParquetFile(path, metadata=self.footers.get(path))
-            self.footers.setdefault(path, pf.metadata)
+        self.footers[path] = pf.metadata
+        self.footers.move_to_end(path)
+        if len(self.footers) > self.footer_size:
+            self.footers.popitem(last=False)
         self.files[path] = pf
         if len(self.files) > self.size:
             self.files.popitem(last=False)[1].close()

@@ -200,6 +200,15 @@ def test_a_shuffled_epoch_over_more_files_than_it_keeps_open_parses_each_footer_
     rows = np.concatenate(list(ds))
     assert sorted(rows.tolist()) == list(range(30 * n_files))
     assert len(footers_read) == n_files and set(footers_read.values()) == {1}
+    # the parsed footers kept are bounded too (a footer can take a megabyte; a worker may visit thousands of files)
+    footers_read.clear()
+    monkeypatch.setattr(parquet_stream, "MAX_PARSED_FOOTERS", 4)
+    kept = []
+    real_get = parquet_stream._OpenFiles.get
+    monkeypatch.setattr(parquet_stream._OpenFiles, "get", lambda self, path: kept.append(len(self.footers)) or
+                        real_get(self, path))
+    assert sorted(np.concatenate(list(ds)).tolist()) == list(range(30 * n_files))
+    assert max(kept) == 4 and sum(footers_read.values()) > n_files
 
 
 def test_a_worker_over_more_files_than_it_may_open_reads_them_all(tmp_path):
