@@ -18,12 +18,20 @@ CODE_TAG = "mmoe_rec_code"  # model-version tag: code_fingerprint() at registrat
 
 @functools.cache
 def code_fingerprint() -> str:
-    """16 hex digits of SHA-256 over every .py file of the running mmoe_rec package (relative path and bytes)."""
+    """16 hex digits of SHA-256 over every .py file of the running mmoe_rec package (relative path and bytes),
+    leaving out names that start with "." (an editor's lock or backup file) and files that cannot be read."""
     root = Path(mmoe_rec.__file__).parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        try:
+            content = path.read_bytes()
+        except OSError:  # a dangling link
+            continue
+        digest.update(relative.as_posix().encode() + b"\0")
+        digest.update(content + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -31,9 +39,13 @@ def code_mismatch(model: str, tags: dict[str, str]) -> str | None:
     """A warning when `model` (a model version's `tags`) was registered with code other than this process runs;
     None when the same, or when the version predates the tag."""
     registered = tags.get(CODE_TAG)
-    if registered is None or registered == code_fingerprint():
+    try:
+        running = code_fingerprint()
+    except OSError:  # a check that only warns never stops a job
+        return None
+    if registered is None or registered == running:
         return None
     return (f"warning: {model} was registered with mmoe-rec code {registered}, and this job runs code "
-            f"{code_fingerprint()}: its scores can differ from the model's pyfunc, which runs the code saved with "
+            f"{running}: its scores can differ from the model's pyfunc, which runs the code saved with "
             "the model. Register the model again with this code, or score where the code it was registered with "
             "is installed.")

@@ -26,7 +26,8 @@ def register_package(
     """Log `package_dir` as a pyfunc model (inside `run_id` if given) and register it. Returns (name, version).
 
     The logged model is loaded back and scores its input example before a version is made: a package that cannot
-    score is an error, with nothing registered and no alias moved (a run of our own ends FAILED)."""
+    score is an error, with nothing registered and no alias moved (a run of our own ends FAILED). A run given by
+    `run_id` (the training run) keeps the status it had: MLflow would end it FINISHED, a FAILED one included."""
     check_model_name(name)
     if alias is not None:
         check_alias(alias)  # the registry refuses it only after the new version exists: a version without its alias
@@ -37,23 +38,28 @@ def register_package(
         mlflow.set_experiment(experiment)
         run_ctx = mlflow.start_run(run_name=f"register-{name}")
     else:
+        status = MlflowClient().get_run(run_id).info.status
         run_ctx = mlflow.start_run(run_id=run_id)
-    with run_ctx:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=MultiTaskPyfunc(),
-            artifacts={"package": str(package_dir)},
-            tags=tags,
-            signature=model_signature(spec, tasks=list(model.tasks)),
-            input_example=example_input(spec),  # MLflow only warns when it does not score
-            pip_requirements=pip_requirements(),
-            code_paths=[str(Path(mmoe_rec.__file__).parent)],  # the model loads where mmoe-rec is not installed
-        )
-        failure = scoring_failure(info.model_uri, spec, list(model.tasks))
-        if failure and run_id is None:
-            raise RuntimeError(failure)  # inside our own run: it ends FAILED
+    try:
+        with run_ctx:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=MultiTaskPyfunc(),
+                artifacts={"package": str(package_dir)},
+                tags=tags,
+                signature=model_signature(spec, tasks=list(model.tasks)),
+                input_example=example_input(spec),  # MLflow only warns when it does not score
+                pip_requirements=pip_requirements(),
+                code_paths=[str(Path(mmoe_rec.__file__).parent)],  # the model loads where mmoe-rec is not installed
+            )
+            failure = scoring_failure(info.model_uri, spec, list(model.tasks))
+            if failure and run_id is None:
+                raise RuntimeError(failure)  # inside our own run: it ends FAILED
+    finally:
+        if run_id is not None:  # whatever happened in it
+            MlflowClient().update_run(run_id, status=status)
     if failure:
-        raise RuntimeError(failure)  # a run given by --run-id (a training run) keeps its status
+        raise RuntimeError(failure)
     version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     client = MlflowClient()
     for key, value in tags.items():

@@ -691,3 +691,40 @@ def test_every_missing_column_of_every_file_is_named_before_any_row_is_scored(re
         score_parquet(scorer, str(folder), tmp_path / "scores.parquet", name, version)
     assert Path(info.value.file).resolve() == (folder / "part-1.parquet").resolve()
     assert scored == [] and not (tmp_path / "scores.parquet").exists()
+
+
+def test_the_code_fingerprint_leaves_out_editor_files_and_dangling_links(tmp_path, monkeypatch):
+    """An editor's lock link `.#cli.py` (dangling) made the fingerprint raise, and with it register and score."""
+    from types import SimpleNamespace
+
+    from mmoe_rec.registry import code_version
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(code_version, "mmoe_rec", SimpleNamespace(__file__=str(pkg / "__init__.py")))
+    code_version.code_fingerprint.cache_clear()
+    try:
+        before = code_version.code_fingerprint()
+        (pkg / "sub" / ".#a.py").symlink_to(tmp_path / "nowhere")
+        (pkg / ".backup.py").write_text("y = 2\n")
+        code_version.code_fingerprint.cache_clear()
+        assert code_version.code_fingerprint() == before
+        (pkg / "sub" / "a.py").write_text("x = 2\n")
+        code_version.code_fingerprint.cache_clear()
+        assert code_version.code_fingerprint() != before
+    finally:
+        code_version.code_fingerprint.cache_clear()
+
+
+@pytest.mark.parametrize("status", ["FAILED", "KILLED", "FINISHED"])
+def test_registering_into_a_given_run_keeps_that_runs_status(package, tracking, status):
+    """`register --run-id` logs the model into the training run: MLflow's start_run / end_run left it FINISHED,
+    a FAILED or KILLED training run included."""
+    client = mlflow.MlflowClient()
+    experiment = client.create_experiment(f"train-{status}")
+    run = client.create_run(experiment)
+    client.set_terminated(run.info.run_id, status)
+    register_package(package, f"rec-in-run-{status.lower()}", run_id=run.info.run_id)
+    assert client.get_run(run.info.run_id).info.status == status
