@@ -107,7 +107,29 @@ def _delimiter(path: str, reader: ReaderSpec) -> str:
 CSV_BLOCK_BYTES = 1 << 22  # Arrow's read block: CSV is parsed (and held) this much at a time
 
 
-def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_invalid_row=None):
+class _QuoteCounter:
+    """A binary stream that counts the '"' bytes read through it (Arrow reads the CSV from it, in blocks)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.quotes = stream, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.quotes += bytes(data).count(b'"')
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.stream.closed
+
+    def readable(self) -> bool:
+        return True
+
+
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_invalid_row=None, stream=None):
     """on_invalid_row: pyarrow's invalid_row_handler; reads single-threaded then, as Arrow numbers rows only so.
     A quoted field may hold line breaks (RFC 4180): Arrow is told so, or it cuts its blocks at the last line end
     and refuses a file whose block ends fall inside such a field ("CSV parser got out of sync with chunker")."""
@@ -126,7 +148,8 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_inv
         strings_can_be_null=True,
         null_values=list(reader.null_values),
     )
-    return pacsv.open_csv(_open_csv_stream(path), read_options=read, parse_options=parse, convert_options=convert)
+    stream = _open_csv_stream(path) if stream is None else stream
+    return pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
 
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -241,7 +264,8 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         else:
             have = csv_columns(path, reader)
             _check_columns(path, have, columns)
-            batches = _csv_reader(path, reader, list(dict.fromkeys(columns)))
+            counted = _QuoteCounter(_open_csv_stream(path))
+            batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream=counted)
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
         row = 0
@@ -252,6 +276,8 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
                 yield row + start, part
             row += b.num_rows
+        if fmt == "csv" and counted.quotes % 2:  # an odd count: a quoted field may run to the end of the file
+            _refuse_unclosed_quote(path, reader)
     except FeatureDataError:
         raise
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError) as e:
@@ -271,6 +297,24 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                                    row=_first_non_utf8_row(path, reader, index) if index >= 0 else None) from None
         raise FeatureDataError(f"unreadable or truncated {fmt} file ({msg.splitlines()[0] if msg else type(e).__name__})",
                                file=path) from None
+
+
+def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:
+    """Raise where a quoted field opens that never closes: Arrow reads it to the end of the file as one value, the
+    rows after it inside it, without an error. Called when the file holds an odd number of '"'; a '"' inside an
+    unquoted field (`a"b`) is a plain character and makes the count odd too (then every record closes and nothing
+    is raised), and one such beside an unclosed quote makes the count even: that unclosed quote is not found.
+    Only on that path: read in Python."""
+    delimiter = ord(_delimiter(path, reader))
+    last, index = b"", -1
+    for index, record in enumerate(_csv_records(path, chr(delimiter))):
+        last = record
+    if index < 0 or _record_end(last + b"\n", delimiter) >= 0:
+        return
+    row = index - (1 if reader.header else 0)
+    lines = len(last.splitlines())
+    raise FeatureDataError(f"a quoted field opens in this row and never closes (an unmatched '\"'): the CSV reader "
+                           f"took the rest of the file, {lines} lines, as its value", file=path, row=row)
 
 
 def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20) -> Iterator[bytes]:

@@ -153,3 +153,27 @@ def test_quoted_line_breaks_are_read_across_arrows_blocks(tmp_path, monkeypatch,
     got = [(int(r), t, int(y)) for _, b in iter_batches(str(path), ["rid", "text", "y"], ReaderSpec(), batch_rows=64)
            for r, t, y in zip(*(b.column(k).to_pylist() for k in ("rid", "text", "y")))]
     assert got == rows
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.xz"])
+def test_a_quoted_field_that_never_closes_is_an_error_naming_its_row(tmp_path, suffix):
+    """Arrow reads a quoted field with no closing quote to the end of the file as one value, without an error: the
+    rows after it were lost. Balanced quotes (a doubled quote, a multi-line field) and a quote inside an unquoted
+    field (`x"y`, a plain character) still read as before."""
+    def write(text: str) -> str:
+        path = tmp_path / f"raw{suffix}"
+        data = text.encode()
+        path.write_bytes(lzma.compress(data) if suffix.endswith(".xz") else data)
+        return str(path)
+
+    def rows(path: str) -> list[tuple]:
+        return [tuple(r.values()) for _, b in iter_batches(path, ["a", "b"], ReaderSpec()) for r in b.to_pylist()]
+
+    bad = write('a,b\n1,2\n3,"x\n4,5\n6,7\n')
+    with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens in this row and never "
+                                               r"closes .* took the rest of the file, 3 lines"):
+        rows(bad)
+    assert rows(write('a,b\n1,x"y\n4,5\n')) == [("1", 'x"y'), ("4", "5")]
+    assert rows(write('a,b\n1,"q"""\n2,"x\ny"\n')) == [("1", 'q"'), ("2", "x\ny")]
+    with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens"):
+        list(iter_batches(write('1,2\n3,"y\n5,6\n7,8\n'), ["f0", "f1"], ReaderSpec(header=False)))
