@@ -319,8 +319,10 @@ class RoutingMonitor(L.Callback):
             self._segment = Window(list(pl_module.tasks), buffer_elements=SEGMENT_BUFFER_ELEMENTS)
         self._segment.update(out.routing, batch.labels, batch.weights)
         step = trainer.global_step
-        # once per optimizer step: with gradient accumulation several batches end at the same global step
-        if step % self.every_n_steps == 0 and step != self._last_logged_step:
+        # only on a batch that ended an optimizer step (Lightning's rule): with gradient accumulation the batches
+        # before it end at the step before, and the first ones at step 0, which logged a window of one batch
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or bool(trainer.is_last_batch)
+        if stepped and step % self.every_n_steps == 0 and step != self._last_logged_step:
             self._last_logged_step = step
             self._flush_segment()
             self._window.reduce()

@@ -82,7 +82,7 @@ def test_step_windows_run_across_epoch_ends(feature_dir, tmp_path):
 
 
 def test_with_gradient_accumulation_each_step_logs_once(feature_dir, tmp_path):
-    monitor = RoutingMonitor(every_n_steps=2, plots=False)
+    monitor = WindowSizes(every_n_steps=2, plots=False)
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
     module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec, grad_similarity_every=2)
@@ -92,7 +92,9 @@ def test_with_gradient_accumulation_each_step_logs_once(feature_dir, tmp_path):
     trainer.fit(module, dm)
     assert trainer.global_step == 5  # 20 batches, 4 per optimizer step
     steps = logger.steps_with(UTIL)
-    assert steps == sorted(set(steps)) == [0, 2, 4]
+    # at the optimizer steps only: the three batches before the first one (global step 0) logged a window then
+    assert steps == sorted(set(steps)) == [2, 4]
+    assert monitor.rows == [(2, 800.0), (4, 800.0)]  # each window: 2 steps x 4 batches x 100 rows
     grad_steps = logger.steps_with("relatedness/grad_cos/click.vs.convert")
     assert grad_steps == [0, 2, 4]
 
