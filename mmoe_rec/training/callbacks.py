@@ -249,6 +249,7 @@ class RoutingMonitor(L.Callback):
         # window and the epoch when either ends (a step's statistics are computed once, not once per window)
         self._segment: Window | None = None
         self._last_logged_step: int | None = None
+        self._step: int | None = None  # the global step at the last batch's end (a checkpoint records it)
         self._current_epoch: int | None = None  # the trainer's epoch, for the checkpoint (state_dict has no trainer)
         self._restored: dict[str, Any] | None = None  # open sums from a checkpoint, until the fit takes them
 
@@ -274,7 +275,7 @@ class RoutingMonitor(L.Callback):
                     total.add(part)
             total.reduce()
             open_sums[key] = total.state_dict()
-        state["open"] = {"epoch_index": self._current_epoch, **open_sums}
+        state["open"] = {"epoch_index": self._current_epoch, "step": self._step, **open_sums}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -286,13 +287,18 @@ class RoutingMonitor(L.Callback):
 
     def _take_restored(self, trainer) -> None:
         """A resumed fit's open sums go to rank 0 (they are the sums over the ranks of the saved run): the window
-        always (it runs across epoch ends), the epoch's when the fit resumes inside the epoch they belong to."""
+        always (it runs across epoch ends), the epoch's when the fit resumes inside the epoch they belong to. Sums
+        of an epoch that ended with the checkpoint (written on its last batch: the resumed fit starts the next
+        one) are that epoch's statistics: logged now, at the checkpoint's step, as the straight run logged them."""
         restored, self._restored = self._restored, None
         if restored is None or not trainer.is_global_zero:
             return
         self._window.add(Window.from_state_dict(restored["window"]))
         if restored["epoch_index"] == trainer.current_epoch:
             self._epoch.add(Window.from_state_dict(restored["epoch"]))
+        elif restored["epoch"] is not None:
+            self._close_epoch(trainer, Window.from_state_dict(restored["epoch"]), restored["epoch_index"],
+                              step=restored.get("step", trainer.global_step))
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch = self._fresh(pl_module)
@@ -318,7 +324,7 @@ class RoutingMonitor(L.Callback):
         if self._segment is None:
             self._segment = Window(list(pl_module.tasks), buffer_elements=SEGMENT_BUFFER_ELEMENTS)
         self._segment.update(out.routing, batch.labels, batch.weights)
-        step = trainer.global_step
+        step = self._step = trainer.global_step
         # only on a batch that ended an optimizer step (Lightning's rule): with gradient accumulation the batches
         # before it end at the step before, and the first ones at step 0, which logged a window of one batch
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or bool(trainer.is_last_batch)
@@ -348,18 +354,22 @@ class RoutingMonitor(L.Callback):
         if epoch is None:
             return
         epoch.reduce()
+        # the epoch's last gradient probe, if it had one
+        self._close_epoch(trainer, epoch, trainer.current_epoch, getattr(pl_module, "last_grad_cosine", None))
+
+    def _close_epoch(self, trainer, epoch: Window, index: int, grad_cosine=None, step: int | None = None) -> None:
+        """Log a finished epoch's statistics (its sums over all ranks) at `step` (default: the current step)."""
         if epoch.empty:
             return
-        step = trainer.global_step
+        step = trainer.global_step if step is None else step
         self._log(trainer, epoch.metrics("experts/epoch", "relatedness/epoch"), step)
-        grad_cosine = getattr(pl_module, "last_grad_cosine", None)  # the epoch's last gradient probe, if it had one
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
             matrices = {kind: {"tasks": list(names), "matrix": matrix_for_json(mat)}
                         for kind, (names, mat) in epoch.relatedness().items()}
             if grad_cosine is not None:
                 matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": matrix_for_json(grad_cosine[1])}
             if matrices:
-                log_json(trainer.logger, matrices, f"relatedness/epoch_{trainer.current_epoch:03d}.json")
+                log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json")
         if self.plots and trainer.is_global_zero:
             self.write_plots(trainer.logger, epoch, grad_cosine)
 

@@ -126,17 +126,22 @@ SPARSE_DROPPING = {"class_path": SPARSE["class_path"],
                                  "bias_update_rate": 0.01}}
 
 
-@pytest.mark.parametrize("model,at", [(MMOE, 13), (SPARSE_DROPPING, 13), (MMOE, "epoch end")],
-                         ids=["mmoe", "sparse", "mmoe-epoch-end"])
+@pytest.mark.parametrize("model,at", [(MMOE, 13), (SPARSE_DROPPING, 13), (MMOE, "epoch end"), (MMOE, "last batch")],
+                         ids=["mmoe", "sparse", "mmoe-epoch-end", "mmoe-last-batch"])
 def test_a_fit_resumed_mid_window_and_mid_epoch_logs_what_a_straight_fit_logs(feature_dir, tmp_path, model, at):
     """The checkpoint at step 13 falls inside the window of steps 11-15 and inside epoch 0 (steps 1-21): the
     window logged at 15 and the epoch's statistics at 21 cover the steps before the checkpoint too (they covered
     only the steps after it), and everything after matches the straight fit's values. One written at epoch 0's
-    end (step 21, inside the window of steps 21-25) holds that window and no epoch sums."""
+    end (step 21, inside the window of steps 21-25) holds that window and no epoch sums. One written on epoch 0's
+    last batch (step 21, before the epoch's end) holds the whole epoch's sums: the resumed fit, which starts epoch
+    1, logs them at step 21 as the straight fit did (they were dropped)."""
     _, straight = fit(feature_dir, tmp_path / "a", RoutingMonitor(every_n_steps=5, plots=False), model=model)
     if at == "epoch end":
         ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1)
         stop, after = dict(max_epochs=1), 21
+    elif at == "last batch":
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=21, save_top_k=-1)
+        stop, after = dict(max_steps=21), 20  # the epoch's statistics at step 21 compared too
     else:
         ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=at, save_top_k=-1)
         stop, after = dict(max_steps=at), at
