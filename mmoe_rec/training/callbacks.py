@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -230,6 +231,15 @@ class Window:
         return out
 
 
+def _unless_it_fails(what: str, write) -> None:
+    """Write an epoch's optional artifact; a failure (a full disk, an artifact store that went away) is a warning:
+    the metrics go on being logged and the training goes on (it stopped the fit at the epoch's end)."""
+    try:
+        write()
+    except Exception as e:
+        rank_zero_warn(f"{what} could not be logged ({type(e).__name__}: {e}); training goes on")
+
+
 class RoutingMonitor(L.Callback):
     """Args:
         every_n_steps: window length in training steps (logged at global steps divisible by it).
@@ -369,9 +379,10 @@ class RoutingMonitor(L.Callback):
             if grad_cosine is not None:
                 matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": matrix_for_json(grad_cosine[1])}
             if matrices:
-                log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json")
+                _unless_it_fails(f"relatedness/epoch_{index:03d}.json",
+                                 lambda: log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json"))
         if self.plots and trainer.is_global_zero:
-            self.write_plots(trainer.logger, epoch, grad_cosine)
+            _unless_it_fails(f"epoch {index}'s plots", lambda: self.write_plots(trainer.logger, epoch, grad_cosine))
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float], step: int) -> None:

@@ -33,13 +33,15 @@ tight_layout warnings, long names and outside legends are accounted for).
 """
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator  # noqa: E402
 
 ANNOTATE_MAX_CELLS = 400
 ANNOTATE_MIN_CELL_IN = 0.38   # a cell narrower than this (inches) cannot hold "0.25" at 8 pt
@@ -260,7 +262,10 @@ def _load_heatmaps(steps, gates, values, max_experts, ylabel, title):
         cbar.set_label(ylabel, fontsize=9 if label_in < panel_h else 7)
         ticks = [0.0, uniform, norm.vmax]
         cbar.set_ticks(ticks, labels=["0", f"1/E={uniform:.3g}", f"{norm.vmax:.3g}"], fontsize=8)
-    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    # one tick per log point, thinned to at most 10 (a locator of its own put 11 ticks between -0.5 and 0.5 for a
+    # single log point, each labelled with its step)
+    stride = max(1, math.ceil(len(steps) / 10))
+    axes[-1, 0].xaxis.set_major_locator(FixedLocator(range(0, len(steps), stride)))
     axes[-1, 0].xaxis.set_major_formatter(_step_formatter(list(steps)))
     axes[-1, 0].set_xlabel("training step")
     fig.suptitle(title)

@@ -252,3 +252,17 @@ def test_relatedness_colour_bars_labelled_and_js_colours_run_like_similarities()
     # identical tasks (JS 0, cosine 1) get the same colour
     assert np.allclose(js.cmap(js.norm(0.0)), cos.cmap(cos.norm(1.0)))
     plots.close(fig)
+
+
+def test_the_load_heatmap_step_axis_labels_each_log_point_once():
+    """With one log point (the synthetic configs' later epochs) the step axis read '100' eleven times: ticks at
+    fractions of the single column, each rounded to it."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 5, 37):
+        steps = [100 * (i + 1) for i in range(n)]
+        fig = plots.load_over_training(steps, {"click": rng.dirichlet(np.ones(32), size=n)}, ylabel="share")
+        fig.canvas.draw()
+        labels = [t.get_text() for t in fig.axes[0].xaxis.get_ticklabels()]
+        assert len(labels) == len(set(labels)) <= 10 and labels[0] == "100", (n, labels)
+        assert set(labels) <= {str(s) for s in steps}
+        plots.close(fig)

@@ -183,3 +183,16 @@ def test_a_resumed_fit_keeps_the_load_history_of_the_steps_before_it(feature_dir
         assert len(resumed.history[gate]) == len(loads)
         for a, b in zip(resumed.history[gate][:3], loads[:3]):  # logged before the checkpoint: the same loads
             assert a.tolist() == b.tolist()
+
+
+def test_an_epoch_plot_that_cannot_be_written_is_a_warning_and_training_goes_on(feature_dir, tmp_path, monkeypatch):
+    """A failing artifact write at an epoch's end (a full disk, a store that went away) stopped the whole fit."""
+    from mmoe_rec.training import callbacks
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(callbacks, "log_png", full_disk)
+    with pytest.warns(UserWarning, match=r"epoch 0's plots could not be logged \(OSError: .*No space left"):
+        trainer, logger = fit(feature_dir, tmp_path, RoutingMonitor(every_n_steps=5, plots=True))
+    assert trainer.current_epoch == 2 and logger.steps_with("experts/epoch/click/util/e0") == [21, 42]
