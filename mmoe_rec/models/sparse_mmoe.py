@@ -310,7 +310,12 @@ class SparseMMoE(MultiTaskModel):
             extra = {"router_z": router_z_loss(r.logits.detach())}
             balancer = getattr(self.gates[task], "balancer", None)
             if balancer is not None:
-                extra["bias_abs_mean"] = balancer.bias.abs().mean()
+                bias = balancer.bias.detach()  # (E,) what the selection adds to each expert's score
+                # its size, its spread across experts, its largest: a bias that keeps growing (an expert the router
+                # never wants) shows in the max while the mean stays small
+                extra["bias_abs_mean"] = bias.abs().mean()
+                extra["bias_std"] = bias.std(unbiased=False)
+                extra["bias_abs_max"] = bias.abs().max()
         token_choice = r.chosen is not None  # expert choice: a row has any number of experts, so a (T, E) mask
         # what the router prefers, for the entropy: the training noise's softmax would read as the noise scale
         probs = r.probs.detach() if r.load_prob is None else softmax_last_dim(r.logits.detach())  # (T, E)

@@ -194,6 +194,8 @@ def test_sparse_model_sample_weights_uncertainty_and_loss_free_bias(make_feature
         assert key in m, key
     assert "train/aux/importance" not in m and "train/aux/load" not in m  # loss-free: the bias alone balances
     assert m["experts/epoch/click/bias_abs_mean"] > 0  # after_optimizer_step moved the loss-free bias
+    assert m["experts/epoch/click/bias_abs_max"] >= m["experts/epoch/click/bias_abs_mean"]
+    assert m["experts/epoch/click/bias_std"] > 0
     assert not torch.equal(module.weighting.log_vars.detach(), torch.zeros(2))  # learnt log-variances
 
 
