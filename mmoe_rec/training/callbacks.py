@@ -43,6 +43,7 @@ from mmoe_rec.training.tracking import log_json, log_png
 # temporaries: a few times that, the pair statistics in chunks); a dense 2-gate model of 8 experts at batch 1024
 # settles every 128 steps, or at the window's or the epoch's end if sooner
 SEGMENT_BUFFER_ELEMENTS = 1 << 21
+MAX_LOAD_HISTORY = 2000  # log points kept for the expert-load plot (more are thinned: see _thin_history)
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -253,6 +254,7 @@ class RoutingMonitor(L.Callback):
         self.plots = plots
         self.history_steps: list[int] = []
         self.history: dict[str, list[np.ndarray]] = {}  # gate -> per log point (E,) load (share or util)
+        self.history_every = 1  # the history keeps every k-th log point (doubled when it grows too long)
         self._window: Window | None = None  # since the last log: runs on across epoch ends
         self._epoch: Window | None = None
         # the steps since the last log or epoch end: each step updates this one only, and it is added to the
@@ -271,7 +273,7 @@ class RoutingMonitor(L.Callback):
         checkpoint loads without numpy objects), and the sums of the open window and epoch summed over ranks, so
         that a fit resumed mid-epoch logs the statistics a straight run logs. Collective: Lightning builds the
         checkpoint on every rank (and writes it on rank 0), as the module's epoch totals rely on too."""
-        state = {"history_steps": list(self.history_steps),
+        state = {"history_steps": list(self.history_steps), "history_every": self.history_every,
                  "history": {name: [load.tolist() for load in loads] for name, loads in self.history.items()},
                  "last_logged_step": self._last_logged_step}
         if self._segment is None and self._window is None and self._epoch is None:
@@ -290,6 +292,7 @@ class RoutingMonitor(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history_steps = list(state_dict.get("history_steps", []))
+        self.history_every = int(state_dict.get("history_every", 1))
         self.history = {name: [np.asarray(load, dtype=np.float64) for load in loads]
                         for name, loads in state_dict.get("history", {}).items()}
         self._last_logged_step = state_dict.get("last_logged_step")
@@ -343,11 +346,24 @@ class RoutingMonitor(L.Callback):
             self._flush_segment()
             self._window.reduce()
             self._log(trainer, self._window.metrics("experts", "relatedness"), step)
-            self.history_steps.append(step)
-            for name, stats in self._window.gates.items():
-                load = stats.fraction if stats.sparse else stats.utilization
-                self.history.setdefault(name, []).append(load.numpy().copy())
+            if step % (self.every_n_steps * self.history_every) == 0:
+                self.history_steps.append(step)
+                for name, stats in self._window.gates.items():
+                    load = stats.fraction if stats.sparse else stats.utilization
+                    self.history.setdefault(name, []).append(load.numpy().copy())
+                if len(self.history_steps) > MAX_LOAD_HISTORY:
+                    self._thin_history()
             self._window = self._fresh(pl_module)
+
+    def _thin_history(self) -> None:
+        """Keep every other log point of the load history (those at multiples of twice the spacing), and record
+        only those from now on: the history is bounded (it goes into every checkpoint, and a plot cannot show
+        more columns than that anyway)."""
+        self.history_every *= 2
+        spacing = self.every_n_steps * self.history_every
+        keep = [i for i, step in enumerate(self.history_steps) if step % spacing == 0]
+        self.history_steps = [self.history_steps[i] for i in keep]
+        self.history = {name: [loads[i] for i in keep if i < len(loads)] for name, loads in self.history.items()}
 
     def _flush_segment(self) -> None:
         if self._segment is not None:
@@ -410,7 +426,7 @@ class RoutingMonitor(L.Callback):
                 self.history_steps,
                 {g: blank(g, np.stack(v)) for g, v in self.history.items() if len(v) == len(self.history_steps)},
                 ylabel="share of assignments" if sparse else "mean gate weight",
-                title=f"Per-expert load over training (every {self.every_n_steps} steps)")
+                title=f"Per-expert load over training (every {self.every_n_steps * self.history_every} steps)")
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
         if grad_cosine is not None:
             matrices["grad_cos"] = (grad_cosine[0], grad_cosine[1].numpy())

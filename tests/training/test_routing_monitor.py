@@ -196,3 +196,20 @@ def test_an_epoch_plot_that_cannot_be_written_is_a_warning_and_training_goes_on(
     with pytest.warns(UserWarning, match=r"epoch 0's plots could not be logged \(OSError: .*No space left"):
         trainer, logger = fit(feature_dir, tmp_path, RoutingMonitor(every_n_steps=5, plots=True))
     assert trainer.current_epoch == 2 and logger.steps_with("experts/epoch/click/util/e0") == [21, 42]
+
+
+def test_the_load_history_is_thinned_to_a_bounded_length(feature_dir, tmp_path, monkeypatch):
+    """The history behind the load plot grew by a point per log and went whole into every checkpoint (58 MB for
+    20,000 points of 5 gates x 64 experts). Past MAX_LOAD_HISTORY points every other one is dropped, and only the
+    points of the doubled spacing are recorded from then on."""
+    from mmoe_rec.training import callbacks
+
+    monkeypatch.setattr(callbacks, "MAX_LOAD_HISTORY", 8)
+    monitor = RoutingMonitor(every_n_steps=2, plots=False)
+    fit(feature_dir, tmp_path, monitor)  # 42 steps: logs at 2, 4, ..., 42
+    # 21 log points: thinned at the 9th (2..18: to every 4 steps) and again at 36 (to every 8 steps)
+    assert monitor.history_every == 4
+    assert monitor.history_steps == [8, 16, 24, 32, 40]
+    assert all(len(loads) == 5 for loads in monitor.history.values())
+    fig = monitor.figures(callbacks.Window(["click", "convert"]))["expert_load"]
+    assert "(every 8 steps)" in fig._suptitle.get_text()
