@@ -221,17 +221,6 @@ def test_gradnorm_is_refused_for_a_model_without_a_shared_layer(feature_dir):
         module_for(dm, ple, weighting="gradnorm")
 
 
-def test_gradnorm_is_refused_under_the_sharded_embedding_strategy(feature_dir, tmp_path):
-    from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
-
-    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
-    module = module_for(dm, weighting="gradnorm")
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
-                        strategy=ShardedEmbeddingStrategy(), **FAST)
-    with pytest.raises(ValueError, match="gradnorm.*sharded-embedding"):
-        trainer.fit(module, dm)
-
-
 def test_an_epoch_without_a_gradient_probe_reports_no_gradient_cosine(feature_dir, in_tmp):
     """The probe runs at step 0 only (every 100 steps, 3 steps an epoch): epoch 1's relatedness JSON must not
     repeat epoch 0's gradient cosine under its own number."""
