@@ -117,7 +117,12 @@ def exit_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, process: bool | None = None) -> int:
+    """`process` (default: argv not given, i.e. the `mmoe-rec` command itself): this call is the whole process, so
+    a job that fails ends it at once (os._exit) once its error is printed and its cleanup has run, without the
+    interpreter's shutdown, during which a CSV reader thread of Arrow still inside Python's read (an .xz file
+    abandoned half-way) aborted the process after the error (exit 134, not 1)."""
+    process = argv is None if process is None else process
     argv = list(sys.argv[1:] if argv is None else argv)
     needs_torchrec = bool(argv) and argv[0] in (*LIGHTNING_SUBCOMMANDS, "register", "score") \
         and not {"-h", "--help"} & set(argv[1:])
@@ -132,9 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         module, func = JOBS[argv[0]].split(":")
         try:
             with exit_on_sigterm():
-                return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+                code = int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
-            return _report(e, argv)
+            code = _report(e, argv)
+        if code and process:  # failed (its own report or ours printed, its cleanup done): end the process now
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mmoe_rec.training.cli import run_lightning_cli
 

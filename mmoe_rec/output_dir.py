@@ -25,18 +25,17 @@ def output_dir_problem(output: Path, overwrite: bool) -> str | None:
 
 def replace_dir(new: Path, output: Path) -> None:
     """Put the complete directory `new` at `output`. An existing output is moved aside first and deleted only
-    after the rename, so that a failure in between leaves one of the two whole. SIGTERM waits until both renames
-    are done (between them the output would be missing, the old one set aside)."""
+    after the rename, so that a failure in between leaves one of the two whole. A SIGTERM waits until the swap and
+    the removal of the old output are done: between the renames the output would be missing, and an old output
+    left at `.<name>.old-<pid>` is removed by nothing later."""
     with _sigterm_held():
         if output.exists():
             old = output.parent / f".{output.name}.old-{os.getpid()}"
             os.replace(output, old)
             os.replace(new, output)
+            shutil.rmtree(old)
         else:
-            old = None
             os.replace(new, output)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 @contextlib.contextmanager
@@ -44,8 +43,8 @@ def _sigterm_held() -> Iterator[None]:
     """A SIGTERM that arrives in the block is taken after it, by the handler in force before (the process default
     included). Signals cannot be blocked for Python code alone: any thread may receive one, and Python runs its
     handler in the main thread at once; so the handler is swapped for one that only notes the signal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        yield  # another thread, or a handler not set from Python (which could not be put back)
         return
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))

@@ -9,4 +9,4 @@ import sys
 from mmoe_rec.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["features", *sys.argv[1:]]))  # as `mmoe-rec features` runs it: its error report, its set-up
+    sys.exit(main(["features", *sys.argv[1:]], process=True))  # as `mmoe-rec features` runs it: its error report, its set-up

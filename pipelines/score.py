@@ -7,4 +7,4 @@ import sys
 from mmoe_rec.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["score", *sys.argv[1:]]))  # as `mmoe-rec score` runs it: its error report, its set-up
+    sys.exit(main(["score", *sys.argv[1:]], process=True))  # as `mmoe-rec score` runs it: its error report, its set-up

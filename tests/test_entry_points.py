@@ -163,3 +163,45 @@ def test_a_host_programs_sigterm_handler_is_left_alone_and_the_default_restored(
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_failed_xz_build_exits_with_its_error_code_not_an_abort(tmp_path):
+    """A build that stops on bad data leaves Arrow's CSV reader half-way; over an .xz file its read-ahead thread
+    reads through Python's lzma, and the interpreter's shutdown under it aborted the process after the error was
+    printed (exit 134, "Fatal Python error: PyGILState_Release"). The reads are slowed so that one is in progress."""
+    import lzma
+    import subprocess
+    import sys
+    import textwrap
+
+    with lzma.open(tmp_path / "raw.csv.xz", "wt", preset=0) as f:
+        f.write("age,y\nabc,1\n" + "".join(f"{i % 90},{i % 2}\n" for i in range(20_000)))
+    (tmp_path / "s.yaml").write_text("numeric: [{name: age}]\ntasks: [{name: y, column: y, type: binary}]\n")
+    script = textwrap.dedent("""
+        import lzma, sys, time
+        from mmoe_rec.features import sources
+
+        class Slow:
+            def __init__(self, f):
+                self.f = f
+            def read(self, n=-1):
+                time.sleep(0.05)
+                return self.f.read(min(n, 4096) if n and n > 0 else 4096)
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+            def __enter__(self):
+                return self
+            def __exit__(self, *exc):
+                self.f.close()
+
+        real = lzma.open
+        sources.lzma.open = lambda *a, **k: Slow(real(*a, **k))
+        from mmoe_rec.cli import main
+        sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv.xz", "--output", "out"],
+                      process=True))
+    """)
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120)
+        assert "column 'age', row 0 (0-based): expected a number, found 'abc'" in done.stderr, done.stderr[-2000:]
+        assert done.returncode == 1 and "Fatal Python error" not in done.stderr, (done.returncode, done.stderr[-2000:])

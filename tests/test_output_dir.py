@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
+
 from mmoe_rec import output_dir
 
 
@@ -24,11 +26,20 @@ def test_replace_dir_swaps_whole_and_takes_a_sigterm_only_after_the_renames(tmp_
         real_replace(src, dst)
         seen.append(("renamed", dst))
 
+    class Stopped(Exception):
+        pass
+
+    def handler(signum, frame):  # as the jobs' handler does: end the job with an exception
+        seen.append(("sigterm", None))
+        raise Stopped
+
     monkeypatch.setattr(output_dir.os, "replace", replace)
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(("sigterm", None)))
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
-        output_dir.replace_dir(new, out)
+        with pytest.raises(Stopped):
+            output_dir.replace_dir(new, out)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert [what for what, _ in seen] == ["renamed", "renamed", "sigterm"]
+    # the old output removed before the signal is taken (a `.out.old-<pid>` left behind is removed by nothing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "new.txt").read_text() == "new"

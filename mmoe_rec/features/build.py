@@ -280,6 +280,10 @@ def prefetch(it: Iterator, depth: int = 2) -> Iterator:
             put((True, done))
         except BaseException as e:  # handed to the consumer
             put((False, e))
+        finally:  # here, before the consumer's join returns: a CSV reader's own threads stop now, not at exit
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     th = threading.Thread(target=run, daemon=True)
     th.start()

@@ -155,7 +155,7 @@ def test_quoted_line_breaks_are_read_across_arrows_blocks(tmp_path, monkeypatch,
     assert got == rows
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".csv.xz"])
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz", ".csv.xz"])
 def test_a_quoted_field_that_never_closes_is_an_error_naming_its_row(tmp_path, suffix):
     """Arrow reads a quoted field with no closing quote to the end of the file as one value, without an error: the
     rows after it were lost. Balanced quotes (a doubled quote, a multi-line field) and a quote inside an unquoted
@@ -163,7 +163,8 @@ def test_a_quoted_field_that_never_closes_is_an_error_naming_its_row(tmp_path, s
     def write(text: str) -> str:
         path = tmp_path / f"raw{suffix}"
         data = text.encode()
-        path.write_bytes(lzma.compress(data) if suffix.endswith(".xz") else data)
+        path.write_bytes(lzma.compress(data) if suffix.endswith(".xz") else gzip.compress(data)
+                         if suffix.endswith(".gz") else data)
         return str(path)
 
     def rows(path: str) -> list[tuple]:
