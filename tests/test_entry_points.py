@@ -1,7 +1,9 @@
-"""The entry points outside a full set-up: without torchrec, and the demo without a source checkout's configs."""
+"""The entry points: outside a full set-up (without torchrec, the demo without a source checkout's configs), and
+how a job ends (SIGTERM, a failure) as the `mmoe-rec` process."""
 from __future__ import annotations
 
 import importlib.util
+import textwrap
 
 
 def test_mmoe_rec_without_torchrec_says_how_to_install_it_in_one_line(capsys, monkeypatch):
@@ -52,7 +54,6 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
     import signal
     import subprocess
     import sys
-    import textwrap
     import time
 
     (tmp_path / "raw.csv").write_text("city,y\n" + "".join(f"c{i % 5},{i % 2}\n" for i in range(100)))
@@ -83,6 +84,32 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# For a subprocess: .xz files read slowly through Python's lzma (as Arrow's reader thread reads them), so that a
+# read is in progress when the job stops; MARK (a path or None) is touched by a read once the build writes output.
+SLOW_LZMA_READS = textwrap.dedent("""
+    import lzma, os, sys, time
+    from mmoe_rec.features import sources
+
+    class Slow:
+        def __init__(self, f):
+            self.f = f
+        def read(self, n=-1):
+            if MARK and any(p.startswith(".out.tmp-") for p in os.listdir(".")):
+                open(MARK, "w").close()  # the transform pass is reading
+            time.sleep(0.05)
+            return self.f.read(min(n, 4096) if n and n > 0 else 4096)
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.f.close()
+
+    real = lzma.open
+    sources.lzma.open = lambda *a, **k: Slow(real(*a, **k))
+""")
+
+
 def test_sigterm_while_arrow_reads_an_xz_file_through_python_ends_the_job_cleanly(tmp_path):
     """.xz input is read by Arrow's CSV reader from Python's lzma file, on Arrow's own threads. SIGTERM ended the job
     through SystemExit and then the interpreter's shutdown, during which such a thread, still inside Python's read,
@@ -92,34 +119,13 @@ def test_sigterm_while_arrow_reads_an_xz_file_through_python_ends_the_job_cleanl
     import signal
     import subprocess
     import sys
-    import textwrap
     import time
 
     with lzma.open(tmp_path / "raw.csv.xz", "wt", preset=0) as f:
         f.write("city,y\n" + "".join(f"c{i % 5},{i % 2}\n" for i in range(20_000)))
     (tmp_path / "s.yaml").write_text("categorical: [{name: city}]\ntasks: [{name: y, column: y, type: binary}]\n")
     reading = tmp_path / "reading"
-    script = textwrap.dedent(f"""
-        import lzma, os, sys, time
-        from mmoe_rec.features import sources
-
-        class Slow:
-            def __init__(self, f):
-                self.f = f
-            def read(self, n=-1):
-                if any(p.startswith(".out.tmp-") for p in os.listdir({str(tmp_path)!r})):
-                    open({str(reading)!r}, "w").close()  # the transform pass is reading
-                time.sleep(0.05)
-                return self.f.read(min(n, 4096) if n and n > 0 else 4096)
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-            def __enter__(self):
-                return self
-            def __exit__(self, *exc):
-                self.f.close()
-
-        real = lzma.open
-        sources.lzma.open = lambda *a, **k: Slow(real(*a, **k))
+    script = f"MARK = {str(reading)!r}\n" + SLOW_LZMA_READS + textwrap.dedent("""
         from mmoe_rec.cli import main
         sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv.xz", "--output", "out"]))
     """)
@@ -172,30 +178,11 @@ def test_a_failed_xz_build_exits_with_its_error_code_not_an_abort(tmp_path):
     import lzma
     import subprocess
     import sys
-    import textwrap
 
     with lzma.open(tmp_path / "raw.csv.xz", "wt", preset=0) as f:
         f.write("age,y\nabc,1\n" + "".join(f"{i % 90},{i % 2}\n" for i in range(20_000)))
     (tmp_path / "s.yaml").write_text("numeric: [{name: age}]\ntasks: [{name: y, column: y, type: binary}]\n")
-    script = textwrap.dedent("""
-        import lzma, sys, time
-        from mmoe_rec.features import sources
-
-        class Slow:
-            def __init__(self, f):
-                self.f = f
-            def read(self, n=-1):
-                time.sleep(0.05)
-                return self.f.read(min(n, 4096) if n and n > 0 else 4096)
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-            def __enter__(self):
-                return self
-            def __exit__(self, *exc):
-                self.f.close()
-
-        real = lzma.open
-        sources.lzma.open = lambda *a, **k: Slow(real(*a, **k))
+    script = "MARK = None\n" + SLOW_LZMA_READS + textwrap.dedent("""
         from mmoe_rec.cli import main
         sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv.xz", "--output", "out"],
                       process=True))

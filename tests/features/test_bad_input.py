@@ -276,17 +276,23 @@ def test_a_split_weight_that_is_no_number_is_refused_naming_the_input(feat, tmp_
     _assert_clean(tmp_path, out)
 
 
-def test_a_folder_input_reads_its_subfolders_and_refuses_a_file_it_cannot_read(feat, tmp_path, capsys):
-    """A folder's files below its top level (a partition folder `day=2/`) were passed over, and so were files of
-    an unknown format: their rows were lost without a word. Now every file below the folder is read, names that
-    start with "." or "_" (`_SUCCESS`, `_tmp/`) passed over as in the scoring job, and any other file must be
-    readable."""
+def _partitioned_raw(tmp_path) -> Path:
+    """raw/day1.csv (30 rows), raw/day=2/part-0.csv (20 rows), and raw/_tmp/part-9.csv (7 rows: to be passed over)."""
     raw = tmp_path / "raw"
     (raw / "day=2").mkdir(parents=True)
     (raw / "_tmp").mkdir()
     _csv(raw, _good_rows(30), "day1.csv")
     _csv(raw / "day=2", _good_rows(20), "part-0.csv")
     _csv(raw / "_tmp", _good_rows(7), "part-9.csv")
+    return raw
+
+
+def test_a_folder_input_reads_its_subfolders_and_refuses_a_file_it_cannot_read(feat, tmp_path, capsys):
+    """A folder's files below its top level (a partition folder `day=2/`) were passed over, and so were files of
+    an unknown format: their rows were lost without a word. Now every file below the folder is read, names that
+    start with "." or "_" (`_SUCCESS`, `_tmp/`) passed over as in the scoring job, and any other file must be
+    readable."""
+    raw = _partitioned_raw(tmp_path)
     (raw / "_SUCCESS").write_text("")
     (raw / ".day1.csv.crc").write_text("x")
     schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
@@ -312,12 +318,7 @@ def test_an_output_inside_its_input_folder_is_passed_over_and_globs_read_partiti
     its root as a folder input does."""
     from mmoe_rec.features.build import Source, parse_input
 
-    raw = tmp_path / "raw"
-    (raw / "day=2").mkdir(parents=True)
-    (raw / "_tmp").mkdir()
-    _csv(raw, _good_rows(30), "day1.csv")
-    _csv(raw / "day=2", _good_rows(20), "part-0.csv")
-    _csv(raw / "_tmp", _good_rows(7), "part-9.csv")
+    raw = _partitioned_raw(tmp_path)
     schema = feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)
     argv = ["--schema", str(schema), "--input", f"train={raw}", "--output", str(raw / "features")]
     assert features_main(argv) == 0
