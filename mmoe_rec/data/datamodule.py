@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader
 
@@ -220,15 +221,28 @@ class FeatureDataModule(L.LightningDataModule):
                     f"done); resuming it mid-epoch needs the same batch plan: processes, batch size, loader workers, "
                     f"shuffle buffer, chunk rows, drop_last, seed and train split ({changed}). "
                     f"Resume with the checkpoint's settings and data, or from a checkpoint written at an epoch's end")
-        self._resume_at = (self._epoch, done) if done > 0 else None
+        self._resume_at = (self._epoch, done, state_dict.get("epoch_batches")) if done > 0 else None
 
     def _batches_to_skip(self, epoch: int) -> int:
-        """Once, for the epoch a mid-epoch checkpoint was written in: how many of its batches were trained."""
-        if self._resume_at is None or self._resume_at[0] != epoch:
+        """Once, for the epoch a mid-epoch checkpoint was written in: how many of its batches were trained. Says so
+        when Lightning resumes past that epoch instead: its checkpoint was saved as at an epoch's end (a fit that
+        max_steps stopped in the middle of an epoch, with a checkpoint saved at the epoch's end) and the rest of
+        the epoch is not trained."""
+        if self._resume_at is None:
             return 0
-        done = self._resume_at[1]
+        saved_epoch, done, total = self._resume_at
         self._resume_at = None
-        return done
+        if saved_epoch == epoch:
+            return done
+        if epoch > saved_epoch and total is not None and done < total:
+            rank_zero_warn(
+                f"the checkpoint was written after {done} of the {total} batches of epoch {saved_epoch} (a fit that "
+                f"max_steps stopped there, its checkpoint saved as at the epoch's end): Lightning resumes at epoch "
+                f"{epoch}, so the other {total - done} batches of epoch {saved_epoch} are not trained (and a "
+                f"dynamic-weight-average fit took epoch {saved_epoch}'s loss from the batches before). To continue "
+                f"exactly, resume from a checkpoint written during the epoch (ModelCheckpoint every_n_train_steps), "
+                f"or stop fits at an epoch's end (max_epochs)")
+        return 0
 
     # --- datasets and loaders -----------------------------------------------------------------------------
     def collator(self, with_ids: bool = False) -> BatchCollator:

@@ -106,6 +106,17 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(featur
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+def test_resuming_past_the_rest_of_an_epoch_a_max_steps_stop_cut_short_says_so(feature_dir, tmp_path):
+    """max_steps stops a fit 9 batches into epoch 1; a checkpoint saved at that (train) epoch's end makes Lightning
+    resume at epoch 2: the other 12 batches of epoch 1 were skipped without a word (a straight run: 63 steps)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", filename="last", enable_version_counter=False)
+    _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=30)
+    with pytest.warns(UserWarning, match="written after 9 of the 21 batches of epoch 1 .* Lightning resumes at "
+                                         "epoch 2, so the other 12 batches of epoch 1 are not trained"):
+        resumed, _ = _train(feature_dir, tmp_path / "c", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert resumed.global_step == 51
+
+
 # Routing noise (noisy top-k) and dropout draw from torch's generator: its state is in the checkpoint, and the
 # loaders draw from their own, so a resumed run draws what the straight run drew. Step 30 is mid-epoch, 21 an
 # epoch's last batch (validation in between: its loader must not move the stream either).
