@@ -271,6 +271,8 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
                 _require(len(e[k]) > 0, f"{k} must list at least one label value (or be left out)", source,
                          e["name"])
         t = _build(TaskSpec, e, "tasks", source)
+        _require("." not in t.name, "a task name must not hold '.' (it names the model's gate and tower: torch "
+                 "module names, which take no '.')", source, t.name)
         if t.type not in TASK_TYPES:
             raise FeatureDataError(f"unknown task type {t.type!r} (known: {TASK_TYPES})", file=source, column=t.name)
         if t.type == "regression" and (t.positive or t.negative):

@@ -28,6 +28,10 @@ class MultiTaskModel(nn.Module, abc.ABC):
             tasks = names
         if isinstance(tasks, str):  # a YAML `tasks: click` would be read letter by letter
             raise ValueError(f"tasks must be a list of task names, got the string {tasks!r} (write [{tasks}])")
+        dotted = [t for t in tasks if "." in t]
+        if dotted:  # (feature schemas refuse such names since 2026-12-06)
+            raise ValueError(f"task names {dotted} hold '.': each task names a gate and a tower, torch modules "
+                             "whose names take no '.'; rename the task in the feature schema and rebuild the features")
         unknown = [t for t in tasks if t not in names]
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; the feature spec has tasks {names}")

@@ -114,7 +114,7 @@ class TaskMetrics(nn.Module):
 
     def names(self) -> list[str]:
         """The names `compute` returns."""
-        per_task = [f"{self.prefix}/{t}/{name}" for t, name in (k.split("__") for k in self.metrics)]
+        per_task = [f"{self.prefix}/{t}/{name}" for t, name in (k.rsplit("__", 1) for k in self.metrics)]
         return per_task + [f"{self.prefix}/loss"]
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -124,7 +124,7 @@ class TaskMetrics(nn.Module):
         select checkpoints by must not)."""
         out = {}
         for key, metric in self.metrics.items():
-            task, name = key.split("__")
+            task, name = key.rsplit("__", 1)  # a task name may hold "__" itself
             out[f"{self.prefix}/{task}/{name}"] = metric.compute()
         out[f"{self.prefix}/loss"] = sum(self.task_weights[t] * out[f"{self.prefix}/{t}/{LOSS_METRIC[kind]}"]
                                          for t, kind in self.types.items())

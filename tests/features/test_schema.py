@@ -55,12 +55,15 @@ def _with(section: str | None = None, **entry) -> dict:
     (_with("numeric", transform="bucketize", buckets=2, impute=99), "['impute'] do not apply to transform bucketize"),
     (_with("numeric", transform="bucketize", missing_indicator=True), "['missing_indicator'] do not apply"),
     (_with("numeric", transform="standardize", buckets=4), "['buckets'] do not apply to transform standardize"),
+    # a task names a gate and a tower (torch modules): the model failed on a bare KeyError
+    (_with("tasks", name="ctr.v2"), "a task name must not hold '.'"),
 ], ids=["min_count-str", "min_count-0", "max_size-neg", "max_size-0", "max_size-float", "hash-buckets-bool",
         "multi_valued-str", "bucketize-buckets-bool", "id_columns-str", "id_columns-nested", "weight-is-label",
         "weight-list", "positive-and-negative", "positive-mapping", "positive-empty", "negative-empty", "name-list",
         "column-list", "null_values-str", "column_names-str", "delimiter-int", "delimiter-two", "reader-list",
         "impute-nan", "impute-inf", "id-is-feature", "id-is-another-features-column", "hash-min_count",
-        "hash-max_size", "vocab-buckets", "bucketize-impute", "bucketize-indicator", "standardize-buckets"])
+        "hash-max_size", "vocab-buckets", "bucketize-impute", "bucketize-indicator", "standardize-buckets",
+        "task-name-dot"])
 def test_bad_schema_value_names_the_schema_file_and_the_entry(tmp_path, schema, entry):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(schema))

@@ -325,3 +325,13 @@ def test_models_rebuild_from_class_path_and_state_dict():
 def test_bad_configuration_is_rejected(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(spec(), **kwargs)
+
+
+def test_a_task_name_holding_a_dot_is_refused_naming_it():
+    """Each task names a gate and a tower (torch modules, whose names take no '.'): the model failed on torch's bare
+    KeyError "module name can't contain '.'" (feature schemas now refuse such names when built)."""
+    from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+
+    dotted = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("ctr.v2"), Task("buy")]).finalize()
+    with pytest.raises(ValueError, match=r"task names \['ctr.v2'\] hold '.'"):
+        MMoE(dotted, num_experts=2)

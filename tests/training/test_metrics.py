@@ -144,3 +144,16 @@ def test_split_loss_weights_the_tasks_as_the_static_task_weights_do():
                    {"click": torch.tensor([1.0, 0.0]), "dwell": torch.tensor([0.0, 0.0])})
     out = metrics.compute()
     assert out["val/loss"].item() == pytest.approx((out["val/click/logloss"] + 0.25 * out["val/dwell/mse"]).item())
+
+
+def test_a_task_name_holding_a_double_underscore_is_measured():
+    """Metric keys are `<task>__<metric>`: a task `add__cart` failed to unpack at the first validation."""
+    from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+    from mmoe_rec.training.metrics import TaskMetrics
+
+    tasks = ["add__cart", "buy"]
+    spec = FeatureSpec([SparseFeature("u", 2)], [], [Task(t) for t in tasks]).finalize()
+    metrics = TaskMetrics(spec, tasks, "val")
+    metrics.update({t: torch.tensor([2.0, -1.0]) for t in tasks}, {t: torch.tensor([1.0, 0.0]) for t in tasks})
+    out = metrics.compute()
+    assert sorted(out) == sorted(metrics.names()) and float(out["val/add__cart/auc"]) == 1.0
