@@ -68,6 +68,9 @@ def test_a_models_own_aux_loss_takes_a_coefficient(feature_dir):
     module = MultiTaskModule(model=model, feature_spec=spec, aux_loss_coefs={"gate_l2": 0.5})
     aux = {"gate_l2": torch.tensor(2.0)}
     assert float(module.aux_loss(aux)) == pytest.approx(1.0)
+    # without one: refused when the module is made (it was a KeyError at the first training step)
+    with pytest.raises(ValueError, match="no coefficient for the model's own aux loss\\(es\\) 'gate_l2'"):
+        MultiTaskModule(model=model, feature_spec=spec)
 
 
 def test_lightnings_scheduler_keys_name_and_strict_reach_lightning(feature_dir):
