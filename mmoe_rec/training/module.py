@@ -338,12 +338,17 @@ class MultiTaskModule(L.LightningModule):
         # The running totals of the epoch (rows seen, task-loss sums for the epoch mean that DWA reads) summed
         # over ranks: every rank reaches this save (Lightning saves on all ranks and writes on rank 0), and a
         # resume mid-epoch gives them to rank 0, so that the sums over ranks at the epoch's end come out as in a
-        # run that went straight through.
+        # run that went straight through. The float loss sums also rank by rank: a resume under as many ranks
+        # gives each its own, so that each rank's float32 sum continues as it would have (rank 0 starting from
+        # the sum over ranks rounds otherwise, and DWA's weights came out a few 1e-7 off).
         loss_sum = self._epoch_loss_sums()
         totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([self._epoch_batches, self._epoch_rows],
                                                                    dtype=torch.float64)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
+        per_rank = self.trainer.strategy.all_gather(loss_sum.float())  # (W, T); (T,) with one rank
+        per_rank = (per_rank if self.trainer.world_size > 1 else per_rank.unsqueeze(0)).cpu()
         checkpoint[EPOCH_TOTALS_KEY] = {"epoch": self.current_epoch, "loss_sum": totals[:-2].float(),
+                                        "loss_sum_per_rank": per_rank,
                                         "batches": int(totals[-2]), "rows": int(totals[-1])}
         checkpoint[RNG_KEY] = self._gather_rng_states()
 
@@ -385,9 +390,13 @@ class MultiTaskModule(L.LightningModule):
         totals = checkpoint.get(EPOCH_TOTALS_KEY)
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return
-        first = self.trainer.global_rank == 0
+        rank, first = self.trainer.global_rank, self.trainer.global_rank == 0
         # left on the CPU: Lightning calls this before it moves the module to its device (used with .to(...))
-        self._epoch_loss_sum = totals["loss_sum"] if first else None
+        per_rank = totals.get("loss_sum_per_rank")
+        if per_rank is not None and len(per_rank) == self.trainer.world_size:  # each rank its own sum
+            self._epoch_loss_sum = per_rank[rank].clone()
+        else:  # another number of ranks (or a checkpoint from before): the sum over ranks on rank 0
+            self._epoch_loss_sum = totals["loss_sum"] if first else None
         self._epoch_batches = totals["batches"] if first else 0
         self._epoch_rows = totals["rows"] if first else 0
         self._resumed_epoch = totals["epoch"]

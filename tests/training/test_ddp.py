@@ -392,3 +392,44 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
     test_ids = [i for p in sorted((feature_dir / "test").glob("*.parquet"))
                 for i in pq.read_table(p)["row_id"].to_pylist()]
     assert sorted(ids) == sorted(test_ids)  # every test row, once
+
+
+def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_dir, tmp_path, monkeypatch):
+    """2 processes, dynamic weight average over 3 epochs (11 steps each at batch 96), a checkpoint in the middle of
+    epoch 1 (step 15): resumed, the fit ends bitwise where the straight fit ends. The epoch's float32 task-loss sums came back summed over the ranks on rank 0, which rounds
+    otherwise than each rank's own sum: DWA's weights and then every weight differed in the last bits."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def config(name: str, *, stop: bool) -> Path:
+        callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                      "init_args": {"dirpath": str(tmp_path / name / "final"), "filename": "final",
+                                    "save_on_train_epoch_end": True}}]
+        if stop:
+            callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                              "init_args": {"dirpath": str(tmp_path / name / "mid"), "every_n_train_steps": 15,
+                                            "save_top_k": -1}})
+        cfg = {
+            "seed_everything": 0,
+            "trainer": {"accelerator": "cpu", "max_epochs": 3, "max_steps": 15 if stop else -1, "logger": False,
+                        "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                        "limit_val_batches": 0, "callbacks": callbacks},
+            "model": {"class_path": "mmoe_rec.training.module.MultiTaskModule",
+                      "init_args": {"model": MMOE, "weighting": "dwa",
+                                    "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}}},
+            "data": {"class_path": "mmoe_rec.data.datamodule.FeatureDataModule",
+                     "init_args": {"data_dir": str(feature_dir), "batch_size": 96, "seed": 3, "shuffle_buffer": 256}},
+        }
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "c.yaml").write_text(yaml.safe_dump(cfg))
+        return tmp_path / name / "c.yaml"
+
+    run_two_processes(tmp_path, config("straight", stop=False))
+    run_two_processes(tmp_path, config("crash", stop=True))
+    (mid,) = (tmp_path / "crash" / "mid").glob("*.ckpt")
+    run_two_processes(tmp_path, config("resumed", stop=False), "--ckpt_path", str(mid))
+    a = torch.load(tmp_path / "straight" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "resumed" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 33
+    assert a["state_dict"]["weighting.current"].tolist() != [1.0, 1.0]  # epoch 2 weighted by DWA
+    for key in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
