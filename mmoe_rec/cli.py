@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
     abandoned half-way) aborted the process after the error (exit 134, not 1)."""
     process = argv is None if process is None else process
     argv = list(sys.argv[1:] if argv is None else argv)
-    needs_torchrec = bool(argv) and argv[0] in (*LIGHTNING_SUBCOMMANDS, "register", "score") \
-        and not {"-h", "--help"} & set(argv[1:])
+    # --help too: the help of these subcommands is built from classes that import torchrec
+    needs_torchrec = bool(argv) and argv[0] in (*LIGHTNING_SUBCOMMANDS, "register", "score")
     if needs_torchrec and importlib.util.find_spec("torchrec") is None:  # not declared: pip would pull CUDA fbgemm
         print("error: torchrec is not installed; install it without its dependencies (the CPU fbgemm is pinned): "
               "pip install --no-deps torchrec==1.8.0 (README, set-up)", file=sys.stderr)

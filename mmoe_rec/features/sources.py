@@ -40,8 +40,8 @@ def input_format(path: str) -> str:
         return "parquet"
     if any(name.endswith(s + c) for s in CSV_SUFFIXES for c in COMPRESSION_SUFFIXES):
         return "csv"
-    raise FeatureDataError("unknown input format (expected .parquet/.pq or .csv/.tsv, optionally .gz/.bz2/.xz)",
-                           file=path)
+    raise FeatureDataError("unknown input format (expected .parquet/.pq, or .csv/.tsv/.txt read as CSV, optionally "
+                           ".gz/.bz2/.xz)", file=path)
 
 
 def resolve_inputs(spec: str, exclude: str | os.PathLike | None = None) -> list[str]:
