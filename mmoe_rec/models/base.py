@@ -63,6 +63,12 @@ class MultiTaskModel(nn.Module, abc.ABC):
         A model with aux losses of its own names them here. Default: none."""
         return ()
 
+    def emitted_aux_losses(self) -> tuple[str, ...]:
+        """Every name this model's training forward may put in `ModelOutput.aux`: its own (aux_loss_names) and, for
+        a sparse model, the balance losses it is set to compute. The training module wants a coefficient for each
+        when it is made (else the first step fails)."""
+        return self.aux_loss_names()
+
     def eval_batch_dependence(self) -> str | None:
         """Why this model's scores in eval mode depend on the other rows of the batch, or None when a row's score
         is its own (every model by default; the scoring job and the pyfunc warn otherwise)."""

@@ -175,6 +175,9 @@ class SparseMMoE(MultiTaskModel):
         self.towers = nn.ModuleDict({t: Tower(self.experts.out_dim, list(tower_hidden), dropout=dropout, norm=norm)
                                      for t in self.tasks})
 
+    def emitted_aux_losses(self) -> tuple[str, ...]:
+        return (*self.balance, *self.aux_loss_names())
+
     def _make_router(self, router, d_in, noise, normalize, init, loss_free_bias, rate) -> nn.Module:
         if router == "noisy_topk":
             return NoisyTopKRouter(d_in, self.num_experts, self.k, noise=noise, normalize=normalize, init=init,

@@ -137,10 +137,11 @@ class MultiTaskModule(L.LightningModule):
         if unknown:  # a misspelt key would leave the loss it meant at its old coefficient, silently
             raise ValueError(f"aux_loss_coefs: unknown aux loss {', '.join(map(repr, unknown))}; known: "
                              f"{', '.join(known)} (a model with aux losses of its own names them in aux_loss_names())")
-        uncovered = [name for name in self.model.aux_loss_names() if name not in self.aux_coefs]
+        uncovered = [name for name in self.model.emitted_aux_losses() if name not in self.aux_coefs]
         if uncovered:  # the first training step would fail on it, after the trainer, data and logger are made
-            raise ValueError(f"aux_loss_coefs has no coefficient for the model's own aux loss(es) "
-                             f"{', '.join(map(repr, uncovered))}: give one (0 to leave a loss out)")
+            names = ", ".join(map(repr, uncovered))
+            raise ValueError(f"aux_loss_coefs has no coefficient for the aux loss(es) {names} this model computes: "
+                             f"give one (0 to leave a loss out); given: {self.aux_coefs}")
         bad = {k: v for k, v in self.aux_coefs.items() if not (math.isfinite(float(v)) and float(v) >= 0)}
         if bad:  # a negative coefficient rewards imbalance
             raise ValueError(f"aux_loss_coefs must be finite and >= 0, got {bad}")

@@ -69,8 +69,13 @@ def test_a_models_own_aux_loss_takes_a_coefficient(feature_dir):
     aux = {"gate_l2": torch.tensor(2.0)}
     assert float(module.aux_loss(aux)) == pytest.approx(1.0)
     # without one: refused when the module is made (it was a KeyError at the first training step)
-    with pytest.raises(ValueError, match="no coefficient for the model's own aux loss\\(es\\) 'gate_l2'"):
+    with pytest.raises(ValueError, match="no coefficient for the aux loss\\(es\\) 'gate_l2' this model computes"):
         MultiTaskModule(model=model, feature_spec=spec)
+    # and the balance losses a sparse model is set to compute: given some coefficients, not router_z's
+    sparse = {"class_path": "mmoe_rec.models.sparse_mmoe.SparseMMoE",
+              "init_args": {"embedding_dim": 4, "num_experts": 4, "k": 2, "expert_hidden": [16], "tower_hidden": [8]}}
+    with pytest.raises(ValueError, match="no coefficient for the aux loss\\(es\\) 'router_z' this model computes"):
+        MultiTaskModule(model=sparse, feature_spec=spec, aux_loss_coefs={"load": 0.02, "importance": 0.02})
 
 
 def test_lightnings_scheduler_keys_name_and_strict_reach_lightning(feature_dir):
