@@ -294,6 +294,10 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             if bad is not None:
                 raise FeatureDataError(bad[1], file=path, row=bad[0]) from None
             raise FeatureDataError(f"malformed CSV ({msg.splitlines()[0]})", file=path) from None
+        if fmt == "csv" and "straddling object" in msg:  # a record longer than Arrow's block: a quote not closed?
+            _refuse_unclosed_quote(path, reader)
+            raise FeatureDataError(f"a CSV record longer than {CSV_BLOCK_BYTES >> 20} MiB (Arrow's read block) or a "
+                                   f"quoted field that does not close ({msg.splitlines()[0]})", file=path) from None
         if fmt == "csv" and "invalid UTF8" in msg:  # Arrow names a column index and, not always, a line
             match = re.search(r"CSV column #(\d+)", msg)
             index = int(match.group(1)) if match else -1
@@ -334,7 +338,7 @@ def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:
     row = index - (1 if reader.header else 0)
     lines = len(last.splitlines())
     raise FeatureDataError(f"a quoted field opens in this row and never closes (an unmatched '\"'): the CSV reader "
-                           f"took the rest of the file, {lines} lines, as its value", file=path, row=row)
+                           f"reads the rest of the file, {lines} lines, as its value", file=path, row=row)
 
 
 def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20) -> Iterator[bytes]:

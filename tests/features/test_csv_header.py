@@ -172,9 +172,22 @@ def test_a_quoted_field_that_never_closes_is_an_error_naming_its_row(tmp_path, s
 
     bad = write('a,b\n1,2\n3,"x\n4,5\n6,7\n')
     with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens in this row and never "
-                                               r"closes .* took the rest of the file, 3 lines"):
+                                               r"closes .* reads the rest of the file, 3 lines"):
         rows(bad)
     assert rows(write('a,b\n1,x"y\n4,5\n')) == [("1", 'x"y'), ("4", "5")]
     assert rows(write('a,b\n1,"q"""\n2,"x\ny"\n')) == [("1", 'q"'), ("2", "x\ny")]
     with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens"):
         list(iter_batches(write('1,2\n3,"y\n5,6\n7,8\n'), ["f0", "f1"], ReaderSpec(header=False)))
+
+
+
+def test_an_unclosed_quote_in_a_file_longer_than_a_read_block_names_its_row(tmp_path, monkeypatch):
+    """Past Arrow's read block the same quote makes Arrow fail ("straddling object straddles two block
+    boundaries (try to increase block size?)"), a message naming no row and a setting no one can change."""
+    from mmoe_rec.features import sources
+
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 256)
+    path = tmp_path / "raw.csv"
+    path.write_text('a,b\n1,2\n3,"x\n' + "".join(f"{i},{i}\n" for i in range(300)))
+    with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens in this row and never "):
+        list(iter_batches(str(path), ["a", "b"], ReaderSpec()))
