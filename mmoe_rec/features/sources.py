@@ -16,6 +16,7 @@ import io
 import lzma
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -107,26 +108,20 @@ def _delimiter(path: str, reader: ReaderSpec) -> str:
 CSV_BLOCK_BYTES = 1 << 22  # Arrow's read block: CSV is parsed (and held) this much at a time
 
 
-class _QuoteCounter:
-    """A binary stream that counts the '"' bytes read through it (Arrow reads the CSV from it, in blocks)."""
-
-    def __init__(self, stream) -> None:
-        self.stream, self.quotes = stream, 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.quotes += bytes(data).count(b'"')
-        return data
-
-    def close(self) -> None:
-        self.stream.close()
-
-    @property
-    def closed(self) -> bool:
-        return self.stream.closed
-
-    def readable(self) -> bool:
-        return True
+def _decompressed_xz(path: str):
+    """(a temporary file holding the .xz file decompressed, deleted when closed; its number of '"' bytes)."""
+    out = tempfile.NamedTemporaryFile(prefix="mmoe-rec-", suffix=".csv")
+    quotes = 0
+    try:
+        with lzma.open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                quotes += block.count(b'"')
+                out.write(block)
+        out.flush()
+    except BaseException:
+        out.close()
+        raise
+    return out, quotes
 
 
 def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_invalid_row=None, stream=None):
@@ -250,7 +245,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     reader = reader or ReaderSpec()
     fmt = input_format(path)
     have: list[str] = []
-    csv_batches = None
+    csv_batches = plain = None
     try:
         if fmt == "parquet":
             pf = _open_parquet(path)
@@ -265,12 +260,17 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         else:
             have = csv_columns(path, reader)
             _check_columns(path, have, columns)
-            # an .xz file is read through Python anyway (lzma): its '"' are counted on the way; other files are
-            # left to Arrow's own reader, no Python in its threads, and counted in a second pass once read (cheap
-            # for plain files; a .gz / .bz2 file is decompressed again, 10-100 % of the read's time)
-            stream = _open_csv_stream(path)
-            counted = _QuoteCounter(stream) if not isinstance(stream, pa.NativeFile) else None
-            batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream=counted or stream)
+            # Arrow reads the file with its own reader, no Python in its threads: an .xz file (Arrow has no xz codec)
+            # is first decompressed into a temporary file, its '"' counted on the way. (Read through Python's lzma,
+            # Arrow's read-ahead thread could still be inside Python's read when the interpreter shut down, which
+            # aborted the process, even after a complete read.) Other files' '"' are counted in a second pass once
+            # read: cheap for plain files, a .gz / .bz2 file is decompressed again (10-100 % of the read's time).
+            if path.lower().endswith(".xz"):
+                plain, quotes = _decompressed_xz(path)
+                stream = pa.input_stream(plain.name)
+            else:
+                stream = _open_csv_stream(path)
+            batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream=stream)
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
         row = 0
@@ -281,7 +281,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
                 yield row + start, part
             row += b.num_rows
-        if fmt == "csv" and (counted.quotes if counted else _quote_count(path)) % 2:
+        if fmt == "csv" and (quotes if plain is not None else _quote_count(path)) % 2:
             _refuse_unclosed_quote(path, reader)  # an odd count: a quoted field may run to the end of the file
     except FeatureDataError:
         raise
@@ -308,10 +308,9 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                                file=path) from None
     finally:
         if csv_batches is not None:
-            # release the reader when done or abandoned half-way. (It does not stop Arrow's read-ahead thread: over
-            # an .xz file, read through Python, that thread can still be inside Python's read when the interpreter
-            # shuts down, which aborts the process; `mmoe-rec` ends a failed job by os._exit for that reason.)
             csv_batches.close()
+        if plain is not None:
+            plain.close()  # the .xz file's decompressed copy, deleted
 
 
 def _quote_count(path: str) -> int:
@@ -420,11 +419,20 @@ def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int
         found.append(row)
         return "error"  # stop there (raising inside Arrow's handler would abort the process)
 
+    plain = _decompressed_xz(path)[0] if path.lower().endswith(".xz") else None  # Arrow's threads: no Python
     try:
-        for _ in _csv_reader(path, reader, include, on_invalid_row=record):
-            pass
+        rows = _csv_reader(path, reader, include, on_invalid_row=record,
+                           stream=None if plain is None else pa.input_stream(plain.name))
+        try:
+            for _ in rows:
+                pass
+        finally:
+            rows.close()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError):
         pass
+    finally:
+        if plain is not None:
+            plain.close()
     if not found or found[0].number is None:
         return None
     row = found[0]
