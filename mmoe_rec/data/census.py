@@ -58,13 +58,16 @@ def iter_raw(path: str | Path, columns: tuple[str, ...] = COLUMNS, batch_rows: i
 
 
 def labels(batch: pa.RecordBatch | pa.Table) -> dict[str, np.ndarray]:
-    """The two tasks' 0/1 labels from raw (stripped) columns; raises on an unknown income value."""
-    income = batch.column(INCOME_COLUMN)
-    ok = pc.is_in(income, value_set=pa.array([INCOME_POSITIVE, INCOME_NEGATIVE])).to_numpy(zero_copy_only=False)
-    if not ok.all():
-        raise ValueError(f"unknown income value {income[int(np.argmax(~ok))].as_py()!r}")
+    """The two tasks' 0/1 labels from raw (stripped) columns; raises on an unknown income or marital-status value
+    (an unknown marital status would read as "not never married")."""
+    income, marital = batch.column(INCOME_COLUMN), batch.column(MARITAL_COLUMN)
+    for name, column, known in (("income", income, [INCOME_POSITIVE, INCOME_NEGATIVE]),
+                                ("marital status", marital, list(MARITAL_VALUES))):
+        ok = pc.is_in(column, value_set=pa.array(known)).to_numpy(zero_copy_only=False)
+        if not ok.all():
+            raise ValueError(f"unknown {name} value {column[int(np.argmax(~ok))].as_py()!r}")
     return {
         "income": pc.equal(income, INCOME_POSITIVE).to_numpy(zero_copy_only=False).astype(np.float32),
-        "never_married": pc.equal(batch.column(MARITAL_COLUMN), NEVER_MARRIED)
+        "never_married": pc.equal(marital, NEVER_MARRIED)
         .to_numpy(zero_copy_only=False).astype(np.float32),
     }

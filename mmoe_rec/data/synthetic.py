@@ -149,6 +149,13 @@ class RecSynthetic:
     def __post_init__(self) -> None:
         if not 0.0 <= self.relatedness <= 1.0:
             raise ValueError(f"relatedness must be in [0, 1], got {self.relatedness}")
+        for flag, count in (("--users", self.num_users), ("--items", self.num_items), ("--tags", self.num_tags)):
+            if count < 1:  # an empty world failed on an IndexError
+                raise ValueError(f"{flag} must be at least 1, got {count}")
+        if not (math.isfinite(self.zipf) and self.zipf >= 0):  # NaN made every row one user and one item
+            raise ValueError(f"--zipf must be a finite number >= 0, got {self.zipf}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be at least 0, got {self.seed}")
         if len(self.tasks) < 2:
             raise ValueError("the recommender generator needs at least two tasks")
         _check_task_names(self.tasks)
@@ -231,6 +238,8 @@ def _check_task_names(tasks: tuple[str, ...]) -> None:
     """A task's label column must not replace a feature column or another task's labels."""
     seen: set[str] = set()
     for t in tasks:
+        if not t or t != t.strip():  # "click,,conversion", "click, conversion"
+            raise ValueError(f"task name {t!r} is empty or padded with spaces (--tasks is comma-separated, no spaces)")
         if t in REC_COLUMNS:
             raise ValueError(f"task name {t!r} collides with the generated column {t!r}; "
                              f"the generated columns are {', '.join(REC_COLUMNS)}")

@@ -79,3 +79,17 @@ def test_iter_raw_and_labels_on_vendored_test_file():
     assert batch.column("citizenship")[0].as_py() == batch.column("citizenship")[0].as_py().strip()
     y = census.labels(batch)
     assert 0.03 < y["income"].mean() < 0.1 and 0.35 < y["never_married"].mean() < 0.5
+
+
+def test_labels_refuse_an_unknown_income_or_marital_status_value():
+    """An unknown income value was refused, an unknown marital status read silently as "not never married"."""
+    import pyarrow as pa
+
+    def batch(income: str, marital: str) -> pa.Table:
+        return pa.table({census.INCOME_COLUMN: [income], census.MARITAL_COLUMN: [marital]})
+
+    assert census.labels(batch(census.INCOME_POSITIVE, census.NEVER_MARRIED))["never_married"].tolist() == [1.0]
+    with pytest.raises(ValueError, match="unknown income value '70000'"):
+        census.labels(batch("70000", census.NEVER_MARRIED))
+    with pytest.raises(ValueError, match="unknown marital status value 'Single'"):
+        census.labels(batch(census.INCOME_NEGATIVE, "Single"))

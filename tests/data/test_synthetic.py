@@ -193,3 +193,20 @@ def test_synth_refuses_a_task_named_like_another_column(tmp_path, capsys, tasks,
     assert f"task name '{column}'" in capsys.readouterr().err and not out.exists()
     t = RecSynthetic(num_users=200, num_items=100).sample(10, np.random.default_rng(0))
     assert t.column_names == [*REC_COLUMNS, "click", "conversion"]  # the names refused are the columns written
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--users", "0"], "--users must be at least 1, got 0"),  # an IndexError traceback before
+    (["--items", "0"], "--items must be at least 1, got 0"),
+    (["--tags", "0"], "--tags must be at least 1, got 0"),
+    (["--zipf", "nan"], "--zipf must be a finite number >= 0, got nan"),  # every row one user and one item
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),  # numpy's message named no flag
+    (["--tasks", "click,,conversion"], "task name '' is empty or padded"),  # a label column named ''
+    (["--tasks", "click, conversion"], "task name ' conversion' is empty or padded"),
+])
+def test_synth_rec_refuses_bad_generator_options_before_writing(tmp_path, capsys, args, message):
+    out = tmp_path / "raw"
+    assert synth_main(["rec", "--rows", "10", "--users", "20", "--items", "10", "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "Traceback" not in err
+    assert not out.exists()
