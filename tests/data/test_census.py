@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from mmoe_rec.data import census
 from mmoe_rec.features.build import main as features_main
@@ -83,8 +84,6 @@ def test_iter_raw_and_labels_on_vendored_test_file():
 
 def test_labels_refuse_an_unknown_income_or_marital_status_value():
     """An unknown income value was refused, an unknown marital status read silently as "not never married"."""
-    import pyarrow as pa
-
     def batch(income: str, marital: str) -> pa.Table:
         return pa.table({census.INCOME_COLUMN: [income], census.MARITAL_COLUMN: [marital]})
 
