@@ -19,8 +19,17 @@ tables are plain (DENSE) parameters, trained by the configured optimizer.
 
 What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo processes, 2026-11-23):
 - table_wise: trains under Lightning (tests/training/test_ddp.py), checkpoint reloads unsharded.
-- column_wise, data_parallel: sharded forward + backward seen working by hand (2 processes, MMoE on the tiny
-  feature dir); not covered by a test.
+- column_wise, data_parallel: trained under Lightning by hand (2 processes; a review, 2026-12-06: gathered tables
+  and Adagrad state bitwise those of table_wise after the same step, reloads unsharded, resumes exactly); not
+  covered by a test. column_wise splits a table's columns only from 256 of them (torchrec's minimum shard width,
+  128, not configurable here): at this project's embedding dims (4-16) each table is one shard, placed as
+  table_wise would. A row-wise optimizer's state (exact_row_wise_adagrad) then has one value per row and column
+  shard: resume such a run under the same sharding_type.
+- Memory: every rank builds the whole model and broadcasts every full table before DMP shards them (a peak of
+  about 3x the tables per rank, measured); sharding spreads the tables' training state and lookups, not this
+  start-up peak: tables larger than one rank's memory do not fit yet. Checkpoints gather the tables on rank 0 only.
+- The fused tables step inside every backward: `accumulate_grad_batches` > 1 is refused with them (data_parallel
+  tables take it), and gradient clipping does not reach them.
 - row_wise, table_row_wise (and grid_shard): torchrec's EmbeddingBagCollectionSharder offers them only for
   compute device "cuda", so the planner finds no plan on CPU: they need GPUs (NCCL).
 - On GPUs any sharding needs fbgemm's CUDA kernels, which the pinned fbgemm-gpu-cpu does not have: install the
@@ -39,6 +48,7 @@ run: the embedding optimizers differ; it is refused with a clear error.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Mapping
 
 import torch
@@ -48,6 +58,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+
+# fbgemm's fused optimizers with a CPU kernel (split_table_batched_embeddings_ops_training, fbgemm-gpu-cpu 1.8)
+CPU_EMBEDDING_OPTIMIZERS = ("exact_adagrad", "exact_row_wise_adagrad", "exact_sgd", "ema_in_place_row_wise_adagrad")
 
 SHARDED_OPTIMIZER_KEY = "sharded_embedding_optimizer"  # checkpoint entry: {table key: {state name: full tensor}}
 
@@ -249,18 +262,43 @@ class ShardedEmbeddingStrategy(DDPStrategy):
     ) -> None:
         if sharding_type not in SHARDING_TYPES:
             raise ValueError(f"unknown sharding_type {sharding_type!r}; choose one of {SHARDING_TYPES}")
+        # checked here, when the CLI makes the strategy: before the MLflow run, not at setup (a negative lr trained
+        # the tables uphill without a word; an optimizer fbgemm's CPU kernel lacks was a 37-frame traceback)
+        try:
+            lr = float(embedding_lr)
+        except (TypeError, ValueError):
+            lr = float("nan")
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"embedding_lr must be a finite number > 0, got {embedding_lr!r}")
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+        known = [e.value for e in EmbOptimType if e.value != "none"]
+        if embedding_optimizer not in known:
+            raise ValueError(f"unknown embedding_optimizer {embedding_optimizer!r}; fbgemm's fused optimizers are "
+                             f"{', '.join(known)} (on the CPU only {', '.join(CPU_EMBEDDING_OPTIMIZERS)})")
         super().__init__(**kwargs)
         self.sharding_type = sharding_type
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        if self.sharding_type != "data_parallel":
+        fused = self.sharding_type != "data_parallel"
+        if fused and self.root_device.type == "cpu" and self.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer {self.embedding_optimizer!r} has no CPU kernel in fbgemm; on the "
+                             f"CPU use one of {', '.join(CPU_EMBEDDING_OPTIMIZERS)}")
+        if fused and self.lightning_module.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                f"accumulate_grad_batches={self.lightning_module.trainer.accumulate_grad_batches} with "
+                f"sharding_type {self.sharding_type!r}: the sharded tables' fused optimizer steps inside every "
+                f"backward, so they would take a step per micro-batch while the dense part takes one per "
+                f"{self.lightning_module.trainer.accumulate_grad_batches}; use data_parallel tables (trained by the "
+                f"configured optimizer) or no accumulation")
+        if fused:
             rank_zero_warn(
                 f"ddp_sharded_embeddings: the sharded embedding tables are trained by fbgemm's fused "
                 f"{self.embedding_optimizer} at lr {self.embedding_lr} inside the backward (strategy init_args "
                 f"embedding_optimizer / embedding_lr); the configured optimizer, its lr, weight decay and scheduler "
-                f"train the dense part only")
+                f"train the dense part only, and gradient clipping does not reach the tables")
         return shard_module(model, self.sharding_type, self.root_device,
                             embedding_optimizer=self.embedding_optimizer, embedding_lr=self.embedding_lr)
 

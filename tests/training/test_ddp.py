@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import dataclasses
 import json
@@ -433,3 +434,31 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
     assert a["state_dict"]["weighting.current"].tolist() != [1.0, 1.0]  # epoch 2 weighted by DWA
     for key in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"embedding_lr": -1.0}, "embedding_lr must be a finite number > 0, got -1.0"),  # trained the tables uphill
+    ({"embedding_lr": float("nan")}, "embedding_lr must be a finite number > 0"),
+    ({"embedding_optimizer": "adagrad"}, "unknown embedding_optimizer 'adagrad'"),
+])
+def test_the_sharded_strategy_refuses_bad_embedding_optimizer_settings_when_made(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShardedEmbeddingStrategy(**kwargs)
+
+
+@pytest.mark.parametrize("strategy_kwargs,trainer_kwargs,message", [
+    # an optimizer fbgemm has no CPU kernel for: a 37-frame AssertionError traceback on every rank before
+    ({"embedding_optimizer": "adam"}, {}, "embedding_optimizer 'adam' has no CPU kernel"),
+    # the fused tables step in every backward: with accumulation they took a step per micro-batch
+    ({}, {"accumulate_grad_batches": 2}, "accumulate_grad_batches=2 with sharding_type 'table_wise'"),
+])
+def test_the_sharded_strategy_refuses_what_its_fused_tables_cannot_do(feature_dir, tmp_path, strategy_kwargs,
+                                                                      trainer_kwargs, message):
+    dm = FeatureDataModule(str(feature_dir), batch_size=100, seed=0)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path, strategy=ShardedEmbeddingStrategy(**strategy_kwargs),
+                        **trainer_kwargs)
+    with pytest.raises(ValueError, match=message):
+        trainer.fit(module, dm)
