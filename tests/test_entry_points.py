@@ -53,6 +53,16 @@ def test_the_pipelines_scripts_run_their_jobs():
         assert proc.returncode == 0 and f"usage: {job}" in proc.stdout, (script, proc.stdout[:300], proc.stderr[-500:])
 
 
+def _wait_for(marker, proc, seconds: float = 120) -> None:
+    """Until the subprocess `proc` touches `marker` (it has reached the point to test); it must not end first."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+
+
 def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
     """`kill` / `timeout` / a scheduler's cancel send SIGTERM, on which Python dies at once by default: a features
     build stopped so left its `.<output>.tmp-<pid>` folder (106 MB in a review's run), which nothing removes later.
@@ -61,7 +71,6 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     (tmp_path / "raw.csv").write_text("city,y\n" + "".join(f"c{i % 5},{i % 2}\n" for i in range(100)))
     (tmp_path / "s.yaml").write_text("categorical: [{name: city}]\ntasks: [{name: y, column: y, type: binary}]\n")
@@ -78,10 +87,7 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
-        while not started.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-            time.sleep(0.05)
+        _wait_for(started, proc)
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # the job is mid-write
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
@@ -126,7 +132,6 @@ def test_sigterm_while_arrow_reads_an_xz_file_through_python_ends_the_job_cleanl
     import signal
     import subprocess
     import sys
-    import time
 
     with lzma.open(tmp_path / "raw.csv.xz", "wt", preset=0) as f:
         f.write("city,y\n" + "".join(f"c{i % 5},{i % 2}\n" for i in range(20_000)))
@@ -138,10 +143,7 @@ def test_sigterm_while_arrow_reads_an_xz_file_through_python_ends_the_job_cleanl
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not reading.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
-            time.sleep(0.02)
+        _wait_for(reading, proc)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         err = proc.stderr.read()
