@@ -60,12 +60,9 @@ def register_package(
             MlflowClient().update_run(run_id, status=status)
     if failure:
         raise RuntimeError(failure)
-    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-    client = MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)  # the version's tags
     if alias:
-        client.set_registered_model_alias(name, alias, version)
+        MlflowClient().set_registered_model_alias(name, alias, version)
     return name, version
 
 
