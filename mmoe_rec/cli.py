@@ -95,6 +95,13 @@ def _sigterm(signum, frame) -> None:
     raise _Terminated(128 + signal.SIGTERM)  # the shell's code for "killed by SIGTERM"
 
 
+def _exit_now(code: int) -> None:
+    """End the process with `code` once the output is out, without the interpreter's shutdown (see main)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 @contextlib.contextmanager
 def exit_on_sigterm() -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job through its cleanup, then the process at once,
@@ -110,9 +117,7 @@ def exit_on_sigterm() -> Iterator[None]:
     try:
         yield
     except _Terminated as e:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.code)
+        _exit_now(e.code)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -141,9 +146,7 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             code = _report(e, argv)
         if code and process:  # failed (its own report or ours printed, its cleanup done): end the process now
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            _exit_now(code)
         return code
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mmoe_rec.training.cli import run_lightning_cli

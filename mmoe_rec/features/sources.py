@@ -10,6 +10,7 @@ CSV header that differs from the schema's ``reader.column_names``, is an error n
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -108,23 +109,30 @@ def _delimiter(path: str, reader: ReaderSpec) -> str:
 CSV_BLOCK_BYTES = 1 << 22  # Arrow's read block: CSV is parsed (and held) this much at a time
 
 
-def _decompressed_xz(path: str):
-    """(a temporary file holding the .xz file decompressed, deleted when closed; its number of '"' bytes)."""
-    out = tempfile.NamedTemporaryFile(prefix="mmoe-rec-", suffix=".csv")
-    quotes = 0
-    try:
+@contextlib.contextmanager
+def _arrow_csv_source(path: str) -> Iterator[tuple[pa.NativeFile, int | None]]:
+    """(a stream of the file that Arrow reads with its own reader, no Python in its threads; the number of '"' bytes
+    in it, or None where not counted on the way). An .xz file (Arrow has no xz codec) is decompressed into a
+    temporary file first, counted as it is written, and deleted after: read through Python's lzma, Arrow's
+    read-ahead thread could still be inside Python's read when the interpreter shut down, which aborted the
+    process, even after a complete read."""
+    if not path.lower().endswith(".xz"):
+        with _open_csv_stream(path) as stream:
+            yield stream, None
+        return
+    with tempfile.NamedTemporaryFile(prefix="mmoe-rec-", suffix=".csv") as plain:
+        quotes = 0
         with lzma.open(path, "rb") as f:
             while block := f.read(1 << 24):
                 quotes += block.count(b'"')
-                out.write(block)
-        out.flush()
-    except BaseException:
-        out.close()
-        raise
-    return out, quotes
+                plain.write(block)
+        plain.flush()
+        with pa.input_stream(plain.name) as stream:
+            yield stream, quotes
 
 
-def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_invalid_row=None, stream=None):
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream: pa.NativeFile,
+                on_invalid_row=None):
     """on_invalid_row: pyarrow's invalid_row_handler; reads single-threaded then, as Arrow numbers rows only so.
     A quoted field may hold line breaks (RFC 4180): Arrow is told so, or it cuts its blocks at the last line end
     and refuses a file whose block ends fall inside such a field ("CSV parser got out of sync with chunker")."""
@@ -143,7 +151,6 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, on_inv
         strings_can_be_null=True,
         null_values=list(reader.null_values),
     )
-    stream = _open_csv_stream(path) if stream is None else stream
     return pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
 
 
@@ -245,7 +252,8 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     reader = reader or ReaderSpec()
     fmt = input_format(path)
     have: list[str] = []
-    csv_batches = plain = None
+    csv_batches = None
+    sources = contextlib.ExitStack()
     try:
         if fmt == "parquet":
             pf = _open_parquet(path)
@@ -260,17 +268,10 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         else:
             have = csv_columns(path, reader)
             _check_columns(path, have, columns)
-            # Arrow reads the file with its own reader, no Python in its threads: an .xz file (Arrow has no xz codec)
-            # is first decompressed into a temporary file, its '"' counted on the way. (Read through Python's lzma,
-            # Arrow's read-ahead thread could still be inside Python's read when the interpreter shut down, which
-            # aborted the process, even after a complete read.) Other files' '"' are counted in a second pass once
-            # read: cheap for plain files, a .gz / .bz2 file is decompressed again (10-100 % of the read's time).
-            if path.lower().endswith(".xz"):
-                plain, quotes = _decompressed_xz(path)
-                stream = pa.input_stream(plain.name)
-            else:
-                stream = _open_csv_stream(path)
-            batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream=stream)
+            # '"' not counted on the way (all but .xz) are counted in a second pass once read: cheap for plain
+            # files, a .gz / .bz2 file is decompressed again (10-100 % of the read's time)
+            stream, quotes = sources.enter_context(_arrow_csv_source(path))
+            batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream)
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
         row = 0
@@ -281,7 +282,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
                 yield row + start, part
             row += b.num_rows
-        if fmt == "csv" and (quotes if plain is not None else _quote_count(path)) % 2:
+        if fmt == "csv" and (_quote_count(path) if quotes is None else quotes) % 2:
             _refuse_unclosed_quote(path, reader)  # an odd count: a quoted field may run to the end of the file
     except FeatureDataError:
         raise
@@ -309,8 +310,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     finally:
         if csv_batches is not None:
             csv_batches.close()
-        if plain is not None:
-            plain.close()  # the .xz file's decompressed copy, deleted
+        sources.close()  # the stream, and an .xz file's decompressed copy (deleted)
 
 
 def _quote_count(path: str) -> int:
@@ -419,20 +419,16 @@ def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int
         found.append(row)
         return "error"  # stop there (raising inside Arrow's handler would abort the process)
 
-    plain = _decompressed_xz(path)[0] if path.lower().endswith(".xz") else None  # Arrow's threads: no Python
     try:
-        rows = _csv_reader(path, reader, include, on_invalid_row=record,
-                           stream=None if plain is None else pa.input_stream(plain.name))
-        try:
-            for _ in rows:
-                pass
-        finally:
-            rows.close()
+        with _arrow_csv_source(path) as (stream, _):
+            rows = _csv_reader(path, reader, include, stream, on_invalid_row=record)
+            try:
+                for _ in rows:
+                    pass
+            finally:
+                rows.close()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError):
         pass
-    finally:
-        if plain is not None:
-            plain.close()
     if not found or found[0].number is None:
         return None
     row = found[0]
