@@ -28,6 +28,8 @@ def _is_user_error(e: Exception) -> bool:
 
     tracking = sys.modules.get("mmoe_rec.training.tracking")  # imported by the jobs that talk to MLflow
     unavailable = (tracking.TrackingUnavailable,) if tracking else ()
+    ranks = sys.modules.get("mmoe_rec.training.child_ranks")  # another rank failed: its traceback is printed
+    unavailable += (ranks.ChildRankFailed,) if ranks else ()
     mlflow_errors = sys.modules.get("mlflow.exceptions")  # e.g. a registered model or alias that does not exist
     registry = (mlflow_errors.MlflowException,) if mlflow_errors else ()
     # ArgumentError: a config or command-line setting LightningCLI's parser refused (a class path, a key)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
+from mmoe_rec.training.child_ranks import ChildRankFailed, join_child_ranks
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
@@ -110,6 +111,15 @@ class MultiTaskCLI(LightningCLI):
         parser.add_argument("--predictions_path", type=str, default="predictions.parquet",
                             help="predict: the Parquet file of ids and score_<task> columns (unless the config "
                                  "has its own prediction writer callback)")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        super()._run_subcommand(subcommand)
+        try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
+            join_child_ranks(self.trainer)
+        except ChildRankFailed:
+            for logger in self.trainer.loggers:
+                _end_run_failed(logger)  # the run ended FINISHED with rank 0's part
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Lightning puts the checkpoint's model settings over the config's and the command line's: say which

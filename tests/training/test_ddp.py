@@ -19,6 +19,7 @@ import importlib
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +65,13 @@ def write_config(path: Path, feature_dir: Path, batch_size: int, audit_dir: Path
     return path
 
 
-def run_two_processes(workdir: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "mmoe_rec.cli", "fit", "--config", str(config),
            "--trainer.devices", "2", *extra]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc
 
 
@@ -368,6 +369,22 @@ def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir,
     assert resumed["global_step"] == straight["global_step"]
     for key, value in straight["state_dict"].items():
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_rank_that_fails_after_rank_0_finished_fails_the_job_and_its_run(feature_dir, tmp_path):
+    """Rank 1 raises in on_fit_end, after the ranks' last collective: rank 0 waits for it and fails the job (before,
+    rank 0 exited 0 and the MLflow run ended FINISHED; the traceback was the only sign)."""
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
+    config = yaml.safe_load(cfg.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "rank_failure.FailOnRank", "init_args": {"rank": 1}})
+    cfg.write_text(yaml.safe_dump(config))
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "rank 1 fails in on_fit_end" in proc.stderr
+    assert re.search(r"error: rank 1 \(pid \d+\) exited with code 1 after rank 0 finished", proc.stderr), \
+        proc.stderr[-2000:]
+    run, _ = mlflow_run(tmp_path / "mlflow.db")
+    assert run.info.status == "FAILED"
 
 
 def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_runs_file(feature_dir, tmp_path,

@@ -1,0 +1,65 @@
+"""join_child_ranks: rank 0 of a subprocess-launched job waits for the ranks it launched, with real processes in
+place of the ranks; Lightning's observer thread (which would SIGKILL rank 0 on a failed child) is switched off.
+The 2-process fit whose rank 1 fails after rank 0 finished is in test_ddp.py."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+from mmoe_rec.training.child_ranks import ChildRankFailed, join_child_ranks
+
+
+def child(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def trainer_with(procs: list[subprocess.Popen]) -> SimpleNamespace:
+    return SimpleNamespace(strategy=SimpleNamespace(launcher=SimpleNamespace(procs=procs)))
+
+
+def test_children_that_exit_0_are_waited_for():
+    procs = [child("import time; time.sleep(0.3)"), child("pass")]
+    join_child_ranks(trainer_with(procs))
+    assert [p.returncode for p in procs] == [0, 0]
+
+
+def test_no_children_no_wait():
+    join_child_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None)))
+    join_child_ranks(SimpleNamespace())
+
+
+def test_a_failed_child_is_named_by_rank_and_exit_code():
+    procs = [child("pass"), child("import sys; sys.exit(3)")]
+    with pytest.raises(ChildRankFailed, match=rf"rank 2 \(pid {procs[1].pid}\) exited with code 3"):
+        join_child_ranks(trainer_with(procs))
+
+
+def test_a_child_that_does_not_exit_is_killed_and_named():
+    procs = [child("import time; time.sleep(60)")]
+    start = time.monotonic()
+    with pytest.raises(ChildRankFailed, match=r"rank 1 .* had not exited 1 s after rank 0 finished and was killed"):
+        join_child_ranks(trainer_with(procs), timeout_s=1.0)
+    assert time.monotonic() - start < 10
+    assert procs[0].returncode is not None
+
+
+def test_lightnings_observer_no_longer_kills_rank_0_once_it_waits():
+    # the observer's "main process" is a stand-in sleeper: killed if the observer acts on the failed child
+    stand_in = child("import time; time.sleep(30)")
+    failing = child("import sys, time; time.sleep(0.6); sys.exit(5)")
+    observer = _ChildProcessObserver(main_pid=stand_in.pid, child_processes=[failing], sleep_period=0.2)
+    observer.start()
+    try:
+        with pytest.raises(ChildRankFailed, match="exited with code 5"):
+            join_child_ranks(trainer_with([failing]))
+        observer.join(timeout=2)
+        assert not observer.is_alive()
+        assert stand_in.poll() is None, "the observer killed the process it took for rank 0"
+    finally:
+        stand_in.kill()
+        stand_in.wait()
