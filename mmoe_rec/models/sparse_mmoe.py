@@ -50,6 +50,7 @@ from mmoe_rec.nn.dispatch import (
 )
 from mmoe_rec.nn.embedding import EmbeddingFront
 from mmoe_rec.nn.routing import ROUTERS, ExpertChoiceRouter, NoisyTopKRouter, Routing, SwitchRouter
+from mmoe_rec.nn.routing.topk import NORMALIZE_MODES
 from mmoe_rec.nn.routing_record import GateRecord
 from mmoe_rec.nn.softmax import softmax_last_dim
 from mmoe_rec.nn.towers import Tower
@@ -127,6 +128,12 @@ class SparseMMoE(MultiTaskModel):
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         if noise is None:  # noisy top-k is noisy by definition; Switch uses none (nn/routing/switch.py)
             noise = router == "noisy_topk"
+        if router == "expert_choice" and (noise or router_init != "auto"):
+            raise ValueError("the expert-choice router has no training noise and starts from small normal weights: "
+                             f"noise={noise} / router_init={router_init!r} would be ignored; leave them unset, or use "
+                             "router='noisy_topk'")
+        if normalize not in NORMALIZE_MODES:  # the switch and expert-choice routers never read it
+            raise ValueError(f"unknown normalize mode {normalize!r}; expected one of {NORMALIZE_MODES}")
         if loss_free_bias and router == "expert_choice":
             raise ValueError("loss-free bias balancing needs token choice; expert choice is balanced by construction")
         if router == "expert_choice" and eval_capacity_factor is not None:
