@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
-from mmoe_rec.training.child_ranks import ChildRankFailed, join_child_ranks
+from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
@@ -113,13 +113,15 @@ class MultiTaskCLI(LightningCLI):
                                  "has its own prediction writer callback)")
 
     def _run_subcommand(self, subcommand: str) -> None:
-        super()._run_subcommand(subcommand)
-        try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
-            join_child_ranks(self.trainer)
-        except ChildRankFailed:
-            for logger in self.trainer.loggers:
-                _end_run_failed(logger)  # the run ended FINISHED with rank 0's part
-            raise
+        with child_rank_reports() as done_dir:
+            super()._run_subcommand(subcommand)
+            mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
+            try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
+                join_child_ranks(self.trainer, done_dir)
+            except ChildRankFailed:
+                for logger in self.trainer.loggers:
+                    _end_run_failed(logger)  # the run ended FINISHED with rank 0's part
+                raise
 
     def _parse_ckpt_path(self) -> None:
         """Lightning puts the checkpoint's model settings over the config's and the command line's: say which

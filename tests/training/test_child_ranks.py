@@ -3,6 +3,7 @@ place of the ranks; Lightning's observer thread (which would SIGKILL rank 0 on a
 The 2-process fit whose rank 1 fails after rank 0 finished is in test_ddp.py."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -11,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
-from mmoe_rec.training.child_ranks import ChildRankFailed, join_child_ranks
+from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, ChildRankFailed, child_rank_reports, join_child_ranks,
+                                           mark_rank_done)
 
 
 def child(code: str) -> subprocess.Popen:
@@ -63,3 +65,23 @@ def test_lightnings_observer_no_longer_kills_rank_0_once_it_waits():
     finally:
         stand_in.kill()
         stand_in.wait()
+
+
+def test_a_child_that_marked_its_work_done_and_then_failed_is_a_warning(tmp_path):
+    procs = [child("import os; os.abort()"), child("import sys; sys.exit(2)")]
+    (tmp_path / "rank1").touch()  # rank 1 finished its subcommand; rank 2 did not
+    with pytest.warns(RuntimeWarning, match=r"rank 1 \(pid \d+\) was killed by signal 6 after finishing its work"):
+        with pytest.raises(ChildRankFailed, match=r"^rank 2 \(pid \d+\) exited with code 2 after rank 0 finished"):
+            join_child_ranks(trainer_with(procs), tmp_path)
+
+
+def test_the_launcher_makes_the_report_folder_and_a_launched_rank_marks_itself_done(monkeypatch):
+    monkeypatch.delenv(DONE_DIR_ENV, raising=False)
+    with child_rank_reports() as folder:
+        assert os.environ[DONE_DIR_ENV] == str(folder) and folder.is_dir()
+        with child_rank_reports() as inner:  # what a launched rank, which inherits the variable, sees
+            assert inner is None
+        mark_rank_done(SimpleNamespace(local_rank=0))  # rank 0 marks nothing
+        mark_rank_done(SimpleNamespace(local_rank=1))
+        assert sorted(p.name for p in folder.iterdir()) == ["rank1"]
+    assert DONE_DIR_ENV not in os.environ and not folder.exists()
