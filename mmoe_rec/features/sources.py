@@ -131,20 +131,16 @@ def _arrow_csv_source(path: str) -> Iterator[tuple[pa.NativeFile, int | None]]:
             yield stream, quotes
 
 
-def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream: pa.NativeFile,
-                on_invalid_row=None):
-    """on_invalid_row: pyarrow's invalid_row_handler; reads single-threaded then, as Arrow numbers rows only so.
-    A quoted field may hold line breaks (RFC 4180): Arrow is told so, or it cuts its blocks at the last line end
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream: pa.NativeFile):
+    """A quoted field may hold line breaks (RFC 4180): Arrow is told so, or it cuts its blocks at the last line end
     and refuses a file whose block ends fall inside such a field ("CSV parser got out of sync with chunker")."""
     read = pacsv.ReadOptions(
         column_names=list(reader.column_names) if reader.column_names else None,
         skip_rows=1 if (reader.column_names and reader.header) else 0,
         autogenerate_column_names=not reader.header and not reader.column_names,
         block_size=CSV_BLOCK_BYTES,
-        use_threads=on_invalid_row is None,
     )
-    parse = pacsv.ParseOptions(delimiter=_delimiter(path, reader), newlines_in_values=True,
-                               invalid_row_handler=on_invalid_row)
+    parse = pacsv.ParseOptions(delimiter=_delimiter(path, reader), newlines_in_values=True)
     convert = pacsv.ConvertOptions(
         include_columns=include,
         column_types={c: pa.string() for c in include} if include else None,
@@ -291,7 +287,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         if "Empty CSV file" in msg:
             raise FeatureDataError("empty input file (no header, no rows)", file=path) from None
         if fmt == "csv" and msg.startswith("CSV parse error"):
-            bad = _bad_csv_row(path, reader, list(dict.fromkeys(columns)))
+            bad = _bad_csv_row(path, reader)
             if bad is not None:
                 raise FeatureDataError(bad[1], file=path, row=bad[0]) from None
             raise FeatureDataError(f"malformed CSV ({msg.splitlines()[0]})", file=path) from None
@@ -410,32 +406,35 @@ def _strip(a: pa.Array, nulls: pa.Array) -> pa.Array:
     return a
 
 
-def _bad_csv_row(path: str, reader: ReaderSpec, include: list[str]) -> tuple[int, str] | None:
-    """(data row, message) of the first row with a wrong number of fields, or None. Only on the error path:
-    the file is read again single-threaded, the one way Arrow numbers the rows it rejects."""
-    found = []
+def _field_count(record: bytes, delimiter: str) -> int:
+    if b'"' not in record:  # the common case: no quoted field, every delimiter splits
+        return record.count(delimiter.encode("latin-1")) + 1
+    return len(_split_fields(record.decode("latin-1"), delimiter))
 
-    def record(row) -> str:
-        found.append(row)
-        return "error"  # stop there (raising inside Arrow's handler would abort the process)
 
-    try:
-        with _arrow_csv_source(path) as (stream, _):
-            rows = _csv_reader(path, reader, include, stream, on_invalid_row=record)
-            try:
-                for _ in rows:
-                    pass
-            finally:
-                rows.close()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError):
-        pass
-    if not found or found[0].number is None:
-        return None
-    row = found[0]
-    text = row.text if len(row.text) <= 80 else row.text[:77] + "..."
-    # Arrow's number is the 1-based line in the file, the header line included
-    return (row.number - 1 - (1 if reader.header else 0),
-            f"malformed CSV row: expected {row.expected_columns} fields, found {row.actual_columns} ({text!r})")
+def _bad_csv_row(path: str, reader: ReaderSpec) -> tuple[int, str] | None:
+    """(data row, message) of the first record with another number of fields than the file's first record (or
+    reader.column_names, without a header), as Arrow counts them; None if there is none. Only on the error path:
+    read in Python (Arrow numbers the rows it rejects only through a Python callback from its own threads, which
+    could abort the process at exit, and by line, not by record, where quoted fields hold line breaks)."""
+    delimiter = _delimiter(path, reader)
+    records = _csv_records(path, delimiter)
+    expected = len(reader.column_names) if reader.column_names else None
+    if reader.header:
+        first = next(records, None)
+        if first is None:
+            return None
+        if not reader.column_names:
+            expected = _field_count(first, delimiter)
+    for row, record in enumerate(records):
+        found = _field_count(record, delimiter)
+        if expected is None:  # neither header nor names: the first row sets the count
+            expected = found
+        elif found != expected:
+            text = record.decode("utf-8", errors="replace")
+            text = text if len(text) <= 80 else text[:77] + "..."
+            return row, f"malformed CSV row: expected {expected} fields, found {found} ({text!r})"
+    return None
 
 
 def _check_columns(path: str, have: list[str], needed: list[str]) -> None:

@@ -191,3 +191,23 @@ def test_an_unclosed_quote_in_a_file_longer_than_a_read_block_names_its_row(tmp_
     path.write_text('a,b\n1,2\n3,"x\n' + "".join(f"{i},{i}\n" for i in range(300)))
     with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens in this row and never "):
         list(iter_batches(str(path), ["a", "b"], ReaderSpec()))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.xz"])
+def test_a_malformed_row_is_numbered_by_record_after_a_quoted_line_break(tmp_path, suffix):
+    """The row named is the data row as read (a record whose quoted field spans two lines and an empty line
+    counted as Arrow counts them), found in Python: Arrow numbers rejected rows only through a Python callback it
+    calls from its threads (which could abort the process at exit)."""
+    text = 'a,b\n1,"two\nlines"\n\n3,4\n5,"x,y",6\n7,8\n'  # rows: 0 (two lines), an empty line, 1, 2 (malformed)
+    path = tmp_path / f"raw{suffix}"
+    path.write_bytes(lzma.compress(text.encode()) if suffix.endswith(".xz") else text.encode())
+    with pytest.raises(FeatureDataError, match=r"row 2 \(0-based\): malformed CSV row: expected 2 fields, found 3 "
+                                               r"\('5,\"x,y\",6'\)"):
+        list(iter_batches(str(path), ["a", "b"], ReaderSpec()))
+    names = ReaderSpec(header=False, column_names=("a", "b"))  # no header line: the names set the count
+    headerless = tmp_path / f"noheader{suffix}"
+    body = text.split("\n", 1)[1].encode()
+    headerless.write_bytes(lzma.compress(body) if suffix.endswith(".xz") else body)
+    with pytest.raises(FeatureDataError, match=r"row 2 \(0-based\): malformed CSV row: expected 2 fields, found 3"):
+        list(iter_batches(str(headerless), ["a", "b"], names))
+
