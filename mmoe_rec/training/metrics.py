@@ -25,7 +25,8 @@ class WeightedBinaryAUROC(Metric):
     of the two rows' weights, ties counting one half. Equals the unweighted AUC when all weights are equal.
 
     States are concatenated across ranks (like torchmetrics' exact BinaryAUROC). With no positive or no negative
-    weight the AUC is undefined: compute warns and returns 0, as torchmetrics does.
+    weight the AUC is undefined: compute warns and returns NaN (torchmetrics returns 0, which reads as a perfectly
+    inverted ranking: the worst model to a checkpoint or early stopping watching `mode=max`).
     """
 
     full_state_update = False
@@ -44,8 +45,8 @@ class WeightedBinaryAUROC(Metric):
 
     def compute(self) -> torch.Tensor:
         if isinstance(self.scores, list) and not self.scores:  # nothing seen on any rank
-            warnings.warn("AUC of no rows; returning 0", RuntimeWarning, stacklevel=2)
-            return torch.tensor(0.0)
+            warnings.warn("AUC of no rows; returning NaN", RuntimeWarning, stacklevel=2)
+            return torch.tensor(float("nan"))
         return weighted_auc(dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.weights))
 
 
@@ -62,9 +63,9 @@ def weighted_auc(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     neg = torch.zeros(n_groups, dtype=torch.float64, device=s.device).index_add_(0, group, w * (1 - y))
     total_pos, total_neg = pos.sum(), neg.sum()
     if total_pos <= 0 or total_neg <= 0:
-        warnings.warn("AUC is undefined without both positive and negative (weighted) rows; returning 0",
+        warnings.warn("AUC is undefined without both positive and negative (weighted) rows; returning NaN",
                       RuntimeWarning, stacklevel=2)
-        return torch.tensor(0.0, device=s.device)
+        return torch.tensor(float("nan"), device=s.device)
     neg_below = torch.cumsum(neg, 0) - neg  # negative weight with a strictly lower score, per group
     return ((pos * (neg_below + 0.5 * neg)).sum() / (total_pos * total_neg)).float()
 

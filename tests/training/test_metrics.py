@@ -1,6 +1,8 @@
 """Per-task metrics: the weighted AUC against torchmetrics' unweighted AUROC and a brute-force pairwise reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torchmetrics.classification import BinaryAUROC
@@ -58,11 +60,18 @@ def test_weight_two_is_the_row_twice():
     torch.testing.assert_close(a, b)
 
 
-def test_one_class_only_warns_and_returns_zero():
+def test_one_class_only_warns_and_returns_nan():
+    """Not 0, which reads as a perfectly inverted ranking (the worst model to a checkpoint watching mode=max)."""
     m = WeightedBinaryAUROC()
     m.update(torch.rand(10), torch.zeros(10))
     with pytest.warns(RuntimeWarning, match="undefined"):
-        assert m.compute().item() == 0.0
+        assert math.isnan(m.compute().item())
+    weighted = WeightedBinaryAUROC()  # both classes present, but no weight on the positives
+    weighted.update(torch.rand(4), torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        assert math.isnan(weighted.compute().item())
+    with pytest.warns(RuntimeWarning, match="no rows"):
+        assert math.isnan(WeightedBinaryAUROC().compute().item())
 
 
 def test_task_metrics_weight_auc_and_logloss():
