@@ -10,6 +10,9 @@ was sent to: `chosen` (token choice) or the `assigned` mask (expert choice, a ro
   uniform routing gives 1/E.
 - sent[e] (sparse): fraction of rows sent to e, counts / T (sums to k over the experts for token choice, to the
   mean number of experts per row for expert choice).
+  fraction, sent, load CV^2, MaxVio and dead experts count the router's choices, before capacity: with a capacity
+  factor an expert processes at most its capacity of them, the rest are the dropped fraction (below); the
+  utilization (combine weights) is after capacity.
 - importance CV^2: var / mean^2 (+eps) of per-expert summed combine weights (Shazeer et al. 2017).
 - load CV^2: the same on per-expert assignment counts. MaxVio = (max load - mean load) / mean load.
 - dead experts: experts with no assignment in the window.
