@@ -15,6 +15,9 @@ class Batch:
     labels: dict[str, torch.Tensor]  # task -> (B,) float32
     weights: torch.Tensor | None = None  # (B,) float32 sample weights
     ids: dict[str, Any] | None = None  # id columns passed through (Arrow arrays: type and nulls kept), never features
+    # the loader worker that made it: each worker makes one contiguous block of its rank's rows, and the DataLoader
+    # interleaves the blocks (the prediction writer puts rows back in order by it)
+    worker: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -31,6 +34,7 @@ class Batch:
             labels={k: v.to(device, non_blocking=non_blocking) for k, v in self.labels.items()},
             weights=None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
             ids=self.ids,
+            worker=self.worker,
         )
 
     def pin_memory(self) -> "Batch":
@@ -40,4 +44,5 @@ class Batch:
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             weights=None if self.weights is None else self.weights.pin_memory(),
             ids=self.ids,
+            worker=self.worker,
         )

@@ -43,6 +43,7 @@ class ArrayBatch:
     labels: dict[str, np.ndarray]  # task -> (B,) float32
     weights: np.ndarray | None = None  # (B,) float32
     ids: dict[str, pa.Array] | None = None  # id columns as read (type and nulls kept)
+    worker: int = 0  # the loader worker that made it: its batches are one contiguous block of the rank's rows
 
 
 class BatchCollator:
@@ -160,6 +161,7 @@ class BatchCollator:
             labels={t: torch.from_numpy(v) for t, v in a.labels.items()},
             weights=None if a.weights is None else torch.from_numpy(a.weights),
             ids=a.ids,
+            worker=a.worker,
         )
 
 

@@ -9,8 +9,8 @@ Lightning moves a Batch to the device by calling ``Batch.to`` (``move_data_to_de
 with ``.to`` as one unit), which moves the KeyedJaggedTensor too: no ``transfer_batch_to_device`` override.
 
 Order: valid / test / predict rows are not shuffled; with ``num_workers = 0`` batches follow the files' row
-order, with more workers the DataLoader interleaves the workers' contiguous blocks of batches (predict batches
-carry the id columns, so scores need no order).
+order, with more workers the DataLoader interleaves the workers' contiguous blocks of batches: each batch says its
+worker (``Batch.worker``), and the prediction writer puts the rows back in the files' order by it.
 
 Epochs: the train loader asks the attached Trainer for ``current_epoch`` each time it is iterated, so the
 shuffle is seeded by ``(seed, epoch)`` under Lightning with no callback. Without a Trainer call ``set_epoch(epoch)``.

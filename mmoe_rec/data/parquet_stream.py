@@ -544,4 +544,7 @@ class FeatureParquetStream(IterableDataset):
         else:
             batches = cut_batches(chunks, plan.batch_sizes)
         for rb in batches:
-            yield self.transform(rb)
+            out = self.transform(rb)
+            if worker and hasattr(out, "worker"):  # an ArrayBatch: which block of the rank's rows it is from
+                out.worker = worker
+            yield out

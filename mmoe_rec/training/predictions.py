@@ -1,8 +1,13 @@
 """ParquetPredictionWriter: what `mmoe-rec predict` writes. Each predict batch's id columns and `score_<task>`
-(a probability for binary tasks, the prediction for regression) are appended to one Parquet file, in batch order,
-every row once. The file is written under a temporary name beside the target and renamed when the epoch is
-complete, so a failed run leaves no partial output. With several processes each writes its own rows to
-`<stem>.rank<k><suffix>` (rank 0 included).
+(a probability for binary tasks, the prediction for regression) are appended to one Parquet file, in the split's
+row order, every row once. The file is written under a temporary name beside the target and renamed when the epoch
+is complete, so a failed run leaves no partial output. With several processes each writes its own rows to
+`<stem>.rank<k><suffix>` (rank 0 included; rank k's rows follow rank k-1's in the split).
+
+Row order with loader workers: each worker makes one contiguous block of its rank's rows and the DataLoader
+interleaves the workers' batches, so batches are written to one temporary part per worker (`Batch.worker`), and
+the parts are joined in worker order at the epoch's end (without ids, as in census features, the order is what
+ties a score to its row).
 
 Before any file is renamed, the ranks sum their row counts (a collective: a rank that died fails it, and with it
 the run, instead of rank 0 finishing alone with half the rows), and the total must be the predict split's rows
@@ -29,7 +34,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
     def __init__(self, output: str = "predictions.parquet") -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output)
-        self._writer: pq.ParquetWriter | None = None
+        self._parts: dict[int, tuple[Path, pq.ParquetWriter]] = {}  # loader worker -> its part and writer
         self._target: Path | None = None
         self._partial: Path | None = None
         self.rows = 0
@@ -49,7 +54,10 @@ class ParquetPredictionWriter(BasePredictionWriter):
             raise IsADirectoryError(f"predictions output {self._target} is a directory; give a file path")
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
-        self._writer, self.rows = None, 0
+        self._parts, self.rows = {}, 0
+
+    def _part(self, worker: int) -> Path:
+        return self._partial.with_name(f"{self._partial.name}.worker{worker}")
 
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx,
                            dataloader_idx=0) -> None:
@@ -57,18 +65,42 @@ class ParquetPredictionWriter(BasePredictionWriter):
                    for name, values in (prediction.get("ids") or {}).items()}  # ids keep their Arrow type
         columns.update({k: pa.array(v.float().numpy()) for k, v in prediction.items() if k.startswith("score_")})
         table = pa.table(columns)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self._partial, table.schema)
-        self._writer.write_table(table)
+        worker = getattr(batch, "worker", 0)
+        if worker not in self._parts:
+            path = self._part(worker)
+            self._parts[worker] = (path, pq.ParquetWriter(path, table.schema))
+        self._parts[worker][1].write_table(table)
         self.rows += table.num_rows
 
+    def _close_parts(self) -> list[Path]:
+        """Closes every part's writer; the parts in worker order (the rank's row order)."""
+        for _, writer in self._parts.values():
+            writer.close()
+        paths = [path for _, (path, _) in sorted(self._parts.items())]
+        self._parts = {}
+        return paths
+
+    def _join(self, parts: list[Path]) -> None:
+        """The parts, one after the other, as the partial file (a rename for one part); the parts removed."""
+        if len(parts) == 1:
+            os.replace(parts[0], self._partial)
+            return
+        try:
+            with pq.ParquetWriter(self._partial, pq.read_schema(parts[0])) as out:
+                for part in parts:
+                    for rows in pq.ParquetFile(part).iter_batches():
+                        out.write_batch(rows)
+        finally:
+            for part in parts:
+                part.unlink(missing_ok=True)
+
     def on_predict_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        if self._writer is None:  # no batch on this rank: an empty file with the score columns
+        parts = self._close_parts()
+        if not parts:  # no batch on this rank: an empty file with the score columns
             names = [f"score_{t}" for t in pl_module.tasks]
             pq.write_table(pa.table({n: pa.array([], pa.float32()) for n in names}), self._partial)
         else:
-            self._writer.close()
-            self._writer = None
+            self._join(parts)
         # every rank's rows, summed: with a rank gone this collective fails, and no file is renamed
         count = torch.tensor(float(self.rows), dtype=torch.float64, device=pl_module.device)
         total = int(trainer.strategy.reduce(count, reduce_op="sum").item())
@@ -96,8 +128,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
                            f"of processes: {', '.join(p.name for p in stale)}")
 
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._partial is not None and self._partial.exists():
-            self._partial.unlink()
+        parts = self._close_parts()
+        for path in (*parts, self._partial):
+            if path is not None and path.exists():
+                path.unlink()
