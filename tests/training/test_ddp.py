@@ -421,7 +421,7 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
     ids = [i for r in (0, 1) for i in pq.read_table(tmp_path / f"pred.rank{r}.parquet")["row_id"].to_pylist()]
     test_ids = [i for p in sorted((feature_dir / "test").glob("*.parquet"))
                 for i in pq.read_table(p)["row_id"].to_pylist()]
-    assert sorted(ids) == sorted(test_ids)  # every test row, once
+    assert ids == test_ids  # every test row, once, and the rank files in rank order are the split's order
 
 
 def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_dir, tmp_path, monkeypatch):
