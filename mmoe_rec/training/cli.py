@@ -62,16 +62,29 @@ def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str
 
 
 def check_monitors(trainer, module: MultiTaskModule) -> None:
-    """Before any step: a callback that watches a validation metric (EarlyStopping, ModelCheckpoint) watches one
-    the module logs; Lightning finds out at the first validation, after a whole epoch of training."""
-    logged = module.val_metrics.names()
-    watchers = [(type(cb).__name__, getattr(cb, "monitor", None)) for cb in trainer.callbacks]
-    if module.lr_scheduler_config:  # ReduceLROnPlateau's `monitor` key
-        watchers.append(("the lr_scheduler", module.lr_scheduler_config.get("monitor")))
-    for who, monitor in watchers:
-        if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
-            raise ValueError(f"{who} monitors {monitor!r}, which this model does not log (tasks {module.tasks}; "
-                             f"validation metrics: {', '.join(logged)})")
+    """Before any step: a callback that watches a metric (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau) watches
+    one the fit logs, and in the direction that means better. Lightning finds a missing one only at the first
+    validation, after a whole epoch of training, and never a wrong mode: early stopping then ends the fit while the
+    metric improves, and the "best" checkpoint is the worst."""
+    logged = module.monitorable_metrics()
+    watchers = [(type(cb).__name__, getattr(cb, "monitor", None), getattr(cb, "mode", None))
+                for cb in trainer.callbacks]
+    scheduler = module.lr_scheduler_config
+    if scheduler:  # ReduceLROnPlateau's `monitor` key, its `mode` argument (PyTorch's default "min")
+        mode = None
+        if str(scheduler.get("class_path", "")).endswith("ReduceLROnPlateau"):
+            mode = (scheduler.get("init_args") or {}).get("mode", "min")
+        watchers.append(("the lr_scheduler", scheduler.get("monitor"), mode))
+    for who, monitor, mode in watchers:
+        if not isinstance(monitor, str) or (who == "ModelCheckpoint" and monitor in ("epoch", "step")):
+            continue  # ModelCheckpoint's own candidates (monitor="step", mode="max": keep the latest k)
+        if monitor not in logged:
+            raise ValueError(f"{who} monitors {monitor!r}, which this fit does not log (tasks {module.tasks}; it "
+                             f"logs {', '.join(logged)}; experts/ and relatedness/ metrics go to MLflow only)")
+        better = logged[monitor]
+        if better is not None and mode is not None and mode != better:
+            raise ValueError(f"{who} monitors {monitor!r} with mode {mode!r}, but {monitor} is better when "
+                             f"{'higher' if better == 'max' else 'lower'}: set its mode to {better!r}")
 
 
 def check_task_names_for_mlflow(trainer, module: MultiTaskModule) -> None:

@@ -84,6 +84,14 @@ def _try_instantiate(key: str, config: dict[str, Any], *args: Any) -> Any:
         raise ValueError(f"{key} {config['class_path']} with {init_args}: {e}") from None
 
 
+def better_mode(metric: str) -> str | None:
+    """'max' for an AUC, 'min' for a loss, log-loss or MSE (`val/<task>/auc` -> max), None otherwise."""
+    last = metric.rsplit("/", 1)[-1]
+    if last == "auc":
+        return "max"
+    return "min" if last in ("logloss", "mse") or last.endswith("loss") else None
+
+
 class MultiTaskModule(L.LightningModule):
     """Args:
         model: the model class path and its init args (`feature_spec` is passed by this module).
@@ -181,6 +189,21 @@ class MultiTaskModule(L.LightningModule):
 
     def forward(self, batch: Batch) -> ModelOutput:
         return self.model(batch)
+
+    def monitorable_metrics(self) -> dict[str, str | None]:
+        """The metrics a fit logs through Lightning (what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can
+        watch), each with the mode that means better: "max" (AUC), "min" (losses), None (a weight, a count).
+        `experts/...` and `relatedness/...` go to MLflow only, and `test/...` is not logged during a fit."""
+        names = {name: better_mode(name) for name in self.val_metrics.names()}
+        train = ["train/loss", "train/task_loss", *(f"train/{t}/loss" for t in self.tasks),
+                 *(f"train/aux/{name}" for name in self.model.emitted_aux_losses())]
+        if isinstance(self.weighting, GradNorm):
+            train.append("train/gradnorm_loss")
+        names.update((name, "min") for name in train)
+        if not isinstance(self.weighting, FixedWeighting):
+            names.update((f"train/{t}/weight", None) for t in self.tasks)
+        names["train/rows_seen"] = None
+        return names
 
     # --- losses -----------------------------------------------------------------------------------------
     def aux_loss(self, aux: dict[str, torch.Tensor]) -> torch.Tensor | float:

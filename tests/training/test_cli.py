@@ -424,3 +424,47 @@ def test_mmoe_rec_help_lists_every_subcommand(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("fit", "predict", "synth", "features", "register", "score"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # a loss watched for its maximum: early stopping ended the fit while it fell, best.ckpt was the worst epoch
+    ({"monitor": "val/click/logloss"}, "'val/click/logloss' with mode 'max', but val/click/logloss is better when "
+                                       "lower: set its mode to 'min'"),
+    ({"monitor": "val/loss"}, "set its mode to 'min'"),
+    ({"monitor": "val/click/auc", "mode": "min"}, "is better when higher: set its mode to 'max'"),
+    # names Lightning's own examples use, or a split the fit does not validate on: refused with the list
+    ({"monitor": "val_loss"}, "monitors 'val_loss', which this fit does not log"),
+    ({"monitor": "test/click/auc"}, "monitors 'test/click/auc', which this fit does not log"),
+    ({"monitor": "experts/click/load_cv2"}, "go to MLflow only"),
+])
+def test_a_monitor_in_the_wrong_direction_or_not_logged_is_an_error_before_training(feature_dir, in_tmp, capsys,
+                                                                                   overrides, message):
+    config = yaml.safe_load((CONFIGS[0].parent / "mmoe_synthetic.yaml").read_text())
+    for cb in config["trainer"]["callbacks"]:
+        if cb["class_path"].endswith("EarlyStopping"):
+            cb["init_args"].update(overrides)
+    path = in_tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    msg = cli_error(["fit", "--config", str(path), *TINY, "--data.init_args.data_dir", str(feature_dir)], capsys)
+    assert f"EarlyStopping {message}" in msg or message in msg, msg
+    assert not list(in_tmp.rglob("*.ckpt"))
+    if (in_tmp / "mlflow.db").exists():  # the store may be made; no run in it
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_a_loss_watched_for_its_minimum_and_the_lr_scheduler_mode_are_accepted_or_checked(feature_dir, in_tmp,
+                                                                                            capsys):
+    config = yaml.safe_load((CONFIGS[0].parent / "mmoe_synthetic.yaml").read_text())
+    for cb in config["trainer"]["callbacks"]:
+        if "monitor" in cb.get("init_args", {}):
+            cb["init_args"].update(monitor="train/loss", mode="min")
+    path = in_tmp / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_lightning_cli(["fit", "--config", str(path), *TINY, "--data.init_args.data_dir", str(feature_dir)])
+    plateau = "{class_path: torch.optim.lr_scheduler.ReduceLROnPlateau, monitor: val/click/auc}"  # mode min: wrong
+    msg = cli_error(["fit", "--config", str(path), *TINY, "--data.init_args.data_dir", str(feature_dir),
+                     "--model.init_args.lr_scheduler", plateau], capsys)
+    assert "the lr_scheduler monitors 'val/click/auc' with mode 'min'" in msg
