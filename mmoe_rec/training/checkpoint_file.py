@@ -16,6 +16,8 @@ from pathlib import Path
 
 # --ckpt_path values Lightning resolves itself ("last": the latest of the ModelCheckpoint callbacks, ...)
 LIGHTNING_CKPT_NAMES = ("best", "last", "hpc", "registry")
+# entries of every checkpoint Lightning writes, found as strings in its pickled structure
+LIGHTNING_CHECKPOINT_KEYS = (b"state_dict", b"pytorch-lightning_version")
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
@@ -34,10 +36,17 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         raise ValueError(f"checkpoint {p}: an empty file")
     try:
         with zipfile.ZipFile(p) as archive:
-            pickled = any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist())
+            pickles = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+            # the object's structure (dict keys as strings; tensors are stored apart): small, read whole
+            structure = archive.read(pickles[0]) if pickles else b""
     except zipfile.BadZipFile:
-        pickled = None
-    if not pickled:
+        pickles = None
+    if not pickles:
         raise ValueError(f"checkpoint {p} ({size:,} bytes): not a checkpoint written by `mmoe-rec fit` "
-                         f"(a PyTorch checkpoint is a zip archive{' with a data.pkl' if pickled is False else ''}; "
+                         f"(a PyTorch checkpoint is a zip archive{' with a data.pkl' if pickles == [] else ''}; "
                          "this file is truncated or another kind of file)")
+    if not all(key in structure for key in LIGHTNING_CHECKPOINT_KEYS):
+        raise ValueError(f"checkpoint {p}: a file written by torch.save, but not a Lightning checkpoint (it has no "
+                         "'state_dict' and 'pytorch-lightning_version' entries: e.g. a bare state_dict or a "
+                         "registered package's weights.pt); give a checkpoint written by `mmoe-rec fit`, "
+                         "e.g. checkpoints/<run>/best.ckpt")

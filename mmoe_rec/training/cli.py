@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
-from mmoe_rec.training.checkpoint_file import check_checkpoint_file
+from mmoe_rec.training.checkpoint_file import LIGHTNING_CKPT_NAMES, check_checkpoint_file
 from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
@@ -142,7 +142,14 @@ class MultiTaskCLI(LightningCLI):
         sub = self.config.get("subcommand")
         given = _flat(self.config[sub].get("model")) if sub else {}
         if sub and self.config[sub].get("ckpt_path"):  # before the trainer and its MLflow run are made
-            check_checkpoint_file(self.config[sub]["ckpt_path"])
+            path = str(self.config[sub]["ckpt_path"])
+            if sub != "fit" and (path in LIGHTNING_CKPT_NAMES or path.startswith("registry:")):
+                # Lightning resolves these from the callbacks of a fit in this same process; in a fresh one it
+                # warns "No checkpoint will be loaded" and evaluates the untrained model, or fails after the run
+                raise ValueError(f"--ckpt_path {path}: `mmoe-rec {sub}` runs in a process of its own, with no fit "
+                                 f"whose {path} checkpoint Lightning could look up; give the checkpoint file, e.g. "
+                                 f"checkpoints/<run>/{'last' if path == 'last' else 'best'}.ckpt")
+            check_checkpoint_file(path)
         super()._parse_ckpt_path()
         if not sub:
             return

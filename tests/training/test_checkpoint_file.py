@@ -7,8 +7,12 @@ import torch
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 
 
+def lightning_like(state_dict: dict) -> dict:
+    return {"state_dict": state_dict, "pytorch-lightning_version": "2.6.6", "epoch": 0}
+
+
 def test_a_torch_save_file_passes_and_lightnings_own_names_are_left_to_it(tmp_path):
-    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "good.ckpt")
+    torch.save(lightning_like({"w": torch.ones(2)}), tmp_path / "good.ckpt")
     check_checkpoint_file(tmp_path / "good.ckpt")
     for name in ("last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/x.ckpt"):
         check_checkpoint_file(name)
@@ -16,12 +20,12 @@ def test_a_torch_save_file_passes_and_lightnings_own_names_are_left_to_it(tmp_pa
 
 def test_a_home_relative_path_is_expanded_as_lightning_expands_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    torch.save({"state_dict": {}}, tmp_path / "good.ckpt")
+    torch.save(lightning_like({}), tmp_path / "good.ckpt")
     check_checkpoint_file("~/good.ckpt")  # it was "no such file"
 
 
 def test_files_that_are_no_checkpoint_are_named(tmp_path):
-    torch.save({"state_dict": {"w": torch.ones(1000)}}, tmp_path / "good.ckpt")
+    torch.save(lightning_like({"w": torch.ones(1000)}), tmp_path / "good.ckpt")
     data = (tmp_path / "good.ckpt").read_bytes()
     (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])  # torch.load: "[Errno 22] Invalid argument"
     (tmp_path / "empty.ckpt").write_bytes(b"")  # a bare EOFError
@@ -34,3 +38,14 @@ def test_files_that_are_no_checkpoint_are_named(tmp_path):
         assert str(tmp_path / f"{name}.ckpt") in str(info.value)
     with pytest.raises(FileNotFoundError, match="no such file"):
         check_checkpoint_file(tmp_path / "nope.ckpt")
+
+
+def test_a_torch_save_file_that_is_no_lightning_checkpoint_is_named(tmp_path):
+    """A bare state_dict (or a registered package's weights.pt) passed the zip check and failed after the MLflow run
+    was made, with Lightning's `KeyError: 'pytorch-lightning_version'`."""
+    torch.save({"model.w": torch.ones(3)}, tmp_path / "weights.pt")
+    torch.save({"state_dict": {"w": torch.ones(3)}}, tmp_path / "half.ckpt")
+    for name in ("weights.pt", "half.ckpt"):
+        with pytest.raises(ValueError, match="a file written by torch.save, but not a Lightning checkpoint") as info:
+            check_checkpoint_file(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)

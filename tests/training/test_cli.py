@@ -408,8 +408,10 @@ def test_a_ckpt_path_that_is_no_checkpoint_is_one_line_before_any_run(feature_di
 
     monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
     not_a_checkpoint = next((feature_dir / "train").glob("*.parquet"))
+    torch.save({"model.w": torch.ones(2)}, in_tmp / "weights.pt")  # a bare state_dict: Lightning's KeyError
     for path, expected in ((not_a_checkpoint, "not a checkpoint written by `mmoe-rec fit`"),
-                           (in_tmp / "nope.ckpt", "no such file")):
+                           (in_tmp / "nope.ckpt", "no such file"),
+                           (in_tmp / "weights.pt", "but not a Lightning checkpoint")):
         rc = main([subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                    "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", str(path)])
         err = capsys.readouterr().err
@@ -468,3 +470,20 @@ def test_a_loss_watched_for_its_minimum_and_the_lr_scheduler_mode_are_accepted_o
     msg = cli_error(["fit", "--config", str(path), *TINY, "--data.init_args.data_dir", str(feature_dir),
                      "--model.init_args.lr_scheduler", plateau], capsys)
     assert "the lr_scheduler monitors 'val/click/auc' with mode 'min'" in msg
+
+
+@pytest.mark.parametrize("name", ["last", "best"])
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_lightnings_checkpoint_names_are_refused_where_no_fit_ran(feature_dir, in_tmp, capsys, monkeypatch,
+                                                                  subcommand, name):
+    """`--ckpt_path last` with no last.ckpt where the config's callbacks look: Lightning warned "No checkpoint will
+    be loaded" and tested (or predicted with) the untrained model, exit 0; `best` failed after the MLflow run."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    rc = main([subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+               "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", name])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith(f"error: --ckpt_path {name}: `mmoe-rec {subcommand}` runs in a process of its "
+                                      "own") and f"checkpoints/<run>/{name}.ckpt" in err, err
+    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "predictions.parquet").exists()
