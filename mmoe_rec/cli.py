@@ -65,8 +65,9 @@ def _report(e: Exception, argv: list[str] | None = None) -> int:
     innermost = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
     key = _parser_key(chain, argv or [])  # jsonargparse's innermost message names the value, not the setting
     message = str(innermost)
-    if "Got value: Namespace(" in message:  # the whole sub-config of a class, printed back: cut
-        innermost = ValueError(message[: message.index("Got value: Namespace(")].rstrip(". ") + ".")
+    echo = next((m for m in ("Got value: Namespace(", "Given value: Namespace(") if m in message), None)
+    if echo:  # the whole sub-config of a class, printed back (jsonargparse's wording varies by version): cut
+        innermost = ValueError(message[: message.index(echo)].rstrip(". ") + ".")
     print_user_error(innermost, key if key and not message.startswith(key) else None)
     return 1
 

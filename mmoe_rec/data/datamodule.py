@@ -148,9 +148,13 @@ class FeatureDataModule(L.LightningDataModule):
             raise ValueError(f"data eval_batch_size must be >= 1 (or null: batch_size), got {eval_batch_size}")
         self.data_dir = Path(data_dir)
         self.spec = FeatureSpec.load(self.data_dir / "spec.json")
+        if isinstance(tasks, str):  # list("click") would be five one-letter tasks
+            raise ValueError(f"data tasks must be a list of task names, e.g. [{tasks}], got the string {tasks!r}")
         self.tasks = list(self.spec.task_names if tasks is None else tasks)
-        for t in self.tasks:
-            self.spec.task(t)  # a clear KeyError now rather than in a worker later
+        unknown = [t for t in self.tasks if t not in self.spec.task_names]
+        if unknown:  # now, not in a loader worker later
+            raise ValueError(f"data tasks {unknown} are not in the feature spec, whose tasks are "
+                             f"{self.spec.task_names} ({self.data_dir / 'spec.json'})")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer

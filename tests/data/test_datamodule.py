@@ -162,7 +162,7 @@ def test_state_dict_round_trip_replays_the_same_epoch(feature_dir):
 
 
 def test_bad_inputs_are_clear_errors(feature_dir, make_feature_dir, tmp_path):
-    with pytest.raises(KeyError, match="unknown task"):
+    with pytest.raises(ValueError, match=r"data tasks \['ctr'\] are not in the feature spec"):
         FeatureDataModule(str(feature_dir), tasks=["ctr"])
     with pytest.raises(FileNotFoundError, match="feature spec not found"):
         FeatureDataModule(str(tmp_path))
@@ -362,3 +362,10 @@ def test_bad_loader_settings_are_refused_when_the_data_module_is_made(feature_di
     with pytest.raises(ValueError, match=match):
         FeatureDataModule(str(feature_dir), **kwargs)
     FeatureDataModule(str(feature_dir), batch_size=1, eval_batch_size=None, num_workers=0, shuffle_buffer=0)
+
+
+def test_data_tasks_given_as_a_string_or_unknown_are_refused_by_name(feature_dir):
+    with pytest.raises(ValueError, match=r"data tasks must be a list of task names, e.g. \[click\]"):
+        FeatureDataModule(str(feature_dir), tasks="click")
+    with pytest.raises(ValueError, match=r"data tasks \['foo', 'bar'\] are not in the feature spec"):
+        FeatureDataModule(str(feature_dir), tasks=["click", "foo", "bar"])

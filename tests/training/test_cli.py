@@ -487,3 +487,18 @@ def test_lightnings_checkpoint_names_are_refused_where_no_fit_ran(feature_dir, i
     assert rc == 1 and err.startswith(f"error: --ckpt_path {name}: `mmoe-rec {subcommand}` runs in a process of its "
                                       "own") and f"checkpoints/<run>/{name}.ckpt" in err, err
     assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "predictions.parquet").exists()
+
+
+def test_an_unknown_data_task_is_one_line_naming_it(feature_dir, in_tmp, capsys, monkeypatch):
+    """The data module's KeyError reached the user as jsonargparse's "Does not validate against any of the Union
+    subtypes" and a dump of the data config, the reason in its middle."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    for tasks, expected in (("[click, foo]", "error: data tasks ['foo'] are not in the feature spec, whose tasks "
+                                             "are ['click', 'convert']"),
+                            ("click", "data.init_args.tasks: Expected a <class 'list'>")):
+        rc = main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                   "--data.init_args.data_dir", str(feature_dir), "--data.init_args.tasks", tasks])
+        err = capsys.readouterr().err
+        assert rc == 1 and expected in err.splitlines()[0] and "Namespace(" not in err, err
