@@ -18,6 +18,7 @@ import lzma
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -249,6 +250,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     fmt = input_format(path)
     have: list[str] = []
     csv_batches = None
+    counter: _QuoteCounter | None = None
     sources = contextlib.ExitStack()
     try:
         if fmt == "parquet":
@@ -264,9 +266,12 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         else:
             have = csv_columns(path, reader)
             _check_columns(path, have, columns)
-            # '"' not counted on the way (all but .xz) are counted in a second pass once read: cheap for plain
-            # files, a .gz / .bz2 file is decompressed again (10-100 % of the read's time)
+            # '"' not counted on the way (all but .xz) are counted in a second pass, in a thread beside the read:
+            # cheap for plain files; a .gz / .bz2 file is decompressed again, on the other core
             stream, quotes = sources.enter_context(_arrow_csv_source(path))
+            if quotes is None:  # counted beside the read (see _QuoteCounter)
+                counter = _QuoteCounter(path)
+                sources.callback(counter.close)
             batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream)
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
@@ -278,7 +283,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
                 yield row + start, part
             row += b.num_rows
-        if fmt == "csv" and (_quote_count(path) if quotes is None else quotes) % 2:
+        if fmt == "csv" and (counter.result() if quotes is None else quotes) % 2:
             _refuse_unclosed_quote(path, reader)  # an odd count: a quoted field may run to the end of the file
     except FeatureDataError:
         raise
@@ -309,13 +314,46 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         sources.close()  # the stream, and an .xz file's decompressed copy (deleted)
 
 
-def _quote_count(path: str) -> int:
-    """The number of '"' bytes in a CSV file (decompressed), read in blocks in this thread."""
+def _quote_count(path: str, stop: threading.Event | None = None) -> int:
+    """The number of '"' bytes in a CSV file (decompressed), read in blocks in the calling thread (-1 if `stop` was
+    set before the end)."""
     count = 0
     with _open_csv_stream(path) as f:
         while block := f.read(1 << 24):
+            if stop is not None and stop.is_set():
+                return -1
             count += bytes(block).count(b'"')
     return count
+
+
+class _QuoteCounter:
+    """_quote_count in a thread of its own, beside Arrow's read of the same file (decompression releases the GIL:
+    a .gz / .bz2 file's second decompression overlaps the read instead of following it). `result()` waits for it;
+    `close()` stops and joins it, so that no thread of ours still reads when the caller has gone (or the
+    interpreter exits)."""
+
+    def __init__(self, path: str) -> None:
+        self._stop = threading.Event()
+        self._count: int | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(path,), name="mmoe-rec-quote-count", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: str) -> None:
+        try:
+            self._count = _quote_count(path, self._stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
+            self._error = e
+
+    def result(self) -> int:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._count
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:

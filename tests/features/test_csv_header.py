@@ -211,3 +211,20 @@ def test_a_malformed_row_is_numbered_by_record_after_a_quoted_line_break(tmp_pat
     with pytest.raises(FeatureDataError, match=r"row 2 \(0-based\): malformed CSV row: expected 2 fields, found 3"):
         list(iter_batches(str(headerless), ["a", "b"], names))
 
+
+
+def test_the_quote_count_beside_a_read_ends_with_it_even_when_the_read_is_abandoned(tmp_path):
+    """A .gz file's '"' count runs in a thread beside Arrow's read; no thread of ours may still read the file once
+    the caller has gone (at interpreter exit it would be inside decompression). Its result is the one used: an
+    unclosed quote is still found."""
+    path = tmp_path / "raw.csv.gz"
+    path.write_bytes(gzip.compress(("a,b\n" + "".join(f"{i},{i}\n" for i in range(300_000))).encode()))
+    batches = iter_batches(str(path), ["a", "b"], ReaderSpec(), batch_rows=1000)
+    next(batches)
+    batches.close()
+    assert not any(t.name == "mmoe-rec-quote-count" for t in threading.enumerate())
+    bad = tmp_path / "bad.csv.gz"
+    bad.write_bytes(gzip.compress(b'a,b\n1,2\n3,"x\n4,5\n'))
+    with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens"):
+        list(iter_batches(str(bad), ["a", "b"], ReaderSpec()))
+    assert not any(t.name == "mmoe-rec-quote-count" for t in threading.enumerate())
