@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmoe_rec.features.arrow_kernels import if_else
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.numeric import column_values, to_float32
 from mmoe_rec.features.schema import label_keys
@@ -50,7 +51,7 @@ def null_fields(text: pa.Array, null_values, strip: bool) -> pa.Array:
         is_null = pc.or_(is_null, pc.is_in(pc.utf8_trim_whitespace(text), value_set=value_set))
     if not pc.any(is_null).as_py():
         return text
-    return pc.if_else(is_null, pa.scalar(None, pa.string()), text)
+    return if_else(is_null, pa.scalar(None, pa.string()), text)
 
 
 def numeric_null_values(null_values, strip: bool) -> tuple[list[str], bool]:
@@ -75,7 +76,7 @@ def _strings_to_float(arr: pa.Array, column: str, null_values=(), strip: bool = 
     # so that without strip " -1" stays the number -1 for a null value "-1", as in a CSV)
     arr = null_fields(pc.cast(arr, pa.string()), null_values, strip)
     arr = pc.utf8_trim_whitespace(arr)
-    arr = pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)  # "" is missing, not an error
+    arr = if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)  # "" is missing, not an error
     try:
         return pc.cast(arr, pa.float64())
     except pa.ArrowInvalid:
@@ -145,7 +146,7 @@ def single_categorical_column(arr, column: str, strip: bool = False, null_values
     if pa.types.is_string(values.type):
         empty = pc.equal(values, "")
         if pc.any(empty).as_py():
-            values = pc.if_else(empty, pa.scalar(None, pa.string()), values)
+            values = if_else(empty, pa.scalar(None, pa.string()), values)
     return values
 
 

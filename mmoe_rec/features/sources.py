@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mmoe_rec.features.arrow_kernels import if_else
 from mmoe_rec.features.errors import FeatureDataError, missing_columns_error
 from mmoe_rec.features.id_columns import schema_types
 from mmoe_rec.features.schema import ReaderSpec
@@ -440,7 +441,7 @@ def _strip(a: pa.Array, nulls: pa.Array) -> pa.Array:
     if len(nulls):
         is_null = pc.is_in(a, value_set=nulls)
         if pc.any(is_null).as_py():
-            a = pc.if_else(is_null, pa.scalar(None, pa.string()), a)
+            a = if_else(is_null, pa.scalar(None, pa.string()), a)
     return a
 
 

@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from mmoe_rec.features.arrow_kernels import if_else
+
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
 _DIRECT_MAX = 1 << 22  # int vocabularies spanning fewer values than this use a direct-address table
@@ -50,11 +52,11 @@ def integral_float_text_as_int(arr: pa.Array) -> pa.Array:
     is_float = pc.match_substring_regex(arr, _FLOAT_TEXT)
     if not pc.any(is_float).as_py():
         return arr
-    x = pc.cast(pc.if_else(is_float, arr, pa.scalar(None, pa.string())), pa.float64())
+    x = pc.cast(if_else(is_float, arr, pa.scalar(None, pa.string())), pa.float64())
     # below 2**53 a float64 is its integer exactly; above, "9007199254740993.0" would find ...992's entry
     integral = pc.fill_null(pc.and_(pc.equal(x, pc.round(x)), pc.less(pc.abs(x), 2.0 ** 53)), False)
-    as_int = pc.cast(pc.cast(pc.if_else(integral, x, 0.0), pa.int64()), pa.string())
-    return pc.if_else(integral, as_int, arr)
+    as_int = pc.cast(pc.cast(if_else(integral, x, 0.0), pa.int64()), pa.string())
+    return if_else(integral, as_int, arr)
 
 
 class VocabCounter:
