@@ -1,4 +1,4 @@
-"""Batch scoring job: raw Parquet in, score Parquet out, with a registered model.
+"""Batch scoring job: raw Parquet or CSV in, score Parquet out, with a registered model.
 
 Output columns: the spec's id columns passed through, `score_<task>` per task, `model_name`, `model_version` (the
 registry's version number, an alias or "latest" resolved; for a package folder "package-" and its weights' hash).
@@ -10,11 +10,14 @@ checked against the row count in. `--input` takes files and folders together (a 
 skipping names that start with "." or "_"); a file named twice is refused. An output that is an input file, lies
 inside an input folder or is a folder is refused before anything is read. Feature Parquet (written by
 `mmoe-rec features`) is refused: scoring transforms raw rows itself. A bad value is reported at its file and its
-row inside that file.
+row inside that file. CSV files (.csv / .tsv / .txt, optionally .gz / .bz2 / .xz) are read as `mmoe-rec features`
+reads them, with the reader settings the model's feature spec was fitted with; their columns are text, as in
+training on CSV.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -22,10 +25,13 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from mmoe_rec.features.id_columns import cast_ids, plan_id_types, schema_types
+from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.id_columns import cast_ids, plan_id_types
+from mmoe_rec.features.schema import ReaderSpec
+from mmoe_rec.features.sources import column_types, csv_columns, input_format, iter_batches
+from mmoe_rec.features.transform import compiled
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import Scorer
@@ -126,30 +132,46 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
                          f"{Path(output) / 'scores.parquet'}")
 
 
-def _id_types(fragments: list, id_columns: list[str]) -> dict[str, pa.DataType]:
-    """Each id column's type in the output, from every input file's schema before anything is scored (the files'
-    order does not decide it): features.id_columns' lossless widening, or an error naming both files."""
-    return plan_id_types((f.path, schema_types(f.physical_schema, id_columns)) for f in fragments)
+def saved_reader(spec) -> ReaderSpec:
+    """The CSV reader settings the spec was fitted with (a CSV to score is read as its training CSV was)."""
+    saved = spec.transforms.get("reader") or {}
+    known = {f.name for f in dataclasses.fields(ReaderSpec)}
+    return ReaderSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
+def file_columns(path: str, reader: ReaderSpec) -> list[str]:
+    """Every column of one input file, from its footer (Parquet) or its header (CSV), without reading rows."""
+    if input_format(path) == "csv":
+        return csv_columns(path, reader)
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
 
 
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
                   model_version: str, batch_rows: int = 65_536) -> int:
-    """Stream `inputs` through the model into one Parquet file at `output`. Returns the number of rows scored.
-    Input files without rows give an output without rows (the columns and types as always)."""
+    """Stream `inputs` (raw Parquet or CSV files, read as `mmoe-rec features` reads them) through the model into
+    one Parquet file at `output`. Returns the number of rows scored. Input files without rows give an output
+    without rows (the columns and types as always)."""
     check_output_is_not_an_input(inputs, output)
     output = Path(output)
     files = expand_inputs(inputs)  # one flat list: a folder and files together, each file once
     if not files:
-        raise ValueError(f"{inputs}: no Parquet files to score")
-    dataset = ds.dataset(files, format="parquet")
-    fragments = list(dataset.get_fragments())
-    for fragment in fragments:  # before any row is scored
-        scorer.check_raw_columns(fragment.physical_schema.names, fragment.path)
-    id_types = _id_types(fragments, scorer.spec.id_columns)
-    expected = dataset.count_rows()
+        raise ValueError(f"{inputs}: no files to score")
+    reader = saved_reader(scorer.spec)
+    for path in files:  # before any row is scored: the format of every file, then its columns
+        input_format(path)
+    for path in files:
+        scorer.check_raw_columns(file_columns(path, reader), path)
+    # each id column's output type from every file before anything is scored (the files' order does not decide
+    # it): features.id_columns' lossless widening, or an error naming both files; a CSV column is text
+    id_types = plan_id_types((path, column_types(path, scorer.spec.id_columns)) for path in files)
+    columns = compiled(scorer.spec).input_columns(with_labels=False)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     output.parent.mkdir(parents=True, exist_ok=True)
-    written = 0
+    read = written = 0
+    read_from = dict.fromkeys(files, 0)  # rows read per file
     writer = None
 
     def scored(table: pa.Table, path: str, row_offset: int) -> pa.Table:
@@ -159,23 +181,27 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
         return cast_ids(scores, id_types, path)
 
     try:
-        for fragment in fragments:
-            file_rows = 0  # rows of this file already read: errors name the row inside the file, not the run
-            for record_batch in fragment.to_batches(batch_size=batch_rows):
+        for path in files:
+            # errors name the row inside the file, not the run (the batch's first row in the file comes with it)
+            for first_row, record_batch in iter_batches(path, columns, reader, batch_rows):
                 if record_batch.num_rows == 0:
                     continue
-                scores = scored(pa.Table.from_batches([record_batch]), fragment.path, file_rows)
-                file_rows += record_batch.num_rows
+                read += record_batch.num_rows
+                read_from[path] += record_batch.num_rows
+                scores = scored(pa.Table.from_batches([record_batch]), path, first_row)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, scores.schema)
                 writer.write_table(scores)
                 written += scores.num_rows
         if writer is None:  # every file is empty: an empty output in the usual columns, not an error
-            empty = fragments[0].physical_schema.empty_table()
-            writer = pq.ParquetWriter(tmp, scored(empty, fragments[0].path, 0).schema)
+            empty = pa.table({c: pa.array([], column_types(files[0], [c])[c]) for c in columns})
+            writer = pq.ParquetWriter(tmp, scored(empty, files[0], 0).schema)
         writer.close()
         writer = None
-        if written != expected:
+        # a Parquet file's footer says how many rows it has; a CSV file's rows are those read
+        expected = sum(pq.ParquetFile(p).metadata.num_rows if input_format(p) == "parquet" else read_from[p]
+                       for p in files)
+        if written != expected or read != expected:
             raise RuntimeError(f"scored {written} rows but the input has {expected}: output not written")
         os.replace(tmp, output)
     finally:
@@ -193,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest, or a package folder")
     # extend: `--input a --input b` scores both (with nargs alone the last --input replaced the ones before)
     p.add_argument("--input", required=True, nargs="+", action="extend",
-                   help="raw Parquet file(s) or a folder (several after one --input, or --input repeated)")
+                   help="raw Parquet or CSV file(s) or a folder (several after one --input, or --input repeated)")
     p.add_argument("--output", required=True, help="score Parquet file to write (not one that exists, unless "
                                                     "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")

@@ -752,3 +752,47 @@ def test_a_rows_score_does_not_depend_on_the_batch_it_is_read_in_with_empty_and_
     ref = reference_scores(load_package(package), fresh)
     for t in ("click", "conversion"):
         np.testing.assert_allclose(got[f"score_{t}"].to_numpy(), ref[t], rtol=1e-6, atol=1e-7)
+
+
+def test_csv_input_is_scored_as_the_same_rows_in_parquet(tmp_path):
+    """`features` reads CSV; `score` read Parquet only ("Parquet magic bytes not found" for a user's .csv.gz logs).
+    A CSV is read with the spec's own reader settings (here strip_whitespace and "NULL" as missing)."""
+    import gzip
+
+    import yaml
+
+    n = 500
+    rows = [(f"r{i}", [" ios", "android ", "NULL", ""][i % 4], f"c{i % 17}", ["", "1.5", " 20", "NULL"][i % 4], i % 2)
+            for i in range(n)]
+    text = "rid,device,city,price,click\n" + "".join(f"{r},{d},{c},{p},{y}\n" for r, d, c, p, y in rows)
+    raw = tmp_path / "raw.csv"
+    raw.write_text(text)
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "device"}, {"name": "city", "transform": "hash",
+                                                                          "buckets": 64}],
+              "numeric": [{"name": "price"}], "tasks": [{"name": "click"}],
+              "reader": {"strip_whitespace": True, "null_values": ["", "NULL"]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(schema))
+    assert features_main(["--schema", str(tmp_path / "s.yaml"), "--input", str(raw), "--output",
+                          str(tmp_path / "features")]) == 0
+    torch.manual_seed(0)
+    model = MMoE(FeatureSpec.load(tmp_path / "features"), **INIT_ARGS)
+    package = save_package(model, INIT_ARGS, tmp_path / "package")
+    scorer, name, version = resolve_model(str(package))
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "day.csv.gz").write_bytes(gzip.compress(text.encode()))
+    table = pa.table({"rid": [r[0] for r in rows], "device": [r[1] for r in rows], "city": [r[2] for r in rows],
+                      "price": [r[3] for r in rows], "click": [str(r[4]) for r in rows]})
+    pq.write_table(table, tmp_path / "day.parquet")
+    assert score_parquet(scorer, [str(new), str(tmp_path / "day.parquet")], tmp_path / "s.parquet", name, version,
+                         batch_rows=128) == 2 * n
+    got = pq.read_table(tmp_path / "s.parquet")
+    assert got["rid"].to_pylist() == [r[0] for r in rows] * 2
+    ref = reference_scores(load_package(package), table)
+    csv_part, parquet_part = got["score_click"].to_numpy()[:n], got["score_click"].to_numpy()[n:]
+    np.testing.assert_array_equal(csv_part, parquet_part)
+    np.testing.assert_allclose(csv_part, ref["click"], rtol=1e-6, atol=1e-7)
+    with pytest.raises(FeatureDataError, match="unknown input format"):
+        (new / "notes.json").write_text("{}")
+        score_parquet(scorer, [str(new)], tmp_path / "t.parquet", name, version)
+    assert not (tmp_path / "t.parquet").exists()
