@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
         "  synth                      generate built-in synthetic data\n"
         "  features                   fit a FeatureSpec on the train split and write feature Parquet\n"
         "  register                   register a trained model in the MLflow model registry\n"
-        "  score                      batch-score a Parquet table with a registered model\n"
+        "  score                      batch-score raw Parquet or CSV files with a registered model\n"
         "mmoe-rec <subcommand> --help describes each.",
         file=sys.stdout if asked else sys.stderr,
     )
