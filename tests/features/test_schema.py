@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mmoe_rec.features.errors import FeatureDataError
-from mmoe_rec.features.schema import load_schema
+from mmoe_rec.features.schema import load_schema, parse_schema
 
 BASE = {"categorical": [{"name": "u"}], "numeric": [{"name": "x"}], "tasks": [{"name": "click"}]}
 
@@ -80,3 +80,13 @@ def test_good_schema_values_still_load(tmp_path):
     assert s.id_columns == ("rid",) and s.categorical[0].min_count == 2 and s.sample_weight == "w"
     path.write_text(yaml.safe_dump(_with(reader={"null_values": ["NA", -999.0, -1]})))
     assert load_schema(path).reader.null_values == ("NA", "-999.0", "-1")  # YAML numbers as their text
+
+
+def test_the_readmes_schema_at_a_glance_parses():
+    """The README's every-key example is a schema the parser takes (it must not drift from the code)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("```yaml", text.index("Every key at a glance")) + len("```yaml")
+    schema = parse_schema(yaml.safe_load(text[start:text.index("```", start)]))
+    assert schema.sample_weight == "w" and {t.type for t in schema.tasks} == {"binary", "regression"}
