@@ -455,7 +455,7 @@ def _bad_csv_row(path: str, reader: ReaderSpec) -> tuple[int, str] | None:
     """(data row, message) of the first record with another number of fields than the file's first record (or
     reader.column_names, without a header), as Arrow counts them; None if there is none. Only on the error path:
     read in Python (Arrow numbers the rows it rejects only through a Python callback from its own threads, which
-    could abort the process at exit, and by line, not by record, where quoted fields hold line breaks)."""
+    could abort the process at exit)."""
     delimiter = _delimiter(path, reader)
     records = _csv_records(path, delimiter)
     expected = len(reader.column_names) if reader.column_names else None
