@@ -6,8 +6,9 @@ best mean validation income AUC over the selection seeds, and is then reported o
 
 Why: the settings of census_results.py / census_peers.py were found by a sweep of our MMoE scored on *test* AUC,
 on a seed that was also reported, and the other models and the peers got no tuning at all (README, Results).
-Here the test split is read only after the choice, every contender has the same budget (len(GRID) settings x
-the selection seeds), and the reported seeds are disjoint from the selection seeds.
+Here the choice reads validation AUC only (every run is tested and its test AUC kept in the runs file, but a
+selection run's is neither printed nor read by `chosen_setting`), every contender has the same budget (len(GRID)
+settings x the selection seeds), and the reported seeds are disjoint from the selection seeds.
 
 Each run is the protocol of those two scripts (early stopping on validation income AUC, patience 3, at most 30
 epochs, batch 256, the best epoch tested), single-threaded, one process per run; `--jobs 2` runs two side by side.
@@ -16,8 +17,10 @@ MMoE cannot switch off) and the feature folder (configs/features/census.yaml, sp
 test AUC too, but they are shared by every contender, so they move the level, not the ranking.
 
 --runs-csv keeps every finished run (rewritten through a temporary file after each run): a second invocation with
-the same file skips the runs it holds, so an interrupted experiment resumes; --tables-from prints the tables of
-a saved CSV without training.
+the same file skips the runs it holds, so an interrupted experiment resumes. The settings the runs were made with
+(feature folder, max epochs, patience, batch size, the grid) are kept beside it in `<file>.settings.json`, and a
+second invocation with other settings is refused (its runs would be reported as made under the new ones).
+--tables-from prints the tables of a saved CSV without training.
 """
 from __future__ import annotations
 
@@ -109,6 +112,29 @@ def chosen_setting(done: dict[Run, Outcome], contender: str, seeds: list[int]) -
 
 
 # --- the runs file ------------------------------------------------------------------------------------------
+
+def settings_path(runs_csv: Path) -> Path:
+    return runs_csv.with_name(runs_csv.name + ".settings.json")
+
+
+def check_settings(runs_csv: Path, settings: dict) -> None:
+    """Keeps `settings` beside a new runs file; refuses to add to an existing one made with other settings (or
+    whose settings are not known)."""
+    import json
+
+    path = settings_path(runs_csv)
+    if not runs_csv.exists():
+        path.write_text(json.dumps(settings, indent=1, sort_keys=True))
+        return
+    if not path.exists():
+        raise SystemExit(f"{runs_csv} has runs but no {path.name}: the settings they were made with are unknown; "
+                         "start a new --runs-csv (or read it with --tables-from)")
+    saved = json.loads(path.read_text())
+    differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+    if differ:
+        raise SystemExit(f"{runs_csv} holds runs made with other settings: "
+                         + "; ".join(f"{k}: the file's {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
+                         + "; start a new --runs-csv")
 
 def write_runs(path: Path, done: dict[Run, Outcome]) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -220,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     from census_results import build_features
 
     build_features(Path(args.features), seed=0)  # the feature folder of census_results.py / census_peers.py
+    if args.runs_csv:
+        check_settings(args.runs_csv, {"features": str(Path(args.features).resolve()), "max_epochs": args.max_epochs,
+                                       "patience": args.patience, "batch_size": args.batch_size,
+                                       "grid": [list(g) for g in GRID]})
     done = read_runs(args.runs_csv) if args.runs_csv and args.runs_csv.exists() else {}
     todo = [Run("select", c, lr, wd, s) for s in args.select_seeds for c in args.contenders for lr, wd in GRID]
     reported: set[str] = set()

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from census_selected import GRID, Outcome, Run, chosen_setting, print_tables, read_runs, write_runs  # noqa: E402
+from census_selected import (GRID, Outcome, Run, check_settings, chosen_setting, print_tables, read_runs,  # noqa: E402
+                             settings_path, write_runs)
 
 
 def outcome(valid: float, test: float = 0.95) -> Outcome:
@@ -78,3 +79,18 @@ def test_tables_report_only_the_chosen_setting_on_the_report_seeds(capsys):
     assert "| MMoE | 1,000 | lr 0.001, wd 0.0001 | 0.9550 ± 0.0000 | 0.9561 ± 0.0001 |" in out
     assert "| PLE | 1,000 | lr 0.001, wd 0 |" in out
     assert "vs PLE: +0.0010 ± 0.0001" in out
+
+
+def test_a_runs_file_made_with_other_settings_is_not_resumed(tmp_path):
+    """A second invocation with --max-epochs 30 printed a first one's 1-epoch runs as the 30-epoch protocol."""
+    runs = tmp_path / "runs.csv"
+    settings = {"features": "/f", "max_epochs": 1, "patience": 1, "batch_size": 256, "grid": [list(g) for g in GRID]}
+    check_settings(runs, settings)  # a new file: its settings are kept beside it
+    write_runs(runs, selection("MMoE", {GRID[0]: [0.95, 0.95]}))
+    check_settings(runs, dict(settings))  # the same settings: resumed
+    with pytest.raises(SystemExit, match=r"other settings: max_epochs: the file's 1, now 30; patience: the file's 1, "
+                                         r"now 3"):
+        check_settings(runs, dict(settings, max_epochs=30, patience=3))
+    settings_path(runs).unlink()  # runs whose settings are unknown
+    with pytest.raises(SystemExit, match="settings they were made with are unknown"):
+        check_settings(runs, settings)
