@@ -94,16 +94,21 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
                 f()
         return go
 
+    # every backward starts from a materialized output gradient: out.sum()'s is a stride-0 expanded tensor, which
+    # each backward product first copies out in full (12-22 % of the plain matmul's time; a review, 2026-12-06)
+    g_layer = torch.ones(T, d, device=device)
+
     def fwd_bwd(f):
         def go():
             out = f()
-            grads = torch.autograd.grad(out.sum(), params)
+            grads = torch.autograd.grad(out, params, g_layer)
             del out, grads
         return go
 
     a = torch.randn(k * T, d, device=device)
     w = torch.randn(d, h, device=device, requires_grad=True)
     a.requires_grad_(True)
+    a_plain, w_plain, g_out = a.detach(), w.detach(), torch.ones(k * T, h, device=device)
 
     def mm_fwd():
         with torch.no_grad():
@@ -111,9 +116,7 @@ def run_case(name: str, E: int, k: int, T: int, d: int, h: int, repeats: int, de
 
     def mm_fwd_bwd():
         out = torch.mm(a, w)
-        torch.autograd.grad(out.sum(), [a, w])
-
-    a_plain, w_plain, g_out = a.detach(), w.detach(), torch.ones(k * T, h, device=device)
+        torch.autograd.grad(out, [a, w], g_out)
 
     def onednn_fwd():
         with cpu_gemm.gemm_backend("onednn"):

@@ -600,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  mmoe-rec (Lightning) / DeepCTR-Torch = {ratio(ours.rows_per_s, deepctr.rows_per_s)}{tgt}; "
                   f"{round_ratios(timed, 'mmoe-rec', 'DeepCTR-Torch')}")
         if "mmoe-rec/plain" in by and ours:
-            print(f"  Lightning overhead: plain loop {by['mmoe-rec/plain'].rows_per_s:,.0f} rows/s vs Trainer.fit "
-                  f"{ours.rows_per_s:,.0f} rows/s ({(by['mmoe-rec/plain'].rows_per_s / ours.rows_per_s - 1) * 100:+.0f} %)")
+            plain_rate = by['mmoe-rec/plain'].rows_per_s
+            print(f"  Lightning overhead: plain loop {plain_rate:,.0f} rows/s vs Trainer.fit {ours.rows_per_s:,.0f} "
+                  f"rows/s (the plain loop {(plain_rate / ours.rows_per_s - 1) * 100:+.0f} % faster; Lightning's share "
+                  f"of its step {(1 - ours.rows_per_s / plain_rate) * 100:.0f} %)")
         if arch is LARGE:
             ref, ref_torch = reference_rate(mm), max(mm["per_layer"], mm["fused"])
             paired = next((c.paired for c in large_contenders if c.paired), [])
@@ -634,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "-"
+    return f"{a / b:.3f}x" if b else "-"  # three decimals: 1.397 is not the 1.4x target that .2f printed
 
 
 def contender_key(c) -> str:
