@@ -158,8 +158,9 @@ class EmbeddingFront(nn.Module):
             return self._dtype_probe.new_zeros(0, sum(self.dims.values()))  # (0, sum of embedding dims)
         if self.fused:
             kjt = self._to_fused_rows(kjt)
-        elif type(self.ebc) is not EmbeddingBagCollection:
-            # sharded by DMP: fbgemm's kernels would read row 0 for an id outside its table and go on
+        elif type(self.ebc) is not EmbeddingBagCollection or kjt.values().is_cuda:
+            # sharded by DMP: fbgemm's kernels would read row 0 for an id outside its table and go on; on CUDA an
+            # id outside its table is a device-side assert that leaves nothing to name the feature with afterwards
             self._check_bag_ids(kjt)
         try:
             kt = self.ebc(kjt)

@@ -46,7 +46,7 @@ class WeightedBinaryAUROC(Metric):
     def compute(self) -> torch.Tensor:
         if isinstance(self.scores, list) and not self.scores:  # nothing seen on any rank
             warnings.warn("AUC of no rows; returning NaN", RuntimeWarning, stacklevel=2)
-            return torch.tensor(float("nan"))
+            return torch.tensor(float("nan"), device=self.device)
         return weighted_auc(dim_zero_cat(self.scores), dim_zero_cat(self.labels), dim_zero_cat(self.weights))
 
 

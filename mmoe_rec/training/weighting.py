@@ -143,8 +143,9 @@ class GradNorm(LossWeighting):
         # on static_t L_t, w_t would learn to undo them, and a task weighted 0 would drag every target to 0)
         norms = grads.norm(dim=1)  # (T,)
         with torch.no_grad():
-            if torch.isnan(self.initial_losses).any():
-                self.initial_losses.copy_(seen.clamp_min(1e-12))
+            # L_t(0) at the first step (NaN until then), without a host sync a step
+            self.initial_losses.copy_(torch.where(torch.isnan(self.initial_losses), seen.clamp_min(1e-12),
+                                                  self.initial_losses))
             ratio = seen / self.initial_losses  # (T,) L_t / L_t(0)
             rate = ratio / ratio.mean()  # (T,) relative inverse training rate r_t
             target = (self.learnt_weights * norms).mean() * rate ** self.alpha  # (T,) held constant

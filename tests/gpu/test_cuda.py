@@ -133,3 +133,55 @@ def test_a_pinned_batch_moves_to_the_gpu_unchanged(feature_dir):
     torch.testing.assert_close(moved.sparse.values().cpu(), batch.sparse.values())
     for task, label in batch.labels.items():
         torch.testing.assert_close(moved.labels[task].cpu(), label)
+
+
+def single_valued_spec():
+    from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+
+    return FeatureSpec(sparse_features=[SparseFeature("user", 20), SparseFeature("item", 30)],
+                       dense_features=["d0"], tasks=[Task("click")]).finalize()
+
+
+def single_valued_batch(B: int, user_ids=None):
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from mmoe_rec.data.batch import Batch
+
+    g = torch.Generator().manual_seed(0)
+    user = torch.randint(0, 20, (B,), generator=g) if user_ids is None else user_ids
+    item = torch.randint(0, 30, (B,), generator=g)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["user", "item"], values=torch.cat([user, item]),
+                                              lengths=torch.ones(2 * B, dtype=torch.long))
+    return Batch(sparse=kjt, dense=torch.randn(B, 1, generator=g), labels={"click": torch.zeros(B)})
+
+
+def test_the_fused_embedding_table_on_cuda_equals_the_cpu():
+    """Census' default path (every feature single-valued: one fused table, gather_rows): not covered by the
+    model_inputs spec, whose multi-valued feature takes the per-table path."""
+    torch.manual_seed(0)
+    cpu = MMoE(single_valued_spec(), embedding_dim=4, num_experts=4, expert_hidden=[16], tower_hidden=[4]).eval()
+    gpu = MMoE(single_valued_spec(), embedding_dim=4, num_experts=4, expert_hidden=[16], tower_hidden=[4]).eval()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to(CUDA)
+    out_cpu, out_gpu = cpu(single_valued_batch(64)), gpu(single_valued_batch(64).to(CUDA))
+    torch.testing.assert_close(out_gpu.logits["click"].cpu(), out_cpu.logits["click"], atol=1e-4, rtol=1e-4)
+    bad = torch.arange(8) % 20
+    bad[5] = 20  # one past the user table
+    with pytest.raises(IndexError, match=r"sparse feature 'user': id 20 in batch row 5"):
+        gpu(single_valued_batch(8, bad).to(CUDA))
+
+
+def test_an_id_outside_its_table_on_cuda_names_the_feature_not_a_device_assert():
+    """The per-table path (a multi-valued feature): on CUDA the lookup of an id past its table is a device-side
+    assert after which nothing can be reported; the ids are checked before the lookup there."""
+    torch.manual_seed(0)
+    model = MODELS["mmoe"](spec()).eval().to(CUDA)
+    b = batch(B=16)
+    values = b.sparse.values().clone()
+    values[3] = 20  # user row 3: one past the user table (20 rows)
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    b.sparse = KeyedJaggedTensor.from_lengths_sync(keys=b.sparse.keys(), values=values, lengths=b.sparse.lengths())
+    with pytest.raises(IndexError, match="user"):
+        model(b.to(CUDA))
+    torch.cuda.synchronize()  # the context is still usable
