@@ -117,6 +117,17 @@ def settings_path(runs_csv: Path) -> Path:
     return runs_csv.with_name(runs_csv.name + ".settings.json")
 
 
+def settings_line(runs_csv: Path) -> str:
+    """What the runs of a file were made with, as its settings file says (files made before it say nothing)."""
+    import json
+
+    path = settings_path(runs_csv)
+    if not path.exists():
+        return f"settings of {runs_csv.name}: not recorded (made before runs files kept them)"
+    saved = json.loads(path.read_text())
+    return f"settings of {runs_csv.name}: " + ", ".join(f"{k} {saved[k]}" for k in sorted(saved))
+
+
 def check_settings(runs_csv: Path, settings: dict) -> None:
     """Keeps `settings` beside a new runs file; refuses to add to an existing one made with other settings (or
     whose settings are not known)."""
@@ -240,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.select_seeds) & set(args.report_seeds):
         raise SystemExit(f"selection seeds {args.select_seeds} and report seeds {args.report_seeds} must not overlap")
     if args.tables_from:
+        print(settings_line(args.tables_from))
         print_tables(read_runs(args.tables_from), args.contenders, args.select_seeds, args.report_seeds)
         return 0
 

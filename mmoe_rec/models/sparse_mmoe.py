@@ -128,7 +128,7 @@ class SparseMMoE(MultiTaskModel):
         check_capacity_factor(eval_capacity_factor, "eval_capacity_factor")
         if noise is None:  # noisy top-k is noisy by definition; Switch uses none (nn/routing/switch.py)
             noise = router == "noisy_topk"
-        if router == "expert_choice" and (noise or router_init != "auto"):
+        if router == "expert_choice" and (noise or router_init == "zeros"):
             raise ValueError("the expert-choice router has no training noise and starts from small normal weights: "
                              f"noise={noise} / router_init={router_init!r} would be ignored; leave them unset, or use "
                              "router='noisy_topk'")

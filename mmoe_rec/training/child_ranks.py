@@ -2,14 +2,17 @@
 
 Lightning's subprocess launcher (`--trainer.strategy ddp` on one machine) starts ranks 1..n-1 as child processes
 of rank 0 and never waits for them: a rank that failed after rank 0's last collective (in `on_fit_end`, a
-callback's teardown) printed its traceback while rank 0 returned 0 and its MLflow run ended FINISHED. Lightning's
-observer thread kills rank 0 with SIGKILL when it sees a failed child, but it looks only every few seconds, so it
-misses children that fail as rank 0 finishes, and it would kill rank 0 while rank 0 waits here: it is switched
-off first, and the wait reports a failed or hung child as the job's error instead.
+callback's teardown) printed its traceback while rank 0 returned 0 and its MLflow run ended FINISHED.
 
 A child that finished its subcommand says so with a marker file (`mark_rank_done`) in a folder rank 0 makes
 (`child_rank_reports`) and passes on in the environment the launcher copies. Exiting non-zero after that is the
 gloo exit race (gloo_exit.py: SIGABRT at interpreter exit, work done): a warning, not a failed job.
+
+Lightning watches the children with an observer thread that SIGKILLs rank 0 (and the other children) as soon as it
+sees one exit non-zero: right for a child that died mid-training (rank 0 could hang in a collective), wrong for one
+that exited after its work (rank 0 still finishing its MLflow run was killed, the run left RUNNING). While
+`child_rank_reports` is open, the launcher starts `MarkerAwareObserver` instead, which passes over a child that
+marked its work done; `join_child_ranks` switches any observer off before it waits.
 """
 from __future__ import annotations
 
@@ -33,18 +36,59 @@ class ChildRankFailed(RuntimeError):
     """A rank other than 0 failed or hung after rank 0 finished its part of the job."""
 
 
+def _observer_base() -> Any:
+    try:
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:  # another Lightning layout
+        return None
+    return _ChildProcessObserver
+
+
+def _marker_aware_observer(procs: list[subprocess.Popen], done_dir: Path, main_pid: Optional[int] = None,
+                           sleep_period: float = 5) -> Any:
+    """Lightning's observer (a daemon thread polling the children every few seconds), except that a child that
+    exited non-zero after marking its work done is left to `join_child_ranks` instead of ending rank 0."""
+    base = _observer_base()
+
+    class MarkerAwareObserver(base):
+        def _run(self) -> bool:
+            for proc in self._child_processes:
+                proc.poll()
+            codes = [proc.returncode for proc in self._child_processes]
+            unmarked = [code for rank, code in enumerate(codes, start=1)
+                        if code and not (done_dir / f"rank{rank}").exists()]  # the marker is written before exit
+            if unmarked:
+                return base._run(self)  # Lightning's own: names the child, ends the others and rank 0
+            return all(code is not None for code in codes)  # all exited (failed ones after their work): done
+
+    return MarkerAwareObserver(main_pid=os.getpid() if main_pid is None else main_pid, child_processes=procs,
+                               sleep_period=sleep_period)
+
+
 @contextmanager
 def child_rank_reports() -> Iterator[Optional[Path]]:
     """On the process that may launch ranks (no folder in the environment yet): a fresh folder for their done
-    markers, in the environment while the block runs (the launcher copies it into each child's), removed after."""
+    markers, in the environment while the block runs (the launcher copies it into each child's), and the
+    launcher's observer made `MarkerAwareObserver`; all undone after."""
     if os.environ.get(DONE_DIR_ENV):  # a launched rank: the folder is its launcher's
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="mmoe-rec-ranks-"))
     os.environ[DONE_DIR_ENV] = str(folder)
+    launcher_module, original = None, None
+    if _observer_base() is not None:
+        try:
+            import lightning.pytorch.strategies.launchers.subprocess_script as launcher_module
+        except ImportError:
+            launcher_module = None
+        original = getattr(launcher_module, "_launch_process_observer", None)
+        if original is not None:
+            launcher_module._launch_process_observer = lambda procs: _marker_aware_observer(procs, folder).start()
     try:
         yield folder
     finally:
+        if original is not None:
+            launcher_module._launch_process_observer = original
         os.environ.pop(DONE_DIR_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -62,14 +106,13 @@ def _child_processes(trainer: Any) -> list[subprocess.Popen]:
 
 
 def _stop_lightning_observers() -> None:
-    """Lightning's child-process observer (a daemon thread) calls `_run()` after each sleep; from now on that
-    reports 'all done' without looking, so it neither kills rank 0 nor the children this wait is reading."""
-    try:
-        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-    except ImportError:  # another Lightning layout: nothing of its kind to stop
+    """Lightning's child-process observer (a daemon thread; ours is one too) calls `_run()` after each sleep; from
+    now on that reports 'all done' without looking, so it neither kills rank 0 nor the children this wait reads."""
+    base = _observer_base()
+    if base is None:  # nothing of its kind to stop
         return
     for thread in threading.enumerate():
-        if isinstance(thread, _ChildProcessObserver):
+        if isinstance(thread, base):
             thread._run = lambda: True  # type: ignore[method-assign]
 
 

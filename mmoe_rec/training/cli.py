@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.parquet as pq
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
-from mmoe_rec.training.checkpoint_file import LIGHTNING_CKPT_NAMES, check_checkpoint_file
+from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
@@ -67,8 +68,9 @@ def check_monitors(trainer, module: MultiTaskModule) -> None:
     validation, after a whole epoch of training, and never a wrong mode: early stopping then ends the fit while the
     metric improves, and the "best" checkpoint is the worst."""
     logged = module.monitorable_metrics()
-    watchers = [(type(cb).__name__, getattr(cb, "monitor", None), getattr(cb, "mode", None))
-                for cb in trainer.callbacks]
+    # Lightning's own watchers (a callback of the user's with a `monitor` may log that metric itself)
+    watchers = [(type(cb).__name__, cb.monitor, cb.mode) for cb in trainer.callbacks
+                if isinstance(cb, (EarlyStopping, ModelCheckpoint))]
     scheduler = module.lr_scheduler_config
     if scheduler:  # ReduceLROnPlateau's `monitor` key, its `mode` argument (PyTorch's default "min")
         mode = None
@@ -76,7 +78,7 @@ def check_monitors(trainer, module: MultiTaskModule) -> None:
             mode = (scheduler.get("init_args") or {}).get("mode", "min")
         watchers.append(("the lr_scheduler", scheduler.get("monitor"), mode))
     for who, monitor, mode in watchers:
-        if not isinstance(monitor, str) or (who == "ModelCheckpoint" and monitor in ("epoch", "step")):
+        if not isinstance(monitor, str) or monitor in ("epoch", "step"):
             continue  # ModelCheckpoint's own candidates (monitor="step", mode="max": keep the latest k)
         if monitor not in logged:
             raise ValueError(f"{who} monitors {monitor!r}, which this fit does not log (tasks {module.tasks}; it "
@@ -143,12 +145,12 @@ class MultiTaskCLI(LightningCLI):
         given = _flat(self.config[sub].get("model")) if sub else {}
         if sub and self.config[sub].get("ckpt_path"):  # before the trainer and its MLflow run are made
             path = str(self.config[sub]["ckpt_path"])
-            if sub != "fit" and (path in LIGHTNING_CKPT_NAMES or path.startswith("registry:")):
-                # Lightning resolves these from the callbacks of a fit in this same process; in a fresh one it
-                # warns "No checkpoint will be loaded" and evaluates the untrained model, or fails after the run
-                raise ValueError(f"--ckpt_path {path}: `mmoe-rec {sub}` runs in a process of its own, with no fit "
-                                 f"whose {path} checkpoint Lightning could look up; give the checkpoint file, e.g. "
-                                 f"checkpoints/<run>/{'last' if path == 'last' else 'best'}.ckpt")
+            if sub != "fit" and path == "best":
+                # Lightning takes "best" from the ModelCheckpoint of a fit in this same process; in a fresh one it
+                # fails after the MLflow run is made ("not configured to save the best model")
+                raise ValueError(f"--ckpt_path best: `mmoe-rec {sub}` runs in a process of its own, with no fit "
+                                 "whose best checkpoint Lightning could look up; give the file, e.g. "
+                                 "checkpoints/<run>/best.ckpt")
             check_checkpoint_file(path)
         super()._parse_ckpt_path()
         if not sub:
@@ -204,9 +206,25 @@ class MultiTaskCLI(LightningCLI):
 
     def _require_checkpoint(self) -> None:
         # validate / test / predict run in a fresh process: without a checkpoint the model is untrained
-        if not self.config[self.subcommand].get("ckpt_path"):
+        path = self.config[self.subcommand].get("ckpt_path")
+        if not path:
             raise ValueError(f"`mmoe-rec {self.subcommand}` needs --ckpt_path (a checkpoint written by `mmoe-rec "
                              f"fit`, e.g. checkpoints/<run>/best.ckpt): without it the model's weights are random")
+        if path == "last":
+            self._require_last_checkpoint()
+
+    def _require_last_checkpoint(self) -> None:
+        """`--ckpt_path last`: Lightning takes the newest last*.ckpt in its checkpoint callbacks' folders, and where
+        there is none it warns "No checkpoint will be loaded" and goes on with the untrained model: refused here."""
+        override = self.config[self.subcommand].get("checkpoint_dir")
+        folders = {Path(override or cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                   if override or cb.dirpath}
+        if not folders:  # folders Lightning derives from the logger: its own lookup decides
+            return
+        if not any(any(folder.glob("last*.ckpt")) for folder in folders if folder.is_dir()):
+            raise ValueError(f"--ckpt_path last: no last*.ckpt in {', '.join(sorted(map(str, folders)))} (the "
+                             "config's checkpoint folders); give the checkpoint file, or the --checkpoint_dir the "
+                             "fit wrote to")
 
     def before_validate(self) -> None:
         self._require_checkpoint()

@@ -94,3 +94,12 @@ def test_a_runs_file_made_with_other_settings_is_not_resumed(tmp_path):
     settings_path(runs).unlink()  # runs whose settings are unknown
     with pytest.raises(SystemExit, match="settings they were made with are unknown"):
         check_settings(runs, settings)
+
+
+def test_the_tables_of_a_runs_file_say_what_settings_made_them(tmp_path):
+    from census_selected import settings_line
+
+    runs = tmp_path / "runs.csv"
+    assert "not recorded" in settings_line(runs)
+    check_settings(runs, {"max_epochs": 1, "patience": 1})
+    assert settings_line(runs) == "settings of runs.csv: max_epochs 1, patience 1"

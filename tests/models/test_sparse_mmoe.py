@@ -512,3 +512,8 @@ def test_a_batch_of_no_rows_gives_empty_logits_and_gradients(layout, extra):
     assert all(out.logits[t].shape == (0,) for t in TASKS)
     sum(v.sum() for v in out.logits.values()).backward()
     assert x.grad.shape == (0, model.front.out_dim)
+
+
+def test_expert_choice_takes_router_init_normal_its_own_start():
+    model = SparseMMoE(spec(), router="expert_choice", num_experts=4, k=1, router_init="normal")
+    assert model.router_name == "expert_choice"

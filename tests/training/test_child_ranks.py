@@ -85,3 +85,36 @@ def test_the_launcher_makes_the_report_folder_and_a_launched_rank_marks_itself_d
         mark_rank_done(SimpleNamespace(local_rank=1))
         assert sorted(p.name for p in folder.iterdir()) == ["rank1"]
     assert DONE_DIR_ENV not in os.environ and not folder.exists()
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_the_launchers_observer_spares_rank_0_for_a_child_that_failed_after_its_work(tmp_path, marked):
+    """Lightning's observer SIGKILLed rank 0 as soon as a child exited non-zero, even one that had finished its work
+    and aborted at exit (rank 0 still finishing its MLflow run was killed, the run left RUNNING). A child without
+    its marker still ends the job as Lightning's does."""
+    from mmoe_rec.training.child_ranks import _marker_aware_observer
+
+    stand_in = child("import time; time.sleep(30)")  # the observer's "rank 0"
+    failing = child("import os; os.abort()")
+    failing.wait()
+    if marked:
+        (tmp_path / "rank1").touch()
+    observer = _marker_aware_observer([failing], tmp_path, main_pid=stand_in.pid, sleep_period=0.1)
+    observer.start()
+    try:
+        observer.join(timeout=5)
+        assert not observer.is_alive()
+        time.sleep(0.2)
+        assert (stand_in.poll() is None) == marked, stand_in.poll()
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_child_rank_reports_puts_its_observer_in_the_launcher_and_takes_it_out_again():
+    import lightning.pytorch.strategies.launchers.subprocess_script as launcher
+
+    original = launcher._launch_process_observer
+    with child_rank_reports() as folder:
+        assert folder is not None and launcher._launch_process_observer is not original
+    assert launcher._launch_process_observer is original

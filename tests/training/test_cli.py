@@ -472,21 +472,31 @@ def test_a_loss_watched_for_its_minimum_and_the_lr_scheduler_mode_are_accepted_o
     assert "the lr_scheduler monitors 'val/click/auc' with mode 'min'" in msg
 
 
-@pytest.mark.parametrize("name", ["last", "best"])
 @pytest.mark.parametrize("subcommand", ["test", "predict"])
-def test_lightnings_checkpoint_names_are_refused_where_no_fit_ran(feature_dir, in_tmp, capsys, monkeypatch,
-                                                                  subcommand, name):
+def test_best_and_a_missing_last_checkpoint_are_refused_where_no_fit_ran(feature_dir, in_tmp, capsys, monkeypatch,
+                                                                        subcommand):
     """`--ckpt_path last` with no last.ckpt where the config's callbacks look: Lightning warned "No checkpoint will
-    be loaded" and tested (or predicted with) the untrained model, exit 0; `best` failed after the MLflow run."""
+    be loaded" and tested (or predicted with) the untrained model, exit 0; `best` failed after the MLflow run. A
+    last.ckpt on disk is what Lightning finds in a fresh process: taken."""
     from mmoe_rec.cli import main
 
     monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
-    rc = main([subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
-               "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", name])
+    argv = [subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+            "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck")]
+    assert main([*argv, "--ckpt_path", "best"]) == 1
     err = capsys.readouterr().err
-    assert rc == 1 and err.startswith(f"error: --ckpt_path {name}: `mmoe-rec {subcommand}` runs in a process of its "
-                                      "own") and f"checkpoints/<run>/{name}.ckpt" in err, err
-    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "predictions.parquet").exists()
+    assert err.startswith(f"error: --ckpt_path best: `mmoe-rec {subcommand}` runs in a process of its own"), err
+    assert main([*argv, "--ckpt_path", "last"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: --ckpt_path last: no last*.ckpt in {in_tmp / 'ck'}" in err, err
+    assert not (in_tmp / "predictions.parquet").exists()
+    if (in_tmp / "mlflow.db").exists():  # the store may be made; no run in it
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    run_lightning_cli(["fit", *argv[1:]])
+    assert main([*argv, "--ckpt_path", "last"]) == 0
 
 
 def test_an_unknown_data_task_is_one_line_naming_it(feature_dir, in_tmp, capsys, monkeypatch):
@@ -502,3 +512,20 @@ def test_an_unknown_data_task_is_one_line_naming_it(feature_dir, in_tmp, capsys,
                    "--data.init_args.data_dir", str(feature_dir), "--data.init_args.tasks", tasks])
         err = capsys.readouterr().err
         assert rc == 1 and expected in err.splitlines()[0] and "Namespace(" not in err, err
+
+
+def test_only_lightnings_watchers_are_checked_not_a_callback_that_logs_its_own_metric():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from mmoe_rec.training.cli import check_monitors
+
+    class OwnMetric:  # a user's callback with a `monitor` it logs itself (pl_module.log("my/metric", ...))
+        monitor, mode = "my/metric", "max"
+
+    module = SimpleNamespace(monitorable_metrics=lambda: {"val/click/auc": "max"}, lr_scheduler_config=None,
+                             tasks=["click"])
+    check_monitors(SimpleNamespace(callbacks=[OwnMetric()]), module)
+    with pytest.raises(ValueError, match="EarlyStopping monitors 'my/metric', which this fit does not log"):
+        check_monitors(SimpleNamespace(callbacks=[OwnMetric(), EarlyStopping(monitor="my/metric")]), module)
