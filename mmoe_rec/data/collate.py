@@ -102,7 +102,9 @@ class BatchCollator:
         kinds.update(dict.fromkeys(self.spec.dense_features + self.finite_columns, "number"))
         return kinds
 
-    def __call__(self, rb: pa.RecordBatch) -> Batch:
+    def __call__(self, rb: pa.RecordBatch | pa.Table) -> Batch:
+        if isinstance(rb, pa.Table):  # what transform_table returns: its rows as one record batch
+            rb = rb.combine_chunks().to_batches()[0] if rb.num_rows else pa.RecordBatch.from_pylist([], rb.schema)
         return self.to_batch(self.arrays(rb))
 
     def arrays(self, rb: pa.RecordBatch) -> ArrayBatch:

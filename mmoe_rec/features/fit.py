@@ -6,12 +6,14 @@ import dataclasses
 from typing import Iterable
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from mmoe_rec.features.columns import (
     multi_valued_column, numeric_column, numeric_null_values, single_categorical_column,
 )
 from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import RESERVOIR_SIZE, NumericStats, fit_numeric, prepare
 from mmoe_rec.features.schema import Schema
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
@@ -130,9 +132,16 @@ class SpecFitter:
         ).finalize()
 
 
-def fit(schema: Schema, tables: Iterable[pa.Table | pa.RecordBatch]) -> FeatureSpec:
-    """Fit a FeatureSpec on train rows given as a stream of tables / record batches."""
+def fit(schema: Schema, tables: Iterable[pa.Table | pa.RecordBatch | pd.DataFrame] | pa.Table | pd.DataFrame
+        ) -> FeatureSpec:
+    """Fit a FeatureSpec on train rows: one table, record batch or pandas DataFrame, or a stream of them."""
+    if isinstance(tables, (pa.Table, pa.RecordBatch, pd.DataFrame)):  # one of them (iterating a DataFrame gives
+        tables = [tables]  # its column names)
     fitter = SpecFitter(schema)
     for t in tables:
+        if isinstance(t, pd.DataFrame):
+            t = table_from_pandas(t)
+        elif not isinstance(t, (pa.Table, pa.RecordBatch)):
+            raise TypeError(f"fit takes pyarrow Tables / RecordBatches or pandas DataFrames, got {type(t).__name__}")
         fitter.update(t)
     return fitter.spec()

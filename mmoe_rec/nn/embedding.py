@@ -253,6 +253,10 @@ class EmbeddingFront(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        if batch.dense.dim() != 2 or batch.dense.shape[1] != self.dense_dim:  # a shape check: no host sync
+            raise ValueError(f"the batch has dense features of shape {tuple(batch.dense.shape)}; the feature spec has "
+                             f"{self.dense_dim} dense features ((B, {self.dense_dim})): was the batch made with this "
+                             "model's feature spec?")
         if self.ebc is None:  # dense features only: in the model's dtype (a bf16-true model gets bf16 inputs)
             return batch.dense.to(self._dtype_probe.dtype)  # (B, D_dense)
         pooled = self.pooled(batch)  # (B, D_emb)

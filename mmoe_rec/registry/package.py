@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of
@@ -22,18 +23,61 @@ from mmoe_rec.models.factory import build_model, class_path_of
 PACKAGE_FORMAT = 1
 
 
+def probe_batch(spec: FeatureSpec, rows: int = 8) -> Batch:
+    """A fixed batch of valid ids and dense values for `spec` (one id per bag), to compare two models' scores."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    g = torch.Generator().manual_seed(0)
+    features = spec.sparse_features
+    values = torch.cat([torch.randint(0, f.num_embeddings, (rows,), generator=g) for f in features]) if features \
+        else torch.zeros(0, dtype=torch.int64)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=[f.name for f in features], values=values,
+                                              lengths=torch.ones(len(features) * rows, dtype=torch.int64))
+    return Batch(sparse=kjt, dense=torch.randn(rows, spec.dense_dim, generator=g), labels={})
+
+
+def check_rebuilds(model: MultiTaskModel, init_args: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The package's class path, init_args and weights rebuild a model that scores as `model` does: init_args that
+    leave out a setting (a gate temperature, an activation) would load without a word and score otherwise."""
+    try:
+        rebuilt = build_model(class_path_of(model), model.feature_spec, init_args)
+        rebuilt.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"the init_args {init_args} do not rebuild this {type(model).__name__}: {e}") from None
+    param = next(model.parameters(), None)
+    device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    rebuilt = rebuilt.to(dtype).eval()
+    was_training = model.training
+    probe = probe_batch(model.feature_spec)
+    try:
+        with torch.no_grad():
+            mine = model.eval()(probe.to(device)).logits
+            theirs = rebuilt(probe).logits
+    finally:
+        model.train(was_training)
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+    for task, logit in mine.items():
+        diff = float((logit.float().cpu() - theirs[task].float()).abs().max())
+        if not diff <= tolerance * (1 + float(logit.float().abs().max())):
+            raise ValueError(f"the init_args {init_args} rebuild a {type(model).__name__} that scores otherwise "
+                             f"(task {task!r}: logits up to {diff:.3g} apart on a probe batch): pass every argument "
+                             "the model was built with")
+
+
 def save_package(model: MultiTaskModel, init_args: dict[str, Any], directory: str | os.PathLike) -> Path:
-    """Write the package to a temporary folder beside `directory`, then rename it into place."""
+    """Write the package to a temporary folder beside `directory`, then rename it into place. `init_args` must
+    rebuild `model` (checked: the rebuilt model scores a probe batch as `model` does)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.exists():
         raise FileExistsError(f"model package {directory} already exists")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    check_rebuilds(model, init_args, state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         meta = {"format": PACKAGE_FORMAT, "class_path": class_path_of(model), "init_args": init_args}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         model.feature_spec.save(tmp / "spec.json")
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         torch.save(state, tmp / "weights.pt")
         os.replace(tmp, directory)
     except BaseException:

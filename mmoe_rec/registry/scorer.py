@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import warnings
 
+import pandas as pd
 import pyarrow as pa
 import torch
 
 from mmoe_rec.data.collate import BatchCollator
 from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.spec import FeatureSpec, label_column
 from mmoe_rec.features.transform import compiled, transform_table
 from mmoe_rec.models.base import MultiTaskModel
@@ -61,12 +63,16 @@ class Scorer:
         compiled(self.spec).check_columns(list(columns), with_labels=False, file=source)
 
     @torch.no_grad()
-    def score_table(self, table: pa.Table, source: str = "input", row_offset: int = 0) -> pa.Table:
-        """(N rows of raw columns) -> (N rows: id columns, score_<task> per task).
+    def score_table(self, table: pa.Table | pa.RecordBatch | pd.DataFrame, source: str = "input",
+                    row_offset: int = 0) -> pa.Table:
+        """(N rows of raw columns: an Arrow table or a pandas DataFrame) -> (N rows: id columns, score_<task> per
+        task).
 
         `source` names where the rows come from (a file path) and `row_offset` is the first row's index in it,
         so that a bad value is reported at its row in that file, not at its row in this batch.
         """
+        if isinstance(table, pd.DataFrame):
+            table = table_from_pandas(table, source, row_offset)
         self.check_raw_columns(table.column_names, source)
         features = transform_table(self.spec, table, with_labels=False, file=source, row_offset=row_offset)
         columns: dict[str, pa.Array] = {col: features.column(col) for col in self.spec.id_columns}

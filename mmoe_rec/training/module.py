@@ -190,6 +190,22 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, batch: Batch) -> ModelOutput:
         return self.model(batch)
 
+    def setup(self, stage: str) -> None:
+        """The trainer's data module reads features of this module's spec and loads its tasks. The CLI links the
+        data's spec into the module; a Trainer of one's own can pair any two: ids would mean other values."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        spec = getattr(datamodule, "spec", None)
+        if spec is not None and spec.version != self.spec.version:
+            raise ValueError(f"the data module's features have spec version {spec.version}, this module (and any "
+                             f"checkpoint it loads) was built for spec version {self.spec.version}: their ids mean "
+                             "other values; pass feature_spec=datamodule.spec to a new module, or use the feature "
+                             "folder the model was trained on")
+        tasks = getattr(datamodule, "tasks", None)
+        if tasks is not None and stage != "predict":  # predict reads no labels
+            missing = [t for t in self.tasks if t not in tasks]
+            if missing:
+                raise ValueError(f"model tasks {missing} are not loaded by the data module (data tasks: {tasks})")
+
     def monitorable_metrics(self) -> dict[str, str | None]:
         """The metrics a fit logs through Lightning (what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can
         watch), each with the mode that means better: "max" (AUC), "min" (losses), None (a weight, a count).

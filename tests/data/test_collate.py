@@ -221,3 +221,13 @@ def test_lightning_moves_a_batch_through_batch_to(feature_dir):
     assert moved.dense.device.type == device.type and moved.labels["click"].device.type == device.type
     assert moved.sparse.values().cpu().tolist() == batch.sparse.values().tolist()
     assert moved.ids["row_id"].tolist() == batch.ids["row_id"].tolist()
+
+
+def test_the_collator_takes_the_table_transform_table_returns():
+    from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+
+    spec = FeatureSpec([SparseFeature("u", 5)], ["d"], [Task("click")]).finalize()
+    table = pa.Table.from_batches([pa.record_batch({"u": [1, 2], "d": [0.5, 1.5], "label_click": [0.0, 1.0]}),
+                                   pa.record_batch({"u": [3], "d": [2.5], "label_click": [1.0]})])
+    batch = BatchCollator(spec)(table)
+    assert batch.batch_size == 3 and batch.dense[:, 0].tolist() == [0.5, 1.5, 2.5]

@@ -256,3 +256,17 @@ def test_a_spec_json_of_another_format_or_shape_is_an_error_naming_the_file(tmp_
         with pytest.raises(FeatureDataError, match=message) as e:
             FeatureSpec.load(tmp_path)
         assert str(path) in str(e.value)
+
+
+def test_fit_takes_a_pandas_frame_or_one_table_and_names_anything_else():
+    """fit(schema, df) iterated the frame's column names ("'str' object has no attribute 'column_names'")."""
+    import pandas as pd
+
+    schema = parse_schema(SCHEMA)
+    frame = pd.DataFrame({"rid": [1, 2, 3], "u": ["a", "b", "a"], "h": ["x", "y", "x"], "x": [1.0, 2.0, 3.0],
+                          "click": [0, 1, 0]})
+    from_frame, from_list = fit(schema, frame), fit(schema, [frame])
+    from_table = fit(schema, pa.Table.from_pandas(frame, preserve_index=False))
+    assert from_frame.version == from_list.version == from_table.version
+    with pytest.raises(TypeError, match="fit takes pyarrow Tables / RecordBatches or pandas DataFrames, got dict"):
+        fit(schema, [{"u": ["a"]}])

@@ -296,3 +296,11 @@ def test_a_batch_whose_sparse_features_are_not_the_specs_is_an_error_naming_them
         front(batch(["user"]))
     with pytest.raises(KeyError, match=r"not in the spec \['nope'\]"):
         front(batch(["user", "item", "nope"]))
+
+
+def test_dense_features_of_another_width_are_named_as_such():
+    spec = FeatureSpec([SparseFeature("u", 5)], ["d0", "d1", "d2"], [Task("click")]).finalize()
+    front = EmbeddingFront(spec, embedding_dim=4)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["u"], values=torch.tensor([1, 2]), lengths=torch.ones(2).long())
+    with pytest.raises(ValueError, match=r"dense features of shape \(2, 2\); the feature spec has 3 dense"):
+        front(Batch(sparse=kjt, dense=torch.zeros(2, 2), labels={}))

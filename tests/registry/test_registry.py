@@ -796,3 +796,24 @@ def test_csv_input_is_scored_as_the_same_rows_in_parquet(tmp_path):
         (new / "notes.json").write_text("{}")
         score_parquet(scorer, [str(new)], tmp_path / "t.parquet", name, version)
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_a_package_whose_init_args_would_rebuild_another_model_is_refused(rec_data, tmp_path):
+    """init_args leaving out a setting loaded without a word and scored otherwise (a library user's save_package)."""
+    torch.manual_seed(0)
+    spec = FeatureSpec.load(rec_data[2])
+    model = MMoE(spec, **INIT_ARGS, gate_temperature=0.3)
+    with pytest.raises(ValueError, match="rebuild a MMoE that scores otherwise"):
+        save_package(model, INIT_ARGS, tmp_path / "pkg")
+    with pytest.raises(ValueError, match="do not rebuild this MMoE"):
+        save_package(model, {}, tmp_path / "pkg")
+    assert not (tmp_path / "pkg").exists()
+    model.train()
+    save_package(model, {**INIT_ARGS, "gate_temperature": 0.3}, tmp_path / "pkg")
+    assert model.training  # the check put the model back in its mode
+
+
+def test_score_table_takes_a_pandas_frame(rec_data, package):
+    raw = pq.read_table(rec_data[1]).slice(0, 50)
+    scorer, _, _ = resolve_model(str(package))
+    assert scorer.score_table(raw.to_pandas()).equals(scorer.score_table(raw))

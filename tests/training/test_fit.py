@@ -281,3 +281,21 @@ def test_loss_free_bias_under_gradient_accumulation_counts_every_micro_batch(fea
         torch.testing.assert_close(bias[t], 0.01 * torch.sign(load.mean() - load))
     # the last micro-batch alone would have given another update
     assert any(not torch.equal(bias[t], 0.01 * torch.sign(last[t].float().mean() - last[t].float())) for t in bias)
+
+
+def test_a_trainer_of_ones_own_refuses_data_of_another_spec_or_without_the_modules_tasks(feature_dir,
+                                                                                        make_feature_dir):
+    """Outside the CLI nothing paired the module's spec with the data's: test / fit ran on ids that mean other
+    values, and a data module without one of the tasks failed in the metrics with a bare KeyError."""
+    other = make_feature_dir("other_spec", rows={"train": 200, "valid": 100, "test": 100}, with_weight=True)
+    dm, dm_other = FeatureDataModule(str(feature_dir), batch_size=64), FeatureDataModule(str(other), batch_size=64)
+    assert dm.spec.version != dm_other.spec.version
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    trainer = L.Trainer(**FAST, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    with pytest.raises(ValueError, match=f"spec version {dm_other.spec.version}, this module .* spec version "
+                                         f"{dm.spec.version}"):
+        trainer.test(module, datamodule=dm_other)
+    one_task = FeatureDataModule(str(feature_dir), batch_size=64, tasks=["click"])
+    with pytest.raises(ValueError, match=r"model tasks \['convert'\] are not loaded by the data module"):
+        L.Trainer(**FAST, max_epochs=1, limit_train_batches=2).fit(module, datamodule=one_task)
+    trainer.test(module, datamodule=dm)  # the module's own spec: runs
