@@ -299,3 +299,16 @@ def test_a_trainer_of_ones_own_refuses_data_of_another_spec_or_without_the_modul
     with pytest.raises(ValueError, match=r"model tasks \['convert'\] are not loaded by the data module"):
         L.Trainer(**FAST, max_epochs=1, limit_train_batches=2).fit(module, datamodule=one_task)
     trainer.test(module, datamodule=dm)  # the module's own spec: runs
+
+
+def test_the_readmes_library_example_runs(feature_dir, tmp_path, monkeypatch):
+    """README "As a library": run as written, on a test feature folder (it must not drift from the API)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("```python", text.index("### As a library")) + len("```python")
+    code = text[start:text.index("```", start)].replace("demo_out/features/synthetic_rec", str(feature_dir))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert (tmp_path / "my_package" / "model.json").exists() and not namespace["model"].training
