@@ -170,6 +170,8 @@ class FeatureDataModule(L.LightningDataModule):
 
     # --- epochs and resume -------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
+        """The epoch the next train loader iteration shuffles for, without a Trainer (under one, its current_epoch
+        is read instead): a loop of one's own calls it before each epoch, or every epoch has epoch 0's order."""
         self._epoch = epoch
 
     def current_epoch(self) -> int:
