@@ -233,6 +233,13 @@ def _open_parquet(path: str) -> pq.ParquetFile:
         raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
 
 
+def file_columns(path: str, reader: ReaderSpec) -> list[str]:
+    """Every column of one input file, from its footer (Parquet) or its header (CSV), without reading rows."""
+    if input_format(path) == "csv":
+        return csv_columns(path, reader)
+    return _open_parquet(path).schema_arrow.names
+
+
 def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
     """Arrow type of each of `columns`, as iter_batches yields it, without reading rows. A CSV column is always a
     string (its file is not opened here); a column a Parquet file lacks is left out (iter_batches reports it)."""

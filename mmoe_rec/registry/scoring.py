@@ -27,10 +27,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
-from mmoe_rec.features.sources import column_types, csv_columns, input_format, iter_batches
+from mmoe_rec.features.sources import column_types, file_columns, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
@@ -137,16 +136,6 @@ def saved_reader(spec) -> ReaderSpec:
     saved = spec.transforms.get("reader") or {}
     known = {f.name for f in dataclasses.fields(ReaderSpec)}
     return ReaderSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
-
-
-def file_columns(path: str, reader: ReaderSpec) -> list[str]:
-    """Every column of one input file, from its footer (Parquet) or its header (CSV), without reading rows."""
-    if input_format(path) == "csv":
-        return csv_columns(path, reader)
-    try:
-        return pq.read_schema(path).names
-    except (pa.ArrowInvalid, OSError) as e:
-        raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
 
 
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,

@@ -28,7 +28,7 @@ from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
-from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, component_config
+from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files, metric_name_part_problem, redacted
@@ -41,11 +41,7 @@ DEFAULT_LOGGER = {
 
 def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str, ...]) -> None:
     """Before any step: the module's tasks are loaded by the data and their label columns exist in every split."""
-    dm_tasks = getattr(datamodule, "tasks", None)
-    if dm_tasks is not None:
-        missing = [t for t in module.tasks if t not in dm_tasks]
-        if missing:
-            raise ValueError(f"model tasks {missing} are not loaded by the data module (data tasks: {dm_tasks})")
+    check_tasks_loaded(module.tasks, getattr(datamodule, "tasks", None))
     data_dir = getattr(datamodule, "data_dir", None)
     if data_dir is None:
         return

@@ -84,6 +84,13 @@ def _try_instantiate(key: str, config: dict[str, Any], *args: Any) -> Any:
         raise ValueError(f"{key} {config['class_path']} with {init_args}: {e}") from None
 
 
+def check_tasks_loaded(model_tasks: list[str], data_tasks: list[str] | None) -> None:
+    """Every task of the model is one the data module loads labels for."""
+    missing = [t for t in model_tasks if data_tasks is not None and t not in data_tasks]
+    if missing:
+        raise ValueError(f"model tasks {missing} are not loaded by the data module (data tasks: {data_tasks})")
+
+
 def better_mode(metric: str) -> str | None:
     """'max' for an AUC, 'min' for a loss, log-loss or MSE (`val/<task>/auc` -> max), None otherwise."""
     last = metric.rsplit("/", 1)[-1]
@@ -200,11 +207,8 @@ class MultiTaskModule(L.LightningModule):
                              f"checkpoint it loads) was built for spec version {self.spec.version}: their ids mean "
                              "other values; pass feature_spec=datamodule.spec to a new module, or use the feature "
                              "folder the model was trained on")
-        tasks = getattr(datamodule, "tasks", None)
-        if tasks is not None and stage != "predict":  # predict reads no labels
-            missing = [t for t in self.tasks if t not in tasks]
-            if missing:
-                raise ValueError(f"model tasks {missing} are not loaded by the data module (data tasks: {tasks})")
+        if stage != "predict":  # predict reads no labels
+            check_tasks_loaded(self.tasks, getattr(datamodule, "tasks", None))
 
     def monitorable_metrics(self) -> dict[str, str | None]:
         """The metrics a fit logs through Lightning (what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can
