@@ -1,5 +1,6 @@
 """Test helper callbacks (imported by the DDP subprocess via PYTHONPATH): one rank fails in on_fit_end, or aborts
-as its process exits after its work is done (as the gloo exit race in mmoe_rec/training/gloo_exit.py does)."""
+as its process exits after its work is done (as the gloo exit race in mmoe_rec/training/gloo_exit.py does); each
+rank's loss-free balancing biases after every step."""
 import atexit
 import os
 
@@ -22,3 +23,22 @@ class AbortAtExit(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if trainer.global_rank == self.rank:
             atexit.register(os.abort)
+
+
+class BiasAudit(L.Callback):
+    """Each rank's loss-free balancing biases at every batch end (after the update, before the next forward, whose
+    DDP buffer broadcast would hide a rank that updated from its own loads alone), to OUT_DIR/rank<r>.json."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir, self.biases = out_dir, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.biases.append({name: buf.tolist() for name, buf in pl_module.named_buffers()
+                            if name.endswith("balancer.bias")})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+        from pathlib import Path
+
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.biases))

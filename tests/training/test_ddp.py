@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import MMOE, metric_history, mlflow_run
+from conftest import MMOE, SPARSE, metric_history, mlflow_run
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.nn.embedding import FUSED_TABLE
@@ -491,3 +491,21 @@ def test_the_sharded_strategy_refuses_what_its_fused_tables_cannot_do(feature_di
                         **trainer_kwargs)
     with pytest.raises(ValueError, match=message):
         trainer.fit(module, dm)
+
+
+def test_loss_free_biases_are_updated_from_every_ranks_loads(feature_dir, tmp_path):
+    """The sparse model under 2-process DDP: after every optimizer step (before the next forward, whose DDP buffer
+    broadcast would mend it) both ranks hold the same biases, i.e. each updated from the loads summed over ranks.
+    A rank updating from its own loads alone differed at 4 of 10 batch ends (a review's probe)."""
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
+    config = yaml.safe_load(cfg.read_text())
+    config["model"]["init_args"]["model"] = copy.deepcopy(SPARSE)
+    config["model"]["init_args"]["model"]["init_args"].update(loss_free_bias=True, bias_update_rate=0.01)
+    config["trainer"]["callbacks"].append({"class_path": "rank_failure.BiasAudit",
+                                           "init_args": {"out_dir": str(tmp_path / "bias")}})
+    cfg.write_text(yaml.safe_dump(config))
+    run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp")
+    rank0, rank1 = (json.loads((tmp_path / "bias" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert len(rank0) == len(rank1) > 10 and rank0[0]
+    assert rank0 == rank1
+    assert rank0[-1] != rank0[0]  # the biases moved
