@@ -394,10 +394,10 @@ class RoutingMonitor(L.Callback):
                         for kind, (names, mat) in epoch.relatedness().items()}
             if grad_cosine is not None:
                 matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": matrix_for_json(grad_cosine[1])}
-            if matrices:
+            if matrices and self._artifact_logger(trainer):
                 _unless_it_fails(f"relatedness/epoch_{index:03d}.json",
                                  lambda: log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json"))
-        if self.plots and trainer.is_global_zero:
+        if self.plots and trainer.is_global_zero and self._artifact_logger(trainer):
             _unless_it_fails(f"epoch {index}'s plots", lambda: self.write_plots(trainer.logger, epoch, grad_cosine))
 
     @staticmethod
@@ -433,6 +433,20 @@ class RoutingMonitor(L.Callback):
         if matrices:
             figs["task_relatedness"] = plots.relatedness_matrices(matrices)
         return figs
+
+    def _artifact_logger(self, trainer) -> bool:
+        """Whether the trainer's logger takes the plots and JSON (MLflow's does); says once when it does not,
+        rather than drawing figures every epoch that nothing keeps."""
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        if isinstance(trainer.logger, MLFlowLogger):
+            return True
+        if not getattr(self, "_said_no_artifacts", False):
+            self._said_no_artifacts = True
+            rank_zero_warn(f"RoutingMonitor: the plots and the relatedness JSON go to an MLflow logger only; this "
+                           f"trainer's logger is {type(trainer.logger).__name__ if trainer.logger else 'none'}, so "
+                           "they are not made (the experts/ and relatedness/ scalars are logged)")
+        return False
 
     def write_plots(self, logger, window: Window, grad_cosine=None) -> None:
         for name, fig in self.figures(window, grad_cosine).items():

@@ -193,6 +193,7 @@ def test_an_epoch_plot_that_cannot_be_written_is_a_warning_and_training_goes_on(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(callbacks, "log_png", full_disk)
+    monkeypatch.setattr(RoutingMonitor, "_artifact_logger", lambda self, trainer: True)  # as under MLflow
     with pytest.warns(UserWarning, match=r"epoch 0's plots could not be logged \(OSError: .*No space left"):
         trainer, logger = fit(feature_dir, tmp_path, RoutingMonitor(every_n_steps=5, plots=True))
     assert trainer.current_epoch == 2 and logger.steps_with("experts/epoch/click/util/e0") == [21, 42]
@@ -213,3 +214,15 @@ def test_the_load_history_is_thinned_to_a_bounded_length(feature_dir, tmp_path, 
     assert all(len(loads) == 5 for loads in monitor.history.values())
     fig = monitor.figures(callbacks.Window(["click", "convert"]))["expert_load"]
     assert "(every 8 steps)" in fig._suptitle.get_text()
+
+
+def test_without_an_mlflow_logger_no_plot_is_drawn_and_it_says_so_once(feature_dir, tmp_path, monkeypatch):
+    """The plots and JSON go to MLflow only: with another logger they were drawn every epoch and dropped silently."""
+    monitor = RoutingMonitor(every_n_steps=5, plots=True)
+    drawn = []
+    monkeypatch.setattr(monitor, "write_plots", lambda *a, **k: drawn.append(a))
+    with pytest.warns(UserWarning, match="RoutingMonitor: the plots and the relatedness JSON go to an MLflow logger "
+                                         "only") as caught:
+        _, logger = fit(feature_dir, tmp_path, monitor)
+    assert drawn == [] and len([w for w in caught if "RoutingMonitor: the plots" in str(w.message)]) == 1
+    assert logger.steps_with("experts/epoch/click/util/e0") == [21, 42]  # the scalars still logged
