@@ -18,6 +18,8 @@ class Batch:
     # the loader worker that made it: each worker makes one contiguous block of its rank's rows, and the DataLoader
     # interleaves the blocks (the prediction writer puts rows back in order by it)
     worker: int = 0
+    # under several DDP ranks: the rows of this step summed over the ranks (the training loss's global mean)
+    step_rows: int | None = None
 
     @property
     def batch_size(self) -> int:
@@ -35,6 +37,7 @@ class Batch:
             weights=None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
             ids=self.ids,
             worker=self.worker,
+            step_rows=self.step_rows,
         )
 
     def pin_memory(self) -> "Batch":
@@ -45,4 +48,5 @@ class Batch:
             weights=None if self.weights is None else self.weights.pin_memory(),
             ids=self.ids,
             worker=self.worker,
+            step_rows=self.step_rows,
         )

@@ -44,6 +44,7 @@ class ArrayBatch:
     weights: np.ndarray | None = None  # (B,) float32
     ids: dict[str, pa.Array] | None = None  # id columns as read (type and nulls kept)
     worker: int = 0  # the loader worker that made it: its batches are one contiguous block of the rank's rows
+    step_rows: int | None = None  # under several ranks: the rows of this step summed over the ranks
 
 
 class BatchCollator:
@@ -164,6 +165,7 @@ class BatchCollator:
             weights=None if a.weights is None else torch.from_numpy(a.weights),
             ids=a.ids,
             worker=a.worker,
+            step_rows=a.step_rows,
         )
 
 

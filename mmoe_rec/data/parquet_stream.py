@@ -239,6 +239,7 @@ def rank_batch_sizes(num_rows: int, rank: int, world: int, batch_size: int, drop
 class WorkerPlan:
     ranges: tuple[tuple[int, int], ...]  # [start, stop) ranges of the epoch's row sequence, read in this order
     batch_sizes: tuple[int, ...]
+    first_batch: int = 0  # the index of its first batch among its rank's batches of the epoch
 
 
 def worker_plan(
@@ -259,14 +260,14 @@ def worker_plan(
     lo, hi = rank_rows(num_rows, rank, world)
     start, count = sum(sizes[:first]), sum(sizes[first:last])  # in the rank's kept rows
     if not drop_last:
-        return WorkerPlan(((lo + start, lo + start + count),), tuple(sizes[first:last]))
+        return WorkerPlan(((lo + start, lo + start + count),), tuple(sizes[first:last]), first)
     # the kept window starts at a seeded offset and wraps around the slice's end (module docstring, 4.)
     n = hi - lo
     start = (start + int(np.random.default_rng([seed, epoch, rank, DROP_TAG]).integers(n))) % n
     ranges = [(lo + start, lo + min(n, start + count))]
     if start + count > n:
         ranges.append((lo, lo + start + count - n))
-    return WorkerPlan(tuple(ranges), tuple(sizes[first:last]))
+    return WorkerPlan(tuple(ranges), tuple(sizes[first:last]), first)
 
 
 class _OpenFiles:
@@ -543,8 +544,20 @@ class FeatureParquetStream(IterableDataset):
             batches = shuffle_batches(chunks, plan.batch_sizes, self.shuffle_buffer, rng)
         else:
             batches = cut_batches(chunks, plan.batch_sizes)
-        for rb in batches:
+        step_rows = self.step_rows()
+        for j, rb in enumerate(batches):
             out = self.transform(rb)
-            if worker and hasattr(out, "worker"):  # an ArrayBatch: which block of the rank's rows it is from
+            if hasattr(out, "worker"):  # an ArrayBatch: which block of the rank's rows it is from, and its step's rows
                 out.worker = worker
+                out.step_rows = None if step_rows is None else step_rows[plan.first_batch + j]
             yield out
+
+    def step_rows(self) -> list[int] | None:
+        """Under several ranks, the rows of each step of the epoch summed over the ranks (index: the rank's batch);
+        the ranks' batches differ in size in the last one or two (module docstring, 4.). From the plan every rank
+        computes alike: no communication."""
+        if self.world_size <= 1:
+            return None
+        sizes = [rank_batch_sizes(self.index.num_rows, r, self.world_size, self.batch_size, self.drop_last)
+                 for r in range(self.world_size)]
+        return [sum(per_rank) for per_rank in zip(*sizes)]

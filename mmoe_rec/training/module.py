@@ -245,6 +245,12 @@ class MultiTaskModule(L.LightningModule):
             scale = rank_weight_scale(batch.weights, self.trainer.world_size,
                                       lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             losses = {t: value * scale for t, value in losses.items()}
+        elif self.trainer.world_size > 1 and getattr(batch, "step_rows", None):
+            # DDP averages the ranks' gradients of their own means: where the ranks' batches differ in size (an
+            # epoch's last one or two) each rank's loss is scaled so that the average is the step's global mean
+            scale = self.trainer.world_size * batch.batch_size / batch.step_rows
+            if scale != 1.0:
+                losses = {t: value * scale for t, value in losses.items()}
         rank_mean = None
         if self.trainer.world_size > 1:  # GradNorm balances the global batch's gradients (weighting.py)
             rank_mean = functools.partial(self.trainer.strategy.reduce, reduce_op="mean")

@@ -369,3 +369,19 @@ def test_data_tasks_given_as_a_string_or_unknown_are_refused_by_name(feature_dir
         FeatureDataModule(str(feature_dir), tasks="click")
     with pytest.raises(ValueError, match=r"data tasks \['foo', 'bar'\] are not in the feature spec"):
         FeatureDataModule(str(feature_dir), tasks=["click", "foo", "bar"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("train", [True, False])
+def test_each_batch_says_its_steps_rows_summed_over_the_ranks(make_feature_dir, workers, train):
+    """The ranks' last batches differ in size; each batch carries its step's global row count (from the plan every
+    rank computes alike), by which the module scales its loss to the step's global mean."""
+    fd = make_feature_dir("step_rows", rows={"train": 1001, "valid": 1001, "test": 10})
+    dm = FeatureDataModule(str(fd), batch_size=64, seed=0, num_workers=workers)
+    split = "train" if train else "valid"
+    per_rank = [list(dm.dataloader(split, train=train, rank=r, world_size=3)) for r in range(3)]
+    sizes = [[b.batch_size for b in batches] for batches in per_rank]
+    assert len({len(s) for s in sizes}) == 1 and len({tuple(s) for s in sizes}) > 1  # unequal tails
+    for batches in per_rank:
+        assert [b.step_rows for b in batches] == [sum(step) for step in zip(*sizes)]
+    assert all(b.step_rows is None for b in dm.dataloader(split, train=train, rank=0, world_size=1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import lightning as L
@@ -312,3 +313,24 @@ def test_the_readmes_library_example_runs(feature_dir, tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "my_package" / "model.json").exists() and not namespace["model"].training
+
+
+def test_under_ddp_a_ranks_loss_is_scaled_to_its_steps_global_mean(feature_dir):
+    """Without sample weights DDP averaged the ranks' own means: in an epoch's last batches, where the ranks' batches
+    differ in size, a row of the smaller batch weighed more. Scaled by world_size x rows / the step's rows, the
+    ranks' average is the step's global mean (a stand-in trainer of 2 ranks; the data side is tested in
+    tests/data)."""
+    from types import SimpleNamespace
+
+    dm = FeatureDataModule(str(feature_dir), batch_size=10)
+    batch = next(iter(dm.dataloader("train", rank=0, world_size=1)))
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    module._trainer = SimpleNamespace(world_size=2, log_every_n_steps=0, is_last_batch=False, global_step=0,
+                                      strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+
+    def loss(step_rows):
+        torch.manual_seed(0)
+        return float(module.training_step(dataclasses.replace(batch, step_rows=step_rows), 0))
+
+    assert loss(20) == loss(None)  # equal batches on both ranks: unchanged
+    assert loss(15) == pytest.approx(loss(None) * 2 * 10 / 15, rel=1e-6)  # this rank 10 rows, the other 5
