@@ -47,14 +47,15 @@ def check_rebuilds(model: MultiTaskModel, init_args: dict[str, Any], state: dict
     param = next(model.parameters(), None)
     device, dtype = (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
     rebuilt = rebuilt.to(dtype).eval()
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # each restored (a frozen part stays eval)
     probe = probe_batch(model.feature_spec)
     try:
         with torch.no_grad():
             mine = model.eval()(probe.to(device)).logits
             theirs = rebuilt(probe).logits
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
     for task, logit in mine.items():
         diff = float((logit.float().cpu() - theirs[task].float()).abs().max())

@@ -11,6 +11,7 @@ SQLite-backed MLflow run); the resolved config is logged to MLflow by `before_<s
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -40,8 +41,10 @@ DEFAULT_LOGGER = {
 
 
 def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str, ...]) -> None:
-    """Before any step: the module's tasks are loaded by the data and their label columns exist in every split."""
-    check_tasks_loaded(module.tasks, getattr(datamodule, "tasks", None))
+    """Before any step: the module's tasks are loaded by the data and their label columns exist in every split
+    (predict, given no splits, reads no labels)."""
+    if splits:
+        check_tasks_loaded(module.tasks, getattr(datamodule, "tasks", None))
     data_dir = getattr(datamodule, "data_dir", None)
     if data_dir is None:
         return
@@ -210,17 +213,25 @@ class MultiTaskCLI(LightningCLI):
             self._require_last_checkpoint()
 
     def _require_last_checkpoint(self) -> None:
-        """`--ckpt_path last`: Lightning takes the newest last*.ckpt in its checkpoint callbacks' folders, and where
-        there is none it warns "No checkpoint will be loaded" and goes on with the untrained model: refused here."""
+        """`--ckpt_path last`: the newest last.ckpt (last-v<n>.ckpt) in the checkpoint callbacks' folders
+        (--checkpoint_dir over the config's), resolved here to its path. Lightning's own lookup read the config's
+        folders even under --checkpoint_dir, and a callback without a folder looks in the new MLflow run's; where it
+        found none it warned "No checkpoint will be loaded" and went on with the untrained model."""
         override = self.config[self.subcommand].get("checkpoint_dir")
         folders = {Path(override or cb.dirpath) for cb in self.trainer.checkpoint_callbacks
                    if override or cb.dirpath}
-        if not folders:  # folders Lightning derives from the logger: its own lookup decides
-            return
-        if not any(any(folder.glob("last*.ckpt")) for folder in folders if folder.is_dir()):
-            raise ValueError(f"--ckpt_path last: no last*.ckpt in {', '.join(sorted(map(str, folders)))} (the "
+        if not folders:
+            raise ValueError("--ckpt_path last: the config's checkpoint callbacks name no folder (dirpath) to look "
+                             "in; give the checkpoint file, or --checkpoint_dir (the folder the fit wrote to)")
+        found = [p for folder in folders if folder.is_dir() for p in folder.iterdir()
+                 if re.fullmatch(r"last(-v?\d+)?\.ckpt", p.name)]
+        if not found:
+            raise ValueError(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} (the "
                              "config's checkpoint folders); give the checkpoint file, or the --checkpoint_dir the "
                              "fit wrote to")
+        newest = max(found, key=lambda p: p.stat().st_mtime)
+        check_checkpoint_file(newest)
+        self.config_init[self.subcommand]["ckpt_path"] = str(newest)  # what the subcommand is called with
 
     def before_validate(self) -> None:
         self._require_checkpoint()

@@ -817,3 +817,11 @@ def test_score_table_takes_a_pandas_frame(rec_data, package):
     raw = pq.read_table(rec_data[1]).slice(0, 50)
     scorer, _, _ = resolve_model(str(package))
     assert scorer.score_table(raw.to_pandas()).equals(scorer.score_table(raw))
+
+
+def test_save_package_gives_every_submodule_its_mode_back(rec_data, tmp_path):
+    torch.manual_seed(0)
+    model = MMoE(FeatureSpec.load(rec_data[2]), **INIT_ARGS).train()
+    model.front.eval()  # e.g. a frozen part
+    save_package(model, INIT_ARGS, tmp_path / "pkg")
+    assert model.training and not model.front.training

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import json
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -266,6 +268,11 @@ def test_predict_writes_ids_and_scores_of_every_row_once(feature_dir, in_tmp):
         assert {"config.yaml", "spec.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     # both runs carry the config's run name: the tag says which command made each
     assert sorted(r.data.tags.get("mmoe_rec.command") for r in runs) == ["fit", "predict"]
+    # predict reads no labels: a data module loading fewer tasks than the model's is fine
+    run_lightning_cli(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                       "--data.init_args.data_dir", str(feature_dir), "--data.init_args.tasks", "[click]",
+                       "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"), "--predictions_path", "out/pred1.parquet"])
+    assert pq.read_table(in_tmp / "out" / "pred1.parquet").num_rows == test.num_rows
 
 
 def test_predict_keeps_integer_ids_with_nulls_and_past_2_53_exactly(make_feature_dir, in_tmp):
@@ -474,7 +481,7 @@ def test_a_loss_watched_for_its_minimum_and_the_lr_scheduler_mode_are_accepted_o
 
 @pytest.mark.parametrize("subcommand", ["test", "predict"])
 def test_best_and_a_missing_last_checkpoint_are_refused_where_no_fit_ran(feature_dir, in_tmp, capsys, monkeypatch,
-                                                                        subcommand):
+                                                                        caplog, subcommand):
     """`--ckpt_path last` with no last.ckpt where the config's callbacks look: Lightning warned "No checkpoint will
     be loaded" and tested (or predicted with) the untrained model, exit 0; `best` failed after the MLflow run. A
     last.ckpt on disk is what Lightning finds in a fresh process: taken."""
@@ -488,7 +495,7 @@ def test_best_and_a_missing_last_checkpoint_are_refused_where_no_fit_ran(feature
     assert err.startswith(f"error: --ckpt_path best: `mmoe-rec {subcommand}` runs in a process of its own"), err
     assert main([*argv, "--ckpt_path", "last"]) == 1
     err = capsys.readouterr().err
-    assert f"error: --ckpt_path last: no last*.ckpt in {in_tmp / 'ck'}" in err, err
+    assert f"error: --ckpt_path last: no last.ckpt in {in_tmp / 'ck'}" in err, err
     assert not (in_tmp / "predictions.parquet").exists()
     if (in_tmp / "mlflow.db").exists():  # the store may be made; no run in it
         from mlflow import MlflowClient
@@ -496,7 +503,21 @@ def test_best_and_a_missing_last_checkpoint_are_refused_where_no_fit_ran(feature
         client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
         assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     run_lightning_cli(["fit", *argv[1:]])
-    assert main([*argv, "--ckpt_path", "last"]) == 0
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--ckpt_path", "last"]) == 0
+    # the file under --checkpoint_dir, not Lightning's lookup in the config's folder (which found none and went on
+    # with the untrained model)
+    assert not [w for w in caught if "No checkpoint will be loaded" in str(w.message)]
+    assert f"Restoring states from the checkpoint path at {in_tmp / 'ck' / 'last.ckpt'}" in caplog.text
+    no_folder = yaml.safe_load((CONFIGS[0].parent / "mmoe_synthetic.yaml").read_text())
+    for cb in no_folder["trainer"]["callbacks"]:
+        cb.get("init_args", {}).pop("dirpath", None)
+    (in_tmp / "nodir.yaml").write_text(yaml.safe_dump(no_folder))
+    assert main([subcommand, "--config", str(in_tmp / "nodir.yaml"), *TINY, "--data.init_args.data_dir",
+                 str(feature_dir), "--ckpt_path", "last"]) == 1
+    assert "the config's checkpoint callbacks name no folder" in capsys.readouterr().err
 
 
 def test_an_unknown_data_task_is_one_line_naming_it(feature_dir, in_tmp, capsys, monkeypatch):
