@@ -61,3 +61,16 @@ def rank_weight_scale(weights: torch.Tensor | None, world_size: int,
     local = weights.detach().float().sum()
     total = sum_over_ranks(local.clone())
     return world_size * local / total.clamp_min(1e-12)
+
+
+def rank_loss_scale(weights: torch.Tensor | None, rows: int, step_rows: int | None, world_size: int,
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | float:
+    """What a rank's losses are multiplied by so that DDP, which averages the ranks' gradients of their own means,
+    trains on the step's global mean: with sample weights `rank_weight_scale` (one all-reduce); without, the rank's
+    share of the step's rows, world_size * rows / step_rows (the ranks' batches differ in size in an epoch's last one
+    or two; `step_rows`, the rows summed over the ranks, comes with the batch from the plan: no communication)."""
+    if weights is not None:
+        return rank_weight_scale(weights, world_size, sum_over_ranks)
+    if world_size <= 1 or not step_rows:
+        return 1.0
+    return world_size * rows / step_rows

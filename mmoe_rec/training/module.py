@@ -24,7 +24,7 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
-from mmoe_rec.training.losses import rank_weight_scale, task_losses
+from mmoe_rec.training.losses import rank_loss_scale, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
 from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
@@ -241,15 +241,10 @@ class MultiTaskModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         out = self.model(batch)
         losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
-        if batch.weights is not None and self.trainer.world_size > 1:  # the global weighted mean under DDP
-            scale = rank_weight_scale(batch.weights, self.trainer.world_size,
-                                      lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
-            losses = {t: value * scale for t, value in losses.items()}
-        elif self.trainer.world_size > 1 and getattr(batch, "step_rows", None):
-            # DDP averages the ranks' gradients of their own means: where the ranks' batches differ in size (an
-            # epoch's last one or two) each rank's loss is scaled so that the average is the step's global mean
-            scale = self.trainer.world_size * batch.batch_size / batch.step_rows
-            if scale != 1.0:
+        if self.trainer.world_size > 1:  # the step's global (weighted) mean under DDP
+            scale = rank_loss_scale(batch.weights, batch.batch_size, getattr(batch, "step_rows", None),
+                                    self.trainer.world_size, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            if not (isinstance(scale, float) and scale == 1.0):
                 losses = {t: value * scale for t, value in losses.items()}
         rank_mean = None
         if self.trainer.world_size > 1:  # GradNorm balances the global batch's gradients (weighting.py)
