@@ -12,7 +12,8 @@ Lightning watches the children with an observer thread that SIGKILLs rank 0 (and
 sees one exit non-zero: right for a child that died mid-training (rank 0 could hang in a collective), wrong for one
 that exited after its work (rank 0 still finishing its MLflow run was killed, the run left RUNNING). While
 `child_rank_reports` is open, the launcher starts `MarkerAwareObserver` instead, which passes over a child that
-marked its work done; `join_child_ranks` switches any observer off before it waits.
+marked its work done, and for one that failed during the work names it and lets rank 0 mark its MLflow run FAILED
+(`on_child_failure`) before the SIGKILL; `join_child_ranks` switches any observer off before it waits.
 """
 from __future__ import annotations
 
@@ -20,13 +21,14 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 DONE_DIR_ENV = "MMOE_REC_RANKS_DONE_DIR"
 CHILD_EXIT_TIMEOUT_S = 120.0  # after rank 0 finished: a child only tears down (seconds, even on a loaded machine)
@@ -45,9 +47,11 @@ def _observer_base() -> Any:
 
 
 def _marker_aware_observer(procs: list[subprocess.Popen], done_dir: Path, main_pid: Optional[int] = None,
-                           sleep_period: float = 5) -> Any:
+                           sleep_period: float = 5, on_child_failure: Optional[Callable[[], None]] = None) -> Any:
     """Lightning's observer (a daemon thread polling the children every few seconds), except that a child that
-    exited non-zero after marking its work done is left to `join_child_ranks` instead of ending rank 0."""
+    exited non-zero after marking its work done is left to `join_child_ranks` instead of ending rank 0. Before it
+    ends rank 0 for a child that failed during the work, it says which and calls `on_child_failure` (rank 0's
+    last chance to record the failure: the MLflow run, left RUNNING by a SIGKILL)."""
     base = _observer_base()
 
     class MarkerAwareObserver(base):
@@ -55,21 +59,35 @@ def _marker_aware_observer(procs: list[subprocess.Popen], done_dir: Path, main_p
             for proc in self._child_processes:
                 proc.poll()
             codes = [proc.returncode for proc in self._child_processes]
-            unmarked = [code for rank, code in enumerate(codes, start=1)
-                        if code and not (done_dir / f"rank{rank}").exists()]  # the marker is written before exit
+            unmarked = [(rank, proc) for rank, proc in enumerate(self._child_processes, start=1)
+                        if proc.returncode and not (done_dir / f"rank{rank}").exists()]  # marker written before exit
             if unmarked:
-                return base._run(self)  # Lightning's own: names the child, ends the others and rank 0
+                rank, proc = unmarked[0]
+                print(f"mmoe-rec: rank {rank} (pid {proc.pid}) {_exit_text(proc.returncode)} before its work was "
+                      "done (its own output, above, says why); ending every rank, rank 0 included (one waiting for "
+                      "it in a collective would hang)", file=sys.stderr, flush=True)
+                if on_child_failure is not None:
+                    try:
+                        on_child_failure()
+                    except Exception as e:  # noqa: BLE001 - ending the ranks matters more
+                        print(f"mmoe-rec: could not record the failure: {e}", file=sys.stderr, flush=True)
+                return base._run(self)  # Lightning's own: ends the other children and rank 0
             return all(code is not None for code in codes)  # all exited (failed ones after their work): done
 
     return MarkerAwareObserver(main_pid=os.getpid() if main_pid is None else main_pid, child_processes=procs,
                                sleep_period=sleep_period)
 
 
+def _exit_text(code: int) -> str:
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
 @contextmanager
-def child_rank_reports() -> Iterator[Optional[Path]]:
+def child_rank_reports(on_child_failure: Optional[Callable[[], None]] = None) -> Iterator[Optional[Path]]:
     """On the process that may launch ranks (no folder in the environment yet): a fresh folder for their done
     markers, in the environment while the block runs (the launcher copies it into each child's), and the
-    launcher's observer made `MarkerAwareObserver`; all undone after."""
+    launcher's observer made `MarkerAwareObserver` (calling `on_child_failure` before it ends rank 0); all undone
+    after."""
     if os.environ.get(DONE_DIR_ENV):  # a launched rank: the folder is its launcher's
         yield None
         return
@@ -83,7 +101,8 @@ def child_rank_reports() -> Iterator[Optional[Path]]:
             launcher_module = None
         original = getattr(launcher_module, "_launch_process_observer", None)
         if original is not None:
-            launcher_module._launch_process_observer = lambda procs: _marker_aware_observer(procs, folder).start()
+            launcher_module._launch_process_observer = lambda procs: _marker_aware_observer(
+                procs, folder, on_child_failure=on_child_failure).start()
     try:
         yield folder
     finally:
@@ -129,7 +148,7 @@ def join_child_ranks(trainer: Any, done_dir: Optional[Path] = None, timeout_s: f
     for rank, proc in enumerate(procs, start=1):  # the launcher starts local ranks 1.. in this order
         try:
             code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            how = "" if code == 0 else (f"was killed by signal {-code}" if code < 0 else f"exited with code {code}")
+            how = "" if code == 0 else _exit_text(code)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

@@ -127,7 +127,9 @@ class MultiTaskCLI(LightningCLI):
                                  "has its own prediction writer callback)")
 
     def _run_subcommand(self, subcommand: str) -> None:
-        with child_rank_reports() as done_dir:
+        # a rank that fails during the work: Lightning SIGKILLs rank 0, which ends its MLflow runs FAILED first
+        with child_rank_reports(on_child_failure=lambda: [_end_run_failed(lg) for lg in self.trainer.loggers]) \
+                as done_dir:
             super()._run_subcommand(subcommand)
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
             try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did

@@ -42,3 +42,23 @@ class BiasAudit(L.Callback):
 
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.biases))
+
+
+class FailMidTraining(L.Callback):
+    """Raises on `rank` at its second training batch: the other ranks are then waiting in a collective."""
+
+    def __init__(self, rank: int = 1) -> None:
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == 1:
+            raise RuntimeError(f"rank {self.rank} fails mid-training")
+
+
+class FailBeforeRendezvous(L.Callback):
+    """Raises as `rank`'s config is instantiated (LOCAL_RANK is set by the launcher): before the process group
+    exists, so rank 0 waits in the rendezvous, not in a collective that could fail."""
+
+    def __init__(self, rank: int = 1) -> None:
+        if int(os.environ.get("LOCAL_RANK", "0")) == rank:
+            raise RuntimeError(f"rank {rank} fails before the rendezvous")

@@ -99,13 +99,16 @@ def test_the_launchers_observer_spares_rank_0_for_a_child_that_failed_after_its_
     failing.wait()
     if marked:
         (tmp_path / "rank1").touch()
-    observer = _marker_aware_observer([failing], tmp_path, main_pid=stand_in.pid, sleep_period=0.1)
+    recorded = []  # the CLI's on_child_failure marks the MLflow runs FAILED before rank 0 is killed
+    observer = _marker_aware_observer([failing], tmp_path, main_pid=stand_in.pid, sleep_period=0.1,
+                                      on_child_failure=lambda: recorded.append(stand_in.poll()))
     observer.start()
     try:
         observer.join(timeout=5)
         assert not observer.is_alive()
         time.sleep(0.2)
         assert (stand_in.poll() is None) == marked, stand_in.poll()
+        assert recorded == ([] if marked else [None])  # called while "rank 0" still ran
     finally:
         stand_in.kill()
         stand_in.wait()

@@ -390,6 +390,21 @@ def test_a_rank_that_fails_after_rank_0_finished_fails_the_job_and_its_run(featu
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
+@pytest.mark.parametrize("callback,message", [("FailBeforeRendezvous", "rank 1 fails before the rendezvous"),
+                                              ("FailMidTraining", "rank 1 fails mid-training")])
+def test_a_rank_that_fails_during_the_work_fails_the_job_and_its_run(feature_dir, tmp_path, callback, message):
+    """Rank 1 fails before the ranks' rendezvous (rank 0 waits there: only the launcher's observer can end it, by
+    SIGKILL, which had left the MLflow run RUNNING) or mid-training (rank 0's collective fails and Lightning ends
+    the run): the job fails and the run is FAILED either way."""
+    proc = fit_with_rank_1_callback(tmp_path, feature_dir, callback)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert message in proc.stderr
+    if callback == "FailBeforeRendezvous":
+        assert re.search(r"mmoe-rec: rank 1 \(pid \d+\) exited with code 1 before its work was done",
+                         proc.stderr), proc.stderr[-2000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_rank_that_aborts_at_exit_after_its_work_is_done_is_a_warning(feature_dir, tmp_path):
     """The gloo exit race's shape (SIGABRT as the interpreter exits, the fit done): the job's results are whole."""
     proc = fit_with_rank_1_callback(tmp_path, feature_dir, "AbortAtExit")
