@@ -16,6 +16,7 @@ import math
 from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -97,6 +98,16 @@ def better_mode(metric: str) -> str | None:
     if last == "auc":
         return "max"
     return "min" if last in ("logloss", "mse") or last.endswith("loss") else None
+
+
+def seed_rank_stream(rank: int, world_size: int) -> None:
+    """Under DDP, gives ranks 1.. a torch stream of their own, drawn from (the stream's seed, rank): Lightning seeds
+    every rank alike, and each rank then drew the same router noise and dropout masks for its own rows. Rank 0 (and
+    a 1-process fit) keeps its stream. Called in setup, before Lightning restores a resumed fit's saved states, so
+    a resume continues each rank's stream where it stopped."""
+    if world_size > 1 and rank > 0:
+        seed = np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1, dtype=np.uint64)[0]
+        torch.manual_seed(int(seed))
 
 
 class MultiTaskModule(L.LightningModule):
@@ -209,6 +220,8 @@ class MultiTaskModule(L.LightningModule):
                              "folder the model was trained on")
         if stage != "predict":  # predict reads no labels
             check_tasks_loaded(self.tasks, getattr(datamodule, "tasks", None))
+        if stage == "fit" and self._trainer is not None:
+            seed_rank_stream(self.trainer.global_rank, self.trainer.world_size)
 
     def monitorable_metrics(self) -> dict[str, str | None]:
         """The metrics a fit logs through Lightning (what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can

@@ -1,6 +1,8 @@
 """Test helper callback (imported by the DDP subprocess via PYTHONPATH): per rank and epoch, the number of
 training rows seen and the sum of the dense feature d0 over them, appended to OUT_DIR/rank<r>.jsonl; and per
-step, the rank's own training loss beside the latest `train/loss` logged (NaN before the first log)."""
+step, the rank's own training loss beside the latest `train/loss` logged (NaN before the first log); and a digest
+of the rank's torch generator state as the epoch starts."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +17,10 @@ class RowAudit(L.Callback):
         self.losses: list[list[float]] = []  # [global step, own loss, logged train/loss]
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import torch
+
         self.rows, self.d0, self.losses = 0, 0.0, []
+        self.rng = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.rows += batch.batch_size
@@ -28,4 +33,4 @@ class RowAudit(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / f"rank{trainer.global_rank}.jsonl", "a") as f:
             f.write(json.dumps({"epoch": trainer.current_epoch, "rows": self.rows, "d0": self.d0,
-                                "losses": self.losses}) + "\n")
+                                "losses": self.losses, "rng": self.rng}) + "\n")

@@ -138,6 +138,10 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
                 assert logged0 == pytest.approx((own0 + own1) / 2, rel=1e-5)
                 assert own0 != pytest.approx(own1, rel=1e-5)  # the ranks' losses differ: the mean is a real check
     assert logged_steps >= 4
+    # each rank draws its own dropout masks and router noise (Lightning seeds every rank alike)
+    rngs = [[json.loads(line)["rng"] for line in (two / "audit" / f"rank{r}.jsonl").read_text().splitlines()]
+            for r in (0, 1)]
+    assert all(a != b for a, b in zip(*rngs)), rngs
 
 
 def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, monkeypatch):
@@ -440,10 +444,13 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
 
 
 def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_dir, tmp_path, monkeypatch):
-    """2 processes, dynamic weight average over 3 epochs (11 steps each at batch 96), a checkpoint in the middle of
-    epoch 1 (step 15): resumed, the fit ends bitwise where the straight fit ends. The epoch's float32 task-loss sums came back summed over the ranks on rank 0, which rounds
+    """2 processes, dynamic weight average over 3 epochs (11 steps each at batch 96), dropout, a checkpoint in the
+    middle of epoch 1 (step 15): resumed, the fit ends bitwise where the straight fit ends. The epoch's float32 task-loss sums came back summed over the ranks on rank 0, which rounds
     otherwise than each rank's own sum: DWA's weights and then every weight differed in the last bits."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # dropout: each rank's own random stream (seeded per rank at setup) must continue where the checkpoint left it
+    dropout_mmoe = copy.deepcopy(MMOE)
+    dropout_mmoe["init_args"]["dropout"] = 0.2
 
     def config(name: str, *, stop: bool) -> Path:
         callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -459,7 +466,7 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
                         "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                         "limit_val_batches": 0, "callbacks": callbacks},
             "model": {"class_path": "mmoe_rec.training.module.MultiTaskModule",
-                      "init_args": {"model": MMOE, "weighting": "dwa",
+                      "init_args": {"model": dropout_mmoe, "weighting": "dwa",
                                     "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}}}},
             "data": {"class_path": "mmoe_rec.data.datamodule.FeatureDataModule",
                      "init_args": {"data_dir": str(feature_dir), "batch_size": 96, "seed": 3, "shuffle_buffer": 256}},
