@@ -12,7 +12,9 @@
   training rate (L_t(0): its loss at the first step). The gradient-norm loss sum_t |G_t - target_t| (target held
   constant) trains only w; the network trains on sum_t s_t w_t L_t with w held constant, s_t the static
   task_weights, which multiply on top of w (G_t leaves them out, so w does not learn to undo them); after every
-  optimizer step w is renormalized to sum to K. Costs one extra backward to W per task and step. Under DDP the gradients on W
+  optimizer step w is renormalized to sum to K. Costs one extra backward to W per task and step.
+A task of static weight 0 (evaluated, not trained) takes no part in DWA's softmax or GradNorm's balance (K then
+counts the trained tasks): its loss does not fall, and as the "slowest" task it took weight from the others. Under DDP the gradients on W
   and the losses are averaged over the ranks first (one all-reduce of K x |W| floats a step): the balance is that
   of the global batch the network trains on, and every rank computes the same w.
 """
@@ -45,6 +47,8 @@ class LossWeighting(nn.Module):
             raise ValueError(f"task_weights must be finite and >= 0 (0: the task is evaluated, not trained), got {bad}")
         if self.tasks and not any(self.static.values()):
             raise ValueError(f"task_weights are all 0: no task would be trained ({self.static})")
+        self.num_trained = sum(w > 0 for w in self.static.values())  # K of DWA and GradNorm
+        self.register_buffer("trained", torch.tensor([self.static[t] > 0 for t in self.tasks]), persistent=False)
 
     def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
                 rank_mean: RankMean | None = None) -> torch.Tensor:
@@ -113,7 +117,8 @@ class DynamicWeightAverage(LossWeighting):
         if torch.isnan(self.history).any():
             return  # fewer than two epochs seen: keep w = 1
         ratio = self.history[1] / self.history[0].clamp_min(1e-12)  # (T,) r_t
-        self.current.copy_(len(self.tasks) * torch.softmax(ratio / self.temperature, dim=0))
+        logits = torch.where(self.trained, ratio / self.temperature, float("-inf"))  # untrained tasks left out
+        self.current.copy_(torch.where(self.trained, self.num_trained * torch.softmax(logits, dim=0), 1.0))
 
 
 class GradNorm(LossWeighting):
@@ -122,7 +127,7 @@ class GradNorm(LossWeighting):
         if not alpha >= 0:
             raise ValueError(f"gradnorm alpha must be >= 0, got {alpha}")
         self.alpha = alpha
-        self.learnt_weights = nn.Parameter(torch.ones(len(self.tasks)))  # (T,) w_t, learnt; sum kept at T
+        self.learnt_weights = nn.Parameter(torch.ones(len(self.tasks)))  # (T,) w_t, learnt; trained ones sum to K
         self.register_buffer("static_weights", torch.tensor([self.static[t] for t in self.tasks]), persistent=False)
         # L_t(0), set at the first training step; a buffer, so a resumed run keeps its reference losses
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # (T,)
@@ -135,21 +140,24 @@ class GradNorm(LossWeighting):
                              "this model has none with gradients: use another weighting")
         static = self.static_weights  # (T,)
         raw = torch.stack([losses[t] for t in self.tasks]).float()  # (T,) unweighted task losses
-        grads = torch.stack([self._layer_grad(losses[t], layer) for t in self.tasks])  # (T, |W|) grad_W L_t
+        grads = torch.stack([self._layer_grad(losses[t], layer) if self.static[t] else self._no_grad(layer)
+                             for t in self.tasks])  # (T, |W|) grad_W L_t (zeros for an untrained task)
         seen = raw.detach().clone()  # (T,) a copy: the ranks' mean is taken in place
         if rank_mean is not None:  # the global batch's gradients and losses, the same on every rank
             grads, seen = rank_mean(grads), rank_mean(seen)
         # G_t = w_t ||grad_W L_t||: GradNorm balances the learnt w_t; the static weights multiply on top (measured
         # on static_t L_t, w_t would learn to undo them, and a task weighted 0 would drag every target to 0)
         norms = grads.norm(dim=1)  # (T,)
+        on = self.trained.to(norms.dtype)  # (T,) 1 for the tasks GradNorm balances (static weight > 0)
         with torch.no_grad():
             # L_t(0) at the first step (NaN until then), without a host sync a step
             self.initial_losses.copy_(torch.where(torch.isnan(self.initial_losses), seen.clamp_min(1e-12),
                                                   self.initial_losses))
-            ratio = seen / self.initial_losses  # (T,) L_t / L_t(0)
-            rate = ratio / ratio.mean()  # (T,) relative inverse training rate r_t
-            target = (self.learnt_weights * norms).mean() * rate ** self.alpha  # (T,) held constant
-        gradnorm_loss = (self.learnt_weights * norms - target).abs().sum()  # trains w only (norms, target constant)
+            ratio = seen / self.initial_losses * on  # (T,) L_t / L_t(0), 0 for an untrained task
+            rate = ratio / (ratio.sum() / self.num_trained)  # (T,) relative inverse training rate r_t
+            target = (self.learnt_weights * norms * on).sum() / self.num_trained * rate ** self.alpha  # constant
+        # trains w only (norms, target constant); an untrained task's w gets no gradient
+        gradnorm_loss = ((self.learnt_weights * norms - target).abs() * on).sum()
         self.last_gradnorm_loss = gradnorm_loss.detach()
         weighted = (static * self.learnt_weights.detach() * raw).sum()  # trains the network, w constant
         # the value is the weighted task loss (what train/task_loss reports); the gradient also carries w's
@@ -162,11 +170,15 @@ class GradNorm(LossWeighting):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
-    def _layer_grad(loss: torch.Tensor, layer: list[nn.Parameter]) -> torch.Tensor:
+    def _no_grad(layer: list[nn.Parameter]) -> torch.Tensor:
+        return torch.cat([p.new_zeros(p.numel(), dtype=torch.float32) for p in layer])  # (|W|,)
+
+    @classmethod
+    def _layer_grad(cls, loss: torch.Tensor, layer: list[nn.Parameter]) -> torch.Tensor:
         """grad_W loss flattened, (|W|,) float32, detached: a constant of the gradient-norm loss (no second-order
         terms); zeros where the loss does not reach W."""
         if not loss.requires_grad:  # a task that does not reach W this step
-            return torch.cat([p.new_zeros(p.numel(), dtype=torch.float32) for p in layer])
+            return cls._no_grad(layer)
         grads = torch.autograd.grad(loss, layer, retain_graph=True, allow_unused=True)
         return torch.cat([(g if g is not None else torch.zeros_like(p)).detach().float().flatten()
                           for g, p in zip(grads, layer)])
@@ -177,9 +189,9 @@ class GradNorm(LossWeighting):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        # w > 0 and sum_t w_t = T, as in the paper (renormalized after each update)
+        # w > 0 and sum_t w_t = K over the trained tasks, as in the paper (renormalized after each update)
         w = self.learnt_weights.clamp_min(1e-6)
-        self.learnt_weights.copy_(w * (len(self.tasks) / w.sum()))
+        self.learnt_weights.copy_(torch.where(self.trained, w * (self.num_trained / (w * self.trained).sum()), 1.0))
 
 
 def make_weighting(

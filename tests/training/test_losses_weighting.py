@@ -176,10 +176,9 @@ def test_gradnorm_renormalizes_and_lowers_the_weight_of_the_task_with_the_larger
     assert weights["watch"] < 0.5 < 1.5 < weights["click"]  # watch's loss is 10x: its gradient norm is larger
 
 
-@pytest.mark.parametrize("static", [{"watch": 0.1}, {"watch": 0.0}])
-def test_gradnorm_keeps_the_static_task_weights_on_top_of_what_it_learns(static):
-    """Measured on static-weighted losses, w learnt to undo the static ratio, and a task weighted 0 dragged every
-    target (and after renormalization every effective weight) to 0."""
+def test_gradnorm_keeps_the_static_task_weights_on_top_of_what_it_learns():
+    """Measured on static-weighted losses, w learnt to undo the static ratio."""
+    static = {"watch": 0.1}
     learnt = {}
     for given in (None, static):
         gn = _train_gradnorm_weights(GradNorm(["click", "watch"], given, alpha=1.5), 60)
@@ -187,6 +186,42 @@ def test_gradnorm_keeps_the_static_task_weights_on_top_of_what_it_learns(static)
     assert gn.weights()["watch"] == pytest.approx(static["watch"] * float(learnt[False][1]), abs=1e-7)
     torch.testing.assert_close(learnt[False], learnt[True])  # the same w with or without static weights
     assert learnt[False][0] > 1.0  # click's weight still learnt, not driven to 0
+
+
+def test_a_task_weighted_0_takes_no_part_in_gradnorm():
+    """A task evaluated, not trained: its loss does not fall, and GradNorm took it for the slowest task, raised its
+    weight and renormalized the others' down (a review's regression: effective weights 0.04 and 0.02 instead of
+    ~1, each trained task's loss 3x worse). Now the trained tasks learn what they learn without it."""
+    W, losses = _gradnorm_case(1)
+    x3 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7))
+
+    def with_idle():
+        return {**losses(), "idle": 100.0 * ((x3 @ W) ** 2).mean()}  # the largest gradient on W
+
+    learnt = {}
+    for tasks, given, make in ((["click", "watch"], None, losses), (["click", "watch", "idle"], {"idle": 0.0},
+                                                                      with_idle)):
+        gn = GradNorm(tasks, given, alpha=1.5)
+        opt = torch.optim.Adam(gn.parameters(), lr=0.05)
+        for step in range(40):
+            opt.zero_grad()
+            scale = 1.0 / (1 + step)  # the trained tasks' losses fall, the idle one's does not
+            out = gn({t: v * (scale if t != "idle" else 1.0) for t, v in make().items()}, lambda: [W])
+            out.backward()
+            opt.step()
+            gn.after_optimizer_step()
+        learnt[len(tasks)] = gn
+    torch.testing.assert_close(learnt[3].learnt_weights[:2].detach(), learnt[2].learnt_weights.detach())
+    assert learnt[3].learnt_weights[:2].sum().item() == pytest.approx(2.0)
+    assert learnt[3].weights()["idle"] == 0.0
+
+
+def test_a_task_weighted_0_takes_no_part_in_dwa():
+    w = DynamicWeightAverage(["a", "b", "c"], {"c": 0.0}, temperature=2.0)
+    for losses in ({"a": 1.0, "b": 1.0, "c": 1.0}, {"a": 0.5, "b": 0.9, "c": 1.0}):
+        w.on_epoch_end(losses)
+    ea, eb = math.exp(0.5 / 2), math.exp(0.9 / 2)  # the 2-task softmax of the trained tasks, times 2
+    assert w.weights() == pytest.approx({"a": 2 * ea / (ea + eb), "b": 2 * eb / (ea + eb), "c": 0.0}, rel=1e-5)
 
 
 def test_gradnorm_is_refused_without_a_shared_layer_and_checks_alpha():
