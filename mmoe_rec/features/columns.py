@@ -4,6 +4,8 @@ Rows in errors are relative to the array passed in; callers shift them to the ro
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -246,6 +248,7 @@ def label_values(arr, column: str, state: dict, strip: bool = False) -> np.ndarr
         if strip:
             vals = pc.utf8_trim_whitespace(vals)
         pos_set, neg_set = _matching_texts(vals, pos), None if neg is None else _matching_texts(vals, neg)
+        _refuse_nan_text(vals, tuple(pos) + tuple(neg or ()), column)
     else:
         x, missing = numeric_column(arr, column)
         if missing.any():
@@ -265,6 +268,25 @@ def label_values(arr, column: str, state: dict, strip: bool = False) -> np.ndarr
             raise FeatureDataError(f"label value {vals[row].as_py()!r} is neither positive {list(pos)} "
                                    f"nor negative {list(neg)}", column=column, row=row)
     return is_pos.astype(np.float32)[:n]
+
+
+def _refuse_nan_text(vals: pa.Array, declared: tuple, column: str) -> None:
+    """Numbers declared (`positive: [1]`): a text that reads as NaN ("NaN", "nan") is a missing label, an error as
+    a NaN in a float column is; with `positive` alone it had counted as a negative."""
+    if not any(isinstance(k, float) for k in label_keys(declared)):
+        return
+    nan_texts = [v for v in pc.unique(vals).to_pylist() if v is not None and "_" not in v and _is_nan_text(v)]
+    if nan_texts:
+        row = int(np.argmax(pc.is_in(vals, value_set=pa.array(nan_texts, pa.string())).to_numpy(
+            zero_copy_only=False)))
+        raise FeatureDataError(f"label is NaN ({vals[row].as_py()!r})", column=column, row=row)
+
+
+def _is_nan_text(text: str) -> bool:
+    try:
+        return math.isnan(float(text))
+    except ValueError:
+        return False
 
 
 def _matching_texts(vals: pa.Array, wanted) -> pa.Array:

@@ -104,6 +104,19 @@ def test_nan_label(feat, tmp_path, capsys):
     _assert_clean(tmp_path, out)
 
 
+@pytest.mark.parametrize("negative", [None, [0]])
+def test_a_nan_text_label_is_an_error_when_the_labels_are_numbers(feat, tmp_path, capsys, negative):
+    """`positive: [1]` alone counted a CSV's "NaN" as a negative; the same rows from a float column were an error."""
+    raw = tmp_path / "raw.csv"
+    raw.write_text("city,amount,buy\n" + "".join(f"c{i % 3},{i},{'NaN' if i == 70 else i % 2}\n" for i in range(90)))
+    task = {"name": "buy", "type": "binary", "positive": [1], **({"negative": negative} if negative else {})}
+    schema = {**CENSUS_LIKE, "tasks": [task]}
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", schema), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}, column 'buy', row 70 (0-based): label is NaN ('NaN')" in err
+    _assert_clean(tmp_path, out)
+
+
 def test_binary_label_not_zero_or_one(feat, tmp_path, capsys):
     t = feat.raw_table(30)
     click = t["click"].to_numpy().copy()
