@@ -323,10 +323,13 @@ class BackgroundWrites:
 
 
 def _batches(sources: list[Source], columns: list[str], schema: Schema, batch_rows: int,
-             dictionary: Iterable[str] = ()) -> Iterator[tuple[int, Source, int, str, int, pa.RecordBatch]]:
+             dictionary: Iterable[str] = (), split_columns: list[str] = ()
+             ) -> Iterator[tuple[int, Source, int, str, int, pa.RecordBatch]]:
+    """Each file's batches; `split_columns` (--split-column) read only from the inputs split by it."""
     for si, src in enumerate(sources):
+        read = list(dict.fromkeys(columns + list(split_columns))) if src.rule == "column" else columns
         for fi, path in enumerate(src.files):
-            for offset, batch in iter_batches(path, columns, schema.reader, batch_rows, dictionary):
+            for offset, batch in iter_batches(path, read, schema.reader, batch_rows, dictionary):
                 yield si, src, fi, path, offset, batch
 
 
@@ -422,14 +425,14 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         extra = [split_column]
     else:
         extra = []
-    columns = list(dict.fromkeys(schema.raw_columns() + extra))
-    fit_columns = list(dict.fromkeys(schema.raw_columns(with_labels=False) + extra))
+    columns, fit_columns = schema.raw_columns(), schema.raw_columns(with_labels=False)
     t0 = time.perf_counter()
 
     fitter = SpecFitter(schema)
     seen_rows = 0
     for si, src, fi, path, offset, batch in prefetch(_batches([s for s in sources if s.may_hold("train")],
-                                                              fit_columns, schema, batch_rows)):
+                                                              fit_columns, schema, batch_rows,
+                                                              split_columns=extra)):
         seen_rows += batch.num_rows
         split = assign_splits(src, fi, offset, batch, seed, split_column, path)
         mask = split == 0
@@ -455,7 +458,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         bg = BackgroundWrites()
         try:
             for si, src, fi, path, offset, batch in prefetch(_batches(sources, columns, schema, batch_rows,
-                                                                      dictionary_inputs(cs, extra))):
+                                                                      dictionary_inputs(cs, extra), extra)):
                 split = assign_splits(src, fi, offset, batch, seed, split_column, path)
                 out = cast_ids(cs.transform(batch, with_labels=True, file=path, row_offset=offset), id_types, path)
                 total += out.num_rows

@@ -162,6 +162,18 @@ def test_split_column(feat, tmp_path):
     assert "split" not in pq.read_table(out / "valid").column_names
 
 
+def test_split_column_is_read_only_from_the_inputs_it_splits(feat, tmp_path):
+    """A `train=` input beside one split by --split-column need not have that column (it was "missing column")."""
+    t = feat.raw_table(90, seed=8)
+    mixed = t.append_column("split", pa.array(["train", "valid", "test"] * 30))
+    fixed = feat.raw_table(30, seed=9, first_row=90)
+    out, _ = _build(feat, tmp_path, f"train={feat.write_parquet(tmp_path / 'raw/train.parquet', fixed)}",
+                    str(feat.write_parquet(tmp_path / "raw/s.parquet", mixed)), extra=["--split-column", "split"])
+    assert sorted(pq.read_table(out / "train")["row_id"].to_pylist()) == \
+        sorted(list(range(0, 90, 3)) + list(range(90, 120)))
+    assert pq.read_table(out / "valid")["row_id"].to_pylist() == list(range(1, 90, 3))
+
+
 def test_nan_in_float_categorical_is_missing_like_null():
     """ids written as float64 with NaN for missing (pandas / Spark) get id 0, as the same column with nulls does."""
     shop = [1.0, 2.0, np.nan, 2.0, np.nan, 7.0, 1.0, np.nan]
