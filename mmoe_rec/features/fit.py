@@ -16,10 +16,9 @@ from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import RESERVOIR_SIZE, NumericStats, fit_numeric, prepare
 from mmoe_rec.features.schema import Schema
-from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+from mmoe_rec.features.spec import TRANSFORMS_FORMAT, FeatureSpec, SparseFeature, Task
 from mmoe_rec.features.vocab import VocabCounter
 
-TRANSFORMS_FORMAT = 1
 
 
 def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list[str]:

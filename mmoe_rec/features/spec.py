@@ -24,6 +24,9 @@ from typing import Any, Literal
 from mmoe_rec.features.errors import FeatureDataError
 
 SPEC_FORMAT = 1
+# The layout of `transforms` (what the transform pass reads per feature); raise it when a feature's state gains
+# a key that changes ids, so that an older mmoe-rec refuses such a spec instead of ignoring the key.
+TRANSFORMS_FORMAT = 1
 WEIGHT_COLUMN = "sample_weight"
 SPEC_VERSION_KEY = "mmoe_rec.spec_version"  # feature Parquet footer metadata: the version of the spec it was made with
 TaskType = Literal["binary", "regression"]
@@ -99,6 +102,11 @@ class FeatureSpec:
         if fmt != SPEC_FORMAT:
             raise FeatureDataError(f"feature spec format {fmt!r} is not supported (this mmoe-rec reads format "
                                    f"{SPEC_FORMAT!r})")
+        transforms_fmt = (d.get("transforms") or {}).get("format", TRANSFORMS_FORMAT)
+        if transforms_fmt != TRANSFORMS_FORMAT:
+            raise FeatureDataError(f"the feature spec's transforms have format {transforms_fmt!r}, this mmoe-rec "
+                                   f"reads format {TRANSFORMS_FORMAT!r}: it was written by another mmoe-rec version, "
+                                   "whose ids this one would not reproduce; use that version or refit the spec")
         try:
             spec = cls(
                 sparse_features=[SparseFeature(**s) for s in d["sparse_features"]],

@@ -247,6 +247,9 @@ def test_a_spec_json_of_another_format_or_shape_is_an_error_naming_the_file(tmp_
     cases = {
         "format 2 is not supported": {**good, "format": 2},
         "format '1' is not supported": {**good, "format": str(good["format"])},
+        # a newer mmoe-rec's transforms (keys this one would ignore: other ids without a word)
+        "transforms have format 2, this mmoe-rec reads format 1": {
+            **good, "transforms": {**good["transforms"], "format": 2}},
         "has no 'sparse_features'": {k: v for k, v in good.items() if k != "sparse_features"},
         "not a valid feature spec": {**good, "tasks": ["click"]},
         "a JSON object was expected, not list": [good],
