@@ -24,7 +24,7 @@ from mmoe_rec.features.errors import FeatureDataError, missing_columns_error
 from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import apply_numeric
 from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, label_column
-from mmoe_rec.features.vocab import VocabLookup, hash_ids
+from mmoe_rec.features.vocab import VocabLookup, canonical_text, hash_ids
 
 LIST_TYPE = pa.list_(pa.int64())
 
@@ -109,6 +109,8 @@ class CompiledSpec:
         return pa.ListArray.from_arrays(pa.array(out_offsets.astype(np.int32)), pa.array(ids[pos], pa.int64()))
 
     def _single(self, name: str, state: dict, values: pa.Array) -> np.ndarray:
+        if state.get("canonical_text"):  # as fitted (vocab.canonical_text)
+            values = canonical_text(values)
         if state["kind"] == "vocab":
             lookup = self.lookups[name]
             problem = lookup.type_mismatch(values)

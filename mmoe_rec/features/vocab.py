@@ -12,6 +12,8 @@ Id 0 is always the out-of-vocabulary / missing bucket, so an unseen value at sco
 Integer columns are int64 values; uint64 values beyond int64 make their column decimal strings, which find the
 same vocabulary entry and hash bucket as that text in a CSV. A vocabulary fitted on integers also finds the
 integral-float text of its values (``"10.0"``, ``"1e3"``: how a CSV export writes an int column with gaps).
+Specs fitted since 2026-12-06 fold such text, and a bool's ``"True"``, into one canonical form before counting,
+looking up and hashing (``canonical_text``), so that a CSV and the same rows from Parquet give the same ids.
 """
 from __future__ import annotations
 
@@ -59,6 +61,33 @@ def integral_float_text_as_int(arr: pa.Array) -> pa.Array:
     return if_else(integral, as_int, arr)
 
 
+_BOOL_TEXTS = pa.array(["True", "TRUE", "False", "FALSE"], pa.string())  # pandas' and others' bool text in a CSV
+
+
+def canonical_text(values: pa.Array) -> pa.Array:
+    """Categorical text as the one form every input format gives (specs fitted since 2026-12-06, a feature's
+    `canonical_text`): a bool's text lower case, as a bool column gives it ("True" in a CSV written by pandas is
+    the `true` of the same rows read from Parquet), and an integral float's text as its integer ("10.0", how a CSV
+    export writes an int column with gaps, is the 10 of a float or int column). Integer values pass as they are."""
+    if not pa.types.is_string(values.type) or len(values) == 0:
+        return values
+    if len(values) <= 1024:
+        return _canonical_distinct(values)
+    # on the distinct values (a column holds few; the regex costs ~40 ns a value), gathered back if any changed
+    encoded = pc.dictionary_encode(values)
+    distinct = encoded.dictionary
+    canonical = _canonical_distinct(distinct)
+    return values if canonical is distinct else canonical.take(encoded.indices)
+
+
+def _canonical_distinct(values: pa.Array) -> pa.Array:
+    """canonical_text's rules; `values` itself when nothing changes."""
+    is_bool = pc.is_in(values, value_set=_BOOL_TEXTS)
+    if pc.any(is_bool).as_py():
+        values = if_else(is_bool, pc.utf8_lower(values), values)
+    return integral_float_text_as_int(values)
+
+
 class VocabCounter:
     """Counts values over a stream of arrays in bounded extra memory (the distinct values themselves)."""
 
@@ -66,7 +95,8 @@ class VocabCounter:
         self._parts: dict[str, list[pa.Table]] = {"int": [], "str": []}
         self._pending = 0
 
-    def update(self, values: pa.Array) -> None:
+    def update(self, values: pa.Array, canonical: bool = False) -> None:
+        """canonical: count each value's canonical_text (taken on the distinct values; equal ones merge later)."""
         values = normalize_values(values)
         if len(values) == 0:
             return
@@ -74,7 +104,8 @@ class VocabCounter:
         if len(vc) == 0:
             return
         kind = "int" if vc.type.field(0).type == pa.int64() else "str"
-        self._parts[kind].append(pa.table({"v": vc.field("values"), "c": vc.field("counts")}))
+        distinct = canonical_text(vc.field("values")) if canonical else vc.field("values")
+        self._parts[kind].append(pa.table({"v": distinct, "c": vc.field("counts")}))
         self._pending += len(vc)
         if self._pending >= _CONSOLIDATE_AT:
             self._consolidate()

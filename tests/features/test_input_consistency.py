@@ -159,17 +159,39 @@ def test_integral_float_text_and_integers_fitted_together_are_one_value(tmp_path
     assert c_ids[:3] == [p_ids[0], p_ids[1], p_ids[1]] and 0 not in p_ids + c_ids
 
 
-def test_a_vocabulary_fitted_on_text_alone_takes_text_as_written(tmp_path):
-    """Only a fit on integers and text together folds "10.0" into the 10: a CSV-only fit keeps "10.0" out of
-    vocabulary, as models trained on it saw it (and as the README says)."""
-    rows = {"rid": ["1", "2", "3", "4"], "u": ["10", "10", "20", "abc"], "h": ["a"] * 4, "x": ["1"] * 4,
-            "click": ["0", "1", "0", "1"]}
-    spec = fit(parse_schema(SCHEMA), [_csv_table(tmp_path, rows)])
-    assert spec.transforms["features"]["u"]["value_type"] == "str"
-    later = {"rid": [str(i) for i in range(5)], "u": ["10", "10.0", "1e1", "20.00", "abc"], "h": ["a"] * 5,
-             "x": ["1"] * 5, "click": ["0"] * 5}
-    ids = transform_table(spec, _csv_table(tmp_path, later, name="later.csv"))["u"].to_pylist()
-    assert ids[0] != 0 and ids[1:4] == [0, 0, 0] and ids[4] != 0
+def test_text_is_canonical_since_specs_record_it_and_as_written_before(tmp_path):
+    """A spec fitted since 2026-12-06 (`canonical_text` on each categorical feature) takes a CSV's "10.0" / "1e1"
+    as the integer 10 and "True" as a bool column's `true`, in fitting and transforming, for vocabularies and
+    hashed features alike: pandas writes an int column with gaps as "10.0" and bools as "True", and the same rows
+    read from Parquet or a DataFrame (10, true) found other ids. A spec fitted before keeps text as written."""
+    schema = parse_schema({**SCHEMA, "categorical": [{"name": "u"}, {"name": "h", "transform": "hash",
+                                                                    "buckets": 1000}]})
+    rows = {"rid": ["1", "2", "3", "4", "5"], "u": ["10.0", "10", "20", "abc", "True"],
+            "h": ["10.0", "10", "20", "abc", "True"], "x": ["1"] * 5, "click": ["0", "1", "0", "1", "0"]}
+    spec = fit(schema, [_csv_table(tmp_path, rows)])
+    assert sorted(spec.transforms["features"]["u"]["values"]) == ["10", "20", "abc", "true"]
+    later = {"rid": [str(i) for i in range(6)], "u": ["10", "10.0", "1e1", "20.00", "abc", "TRUE"],
+             "h": ["10", "10.0", "1e1", "20.00", "abc", "TRUE"], "x": ["1"] * 6, "click": ["0"] * 6}
+    csv = transform_table(spec, _csv_table(tmp_path, later, name="later.csv"))
+    frame = transform_table(spec, pa.table({"rid": list(range(4)), "u": [10.0, 20.0, None, 10.0],
+                                            "h": [10.0, 20.0, None, 10.0], "x": [1.0] * 4, "click": [0] * 4}))
+    flags = transform_table(spec, pa.table({"rid": [1], "u": [True], "h": [True], "x": [1.0], "click": [0]}))
+    for name in ("u", "h"):
+        ids = csv[name].to_pylist()
+        assert ids[0] == ids[1] == ids[2] != 0 and ids[3] != 0 and ids[3] != ids[0] and ids[4] != 0
+        assert frame[name].to_pylist() == [ids[0], ids[3], 0, ids[0]]
+        assert flags[name].to_pylist() == [ids[5]] and ids[5] != 0
+    # a spec fitted before: no canonical_text, text as written ("10.0", "1e1", "20.00" no entry of the vocabulary)
+    old = spec.to_dict()
+    old.pop("version")
+    for state in old["transforms"]["features"].values():
+        state.pop("canonical_text", None)
+    old["transforms"]["features"]["u"]["values"] = ["10", "20", "abc", "True"]
+    old_spec = FeatureSpec.from_dict(old)
+    ids = transform_table(old_spec, _csv_table(tmp_path, later, name="later.csv"))["u"].to_pylist()
+    assert ids[0] != 0 and ids[1:4] == [0, 0, 0] and ids[4] != 0 and ids[5] == 0
+    h = transform_table(old_spec, _csv_table(tmp_path, later, name="later.csv"))["h"].to_pylist()
+    assert len(set(h[:3])) == 3
 
 
 def test_float_text_past_2_53_finds_no_neighbouring_integer(tmp_path):
