@@ -110,7 +110,9 @@ def parse_input(arg: str, split_column: str | None, valid_fraction: float, test_
         for part in m.group(1).split("+"):
             name, _, w = part.partition(":")
             if name not in SPLITS:
-                raise FeatureDataError(f"unknown split {name!r} in --input {arg!r} (known: {SPLITS})")
+                raise FeatureDataError(f"unknown split {name!r} in --input {arg!r} (known: {SPLITS}); a path that "
+                                       f"begins with '{name}=' (a Hive partition folder) is read as a path when "
+                                       f"written ./{arg}")
             splits.append(name)
             try:
                 weights.append(float(w) if w else 1.0)

@@ -324,6 +324,19 @@ def test_a_folder_input_reads_its_subfolders_and_refuses_a_file_it_cannot_read(f
 
 
 
+def test_a_hive_partition_glob_is_a_path_when_written_with_dot_slash(feat, tmp_path, monkeypatch):
+    """`--input 'day=*/part.csv'` reads as a split prefix `day=`: the error says how to give it as a path."""
+    from mmoe_rec.features.build import parse_input
+
+    for day in (1, 2):
+        (tmp_path / f"day={day}").mkdir()
+        _csv(tmp_path / f"day={day}", _good_rows(5), "part.csv")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FeatureDataError, match=r"unknown split 'day'.*written \./day=\*/part\.csv"):
+        parse_input("day=*/part.csv", None, 0.1, 0.1)
+    assert len(parse_input("./day=*/part.csv", None, 0.1, 0.1).files) == 2
+
+
 def test_an_output_inside_its_input_folder_is_passed_over_and_globs_read_partition_folders(feat, tmp_path, capsys):
     """`--input raw --output raw/features`: the rerun read the first run's output as input (refused as an unknown
     format since folders are read whole). The build's own output is passed over; another feature folder inside
