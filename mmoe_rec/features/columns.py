@@ -18,8 +18,14 @@ from mmoe_rec.features.vocab import normalize_values
 
 
 def one_chunk(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One array; string_view (which pyarrow writes to and reads back from Parquet) as plain string."""
     if isinstance(arr, pa.ChunkedArray):
-        return arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    t = arr.type
+    if pa.types.is_string_view(t):
+        return pc.cast(arr, pa.string())
+    if pa.types.is_dictionary(t) and pa.types.is_string_view(t.value_type):
+        return pc.cast(arr, pa.dictionary(t.index_type, pa.string()))
     return arr
 
 

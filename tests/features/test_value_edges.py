@@ -196,3 +196,22 @@ def test_an_integer_column_against_a_text_vocabulary_is_refused_not_scored_out_o
         transform_table(spec, good.assign(device=[1, 2]), with_labels=False)
     nulls = transform_table(spec, good.assign(device=pd.array([None, None], dtype="Int64")), with_labels=False)
     assert nulls.column("device").to_pylist() == [0, 0]  # no values: missing, as before
+
+
+def test_string_view_columns_read_as_strings():
+    """pyarrow writes string_view columns to Parquet and reads them back so: they were refused as no categorical
+    (string or integer) column. Ids, numbers and labels as from plain strings."""
+    from mmoe_rec.features.fit import fit
+    from mmoe_rec.features.schema import parse_schema
+
+    schema = parse_schema({"categorical": [{"name": "u"}, {"name": "tags", "multi_valued": True, "delimiter": "|"}],
+                           "numeric": [{"name": "p"}],
+                           "tasks": [{"name": "buy", "positive": ["yes"], "negative": ["no"]}]})
+    plain = pa.table({"u": ["a", "b", "a"], "tags": ["x|y", "y", "x"], "p": ["1", "2", "3.5"],
+                      "buy": ["yes", "no", "yes"]})
+    view = pa.table({c: plain[c].cast(pa.string_view()) for c in plain.column_names})
+    spec = fit(schema, plain)
+    assert transform_table(spec, view).equals(transform_table(spec, plain))
+    assert fit(schema, view).version == spec.version
+    dict_view = view.set_column(0, "u", view["u"].dictionary_encode())
+    assert transform_table(spec, dict_view).equals(transform_table(spec, plain))
