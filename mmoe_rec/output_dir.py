@@ -14,6 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def resolved_output(output: str | os.PathLike) -> Path:
+    """The path a run writes: a symlinked output is its target, so that the temporary sits beside the target and
+    the swap happens there (the link stays). Swapped in place of the link, the new output landed beside the link,
+    the link's target kept the old data, and a folder's old link could not be removed."""
+    output = Path(output)
+    return Path(os.path.realpath(output)) if output.is_symlink() else output
+
+
 def output_dir_problem(output: Path, overwrite: bool) -> str | None:
     """Why `output` may not be written to (a file; a non-empty directory without `overwrite`), or None."""
     if output.exists() and not output.is_dir():

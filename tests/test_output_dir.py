@@ -43,3 +43,21 @@ def test_replace_dir_swaps_whole_and_takes_a_sigterm_only_after_the_renames(tmp_
     assert [what for what, _ in seen] == ["renamed", "renamed", "sigterm"]
     # the old output removed before the signal is taken (a `.out.old-<pid>` left behind is removed by nothing)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "new.txt").read_text() == "new"
+
+
+def test_a_symlinked_output_folder_is_replaced_at_its_target_and_the_link_stays(tmp_path):
+    """The swap put the new folder in place of the link (the target kept the old data) and then failed to remove
+    the set-aside link ("Cannot call rmtree on a symbolic link"), exit 1 after the output had moved."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmoe_rec.data.synthetic import write_parquet
+
+    target, link = tmp_path / "disk" / "out", tmp_path / "out"
+    write_parquet(iter([pa.table({"x": [1, 2, 3]})]), target)
+    link.symlink_to(target, target_is_directory=True)
+    write_parquet(iter([pa.table({"x": [4, 5]})]), link, overwrite=True)
+    assert link.is_symlink() and os.path.realpath(link) == str(target)
+    assert pq.read_table(target)["x"].to_pylist() == [4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]  # nothing set aside or left over
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["out"]

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmoe_rec.output_dir import output_dir_problem, replace_dir
+from mmoe_rec.output_dir import output_dir_problem, replace_dir, resolved_output
 
 BLOCK_ROWS = 262_144  # rows per seeded generator: a constant, so the data does not depend on the chunk size
 
@@ -263,7 +263,7 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
     """Write a stream of tables as output/part-NNNNN.parquet; temporary directory renamed when complete.
     An existing non-empty output is an error (FileExistsError) unless `overwrite`; then it is replaced only
     once the new one is complete."""
-    output = Path(output)
+    output = resolved_output(output)
     check_output(output, overwrite)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -55,7 +55,7 @@ from mmoe_rec.features.schema import Schema, load_schema
 from mmoe_rec.features.sources import column_types, glob_root, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
-from mmoe_rec.output_dir import output_dir_problem, replace_dir
+from mmoe_rec.output_dir import output_dir_problem, replace_dir, resolved_output
 from mmoe_rec.paths import first_repeated_file
 
 logger = logging.getLogger(__name__)
@@ -410,7 +410,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
           split_column: str | None = None, batch_rows: int = 65_536, row_group_rows: int = 65_536,
           rows_per_file: int = 1_048_576, overwrite: bool = False, log=None) -> FeatureSpec:
     """Fit on the train rows of `sources` (pass 1), transform every row into its split (pass 2)."""
-    output = Path(output)
+    output = resolved_output(output)
     problem = output_dir_problem(output, overwrite)
     if problem:
         raise FeatureDataError(problem, file=str(output))

@@ -31,6 +31,7 @@ from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.features.sources import column_types, file_columns, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
+from mmoe_rec.output_dir import resolved_output
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import Scorer
@@ -144,7 +145,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     one Parquet file at `output`. Returns the number of rows scored. Input files without rows give an output
     without rows (the columns and types as always)."""
     check_output_is_not_an_input(inputs, output)
-    output = Path(output)
+    output = resolved_output(output)
     files = expand_inputs(inputs)  # one flat list: a folder and files together, each file once
     if not files:
         raise ValueError(f"{inputs}: no files to score")

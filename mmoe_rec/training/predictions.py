@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
+from mmoe_rec.output_dir import resolved_output
+
 
 class ParquetPredictionWriter(BasePredictionWriter):
     def __init__(self, output: str = "predictions.parquet") -> None:
@@ -49,7 +51,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
         return self.output.with_name(f"{self.output.stem}.rank{rank}{self.output.suffix}")
 
     def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
-        self._target = self.target(trainer)
+        self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
         if self._target.is_dir():
             raise IsADirectoryError(f"predictions output {self._target} is a directory; give a file path")
         self._target.parent.mkdir(parents=True, exist_ok=True)

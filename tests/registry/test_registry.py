@@ -327,6 +327,21 @@ def test_score_refuses_an_existing_output_unless_told_to_overwrite(rec_data, pac
     assert "--batch-rows must be >= 1" in capsys.readouterr().err
 
 
+def test_score_overwrites_a_symlinked_output_at_its_target(rec_data, package, tmp_path):
+    """--output a symlink with --overwrite: the link became a plain file and its target kept the old scores."""
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    raw_file, target, link = tmp_path / "raw.parquet", tmp_path / "disk" / "scores.parquet", tmp_path / "s.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), raw_file)
+    target.parent.mkdir()
+    target.write_bytes(b"old scores")
+    link.symlink_to(target)
+    argv = ["score", "--model", str(package), "--input", str(raw_file), "--output", str(link), "--overwrite"]
+    assert mmoe_rec_main(argv) == 0
+    assert link.is_symlink() and pq.read_table(target).num_rows == 20
+    assert sorted(p.name for p in target.parent.iterdir()) == ["scores.parquet"]
+
+
 def test_an_unusable_store_for_score_and_register_names_their_own_option(rec_data, package, tmp_path, capsys,
                                                                          monkeypatch):
     # the hint named trainer.logger.init_args.tracking_uri, a setting of `fit` that score and register do not have
