@@ -154,8 +154,15 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         from mmoe_rec.training.cli import run_lightning_cli
 
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         try:
             run_lightning_cli(argv)
+        except SIGTERMException:  # a SystemExit without a code: the stopped job exited 0, as if it had finished
+            resume = "; it resumes from its last checkpoint with --ckpt_path" if argv[0] == "fit" else ""
+            print(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished (its MLflow run is marked "
+                  f"FAILED{resume})", file=sys.stderr)
+            return 128 + signal.SIGTERM
         except Exception as e:
             return _report(e, argv)
         return 0

@@ -19,6 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
@@ -493,6 +494,10 @@ class MultiTaskModule(L.LightningModule):
         self.test_metrics.reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, Any]:
+        if self._trainer is not None and self.trainer.received_sigterm:
+            # Lightning's fit, validate and test loops stop on a SIGTERM, its predict loop does not (it ran to the
+            # end and exited 0): stopped here, the prediction writer removes its partial files (on_exception)
+            raise SIGTERMException
         out = self.model(batch)
         scores = {
             # in float32: a bf16 sigmoid writes every logit above ~6.2 as exactly 1.0 and ties close scores

@@ -62,3 +62,22 @@ class FailBeforeRendezvous(L.Callback):
     def __init__(self, rank: int = 1) -> None:
         if int(os.environ.get("LOCAL_RANK", "0")) == rank:
             raise RuntimeError(f"rank {rank} fails before the rendezvous")
+
+
+class SigtermAt(L.Callback):
+    """Sends this process a SIGTERM (a scheduler's cancel, `timeout`) at its `batch`-th training or predict batch."""
+
+    def __init__(self, batch: int = 2) -> None:
+        self.batch = batch
+
+    def _maybe(self, batch_idx: int) -> None:
+        if batch_idx == self.batch:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._maybe(batch_idx)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._maybe(batch_idx)

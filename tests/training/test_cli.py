@@ -550,3 +550,36 @@ def test_only_lightnings_watchers_are_checked_not_a_callback_that_logs_its_own_m
     check_monitors(SimpleNamespace(callbacks=[OwnMetric()]), module)
     with pytest.raises(ValueError, match="EarlyStopping monitors 'my/metric', which this fit does not log"):
         check_monitors(SimpleNamespace(callbacks=[OwnMetric(), EarlyStopping(monitor="my/metric")]), module)
+
+
+def test_a_sigterm_stops_fit_and_predict_with_exit_143_and_no_partial_output(feature_dir, in_tmp):
+    """A SIGTERM (a scheduler's cancel, `timeout`): Lightning stopped a fit with a SystemExit of no code, exit 0
+    as if it had finished, and its predict loop did not stop at all (the run went on to write every row, exit 0).
+    Both now stop, exit 143 with one line, the MLflow run FAILED, and predict leaves no partial file."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    config = str(CONFIGS[0].parent / "mmoe_synthetic.yaml")
+    sigterm = ["--trainer.callbacks+=rank_failure.SigtermAt", "--trainer.callbacks.batch=2"]
+    common = ["--data.init_args.data_dir", str(feature_dir), "--data.init_args.batch_size", "32",
+              "--trainer.enable_progress_bar", "false"]
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "mmoe_rec.cli", *argv], cwd=in_tmp, env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    proc = run("fit", "--config", config, *common, "--checkpoint_dir", str(in_tmp / "ck"), *sigterm)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "error: mmoe-rec fit stopped by SIGTERM before it finished" in proc.stderr
+    assert mlflow_run(in_tmp / "mlflow.db")[0].info.status == "FAILED"
+    assert run("fit", "--config", config, *TINY, "--data.init_args.data_dir", str(feature_dir),
+               "--checkpoint_dir", str(in_tmp / "ck")).returncode == 0
+    proc = run("predict", "--config", config, *common, "--ckpt_path", str(in_tmp / "ck" / "last.ckpt"),
+               "--predictions_path", str(in_tmp / "out" / "p.parquet"), *sigterm)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "error: mmoe-rec predict stopped by SIGTERM" in proc.stderr
+    assert list((in_tmp / "out").iterdir()) == []  # neither the file nor a partial one
