@@ -148,7 +148,8 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     output = resolved_output(output)
     files = expand_inputs(inputs)  # one flat list: a folder and files together, each file once
     if not files:
-        raise ValueError(f"{inputs}: no files to score")
+        shown = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(map(str, inputs))
+        raise ValueError(f"no files to score in {shown} (a folder's names starting with . or _ are skipped)")
     reader = saved_reader(scorer.spec)
     for path in files:  # before any row is scored: the format of every file, then its columns
         input_format(path)
@@ -221,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--batch-rows must be >= 1, got {args.batch_rows}")
     if Path(args.output).exists() and not args.overwrite:  # as `features` and `synth`: never replace data unasked
         raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it")
-    expand_inputs(args.input)  # a file named twice, or no such input: refused before the model loads
+    if not expand_inputs(args.input):  # a file named twice, no such input, or none: refused before the model loads
+        raise ValueError(f"no files to score in {', '.join(args.input)} (a folder's names starting with . or _ are "
+                         "skipped)")
     from mmoe_rec.training.tracking import configure_tracking
 
     configure_tracking(args.tracking_uri, setting="--tracking-uri")

@@ -342,6 +342,19 @@ def test_score_overwrites_a_symlinked_output_at_its_target(rec_data, package, tm
     assert sorted(p.name for p in target.parent.iterdir()) == ["scores.parquet"]
 
 
+def test_score_refuses_an_input_folder_without_files_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").touch()
+    argv = ["score", "--model", str(tmp_path / "no_such_package"), "--input", str(tmp_path / "empty"),
+            "--output", str(tmp_path / "s.parquet")]
+    assert mmoe_rec_main(argv) == 1
+    err = capsys.readouterr().err  # named in plain words, not as a Python list, and before the missing model
+    assert err.startswith(f"error: no files to score in {tmp_path / 'empty'} (a folder's names"), err
+
+
 def test_an_unusable_store_for_score_and_register_names_their_own_option(rec_data, package, tmp_path, capsys,
                                                                          monkeypatch):
     # the hint named trainer.logger.init_args.tracking_uri, a setting of `fit` that score and register do not have
