@@ -65,11 +65,25 @@ def _report(e: Exception, argv: list[str] | None = None) -> int:
     innermost = [x for x in chain if isinstance(x, Exception) and _is_user_error(x)][-1]
     key = _parser_key(chain, argv or [])  # jsonargparse's innermost message names the value, not the setting
     message = str(innermost)
+    worker = _loader_worker_error(message)
+    if worker:  # raised in a DataLoader worker: PyTorch re-raises it with the worker's whole traceback as text
+        innermost = ValueError(worker)
     echo = next((m for m in ("Got value: Namespace(", "Given value: Namespace(") if m in message), None)
     if echo:  # the whole sub-config of a class, printed back (jsonargparse's wording varies by version): cut
         innermost = ValueError(message[: message.index(echo)].rstrip(". ") + ".")
     print_user_error(innermost, key if key and not message.startswith(key) else None)
     return 1
+
+
+def _loader_worker_error(message: str) -> str | None:
+    """"Caught ValueError in DataLoader worker process 1.\nOriginal Traceback ...\n<module>.Error: <text>" as
+    "<text> (in data loader worker 1)"; None for any other message."""
+    m = re.match(r"Caught \w+ in DataLoader worker process (\d+)\.\nOriginal Traceback", message)
+    if not m:
+        return None
+    last = [line for line in message.splitlines() if line and not line[0].isspace()][-1]  # the exception's line
+    text = last.split(": ", 1)[1] if ": " in last else last
+    return f"{text} (in data loader worker {m.group(1)})"
 
 
 def _parser_key(chain: list[BaseException], argv: list[str]) -> str | None:

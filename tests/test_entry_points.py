@@ -225,3 +225,27 @@ def test_a_process_that_leaves_an_xz_reader_half_way_exits_cleanly():
     for _ in range(3):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-1500:])
+
+
+class _FailingRows(__import__("torch").utils.data.IterableDataset):
+    def __iter__(self):
+        from mmoe_rec.features.errors import FeatureDataError
+
+        raise FeatureDataError("label is NaN", file="part-0.parquet", column="label_click", row=3)
+        yield 0
+
+
+def test_an_error_in_a_data_loader_worker_is_one_line_naming_file_column_and_row(capsys, monkeypatch):
+    """PyTorch re-raises a worker's error as "Caught ValueError in DataLoader worker process 0." with the worker's
+    traceback as its text: the one-line report printed all of it."""
+    from torch.utils.data import DataLoader
+
+    from mmoe_rec.cli import _report
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    with pytest.raises(ValueError) as info:
+        list(DataLoader(_FailingRows(), num_workers=1))
+    assert _report(info.value, ["predict"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == ("error: file part-0.parquet, column 'label_click', row 3 (0-based): label is NaN "
+                                   "(in data loader worker 0)"), err
