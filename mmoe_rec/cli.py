@@ -166,9 +166,9 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
             _exit_now(code)
         return code
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from mmoe_rec.training.cli import run_lightning_cli
-
         from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from mmoe_rec.training.cli import run_lightning_cli
 
         try:
             run_lightning_cli(argv)

@@ -20,7 +20,6 @@ from mmoe_rec.features.spec import TRANSFORMS_FORMAT, FeatureSpec, SparseFeature
 from mmoe_rec.features.vocab import VocabCounter
 
 
-
 def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list[str]:
     have = set(table_columns)
     return [c for c in needed if c not in have]

@@ -139,6 +139,15 @@ def saved_reader(spec) -> ReaderSpec:
     return ReaderSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
 
 
+def files_to_score(inputs: str | os.PathLike | list) -> list[str]:
+    """The input files, one flat list (a folder and files together, each file once); none is an error."""
+    files = expand_inputs(inputs)
+    if not files:
+        shown = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(map(str, inputs))
+        raise ValueError(f"no files to score in {shown} (a folder's names starting with . or _ are skipped)")
+    return files
+
+
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
                   model_version: str, batch_rows: int = 65_536) -> int:
     """Stream `inputs` (raw Parquet or CSV files, read as `mmoe-rec features` reads them) through the model into
@@ -146,10 +155,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     without rows (the columns and types as always)."""
     check_output_is_not_an_input(inputs, output)
     output = resolved_output(output)
-    files = expand_inputs(inputs)  # one flat list: a folder and files together, each file once
-    if not files:
-        shown = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(map(str, inputs))
-        raise ValueError(f"no files to score in {shown} (a folder's names starting with . or _ are skipped)")
+    files = files_to_score(inputs)
     reader = saved_reader(scorer.spec)
     for path in files:  # before any row is scored: the format of every file, then its columns
         input_format(path)
@@ -222,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--batch-rows must be >= 1, got {args.batch_rows}")
     if Path(args.output).exists() and not args.overwrite:  # as `features` and `synth`: never replace data unasked
         raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it")
-    if not expand_inputs(args.input):  # a file named twice, no such input, or none: refused before the model loads
-        raise ValueError(f"no files to score in {', '.join(args.input)} (a folder's names starting with . or _ are "
-                         "skipped)")
+    files_to_score(args.input)  # a file named twice, no such input, or none: refused before the model loads
     from mmoe_rec.training.tracking import configure_tracking
 
     configure_tracking(args.tracking_uri, setting="--tracking-uri")

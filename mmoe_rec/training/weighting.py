@@ -12,11 +12,12 @@
   training rate (L_t(0): its loss at the first step). The gradient-norm loss sum_t |G_t - target_t| (target held
   constant) trains only w; the network trains on sum_t s_t w_t L_t with w held constant, s_t the static
   task_weights, which multiply on top of w (G_t leaves them out, so w does not learn to undo them); after every
-  optimizer step w is renormalized to sum to K. Costs one extra backward to W per task and step.
-A task of static weight 0 (evaluated, not trained) takes no part in DWA's softmax or GradNorm's balance (K then
-counts the trained tasks): its loss does not fall, and as the "slowest" task it took weight from the others. Under DDP the gradients on W
-  and the losses are averaged over the ranks first (one all-reduce of K x |W| floats a step): the balance is that
-  of the global batch the network trains on, and every rank computes the same w.
+  optimizer step w is renormalized to sum to K. Costs one extra backward to W per task and step. Under DDP the
+  gradients on W and the losses are averaged over the ranks first (one all-reduce of K x |W| floats a step): the
+  balance is that of the global batch the network trains on, and every rank computes the same w.
+
+A task of static weight 0 (evaluated, not trained) takes no part in DWA's softmax or GradNorm's balance (K counts
+the trained tasks): its loss does not fall, and as the "slowest" task it took weight from the others.
 """
 from __future__ import annotations
 
