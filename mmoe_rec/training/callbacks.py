@@ -218,7 +218,7 @@ class Window:
             mat = torch.eye(len(names), dtype=torch.float64)
             for (a, b), (s, n) in self.jaccard.items():
                 i, j = names.index(a), names.index(b)
-                mat[i, j] = mat[j, i] = s / max(float(n), 1.0)
+                mat[i, j] = mat[j, i] = s / float(n) if float(n) > 0 else float("nan")  # no row sent: undefined
             out["expert_jaccard"] = (names, mat)
         return out
 

@@ -377,12 +377,15 @@ def gate_similarity(names: list[str], pair_sums: torch.Tensor) -> dict[str, tupl
 
     PLE task gates are recorded over all experts of their level (zero weight on the other tasks' own experts),
     so a task that uses only its own experts and one that uses only its own are disjoint (JS 1, cosine 0).
+    A pair no row was weighted by both gates of is NaN (undefined), as the label correlation of a constant label.
     """
     T = len(names)
     if T < 2:
         return {}
     i, j = torch.triu_indices(T, T, 1)
-    means = pair_sums[:, :2].double().cpu() / pair_sums[:, 2:].double().cpu().clamp_min(1.0)  # (P, 2)
+    rows = pair_sums[:, 2:].double().cpu()  # (P, 1) rows both gates weigh
+    # a pair with no such row has no similarity (NaN, not JS 0 "identical"): expert choice's disjoint rows
+    means = torch.where(rows > 0, pair_sums[:, :2].double().cpu() / rows.clamp_min(1.0), float("nan"))  # (P, 2)
     js, cos = torch.zeros(T, T, dtype=torch.float64), torch.eye(T, dtype=torch.float64)
     js[i, j] = js[j, i] = means[:, 0]
     cos[i, j] = cos[j, i] = means[:, 1]

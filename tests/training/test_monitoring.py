@@ -511,3 +511,29 @@ def test_expert_overlap_leaves_out_rows_no_expert_took():
     related = window.relatedness()
     assert float(related["gate_cos"][1][0, 1]) == 0.0
     assert float(related["expert_jaccard"][1][0, 1]) == 0.0
+
+
+def test_gates_that_never_weigh_a_row_together_have_no_similarity_and_nothing_sent_has_no_overlap():
+    """Expert choice, disjoint rows: task a's experts took rows 0-1, task b's rows 2-3. No row has both gates'
+    distributions: JS and cosine are undefined (NaN, left out of the scalars), not JS 0 ("identical"); the overlap
+    is 0 (each row sent by one gate only). With no row sent at all the overlap is undefined too."""
+    from mmoe_rec.training.callbacks import Window
+
+    probs = torch.full((4, 2), 0.5)
+    ca = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.0, 0.0], [0.0, 0.0]])
+
+    def record(combine: torch.Tensor) -> GateRecord:
+        return GateRecord(combine=combine, probs=probs, chosen=None, dropped=(combine.sum(1) == 0).sum(),
+                          assigned=combine > 0)
+
+    labels = {"a": torch.tensor([0.0, 1, 0, 1]), "b": torch.tensor([1.0, 0, 1, 1])}
+    window = Window(["a", "b"])
+    window.update({"a": record(ca), "b": record(ca.flip(0))}, labels)
+    related = window.relatedness()
+    assert torch.isnan(related["gate_js"][1][0, 1]) and torch.isnan(related["gate_cos"][1][0, 1])
+    assert float(related["expert_jaccard"][1][0, 1]) == 0.0
+    metrics = window.metrics("experts", "relatedness")
+    assert "relatedness/gate_js/a.vs.b" not in metrics and metrics["relatedness/expert_jaccard/a.vs.b"] == 0.0
+    nothing = Window(["a", "b"])
+    nothing.update({"a": record(torch.zeros(4, 2)), "b": record(torch.zeros(4, 2))}, labels)
+    assert torch.isnan(nothing.relatedness()["expert_jaccard"][1][0, 1])
