@@ -264,6 +264,7 @@ class RoutingMonitor(L.Callback):
         self._step: int | None = None  # the global step at the last batch's end (a checkpoint records it)
         self._current_epoch: int | None = None  # the trainer's epoch, for the checkpoint (state_dict has no trainer)
         self._restored: dict[str, Any] | None = None  # open sums from a checkpoint, until the fit takes them
+        self._grad_probe_step: int | None = None  # the step of the closing epoch's gradient probe (plot title)
 
     def _fresh(self, pl_module) -> Window:
         return Window(list(pl_module.tasks))
@@ -381,6 +382,7 @@ class RoutingMonitor(L.Callback):
             return
         epoch.reduce()
         # the epoch's last gradient probe, if it had one
+        self._grad_probe_step = getattr(pl_module, "last_grad_cosine_step", None)
         self._close_epoch(trainer, epoch, trainer.current_epoch, getattr(pl_module, "last_grad_cosine", None))
 
     def _close_epoch(self, trainer, epoch: Window, index: int, grad_cosine=None, step: int | None = None) -> None:
@@ -398,15 +400,18 @@ class RoutingMonitor(L.Callback):
                 _unless_it_fails(f"relatedness/epoch_{index:03d}.json",
                                  lambda: log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json"))
         if self.plots and trainer.is_global_zero and self._artifact_logger(trainer):
-            _unless_it_fails(f"epoch {index}'s plots", lambda: self.write_plots(trainer.logger, epoch, grad_cosine))
+            _unless_it_fails(f"epoch {index}'s plots", lambda: self.write_plots(trainer.logger, epoch, grad_cosine,
+                                                                                   epoch=index))
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float], step: int) -> None:
         if metrics and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(metrics, step=step)
 
-    def figures(self, window: Window, grad_cosine=None) -> dict[str, Any]:
+    def figures(self, window: Window, grad_cosine=None, epoch: int | None = None) -> dict[str, Any]:
+        """The plots of a window; `epoch` (the one it closes) and the gradient probe's step go into the titles."""
         figs = {}
+        of_epoch = "" if epoch is None else f", epoch {epoch}"
         # experts a gate cannot reach (a PLE task gate over its level: the other tasks' own experts) as NaN, which
         # the plots leave blank and leave out of the gate's uniform share 1/E
         unreachable = {g: sorted(set(range(s.utilization.numel())) - set(reachable_experts(s)))
@@ -419,19 +424,25 @@ class RoutingMonitor(L.Callback):
 
         if window.gates:
             figs["utilization_heatmap"] = plots.utilization_heatmap(
-                {g: blank(g, s.utilization.numpy()) for g, s in window.gates.items()})
+                {g: blank(g, s.utilization.numpy()) for g, s in window.gates.items()},
+                title=f"Expert utilization (mean gate weight{of_epoch})")
         if self.history_steps:
             sparse = any(s.sparse for s in window.gates.values())
             figs["expert_load"] = plots.load_over_training(
                 self.history_steps,
                 {g: blank(g, np.stack(v)) for g, v in self.history.items() if len(v) == len(self.history_steps)},
                 ylabel="share of assignments" if sparse else "mean gate weight",
-                title=f"Per-expert load over training (every {self.every_n_steps * self.history_every} steps)")
+                title=f"Per-expert load over training (every {self.every_n_steps * self.history_every} steps"
+                      f"{', to ' + of_epoch[2:] if of_epoch else ''})")
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
         if grad_cosine is not None:
             matrices["grad_cos"] = (grad_cosine[0], grad_cosine[1].numpy())
         if matrices:
-            figs["task_relatedness"] = plots.relatedness_matrices(matrices)
+            probe = self._grad_probe_step
+            figs["task_relatedness"] = plots.relatedness_matrices(
+                matrices, title=f"Task relatedness{of_epoch}" + (f" (gradient cosine: step {probe})"
+                                                                 if grad_cosine is not None and probe is not None
+                                                                 else ""))
         return figs
 
     def _artifact_logger(self, trainer) -> bool:
@@ -448,8 +459,8 @@ class RoutingMonitor(L.Callback):
                            "they are not made (the experts/ and relatedness/ scalars are logged)")
         return False
 
-    def write_plots(self, logger, window: Window, grad_cosine=None) -> None:
-        for name, fig in self.figures(window, grad_cosine).items():
+    def write_plots(self, logger, window: Window, grad_cosine=None, epoch: int | None = None) -> None:
+        for name, fig in self.figures(window, grad_cosine, epoch).items():
             try:
                 log_png(logger, fig, name)
             finally:

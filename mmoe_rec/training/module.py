@@ -199,6 +199,7 @@ class MultiTaskModule(L.LightningModule):
         })
         self.last_output: ModelOutput | None = None  # read by RoutingMonitor and after_optimizer_step
         self.last_grad_cosine: tuple[list[str], torch.Tensor] | None = None
+        self.last_grad_cosine_step: int | None = None
         self._epoch_loss_sum: torch.Tensor | None = None  # (T,) on the model's device: no host sync per step
         self._epoch_batches = 0
         self._epoch_rows = 0
@@ -322,6 +323,7 @@ class MultiTaskModule(L.LightningModule):
             stacked = trainer.strategy.reduce(stacked, reduce_op="sum")
         names, mat = gradient_cosine({t: stacked[i] for i, t in enumerate(self.tasks)})
         self.last_grad_cosine = (names, mat.cpu())
+        self.last_grad_cosine_step = self.global_step  # named in the epoch's relatedness plot
         if trainer.logger is not None and trainer.is_global_zero:
             # straight to the logger at this step: self.log would hold it until the next log_every_n_steps
             trainer.logger.log_metrics(pair_scalars("relatedness/grad_cos", names, mat), step=self.global_step)

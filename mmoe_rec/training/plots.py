@@ -272,6 +272,10 @@ def _load_heatmaps(steps, gates, values, max_experts, ylabel, title):
     return fig
 
 
+UNDEFINED = {"label_corr": "a label that did not vary", "gate_cos": "no row both gates weighed",
+             "gate_js": "no row both gates weighed", "expert_jaccard": "no row sent to an expert"}
+
+
 def relatedness_matrices(matrices: dict[str, tuple[list[str], np.ndarray]],
                          title: str = "Task relatedness"):
     """name -> (task names, (T, T) matrix); one panel per measure, values annotated."""
@@ -290,7 +294,9 @@ def relatedness_matrices(matrices: dict[str, tuple[list[str], np.ndarray]],
     side_w = label_in + 1.4  # y tick labels + "task" label on the left, colour bar and its ticks on the right
     cols = max(1, min(3, len(names), int(MAX_WIDTH_IN // (side_w + 1.8))))
     rows = (len(names) + cols - 1) // cols
-    side_h = 0.5 * label_in + 1.0  # x labels rotated 30 degrees take ~half their length; title and "task" label
+    # x labels at 30 degrees take ~half their length in height, but overlap their neighbours past ~8 tasks: then 90
+    rotation = 30 if num_tasks <= 8 else 90
+    side_h = (0.5 if rotation == 30 else 1.0) * label_in + 1.0  # x labels; title and "task" label
     mat_in = max(1.8, min(0.45, 7.0 / num_tasks) * num_tasks)
     mat_in = max(1.2, min(mat_in, MAX_WIDTH_IN / cols - side_w, (MAX_HEIGHT_IN - 0.5) / rows - side_h))
     fig, axes = plt.subplots(rows, cols, figsize=((mat_in + side_w) * cols, (mat_in + side_h) * rows + 0.5),
@@ -312,11 +318,12 @@ def relatedness_matrices(matrices: dict[str, tuple[list[str], np.ndarray]],
         im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="auto")
         if mat_in / max(len(tasks), 1) >= ANNOTATE_MIN_CELL_IN:
             _annotate(ax, mat, cmap, im.norm, mat_in / max(len(tasks), 1))
-        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", rotation_mode="anchor", fontsize=tick_fs)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=rotation, ha="right", rotation_mode="anchor",
+                      fontsize=tick_fs, **({"va": "center"} if rotation == 90 else {}))
         ax.set_yticks(range(len(tasks)), tasks, fontsize=tick_fs)
         ax.set_xlabel("task")
         ax.set_ylabel("task")
-        undefined = "\n(grey: undefined, a label that did not vary)" if np.isnan(mat).any() else ""
+        undefined = f"\n(grey: undefined, {UNDEFINED.get(name, 'no rows to measure')})" if np.isnan(mat).any() else ""
         ax.set_title(labels.get(name, name) + undefined, fontsize=FONT)
         cbar = fig.colorbar(im, ax=ax, pad=0.03)
         cbar.set_label(cbar_labels.get(name, name), fontsize=9)

@@ -266,3 +266,20 @@ def test_the_load_heatmap_step_axis_labels_each_log_point_once():
         assert len(labels) == len(set(labels)) <= 10 and labels[0] == "100", (n, labels)
         assert set(labels) <= {str(s) for s in steps}
         plots.close(fig)
+
+
+def test_many_tasks_get_upright_x_labels_and_each_undefined_cell_says_why():
+    """12 long task names at 30 degrees ran into one another (a review's 12-task plot); past 8 tasks they stand at
+    90. A grey cell's caption names what made it undefined for its measure (it said "a label that did not vary"
+    for a gate pair that no row was weighed by)."""
+    tasks = [f"task_{i}_engagement_watch_time"[: 12 + 2 * i] for i in range(12)]
+    js = np.full((12, 12), 0.2)
+    js[0, 1] = js[1, 0] = np.nan
+    fig = plots.relatedness_matrices({"gate_js": (tasks, js)})
+    ax = fig.axes[0]
+    assert {label.get_rotation() for label in ax.get_xticklabels()} == {90.0}
+    assert "no row both gates weighed" in ax.get_title()
+    plots.close(fig)
+    fig = plots.relatedness_matrices({"label_corr": (tasks[:3], np.eye(3))})
+    assert {label.get_rotation() for label in fig.axes[0].get_xticklabels()} == {30.0}
+    plots.close(fig)

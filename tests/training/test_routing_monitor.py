@@ -226,3 +226,27 @@ def test_without_an_mlflow_logger_no_plot_is_drawn_and_it_says_so_once(feature_d
         _, logger = fit(feature_dir, tmp_path, monitor)
     assert drawn == [] and len([w for w in caught if "RoutingMonitor: the plots" in str(w.message)]) == 1
     assert logger.steps_with("experts/epoch/click/util/e0") == [21, 42]  # the scalars still logged
+
+
+def test_the_epoch_plots_say_which_epoch_and_which_step_the_gradient_probe_was():
+    """Each epoch's plots replace the last epoch's under plots/: their titles name the epoch (and the gradient
+    cosine's step), which nothing in the figure said."""
+    import torch
+
+    from mmoe_rec.nn.routing_record import GateRecord
+    from mmoe_rec.training import plots
+    from mmoe_rec.training.callbacks import Window
+
+    monitor = RoutingMonitor(every_n_steps=5)
+    window = Window(["a", "b"])
+    probs = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    window.update({t: GateRecord(combine=probs, probs=probs) for t in ("a", "b")},
+                  {"a": torch.tensor([0.0, 1, 0, 1, 1, 0]), "b": torch.tensor([1.0, 0, 1, 1, 0, 0])})
+    monitor._grad_probe_step = 40
+    figs = monitor.figures(window, (["a", "b"], torch.eye(2, dtype=torch.float64)), epoch=3)
+    try:
+        assert figs["utilization_heatmap"].axes[0].get_title() == "Expert utilization (mean gate weight, epoch 3)"
+        assert figs["task_relatedness"]._suptitle.get_text() == "Task relatedness, epoch 3 (gradient cosine: step 40)"
+    finally:
+        for fig in figs.values():
+            plots.close(fig)
