@@ -89,8 +89,9 @@ class BatchCollator:
 
     @property
     def finite_columns(self) -> list[str]:
-        """Columns read whose every value must be a finite number: labels and the sample weight."""
-        return self.label_columns + self.nonnegative_columns
+        """Columns read whose every value must be a finite number: labels, the sample weight and the dense features
+        (the feature build writes none other; a null, NaN or inf there made every weight NaN without a word)."""
+        return self.label_columns + self.nonnegative_columns + list(self.spec.dense_features)
 
     @property
     def nonnegative_columns(self) -> list[str]:

@@ -146,6 +146,11 @@ class FeatureDataModule(L.LightningDataModule):
                 raise ValueError(f"data {name} must be >= {least}, got {value}")
         if eval_batch_size is not None and eval_batch_size < 1:
             raise ValueError(f"data eval_batch_size must be >= 1 (or null: batch_size), got {eval_batch_size}")
+        if not 0 <= seed < 2 ** 63:  # numpy's generators take no negative seed (found at the first batch)
+            raise ValueError(f"data seed must be in [0, 2**63), got {seed}")
+        if pin_memory and not torch.cuda.is_available():  # pinning needs an accelerator (it failed at the 1st batch)
+            rank_zero_warn("data pin_memory: no CUDA device here, so batches are not pinned")
+            pin_memory = False
         self.data_dir = Path(data_dir)
         self.spec = FeatureSpec.load(self.data_dir / "spec.json")
         if isinstance(tasks, str):  # list("click") would be five one-letter tasks
@@ -183,10 +188,12 @@ class FeatureDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self._epoch, "seed": self.seed, "batches_done": 0}
         trainer = self.trainer
-        if trainer is not None and trainer.state.fn == "fit" and trainer.state.status == "running":
+        if trainer is not None and trainer.state.fn == "fit" and trainer.state.status in ("running", "interrupted"):
             # batches whose optimizer step is done in the current epoch (a checkpoint written from
             # on_train_batch_end counts the batch just trained, one written by a mid-epoch validation the batches
-            # before it; Lightning resumes after them)
+            # before it; Lightning resumes after them). "interrupted": a checkpoint written on an exception or a
+            # SIGTERM (OnExceptionCheckpoint), where Lightning records the position too (the resume had retrained
+            # the epoch's first batches and never the last ones)
             state["epoch"] = trainer.current_epoch
             state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
             if math.isfinite(trainer.num_training_batches):  # done == this: written at the epoch's end

@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmoe_rec.features.spec import SPEC_VERSION_KEY
+from mmoe_rec.paths import skipped_name
 
 DROP_TAG = 0x64726F70  # "drop": keeps the drop_last offset's generator apart from the shuffles' ones
 MAX_OPEN_FILES = 8  # per worker: a worker may visit thousands of shards in an epoch, more than it may hold open
@@ -114,7 +115,8 @@ class ParquetIndex:
         spec_version: str | None = None,
     ) -> "ParquetIndex":
         directory = Path(directory)
-        files = sorted(directory.glob("*.parquet"))
+        # not ".x.parquet" / "_x.parquet" (a writer's temporary file, a copy set aside): no reader here takes them
+        files = sorted(p for p in directory.glob("*.parquet") if not skipped_name(p.name))
         if not files:
             raise FileNotFoundError(f"no *.parquet files in {directory}")
         return cls.from_files(files, required_columns, kinds, spec_version)
@@ -515,7 +517,9 @@ class FeatureParquetStream(IterableDataset):
         self.nonnegative_columns = tuple(nonnegative_columns)
         self.id_columns = tuple(id_columns)
         self.epoch = 0
-        len(self)  # fail here, in the main process, if the rows cannot be planned
+        # fail here, in the main process, if the rows cannot be planned for any rank (one rank's plan alone let
+        # another's loader fail inside a worker, or at its first batch)
+        self.step_rows() if world_size > 1 else len(self)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

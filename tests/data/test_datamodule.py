@@ -356,6 +356,7 @@ def test_a_mid_epoch_drop_last_checkpoint_of_older_code_is_refused(make_feature_
     (dict(eval_batch_size=0), "eval_batch_size must be >= 1"),  # silently meant batch_size
     (dict(num_workers=-1), "num_workers must be >= 0"),
     (dict(chunk_rows=0), "chunk_rows must be >= 1"),
+    (dict(seed=-1), r"seed must be in \[0, 2\*\*63\), got -1"),  # numpy's error at the first batch before
 ])
 def test_bad_loader_settings_are_refused_when_the_data_module_is_made(feature_dir, kwargs, match):
     # a batch size of 0 was found when the first loader was made, after the trainer and its MLflow run
@@ -385,3 +386,52 @@ def test_each_batch_says_its_steps_rows_summed_over_the_ranks(make_feature_dir, 
     for batches in per_rank:
         assert [b.step_rows for b in batches] == [sum(step) for step in zip(*sizes)]
     assert all(b.step_rows is None for b in dm.dataloader(split, train=train, rank=0, world_size=1))
+
+
+def test_pin_memory_without_a_cuda_device_warns_and_does_not_pin(feature_dir):
+    """Pinning needs an accelerator: on a CPU-only machine the first batch failed ("Cannot access accelerator
+    device when none is available") after the MLflow run was made, naming no setting."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device pins")
+    with pytest.warns(UserWarning, match="pin_memory: no CUDA device here"):
+        dm = FeatureDataModule(str(feature_dir), batch_size=64, pin_memory=True)
+    batch = next(iter(dm.dataloader("train", train=True, rank=0, world_size=1)))
+    assert not batch.dense.is_pinned()
+
+
+def test_a_dense_value_that_is_null_nan_or_inf_is_named_by_file_column_and_row(make_feature_dir):
+    """The feature build writes finite dense values only; a file that holds others made every weight NaN."""
+    import pyarrow as pa
+
+    root = make_feature_dir("dense_nan", rows={"train": 300, "valid": 50, "test": 50}, row_group_size=100)
+    path = root / "train" / "part-00001.parquet"
+    table = pq.read_table(path)
+    d0 = table["d0"].to_numpy().copy()
+    d0[42] = np.inf
+    pq.write_table(table.set_column(table.schema.get_field_index("d0"), "d0", pa.array(d0, pa.float32())), path,
+                   row_group_size=100)
+    dm = FeatureDataModule(str(root), batch_size=64)
+    with pytest.raises(ValueError, match=rf"{path}: column d0 is inf at row 42 .* every value must be a finite"):
+        list(dm.dataloader("train", train=True, rank=0, world_size=1))
+
+
+def test_names_a_writer_sets_aside_are_not_read_as_feature_files(make_feature_dir):
+    """`.part.parquet` / `_tmp.parquet` (a writer's temporary file, a copy set aside) were read as rows of the split
+    where no manifest counts them: rows twice."""
+    import shutil
+
+    root = make_feature_dir("hidden", rows={"train": 300, "valid": 50, "test": 50})
+    for name in (".part-00000.parquet", "_tmp.parquet"):
+        shutil.copy(root / "train" / "part-00000.parquet", root / "train" / name)
+    dm = FeatureDataModule(str(root), batch_size=64)
+    assert sum(b.batch_size for b in dm.dataloader("train", rank=0, world_size=1)) == 300
+
+
+def test_rows_that_cannot_be_planned_for_some_rank_fail_when_any_ranks_loader_is_made(make_feature_dir):
+    """929 rows at batch 1 on 2 ranks: rank 0's loader was made (its own plan fits) and failed at its first batch
+    inside a worker; rank 1's failed when made."""
+    root = make_feature_dir("unplannable", rows={"train": 929, "valid": 50, "test": 50})
+    dm = FeatureDataModule(str(root), batch_size=1)
+    for rank in (0, 1):
+        with pytest.raises(ValueError, match="929 rows cannot be split into 465 non-empty batches on each of 2 ranks"):
+            dm.dataloader("train", train=True, rank=rank, world_size=2)

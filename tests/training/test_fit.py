@@ -107,6 +107,35 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(featur
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+class _FailsAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("the fit fails here")
+
+
+def test_a_checkpoint_written_as_the_fit_fails_resumes_with_the_next_batch(feature_dir, tmp_path):
+    """OnExceptionCheckpoint (what a fit stopped by an error or a SIGTERM can leave): the data module recorded no
+    position while Lightning's state said "interrupted", so the resume trained the epoch's first batches again
+    and never its last ones (Lightning itself resumed at the right step)."""
+    from lightning.pytorch.callbacks import OnExceptionCheckpoint
+
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2)
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "b", 2, callbacks=[_FailsAtStep(27), OnExceptionCheckpoint(tmp_path / "b")])
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    state = next(v for k, v in saved.items() if k.endswith("FeatureDataModule"))
+    assert saved["global_step"] == 27 and state["batches_done"] == 27 - 21
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path)
+    assert resumed_trainer.global_step == straight_trainer.global_step
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_resuming_past_the_rest_of_an_epoch_a_max_steps_stop_cut_short_says_so(feature_dir, tmp_path):
     """max_steps stops a fit 9 batches into epoch 1; a checkpoint saved at that (train) epoch's end makes Lightning
     resume at epoch 2: the other 12 batches of epoch 1 were skipped without a word (a straight run: 63 steps)."""
