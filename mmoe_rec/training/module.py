@@ -406,8 +406,9 @@ class MultiTaskModule(L.LightningModule):
         totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([self._epoch_batches, self._epoch_rows],
                                                                    dtype=torch.float64)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
-        per_rank = self.trainer.strategy.all_gather(loss_sum.float())  # (W, T); (T,) with one rank
-        per_rank = (per_rank if self.trainer.world_size > 1 else per_rank.unsqueeze(0)).cpu()
+        per_rank = self.trainer.strategy.all_gather(loss_sum.float())
+        # (W, T): one process gets (T,) from the single-device strategy and (1, T) from a DDP one
+        per_rank = per_rank.reshape(self.trainer.world_size, -1).cpu()
         checkpoint[EPOCH_TOTALS_KEY] = {"epoch": self.current_epoch, "loss_sum": totals[:-2].float(),
                                         "loss_sum_per_rank": per_rank,
                                         "batches": int(totals[-2]), "rows": int(totals[-1])}
@@ -418,7 +419,7 @@ class MultiTaskModule(L.LightningModule):
         continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Collective."""
         def gathered(state: torch.Tensor) -> torch.Tensor:
             out = self.trainer.strategy.all_gather(state.to(self.device))
-            return (out if self.trainer.world_size > 1 else out.unsqueeze(0)).cpu()
+            return out.reshape(self.trainer.world_size, -1).cpu()  # (W, n), whatever the strategy's shape
 
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"cpu": gathered(torch.get_rng_state()), "cuda": None if cuda is None else gathered(cuda)}
@@ -431,9 +432,11 @@ class MultiTaskModule(L.LightningModule):
             return
         # clone: a row of the (W, n) tensor is a view at an offset, which set_rng_state reads from its storage's
         # start (rank 1's state crashed the process)
-        torch.set_rng_state(states["cpu"][rank].to(torch.uint8).clone())
+        # (reshape: checkpoints of one process under a DDP strategy held (1, 1, n))
+        torch.set_rng_state(states["cpu"][rank].reshape(-1).to(torch.uint8).clone())
         if states.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"][rank].to(torch.uint8).clone(), torch.cuda.current_device())
+            torch.cuda.set_rng_state(states["cuda"][rank].reshape(-1).to(torch.uint8).clone(),
+                                     torch.cuda.current_device())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this before it loads the weights: features of another spec (vocabularies in another
@@ -455,7 +458,7 @@ class MultiTaskModule(L.LightningModule):
         # left on the CPU: Lightning calls this before it moves the module to its device (used with .to(...))
         per_rank = totals.get("loss_sum_per_rank")
         if per_rank is not None and len(per_rank) == self.trainer.world_size:  # each rank its own sum
-            self._epoch_loss_sum = per_rank[rank].clone()
+            self._epoch_loss_sum = per_rank[rank].reshape(-1).clone()  # (T,); (1, T) in a checkpoint as above
         else:  # another number of ranks (or a checkpoint from before): the sum over ranks on rank 0
             self._epoch_loss_sum = totals["loss_sum"] if first else None
         self._epoch_batches = totals["batches"] if first else 0

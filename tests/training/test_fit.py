@@ -58,12 +58,13 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     assert reloaded.spec.to_dict() == dm.spec.to_dict()
 
 
-def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed", model=MMOE):
+def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed", model=MMOE,
+           strategy="auto"):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
     module = module_for(dm, model, weighting=weighting)
     trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
-                        callbacks=list(callbacks), default_root_dir=tmp, **FAST)
+                        callbacks=list(callbacks), default_root_dir=tmp, strategy=strategy, **FAST)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -104,6 +105,24 @@ def test_resume_from_a_mid_epoch_checkpoint_continues_with_the_next_batch(featur
     assert resumed_trainer.global_step == straight_trainer.global_step
     a, b = straight.state_dict(), resumed.state_dict()
     for k in a:  # the same batches in the same order after the resume: bitwise the same weights
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_one_process_ddp_fit_resumes_mid_epoch(feature_dir, tmp_path):
+    """One process under a DDP strategy: Lightning's all_gather gives (1, T) there, and the checkpoint held the
+    epoch's loss sums as (1, 1, T); the resumed fit crashed at the epoch's end ("Tensors must have same number of
+    dimensions")."""
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2, strategy="ddp", weighting="dwa")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=30, save_top_k=-1)
+    _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], max_steps=30, strategy="ddp", weighting="dwa")
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert saved["mmoe_rec_epoch_totals"]["loss_sum_per_rank"].shape == (1, 2)
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, strategy="ddp",
+                                      weighting="dwa")
+    assert resumed_trainer.global_step == straight_trainer.global_step
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
