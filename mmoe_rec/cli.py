@@ -68,11 +68,43 @@ def _report(e: Exception, argv: list[str] | None = None) -> int:
     worker = _loader_worker_error(message)
     if worker:  # raised in a DataLoader worker: PyTorch re-raises it with the worker's whole traceback as text
         innermost = ValueError(worker)
+    alternative = _union_alternative_error(chain)
+    if "Got value: NestedArg(" in message:  # `--x name --x.init_args.k v`: a registered short name takes none
+        message = (f"init_args given to a short name ({message[message.index('NestedArg('):]}): a short name such "
+                   "as ddp_sharded_embeddings takes none; give the class path instead (--trainer.strategy "
+                   "mmoe_rec.training.sharding.ShardedEmbeddingStrategy --trainer.strategy.init_args.<name> <value>)")
+        innermost = ValueError(message)
+    elif alternative and message.startswith("Expected a <class 'str'>") and "Got value: Namespace(" in message:
+        # a class's settings refused by the union's str alternative (the innermost error), which says nothing:
+        # the class alternative's own error
+        message = alternative
+        innermost = ValueError(message)
     echo = next((m for m in ("Got value: Namespace(", "Given value: Namespace(") if m in message), None)
     if echo:  # the whole sub-config of a class, printed back (jsonargparse's wording varies by version): cut
         innermost = ValueError(message[: message.index(echo)].rstrip(". ") + ".")
     print_user_error(innermost, key if key and not message.startswith(key) else None)
     return 1
+
+
+def _union_alternative_error(chain: list[BaseException]) -> str | None:
+    """jsonargparse's "Does not validate against any of the Union subtypes ... Errors: - Expected a <class 'str'>
+    - <the class's own error>": the one error that is not a plain type mismatch (the chain's innermost exception is
+    the str alternative's, "Expected a <class 'str'>", which says nothing)."""
+    for e in chain:
+        text = str(e)
+        if "Does not validate against any of the Union subtypes" not in text or "\nErrors:\n" not in text:
+            continue
+        block = text.split("\nErrors:\n", 1)[1].split("\nGiven value", 1)[0]
+        errors: list[str] = []
+        for line in block.splitlines():
+            if line.startswith("  - "):
+                errors.append(line[4:])
+            elif errors and line.startswith("    "):  # an entry's continuation
+                errors[-1] += " " + line.strip()
+        own = [err for err in errors if not re.match(r"Expected a <class '[\w.]+'>", err)]
+        if len(own) == 1:
+            return own[0]
+    return None
 
 
 def _loader_worker_error(message: str) -> str | None:

@@ -135,6 +135,11 @@ def test_wrong_class_path_is_an_error(feature_dir, in_tmp, capsys):
      "error: model.init_args.model.init_args.num_experts: Expected"),
     # a union type (the logger) names its key once per alternative: it printed ...log_model.init_args.log_model
     (["--trainer.logger.init_args.log_model", "maybe"], "error: trainer.logger.init_args.log_model: Expected"),
+    # the strategy's own refusal, not the union's str alternative ("error: Expected a <class 'str'>.")
+    (["--trainer.strategy", "mmoe_rec.training.sharding.ShardedEmbeddingStrategy",
+      "--trainer.strategy.init_args.embedding_lr", "-1"], "error: embedding_lr must be a finite number > 0, got -1.0"),
+    (["--trainer.strategy", "ddp_sharded_embeddings", "--trainer.strategy.init_args.embedding_lr", "0.02"],
+     "init_args given to a short name (NestedArg(key='embedding_lr', val='0.02')): a short name such as"),
 ])
 def test_mmoe_rec_reports_a_setting_the_parser_refuses_in_a_few_lines(feature_dir, in_tmp, capsys, override,
                                                                       expected):
