@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmoe_rec.nn.mlp import MLP
@@ -24,7 +25,13 @@ class Tower(nn.Module):
         self.out = nn.Linear(self.mlp.output_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(x)).squeeze(-1)  # (B,)
+        h = self.mlp(x)  # (B, h)
+        if h.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(h.device.type):
+            # the output layer in float32 (it is tiny): a bf16 logit has 8 bits of mantissa, and a bf16 model's
+            # scores tied in whole blocks (151 distinct scores in 2,057 rows), which AUC and any top-N ordering read
+            with torch.autocast(h.device.type, enabled=False):
+                return F.linear(h.float(), self.out.weight.float(), self.out.bias.float()).squeeze(-1)
+        return self.out(h).squeeze(-1)  # (B,)
 
 
 def make_towers(names: list[str], in_dim: int, hidden: list[int] | tuple[int, ...], *, activation: str = "relu",

@@ -249,7 +249,8 @@ def test_a_front_of_per_table_lookups_gives_the_models_dtype(dtype):
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
     model = MMoE(spec(), num_experts=2, embedding_dim=4).to(dtype)
-    assert model(batch()).logits["click"].dtype == dtype
+    # the model runs in its dtype; a bf16 model's output layer computes in float32 (nn.towers: scores do not tie)
+    assert model(batch()).logits["click"].dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
 
 
 @pytest.mark.parametrize("fuse_tables", [True, False])

@@ -107,7 +107,8 @@ def test_predictions_under_bf16_are_float32_probabilities(feature_dir):
         logits = module.model(batch).logits
         out = module.predict_step(batch, 0)
     for t in module.tasks:
-        assert logits[t].dtype == torch.bfloat16
+        assert logits[t].dtype == torch.float32  # the output layer computes in float32 (nn.towers)
+        assert len(torch.unique(logits[t])) > 0.9 * len(logits[t])  # bf16 logits near 7 tied in steps of 1/32
         score = out[f"score_{t}"]
         assert score.dtype == torch.float32
         torch.testing.assert_close(score, torch.sigmoid(logits[t].float()))
