@@ -63,6 +63,7 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "da
 CPU_EMBEDDING_OPTIMIZERS = ("exact_adagrad", "exact_row_wise_adagrad", "exact_sgd", "ema_in_place_row_wise_adagrad")
 
 SHARDED_OPTIMIZER_KEY = "sharded_embedding_optimizer"  # checkpoint entry: {table key: {state name: full tensor}}
+SHARDED_OPTIMIZER_KIND_KEY = "sharded_embedding_optimizer_kind"  # checkpoint entry: the embedding_optimizer name
 
 # Observed with 2 CPU processes on gloo (see the module docstring); "nccl" = needs NCCL / GPUs.
 SHARDING_SUPPORT = {
@@ -322,6 +323,7 @@ class ShardedEmbeddingStrategy(DDPStrategy):
             state = gather_optimizer_state(fused.state_dict()["state"], self.global_rank, self.world_size)
             if state is not None:
                 checkpoint[SHARDED_OPTIMIZER_KEY] = state
+                checkpoint[SHARDED_OPTIMIZER_KIND_KEY] = self.embedding_optimizer
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
@@ -346,6 +348,12 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         # tables whose optimizer keeps state: a stateless one (exact_sgd) lists its tables with no state at all,
         # and its checkpoint holds nothing for them
         current = {key: per for key, per in current.items() if per}
+        kind = checkpoint.get(SHARDED_OPTIMIZER_KIND_KEY)
+        if kind is not None and kind != self.embedding_optimizer:  # its state would be dropped, or not fit
+            raise ValueError(
+                f"this checkpoint's embedding tables were trained by embedding_optimizer {kind!r}, whose state it "
+                f"holds; the strategy now asks for {self.embedding_optimizer!r}, which would drop that state (or "
+                f"find it the wrong shape). Resume with embedding_optimizer {kind!r}, or start a new fit")
         if current and SHARDED_OPTIMIZER_KEY not in checkpoint:
             raise RuntimeError(
                 "this checkpoint holds no sharded-embedding optimizer state (it was not written under "
