@@ -4,7 +4,7 @@ holds without loss.
 The written type is decided from the files' schemas before any row is read (so it does not depend on which file
 comes first): the one type every file's column widens to. Allowed widening: an integer into a wider integer that
 holds all its values (int32 -> int64, uint32 -> int64; int64 and uint64 have none in common), string <->
-large_string, a dictionary column into its value type. A column of Arrow type null (all null, as pandas writes an
+large_string (string_view is written as string), a dictionary column into its value type. A column of Arrow type null (all null, as pandas writes an
 all-None column) takes any type. Anything else (string "007" in one file, int 7 in another) is an error naming the
 file, the column and both types, instead of a cast that changes the ids or fails on the writer thread.
 """
@@ -22,7 +22,9 @@ ALLOWED = "integers into wider integers, string <-> large_string, a dictionary i
 
 
 def _values(t: pa.DataType) -> pa.DataType:
-    return t.value_type if pa.types.is_dictionary(t) else t
+    """The values' type: a dictionary's value type; string_view (pyarrow writes it) as string."""
+    t = t.value_type if pa.types.is_dictionary(t) else t
+    return pa.string() if pa.types.is_string_view(t) else t
 
 
 def _holds(wide: pa.DataType, t: pa.DataType) -> bool:

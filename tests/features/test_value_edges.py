@@ -215,3 +215,19 @@ def test_string_view_columns_read_as_strings():
     assert fit(schema, view).version == spec.version
     dict_view = view.set_column(0, "u", view["u"].dictionary_encode())
     assert transform_table(spec, dict_view).equals(transform_table(spec, plain))
+
+
+def test_a_string_view_id_column_builds_and_is_written_as_string(tmp_path):
+    """The build's split step had no kernel for string_view ids (a traceback), and a string_view file beside a
+    string one was "an id column must have one type"."""
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "u"}], "tasks": [{"name": "click"}]}
+    (tmp_path / "s.yaml").write_text(json.dumps(schema))
+    view = pa.table({"rid": pa.array([f"r{i}" for i in range(40)], pa.string_view()),
+                     "u": pa.array(["a", "b"] * 20, pa.string_view()), "click": [0, 1] * 20})
+    (tmp_path / "raw").mkdir()
+    pq.write_table(view, tmp_path / "raw" / "a.parquet")
+    pq.write_table(view.set_column(0, "rid", view["rid"].cast(pa.string())), tmp_path / "raw" / "b.parquet")
+    assert features_main(["--schema", str(tmp_path / "s.yaml"), "--input", str(tmp_path / "raw"), "--output",
+                          str(tmp_path / "out"), "--valid-fraction", "0.25", "--test-fraction", "0.25"]) == 0
+    out = pa.concat_tables([pq.read_table(tmp_path / "out" / s) for s in ("train", "valid", "test")])
+    assert out.schema.field("rid").type == pa.string() and out.num_rows == 80
