@@ -25,8 +25,9 @@ from mmoe_rec.features.errors import FeatureDataError
 
 SPEC_FORMAT = 1
 # The layout of `transforms` (what the transform pass reads per feature); raise it when a feature's state gains
-# a key that changes ids, so that an older mmoe-rec refuses such a spec instead of ignoring the key.
-TRANSFORMS_FORMAT = 1
+# a key that changes ids, so that an older mmoe-rec refuses such a spec instead of ignoring the key. This one reads
+# every format up to its own. 2: categorical features' `canonical_text` (2026-12-06).
+TRANSFORMS_FORMAT = 2
 WEIGHT_COLUMN = "sample_weight"
 SPEC_VERSION_KEY = "mmoe_rec.spec_version"  # feature Parquet footer metadata: the version of the spec it was made with
 TaskType = Literal["binary", "regression"]
@@ -102,10 +103,10 @@ class FeatureSpec:
         if fmt != SPEC_FORMAT:
             raise FeatureDataError(f"feature spec format {fmt!r} is not supported (this mmoe-rec reads format "
                                    f"{SPEC_FORMAT!r})")
-        transforms_fmt = (d.get("transforms") or {}).get("format", TRANSFORMS_FORMAT)
-        if transforms_fmt != TRANSFORMS_FORMAT:
+        transforms_fmt = (d.get("transforms") or {}).get("format", 1)
+        if not (isinstance(transforms_fmt, int) and 1 <= transforms_fmt <= TRANSFORMS_FORMAT):
             raise FeatureDataError(f"the feature spec's transforms have format {transforms_fmt!r}, this mmoe-rec "
-                                   f"reads format {TRANSFORMS_FORMAT!r}: it was written by another mmoe-rec version, "
+                                   f"reads formats 1 to {TRANSFORMS_FORMAT}: it was written by a newer mmoe-rec, "
                                    "whose ids this one would not reproduce; use that version or refit the spec")
         try:
             spec = cls(

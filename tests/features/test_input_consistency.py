@@ -181,9 +181,11 @@ def test_text_is_canonical_since_specs_record_it_and_as_written_before(tmp_path)
         assert ids[0] == ids[1] == ids[2] != 0 and ids[3] != 0 and ids[3] != ids[0] and ids[4] != 0
         assert frame[name].to_pylist() == [ids[0], ids[3], 0, ids[0]]
         assert flags[name].to_pylist() == [ids[5]] and ids[5] != 0
+    assert spec.transforms["format"] == 2  # an mmoe-rec that reads format 1 only refuses it (other ids)
     # a spec fitted before: no canonical_text, text as written ("10.0", "1e1", "20.00" no entry of the vocabulary)
     old = spec.to_dict()
     old.pop("version")
+    old["transforms"]["format"] = 1
     for state in old["transforms"]["features"].values():
         state.pop("canonical_text", None)
     old["transforms"]["features"]["u"]["values"] = ["10", "20", "abc", "True"]
@@ -270,8 +272,8 @@ def test_a_spec_json_of_another_format_or_shape_is_an_error_naming_the_file(tmp_
         "format 2 is not supported": {**good, "format": 2},
         "format '1' is not supported": {**good, "format": str(good["format"])},
         # a newer mmoe-rec's transforms (keys this one would ignore: other ids without a word)
-        "transforms have format 2, this mmoe-rec reads format 1": {
-            **good, "transforms": {**good["transforms"], "format": 2}},
+        "transforms have format 3, this mmoe-rec reads formats 1 to 2": {
+            **good, "transforms": {**good["transforms"], "format": 3}},
         "has no 'sparse_features'": {k: v for k, v in good.items() if k != "sparse_features"},
         "not a valid feature spec": {**good, "tasks": ["click"]},
         "a JSON object was expected, not list": [good],
