@@ -114,12 +114,7 @@ class ParquetIndex:
         kinds: Mapping[str, str] | None = None,
         spec_version: str | None = None,
     ) -> "ParquetIndex":
-        directory = Path(directory)
-        # not ".x.parquet" / "_x.parquet" (a writer's temporary file, a copy set aside): no reader here takes them
-        files = sorted(p for p in directory.glob("*.parquet") if not skipped_name(p.name))
-        if not files:
-            raise FileNotFoundError(f"no *.parquet files in {directory}")
-        return cls.from_files(files, required_columns, kinds, spec_version)
+        return cls.from_files(feature_files(directory), required_columns, kinds, spec_version)
 
     @classmethod
     def from_files(
@@ -300,6 +295,16 @@ class _OpenFiles:
     def close(self) -> None:
         while self.files:
             self.files.popitem()[1].close()
+
+
+def feature_files(directory: str | os.PathLike) -> list[Path]:
+    """A split folder's feature files in order: its *.parquet but for ".x" / "_x" names (a writer's temporary file,
+    a copy set aside), which no reader here takes; none is an error."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.glob("*.parquet") if not skipped_name(p.name))
+    if not files:
+        raise FileNotFoundError(f"no *.parquet files in {directory}")
+    return files
 
 
 def read_rows(

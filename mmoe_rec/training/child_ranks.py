@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+from mmoe_rec.training.sigterm import SIGTERM_GRACE_S, sigterm_received_at
+
 DONE_DIR_ENV = "MMOE_REC_RANKS_DONE_DIR"
 CHILD_EXIT_TIMEOUT_S = 120.0  # after rank 0 finished: a child only tears down (seconds, even on a loaded machine)
 
@@ -61,6 +63,9 @@ def _marker_aware_observer(procs: list[subprocess.Popen], done_dir: Path, main_p
             codes = [proc.returncode for proc in self._child_processes]
             unmarked = [(rank, proc) for rank, proc in enumerate(self._child_processes, start=1)
                         if proc.returncode and not (done_dir / f"rank{rank}").exists()]  # marker written before exit
+            received = sigterm_received_at()
+            if unmarked and received is not None and time.monotonic() - received < SIGTERM_GRACE_S:
+                return False  # told to stop: every rank exits on its own, rank 0 after its on-exception work
             if unmarked:
                 rank, proc = unmarked[0]
                 print(f"mmoe-rec: rank {rank} (pid {proc.pid}) {_exit_text(proc.returncode)} before its work was "

@@ -25,12 +25,14 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
+from mmoe_rec.training import sigterm
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files, metric_name_part_problem, redacted
 
@@ -50,9 +52,7 @@ def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str
         return
     spec = datamodule.spec
     for split in splits:
-        files = sorted((data_dir / split).glob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no *.parquet files in {data_dir / split}")
+        files = feature_files(data_dir / split)
         names = set(pq.read_schema(files[0]).names)
         wanted = [label_column(t) for t in module.tasks] + ([WEIGHT_COLUMN] if spec.has_weight else [])
         absent = [c for c in wanted if c not in names]
@@ -269,6 +269,7 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
     # `mmoe-rec` passes sys.argv[1:] on as args; LightningCLI warns when both are set, needlessly here
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     register_strategy()
+    sigterm.install()  # every rank stops at the same batch (Lightning's handler broadcast inside the handler)
     try:
         return MultiTaskCLI(
             model_class=MultiTaskModule,

@@ -65,13 +65,14 @@ class FailBeforeRendezvous(L.Callback):
 
 
 class SigtermAt(L.Callback):
-    """Sends this process a SIGTERM (a scheduler's cancel, `timeout`) at its `batch`-th training or predict batch."""
+    """Sends this process a SIGTERM (a scheduler's cancel, `timeout`) at its `batch`-th training or predict batch;
+    with `rank`, on that rank only (as `timeout` signals the process it started: rank 0)."""
 
-    def __init__(self, batch: int = 2) -> None:
-        self.batch = batch
+    def __init__(self, batch: int = 2, rank: int | None = None) -> None:
+        self.batch, self.rank = batch, rank
 
     def _maybe(self, batch_idx: int) -> None:
-        if batch_idx == self.batch:
+        if batch_idx == self.batch and (self.rank is None or int(os.environ.get("LOCAL_RANK", "0")) == self.rank):
             import signal
 
             os.kill(os.getpid(), signal.SIGTERM)

@@ -588,3 +588,12 @@ def test_a_sigterm_stops_fit_and_predict_with_exit_143_and_no_partial_output(fea
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "error: mmoe-rec predict stopped by SIGTERM" in proc.stderr
     assert list((in_tmp / "out").iterdir()) == []  # neither the file nor a partial one
+
+
+def test_a_half_written_hidden_file_in_a_split_folder_is_passed_over(make_feature_dir, in_tmp):
+    """`.x.parquet` (a writer's file in progress): the loader passes it over, and so does the CLI's check before
+    the fit, which read the first file's schema, the hidden one ("Parquet magic bytes not found", no file named)."""
+    root = make_feature_dir("hidden_cli")
+    (root / "train" / ".part-00001.parquet.inprogress.parquet").write_bytes(b"not yet Parquet")
+    run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                       "--data.init_args.data_dir", str(root), "--checkpoint_dir", str(in_tmp / "ck")])

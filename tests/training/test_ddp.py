@@ -416,6 +416,22 @@ def test_a_rank_that_fails_during_the_work_fails_the_job_and_its_run(feature_dir
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
+def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(feature_dir, tmp_path):
+    """`timeout` / a scheduler signals rank 0: Lightning's handler forwarded it to rank 1 and broadcast inside the
+    handler, mid-collective (rank 1: gloo "collective mismatch", rank 0: "Connection reset by peer", exit 1). Every
+    rank now stops at the next batch together; rank 0 exits 143 with one line and its run is FAILED."""
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 16, tmp_path / "audit", epochs=1)
+    config = yaml.safe_load(cfg.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "rank_failure.SigtermAt",
+                                           "init_args": {"batch": 3, "rank": 0}})
+    cfg.write_text(yaml.safe_dump(config))
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert "error: mmoe-rec fit stopped by SIGTERM before it finished" in proc.stderr
+    assert "collective mismatch" not in proc.stderr and "Connection reset" not in proc.stderr, proc.stderr[-3000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_rank_that_aborts_at_exit_after_its_work_is_done_is_a_warning(feature_dir, tmp_path):
     """The gloo exit race's shape (SIGABRT as the interpreter exits, the fit done): the job's results are whole."""
     proc = fit_with_rank_1_callback(tmp_path, feature_dir, "AbortAtExit")
