@@ -69,7 +69,7 @@ class SpecFitter:
                     if take is not None:
                         values = values.filter(take)
                 if c.name in self._counters:
-                    self._counters[c.name].update(values, canonical=True)
+                    self._counters[c.name].update(values, canonical=c.text == "canonical")
             for n in self.schema.numeric:
                 x, missing = numeric_column(table.column(n.column), n.column, self.schema.reader.null_values,
                                             self.schema.reader.strip_whitespace)  # all: null_numbers recorded
@@ -89,7 +89,8 @@ class SpecFitter:
             state = {"kind": c.transform, "column": c.column, "multi_valued": c.multi_valued, "delimiter": c.delimiter}
             if nulls_delimited_fields(c, s):  # recorded: specs fitted before kept a delimited "?" as the value "?"
                 state["null_fields"] = True
-            state["canonical_text"] = True  # recorded: specs fitted before took "True" / "10.0" text as written
+            # recorded: specs fitted before took "True" / "10.0" text as written (as `text: as_written` does)
+            state["canonical_text"] = c.text == "canonical"
             if c.transform == "vocab":
                 values, kind = self._counters[c.name].vocabulary(c.min_count, c.max_size)
                 state.update(values=values, value_type=kind, min_count=c.min_count, num_embeddings=len(values) + 1)

@@ -60,6 +60,12 @@ class CategoricalSpec:
     buckets: int | None = None  # hash buckets
     multi_valued: bool = False
     delimiter: str | None = None
+    # "canonical": a bool's text and an integral float's text fold ("True" is true, "10.0" is 10), so that CSV and
+    # Parquet give one id; "as_written": codes whose text matters ("250.0" and "250" are two ICD codes)
+    text: str = "canonical"
+
+
+TEXT_MODES = ("canonical", "as_written")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +166,7 @@ def _check_categorical(c: CategoricalSpec, src: str) -> None:
              src, c.name)
     _require(c.delimiter is None or (isinstance(c.delimiter, str) and c.delimiter != ""),
              f"delimiter must be a non-empty string, got {c.delimiter!r}", src, c.name)
+    _require(c.text in TEXT_MODES, f"text must be one of {TEXT_MODES}, got {c.text!r}", src, c.name)
 
 
 def label_keys(values: tuple) -> set:

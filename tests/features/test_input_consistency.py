@@ -194,6 +194,16 @@ def test_text_is_canonical_since_specs_record_it_and_as_written_before(tmp_path)
     assert ids[0] != 0 and ids[1:4] == [0, 0, 0] and ids[4] != 0 and ids[5] == 0
     h = transform_table(old_spec, _csv_table(tmp_path, later, name="later.csv"))["h"].to_pylist()
     assert len(set(h[:3])) == 3
+    # `text: as_written` (codes whose text matters): fitted and transformed as written, in a spec of today's format
+    written = parse_schema({**SCHEMA, "categorical": [{"name": "u", "text": "as_written"},
+                                                      {"name": "h", "transform": "hash", "buckets": 1000,
+                                                       "text": "as_written"}]})
+    spec_w = fit(written, [_csv_table(tmp_path, rows)])
+    assert sorted(spec_w.transforms["features"]["u"]["values"]) == ["10", "10.0", "20", "True", "abc"]
+    ids = transform_table(spec_w, _csv_table(tmp_path, later, name="later.csv"))
+    assert ids["u"].to_pylist()[1] != ids["u"].to_pylist()[0] and len(set(ids["h"].to_pylist()[:3])) == 3
+    with pytest.raises(FeatureDataError, match="text must be one of"):
+        parse_schema({**SCHEMA, "categorical": [{"name": "u", "text": "raw"}]})
 
 
 def test_float_text_past_2_53_finds_no_neighbouring_integer(tmp_path):
