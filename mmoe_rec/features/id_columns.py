@@ -4,9 +4,10 @@ holds without loss.
 The written type is decided from the files' schemas before any row is read (so it does not depend on which file
 comes first): the one type every file's column widens to. Allowed widening: an integer into a wider integer that
 holds all its values (int32 -> int64, uint32 -> int64; int64 and uint64 have none in common), string <->
-large_string (string_view is written as string), a dictionary column into its value type. A column of Arrow type null (all null, as pandas writes an
-all-None column) takes any type. Anything else (string "007" in one file, int 7 in another) is an error naming the
-file, the column and both types, instead of a cast that changes the ids or fails on the writer thread.
+large_string (string_view is written as string), a dictionary column into its value type. A column of Arrow type
+null (all null, as pandas writes an all-None column) takes any type. Anything else (string "007" in one file, int 7
+in another) is an error naming the file, the column and both types, instead of a cast that changes the ids or fails
+on the writer thread.
 """
 from __future__ import annotations
 

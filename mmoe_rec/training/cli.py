@@ -27,12 +27,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
+from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
-from mmoe_rec.training import sigterm
 from mmoe_rec.training.sharding import register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files, metric_name_part_problem, redacted
 
