@@ -88,5 +88,16 @@ def test_the_readmes_schema_at_a_glance_parses():
 
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = text.index("```yaml", text.index("Every key at a glance")) + len("```yaml")
-    schema = parse_schema(yaml.safe_load(text[start:text.index("```", start)]))
+    block = text[start:text.index("```", start)]
+    schema = parse_schema(yaml.safe_load(block))
     assert schema.sample_weight == "w" and {t.type for t in schema.tasks} == {"binary", "regression"}
+    # and it shows every key the parser takes (text, missing_indicator and description were missing from it)
+    import dataclasses
+
+    from mmoe_rec.features import schema as schema_module
+
+    keys = {f.name for cls in (schema_module.CategoricalSpec, schema_module.NumericSpec, schema_module.TaskSpec,
+                               schema_module.ReaderSpec) for f in dataclasses.fields(cls)}
+    keys |= {"id_columns", "categorical", "numeric", "tasks", "sample_weight", "reader", "description", "names"}
+    missing = sorted(k for k in keys if f"{k}:" not in block)
+    assert not missing, f"README's schema keys at a glance lack {missing}"
