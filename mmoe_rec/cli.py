@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
     needs_torchrec = bool(argv) and argv[0] in (*LIGHTNING_SUBCOMMANDS, "register", "score")
     if needs_torchrec and importlib.util.find_spec("torchrec") is None:  # not declared: pip would pull CUDA fbgemm
         print("error: torchrec is not installed; install it without its dependencies (the CPU fbgemm is pinned): "
-              "pip install --no-deps torchrec==1.8.0 (README, set-up)", file=sys.stderr)
+              "pip install --no-deps torchrec==1.8.0 (README, \"Two commands\": make setup does it)", file=sys.stderr)
         return 1
     from mmoe_rec import malloc
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
         try:
             run_lightning_cli(argv)
         except SIGTERMException:  # a SystemExit without a code: the stopped job exited 0, as if it had finished
-            resume = "; it resumes from its last checkpoint with --ckpt_path" if argv[0] == "fit" else ""
+            resume = "; a checkpoint it wrote, if any, resumes it with --ckpt_path" if argv[0] == "fit" else ""
             print(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished (its MLflow run is marked "
                   f"FAILED{resume})", file=sys.stderr)
             return 128 + signal.SIGTERM

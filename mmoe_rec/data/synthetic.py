@@ -309,24 +309,27 @@ def _check_counts(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe-rec synth", description="Generate built-in synthetic raw data (Parquet).")
     sub = p.add_subparsers(dest="kind", required=True)
-    m = sub.add_parser("mmoe", help="the MMoE paper's two regression tasks (schema configs/features/synthetic_mmoe.yaml)")
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # each option's default in --help
+    m = sub.add_parser("mmoe", help="the MMoE paper's two regression tasks (schema configs/features/synthetic_mmoe.yaml)",
+                       formatter_class=defaults)
     m.add_argument("--p", type=float, default=0.5, help="correlation of the tasks' linear parts, in [-1, 1] (the label "
                    "correlation follows it on [0, 1] only; module doc)")
     m.add_argument("--d", type=int, default=100, help="input dimension (paper: 100)")
     m.add_argument("--c", type=float, default=1.0, help="scale of the weight vectors (paper: 1)")
     m.add_argument("--m", type=int, default=10, help="number of sine terms (paper: 10)")
     m.add_argument("--noise-std", type=float, default=0.01, help="label noise standard deviation")
-    r = sub.add_parser("rec", help="recommender impressions with binary tasks (configs/features/synthetic_rec.yaml)")
+    r = sub.add_parser("rec", help="recommender impressions with binary tasks (configs/features/synthetic_rec.yaml)",
+                       formatter_class=defaults)
     r.add_argument("--relatedness", type=float, default=0.5, help="task relatedness r in [0, 1]")
-    r.add_argument("--users", type=int, default=100_000)
-    r.add_argument("--items", type=int, default=20_000)
-    r.add_argument("--tags", type=int, default=500)
+    r.add_argument("--users", type=int, default=100_000, help="distinct user ids")
+    r.add_argument("--items", type=int, default=20_000, help="distinct item ids")
+    r.add_argument("--tags", type=int, default=500, help="distinct tags (a multi-valued feature)")
     r.add_argument("--zipf", type=float, default=1.1, help="popularity exponent of users and items")
     r.add_argument("--tasks", default="click,conversion", help="comma-separated binary task names (>= 2)")
     for s in (m, r):
-        s.add_argument("--rows", type=int, default=100_000)
+        s.add_argument("--rows", type=int, default=100_000, help="rows to generate")
         s.add_argument("--output", required=True, help="output directory (part-*.parquet)")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=int, default=0, help="the data is a function of it (and the other settings)")
         s.add_argument("--chunk-rows", type=int, default=262_144,
                        help=f"rows generated and written at a time (memory: at least {BLOCK_ROWS}); "
                             "the data does not depend on it")

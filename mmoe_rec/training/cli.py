@@ -33,7 +33,7 @@ from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, j
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
-from mmoe_rec.training.sharding import register_strategy
+from mmoe_rec.training.sharding import ShardedEmbeddingStrategy, register_strategy
 from mmoe_rec.training.tracking import TrackingUnavailable, log_run_files, metric_name_part_problem, redacted
 
 DEFAULT_LOGGER = {
@@ -203,6 +203,8 @@ class MultiTaskCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_monitors(self.trainer, self.model)
+        if isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):  # before the run and the ranks exist
+            self.trainer.strategy.check_settings(self.trainer.accumulate_grad_batches)
         self._before(("train", "valid"))
 
     def _require_checkpoint(self) -> None:

@@ -282,18 +282,25 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
 
-    def _setup_model(self, model: nn.Module) -> nn.Module:
-        fused = self.sharding_type != "data_parallel"
-        if fused and self.root_device.type == "cpu" and self.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+    def check_settings(self, accumulate_grad_batches: int) -> None:
+        """Settings this strategy cannot train with, on the device the trainer chose. Called by the CLI before the
+        fit (no MLflow run made yet, one process: at setup every rank printed it and the run ended FAILED) and
+        again at setup for a Trainer of one's own."""
+        if self.sharding_type == "data_parallel":
+            return
+        if self.root_device.type == "cpu" and self.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
             raise ValueError(f"embedding_optimizer {self.embedding_optimizer!r} has no CPU kernel in fbgemm; on the "
                              f"CPU use one of {', '.join(CPU_EMBEDDING_OPTIMIZERS)}")
-        if fused and self.lightning_module.trainer.accumulate_grad_batches > 1:
+        if accumulate_grad_batches > 1:
             raise ValueError(
-                f"accumulate_grad_batches={self.lightning_module.trainer.accumulate_grad_batches} with "
-                f"sharding_type {self.sharding_type!r}: the sharded tables' fused optimizer steps inside every "
-                f"backward, so they would take a step per micro-batch while the dense part takes one per "
-                f"{self.lightning_module.trainer.accumulate_grad_batches}; use data_parallel tables (trained by the "
-                f"configured optimizer) or no accumulation")
+                f"accumulate_grad_batches={accumulate_grad_batches} with sharding_type {self.sharding_type!r}: the "
+                f"sharded tables' fused optimizer steps inside every backward, so they would take a step per "
+                f"micro-batch while the dense part takes one per {accumulate_grad_batches}; use data_parallel tables "
+                f"(trained by the configured optimizer) or no accumulation")
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        fused = self.sharding_type != "data_parallel"
+        self.check_settings(self.lightning_module.trainer.accumulate_grad_batches)
         if fused:
             rank_zero_warn(
                 f"ddp_sharded_embeddings: the sharded embedding tables are trained by fbgemm's fused "

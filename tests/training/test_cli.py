@@ -597,3 +597,25 @@ def test_a_half_written_hidden_file_in_a_split_folder_is_passed_over(make_featur
     (root / "train" / ".part-00001.parquet.inprogress.parquet").write_bytes(b"not yet Parquet")
     run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
                        "--data.init_args.data_dir", str(root), "--checkpoint_dir", str(in_tmp / "ck")])
+
+
+@pytest.mark.parametrize("override, expected", [
+    (["--trainer.strategy", "mmoe_rec.training.sharding.ShardedEmbeddingStrategy",
+      "--trainer.strategy.init_args.embedding_optimizer", "adam"], "embedding_optimizer 'adam' has no CPU kernel"),
+    (["--trainer.strategy", "ddp_sharded_embeddings", "--trainer.accumulate_grad_batches", "2"],
+     "accumulate_grad_batches=2 with sharding_type 'table_wise'"),
+])
+def test_sharded_settings_the_device_cannot_train_are_refused_before_the_run(feature_dir, in_tmp, capsys, override,
+                                                                             expected):
+    """They were refused at setup: after the MLflow run was made (left FAILED) and on every rank."""
+    from mmoe_rec.cli import main
+
+    code = main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                 "--data.init_args.data_dir", str(feature_dir), *override])
+    err = capsys.readouterr().err
+    assert code == 1 and expected in err
+    if (in_tmp / "mlflow.db").exists():
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
