@@ -277,11 +277,7 @@ class FeatureDataModule(L.LightningDataModule):
         """
         collate = self.collator(with_ids)
         index = self._index(split, with_ids)
-        if index.num_rows == 0:  # `mmoe-rec features` writes every split, empty where no rows went to it
-            how = f"an input prefixed {split}=" + (f" or --{split}-fraction" if split != "train" else "")
-            skip = ", or fit without validation (--trainer.limit_val_batches 0)" if split == "valid" else ""
-            raise ValueError(f"split {split!r} in {self.data_dir} has no rows: build the features with rows in it "
-                             f"(`mmoe-rec features` with {how}){skip}")
+        self.check_split_has_rows(split, with_ids)
         ds = FeatureParquetStream(
             index,
             collate.arrays,
@@ -314,6 +310,15 @@ class FeatureDataModule(L.LightningDataModule):
             # run resumed from a checkpoint than in one that went straight through
             generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def check_split_has_rows(self, split: str, with_ids: bool = False) -> None:
+        """`mmoe-rec features` writes every split, empty where no rows went to it: a loader of an empty one is an
+        error saying how to fill it (the CLI asks before the run is made, this again when a loader is made)."""
+        if self._index(split, with_ids).num_rows == 0:
+            how = f"an input prefixed {split}=" + (f" or --{split}-fraction" if split != "train" else "")
+            skip = ", or fit without validation (--trainer.limit_val_batches 0)" if split == "valid" else ""
+            raise ValueError(f"split {split!r} in {self.data_dir} has no rows: build the features with rows in it "
+                             f"(`mmoe-rec features` with {how}){skip}")
 
     def _index(self, split: str, with_ids: bool = False) -> ParquetIndex:
         """The split's row groups, its columns' types checked from the footers (cached: read once). A file made

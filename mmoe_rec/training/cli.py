@@ -194,6 +194,10 @@ class MultiTaskCLI(LightningCLI):
 
     def _before(self, splits: tuple[str, ...]) -> None:
         check_data_for_module(self.datamodule, self.model, splits)
+        check_splits = getattr(self.datamodule, "check_split_has_rows", None)
+        for split in splits if check_splits else ():  # an empty one failed its loader after the run was made
+            if not (split == "valid" and self.trainer.limit_val_batches == 0):
+                check_splits(split)
         check_task_names_for_mlflow(self.trainer, self.model)
         directory = self.config[self.subcommand].get("checkpoint_dir")
         if directory:

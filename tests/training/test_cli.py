@@ -619,3 +619,24 @@ def test_sharded_settings_the_device_cannot_train_are_refused_before_the_run(fea
 
         client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
         assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def test_an_empty_validation_split_is_refused_before_the_run(make_feature_dir, in_tmp, capsys):
+    """Its loader failed after the MLflow run was made (left FAILED); without validation the fit runs."""
+    from mmoe_rec.cli import main
+
+    root = make_feature_dir("empty_valid", rows={"train": 400, "valid": 0, "test": 50})
+    argv = ["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+            "--data.init_args.data_dir", str(root), "--checkpoint_dir", str(in_tmp / "ck")]
+    assert main(argv) == 1
+    assert "split 'valid' in" in capsys.readouterr().err
+    assert not (in_tmp / "mlflow.db").exists() or not mlflow_runs(in_tmp / "mlflow.db")
+    assert main([*argv, "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
+                 "--trainer.enable_checkpointing", "false"]) == 0
+
+
+def mlflow_runs(db):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
