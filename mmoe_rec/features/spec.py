@@ -145,7 +145,11 @@ class FeatureSpec:
         try:
             d = json.loads(path.read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"feature spec not found: {path}") from None
+            raw = path.parent.is_dir() and any(p.suffix in (".parquet", ".csv", ".tsv", ".gz", ".bz2", ".xz")
+                                               for p in path.parent.iterdir())
+            hint = (f" ({path.parent} holds data files but no spec.json: raw data? `mmoe-rec features --schema ... "
+                    f"--input {path.parent} --output <folder>` makes the feature folder to give here)" if raw else "")
+            raise FileNotFoundError(f"feature spec not found: {path}{hint}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a valid spec.json ({e})") from None
         try:

@@ -435,3 +435,10 @@ def test_rows_that_cannot_be_planned_for_some_rank_fail_when_any_ranks_loader_is
     for rank in (0, 1):
         with pytest.raises(ValueError, match="929 rows cannot be split into 465 non-empty batches on each of 2 ranks"):
             dm.dataloader("train", train=True, rank=rank, world_size=2)
+
+
+def test_a_raw_data_folder_given_as_features_says_how_to_build_them(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "part-0.csv").write_text("u,click\na,1\n")
+    with pytest.raises(FileNotFoundError, match=r"holds data files but no spec.json: raw data\? `mmoe-rec features"):
+        FeatureDataModule(str(tmp_path / "raw"))
