@@ -11,15 +11,21 @@ SPARSE = {"class_path": "mmoe_rec.models.sparse_mmoe.SparseMMoE",
           "init_args": {"embedding_dim": 4, "num_experts": 4, "k": 2, "expert_hidden": [16], "tower_hidden": [8]}}
 
 
+def mlflow_runs(db: Path) -> list:
+    """Every run in an SQLite store."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
 def mlflow_run(db: Path):
     """The single run in an SQLite store, and its client."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exps = client.search_experiments()
-    runs = [r for e in exps for r in client.search_runs([e.experiment_id])]
+    runs = mlflow_runs(db)
     assert len(runs) == 1, f"expected one run in {db}, found {len(runs)}"
-    return runs[0], client
+    return runs[0], MlflowClient(tracking_uri=f"sqlite:///{db}")
 
 
 def metric_history(client, run, key: str) -> list[float]:
