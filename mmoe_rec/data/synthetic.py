@@ -310,8 +310,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmoe-rec synth", description="Generate built-in synthetic raw data (Parquet).")
     sub = p.add_subparsers(dest="kind", required=True)
     defaults = argparse.ArgumentDefaultsHelpFormatter  # each option's default in --help
-    m = sub.add_parser("mmoe", help="the MMoE paper's two regression tasks (schema configs/features/synthetic_mmoe.yaml)",
-                       formatter_class=defaults)
+    m = sub.add_parser("mmoe", formatter_class=defaults,
+                       help="the MMoE paper's two regression tasks (schema configs/features/synthetic_mmoe.yaml)")
     m.add_argument("--p", type=float, default=0.5, help="correlation of the tasks' linear parts, in [-1, 1] (the label "
                    "correlation follows it on [0, 1] only; module doc)")
     m.add_argument("--d", type=int, default=100, help="input dimension (paper: 100)")

@@ -468,8 +468,9 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
 
 def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_dir, tmp_path, monkeypatch):
     """2 processes, dynamic weight average over 3 epochs (11 steps each at batch 96), dropout, a checkpoint in the
-    middle of epoch 1 (step 15): resumed, the fit ends bitwise where the straight fit ends. The epoch's float32 task-loss sums came back summed over the ranks on rank 0, which rounds
-    otherwise than each rank's own sum: DWA's weights and then every weight differed in the last bits."""
+    middle of epoch 1 (step 15): resumed, the fit ends bitwise where the straight fit ends. The epoch's float32
+    task-loss sums came back summed over the ranks on rank 0, which rounds otherwise than each rank's own sum: DWA's
+    weights and then every weight differed in the last bits."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # dropout: each rank's own random stream (seeded per rank at setup) must continue where the checkpoint left it
     dropout_mmoe = copy.deepcopy(MMOE)
