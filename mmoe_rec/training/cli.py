@@ -252,6 +252,9 @@ class MultiTaskCLI(LightningCLI):
     def before_predict(self) -> None:
         self._require_checkpoint()
         check_data_for_module(self.datamodule, self.model, ())
+        check_split = getattr(self.datamodule, "check_split_has_rows", None)
+        if check_split is not None:  # before the run: its loader failed after it (the run left FAILED)
+            check_split(self.datamodule.predict_split, with_ids=True)
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             path = self.config[self.subcommand].get("predictions_path") or "predictions.parquet"
             self.trainer.callbacks.append(ParquetPredictionWriter(path))

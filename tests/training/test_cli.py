@@ -628,5 +628,11 @@ def test_an_empty_validation_split_is_refused_before_the_run(make_feature_dir, i
     assert "split 'valid' in" in capsys.readouterr().err
     assert not (in_tmp / "mlflow.db").exists() or not mlflow_runs(in_tmp / "mlflow.db")
     assert main([*argv, "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
-                 "--trainer.enable_checkpointing", "false"]) == 0
+                 "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.dirpath", str(in_tmp / "ck"), "--trainer.callbacks.save_last", "true"]) == 0
+    runs = len(mlflow_runs(in_tmp / "mlflow.db"))
+    assert main(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), "--data.init_args.data_dir",
+                 str(root), "--data.init_args.predict_split", "valid", "--ckpt_path", str(in_tmp / "ck" / "last.ckpt"),
+                 "--checkpoint_dir", str(in_tmp / "ck")]) == 1
+    assert "split 'valid' in" in capsys.readouterr().err and len(mlflow_runs(in_tmp / "mlflow.db")) == runs
 
