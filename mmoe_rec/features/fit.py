@@ -92,7 +92,7 @@ class SpecFitter:
             # recorded: specs fitted before took "True" / "10.0" text as written (as `text: as_written` does)
             state["canonical_text"] = c.text == "canonical"
             if c.transform == "vocab":
-                values, kind = self._counters[c.name].vocabulary(c.min_count, c.max_size)
+                values, kind = self._counters[c.name].vocabulary(c.min_count, c.max_size, fold=c.text == "canonical")
                 state.update(values=values, value_type=kind, min_count=c.min_count, num_embeddings=len(values) + 1)
             else:
                 state.update(buckets=c.buckets, num_embeddings=c.buckets + 1)

@@ -148,16 +148,19 @@ class VocabCounter:
                 self._parts[kind] = [t]
         self._pending = 0
 
-    def vocabulary(self, min_count: int = 1, max_size: int | None = None) -> tuple[list, str]:
+    def vocabulary(self, min_count: int = 1, max_size: int | None = None, fold: bool = True) -> tuple[list, str]:
         """(values ordered by count desc then value, value type "int", "str" or "mixed": text values fitted on
-        integers and text together, Parquet ints and a CSV's text in one split)."""
+        integers and text together, Parquet ints and a CSV's text in one split). fold=False (`text: as_written`):
+        integers and text together are compared as written ("250.0" is not 250), value type "str"."""
         ints, strs = self._parts["int"], self._parts["str"]
         kind = "int" if ints else "str"
         if ints and strs:  # compared as text, where a CSV's "10.0" is the 10 of the integers (as a vocabulary
             # fitted on integers finds it), not a value of its own; the lookup folds such text likewise ("mixed")
-            strs = [pa.table({"v": integral_float_text_as_int(t["v"].combine_chunks()), "c": t["c"]}) for t in strs]
+            if fold:
+                strs = [pa.table({"v": integral_float_text_as_int(t["v"].combine_chunks()), "c": t["c"]})
+                        for t in strs]
             strs += [pa.table({"v": pc.cast(t["v"], pa.string()), "c": t["c"]}) for t in ints]
-            ints, kind = [], "mixed"
+            ints, kind = [], "mixed" if fold else "str"
         parts = ints or strs
         if not parts:
             return [], kind

@@ -202,6 +202,16 @@ def test_text_is_canonical_since_specs_record_it_and_as_written_before(tmp_path)
     assert sorted(spec_w.transforms["features"]["u"]["values"]) == ["10", "10.0", "20", "True", "abc"]
     ids = transform_table(spec_w, _csv_table(tmp_path, later, name="later.csv"))
     assert ids["u"].to_pylist()[1] != ids["u"].to_pylist()[0] and len(set(ids["h"].to_pylist()[:3])) == 3
+    # Parquet integers and CSV text in one split: still as written ("250.0" is not 250; it had been folded)
+    mixed = fit(written, [pa.table({"rid": [1, 2], "u": [250, 251], "h": ["a", "b"], "x": [1.0, 2.0],
+                                    "click": [0, 1]}),
+                          _csv_table(tmp_path, {"rid": ["3", "4", "5"], "u": ["250.0", "250", "007"], "h": ["a"] * 3,
+                                                "x": ["1"] * 3, "click": ["0", "1", "0"]}, name="mixed.csv")])
+    assert sorted(mixed.transforms["features"]["u"]["values"]) == ["007", "250", "250.0", "251"]
+    text_ids = transform_table(mixed, pa.table({"rid": [1, 2], "u": ["250.0", "250"], "h": ["a", "a"], "x": [1.0] * 2,
+                                                "click": [0, 0]}))["u"].to_pylist()
+    int_ids = transform_table(mixed, pa.table({"rid": [1], "u": [250], "h": ["a"], "x": [1.0], "click": [0]}))
+    assert text_ids[0] != text_ids[1] == int_ids["u"].to_pylist()[0] != 0
     with pytest.raises(FeatureDataError, match="text must be one of"):
         parse_schema({**SCHEMA, "categorical": [{"name": "u", "text": "raw"}]})
 
