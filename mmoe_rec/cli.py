@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None, process: bool | None = None) -> int:
             run_lightning_cli(argv)
         except SIGTERMException:  # a SystemExit without a code: the stopped job exited 0, as if it had finished
             resume = "; a checkpoint it wrote, if any, resumes it with --ckpt_path" if argv[0] == "fit" else ""
-            print(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished (its MLflow run is marked "
-                  f"FAILED{resume})", file=sys.stderr)
+            if (os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0") == "0":  # said once, by rank 0
+                print(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished (its MLflow run is marked "
+                      f"FAILED{resume})", file=sys.stderr)
             return 128 + signal.SIGTERM
         except Exception as e:
             return _report(e, argv)

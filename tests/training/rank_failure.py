@@ -82,3 +82,16 @@ class SigtermAt(L.Callback):
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._maybe(batch_idx)
+
+
+class SlowOnException(L.Callback):
+    """Rank `rank` takes `seconds` in on_exception (a large on-exception checkpoint): the other ranks have exited."""
+
+    def __init__(self, seconds: float = 12.0, rank: int = 0) -> None:
+        self.seconds, self.rank = seconds, rank
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if trainer.global_rank == self.rank:
+            import time
+
+            time.sleep(self.seconds)
