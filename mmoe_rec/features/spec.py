@@ -104,7 +104,8 @@ class FeatureSpec:
             raise FeatureDataError(f"feature spec format {fmt!r} is not supported (this mmoe-rec reads format "
                                    f"{SPEC_FORMAT!r})")
         transforms_fmt = (d.get("transforms") or {}).get("format", 1)
-        if not (isinstance(transforms_fmt, int) and 1 <= transforms_fmt <= TRANSFORMS_FORMAT):
+        if isinstance(transforms_fmt, bool) or not (isinstance(transforms_fmt, int)
+                                                   and 1 <= transforms_fmt <= TRANSFORMS_FORMAT):
             raise FeatureDataError(f"the feature spec's transforms have format {transforms_fmt!r}, this mmoe-rec "
                                    f"reads formats 1 to {TRANSFORMS_FORMAT}: it was written by a newer mmoe-rec, "
                                    "whose ids this one would not reproduce; use that version or refit the spec")

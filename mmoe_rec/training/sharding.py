@@ -356,11 +356,17 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         # and its checkpoint holds nothing for them
         current = {key: per for key, per in current.items() if per}
         kind = checkpoint.get(SHARDED_OPTIMIZER_KIND_KEY)
-        if kind is not None and kind != self.embedding_optimizer:  # its state would be dropped, or not fit
+        saved_state = any(checkpoint.get(SHARDED_OPTIMIZER_KEY, {}).values())  # exact_sgd keeps none
+        if kind is not None and kind != self.embedding_optimizer and saved_state:  # dropped, or the wrong shape
             raise ValueError(
                 f"this checkpoint's embedding tables were trained by embedding_optimizer {kind!r}, whose state it "
                 f"holds; the strategy now asks for {self.embedding_optimizer!r}, which would drop that state (or "
                 f"find it the wrong shape). Resume with embedding_optimizer {kind!r}, or start a new fit")
+        if kind is not None and kind != self.embedding_optimizer:  # a stateless one's (exact_sgd): nothing to take
+            rank_zero_warn(f"the checkpoint's embedding tables were trained by {kind!r}, which keeps no state; "
+                           f"{self.embedding_optimizer!r} starts from fresh state")
+            super().load_optimizer_state_dict(checkpoint)
+            return
         if current and SHARDED_OPTIMIZER_KEY not in checkpoint:
             raise RuntimeError(
                 "this checkpoint holds no sharded-embedding optimizer state (it was not written under "

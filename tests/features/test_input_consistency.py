@@ -294,6 +294,7 @@ def test_a_spec_json_of_another_format_or_shape_is_an_error_naming_the_file(tmp_
         # a newer mmoe-rec's transforms (keys this one would ignore: other ids without a word)
         "transforms have format 3, this mmoe-rec reads formats 1 to 2": {
             **good, "transforms": {**good["transforms"], "format": 3}},
+        "transforms have format True": {**good, "transforms": {**good["transforms"], "format": True}},
         "has no 'sparse_features'": {k: v for k, v in good.items() if k != "sparse_features"},
         "not a valid feature spec": {**good, "tasks": ["click"]},
         "a JSON object was expected, not list": [good],

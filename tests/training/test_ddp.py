@@ -380,6 +380,11 @@ def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir,
     for other in ("exact_sgd", "exact_row_wise_adagrad"):
         with pytest.raises(ValueError, match=f"trained by embedding_optimizer 'exact_adagrad'.* asks for '{other}'"):
             fit(tmp_path / other, 2, ckpt_path=tmp_path / "adagrad" / "last.ckpt", optimizer=other)
+    # exact_sgd keeps no state: another optimizer may take over, from fresh state, with a word
+    with pytest.warns(UserWarning, match="trained by 'exact_sgd', which keeps no state; 'exact_adagrad' starts"):
+        later = fit(tmp_path / "sgd_then_adagrad", 2, ckpt_path=tmp_path / "first" / "last.ckpt",
+                    optimizer="exact_adagrad")
+    assert later["global_step"] == straight["global_step"]
 
 
 def fit_with_rank_1_callback(tmp_path: Path, feature_dir: Path, callback: str) -> subprocess.CompletedProcess:
