@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -116,7 +117,55 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Trainer settings typed Union[int, float]: the parser reads "1" as 1.0 (a typing cache puts float first, Lightning
+# issue #21259), which Lightning takes as 100 % of the batches; 2, 3, ... come out as ints again by Lightning's rule
+ONE_BATCH_SETTINGS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+                      "val_check_interval", "overfit_batches")
+
+
+def written_as_integer_one(args: list[str], key: str) -> bool:
+    """Whether the setting trainer.<key> that wins in `args` (the last of the --config files' YAML and the options
+    in their order) was written as the integer 1 (`1`, not `1.0`)."""
+    found, i = None, 0
+    while i < len(args):
+        arg, value = args[i], None
+        if arg in ("--config", f"--trainer.{key}") and i + 1 < len(args):
+            name, value, i = arg, args[i + 1], i + 2
+        elif arg.startswith(("--config=", f"--trainer.{key}=")):
+            (name, value), i = arg.split("=", 1), i + 1
+        else:
+            i += 1
+            continue
+        if name == "--config":
+            try:
+                trainer = (yaml.safe_load(Path(value).read_text()) or {}).get("trainer")
+            except (OSError, yaml.YAMLError, AttributeError):
+                continue
+            if isinstance(trainer, dict) and key in trainer:
+                found = trainer[key]
+        else:
+            try:
+                found = yaml.safe_load(value)
+            except yaml.YAMLError:
+                found = value
+    return type(found) is int and found == 1
+
+
 class MultiTaskCLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        self._given_args = [str(a) for a in (args if args is not None else sys.argv[1:])]
+        super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """`--trainer.limit_val_batches 1` (one batch) reached Lightning as 1.0 (every batch): given as the integer
+        1, it is the integer 1 again (set here: the parser's instantiation reads the config's 1 as 1.0 once more)."""
+        for key in ONE_BATCH_SETTINGS:
+            value = self._get(self.config_init, "trainer", default={}).get(key)
+            if key not in kwargs and isinstance(value, float) and value == 1.0 \
+                    and written_as_integer_one(self._given_args, key):
+                kwargs[key] = 1
+        return super().instantiate_trainer(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.spec", "model.init_args.feature_spec", apply_on="instantiate")
         parser.set_defaults({"trainer.logger": DEFAULT_LOGGER})

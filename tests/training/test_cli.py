@@ -636,3 +636,21 @@ def test_an_empty_validation_split_is_refused_before_the_run(make_feature_dir, i
                  "--checkpoint_dir", str(in_tmp / "ck")]) == 1
     assert "split 'valid' in" in capsys.readouterr().err and len(mlflow_runs(in_tmp / "mlflow.db")) == runs
 
+
+
+@pytest.mark.parametrize("yaml_value, option, expected", [
+    (None, "1", 1), (None, "1.0", 1.0), (1, None, 1), (1, "1.0", 1.0), (1.0, "1", 1), (None, "3", 3),
+])
+def test_one_batch_written_as_the_integer_1_is_one_batch(feature_dir, in_tmp, yaml_value, option, expected):
+    """`--trainer.limit_val_batches 1` reached Lightning as 1.0, every batch (the parser reads Union[int, float]
+    float first, Lightning #21259); the integer 1 written in the config or on the command line is one batch."""
+    config = yaml.safe_load((CONFIGS[0].parent / "mmoe_synthetic.yaml").read_text())
+    if yaml_value is not None:
+        config["trainer"]["limit_val_batches"] = yaml_value
+    (in_tmp / "c.yaml").write_text(yaml.safe_dump(config))
+    cli = run_lightning_cli(["fit", "--config", str(in_tmp / "c.yaml"), "--data.init_args.data_dir", str(feature_dir),
+                             "--data.init_args.batch_size", "128", "--trainer.max_steps", "1",
+                             "--checkpoint_dir", str(in_tmp / "ck"),
+                             *([f"--trainer.limit_val_batches={option}"] if option else [])])
+    value = cli.trainer.limit_val_batches
+    assert value == expected and type(value) is type(expected)
