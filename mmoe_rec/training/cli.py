@@ -129,14 +129,14 @@ def written_as_integer_one(args: list[str], key: str) -> bool:
     found, i = None, 0
     while i < len(args):
         arg, value = args[i], None
-        if arg in ("--config", f"--trainer.{key}") and i + 1 < len(args):
+        if arg in ("-c", "--config", f"--trainer.{key}") and i + 1 < len(args):
             name, value, i = arg, args[i + 1], i + 2
         elif arg.startswith(("--config=", f"--trainer.{key}=")):
             (name, value), i = arg.split("=", 1), i + 1
         else:
             i += 1
             continue
-        if name == "--config":
+        if name in ("-c", "--config"):
             try:
                 trainer = (yaml.safe_load(Path(value).read_text()) or {}).get("trainer")
             except (OSError, yaml.YAMLError, AttributeError):
