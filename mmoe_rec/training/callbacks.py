@@ -264,7 +264,6 @@ class RoutingMonitor(L.Callback):
         self._step: int | None = None  # the global step at the last batch's end (a checkpoint records it)
         self._current_epoch: int | None = None  # the trainer's epoch, for the checkpoint (state_dict has no trainer)
         self._restored: dict[str, Any] | None = None  # open sums from a checkpoint, until the fit takes them
-        self._grad_probe_step: int | None = None  # the step of the closing epoch's gradient probe (plot title)
 
     def _fresh(self, pl_module) -> Window:
         return Window(list(pl_module.tasks))
@@ -381,11 +380,12 @@ class RoutingMonitor(L.Callback):
         if epoch is None:
             return
         epoch.reduce()
-        # the epoch's last gradient probe, if it had one
-        self._grad_probe_step = getattr(pl_module, "last_grad_cosine_step", None)
-        self._close_epoch(trainer, epoch, trainer.current_epoch, getattr(pl_module, "last_grad_cosine", None))
+        # the epoch's last gradient probe, if it had one, and its step
+        self._close_epoch(trainer, epoch, trainer.current_epoch, getattr(pl_module, "last_grad_cosine", None),
+                          probe_step=getattr(pl_module, "last_grad_cosine_step", None))
 
-    def _close_epoch(self, trainer, epoch: Window, index: int, grad_cosine=None, step: int | None = None) -> None:
+    def _close_epoch(self, trainer, epoch: Window, index: int, grad_cosine=None, step: int | None = None,
+                     probe_step: int | None = None) -> None:
         """Log a finished epoch's statistics (its sums over all ranks) at `step` (default: the current step)."""
         if epoch.empty:
             return
@@ -401,15 +401,17 @@ class RoutingMonitor(L.Callback):
                                  lambda: log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json"))
         if self.plots and trainer.is_global_zero and self._artifact_logger(trainer):
             _unless_it_fails(f"epoch {index}'s plots", lambda: self.write_plots(trainer.logger, epoch, grad_cosine,
-                                                                                   epoch=index))
+                                                                                   epoch=index, probe_step=probe_step))
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float], step: int) -> None:
         if metrics and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(metrics, step=step)
 
-    def figures(self, window: Window, grad_cosine=None, epoch: int | None = None) -> dict[str, Any]:
-        """The plots of a window; `epoch` (the one it closes) and the gradient probe's step go into the titles."""
+    def figures(self, window: Window, grad_cosine=None, epoch: int | None = None,
+                probe_step: int | None = None) -> dict[str, Any]:
+        """The plots of a window; `epoch` (the one it closes) and `probe_step` (the gradient probe's) go into the
+        titles."""
         figs = {}
         of_epoch = "" if epoch is None else f", epoch {epoch}"
         # experts a gate cannot reach (a PLE task gate over its level: the other tasks' own experts) as NaN, which
@@ -438,10 +440,9 @@ class RoutingMonitor(L.Callback):
         if grad_cosine is not None:
             matrices["grad_cos"] = (grad_cosine[0], grad_cosine[1].numpy())
         if matrices:
-            probe = self._grad_probe_step
             figs["task_relatedness"] = plots.relatedness_matrices(
-                matrices, title=f"Task relatedness{of_epoch}" + (f" (gradient cosine: step {probe})"
-                                                                 if grad_cosine is not None and probe is not None
+                matrices, title=f"Task relatedness{of_epoch}" + (f" (gradient cosine: step {probe_step})"
+                                                                 if grad_cosine is not None and probe_step is not None
                                                                  else ""))
         return figs
 
@@ -459,8 +460,9 @@ class RoutingMonitor(L.Callback):
                            "they are not made (the experts/ and relatedness/ scalars are logged)")
         return False
 
-    def write_plots(self, logger, window: Window, grad_cosine=None, epoch: int | None = None) -> None:
-        for name, fig in self.figures(window, grad_cosine, epoch).items():
+    def write_plots(self, logger, window: Window, grad_cosine=None, epoch: int | None = None,
+                    probe_step: int | None = None) -> None:
+        for name, fig in self.figures(window, grad_cosine, epoch, probe_step).items():
             try:
                 log_png(logger, fig, name)
             finally:

@@ -49,7 +49,12 @@ class LossWeighting(nn.Module):
         if self.tasks and not any(self.static.values()):
             raise ValueError(f"task_weights are all 0: no task would be trained ({self.static})")
         self.num_trained = sum(w > 0 for w in self.static.values())  # K of DWA and GradNorm
-        self.register_buffer("trained", torch.tensor([self.static[t] > 0 for t in self.tasks]), persistent=False)
+        self.register_buffer("static_weights", torch.tensor([self.static[t] for t in self.tasks]), persistent=False)
+
+    @property
+    def trained(self) -> torch.Tensor:
+        """(T,) bool: the tasks trained (static weight > 0), which DWA and GradNorm balance."""
+        return self.static_weights > 0
 
     def forward(self, losses: dict[str, torch.Tensor], shared_layer: SharedLayer | None = None,
                 rank_mean: RankMean | None = None) -> torch.Tensor:
@@ -129,7 +134,6 @@ class GradNorm(LossWeighting):
             raise ValueError(f"gradnorm alpha must be >= 0, got {alpha}")
         self.alpha = alpha
         self.learnt_weights = nn.Parameter(torch.ones(len(self.tasks)))  # (T,) w_t, learnt; trained ones sum to K
-        self.register_buffer("static_weights", torch.tensor([self.static[t] for t in self.tasks]), persistent=False)
         # L_t(0), set at the first training step; a buffer, so a resumed run keeps its reference losses
         self.register_buffer("initial_losses", torch.full((len(self.tasks),), float("nan")))  # (T,)
         self.last_gradnorm_loss: torch.Tensor | None = None  # sum_t |G_t - target_t| of the last step (logged)

@@ -242,8 +242,7 @@ def test_the_epoch_plots_say_which_epoch_and_which_step_the_gradient_probe_was()
     probs = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), dim=1)
     window.update({t: GateRecord(combine=probs, probs=probs) for t in ("a", "b")},
                   {"a": torch.tensor([0.0, 1, 0, 1, 1, 0]), "b": torch.tensor([1.0, 0, 1, 1, 0, 0])})
-    monitor._grad_probe_step = 40
-    figs = monitor.figures(window, (["a", "b"], torch.eye(2, dtype=torch.float64)), epoch=3)
+    figs = monitor.figures(window, (["a", "b"], torch.eye(2, dtype=torch.float64)), epoch=3, probe_step=40)
     try:
         assert figs["utilization_heatmap"].axes[0].get_title() == "Expert utilization (mean gate weight, epoch 3)"
         assert figs["task_relatedness"]._suptitle.get_text() == "Task relatedness, epoch 3 (gradient cosine: step 40)"
