@@ -146,12 +146,12 @@ class Window:
                 mine[key] = mine[key].to(total.device) + total if key in mine else total.clone()
 
     def reduce(self) -> None:
-        """Sum across ranks in place (every rank must call it at the same point: same gates, same pairs)."""
+        """Sums (merges, for the labels) across ranks in place (every rank must call it at the same point: same
+        gates, same pairs)."""
         self.settle()
         flat: list[torch.Tensor] = []
         for name in sorted(self.gates):
             flat += self.gates[name].tensors()
-        flat += self.labels.tensors()
         pairs = sorted(self.jaccard)
         flat += [self.jaccard[p] for p in pairs]
         gate_pairs = sorted(self.gate_pairs)
@@ -161,14 +161,13 @@ class Window:
         for name in sorted(self.gates):
             self.gates[name].load_tensors(flat[pos:pos + 4])
             pos += 4
-        self.labels.load_tensors(flat[pos:pos + 3])
-        pos += 3
         for p in pairs:
             self.jaccard[p] = flat[pos]
             pos += 1
         for p in gate_pairs:
             self.gate_pairs[p] = flat[pos]
             pos += 1
+        self.labels.reduce(_all_reduce)  # centred statistics: merged, not summed
 
     def state_dict(self) -> dict[str, Any]:
         """The sums as CPU tensors and plain values (a checkpoint loads them with weights_only)."""
@@ -182,8 +181,7 @@ class Window:
                            "extra_sum": {k: v.cpu() for k, v in stats.extra_sum.items()}}
         labels = self.labels
         return {"tasks": list(self.tasks), "gates": gates,
-                "labels": {"s1": labels.s1.cpu(), "s2": labels.s2.cpu(), "count": labels.count.cpu(),
-                           "rows": labels.rows.cpu()},
+                "labels": labels.state(),
                 "jaccard": [[list(pair), total.cpu()] for pair, total in self.jaccard.items()],
                 "gate_pairs": [[list(names), total.cpu()] for names, total in self.gate_pairs.items()]}
 
@@ -194,8 +192,7 @@ class Window:
             window.gates[name] = GateStats(g["combine_sum"], g["probs_sum"], g["counts"], g["dropped"],
                                            g["entropy_sum"], g["rows"], g["drop_base"], g["sparse"], g["groups"],
                                            dict(g["extra_sum"]))
-        lab = state["labels"]
-        window.labels = LabelStats(list(state["tasks"]), lab["s1"], lab["s2"], lab["count"], lab["rows"])
+        window.labels = LabelStats.from_state(list(state["tasks"]), state["labels"])
         window.jaccard = {tuple(pair): total for pair, total in state["jaccard"]}
         window.gate_pairs = {tuple(names): total for names, total in state["gate_pairs"]}
         return window

@@ -76,6 +76,7 @@ def _marker_aware_observer(procs: list[subprocess.Popen], done_dir: Path, main_p
                         on_child_failure()
                     except Exception as e:  # noqa: BLE001 - ending the ranks matters more
                         print(f"mmoe-rec: could not record the failure: {e}", file=sys.stderr, flush=True)
+                shutil.rmtree(done_dir, ignore_errors=True)  # rank 0's own cleanup will not run after the SIGKILL
                 return base._run(self)  # Lightning's own: ends the other children and rank 0
             return all(code is not None for code in codes)  # all exited (failed ones after their work): done
 

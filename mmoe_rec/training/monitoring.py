@@ -106,16 +106,15 @@ def matrix_for_json(matrix: torch.Tensor) -> list[list[float | None]]:
 
 
 def label_correlation(sums: "LabelStats") -> tuple[list[str], torch.Tensor]:
-    """Pearson correlation of the tasks' labels from running sums; NaN (undefined) in the row and column of a label
-    that did not vary in the window (a rare task with no positive), whose 0 read as "uncorrelated"."""
+    """Pearson correlation of the tasks' labels from their centred sums; NaN (undefined) in the row and column of
+    a label that did not vary in the window (a rare task with no positive), whose 0 read as "uncorrelated"."""
     n = float(sums.count)
-    mean = sums.s1 / n  # (T,)
-    second = sums.s2 / n  # (T, T) E[y y^T]
-    cov = second - torch.outer(mean, mean)  # (T, T)
+    cov = sums.m2 / n  # (T, T)
     var = cov.diagonal()
-    # A constant label's variance is rounding noise of E[y^2] - E[y]^2: zero, judged against E[y^2], not against an
-    # absolute epsilon (labels of scale 1e-6 have variances of 1e-12 and are as correlated as labels of scale 1).
-    sd = torch.where(var > 1e-12 * second.diagonal(), var.clamp_min(0).sqrt(), 0.0)  # (T,)
+    # The sums are centred, so a constant label's variance is the rounding of its mean (~(1e-16 |mean|)^2), not of
+    # E[y^2]: a label of mean 1e6 and std 1 still varies, while one of std 1e-10 of its mean reads constant.
+    # Judged against the label's own scale, not an absolute epsilon (labels of scale 1e-6 are as correlated as 1).
+    sd = torch.where(var > 1e-20 * sums.mean.square(), var.clamp_min(0).sqrt(), 0.0)  # (T,)
     corr = _ratio_or_zero(cov, torch.outer(sd, sd)).clamp(-1.0, 1.0)
     constant = sd == 0  # (T,)
     corr[constant, :] = float("nan")
@@ -129,47 +128,80 @@ def _zeros(*shape: int) -> torch.Tensor:
 
 @dataclasses.dataclass
 class LabelStats:
-    """Running sums for label correlation: s1 = sum w y (T,), s2 = sum w y y^T (T, T), count = sum w (), and the
-    number of rows () (weights may be any non-negative scale: "more than one row" is judged on rows, not on sum w).
+    """Label statistics for the correlation, centred so that a label of large mean keeps its variance: count =
+    sum w (), mean = the weighted mean (T,), m2 = sum w (y - mean)(y - mean)^T (T, T), and the number of rows ()
+    (weights may be any non-negative scale: "more than one row" is judged on rows, not on sum w). Batches, windows
+    and ranks merge by Chan et al.'s pairwise update (plain sums of y y^T lose a variance of 1 under a mean of
+    1e6 to rounding).
 
-    The sums live on the labels' device and are read back only when the window is reduced, so that a training
-    step on a GPU never waits for them."""
+    The statistics live on the labels' device and are read back only when the window is reduced, so that a
+    training step on a GPU never waits for them."""
 
     tasks: list[str]
-    s1: torch.Tensor
-    s2: torch.Tensor
     count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
     rows: torch.Tensor
 
     @classmethod
     def empty(cls, tasks: list[str]) -> "LabelStats":
         t = len(tasks)
-        return cls(list(tasks), _zeros(t), _zeros(t, t), _zeros(), _zeros())
+        return cls(list(tasks), _zeros(), _zeros(t), _zeros(t, t), _zeros())
+
+    @classmethod
+    def from_sums(cls, tasks: list[str], s1: torch.Tensor, s2: torch.Tensor, count: torch.Tensor,
+                  rows: torch.Tensor) -> "LabelStats":
+        """From the raw sums (sum w y, sum w y y^T) that checkpoints before 2026-12-07 hold."""
+        mean = s1 / count if float(count) > 0 else torch.zeros_like(s1)
+        return cls(list(tasks), count, mean, s2 - count * torch.outer(mean, mean), rows)
+
+    def _merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, rows: torch.Tensor | int) -> None:
+        """Adds a group of rows given by its own count, mean and centred m2 (Chan et al.)."""
+        total = self.count + count
+        share = torch.where(total > 0, count / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)  # ()
+        delta = mean - self.mean  # (T,)
+        self.m2 = self.m2 + m2 + torch.outer(delta, delta) * (self.count * share)
+        self.mean = self.mean + delta * share
+        self.count, self.rows = total, self.rows + rows
+
+    def _move_to(self, device: torch.device) -> None:
+        if self.mean.device != device:
+            self.count, self.mean, self.m2, self.rows = (v.to(device) for v in (self.count, self.mean, self.m2,
+                                                                                self.rows))
 
     def update(self, labels: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> None:
         y = torch.stack([labels[t].detach().double() for t in self.tasks], dim=1)  # (B, T)
-        if self.s1.device != y.device:
-            self.s1, self.s2, self.count, self.rows = (v.to(y.device) for v in (self.s1, self.s2, self.count,
-                                                                                self.rows))
+        self._move_to(y.device)
         w = torch.ones_like(y[:, 0]) if weights is None else weights.detach().double()  # (B,)
-        wy = y * w[:, None]
-        self.s1 += wy.sum(0)
-        self.s2 += wy.T @ y
-        self.count += w.sum()
-        self.rows += y.shape[0]  # from the shape: no read back from the device
+        count = w.sum()
+        mean = (w @ y) / count.clamp_min(torch.finfo(count.dtype).tiny)  # (T,); 0 for a batch of weight 0
+        centred = y - mean
+        m2 = (centred * w[:, None]).T @ centred  # (T, T)
+        self._merge(count, mean, m2, y.shape[0])  # rows from the shape: no read back from the device
 
     def add(self, other: "LabelStats") -> None:
-        """Adds another window's sums (the same tasks) into these."""
-        device = other.s1.device
-        self.s1, self.s2 = self.s1.to(device) + other.s1, self.s2.to(device) + other.s2
-        self.count, self.rows = self.count.to(device) + other.count, self.rows.to(device) + other.rows
+        """Adds another window's statistics (the same tasks) into these."""
+        self._move_to(other.mean.device)
+        self._merge(other.count, other.mean, other.m2, other.rows)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.s1, self.s2, torch.stack([self.count, self.rows])]
+    def reduce(self, all_reduce) -> None:
+        """Merges every rank's statistics in place with `all_reduce` (a sum over ranks, returned on the CPU): first
+        the counts and weighted means, then each rank's m2 re-centred on the common mean. Collective: every rank
+        calls it at the same point."""
+        count, rows, weighted = all_reduce([self.count, self.rows, self.count * self.mean])
+        mean = weighted / count if float(count) > 0 else torch.zeros_like(weighted)
+        delta = self.mean.cpu() - mean  # (T,)
+        (m2,) = all_reduce([self.m2 + self.count * torch.outer(delta, delta).to(self.m2.device)])
+        self.count, self.mean, self.m2, self.rows = count, mean, m2, rows
 
-    def load_tensors(self, tensors: list[torch.Tensor]) -> None:
-        self.s1, self.s2, scalars = tensors
-        self.count, self.rows = scalars[0], scalars[1]
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count.cpu(), "mean": self.mean.cpu(), "m2": self.m2.cpu(), "rows": self.rows.cpu()}
+
+    @classmethod
+    def from_state(cls, tasks: list[str], state: dict[str, torch.Tensor]) -> "LabelStats":
+        if "m2" not in state:  # a checkpoint written before the statistics were centred
+            return cls.from_sums(tasks, state["s1"], state["s2"], state["count"], state["rows"])
+        return cls(list(tasks), state["count"], state["mean"], state["m2"], state["rows"])
 
     @property
     def defined(self) -> bool:

@@ -109,6 +109,9 @@ def test_the_launchers_observer_spares_rank_0_for_a_child_that_failed_after_its_
         time.sleep(0.2)
         assert (stand_in.poll() is None) == marked, stand_in.poll()
         assert recorded == ([] if marked else [None])  # called while "rank 0" still ran
+        # rank 0's `finally` will not run after the SIGKILL: the folder of markers goes before it (it was left in
+        # the temporary directory, one per failed job)
+        assert tmp_path.exists() == marked
     finally:
         stand_in.kill()
         stand_in.wait()

@@ -444,7 +444,7 @@ def test_a_window_made_of_added_segments_equals_one_updated_step_by_step():
     added.gates["click"].combine_sum -= 1.0
     for name in direct.gates:
         torch.testing.assert_close(added.gates[name].tensors(), direct.gates[name].tensors())
-    torch.testing.assert_close(added.labels.tensors(), direct.labels.tensors())
+    torch.testing.assert_close(added.labels.state(), direct.labels.state())
     assert direct.metrics("experts", "relatedness") == pytest.approx(added.metrics("experts", "relatedness"))
 
 
@@ -537,3 +537,83 @@ def test_gates_that_never_weigh_a_row_together_have_no_similarity_and_nothing_se
     nothing = Window(["a", "b"])
     nothing.update({"a": record(torch.zeros(4, 2)), "b": record(torch.zeros(4, 2))}, labels)
     assert torch.isnan(nothing.relatedness()["expert_jaccard"][1][0, 1])
+
+
+def test_label_correlation_keeps_a_small_variance_under_a_large_mean():
+    """Raw sums E[y^2] - E[y]^2 lost a regression label of mean 1e6 and std 1 to rounding (it read constant: NaN);
+    the centred statistics keep it, over batches, windows and a checkpoint's round trip."""
+    from mmoe_rec.training.callbacks import Window
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=3000)
+    b = 0.6 * a + rng.normal(size=3000)
+    price = 1e6 + b  # (rows,) the same correlation with a as b, shifted by a large constant
+    window = Window(["a", "price"])
+    for sl in (slice(0, 1000), slice(1000, 1001), slice(1001, 3000)):
+        part = Window(["a", "price"])
+        part.update({}, {"a": torch.tensor(a[sl]), "price": torch.tensor(price[sl])})
+        window.add(Window.from_state_dict(part.state_dict()))
+    corr = window.relatedness()["label_corr"][1]
+    assert float(corr[0, 1]) == pytest.approx(np.corrcoef(a, b)[0, 1], rel=1e-9)
+    flat = Window(["a", "price"])  # and a label that is constant under the same mean still reads constant
+    flat.update({}, {"a": torch.tensor(a), "price": torch.full((3000,), 1e6 + 0.1, dtype=torch.float64)})
+    assert flat.relatedness()["label_corr"][1][1].isnan().all()
+
+
+def test_label_statistics_merge_across_ranks_as_one_window():
+    """`reduce` merges each rank's centred statistics (counts and means first, then m2 about the common mean):
+    two simulated ranks of different means and weights give the one-process figures."""
+    import threading
+
+    from mmoe_rec.training.callbacks import Window
+
+    rng = np.random.default_rng(6)
+    y = rng.normal(size=(500, 2)) + [5e5, -3.0]
+    w = rng.random(500) + 0.5
+    parts = [slice(0, 120), slice(120, 500)]
+    whole = Window(["a", "b"])
+    whole.update({}, {"a": torch.tensor(y[:, 0]), "b": torch.tensor(y[:, 1])}, torch.tensor(w))
+    windows = []
+    for sl in parts:
+        win = Window(["a", "b"])
+        win.update({}, {"a": torch.tensor(y[sl, 0]), "b": torch.tensor(y[sl, 1])}, torch.tensor(w[sl]))
+        windows.append(win)
+
+    barrier = threading.Barrier(2)
+    calls: list[list[list[torch.Tensor]]] = [[], []]
+    results: list = [None, None]
+
+    def all_reduce_for(rank):
+        def reduce(tensors):
+            calls[rank].append(tensors)
+            barrier.wait()
+            summed = [a.cpu() + b.cpu() for a, b in zip(calls[0][-1], calls[1][-1])]
+            barrier.wait()
+            return summed
+        return reduce
+
+    def run(rank):
+        windows[rank].labels.reduce(all_reduce_for(rank))
+        results[rank] = windows[rank].labels.state()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(results[0], results[1])
+    torch.testing.assert_close(results[0], whole.labels.state(), rtol=1e-12, atol=1e-6)
+
+
+def test_label_statistics_load_from_a_checkpoint_of_raw_sums():
+    """Checkpoints before the statistics were centred hold s1 = sum w y and s2 = sum w y y^T: they still load."""
+    from mmoe_rec.training.monitoring import LabelStats
+
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0, 0.5], dtype=torch.float64)
+    old = {"s1": (w[:, None] * y).sum(0), "s2": (w[:, None] * y).T @ y, "count": w.sum(),
+           "rows": torch.tensor(4.0, dtype=torch.float64)}
+    loaded = LabelStats.from_state(["a", "b"], old)
+    fresh = LabelStats.empty(["a", "b"])
+    fresh.update({"a": y[:, 0], "b": y[:, 1]}, w)
+    torch.testing.assert_close(loaded.state(), fresh.state())
