@@ -20,7 +20,7 @@ logit_t = tower_t(mixed_t)
   cf = (capacity_factor or k) · fine_grained: like k, capacity_factor counts experts before the fine-grained
   split, so that m·cf of the split experts take a row on average (the compute of cf unsplit ones). A row that
   no expert took counts as dropped (GateRecord.dropped counts rows, out of T, not assignments) and gets the
-  fallback with weight 1. Its record carries the (T, E) assignment mask
+  fallback with the weight evaluation gives the row (the sum of its top eval_k probabilities). Its record carries the (T, E) assignment mask
   (GateRecord.assigned) instead of `chosen`. At evaluation it is token-choice top-k and dropless:
   eval_capacity_factor is refused with it.
 - Aux losses (unweighted, averaged over task gates) under "importance", "load", "switch", "router_z". Defaults
@@ -223,20 +223,26 @@ class SparseMMoE(MultiTaskModel):
     # ------------------------------------------------------------------------------------------------------------
 
     def _kept_assignments(self, r: Routing, T: int):
-        """Assignments after the capacity limit and each row's dropped combine mass (T,) (None if nothing can drop)."""
+        """Assignments after the capacity limit, each row's dropped combine mass (T,) (None if nothing can drop) and
+        the number dropped () on the device (read by the monitor, not here: no host wait)."""
         experts, rows, weights = r.assignments()  # (N,)
-        if r.chosen is None:  # expert choice: rows no expert took are the "dropped" ones, fallback weight 1
+        if r.chosen is None:  # expert choice: rows no expert took are the "dropped" ones
             taken = torch.zeros(T, dtype=torch.bool, device=rows.device)
             taken[rows] = True
-            return experts, rows, weights, (~taken).to(weights.dtype), int((~taken).sum())
+            # such a row's fallback weight is the mass evaluation gives it (its top eval_k probabilities), on the
+            # scale the towers see then, not 1 (~10x a taken row's ~1/E per expert at E = 16), and it carries
+            # the router's gradient as a taken row's weights do
+            eval_k = self.gates[self.tasks[0]].eval_k  # every gate's router is made alike (_make_router)
+            mass = r.probs.topk(eval_k, dim=1).values.sum(1)  # (T,)
+            return experts, rows, weights, mass * (~taken).to(mass.dtype), (~taken).sum()
         cf = self.capacity_factor if self.training else self.eval_capacity_factor
         cap = capacity_for(T, self.k, self.num_experts, cf)
         if cap is None:
-            return experts, rows, weights, None, 0
+            return experts, rows, weights, None, torch.zeros((), dtype=torch.int64, device=rows.device)
         keep = apply_capacity(r.chosen, self.num_experts, cap)  # (T, k)
         dropped_mass = (r.weights * (~keep)).sum(1)  # (T,)
         flat_keep = keep.t().reshape(-1)  # assignments are choice-major, like keep.t()
-        return experts[flat_keep], rows[flat_keep], weights[flat_keep], dropped_mass, int((~keep).sum())
+        return experts[flat_keep], rows[flat_keep], weights[flat_keep], dropped_mass, (~keep).sum()
 
     def _aux(self, r: Routing) -> dict[str, torch.Tensor]:
         experts, _, weights = r.assignments()
@@ -311,7 +317,7 @@ class SparseMMoE(MultiTaskModel):
         # cast after the product: under autocast a layer-norm fallback comes back in float32 while h may be bf16
         return h.index_add(0, idx, (dropped_mass.index_select(0, idx).unsqueeze(1) * fb).to(h.dtype))
 
-    def _record(self, task: str, r: Routing, experts, rows, weights, n_dropped: int, T: int) -> GateRecord:
+    def _record(self, task: str, r: Routing, experts, rows, weights, n_dropped: torch.Tensor, T: int) -> GateRecord:
         with torch.no_grad():
             combine = torch.zeros(T, self.num_experts, device=r.logits.device, dtype=torch.float32)
             combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
@@ -332,7 +338,7 @@ class SparseMMoE(MultiTaskModel):
         return GateRecord(combine=combine, probs=probs,
                           chosen=r.chosen.detach() if token_choice else None,
                           assigned=None if token_choice else r.mask,
-                          dropped=torch.tensor(n_dropped, dtype=torch.int64, device=combine.device), extra=extra)
+                          dropped=n_dropped.to(torch.int64), extra=extra)
 
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:

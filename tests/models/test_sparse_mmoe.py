@@ -517,3 +517,35 @@ def test_a_batch_of_no_rows_gives_empty_logits_and_gradients(layout, extra):
 def test_expert_choice_takes_router_init_normal_its_own_start():
     model = SparseMMoE(spec(), router="expert_choice", num_experts=4, k=1, router_init="normal")
     assert model.router_name == "expert_choice"
+
+
+@pytest.mark.parametrize("shared", [0, 2])
+def test_expert_choice_rows_no_expert_took_get_the_fallback_at_their_evaluation_mass(shared):
+    """What reaches the tower under expert choice in training: the experts' weighted outputs for the rows they
+    took, plus, for a row no expert took, the fallback expert (or the shared experts' mean) weighted by the mass
+    evaluation gives the row (its top eval_k probabilities), never a zero input (the mistake MOE_NOTES lists;
+    giving untaken rows weight 0 passed every test before). It was weight 1: ~10x a taken row's mass at E = 16."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), router="expert_choice", num_experts=4, k=1, capacity_factor=0.5,
+                       num_shared_experts=shared, expert_hidden=[8, 8]).train()
+    x = features(40)
+    out = model.forward_dense(x)
+    task = TASKS[0]
+    r = model.gates[task](x)
+    experts, rows, weights = r.assignments()
+    combine = torch.zeros(40, 4).index_put((rows, experts), weights, accumulate=True)  # (T, E)
+    untaken_rows = torch.ones(40).index_fill(0, rows, 0.0)[:, None]  # (T, 1)
+    assert 0 < int(untaken_rows.sum()) < 40
+    assert model.gates[task].eval_k == 1  # round(capacity_factor 0.5), at least 1
+    untaken = untaken_rows * r.probs.max(1, keepdim=True).values  # (T, 1) the evaluation's mass
+    assert (untaken.sum() < untaken_rows.sum())
+    h = model.experts.forward_dense(x, combine)
+    if shared:
+        everyone = model.shared_experts.forward_all(x)  # (S, T, D)
+        h = h + everyone.sum(0) + untaken * everyone.mean(0)
+    else:
+        h = h + untaken * model.fallback.forward_all(x)[0]
+    torch.testing.assert_close(out.logits[task], model.towers[task](h), atol=1e-5, rtol=1e-5)
+    assert int(out.routing[task].dropped) == int(untaken_rows.sum())
+    out.logits[task].sum().backward()  # the router learns from the untaken rows' weights too
+    assert model.gates[task].w_gate.grad.abs().sum() > 0

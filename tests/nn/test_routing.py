@@ -127,6 +127,29 @@ def test_smooth_load_matches_monte_carlo_redraw_of_one_experts_noise():
             assert p[t, i].item() == pytest.approx(in_top.item(), abs=0.015)
 
 
+def test_the_routers_load_estimate_counts_the_loss_free_bias_as_the_selection_does():
+    """load_prob is P(expert i stays chosen if only its own noise is redrawn), where the selection ranks the
+    noisy scores plus the bias: the estimate must add the bias too (without it, off by ~0.24 here)."""
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(5, 5, k=2, noise=True, init="normal", init_std=1.0, loss_free_bias=True).train()
+    router.balancer.bias.copy_(torch.tensor([1.5, -1.0, 0.0, 0.5, -0.3]))
+    x = torch.randn(3, 5)
+    torch.manual_seed(1)
+    out = router(x)
+    torch.manual_seed(1)  # the same noise draw as the router's
+    clean = x @ router.w_gate
+    std = torch.nn.functional.softplus(x @ router.w_noise) + router.noise_epsilon
+    noisy = clean + torch.randn_like(clean) * std
+    assert torch.equal(out.chosen.sort(1).values, (noisy + router.balancer.bias).topk(2, 1).indices.sort(1).values)
+    n = 40000
+    for t in range(3):
+        for i in range(5):
+            redraw = noisy[t].repeat(n, 1)
+            redraw[:, i] = clean[t, i] + torch.randn(n) * std[t, i]
+            stays = ((redraw + router.balancer.bias).topk(2, 1).indices == i).any(1).float().mean()
+            assert out.load_prob[t, i].item() == pytest.approx(stays.item(), abs=0.015)
+
+
 def test_loss_free_bias_changes_the_choice_but_not_the_combine_weights():
     torch.manual_seed(0)
     router = NoisyTopKRouter(5, 6, k=2, noise=False, init_std=1.0, loss_free_bias=True)
