@@ -32,18 +32,24 @@ MODELS = {
 }
 
 
-def build_features(out: Path, seed: int) -> None:
-    """The census feature Parquet at `out`, rebuilt unless it was made from this schema with this split seed."""
+def build_features(out: Path, seed: int) -> dict:
+    """The census feature Parquet at `out`, rebuilt unless it was made from this schema with this split seed; what
+    it was made from (its `made_for.json`). Only a folder these scripts made, an empty one or none is (re)built: any
+    other is refused, not overwritten."""
     schema = ROOT / "configs/features/census.yaml"
     made_for = out / "made_for.json"
     wanted = {"split_seed": seed, "schema": hashlib.sha256(schema.read_bytes()).hexdigest()}
     if (out / "spec.json").exists() and made_for.exists() and json.loads(made_for.read_text()) == wanted:
-        return
+        return wanted
+    if out.exists() and not made_for.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"--features {out}: holds files these experiments did not make (no made_for.json); they "
+                         "would be replaced by the census features: name a new or empty folder")
     subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "features", "--schema", str(schema),
                     "--input", f"train={ROOT / 'data/census_income/train.csv.xz'}",
                     "--input", f"valid+test={ROOT / 'data/census_income/test.csv.xz'}",
                     "--output", str(out), "--seed", str(seed), "--overwrite"], check=True)
     made_for.write_text(json.dumps(wanted))
+    return wanted
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ test AUC too, but they are shared by every contender, so they move the level, no
 
 --runs-csv keeps every finished run (rewritten through a temporary file after each run): a second invocation with
 the same file skips the runs it holds, so an interrupted experiment resumes. The settings the runs were made with
-(feature folder, max epochs, patience, batch size, the grid) are kept beside it in `<file>.settings.json`, and a
+(feature folder and what it was made from, max epochs, patience, batch size, the grid) are kept beside it in `<file>.settings.json`, and a
 second invocation with other settings is refused (its runs would be reported as made under the new ones).
 --tables-from prints the tables of a saved CSV without training.
 """
@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _settings import check_settings, settings_line  # noqa: E402
 
 # Adam settings every contender chooses from. torch-rechub's census example uses (1e-3, 1e-4), DeepCTR-Torch's
 # default "adam" (1e-3, 0); our earlier (test-scored) sweep ended at (1e-3, 1e-4).
@@ -112,40 +113,6 @@ def chosen_setting(done: dict[Run, Outcome], contender: str, seeds: list[int]) -
 
 
 # --- the runs file ------------------------------------------------------------------------------------------
-
-def settings_path(runs_csv: Path) -> Path:
-    return runs_csv.with_name(runs_csv.name + ".settings.json")
-
-
-def settings_line(runs_csv: Path) -> str:
-    """What the runs of a file were made with, as its settings file says (files made before it say nothing)."""
-    import json
-
-    path = settings_path(runs_csv)
-    if not path.exists():
-        return f"settings of {runs_csv.name}: not recorded (made before runs files kept them)"
-    saved = json.loads(path.read_text())
-    return f"settings of {runs_csv.name}: " + ", ".join(f"{k} {saved[k]}" for k in sorted(saved))
-
-
-def check_settings(runs_csv: Path, settings: dict) -> None:
-    """Keeps `settings` beside a new runs file; refuses to add to an existing one made with other settings (or
-    whose settings are not known)."""
-    import json
-
-    path = settings_path(runs_csv)
-    if not runs_csv.exists():
-        path.write_text(json.dumps(settings, indent=1, sort_keys=True))
-        return
-    if not path.exists():
-        raise SystemExit(f"{runs_csv} has runs but no {path.name}: the settings they were made with are unknown; "
-                         "start a new --runs-csv (or read it with --tables-from)")
-    saved = json.loads(path.read_text())
-    differ = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
-    if differ:
-        raise SystemExit(f"{runs_csv} holds runs made with other settings: "
-                         + "; ".join(f"{k}: the file's {a!r}, now {b!r}" for k, (a, b) in sorted(differ.items()))
-                         + "; start a new --runs-csv")
 
 def write_runs(path: Path, done: dict[Run, Outcome]) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -257,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from census_results import build_features
 
-    build_features(Path(args.features), seed=0)  # the feature folder of census_results.py / census_peers.py
+    # the feature folder of census_results.py / census_peers.py; what it was made from is a setting too (the folder
+    # is rebuilt in place when the schema changes: runs on the old features must not be resumed with new ones)
+    made_for = build_features(Path(args.features), seed=0)
     if args.runs_csv:
         check_settings(args.runs_csv, {"features": str(Path(args.features).resolve()), "max_epochs": args.max_epochs,
                                        "patience": args.patience, "batch_size": args.batch_size,
-                                       "grid": [list(g) for g in GRID]})
+                                       "grid": [list(g) for g in GRID], "features_made_for": made_for})
     done = read_runs(args.runs_csv) if args.runs_csv and args.runs_csv.exists() else {}
     todo = [Run("select", c, lr, wd, s) for s in args.select_seeds for c in args.contenders for lr, wd in GRID]
     reported: set[str] = set()

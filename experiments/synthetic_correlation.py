@@ -8,8 +8,9 @@ on validation loss; the table reports the mean test MSE of the two tasks (lower 
     python experiments/synthetic_correlation.py --tables-from runs.csv more_runs.csv   # tables only, no training
 
 Each run is seeded and single-threaded, so `--jobs` changes how long it takes, not what it prints.
-`--runs-csv` keeps every run's numbers (one row per p, seed and model); `--tables-from` prints the tables of one or
-more such files, e.g. seeds run in different sessions, without training again.
+`--runs-csv` keeps every run's numbers (one row per p, seed and model) and the settings they were made with
+(`<file>.settings.json`); `--tables-from` prints the tables of one or more such files, e.g. seeds run in different
+sessions, without training again (files of other settings, or of none recorded, are not tabulated together).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import train_and_test  # noqa: E402
+from _settings import check_same_settings, settings_line, settings_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Similar parameter counts (~14k in the body) so that gating, not capacity, makes the difference.
@@ -42,11 +44,17 @@ MODELS = {
 }
 
 
+PATIENCE = 3  # early stopping: epochs without a lower validation loss (not with --fixed-epochs)
+
+
 def make_data(base: Path, p: float, seed: int, rows: int) -> Path:
     raw, features = base / f"raw_p{p}_s{seed}", base / f"features_p{p}_s{seed}"
     made_for = features / "made_for.json"  # what the cached data was generated with: reused only if the same
     wanted = {"rows": rows, "p": p, "seed": seed}
     if not (features / "spec.json").exists() or not made_for.exists() or json.loads(made_for.read_text()) != wanted:
+        if features.exists() and not made_for.exists() and (not features.is_dir() or any(features.iterdir())):
+            raise SystemExit(f"{features}: holds files this experiment did not make (no made_for.json); they would be "
+                             "replaced by its data: name another --out")
         cli = [sys.executable, "-m", "mmoe_rec.cli"]
         subprocess.run(cli + ["synth", "mmoe", "--rows", str(rows), "--p", str(p), "--seed", str(seed),
                               "--output", str(raw), "--overwrite"], check=True)  # a run cut off before features
@@ -76,7 +84,7 @@ def train_one(run: tuple[float, int, str, str], max_epochs: int, lr: float, thre
     class_path, init_args = MODELS[name]
     model = {"class_path": class_path, "init_args": {**init_args, "tower_hidden": [8]}}
     r = train_and_test(data, model, seed=seed, max_epochs=max_epochs, monitor="val/loss", mode="min",
-                       patience=None if fixed_epochs else 3, batch_size=256, lr=lr, threads=threads,
+                       patience=None if fixed_epochs else PATIENCE, batch_size=256, lr=lr, threads=threads,
                        eval_train=fixed_epochs)
     train_mse = (r["train_eval/y1/mse"] + r["train_eval/y2/mse"]) / 2 if fixed_epochs else None
     return (r["test/y1/mse"] + r["test/y2/mse"]) / 2, train_mse, r["epochs"]
@@ -101,6 +109,9 @@ def main() -> int:
                          "for the --ps given, over every seed they hold; nothing is trained")
     args = ap.parse_args()
     if args.tables_from:
+        for path in args.tables_from:
+            print(settings_line(path))
+        check_same_settings(args.tables_from)
         records = read_runs(args.tables_from)
         seeds = complete_seeds(records, args.ps)
         print_all_tables(records, args.ps, seeds)
@@ -116,7 +127,9 @@ def main() -> int:
             on_train = "" if train_mse is None else f", training-split MSE {train_mse:.4f}"
             print(f"p={p} seed={seed} {name}: test MSE {mse:.4f}{on_train} ({epochs} epochs)", flush=True)
     if args.runs_csv:
-        write_runs(args.runs_csv, records)
+        write_runs(args.runs_csv, records, {"rows": args.rows, "max_epochs": args.max_epochs, "lr": args.lr,
+                                            "fixed_epochs": args.fixed_epochs,
+                                            "patience": None if args.fixed_epochs else PATIENCE})
     print("\nRealised label correlation of the two tasks: mean (min to max) over seeds", args.seeds)
     cells = []
     for p in args.ps:
@@ -141,8 +154,14 @@ class RunRecord(NamedTuple):
 RUN_FIELDS = list(RunRecord._fields)
 
 
-def write_runs(path: Path, records: list[RunRecord]) -> None:
-    """One CSV row per run, written to a temporary file and renamed when complete."""
+def write_runs(path: Path, records: list[RunRecord], settings: dict | None = None) -> None:
+    """One CSV row per run, written to a temporary file and renamed when complete; the settings the runs were made
+    with beside it (`<file>.settings.json`: files of other settings are not tabulated together)."""
+    if settings is not None:
+        sidecar = settings_path(path)
+        tmp = sidecar.with_name(sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+        os.replace(tmp, sidecar)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)

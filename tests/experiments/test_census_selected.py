@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
-from census_selected import (GRID, Outcome, Run, check_settings, chosen_setting, print_tables, read_runs,  # noqa: E402
-                             settings_path, write_runs)
+from _settings import check_settings, settings_path  # noqa: E402
+from census_selected import GRID, Outcome, Run, chosen_setting, print_tables, read_runs, write_runs  # noqa: E402
 
 
 def outcome(valid: float, test: float = 0.95) -> Outcome:
@@ -97,9 +97,27 @@ def test_a_runs_file_made_with_other_settings_is_not_resumed(tmp_path):
 
 
 def test_the_tables_of_a_runs_file_say_what_settings_made_them(tmp_path):
-    from census_selected import settings_line
+    from _settings import settings_line
 
     runs = tmp_path / "runs.csv"
     assert "not recorded" in settings_line(runs)
     check_settings(runs, {"max_epochs": 1, "patience": 1})
     assert settings_line(runs) == "settings of runs.csv: max_epochs 1, patience 1"
+
+
+def test_the_census_feature_folder_is_built_only_where_nothing_else_would_be_replaced(tmp_path):
+    """`--features DIR` was rebuilt with `--overwrite` whatever it held: `--features .` wiped the folder. Only a
+    folder the experiments made (its made_for.json), an empty one or none is (re)built now."""
+    from census_results import build_features
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match=r"mine: holds files these experiments did not make"):
+        build_features(foreign, seed=0)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me too")
+    with pytest.raises(SystemExit, match="did not make"):
+        build_features(a_file, seed=0)
+    assert a_file.read_text() == "keep me too"

@@ -141,3 +141,41 @@ def test_cached_data_is_rebuilt_when_asked_for_another_size(tmp_path):
     assert sum(json.loads((small / "manifest.json").read_text())["rows"].values()) == 300
     again = sc.make_data(tmp_path, 0.5, 0, 500)  # the same folder: it used to return the 300-row data
     assert sum(json.loads((again / "manifest.json").read_text())["rows"].values()) == 500
+
+
+def test_runs_files_of_other_settings_are_not_tabulated_together(tmp_path, capsys):
+    """--tables-from merged runs of 20k rows with early stopping and 200k rows of fixed epochs into one "60-seed"
+    table without a word. Each runs file now keeps its settings beside it; files of other or unknown settings are
+    refused together, and the shipped files of one protocol still print together."""
+    from _settings import check_same_settings, settings_line
+
+    records = [RunRecord(1.0, 0, m, 1.0, None, 3) for m in MODELS]
+    a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    write_runs(a, records, {"rows": 20000, "max_epochs": 100, "lr": 3e-3, "fixed_epochs": False, "patience": 3})
+    write_runs(b, [r._replace(seed=1) for r in records],
+               {"rows": 200000, "max_epochs": 10, "lr": 1e-3, "fixed_epochs": True, "patience": None})
+    write_runs(c, [r._replace(seed=2) for r in records])  # made before settings were kept
+    assert settings_line(a) == "settings of a.csv: fixed_epochs False, lr 0.003, max_epochs 100, patience 3, rows 20000"
+    with pytest.raises(SystemExit, match=r"a\.csv and .*b\.csv hold runs made with other settings \(fixed_epochs: "
+                                         r"False against True; lr: 0\.003 against 0\.001; max_epochs"):
+        check_same_settings([a, b])
+    with pytest.raises(SystemExit, match=r"c\.csv: no settings file beside it"):
+        check_same_settings([a, c])
+    check_same_settings([c])  # one file alone: its tables, whatever made it
+    results = Path(__file__).resolve().parents[2] / "experiments" / "results"
+    shipped = [results / "synthetic_rows200k_fixed10_seeds0-29_2026-11-25.csv",
+               results / "synthetic_rows200k_fixed10_seeds30-59_2026-11-25.csv"]
+    check_same_settings(shipped)
+    with pytest.raises(SystemExit, match="other settings"):
+        check_same_settings([results / "synthetic_max100_seeds0-29_2026-11-25.csv", shipped[1]])
+
+
+def test_the_data_folder_is_not_made_over_files_the_experiment_did_not_make(tmp_path):
+    import synthetic_correlation as sc
+
+    foreign = tmp_path / "features_p0.5_s0"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="did not make"):
+        sc.make_data(tmp_path, 0.5, 0, 300)
+    assert (foreign / "notes.txt").read_text() == "keep me"
