@@ -295,7 +295,7 @@ class RoutingMonitor(L.Callback):
         self._last_logged_step = state_dict.get("last_logged_step")
         self._restored = state_dict.get("open")
 
-    def _take_restored(self, trainer) -> None:
+    def _take_restored(self, trainer, pl_module) -> None:
         """A resumed fit's open sums go to rank 0 (they are the sums over the ranks of the saved run): the window
         always (it runs across epoch ends), the epoch's when the fit resumes inside the epoch they belong to. Sums
         of an epoch that ended with the checkpoint (written on its last batch: the resumed fit starts the next
@@ -306,9 +306,11 @@ class RoutingMonitor(L.Callback):
         self._window.add(Window.from_state_dict(restored["window"]))
         if restored["epoch_index"] == trainer.current_epoch:
             self._epoch.add(Window.from_state_dict(restored["epoch"]))
-        elif restored["epoch"] is not None:
+        elif restored["epoch"] is not None:  # with that epoch's last gradient probe, which the checkpoint holds
+            names, matrix, probe_step = getattr(pl_module, "checkpoint_grad_probe", None) or (None, None, None)
             self._close_epoch(trainer, Window.from_state_dict(restored["epoch"]), restored["epoch_index"],
-                              step=restored.get("step", trainer.global_step))
+                              None if names is None else (names, matrix),
+                              step=restored.get("step", trainer.global_step), probe_step=probe_step)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch = self._fresh(pl_module)
@@ -316,7 +318,7 @@ class RoutingMonitor(L.Callback):
         if self._restored is not None:
             if self._window is None:
                 self._window = self._fresh(pl_module)
-            self._take_restored(trainer)
+            self._take_restored(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         out = getattr(pl_module, "last_output", None)
@@ -330,7 +332,7 @@ class RoutingMonitor(L.Callback):
             self._epoch = self._fresh(pl_module)
             self._current_epoch = trainer.current_epoch
         if self._restored is not None:
-            self._take_restored(trainer)
+            self._take_restored(trainer, pl_module)
         if self._segment is None:
             self._segment = Window(list(pl_module.tasks), buffer_elements=SEGMENT_BUFFER_ELEMENTS)
         self._segment.update(out.routing, batch.labels, batch.weights)

@@ -34,6 +34,8 @@ from mmoe_rec.training.weighting import FixedWeighting, GradNorm, make_weighting
 
 EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch's totals (see on_save_checkpoint)
 RNG_KEY = "mmoe_rec_rng_states"  # in a checkpoint: every rank's torch generator states (see _gather_rng_states)
+GRAD_PROBE_KEY = "mmoe_rec_grad_probe"  # in a checkpoint: the running epoch's last gradient probe (names, matrix, step)
+PLATEAU_KEY = "mmoe_rec_plateau_step"  # in a checkpoint: a ReduceLROnPlateau step owed at its point (see _plateau_owed)
 DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
 # fused: one kernel for all parameters instead of ~10 small ops per tensor (3.2 -> 0.6 ms/step on census)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}}
@@ -200,12 +202,18 @@ class MultiTaskModule(L.LightningModule):
         self.last_output: ModelOutput | None = None  # read by RoutingMonitor and after_optimizer_step
         self.last_grad_cosine: tuple[list[str], torch.Tensor] | None = None
         self.last_grad_cosine_step: int | None = None
+        # (names, matrix, step) of the last probe of the epoch a resumed checkpoint was written in (RoutingMonitor)
+        self.checkpoint_grad_probe: tuple[list[str], torch.Tensor, int | None] | None = None
         self._epoch_loss_sum: torch.Tensor | None = None  # (T,) on the model's device: no host sync per step
         self._epoch_batches = 0
         self._epoch_rows = 0
         self._grad_similarity_step: int | None = None  # the last step the gradient probe ran at
         self._sharded_probe_said = False  # the sharded-embedding probe's warning, once
         self._resumed_epoch: int | None = None  # epoch of the checkpoint a fit resumed from (on_load_checkpoint)
+        self._train_metric_watched = False  # a callback or the scheduler watches a train/ metric (setup)
+        self._plateau_stepped_at: tuple[str, int] | None = None  # ("epoch", e) / ("step", s) of its last step
+        self._plateau_due: float | None = None  # a plateau step owed on resume, with the value it reads
+        self._plateau_deferred = False  # Lightning skipped the resumed epoch's plateau step: taken next epoch
 
     def forward(self, batch: Batch) -> ModelOutput:
         return self.model(batch)
@@ -224,6 +232,17 @@ class MultiTaskModule(L.LightningModule):
             check_tasks_loaded(self.tasks, getattr(datamodule, "tasks", None))
         if stage == "fit" and self._trainer is not None:
             seed_rank_stream(self.trainer.global_rank, self.trainer.world_size)
+            self._train_metric_watched = bool(self._watched_train_metrics())
+
+    def _watched_train_metrics(self) -> list[str]:
+        """The `train/...` metrics an EarlyStopping, ModelCheckpoint or the lr scheduler watches: they may look at
+        any step (a step-interval ReduceLROnPlateau, a mid-epoch validation's EarlyStopping), so such a metric is
+        logged every step, not every log_every_n_steps (it was missing there: the fit failed or a save was
+        skipped)."""
+        monitors = [getattr(cb, "monitor", None) for cb in self.trainer.callbacks]
+        if self.lr_scheduler_config:
+            monitors.append(self.lr_scheduler_config.get("monitor"))
+        return [m for m in monitors if isinstance(m, str) and m.startswith("train/")]
 
     def monitorable_metrics(self) -> dict[str, str | None]:
         """The metrics a fit logs through Lightning (what EarlyStopping, ModelCheckpoint and ReduceLROnPlateau can
@@ -341,15 +360,24 @@ class MultiTaskModule(L.LightningModule):
         calls are skipped in between (a small model's whole step is a few ms). The epoch's last batch logs too: a
         ModelCheckpoint or EarlyStopping watching `train/loss` reads it at the epoch's end, and an epoch shorter
         than log_every_n_steps failed there (Lightning passes it to the logger only on its own steps)."""
+        if self._train_metric_watched:
+            return True
         every = self.trainer.log_every_n_steps
         # Lightning's own rule (step counted from 1)
         return bool(every) and ((self.global_step + 1) % every == 0 or bool(self.trainer.is_last_batch))
 
+    def on_train_start(self) -> None:
+        due, self._plateau_due = self._plateau_due, None
+        self._take_plateau_step(due)  # the step owed at the checkpoint this fit resumed from, with its value
+
     def on_train_epoch_start(self) -> None:
-        self.last_grad_cosine = None  # an epoch without a probe reports none, not an earlier epoch's
+        if self._plateau_deferred:  # the metric as Lightning would have read it at the epoch's end
+            self._plateau_deferred = False
+            self._take_plateau_step(self.trainer.callback_metrics.get(self._plateau_config().monitor))
         resumed, self._resumed_epoch = self._resumed_epoch, None
-        if resumed == self.current_epoch:  # resumed mid-epoch: the totals of the batches before came with it
+        if resumed == self.current_epoch:  # resumed mid-epoch: the totals (and the probe) before came with it
             return
+        self.last_grad_cosine = None  # an epoch without a probe reports none, not an earlier epoch's
         self._epoch_rows = 0
         self._epoch_loss_sum = None
         self._epoch_batches = 0
@@ -362,6 +390,7 @@ class MultiTaskModule(L.LightningModule):
         # next epoch without calling on_train_epoch_start or the skipped epoch's end. Close that epoch's totals
         # here (the loss weighting's epoch update, as a straight run made it), then start this epoch's afresh.
         self._resumed_epoch = None
+        self.last_grad_cosine = None  # that epoch's probe went to its statistics (RoutingMonitor.on_train_start)
         rank_zero_warn(f"resumed from a checkpoint written on the last batch of epoch {resumed}, before its epoch "
                        f"end: Lightning skips that epoch's validation and end; its loss-weighting update is applied "
                        f"now, its train/rows_seen is not logged. A checkpoint written at the epoch's end "
@@ -381,6 +410,51 @@ class MultiTaskModule(L.LightningModule):
                  sync_dist=True, batch_size=1)
         # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
         self._close_epoch_totals()
+        config = self._plateau_config()
+        if (config is not None and config.interval == "epoch" and self.trainer.fit_loop.restarting
+                and self._plateau_owed(config)):
+            # Lightning does not step plateau schedulers at the end of the epoch a fit resumed in (it holds no
+            # metric from before the checkpoint); the metric is there now: taken at the next epoch's start, before
+            # any batch trains with the learning rate, as a straight run has it
+            self._plateau_deferred = True
+
+    # --- ReduceLROnPlateau across a resume -----------------------------------------------------------------
+    # Lightning steps a plateau scheduler after the checkpoints of the point it steps at are written (the epoch's
+    # end, or a step's end after its validation), restores none of the metrics it reads, and skips the end of the
+    # epoch a fit resumed in: a resumed fit lost one or two steps, and its learning rate and weights drifted from a
+    # straight run's. The module records the step owed at a checkpoint, with the metric's value then, and takes it
+    # when the fit resumes.
+    def _plateau_config(self):
+        configs = self.trainer.lr_scheduler_configs if self._trainer is not None else []
+        return next((c for c in configs if c.reduce_on_plateau), None)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        super().lr_scheduler_step(scheduler, metric)
+        config = self._plateau_config()
+        if config is not None and scheduler is config.scheduler:
+            self._plateau_stepped_at = self._plateau_point(config)
+
+    def _plateau_point(self, config) -> tuple[str, int]:
+        return ("epoch", self.current_epoch) if config.interval == "epoch" else ("step", self.global_step)
+
+    def _plateau_owed(self, config) -> bool:
+        """Whether Lightning steps the plateau scheduler at this point after now (or should have: see
+        on_train_epoch_end), and has not yet."""
+        loop = self.trainer.fit_loop.epoch_loop
+        if config.interval == "epoch":
+            due = loop._num_ready_batches_reached() and (self.current_epoch + 1) % config.frequency == 0
+        else:
+            # a step's checkpoints come before its plateau step: at its end, or on its validation's end
+            due = not loop._should_accumulate() and (loop.batch_idx + 1) % config.frequency == 0
+        return bool(due) and self._plateau_stepped_at != self._plateau_point(config)
+
+    def _take_plateau_step(self, value: Any) -> None:
+        """An owed step of an earlier point (the checkpoint's, or the resumed epoch's end): not recorded as this
+        point's, which Lightning still steps at."""
+        config = self._plateau_config()
+        if config is None or value is None:
+            return
+        super().lr_scheduler_step(config.scheduler, value)
 
     def _close_epoch_totals(self) -> None:
         """The epoch's mean task losses over every batch of every rank to the loss weighting (DWA reads them);
@@ -413,6 +487,14 @@ class MultiTaskModule(L.LightningModule):
                                         "loss_sum_per_rank": per_rank,
                                         "batches": int(totals[-2]), "rows": int(totals[-1])}
         checkpoint[RNG_KEY] = self._gather_rng_states()
+        if self.last_grad_cosine is not None:  # this epoch's last probe, for its statistics at the epoch's end
+            names, matrix = self.last_grad_cosine
+            checkpoint[GRAD_PROBE_KEY] = {"names": list(names), "matrix": matrix.cpu(),
+                                          "step": self.last_grad_cosine_step}
+        config = self._plateau_config()
+        if config is not None and self.trainer.state.fn == "fit" and self._plateau_owed(config):
+            value = self.trainer.callback_metrics.get(config.monitor)
+            checkpoint[PLATEAU_KEY] = None if value is None else float(value)
 
     def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
         """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit
@@ -451,6 +533,12 @@ class MultiTaskModule(L.LightningModule):
         self._check_embedding_optimizer(checkpoint)
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._restore_rng_states(checkpoint.get(RNG_KEY))
+            probe = checkpoint.get(GRAD_PROBE_KEY)
+            if probe is not None:  # the checkpoint's epoch's last probe: its statistics report it at its end
+                self.checkpoint_grad_probe = (list(probe["names"]), probe["matrix"], probe["step"])
+                self.last_grad_cosine = (list(probe["names"]), probe["matrix"])
+                self.last_grad_cosine_step = probe["step"]
+            self._plateau_due = checkpoint.get(PLATEAU_KEY)
         totals = checkpoint.get(EPOCH_TOTALS_KEY)
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return

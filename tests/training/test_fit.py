@@ -59,10 +59,10 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
 
 
 def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed", model=MMOE,
-           strategy="auto"):
+           strategy="auto", **module_kw):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
-    module = module_for(dm, model, weighting=weighting)
+    module = module_for(dm, model, weighting=weighting, **module_kw)
     trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
                         callbacks=list(callbacks), default_root_dir=tmp, strategy=strategy, **FAST)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
@@ -382,3 +382,60 @@ def test_under_ddp_a_ranks_loss_is_scaled_to_its_steps_global_mean(feature_dir):
 
     assert loss(20) == loss(None)  # equal batches on both ranks: unchanged
     assert loss(15) == pytest.approx(loss(None) * 2 * 10 / 15, rel=1e-6)  # this rank 10 rows, the other 5
+
+
+# A plateau scheduler that never sees an improvement (threshold 10: better means 10x lower) cuts the rate at each of
+# its steps, so that a step lost or taken twice on resume shows in the learning rate and the weights.
+def plateau(interval: str, factor: float) -> dict:
+    return {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "monitor": "train/loss", "interval": interval,
+            "init_args": {"mode": "min", "factor": factor, "patience": 0, "threshold": 10.0}}
+
+
+@pytest.mark.parametrize("interval, stop_at", [("epoch", "last"), ("epoch", 30), ("epoch", 21), ("step", 30),
+                                               ("step", 7)])
+def test_a_plateau_scheduler_resumes_with_every_step_a_straight_run_takes(feature_dir, tmp_path, interval, stop_at):
+    """Lightning steps ReduceLROnPlateau after the checkpoints of its point are written, restores no metric and skips
+    the end of the epoch a fit resumed in: resumed fits lost one or two steps (lr 0.01 where the straight run had
+    0.005). A step-interval one watching train/loss also failed at the first step: the metric was logged only every
+    log_every_n_steps (50 here)."""
+    factor = 0.5 if interval == "epoch" else 0.9
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, lr_scheduler=plateau(interval, factor))
+    assert straight_trainer.global_step == 63
+    if stop_at == "last":  # the epoch-end checkpoint of epoch 1
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+        _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], lr_scheduler=plateau(interval, factor))
+        path = ckpt.last_model_path
+    else:  # mid-epoch (30: inside epoch 1; 7: inside epoch 0), or the last batch of epoch 0 (21)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
+        _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=stop_at,
+               lr_scheduler=plateau(interval, factor))
+        (path,) = (tmp_path / "b").glob("*.ckpt")
+    if stop_at == 21:
+        ctx = pytest.warns(UserWarning, match="last batch of epoch 0")
+    else:
+        ctx = warnings.catch_warnings()
+    with ctx:
+        resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=path,
+                                          lr_scheduler=plateau(interval, factor))
+    lr = [t.optimizers[0].param_groups[0]["lr"] for t in (straight_trainer, resumed_trainer)]
+    assert lr[0] == lr[1], lr
+    expected_steps = 3 if interval == "epoch" else 63
+    assert lr[0] == pytest.approx(0.01 * factor ** expected_steps)
+    sched = [t.lr_scheduler_configs[0].scheduler.state_dict() for t in (straight_trainer, resumed_trainer)]
+    assert sched[0]["last_epoch"] == sched[1]["last_epoch"] == expected_steps
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_a_resumed_fit_keeps_the_epochs_last_gradient_probe(feature_dir, tmp_path):
+    """The epoch's relatedness statistics report its last gradient probe; a fit resumed after that probe (step 25)
+    but inside the epoch (checkpoint at 30) had none at the epoch's end (the JSON and the plot lost grad_cos)."""
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2, grad_similarity_every=25)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=30, save_top_k=-1)
+    _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], max_steps=30, grad_similarity_every=25)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    _, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, grad_similarity_every=25)
+    assert straight.last_grad_cosine_step == resumed.last_grad_cosine_step == 25
+    assert straight.last_grad_cosine[0] == resumed.last_grad_cosine[0]
+    torch.testing.assert_close(straight.last_grad_cosine[1], resumed.last_grad_cosine[1], rtol=0, atol=0)
