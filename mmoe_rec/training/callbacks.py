@@ -46,6 +46,13 @@ SEGMENT_BUFFER_ELEMENTS = 1 << 21
 MAX_LOAD_HISTORY = 2000  # log points kept for the expert-load plot (more are thinned: see _thin_history)
 
 
+def _append_loads(history: dict[str, list[np.ndarray]], window: "Window") -> None:
+    """Each gate's load in `window` (sparse: share of assignments; dense: mean gate weight) as a history point."""
+    for name, stats in window.gates.items():
+        load = stats.fraction if stats.sparse else stats.utilization
+        history.setdefault(name, []).append(load.numpy().copy())
+
+
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Sums across ranks, returned on the CPU (where the metrics and plots are made from them)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -252,6 +259,10 @@ class RoutingMonitor(L.Callback):
         self.history_steps: list[int] = []
         self.history: dict[str, list[np.ndarray]] = {}  # gate -> per log point (E,) load (share or util)
         self.history_every = 1  # the history keeps every k-th log point (doubled when it grows too long)
+        # the load at each epoch's end: the plot's points while no window has been logged (a fit shorter than
+        # every_n_steps drew no load plot at all)
+        self.epoch_history_steps: list[int] = []
+        self.epoch_history: dict[str, list[np.ndarray]] = {}
         self._window: Window | None = None  # since the last log: runs on across epoch ends
         self._epoch: Window | None = None
         # the steps since the last log or epoch end: each step updates this one only, and it is added to the
@@ -272,6 +283,9 @@ class RoutingMonitor(L.Callback):
         checkpoint on every rank (and writes it on rank 0), as the module's epoch totals rely on too."""
         state = {"history_steps": list(self.history_steps), "history_every": self.history_every,
                  "history": {name: [load.tolist() for load in loads] for name, loads in self.history.items()},
+                 "epoch_history_steps": list(self.epoch_history_steps),
+                 "epoch_history": {name: [load.tolist() for load in loads]
+                                   for name, loads in self.epoch_history.items()},
                  "last_logged_step": self._last_logged_step}
         if self._segment is None and self._window is None and self._epoch is None:
             return state  # no training step yet on any rank (they step together)
@@ -292,6 +306,9 @@ class RoutingMonitor(L.Callback):
         self.history_every = int(state_dict.get("history_every", 1))
         self.history = {name: [np.asarray(load, dtype=np.float64) for load in loads]
                         for name, loads in state_dict.get("history", {}).items()}
+        self.epoch_history_steps = list(state_dict.get("epoch_history_steps", []))
+        self.epoch_history = {name: [np.asarray(load, dtype=np.float64) for load in loads]
+                              for name, loads in state_dict.get("epoch_history", {}).items()}
         self._last_logged_step = state_dict.get("last_logged_step")
         self._restored = state_dict.get("open")
 
@@ -347,9 +364,7 @@ class RoutingMonitor(L.Callback):
             self._log(trainer, self._window.metrics("experts", "relatedness"), step)
             if step % (self.every_n_steps * self.history_every) == 0:
                 self.history_steps.append(step)
-                for name, stats in self._window.gates.items():
-                    load = stats.fraction if stats.sparse else stats.utilization
-                    self.history.setdefault(name, []).append(load.numpy().copy())
+                _append_loads(self.history, self._window)
                 if len(self.history_steps) > MAX_LOAD_HISTORY:
                     self._thin_history()
             self._window = self._fresh(pl_module)
@@ -390,6 +405,9 @@ class RoutingMonitor(L.Callback):
             return
         step = trainer.global_step if step is None else step
         self._log(trainer, epoch.metrics("experts/epoch", "relatedness/epoch"), step)
+        if len(self.epoch_history_steps) < MAX_LOAD_HISTORY:  # one point an epoch; drawn while no window has one
+            self.epoch_history_steps.append(step)
+            _append_loads(self.epoch_history, epoch)
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
             matrices = {kind: {"tasks": list(names), "matrix": matrix_for_json(mat)}
                         for kind, (names, mat) in epoch.relatedness().items()}
@@ -427,14 +445,18 @@ class RoutingMonitor(L.Callback):
             figs["utilization_heatmap"] = plots.utilization_heatmap(
                 {g: blank(g, s.utilization.numpy()) for g, s in window.gates.items()},
                 title=f"Expert utilization (mean gate weight{of_epoch})")
-        if self.history_steps:
+        # the window points (every N steps); before the first, the epochs' ends
+        steps, history = self.history_steps, self.history
+        spacing = f"every {self.every_n_steps * self.history_every} steps"
+        if not steps:
+            steps, history = self.epoch_history_steps, self.epoch_history
+            spacing = f"at each epoch's end: no window of {self.every_n_steps} steps yet"
+        if steps:
             sparse = any(s.sparse for s in window.gates.values())
             figs["expert_load"] = plots.load_over_training(
-                self.history_steps,
-                {g: blank(g, np.stack(v)) for g, v in self.history.items() if len(v) == len(self.history_steps)},
+                steps, {g: blank(g, np.stack(v)) for g, v in history.items() if len(v) == len(steps)},
                 ylabel="share of assignments" if sparse else "mean gate weight",
-                title=f"Per-expert load over training (every {self.every_n_steps * self.history_every} steps"
-                      f"{', to ' + of_epoch[2:] if of_epoch else ''})")
+                title=f"Per-expert load over training ({spacing}{', to ' + of_epoch[2:] if of_epoch else ''})")
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
         if grad_cosine is not None:
             matrices["grad_cos"] = (grad_cosine[0], grad_cosine[1].numpy())

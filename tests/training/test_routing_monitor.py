@@ -249,3 +249,22 @@ def test_the_epoch_plots_say_which_epoch_and_which_step_the_gradient_probe_was()
     finally:
         for fig in figs.values():
             plots.close(fig)
+
+
+def test_a_fit_shorter_than_a_window_still_plots_the_load_at_each_epochs_end(feature_dir, tmp_path):
+    """The load plot drew only window points: a fit of fewer steps than every_n_steps (42 < 100 here) got none.
+    Until a window is logged, the epochs' ends are its points; they survive a checkpoint."""
+    from mmoe_rec.training import callbacks
+
+    monitor = RoutingMonitor(every_n_steps=100, plots=False)
+    fit(feature_dir, tmp_path, monitor)  # 2 epochs of 21 steps
+    assert monitor.history_steps == [] and monitor.epoch_history_steps == [21, 42]
+    assert all(len(loads) == 2 for loads in monitor.epoch_history.values()) and monitor.epoch_history
+    fig = monitor.figures(callbacks.Window(["click", "convert"]))["expert_load"]
+    assert "at each epoch's end" in fig._suptitle.get_text()
+    reloaded = RoutingMonitor(every_n_steps=100, plots=False)
+    reloaded.load_state_dict(monitor.state_dict())
+    assert reloaded.epoch_history_steps == [21, 42]
+    for name, loads in monitor.epoch_history.items():
+        for a, b in zip(loads, reloaded.epoch_history[name]):
+            assert (a == b).all()
