@@ -447,16 +447,17 @@ class RoutingMonitor(L.Callback):
                 title=f"Expert utilization (mean gate weight{of_epoch})")
         # the window points (every N steps); before the first, the epochs' ends
         steps, history = self.history_steps, self.history
-        spacing = f"every {self.every_n_steps * self.history_every} steps"
+        to_epoch = [f"to epoch {epoch}"] if epoch is not None else []
+        title = "Per-expert load over training (" + ", ".join([f"every {self.every_n_steps * self.history_every} "
+                                                               "steps", *to_epoch]) + ")"
         if not steps:
             steps, history = self.epoch_history_steps, self.epoch_history
-            spacing = f"at each epoch's end: no window of {self.every_n_steps} steps yet"
+            title = "Per-expert load at each epoch's end" + (f" ({to_epoch[0]})" if to_epoch else "")
         if steps:
             sparse = any(s.sparse for s in window.gates.values())
             figs["expert_load"] = plots.load_over_training(
                 steps, {g: blank(g, np.stack(v)) for g, v in history.items() if len(v) == len(steps)},
-                ylabel="share of assignments" if sparse else "mean gate weight",
-                title=f"Per-expert load over training ({spacing}{', to ' + of_epoch[2:] if of_epoch else ''})")
+                ylabel="share of assignments" if sparse else "mean gate weight", title=title)
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
         if grad_cosine is not None:
             matrices["grad_cos"] = (grad_cosine[0], grad_cosine[1].numpy())
