@@ -212,8 +212,10 @@ class MultiTaskModule(L.LightningModule):
         self._resumed_epoch: int | None = None  # epoch of the checkpoint a fit resumed from (on_load_checkpoint)
         self._train_metric_watched = False  # a callback or the scheduler watches a train/ metric (setup)
         self._plateau_stepped_at: tuple[str, int] | None = None  # ("epoch", e) / ("step", s) of its last step
-        self._plateau_due: float | None = None  # a plateau step owed on resume, with the value it reads
-        self._plateau_deferred = False  # Lightning skipped the resumed epoch's plateau step: taken next epoch
+        self._plateau_due: dict[str, Any] | None = None  # the step owed at the checkpoint resumed from
+        # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
+        # start, or at the fit's end
+        self._plateau_deferred: tuple[str, int] | None = None
 
     def forward(self, batch: Batch) -> ModelOutput:
         return self.model(batch)
@@ -368,12 +370,14 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         due, self._plateau_due = self._plateau_due, None
-        self._take_plateau_step(due)  # the step owed at the checkpoint this fit resumed from, with its value
+        if due is not None:  # the step owed at the checkpoint this fit resumed from, with the value it read then
+            self._take_plateau_step(tuple(due["point"]), due["value"])
+
+    def on_train_end(self) -> None:
+        self._take_deferred_plateau_step()
 
     def on_train_epoch_start(self) -> None:
-        if self._plateau_deferred:  # the metric as Lightning would have read it at the epoch's end
-            self._plateau_deferred = False
-            self._take_plateau_step(self.trainer.callback_metrics.get(self._plateau_config().monitor))
+        self._take_deferred_plateau_step()
         resumed, self._resumed_epoch = self._resumed_epoch, None
         if resumed == self.current_epoch:  # resumed mid-epoch: the totals (and the probe) before came with it
             return
@@ -411,12 +415,11 @@ class MultiTaskModule(L.LightningModule):
         # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
         self._close_epoch_totals()
         config = self._plateau_config()
-        if (config is not None and config.interval == "epoch" and self.trainer.fit_loop.restarting
-                and self._plateau_owed(config)):
+        if config is not None and config.interval == "epoch" and self.trainer.fit_loop.restarting:
             # Lightning does not step plateau schedulers at the end of the epoch a fit resumed in (it holds no
-            # metric from before the checkpoint); the metric is there now: taken at the next epoch's start, before
-            # any batch trains with the learning rate, as a straight run has it
-            self._plateau_deferred = True
+            # metric from before the checkpoint); the metric is there after this hook: taken at the next epoch's
+            # start, before any batch trains with the learning rate, as a straight run has it (or the fit's end)
+            self._plateau_deferred = self._plateau_owed(config)
 
     # --- ReduceLROnPlateau across a resume -----------------------------------------------------------------
     # Lightning steps a plateau scheduler after the checkpoints of the point it steps at are written (the epoch's
@@ -437,24 +440,42 @@ class MultiTaskModule(L.LightningModule):
     def _plateau_point(self, config) -> tuple[str, int]:
         return ("epoch", self.current_epoch) if config.interval == "epoch" else ("step", self.global_step)
 
-    def _plateau_owed(self, config) -> bool:
-        """Whether Lightning steps the plateau scheduler at this point after now (or should have: see
-        on_train_epoch_end), and has not yet."""
+    def _plateau_owed(self, config) -> tuple[str, int] | None:
+        """The point whose plateau step Lightning takes after now (or should have: see on_train_epoch_end) and has
+        not yet, if any: an epoch whose batches are all done and whose end is not complete, or a step whose
+        checkpoints come before its plateau step (at its end, or on its validation's end)."""
         loop = self.trainer.fit_loop.epoch_loop
+        if self.trainer.state.status == "finished":  # a checkpoint saved after the fit: its steps all taken
+            return None
         if config.interval == "epoch":
-            due = loop._num_ready_batches_reached() and (self.current_epoch + 1) % config.frequency == 0
+            # the epoch's batches all processed (not merely fetched: an exception inside the last one replays it
+            # on resume); its end not yet stepped (the current epoch is the one ending until its end completes)
+            due = (loop.batch_progress.current.processed >= self.trainer.num_training_batches
+                   and (self.current_epoch + 1) % config.frequency == 0)
         else:
-            # a step's checkpoints come before its plateau step: at its end, or on its validation's end
             due = not loop._should_accumulate() and (loop.batch_idx + 1) % config.frequency == 0
-        return bool(due) and self._plateau_stepped_at != self._plateau_point(config)
+        point = self._plateau_point(config)
+        return point if due and self._plateau_stepped_at != point else None
 
-    def _take_plateau_step(self, value: Any) -> None:
-        """An owed step of an earlier point (the checkpoint's, or the resumed epoch's end): not recorded as this
-        point's, which Lightning still steps at."""
+    def _take_plateau_step(self, point: tuple[str, int], value: Any) -> None:
+        """The step owed at an earlier `point` (the checkpoint's, or the resumed epoch's end), with the metric's
+        `value` there; recorded as that point's, so that it is not taken twice."""
         config = self._plateau_config()
-        if config is None or value is None:
+        if config is None or self._plateau_stepped_at == point:
+            return
+        if value is None:
+            rank_zero_warn(f"ReduceLROnPlateau: the step owed at {point[0]} {point[1]} (before the checkpoint this "
+                           f"fit resumed from) is not taken: {config.monitor} was not logged by then (a checkpoint "
+                           "written before that point's validation); the learning rate may differ from a straight "
+                           "run's by one step")
             return
         super().lr_scheduler_step(config.scheduler, value)
+        self._plateau_stepped_at = point
+
+    def _take_deferred_plateau_step(self) -> None:
+        point, self._plateau_deferred = self._plateau_deferred, None
+        if point is not None:  # the metric as Lightning would have read it at that epoch's end
+            self._take_plateau_step(point, self.trainer.callback_metrics.get(self._plateau_config().monitor))
 
     def _close_epoch_totals(self) -> None:
         """The epoch's mean task losses over every batch of every rank to the loss weighting (DWA reads them);
@@ -492,9 +513,10 @@ class MultiTaskModule(L.LightningModule):
             checkpoint[GRAD_PROBE_KEY] = {"names": list(names), "matrix": matrix.cpu(),
                                           "step": self.last_grad_cosine_step}
         config = self._plateau_config()
-        if config is not None and self.trainer.state.fn == "fit" and self._plateau_owed(config):
+        owed = self._plateau_owed(config) if config is not None and self.trainer.state.fn == "fit" else None
+        if owed is not None:
             value = self.trainer.callback_metrics.get(config.monitor)
-            checkpoint[PLATEAU_KEY] = None if value is None else float(value)
+            checkpoint[PLATEAU_KEY] = {"point": list(owed), "value": None if value is None else float(value)}
 
     def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
         """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit

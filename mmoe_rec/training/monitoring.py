@@ -153,7 +153,13 @@ class LabelStats:
                   rows: torch.Tensor) -> "LabelStats":
         """From the raw sums (sum w y, sum w y y^T) that checkpoints before 2026-12-07 hold."""
         mean = s1 / count if float(count) > 0 else torch.zeros_like(s1)
-        return cls(list(tasks), count, mean, s2 - count * torch.outer(mean, mean), rows)
+        m2 = s2 - count * torch.outer(mean, mean)
+        # what the raw sums read as constant (their old rule: variance <= 1e-12 E[y^2]) stays constant: their
+        # rounding noise would otherwise read as a variance in the centred statistics
+        constant = m2.diagonal() <= 1e-12 * s2.diagonal()  # (T,)
+        m2[constant, :] = 0.0
+        m2[:, constant] = 0.0
+        return cls(list(tasks), count, mean, m2, rows)
 
     def _merge(self, count: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, rows: torch.Tensor | int) -> None:
         """Adds a group of rows given by its own count, mean and centred m2 (Chan et al.)."""

@@ -8,7 +8,7 @@ import warnings
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 
 from conftest import MMOE, SPARSE, metric_history, mlflow_run
 from mmoe_rec.data.datamodule import FeatureDataModule
@@ -391,7 +391,8 @@ def plateau(interval: str, factor: float) -> dict:
             "init_args": {"mode": "min", "factor": factor, "patience": 0, "threshold": 10.0}}
 
 
-@pytest.mark.parametrize("interval, stop_at", [("epoch", "last"), ("epoch", 30), ("epoch", 21), ("step", 30),
+@pytest.mark.parametrize("interval, stop_at", [("epoch", "last"), ("epoch", 30), ("epoch", 21), ("epoch", 50),
+                                               ("epoch", "after_fit"), ("epoch", "exception"), ("step", 30),
                                                ("step", 7)])
 def test_a_plateau_scheduler_resumes_with_every_step_a_straight_run_takes(feature_dir, tmp_path, interval, stop_at):
     """Lightning steps ReduceLROnPlateau after the checkpoints of its point are written, restores no metric and skips
@@ -405,7 +406,21 @@ def test_a_plateau_scheduler_resumes_with_every_step_a_straight_run_takes(featur
         ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
         _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], lr_scheduler=plateau(interval, factor))
         path = ckpt.last_model_path
-    else:  # mid-epoch (30: inside epoch 1; 7: inside epoch 0), or the last batch of epoch 0 (21)
+    elif stop_at == "after_fit":  # saved by hand once a 2-epoch fit is over: every step of it already taken
+        trainer, _ = _train(feature_dir, tmp_path / "b", 2, lr_scheduler=plateau(interval, factor))
+        path = tmp_path / "b" / "after.ckpt"
+        trainer.save_checkpoint(path)
+    elif stop_at == "exception":  # a fit failing inside the last batch of epoch 1: the batch is trained again
+        class Boom(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == 41:
+                    raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            _train(feature_dir, tmp_path / "b", 3, callbacks=[Boom(), OnExceptionCheckpoint(tmp_path / "b")],
+                   lr_scheduler=plateau(interval, factor))
+        (path,) = (tmp_path / "b").glob("*.ckpt")
+    else:  # mid-epoch (30: inside epoch 1; 7: inside epoch 0; 50: inside the last), or epoch 0's last batch (21)
         ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
         _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=stop_at,
                lr_scheduler=plateau(interval, factor))
@@ -439,3 +454,23 @@ def test_a_resumed_fit_keeps_the_epochs_last_gradient_probe(feature_dir, tmp_pat
     assert straight.last_grad_cosine_step == resumed.last_grad_cosine_step == 25
     assert straight.last_grad_cosine[0] == resumed.last_grad_cosine[0]
     torch.testing.assert_close(straight.last_grad_cosine[1], resumed.last_grad_cosine[1], rtol=0, atol=0)
+
+
+def test_a_plateau_step_made_up_on_resume_reads_the_metric_a_straight_run_read(feature_dir, tmp_path):
+    """The step owed at an epoch-end checkpoint is taken with the watched metric's value then (a realistic
+    threshold: whether the rate is cut depends on it), and the resumed scheduler's whole state is the straight
+    run's."""
+    sched = {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "monitor": "train/loss",
+             "init_args": {"mode": "min", "factor": 0.5, "patience": 0, "threshold": 0.05}}
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 4, lr_scheduler=sched)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer, _ = _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], lr_scheduler=sched)
+    saved = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=False)["mmoe_rec_plateau_step"]
+    assert saved["point"] == ["epoch", 1]
+    assert saved["value"] == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 4, ckpt_path=ckpt.last_model_path,
+                                      lr_scheduler=sched)
+    states = [t.lr_scheduler_configs[0].scheduler.state_dict() for t in (straight_trainer, resumed_trainer)]
+    assert states[0] == states[1]
+    for k, v in straight.state_dict().items():
+        torch.testing.assert_close(v, resumed.state_dict()[k], rtol=0, atol=0, msg=k)

@@ -617,3 +617,13 @@ def test_label_statistics_load_from_a_checkpoint_of_raw_sums():
     fresh = LabelStats.empty(["a", "b"])
     fresh.update({"a": y[:, 0], "b": y[:, 1]}, w)
     torch.testing.assert_close(loaded.state(), fresh.state())
+    # a label the raw sums held as constant (0.3 under uneven weights) stays constant: the rounding noise of
+    # s2 - n mean^2 must not read as a variance (it made the pair "uncorrelated", 0, instead of undefined)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        w = torch.tensor(rng.random(300) * 3, dtype=torch.float64)
+        y = torch.stack([torch.tensor(rng.normal(size=300)), torch.full((300,), 0.3, dtype=torch.float64)], 1)
+        old = {"s1": (w[:, None] * y).sum(0), "s2": (w[:, None] * y).T @ y, "count": w.sum(),
+               "rows": torch.tensor(300.0, dtype=torch.float64)}
+        stats = LabelStats.from_state(["a", "flat"], old)
+        assert label_correlation(stats)[1][1].isnan().all()
