@@ -32,6 +32,9 @@ def _is_user_error(e: Exception) -> bool:
     unavailable += (ranks.ChildRankFailed,) if ranks else ()
     mlflow_errors = sys.modules.get("mlflow.exceptions")  # e.g. a registered model or alias that does not exist
     registry = (mlflow_errors.MlflowException,) if mlflow_errors else ()
+    # a trainer setting Lightning refuses (`--trainer.accelerator gpu` on a CPU machine, `--trainer.devices 0`)
+    fabric_errors = sys.modules.get("lightning.fabric.utilities.exceptions")
+    registry += (fabric_errors.MisconfigurationException,) if fabric_errors else ()
     # ArgumentError: a config or command-line setting LightningCLI's parser refused (a class path, a key)
     return isinstance(e, (FeatureDataError, ValueError, OSError, argparse.ArgumentError, *unavailable, *registry))
 

@@ -381,6 +381,25 @@ def test_the_command_prints_a_bad_model_setting_in_one_line(feature_dir, in_tmp,
     assert "Given value" not in err and len(err) < 300  # not jsonargparse's dump of the whole config
 
 
+@pytest.mark.parametrize("setting, message", [
+    (["--trainer.accelerator", "gpu"], "No supported gpu backend found"),
+    (["--trainer.devices", "0"], "devices"),
+])
+def test_a_trainer_setting_lightning_refuses_is_one_line(feature_dir, in_tmp, capsys, monkeypatch, setting, message):
+    """Lightning's MisconfigurationException printed ~40 lines of traceback where every other refused setting is
+    one line."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    rc = main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+               "--data.init_args.data_dir", str(feature_dir), *setting])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 1 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err
+    assert not mlflow_runs(in_tmp / "mlflow.db")  # refused before the run was made
+
+
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.name.endswith("_synthetic.yaml")][:1])
 def test_a_fit_stopped_mid_epoch_by_max_steps_ends_cleanly(config, feature_dir, in_tmp):
     """No validation ran, so early stopping has nothing to check: it must wait for a validation, not fail
