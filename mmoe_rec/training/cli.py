@@ -206,6 +206,8 @@ class MultiTaskCLI(LightningCLI):
         if not sub:
             return
         used = _flat(self.config[sub].get("model"))
+        if self.config[sub].get("ckpt_path"):
+            self._check_checkpoint_matches(sub, given, used)
         lost = {k: (v, used[k]) for k, v in given.items()
                 if k in used and used[k] != v and ".feature_spec" not in f".{k}"}
         if lost:
@@ -213,6 +215,29 @@ class MultiTaskCLI(LightningCLI):
                 "these settings come from the checkpoint (--ckpt_path), not from the config or the command line: "
                 + "; ".join(f"model.{k}: given {g!r}, checkpoint {u!r}" for k, (g, u) in sorted(lost.items()))
                 + ". To train with other settings, start a new fit.")
+
+    def _check_checkpoint_matches(self, sub: str, given: dict[str, Any], used: dict[str, Any]) -> None:
+        """Before the trainer and its MLflow run are made: a checkpoint of features of another spec (its ids mean
+        other values; the module refused it only once loading, leaving a FAILED run), and a fit resumed from another
+        model class (it trained the checkpoint's model under this config's run name and wrote it over this
+        config's checkpoints, with a warning)."""
+        from mmoe_rec.features.spec import FeatureSpec
+
+        path = self.config[sub]["ckpt_path"]
+        saved = next((v for k, v in used.items() if k.endswith("feature_spec.version")), None)
+        data_dir = _flat(self.config[sub].get("data")).get("init_args.data_dir")
+        spec_file = Path(str(data_dir)) / "spec.json" if data_dir else None
+        if saved and spec_file is not None and spec_file.is_file():
+            version = FeatureSpec.load(spec_file).version
+            if version != saved:
+                raise ValueError(f"--ckpt_path {path} was trained on features of spec version {saved}; {data_dir} "
+                                 f"has spec version {version}: their ids mean other values. Use the feature folder "
+                                 "the model was trained on (its spec.json), or train again")
+        key = "init_args.model.class_path"
+        if sub == "fit" and key in given and key in used and _class_of(given[key]) is not _class_of(used[key]):
+            raise ValueError(f"--ckpt_path {path} holds a {used[key]} model; the config trains a {given[key]}: "
+                             "resuming would train the checkpoint's model under this config's run and checkpoint "
+                             "folder. Resume with the config that model was trained with, or start a new fit")
 
     def _log_config(self) -> None:
         sub = self.subcommand
@@ -306,11 +331,23 @@ class MultiTaskCLI(LightningCLI):
             check_split(self.datamodule.predict_split, with_ids=True)
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             path = self.config[self.subcommand].get("predictions_path") or "predictions.parquet"
-            self.trainer.callbacks.append(ParquetPredictionWriter(path))
+            writer = ParquetPredictionWriter(path)
+            writer.check_output(self.trainer.world_size)  # a folder there failed after the run was made
+            self.trainer.callbacks.append(writer)
         config = self.config_init[self.subcommand]
         if config.get("return_predictions") is None:  # the writer has them: not every batch's scores in memory too
             config["return_predictions"] = False
         self._log_config()  # a predict run records what made it, as every other run does
+
+
+def _class_of(class_path: Any) -> Any:
+    """The class a class path names (one class has several paths: mmoe_rec.models.MMoE, ...mmoe.MMoE)."""
+    from mmoe_rec.models.factory import import_class
+
+    try:
+        return import_class(str(class_path))
+    except (ImportError, AttributeError, ValueError):
+        return class_path
 
 
 def _end_run_failed(logger: Any) -> None:

@@ -41,6 +41,13 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self._partial: Path | None = None
         self.rows = 0
 
+    def check_output(self, world_size: int = 1) -> None:
+        """Before the run: each file this writer will replace can be a file (a folder there is an error)."""
+        for rank in range(world_size):
+            target = resolved_output(self._path(rank, world_size))
+            if target.is_dir():
+                raise IsADirectoryError(f"predictions output {target} is a directory; give a file path")
+
     def target(self, trainer: "L.Trainer") -> Path:
         return self._path(trainer.global_rank, trainer.world_size)
 
@@ -51,9 +58,8 @@ class ParquetPredictionWriter(BasePredictionWriter):
         return self.output.with_name(f"{self.output.stem}.rank{rank}{self.output.suffix}")
 
     def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self.check_output(trainer.world_size)
         self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
-        if self._target.is_dir():
-            raise IsADirectoryError(f"predictions output {self._target} is a directory; give a file path")
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
         self._parts, self.rows = {}, 0

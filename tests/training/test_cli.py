@@ -23,7 +23,7 @@ TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--tr
 
 def cli_error(argv, capsys) -> str:
     """Run the CLI expecting failure; returns the error text (exception message or parser output)."""
-    with pytest.raises((SystemExit, ValueError, KeyError, TypeError, argparse.ArgumentError)) as info:
+    with pytest.raises((SystemExit, ValueError, KeyError, TypeError, OSError, argparse.ArgumentError)) as info:
         run_lightning_cli(argv)
     if isinstance(info.value, SystemExit):
         assert info.value.code != 0
@@ -318,12 +318,42 @@ def test_a_checkpoint_is_refused_on_features_of_another_spec(feature_dir, in_tmp
     spec.version = ""
     (other / "spec.json").unlink()
     spec.save(other / "spec.json")
-    for sub in ("test", "predict"):
+    runs_before = len(mlflow_runs(in_tmp / "mlflow.db"))
+    for sub in ("test", "predict", "validate", "fit"):
         msg = cli_error([sub, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
                          "--data.init_args.data_dir", str(other), "--ckpt_path", str(in_tmp / "ck" / "best.ckpt")],
                         capsys)
         assert "spec version" in msg and FeatureSpec.load(feature_dir / "spec.json").version in msg
         assert spec.version in msg
+    # refused before the run is made (the module refused it once loading: a FAILED run each time)
+    assert len(mlflow_runs(in_tmp / "mlflow.db")) == runs_before
+
+
+def test_a_fit_resumed_from_another_models_checkpoint_is_refused_before_any_run(feature_dir, in_tmp, capsys):
+    """The MMoE config resumed from a PLE checkpoint trained the PLE under the MMoE run's name and wrote it over
+    the MMoE config's checkpoints, with only a warning."""
+    _fit_tiny(feature_dir, in_tmp / "ck_ple", "--model.init_args.model", "mmoe_rec.models.ple.PLE")
+    runs_before = len(mlflow_runs(in_tmp / "mlflow.db"))
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck"),
+                     "--ckpt_path", str(in_tmp / "ck_ple" / "last.ckpt")], capsys)
+    assert "holds a mmoe_rec.models.PLE model; the config trains a mmoe_rec.models.MMoE" in msg
+    assert len(mlflow_runs(in_tmp / "mlflow.db")) == runs_before and not (in_tmp / "ck").exists()
+    # the same class under another of its paths resumes
+    _fit_tiny(feature_dir, in_tmp / "ck_mmoe")
+    _fit_tiny(feature_dir, in_tmp / "ck_mmoe", "--model.init_args.model", "mmoe_rec.models.mmoe.MMoE",
+              "--trainer.max_epochs", "2", "--ckpt_path", str(in_tmp / "ck_mmoe" / "last.ckpt"))
+
+
+def test_a_predictions_path_that_is_a_folder_is_refused_before_any_run(feature_dir, in_tmp, capsys):
+    _fit_tiny(feature_dir, in_tmp / "ck")
+    (in_tmp / "out").mkdir()
+    runs_before = len(mlflow_runs(in_tmp / "mlflow.db"))
+    msg = cli_error(["predict", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                     "--data.init_args.data_dir", str(feature_dir), "--ckpt_path", str(in_tmp / "ck" / "best.ckpt"),
+                     "--predictions_path", str(in_tmp / "out")], capsys)
+    assert msg == f"predictions output {in_tmp / 'out'} is a directory; give a file path"
+    assert len(mlflow_runs(in_tmp / "mlflow.db")) == runs_before
 
 
 def test_evaluating_without_a_checkpoint_is_an_error(feature_dir, in_tmp, capsys):
