@@ -18,8 +18,9 @@ test AUC too, but they are shared by every contender, so they move the level, no
 
 --runs-csv keeps every finished run (rewritten through a temporary file after each run): a second invocation with
 the same file skips the runs it holds, so an interrupted experiment resumes. The settings the runs were made with
-(feature folder and what it was made from, max epochs, patience, batch size, the grid) are kept beside it in `<file>.settings.json`, and a
-second invocation with other settings is refused (its runs would be reported as made under the new ones).
+(feature folder and what it was made from, max epochs, patience, batch size, the grid) are kept beside it in
+`<file>.settings.json`, and a second invocation with other settings is refused (its runs would be reported as made
+under the new ones).
 --tables-from prints the tables of a saved CSV without training.
 """
 from __future__ import annotations

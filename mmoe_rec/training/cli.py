@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -30,7 +31,8 @@ from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
-from mmoe_rec.training.child_ranks import ChildRankFailed, child_rank_reports, join_child_ranks, mark_rank_done
+from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, ChildRankFailed, child_rank_reports, join_child_ranks,
+                                           mark_rank_done)
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
@@ -151,8 +153,26 @@ def written_as_integer_one(args: list[str], key: str) -> bool:
     return type(found) is int and found == 1
 
 
+_running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before training began
+
+
+def _stop_before_training() -> None:
+    """A SIGTERM before Lightning's handler took over (sigterm.watch_until_lightning_handles): the run, if made,
+    is marked FAILED and the ranks this process launched, if any, are ended."""
+    trainer = getattr(_running_cli[-1], "trainer", None) if _running_cli else None
+    if trainer is None:
+        return
+    for logger in trainer.loggers:
+        _end_run_failed(logger)
+    launcher = getattr(trainer.strategy, "launcher", None)
+    for proc in getattr(launcher, "procs", None) or []:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+
 class MultiTaskCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
+        _running_cli[:] = [self]
         self._given_args = [str(a) for a in (args if args is not None else sys.argv[1:])]
         super().parse_arguments(parser, args)
 
@@ -365,20 +385,24 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     register_strategy()
     sigterm.install()  # every rank stops at the same batch (Lightning's handler broadcast inside the handler)
+    if os.environ.get(DONE_DIR_ENV):  # a rank rank 0 launched: it ends with rank 0, however rank 0 ends
+        sigterm.die_with_parent()
     try:
-        return MultiTaskCLI(
-            model_class=MultiTaskModule,
-            datamodule_class=FeatureDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it;
-            # no abbreviations: `--trainer.max_epoch 7` was taken as max_epochs (a YAML `max_epoch:` is refused)
-            parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
-                           **{sub: {"exit_on_error": False, "allow_abbrev": False}
-                              for sub in MultiTaskCLI.subcommands()}},
-            args=argv,
-        )
+        with sigterm.watch_until_lightning_handles(_stop_before_training):
+            return MultiTaskCLI(
+                model_class=MultiTaskModule,
+                datamodule_class=FeatureDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_callback=None,
+                auto_configure_optimizers=False,
+                # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it;
+                # no abbreviations: `--trainer.max_epoch 7` was taken as max_epochs (a YAML `max_epoch:` is refused)
+                parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
+                               **{sub: {"exit_on_error": False, "allow_abbrev": False}
+                                  for sub in MultiTaskCLI.subcommands()}},
+                args=argv,
+            )
     finally:
+        _running_cli.clear()
         settle_gloo_workers()  # a multi-process CPU run: see gloo_exit (a rank could abort at exit)

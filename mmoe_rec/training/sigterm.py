@@ -14,8 +14,13 @@ MLflow run, is spared for `SIGTERM_GRACE_S` instead of being SIGKILLed at once.
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
 import time
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 SIGTERM_GRACE_S = 120.0  # after a SIGTERM, rank 0 finishes its on-exception work (a checkpoint, the MLflow run)
 
@@ -49,3 +54,116 @@ def install() -> None:
         return
     if hasattr(_SignalConnector, "_sigterm_notifier_fn"):
         _SignalConnector._sigterm_notifier_fn = _notifier
+    original = _SignalConnector.register_signal_handlers
+    if not getattr(original, "_hands_over_sigterm", False):
+        def register_signal_handlers(self: Any) -> None:
+            stop_early_watch()  # SIGTERM to Lightning's handler from now on (it would keep the watcher's in its own)
+            original(self)
+
+        register_signal_handlers._hands_over_sigterm = True  # type: ignore[attr-defined]
+        _SignalConnector.register_signal_handlers = register_signal_handlers
+
+
+# --- before Lightning's handler -------------------------------------------------------------------------------
+# From the CLI's start until Lightning installs its handler (Trainer._run, once the ranks have met), a SIGTERM had
+# its default action: rank 0 died in the ranks' rendezvous with its MLflow run left RUNNING and the ranks it had
+# launched left running, orphaned. A Python handler alone would not help there: it runs only once the main thread
+# is back in Python, and the rendezvous waits in C++ (for up to its 30-minute timeout). But the C-level handler
+# Python installs writes the signal's number to the wakeup fd at once, whichever thread receives it: a watcher
+# thread reads it there, runs `on_sigterm` (the CLI marks its run FAILED and ends the ranks it launched) and ends
+# the process with 143.
+
+_EXIT_CODE = 143  # 128 + SIGTERM: the shell's code for "killed by SIGTERM"
+_STOP = b"\0"  # written by stop(): the watcher's end (no signal has number 0)
+_watch: Optional["_EarlyWatch"] = None
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """The Python-level handler while the watcher is on: the watcher does the work (this runs, if ever, only once
+    the main thread is back in Python)."""
+
+
+class _EarlyWatch:
+    def __init__(self, on_sigterm: Callable[[], None]) -> None:
+        self.on_sigterm = on_sigterm
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)  # the C handler must never block
+        self.thread = threading.Thread(target=self._wait, name="mmoe-rec-sigterm-watch", daemon=True)
+        self.previous_fd: int | None = None
+
+    def _wait(self) -> None:
+        while True:
+            byte = os.read(self.read_fd, 1)
+            if not byte or byte == _STOP:
+                return
+            if byte[0] != signal.SIGTERM:
+                continue
+            print("mmoe-rec: stopped by SIGTERM before training began; ending the launched ranks", file=sys.stderr,
+                  flush=True)
+            try:
+                self.on_sigterm()
+            except Exception as e:  # noqa: BLE001 - ending the process matters more
+                print(f"mmoe-rec: could not record the stop: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(_EXIT_CODE)
+
+    def start(self) -> None:
+        signal.signal(signal.SIGTERM, _ignore)
+        self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """SIGTERM back to its default action (Lightning's handler goes in next, or the job is over)."""
+        signal.set_wakeup_fd(self.previous_fd if self.previous_fd is not None else -1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.write(self.write_fd, _STOP)
+        self.thread.join()
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+@contextmanager
+def watch_until_lightning_handles(on_sigterm: Callable[[], None]) -> Iterator[None]:
+    """SIGTERM in the block, until Lightning registers its handler (see above), runs `on_sigterm` and exits 143.
+    Only from the main thread where SIGTERM has its default action and no wakeup fd is set (a host program's own
+    signal handling is left alone)."""
+    global _watch
+    if threading.current_thread() is not threading.main_thread() or _watch is not None \
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    previous = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(previous)
+    if previous != -1:
+        yield
+        return
+    _watch = _EarlyWatch(on_sigterm)
+    _watch.start()
+    try:
+        yield
+    finally:
+        stop_early_watch()
+
+
+def stop_early_watch() -> None:
+    global _watch
+    watch, _watch = _watch, None
+    if watch is not None:
+        watch.stop()
+
+
+def die_with_parent() -> None:
+    """A launched rank ends (SIGTERM) when the rank that launched it dies, however it dies (Linux's
+    PR_SET_PDEATHSIG): rank 0 killed in the rendezvous left its ranks waiting there, orphaned, for 30 minutes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the request: nobody will send it
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -95,3 +95,19 @@ class SlowOnException(L.Callback):
             import time
 
             time.sleep(self.seconds)
+
+
+class SigtermRank0BeforeRendezvous(L.Callback):
+    """On `rank`, as its config is instantiated: writes its pid to `pid_file`, signals its parent (rank 0, waiting in
+    the ranks' rendezvous with its MLflow run made) with SIGTERM, and holds there, as a slow rank would."""
+
+    def __init__(self, pid_file: str, rank: int = 1) -> None:
+        if int(os.environ.get("LOCAL_RANK", "0")) == rank:
+            import signal
+            import time
+
+            with open(pid_file, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(2.0)
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(120.0)

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -439,6 +440,36 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
     assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1  # rank 0's alone
     assert "collective mismatch" not in proc.stderr and "Connection reset" not in proc.stderr, proc.stderr[-3000:]
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
+def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_it_launched(feature_dir, tmp_path):
+    """Before Lightning's handler (rank 0 waiting for its ranks in the rendezvous, its MLflow run made) a SIGTERM
+    killed rank 0 at once: the run was left RUNNING and rank 1 ran on, orphaned. Now the run is FAILED, rank 1 is
+    ended and rank 0 exits 143."""
+    pid_file = tmp_path / "rank1.pid"
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
+    config = yaml.safe_load(cfg.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "rank_failure.SigtermRank0BeforeRendezvous",
+                                           "init_args": {"pid_file": str(pid_file)}})
+    cfg.write_text(yaml.safe_dump(config))
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert "stopped by SIGTERM before training began" in proc.stderr
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+    rank1 = int(pid_file.read_text())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _alive(rank1):
+        time.sleep(0.2)
+    assert not _alive(rank1), "rank 1 outlived rank 0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie not yet reaped by init has ended
+        return f.read().split(") ", 1)[1][0] != "Z"
 
 
 def test_a_rank_that_aborts_at_exit_after_its_work_is_done_is_a_warning(feature_dir, tmp_path):
