@@ -286,7 +286,19 @@ class MultiTaskCLI(LightningCLI):
             raise TrackingUnavailable(f"MLflow tracking store {store} refused the run's first call (is it an MLflow "
                                       f"tracking server?): {e.message[:300]}") from None
 
+    def _warn_oversubscribed(self) -> None:
+        """More CPU processes than cores: each rank imports torch and meets the others at its own slow pace (64 ranks
+        on 2 cores sat minutes in the rendezvous without a word)."""
+        from lightning.pytorch.accelerators import CPUAccelerator
+
+        cores = os.cpu_count() or 1
+        if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:
+            rank_zero_warn(f"--trainer.devices {self.trainer.num_devices} CPU processes on {cores} cores: the ranks "
+                           "start slowly (minutes to meet) and train slower than fewer would; use at most one per "
+                           "core")
+
     def _before(self, splits: tuple[str, ...]) -> None:
+        self._warn_oversubscribed()
         check_data_for_module(self.datamodule, self.model, splits)
         check_splits = getattr(self.datamodule, "check_split_has_rows", None)
         for split in splits if check_splits else ():  # an empty one failed its loader after the run was made
@@ -345,6 +357,7 @@ class MultiTaskCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._require_checkpoint()
+        self._warn_oversubscribed()
         check_data_for_module(self.datamodule, self.model, ())
         check_split = getattr(self.datamodule, "check_split_has_rows", None)
         if check_split is not None:  # before the run: its loader failed after it (the run left FAILED)

@@ -630,6 +630,9 @@ class MultiTaskModule(L.LightningModule):
         optimizer = _try_instantiate("optimizer", self.optimizer_config, [torch.nn.Parameter(torch.zeros(1))])
         if self.lr_scheduler_config:
             _try_instantiate("lr_scheduler", self.lr_scheduler_config, optimizer)
+        elif any(group.get("lr") == 0 for group in optimizer.param_groups):  # a scheduler may set it (OneCycleLR)
+            rank_zero_warn("the optimizer's learning rate is 0 and no lr_scheduler sets another: the weights will "
+                           "not change (a typo for 1e-3?)")
 
     def configure_optimizers(self) -> Any:
         optimizer = _instantiate(self.optimizer_config, self.parameters())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,11 @@ class ParquetPredictionWriter(BasePredictionWriter):
         if expected is not None and total != expected:
             raise RuntimeError(f"predictions: {total} rows written over {trainer.world_size} process(es), but the "
                                f"predict split has {expected}; nothing was written to {self.output}")
+        replaced = self._target.exists()
         os.replace(self._partial, self._target)
+        if replaced:  # the folder holds one run's predictions: said, not silent (`score` asks for --overwrite)
+            warnings.warn(f"predictions: replaced the file an earlier run wrote at {self._target}", UserWarning,
+                          stacklevel=2)
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self._remove_earlier_runs(trainer.world_size)

@@ -703,3 +703,22 @@ def test_one_batch_written_as_the_integer_1_is_one_batch(feature_dir, in_tmp, ya
                              *([f"--trainer.limit_val_batches={option}"] if option else [])])
     value = cli.trainer.limit_val_batches
     assert value == expected and type(value) is type(expected)
+
+
+def test_more_cpu_ranks_than_cores_is_a_warning():
+    """64 CPU ranks on a 2-core machine sat minutes in the rendezvous without a word."""
+    import os
+    from types import SimpleNamespace
+
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    from mmoe_rec.training.cli import MultiTaskCLI
+
+    cores = os.cpu_count() or 1
+    stub = SimpleNamespace(trainer=SimpleNamespace(accelerator=CPUAccelerator(), num_devices=cores + 1))
+    with pytest.warns(UserWarning, match=f"--trainer.devices {cores + 1} CPU processes on {cores} cores"):
+        MultiTaskCLI._warn_oversubscribed(stub)
+    stub.trainer.num_devices = cores
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiTaskCLI._warn_oversubscribed(stub)

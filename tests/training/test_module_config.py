@@ -50,6 +50,22 @@ def test_bad_weights_coefficients_and_optimizer_settings_fail_when_the_module_is
                     lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}})
 
 
+def test_a_learning_rate_of_zero_without_a_scheduler_is_a_warning(feature_dir):
+    """lr 0 trained a whole fit without changing a weight, without a word (a scheduler such as OneCycleLR sets its
+    own rate: no warning then)."""
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    zero = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.0}}
+    with pytest.warns(UserWarning, match="learning rate is 0 and no lr_scheduler sets another"):
+        MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, optimizer=zero)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, optimizer=zero, lr_scheduler={
+            "class_path": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step",
+            "init_args": {"max_lr": 0.01, "total_steps": 100}})
+
+
 class MMoEWithAux(MMoE):
     """A user's model with an aux loss of its own, named in aux_loss_names()."""
 

@@ -68,3 +68,17 @@ def test_loader_workers_keep_the_splits_row_order(feature_dir, tmp_path, workers
     assert b.column("row_id").to_pylist() == test_ids  # the files' order
     assert b.equals(a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.parquet", "w0.parquet"]  # no part left behind
+
+
+def test_replacing_an_earlier_runs_predictions_is_said(feature_dir, tmp_path):
+    """The folder holds one run's predictions, so a second predict replaces the first's file: with a warning
+    naming it (it was silent, where `score` asks for --overwrite)."""
+    import warnings
+
+    out = tmp_path / "pred.parquet"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(feature_dir, out)  # nothing there yet: no word
+    assert not [w for w in caught if "replaced the file" in str(w.message)]
+    with pytest.warns(UserWarning, match=f"replaced the file an earlier run wrote at {out}"):
+        predict(feature_dir, out)
