@@ -234,7 +234,9 @@ class FeatureDataModule(L.LightningDataModule):
                     f"done); resuming it mid-epoch needs the same batch plan: processes, batch size, loader workers, "
                     f"shuffle buffer, chunk rows, drop_last, seed and train split ({changed}). "
                     f"Resume with the checkpoint's settings and data, or from a checkpoint written at an epoch's end")
-        self._resume_at = (self._epoch, done, state_dict.get("epoch_batches")) if done > 0 else None
+        # an epoch's batches all done: nothing to skip in the epoch Lightning resumes in (a SIGTERM noticed at the
+        # epoch's end is saved with the next epoch's index and the last one's count: it skipped a whole epoch)
+        self._resume_at = (self._epoch, done, state_dict.get("epoch_batches")) if mid_epoch else None
 
     def _batches_to_skip(self, epoch: int) -> int:
         """Once, for the epoch a mid-epoch checkpoint was written in: how many of its batches were trained. Says so

@@ -370,7 +370,7 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         due, self._plateau_due = self._plateau_due, None
-        if due is not None:  # the step owed at the checkpoint this fit resumed from, with the value it read then
+        if isinstance(due, dict):  # the step owed at the checkpoint this fit resumed from, with its value then
             self._take_plateau_step(tuple(due["point"]), due["value"])
 
     def on_train_end(self) -> None:
@@ -447,13 +447,18 @@ class MultiTaskModule(L.LightningModule):
         loop = self.trainer.fit_loop.epoch_loop
         if self.trainer.state.status == "finished":  # a checkpoint saved after the fit: its steps all taken
             return None
+        batches = loop.batch_progress.current
         if config.interval == "epoch":
             # the epoch's batches all processed (not merely fetched: an exception inside the last one replays it
-            # on resume); its end not yet stepped (the current epoch is the one ending until its end completes)
-            due = (loop.batch_progress.current.processed >= self.trainer.num_training_batches
+            # on resume) and its end not complete (a SIGTERM noticed after it is raised with the next epoch counted)
+            epoch = self.trainer.fit_loop.epoch_progress.current
+            due = (batches.processed >= self.trainer.num_training_batches
+                   and (epoch.ready > epoch.completed or epoch.processed > epoch.completed)
                    and (self.current_epoch + 1) % config.frequency == 0)
         else:
-            due = not loop._should_accumulate() and (loop.batch_idx + 1) % config.frequency == 0
+            # the current batch processed (an exception inside it replays it on resume: its step is not owed)
+            due = (batches.processed == batches.ready and not loop._should_accumulate()
+                   and (loop.batch_idx + 1) % config.frequency == 0)
         point = self._plateau_point(config)
         return point if due and self._plateau_stepped_at != point else None
 

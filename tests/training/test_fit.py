@@ -155,6 +155,39 @@ def test_a_checkpoint_written_as_the_fit_fails_resumes_with_the_next_batch(featu
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+class _SigtermAtEpochEnd(L.Callback):
+    """What Lightning's SIGTERM handler leaves: the flag, here set as epoch 0 ends (Lightning raises after the
+    epoch's end, its count already taken)."""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 0:
+            trainer._signal_connector.received_sigterm = True
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_a_fit_stopped_by_sigterm_at_an_epochs_end_resumes_with_the_next_epoch(feature_dir, tmp_path, interval):
+    """The on-exception checkpoint of a SIGTERM noticed at epoch 0's end holds epoch 1 and epoch 0's batch count:
+    the resume skipped every batch of epoch 1 (42 steps instead of 63), and a plateau scheduler's step was
+    recorded as owed for an epoch that never ran."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    factor = 0.5 if interval == "epoch" else 0.9
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, lr_scheduler=plateau(interval, factor))
+    with pytest.raises(SIGTERMException):
+        _train(feature_dir, tmp_path / "b", 3, callbacks=[_SigtermAtEpochEnd(), OnExceptionCheckpoint(tmp_path / "b")],
+               lr_scheduler=plateau(interval, factor))
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    assert "mmoe_rec_plateau_step" not in torch.load(path, map_location="cpu", weights_only=False)
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=path,
+                                      lr_scheduler=plateau(interval, factor))
+    assert resumed_trainer.global_step == straight_trainer.global_step == 63
+    lr = [t.optimizers[0].param_groups[0]["lr"] for t in (straight_trainer, resumed_trainer)]
+    assert lr[0] == lr[1]
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 def test_resuming_past_the_rest_of_an_epoch_a_max_steps_stop_cut_short_says_so(feature_dir, tmp_path):
     """max_steps stops a fit 9 batches into epoch 1; a checkpoint saved at that (train) epoch's end makes Lightning
     resume at epoch 2: the other 12 batches of epoch 1 were skipped without a word (a straight run: 63 steps)."""
@@ -386,28 +419,31 @@ def test_under_ddp_a_ranks_loss_is_scaled_to_its_steps_global_mean(feature_dir):
 
 # A plateau scheduler that never sees an improvement (threshold 10: better means 10x lower) cuts the rate at each of
 # its steps, so that a step lost or taken twice on resume shows in the learning rate and the weights.
-def plateau(interval: str, factor: float) -> dict:
+def plateau(interval: str, factor: float, frequency: int = 1) -> dict:
     return {"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "monitor": "train/loss", "interval": interval,
-            "init_args": {"mode": "min", "factor": factor, "patience": 0, "threshold": 10.0}}
+            "frequency": frequency, "init_args": {"mode": "min", "factor": factor, "patience": 0, "threshold": 10.0}}
 
 
 @pytest.mark.parametrize("interval, stop_at", [("epoch", "last"), ("epoch", 30), ("epoch", 21), ("epoch", 50),
                                                ("epoch", "after_fit"), ("epoch", "exception"), ("step", 30),
-                                               ("step", 7)])
+                                               ("step", 7), ("step", "exception")])
 def test_a_plateau_scheduler_resumes_with_every_step_a_straight_run_takes(feature_dir, tmp_path, interval, stop_at):
     """Lightning steps ReduceLROnPlateau after the checkpoints of its point are written, restores no metric and skips
     the end of the epoch a fit resumed in: resumed fits lost one or two steps (lr 0.01 where the straight run had
     0.005). A step-interval one watching train/loss also failed at the first step: the metric was logged only every
     log_every_n_steps (50 here)."""
     factor = 0.5 if interval == "epoch" else 0.9
-    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, lr_scheduler=plateau(interval, factor))
+    # every 3rd step: the exception inside batch 20 of epoch 1 (its 21st) is inside a step that would have been one
+    frequency = 3 if (interval, stop_at) == ("step", "exception") else 1
+    sched = plateau(interval, factor, frequency)
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, lr_scheduler=sched)
     assert straight_trainer.global_step == 63
     if stop_at == "last":  # the epoch-end checkpoint of epoch 1
         ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
-        _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], lr_scheduler=plateau(interval, factor))
+        _train(feature_dir, tmp_path / "b", 2, callbacks=[ckpt], lr_scheduler=sched)
         path = ckpt.last_model_path
     elif stop_at == "after_fit":  # saved by hand once a 2-epoch fit is over: every step of it already taken
-        trainer, _ = _train(feature_dir, tmp_path / "b", 2, lr_scheduler=plateau(interval, factor))
+        trainer, _ = _train(feature_dir, tmp_path / "b", 2, lr_scheduler=sched)
         path = tmp_path / "b" / "after.ckpt"
         trainer.save_checkpoint(path)
     elif stop_at == "exception":  # a fit failing inside the last batch of epoch 1: the batch is trained again
@@ -418,12 +454,12 @@ def test_a_plateau_scheduler_resumes_with_every_step_a_straight_run_takes(featur
 
         with pytest.raises(RuntimeError, match="boom"):
             _train(feature_dir, tmp_path / "b", 3, callbacks=[Boom(), OnExceptionCheckpoint(tmp_path / "b")],
-                   lr_scheduler=plateau(interval, factor))
+                   lr_scheduler=sched)
         (path,) = (tmp_path / "b").glob("*.ckpt")
     else:  # mid-epoch (30: inside epoch 1; 7: inside epoch 0; 50: inside the last), or epoch 0's last batch (21)
         ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=stop_at, save_top_k=-1)
         _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=stop_at,
-               lr_scheduler=plateau(interval, factor))
+               lr_scheduler=sched)
         (path,) = (tmp_path / "b").glob("*.ckpt")
     if stop_at == 21:
         ctx = pytest.warns(UserWarning, match="last batch of epoch 0")
@@ -431,10 +467,10 @@ def test_a_plateau_scheduler_resumes_with_every_step_a_straight_run_takes(featur
         ctx = warnings.catch_warnings()
     with ctx:
         resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=path,
-                                          lr_scheduler=plateau(interval, factor))
+                                          lr_scheduler=sched)
     lr = [t.optimizers[0].param_groups[0]["lr"] for t in (straight_trainer, resumed_trainer)]
     assert lr[0] == lr[1], lr
-    expected_steps = 3 if interval == "epoch" else 63
+    expected_steps = 3 if interval == "epoch" else 63 // frequency
     assert lr[0] == pytest.approx(0.01 * factor ** expected_steps)
     sched = [t.lr_scheduler_configs[0].scheduler.state_dict() for t in (straight_trainer, resumed_trainer)]
     assert sched[0]["last_epoch"] == sched[1]["last_epoch"] == expected_steps
