@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 from mmoe_rec.training.sigterm import SIGTERM_GRACE_S, sigterm_received_at
 
 DONE_DIR_ENV = "MMOE_REC_RANKS_DONE_DIR"
+LAUNCHER_PID_ENV = "MMOE_REC_RANKS_LAUNCHER_PID"  # the pid of the rank that launched the others (die_with_parent)
 CHILD_EXIT_TIMEOUT_S = 120.0  # after rank 0 finished: a child only tears down (seconds, even on a loaded machine)
 
 
@@ -99,6 +100,7 @@ def child_rank_reports(on_child_failure: Optional[Callable[[], None]] = None) ->
         return
     folder = Path(tempfile.mkdtemp(prefix="mmoe-rec-ranks-"))
     os.environ[DONE_DIR_ENV] = str(folder)
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     launcher_module, original = None, None
     if _observer_base() is not None:
         try:
@@ -115,6 +117,7 @@ def child_rank_reports(on_child_failure: Optional[Callable[[], None]] = None) ->
         if original is not None:
             launcher_module._launch_process_observer = original
         os.environ.pop(DONE_DIR_ENV, None)
+        os.environ.pop(LAUNCHER_PID_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -126,8 +129,10 @@ def mark_rank_done(trainer: Any) -> None:
 
 
 def _child_processes(trainer: Any) -> list[subprocess.Popen]:
+    """The ranks the subprocess launcher started (ddp); ddp_spawn / ddp_fork's launcher joins its own processes
+    (multiprocessing ones, which have no wait(): a ddp_fork fit failed at its end)."""
     launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
-    return list(getattr(launcher, "procs", None) or [])
+    return [p for p in getattr(launcher, "procs", None) or [] if isinstance(p, subprocess.Popen)]
 
 
 def _stop_lightning_observers() -> None:

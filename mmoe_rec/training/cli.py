@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -31,8 +32,8 @@ from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
-from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, ChildRankFailed, child_rank_reports, join_child_ranks,
-                                           mark_rank_done)
+from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, LAUNCHER_PID_ENV, ChildRankFailed, child_rank_reports,
+                                           join_child_ranks, mark_rank_done)
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
@@ -166,7 +167,7 @@ def _stop_before_training() -> None:
         _end_run_failed(logger)
     launcher = getattr(trainer.strategy, "launcher", None)
     for proc in getattr(launcher, "procs", None) or []:
-        if proc.poll() is None:
+        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
 
@@ -184,7 +185,12 @@ class MultiTaskCLI(LightningCLI):
             if key not in kwargs and isinstance(value, float) and value == 1.0 \
                     and written_as_integer_one(self._given_args, key):
                 kwargs[key] = 1
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+            # ddp_spawn / ddp_fork: this process only waits for the ranks it starts and never installs Lightning's
+            # handler, so the watch would hold SIGTERM for the whole fit: its default action again
+            sigterm.stop_early_watch()
+        return trainer
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.spec", "model.init_args.feature_spec", apply_on="instantiate")
@@ -291,7 +297,7 @@ class MultiTaskCLI(LightningCLI):
         on 2 cores sat minutes in the rendezvous without a word)."""
         from lightning.pytorch.accelerators import CPUAccelerator
 
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         if isinstance(self.trainer.accelerator, CPUAccelerator) and self.trainer.num_devices > cores:
             rank_zero_warn(f"--trainer.devices {self.trainer.num_devices} CPU processes on {cores} cores: the ranks "
                            "start slowly (minutes to meet) and train slower than fewer would; use at most one per "
@@ -399,7 +405,8 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
     register_strategy()
     sigterm.install()  # every rank stops at the same batch (Lightning's handler broadcast inside the handler)
     if os.environ.get(DONE_DIR_ENV):  # a rank rank 0 launched: it ends with rank 0, however rank 0 ends
-        sigterm.die_with_parent()
+        launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+        sigterm.die_with_parent(int(launcher) if launcher.isdigit() else None)
     try:
         with sigterm.watch_until_lightning_handles(_stop_before_training):
             return MultiTaskCLI(

@@ -109,6 +109,7 @@ class _EarlyWatch:
             os._exit(_EXIT_CODE)
 
     def start(self) -> None:
+        _forget_in_forked_children()
         signal.signal(signal.SIGTERM, _ignore)
         self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.thread.start()
@@ -153,8 +154,34 @@ def stop_early_watch() -> None:
         watch.stop()
 
 
-def die_with_parent() -> None:
-    """A launched rank ends (SIGTERM) when the rank that launched it dies, however it dies (Linux's
+_fork_hook_registered = False
+
+
+def _forget_in_forked_children() -> None:
+    """A process forked during the watch (a `ddp_fork` rank) has no watcher thread but the parent's handler and
+    wakeup fd: its SIGTERM would reach the parent's watcher through the shared pipe. It starts with SIGTERM's
+    default action instead, as before the watch."""
+    global _fork_hook_registered
+    if _fork_hook_registered or not hasattr(os, "register_at_fork"):
+        return
+    _fork_hook_registered = True
+
+    def in_child() -> None:
+        global _watch
+        if _watch is None:
+            return
+        _watch = None
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:  # forked from another thread than the main one: nothing of the watch's to undo
+            pass
+
+    os.register_at_fork(after_in_child=in_child)
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """A launched rank ends (SIGTERM) when the rank that launched it (`parent_pid`) dies, however it dies (Linux's
     PR_SET_PDEATHSIG): rank 0 killed in the rendezvous left its ranks waiting there, orphaned, for 30 minutes."""
     if not sys.platform.startswith("linux"):
         return
@@ -165,5 +192,5 @@ def die_with_parent() -> None:
         libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the parent died before the request: nobody will send it
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before the request: nobody will send it
         os.kill(os.getpid(), signal.SIGTERM)

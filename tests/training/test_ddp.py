@@ -472,6 +472,16 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ", 1)[1][0] != "Z"
 
 
+def test_a_ddp_fork_fit_finishes_with_every_row_once(feature_dir, tmp_path):
+    """ddp_fork (Lightning's choice in interactive sessions): the fit failed at its end (rank 0's wait for its
+    ranks read multiprocessing processes as Popen ones)."""
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_fork", check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FINISHED"
+    assert sum(e["rows"] for e in audit(tmp_path / "audit").values()) == 2000  # every row once
+
+
 def test_a_rank_that_aborts_at_exit_after_its_work_is_done_is_a_warning(feature_dir, tmp_path):
     """The gloo exit race's shape (SIGABRT as the interpreter exits, the fit done): the job's results are whole."""
     proc = fit_with_rank_1_callback(tmp_path, feature_dir, "AbortAtExit")

@@ -1,0 +1,41 @@
+"""The SIGTERM watch before Lightning's handler (mmoe_rec/training/sigterm.py), in-process."""
+from __future__ import annotations
+
+import os
+import signal
+
+from mmoe_rec.training import sigterm
+
+
+def test_a_process_forked_during_the_watch_starts_with_sigterms_default_and_the_parent_keeps_its_watch():
+    """A `ddp_fork` rank inherited the parent's handler and wakeup fd: its SIGTERM (or its hand-over) reached the
+    parent's watcher through the shared pipe, which then ended, leaving the parent ignoring SIGTERM for the fit."""
+    with sigterm.watch_until_lightning_handles(lambda: None):
+        watch = sigterm._watch
+        assert watch is not None and signal.getsignal(signal.SIGTERM) is sigterm._ignore
+        pid = os.fork()
+        if pid == 0:  # the child: SIGTERM's default action, no wakeup fd, no watch
+            fd = signal.set_wakeup_fd(-1)
+            ok = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and fd == -1 and sigterm._watch is None
+            sigterm.stop_early_watch()  # a rank reaching Lightning's handler: nothing of the parent's to stop
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert watch.thread.is_alive() and sigterm._watch is watch  # the parent's watch goes on
+    assert sigterm._watch is None and not watch.thread.is_alive()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and signal.set_wakeup_fd(-1) == -1
+
+
+def test_a_launched_rank_whose_launcher_is_already_gone_ends(tmp_path):
+    """die_with_parent compares the parent with the launcher's pid (a rank 0 that is pid 1, as in a container,
+    made every rank stop itself at start)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom mmoe_rec.training import sigterm\n"
+            "sigterm.die_with_parent(int(sys.argv[1]))\nprint('alive')\n")
+    alive = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True, text=True,
+                           timeout=60)
+    assert alive.returncode == 0 and alive.stdout.strip() == "alive"  # its parent is the launcher
+    gone = subprocess.run([sys.executable, "-c", code, "999999999"], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == -signal.SIGTERM and "alive" not in gone.stdout
