@@ -232,7 +232,7 @@ class MultiTaskCLI(LightningCLI):
         if not sub:
             return
         used = _flat(self.config[sub].get("model"))
-        if self.config[sub].get("ckpt_path"):
+        if self.config[sub].get("ckpt_path") not in (None, "last"):  # "last": resolved in before_<subcommand>
             self._check_checkpoint_matches(sub, given, used)
         lost = {k: (v, used[k]) for k, v in given.items()
                 if k in used and used[k] != v and ".feature_spec" not in f".{k}"}
@@ -242,14 +242,15 @@ class MultiTaskCLI(LightningCLI):
                 + "; ".join(f"model.{k}: given {g!r}, checkpoint {u!r}" for k, (g, u) in sorted(lost.items()))
                 + ". To train with other settings, start a new fit.")
 
-    def _check_checkpoint_matches(self, sub: str, given: dict[str, Any], used: dict[str, Any]) -> None:
+    def _check_checkpoint_matches(self, sub: str, given: dict[str, Any], used: dict[str, Any],
+                                  path: Any = None) -> None:
         """Before the trainer and its MLflow run are made: a checkpoint of features of another spec (its ids mean
         other values; the module refused it only once loading, leaving a FAILED run), and a fit resumed from another
         model class (it trained the checkpoint's model under this config's run name and wrote it over this
         config's checkpoints, with a warning)."""
         from mmoe_rec.features.spec import FeatureSpec
 
-        path = self.config[sub]["ckpt_path"]
+        path = path or self.config[sub]["ckpt_path"]
         saved = next((v for k, v in used.items() if k.endswith("feature_spec.version")), None)
         data_dir = _flat(self.config[sub].get("data")).get("init_args.data_dir")
         spec_file = Path(str(data_dir)) / "spec.json" if data_dir else None
@@ -318,6 +319,11 @@ class MultiTaskCLI(LightningCLI):
         self._log_config()
 
     def before_fit(self) -> None:
+        if self.config["fit"].get("ckpt_path") == "last":  # resumed if there is one, a fresh fit if none
+            newest = self._newest_last_checkpoint()
+            if newest is not None:  # the file checked is the file resumed (--checkpoint_dir's, see above)
+                self._check_last_checkpoint_matches(newest)
+                self.config_init["fit"]["ckpt_path"] = str(newest)
         check_monitors(self.trainer, self.model)
         if isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):  # before the run and the ranks exist
             self.trainer.strategy.check_settings(self.trainer.accumulate_grad_batches)
@@ -332,25 +338,43 @@ class MultiTaskCLI(LightningCLI):
         if path == "last":
             self._require_last_checkpoint()
 
-    def _require_last_checkpoint(self) -> None:
-        """`--ckpt_path last`: the newest last.ckpt (last-v<n>.ckpt) in the checkpoint callbacks' folders
-        (--checkpoint_dir over the config's), resolved here to its path. Lightning's own lookup read the config's
-        folders even under --checkpoint_dir, and a callback without a folder looks in the new MLflow run's; where it
-        found none it warned "No checkpoint will be loaded" and went on with the untrained model."""
+    def _last_checkpoint_folders(self) -> set[Path]:
         override = self.config[self.subcommand].get("checkpoint_dir")
-        folders = {Path(override or cb.dirpath) for cb in self.trainer.checkpoint_callbacks
-                   if override or cb.dirpath}
+        return {Path(override or cb.dirpath) for cb in self.trainer.checkpoint_callbacks if override or cb.dirpath}
+
+    def _newest_last_checkpoint(self) -> Path | None:
+        """The newest last.ckpt (last-v<n>.ckpt) in the checkpoint callbacks' folders (--checkpoint_dir over the
+        config's), if any."""
+        found = [p for folder in self._last_checkpoint_folders() if folder.is_dir() for p in folder.iterdir()
+                 if re.fullmatch(r"last(-v?\d+)?\.ckpt", p.name)]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+    def _check_last_checkpoint_matches(self, path: Path) -> None:
+        """What `_parse_ckpt_path` checks of a named file, for the file `--ckpt_path last` resolves to (Lightning
+        reads no settings from "last": a checkpoint of another spec or model class failed after the run was
+        made)."""
+        import torch
+
+        check_checkpoint_file(path)
+        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+        given = _flat(self.config[self.subcommand].get("model"))
+        self._check_checkpoint_matches(self.subcommand, given, _flat({"init_args": hparams}), path)
+
+    def _require_last_checkpoint(self) -> None:
+        """`--ckpt_path last`: the newest last.ckpt in the checkpoint callbacks' folders, resolved here to its path.
+        Lightning's own lookup read the config's folders even under --checkpoint_dir, and a callback without a
+        folder looks in the new MLflow run's; where it found none it warned "No checkpoint will be loaded" and went
+        on with the untrained model."""
+        folders = self._last_checkpoint_folders()
         if not folders:
             raise ValueError("--ckpt_path last: the config's checkpoint callbacks name no folder (dirpath) to look "
                              "in; give the checkpoint file, or --checkpoint_dir (the folder the fit wrote to)")
-        found = [p for folder in folders if folder.is_dir() for p in folder.iterdir()
-                 if re.fullmatch(r"last(-v?\d+)?\.ckpt", p.name)]
-        if not found:
+        newest = self._newest_last_checkpoint()
+        if newest is None:
             raise ValueError(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} (the "
                              "config's checkpoint folders); give the checkpoint file, or the --checkpoint_dir the "
                              "fit wrote to")
-        newest = max(found, key=lambda p: p.stat().st_mtime)
-        check_checkpoint_file(newest)
+        self._check_last_checkpoint_matches(newest)
         self.config_init[self.subcommand]["ckpt_path"] = str(newest)  # what the subcommand is called with
 
     def before_validate(self) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import json
 import warnings
 from pathlib import Path
@@ -319,10 +320,11 @@ def test_a_checkpoint_is_refused_on_features_of_another_spec(feature_dir, in_tmp
     (other / "spec.json").unlink()
     spec.save(other / "spec.json")
     runs_before = len(mlflow_runs(in_tmp / "mlflow.db"))
-    for sub in ("test", "predict", "validate", "fit"):
+    for sub, ckpt in (("test", "best.ckpt"), ("predict", "best.ckpt"), ("validate", "best.ckpt"),
+                      ("fit", "best.ckpt"), ("test", "last"), ("fit", "last")):
         msg = cli_error([sub, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
-                         "--data.init_args.data_dir", str(other), "--ckpt_path", str(in_tmp / "ck" / "best.ckpt")],
-                        capsys)
+                         "--data.init_args.data_dir", str(other), "--checkpoint_dir", str(in_tmp / "ck"),
+                         "--ckpt_path", ckpt if ckpt == "last" else str(in_tmp / "ck" / ckpt)], capsys)
         assert "spec version" in msg and FeatureSpec.load(feature_dir / "spec.json").version in msg
         assert spec.version in msg
     # refused before the run is made (the module refused it once loading: a FAILED run each time)
@@ -334,10 +336,12 @@ def test_a_fit_resumed_from_another_models_checkpoint_is_refused_before_any_run(
     the MMoE config's checkpoints, with only a warning."""
     _fit_tiny(feature_dir, in_tmp / "ck_ple", "--model.init_args.model", "mmoe_rec.models.ple.PLE")
     runs_before = len(mlflow_runs(in_tmp / "mlflow.db"))
-    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
-                     "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck"),
-                     "--ckpt_path", str(in_tmp / "ck_ple" / "last.ckpt")], capsys)
-    assert "holds a mmoe_rec.models.PLE model; the config trains a mmoe_rec.models.MMoE" in msg
+    for ckpt, folder in ((str(in_tmp / "ck_ple" / "last.ckpt"), in_tmp / "ck"), ("last", in_tmp / "ck_ple")):
+        msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                         "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(folder),
+                         "--ckpt_path", ckpt], capsys)
+        assert re.search(r"holds a mmoe_rec\.models(\.ple)?\.PLE model; the config trains a "
+                         r"mmoe_rec\.models(\.mmoe)?\.MMoE", msg), msg
     assert len(mlflow_runs(in_tmp / "mlflow.db")) == runs_before and not (in_tmp / "ck").exists()
     # the same class under another of its paths resumes
     _fit_tiny(feature_dir, in_tmp / "ck_mmoe")
