@@ -154,7 +154,7 @@ def written_as_integer_one(args: list[str], key: str) -> bool:
     return type(found) is int and found == 1
 
 
-_running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before training began
+_running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before Lightning handles it
 
 
 def _stop_before_training() -> None:
@@ -167,8 +167,11 @@ def _stop_before_training() -> None:
         _end_run_failed(logger)
     launcher = getattr(trainer.strategy, "launcher", None)
     for proc in getattr(launcher, "procs", None) or []:
-        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+        if isinstance(proc, subprocess.Popen):  # ddp: the ranks it started
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        elif callable(getattr(proc, "terminate", None)):  # ddp_spawn / ddp_fork: this process only waits for them
+            proc.terminate()
 
 
 class MultiTaskCLI(LightningCLI):
@@ -185,12 +188,7 @@ class MultiTaskCLI(LightningCLI):
             if key not in kwargs and isinstance(value, float) and value == 1.0 \
                     and written_as_integer_one(self._given_args, key):
                 kwargs[key] = 1
-        trainer = super().instantiate_trainer(**kwargs)
-        if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
-            # ddp_spawn / ddp_fork: this process only waits for the ranks it starts and never installs Lightning's
-            # handler, so the watch would hold SIGTERM for the whole fit: its default action again
-            sigterm.stop_early_watch()
-        return trainer
+        return super().instantiate_trainer(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.spec", "model.init_args.feature_spec", apply_on="instantiate")
@@ -346,7 +344,7 @@ class MultiTaskCLI(LightningCLI):
         """The newest last.ckpt (last-v<n>.ckpt) in the checkpoint callbacks' folders (--checkpoint_dir over the
         config's), if any."""
         found = [p for folder in self._last_checkpoint_folders() if folder.is_dir() for p in folder.iterdir()
-                 if re.fullmatch(r"last(-v?\d+)?\.ckpt", p.name)]
+                 if re.fullmatch(r"last(-v?\d+)?\.ckpt", p.name) and p.is_file()]  # not a dangling link
         return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
     def _check_last_checkpoint_matches(self, path: Path) -> None:

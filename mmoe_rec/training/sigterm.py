@@ -71,7 +71,8 @@ def install() -> None:
 # is back in Python, and the rendezvous waits in C++ (for up to its 30-minute timeout). But the C-level handler
 # Python installs writes the signal's number to the wakeup fd at once, whichever thread receives it: a watcher
 # thread reads it there, runs `on_sigterm` (the CLI marks its run FAILED and ends the ranks it launched) and ends
-# the process with 143.
+# the process with 143. A process that launches ddp_spawn / ddp_fork ranks only waits for them and never installs
+# Lightning's handler: the watch stays its SIGTERM handling for the whole job.
 
 _EXIT_CODE = 143  # 128 + SIGTERM: the shell's code for "killed by SIGTERM"
 _STOP = b"\0"  # written by stop(): the watcher's end (no signal has number 0)
@@ -98,8 +99,9 @@ class _EarlyWatch:
                 return
             if byte[0] != signal.SIGTERM:
                 continue
-            print("mmoe-rec: stopped by SIGTERM before training began; ending the launched ranks", file=sys.stderr,
-                  flush=True)
+            # before Lightning's handler took over (ddp: the ranks still meeting), or in the process that only waits
+            # for ddp_spawn / ddp_fork ranks, which never installs it
+            print("mmoe-rec: stopped by SIGTERM; ending the launched ranks", file=sys.stderr, flush=True)
             try:
                 self.on_sigterm()
             except Exception as e:  # noqa: BLE001 - ending the process matters more

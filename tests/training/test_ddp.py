@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import sys
@@ -454,7 +455,7 @@ def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_
     cfg.write_text(yaml.safe_dump(config))
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
-    assert "stopped by SIGTERM before training began" in proc.stderr
+    assert "mmoe-rec: stopped by SIGTERM; ending the launched ranks" in proc.stderr
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
     rank1 = int(pid_file.read_text())
     deadline = time.monotonic() + 20
@@ -480,6 +481,29 @@ def test_a_ddp_fork_fit_finishes_with_every_row_once(feature_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FINISHED"
     assert sum(e["rows"] for e in audit(tmp_path / "audit").values()) == 2000  # every row once
+
+
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_sigterm_to_the_process_that_waits_for_spawned_ranks_fails_the_run_and_ends_them(feature_dir, tmp_path,
+                                                                                           strategy):
+    """ddp_spawn / ddp_fork: the launching process only waits for its ranks and never installs Lightning's
+    handler; a SIGTERM killed it with its run RUNNING (and the ranks were left to notice)."""
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 16, tmp_path / "audit", epochs=3)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "mmoe_rec.cli", "fit", "--config", str(cfg), "--trainer.devices",
+                             "2", "--trainer.strategy", strategy], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "audit").glob("rank*.jsonl")) \
+            and proc.poll() is None:
+        time.sleep(0.5)  # the ranks train (their row audit is written at each epoch's end)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "mmoe-rec: stopped by SIGTERM; ending the launched ranks" in err
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
 def test_a_rank_that_aborts_at_exit_after_its_work_is_done_is_a_warning(feature_dir, tmp_path):
