@@ -25,7 +25,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.data.parquet_stream import feature_files
@@ -225,12 +225,15 @@ class MultiTaskCLI(LightningCLI):
                 raise ValueError(f"--ckpt_path best: `mmoe-rec {sub}` runs in a process of its own, with no fit "
                                  "whose best checkpoint Lightning could look up; give the file, e.g. "
                                  "checkpoints/<run>/best.ckpt")
-            check_checkpoint_file(path)
+            if path == "last":  # resolved before Lightning reads the checkpoint's settings, as a named file is
+                path = self._resolve_last_checkpoint(sub)
+            if path != "last":
+                check_checkpoint_file(path)
         super()._parse_ckpt_path()
         if not sub:
             return
         used = _flat(self.config[sub].get("model"))
-        if self.config[sub].get("ckpt_path") not in (None, "last"):  # "last": resolved in before_<subcommand>
+        if self.config[sub].get("ckpt_path") not in (None, "last"):  # "last": a fit with none to resume
             self._check_checkpoint_matches(sub, given, used)
         lost = {k: (v, used[k]) for k, v in given.items()
                 if k in used and used[k] != v and ".feature_spec" not in f".{k}"}
@@ -317,11 +320,10 @@ class MultiTaskCLI(LightningCLI):
         self._log_config()
 
     def before_fit(self) -> None:
-        if self.config["fit"].get("ckpt_path") == "last":  # resumed if there is one, a fresh fit if none
-            newest = self._newest_last_checkpoint()
-            if newest is not None:  # the file checked is the file resumed (--checkpoint_dir's, see above)
-                self._check_last_checkpoint_matches(newest)
-                self.config_init["fit"]["ckpt_path"] = str(newest)
+        if self.config["fit"].get("ckpt_path") == "last":  # none to resume (`_resolve_last_checkpoint`): a fresh fit
+            folders = ", ".join(sorted(map(str, self._last_checkpoint_folders("fit")))) or "no checkpoint folder"
+            rank_zero_info(f"--ckpt_path last: no last.ckpt in {folders}; a new fit starts")
+            self.config_init["fit"]["ckpt_path"] = None  # not Lightning's own lookup (the config's folders again)
         check_monitors(self.trainer, self.model)
         if isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):  # before the run and the ranks exist
             self.trainer.strategy.check_settings(self.trainer.accumulate_grad_batches)
@@ -329,51 +331,48 @@ class MultiTaskCLI(LightningCLI):
 
     def _require_checkpoint(self) -> None:
         # validate / test / predict run in a fresh process: without a checkpoint the model is untrained
-        path = self.config[self.subcommand].get("ckpt_path")
-        if not path:
+        if not self.config[self.subcommand].get("ckpt_path"):
             raise ValueError(f"`mmoe-rec {self.subcommand}` needs --ckpt_path (a checkpoint written by `mmoe-rec "
                              f"fit`, e.g. checkpoints/<run>/best.ckpt): without it the model's weights are random")
-        if path == "last":
-            self._require_last_checkpoint()
 
-    def _last_checkpoint_folders(self) -> set[Path]:
-        override = self.config[self.subcommand].get("checkpoint_dir")
-        return {Path(override or cb.dirpath) for cb in self.trainer.checkpoint_callbacks if override or cb.dirpath}
+    def _last_checkpoint_folders(self, sub: str) -> set[Path]:
+        """Where `--ckpt_path last` looks: --checkpoint_dir, or the folders of the config's ModelCheckpoint
+        callbacks (read from the config: the trainer is not made yet)."""
+        override = self.config[sub].get("checkpoint_dir")
+        if override:
+            return {Path(override)}
+        callbacks = (self.config[sub].get("trainer") or {}).get("callbacks") or []
+        folders = set()
+        for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+            kind = _class_of(cb.get("class_path")) if isinstance(cb, (dict, Namespace)) else type(cb)
+            args = (cb.get("init_args") or {}) if isinstance(cb, (dict, Namespace)) else vars(cb)
+            dirpath = args.get("dirpath") if isinstance(args, (dict, Namespace)) else None
+            if isinstance(kind, type) and issubclass(kind, ModelCheckpoint) and dirpath:
+                folders.add(Path(str(dirpath)))
+        return folders
 
-    def _newest_last_checkpoint(self) -> Path | None:
-        """The newest last.ckpt (last-v<n>.ckpt) in the checkpoint callbacks' folders (--checkpoint_dir over the
-        config's), if any."""
-        found = [p for folder in self._last_checkpoint_folders() if folder.is_dir() for p in folder.iterdir()
+    def _resolve_last_checkpoint(self, sub: str) -> str:
+        """`--ckpt_path last`: the newest last.ckpt (last-v<n>.ckpt) in the checkpoint folders, resolved to its path
+        before Lightning reads a named checkpoint's model settings over the config's (with "last" it read none: a
+        config of other layer sizes failed loading the weights, after the MLflow run was made). Lightning's own
+        lookup read the config's folders even under --checkpoint_dir, and a callback without a folder looks in the
+        new MLflow run's; where it found none it warned "No checkpoint will be loaded" and went on with the
+        untrained model. A fit with none to resume starts afresh ("last"); the other subcommands refuse."""
+        folders = self._last_checkpoint_folders(sub)
+        found = [p for folder in folders if folder.is_dir() for p in folder.iterdir()
                  if re.fullmatch(r"last(-v?\d+)?\.ckpt", p.name) and p.is_file()]  # not a dangling link
-        return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-    def _check_last_checkpoint_matches(self, path: Path) -> None:
-        """What `_parse_ckpt_path` checks of a named file, for the file `--ckpt_path last` resolves to (Lightning
-        reads no settings from "last": a checkpoint of another spec or model class failed after the run was
-        made)."""
-        import torch
-
-        check_checkpoint_file(path)
-        hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
-        given = _flat(self.config[self.subcommand].get("model"))
-        self._check_checkpoint_matches(self.subcommand, given, _flat({"init_args": hparams}), path)
-
-    def _require_last_checkpoint(self) -> None:
-        """`--ckpt_path last`: the newest last.ckpt in the checkpoint callbacks' folders, resolved here to its path.
-        Lightning's own lookup read the config's folders even under --checkpoint_dir, and a callback without a
-        folder looks in the new MLflow run's; where it found none it warned "No checkpoint will be loaded" and went
-        on with the untrained model."""
-        folders = self._last_checkpoint_folders()
+        if found:
+            newest = str(max(found, key=lambda p: p.stat().st_mtime))
+            self.config[sub]["ckpt_path"] = newest
+            return newest
+        if sub == "fit":
+            return "last"
         if not folders:
             raise ValueError("--ckpt_path last: the config's checkpoint callbacks name no folder (dirpath) to look "
                              "in; give the checkpoint file, or --checkpoint_dir (the folder the fit wrote to)")
-        newest = self._newest_last_checkpoint()
-        if newest is None:
-            raise ValueError(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} (the "
-                             "config's checkpoint folders); give the checkpoint file, or the --checkpoint_dir the "
-                             "fit wrote to")
-        self._check_last_checkpoint_matches(newest)
-        self.config_init[self.subcommand]["ckpt_path"] = str(newest)  # what the subcommand is called with
+        raise ValueError(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} (the "
+                         "config's checkpoint folders); give the checkpoint file, or the --checkpoint_dir the "
+                         "fit wrote to")
 
     def before_validate(self) -> None:
         self._require_checkpoint()

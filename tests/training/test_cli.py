@@ -349,6 +349,38 @@ def test_a_fit_resumed_from_another_models_checkpoint_is_refused_before_any_run(
               "--trainer.max_epochs", "2", "--ckpt_path", str(in_tmp / "ck_mmoe" / "last.ckpt"))
 
 
+@pytest.mark.parametrize("subcommand", ["test", "fit"])
+def test_last_takes_the_checkpoints_model_settings_as_a_named_file_does(feature_dir, in_tmp, capsys, monkeypatch,
+                                                                        subcommand):
+    """`--ckpt_path last` was resolved after Lightning had read a named checkpoint's model settings over the config's:
+    a checkpoint of 4 experts under a config of 8 failed loading its weights (size mismatch), after the MLflow run
+    was made. Now the checkpoint's settings are used, the config's named in a warning, as for a named file."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    _fit_tiny(feature_dir, in_tmp / "ck", "--model.init_args.model.init_args.num_experts", "4")
+    argv = [subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+            "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck")]
+    if subcommand == "fit":
+        argv[argv.index("--trainer.max_epochs") + 1] = "2"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--ckpt_path", "last"]) == 0, capsys.readouterr().err
+    said = " ".join(str(w.message) for w in caught)
+    assert "model.init_args.model.init_args.num_experts: given 8, checkpoint 4" in said, said
+    if subcommand == "fit":  # resumed: epoch 2 trained on the 4 experts, written over last.ckpt
+        import torch
+        state = torch.load(in_tmp / "ck" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert state["epoch"] == 1 and state["hyper_parameters"]["model"]["init_args"]["num_experts"] == 4
+
+
+def test_fit_with_last_and_none_to_resume_starts_a_new_fit(feature_dir, in_tmp, caplog):
+    caplog.set_level(logging.INFO)
+    _fit_tiny(feature_dir, in_tmp / "ck", "--ckpt_path", "last")
+    assert f"--ckpt_path last: no last.ckpt in {in_tmp / 'ck'}; a new fit starts" in caplog.text
+    assert (in_tmp / "ck" / "last.ckpt").is_file()
+
+
 def test_a_predictions_path_that_is_a_folder_is_refused_before_any_run(feature_dir, in_tmp, capsys):
     _fit_tiny(feature_dir, in_tmp / "ck")
     (in_tmp / "out").mkdir()
