@@ -45,12 +45,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def write_config(path: Path, feature_dir: Path, batch_size: int, audit_dir: Path, epochs: int = 2,
-                 checkpoint: bool = False) -> Path:
+                 checkpoint: bool = False, every_epoch: bool = False) -> Path:
+    """`checkpoint`: last.ckpt and the latest epoch's under <config folder>/ckpt; `every_epoch`: every epoch's kept."""
     callbacks = [{"class_path": "row_audit.RowAudit", "init_args": {"out_dir": str(audit_dir)}},
                  {"class_path": "mmoe_rec.training.callbacks.RoutingMonitor", "init_args": {"every_n_steps": 5}}]
     if checkpoint:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"dirpath": str(path.parent / "ckpt"), "save_last": True}})
+                          "init_args": {"dirpath": str(path.parent / "ckpt"), "save_last": True,
+                                        **({"save_top_k": -1} if every_epoch else {})}})
     cfg = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": epochs, "enable_progress_bar": False,
@@ -148,14 +150,16 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
 
 def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
-    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings",
-                             "--model.init_args.grad_similarity_every", "5")
+    straight = write_config(tmp_path / "straight" / "c.yaml", feature_dir, 64, tmp_path / "straight" / "audit",
+                            epochs=2, checkpoint=True, every_epoch=True)
+    probe = ("--model.init_args.grad_similarity_every", "5")
+    proc = run_two_processes(tmp_path / "straight", straight, "--trainer.strategy", "ddp_sharded_embeddings", *probe)
     # the tables' own optimizer is named: the configured Adam (lr 0.01) trains the dense part only
     stderr = " ".join(proc.stderr.split())
     assert "trained by fbgemm's fused exact_adagrad at lr 0.01" in stderr
     assert "covers the dense shared parameters only" in stderr
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    (first,) = (tmp_path / "straight" / "ckpt").glob("epoch=0-*.ckpt")
+    saved = torch.load(first, map_location="cpu", weights_only=False)
     tables = {k: v for k, v in saved["state_dict"].items() if ".embedding_bags." in k}
     assert len(tables) == 3
     # the fused Adagrad accumulators of every table, whichever rank held it, gathered in full and trained (> 0)
@@ -164,28 +168,26 @@ def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, mon
     for key, per in optimizer_state.items():
         (accumulator,) = per.values()
         assert accumulator.shape == tables[key].shape and float(accumulator.sum()) > 0
-    run, client = mlflow_run(tmp_path / "mlflow.db")
-    logged_auc = run.data.metrics["val/click/auc"]
+    run, client = mlflow_run(tmp_path / "straight" / "mlflow.db")
+    logged_auc = run.data.metrics["val/click/auc"]  # the last epoch's
     assert logged_auc > 0.6
-    assert audit(tmp_path / "audit")[0]["rows"] == 2000
+    assert [epoch["rows"] for epoch in audit(tmp_path / "straight" / "audit").values()] == [2000, 2000]
     cosines = metric_history(client, run, "relatedness/grad_cos/click.vs.convert")  # the probe ran, sharded
     assert len(cosines) >= 3 and all(-1.0 <= c <= 1.0 for c in cosines)
     # the sharded tables were gathered into the checkpoint: an unsharded module reproduces the validation AUC
-    module = MultiTaskModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", map_location="cpu")
+    module = MultiTaskModule.load_from_checkpoint(tmp_path / "straight" / "ckpt" / "last.ckpt", map_location="cpu")
     dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False)
     (result,) = trainer.validate(module, dm, verbose=False)
     assert result["val/click/auc"] == pytest.approx(logged_auc, abs=1e-5)
 
-    # resume the sharded run for a second epoch: the same weights as a sharded run of two epochs straight
-    straight = write_config(tmp_path / "straight" / "c.yaml", feature_dir, 64, tmp_path / "straight" / "audit",
-                            epochs=2, checkpoint=True)
+    # resumed from the first epoch's checkpoint for the second: the same weights and table optimizer state as the
+    # run that went straight through (tables and their fused optimizer state go back into each rank's shards)
     resumed = write_config(tmp_path / "resumed" / "c.yaml", feature_dir, 64, tmp_path / "resumed" / "audit",
                            epochs=2, checkpoint=True)
-    run_two_processes(tmp_path / "straight", straight, "--trainer.strategy", "ddp_sharded_embeddings")
-    run_two_processes(tmp_path / "resumed", resumed, "--trainer.strategy", "ddp_sharded_embeddings",
-                      "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
+    run_two_processes(tmp_path / "resumed", resumed, "--trainer.strategy", "ddp_sharded_embeddings", *probe,
+                      "--ckpt_path", str(first))
     a = torch.load(tmp_path / "straight" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 2 * saved["global_step"]
@@ -550,17 +552,17 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
     dropout_mmoe = copy.deepcopy(MMOE)
     dropout_mmoe["init_args"]["dropout"] = 0.2
 
-    def config(name: str, *, stop: bool) -> Path:
+    def config(name: str, *, mid: bool) -> Path:
         callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                       "init_args": {"dirpath": str(tmp_path / name / "final"), "filename": "final",
                                     "save_on_train_epoch_end": True}}]
-        if stop:
+        if mid:  # the straight fit's own step-15 checkpoint is the one resumed (writing it changes nothing)
             callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                               "init_args": {"dirpath": str(tmp_path / name / "mid"), "every_n_train_steps": 15,
                                             "save_top_k": -1}})
         cfg = {
             "seed_everything": 0,
-            "trainer": {"accelerator": "cpu", "max_epochs": 3, "max_steps": 15 if stop else -1, "logger": False,
+            "trainer": {"accelerator": "cpu", "max_epochs": 3, "logger": False,
                         "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                         "limit_val_batches": 0, "callbacks": callbacks},
             "model": {"class_path": "mmoe_rec.training.module.MultiTaskModule",
@@ -573,10 +575,9 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
         (tmp_path / name / "c.yaml").write_text(yaml.safe_dump(cfg))
         return tmp_path / name / "c.yaml"
 
-    run_two_processes(tmp_path, config("straight", stop=False))
-    run_two_processes(tmp_path, config("crash", stop=True))
-    (mid,) = (tmp_path / "crash" / "mid").glob("*.ckpt")
-    run_two_processes(tmp_path, config("resumed", stop=False), "--ckpt_path", str(mid))
+    run_two_processes(tmp_path, config("straight", mid=True))
+    (mid,) = (tmp_path / "straight" / "mid").glob("*step=15.ckpt")
+    run_two_processes(tmp_path, config("resumed", mid=False), "--ckpt_path", str(mid))
     a = torch.load(tmp_path / "straight" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 33
