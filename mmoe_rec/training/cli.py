@@ -158,13 +158,11 @@ _running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTER
 
 
 def _stop_before_training() -> None:
-    """A SIGTERM before Lightning's handler took over (sigterm.watch_until_lightning_handles): the run, if made,
-    is marked FAILED and the ranks this process launched, if any, are ended."""
+    """A SIGTERM before Lightning's handler took over (sigterm.watch_until_lightning_handles): the ranks this
+    process launched, if any, are ended, then the run, if made, is marked FAILED (the tracking store may be slow)."""
     trainer = getattr(_running_cli[-1], "trainer", None) if _running_cli else None
     if trainer is None:
         return
-    for logger in trainer.loggers:
-        _end_run_failed(logger)
     launcher = getattr(trainer.strategy, "launcher", None)
     for proc in getattr(launcher, "procs", None) or []:
         if isinstance(proc, subprocess.Popen):  # ddp: the ranks it started
@@ -172,6 +170,8 @@ def _stop_before_training() -> None:
                 proc.send_signal(signal.SIGTERM)
         elif callable(getattr(proc, "terminate", None)):  # ddp_spawn / ddp_fork: this process only waits for them
             proc.terminate()
+    for logger in trainer.loggers:
+        _end_run_failed(logger)
 
 
 class MultiTaskCLI(LightningCLI):

@@ -75,6 +75,9 @@ def install() -> None:
 # Lightning's handler: the watch stays its SIGTERM handling for the whole job.
 
 _EXIT_CODE = 143  # 128 + SIGTERM: the shell's code for "killed by SIGTERM"
+# what `on_sigterm` may take (ending the ranks, marking the run FAILED): a tracking store that does not answer
+# (MLflow's HTTP timeout and retries: minutes) must not keep a process that was told to stop
+RECORD_LIMIT_S = 15.0
 _STOP = b"\0"  # written by stop(): the watcher's end (no signal has number 0)
 _watch: Optional["_EarlyWatch"] = None
 
@@ -102,13 +105,21 @@ class _EarlyWatch:
             # before Lightning's handler took over (ddp: the ranks still meeting), or in the process that only waits
             # for ddp_spawn / ddp_fork ranks, which never installs it
             print("mmoe-rec: stopped by SIGTERM; ending the launched ranks", file=sys.stderr, flush=True)
-            try:
-                self.on_sigterm()
-            except Exception as e:  # noqa: BLE001 - ending the process matters more
-                print(f"mmoe-rec: could not record the stop: {e}", file=sys.stderr, flush=True)
+            recorder = threading.Thread(target=self._record, name="mmoe-rec-sigterm-record", daemon=True)
+            recorder.start()
+            recorder.join(RECORD_LIMIT_S)
+            if recorder.is_alive():
+                print(f"mmoe-rec: the stop was not recorded within {RECORD_LIMIT_S:g} s (is the tracking store "
+                      "answering?); exiting without it", file=sys.stderr, flush=True)
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(_EXIT_CODE)
+
+    def _record(self) -> None:
+        try:
+            self.on_sigterm()
+        except Exception as e:  # noqa: BLE001 - ending the process matters more
+            print(f"mmoe-rec: could not record the stop: {e}", file=sys.stderr, flush=True)
 
     def start(self) -> None:
         _forget_in_forked_children()

@@ -39,3 +39,22 @@ def test_a_launched_rank_whose_launcher_is_already_gone_ends(tmp_path):
     assert alive.returncode == 0 and alive.stdout.strip() == "alive"  # its parent is the launcher
     gone = subprocess.run([sys.executable, "-c", code, "999999999"], capture_output=True, text=True, timeout=60)
     assert gone.returncode == -signal.SIGTERM and "alive" not in gone.stdout
+
+
+def test_a_stop_that_cannot_be_recorded_still_ends_the_process_with_143():
+    """The watcher marked the run FAILED before exiting: a tracking store that did not answer (MLflow's HTTP timeout
+    and retries: minutes) kept the process that was told to stop."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, signal, time\nfrom mmoe_rec.training import sigterm\n"
+            "sigterm.RECORD_LIMIT_S = 1.0\n"
+            "with sigterm.watch_until_lightning_handles(lambda: time.sleep(600)):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(600)\n")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert time.monotonic() - start < 60
+    assert "the stop was not recorded within 1 s" in proc.stderr
