@@ -140,17 +140,22 @@ def categorical_column(arr, column: str) -> pa.Array:
     return normalize_values(arr)
 
 
-def single_categorical_column(arr, column: str, strip: bool = False, null_values=()) -> pa.Array:
+def single_categorical_column(arr, column: str, strip: bool = False, null_values=(),
+                              null_unstripped: bool = False) -> pa.Array:
     """categorical_column for a single-valued feature, where "" is missing (id 0) like null whatever the format:
     the CSV reader gives null for an empty field, a Parquet file or a DataFrame the empty string.
 
     strip (the reader's strip_whitespace): a value the CSV reader reads as null (one of `null_values` as written
     or once trimmed: `null_fields`) is null, and string values are trimmed (sources._strip), so a Parquet file or a
     DataFrame with the CSV's padded fields (' Private') gives the ids of the CSV's. Done again on CSV input,
-    which the reader trimmed already: both steps are idempotent."""
+    which the reader trimmed already: both steps are idempotent. null_unstripped (a feature's `null_fields`,
+    specs fitted since 2026-12-06): without strip, a value that is one of `null_values` is null too (the CSV
+    reader's "?" was missing, a Parquet file's "?" a category of its own)."""
     values = categorical_column(arr, column)
     if strip and pa.types.is_string(values.type):
         values = pc.utf8_trim_whitespace(null_fields(values, null_values, strip))
+    elif null_unstripped and pa.types.is_string(values.type):
+        values = null_fields(values, null_values, False)
     if pa.types.is_string(values.type):
         empty = pc.equal(values, "")
         if pc.any(empty).as_py():
@@ -166,6 +171,8 @@ def multi_valued_column(arr, column: str, delimiter: str | None, strip: bool = F
     reads as null (`null_fields`) is an empty list, as that reader makes it before the field is split, so that
     Parquet / DataFrame rows get the CSV's ids."""
     arr = one_chunk(arr)
+    if pa.types.is_dictionary(arr.type):  # pandas' `category` dtype, a Parquet dictionary column
+        arr = arr.dictionary_decode()
     t = arr.type
     # every row missing: Arrow / pandas type an all-None column as null, and pandas reads a CSV column with no value
     # (or a DataFrame column of NaN) as float64 NaN: every list empty, as when some rows have values

@@ -35,6 +35,14 @@ def nulls_delimited_fields(c, schema) -> bool:
                 and any(v.strip() if strip else v for v in schema.reader.null_values))
 
 
+def nulls_unstripped_fields(c, schema) -> bool:
+    """Whether a single-valued feature's fields that the CSV reader reads as null are made null in Parquet /
+    DataFrame input where the reader does not strip (with strip they always were): recorded as the feature's
+    `null_fields` (specs fitted since 2026-12-06; one fitted before keeps its ids), only where it can change an id
+    (a null value other than "", which is missing anyway)."""
+    return bool(not c.multi_valued and not schema.reader.strip_whitespace and any(schema.reader.null_values))
+
+
 class SpecFitter:
     """Accumulates train statistics batch by batch; `spec()` turns them into a finalized FeatureSpec."""
 
@@ -65,7 +73,8 @@ class SpecFitter:
                 else:
                     # trimmed as the transform trims them (CompiledSpec), so fit and transform see the same values
                     values = single_categorical_column(col, c.column, self.schema.reader.strip_whitespace,
-                                                       self.schema.reader.null_values)
+                                                       self.schema.reader.null_values,
+                                                       nulls_unstripped_fields(c, self.schema))
                     if take is not None:
                         values = values.filter(take)
                 if c.name in self._counters:
@@ -87,7 +96,8 @@ class SpecFitter:
         sparse, dense, features = [], [], {}
         for c in s.categorical:
             state = {"kind": c.transform, "column": c.column, "multi_valued": c.multi_valued, "delimiter": c.delimiter}
-            if nulls_delimited_fields(c, s):  # recorded: specs fitted before kept a delimited "?" as the value "?"
+            # recorded: specs fitted before kept a delimited "?" (or, without strip, a single "?") as the value "?"
+            if nulls_delimited_fields(c, s) or nulls_unstripped_fields(c, s):
                 state["null_fields"] = True
             # recorded: specs fitted before took "True" / "10.0" text as written (as `text: as_written` does)
             state["canonical_text"] = c.text == "canonical"

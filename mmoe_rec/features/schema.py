@@ -22,7 +22,8 @@ reader: {header: false, column_names: [...], delimiter: ",", strip_whitespace: t
 ```
 
 ``reader.strip_whitespace`` also trims the categorical and text-label strings of Parquet / DataFrame input (then a
-single value that is one of ``reader.null_values`` once trimmed is missing), so such rows get the CSV's ids.
+single value that is one of ``reader.null_values`` once trimmed is missing), so such rows get the CSV's ids; a value
+that is one of ``reader.null_values`` as written is missing in every format, with or without strip.
 
 Every entry may give ``column:`` when the raw column name differs from the feature name.
 Unknown keys, kinds or transforms are errors naming the schema file and the entry, and so are values of the wrong

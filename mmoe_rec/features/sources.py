@@ -112,25 +112,25 @@ CSV_BLOCK_BYTES = 1 << 22  # Arrow's read block: CSV is parsed (and held) this m
 
 
 @contextlib.contextmanager
-def _arrow_csv_source(path: str) -> Iterator[tuple[pa.NativeFile, int | None]]:
-    """(a stream of the file that Arrow reads with its own reader, no Python in its threads; the number of '"' bytes
-    in it, or None where not counted on the way). An .xz file (Arrow has no xz codec) is decompressed into a
-    temporary file first, counted as it is written, and deleted after: read through Python's lzma, Arrow's
-    read-ahead thread could still be inside Python's read when the interpreter shut down, which aborted the
-    process, even after a complete read."""
+def _arrow_csv_source(path: str, delimiter: str) -> Iterator[tuple[pa.NativeFile, "_QuoteTracker | None"]]:
+    """(a stream of the file that Arrow reads with its own reader, no Python in its threads; the file's quotes
+    tracked (_QuoteTracker), or None where not tracked on the way). An .xz file (Arrow has no xz codec) is
+    decompressed into a temporary file first, tracked as it is written, and deleted after: read through Python's
+    lzma, Arrow's read-ahead thread could still be inside Python's read when the interpreter shut down, which
+    aborted the process, even after a complete read."""
     if not path.lower().endswith(".xz"):
         with _open_csv_stream(path) as stream:
             yield stream, None
         return
     with tempfile.NamedTemporaryFile(prefix="mmoe-rec-", suffix=".csv") as plain:
-        quotes = 0
+        tracker = _QuoteTracker(delimiter)
         with lzma.open(path, "rb") as f:
             while block := f.read(1 << 24):
-                quotes += block.count(b'"')
+                tracker.feed(block)
                 plain.write(block)
         plain.flush()
         with pa.input_stream(plain.name) as stream:
-            yield stream, quotes
+            yield stream, tracker
 
 
 def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream: pa.NativeFile):
@@ -155,41 +155,53 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream
 _UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _record_end(body: bytes, delimiter: int, start: int = 0) -> int:
-    """Index of the line end that closes the CSV record starting at `start` in `body`, or -1 if it is not in
-    `body` yet. A line end inside a quoted field ('"' at a field's start, '""' a quote inside it) does not close
-    the record; a quote elsewhere in a field is a plain character, as in Arrow's reader and Python's csv module."""
-    quoted, field_start, i, n = False, True, start, len(body)
+def _record_end(body: bytes | bytearray, specials: re.Pattern, start: int,
+                resume: tuple[int, bool, bool] | None = None) -> tuple[int, tuple[int, bool, bool] | None]:
+    """(index of the line end that closes the CSV record starting at `start` in `body`, None), or (-1, where the
+    scan stopped) if it is not in `body` yet: pass that back as `resume` once `body` holds more (from the same
+    record start), and nothing is scanned twice. A line end inside a quoted field ('"' at a field's start, '""' a
+    quote inside it) does not close the record; a quote elsewhere in a field is a plain character, as in Arrow's
+    reader and Python's csv module. `specials` matches the delimiter and the line-end bytes."""
+    offset, quoted, field_start = resume or (0, False, True)
+    i, n = start + offset, len(body)
     while i < n:
-        c = body[i]
         if quoted:
-            if c == 0x22:  # '"': a doubled quote stays inside, a single one closes the field's quoting
-                if i + 1 < n and body[i + 1] == 0x22:
-                    i += 1
-                elif i + 1 >= n:
-                    return -1  # cannot tell yet
-                else:
-                    quoted = False
-        elif c in (0x0A, 0x0D):
-            return i
-        elif c == 0x22 and field_start:
-            quoted = True
-        field_start = c == delimiter and not quoted
-        i += 1
-    return -1
+            j = body.find(b'"', i)
+            if j < 0 or j + 1 >= n:  # no close yet, or cannot tell '""' from a close yet
+                i = n if j < 0 else j
+                break
+            if body[j + 1] == 0x22:
+                i = j + 2
+            else:
+                quoted, field_start, i = False, False, j + 1
+            continue
+        if field_start and body[i] == 0x22:
+            quoted, field_start, i = True, False, i + 1
+            continue
+        m = specials.search(body, i)
+        if m is None:
+            i, field_start = n, False
+            break
+        k = m.start()
+        if body[k] in (0x0A, 0x0D):
+            return k, None
+        i, field_start = k + 1, True
+    return -1, (i - start, quoted, field_start)
 
 
-def _first_record(path: str, delimiter: str) -> bytes | None:
+def _first_record(path: str, delimiter: str, header: bool = True) -> bytes | None:
     """The file's first CSV record (the first non-empty line, and the lines a quoted field spans), without its
     line end; None if the file has none. Read in Python, never with Arrow's streaming CSV reader: that one starts
     a read-ahead thread over the (lzma) Python file object, which could still be running at interpreter exit,
     right after an error message about this header, and abort the process ("terminate called without an active
     exception", exit 134)."""
-    return next(_csv_records(path, delimiter, block_bytes=1 << 16), None)
+    return next(_csv_records(path, delimiter, block_bytes=1 << 16, header=header), None)
 
 
 def _split_fields(text: str, delimiter: str) -> list[str]:
     """One CSV record's fields ('"' quotes, a doubled quote inside), as Arrow's reader splits them."""
+    if len(text) >= csv.field_size_limit():  # 128 KiB by default: a longer field raised csv.Error
+        csv.field_size_limit(len(text) + 1)
     return next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quotechar='"', doublequote=True,
                            strict=False), [])
 
@@ -200,7 +212,7 @@ def _header_names(path: str, reader: ReaderSpec) -> list[str]:
     delimiter = _delimiter(path, reader)
     if len(delimiter) != 1:
         raise FeatureDataError(f"reader.delimiter must be one character, got {delimiter!r}", file=path)
-    line = _first_record(path, delimiter)
+    line = _first_record(path, delimiter, reader.header)
     if line is None:
         raise FeatureDataError("empty input file (no header, no rows)", file=path)
     if reader.header:
@@ -258,7 +270,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     fmt = input_format(path)
     have: list[str] = []
     csv_batches = None
-    counter: _QuoteCounter | None = None
+    scan: _QuoteScan | None = None
     sources = contextlib.ExitStack()
     try:
         if fmt == "parquet":
@@ -274,12 +286,13 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         else:
             have = csv_columns(path, reader)
             _check_columns(path, have, columns)
-            # '"' not counted on the way (all but .xz) are counted in a second pass, in a thread beside the read:
-            # cheap for plain files; a .gz / .bz2 file is decompressed again, on the other core
-            stream, quotes = sources.enter_context(_arrow_csv_source(path))
-            if quotes is None:  # counted beside the read (see _QuoteCounter)
-                counter = _QuoteCounter(path)
-                sources.callback(counter.close)
+            # quotes not tracked on the way (all but .xz) are tracked in a second pass, in a thread beside the
+            # read: cheap for plain files; a .gz / .bz2 file is decompressed again, on the other core
+            delimiter = _delimiter(path, reader)
+            stream, tracker = sources.enter_context(_arrow_csv_source(path, delimiter))
+            if tracker is None:  # beside the read (see _QuoteScan)
+                scan = _QuoteScan(path, delimiter)
+                sources.callback(scan.close)
             batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream)
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
@@ -291,8 +304,10 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
                 yield row + start, part
             row += b.num_rows
-        if fmt == "csv" and (counter.result() if quotes is None else quotes) % 2:
-            _refuse_unclosed_quote(path, reader)  # an odd count: a quoted field may run to the end of the file
+        if fmt == "csv":
+            tracker = scan.result() if tracker is None else tracker
+            if tracker.unclosed():  # the last row read holds the rest of the file
+                raise _unclosed_quote_error(path, row - 1 if row else None, tracker.lines)
     except FeatureDataError:
         raise
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError) as e:
@@ -306,8 +321,8 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             raise FeatureDataError(f"malformed CSV ({msg.splitlines()[0]})", file=path) from None
         if fmt == "csv" and "straddling object" in msg:  # a record longer than Arrow's block: a quote not closed?
             _refuse_unclosed_quote(path, reader)
-            raise FeatureDataError(f"a CSV record longer than {CSV_BLOCK_BYTES >> 20} MiB (Arrow's read block) or a "
-                                   f"quoted field that does not close ({msg.splitlines()[0]})", file=path) from None
+            raise FeatureDataError(f"a CSV record longer than {CSV_BLOCK_BYTES >> 20} MiB (Arrow's read block) "
+                                   f"({msg.splitlines()[0]})", file=path) from None
         if fmt == "csv" and "invalid UTF8" in msg:  # Arrow names a column index and, not always, a line
             match = re.search(r"CSV column #(\d+)", msg)
             index = int(match.group(1)) if match else -1
@@ -322,106 +337,201 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         sources.close()  # the stream, and an .xz file's decompressed copy (deleted)
 
 
-def _quote_count(path: str, stop: threading.Event | None = None) -> int:
-    """The number of '"' bytes in a CSV file (decompressed), read in blocks in the calling thread (-1 if `stop` was
-    set before the end)."""
-    count = 0
-    with _open_csv_stream(path) as f:
-        while block := f.read(1 << 24):
-            if stop is not None and stop.is_set():
-                return -1
-            count += bytes(block).count(b'"')
-    return count
+class _QuoteTracker:
+    """Whether CSV bytes, fed block by block, end inside a quoted field, read as Arrow's reader reads them: a '"'
+    at a field's start opens one, '""' inside it is a quote, a lone '"' closes it; a '"' elsewhere is a plain
+    character (`12"`). Arrow reads an open field to the end of the file as one value, the rows after it inside it,
+    without an error. Exact, where a count of '"' was not: one plain quote beside an unclosed one made it even.
+    Each byte is looked at once, by C code (bytes.find), but for one step of Python per '"'. With `count_records`,
+    also the number of records (non-empty lines outside quoted fields, the header included) before the last
+    opening quote: for the error path."""
+
+    def __init__(self, delimiter: str, count_records: bool = False) -> None:
+        self._starts = {ord(delimiter), 0x0A, 0x0D}  # a '"' after one of these opens a quoted field
+        self._before = 0x0A  # the byte before the next block's first (the file's start is a line start)
+        self._quoted = False
+        self._pending = False  # a block ended on '"' inside a quoted field: '""' or a close, told by the next byte
+        self._first, self._head = True, b""
+        self.lines = 0  # line breaks since the last opening quote
+        self._count = count_records
+        self.records = 0  # records ended before the current position (with count_records)
+        self.open_record = 0  # the record the last opening quote is in
+
+    def feed(self, block: bytes) -> None:
+        i, bom = 0, False
+        if self._first:  # Arrow skips a UTF-8 BOM: told once 3 bytes are in (or the bytes end)
+            block = self._head + block
+            if len(block) < len(_UTF8_BOM) and _UTF8_BOM.startswith(block):
+                self._head = block
+                return
+            self._first, self._head = False, b""
+            if block.startswith(_UTF8_BOM):
+                i, bom = len(_UTF8_BOM), True
+        buf, n = block, len(block)
+        low = i  # buf[j - 1] is the byte before j only from here on
+        if self._pending and n:
+            self._pending = False
+            if buf[0] == 0x22:  # '""': a quote inside the field
+                i = low = 1
+            else:
+                self._quoted = False
+                self._before = 0x22
+        while i < n:
+            if self._quoted:
+                j = buf.find(b'"', i)
+                end = n if j < 0 else j
+                self.lines += buf.count(b"\n", i, end) or buf.count(b"\r", i, end)
+                if j < 0 or j + 1 == n:
+                    self._pending = j >= 0
+                    i = n
+                    break
+                if buf[j + 1] == 0x22:
+                    i = j + 2
+                else:
+                    self._quoted = False
+                    i = j + 1
+                continue
+            j, start = i, i
+            while True:  # the next '"' that opens a field
+                j = buf.find(b'"', j)
+                if j < 0 or (buf[j - 1] if j > low else self._before) in self._starts:
+                    break
+                j += 1
+            end = n if j < 0 else j
+            if self._count and end > start:
+                self.records += _record_ends(buf[start:end], buf[start - 1] if start > low else self._before)
+            if j < 0:
+                break
+            self._quoted, self.lines, self.open_record = True, 0, self.records
+            i = j + 1
+        if n > (len(_UTF8_BOM) if bom else 0):  # a BOM is no byte before the next
+            self._before = buf[-1]
+
+    def unclosed(self) -> bool:
+        """At the end of the bytes: whether a quoted field is still open (a last lone '"' closed it)."""
+        if self._head:  # the file is 1-2 bytes, the start of a BOM: not one
+            head, self._head, self._first = self._head, b"", False
+            self.feed(head)
+        return self._quoted and not self._pending
 
 
-class _QuoteCounter:
-    """_quote_count in a thread of its own, beside Arrow's read of the same file (decompression releases the GIL:
-    a .gz / .bz2 file's second decompression overlaps the read instead of following it). `result()` waits for it;
-    `close()` stops and joins it, so that no thread of ours still reads when the caller has gone (or the
-    interpreter exits)."""
+_LINE_BREAK_RUNS = re.compile(rb"[\r\n]+")
 
-    def __init__(self, path: str) -> None:
+
+def _record_ends(segment: bytes, before: int) -> int:
+    """Records that end in `segment` (bytes outside quoted fields; `before` the byte before it): each run of line
+    breaks ends one, but a run that goes on from before it (or that starts the file: empty lines)."""
+    _, runs = _LINE_BREAK_RUNS.subn(b"", segment)
+    if runs and segment[0] in (0x0A, 0x0D) and before in (0x0A, 0x0D):
+        runs -= 1
+    return runs
+
+
+class _QuoteScan:
+    """A _QuoteTracker fed the file in a thread of its own, beside Arrow's read of the same file (decompression
+    releases the GIL: a .gz / .bz2 file's second decompression overlaps the read instead of following it).
+    `result()` waits for it; `close()` stops and joins it, so that no thread of ours still reads when the caller has
+    gone (or the interpreter exits)."""
+
+    def __init__(self, path: str, delimiter: str) -> None:
         self._stop = threading.Event()
-        self._count: int | None = None
+        self._tracker = _QuoteTracker(delimiter)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(path,), name="mmoe-rec-quote-count", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(path,), name="mmoe-rec-quote-scan", daemon=True)
         self._thread.start()
 
     def _run(self, path: str) -> None:
         try:
-            self._count = _quote_count(path, self._stop)
+            with _open_csv_stream(path) as f:
+                while block := f.read(1 << 24):
+                    if self._stop.is_set():
+                        return
+                    self._tracker.feed(bytes(block))
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
             self._error = e
 
-    def result(self) -> int:
+    def result(self) -> _QuoteTracker:
         self._thread.join()
         if self._error is not None:
             raise self._error
-        return self._count
+        return self._tracker
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
 
 
+def _unclosed_quote_error(path: str, row: int | None, lines: int) -> FeatureDataError:
+    where = "in this row" if row is not None else "in the header"
+    return FeatureDataError(f"a quoted field opens {where} and never closes (an unmatched '\"'): the CSV reader "
+                            f"reads the rest of the file, {lines} lines, as its value", file=path, row=row)
+
+
 def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:
-    """Raise where a quoted field opens that never closes: Arrow reads it to the end of the file as one value, the
-    rows after it inside it, without an error. Called when the file holds an odd number of '"'; a '"' inside an
-    unquoted field (`a"b`) is a plain character and makes the count odd too (then every record closes and nothing
-    is raised), and one such beside an unclosed quote makes the count even: that unclosed quote is not found.
-    Only on that path: read in Python."""
-    delimiter = ord(_delimiter(path, reader))
-    last, index = b"", -1
-    for index, record in enumerate(_csv_records(path, chr(delimiter))):
-        last = record
-    if index < 0 or _record_end(last + b"\n", delimiter) >= 0:
-        return
-    row = index - (1 if reader.header else 0)
-    lines = len(last.splitlines())
-    raise FeatureDataError(f"a quoted field opens in this row and never closes (an unmatched '\"'): the CSV reader "
-                           f"reads the rest of the file, {lines} lines, as its value", file=path, row=row)
+    """Raise, naming its row, where a quoted field opens that never closes. Where Arrow failed on a record longer
+    than its read block, which such a field makes: the file is read once more, in Python (linear, C-speed scans)."""
+    tracker = _QuoteTracker(_delimiter(path, reader), count_records=True)
+    with _open_csv_stream(path) as f:
+        while block := f.read(1 << 24):
+            tracker.feed(bytes(block))
+    if tracker.unclosed():
+        header = 1 if reader.header else 0
+        row = tracker.open_record - header
+        raise _unclosed_quote_error(path, row if row >= 0 else None, tracker.lines)
 
 
-def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20) -> Iterator[bytes]:
+def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20, header: bool = False) -> Iterator[bytes]:
     """The file's CSV records as bytes, a UTF-8 BOM and empty lines skipped (as Arrow skips them), a quoted
     field's line ends kept inside its record; the header, if any, is the first. Read in Python: for the header and
-    for error messages."""
+    for error messages. A record longer than Arrow's read block (which Arrow refuses anyway) is an error: it is
+    not held whole (an unclosed quote near the top would make it the whole file)."""
+    specials = re.compile(b"[" + re.escape(delimiter.encode("latin-1")) + rb"\r\n]")
     with _open_csv_stream(path) as f:
-        buf, pos, first = b"", 0, True
+        buf, pos, first, resume, index = bytearray(), 0, True, None, 0
         while True:
             block = f.read(block_bytes)
-            buf = buf[pos:] + block
+            del buf[:pos]  # the records before are yielded: only the current one's bytes stay
             pos = 0
+            buf += block
             if first and (len(buf) >= len(_UTF8_BOM) or not block):
                 first = False
                 if buf.startswith(_UTF8_BOM):
                     pos = len(_UTF8_BOM)
             while pos < len(buf):
-                if buf[pos] in (0x0A, 0x0D):  # an empty line, or the \n of a \r\n
-                    pos += 1
-                    continue
-                newline = buf.find(b"\n", pos)
-                carriage = buf.find(b"\r", pos, newline if newline >= 0 else len(buf))
-                newline = carriage if carriage >= 0 else newline  # \r alone, or the \r of \r\n
-                if newline >= 0 and buf.find(b'"', pos, newline) < 0:
-                    end = newline  # no quote before the line end: the record is the line (the fast common case)
-                else:
-                    end = _record_end(buf, ord(delimiter), pos)
+                if resume is None:
+                    if buf[pos] in (0x0A, 0x0D):  # an empty line, or the \n of a \r\n
+                        pos += 1
+                        continue
+                    newline = buf.find(b"\n", pos)
+                    carriage = buf.find(b"\r", pos, newline if newline >= 0 else len(buf))
+                    newline = carriage if carriage >= 0 else newline  # \r alone, or the \r of \r\n
+                    if newline >= 0 and buf.find(b'"', pos, newline) < 0:
+                        yield bytes(buf[pos:newline])  # no quote before the line end: the record is the line
+                        index += 1
+                        pos = newline + 1
+                        continue
+                end, resume = _record_end(buf, specials, pos, resume)
                 if end < 0:
                     break
-                yield buf[pos:end]
+                yield bytes(buf[pos:end])
+                index += 1
                 pos = end + 1
             if not block:
                 if pos < len(buf):
-                    yield buf[pos:]
+                    yield bytes(buf[pos:])
                 return
+            if len(buf) - pos > CSV_BLOCK_BYTES:
+                row = index - 1 if header else index
+                raise FeatureDataError(f"{'this row' if row >= 0 else 'the header'} is longer than "
+                                       f"{CSV_BLOCK_BYTES >> 20} MiB, Arrow's read block (a quoted field that does "
+                                       "not close?)", file=path, row=row if row >= 0 else None)
 
 
 def _first_non_utf8_row(path: str, reader: ReaderSpec, column: int) -> int | None:
     """The data row (0-based, header not counted) of the first record whose field `column` (the file's column
     index, as Arrow names it) is not UTF-8 text, or None. Other columns may hold any bytes: they are not read."""
     delimiter = _delimiter(path, reader)
-    records = _csv_records(path, delimiter)
+    records = _csv_records(path, delimiter, header=reader.header)
     if reader.header:
         next(records, None)
     for row, record in enumerate(records):
@@ -464,7 +574,7 @@ def _bad_csv_row(path: str, reader: ReaderSpec) -> tuple[int, str] | None:
     read in Python (Arrow numbers the rows it rejects only through a Python callback from its own threads, which
     could abort the process at exit)."""
     delimiter = _delimiter(path, reader)
-    records = _csv_records(path, delimiter)
+    records = _csv_records(path, delimiter, header=reader.header)
     expected = len(reader.column_names) if reader.column_names else None
     if reader.header:
         first = next(records, None)

@@ -82,7 +82,8 @@ class CompiledSpec:
                                                   self.null_values if state.get("null_fields") else ())
             ids = self._single(name, state, values)
             return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(ids, pa.int64()))
-        values = single_categorical_column(col, state["column"], self.strip, self.null_values)
+        values = single_categorical_column(col, state["column"], self.strip, self.null_values,
+                                           bool(state.get("null_fields")))
         return pa.array(self._single(name, state, values), pa.int64())
 
     def _dictionary_ids(self, name: str, state: dict, col: pa.DictionaryArray) -> pa.Array:
@@ -94,7 +95,8 @@ class CompiledSpec:
             idx = idx.cast(pa.int64()).fill_null(n_values)
         rows = idx.to_numpy(zero_copy_only=False)  # (n,)
         if not state["multi_valued"]:
-            values = single_categorical_column(col.dictionary, state["column"], self.strip, self.null_values)
+            values = single_categorical_column(col.dictionary, state["column"], self.strip, self.null_values,
+                                               bool(state.get("null_fields")))
             ids = self._single(name, state, values)  # (V,)
             return pa.array(np.take(np.append(ids, 0), rows), pa.int64())
         values, offsets = multi_valued_column(col.dictionary, state["column"], state["delimiter"], self.strip,

@@ -178,6 +178,84 @@ def test_a_quoted_field_that_never_closes_is_an_error_naming_its_row(tmp_path, s
     assert rows(write('a,b\n1,"q"""\n2,"x\ny"\n')) == [("1", 'q"'), ("2", "x\ny")]
     with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens"):
         list(iter_batches(write('1,2\n3,"y\n5,6\n7,8\n'), ["f0", "f1"], ReaderSpec(header=False)))
+    # a plain '"' (an inch mark) beside the unclosed one made the file's count of '"' even: rows 2-4 vanished
+    # into row 1's value, without an error
+    with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens .* 4 lines"):
+        rows(write('a,b\n12",0\n10in,"b\n8in,c\n9in,d\n7in,e\n'))
+    with pytest.raises(FeatureDataError, match=r"row 0 \(0-based\): a quoted field opens .* 2 lines"):
+        rows(write('a,b\nx,"q""\n3,4\n'))  # '"q""': the field is q" and still open ('""' a quote inside)
+    assert rows(write('a,b\n"q""",x"\n3,4\n')) == [('q"', 'x"'), ("3", "4")]
+
+
+def _reference_quote_state(data: bytes) -> tuple[bool, int]:
+    """(whether `data` ends inside a quoted field, records before the last opening quote), byte by byte."""
+    quoted, field_start, records, line_has, open_record = False, True, 0, False, 0
+    i = 3 if data.startswith(b"\xef\xbb\xbf") else 0
+    while i < len(data):
+        c = data[i:i + 1]
+        if quoted:
+            if c == b'"':
+                if data[i + 1:i + 2] == b'"':
+                    i += 1
+                else:
+                    quoted = False
+        elif c in (b"\n", b"\r"):
+            records += line_has
+            line_has, field_start = False, True
+            i += 1
+            continue
+        elif c == b'"' and field_start:
+            quoted, open_record = True, records
+        line_has = True
+        field_start = c == b","
+        i += 1
+    return quoted, open_record
+
+
+def test_the_quote_tracker_reads_quotes_as_a_byte_by_byte_reading_does_whatever_the_blocks():
+    """_QuoteTracker looks at each block with bytes.find, carrying its state over block ends (a '""' cut in two,
+    a quote right after a block end, a BOM); a reading byte by byte is the reference, on random CSV-like bytes."""
+    import random
+
+    from mmoe_rec.features.sources import _QuoteTracker
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        data = bytes(rng.choice(b'ab,"\n\r') for _ in range(rng.randint(0, 24)))
+        if rng.random() < 0.1:
+            data = b"\xef\xbb\xbf" + data
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(0, 4))))
+        tracker = _QuoteTracker(",", count_records=True)
+        for a, b in zip([0, *cuts], [*cuts, len(data)]):
+            tracker.feed(data[a:b])
+        quoted, open_record = _reference_quote_state(data)
+        assert tracker.unclosed() == quoted, (data, cuts)
+        if quoted:
+            assert tracker.open_record == open_record, (data, cuts)
+
+
+def test_long_fields_and_long_records_are_named_not_a_csv_module_traceback(tmp_path, monkeypatch):
+    """A valid quoted field past 128 KiB (Python's csv field limit) beside a short row raised `_csv.Error: field
+    larger than field limit` from the error path; a record past Arrow's read block names its row, and is not held
+    whole (an unclosed quote in the header, of a file 40 blocks long)."""
+    from mmoe_rec.features import sources
+
+    long = '"' + "word, " * 40_000 + '"'
+    path = tmp_path / "raw.csv"
+    path.write_text(f"c,x\n{long},1\nb\nc,3\n")
+    with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): malformed CSV row: expected 2 fields, found 1"):
+        list(iter_batches(str(path), ["c", "x"], ReaderSpec()))
+    path.write_bytes(f"c,x\n{long},1\nb,\xff\n".encode("latin-1"))
+    with pytest.raises(FeatureDataError, match=r"column 'x', row 1 \(0-based\): not UTF-8"):
+        list(iter_batches(str(path), ["c", "x"], ReaderSpec()))
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 256)
+    path.write_text('"c,x\n' + "".join(f"{i},{i}\n" for i in range(2000)))
+    with pytest.raises(FeatureDataError, match=r": the header is longer than 0 MiB, Arrow's read block"):
+        list(iter_batches(str(path), ["c", "x"], ReaderSpec()))
+    path.write_text("c,x\n1,2\n" + f"{long},1\n")  # a long record, its quotes closed: no unclosed quote named
+    with pytest.raises(FeatureDataError, match=r"a CSV record longer than 0 MiB \(Arrow's read block\)") as info:
+        list(iter_batches(str(path), ["c", "x"], ReaderSpec()))
+    assert "never closes" not in str(info.value)
 
 
 
@@ -222,9 +300,9 @@ def test_the_quote_count_beside_a_read_ends_with_it_even_when_the_read_is_abando
     batches = iter_batches(str(path), ["a", "b"], ReaderSpec(), batch_rows=1000)
     next(batches)
     batches.close()
-    assert not any(t.name == "mmoe-rec-quote-count" for t in threading.enumerate())
+    assert not any(t.name == "mmoe-rec-quote-scan" for t in threading.enumerate())
     bad = tmp_path / "bad.csv.gz"
     bad.write_bytes(gzip.compress(b'a,b\n1,2\n3,"x\n4,5\n'))
     with pytest.raises(FeatureDataError, match=r"row 1 \(0-based\): a quoted field opens"):
         list(iter_batches(str(bad), ["a", "b"], ReaderSpec()))
-    assert not any(t.name == "mmoe-rec-quote-count" for t in threading.enumerate())
+    assert not any(t.name == "mmoe-rec-quote-scan" for t in threading.enumerate())

@@ -212,3 +212,21 @@ def test_numeric_statistics_do_not_depend_on_the_batching_not_even_in_the_last_b
     values = x[~missing]
     assert got[0][:2] == (values.size, int(missing.sum()))
     np.testing.assert_allclose(got[0][2:], (values.mean(), values.std()), rtol=1e-12)
+
+
+def test_a_delimited_column_stored_as_a_dictionary_fits_and_transforms_as_its_strings(tmp_path):
+    """pandas' `category` dtype (a Parquet dictionary column) of a delimited multi-valued feature: the fit refused
+    it ("expected a list column, found type dictionary<...>"), while the transform took it."""
+    import pandas as pd
+
+    from mmoe_rec.features.fit import fit
+    from mmoe_rec.features.schema import parse_schema
+    from mmoe_rec.features.transform import transform_table
+
+    schema = parse_schema({"categorical": [{"name": "tags", "multi_valued": True, "delimiter": "|"}],
+                           "tasks": [{"name": "y"}]})
+    plain = pd.DataFrame({"tags": ["a|b", "b", None, "c|a|a"], "y": [0, 1, 0, 1]})
+    as_category = plain.assign(tags=plain["tags"].astype("category"))
+    spec, spec_of_category = fit(schema, plain), fit(schema, as_category)
+    assert spec_of_category.to_dict() == spec.to_dict()
+    assert transform_table(spec, as_category).to_pydict() == transform_table(spec, plain).to_pydict()

@@ -204,3 +204,25 @@ def test_a_spec_fitted_before_numeric_null_values_keeps_reading_a_number_as_that
     frame = pd.DataFrame({"rid": [0, 1, 2], "x": ["-1", "?", "5"]})
     assert transform_table(old_spec, frame).column("x_missing").to_pylist() == [0, 1, 0]  # "?" was an error
     assert transform_table(spec, frame).column("x_missing").to_pylist() == [1, 1, 0]
+
+
+def test_without_strip_a_single_valued_null_value_is_missing_in_parquet_as_in_csv(tmp_path):
+    """null_values ["", "?"] without strip: the CSV reader read "?" as missing (id 0), a Parquet file's "?" was a
+    category of its own (another vocabulary, another spec version, a hash bucket). Recorded as null_fields; a spec
+    fitted before keeps its ids."""
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "c"}, {"name": "h", "column": "c", "transform": "hash",
+                                                       "buckets": 50}],
+              "tasks": [{"name": "y"}], "reader": {"strip_whitespace": False, "null_values": ["", "?"]}}
+    built = _csv_and_parquet_builds(tmp_path, schema, {"c": ["a", "?", "b", " ?", "a"]})
+    (spec, csv_rows), (parquet_spec, parquet_rows) = built["csv"], built["parquet"]
+    assert csv_rows["c"][1] == 0 and csv_rows["h"][1] == 0 and csv_rows["c"][3] != 0  # " ?": no null value here
+    assert parquet_spec.version == spec.version
+    assert all(parquet_rows[k] == csv_rows[k] for k in ("c", "h", "label_y"))
+    assert spec.transforms["features"]["c"]["null_fields"] is True
+    frame = pd.DataFrame({"rid": [0], "c": ["?"]})
+    assert transform_table(spec, frame).column("h").to_pylist() == [0]
+    old = spec.to_dict()
+    for name in ("c", "h"):
+        del old["transforms"]["features"][name]["null_fields"]
+    old.pop("version")
+    assert transform_table(FeatureSpec.from_dict(old), frame).column("h").to_pylist() != [0]  # "?" hashed
