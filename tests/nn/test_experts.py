@@ -109,6 +109,37 @@ def test_experts_are_not_identical_at_init_and_each_is_drawn_independently():
         assert not torch.allclose(out[:, a], out[:, b])
 
 
+def assert_uniform_at_bound(t: torch.Tensor, bound: float, name: str) -> None:
+    """t drawn from U(-bound, bound): it reaches the bound (max |t| > 0.9 bound, 0.9**n ~ 0 for these sizes),
+    never passes it, and its spread is that of the uniform (std bound/sqrt(3), +-10 %) with mean ~ 0. A bound of
+    1/fan_in, or one 10x off, fails the first two; a narrower or one-sided draw the last two."""
+    t = t.detach().double().flatten()
+    assert t.numel() >= 1000, name  # the sample std is then within ~1.5 % of the true one (1 sigma)
+    top = float(t.abs().max())
+    assert 0.9 * bound < top <= bound, f"{name}: max |w| {top:.4g}, bound {bound:.4g}"
+    std = float(t.std())
+    assert abs(std / (bound / 3 ** 0.5) - 1) < 0.1, f"{name}: std {std:.4g}, want {bound / 3 ** 0.5:.4g}"
+    assert abs(float(t.mean())) < 0.05 * bound, name
+
+
+def test_every_layers_weights_and_biases_are_uniform_at_one_over_sqrt_fan_in():
+    """Documented: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as nn.Linear, for every layer's weight and bias; the
+    bound from the layer's input width, not from the tensor's shape, so a layout change cannot move it."""
+    torch.manual_seed(0)
+    dims = [200, 96, 64, 48]
+    stack = ExpertStack(24, dims[0], dims[1:])
+    assert len(stack.weights) == len(stack.biases) == 3
+    for layer, (w, b) in enumerate(zip(stack.weights, stack.biases)):
+        bound = 1 / dims[layer] ** 0.5
+        assert w.shape == (24, dims[layer], dims[layer + 1])
+        assert_uniform_at_bound(w, bound, f"weights[{layer}]")
+        assert_uniform_at_bound(b, bound, f"biases[{layer}]")
+        # each expert's own block too: one draw over all experts, no expert scaled differently
+        for e in (0, 23):
+            top = float(w[e].detach().abs().max())
+            assert 0.9 * bound < top <= bound, (layer, e)
+
+
 def test_gradients_reach_every_expert_and_every_layer():
     torch.manual_seed(0)
     stack = ExpertStack(6, 5, [8, 4], activation="prelu", norm="layer")

@@ -50,21 +50,39 @@ def test_gradcheck():
                                     (x, *[t for pair in zip(ws, bs) for t in pair]))
 
 
+@pytest.mark.parametrize("dims", [[4, 6, 2], [4, 6, 5, 3]])
 @pytest.mark.parametrize("penalty_on", ["input", "weight"])
-def test_a_double_backward_equals_autograds(penalty_on):
+def test_a_double_backward_equals_autograds(penalty_on, dims):
     """create_graph=True (a gradient penalty): the hand-written backward is first derivatives only and used to
-    return a gradient without the second-order terms, silently (d/dW1 0.36 where autograd gives 0.28)."""
-    ws, bs = make_params(3, [4, 6, 2])
+    return a gradient without the second-order terms, silently (d/dW1 0.36 where autograd gives 0.28).
+    The inner gradient takes a random cotangent r: with y.pow(2) the cotangent 2y is zero wherever a ReLU is off,
+    so a recomputation that dropped the deeper layers' ReLU (`_autograd_forward`) gave the same numbers; with r
+    the inner gradient and every second-order gradient differ there."""
+    ws, bs = make_params(3, dims)
     params = [t for pair in zip(ws, bs) for t in pair]
-    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=penalty_on == "input")
+    x = torch.randn(5, dims[0], dtype=torch.float64, requires_grad=penalty_on == "input")
+    r = torch.randn(5, 3, dims[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    s = torch.randn(5, 3, dims[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    wrt = [x] if penalty_on == "input" else ws  # every layer's weight: the deeper layers' masks enter each
 
     def penalized(f):
         y = f(x, ws, bs)
-        g, = torch.autograd.grad(y.pow(2).sum(), x if penalty_on == "input" else ws[1], create_graph=True)
-        return torch.autograd.grad(y.sum() + g.pow(2).sum(), params)
+        inner = torch.autograd.grad((y * r).sum(), wrt, create_graph=True)
+        penalty = sum(g.pow(2).sum() for g in inner)
+        outer = torch.autograd.grad((y * s).sum() + penalty, params)
+        return [g.detach() for g in inner], outer
 
-    for got, want in zip(penalized(relu_experts), penalized(per_expert_reference)):
-        torch.testing.assert_close(got, want)
+    (inner_got, outer_got), (inner_want, outer_want) = penalized(relu_experts), penalized(per_expert_reference)
+    # in every layer some ReLUs are off and some on at these inputs (else the masks would not be exercised)
+    with torch.no_grad():
+        h = x
+        for w, b in zip(ws, bs):
+            z = torch.einsum("...d,edh->...eh" if h.dim() == 2 else "bed,edh->beh", h, w) + b
+            assert (z < 0).any() and (z > 0).any()
+            h = torch.relu(z)
+    for got, want in zip([*inner_got, *outer_got], [*inner_want, *outer_want]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     inputs = (x.detach().requires_grad_(), *params)
     assert torch.autograd.gradgradcheck(lambda x, *p: relu_experts(x, list(p[0::2]), list(p[1::2])), inputs)
 

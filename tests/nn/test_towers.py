@@ -15,12 +15,32 @@ def test_under_bf16_autocast_the_logits_are_float32_and_do_not_tie():
     assert logits.dtype == torch.float32
     assert len(torch.unique(logits)) > 0.99 * len(x)
     torch.testing.assert_close(logits, reference, rtol=0.05, atol=0.05)  # the hidden layer still ran in bf16
+    # Tight: the output layer is exactly a float32 Linear (bias included) on the bf16 hidden activations that
+    # autocast gives; the loose check above cannot see a dropped output bias (0.034 at this seed).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = tower.mlp(x)
+    assert hidden.dtype == torch.bfloat16  # what the float32 output layer reads
+    w, b = tower.out.weight.detach().double(), tower.out.bias.detach().double()
+    want = (hidden.double() @ w.t() + b).squeeze(-1)
+    torch.testing.assert_close(logits.double(), want, rtol=1e-5, atol=1e-6)
+    # and the bias enters as it is: a large known bias shifts every logit by exactly that much more
+    with torch.no_grad():
+        tower.out.bias.fill_(3.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            shifted = tower(x)
+    assert shifted.dtype == torch.float32
+    torch.testing.assert_close(shifted.double(), want - b + 3.0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shifted - logits, torch.full_like(logits, 3.0 - float(b)), rtol=0, atol=1e-5)
 
 
 def test_a_bf16_tower_gives_float32_logits_and_bf16_gradients():
     torch.manual_seed(0)
     tower = Tower(8, []).to(torch.bfloat16)  # one Linear: every row its own logit
-    logits = tower(torch.randn(64, 8, dtype=torch.bfloat16))
+    x = torch.randn(64, 8, dtype=torch.bfloat16)
+    logits = tower(x)
     assert logits.dtype == torch.float32 and len(torch.unique(logits)) > 60
+    # exactly the float32 Linear on the bf16 input and weights, bias included (a float32 logit, not a bf16 one)
+    w, b = tower.out.weight.detach().double(), tower.out.bias.detach().double()
+    torch.testing.assert_close(logits.double(), (x.double() @ w.t() + b).squeeze(-1), rtol=1e-5, atol=1e-6)
     logits.sum().backward()
     assert tower.out.weight.grad.dtype == torch.bfloat16 and tower.out.weight.grad.abs().sum() > 0
