@@ -327,11 +327,15 @@ class BackgroundWrites:
 def _batches(sources: list[Source], columns: list[str], schema: Schema, batch_rows: int,
              dictionary: Iterable[str] = (), split_columns: list[str] = ()
              ) -> Iterator[tuple[int, Source, int, str, int, pa.RecordBatch]]:
-    """Each file's batches; `split_columns` (--split-column) read only from the inputs split by it."""
+    """Each file's batches; `split_columns` (--split-column) read only from the inputs split by it. Id columns
+    that nothing else reads are read from a CSV as written (sources.iter_batches)."""
+    used = ({c.column for c in schema.categorical} | {n.column for n in schema.numeric}
+            | {t.column for t in schema.tasks} | {schema.sample_weight} | set(split_columns))
+    as_written = [c for c in schema.id_columns if c not in used]
     for si, src in enumerate(sources):
         read = list(dict.fromkeys(columns + list(split_columns))) if src.rule == "column" else columns
         for fi, path in enumerate(src.files):
-            for offset, batch in iter_batches(path, read, schema.reader, batch_rows, dictionary):
+            for offset, batch in iter_batches(path, read, schema.reader, batch_rows, dictionary, as_written):
                 yield si, src, fi, path, offset, batch
 
 

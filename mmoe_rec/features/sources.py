@@ -133,9 +133,11 @@ def _arrow_csv_source(path: str, delimiter: str) -> Iterator[tuple[pa.NativeFile
             yield stream, tracker
 
 
-def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream: pa.NativeFile):
+def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream: pa.NativeFile,
+                nulls_by_arrow: bool = True):
     """A quoted field may hold line breaks (RFC 4180): Arrow is told so, or it cuts its blocks at the last line end
-    and refuses a file whose block ends fall inside such a field ("CSV parser got out of sync with chunker")."""
+    and refuses a file whose block ends fall inside such a field ("CSV parser got out of sync with chunker").
+    nulls_by_arrow=False: no field is read as null (the caller matches reader.null_values column by column)."""
     read = pacsv.ReadOptions(
         column_names=list(reader.column_names) if reader.column_names else None,
         skip_rows=1 if (reader.column_names and reader.header) else 0,
@@ -146,7 +148,7 @@ def _csv_reader(path: str, reader: ReaderSpec, include: list[str] | None, stream
     convert = pacsv.ConvertOptions(
         include_columns=include,
         column_types={c: pa.string() for c in include} if include else None,
-        strings_can_be_null=True,
+        strings_can_be_null=nulls_by_arrow,
         null_values=list(reader.null_values),
     )
     return pacsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
@@ -261,16 +263,20 @@ def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
 
 
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
-                 batch_rows: int = 65_536, dictionary: Iterable[str] = ()) -> Iterator[tuple[int, pa.RecordBatch]]:
+                 batch_rows: int = 65_536, dictionary: Iterable[str] = (),
+                 as_written: Iterable[str] = ()) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Yield (first row in file, batch of `columns`) for one input file. Missing columns, unreadable or
     truncated files and empty files raise FeatureDataError naming the file (and column).
 
-    Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded)."""
+    Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded). CSV
+    columns named in `as_written` (id columns) are read as written: not trimmed, no field a null value (an id
+    " 42 " or "NA" came out "42" and null, which joins no row back, from a CSV but not from a Parquet file)."""
     reader = reader or ReaderSpec()
     fmt = input_format(path)
     have: list[str] = []
     csv_batches = None
     scan: _QuoteScan | None = None
+    verbatim: set[str] = set()
     sources = contextlib.ExitStack()
     try:
         if fmt == "parquet":
@@ -293,12 +299,17 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             if tracker is None:  # beside the read (see _QuoteScan)
                 scan = _QuoteScan(path, delimiter)
                 sources.callback(scan.close)
-            batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream)
+            verbatim = set(as_written) & set(columns)
+            batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream,
+                                                nulls_by_arrow=not verbatim)
             strip = reader.strip_whitespace
             nulls = pa.array(list(reader.null_values), pa.string())
         row = 0
         for b in batches:
-            if strip:
+            if verbatim:  # Arrow read no field as null: the other columns' null values matched here, as it would
+                b = pa.RecordBatch.from_arrays([a if name in verbatim else _strip(a, nulls, trim=strip, as_written=True)
+                                                for name, a in zip(b.schema.names, b.columns)], names=b.schema.names)
+            elif strip:
                 b = pa.RecordBatch.from_arrays([_strip(a, nulls) for a in b.columns], names=b.schema.names)
             for start in range(0, b.num_rows, batch_rows):
                 part = b.slice(start, batch_rows) if b.num_rows > batch_rows else b
@@ -550,9 +561,16 @@ def _first_non_utf8_row(path: str, reader: ReaderSpec, column: int) -> int | Non
     return None
 
 
-def _strip(a: pa.Array, nulls: pa.Array) -> pa.Array:
-    """A string column trimmed; a value that is a null value once trimmed (" ?") is null, as "?" is."""
+def _strip(a: pa.Array, nulls: pa.Array, trim: bool = True, as_written: bool = False) -> pa.Array:
+    """A string column trimmed (`trim`); a value that is a null value once trimmed (" ?") is null, as "?" is, and
+    with `as_written` (Arrow matched no null value) one that is a null value as written."""
     if not pa.types.is_string(a.type):
+        return a
+    if as_written and len(nulls):
+        is_null = pc.is_in(a, value_set=nulls)
+        if pc.any(is_null).as_py():
+            a = if_else(is_null, pa.scalar(None, pa.string()), a)
+    if not trim:
         return a
     a = pc.utf8_trim_whitespace(a)
     if len(nulls):

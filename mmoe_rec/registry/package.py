@@ -21,6 +21,7 @@ from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of
 
 PACKAGE_FORMAT = 1
+PACKAGE_FILES = ("model.json", "spec.json", "weights.pt")  # what a package holds, what rebuilds its model
 
 
 def probe_batch(spec: FeatureSpec, rows: int = 8) -> Batch:
@@ -65,6 +66,19 @@ def check_rebuilds(model: MultiTaskModel, init_args: dict[str, Any], state: dict
                              "the model was built with")
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux tells it (os.umask sets it, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_package(model: MultiTaskModel, init_args: dict[str, Any], directory: str | os.PathLike) -> Path:
     """Write the package to a temporary folder beside `directory`, then rename it into place. `init_args` must
     rebuild `model` (checked: the rebuilt model scores a probe batch as `model` does)."""
@@ -76,6 +90,7 @@ def save_package(model: MultiTaskModel, init_args: dict[str, Any], directory: st
     check_rebuilds(model, init_args, state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # a folder as mkdir makes it (mkdtemp's is the owner's only): scorers read it
         meta = {"format": PACKAGE_FORMAT, "class_path": class_path_of(model), "init_args": init_args}
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         model.feature_spec.save(tmp / "spec.json")

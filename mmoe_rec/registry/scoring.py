@@ -43,14 +43,15 @@ USAGE = "--model must be models:/<name>@<alias>, models:/<name>/<version>, model
 def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
     """Load `models:/name@alias`, `models:/name/version`, `models:/name/latest`, or a local package folder.
     Returns (scorer, name, version): the registry's version number (an alias or "latest" resolved to it), or for
-    a package folder "package-" + the first 16 hex digits of its weights' SHA-256 (two packages with the same
-    features but other weights must not write the same model_version)."""
+    a package folder "package-" + the first 16 hex digits of a SHA-256 over its model.json, spec.json and weights
+    (two packages that score otherwise, by their weights or by a setting such as k, must not write the same
+    model_version)."""
     if os.path.isdir(model_uri) and os.path.exists(os.path.join(model_uri, "model.json")):
-        from mmoe_rec.registry.package import load_package
+        from mmoe_rec.registry.package import PACKAGE_FILES, load_package
 
         model = load_package(model_uri)
-        weights_hash = _file_sha256(Path(model_uri) / "weights.pt")[:16]
-        return Scorer(model), Path(model_uri).resolve().name, f"package-{weights_hash}"
+        digest = hashlib.sha256("".join(_file_sha256(Path(model_uri) / name) for name in PACKAGE_FILES).encode())
+        return Scorer(model), Path(model_uri).resolve().name, f"package-{digest.hexdigest()[:16]}"
     import mlflow.pyfunc
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -165,6 +166,9 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     # it): features.id_columns' lossless widening, or an error naming both files; a CSV column is text
     id_types = plan_id_types((path, column_types(path, scorer.spec.id_columns)) for path in files)
     columns = compiled(scorer.spec).input_columns(with_labels=False)
+    # ids exactly as written, where no feature reads the same column (its values must be read as at the fit)
+    as_written = [c for c in scorer.spec.id_columns
+                  if c not in {st["column"] for st in compiled(scorer.spec).features.values()}]
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     output.parent.mkdir(parents=True, exist_ok=True)
     read = written = 0
@@ -180,7 +184,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     try:
         for path in files:
             # errors name the row inside the file, not the run (the batch's first row in the file comes with it)
-            for first_row, record_batch in iter_batches(path, columns, reader, batch_rows):
+            for first_row, record_batch in iter_batches(path, columns, reader, batch_rows, as_written=as_written):
                 if record_batch.num_rows == 0:
                     continue
                 read += record_batch.num_rows

@@ -9,11 +9,12 @@ from mlflow.types.schema import AnyType, ColSpec, Schema
 
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import compiled
-from mmoe_rec.registry.scorer import score_column
+from mmoe_rec.registry.scorer import feature_only_columns, score_column
 
 
 def model_signature(spec: FeatureSpec, tasks: list[str] | None = None) -> ModelSignature:
-    """Inputs: the raw columns the FeatureSpec reads (id columns, then each feature's source column). Outputs: the
+    """Inputs: the raw columns the FeatureSpec reads (id columns, then each feature's source column), and feature
+    Parquet's own columns as optional ones (see below). Outputs: the
     id columns, then `score_<task>` per task the model scores (`tasks`, default every task of the spec).
 
     Input columns are declared without a type: the feature transform takes a column as strings, integers or
@@ -22,6 +23,9 @@ def model_signature(spec: FeatureSpec, tasks: list[str] | None = None) -> ModelS
     enforces is that every column is there, with an MLflow error naming the missing ones.
     """
     inputs = [ColSpec(AnyType(), column) for column in compiled(spec).input_columns(with_labels=False)]
+    # optional, so that MLflow hands them on where present: feature Parquet's own columns, by which the model
+    # refuses already-encoded rows (MLflow dropped them before the model saw them: the rows were transformed twice)
+    inputs += [ColSpec(AnyType(), column, required=False) for column in sorted(feature_only_columns(spec))]
     outputs = [ColSpec(AnyType(), column) for column in spec.id_columns]
     outputs += [ColSpec("float", score_column(task)) for task in (spec.task_names if tasks is None else tasks)]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))

@@ -40,10 +40,15 @@ def rec_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def package(rec_data, tmp_path_factory):
+def original_model(rec_data):
+    """The model the package is saved from, kept in memory: the reference every scoring path must agree with."""
     torch.manual_seed(0)
-    model = MMoE(FeatureSpec.load(rec_data[2]), **INIT_ARGS)
-    return save_package(model, INIT_ARGS, tmp_path_factory.mktemp("pkg") / "package")
+    return MMoE(FeatureSpec.load(rec_data[2]), **INIT_ARGS).eval()
+
+
+@pytest.fixture(scope="module")
+def package(original_model, tmp_path_factory):
+    return save_package(original_model, INIT_ARGS, tmp_path_factory.mktemp("pkg") / "package")
 
 
 @pytest.fixture()
@@ -65,13 +70,15 @@ def reference_scores(model, raw_table: pa.Table) -> dict[str, np.ndarray]:
     return {t: torch.sigmoid(out.logits[t]).numpy() for t in model.tasks}
 
 
-def test_package_round_trip_gives_identical_scores(rec_data, package):
+def test_package_round_trip_gives_identical_scores(rec_data, package, original_model):
     raw = pq.read_table(rec_data[1])
     model = load_package(package)
     again = load_package(package)
     a, b = reference_scores(model, raw), reference_scores(again, raw)
+    original = reference_scores(original_model, raw)  # a package that rebuilt another model scored alike twice
     for t in model.tasks:
         np.testing.assert_array_equal(a[t], b[t])
+        np.testing.assert_array_equal(a[t], original[t])
     with pytest.raises(FileExistsError):
         save_package(model, INIT_ARGS, package)
 
@@ -99,6 +106,75 @@ def test_register_alias_and_batch_score_parquet(rec_data, package, tracking, tmp
     for t in ("click", "conversion"):
         np.testing.assert_allclose(scores[f"score_{t}"].to_numpy(), ref[t], rtol=1e-6)
         assert np.all((ref[t] > 0) & (ref[t] < 1))
+
+
+def test_the_package_the_pyfunc_and_the_score_job_score_as_the_saved_model(rec_data, package, original_model,
+                                                                          tracking, tmp_path):
+    """Every other reference here is computed from load_package(package): weights written wrong would pass them."""
+    raw = pq.read_table(rec_data[1])
+    expected = reference_scores(original_model, raw)
+    name, version = register_package(package, "rec-same")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(raw.to_pandas())
+    assert score_main(["--model", str(package), "--input", str(rec_data[1]), "--output", str(tmp_path / "s.parquet")]) == 0
+    job = pq.read_table(tmp_path / "s.parquet")
+    for t in original_model.tasks:
+        np.testing.assert_allclose(pyfunc[f"score_{t}"].to_numpy(), expected[t], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(job[f"score_{t}"].to_numpy(), expected[t], rtol=1e-6, atol=1e-7)
+
+
+def test_the_pyfunc_refuses_feature_parquet_rows_as_the_score_job_does(rec_data, package, tracking):
+    """The signature named only the raw columns: MLflow dropped feature Parquet's label and indicator columns
+    before the model saw them, and the already-encoded rows were transformed a second time (with integer
+    vocabularies, scored without an error)."""
+    name, version = register_package(package, "rec-features")
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    rows = pq.read_table(rec_data[2] / "test").to_pandas()
+    with pytest.raises(Exception, match="looks like feature Parquet written by `mmoe-rec features`"):
+        model.predict(rows)
+
+
+def test_a_packages_model_version_covers_its_settings_and_the_folder_is_readable_by_all(rec_data, package,
+                                                                                        tmp_path):
+    """model_version hashed the weights alone: a package of the same weights and another setting (k of a sparse
+    layer) scored otherwise under the same version. The folder was mkdtemp's, owner-only (0700)."""
+    import json
+    import shutil
+
+    from mmoe_rec.registry.package import _umask
+
+    assert (package.stat().st_mode & 0o777) == 0o777 & ~_umask() and _umask() & 0o005 == 0
+    other = tmp_path / "package"
+    shutil.copytree(package, other)
+    meta = json.loads((other / "model.json").read_text())
+    meta["init_args"]["dropout"] = 0.0  # the default, written out: the same model, another package
+    (other / "model.json").write_text(json.dumps(meta))
+    assert resolve_model(str(other))[2] != resolve_model(str(package))[2]
+    shutil.rmtree(other)
+    shutil.copytree(package, other)
+    assert resolve_model(str(other))[2] == resolve_model(str(package))[2]
+
+
+def test_csv_ids_are_written_as_they_are_in_the_file(tmp_path):
+    """A CSV id " 42 " or "NULL" (a null value) came out "42" and null with strip_whitespace: ids that join no
+    row back, and several rows on one null; a Parquet file's came out as written."""
+    import yaml
+
+    ids = [" 42 ", "NULL", "7", "x y", " NULL"]
+    text = "rid,device,click\n" + "".join(f"{r},{d},{i % 2}\n" for i, (r, d) in enumerate(zip(ids, [" a", "b"] * 3)))
+    (tmp_path / "raw.csv").write_text(text)
+    schema = {"id_columns": ["rid"], "categorical": [{"name": "device"}], "tasks": [{"name": "click"}],
+              "reader": {"strip_whitespace": True, "null_values": ["", "NULL"]}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(schema))
+    assert features_main(["--schema", str(tmp_path / "s.yaml"), "--input", str(tmp_path / "raw.csv"), "--output",
+                          str(tmp_path / "features")]) == 0
+    features = pq.read_table(tmp_path / "features" / "train")
+    assert sorted(features["rid"].to_pylist()) == sorted(ids)
+    assert features["device"].to_pylist()[:2] != [0, 0]  # the feature's " a" still trimmed, "b" read
+    torch.manual_seed(0)
+    package = save_package(MMoE(FeatureSpec.load(tmp_path / "features"), **INIT_ARGS), INIT_ARGS, tmp_path / "pkg")
+    scorer, name, version = resolve_model(str(package))
+    assert score_parquet(scorer, [str(tmp_path / "raw.csv")], tmp_path / "s.parquet", name, version) == len(ids)
+    assert pq.read_table(tmp_path / "s.parquet")["rid"].to_pylist() == ids
 
 
 def test_pyfunc_scores_one_raw_row(rec_data, package, tracking):
@@ -372,19 +448,22 @@ def test_an_unusable_store_for_score_and_register_names_their_own_option(rec_dat
 
 
 def test_registered_model_declares_its_raw_input_columns_and_score_outputs(rec_data, package, tracking):
+    from mmoe_rec.registry.scorer import feature_only_columns
+
     register_package(package, "rec-signature")
     model = mlflow.pyfunc.load_model("models:/rec-signature/1")
     spec = load_package(package).feature_spec
     raw = pq.read_table(rec_data[1]).slice(0, 4).to_pandas()
     signature = model.metadata.signature
     assert signature.inputs.input_names()[:len(spec.id_columns)] == spec.id_columns
-    assert set(signature.inputs.input_names()) <= set(raw.columns)  # every declared input is a raw column
+    assert set(signature.inputs.required_input_names()) <= set(raw.columns)  # every required input is raw
+    assert set(signature.inputs.optional_input_names()) == feature_only_columns(spec)  # refused where all there
     assert signature.outputs.input_names() == spec.id_columns + [f"score_{t}" for t in spec.task_names]
     out = model.predict(raw)
     assert list(out.columns) == signature.outputs.input_names()
     # columns the model does not read are ignored; a column it reads, missing, is named before anything runs
     assert model.predict(raw.assign(unrelated=1))["score_click"].tolist() == out["score_click"].tolist()
-    needed = next(c for c in signature.inputs.input_names() if c not in spec.id_columns)
+    needed = next(c for c in signature.inputs.required_input_names() if c not in spec.id_columns)
     with pytest.raises(mlflow.exceptions.MlflowException, match=needed):
         model.predict(raw.drop(columns=[needed]))
 
@@ -409,7 +488,7 @@ def test_the_logged_input_example_is_a_raw_row_that_scores(rec_data, package, tr
 def model_signature_names(spec) -> list[str]:
     from mmoe_rec.registry.signature import model_signature
 
-    return model_signature(spec).inputs.input_names()
+    return model_signature(spec).inputs.required_input_names()  # the raw columns
 
 
 def test_pyfunc_returns_the_callers_ids_unchanged_even_nullable_integers_past_2_53(rec_data, package, tracking):
@@ -737,6 +816,11 @@ def test_the_code_fingerprint_leaves_out_editor_files_and_dangling_links(tmp_pat
         before = code_version.code_fingerprint()
         (pkg / "sub" / ".#a.py").symlink_to(tmp_path / "nowhere")
         (pkg / ".backup.py").write_text("y = 2\n")
+        code_version.code_fingerprint.cache_clear()
+        assert code_version.code_fingerprint() == before
+        (pkg / "training").mkdir()  # code no score depends on
+        (pkg / "training" / "fit.py").write_text("z = 3\n")
+        (pkg / "cli.py").write_text("w = 4\n")
         code_version.code_fingerprint.cache_clear()
         assert code_version.code_fingerprint() == before
         (pkg / "sub" / "a.py").write_text("x = 2\n")
