@@ -213,14 +213,16 @@ class FeatureDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"  # evaluation reads no training batches
+        if not fitting:  # validate / test of a checkpoint: a later fit of this object starts as its own
+            return
         # the checkpoint's seed wins, so a resumed run replays the same shuffles
         self._epoch = int(state_dict["epoch"])
         self.seed = int(state_dict["seed"])
         done = int(state_dict.get("batches_done", 0))
         saved = state_dict.get("plan")
         mid_epoch = 0 < done < state_dict.get("epoch_batches", math.inf)
-        fitting = self.trainer is None or self.trainer.state.fn == "fit"  # evaluation reads no training batches
-        if mid_epoch and fitting and saved is not None:
+        if mid_epoch and saved is not None:
             # batches_done counts each rank's batches of the saved plan: under another plan skipping that many
             # would train some rows twice and others not at all in this epoch. Keys a plan saved by an older
             # version lacks cannot be checked.

@@ -318,7 +318,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         if fmt == "csv":
             tracker = scan.result() if tracker is None else tracker
             if tracker.unclosed():  # the last row read holds the rest of the file
-                raise _unclosed_quote_error(path, row - 1 if row else None, tracker.lines)
+                raise _unclosed_quote_error(path, row - 1 if row else None, tracker.open_lines())
     except FeatureDataError:
         raise
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError) as e:
@@ -359,6 +359,13 @@ class _QuoteTracker:
 
     def __init__(self, delimiter: str, count_records: bool = False) -> None:
         self._starts = {ord(delimiter), 0x0A, 0x0D}  # a '"' after one of these opens a quoted field
+        starts = b"[" + re.escape(delimiter.encode("latin-1")) + rb"\r\n]"
+        # a quoted field that closes in the block (the byte after its close in it too: '""' is not cut in two)
+        closed = rb'(?<=' + starts + rb')"[^"]*+(?:""[^"]*+)*+"(?=[^"])'
+        self._closed = re.compile(closed)
+        # from a position outside quoted fields, in C: plain bytes, quoted fields that close, plain quotes (not at a
+        # field's start); it stops at a '"' that opens a field not closed in the block (or closed on its last byte)
+        self._run = re.compile(rb'[^"]*+(?:(?:' + closed + rb'|(?<!' + starts + rb')")[^"]*+)*+')
         self._before = 0x0A  # the byte before the next block's first (the file's start is a line start)
         self._quoted = False
         self._pending = False  # a block ended on '"' inside a quoted field: '""' or a close, told by the next byte
@@ -402,17 +409,15 @@ class _QuoteTracker:
                     self._quoted = False
                     i = j + 1
                 continue
-            j, start = i, i
-            while True:  # the next '"' that opens a field
-                j = buf.find(b'"', j)
-                if j < 0 or (buf[j - 1] if j > low else self._before) in self._starts:
+            before = buf[i - 1] if i > low else self._before
+            if i == low and buf[i] == 0x22 and before in self._starts:
+                j = i  # opens a field; the byte before it is the last block's, which the regex cannot see
+            else:
+                j = self._run.match(buf, i).end()
+                if self._count and j > i:  # the closed fields' line breaks end no record
+                    self.records += _record_ends(self._closed.sub(b"_", bytes([before]) + buf[i:j])[1:], before)
+                if j >= n:
                     break
-                j += 1
-            end = n if j < 0 else j
-            if self._count and end > start:
-                self.records += _record_ends(buf[start:end], buf[start - 1] if start > low else self._before)
-            if j < 0:
-                break
             self._quoted, self.lines, self.open_record = True, 0, self.records
             i = j + 1
         if n > (len(_UTF8_BOM) if bom else 0):  # a BOM is no byte before the next
@@ -424,6 +429,11 @@ class _QuoteTracker:
             head, self._head, self._first = self._head, b"", False
             self.feed(head)
         return self._quoted and not self._pending
+
+    def open_lines(self) -> int:
+        """The lines the open field spans (an unclosed() one): its line breaks, and the last line if it has no
+        line end."""
+        return self.lines + (self._before not in (0x0A, 0x0D))
 
 
 _LINE_BREAK_RUNS = re.compile(rb"[\r\n]+")
@@ -438,16 +448,28 @@ def _record_ends(segment: bytes, before: int) -> int:
     return runs
 
 
+_SCANNED: dict[tuple, _QuoteTracker] = {}  # (file, size, mtime, delimiter) -> its scan: a build reads a file twice
+
+
 class _QuoteScan:
     """A _QuoteTracker fed the file in a thread of its own, beside Arrow's read of the same file (decompression
-    releases the GIL: a .gz / .bz2 file's second decompression overlaps the read instead of following it).
-    `result()` waits for it; `close()` stops and joins it, so that no thread of ours still reads when the caller has
-    gone (or the interpreter exits)."""
+    releases the GIL: a .gz / .bz2 file's second decompression overlaps the read instead of following it), or the
+    scan of the same unchanged file made before. `result()` waits for it; `close()` stops and joins it, so that no
+    thread of ours still reads when the caller has gone (or the interpreter exits)."""
 
     def __init__(self, path: str, delimiter: str) -> None:
         self._stop = threading.Event()
         self._tracker = _QuoteTracker(delimiter)
         self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        try:
+            stat = os.stat(path)
+            self._key: tuple | None = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, delimiter)
+        except OSError:
+            self._key = None
+        if self._key in _SCANNED:
+            self._tracker = _SCANNED[self._key]
+            return
         self._thread = threading.Thread(target=self._run, args=(path,), name="mmoe-rec-quote-scan", daemon=True)
         self._thread.start()
 
@@ -462,20 +484,27 @@ class _QuoteScan:
             self._error = e
 
     def result(self) -> _QuoteTracker:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
+        if self._thread is not None:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+            self._tracker.unclosed()  # complete (a 1-2 byte file's head)
+            if self._key is not None:
+                if len(_SCANNED) >= 256:
+                    _SCANNED.pop(next(iter(_SCANNED)))
+                _SCANNED[self._key] = self._tracker
         return self._tracker
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _unclosed_quote_error(path: str, row: int | None, lines: int) -> FeatureDataError:
     where = "in this row" if row is not None else "in the header"
     return FeatureDataError(f"a quoted field opens {where} and never closes (an unmatched '\"'): the CSV reader "
-                            f"reads the rest of the file, {lines} lines, as its value", file=path, row=row)
+                            f"reads the rest of the file, {lines} line{'' if lines == 1 else 's'}, as its value", file=path, row=row)
 
 
 def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:
@@ -488,14 +517,14 @@ def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:
     if tracker.unclosed():
         header = 1 if reader.header else 0
         row = tracker.open_record - header
-        raise _unclosed_quote_error(path, row if row >= 0 else None, tracker.lines)
+        raise _unclosed_quote_error(path, row if row >= 0 else None, tracker.open_lines())
 
 
 def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20, header: bool = False) -> Iterator[bytes]:
     """The file's CSV records as bytes, a UTF-8 BOM and empty lines skipped (as Arrow skips them), a quoted
     field's line ends kept inside its record; the header, if any, is the first. Read in Python: for the header and
-    for error messages. A record longer than Arrow's read block (which Arrow refuses anyway) is an error: it is
-    not held whole (an unclosed quote near the top would make it the whole file)."""
+    for error messages. A record longer than Arrow's reader takes (two read blocks) is an error: it is not held
+    whole (an unclosed quote near the top would make it the whole file)."""
     specials = re.compile(b"[" + re.escape(delimiter.encode("latin-1")) + rb"\r\n]")
     with _open_csv_stream(path) as f:
         buf, pos, first, resume, index = bytearray(), 0, True, None, 0
@@ -531,11 +560,11 @@ def _csv_records(path: str, delimiter: str, block_bytes: int = 1 << 20, header: 
                 if pos < len(buf):
                     yield bytes(buf[pos:])
                 return
-            if len(buf) - pos > CSV_BLOCK_BYTES:
+            if len(buf) - pos > 2 * CSV_BLOCK_BYTES:  # Arrow reads a record over one block end, never two
                 row = index - 1 if header else index
                 raise FeatureDataError(f"{'this row' if row >= 0 else 'the header'} is longer than "
-                                       f"{CSV_BLOCK_BYTES >> 20} MiB, Arrow's read block (a quoted field that does "
-                                       "not close?)", file=path, row=row if row >= 0 else None)
+                                       f"{2 * CSV_BLOCK_BYTES:,} bytes, the most Arrow's CSV reader takes (a quoted "
+                                       "field that does not close?)", file=path, row=row if row >= 0 else None)
 
 
 def _first_non_utf8_row(path: str, reader: ReaderSpec, column: int) -> int | None:

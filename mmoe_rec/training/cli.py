@@ -316,7 +316,7 @@ class MultiTaskCLI(LightningCLI):
         directory = self.config[self.subcommand].get("checkpoint_dir")
         if directory:
             for cb in self.trainer.checkpoint_callbacks:
-                cb.dirpath = os.path.realpath(directory)
+                cb.dirpath = os.path.realpath(os.path.expanduser(directory))
         self._log_config()
 
     def before_fit(self) -> None:
@@ -340,7 +340,7 @@ class MultiTaskCLI(LightningCLI):
         callbacks (read from the config: the trainer is not made yet)."""
         override = self.config[sub].get("checkpoint_dir")
         if override:
-            return {Path(override)}
+            return {Path(os.path.expanduser(str(override)))}
         callbacks = (self.config[sub].get("trainer") or {}).get("callbacks") or []
         folders = set()
         for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
@@ -348,7 +348,7 @@ class MultiTaskCLI(LightningCLI):
             args = (cb.get("init_args") or {}) if isinstance(cb, (dict, Namespace)) else vars(cb)
             dirpath = args.get("dirpath") if isinstance(args, (dict, Namespace)) else None
             if isinstance(kind, type) and issubclass(kind, ModelCheckpoint) and dirpath:
-                folders.add(Path(str(dirpath)))
+                folders.add(Path(os.path.expanduser(str(dirpath))))  # as ModelCheckpoint reads it
         return folders
 
     def _resolve_last_checkpoint(self, sub: str) -> str:

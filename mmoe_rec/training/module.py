@@ -36,6 +36,8 @@ EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch
 RNG_KEY = "mmoe_rec_rng_states"  # in a checkpoint: every rank's torch generator states (see _gather_rng_states)
 GRAD_PROBE_KEY = "mmoe_rec_grad_probe"  # in a checkpoint: the running epoch's last gradient probe (names, matrix, step)
 PLATEAU_KEY = "mmoe_rec_plateau_step"  # in a checkpoint: a ReduceLROnPlateau step owed at its point (see _plateau_owed)
+# in a checkpoint written inside a gradient-accumulation window: every rank's gradients summed so far in it
+ACCUMULATED_GRADS_KEY = "mmoe_rec_accumulated_grads"
 DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
 # fused: one kernel for all parameters instead of ~10 small ops per tensor (3.2 -> 0.6 ms/step on census)
 DEFAULT_OPTIMIZER = {"class_path": "torch.optim.Adam", "init_args": {"lr": 1e-3, "fused": True}}
@@ -213,6 +215,7 @@ class MultiTaskModule(L.LightningModule):
         self._train_metric_watched = False  # a callback or the scheduler watches a train/ metric (setup)
         self._plateau_stepped_at: tuple[str, int] | None = None  # ("epoch", e) / ("step", s) of its last step
         self._plateau_due: dict[str, Any] | None = None  # the step owed at the checkpoint resumed from
+        self._grads_due: dict[str, Any] | None = None  # the open accumulation window's gradients resumed from
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
         self._plateau_deferred: tuple[str, int] | None = None
@@ -372,6 +375,9 @@ class MultiTaskModule(L.LightningModule):
         due, self._plateau_due = self._plateau_due, None
         if isinstance(due, dict):  # the step owed at the checkpoint this fit resumed from, with its value then
             self._take_plateau_step(tuple(due["point"]), due["value"])
+        grads, self._grads_due = self._grads_due, None
+        if grads is not None:
+            self._restore_accumulated_grads(grads)
 
     def on_train_end(self) -> None:
         self._take_deferred_plateau_step()
@@ -517,11 +523,57 @@ class MultiTaskModule(L.LightningModule):
             names, matrix = self.last_grad_cosine
             checkpoint[GRAD_PROBE_KEY] = {"names": list(names), "matrix": matrix.cpu(),
                                           "step": self.last_grad_cosine_step}
+        if self._accumulation_window_open():
+            checkpoint[ACCUMULATED_GRADS_KEY] = self._gather_accumulated_grads()
         config = self._plateau_config()
         owed = self._plateau_owed(config) if config is not None and self.trainer.state.fn == "fit" else None
         if owed is not None:
             value = self.trainer.callback_metrics.get(config.monitor)
             checkpoint[PLATEAU_KEY] = {"point": list(owed), "value": None if value is None else float(value)}
+
+    def _accumulation_window_open(self) -> bool:
+        """Whether the fit is inside a gradient-accumulation window: batches trained whose optimizer step is still
+        to come (a checkpoint written on an exception, a SIGTERM or a mid-epoch validation). Their gradients are in
+        no weight yet: a resume without them skipped those batches' rows (the weights came out otherwise)."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit" or trainer.accumulate_grad_batches <= 1:
+            return False
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return done % trainer.accumulate_grad_batches != 0 and done < trainer.num_training_batches
+
+    def _gather_accumulated_grads(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every rank's gradients so far in the open window (each rank's own: DDP sums them at the window's last
+        backward): name -> ((W,) bool: the rank has one, (W, *shape) the values). Collective."""
+        from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
+
+        if isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):  # tables step in the backward: none left
+            rank_zero_warn("a checkpoint written inside a gradient-accumulation window under ddp_sharded_embeddings "
+                           "keeps no partial gradients: a fit resumed from it leaves out the window's batches")
+            return {}
+        world = self.trainer.world_size
+        out = {}
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            grad = param.grad
+            has = self.trainer.strategy.all_gather(torch.tensor([grad is not None], device=self.device))
+            values = self.trainer.strategy.all_gather(grad if grad is not None else torch.zeros_like(param))
+            out[name] = (has.reshape(world).cpu(), values.reshape(world, *param.shape).cpu())
+        return out
+
+    def _restore_accumulated_grads(self, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """This rank's gradients of the window the checkpoint was written in (as many ranks: the data module
+        refuses a mid-epoch resume under another plan)."""
+        rank = self.trainer.global_rank
+        params = dict(self.named_parameters())
+        for name, (has, values) in grads.items():
+            param = params.get(name)
+            if param is None or rank >= len(has):
+                continue
+            if bool(has[rank]):  # in the parameter's own layout (DDP's buckets expect it)
+                param.grad = torch.empty_like(param).copy_(values[rank])
+            else:
+                param.grad = None
 
     def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
         """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit
@@ -566,6 +618,7 @@ class MultiTaskModule(L.LightningModule):
                 self.last_grad_cosine = (list(probe["names"]), probe["matrix"])
                 self.last_grad_cosine_step = probe["step"]
             self._plateau_due = checkpoint.get(PLATEAU_KEY)
+            self._grads_due = checkpoint.get(ACCUMULATED_GRADS_KEY)
         totals = checkpoint.get(EPOCH_TOTALS_KEY)
         if self._trainer is None or totals is None or not totals["batches"]:  # not resuming a fit mid-epoch
             return

@@ -759,3 +759,22 @@ def test_more_cpu_ranks_than_cores_is_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MultiTaskCLI._warn_oversubscribed(stub)
+
+
+def test_last_finds_a_checkpoint_folder_written_with_a_tilde(feature_dir, in_tmp, monkeypatch, caplog):
+    """A config's `dirpath: ~/ck`: ModelCheckpoint writes to $HOME/ck, while `--ckpt_path last` looked in a
+    folder literally named "~/ck", found none, and a fit started anew over the checkpoint it was to resume."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.setenv("HOME", str(in_tmp / "home"))
+    config = yaml.safe_load((CONFIGS[0].parent / "mmoe_synthetic.yaml").read_text())
+    for cb in config["trainer"]["callbacks"]:
+        if "dirpath" in cb.get("init_args", {}):
+            cb["init_args"]["dirpath"] = "~/ck"
+    (in_tmp / "tilde.yaml").write_text(yaml.safe_dump(config))
+    argv = ["--config", str(in_tmp / "tilde.yaml"), *TINY, "--data.init_args.data_dir", str(feature_dir)]
+    run_lightning_cli(["fit", *argv])
+    assert (in_tmp / "home" / "ck" / "last.ckpt").is_file()
+    caplog.set_level(logging.INFO)
+    assert main(["test", *argv, "--ckpt_path", "last"]) == 0
+    assert f"Restoring states from the checkpoint path at {in_tmp / 'home' / 'ck' / 'last.ckpt'}" in caplog.text

@@ -59,12 +59,13 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
 
 
 def _train(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, weighting="fixed", model=MMOE,
-           strategy="auto", **module_kw):
+           strategy="auto", accumulate=1, **module_kw):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
     module = module_for(dm, model, weighting=weighting, **module_kw)
     trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
-                        callbacks=list(callbacks), default_root_dir=tmp, strategy=strategy, **FAST)
+                        callbacks=list(callbacks), default_root_dir=tmp, strategy=strategy,
+                        accumulate_grad_batches=accumulate, **FAST)
     trainer.fit(module, dm, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -153,6 +154,66 @@ def test_a_checkpoint_written_as_the_fit_fails_resumes_with_the_next_batch(featu
     a, b = straight.state_dict(), resumed.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+class _FailsAtBatch(L.Callback):
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise RuntimeError("the fit fails here")
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp"])
+def test_a_fit_that_fails_inside_a_gradient_accumulation_window_resumes_with_its_gradients(feature_dir, tmp_path,
+                                                                                           strategy):
+    """accumulate_grad_batches 2, the fit failing after 5 batches of epoch 1: the on-exception checkpoint had the
+    data position after batch 5 but not the gradient of batch 5, whose optimizer step was still to come; the
+    resumed fit left that batch's rows out and its weights came out otherwise than the straight fit's."""
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2, accumulate=2, strategy=strategy,
+                                        weighting="dwa")
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "b", 2, accumulate=2, strategy=strategy, weighting="dwa",
+               callbacks=[_FailsAtBatch(1, 5), OnExceptionCheckpoint(tmp_path / "b")])
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 11 + 2 and "mmoe_rec_accumulated_grads" in saved
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, accumulate=2,
+                                      strategy=strategy, weighting="dwa")
+    assert resumed_trainer.global_step == straight_trainer.global_step == 22
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    # a window closed at the checkpoint (after batch 6) keeps no gradients: they are in the weights already
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "d", 2, accumulate=2, callbacks=[_FailsAtBatch(1, 6),
+                                                                        OnExceptionCheckpoint(tmp_path / "d")])
+    (path,) = (tmp_path / "d").glob("*.ckpt")
+    assert "mmoe_rec_accumulated_grads" not in torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_validating_a_mid_epoch_checkpoint_leaves_a_later_fit_of_the_same_data_module_whole(feature_dir, tmp_path):
+    """Trainer.validate(ckpt_path=<mid-epoch checkpoint>) set the data module's resume position and seed: a fresh
+    fit of the same object afterwards skipped the epoch's first batches, which were never trained."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=5, save_top_k=-1)
+    _train(feature_dir, tmp_path / "b", 1, callbacks=[ckpt], max_steps=5)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=7, shuffle_buffer=256)
+    module = module_for(dm, MMOE)
+    L.Trainer(logger=False, default_root_dir=tmp_path, **FAST).validate(module, dm, ckpt_path=str(path),
+                                                                         verbose=False)
+    assert dm.seed == 7
+
+    class Count(L.Callback):
+        batches = 0
+
+        def on_train_batch_start(self, *args) -> None:
+            Count.batches += 1
+
+    L.Trainer(max_epochs=1, logger=False, limit_val_batches=0, callbacks=[Count()], enable_checkpointing=False,
+              default_root_dir=tmp_path, **FAST).fit(module, dm)
+    assert Count.batches == 21
 
 
 class _SigtermAtEpochEnd(L.Callback):
