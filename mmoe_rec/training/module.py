@@ -556,9 +556,10 @@ class MultiTaskModule(L.LightningModule):
             if not param.requires_grad:
                 continue
             grad = param.grad
-            has = self.trainer.strategy.all_gather(torch.tensor([grad is not None], device=self.device))
+            has = self.trainer.strategy.all_gather(torch.tensor([grad is not None], dtype=torch.uint8,
+                                                                device=self.device))
             values = self.trainer.strategy.all_gather(grad if grad is not None else torch.zeros_like(param))
-            out[name] = (has.reshape(world).cpu(), values.reshape(world, *param.shape).cpu())
+            out[name] = (has.reshape(world).bool().cpu(), values.reshape(world, *param.shape).cpu())
         return out
 
     def _restore_accumulated_grads(self, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -543,26 +543,28 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
 
 
 def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_dir, tmp_path, monkeypatch):
-    """2 processes, dynamic weight average over 3 epochs (11 steps each at batch 96), dropout, a checkpoint in the
-    middle of epoch 1 (step 15): resumed, the fit ends bitwise where the straight fit ends. The epoch's float32
-    task-loss sums came back summed over the ranks on rank 0, which rounds otherwise than each rank's own sum: DWA's
-    weights and then every weight differed in the last bits."""
+    """2 processes, dynamic weight average over 3 epochs (11 batches each at batch 96), dropout, gradients accumulated
+    over 2 batches, a checkpoint in the middle of epoch 1 inside an accumulation window (after its batch 4): resumed,
+    the fit ends bitwise where the straight fit ends. The epoch's float32 task-loss sums came back summed over the
+    ranks on rank 0, which rounds otherwise than each rank's own sum: DWA's weights and then every weight differed
+    in the last bits. The window's gradients so far, each rank's own, were in no checkpoint: the resumed fit left
+    that batch out."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # dropout: each rank's own random stream (seeded per rank at setup) must continue where the checkpoint left it
     dropout_mmoe = copy.deepcopy(MMOE)
     dropout_mmoe["init_args"]["dropout"] = 0.2
+    mid = tmp_path / "mid.ckpt"
 
-    def config(name: str, *, mid: bool) -> Path:
+    def config(name: str, *, save_mid: bool) -> Path:
         callbacks = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                       "init_args": {"dirpath": str(tmp_path / name / "final"), "filename": "final",
                                     "save_on_train_epoch_end": True}}]
-        if mid:  # the straight fit's own step-15 checkpoint is the one resumed (writing it changes nothing)
-            callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                              "init_args": {"dirpath": str(tmp_path / name / "mid"), "every_n_train_steps": 15,
-                                            "save_top_k": -1}})
+        if save_mid:  # the straight fit's own mid-window checkpoint is the one resumed (writing it changes nothing)
+            callbacks.append({"class_path": "save_at_batch.SaveAtBatch",
+                              "init_args": {"path": str(mid), "epoch": 1, "batch": 4}})
         cfg = {
             "seed_everything": 0,
-            "trainer": {"accelerator": "cpu", "max_epochs": 3, "logger": False,
+            "trainer": {"accelerator": "cpu", "max_epochs": 3, "logger": False, "accumulate_grad_batches": 2,
                         "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                         "limit_val_batches": 0, "callbacks": callbacks},
             "model": {"class_path": "mmoe_rec.training.module.MultiTaskModule",
@@ -575,12 +577,15 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
         (tmp_path / name / "c.yaml").write_text(yaml.safe_dump(cfg))
         return tmp_path / name / "c.yaml"
 
-    run_two_processes(tmp_path, config("straight", mid=True))
-    (mid,) = (tmp_path / "straight" / "mid").glob("*step=15.ckpt")
-    run_two_processes(tmp_path, config("resumed", mid=False), "--ckpt_path", str(mid))
+    run_two_processes(tmp_path, config("straight", save_mid=True))
+    saved = torch.load(mid, map_location="cpu", weights_only=False)
+    grads = saved["mmoe_rec_accumulated_grads"]
+    assert grads and all(has.tolist() == [True, True] for has, _ in grads.values())
+    assert any(not torch.equal(values[0], values[1]) for _, values in grads.values())  # each rank's own
+    run_two_processes(tmp_path, config("resumed", save_mid=False), "--ckpt_path", str(mid))
     a = torch.load(tmp_path / "straight" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
-    assert a["global_step"] == b["global_step"] == 33
+    assert a["global_step"] == b["global_step"] == 18  # 6 optimizer steps an epoch (the last window of 1 batch)
     assert a["state_dict"]["weighting.current"].tolist() != [1.0, 1.0]  # epoch 2 weighted by DWA
     for key in a["state_dict"]:
         torch.testing.assert_close(b["state_dict"][key], a["state_dict"][key], rtol=0, atol=0, msg=key)
