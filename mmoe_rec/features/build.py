@@ -325,17 +325,18 @@ class BackgroundWrites:
 
 
 def _batches(sources: list[Source], columns: list[str], schema: Schema, batch_rows: int,
-             dictionary: Iterable[str] = (), split_columns: list[str] = ()
+             dictionary: Iterable[str] = (), split_columns: list[str] = (), quote_scans: dict | None = None
              ) -> Iterator[tuple[int, Source, int, str, int, pa.RecordBatch]]:
     """Each file's batches; `split_columns` (--split-column) read only from the inputs split by it. Id columns
-    that nothing else reads are read from a CSV as written (sources.iter_batches)."""
+    that nothing else reads are read from a CSV as written; `quote_scans` is the build's (sources.iter_batches)."""
     used = ({c.column for c in schema.categorical} | {n.column for n in schema.numeric}
             | {t.column for t in schema.tasks} | {schema.sample_weight} | set(split_columns))
     as_written = [c for c in schema.id_columns if c not in used]
     for si, src in enumerate(sources):
         read = list(dict.fromkeys(columns + list(split_columns))) if src.rule == "column" else columns
         for fi, path in enumerate(src.files):
-            for offset, batch in iter_batches(path, read, schema.reader, batch_rows, dictionary, as_written):
+            for offset, batch in iter_batches(path, read, schema.reader, batch_rows, dictionary, as_written,
+                                              quote_scans):
                 yield si, src, fi, path, offset, batch
 
 
@@ -436,9 +437,10 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
 
     fitter = SpecFitter(schema)
     seen_rows = 0
+    quote_scans: dict = {}  # a CSV file's quote scan, made in the fit pass, read again in the transform pass
     for si, src, fi, path, offset, batch in prefetch(_batches([s for s in sources if s.may_hold("train")],
                                                               fit_columns, schema, batch_rows,
-                                                              split_columns=extra)):
+                                                              split_columns=extra, quote_scans=quote_scans)):
         seen_rows += batch.num_rows
         split = assign_splits(src, fi, offset, batch, seed, split_column, path)
         mask = split == 0
@@ -464,7 +466,8 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         bg = BackgroundWrites()
         try:
             for si, src, fi, path, offset, batch in prefetch(_batches(sources, columns, schema, batch_rows,
-                                                                      dictionary_inputs(cs, extra), extra)):
+                                                                      dictionary_inputs(cs, extra), extra,
+                                                                      quote_scans)):
                 split = assign_splits(src, fi, offset, batch, seed, split_column, path)
                 out = cast_ids(cs.transform(batch, with_labels=True, file=path, row_offset=offset), id_types, path)
                 total += out.num_rows

@@ -264,13 +264,16 @@ def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
 
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
                  batch_rows: int = 65_536, dictionary: Iterable[str] = (),
-                 as_written: Iterable[str] = ()) -> Iterator[tuple[int, pa.RecordBatch]]:
+                 as_written: Iterable[str] = (), quote_scans: dict | None = None
+                 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """Yield (first row in file, batch of `columns`) for one input file. Missing columns, unreadable or
     truncated files and empty files raise FeatureDataError naming the file (and column).
 
     Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded). CSV
     columns named in `as_written` (id columns) are read as written: not trimmed, no field a null value (an id
-    " 42 " or "NA" came out "42" and null, which joins no row back, from a CSV but not from a Parquet file)."""
+    " 42 " or "NA" came out "42" and null, which joins no row back, from a CSV but not from a Parquet file).
+    `quote_scans`: a dict the caller keeps over its reads of the same files (a build's two passes): a CSV file's
+    quote scan is made once."""
     reader = reader or ReaderSpec()
     fmt = input_format(path)
     have: list[str] = []
@@ -297,7 +300,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             delimiter = _delimiter(path, reader)
             stream, tracker = sources.enter_context(_arrow_csv_source(path, delimiter))
             if tracker is None:  # beside the read (see _QuoteScan)
-                scan = _QuoteScan(path, delimiter)
+                scan = _QuoteScan(path, delimiter, quote_scans)
                 sources.callback(scan.close)
             verbatim = set(as_written) & set(columns)
             batches = csv_batches = _csv_reader(path, reader, list(dict.fromkeys(columns)), stream,
@@ -448,28 +451,30 @@ def _record_ends(segment: bytes, before: int) -> int:
     return runs
 
 
-_SCANNED: dict[tuple, _QuoteTracker] = {}  # (file, size, mtime, delimiter) -> its scan: a build reads a file twice
-
-
 class _QuoteScan:
     """A _QuoteTracker fed the file in a thread of its own, beside Arrow's read of the same file (decompression
     releases the GIL: a .gz / .bz2 file's second decompression overlaps the read instead of following it), or the
-    scan of the same unchanged file made before. `result()` waits for it; `close()` stops and joins it, so that no
-    thread of ours still reads when the caller has gone (or the interpreter exits)."""
+    scan of the same unchanged file made before and kept in `scans` (one build's: it reads each file twice).
+    `result()` waits for it; `close()` stops and joins it, so that no thread of ours still reads when the caller has
+    gone (or the interpreter exits)."""
 
-    def __init__(self, path: str, delimiter: str) -> None:
+    def __init__(self, path: str, delimiter: str, scans: dict | None = None) -> None:
         self._stop = threading.Event()
         self._tracker = _QuoteTracker(delimiter)
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        try:
-            stat = os.stat(path)
-            self._key: tuple | None = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, delimiter)
-        except OSError:
-            self._key = None
-        if self._key in _SCANNED:
-            self._tracker = _SCANNED[self._key]
-            return
+        self._scans = scans
+        self._key: tuple | None = None
+        if scans is not None:
+            try:  # the same file, unchanged (ctime: no tool sets it back), the same delimiter
+                stat = os.stat(path)
+                self._key = (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                             stat.st_ctime_ns, delimiter)
+            except OSError:
+                pass
+            if self._key in scans:
+                self._tracker = scans[self._key]
+                return
         self._thread = threading.Thread(target=self._run, args=(path,), name="mmoe-rec-quote-scan", daemon=True)
         self._thread.start()
 
@@ -490,9 +495,7 @@ class _QuoteScan:
                 raise self._error
             self._tracker.unclosed()  # complete (a 1-2 byte file's head)
             if self._key is not None:
-                if len(_SCANNED) >= 256:
-                    _SCANNED.pop(next(iter(_SCANNED)))
-                _SCANNED[self._key] = self._tracker
+                self._scans[self._key] = self._tracker
         return self._tracker
 
     def close(self) -> None:

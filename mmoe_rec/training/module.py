@@ -524,7 +524,8 @@ class MultiTaskModule(L.LightningModule):
             checkpoint[GRAD_PROBE_KEY] = {"names": list(names), "matrix": matrix.cpu(),
                                           "step": self.last_grad_cosine_step}
         if self._accumulation_window_open():
-            checkpoint[ACCUMULATED_GRADS_KEY] = self._gather_accumulated_grads()
+            checkpoint[ACCUMULATED_GRADS_KEY] = {"accumulate_grad_batches": self.trainer.accumulate_grad_batches,
+                                                 "grads": self._gather_accumulated_grads()}
         config = self._plateau_config()
         owed = self._plateau_owed(config) if config is not None and self.trainer.state.fn == "fit" else None
         if owed is not None:
@@ -538,8 +539,18 @@ class MultiTaskModule(L.LightningModule):
         trainer = self.trainer
         if trainer.state.fn != "fit" or trainer.accumulate_grad_batches <= 1:
             return False
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return done % trainer.accumulate_grad_batches != 0 and done < trainer.num_training_batches
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        done = int(progress.processed)
+        if done % trainer.accumulate_grad_batches == 0 or done >= trainer.num_training_batches:
+            return False
+        if progress.started > done:  # a batch failed inside its backward or optimizer step: part of it is in .grad
+            rank_zero_warn(f"this checkpoint is written as batch {done} of epoch {trainer.current_epoch} failed "
+                           "inside its backward or optimizer step, in the middle of a gradient-accumulation window: "
+                           "the window's gradients cannot be told from that batch's part, and none are kept; a fit "
+                           f"resumed from it leaves out the window's {done % trainer.accumulate_grad_batches} "
+                           "batches before it")
+            return False
+        return True
 
     def _gather_accumulated_grads(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every rank's gradients so far in the open window (each rank's own: DDP sums them at the window's last
@@ -562,12 +573,18 @@ class MultiTaskModule(L.LightningModule):
             out[name] = (has.reshape(world).bool().cpu(), values.reshape(world, *param.shape).cpu())
         return out
 
-    def _restore_accumulated_grads(self, grads: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _restore_accumulated_grads(self, saved: dict[str, Any]) -> None:
         """This rank's gradients of the window the checkpoint was written in (as many ranks: the data module
-        refuses a mid-epoch resume under another plan)."""
+        refuses a mid-epoch resume under another plan), under the same accumulate_grad_batches (another one
+        draws other windows: they are left out, with a warning)."""
+        if saved.get("accumulate_grad_batches") != self.trainer.accumulate_grad_batches:
+            rank_zero_warn(f"the checkpoint was written inside a window of accumulate_grad_batches="
+                           f"{saved.get('accumulate_grad_batches')}, and this fit accumulates "
+                           f"{self.trainer.accumulate_grad_batches}: the window's gradients so far are left out")
+            return
         rank = self.trainer.global_rank
         params = dict(self.named_parameters())
-        for name, (has, values) in grads.items():
+        for name, (has, values) in saved["grads"].items():
             param = params.get(name)
             if param is None or rank >= len(has):
                 continue

@@ -193,6 +193,36 @@ def test_a_fit_that_fails_inside_a_gradient_accumulation_window_resumes_with_its
     assert "mmoe_rec_accumulated_grads" not in torch.load(path, map_location="cpu", weights_only=False)
 
 
+class _FailsAfterBackward(_FailsAtBatch):
+    """Fails once the backward of batch `batch` of epoch `epoch` is done (as a NaN check on the gradients would)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.current = (trainer.current_epoch, batch_idx)
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.current == (self.epoch, self.batch):
+            raise RuntimeError("the fit fails here")
+
+
+def test_a_window_whose_gradients_cannot_be_told_apart_or_another_accumulation_is_said_not_mixed(feature_dir,
+                                                                                                 tmp_path):
+    """Batch 3 failing after its backward, the second of its window: .grad holds batch 2's gradient and batch 3's,
+    and the resume replays batch 3 (counted twice). No gradients are kept then, with a warning. A resume under
+    another accumulate_grad_batches draws other windows: the saved gradients are left out, with a warning."""
+    with pytest.warns(UserWarning, match="failed inside its backward or optimizer step, in the middle of a gradient"):
+        with pytest.raises(RuntimeError, match="the fit fails here"):
+            _train(feature_dir, tmp_path / "b", 2, accumulate=2, callbacks=[_FailsAfterBackward(1, 3),
+                                                                            OnExceptionCheckpoint(tmp_path / "b")])
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    assert "mmoe_rec_accumulated_grads" not in torch.load(path, map_location="cpu", weights_only=False)
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "c", 2, accumulate=2, callbacks=[_FailsAtBatch(1, 5),
+                                                                        OnExceptionCheckpoint(tmp_path / "c")])
+    (path,) = (tmp_path / "c").glob("*.ckpt")
+    with pytest.warns(UserWarning, match="inside a window of accumulate_grad_batches=2, and this fit accumulates 3"):
+        _train(feature_dir, tmp_path / "d", 2, ckpt_path=path, accumulate=3)
+
+
 def test_validating_a_mid_epoch_checkpoint_leaves_a_later_fit_of_the_same_data_module_whole(feature_dir, tmp_path):
     """Trainer.validate(ckpt_path=<mid-epoch checkpoint>) set the data module's resume position and seed: a fresh
     fit of the same object afterwards skipped the epoch's first batches, which were never trained."""
