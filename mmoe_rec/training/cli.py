@@ -344,9 +344,9 @@ class MultiTaskCLI(LightningCLI):
         callbacks = (self.config[sub].get("trainer") or {}).get("callbacks") or []
         folders = set()
         for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
-            kind = _class_of(cb.get("class_path")) if isinstance(cb, (dict, Namespace)) else type(cb)
-            args = (cb.get("init_args") or {}) if isinstance(cb, (dict, Namespace)) else vars(cb)
-            dirpath = args.get("dirpath") if isinstance(args, (dict, Namespace)) else None
+            if not isinstance(cb, (dict, Namespace)):
+                continue
+            kind, dirpath = _class_of(cb.get("class_path")), (cb.get("init_args") or {}).get("dirpath")
             if isinstance(kind, type) and issubclass(kind, ModelCheckpoint) and dirpath:
                 folders.add(Path(os.path.expanduser(str(dirpath))))  # as ModelCheckpoint reads it
         return folders
