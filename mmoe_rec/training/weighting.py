@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mmoe_rec.nn.keep_dtype import moving_only
+
 WEIGHTINGS = ("fixed", "uncertainty", "dwa", "gradnorm")
 SharedLayer = Callable[[], list[nn.Parameter]]  # the model's last shared layer (GradNorm's W), asked for lazily
 RankMean = Callable[[torch.Tensor], torch.Tensor]  # a tensor's mean over the DDP ranks (None: one process)
@@ -50,6 +52,11 @@ class LossWeighting(nn.Module):
             raise ValueError(f"task_weights are all 0: no task would be trained ({self.static})")
         self.num_trained = sum(w > 0 for w in self.static.values())  # K of DWA and GradNorm
         self.register_buffer("static_weights", torch.tensor([self.static[t] for t in self.tasks]), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # learnt weights, DWA's loss history and GradNorm's initial losses stay float32 when the model is cast
+        # (precision "bf16-true"): in bfloat16 GradNorm's weights never moved and DWA's ratios lost most of their signal
+        return super()._apply(moving_only(fn), recurse)
 
     @property
     def trained(self) -> torch.Tensor:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmoe_rec.nn.keep_dtype import moving_only
+
 
 class LossFreeBias(nn.Module):
     def __init__(self, num_experts: int, update_rate: float = 1e-3) -> None:
@@ -28,11 +30,7 @@ class LossFreeBias(nn.Module):
         # the bias stays float32, with its values, when the model is cast (`.to(torch.bfloat16)`, precision
         # "bf16-true", which Lightning applies after restoring a checkpoint): past |b| = 0.5 a step of 1e-3 is below
         # half a bfloat16 ulp, and the bias would stop moving; cast and back, a trained bias is rounded
-        kept = self.bias
-        super()._apply(fn, recurse)
-        if self.bias.dtype != kept.dtype:
-            self.bias = kept.to(device=self.bias.device)
-        return self
+        return super()._apply(moving_only(fn), recurse)
 
     def selection_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """(T, E) scores -> scores used only for ranking (detached bias: no gradient path)."""
