@@ -216,6 +216,7 @@ class MultiTaskModule(L.LightningModule):
         self._plateau_stepped_at: tuple[str, int] | None = None  # ("epoch", e) / ("step", s) of its last step
         self._plateau_due: dict[str, Any] | None = None  # the step owed at the checkpoint resumed from
         self._grads_due: dict[str, Any] | None = None  # the open accumulation window's gradients resumed from
+        self._backward_began = False  # the batch in flight has begun its backward (on_before_backward)
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
         self._plateau_deferred: tuple[str, int] | None = None
@@ -379,6 +380,9 @@ class MultiTaskModule(L.LightningModule):
         if grads is not None:
             self._restore_accumulated_grads(grads)
 
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self._backward_began = True  # from here the batch's gradient goes into .grad (_accumulation_window_open)
+
     def on_train_end(self) -> None:
         self._take_deferred_plateau_step()
 
@@ -393,6 +397,7 @@ class MultiTaskModule(L.LightningModule):
         self._epoch_batches = 0
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._backward_began = False  # a failure before the backward leaves the window's .grad as it was
         resumed = self._resumed_epoch
         if resumed is None or resumed == self.current_epoch:
             return
@@ -543,7 +548,7 @@ class MultiTaskModule(L.LightningModule):
         done = int(progress.processed)
         if done % trainer.accumulate_grad_batches == 0 or done >= trainer.num_training_batches:
             return False
-        if progress.started > done:  # a batch failed inside its backward or optimizer step: part of it is in .grad
+        if progress.started > done and self._backward_began:  # failed in its backward or step: part is in .grad
             rank_zero_warn(f"this checkpoint is written as batch {done} of epoch {trainer.current_epoch} failed "
                            "inside its backward or optimizer step, in the middle of a gradient-accumulation window: "
                            "the window's gradients cannot be told from that batch's part, and none are kept; a fit "

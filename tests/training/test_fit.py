@@ -193,6 +193,33 @@ def test_a_fit_that_fails_inside_a_gradient_accumulation_window_resumes_with_its
     assert "mmoe_rec_accumulated_grads" not in torch.load(path, map_location="cpu", weights_only=False)
 
 
+def test_a_fit_that_fails_in_its_training_step_mid_window_resumes_with_the_windows_gradients(feature_dir, tmp_path,
+                                                                                                monkeypatch):
+    """Lightning counts a batch as started before its training_step: a forward that fails (a data error, NaN, out
+    of memory) mid-window left started > processed, read as a failed backward, and the window's gradients (only the
+    earlier batches' then) were dropped: the resumed fit left them out."""
+    from mmoe_rec.training.module import MultiTaskModule
+
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2, accumulate=2)
+    step = MultiTaskModule.training_step
+
+    def failing(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 5:
+            raise RuntimeError("the fit fails here")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(MultiTaskModule, "training_step", failing)
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "b", 2, accumulate=2, callbacks=[OnExceptionCheckpoint(tmp_path / "b")])
+    monkeypatch.setattr(MultiTaskModule, "training_step", step)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    assert "mmoe_rec_accumulated_grads" in torch.load(path, map_location="cpu", weights_only=False)
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, accumulate=2)
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
 class _FailsAfterBackward(_FailsAtBatch):
     """Fails once the backward of batch `batch` of epoch `epoch` is done (as a NaN check on the gradients would)."""
 
