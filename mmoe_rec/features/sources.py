@@ -507,7 +507,8 @@ class _QuoteScan:
 def _unclosed_quote_error(path: str, row: int | None, lines: int) -> FeatureDataError:
     where = "in this row" if row is not None else "in the header"
     return FeatureDataError(f"a quoted field opens {where} and never closes (an unmatched '\"'): the CSV reader "
-                            f"reads the rest of the file, {lines} line{'' if lines == 1 else 's'}, as its value", file=path, row=row)
+                            f"reads the rest of the file, {lines} line{'' if lines == 1 else 's'}, as its value",
+                            file=path, row=row)
 
 
 def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:

@@ -115,7 +115,8 @@ def test_the_package_the_pyfunc_and_the_score_job_score_as_the_saved_model(rec_d
     expected = reference_scores(original_model, raw)
     name, version = register_package(package, "rec-same")
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}").predict(raw.to_pandas())
-    assert score_main(["--model", str(package), "--input", str(rec_data[1]), "--output", str(tmp_path / "s.parquet")]) == 0
+    assert score_main(["--model", str(package), "--input", str(rec_data[1]),
+                       "--output", str(tmp_path / "s.parquet")]) == 0
     job = pq.read_table(tmp_path / "s.parquet")
     for t in original_model.tasks:
         np.testing.assert_allclose(pyfunc[f"score_{t}"].to_numpy(), expected[t], rtol=1e-6, atol=1e-7)
