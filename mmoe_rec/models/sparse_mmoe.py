@@ -213,12 +213,14 @@ class SparseMMoE(MultiTaskModel):
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.front.parameters()
         yield from self.experts.parameters()
-        if self.shared_experts is not None:
-            yield from self.shared_experts.parameters()
+        for always in (self.shared_experts, self.fallback):  # the fallback takes every task's dropped rows
+            if always is not None:
+                yield from always.parameters()
 
     def last_shared_layer(self) -> list[nn.Parameter]:
-        shared = [self.shared_experts.weights[-1]] if self.shared_experts is not None else []
-        return [self.experts.weights[-1], *shared]  # routed (and always-on shared) experts' last layers
+        # routed (and always-on shared, or fallback) experts' last layers
+        return [self.experts.weights[-1], *(m.weights[-1] for m in (self.shared_experts, self.fallback)
+                                            if m is not None)]
 
     # ------------------------------------------------------------------------------------------------------------
 

@@ -453,10 +453,11 @@ class RoutingMonitor(L.Callback):
         if not steps:
             steps, history = self.epoch_history_steps, self.epoch_history
             title = "Per-expert load at each epoch's end" + (f" ({to_epoch[0]})" if to_epoch else "")
-        if steps:
+        drawn = {g: v for g, v in history.items() if len(v) == len(steps)}
+        if steps and drawn:  # a model without gates (shared-bottom) has no load to draw: no empty axes
             sparse = any(s.sparse for s in window.gates.values())
             figs["expert_load"] = plots.load_over_training(
-                steps, {g: blank(g, np.stack(v)) for g, v in history.items() if len(v) == len(steps)},
+                steps, {g: blank(g, np.stack(v)) for g, v in drawn.items()},
                 ylabel="share of assignments" if sparse else "mean gate weight", title=title)
         matrices = {k: (n, m.numpy()) for k, (n, m) in window.relatedness().items()}
         if grad_cosine is not None:

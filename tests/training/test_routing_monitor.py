@@ -268,3 +268,21 @@ def test_a_fit_shorter_than_a_window_still_plots_the_load_at_each_epochs_end(fea
     for name, loads in monitor.epoch_history.items():
         for a, b in zip(loads, reloaded.epoch_history[name]):
             assert (a == b).all()
+
+
+def test_a_model_without_gates_draws_no_load_plot():
+    """Shared-bottom (its configs keep the monitor for label correlation and the gradient cosine): the load history
+    filled with steps and no gate, and every epoch wrote an empty "Per-expert load over training" figure."""
+    import torch
+
+    from mmoe_rec.training.callbacks import Window, _append_loads
+
+    monitor = RoutingMonitor(every_n_steps=2)
+    window = Window(["click", "conversion"])
+    window.update({}, {"click": torch.rand(64), "conversion": torch.rand(64)})  # no routing: no gates
+    for step in (2, 4, 6):
+        monitor.history_steps.append(step)
+        _append_loads(monitor.history, window)
+    figs = monitor.figures(window, epoch=0)
+    assert "expert_load" not in figs and "utilization_heatmap" not in figs
+    assert "task_relatedness" in figs  # the label correlation is drawn
