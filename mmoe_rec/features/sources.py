@@ -480,11 +480,7 @@ class _QuoteScan:
 
     def _run(self, path: str) -> None:
         try:
-            with _open_csv_stream(path) as f:
-                while block := f.read(1 << 24):
-                    if self._stop.is_set():
-                        return
-                    self._tracker.feed(bytes(block))
+            _feed_file(self._tracker, path, self._stop)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by result()
             self._error = e
 
@@ -504,6 +500,15 @@ class _QuoteScan:
             self._thread.join()
 
 
+def _feed_file(tracker: _QuoteTracker, path: str, stop: threading.Event | None = None) -> None:
+    """The file's bytes (decompressed) into `tracker`, in blocks; stops early once `stop` is set."""
+    with _open_csv_stream(path) as f:
+        while block := f.read(1 << 24):
+            if stop is not None and stop.is_set():
+                return
+            tracker.feed(bytes(block))
+
+
 def _unclosed_quote_error(path: str, row: int | None, lines: int) -> FeatureDataError:
     where = "in this row" if row is not None else "in the header"
     return FeatureDataError(f"a quoted field opens {where} and never closes (an unmatched '\"'): the CSV reader "
@@ -515,9 +520,7 @@ def _refuse_unclosed_quote(path: str, reader: ReaderSpec) -> None:
     """Raise, naming its row, where a quoted field opens that never closes. Where Arrow failed on a record longer
     than its read block, which such a field makes: the file is read once more, in Python (linear, C-speed scans)."""
     tracker = _QuoteTracker(_delimiter(path, reader), count_records=True)
-    with _open_csv_stream(path) as f:
-        while block := f.read(1 << 24):
-            tracker.feed(bytes(block))
+    _feed_file(tracker, path)
     if tracker.unclosed():
         header = 1 if reader.header else 0
         row = tracker.open_record - header

@@ -566,17 +566,21 @@ class MultiTaskModule(L.LightningModule):
             rank_zero_warn("a checkpoint written inside a gradient-accumulation window under ddp_sharded_embeddings "
                            "keeps no partial gradients: a fit resumed from it leaves out the window's batches")
             return {}
-        world = self.trainer.world_size
         out = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             grad = param.grad
-            has = self.trainer.strategy.all_gather(torch.tensor([grad is not None], dtype=torch.uint8,
-                                                                device=self.device))
-            values = self.trainer.strategy.all_gather(grad if grad is not None else torch.zeros_like(param))
-            out[name] = (has.reshape(world).bool().cpu(), values.reshape(world, *param.shape).cpu())
+            has = self._per_rank(torch.tensor([grad is not None], dtype=torch.uint8))  # (W, 1)
+            values = self._per_rank(grad if grad is not None else torch.zeros_like(param))  # (W, *shape)
+            out[name] = (has.reshape(-1).bool(), values)
         return out
+
+    def _per_rank(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor`, (W, *shape) on the CPU, whatever shape the strategy's all_gather gives (one
+        process: no rank dimension under the single-device strategy, one under DDP's). Collective."""
+        out = self.trainer.strategy.all_gather(tensor.to(self.device))
+        return out.reshape(self.trainer.world_size, *tensor.shape).cpu()
 
     def _restore_accumulated_grads(self, saved: dict[str, Any]) -> None:
         """This rank's gradients of the window the checkpoint was written in (as many ranks: the data module
@@ -601,12 +605,8 @@ class MultiTaskModule(L.LightningModule):
     def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
         """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit
         continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Collective."""
-        def gathered(state: torch.Tensor) -> torch.Tensor:
-            out = self.trainer.strategy.all_gather(state.to(self.device))
-            return out.reshape(self.trainer.world_size, -1).cpu()  # (W, n), whatever the strategy's shape
-
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {"cpu": gathered(torch.get_rng_state()), "cuda": None if cuda is None else gathered(cuda)}
+        return {"cpu": self._per_rank(torch.get_rng_state()), "cuda": None if cuda is None else self._per_rank(cuda)}
 
     def _restore_rng_states(self, states: dict[str, torch.Tensor | None] | None) -> None:
         """This rank's saved generator states, when resuming a fit (a checkpoint from another number of ranks
