@@ -5,6 +5,12 @@
   3 dense features, id columns row_id (unique over all splits) and request_id (string).
   train 2000 rows in 2 files, valid 500, test 500; row groups of 300 rows (uneven last ones).
 - ``make_feature_dir``: factory ``make_feature_dir(name, rows={"train": n, ...}, ...) -> Path`` for other sizes.
+- ``mlflow_store_template``: an empty MLflow SQLite store, made by MLflow once per session. A test marked
+  ``seeded_mlflow_store`` (the modules that track runs mark all theirs) that has a ``tmp_path`` finds a copy of it
+  at ``tmp_path / "mlflow.db"``, where ``in_tmp`` and most of them point MLflow; ``seed_mlflow_store(folder)``
+  copies it elsewhere. MLflow takes 1.5-2.5 s to make a store (its schema migrations), a copy 1 ms: 88 tests of four
+  files made one each, 146 s of their 411 s (a Zen 3 VM, 2026-12-07). A test there about making the store (or about
+  a folder with no store in it) is marked ``fresh_mlflow_store`` and gets none.
 - every test (autouse ``no_state_left``): the process group a test's in-process DDP / sharded run initialized is
   destroyed, the environment variables Lightning and MLflow set (MASTER_ADDR, ..., MLFLOW_TRACKING_URI,
   MLFLOW_EXPERIMENT_ID) are restored and MLflow's global tracking URI is reset, so no test sees another's state.
@@ -14,7 +20,9 @@ on ``feature_dir`` should beat chance.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +55,35 @@ def no_state_left(monkeypatch):
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None:
         mlflow.set_tracking_uri(None)  # its module-level URI back to "from the environment"
+
+
+@pytest.fixture(scope="session")
+def mlflow_store_template(tmp_path_factory) -> Path:
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_store_template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
+    return path
+
+
+@pytest.fixture(scope="session")
+def seed_mlflow_store(mlflow_store_template) -> Callable[[Path], Path]:
+    """``seed(folder) -> folder / "mlflow.db"``: a copy of the session's empty store (the folder made if needed)."""
+
+    def seed(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mlflow_store_template, folder / "mlflow.db")
+        return folder / "mlflow.db"
+
+    return seed
+
+
+@pytest.fixture(autouse=True)
+def seeded_mlflow_store(request) -> None:
+    node = request.node
+    if (node.get_closest_marker("seeded_mlflow_store") and not node.get_closest_marker("fresh_mlflow_store")
+            and "tmp_path" in request.fixturenames):
+        request.getfixturevalue("seed_mlflow_store")(request.getfixturevalue("tmp_path"))
 
 
 def feature_spec(with_weight: bool = False) -> FeatureSpec:

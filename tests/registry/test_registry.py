@@ -23,6 +23,8 @@ from mmoe_rec.registry.register import promote, register_package
 from mmoe_rec.registry.scoring import main as score_main
 from mmoe_rec.registry.scoring import resolve_model, score_parquet
 
+pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 INIT_ARGS = {"embedding_dim": 4, "num_experts": 3, "expert_hidden": [8], "tower_hidden": [4]}
 
@@ -236,6 +238,7 @@ def test_bad_value_in_a_later_file_is_reported_at_its_row_in_that_file(rec_data,
     assert not out.exists() and list(tmp_path.glob(".scores*")) == []
 
 
+@pytest.mark.fresh_mlflow_store  # the folder's listing is checked
 def test_score_refuses_to_write_over_its_input_file(rec_data, package, tracking, tmp_path):
     raw_file = tmp_path / "raw.parquet"
     pq.write_table(pq.read_table(rec_data[1]), raw_file)

@@ -16,6 +16,8 @@ import yaml
 from conftest import mlflow_run, mlflow_runs
 from mmoe_rec.training.cli import run_lightning_cli
 
+pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
+
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*_*.yaml"))
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
         "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
@@ -51,6 +53,7 @@ def test_committed_config_parses_to_a_full_config(config, capsys):
     assert printed["trainer"]["logger"]["class_path"] == "mmoe_rec.training.tracking.MLflowTracker"
 
 
+@pytest.mark.fresh_mlflow_store  # the default store made where the fit runs, by the fit
 def test_printed_config_runs_and_logs_config_spec_commit(feature_dir, in_tmp, capsys):
     with pytest.raises(SystemExit):
         run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "sparse_mmoe_synthetic.yaml"),
@@ -497,6 +500,7 @@ def test_a_missing_feature_directory_is_named_by_its_spec_path(in_tmp, capsys, m
     assert err.splitlines()[0] == f"error: feature spec not found: {in_tmp / 'nowhere' / 'spec.json'}"
 
 
+@pytest.mark.fresh_mlflow_store  # no store made
 @pytest.mark.parametrize("subcommand", ["fit", "test"])
 def test_a_ckpt_path_that_is_no_checkpoint_is_one_line_before_any_run(feature_dir, in_tmp, capsys, monkeypatch,
                                                                       subcommand):

@@ -40,6 +40,8 @@ from mmoe_rec.training.cli import run_lightning_cli
 from mmoe_rec.training.module import MultiTaskModule
 from mmoe_rec.training.sharding import SHARDED_OPTIMIZER_KEY, ShardedEmbeddingStrategy
 
+pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
+
 AUC_TOLERANCE = 0.02
 HERE = Path(__file__).resolve().parent
 
@@ -69,7 +71,19 @@ def write_config(path: Path, feature_dir: Path, batch_size: int, audit_dir: Path
     return path
 
 
+SEED_STORE = None  # tests/conftest.py's seed_mlflow_store, set for each test by the fixture below
+
+
+@pytest.fixture(autouse=True)
+def _seed_store(seed_mlflow_store):
+    global SEED_STORE
+    SEED_STORE = seed_mlflow_store
+
+
 def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The job's MLflow store, the default one in `workdir`, starts as a copy of the session's empty one."""
+    if not (workdir / "mlflow.db").exists():
+        SEED_STORE(workdir)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "mmoe_rec.cli", "fit", "--config", str(config),
@@ -104,6 +118,7 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
     cfg1 = write_config(one / "c.yaml", feature_dir, 64, one / "audit")
     cfg2 = write_config(two / "c.yaml", feature_dir, 32, two / "audit")
     run_two_processes(two, cfg2, "--trainer.strategy", "ddp")
+    SEED_STORE(one)
     monkeypatch.chdir(one)
     run_lightning_cli(["fit", "--config", str(cfg1)])
 

@@ -16,6 +16,8 @@ from mmoe_rec.training.callbacks import RoutingMonitor
 from mmoe_rec.training.module import MultiTaskModule
 from mmoe_rec.training.tracking import MLflowTracker
 
+pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
+
 FAST = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0)
 

@@ -14,6 +14,8 @@ from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.training.callbacks import RoutingMonitor
 from mmoe_rec.training.module import MultiTaskModule
 
+pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
+
 FAST = dict(accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
             num_sanity_val_steps=0, limit_val_batches=0)
 UTIL = "experts/click/util/e0"

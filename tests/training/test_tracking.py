@@ -20,6 +20,8 @@ from mmoe_rec.training.tracking import (
     resolve_tracking_uri,
 )
 
+pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
+
 
 def free_port() -> int:
     with socket.socket() as s:
