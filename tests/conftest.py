@@ -20,6 +20,7 @@ on ``feature_dir`` should beat chance.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -62,7 +63,12 @@ def mlflow_store_template(tmp_path_factory) -> Path:
     from mlflow import MlflowClient
 
     path = tmp_path_factory.mktemp("mlflow_store_template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
+    here = os.getcwd()
+    os.chdir(path.parent)  # the store's Default experiment keeps its artifacts in ./mlruns: here, not in the checkout
+    try:
+        MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
+    finally:
+        os.chdir(here)
     return path
 
 

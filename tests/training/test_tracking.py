@@ -151,11 +151,12 @@ def test_a_task_name_mlflow_metrics_cannot_hold_is_refused_before_the_run(tmp_pa
     check_task_names_for_mlflow(SimpleNamespace(loggers=[]), module)  # no MLflow logger: no such limit
 
 
-def test_a_run_logged_into_again_keeps_its_params_and_config(tmp_path):
+def test_a_run_logged_into_again_keeps_its_params_and_config(tmp_path, monkeypatch):
     """A fit resumed into its earlier run with another batch size: MLflow refused the changed param, which left
     the finished run FAILED with its config.yaml replaced by one that never trained it."""
     from mmoe_rec.training.tracking import log_run_files
 
+    monkeypatch.chdir(tmp_path)  # the run's artifacts go to ./mlruns: here, not into the checkout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = MLflowTracker(tracking_uri=uri)
     log_run_files(first, "batch_size: 256\n", None)
@@ -173,12 +174,13 @@ def test_a_run_logged_into_again_keeps_its_params_and_config(tmp_path):
     assert open(local).read() == "batch_size: 256\n"
 
 
-def test_one_resume_logs_its_params_and_config_under_one_number(tmp_path):
+def test_one_resume_logs_its_params_and_config_under_one_number(tmp_path, monkeypatch):
     """A resume that changed nothing still logs its config (config.resume-1.yaml), so the next one is resume 2 for
     its params too; and the CLI logs the trainer's params and Lightning the model's in two calls, both of one
     resume (they were numbered 1 and 2)."""
     from mmoe_rec.training.tracking import log_run_files
 
+    monkeypatch.chdir(tmp_path)  # the run's artifacts go to ./mlruns: here, not into the checkout
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first = MLflowTracker(tracking_uri=uri)
     log_run_files(first, "lr: 0.01\n", None)
