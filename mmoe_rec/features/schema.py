@@ -365,6 +365,12 @@ def _check_output_names(schema: Schema) -> None:
             raise FeatureDataError(f"output column {name!r} would hold both the {seen[name]} and the {what}; "
                                    "rename one of them", file=schema.source)
         seen[name] = what
+    scores = {f"score_{t.name}": t.name for t in schema.tasks}  # written beside the ids by predict and score
+    for c in schema.id_columns:
+        if c in scores:
+            raise FeatureDataError(f"id column {c!r} has the name of the score column of task {scores[c]!r}, "
+                                   "which predictions and scored files hold beside the ids; rename the id column",
+                                   file=schema.source)
 
 
 def load_schema(path: str | os.PathLike) -> Schema:

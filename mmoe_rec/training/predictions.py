@@ -36,7 +36,7 @@ from mmoe_rec.output_dir import resolved_output
 class ParquetPredictionWriter(BasePredictionWriter):
     def __init__(self, output: str = "predictions.parquet") -> None:
         super().__init__(write_interval="batch")
-        self.output = Path(output)
+        self.output = Path(output).expanduser()  # from a YAML file or a quoted argument no shell expanded it
         self._parts: dict[int, tuple[Path, pq.ParquetWriter]] = {}  # loader worker -> its part and writer
         self._target: Path | None = None
         self._partial: Path | None = None
@@ -60,6 +60,12 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self.check_output(trainer.world_size)
+        spec = getattr(pl_module, "spec", None)
+        scores = {f"score_{t}" for t in pl_module.tasks}
+        clash = sorted(scores & set(spec.id_columns if spec is not None else ()))
+        if clash:  # the score would overwrite the id in the file
+            raise ValueError(f"id columns {clash} have the names of score columns ({sorted(scores)}): rename them "
+                             "in the feature schema")
         self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
@@ -115,9 +121,13 @@ class ParquetPredictionWriter(BasePredictionWriter):
         total = int(trainer.strategy.reduce(count, reduce_op="sum").item())
         predict_rows = getattr(trainer.datamodule, "predict_rows", None)
         expected = predict_rows() if callable(predict_rows) else None
+        limited = _limited_batches(trainer)
         if expected is not None and total != expected:
-            raise RuntimeError(f"predictions: {total} rows written over {trainer.world_size} process(es), but the "
-                               f"predict split has {expected}; nothing was written to {self.output}")
+            if not limited:
+                raise RuntimeError(f"predictions: {total} rows written over {trainer.world_size} process(es), but "
+                                   f"the predict split has {expected}; nothing was written to {self.output}")
+            rank_zero_warn(f"predictions: {limited} limits the run to {total} of the predict split's {expected} "
+                           f"rows: {self.output} holds those only")
         replaced = self._target.exists()
         os.replace(self._partial, self._target)
         if replaced:  # the folder holds one run's predictions: said, not silent (`score` asks for --overwrite)
@@ -145,3 +155,13 @@ class ParquetPredictionWriter(BasePredictionWriter):
         for path in (*parts, self._partial):
             if path is not None and path.exists():
                 path.unlink()
+
+
+def _limited_batches(trainer: "L.Trainer") -> str | None:
+    """The Trainer setting that cuts the predict epoch short (the rows then fall short of the split's), or None."""
+    if trainer.fast_dev_run:
+        return f"fast_dev_run={trainer.fast_dev_run}"
+    limit = trainer.limit_predict_batches
+    if isinstance(limit, float) and limit == 1.0:
+        return None
+    return f"limit_predict_batches={limit}"

@@ -39,6 +39,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import mlflow
+from lightning.fabric.utilities.logger import _convert_params
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
@@ -257,9 +258,12 @@ def metric_name_part_problem(name: str) -> str | None:
 
 def _param_key(name: str) -> str:
     """`name` as MLflow takes a param key: characters it refuses (outside word characters and / . - space :) as
-    '_', empty / '.' / '..' path parts dropped, at most MAX_PARAM_KEY_CHARS (a cut key ends with a hash of it)."""
+    '_', empty / '.' / '..' path parts dropped, a leading '..' prefixed with '_', at most MAX_PARAM_KEY_CHARS (a cut
+    key ends with a hash of it)."""
     key = re.sub(r"[^\w/.\- :]", "_", name)
     key = "/".join(part for part in key.split("/") if part not in ("", ".", "..")) or "_"
+    if key.startswith(".."):  # MLflow refuses a key that starts with '..' (`..a` as a path leaves the run)
+        key = "_" + key
     if len(key) > MAX_PARAM_KEY_CHARS:
         digest = hashlib.sha256(name.encode()).hexdigest()[:8]
         key = f"{key[:MAX_PARAM_KEY_CHARS - 10]}-{digest}"
@@ -304,7 +308,8 @@ def resumed_params(flat: dict[str, str], logged: dict[str, str], resume: int) ->
     as they are, a key logged before with another value (MLflow refuses to change one) as `resume-<resume>/<key>`;
     keys logged before with the same value are left out."""
     out = {k: v for k, v in flat.items() if k not in logged}
-    out.update({f"resume-{resume}/{k}": v for k, v in flat.items() if k in logged and logged[k] != v})
+    # (the prefix can take a key that fitted past MAX_PARAM_KEY_CHARS: cut again, with its hash)
+    out.update({_param_key(f"resume-{resume}/{k}"): v for k, v in flat.items() if k in logged and logged[k] != v})
     return out
 
 
@@ -342,8 +347,8 @@ class MLflowTracker(MLFlowLogger):
         uri = configure_tracking(tracking_uri)
         tags = dict(tags or {})
         commit = git_commit()
-        if commit:
-            tags.setdefault("mlflow.source.git.commit", commit)
+        if commit:  # the code that runs, as log_run_files records it again (a tag given for it gives way)
+            tags["mlflow.source.git.commit"] = commit
         try:
             super().__init__(
                 experiment_name=experiment_name,
@@ -367,7 +372,7 @@ class MLflowTracker(MLFlowLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        params = dict(params) if not isinstance(params, dict) else params
+        params = _convert_params(params)  # a dict, an argparse.Namespace or None, as Lightning's loggers take
         # the spec is logged whole as spec.json; LightningCLI's private keys are not parameters
         params = {k: v for k, v in params.items() if k not in ("feature_spec", "_instantiator", "_class_path")}
         flat = flatten_params(params)

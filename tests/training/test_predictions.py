@@ -82,3 +82,44 @@ def test_replacing_an_earlier_runs_predictions_is_said(feature_dir, tmp_path):
     assert not [w for w in caught if "replaced the file" in str(w.message)]
     with pytest.warns(UserWarning, match=f"replaced the file an earlier run wrote at {out}"):
         predict(feature_dir, out)
+
+
+@pytest.mark.parametrize("setting", [{"limit_predict_batches": 2}, {"limit_predict_batches": 0.5},
+                                     {"fast_dev_run": True}], ids=["two-batches", "half", "fast-dev-run"])
+def test_a_run_limited_to_some_batches_writes_them_and_says_so(feature_dir, tmp_path, setting):
+    """A predict of the first batches only (what the README lists for a quick check) failed after the whole run,
+    its rows counted against the split's, with no word of the limit; now it writes them and warns."""
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    out = tmp_path / "pred.parquet"
+    trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(out))], **FAST, **setting)
+    (name, value), = setting.items()
+    with pytest.warns(UserWarning, match=f"{name}={value} limits the run to .* of the predict split's 500 rows"):
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    rows = {"limit_predict_batches": 128 if value == 2 else 256, "fast_dev_run": 64}[name]
+    ids = pq.read_table(out).column("row_id").to_pylist()
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) == rows
+
+
+def test_an_output_under_the_home_folder_is_written_there(feature_dir, tmp_path, monkeypatch):
+    """'~/...' from a YAML config (no shell expands it): Arrow wrote the part under $HOME, the rename looked in a
+    folder named '~' and failed, the part was left behind."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    dm = predict(feature_dir, "~/preds/p.parquet")
+    assert [p.name for p in (tmp_path / "home" / "preds").iterdir()] == ["p.parquet"]
+    assert pq.read_table(tmp_path / "home" / "preds" / "p.parquet").num_rows == dm.predict_rows()
+    assert not (tmp_path / "~").exists()
+
+
+def test_an_id_column_with_a_score_columns_name_is_refused_before_any_row(feature_dir, tmp_path):
+    """The score would overwrite the id in the file (a spec made by hand: a schema with it is refused at build)."""
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    spec = copy.deepcopy(dm.spec)
+    spec.id_columns = ["row_id", "score_click"]
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec)
+    trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(tmp_path / "p.parquet"))], **FAST)
+    with pytest.raises(ValueError, match=r"id columns \['score_click'\] have the names of score columns"):
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    assert list(tmp_path.iterdir()) == []

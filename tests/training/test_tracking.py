@@ -132,6 +132,25 @@ def test_param_names_mlflow_refuses_are_logged_under_names_it_takes(tmp_path):
     assert sorted(logged.values()) == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_keys_mlflow_would_refuse_after_a_resume_prefix_or_for_a_leading_dotdot_and_namespaces_are_logged(tmp_path):
+    """A key that fitted MLflow's 250 characters no longer did as `resume-<n>/<key>`, a key starting with '..'
+    (`..a`) is one MLflow refuses as a path out of the run, and an argparse.Namespace (which Lightning's loggers
+    take) was not iterable: each failed the run."""
+    from argparse import Namespace
+
+    long_key = "p" * 245
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = MLflowTracker(tracking_uri=uri)
+    with pytest.warns(UserWarning, match="is not a name MLflow takes"):
+        first.log_hyperparams({long_key: 1, "..a": 2})
+    again = MLflowTracker(tracking_uri=uri, run_id=first.run_id)
+    again.log_hyperparams(Namespace(**{long_key: 3, "lr": 0.1}))
+    params = again.experiment.get_run(first.run_id).data.params
+    assert params[long_key] == "1" and params["_..a"] == "2" and params["lr"] == "0.1"
+    resumed = [k for k in params if k.startswith("resume-1/")]
+    assert len(resumed) == 1 and len(resumed[0]) <= 250 and params[resumed[0]] == "3"
+
+
 @pytest.mark.parametrize("task,ok", [("click", True), ("ctr/v2", True), ("a b-c.d", True), ("ctr@7d", False),
                                      ("点击", False), ("a//b", False), ("/a", False), ("a/..", False)])
 def test_a_task_name_mlflow_metrics_cannot_hold_is_refused_before_the_run(tmp_path, task, ok):
