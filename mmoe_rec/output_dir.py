@@ -17,8 +17,9 @@ from pathlib import Path
 def resolved_output(output: str | os.PathLike) -> Path:
     """The path a run writes: a symlinked output is its target, so that the temporary sits beside the target and
     the swap happens there (the link stays). Swapped in place of the link, the new output landed beside the link,
-    the link's target kept the old data, and a folder's old link could not be removed."""
-    output = Path(output)
+    the link's target kept the old data, and a folder's old link could not be removed. A leading '~' is the home
+    folder (a path from a YAML file or a quoted argument, which no shell expanded)."""
+    output = Path(output).expanduser()
     return Path(os.path.realpath(output)) if output.is_symlink() else output
 
 

@@ -64,7 +64,10 @@ def mlflow_store_template(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("mlflow_store_template") / "mlflow.db"
     here = os.getcwd()
-    os.chdir(path.parent)  # the store's Default experiment keeps its artifacts in ./mlruns: here, not in the checkout
+    # MLflow sets the Default experiment's artifact folder to ./mlruns/0 of the process that makes the store, as an
+    # absolute path: every copy's Default-experiment runs keep their artifacts there (one folder per run id),
+    # under the session's temporary folder, not in the checkout
+    os.chdir(path.parent)
     try:
         MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()  # MLflow creates and migrates it
     finally:

@@ -253,7 +253,7 @@ def _check_task_names(tasks: tuple[str, ...]) -> None:
 
 def check_output(output: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse an output that is a file, or a non-empty directory unless `overwrite`: never delete data unasked."""
-    problem = output_dir_problem(Path(output), overwrite)
+    problem = output_dir_problem(resolved_output(output), overwrite)
     if problem:
         raise FileExistsError(f"{problem}: {output}")
 

@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from mmoe_rec.features.errors import FeatureDataError
-from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
+from mmoe_rec.features.spec import JOB_COLUMNS, WEIGHT_COLUMN, label_column, score_column
 
 CATEGORICAL_TRANSFORMS = ("vocab", "hash")
 NUMERIC_TRANSFORMS = ("standardize", "log1p", "bucketize", "none")
@@ -365,12 +365,13 @@ def _check_output_names(schema: Schema) -> None:
             raise FeatureDataError(f"output column {name!r} would hold both the {seen[name]} and the {what}; "
                                    "rename one of them", file=schema.source)
         seen[name] = what
-    scores = {f"score_{t.name}": t.name for t in schema.tasks}  # written beside the ids by predict and score
+    # predictions and scored files hold the ids and, beside them, these columns
+    beside_ids = {score_column(t.name): f"the score column of task {t.name!r}" for t in schema.tasks}
+    beside_ids.update({c: "a column the batch scoring job adds" for c in JOB_COLUMNS})
     for c in schema.id_columns:
-        if c in scores:
-            raise FeatureDataError(f"id column {c!r} has the name of the score column of task {scores[c]!r}, "
-                                   "which predictions and scored files hold beside the ids; rename the id column",
-                                   file=schema.source)
+        if c in beside_ids:
+            raise FeatureDataError(f"id column {c!r} has the name of {beside_ids[c]}, which predictions and scored "
+                                   "files hold beside the ids; rename the id column", file=schema.source)
 
 
 def load_schema(path: str | os.PathLike) -> Schema:

@@ -38,6 +38,14 @@ def label_column(task: str) -> str:
     return f"label_{task}"
 
 
+def score_column(task: str) -> str:
+    """Name of the column holding a task's score in predictions and scored files (beside the id columns)."""
+    return f"score_{task}"
+
+
+JOB_COLUMNS = ("model_name", "model_version")  # added beside the ids and scores by the batch scoring job
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseFeature:
     name: str

@@ -10,16 +10,11 @@ import torch
 from mmoe_rec.data.collate import BatchCollator
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.frames import table_from_pandas
-from mmoe_rec.features.spec import FeatureSpec, label_column
+from mmoe_rec.features.spec import JOB_COLUMNS, FeatureSpec, label_column, score_column
 from mmoe_rec.features.transform import compiled, transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
 
-JOB_COLUMNS = ("model_name", "model_version")  # added by the batch scoring job
-
-
-def score_column(task: str) -> str:
-    return f"score_{task}"
 
 
 def feature_only_columns(spec: FeatureSpec) -> set[str]:

@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
+from mmoe_rec.features.spec import score_column
 from mmoe_rec.output_dir import resolved_output
 
 
@@ -41,6 +42,12 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self._target: Path | None = None
         self._partial: Path | None = None
         self.rows = 0
+        self.batches = 0
+
+    def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if stage == "predict" and trainer.limit_predict_batches == 0:  # Lightning skips the epoch: no hook of ours
+            raise ValueError(f"limit_predict_batches={trainer.limit_predict_batches} predicts no batch: nothing "
+                             f"would be written to {self.output}")
 
     def check_output(self, world_size: int = 1) -> None:
         """Before the run: each file this writer will replace can be a file (a folder there is an error)."""
@@ -61,7 +68,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self.check_output(trainer.world_size)
         spec = getattr(pl_module, "spec", None)
-        scores = {f"score_{t}" for t in pl_module.tasks}
+        scores = {score_column(t) for t in pl_module.tasks}
         clash = sorted(scores & set(spec.id_columns if spec is not None else ()))
         if clash:  # the score would overwrite the id in the file
             raise ValueError(f"id columns {clash} have the names of score columns ({sorted(scores)}): rename them "
@@ -69,7 +76,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
-        self._parts, self.rows = {}, 0
+        self._parts, self.rows, self.batches = {}, 0, 0
 
     def _part(self, worker: int) -> Path:
         return self._partial.with_name(f"{self._partial.name}.worker{worker}")
@@ -86,6 +93,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
             self._parts[worker] = (path, pq.ParquetWriter(path, table.schema))
         self._parts[worker][1].write_table(table)
         self.rows += table.num_rows
+        self.batches += 1
 
     def _close_parts(self) -> list[Path]:
         """Closes every part's writer; the parts in worker order (the rank's row order)."""
@@ -112,22 +120,28 @@ class ParquetPredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         parts = self._close_parts()
         if not parts:  # no batch on this rank: an empty file with the score columns
-            names = [f"score_{t}" for t in pl_module.tasks]
+            names = [score_column(t) for t in pl_module.tasks]
             pq.write_table(pa.table({n: pa.array([], pa.float32()) for n in names}), self._partial)
         else:
             self._join(parts)
-        # every rank's rows, summed: with a rank gone this collective fails, and no file is renamed
-        count = torch.tensor(float(self.rows), dtype=torch.float64, device=pl_module.device)
-        total = int(trainer.strategy.reduce(count, reduce_op="sum").item())
+        # every rank's rows and batches, summed: with a rank gone this collective fails, and no file is renamed
+        count = torch.tensor([float(self.rows), float(self.batches)], dtype=torch.float64, device=pl_module.device)
+        total, batches = (int(x) for x in trainer.strategy.reduce(count, reduce_op="sum").tolist())
         predict_rows = getattr(trainer.datamodule, "predict_rows", None)
         expected = predict_rows() if callable(predict_rows) else None
         limited = _limited_batches(trainer)
-        if expected is not None and total != expected:
-            if not limited:
+        if limited is None:
+            if expected is not None and total != expected:
                 raise RuntimeError(f"predictions: {total} rows written over {trainer.world_size} process(es), but "
                                    f"the predict split has {expected}; nothing was written to {self.output}")
-            rank_zero_warn(f"predictions: {limited} limits the run to {total} of the predict split's {expected} "
-                           f"rows: {self.output} holds those only")
+        else:  # the epoch was cut short on purpose: each rank wrote the batches it was let run, no fewer
+            setting, ran = limited
+            if batches != ran * trainer.world_size:
+                raise RuntimeError(f"predictions: {batches} batches written over {trainer.world_size} process(es), "
+                                   f"but {setting} lets each run {ran}; nothing was written to {self.output}")
+            rank_zero_warn(f"predictions: {setting} limits the run to {total} of the predict split's "
+                           f"{expected if expected is not None else 'unknown number of'} rows: the predictions "
+                           "hold those only")
         replaced = self._target.exists()
         os.replace(self._partial, self._target)
         if replaced:  # the folder holds one run's predictions: said, not silent (`score` asks for --overwrite)
@@ -157,11 +171,17 @@ class ParquetPredictionWriter(BasePredictionWriter):
                 path.unlink()
 
 
-def _limited_batches(trainer: "L.Trainer") -> str | None:
-    """The Trainer setting that cuts the predict epoch short (the rows then fall short of the split's), or None."""
-    if trainer.fast_dev_run:
-        return f"fast_dev_run={trainer.fast_dev_run}"
-    limit = trainer.limit_predict_batches
-    if isinstance(limit, float) and limit == 1.0:
+def _limited_batches(trainer: "L.Trainer") -> tuple[str, int] | None:
+    """(the Trainer setting, the batches it lets each rank run) where it ran fewer batches than the loader has (the
+    rows then fall short of the split's), else None: a limit at or above the loader's length cuts nothing."""
+    loaders = trainer.predict_dataloaders
+    try:
+        full = sum(len(dl) for dl in (loaders if isinstance(loaders, (list, tuple)) else [loaders]))
+    except TypeError:  # a loader without a length: Lightning cannot cut it by a fraction either
         return None
-    return f"limit_predict_batches={limit}"
+    ran = sum(trainer.num_predict_batches)
+    if ran >= full:
+        return None
+    setting = (f"fast_dev_run={trainer.fast_dev_run}" if trainer.fast_dev_run
+               else f"limit_predict_batches={trainer.limit_predict_batches}")
+    return setting, int(ran)

@@ -21,6 +21,7 @@ keep MLflow's own value.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import http.client
@@ -291,6 +292,8 @@ def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
+        if isinstance(value, argparse.Namespace):  # nested, as Lightning's own loggers flatten it
+            value = vars(value)
         if isinstance(value, dict) and value:
             out.update(_flatten(value, name + "/"))
         else:

@@ -59,13 +59,14 @@ def _with(section: str | None = None, **entry) -> dict:
     (_with("tasks", name="ctr.v2"), "a task name must not hold '.'"),
     # predictions and scored files write score_<task> beside the ids: the score overwrote the id
     (_with(id_columns=["rid", "score_click"]), "id column 'score_click' has the name of the score column of task 'click'"),
+    (_with(id_columns=["model_version"]), "id column 'model_version' has the name of a column the batch scoring job"),
 ], ids=["min_count-str", "min_count-0", "max_size-neg", "max_size-0", "max_size-float", "hash-buckets-bool",
         "multi_valued-str", "bucketize-buckets-bool", "id_columns-str", "id_columns-nested", "weight-is-label",
         "weight-list", "positive-and-negative", "positive-mapping", "positive-empty", "negative-empty", "name-list",
         "column-list", "null_values-str", "column_names-str", "delimiter-int", "delimiter-two", "reader-list",
         "impute-nan", "impute-inf", "id-is-feature", "id-is-another-features-column", "hash-min_count",
         "hash-max_size", "vocab-buckets", "bucketize-impute", "bucketize-indicator", "standardize-buckets",
-        "task-name-dot", "id-is-a-score"])
+        "task-name-dot", "id-is-a-score", "id-is-a-job-column"])
 def test_bad_schema_value_names_the_schema_file_and_the_entry(tmp_path, schema, entry):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(schema))

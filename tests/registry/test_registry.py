@@ -407,6 +407,24 @@ def test_score_refuses_an_existing_output_unless_told_to_overwrite(rec_data, pac
     assert "--batch-rows must be >= 1" in capsys.readouterr().err
 
 
+def test_score_writes_an_output_under_the_home_folder_there_and_refuses_to_replace_it(rec_data, package, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """'~/...' (quoted, or from a script): every row was scored, then the rename failed, a temporary file stayed in
+    $HOME and a folder named '~' in the working directory; an existing '~/' output was not seen as existing."""
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    raw_file = tmp_path / "raw.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), raw_file)
+    argv = ["score", "--model", str(package), "--input", str(raw_file), "--output", "~/s.parquet"]
+    assert mmoe_rec_main(argv) == 0
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["s.parquet"] and not (tmp_path / "~").exists()
+    assert pq.read_table(tmp_path / "home" / "s.parquet").num_rows == 20
+    assert mmoe_rec_main(argv) == 1 and "exists: pass --overwrite" in capsys.readouterr().err
+
+
 def test_score_overwrites_a_symlinked_output_at_its_target(rec_data, package, tmp_path):
     """--output a symlink with --overwrite: the link became a plain file and its target kept the old scores."""
     from mmoe_rec.cli import main as mmoe_rec_main

@@ -101,6 +101,34 @@ def test_a_run_limited_to_some_batches_writes_them_and_says_so(feature_dir, tmp_
     assert ids == sorted(ids) and len(ids) == len(set(ids)) == rows
 
 
+@pytest.mark.parametrize("setting", [{"limit_predict_batches": 1000}, {"limit_predict_batches": 8},
+                                     {"fast_dev_run": 8}], ids=["1000", "all-8", "fast-dev-run-8"])
+def test_a_limit_that_cuts_no_batch_still_checks_the_rows(feature_dir, tmp_path, monkeypatch, setting):
+    """A limit at or above the loader's 8 batches cuts nothing: a shortfall of rows is still a lost rank's or a
+    lost batch's and fails the run (it was taken for the limit's and renamed into place)."""
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    monkeypatch.setattr(dm, "predict_rows", lambda: 10 ** 6)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    out = tmp_path / "pred.parquet"
+    trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(out))], **FAST, **setting)
+    with pytest.raises(RuntimeError, match="rows written over 1 process"):
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("limit", [0, 0.0])
+def test_a_limit_of_no_batch_is_refused_and_the_earlier_file_stays(feature_dir, tmp_path, limit):
+    """Lightning skips a predict epoch of no batch: the run ended well with an earlier run's file in place."""
+    out = tmp_path / "pred.parquet"
+    out.write_bytes(b"an earlier run")
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(out))], **FAST, limit_predict_batches=limit)
+    with pytest.raises(ValueError, match=f"limit_predict_batches={limit} predicts no batch"):
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    assert out.read_bytes() == b"an earlier run"
+
+
 def test_an_output_under_the_home_folder_is_written_there(feature_dir, tmp_path, monkeypatch):
     """'~/...' from a YAML config (no shell expands it): Arrow wrote the part under $HOME, the rename looked in a
     folder named '~' and failed, the part was left behind."""

@@ -144,9 +144,10 @@ def test_keys_mlflow_would_refuse_after_a_resume_prefix_or_for_a_leading_dotdot_
     with pytest.warns(UserWarning, match="is not a name MLflow takes"):
         first.log_hyperparams({long_key: 1, "..a": 2})
     again = MLflowTracker(tracking_uri=uri, run_id=first.run_id)
-    again.log_hyperparams(Namespace(**{long_key: 3, "lr": 0.1}))
+    again.log_hyperparams(Namespace(**{long_key: 3, "lr": 0.1, "model": Namespace(hidden=[8])}))
     params = again.experiment.get_run(first.run_id).data.params
     assert params[long_key] == "1" and params["_..a"] == "2" and params["lr"] == "0.1"
+    assert params["model/hidden"] == "[8]"  # a nested Namespace flattened, as Lightning's own loggers do
     resumed = [k for k in params if k.startswith("resume-1/")]
     assert len(resumed) == 1 and len(resumed[0]) <= 250 and params[resumed[0]] == "3"
 
@@ -398,6 +399,7 @@ def test_a_server_uri_with_a_login_is_probed_with_it_and_errors_hide_the_passwor
     assert "ann:***@127.0.0.1" in str(info.value) and "secret" not in str(info.value)
 
 
+@pytest.mark.fresh_mlflow_store  # the file must not be there before
 def test_a_sqlite_uri_with_options_checks_and_creates_the_database_file_itself(tmp_path, monkeypatch):
     """`?timeout=30` was taken as part of the file name: an empty `mlflow.db?timeout=30` was made and checked."""
     monkeypatch.chdir(tmp_path)
