@@ -15,8 +15,6 @@ from mmoe_rec.features.transform import compiled, transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
 
-
-
 def feature_only_columns(spec: FeatureSpec) -> set[str]:
     """Columns the feature Parquet of `spec` has and its raw input does not: `label_<task>` and the `<name>_missing`
     indicators, less any raw column the spec reads under the same name (a label column may be called label_click).

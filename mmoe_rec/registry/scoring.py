@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output_is_not_an_input(args.input, args.output)  # before loading or reading anything
     if args.batch_rows < 1:
         raise ValueError(f"--batch-rows must be >= 1, got {args.batch_rows}")
-    if Path(args.output).expanduser().exists() and not args.overwrite:  # as `features` and `synth`: never replace data unasked
+    # as `features` and `synth`: never replace data unasked
+    if Path(args.output).expanduser().exists() and not args.overwrite:
         raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it")
     files_to_score(args.input)  # a file named twice, no such input, or none: refused before the model loads
     from mmoe_rec.training.tracking import configure_tracking
