@@ -47,10 +47,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def write_config(path: Path, feature_dir: Path, batch_size: int, audit_dir: Path, epochs: int = 2,
-                 checkpoint: bool = False, every_epoch: bool = False) -> Path:
-    """`checkpoint`: last.ckpt and the latest epoch's under <config folder>/ckpt; `every_epoch`: every epoch's kept."""
+                 checkpoint: bool = False, every_epoch: bool = False, plots: bool = False) -> Path:
+    """`checkpoint`: last.ckpt and the latest epoch's under <config folder>/ckpt; `every_epoch`: every epoch's kept.
+    `plots`: the RoutingMonitor's epoch-end PNGs (rank 0; ~2.5 s an epoch on a slow VM, while the other rank waits),
+    drawn in the test that compares with one process; the statistics are all-reduced and logged either way."""
     callbacks = [{"class_path": "row_audit.RowAudit", "init_args": {"out_dir": str(audit_dir)}},
-                 {"class_path": "mmoe_rec.training.callbacks.RoutingMonitor", "init_args": {"every_n_steps": 5}}]
+                 {"class_path": "mmoe_rec.training.callbacks.RoutingMonitor",
+                  "init_args": {"every_n_steps": 5, "plots": plots}}]
     if checkpoint:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                           "init_args": {"dirpath": str(path.parent / "ckpt"), "save_last": True,
@@ -116,7 +119,7 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
     monkeypatch.syspath_prepend(str(HERE))
     one, two = tmp_path / "one", tmp_path / "two"
     cfg1 = write_config(one / "c.yaml", feature_dir, 64, one / "audit")
-    cfg2 = write_config(two / "c.yaml", feature_dir, 32, two / "audit")
+    cfg2 = write_config(two / "c.yaml", feature_dir, 32, two / "audit", plots=True)
     run_two_processes(two, cfg2, "--trainer.strategy", "ddp")
     SEED_STORE(one)
     monkeypatch.chdir(one)
@@ -137,6 +140,8 @@ def test_ddp_two_processes_match_one_process_and_see_every_row_once(feature_dir,
     assert run2.data.metrics[key] == pytest.approx(run1.data.metrics[key], abs=1e-9)
     util = [run2.data.metrics[f"experts/epoch/click/util/e{i}"] for i in range(4)]
     assert sum(util) == pytest.approx(1.0, abs=1e-6)
+    plots = {a.path.rsplit("/", 1)[-1] for a in c2.list_artifacts(run2.info.run_id, "plots")}
+    assert {"utilization_heatmap.png", "task_relatedness.png"} <= plots, plots  # drawn on rank 0 from both ranks' window
     d0 = train_d0_sum(feature_dir)
     rows2 = audit(two / "audit")
     assert sorted(rows2) == [0, 1]
