@@ -46,6 +46,17 @@ def score_column(task: str) -> str:
 JOB_COLUMNS = ("model_name", "model_version")  # added beside the ids and scores by the batch scoring job
 
 
+def check_ids_are_not_outputs(id_columns: list[str], tasks: list[str], job_columns: bool = False) -> None:
+    """Refuse id columns named as the score columns of `tasks` (and the scoring job's columns): written beside
+    the ids, a score would overwrite one, or the file have a column twice. (Schemas are refused earlier, at
+    parse; this covers specs made by hand.)"""
+    taken = {score_column(t) for t in tasks} | (set(JOB_COLUMNS) if job_columns else set())
+    clash = [c for c in id_columns if c in taken]
+    if clash:
+        raise ValueError(f"id columns {clash} have the names of output columns ({sorted(taken)}): rename them in the "
+                         "feature schema")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseFeature:
     name: str

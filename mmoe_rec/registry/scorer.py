@@ -10,7 +10,7 @@ import torch
 from mmoe_rec.data.collate import BatchCollator
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.frames import table_from_pandas
-from mmoe_rec.features.spec import JOB_COLUMNS, FeatureSpec, label_column, score_column
+from mmoe_rec.features.spec import FeatureSpec, check_ids_are_not_outputs, label_column, score_column
 from mmoe_rec.features.transform import compiled, transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
@@ -36,11 +36,7 @@ class Scorer:
         dependence = model.eval_batch_dependence()
         if dependence:
             warnings.warn(f"scores depend on the batch: {dependence}", stacklevel=2)
-        taken = {score_column(t) for t in model.tasks} | set(JOB_COLUMNS)
-        clash = [c for c in self.spec.id_columns if c in taken]
-        if clash:  # the score (or the job's column) would overwrite the id, or the output have a column twice
-            raise ValueError(f"id columns {clash} have the names of output columns ({sorted(taken)}): rename them in "
-                             "the feature schema")
+        check_ids_are_not_outputs(self.spec.id_columns, model.tasks, job_columns=True)
         self.collator = BatchCollator(self.spec, tasks=model.tasks, with_ids=False, with_labels=False)
         self.feature_only = feature_only_columns(self.spec)
 

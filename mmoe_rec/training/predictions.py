@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
-from mmoe_rec.features.spec import score_column
+from mmoe_rec.features.spec import check_ids_are_not_outputs, score_column
 from mmoe_rec.output_dir import resolved_output
 
 
@@ -68,11 +68,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         self.check_output(trainer.world_size)
         spec = getattr(pl_module, "spec", None)
-        scores = {score_column(t) for t in pl_module.tasks}
-        clash = sorted(scores & set(spec.id_columns if spec is not None else ()))
-        if clash:  # the score would overwrite the id in the file
-            raise ValueError(f"id columns {clash} have the names of score columns ({sorted(scores)}): rename them "
-                             "in the feature schema")
+        check_ids_are_not_outputs(spec.id_columns if spec is not None else [], pl_module.tasks)
         self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")

@@ -148,6 +148,6 @@ def test_an_id_column_with_a_score_columns_name_is_refused_before_any_row(featur
     spec.id_columns = ["row_id", "score_click"]
     module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec)
     trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(tmp_path / "p.parquet"))], **FAST)
-    with pytest.raises(ValueError, match=r"id columns \['score_click'\] have the names of score columns"):
+    with pytest.raises(ValueError, match=r"id columns \['score_click'\] have the names of output columns"):
         trainer.predict(module, datamodule=dm, return_predictions=False)
     assert list(tmp_path.iterdir()) == []
