@@ -54,6 +54,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -310,6 +311,11 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         return shard_module(model, self.sharding_type, self.root_device,
                             embedding_optimizer=self.embedding_optimizer, embedding_lr=self.embedding_lr)
 
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._start_method != "popen":  # spawn / fork ranks hand their weights back to the launching process
+            self._launcher = _FullTablesLauncher(self, start_method=self._start_method)
+
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # load weights into the shards DMP made: weights loaded before sharding would be dropped
@@ -392,6 +398,20 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         if pl_module is not None and self.model is not pl_module:
             self.model = pl_module  # unwrap DMP before Lightning's teardown
         super().teardown()
+
+
+class _FullTablesLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn / fork launcher, with rank 0's weights handed back to the launching process as full tables.
+
+    Its own hand-back saves the module's state_dict, whose sharded tables are ShardedTensors: the launching process
+    failed to read that file (weights_only load) after the whole fit, and its module is an unsharded one anyway."""
+
+    def _collect_rank_zero_results(self, trainer: Any, results: Any) -> Any:
+        full = self._strategy.lightning_module_state_dict()  # collective: every rank gathers, rank 0 keeps the tables
+        output = super()._collect_rank_zero_results(trainer, results)
+        if output is not None and output.weights_path is not None:
+            self._strategy.checkpoint_io.save_checkpoint(full, output.weights_path)  # in place of the sharded one
+        return output
 
 
 def register_strategy() -> None:

@@ -44,6 +44,14 @@ pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an
 
 AUC_TOLERANCE = 0.02
 HERE = Path(__file__).resolve().parent
+# Where a test is about the numbers, not about how ranks are started, its ranks are forked from the launching
+# process (Lightning's launcher for notebooks): they do not import torch, Lightning, MLflow and torchrec again, some
+# 8-10 s a run on a slow VM. The default `ddp` (each rank a process of its own, as `mmoe-rec fit` runs on a cluster)
+# is kept where it is the point: the comparison with one process, the launcher's failure and SIGTERM tests, and one
+# sharded fit (the table-wise test's straight run; its resumed run, forked, must end bitwise equal to it).
+PLAIN_FORK = ("--trainer.strategy", "ddp_fork")
+SHARDED_FORK = ("--trainer.strategy.class_path", "mmoe_rec.training.sharding.ShardedEmbeddingStrategy",
+                "--trainer.strategy.init_args.start_method", "fork")
 
 
 def write_config(path: Path, feature_dir: Path, batch_size: int, audit_dir: Path, epochs: int = 2,
@@ -202,12 +210,12 @@ def test_torchrec_table_wise_sharding_under_lightning(feature_dir, tmp_path, mon
     (result,) = trainer.validate(module, dm, verbose=False)
     assert result["val/click/auc"] == pytest.approx(logged_auc, abs=1e-5)
 
-    # resumed from the first epoch's checkpoint for the second: the same weights and table optimizer state as the
-    # run that went straight through (tables and their fused optimizer state go back into each rank's shards)
+    # resumed from the first epoch's checkpoint for the second, in forked ranks: the same weights and table optimizer
+    # state as the run that went straight through (tables and their fused optimizer state go back into each rank's
+    # shards; how the ranks were started changes nothing)
     resumed = write_config(tmp_path / "resumed" / "c.yaml", feature_dir, 64, tmp_path / "resumed" / "audit",
                            epochs=2, checkpoint=True)
-    run_two_processes(tmp_path / "resumed", resumed, "--trainer.strategy", "ddp_sharded_embeddings", *probe,
-                      "--ckpt_path", str(first))
+    run_two_processes(tmp_path / "resumed", resumed, *SHARDED_FORK, *probe, "--ckpt_path", str(first))
     a = torch.load(tmp_path / "straight" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 2 * saved["global_step"]
@@ -226,10 +234,10 @@ def test_gradnorm_under_sharded_embeddings_makes_the_step_plain_ddp_makes(featur
     (fused Adagrad against Adam)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     states = {}
-    for strategy in ("ddp", "ddp_sharded_embeddings"):
+    for strategy, args in (("ddp", PLAIN_FORK), ("ddp_sharded_embeddings", SHARDED_FORK)):
         cfg = write_config(tmp_path / strategy / "c.yaml", feature_dir, 64, tmp_path / strategy / "audit", epochs=1,
                            checkpoint=True)
-        run_two_processes(tmp_path / strategy, cfg, "--trainer.strategy", strategy, "--trainer.max_steps", "1",
+        run_two_processes(tmp_path / strategy, cfg, *args, "--trainer.max_steps", "1",
                           "--model.init_args.weighting", "gradnorm")
         saved = torch.load(tmp_path / strategy / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
         states[strategy] = saved["state_dict"]
@@ -250,7 +258,7 @@ def test_a_fused_table_trains_sharded_and_reloads_unsharded(make_feature_dir, tm
     single_valued = [f for f in spec.sparse_features if not f.multi_valued]
     dataclasses.replace(spec, sparse_features=single_valued).finalize().save(feature_dir / "spec.json")
     cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
-    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_sharded_embeddings")
+    proc = run_two_processes(tmp_path, cfg, *SHARDED_FORK)
     # the tables' own optimizer is named: the configured Adam (lr 0.01) trains the dense part only
     assert "trained by fbgemm's fused exact_adagrad at lr 0.01" in " ".join(proc.stderr.split())
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -265,6 +273,47 @@ def test_a_fused_table_trains_sharded_and_reloads_unsharded(make_feature_dir, tm
                         enable_model_summary=False)
     (result,) = trainer.validate(module, FeatureDataModule(str(feature_dir), batch_size=64, seed=0), verbose=False)
     assert result["val/click/auc"] == pytest.approx(run.data.metrics["val/click/auc"], abs=1e-5)
+
+
+FORKED_SHARDED_FIT = """
+import json, sys
+from pathlib import Path
+import lightning as L, torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.training.module import MultiTaskModule
+from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
+
+data_dir, root, model = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+L.seed_everything(0)
+dm = FeatureDataModule(data_dir, batch_size=64, seed=0)
+module = MultiTaskModule(model=model, feature_spec=dm.spec)
+before = {k: v.clone() for k, v in module.state_dict().items()}
+trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=2, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+                    strategy=ShardedEmbeddingStrategy(start_method="fork"),
+                    callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
+trainer.fit(module, dm)
+saved = torch.load(root / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+after = module.state_dict()  # this process's module: given back by rank 0 at the end of the fit
+assert sorted(after) == sorted(saved)
+for key, value in saved.items():
+    torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+tables = [k for k in saved if ".embedding_bags." in k]
+assert tables and all(not torch.equal(after[k], before[k]) for k in tables), tables  # trained
+print("checked", len(tables), "tables")
+"""
+
+
+def test_a_sharded_fit_in_forked_ranks_gives_the_trained_tables_back_to_the_launching_process(feature_dir, tmp_path):
+    """start_method fork (or spawn; Lightning's launcher for notebooks): rank 0 gives its weights back to the process
+    that launched the ranks, in a file. Its sharded tables were written as ShardedTensors, which that process failed
+    to read after the whole fit; now they come back in full and load into its unsharded module."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", FORKED_SHARDED_FIT, str(feature_dir), str(tmp_path / "ckpt"),
+                           json.dumps(MMOE)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "checked 3 tables" in proc.stdout
 
 
 def test_a_checkpoint_without_sharded_optimizer_state_cannot_resume_a_sharded_run():
@@ -495,16 +544,6 @@ def _alive(pid: int) -> bool:
         return f.read().split(") ", 1)[1][0] != "Z"
 
 
-def test_a_ddp_fork_fit_finishes_with_every_row_once(feature_dir, tmp_path):
-    """ddp_fork (Lightning's choice in interactive sessions): the fit failed at its end (rank 0's wait for its
-    ranks read multiprocessing processes as Popen ones)."""
-    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
-    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp_fork", check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FINISHED"
-    assert sum(e["rows"] for e in audit(tmp_path / "audit").values()) == 2000  # every row once
-
-
 @pytest.mark.parametrize("strategy", ["ddp_fork"])  # ddp_spawn takes the same path, with slower starts
 def test_a_sigterm_to_the_process_that_waits_for_spawned_ranks_fails_the_run_and_ends_them(feature_dir, tmp_path,
                                                                                            strategy):
@@ -549,7 +588,7 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "predict", "--config", str(cfg),
-                           "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                           "--trainer.devices", "2", *PLAIN_FORK,
                            "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
                            "--predictions_path", str(tmp_path / "pred.parquet")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
@@ -597,12 +636,12 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
         (tmp_path / name / "c.yaml").write_text(yaml.safe_dump(cfg))
         return tmp_path / name / "c.yaml"
 
-    run_two_processes(tmp_path, config("straight", save_mid=True))
+    run_two_processes(tmp_path, config("straight", save_mid=True), *PLAIN_FORK)
     saved = torch.load(mid, map_location="cpu", weights_only=False)
     grads = saved["mmoe_rec_accumulated_grads"]["grads"]
     assert grads and all(has.tolist() == [True, True] for has, _ in grads.values())
     assert any(not torch.equal(values[0], values[1]) for _, values in grads.values())  # each rank's own
-    run_two_processes(tmp_path, config("resumed", save_mid=False), "--ckpt_path", str(mid))
+    run_two_processes(tmp_path, config("resumed", save_mid=False), *PLAIN_FORK, "--ckpt_path", str(mid))
     a = torch.load(tmp_path / "straight" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(tmp_path / "resumed" / "final" / "final.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 18  # 6 optimizer steps an epoch (the last window of 1 batch)
@@ -642,7 +681,9 @@ def test_the_sharded_strategy_refuses_what_its_fused_tables_cannot_do(feature_di
 def test_loss_free_biases_are_updated_from_every_ranks_loads(feature_dir, tmp_path):
     """The sparse model under 2-process DDP: after every optimizer step (before the next forward, whose DDP buffer
     broadcast would mend it) both ranks hold the same biases, i.e. each updated from the loads summed over ranks.
-    A rank updating from its own loads alone differed at 4 of 10 batch ends (a review's probe)."""
+    A rank updating from its own loads alone differed at 4 of 10 batch ends (a review's probe). In forked ranks
+    (ddp_fork), which also checks that such a fit finishes with every row once: it failed at its end (rank 0's wait
+    for its ranks read multiprocessing processes as Popen ones)."""
     cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
     config = yaml.safe_load(cfg.read_text())
     config["model"]["init_args"]["model"] = copy.deepcopy(SPARSE)
@@ -650,8 +691,10 @@ def test_loss_free_biases_are_updated_from_every_ranks_loads(feature_dir, tmp_pa
     config["trainer"]["callbacks"].append({"class_path": "rank_failure.BiasAudit",
                                            "init_args": {"out_dir": str(tmp_path / "bias")}})
     cfg.write_text(yaml.safe_dump(config))
-    run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp")
+    run_two_processes(tmp_path, cfg, *PLAIN_FORK)
     rank0, rank1 = (json.loads((tmp_path / "bias" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(rank0) == len(rank1) > 10 and rank0[0]
     assert rank0 == rank1
     assert rank0[-1] != rank0[0]  # the biases moved
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FINISHED"
+    assert sum(e["rows"] for e in audit(tmp_path / "audit").values()) == 2000  # every row once
