@@ -180,8 +180,18 @@ def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_majo
 
 def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     # _linear_pointwise computes input @ weight.T + bias with weight (N, K): b.t() is a view, no copy. "relu" is
-    # applied by the GEMM to its output as it is written (no second pass over it).
+    # applied by the GEMM to its output as it is written (no second pass over it), but oneDNN's relu makes a NaN 0
+    # (torch.relu keeps it): only for finite operands, whose products cannot be NaN short of overflowing float32
+    # (checking them reads a and b once; a relu pass reads and writes the larger output)
+    if relu and not _all_finite(a, b, bias):
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "").relu_()
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "relu" if relu else "none", [], "")
+
+
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """One host sync for all of them."""
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(checks).all())
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -190,8 +200,9 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, relu: bool = False) -> torch.Tensor:
-    """bias (N,) + (M, K) @ (K, N) -> (M, N); with relu=True, relu of that (the same values either way)."""
-    if uses_onednn(a, b) and bias.dtype == torch.float32:
+    """bias (N,) + (M, K) @ (K, N) -> (M, N); with relu=True, relu of that (the same values either way). A bias of
+    another shape is broadcast as torch.addmm does, by torch.addmm (oneDNN takes (N,) only)."""
+    if uses_onednn(a, b) and bias.dtype == torch.float32 and bias.shape == (b.shape[1],):
         return _onednn(a, b, bias.contiguous(), relu)
     out = torch.addmm(bias, a, b)
     return out.relu_() if relu else out
@@ -204,9 +215,11 @@ def bmm(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor, bias: torch.T
         batch_dim: int = 0, relu: bool = False) -> torch.Tensor:
     """(E, M, K), or E (M, K) matrices, @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with
     batch_dim=1 (then the result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's
-    output); relu=True: relu of that."""
+    output); relu=True: relu of that. A bias of another shape than (E, N) goes to torch.baddbmm, which broadcasts it
+    as (E, 1, N)."""
     E, M, N = len(a), a[0].shape[0], b.shape[2]
-    if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (bias is None or bias.dtype == torch.float32):
+    if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (
+            bias is None or (bias.dtype == torch.float32 and bias.shape == (E, N))):
         outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous(), relu) for e in range(E)]
         return torch.stack(outs, dim=batch_dim)  # one copy of the outputs; oneDNN cannot write into a slice
     if not isinstance(a, torch.Tensor):

@@ -156,6 +156,9 @@ class EmbeddingFront(nn.Module):
         self._check_keys(kjt)
         if rows == 0:  # torchrec's per-table lookup fails on a batch of no rows (an IndexError naming nothing)
             return self._dtype_probe.new_zeros(0, sum(self.dims.values()))  # (0, sum of embedding dims)
+        if type(self.ebc) is EmbeddingBagCollection and next(self.ebc.parameters()).dtype == torch.float64:
+            # torchrec pools through float32 (its `.float()`)
+            return self._pooled_by_table(kjt).to(self._dtype_probe.dtype)
         if self.fused:
             kjt = self._to_fused_rows(kjt)
         elif type(self.ebc) is not EmbeddingBagCollection or kjt.values().is_cuda:
@@ -175,8 +178,19 @@ class EmbeddingFront(nn.Module):
             pooled = torch.cat([by_key[n] for n in self.sparse_names], dim=1)
         if self.fused and any(self.poolings[n] == "mean" for n in kjt.keys()):
             pooled = self._mean_of_fused_sums(pooled, kjt, rows)
-        # torchrec pools a bfloat16 (or float64) table into float32: the model's dtype, as the fused gather gives
+        # torchrec pools a bfloat16 table into float32 (float64 ones are pooled above): the model's dtype, as the fused
+        # gather gives
         return pooled.to(self._dtype_probe.dtype)  # (B, sum of embedding dims)
+
+    def _pooled_by_table(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        """(B, sum of embedding dims) in spec order, each feature's bags pooled from its own rows by PyTorch's
+        embedding_bag in the tables' dtype (unsharded collection)."""
+        self._check_bag_ids(kjt)
+        by_key = kjt.to_dict()
+        return torch.cat([
+            nn.functional.embedding_bag(by_key[n].values(), self.table(n), by_key[n].offsets(),  # (B + 1,)
+                                        mode=self.poolings[n], include_last_offset=True)  # (B, d)
+            for n in self.sparse_names], dim=1)
 
     def _mean_of_fused_sums(self, pooled: torch.Tensor, kjt: KeyedJaggedTensor, rows: int) -> torch.Tensor:
         """The fused table pools by sum (one id a bag: sum = mean); a bag of several ids of a mean-pooled feature
@@ -245,11 +259,17 @@ class EmbeddingFront(nn.Module):
                                  stride=kjt.stride())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # a state dict of the per-table layout (e.g. written before tables were fused) into the fused table
+        # a state dict of the per-table layout (e.g. written before tables were fused) into the fused table, and
+        # a fused one into per-table tables (fuse_tables=False, or a spec that gained a multi-valued feature)
         fused_key = f"{prefix}ebc.embedding_bags.{FUSED_TABLE}.weight"
         per_table = [f"{prefix}ebc.embedding_bags.t_{n}.weight" for n in self.sparse_names]
         if self.fused and fused_key not in state_dict and all(k in state_dict for k in per_table):
             state_dict[fused_key] = torch.cat([state_dict.pop(k) for k in per_table])
+        elif (self.ebc is not None and not self.fused and fused_key in state_dict
+              and not any(k in state_dict for k in per_table)
+              and state_dict[fused_key].shape[0] == sum(self.table_rows.values())):
+            rows = [self.table_rows[n] for n in self.sparse_names]
+            state_dict.update(zip(per_table, state_dict.pop(fused_key).split(rows)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -259,6 +279,9 @@ class EmbeddingFront(nn.Module):
                              "model's feature spec?")
         if self.ebc is None:  # dense features only: in the model's dtype (a bf16-true model gets bf16 inputs)
             return batch.dense.to(self._dtype_probe.dtype)  # (B, D_dense)
+        if batch.sparse.stride() != batch.dense.shape[0]:  # torch.cat's "Sizes of tensors must match" named neither
+            raise ValueError(f"the batch has {batch.sparse.stride()} rows of sparse features and "
+                             f"{batch.dense.shape[0]} of dense ones")
         pooled = self.pooled(batch)  # (B, D_emb)
         if self.dense_dim == 0:
             return pooled

@@ -18,7 +18,9 @@ part only (fbgemm has no CPU kernel for Adam). The strategy says so in a warning
 tables are plain (DENSE) parameters, trained by the configured optimizer.
 
 What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo processes, 2026-11-23):
-- table_wise: trains under Lightning (tests/training/test_ddp.py), checkpoint reloads unsharded.
+- table_wise: trains under Lightning (tests/training/test_ddp.py), checkpoint reloads unsharded; with each rank a
+  process of its own (start_method popen, the default) or forked from the launching process (start_method fork,
+  as in a notebook; spawn takes the same path), whose unsharded module gets the trained tables back in full.
 - column_wise, data_parallel: trained under Lightning by hand (2 processes; a review, 2026-12-06: gathered tables
   and Adagrad state bitwise those of table_wise after the same step, reloads unsharded, resumes exactly); not
   covered by a test. column_wise splits a table's columns only from 256 of them (torchrec's minimum shard width,

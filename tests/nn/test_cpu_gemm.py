@@ -273,6 +273,52 @@ def test_addmm_with_relu_equals_relu_of_addmm_bitwise(policy):
 
 @needs_onednn
 @pytest.mark.parametrize("policy", ["blas", "onednn"])
+@pytest.mark.parametrize("bad", ["nan_input", "inf_input", "nan_weight", "nan_bias"])
+def test_relu_keeps_a_nan_as_torch_relu_does(policy, bad):
+    """oneDNN's fused relu made a NaN 0: an expert's output on a row with a NaN feature came out finite and normal
+    looking (a review's probe), while the blas path and torch.relu keep it."""
+    g = torch.Generator().manual_seed(8)
+    a, b, bias = torch.randn(9, 6, generator=g), torch.randn(6, 5, generator=g), torch.randn(5, generator=g)
+    if bad == "nan_input":
+        a[2, 3] = float("nan")
+    elif bad == "inf_input":  # +inf and -inf in one row: inf - inf, NaN where their weights share a sign
+        a[2, 3], a[2, 4] = float("inf"), float("-inf")
+    elif bad == "nan_weight":
+        b[1, 4] = float("nan")
+    else:
+        bias[4] = float("nan")
+    want = torch.relu(torch.addmm(bias, a, b))
+    assert want.isnan().any()
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.addmm(bias, a, b, relu=True)
+        stacked = cpu_gemm.bmm(torch.stack([a, a]), torch.stack([b, b]), torch.stack([bias, bias]), relu=True)
+        assert ran_onednn(lambda: cpu_gemm.addmm(bias, a, b, relu=True)) == (policy == "onednn")
+    for out in (got, stacked[0], stacked[1]):
+        assert torch.equal(out.isnan(), want.isnan())
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_a_bias_of_another_shape_is_broadcast_as_torch_does(policy):
+    """oneDNN takes a bias of shape (N,) only: a 0-d bias was dropped without a word there, a (1, N) one failed
+    ("could not create a primitive descriptor")."""
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(7, 4, generator=g), torch.randn(4, 3, generator=g)
+    with cpu_gemm.gemm_backend(policy):
+        for bias in (torch.tensor(1.5), torch.randn(1, 3, generator=g), torch.randn(1, generator=g)):
+            for relu in (False, True):
+                want = torch.addmm(bias, a, b)
+                want = want.relu() if relu else want
+                torch.testing.assert_close(cpu_gemm.addmm(bias, a, b, relu=relu), want, rtol=1e-5, atol=1e-5)
+        stack_a, stack_b = torch.stack([a, 2 * a]), torch.stack([b, b])
+        for bias in (torch.randn(2, 1, generator=g), torch.randn(2, 3, generator=g)):
+            want = torch.baddbmm(bias.unsqueeze(1), stack_a, stack_b)
+            torch.testing.assert_close(cpu_gemm.bmm(stack_a, stack_b, bias), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
 def test_bmm_transposed_a_equals_torch(policy):
     g = torch.Generator().manual_seed(6)
     E, K, M, N = 3, 13, 7, 5

@@ -305,3 +305,59 @@ def test_dense_features_of_another_width_are_named_as_such():
     kjt = KeyedJaggedTensor.from_lengths_sync(keys=["u"], values=torch.tensor([1, 2]), lengths=torch.ones(2).long())
     with pytest.raises(ValueError, match=r"dense features of shape \(2, 2\); the feature spec has 3 dense"):
         front(Batch(sparse=kjt, dense=torch.zeros(2, 2), labels={}))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["per-table", "fused-table-general-path"])
+def test_a_float64_front_pools_in_float64(fused):
+    """torchrec pools every table through float32 (its `.float()`): a float64 model (precision "64-true", gradcheck)
+    got float32-rounded embeddings, 5e-8 off, and gradients 1e-8 off (a review's probe). Fused, the batch holds a bag
+    of two ids so that the general path (not the one-id gather) runs."""
+    torch.manual_seed(0)
+    if fused:
+        front = EmbeddingFront(single_valued_spec(), embedding_dim=4, pooling="mean").double()
+        assert front.fused
+        bags = {"user": [[2, 5], [], [0]], "item": [[3], [3], [1]]}  # 4 ids for 3 rows: not one id a bag
+    else:
+        front = EmbeddingFront(spec(), embedding_dim=4, pooling={"tags": "mean"}).double()
+        bags = {"user": USER, "tags": TAGS, "item": ITEM}
+    keys = list(bags)
+    sparse = KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor([v for k in keys for bag in bags[k] for v in bag]),
+        lengths=torch.tensor([len(bag) for k in keys for bag in bags[k]]))
+    dense = torch.rand(3, front.dense_dim, dtype=torch.float64)
+    got = front(Batch(sparse=sparse, dense=dense, labels={}))
+    assert got.dtype == torch.float64
+
+    def reference(name: str, bag: list[int]) -> torch.Tensor:  # (d,) from the same float64 parameters
+        rows = front.table(name)[torch.tensor(bag, dtype=torch.long)]
+        return rows.sum(0) if front.poolings[name] == "sum" or not bag else rows.mean(0)
+
+    want = torch.cat([torch.stack([reference(n, bag) for bag in bags[n]]) for n in front.sparse_names] + [dense], 1)
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+    weights = torch.rand_like(got)
+    params = list(front.ebc.parameters())
+    grads_got = torch.autograd.grad((got * weights).sum(), params)
+    grads_want = torch.autograd.grad((want * weights).sum(), params)
+    for g, w in zip(grads_got, grads_want):
+        torch.testing.assert_close(g, w, rtol=1e-15, atol=1e-15)
+
+
+def test_a_fused_state_dict_loads_into_the_per_table_layout():
+    """The other way round from the test above it: a checkpoint of fused tables into a front built with
+    fuse_tables=False (or from a spec that gained a multi-valued feature) failed on its keys."""
+    torch.manual_seed(0)
+    fused = nn.ModuleDict({"front": EmbeddingFront(single_valued_spec(), embedding_dim=4)})
+    per_table = nn.ModuleDict({"front": EmbeddingFront(single_valued_spec(), embedding_dim=4, fuse_tables=False)})
+    with torch.no_grad():
+        for p in fused.parameters():
+            p.copy_(torch.randn_like(p))
+    per_table.load_state_dict(fused.state_dict())  # strict: no key missing or left over
+    b = single_valued_batch()
+    assert torch.equal(per_table["front"](b), fused["front"](b))
+
+
+@pytest.mark.parametrize("fuse_tables", [True, False])
+def test_sparse_and_dense_features_of_different_row_counts_are_named_as_such(fuse_tables):
+    front = EmbeddingFront(single_valued_spec(), embedding_dim=4, fuse_tables=fuse_tables)
+    with pytest.raises(ValueError, match="3 rows of sparse features and 2 of dense ones"):
+        front(Batch(sparse=kjt(("user", "item")), dense=torch.ones(2, 1), labels={}))
