@@ -249,3 +249,43 @@ def test_an_error_in_a_data_loader_worker_is_one_line_naming_file_column_and_row
     err = capsys.readouterr().err
     assert err.splitlines()[0] == ("error: file part-0.parquet, column 'label_click', row 3 (0-based): label is NaN "
                                    "(in data loader worker 0)"), err
+
+
+def test_the_command_ends_its_process_with_the_programs_exit_steps_but_not_the_module_teardown():
+    """`mmoe-rec` ends its process by os._exit after threading's shutdown and the atexit handlers (the module
+    teardown took 2-3 s a process). Joining the threads first waited forever on an idle ThreadPoolExecutor worker
+    (MLflow keeps one in its cached artifact repositories: `register` against an HTTP store never exited; a
+    review's probe); threading's exit hooks stop such workers first."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import atexit, concurrent.futures, sys
+        from mmoe_rec.cli import main
+
+        pool = concurrent.futures.ThreadPoolExecutor(1)  # left running, idle, as MLflow leaves its download pools
+        pool.submit(lambda: None).result()
+        atexit.register(lambda: print("atexit handler ran", flush=True))
+        print("before the exit")  # buffered: flushed by the exit
+        sys.exit(main(["--help"], process=True))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: mmoe-rec" in done.stdout and "before the exit" in done.stdout
+    assert done.stdout.rstrip().endswith("atexit handler ran")
+
+
+def test_a_closed_output_pipe_is_exit_120_without_a_traceback():
+    """`mmoe-rec --help | true`: the flush at the exit met a broken pipe and printed a traceback from inside the
+    exit (Python's own exit says one line and exits 120)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered into the pipe
+    proc = subprocess.Popen([sys.executable, "-m", "mmoe_rec.cli", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the command writes
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 120, err
+    assert "Traceback" not in err, err
