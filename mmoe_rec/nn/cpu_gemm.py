@@ -216,7 +216,7 @@ def bmm(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor, bias: torch.T
     """(E, M, K), or E (M, K) matrices, @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with
     batch_dim=1 (then the result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's
     output); relu=True: relu of that. A bias of another shape than (E, N) goes to torch.baddbmm, which broadcasts it
-    as (E, 1, N)."""
+    with a row axis put before its last: (N,) as (1, N), (E, 1) as (E, 1, 1)."""
     E, M, N = len(a), a[0].shape[0], b.shape[2]
     if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (
             bias is None or (bias.dtype == torch.float32 and bias.shape == (E, N))):
@@ -225,13 +225,13 @@ def bmm(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor, bias: torch.T
     if not isinstance(a, torch.Tensor):
         a = torch.stack(list(a))
     if batch_dim == 0:
-        out = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, b)
+        out = torch.bmm(a, b) if bias is None else torch.baddbmm(bias.unsqueeze(-2), a, b)
     else:
         out = torch.empty(M, E, N, dtype=torch.result_type(a, b), device=a.device)
         if bias is None:
             torch.bmm(a, b, out=out.transpose(0, 1))
         else:
-            torch.baddbmm(bias.unsqueeze(1), a, b, out=out.transpose(0, 1))
+            torch.baddbmm(bias.unsqueeze(-2), a, b, out=out.transpose(0, 1))
     return out.relu_() if relu else out
 
 

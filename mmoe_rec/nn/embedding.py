@@ -263,12 +263,20 @@ class EmbeddingFront(nn.Module):
         # a fused one into per-table tables (fuse_tables=False, or a spec that gained a multi-valued feature)
         fused_key = f"{prefix}ebc.embedding_bags.{FUSED_TABLE}.weight"
         per_table = [f"{prefix}ebc.embedding_bags.t_{n}.weight" for n in self.sparse_names]
+        # Each table's rows are checked where they can be: a fused table with the spec's total of rows split
+        # otherwise cannot be told apart (the checkpoint's own spec says, as the CLI checks before loading).
         if self.fused and fused_key not in state_dict and all(k in state_dict for k in per_table):
+            for name, key in zip(self.sparse_names, per_table):
+                if state_dict[key].shape[0] != self.table_rows[name]:
+                    raise RuntimeError(f"{key}: {state_dict[key].shape[0]} rows in the state dict, the spec's table "
+                                       f"of sparse feature {name!r} has {self.table_rows[name]}")
             state_dict[fused_key] = torch.cat([state_dict.pop(k) for k in per_table])
         elif (self.ebc is not None and not self.fused and fused_key in state_dict
-              and not any(k in state_dict for k in per_table)
-              and state_dict[fused_key].shape[0] == sum(self.table_rows.values())):
+              and not any(k in state_dict for k in per_table)):
             rows = [self.table_rows[n] for n in self.sparse_names]
+            if state_dict[fused_key].shape[0] != sum(rows):
+                raise RuntimeError(f"{fused_key}: {state_dict[fused_key].shape[0]} rows in the state dict, the spec's "
+                                   f"tables of {self.sparse_names} have {sum(rows)} ({rows})")
             state_dict.update(zip(per_table, state_dict.pop(fused_key).split(rows)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

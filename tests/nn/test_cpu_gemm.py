@@ -311,10 +311,14 @@ def test_a_bias_of_another_shape_is_broadcast_as_torch_does(policy):
                 want = torch.addmm(bias, a, b)
                 want = want.relu() if relu else want
                 torch.testing.assert_close(cpu_gemm.addmm(bias, a, b, relu=relu), want, rtol=1e-5, atol=1e-5)
-        stack_a, stack_b = torch.stack([a, 2 * a]), torch.stack([b, b])
-        for bias in (torch.randn(2, 1, generator=g), torch.randn(2, 3, generator=g)):
-            want = torch.baddbmm(bias.unsqueeze(1), stack_a, stack_b)
-            torch.testing.assert_close(cpu_gemm.bmm(stack_a, stack_b, bias), want, rtol=1e-5, atol=1e-5)
+        stack_a, stack_b = torch.stack([a, 2 * a]), torch.stack([b, b])  # (2, 7, 4) @ (2, 4, 3)
+        bias_e1, bias_en, bias_n = torch.randn(2, 1, generator=g), torch.randn(2, 3, generator=g), torch.randn(3)
+        for bias, as_added in ((bias_e1, bias_e1[:, None, :]), (bias_en, bias_en[:, None, :]), (bias_n, bias_n)):
+            want = torch.bmm(stack_a, stack_b) + as_added  # an (N,) bias was added per row (or failed)
+            for batch_dim in (0, 1):
+                got = cpu_gemm.bmm(stack_a, stack_b, bias, batch_dim=batch_dim)
+                torch.testing.assert_close(got if batch_dim == 0 else got.transpose(0, 1), want, rtol=1e-5,
+                                           atol=1e-5)
 
 
 @needs_onednn

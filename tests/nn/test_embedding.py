@@ -361,3 +361,17 @@ def test_sparse_and_dense_features_of_different_row_counts_are_named_as_such(fus
     front = EmbeddingFront(single_valued_spec(), embedding_dim=4, fuse_tables=fuse_tables)
     with pytest.raises(ValueError, match="3 rows of sparse features and 2 of dense ones"):
         front(Batch(sparse=kjt(("user", "item")), dense=torch.ones(2, 1), labels={}))
+
+
+def test_tables_of_other_sizes_are_refused_when_the_layout_is_converted():
+    """A per-table state dict whose tables have other row counts than the spec's was joined into the fused table
+    (the user table got some of the item table's rows), and a fused one with another total was left unloaded under
+    strict=False without a word (a review's probe)."""
+    other_sizes = single_valued_spec(user_rows=3)  # user 3 rows instead of 6
+    fused = EmbeddingFront(single_valued_spec(), embedding_dim=4)
+    per_table = EmbeddingFront(single_valued_spec(), embedding_dim=4, fuse_tables=False)
+    with pytest.raises(RuntimeError, match=r"t_user.weight: 3 rows in the state dict, .* 'user' has 6"):
+        fused.load_state_dict(EmbeddingFront(other_sizes, embedding_dim=4, fuse_tables=False).state_dict())
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"t_fused.weight: 7 rows in the state dict, .* have 10 \(\[6, 4\]\)"):
+            per_table.load_state_dict(EmbeddingFront(other_sizes, embedding_dim=4).state_dict(), strict=strict)

@@ -11,6 +11,8 @@
   run resumed from it ends bitwise equal to one that ran straight through (tables and their fused optimizer
   state go back into each rank's shards). With single-valued features only, the front's one fused table
   trains sharded the same way and reloads unsharded. GradNorm's step is the same sharded as under plain DDP.
+- Ranks forked from the launching process (ddp_fork; the sharded strategy with start_method fork) where the test is
+  about the numbers (PLAIN_FORK / SHARDED_FORK below); each rank a process of its own (ddp) where the launcher is.
 """
 from __future__ import annotations
 
