@@ -25,7 +25,9 @@ demo: setup
 # two pytest workers (pytest-xdist): most of the suite's time is processes starting (torch + Lightning + MLflow:
 # 8-10 s an import on a slow 2-vCPU VM) and waiting for their ranks, which a second worker overlaps
 # (a Zen 3 VM, 2026-12-07: 946 s in one process, 689 s in two; 557-690 s in two, three fresh-clone CI runs, once the
-# tracking tests' MLflow stores were copies, tests/conftest.py). `python -m pytest tests/...` runs in one.
+# tracking tests' MLflow stores were copies, tests/conftest.py; 462-535 s, three runs, once the DDP numerics tests
+# forked their ranks and `mmoe-rec` skipped the interpreter's module teardown; all the DDP tests on one worker,
+# --dist loadgroup, took 561 s). `python -m pytest tests/...` runs in one.
 test: setup
 	$(BIN)/python -m pytest -n 2
 

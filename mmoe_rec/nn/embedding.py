@@ -178,8 +178,8 @@ class EmbeddingFront(nn.Module):
             pooled = torch.cat([by_key[n] for n in self.sparse_names], dim=1)
         if self.fused and any(self.poolings[n] == "mean" for n in kjt.keys()):
             pooled = self._mean_of_fused_sums(pooled, kjt, rows)
-        # torchrec pools a bfloat16 table into float32 (float64 ones are pooled above): the model's dtype, as the fused
-        # gather gives
+        # torchrec pools a bfloat16 table into float32 (float64 ones are pooled above): back to the model's dtype,
+        # as the fused gather gives it
         return pooled.to(self._dtype_probe.dtype)  # (B, sum of embedding dims)
 
     def _pooled_by_table(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
