@@ -444,6 +444,14 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
                                   for sub in MultiTaskCLI.subcommands()}},
                 args=argv,
             )
+    except Exception:
+        # the job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after
+        # the callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader
+        # worker's death is, by PyTorch's SIGCHLD handler) skipped that and left the run RUNNING
+        trainer = getattr(_running_cli[-1], "trainer", None) if _running_cli else None
+        for logger in getattr(trainer, "loggers", None) or []:
+            _end_run_failed(logger)
+        raise
     finally:
         _running_cli.clear()
         settle_gloo_workers()  # a multi-process CPU run: see gloo_exit (a rank could abort at exit)

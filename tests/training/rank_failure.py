@@ -111,3 +111,16 @@ class SigtermRank0BeforeRendezvous(L.Callback):
             time.sleep(2.0)
             os.kill(os.getppid(), signal.SIGTERM)
             time.sleep(120.0)
+
+
+class FailDuringItsCleanup(L.Callback):
+    """Fails at the second training batch, and again in on_exception, inside Lightning's exception handling (before
+    it marks the run FAILED): as an exception raised asynchronously there does (a DataLoader worker's death, raised
+    into the main thread by PyTorch's SIGCHLD handler)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            raise RuntimeError("the batch fails")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        raise RuntimeError("and so does the cleanup")

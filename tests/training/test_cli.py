@@ -681,6 +681,14 @@ def test_a_sigterm_stops_fit_and_predict_with_exit_143_and_no_partial_output(fea
     assert list((in_tmp / "out").iterdir()) == []  # neither the file nor a partial one
 
 
+def test_a_job_that_fails_inside_lightnings_failure_handling_still_ends_its_run_failed(feature_dir, in_tmp):
+    """Lightning marks the run FAILED after the callbacks' on_exception: an exception there (or one raised into it
+    asynchronously: a review saw a SIGTERMed fit whose DataLoader worker died end with its run RUNNING) skipped it."""
+    with pytest.raises(RuntimeError, match="and so does the cleanup"):
+        _fit_tiny(feature_dir, in_tmp / "ck", "--trainer.callbacks+=rank_failure.FailDuringItsCleanup")
+    assert mlflow_run(in_tmp / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_half_written_hidden_file_in_a_split_folder_is_passed_over(make_feature_dir, in_tmp):
     """`.x.parquet` (a writer's file in progress): the loader passes it over, and so does the CLI's check before
     the fit, which read the first file's schema, the hidden one ("Parquet magic bytes not found", no file named)."""
