@@ -684,8 +684,14 @@ def test_a_sigterm_stops_fit_and_predict_with_exit_143_and_no_partial_output(fea
 def test_a_job_that_fails_inside_lightnings_failure_handling_still_ends_its_run_failed(feature_dir, in_tmp):
     """Lightning marks the run FAILED after the callbacks' on_exception: an exception there (or one raised into it
     asynchronously: a review saw a SIGTERMed fit whose DataLoader worker died end with its run RUNNING) skipped it."""
-    with pytest.raises(RuntimeError, match="and so does the cleanup"):
-        _fit_tiny(feature_dir, in_tmp / "ck", "--trainer.callbacks+=rank_failure.FailDuringItsCleanup")
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RuntimeError, match="and so does the cleanup"):
+            _fit_tiny(feature_dir, in_tmp / "ck", "--trainer.callbacks+=rank_failure.FailDuringItsCleanup")
+    finally:  # the failed handling also skipped Lightning's teardown, which puts the signal handlers back
+        signal.signal(signal.SIGTERM, before)
     assert mlflow_run(in_tmp / "mlflow.db")[0].info.status == "FAILED"
 
 
