@@ -157,10 +157,15 @@ def written_as_integer_one(args: list[str], key: str) -> bool:
 _running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before Lightning handles it
 
 
+def _running_trainer() -> Any:
+    """The trainer of this process's CLI, once it has made one (else None)."""
+    return getattr(_running_cli[-1], "trainer", None) if _running_cli else None
+
+
 def _stop_before_training() -> None:
     """A SIGTERM before Lightning's handler took over (sigterm.watch_until_lightning_handles): the ranks this
     process launched, if any, are ended, then the run, if made, is marked FAILED (the tracking store may be slow)."""
-    trainer = getattr(_running_cli[-1], "trainer", None) if _running_cli else None
+    trainer = _running_trainer()
     if trainer is None:
         return
     launcher = getattr(trainer.strategy, "launcher", None)
@@ -448,8 +453,7 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
         # the job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after
         # the callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader
         # worker's death is, by PyTorch's SIGCHLD handler) skipped that and left the run RUNNING
-        trainer = getattr(_running_cli[-1], "trainer", None) if _running_cli else None
-        for logger in getattr(trainer, "loggers", None) or []:
+        for logger in getattr(_running_trainer(), "loggers", None) or []:
             _end_run_failed(logger)
         raise
     finally:
