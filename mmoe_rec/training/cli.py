@@ -453,8 +453,14 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
         # the job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after
         # the callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader
         # worker's death is, by PyTorch's SIGCHLD handler) skipped that and left the run RUNNING
-        for logger in getattr(_running_trainer(), "loggers", None) or []:
+        trainer = _running_trainer()
+        for logger in getattr(trainer, "loggers", None) or []:
             _end_run_failed(logger)
+        # that also skipped Lightning's teardown, which puts back the signal handlers it replaced: a caller in this
+        # process would keep a handler that reads a finished trainer
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None:
+            connector.teardown()
         raise
     finally:
         _running_cli.clear()

@@ -690,9 +690,12 @@ def test_a_job_that_fails_inside_lightnings_failure_handling_still_ends_its_run_
     try:
         with pytest.raises(RuntimeError, match="and so does the cleanup"):
             _fit_tiny(feature_dir, in_tmp / "ck", "--trainer.callbacks+=rank_failure.FailDuringItsCleanup")
-    finally:  # the failed handling also skipped Lightning's teardown, which puts the signal handlers back
+        after = signal.getsignal(signal.SIGTERM)
+    finally:  # a later test in this worker must not meet a handler left behind, whatever this one finds
         signal.signal(signal.SIGTERM, before)
     assert mlflow_run(in_tmp / "mlflow.db")[0].info.status == "FAILED"
+    # the failed handling skipped Lightning's teardown, which puts the signal handlers back; run_lightning_cli does
+    assert after == before
 
 
 def test_a_half_written_hidden_file_in_a_split_folder_is_passed_over(make_feature_dir, in_tmp):
