@@ -40,7 +40,11 @@ _threshold_backward = torch.ops.aten.threshold_backward
 def relu_experts(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """x (B, D) -> (B, E, H): every expert (Linear -> ReLU per layer) on every row."""
     params = [t for pair in zip(weights, biases) for t in pair]
-    return _ReluExperts.apply(x, *params)
+    # x^T over a row of ones for the first layer's weight and bias gradients, made in the forward while x is hot;
+    # only for a backward to come (inside Function.forward grad mode is off, and needs_input_grad says nothing of it)
+    fold = torch.is_grad_enabled() and weights[0].requires_grad and biases[0].requires_grad \
+        and _param_grads_fold(x, biases[0].numel())
+    return _ReluExperts.apply(fold, x, *params)
 
 
 def first_layer_matrix(w0: torch.Tensor) -> torch.Tensor:
@@ -63,7 +67,7 @@ def first_layer_per_expert(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
 
 class _ReluExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, fold_param_grads: bool, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ws, bs = params[0::2], params[1::2]
         B, E = x.shape[0], ws[0].shape[0]
         per_expert = first_layer_per_expert(x, ws)
@@ -79,8 +83,9 @@ class _ReluExperts(torch.autograd.Function):
         for w, b in zip(ws[1:], bs[1:]):
             h = cpu_gemm.bmm(h, w, b, relu=True)  # (E, B, h_l)
             acts.append(h)
-        ctx.save_for_backward(x, *params, *firsts, *acts)
-        ctx.num_layers, ctx.per_expert = len(ws), per_expert
+        x_t1 = _transposed_with_ones(x) if fold_param_grads else None  # (D+1, B)
+        ctx.save_for_backward(x, *params, *firsts, *acts, *([] if x_t1 is None else [x_t1]))
+        ctx.num_layers, ctx.per_expert, ctx.has_x_t1 = len(ws), per_expert, x_t1 is not None
         return firsts[0].view(B, E, ws[0].shape[2]) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
 
     @staticmethod
@@ -89,9 +94,10 @@ class _ReluExperts(torch.autograd.Function):
             return _differentiable_backward(ctx, grad_out)
         L = ctx.num_layers
         x, *rest = ctx.saved_tensors
+        x_t1 = rest.pop() if ctx.has_x_t1 else None
         params, rest = rest[:2 * L], rest[2 * L:]
         ws = params[0::2]
-        needs = ctx.needs_input_grad  # (x, w0, b0, w1, b1, ...)
+        needs = ctx.needs_input_grad[1:]  # (x, w0, b0, w1, b1, ...)
         B, E = x.shape[0], ws[0].shape[0]
         # the first layer's activation: E contiguous (B, h0) matrices, or one (B, E*h0) matrix
         firsts, acts = (rest[:E], rest[E:]) if ctx.per_expert else (rest[:1], rest[1:])
@@ -127,12 +133,37 @@ class _ReluExperts(torch.autograd.Function):
             g = _threshold_backward.grad_input(g_below, below, 0, grad_input=g_below)
 
         w0 = ws[0]
-        if needs[1]:
-            grads[0] = cpu_gemm.mm(x.t(), g).view(w0.shape[1], E, h0).permute(1, 0, 2)  # (E, D, h0), input-major
-        if needs[2]:
-            grads[1] = g.sum(0).view(E, h0)  # (E, h0)
+        D = w0.shape[1]
+        if needs[1] and needs[2] and _param_grads_fold(x, g.shape[1]):  # the policy in force now decides
+            both = cpu_gemm.mm(_transposed_with_ones(x) if x_t1 is None else x_t1, g)  # (D+1, E*h0)
+            grads[0] = both[:D].view(D, E, h0).permute(1, 0, 2)  # (E, D, h0), input-major
+            grads[1] = both[D].view(E, h0)  # (E, h0)
+        else:
+            if needs[1]:
+                grads[0] = cpu_gemm.mm(x.t(), g).view(D, E, h0).permute(1, 0, 2)  # (E, D, h0), input-major
+            if needs[2]:
+                grads[1] = g.sum(0).view(E, h0)  # (E, h0)
         grad_x = cpu_gemm.mm(g, first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
-        return (grad_x, *grads)
+        return (None, grad_x, *grads)
+
+
+def _param_grads_fold(x: torch.Tensor, n: int) -> bool:
+    """Whether the first layer's weight gradient x^T @ g, g (B, n), goes to oneDNN, and with it the bias gradient:
+    oneDNN copies a column-major x^T into a row-major matrix anyway; made here with a row of ones below it, the
+    one GEMM also sums g's columns (the bias gradient) instead of a pass over g (B, n) after the GEMM has pushed
+    it out of cache. Made in the forward while x is hot (the transposing copy ran 0.25 ms there, 0.56 ms in the
+    backward). Together 0.5-0.9 ms a step of the large MMoE on a Zen 4 (benchmarks/README.md)."""
+    macs = x.shape[1] * x.shape[0] * n
+    return macs > 0 and cpu_gemm.picks_onednn(x, x, macs, a_row_major=False)
+
+
+def _transposed_with_ones(x: torch.Tensor) -> torch.Tensor:
+    """x (B, D) -> (D+1, B): x^T, row-major, over a row of ones."""
+    B, D = x.shape
+    x_t1 = torch.empty(D + 1, B, dtype=x.dtype, device=x.device)
+    x_t1[:D].copy_(x.t())
+    x_t1[D].fill_(1.0)
+    return x_t1
 
 
 def _autograd_forward(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
@@ -150,8 +181,9 @@ def _differentiable_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor 
     L = ctx.num_layers
     x, *params = ctx.saved_tensors[:1 + 2 * L]
     inputs = [x, *params]
-    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+    needs = ctx.needs_input_grad[1:]  # the first input is the fold flag
+    wanted = [t for t, need in zip(inputs, needs) if need]
     with torch.enable_grad():
         out = _autograd_forward(x, params[0::2], params[1::2])
         got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(got) if need else None for need in ctx.needs_input_grad)
+    return (None, *(next(got) if need else None for need in needs))

@@ -1,6 +1,7 @@
 """cpu_gemm: oneDNN's products equal PyTorch's to float32 rounding; the policy decides which library runs."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -191,6 +192,79 @@ def test_relu_experts_in_float32_match_a_float64_reference_under_either_library(
 
 
 @needs_onednn
+@pytest.mark.parametrize("frozen", [None, "first_bias", "first_weight"])
+def test_relu_experts_wide_first_layer_in_onednn_matches_a_float64_reference(monkeypatch, frozen):
+    """A Zen 4's layout: the first layer one wide oneDNN GEMM, the deeper layer in MKL's bmm. The first layer's
+    weight and bias gradients then come out of one GEMM on x^T with a row of ones (its bias gradient is that
+    row); with either of them frozen, the other is made alone."""
+    monkeypatch.setattr(cpu_gemm, "auto_min_macs", lambda: 40_000)  # the wide products (2^15.6) yes, the deeper no
+    monkeypatch.setattr(cpu_gemm, "MIN_ONEDNN_MACS_A_TRANSPOSED", 40_000)
+    g = torch.Generator().manual_seed(11)
+    E, dims, B = 4, [24, 16, 8], 32
+    ws = [torch.randn(E, a, b, generator=g) / a ** 0.5 for a, b in zip(dims, dims[1:])]
+    ws[0] = ws[0].permute(1, 0, 2).contiguous().permute(1, 0, 2)  # input-major, as ExpertStack stores it
+    bs = [torch.randn(E, b, generator=g) * 0.1 for b in dims[1:]]
+    x = torch.randn(B, dims[0], generator=g)
+    grad_out = torch.randn(B, E, dims[-1], generator=g)
+    wants = {"x": True, "first_weight": frozen != "first_weight", "first_bias": frozen != "first_bias"}
+    needs = [wants["x"], wants["first_weight"], True, wants["first_bias"], True]  # x, w0, w1, b0, b1
+
+    def grads(dtype):
+        params = [t.to(dtype).requires_grad_(need) for t, need in zip((x, *ws, *bs), needs)]
+        y = relu_experts(params[0], params[1:3], params[3:])
+        wanted = [t for t in params if t.requires_grad]
+        return torch.autograd.grad(y, wanted, grad_out.to(dtype)), wanted
+
+    with cpu_gemm.gemm_backend("auto"):
+        assert not first_layer_per_expert(x, ws)
+        with OpLog() as log:
+            got, wanted = grads(torch.float32)
+    assert any("_linear_pointwise" in name for name in log.names)
+    assert any("bmm" in name for name in log.names)  # the deeper layer stayed with MKL
+    want, _ = grads(torch.float64)
+    for a, b, param in zip(got, want, wanted):
+        assert a.shape == param.shape
+        torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
+    if frozen is None:  # the weight's gradient keeps the input-major layout (accumulated without a copy)
+        assert got[1].stride() == ws[0].stride()
+
+
+class ShapeLog(TorchDispatchMode):
+    """Records the shape of every tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor)]
+        return out
+
+
+@needs_onednn
+def test_relu_experts_makes_x_transposed_over_ones_only_for_a_backward_to_come():
+    """The (D+1, B) matrix for the first layer's parameter gradients is made in the forward, and only then: not
+    under no_grad or inference_mode (validation, prediction), nor where the first layer's bias is frozen."""
+    E, dims, B = 3, [10, 6, 4], 7
+    ws = [torch.randn(E, a, b).requires_grad_() for a, b in zip(dims, dims[1:])]
+    bs = [torch.randn(E, b).requires_grad_() for b in dims[1:]]
+    x = torch.randn(B, dims[0])
+
+    def made_it(context) -> bool:
+        with cpu_gemm.gemm_backend("onednn"), context, ShapeLog() as log:
+            relu_experts(x, ws, bs)
+        return (dims[0] + 1, B) in log.shapes
+
+    assert made_it(contextlib.nullcontext())
+    assert not made_it(torch.no_grad())
+    assert not made_it(torch.inference_mode())
+    bs[0].requires_grad_(False)
+    assert not made_it(contextlib.nullcontext())
+
+
+@needs_onednn
 def test_relu_experts_per_expert_first_layer_with_inputs_that_want_no_gradient():
     g = torch.Generator().manual_seed(8)
     E, dims = 3, [20, 12, 6, 4]
@@ -296,6 +370,23 @@ def test_relu_keeps_a_nan_as_torch_relu_does(policy, bad):
     for out in (got, stacked[0], stacked[1]):
         assert torch.equal(out.isnan(), want.isnan())
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_relu_of_finite_operands_whose_sum_overflows_has_the_plain_values(policy):
+    """The finiteness check is a sum over each operand: finite values that overflow it take the unfused path, which
+    must give the same values as the fused one."""
+    g = torch.Generator().manual_seed(10)
+    a, b, bias = torch.randn(9, 6, generator=g), torch.randn(6, 5, generator=g), torch.randn(5, generator=g)
+    a[:, 0] = 3e38  # their sum is inf, each product 0 (b's row 0 is 0): every output finite
+    b[0] = 0.0
+    assert not torch.isfinite(a.sum()) and torch.isfinite(a).all()
+    want = torch.relu(torch.addmm(bias, a, b))
+    assert torch.isfinite(want).all() and (want == 0).any() and (want > 0).any()
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.addmm(bias, a, b, relu=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_onednn
