@@ -454,13 +454,17 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
         # the callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader
         # worker's death is, by PyTorch's SIGCHLD handler) skipped that and left the run RUNNING
         trainer = _running_trainer()
-        for logger in getattr(trainer, "loggers", None) or []:
-            _end_run_failed(logger)
-        # that also skipped Lightning's teardown, which puts back the signal handlers it replaced: a caller in this
-        # process would keep a handler that reads a finished trainer
+        # that also skipped Lightning's teardown, which puts back the signal handlers it replaced: first, so that a
+        # SIGTERM while a slow store is written below ends the process (Lightning's handler only takes note), and
+        # so that a caller in this process does not keep a handler that reads a finished trainer
         connector = getattr(trainer, "_signal_connector", None)
         if connector is not None:
-            connector.teardown()
+            try:
+                connector.teardown()
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
+        for logger in getattr(trainer, "loggers", None) or []:
+            _end_run_failed(logger)
         raise
     finally:
         _running_cli.clear()
