@@ -174,13 +174,14 @@ def _end_process(code: int) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_sigterm() -> Iterator[None]:
+def exit_on_sigterm(message: str | None = None) -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job through its cleanup, then the process at once,
     as SIGTERM's default does: without it no `.<output>.tmp-<pid>` would be removed (nothing removes it later: the
     name holds the pid). The process ends by os._exit once the exception has come through the job: an interpreter
     shutdown while a reader thread is still inside Python (Arrow reading an .xz file through Python's lzma) aborted
     the process. Only where SIGTERM has its default action (a host program's own handler is left alone), and from
-    the main thread (the only one that may set handlers); the action before is put back after the job."""
+    the main thread (the only one that may set handlers); the action before is put back after the job. `message`:
+    a line for stderr before the exit (a job that says nothing of its own)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
@@ -188,6 +189,8 @@ def exit_on_sigterm() -> Iterator[None]:
     try:
         yield
     except _Terminated as e:
+        if message:
+            print(message, file=sys.stderr)
         _exit_now(e.code)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -227,9 +230,11 @@ def _run(argv: list[str], process: bool) -> int:
             _exit_now(code)
         return code
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
+        # the imports take seconds, before the job's own SIGTERM watch (a SIGTERM there killed it without a word)
+        with exit_on_sigterm(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it started"):
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        from mmoe_rec.training.cli import run_lightning_cli
+            from mmoe_rec.training.cli import run_lightning_cli
 
         try:
             run_lightning_cli(argv)

@@ -289,3 +289,28 @@ def test_a_closed_output_pipe_is_exit_120_without_a_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 120, err
     assert "Traceback" not in err, err
+
+
+def test_a_sigterm_while_a_lightning_subcommand_imports_is_one_line_and_exit_143():
+    """The Lightning subcommands import for seconds before their own SIGTERM watch: a SIGTERM then killed the
+    process by SIGTERM's default action, without a word (a review)."""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import os, signal, sys
+
+        class SigtermOnImport:  # the SIGTERM arrives while the training CLI's module is being imported
+            def find_spec(self, name, path=None, target=None):
+                if name == "mmoe_rec.training.cli":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return None
+
+        sys.meta_path.insert(0, SigtermOnImport())
+        from mmoe_rec.cli import main
+
+        sys.exit(main(["fit", "--config", "nowhere.yaml"], process=True))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, done.stderr[-2000:]
+    assert done.stderr.strip() == "error: mmoe-rec fit stopped by SIGTERM before it started"

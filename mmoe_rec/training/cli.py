@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,9 +163,13 @@ def _running_trainer() -> Any:
     return getattr(_running_cli[-1], "trainer", None) if _running_cli else None
 
 
-def _stop_before_training() -> None:
-    """A SIGTERM before Lightning's handler took over (sigterm.watch_until_lightning_handles): the ranks this
-    process launched, if any, are ended, then the run, if made, is marked FAILED (the tracking store may be slow)."""
+def _end_job_on_sigterm() -> None:
+    """A SIGTERM outside Lightning's handler, or one Lightning's could not act on in time (sigterm.watch): the
+    ranks this process launched, if any, are ended, then the run, if made, is marked FAILED (the tracking store
+    may be slow). The ranks' marker folder goes too (the process ends by os._exit, past its cleanup)."""
+    folder = os.environ.get(DONE_DIR_ENV)
+    if folder and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):  # made by this process
+        shutil.rmtree(folder, ignore_errors=True)
     trainer = _running_trainer()
     if trainer is None:
         return
@@ -434,7 +439,7 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
         launcher = os.environ.get(LAUNCHER_PID_ENV, "")
         sigterm.die_with_parent(int(launcher) if launcher.isdigit() else None)
     try:
-        with sigterm.watch_until_lightning_handles(_stop_before_training):
+        with sigterm.watch(_end_job_on_sigterm, job=f"mmoe-rec {argv[0]}" if argv else "mmoe-rec"):
             return MultiTaskCLI(
                 model_class=MultiTaskModule,
                 datamodule_class=FeatureDataModule,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -47,7 +48,8 @@ def _notifier(self: Any, signum: int, frame: Any) -> None:
 
 
 def install() -> None:
-    """Put `_notifier` in place of Lightning's (before a Trainer registers its handlers; idempotent)."""
+    """Put `_notifier` in place of Lightning's, and tell the watch (below) when Lightning's handler is in place
+    (before a Trainer registers its handlers; idempotent)."""
     try:
         from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
     except ImportError:  # another Lightning layout: its own handler stays
@@ -55,31 +57,61 @@ def install() -> None:
     if hasattr(_SignalConnector, "_sigterm_notifier_fn"):
         _SignalConnector._sigterm_notifier_fn = _notifier
     original = _SignalConnector.register_signal_handlers
-    if not getattr(original, "_hands_over_sigterm", False):
+    if not getattr(original, "_tells_the_watch", False):
         def register_signal_handlers(self: Any) -> None:
-            stop_early_watch()  # SIGTERM to Lightning's handler from now on (it would keep the watcher's in its own)
-            original(self)
+            original(self)  # Lightning's handler calls the watch's (`_ignore`, which does nothing) after its own
+            if _watch is not None:
+                _watch.lightning_handles = True
 
-        register_signal_handlers._hands_over_sigterm = True  # type: ignore[attr-defined]
+        register_signal_handlers._tells_the_watch = True  # type: ignore[attr-defined]
         _SignalConnector.register_signal_handlers = register_signal_handlers
+    original_teardown = _SignalConnector.teardown
+    if not getattr(original_teardown, "_tells_the_watch", False):
+        def teardown(self: Any) -> None:
+            original_teardown(self)  # the handlers it replaced back: the watch's
+            if _watch is not None:
+                _watch.lightning_handles = False
+
+        teardown._tells_the_watch = True  # type: ignore[attr-defined]
+        _SignalConnector.teardown = teardown
 
 
-# --- before Lightning's handler -------------------------------------------------------------------------------
-# From the CLI's start until Lightning installs its handler (Trainer._run, once the ranks have met), a SIGTERM had
-# its default action: rank 0 died in the ranks' rendezvous with its MLflow run left RUNNING and the ranks it had
-# launched left running, orphaned. A Python handler alone would not help there: it runs only once the main thread
-# is back in Python, and the rendezvous waits in C++ (for up to its 30-minute timeout). But the C-level handler
-# Python installs writes the signal's number to the wakeup fd at once, whichever thread receives it: a watcher
-# thread reads it there, runs `on_sigterm` (the CLI marks its run FAILED and ends the ranks it launched) and ends
-# the process with 143. A process that launches ddp_spawn / ddp_fork ranks only waits for them and never installs
-# Lightning's handler: the watch stays its SIGTERM handling for the whole job.
+# --- the watch -----------------------------------------------------------------------------------------------
+# Outside Lightning's handler (from the CLI's start until Trainer._run installs it once the ranks have met, and
+# after its teardown puts it back) a SIGTERM had its default action: rank 0 died in the ranks' rendezvous with its
+# MLflow run left RUNNING and the ranks it had launched left running, orphaned. A Python handler alone would not
+# help there: it runs only once the main thread is back in Python, and the rendezvous waits in C++ (for up to its
+# 30-minute timeout). But the C-level handler Python installs writes the signal's number to the wakeup fd at once,
+# whichever thread receives it: a watcher thread reads it there, runs `on_sigterm` (the CLI marks its run FAILED
+# and ends the ranks it launched) and ends the process with 143. A process that launches ddp_spawn / ddp_fork ranks
+# only waits for them and never installs Lightning's handler: the watch is its SIGTERM handling for the whole job.
+# While Lightning's handler is in place the watch stays armed, as a backstop: Lightning stops the job at its next
+# batch, but a main thread held in C++ never gets there (rank 0 in a collective waiting for a rank that stalled
+# without dying: a review saw it run on for minutes, its run RUNNING, its ranks never told). The job gets
+# `stop_limit_s()` to end on its own; then the watch ends it as above.
 
 _EXIT_CODE = 143  # 128 + SIGTERM: the shell's code for "killed by SIGTERM"
 # what `on_sigterm` may take (ending the ranks, marking the run FAILED): a tracking store that does not answer
 # (MLflow's HTTP timeout and retries: minutes) must not keep a process that was told to stop
 RECORD_LIMIT_S = 15.0
 _STOP = b"\0"  # written by stop(): the watcher's end (no signal has number 0)
-_watch: Optional["_EarlyWatch"] = None
+STOP_LIMIT_ENV = "MMOE_REC_SIGTERM_STOP_LIMIT_S"
+STOP_LIMIT_S = 60.0  # how long a job under Lightning's handler may take to stop on its own after a SIGTERM
+_watch: Optional["_Watch"] = None
+
+
+def stop_limit_s() -> float:
+    """STOP_LIMIT_S, or the environment's MMOE_REC_SIGTERM_STOP_LIMIT_S (seconds, > 0)."""
+    value = os.environ.get(STOP_LIMIT_ENV)
+    if value is None:
+        return STOP_LIMIT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{STOP_LIMIT_ENV}={value!r}: expected a number of seconds > 0")
+    return seconds
 
 
 def _ignore(signum: int, frame: Any) -> None:
@@ -87,9 +119,10 @@ def _ignore(signum: int, frame: Any) -> None:
     the main thread is back in Python)."""
 
 
-class _EarlyWatch:
-    def __init__(self, on_sigterm: Callable[[], None]) -> None:
-        self.on_sigterm = on_sigterm
+class _Watch:
+    def __init__(self, on_sigterm: Callable[[], None], job: str) -> None:
+        self.on_sigterm, self.job, self.stop_limit_s = on_sigterm, job, stop_limit_s()
+        self.lightning_handles = False  # Lightning's handler in place (install() keeps this up to date)
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)  # the C handler must never block
         self.thread = threading.Thread(target=self._wait, name="mmoe-rec-sigterm-watch", daemon=True)
@@ -102,9 +135,17 @@ class _EarlyWatch:
                 return
             if byte[0] != signal.SIGTERM:
                 continue
-            # before Lightning's handler took over (ddp: the ranks still meeting), or in the process that only waits
-            # for ddp_spawn / ddp_fork ranks, which never installs it
-            print("mmoe-rec: stopped by SIGTERM; ending the launched ranks", file=sys.stderr, flush=True)
+            if self.lightning_handles:
+                # Lightning's handler stops the job at its next batch, unless the main thread is held in C++
+                if self._stopped_within(self.stop_limit_s):
+                    return
+                print(f"error: {self.job} did not stop within {self.stop_limit_s:g} s of a SIGTERM (a rank held in "
+                      "a collective by a stalled one?); ending it and the ranks it launched", file=sys.stderr,
+                      flush=True)
+            else:  # before Lightning's handler took over (ddp: the ranks still meeting), after its teardown, or in
+                # the process that only waits for ddp_spawn / ddp_fork ranks, which never installs it
+                print(f"error: {self.job} stopped by SIGTERM before it finished; ending the ranks it launched, if "
+                      "any", file=sys.stderr, flush=True)
             recorder = threading.Thread(target=self._record, name="mmoe-rec-sigterm-record", daemon=True)
             recorder.start()
             recorder.join(RECORD_LIMIT_S)
@@ -114,6 +155,17 @@ class _EarlyWatch:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(_EXIT_CODE)
+
+    def _stopped_within(self, seconds: float) -> bool:
+        """Whether the watch is stopped (the job ended in this process) within `seconds`; other signals pass."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.read_fd], [], [], left)
+            if ready:
+                byte = os.read(self.read_fd, 1)
+                if not byte or byte == _STOP:
+                    return True
+        return False
 
     def _record(self) -> None:
         try:
@@ -128,7 +180,7 @@ class _EarlyWatch:
         self.thread.start()
 
     def stop(self) -> None:
-        """SIGTERM back to its default action (Lightning's handler goes in next, or the job is over)."""
+        """SIGTERM back to its default action: the job is over."""
         signal.set_wakeup_fd(self.previous_fd if self.previous_fd is not None else -1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.write(self.write_fd, _STOP)
@@ -138,8 +190,9 @@ class _EarlyWatch:
 
 
 @contextmanager
-def watch_until_lightning_handles(on_sigterm: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM in the block, until Lightning registers its handler (see above), runs `on_sigterm` and exits 143.
+def watch(on_sigterm: Callable[[], None], job: str = "mmoe-rec") -> Iterator[None]:
+    """SIGTERM in the block runs `on_sigterm` and exits 143: at once outside Lightning's handler, after
+    `stop_limit_s()` under it if the job has not ended by then (see above). `job` names it in the one-line error.
     Only from the main thread where SIGTERM has its default action and no wakeup fd is set (a host program's own
     signal handling is left alone)."""
     global _watch
@@ -152,15 +205,15 @@ def watch_until_lightning_handles(on_sigterm: Callable[[], None]) -> Iterator[No
     if previous != -1:
         yield
         return
-    _watch = _EarlyWatch(on_sigterm)
+    _watch = _Watch(on_sigterm, job)
     _watch.start()
     try:
         yield
     finally:
-        stop_early_watch()
+        stop_watch()
 
 
-def stop_early_watch() -> None:
+def stop_watch() -> None:
     global _watch
     watch, _watch = _watch, None
     if watch is not None:

@@ -84,6 +84,15 @@ class SigtermAt(L.Callback):
         self._maybe(batch_idx)
 
 
+class SigtermInSetup(L.Callback):
+    """Sends this process a SIGTERM in its setup hook: before Lightning's handler is in place, the watch's."""
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SlowOnException(L.Callback):
     """Rank `rank` takes `seconds` in on_exception (a large on-exception checkpoint): the other ranks have exited."""
 
@@ -107,6 +116,26 @@ class SigtermRank0BeforeRendezvous(L.Callback):
             import time
 
             with open(pid_file, "w") as f:
+                f.write(str(os.getpid()))
+            time.sleep(2.0)
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(120.0)
+
+
+class StallAndSigtermRank0(L.Callback):
+    """On `rank`, at its `batch`-th training batch: writes its pid to `pid_file`, waits for rank 0 to reach the
+    step's gradient all-reduce, signals rank 0 with SIGTERM and stalls there (alive, as a rank stuck in a slow
+    read would), which holds rank 0 in the collective."""
+
+    def __init__(self, pid_file: str, batch: int = 2, rank: int = 1) -> None:
+        self.pid_file, self.batch, self.rank = pid_file, batch, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.global_rank == self.rank:
+            import signal
+            import time
+
+            with open(self.pid_file, "w") as f:
                 f.write(str(os.getpid()))
             time.sleep(2.0)
             os.kill(os.getppid(), signal.SIGTERM)

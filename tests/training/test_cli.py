@@ -671,6 +671,17 @@ def test_a_sigterm_stops_fit_and_predict_with_exit_143_and_no_partial_output(fea
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "error: mmoe-rec fit stopped by SIGTERM before it finished" in proc.stderr
     assert mlflow_run(in_tmp / "mlflow.db")[0].info.status == "FAILED"
+    # before Lightning's handler (a callback's setup): the watch ends it, leaving no folder of rank markers behind
+    temp = in_tmp / "tmp"
+    temp.mkdir()
+    env["TMPDIR"] = str(temp)
+    proc = run("fit", "--config", config, *common, "--checkpoint_dir", str(in_tmp / "ck"),
+               "--trainer.callbacks+=rank_failure.SigtermInSetup")
+    del env["TMPDIR"]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "error: mmoe-rec fit stopped by SIGTERM before it finished" in proc.stderr
+    assert [r.info.status for r in mlflow_runs(in_tmp / "mlflow.db")] == ["FAILED"] * 2
+    assert not list(temp.glob("mmoe-rec-ranks-*"))
     # the checkpoint to predict from, made in this process (a third process start: ~10 s on a slow VM)
     run_lightning_cli(["fit", "--config", config, *TINY, "--data.init_args.data_dir", str(feature_dir),
                        "--checkpoint_dir", str(in_tmp / "ck")])

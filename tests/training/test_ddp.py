@@ -516,10 +516,14 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
-def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_it_launched(feature_dir, tmp_path):
+def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_it_launched(feature_dir, tmp_path,
+                                                                                            monkeypatch):
     """Before Lightning's handler (rank 0 waiting for its ranks in the rendezvous, its MLflow run made) a SIGTERM
     killed rank 0 at once: the run was left RUNNING and rank 1 ran on, orphaned. Now the run is FAILED, rank 1 is
-    ended and rank 0 exits 143."""
+    ended and rank 0 exits 143, leaving no folder of the ranks' done markers behind (a review found one)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     pid_file = tmp_path / "rank1.pid"
     cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
     config = yaml.safe_load(cfg.read_text())
@@ -528,13 +532,40 @@ def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_
     cfg.write_text(yaml.safe_dump(config))
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
-    assert "mmoe-rec: stopped by SIGTERM; ending the launched ranks" in proc.stderr
+    assert "error: mmoe-rec fit stopped by SIGTERM before it finished; ending the ranks it launched" in proc.stderr
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
     rank1 = int(pid_file.read_text())
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _alive(rank1):
         time.sleep(0.2)
     assert not _alive(rank1), "rank 1 outlived rank 0"
+
+
+def test_a_sigterm_to_rank_0_held_in_a_collective_by_a_stalled_rank_ends_the_job(feature_dir, tmp_path,
+                                                                                  monkeypatch):
+    """Lightning's handler runs only when rank 0's main thread is back in Python: rank 0 waiting in the gradient
+    all-reduce for a rank that stalled (alive) ran on for as long as the stall lasted, its run RUNNING and the
+    stalled rank never told (a review: 90 s and counting). After the stop limit rank 0 ends the job: exit 143, the
+    run FAILED, rank 1 ended."""
+    monkeypatch.setenv("MMOE_REC_SIGTERM_STOP_LIMIT_S", "3")
+    pid_file = tmp_path / "rank1.pid"
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 16, tmp_path / "audit", epochs=1)
+    config = yaml.safe_load(cfg.read_text())
+    config["trainer"]["callbacks"].append({"class_path": "rank_failure.StallAndSigtermRank0",
+                                           "init_args": {"pid_file": str(pid_file)}})
+    cfg.write_text(yaml.safe_dump(config))
+    start = time.monotonic()
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert time.monotonic() - start < 100  # rank 1 stalls for 120 s
+    assert "error: mmoe-rec fit did not stop within 3 s of a SIGTERM" in proc.stderr, proc.stderr[-3000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+    rank1 = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _alive(rank1):
+        time.sleep(0.2)
+    assert not _alive(rank1), "rank 1 outlived rank 0"
+    assert not list(temp.glob("mmoe-rec-ranks-*"))
 
 
 def _alive(pid: int) -> bool:
@@ -565,7 +596,7 @@ def test_a_sigterm_to_the_process_that_waits_for_spawned_ranks_fails_the_run_and
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
-    assert "mmoe-rec: stopped by SIGTERM; ending the launched ranks" in err
+    assert "error: mmoe-rec fit stopped by SIGTERM before it finished; ending the ranks it launched" in err
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
