@@ -158,11 +158,10 @@ def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     return _policy_picks_onednn(a, b, a.shape[0] * a.shape[1] * b.shape[1], a_row_major)
 
 
-def picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_major: bool = True) -> bool:
+def picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int) -> bool:
     """Whether the policy sends a product of `macs` multiply-adds to oneDNN once its operands are in measured
-    layouts (b dense, a row-major, or column-major with a_row_major=False; the caller makes them so): a, b give
-    dtype and device only."""
-    return _policy_picks_onednn(a, b, macs, a_row_major)
+    layouts (a row-major, b dense; the caller makes them so): a, b give dtype and device only."""
+    return _policy_picks_onednn(a, b, macs, a_row_major=True)
 
 
 def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_major: bool) -> bool:

@@ -9,7 +9,8 @@ written by hand so that it makes fewer passes over the large activations:
   and keeps both.
 - backward: the ReLU gradient is applied in place on gradients this function made itself (autograd allocates
   a new tensor for each); the gradient of the first layer's output is written by its bmm straight into the
-  (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy).
+  (B, E*h0) layout the two wide GEMMs of the first layer read (no transposing copy); where oneDNN makes the first
+  layer's weight gradient, the same GEMM makes its bias gradient (x^T over a row of ones: no pass over the gradient).
 - every GEMM goes through nn.cpu_gemm, which sends float32 products to oneDNN where that was measured faster than
   PyTorch's MKL (AMD CPUs with AVX-512; 2x on a Zen 5 EPYC, 1.04-1.45x on a Zen 4): the first layer's three
   GEMMs, and on a Zen 5 also the deeper layers as one oneDNN call per expert (on a Zen 4 MKL's bmm does those
@@ -40,11 +41,7 @@ _threshold_backward = torch.ops.aten.threshold_backward
 def relu_experts(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
     """x (B, D) -> (B, E, H): every expert (Linear -> ReLU per layer) on every row."""
     params = [t for pair in zip(weights, biases) for t in pair]
-    # x^T over a row of ones for the first layer's weight and bias gradients, made in the forward while x is hot;
-    # only for a backward to come (inside Function.forward grad mode is off, and needs_input_grad says nothing of it)
-    fold = torch.is_grad_enabled() and weights[0].requires_grad and biases[0].requires_grad \
-        and _param_grads_fold(x, biases[0].numel())
-    return _ReluExperts.apply(fold, x, *params)
+    return _ReluExperts.apply(x, *params)
 
 
 def first_layer_matrix(w0: torch.Tensor) -> torch.Tensor:
@@ -67,7 +64,7 @@ def first_layer_per_expert(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
 
 class _ReluExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fold_param_grads: bool, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ws, bs = params[0::2], params[1::2]
         B, E = x.shape[0], ws[0].shape[0]
         per_expert = first_layer_per_expert(x, ws)
@@ -83,9 +80,8 @@ class _ReluExperts(torch.autograd.Function):
         for w, b in zip(ws[1:], bs[1:]):
             h = cpu_gemm.bmm(h, w, b, relu=True)  # (E, B, h_l)
             acts.append(h)
-        x_t1 = _transposed_with_ones(x) if fold_param_grads else None  # (D+1, B)
-        ctx.save_for_backward(x, *params, *firsts, *acts, *([] if x_t1 is None else [x_t1]))
-        ctx.num_layers, ctx.per_expert, ctx.has_x_t1 = len(ws), per_expert, x_t1 is not None
+        ctx.save_for_backward(x, *params, *firsts, *acts)
+        ctx.num_layers, ctx.per_expert = len(ws), per_expert
         return firsts[0].view(B, E, ws[0].shape[2]) if len(ws) == 1 else h.transpose(0, 1)  # (B, E, H)
 
     @staticmethod
@@ -94,10 +90,9 @@ class _ReluExperts(torch.autograd.Function):
             return _differentiable_backward(ctx, grad_out)
         L = ctx.num_layers
         x, *rest = ctx.saved_tensors
-        x_t1 = rest.pop() if ctx.has_x_t1 else None
         params, rest = rest[:2 * L], rest[2 * L:]
         ws = params[0::2]
-        needs = ctx.needs_input_grad[1:]  # (x, w0, b0, w1, b1, ...)
+        needs = ctx.needs_input_grad  # (x, w0, b0, w1, b1, ...)
         B, E = x.shape[0], ws[0].shape[0]
         # the first layer's activation: E contiguous (B, h0) matrices, or one (B, E*h0) matrix
         firsts, acts = (rest[:E], rest[E:]) if ctx.per_expert else (rest[:1], rest[1:])
@@ -134,8 +129,11 @@ class _ReluExperts(torch.autograd.Function):
 
         w0 = ws[0]
         D = w0.shape[1]
-        if needs[1] and needs[2] and _param_grads_fold(x, g.shape[1]):  # the policy in force now decides
-            both = cpu_gemm.mm(_transposed_with_ones(x) if x_t1 is None else x_t1, g)  # (D+1, E*h0)
+        if needs[1] and needs[2] and cpu_gemm.uses_onednn(x.t(), g):
+            # oneDNN copies a column-major x^T into a row-major matrix anyway: made here with a row of ones below
+            # it, the one GEMM also sums g's columns, the bias gradient, instead of a pass over g (B, E*h0) after the
+            # GEMM has pushed it out of cache (benchmarks/README.md: the large MMoE's step on a Zen 4)
+            both = cpu_gemm.mm(_transposed_over_ones(x), g)  # (D+1, E*h0)
             grads[0] = both[:D].view(D, E, h0).permute(1, 0, 2)  # (E, D, h0), input-major
             grads[1] = both[D].view(E, h0)  # (E, h0)
         else:
@@ -144,20 +142,10 @@ class _ReluExperts(torch.autograd.Function):
             if needs[2]:
                 grads[1] = g.sum(0).view(E, h0)  # (E, h0)
         grad_x = cpu_gemm.mm(g, first_layer_matrix(w0).t()) if needs[0] else None  # (B, D)
-        return (None, grad_x, *grads)
+        return (grad_x, *grads)
 
 
-def _param_grads_fold(x: torch.Tensor, n: int) -> bool:
-    """Whether the first layer's weight gradient x^T @ g, g (B, n), goes to oneDNN, and with it the bias gradient:
-    oneDNN copies a column-major x^T into a row-major matrix anyway; made here with a row of ones below it, the
-    one GEMM also sums g's columns (the bias gradient) instead of a pass over g (B, n) after the GEMM has pushed
-    it out of cache. Made in the forward while x is hot (the transposing copy ran 0.25 ms there, 0.56 ms in the
-    backward). Together 0.5-0.9 ms a step of the large MMoE on a Zen 4 (benchmarks/README.md)."""
-    macs = x.shape[1] * x.shape[0] * n
-    return macs > 0 and cpu_gemm.picks_onednn(x, x, macs, a_row_major=False)
-
-
-def _transposed_with_ones(x: torch.Tensor) -> torch.Tensor:
+def _transposed_over_ones(x: torch.Tensor) -> torch.Tensor:
     """x (B, D) -> (D+1, B): x^T, row-major, over a row of ones."""
     B, D = x.shape
     x_t1 = torch.empty(D + 1, B, dtype=x.dtype, device=x.device)
@@ -181,9 +169,8 @@ def _differentiable_backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor 
     L = ctx.num_layers
     x, *params = ctx.saved_tensors[:1 + 2 * L]
     inputs = [x, *params]
-    needs = ctx.needs_input_grad[1:]  # the first input is the fold flag
-    wanted = [t for t, need in zip(inputs, needs) if need]
+    wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
     with torch.enable_grad():
         out = _autograd_forward(x, params[0::2], params[1::2])
         got = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    return (None, *(next(got) if need else None for need in needs))
+    return tuple(next(got) if need else None for need in ctx.needs_input_grad)

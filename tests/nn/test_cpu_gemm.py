@@ -1,7 +1,6 @@
 """cpu_gemm: oneDNN's products equal PyTorch's to float32 rounding; the policy decides which library runs."""
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 
@@ -227,41 +226,6 @@ def test_relu_experts_wide_first_layer_in_onednn_matches_a_float64_reference(mon
         torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-5)
     if frozen is None:  # the weight's gradient keeps the input-major layout (accumulated without a copy)
         assert got[1].stride() == ws[0].stride()
-
-
-class ShapeLog(TorchDispatchMode):
-    """Records the shape of every tensor an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
-                        if isinstance(t, torch.Tensor)]
-        return out
-
-
-@needs_onednn
-def test_relu_experts_makes_x_transposed_over_ones_only_for_a_backward_to_come():
-    """The (D+1, B) matrix for the first layer's parameter gradients is made in the forward, and only then: not
-    under no_grad or inference_mode (validation, prediction), nor where the first layer's bias is frozen."""
-    E, dims, B = 3, [10, 6, 4], 7
-    ws = [torch.randn(E, a, b).requires_grad_() for a, b in zip(dims, dims[1:])]
-    bs = [torch.randn(E, b).requires_grad_() for b in dims[1:]]
-    x = torch.randn(B, dims[0])
-
-    def made_it(context) -> bool:
-        with cpu_gemm.gemm_backend("onednn"), context, ShapeLog() as log:
-            relu_experts(x, ws, bs)
-        return (dims[0] + 1, B) in log.shapes
-
-    assert made_it(contextlib.nullcontext())
-    assert not made_it(torch.no_grad())
-    assert not made_it(torch.inference_mode())
-    bs[0].requires_grad_(False)
-    assert not made_it(contextlib.nullcontext())
 
 
 @needs_onednn
