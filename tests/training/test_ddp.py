@@ -462,11 +462,18 @@ def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir,
     assert later["global_step"] == straight["global_step"]
 
 
-def fit_with_rank_1_callback(tmp_path: Path, feature_dir: Path, callback: str) -> subprocess.CompletedProcess:
-    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
+def config_with_callbacks(tmp_path: Path, feature_dir: Path, batch_size: int, **callbacks: dict) -> Path:
+    """A one-epoch config with rank_failure's `callbacks` (class name -> init_args) added."""
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, batch_size, tmp_path / "audit", epochs=1)
     config = yaml.safe_load(cfg.read_text())
-    config["trainer"]["callbacks"].append({"class_path": f"rank_failure.{callback}", "init_args": {"rank": 1}})
+    config["trainer"]["callbacks"] += [{"class_path": f"rank_failure.{name}", "init_args": init_args}
+                                       for name, init_args in callbacks.items()]
     cfg.write_text(yaml.safe_dump(config))
+    return cfg
+
+
+def fit_with_rank_1_callback(tmp_path: Path, feature_dir: Path, callback: str) -> subprocess.CompletedProcess:
+    cfg = config_with_callbacks(tmp_path, feature_dir, 64, **{callback: {"rank": 1}})
     return run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
 
 
@@ -500,15 +507,10 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
     """`timeout` / a scheduler signals rank 0: Lightning's handler forwarded it to rank 1 and broadcast inside the
     handler, mid-collective (rank 1: gloo "collective mismatch", rank 0: "Connection reset by peer", exit 1). Every
     rank now stops at the next batch together; rank 0 exits 143 with one line and its run is FAILED."""
-    cfg = write_config(tmp_path / "c.yaml", feature_dir, 16, tmp_path / "audit", epochs=1)
-    config = yaml.safe_load(cfg.read_text())
-    config["trainer"]["callbacks"].append({"class_path": "rank_failure.SigtermAt",
-                                           "init_args": {"batch": 3, "rank": 0}})
     # rank 0's on-exception work outlasts the launcher's observer poll (5 s) after rank 1 has exited 143: the
     # observer spares it (it SIGKILLed rank 0 for a rank that exited before its work was done: exit -9)
-    config["trainer"]["callbacks"].append({"class_path": "rank_failure.SlowOnException",
-                                           "init_args": {"seconds": 12.0, "rank": 0}})
-    cfg.write_text(yaml.safe_dump(config))
+    cfg = config_with_callbacks(tmp_path, feature_dir, 16, SigtermAt={"batch": 3, "rank": 0},
+                                SlowOnException={"seconds": 12.0, "rank": 0})
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
     assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1  # rank 0's alone
@@ -525,20 +527,13 @@ def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_
     temp.mkdir()
     monkeypatch.setenv("TMPDIR", str(temp))
     pid_file = tmp_path / "rank1.pid"
-    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1)
-    config = yaml.safe_load(cfg.read_text())
-    config["trainer"]["callbacks"].append({"class_path": "rank_failure.SigtermRank0BeforeRendezvous",
-                                           "init_args": {"pid_file": str(pid_file)}})
-    cfg.write_text(yaml.safe_dump(config))
+    cfg = config_with_callbacks(tmp_path, feature_dir, 64, SigtermRank0BeforeRendezvous={"pid_file": str(pid_file)})
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
     assert "error: mmoe-rec fit stopped by SIGTERM before it finished; ending the ranks it launched" in proc.stderr
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
-    rank1 = int(pid_file.read_text())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and _alive(rank1):
-        time.sleep(0.2)
-    assert not _alive(rank1), "rank 1 outlived rank 0"
+    assert_ends(int(pid_file.read_text()), within_s=20)
+    assert not list(temp.glob("mmoe-rec-ranks-*"))
 
 
 def test_a_sigterm_to_rank_0_held_in_a_collective_by_a_stalled_rank_ends_the_job(feature_dir, tmp_path,
@@ -549,23 +544,22 @@ def test_a_sigterm_to_rank_0_held_in_a_collective_by_a_stalled_rank_ends_the_job
     run FAILED, rank 1 ended."""
     monkeypatch.setenv("MMOE_REC_SIGTERM_STOP_LIMIT_S", "3")
     pid_file = tmp_path / "rank1.pid"
-    cfg = write_config(tmp_path / "c.yaml", feature_dir, 16, tmp_path / "audit", epochs=1)
-    config = yaml.safe_load(cfg.read_text())
-    config["trainer"]["callbacks"].append({"class_path": "rank_failure.StallAndSigtermRank0",
-                                           "init_args": {"pid_file": str(pid_file)}})
-    cfg.write_text(yaml.safe_dump(config))
+    cfg = config_with_callbacks(tmp_path, feature_dir, 16, StallAndSigtermRank0={"pid_file": str(pid_file)})
     start = time.monotonic()
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
     assert time.monotonic() - start < 100  # rank 1 stalls for 120 s
     assert "error: mmoe-rec fit did not stop within 3 s of a SIGTERM" in proc.stderr, proc.stderr[-3000:]
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
-    rank1 = int(pid_file.read_text())
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _alive(rank1):
+    assert_ends(int(pid_file.read_text()), within_s=30)
+
+
+def assert_ends(rank1_pid: int, within_s: float) -> None:
+    """Rank 1 ends within `within_s` (rank 0 has exited)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and _alive(rank1_pid):
         time.sleep(0.2)
-    assert not _alive(rank1), "rank 1 outlived rank 0"
-    assert not list(temp.glob("mmoe-rec-ranks-*"))
+    assert not _alive(rank1_pid), "rank 1 outlived rank 0"
 
 
 def _alive(pid: int) -> bool:
