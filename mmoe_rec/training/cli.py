@@ -166,13 +166,17 @@ def _running_trainer() -> Any:
 def _end_job_on_sigterm() -> None:
     """A SIGTERM outside Lightning's handler, or one Lightning's could not act on in time (sigterm.watch): the
     ranks this process launched, if any, are ended, then the run, if made, is marked FAILED (the tracking store
-    may be slow). The ranks' marker folder goes too (the process ends by os._exit, past its cleanup)."""
+    may be slow). The ranks' marker folder and the prediction writers' temporary files go too (the process ends by
+    os._exit, past the cleanup that would have removed them)."""
     folder = os.environ.get(DONE_DIR_ENV)
     if folder and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):  # made by this process
         shutil.rmtree(folder, ignore_errors=True)
     trainer = _running_trainer()
     if trainer is None:
         return
+    for callback in trainer.callbacks:  # their on_exception, which removes them, will not run
+        if isinstance(callback, ParquetPredictionWriter):
+            callback.remove_temporary_files()
     launcher = getattr(trainer.strategy, "launcher", None)
     for proc in getattr(launcher, "procs", None) or []:
         if isinstance(proc, subprocess.Popen):  # ddp: the ranks it started
@@ -430,47 +434,56 @@ def _end_run_failed(logger: Any) -> None:
         pass
 
 
+def _end_failed_job() -> None:
+    """The job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after the
+    callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader worker's
+    death is, by PyTorch's SIGCHLD handler) skipped that and left the run RUNNING. It also skipped Lightning's
+    teardown, which puts back the signal handlers it replaced: done first, so that the watch (sigterm.watch) acts
+    at once on a SIGTERM while a slow store is written (Lightning's handler only takes note), and so that a caller
+    in this process does not keep a handler that reads a finished trainer."""
+    trainer = _running_trainer()
+    connector = getattr(trainer, "_signal_connector", None)
+    if connector is not None:
+        try:
+            connector.teardown()
+        except Exception:  # noqa: BLE001 - the original error is the one to report
+            pass
+    for logger in getattr(trainer, "loggers", None) or []:
+        _end_run_failed(logger)
+
+
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
     # `mmoe-rec` passes sys.argv[1:] on as args; LightningCLI warns when both are set, needlessly here
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     register_strategy()
     sigterm.install()  # every rank stops at the same batch (Lightning's handler broadcast inside the handler)
+    launcher_pid = None
     if os.environ.get(DONE_DIR_ENV):  # a rank rank 0 launched: it ends with rank 0, however rank 0 ends
         launcher = os.environ.get(LAUNCHER_PID_ENV, "")
-        sigterm.die_with_parent(int(launcher) if launcher.isdigit() else None)
+        launcher_pid = int(launcher) if launcher.isdigit() else None
+        sigterm.die_with_parent(launcher_pid)
     try:
-        with sigterm.watch(_end_job_on_sigterm, job=f"mmoe-rec {argv[0]}" if argv else "mmoe-rec"):
-            return MultiTaskCLI(
-                model_class=MultiTaskModule,
-                datamodule_class=FeatureDataModule,
-                subclass_mode_model=True,
-                subclass_mode_data=True,
-                save_config_callback=None,
-                auto_configure_optimizers=False,
-                # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage before it;
-                # no abbreviations: `--trainer.max_epoch 7` was taken as max_epochs (a YAML `max_epoch:` is refused)
-                parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
-                               **{sub: {"exit_on_error": False, "allow_abbrev": False}
-                                  for sub in MultiTaskCLI.subcommands()}},
-                args=argv,
-            )
-    except Exception:
-        # the job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after
-        # the callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader
-        # worker's death is, by PyTorch's SIGCHLD handler) skipped that and left the run RUNNING
-        trainer = _running_trainer()
-        # that also skipped Lightning's teardown, which puts back the signal handlers it replaced: first, so that a
-        # SIGTERM while a slow store is written below ends the process (Lightning's handler only takes note), and
-        # so that a caller in this process does not keep a handler that reads a finished trainer
-        connector = getattr(trainer, "_signal_connector", None)
-        if connector is not None:
+        with sigterm.watch(_end_job_on_sigterm, job=f"mmoe-rec {argv[0]}" if argv else "mmoe-rec",
+                           launcher_pid=launcher_pid):
             try:
-                connector.teardown()
-            except Exception:  # noqa: BLE001 - the original error is the one to report
-                pass
-        for logger in getattr(trainer, "loggers", None) or []:
-            _end_run_failed(logger)
-        raise
+                return MultiTaskCLI(
+                    model_class=MultiTaskModule,
+                    datamodule_class=FeatureDataModule,
+                    subclass_mode_model=True,
+                    subclass_mode_data=True,
+                    save_config_callback=None,
+                    auto_configure_optimizers=False,
+                    # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage
+                    # before it; no abbreviations: `--trainer.max_epoch 7` was taken as max_epochs (a YAML
+                    # `max_epoch:` is refused)
+                    parser_kwargs={"exit_on_error": False, "allow_abbrev": False,
+                                   **{sub: {"exit_on_error": False, "allow_abbrev": False}
+                                      for sub in MultiTaskCLI.subcommands()}},
+                    args=argv,
+                )
+            except Exception:
+                _end_failed_job()  # inside the watch: a SIGTERM meanwhile ends the process
+                raise
     finally:
         _running_cli.clear()
         settle_gloo_workers()  # a multi-process CPU run: see gloo_exit (a rank could abort at exit)

@@ -160,6 +160,13 @@ class ParquetPredictionWriter(BasePredictionWriter):
             rank_zero_warn(f"removed the predictions an earlier run wrote under {self.output} with another number "
                            f"of processes: {', '.join(p.name for p in stale)}")
 
+    def remove_temporary_files(self) -> None:
+        """This rank's parts and partial file unlinked as they are, writers open (for a process about to end by
+        os._exit, past on_exception: sigterm's watch ending a stopped job)."""
+        for path in (*(part for part, _ in list(self._parts.values())), self._partial):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         parts = self._close_parts()
         for path in (*parts, self._partial):

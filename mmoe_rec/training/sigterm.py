@@ -96,12 +96,15 @@ _EXIT_CODE = 143  # 128 + SIGTERM: the shell's code for "killed by SIGTERM"
 RECORD_LIMIT_S = 15.0
 _STOP = b"\0"  # written by stop(): the watcher's end (no signal has number 0)
 STOP_LIMIT_ENV = "MMOE_REC_SIGTERM_STOP_LIMIT_S"
-STOP_LIMIT_S = 60.0  # how long a job under Lightning's handler may take to stop on its own after a SIGTERM
+# how long a job under Lightning's handler may take to stop on its own after a SIGTERM: its on-exception work
+# included (a checkpoint of large tables, the run's end), as long as the launcher's observer spares rank 0 for
+STOP_LIMIT_S = SIGTERM_GRACE_S
+MAX_STOP_LIMIT_S = 86_400.0
 _watch: Optional["_Watch"] = None
 
 
 def stop_limit_s() -> float:
-    """STOP_LIMIT_S, or the environment's MMOE_REC_SIGTERM_STOP_LIMIT_S (seconds, > 0)."""
+    """STOP_LIMIT_S, or the environment's MMOE_REC_SIGTERM_STOP_LIMIT_S (seconds, > 0, at most a day)."""
     value = os.environ.get(STOP_LIMIT_ENV)
     if value is None:
         return STOP_LIMIT_S
@@ -109,8 +112,9 @@ def stop_limit_s() -> float:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{STOP_LIMIT_ENV}={value!r}: expected a number of seconds > 0")
+    if not 0 < seconds <= MAX_STOP_LIMIT_S:  # NaN fails too; inf overflowed select's timeout
+        raise ValueError(f"{STOP_LIMIT_ENV}={value!r}: expected a number of seconds > 0 and at most "
+                         f"{MAX_STOP_LIMIT_S:g}")
     return seconds
 
 
@@ -120,8 +124,9 @@ def _ignore(signum: int, frame: Any) -> None:
 
 
 class _Watch:
-    def __init__(self, on_sigterm: Callable[[], None], job: str) -> None:
+    def __init__(self, on_sigterm: Callable[[], None], job: str, launcher_pid: int | None) -> None:
         self.on_sigterm, self.job, self.stop_limit_s = on_sigterm, job, stop_limit_s()
+        self.launcher_pid = launcher_pid  # a launched rank's launcher (rank 0), or None
         self.lightning_handles = False  # Lightning's handler in place (install() keeps this up to date)
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)  # the C handler must never block
@@ -135,15 +140,19 @@ class _Watch:
                 return
             if byte[0] != signal.SIGTERM:
                 continue
-            if self.lightning_handles:
+            timed_out = False
+            if self._defers():
                 # Lightning's handler stops the job at its next batch, unless the main thread is held in C++
-                if self._stopped_within(self.stop_limit_s):
+                stopped = self._stopped_within(self.stop_limit_s)
+                if stopped:
                     return
-                print(f"error: {self.job} did not stop within {self.stop_limit_s:g} s of a SIGTERM (a rank held in "
-                      "a collective by a stalled one?); ending it and the ranks it launched", file=sys.stderr,
-                      flush=True)
-            else:  # before Lightning's handler took over (ddp: the ranks still meeting), after its teardown, or in
-                # the process that only waits for ddp_spawn / ddp_fork ranks, which never installs it
+                timed_out = stopped is False
+            if timed_out:
+                print(f"error: {self.job} did not stop within {self.stop_limit_s:g} s of a SIGTERM (held in a "
+                      "collective by a stalled rank, or its on-exception work took longer); ending it and the "
+                      "ranks it launched", file=sys.stderr, flush=True)
+            else:  # before Lightning's handler took over (ddp: the ranks still meeting), after its teardown, in the
+                # process that only waits for ddp_spawn / ddp_fork ranks (it never installs it), in an orphaned rank
                 print(f"error: {self.job} stopped by SIGTERM before it finished; ending the ranks it launched, if "
                       "any", file=sys.stderr, flush=True)
             recorder = threading.Thread(target=self._record, name="mmoe-rec-sigterm-record", daemon=True)
@@ -156,8 +165,14 @@ class _Watch:
             sys.stderr.flush()
             os._exit(_EXIT_CODE)
 
-    def _stopped_within(self, seconds: float) -> bool:
-        """Whether the watch is stopped (the job ended in this process) within `seconds`; other signals pass."""
+    def _defers(self) -> bool:
+        """Whether a SIGTERM is left to Lightning's handler for now: while it is in place, unless this is a
+        launched rank whose launcher is gone (rank 0 ended the job: it must not wait out a limit of its own)."""
+        return self.lightning_handles and not (self.launcher_pid is not None and os.getppid() != self.launcher_pid)
+
+    def _stopped_within(self, seconds: float) -> bool | None:
+        """True: the watch is stopped (the job ended in this process) within `seconds`; False: not; None: a later
+        SIGTERM that is not to be left to Lightning (its handler torn down since, the launcher gone)."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select([self.read_fd], [], [], left)
@@ -165,6 +180,8 @@ class _Watch:
                 byte = os.read(self.read_fd, 1)
                 if not byte or byte == _STOP:
                     return True
+                if byte[0] == signal.SIGTERM and not self._defers():
+                    return None
         return False
 
     def _record(self) -> None:
@@ -190,9 +207,10 @@ class _Watch:
 
 
 @contextmanager
-def watch(on_sigterm: Callable[[], None], job: str = "mmoe-rec") -> Iterator[None]:
+def watch(on_sigterm: Callable[[], None], job: str = "mmoe-rec", launcher_pid: int | None = None) -> Iterator[None]:
     """SIGTERM in the block runs `on_sigterm` and exits 143: at once outside Lightning's handler, after
-    `stop_limit_s()` under it if the job has not ended by then (see above). `job` names it in the one-line error.
+    `stop_limit_s()` under it if the job has not ended by then (see above); at once in a launched rank
+    (`launcher_pid`: its launcher's) once its launcher is gone. `job` names it in the one-line error.
     Only from the main thread where SIGTERM has its default action and no wakeup fd is set (a host program's own
     signal handling is left alone)."""
     global _watch
@@ -205,7 +223,7 @@ def watch(on_sigterm: Callable[[], None], job: str = "mmoe-rec") -> Iterator[Non
     if previous != -1:
         yield
         return
-    _watch = _Watch(on_sigterm, job)
+    _watch = _Watch(on_sigterm, job, launcher_pid)
     _watch.start()
     try:
         yield

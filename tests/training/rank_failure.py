@@ -93,6 +93,22 @@ class SigtermInSetup(L.Callback):
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermAndHold(L.Callback):
+    """At its `batch`-th predict batch (the earlier ones written): SIGTERM to this process, then `seconds` in the
+    hook, as a job held up elsewhere would be (Lightning's handler takes note; the job does not get on)."""
+
+    def __init__(self, batch: int = 2, seconds: float = 60.0) -> None:
+        self.batch, self.seconds = batch, seconds
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.batch:
+            import signal
+            import time
+
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(self.seconds)
+
+
 class SlowOnException(L.Callback):
     """Rank `rank` takes `seconds` in on_exception (a large on-exception checkpoint): the other ranks have exited."""
 

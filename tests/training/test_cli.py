@@ -690,6 +690,16 @@ def test_a_sigterm_stops_fit_and_predict_with_exit_143_and_no_partial_output(fea
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "error: mmoe-rec predict stopped by SIGTERM" in proc.stderr
     assert list((in_tmp / "out").iterdir()) == []  # neither the file nor a partial one
+    # a predict that does not stop within the limit is ended by the watch, past the writer's on_exception: its
+    # partial file was left behind (a review)
+    env["MMOE_REC_SIGTERM_STOP_LIMIT_S"] = "3"
+    proc = run("predict", "--config", config, *common, "--ckpt_path", str(in_tmp / "ck" / "last.ckpt"),
+               "--predictions_path", str(in_tmp / "out" / "p.parquet"),
+               "--trainer.callbacks+=rank_failure.SigtermAndHold")
+    del env["MMOE_REC_SIGTERM_STOP_LIMIT_S"]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "error: mmoe-rec predict did not stop within 3 s of a SIGTERM" in proc.stderr
+    assert list((in_tmp / "out").iterdir()) == []
 
 
 def test_a_job_that_fails_inside_lightnings_failure_handling_still_ends_its_run_failed(feature_dir, in_tmp):

@@ -549,7 +549,9 @@ def test_a_sigterm_to_rank_0_held_in_a_collective_by_a_stalled_rank_ends_the_job
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
     assert time.monotonic() - start < 100  # rank 1 stalls for 120 s
-    assert "error: mmoe-rec fit did not stop within 3 s of a SIGTERM" in proc.stderr, proc.stderr[-3000:]
+    # rank 0's line alone: rank 1, told by rank 0 and then orphaned, stops at once (it waited out a limit of its own)
+    assert proc.stderr.count("did not stop within 3 s of a SIGTERM") == 1, proc.stderr[-3000:]
+    assert "error: mmoe-rec fit did not stop within 3 s of a SIGTERM" in proc.stderr
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
     assert_ends(int(pid_file.read_text()), within_s=30)
 
