@@ -174,9 +174,9 @@ def _end_job_on_sigterm() -> None:
     trainer = _running_trainer()
     if trainer is None:
         return
-    for callback in trainer.callbacks:  # their on_exception, which removes them, will not run
-        if isinstance(callback, ParquetPredictionWriter):
-            callback.remove_temporary_files()
+    writers = [c for c in trainer.callbacks if isinstance(c, ParquetPredictionWriter)]
+    for writer in writers:  # their on_exception, which removes them, will not run
+        writer.remove_temporary_files()
     launcher = getattr(trainer.strategy, "launcher", None)
     for proc in getattr(launcher, "procs", None) or []:
         if isinstance(proc, subprocess.Popen):  # ddp: the ranks it started
@@ -186,6 +186,8 @@ def _end_job_on_sigterm() -> None:
             proc.terminate()
     for logger in trainer.loggers:
         _end_run_failed(logger)
+    for writer in writers:  # again: the main thread may have opened a part meanwhile
+        writer.remove_temporary_files()
 
 
 class MultiTaskCLI(LightningCLI):

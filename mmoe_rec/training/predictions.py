@@ -17,6 +17,7 @@ past this run's), so that the folder holds one run's predictions, each row once;
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import warnings
@@ -161,17 +162,19 @@ class ParquetPredictionWriter(BasePredictionWriter):
                            f"of processes: {', '.join(p.name for p in stale)}")
 
     def remove_temporary_files(self) -> None:
-        """This rank's parts and partial file unlinked as they are, writers open (for a process about to end by
-        os._exit, past on_exception: sigterm's watch ending a stopped job)."""
-        for path in (*(part for part, _ in list(self._parts.values())), self._partial):
-            if path is not None:
-                path.unlink(missing_ok=True)
+        """This process's parts and partial file unlinked as they are, writers open, found by their names (a part
+        being opened meanwhile is not yet in `_parts`): for a process about to end by os._exit, past on_exception
+        (sigterm's watch ending a stopped job)."""
+        if self._partial is None:
+            return
+        for path in (self._partial, *self._partial.parent.glob(f"{glob.escape(self._partial.name)}.worker*")):
+            path.unlink(missing_ok=True)
 
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         parts = self._close_parts()
         for path in (*parts, self._partial):
-            if path is not None and path.exists():
-                path.unlink()
+            if path is not None:
+                path.unlink(missing_ok=True)
 
 
 def _limited_batches(trainer: "L.Trainer") -> tuple[str, int] | None:

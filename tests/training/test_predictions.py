@@ -151,3 +151,18 @@ def test_an_id_column_with_a_score_columns_name_is_refused_before_any_row(featur
     with pytest.raises(ValueError, match=r"id columns \['score_click'\] have the names of output columns"):
         trainer.predict(module, datamodule=dm, return_predictions=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_removing_the_temporary_files_takes_this_process_parts_by_name_and_no_other_process(tmp_path):
+    """sigterm's watch ends a stopped predict by os._exit, past on_exception: the writer unlinks its partial file
+    and every part of it, also one the main thread is still opening (a file not yet in the writer's table), and
+    none of a process whose pid starts with this one's (a review's race: parts opened in the gap were left)."""
+    writer = ParquetPredictionWriter(str(tmp_path / "p.parquet"))
+    writer._partial = tmp_path / ".p.parquet.partial-123"
+    ours = [writer._partial, writer._part(0), writer._part(1)]  # worker 1's part: on disk, not in writer._parts
+    others = [tmp_path / ".p.parquet.partial-1234", tmp_path / ".p.parquet.partial-1234.worker0"]
+    for path in (*ours, *others):
+        path.write_bytes(b"rows")
+    writer.remove_temporary_files()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
+    writer.remove_temporary_files()  # nothing left of its own: no error
