@@ -184,8 +184,7 @@ def _end_job_on_sigterm() -> None:
                 proc.send_signal(signal.SIGTERM)
         elif callable(getattr(proc, "terminate", None)):  # ddp_spawn / ddp_fork: this process only waits for them
             proc.terminate()
-    for logger in trainer.loggers:
-        _end_run_failed(logger)
+    _end_runs_failed(trainer)
     for writer in writers:  # again: the main thread may have opened a part meanwhile
         writer.remove_temporary_files()
 
@@ -217,15 +216,13 @@ class MultiTaskCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         # a rank that fails during the work: Lightning SIGKILLs rank 0, which ends its MLflow runs FAILED first
-        with child_rank_reports(on_child_failure=lambda: [_end_run_failed(lg) for lg in self.trainer.loggers]) \
-                as done_dir:
+        with child_rank_reports(on_child_failure=lambda: _end_runs_failed(self.trainer)) as done_dir:
             super()._run_subcommand(subcommand)
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
             try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
                 join_child_ranks(self.trainer, done_dir)
             except ChildRankFailed:
-                for logger in self.trainer.loggers:
-                    _end_run_failed(logger)  # the run ended FINISHED with rank 0's part
+                _end_runs_failed(self.trainer)  # the run ended FINISHED with rank 0's part
                 raise
 
     def _parse_ckpt_path(self) -> None:
@@ -436,6 +433,12 @@ def _end_run_failed(logger: Any) -> None:
         pass
 
 
+def _end_runs_failed(trainer: Any) -> None:
+    """`_end_run_failed` for each of the trainer's loggers (none without a trainer)."""
+    for logger in getattr(trainer, "loggers", None) or []:
+        _end_run_failed(logger)
+
+
 def _end_failed_job() -> None:
     """The job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after the
     callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader worker's
@@ -450,8 +453,7 @@ def _end_failed_job() -> None:
             connector.teardown()
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
-    for logger in getattr(trainer, "loggers", None) or []:
-        _end_run_failed(logger)
+    _end_runs_failed(trainer)
 
 
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
