@@ -35,6 +35,7 @@ from mmoe_rec.training.sigterm import SIGTERM_GRACE_S, sigterm_received_at
 DONE_DIR_ENV = "MMOE_REC_RANKS_DONE_DIR"
 LAUNCHER_PID_ENV = "MMOE_REC_RANKS_LAUNCHER_PID"  # the pid of the rank that launched the others (die_with_parent)
 CHILD_EXIT_TIMEOUT_S = 120.0  # after rank 0 finished: a child only tears down (seconds, even on a loaded machine)
+CHILD_FAILURE_WAIT_S = 2.0  # rank 0 failed: how long the ranks it launched get to show that one failed first
 
 
 class ChildRankFailed(RuntimeError):
@@ -119,6 +120,32 @@ def child_rank_reports(on_child_failure: Optional[Callable[[], None]] = None) ->
         os.environ.pop(DONE_DIR_ENV, None)
         os.environ.pop(LAUNCHER_PID_ENV, None)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def name_failed_child_ranks(trainer: Any, wait_s: float = CHILD_FAILURE_WAIT_S) -> list[str]:
+    """Rank 0's part of the job failed: says which ranks it launched had already exited non-zero (returned too,
+    for tests). A rank killed by a signal (the kernel's out-of-memory killer sends SIGKILL) prints nothing, and
+    rank 0's error is then gloo's "Connection reset by peer", which names no rank. A peer's sockets close as it
+    dies, a moment before its exit can be read: the ranks get `wait_s` together to show theirs (one still waiting
+    in a collective for rank 0 has not failed: left to end with rank 0). Silent after a SIGTERM, which every rank
+    obeys on its own."""
+    procs = _child_processes(trainer)
+    if not procs or sigterm_received_at() is not None:
+        return []
+    named = []
+    deadline = time.monotonic() + wait_s
+    for rank, proc in enumerate(procs, start=1):
+        try:
+            code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            continue
+        if code:
+            hint = " (SIGKILL: the kernel's out-of-memory killer sends it too)" if code == -signal.SIGKILL else ""
+            named.append(f"rank {rank} (pid {proc.pid}) {_exit_text(code)}{hint}")
+    if named:
+        print(f"mmoe-rec: {'; '.join(named)} while rank 0 was working: rank 0's error below follows from it",
+              file=sys.stderr, flush=True)
+    return named
 
 
 def mark_rank_done(trainer: Any) -> None:

@@ -34,7 +34,7 @@ from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, LAUNCHER_PID_ENV, ChildRankFailed, child_rank_reports,
-                                           join_child_ranks, mark_rank_done)
+                                           join_child_ranks, mark_rank_done, name_failed_child_ranks)
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
@@ -217,7 +217,11 @@ class MultiTaskCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         # a rank that fails during the work: Lightning SIGKILLs rank 0, which ends its MLflow runs FAILED first
         with child_rank_reports(on_child_failure=lambda: _end_runs_failed(self.trainer)) as done_dir:
-            super()._run_subcommand(subcommand)
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException:
+                name_failed_child_ranks(self.trainer)  # rank 0's gloo error names no rank
+                raise
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
             try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
                 join_child_ranks(self.trainer, done_dir)

@@ -3,6 +3,7 @@ as its process exits after its work is done (as the gloo exit race in mmoe_rec/t
 rank's loss-free balancing biases after every step."""
 import atexit
 import os
+import signal
 
 import lightning as L
 
@@ -169,3 +170,15 @@ class FailDuringItsCleanup(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         raise RuntimeError("and so does the cleanup")
+
+
+class KilledMidTraining(L.Callback):
+    """`rank` is SIGKILLed at its second training batch (as the kernel's out-of-memory killer ends a process: no
+    traceback, no exception handling); the other ranks are then waiting in a collective."""
+
+    def __init__(self, rank: int = 1) -> None:
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGKILL)

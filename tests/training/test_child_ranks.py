@@ -12,8 +12,9 @@ from types import SimpleNamespace
 import pytest
 from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
 
+from mmoe_rec.training import child_ranks
 from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, ChildRankFailed, child_rank_reports, join_child_ranks,
-                                           mark_rank_done)
+                                           mark_rank_done, name_failed_child_ranks)
 
 
 def child(code: str) -> subprocess.Popen:
@@ -73,6 +74,39 @@ def test_a_child_that_marked_its_work_done_and_then_failed_is_a_warning(tmp_path
     with pytest.warns(RuntimeWarning, match=r"rank 1 \(pid \d+\) was killed by signal 6 after finishing its work"):
         with pytest.raises(ChildRankFailed, match=r"^rank 2 \(pid \d+\) exited with code 2 after rank 0 finished"):
             join_child_ranks(trainer_with(procs), tmp_path)
+
+
+def test_rank_0_failing_names_the_ranks_that_died_before_it_and_not_those_still_waiting(capsys):
+    """A rank SIGKILLed (the out-of-memory killer) prints nothing and rank 0's gloo error names no rank: rank 0's
+    failure path names it. One still running (waiting for rank 0 in a collective) has not failed."""
+    procs = [child("import os, signal; os.kill(os.getpid(), signal.SIGKILL)"), child("import time; time.sleep(30)"),
+             child("import sys; sys.exit(4)")]
+    try:
+        start = time.monotonic()
+        named = name_failed_child_ranks(trainer_with(procs), wait_s=3.0)
+        assert time.monotonic() - start < 6  # the sleeper does not hold it past the wait
+        assert named == [f"rank 1 (pid {procs[0].pid}) was killed by signal 9 (SIGKILL: the kernel's out-of-memory "
+                         "killer sends it too)", f"rank 3 (pid {procs[2].pid}) exited with code 4"]
+        assert procs[1].poll() is None
+        assert "; ".join(named) + " while rank 0 was working" in capsys.readouterr().err
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+
+
+def test_rank_0_failing_after_a_sigterm_names_no_rank(monkeypatch, capsys):
+    """After a SIGTERM every rank stops on its own (exit 143): naming them would read as the cause."""
+    monkeypatch.setattr(child_ranks, "sigterm_received_at", lambda: time.monotonic())
+    procs = [child("import sys; sys.exit(143)")]
+    procs[0].wait()
+    assert name_failed_child_ranks(trainer_with(procs)) == []
+    assert capsys.readouterr().err == ""
+
+
+def test_rank_0_failing_without_launched_ranks_waits_for_nothing():
+    start = time.monotonic()
+    assert name_failed_child_ranks(SimpleNamespace(strategy=SimpleNamespace(launcher=None))) == []
+    assert time.monotonic() - start < 0.5
 
 
 def test_the_launcher_makes_the_report_folder_and_a_launched_rank_marks_itself_done(monkeypatch):

@@ -503,6 +503,16 @@ def test_a_rank_that_fails_during_the_work_fails_the_job_and_its_run(feature_dir
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
+def test_a_rank_killed_mid_training_is_named_by_rank_0(feature_dir, tmp_path):
+    """Rank 1 is SIGKILLed mid-training (the out-of-memory killer's way: it prints nothing). Rank 0's collective
+    fails with gloo's "Connection closed by peer", which names no rank: rank 0 says which rank died and how, and
+    the job fails with its run FAILED."""
+    proc = fit_with_rank_1_callback(tmp_path, feature_dir, "KilledMidTraining")
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert re.search(r"rank 1 \(pid \d+\) was killed by signal 9 \(SIGKILL", proc.stderr), proc.stderr[-3000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(feature_dir, tmp_path):
     """`timeout` / a scheduler signals rank 0: Lightning's handler forwarded it to rank 1 and broadcast inside the
     handler, mid-collective (rank 1: gloo "collective mismatch", rank 0: "Connection reset by peer", exit 1). Every
