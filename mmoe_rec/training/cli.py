@@ -219,7 +219,7 @@ class MultiTaskCLI(LightningCLI):
         with child_rank_reports(on_child_failure=lambda: _end_runs_failed(self.trainer)) as done_dir:
             try:
                 super()._run_subcommand(subcommand)
-            except BaseException:
+            except Exception:  # not Ctrl+C's SystemExit: Lightning SIGKILLs the ranks itself then
                 name_failed_child_ranks(self.trainer)  # rank 0's gloo error names no rank
                 raise
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
