@@ -13,6 +13,8 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from mmoe_rec.exit_now import exit_now
+
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
 JOBS = {
     "synth": "mmoe_rec.data.synthetic:main",
@@ -148,18 +150,6 @@ def _sigterm(signum, frame) -> None:
     raise _Terminated(128 + signal.SIGTERM)  # the shell's code for "killed by SIGTERM"
 
 
-def _exit_now(code: int) -> None:
-    """End the process with `code` once the output is out, without the interpreter's shutdown (see main). Output
-    that cannot go out (stdout a pipe whose reader has gone, as in `mmoe-rec --help | true`) makes a successful
-    exit 120, as Python's own exit does, with no traceback."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a broken pipe; a stream closed by the job
-            code = code or 120
-    os._exit(code)
-
-
 def _end_process(code: int) -> None:
     """End the process with `code` as the interpreter's exit does for the program, without the teardown of every
     module that follows it: with torch, Lightning, MLflow and torchrec loaded that took 2-3 s a process (measured,
@@ -170,7 +160,7 @@ def _end_process(code: int) -> None:
     logging's, multiprocessing's), output flushed."""
     threading._shutdown()
     atexit._run_exitfuncs()
-    _exit_now(code)
+    exit_now(code)
 
 
 @contextlib.contextmanager
@@ -191,7 +181,7 @@ def exit_on_sigterm(message: str | None = None) -> Iterator[None]:
     except _Terminated as e:
         if message:
             print(message, file=sys.stderr)
-        _exit_now(e.code)
+        exit_now(e.code)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -227,7 +217,7 @@ def _run(argv: list[str], process: bool) -> int:
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             code = _report(e, argv)
         if code and process:  # failed (its own report or ours printed, its cleanup done): end the process now
-            _exit_now(code)
+            exit_now(code)
         return code
     if argv and argv[0] in LIGHTNING_SUBCOMMANDS:
         # the imports take seconds, before the job's own SIGTERM watch (a SIGTERM there killed it without a word)

@@ -23,6 +23,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
+from mmoe_rec.exit_now import exit_now
+
 SIGTERM_GRACE_S = 120.0  # after a SIGTERM, rank 0 finishes its on-exception work (a checkpoint, the MLflow run)
 
 _log = logging.getLogger(__name__)
@@ -161,9 +163,7 @@ class _Watch:
             if recorder.is_alive():
                 print(f"mmoe-rec: the stop was not recorded within {RECORD_LIMIT_S:g} s (is the tracking store "
                       "answering?); exiting without it", file=sys.stderr, flush=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(_EXIT_CODE)
+            exit_now(_EXIT_CODE)
 
     def _defers(self) -> bool:
         """Whether a SIGTERM is left to Lightning's handler for now: while it is in place, unless this is a
