@@ -212,7 +212,8 @@ def _run(argv: list[str], process: bool) -> int:
     if argv and argv[0] in JOBS:
         module, func = JOBS[argv[0]].split(":")
         try:
-            with exit_on_sigterm():
+            with exit_on_sigterm(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished; it left no "
+                                 "partial output"):
                 code = int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             code = _report(e, argv)

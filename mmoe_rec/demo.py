@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     cli = [sys.executable, "-m", "mmoe_rec.cli"]
-    raw, features = work / "raw" / "synthetic_rec", work / "features" / "synthetic_rec"
+    # the demo's data lies apart (demo/) from demo_out/features/synthetic_rec, which the README's step 2 builds and
+    # the synthetic configs read: a demo run must not replace the features a user's checkpoints were trained on
+    raw, features = work / "demo" / "raw" / "synthetic_rec", work / "demo" / "features" / "synthetic_rec"
     ckpt_dir, scores = work / "checkpoints", work / "scores.parquet"
 
     # a world of 20k users and 5k items: small enough that two epochs of 200k impressions learn its ids

@@ -23,6 +23,26 @@ def resolved_output(output: str | os.PathLike) -> Path:
     return Path(os.path.realpath(output)) if output.is_symlink() else output
 
 
+def missing_parents(path: Path) -> list[Path]:
+    """The folders above `path` that do not exist yet, deepest first: those `mkdir(parents=True)` would make."""
+    missing = []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Removes `folders` in order (deepest first) while each is empty: what a failed job made for its output
+    goes with it, and folders that something else wrote into meanwhile stay."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            break
+
+
 def output_dir_problem(output: Path, overwrite: bool) -> str | None:
     """Why `output` may not be written to (a file; a non-empty directory without `overwrite`), or None."""
     if output.exists() and not output.is_dir():

@@ -83,18 +83,21 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
             time.sleep(120)
         build.group_by_split = held
         from mmoe_rec.cli import main
-        sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv", "--output", "out"]))
+        sys.exit(main(["features", "--schema", "s.yaml", "--input", "train=raw.csv", "--output", "new/out"]))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(started, proc)
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # the job is mid-write
+        assert [p.name for p in (tmp_path / "new").iterdir() if p.name.startswith(".out.tmp-")]  # mid-write
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        err = proc.stderr.read()
     finally:
         proc.kill()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]
-    assert not (tmp_path / "out").exists()
+    # no temporary output, and not the folder made for it either (a review found it left empty); one line said
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv", "s.yaml", "started"]
+    assert err.strip().splitlines()[-1] == ("error: mmoe-rec features stopped by SIGTERM before it finished; it left "
+                                            "no partial output")
 
 
 # For a subprocess: .xz files read slowly through Python's lzma (as Arrow's reader thread reads them), so that a

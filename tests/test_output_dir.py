@@ -61,3 +61,36 @@ def test_a_symlinked_output_folder_is_replaced_at_its_target_and_the_link_stays(
     assert pq.read_table(target)["x"].to_pylist() == [4, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "out"]  # nothing set aside or left over
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["out"]
+
+
+def test_missing_parents_are_named_deepest_first_and_removed_only_while_empty(tmp_path):
+    out = tmp_path / "a" / "b" / "c" / "out"
+    made = output_dir.missing_parents(out)
+    assert made == [tmp_path / "a" / "b" / "c", tmp_path / "a" / "b", tmp_path / "a"]
+    out.parent.mkdir(parents=True)
+    (tmp_path / "a" / "kept.txt").write_text("written meanwhile by something else")
+    output_dir.remove_empty_folders(made)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/kept.txt"]
+    assert output_dir.missing_parents(tmp_path / "x") == []  # its folder exists: nothing to make or remove
+
+
+def test_a_failed_features_build_or_synth_leaves_no_folder_it_made(tmp_path, capsys):
+    """A review: a failed build (a missing label column) left the empty folders made above its output."""
+    from mmoe_rec.cli import main
+
+    (tmp_path / "raw.csv").write_text("city\n" + "".join(f"c{i % 5}\n" for i in range(20)))
+    (tmp_path / "s.yaml").write_text("categorical: [{name: city}]\ntasks: [{name: y, column: y, type: binary}]\n")
+    code = main(["features", "--schema", str(tmp_path / "s.yaml"), "--input", f"train={tmp_path / 'raw.csv'}",
+                 "--output", str(tmp_path / "new" / "deeper" / "out")], process=False)
+    assert code == 1 and "column 'y'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv", "s.yaml"]
+
+    from mmoe_rec.data import synthetic
+
+    def failing():
+        yield synthetic.pa.table({"x": [1, 2]})
+        raise RuntimeError("the generator fails")
+
+    with pytest.raises(RuntimeError, match="generator fails"):
+        synthetic.write_parquet(failing(), tmp_path / "made" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv", "s.yaml"]

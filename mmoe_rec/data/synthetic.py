@@ -37,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmoe_rec.output_dir import output_dir_problem, replace_dir, resolved_output
+from mmoe_rec.output_dir import (missing_parents, output_dir_problem, remove_empty_folders, replace_dir,
+                                 resolved_output)
 
 BLOCK_ROWS = 262_144  # rows per seeded generator: a constant, so the data does not depend on the chunk size
 
@@ -267,6 +268,7 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
     check_output(output, overwrite)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    made = missing_parents(tmp)  # removed again if the write fails
     tmp.mkdir(parents=True)
     try:
         writer, n_files = None, 0
@@ -282,6 +284,7 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
         replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_folders(made)
         raise
     return sorted(output.glob("part-*.parquet"))
 

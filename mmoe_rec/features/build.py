@@ -55,7 +55,8 @@ from mmoe_rec.features.schema import Schema, load_schema
 from mmoe_rec.features.sources import column_types, glob_root, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
-from mmoe_rec.output_dir import output_dir_problem, replace_dir, resolved_output
+from mmoe_rec.output_dir import (missing_parents, output_dir_problem, remove_empty_folders, replace_dir,
+                                 resolved_output)
 from mmoe_rec.paths import first_repeated_file
 
 logger = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     output = resolved_output(output)
     problem = output_dir_problem(output, overwrite)
     if problem:
-        raise FeatureDataError(problem, file=str(output))
+        raise FeatureDataError(f"{output}: {problem}")  # a folder: not "file <output>"
     _refuse_inputs_in_output(sources, output)
     if row_group_rows < 1 or rows_per_file < 1 or batch_rows < 1:
         raise FeatureDataError(f"--batch-rows {batch_rows}, --row-group-rows {row_group_rows} and --rows-per-file "
@@ -456,6 +457,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    made = missing_parents(tmp)  # removed again if the build fails
     tmp.mkdir(parents=True)
     try:
         cs = compiled(spec)
@@ -502,6 +504,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         return spec
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_folders(made)
         raise
 
 

@@ -68,7 +68,11 @@ class DenseGates(nn.Module):
             w = self.weight.float()
             if x.dim() == 2:
                 B = x.shape[0]
-                w_flat = w.permute(1, 0, 2).reshape(self.in_dim, -1)  # (D, G*E)
+                # (D, G*E). One gate: a view of the weight, so that its gradient has the weight's strides (the
+                # permute's had another stride on the size-1 axis: DDP copied it and warned "Grad strides do not
+                # match bucket view strides"); several: a copy, whose gradient autograd lays out as the weight
+                w_flat = (w.view(self.in_dim, self.num_experts) if self.num_gates == 1
+                          else w.permute(1, 0, 2).reshape(self.in_dim, -1))
                 return (x @ w_flat).view(B, self.num_gates, self.num_experts)  # one GEMM for all gates
             if x.dim() == 3 and x.shape[0] == self.num_gates:
                 return torch.bmm(x, w).transpose(0, 1)  # (G, B, E) -> (B, G, E)

@@ -19,6 +19,7 @@ from mmoe_rec.data.batch import Batch
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of
+from mmoe_rec.output_dir import missing_parents, remove_empty_folders
 
 PACKAGE_FORMAT = 1
 PACKAGE_FILES = ("model.json", "spec.json", "weights.pt")  # what a package holds, what rebuilds its model
@@ -83,11 +84,12 @@ def save_package(model: MultiTaskModel, init_args: dict[str, Any], directory: st
     """Write the package to a temporary folder beside `directory`, then rename it into place. `init_args` must
     rebuild `model` (checked: the rebuilt model scores a probe batch as `model` does)."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.exists():
         raise FileExistsError(f"model package {directory} already exists")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_rebuilds(model, init_args, state)
+    made = missing_parents(directory)  # removed again if the package is not written
+    directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # a folder as mkdir makes it (mkdtemp's is the owner's only): scorers read it
@@ -98,6 +100,7 @@ def save_package(model: MultiTaskModel, init_args: dict[str, Any], directory: st
         os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty_folders(made)
         raise
     return directory
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -13,6 +15,7 @@ from mmoe_rec.registry.code_version import CODE_TAG, code_fingerprint
 from mmoe_rec.registry.package import load_package, save_package
 from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
 from mmoe_rec.registry.signature import example_input, model_signature
+from mmoe_rec.registry.versions import model_versions
 from mmoe_rec.training.tracking import configure_tracking
 
 
@@ -60,10 +63,76 @@ def register_package(
             MlflowClient().update_run(run_id, status=status)
     if failure:
         raise RuntimeError(failure)
-    version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)  # the version's tags
-    if alias:
-        MlflowClient().set_registered_model_alias(name, alias, version)
+    try:
+        version = register_version(info, name, alias, tags)
+    except BaseException:  # a failed registration (or a SIGTERM in it) ends our own run FAILED too
+        if run_id is None:
+            MlflowClient().set_terminated(info.run_id, "FAILED")
+        raise
     return name, version
+
+
+def register_version(info: Any, name: str, alias: str | None, tags: dict[str, str]) -> str:
+    """Registers the logged model `info` as a new version of `name` and points `alias` at it, whole or not at all:
+    if this fails part-way (a store error, a SIGTERM raised through it), the version it made is deleted, and the
+    registered model too if this call created it and it holds no other version; the alias is put back where it
+    was (deleting the version it was moved to deletes it)."""
+    client = MlflowClient()
+    existed = _registered_model_exists(client, name)
+    previous = _alias_version(client, name, alias) if existed and alias else None
+    try:
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)  # the version's tags
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+        return version
+    except BaseException:
+        try:
+            _undo_registration(client, name, info, existed)
+            if previous is not None and _alias_version(client, name, alias) != previous:
+                client.set_registered_model_alias(name, alias, previous)
+        except Exception as e:  # noqa: BLE001 - the original error is the one to raise
+            print(f"mmoe-rec: could not undo the partial registration of {name!r} ({type(e).__name__}: {e}); check "
+                  "the registry for a version without its alias or a model without versions", file=sys.stderr)
+        raise
+
+
+def _registered_model_exists(client: MlflowClient, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version `alias` points at, or None where it points nowhere."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _undo_registration(client: MlflowClient, name: str, info: Any, existed: bool) -> None:
+    """Deletes the versions of `name` made from the logged model `info`, then `name` itself if this registration
+    created it and no version is left."""
+    if not existed and not _registered_model_exists(client, name):
+        return  # stopped before the registered model was made
+    versions = model_versions(client, name)
+
+    def ours(v: Any) -> bool:  # a SQLite store's search gives no model_id: the source names the logged model
+        return v.source == info.model_uri or (v.model_id is not None and v.model_id == info.model_id)
+
+    for v in versions:
+        if ours(v):
+            client.delete_model_version(name, v.version)
+    if not existed and all(ours(v) for v in versions):
+        client.delete_registered_model(name)
 
 
 def scoring_failure(model_uri: str, spec, tasks: list[str]) -> str | None:

@@ -31,10 +31,11 @@ from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.features.sources import column_types, file_columns, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
-from mmoe_rec.output_dir import resolved_output
+from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import Scorer
+from mmoe_rec.registry.versions import model_versions
 
 
 USAGE = "--model must be models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest or a package folder"
@@ -73,8 +74,7 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
         if version is None:
             version = client.get_model_version_by_alias(name, alias).version
         elif version == "latest":
-            quote = '"' if "'" in name else "'"  # register refuses a name with both
-            versions = client.search_model_versions(f"name = {quote}{name}{quote}")
+            versions = model_versions(client, name)
             if not versions:
                 raise ValueError(f"{model_uri}: registered model {name!r} has no versions in {_store()}")
             version = max(int(v.version) for v in versions)
@@ -170,6 +170,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     as_written = [c for c in scorer.spec.id_columns
                   if c not in {st["column"] for st in compiled(scorer.spec).features.values()}]
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    made = missing_parents(output)  # removed again if scoring fails
     output.parent.mkdir(parents=True, exist_ok=True)
     read = written = 0
     read_from = dict.fromkeys(files, 0)  # rows read per file
@@ -205,11 +206,12 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
         if written != expected or read != expected:
             raise RuntimeError(f"scored {written} rows but the input has {expected}: output not written")
         os.replace(tmp, output)
-    finally:
+    except BaseException:  # no partial output: the temporary file and the folders made for it go
         if writer is not None:
             writer.close()
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+        remove_empty_folders(made)
+        raise
     return written
 
 

@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.features.spec import check_ids_are_not_outputs, score_column
-from mmoe_rec.output_dir import resolved_output
+from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
@@ -42,6 +42,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self._parts: dict[int, tuple[Path, pq.ParquetWriter]] = {}  # loader worker -> its part and writer
         self._target: Path | None = None
         self._partial: Path | None = None
+        self._made: list[Path] = []  # folders made for the output: removed again if the run fails
         self.rows = 0
         self.batches = 0
 
@@ -71,6 +72,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
         spec = getattr(pl_module, "spec", None)
         check_ids_are_not_outputs(spec.id_columns if spec is not None else [], pl_module.tasks)
         self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
+        self._made = missing_parents(self._target)
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
         self._parts, self.rows, self.batches = {}, 0, 0
@@ -169,12 +171,14 @@ class ParquetPredictionWriter(BasePredictionWriter):
             return
         for path in (self._partial, *self._partial.parent.glob(f"{glob.escape(self._partial.name)}.worker*")):
             path.unlink(missing_ok=True)
+        remove_empty_folders(self._made)
 
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         parts = self._close_parts()
         for path in (*parts, self._partial):
             if path is not None:
                 path.unlink(missing_ok=True)
+        remove_empty_folders(self._made)  # under DDP another rank's files keep a shared one
 
 
 def _limited_batches(trainer: "L.Trainer") -> tuple[str, int] | None:

@@ -160,7 +160,7 @@ def test_output_naming_an_existing_file_is_a_clear_error(tmp_path, capsys):
     schema.write_text("numeric: [{name: x}]\ntasks: [{name: y}]\n")
     for extra in ([], ["--overwrite"]):
         assert features_main(["--schema", str(schema), "--input", f"train={raw}", "--output", str(raw)] + extra) == 1
-        assert f"file {raw}: output exists and is not a directory" in capsys.readouterr().err
+        assert f"{raw}: output exists and is not a directory" in capsys.readouterr().err
     assert raw.read_text() == "x,y\n1,0\n2,1\n"
 
 

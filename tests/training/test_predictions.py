@@ -49,6 +49,9 @@ def test_a_row_count_that_is_not_the_splits_renames_nothing(feature_dir, tmp_pat
         predict(feature_dir, out, dm)
     assert out.read_bytes() == b"an earlier run"
     assert [p.name for p in tmp_path.iterdir()] == ["pred.parquet"]  # the partial file removed
+    with pytest.raises(RuntimeError, match="rows written over 1 process"):  # into folders made for it: they go too
+        predict(feature_dir, tmp_path / "new" / "deeper" / "pred.parquet", dm)
+    assert [p.name for p in tmp_path.iterdir()] == ["pred.parquet"]
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -166,3 +169,9 @@ def test_removing_the_temporary_files_takes_this_process_parts_by_name_and_no_ot
     writer.remove_temporary_files()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in others)
     writer.remove_temporary_files()  # nothing left of its own: no error
+    made = tmp_path / "made"  # a folder made for the output goes with the files, once empty
+    writer._partial, writer._made = made / ".p.parquet.partial-123", [made]
+    made.mkdir()
+    writer._part(0).write_bytes(b"rows")
+    writer.remove_temporary_files()
+    assert not made.exists()

@@ -1,0 +1,11 @@
+"""`model_versions(client, name)`: every version of a registered model, by a filter that holds any name register takes."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def model_versions(client: Any, name: str) -> list[Any]:
+    """The versions of registered model `name` (none if there is no such model). The name is quoted with the kind
+    of quote it does not hold (register refuses a name with both)."""
+    quote = '"' if "'" in name else "'"
+    return list(client.search_model_versions(f"name = {quote}{name}{quote}"))
