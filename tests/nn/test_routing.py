@@ -110,6 +110,28 @@ def test_router_gets_a_gradient_from_the_task_loss_with_k1(make):
     assert router.w_gate.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("make", [lambda: NoisyTopKRouter(4, 6, k=1, noise=True, init="normal", init_std=1.0),
+                                  lambda: SwitchRouter(4, 6, noise=True)])
+def test_in_training_a_top_1_row_is_weighted_by_the_softmax_of_the_noisy_logits_that_chose_its_expert(make):
+    """k = 1: the weight is softmax(H)_i with H the noisy logits (module doc; Shazeer et al. 2017), the same H that
+    chose expert i, and probs (the Switch loss's P) is that softmax too. With the clean logits' softmax no test
+    failed (a review's mutation)."""
+    torch.manual_seed(0)
+    router = make().train()
+    x = torch.randn(32, 4)
+    torch.manual_seed(5)
+    out = router(x)
+    torch.manual_seed(5)  # the same draw of the noise, written out
+    clean = x @ router.w_gate.detach()
+    noisy = clean + torch.randn_like(clean) * (torch.nn.functional.softplus(x @ router.w_noise.detach())
+                                               + router.noise_epsilon)
+    assert not torch.equal(noisy.argmax(1), clean.argmax(1))  # the noise changes some choices: a real test
+    probs = torch.softmax(noisy, dim=1)
+    assert torch.equal(out.chosen, noisy.argmax(1, keepdim=True))
+    torch.testing.assert_close(out.probs, probs)
+    torch.testing.assert_close(out.weights.detach(), probs.gather(1, out.chosen))
+
+
 def test_smooth_load_matches_monte_carlo_redraw_of_one_experts_noise():
     torch.manual_seed(0)
     T, E, k = 3, 5, 2
@@ -205,6 +227,10 @@ def test_expert_choice_eval_scores_each_row_on_its_own():
     alone = router(x[3:4])
     assert torch.equal(batch.chosen[3:4], alone.chosen)
     assert torch.allclose(batch.weights[3:4], alone.weights)
+    # weighted by the raw probabilities, as in training (each expert's rows at their softmax probability), not
+    # renormalised over the chosen: renormalised, the towers would read ~E/k times the scale they trained on
+    assert torch.equal(batch.weights, batch.probs.gather(1, batch.chosen))
+    assert bool((batch.weights.sum(1) < 1).all())
     strict = ExpertChoiceRouter(5, 4, capacity_factor=2.0, eval_fallback=False)
     strict.eval()
     with pytest.raises(RuntimeError, match="cannot score rows on their own"):

@@ -57,6 +57,18 @@ def test_uncertainty_weighting_formula_and_gradient():
     assert w.weights()["watch"] == pytest.approx(0.5 * math.exp(0.2), rel=1e-6)
 
 
+def test_uncertainty_weighting_scales_the_regulariser_by_the_static_weight_too():
+    """w_t (exp(-s_t) L_t + s_t / 2): a task of weight 0 (evaluated, not trained) leaves its s_t still, and a weight
+    w != 1 does not move s_t's optimum (log 2L_t for a binary task, whatever w), so the learnt weight does not cancel
+    the one the user set. With w outside the regulariser s_a drifted by 1/2 a step (a review's mutation)."""
+    w = UncertaintyWeighting(["a", "b"], {"a": "binary", "b": "binary"}, {"a": 0.0, "b": 2.0})
+    total = w({"a": torch.tensor(0.7), "b": torch.tensor(0.4)})
+    assert total.item() == pytest.approx(2.0 * 0.4, rel=1e-6)  # s = 0: 0 * (0.7 + 0) + 2 * (0.4 + 0)
+    total.backward()
+    assert w.log_vars.grad[0].item() == 0.0
+    assert w.log_vars.grad[1].item() == pytest.approx(2.0 * (-0.4 + 0.5), rel=1e-6)
+
+
 def test_dwa_weights_follow_loss_ratios():
     w = DynamicWeightAverage(["a", "b"], temperature=2.0)
     w.on_epoch_end({"a": 1.0, "b": 1.0})
@@ -251,6 +263,15 @@ def _gradnorm_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
 
 
+def _gradnorm_weights(step: int) -> torch.Tensor:
+    """W at step 0 and 1: the second changes each task's loss by another factor, and on each rank's rows by
+    another one again (W * (1 + step) alone scaled every loss by 4 everywhere: r_t = 1 for every task, whether the
+    losses were averaged over the ranks or not, and a test of that averaging could not fail; a review)."""
+    g = torch.Generator().manual_seed(1)
+    W, D = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    return W * (1 + step) + 3 * step * D
+
+
 def _gradnorm_losses(W, x1, x2) -> dict[str, torch.Tensor]:
     return {"click": ((x1 @ W) ** 2).mean(), "watch": 10.0 * ((x2 @ W) ** 2).mean()}
 
@@ -263,18 +284,18 @@ def _gradnorm_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> 
     try:
         torch.manual_seed(0)
         gn = DistributedDataParallel(GradNorm(["click", "watch"], alpha=1.5))
-        W = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
         x1, x2 = _gradnorm_rows()
         mine = slice(4 * rank, 4 * rank + 4)  # each rank half the rows
 
         def rank_mean(t):
             dist.all_reduce(t)
             return t / world
-        for step in range(2):  # the first step sets L(0); the second has r_t != 1
+        for step in range(2):  # the first step sets L(0); the second has r_t != 1, not the same on the two ranks
+            W = torch.nn.Parameter(_gradnorm_weights(step))
             gn.zero_grad()
-            gn(_gradnorm_losses(W * (1 + step), x1[mine], x2[mine]), lambda: [W], rank_mean).backward()
+            gn(_gradnorm_losses(W, x1[mine], x2[mine]), lambda: [W], rank_mean).backward()
         if rank == 0:
-            torch.save(gn.module.learnt_weights.grad, out_file)
+            torch.save((gn.module.learnt_weights.grad, gn.module.last_gradnorm_loss), out_file)
         dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
@@ -288,12 +309,15 @@ def test_under_ddp_gradnorm_balances_the_global_batch_as_one_process_would(tmp_p
 
     mp.spawn(_gradnorm_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "grad.pt")), nprocs=2)
     gn = GradNorm(["click", "watch"], alpha=1.5)
-    W = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(1)))
     x1, x2 = _gradnorm_rows()
     for step in range(2):
+        W = torch.nn.Parameter(_gradnorm_weights(step))
         gn.zero_grad()
-        gn(_gradnorm_losses(W * (1 + step), x1, x2), lambda: [W]).backward()
-    torch.testing.assert_close(torch.load(tmp_path / "grad.pt"), gn.learnt_weights.grad, rtol=1e-5, atol=1e-7)
+        gn(_gradnorm_losses(W, x1, x2), lambda: [W]).backward()
+    grad, gradnorm_loss = torch.load(tmp_path / "grad.pt")
+    assert gn.learnt_weights.grad.abs().min() > 0  # both weights move: the balance is tested, not a tie
+    torch.testing.assert_close(grad, gn.learnt_weights.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gradnorm_loss, gn.last_gradnorm_loss, rtol=1e-5, atol=1e-7)
 
 
 def test_gradnorm_loads_the_state_of_its_first_version():

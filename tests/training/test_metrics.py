@@ -191,3 +191,37 @@ def test_metrics_of_a_model_cast_to_bfloat16_keep_their_sums_in_float32():
     mse = ((dwell.bfloat16().float() - target) ** 2 * weights).sum() / weights.sum()
     assert outs[1]["val/dwell/mse"] == pytest.approx(float(mse), rel=1e-5)
     assert outs[1]["val/loss"] == pytest.approx(outs[0]["val/loss"], rel=1e-2)
+
+
+def _weighted_auc_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        scores, labels, weights = data(n=40, seed=7)
+        metric = WeightedBinaryAUROC()
+        for lo, hi in ((0, 7), (7, 14), (14, 20)):  # several updates on each rank, of different sizes
+            rows = slice(20 * rank + lo, 20 * rank + hi)
+            metric.update(scores[rows], labels[rows], weights[rows])
+        auc = metric.compute()
+        if rank == 0:
+            torch.save(auc, out_file)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # past the interpreter's finalization, as test_losses_weighting's ranks (gloo's exit race)
+
+
+def test_under_ddp_the_weighted_auc_of_several_updates_per_rank_is_that_of_all_rows(tmp_path):
+    """Each rank's list states are joined before the gather ("cat"): gathered update by update instead, the
+    weights came back in another order than the scores (a review's mutation; one update per rank hid it)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_weighted_auc_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "auc.pt")), nprocs=2)
+    scores, labels, weights = data(n=40, seed=7)
+    assert torch.load(tmp_path / "auc.pt").item() == pytest.approx(pairwise_auc(scores, labels, weights), abs=1e-6)
