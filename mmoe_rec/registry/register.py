@@ -67,7 +67,10 @@ def register_package(
         version = register_version(info, name, alias, tags)
     except BaseException:  # a failed registration (or a SIGTERM in it) ends our own run FAILED too
         if run_id is None:
-            MlflowClient().set_terminated(info.run_id, "FAILED")
+            try:
+                MlflowClient().set_terminated(info.run_id, "FAILED")
+            except Exception:  # noqa: BLE001 - the store failing again: the original error is the one to raise
+                pass
         raise
     return name, version
 
