@@ -375,3 +375,28 @@ def test_tables_of_other_sizes_are_refused_when_the_layout_is_converted():
     for strict in (True, False):
         with pytest.raises(RuntimeError, match=r"t_fused.weight: 7 rows in the state dict, .* have 10 \(\[6, 4\]\)"):
             per_table.load_state_dict(EmbeddingFront(other_sizes, embedding_dim=4).state_dict(), strict=strict)
+
+
+def test_init_std_reaches_the_tables():
+    """Only the default (0.05) was tested: a hard-coded std passed."""
+    torch.manual_seed(0)
+    spec = FeatureSpec([SparseFeature("a", 4000)], [], [Task("t")])
+    table = EmbeddingFront(spec, embedding_dim=16, init_std=0.2).table("a")
+    assert abs(float(table.std()) - 0.2) < 0.01
+
+
+def test_fused_mean_pooling_divides_the_right_features_bags_when_keys_come_in_another_order():
+    """The fused table sums; a mean-pooled feature's bag of several ids is divided by its length, in the column of
+    that feature in spec order (the batch's key position put it on another feature's column: a review's
+    mutation survived, every test sent keys in spec order with one pooling)."""
+    spec = FeatureSpec([SparseFeature("user", 6), SparseFeature("item", 4)], ["d0"], [Task("click")])
+    kw = dict(embedding_dim=3, pooling={"user": "mean", "item": "sum"})
+    fused = EmbeddingFront(spec, **kw)
+    per_table = EmbeddingFront(spec, fuse_tables=False, **kw)
+    fused.load_state_dict(per_table.state_dict())
+    assert fused.fused
+    # keys item, user (not the spec's order); row 1's user bag holds two ids
+    sparse = KeyedJaggedTensor.from_lengths_sync(keys=["item", "user"], values=torch.tensor([2, 0, 1, 1, 3]),
+                                                 lengths=torch.tensor([1, 1, 1, 2]))
+    batch = Batch(sparse=sparse, dense=torch.ones(2, 1), labels={})
+    torch.testing.assert_close(fused(batch), per_table(batch))

@@ -1,7 +1,7 @@
 """Tower: the output layer computes in float32 under bf16 (autocast or bf16 weights), so scores do not tie."""
 import torch
 
-from mmoe_rec.nn.towers import Tower
+from mmoe_rec.nn.towers import Tower, make_towers
 
 
 def test_under_bf16_autocast_the_logits_are_float32_and_do_not_tie():
@@ -44,3 +44,14 @@ def test_a_bf16_tower_gives_float32_logits_and_bf16_gradients():
     torch.testing.assert_close(logits.double(), (x.double() @ w.t() + b).squeeze(-1), rtol=1e-5, atol=1e-6)
     logits.sum().backward()
     assert tower.out.weight.grad.dtype == torch.bfloat16 and tower.out.weight.grad.abs().sum() > 0
+
+
+def test_a_towers_dropout_and_norm_are_applied():
+    """Tower dropout and the towers' norm were silently droppable (a review's mutations survived every test)."""
+    torch.manual_seed(0)
+    tower = Tower(8, [64], dropout=0.5).train()
+    x = torch.randn(4, 8)
+    assert not torch.equal(tower(x), tower(x))
+    assert torch.equal(tower.eval()(x), tower(x))
+    towers = make_towers(["a"], 8, [16], norm="layer")
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in towers.modules())

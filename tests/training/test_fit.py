@@ -630,3 +630,14 @@ def test_a_plateau_step_made_up_on_resume_reads_the_metric_a_straight_run_read(f
     assert states[0] == states[1]
     for k, v in straight.state_dict().items():
         torch.testing.assert_close(v, resumed.state_dict()[k], rtol=0, atol=0, msg=k)
+
+
+def test_the_epochs_last_batch_logs_its_train_metrics_when_nothing_watches_them(feature_dir, tmp_path):
+    """An epoch shorter than log_every_n_steps: the last batch logs train/loss and the task losses for the
+    progress bar and a user's callback (the test above has a ModelCheckpoint watching train/loss, which makes
+    every step log, so the last-batch rule was never reached; a review's mutation)."""
+    dm = FeatureDataModule(str(feature_dir), batch_size=256, seed=0)
+    trainer = L.Trainer(max_epochs=1, logger=False, limit_train_batches=3, log_every_n_steps=50,
+                        enable_checkpointing=False, default_root_dir=tmp_path, **FAST)
+    trainer.fit(module_for(dm), dm)
+    assert {"train/loss", "train/click/loss"} <= set(trainer.callback_metrics)

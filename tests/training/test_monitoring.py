@@ -627,3 +627,42 @@ def test_label_statistics_load_from_a_checkpoint_of_raw_sums():
                "rows": torch.tensor(300.0, dtype=torch.float64)}
         stats = LabelStats.from_state(["a", "flat"], old)
         assert label_correlation(stats)[1][1].isnan().all()
+
+
+def test_a_ple_gates_entropy_is_normalized_over_the_experts_it_can_reach():
+    """The README: a PLE task gate's E counts its own and the shared experts, not the level's. Spread evenly over
+    the 2 it reaches in a level of 3 it reads 1, not log 2 / log 3 = 0.63 (the test above only bounds it by 1)."""
+    p = torch.tensor([[0.5, 0.0, 0.5]] * 4)
+    stats = GateStats.empty(3)
+    stats.update(GateRecord(combine=p, probs=p, expert_groups={"own": [0], "shared": [2]}))
+    assert utilization_metrics("0/click", stats)["experts/0/click/entropy_norm"] == pytest.approx(1.0)
+
+
+def test_an_expert_chosen_once_in_the_window_is_not_dead():
+    chosen = torch.tensor([[0], [1], [1], [2]])  # counts (1, 2, 1)
+    combine = torch.zeros(4, 3).scatter(1, chosen, 1.0)
+    stats = GateStats.empty(3)
+    stats.update(GateRecord(combine=combine, probs=torch.full((4, 3), 1 / 3), chosen=chosen,
+                            dropped=torch.tensor(0)))
+    assert utilization_metrics("g", stats)["experts/g/dead"] == 0.0
+
+
+def _label_corr(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    from mmoe_rec.training.callbacks import Window
+
+    window = Window(["a", "b"])
+    window.update({}, {"a": labels[:, 0], "b": labels[:, 1]}, weights)
+    return window.relatedness()["label_corr"][1]
+
+
+LABELS = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+WEIGHTS = torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0])
+
+
+def test_the_windows_label_correlation_weighs_rows_as_their_repeats():
+    """The README promises a sample-weighted label correlation: weight w is the row w times (a constant weight,
+    the only one a window test used, changes no correlation)."""
+    repeated = torch.repeat_interleave(LABELS, WEIGHTS.long(), dim=0)
+    weighted = _label_corr(LABELS, WEIGHTS)
+    torch.testing.assert_close(weighted, _label_corr(repeated, None))
+    assert abs(float(weighted[0, 1]) - float(_label_corr(LABELS, None)[0, 1])) > 0.05

@@ -288,3 +288,48 @@ def test_a_model_without_gates_draws_no_load_plot():
     figs = monitor.figures(window, epoch=0)
     assert "expert_load" not in figs and "utilization_heatmap" not in figs
     assert "task_relatedness" in figs  # the label correlation is drawn
+
+
+def test_the_load_history_of_a_sparse_gate_is_its_share_of_assignments_not_its_gate_weight():
+    """The expert-load plot says "share of assignments" for sparse gates: 3 of 4 rows to expert 0 is 0.75, whatever
+    the combine weights (0.5 here, so the mean gate weight would read 0.375 / 0.125)."""
+    import numpy as np
+    import torch
+
+    from mmoe_rec.nn.routing_record import GateRecord
+    from mmoe_rec.training.callbacks import Window, _append_loads
+
+    chosen = torch.tensor([[0], [0], [0], [1]])
+    window = Window(["click"])
+    window.update({"click": GateRecord(combine=torch.zeros(4, 2).scatter(1, chosen, 0.5),
+                                       probs=torch.full((4, 2), 0.5), chosen=chosen, dropped=torch.tensor(0))},
+                  {"click": torch.zeros(4)})
+    history = {}
+    _append_loads(history, window)
+    np.testing.assert_allclose(history["click"][0], [0.75, 0.25])
+
+
+def test_the_monitor_weighs_the_label_correlation_by_the_batchs_sample_weights():
+    """The callback passed the batch's labels to its window without their weights: the README's sample-weighted
+    label correlation was the unweighted one in every fit (a review's mutation: no test saw it)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmoe_rec.nn.routing_record import GateRecord
+    from mmoe_rec.training.callbacks import Window
+
+    labels = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    weights = torch.tensor([3.0, 1.0, 1.0, 1.0, 2.0])
+    p = torch.full((5, 2), 0.5)
+    module = SimpleNamespace(tasks=["a", "b"], last_output=SimpleNamespace(
+        routing={"a": GateRecord(combine=p, probs=p), "b": GateRecord(combine=p, probs=p)}))
+    trainer = SimpleNamespace(global_step=1, accumulate_grad_batches=1, is_last_batch=False, current_epoch=0)
+    monitor = RoutingMonitor(every_n_steps=1000, plots=False)
+    monitor.on_train_batch_end(trainer, module, None, SimpleNamespace(labels={"a": labels[:, 0], "b": labels[:, 1]},
+                                                                      weights=weights), 0)
+    seen = Window.from_state_dict(monitor.state_dict()["open"]["window"]).relatedness()["label_corr"][1]
+    repeated = torch.repeat_interleave(labels, weights.long(), dim=0)
+    want = Window(["a", "b"])
+    want.update({}, {"a": repeated[:, 0], "b": repeated[:, 1]})
+    torch.testing.assert_close(seen, want.relatedness()["label_corr"][1])
