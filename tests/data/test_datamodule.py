@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from mmoe_rec.data.batch import Batch
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.data.parquet_stream import rank_batch_sizes, worker_plan
+from mmoe_rec.features.build import main as features_main
 
 
 def _epoch(dm: FeatureDataModule, split: str, world: int, workers: int, train: bool, epoch: int = 0):
@@ -442,3 +444,37 @@ def test_a_raw_data_folder_given_as_features_says_how_to_build_them(tmp_path):
     (tmp_path / "raw" / "part-0.csv").write_text("u,click\na,1\n")
     with pytest.raises(FileNotFoundError, match=r"holds data files but no spec.json: raw data\? `mmoe-rec features"):
         FeatureDataModule(str(tmp_path / "raw"))
+
+
+# Gaps a mutation review found (2026-12-07): eval batches under drop_last and eval_batch_size, a feature file removed
+def _feature_dir(tmp_path, rows_per_file=1_000_000):
+    raw = tmp_path / "raw.parquet"
+    rid = np.arange(1000)
+    pq.write_table(pa.table({"rid": rid, "x": rid.astype(float), "y": rid % 2}), raw)
+    schema = tmp_path / "s.yaml"
+    schema.write_text("id_columns: [rid]\nnumeric: [{name: x}]\ntasks: [{name: y}]\n")
+    out = tmp_path / "out"
+    assert features_main(["--schema", str(schema), "--input", str(raw), "--output", str(out), "--seed", "0",
+                          "--valid-fraction", "0.3", "--test-fraction", "0.1", "--rows-per-file",
+                          str(rows_per_file)]) == 0
+    return out
+
+
+def test_eval_loader_keeps_every_row_in_eval_batches_under_drop_last(tmp_path):
+    out = _feature_dir(tmp_path)
+    n_valid = pq.read_table(out / "valid").num_rows
+    assert n_valid % 50 and n_valid % 64
+    dm = FeatureDataModule(str(out), batch_size=64, eval_batch_size=50, drop_last=True, shuffle_buffer=0)
+    sizes = [b.batch_size for b in dm.val_dataloader()]
+    assert sum(sizes) == n_valid and sizes[:-1] == [50] * (len(sizes) - 1)
+    assert {b.batch_size for b in dm.train_dataloader()} == {64}
+
+
+def test_a_feature_file_removed_after_the_build_is_refused(tmp_path):
+    out = _feature_dir(tmp_path, rows_per_file=100)
+    files = sorted((out / "train").glob("*.parquet"))
+    assert len(files) > 2
+    files[-1].unlink()
+    dm = FeatureDataModule(str(out), batch_size=64)
+    with pytest.raises(ValueError, match="manifest.json records"):
+        dm.train_dataloader()

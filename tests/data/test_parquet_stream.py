@@ -14,7 +14,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from mmoe_rec.data.datamodule import FeatureDataModule
-from mmoe_rec.data.parquet_stream import FeatureParquetStream, ParquetIndex, worker_plan
+from mmoe_rec.data.parquet_stream import FeatureParquetStream, ParquetIndex, rank_batch_sizes, read_rows, worker_plan
 from mmoe_rec.features.spec import WEIGHT_COLUMN
 
 
@@ -232,3 +232,55 @@ def test_a_worker_over_more_files_than_it_may_open_reads_them_all(tmp_path):
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# Gaps a mutation review found (2026-12-07): equal batch counts per rank under drop_last, a row group read in several
+# chunks, the shuffle buffer of a one-row-group split reshuffled each epoch, weight 0, the order of the shared last batches
+@pytest.mark.parametrize("n, world, batch", [(255, 2, 64), (1000, 3, 111), (129, 2, 32)])
+def test_drop_last_gives_every_rank_the_same_batch_count(n, world, batch):
+    counts = {len(rank_batch_sizes(n, r, world, batch, drop_last=True)) for r in range(world)}
+    assert len(counts) == 1, counts
+
+
+def _one_group(tmp_path, n=1000, weights=None):
+    p = tmp_path / "f.parquet"
+    cols = {"rid": np.arange(n)}
+    if weights is not None:
+        cols["w"] = pa.array(weights, pa.float32())
+    pq.write_table(pa.table(cols), p, row_group_size=n)
+    return ParquetIndex.from_files([p], list(cols))
+
+
+def test_a_row_group_larger_than_chunk_rows_gives_every_row_once(tmp_path):
+    idx = _one_group(tmp_path)
+    for start, stop in [(0, 1000), (10, 990), (500, 1000)]:
+        got = np.concatenate([rb.column("rid").to_numpy() for rb in read_rows(list(idx.units), start, stop, ["rid"],
+                                                                              chunk_rows=64)])
+        np.testing.assert_array_equal(got, np.arange(start, stop))
+
+
+def _rids(rb):
+    return rb.column("rid").to_numpy()
+
+
+def test_the_shuffle_buffer_reshuffles_each_epoch_of_a_single_row_group(tmp_path):
+    ds = FeatureParquetStream(_one_group(tmp_path), _rids, ["rid"], 100, shuffle=True, shuffle_buffer=256,
+                              seed=1, rank=0, world_size=1)
+    orders = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        orders.append(np.concatenate(list(ds)))
+    np.testing.assert_array_equal(np.sort(orders[0]), np.arange(1000))
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_a_zero_sample_weight_is_accepted(tmp_path):
+    from mmoe_rec.data.collate import _finite32
+    idx = _one_group(tmp_path, n=10, weights=[0.0] * 5 + [1.0] * 5)
+    rows = list(read_rows(list(idx.units), 0, 10, ["rid", "w"], nonnegative_columns=["w"]))
+    assert sum(rb.num_rows for rb in rows) == 10
+    np.testing.assert_array_equal(_finite32(pa.array([0.0, 1.0], pa.float32()), "w", nonnegative=True), [0, 1])
+
+
+def test_the_shared_last_batches_are_ceil_then_floor_of_an_odd_batch():
+    assert rank_batch_sizes(127, 1, 2, 63) == [32, 31]  # docstring 4.: ceil(B/2) and floor(B/2)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mmoe_rec.features.build import main as features_main
+from mmoe_rec.features.columns import label_values, weight_column
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.schema import load_schema
 
@@ -362,3 +363,14 @@ def test_an_output_inside_its_input_folder_is_passed_over_and_globs_read_partiti
     plain = Source((str(raw / "part-0.csv"), str(raw / "day=2" / "part-0.csv")), "random", ("train", "valid"),
                    (0.5, 0.5))
     assert [plain.key(0), plain.key(1)] == ["part-0.csv", "day=2/part-0.csv"]
+
+
+# Gaps a mutation review found (2026-12-07): a label of 0.5, a weight just below 0
+def test_a_binary_label_between_0_and_1_is_refused():
+    with pytest.raises(FeatureDataError, match="binary label must be 0 or 1"):
+        label_values(pa.array([0.0, 0.5, 1.0]), "y", {"type": "binary", "positive": None})
+
+
+def test_a_slightly_negative_weight_is_refused():
+    with pytest.raises(FeatureDataError, match="sample weight is negative"):
+        weight_column(pa.array([1.0, -0.5]), "w")

@@ -2,6 +2,7 @@
 its position), output files of at most --rows-per-file rows, and clear errors for a bad --output."""
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -174,3 +175,44 @@ def test_a_seed_outside_32_bits_is_refused(tmp_path, capsys, seed):
     assert features_main(argv + ["--seed", seed]) == 1
     assert f"--seed must be in [0, 2**32), got {seed}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# Gaps a mutation review found (2026-12-07): the fit pass of a random split sees the train rows only (every test
+# fitted on train= files, where no mask applies); the files of a folder split independently
+def _build_random(tmp_path, files: dict[str, int], seed=3):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    first = 0
+    for name, n in files.items():
+        rid = np.arange(first, first + n)
+        pq.write_table(pa.table({
+            "rid": rid, "x": rid.astype(float), "c": [f"v{i}" for i in rid],
+            "m": pa.array([[int(i)] for i in rid], pa.list_(pa.int64())), "y": rid % 2}), raw / name)
+        first += 100_000
+    schema = tmp_path / "s.yaml"
+    schema.write_text("id_columns: [rid]\nnumeric: [{name: x}]\n"
+                      "categorical: [{name: c}, {name: m, multi_valued: true}]\ntasks: [{name: y}]\n")
+    out = tmp_path / "out"
+    assert features_main(["--schema", str(schema), "--input", str(raw), "--output", str(out), "--seed", str(seed),
+                          "--valid-fraction", "0.3", "--test-fraction", "0.3"]) == 0
+    return out
+
+
+def test_fit_sees_only_the_train_rows_of_a_randomly_split_input(tmp_path):
+    out = _build_random(tmp_path, {"a.parquet": 1000})
+    spec = json.loads((out / "spec.json").read_text())["transforms"]
+    train = pq.read_table(out / "train")["rid"].to_numpy()
+    assert 300 < len(train) < 500
+    assert spec["train_rows"] == len(train)
+    f = spec["features"]
+    assert f["x"]["mean"] == pytest.approx(train.mean()) and f["x"]["std"] == pytest.approx(train.std())
+    assert sorted(f["c"]["values"]) == sorted(f"v{i}" for i in train)
+    assert sorted(f["m"]["values"]) == sorted(train.tolist())
+
+
+def test_files_of_a_folder_split_independently(tmp_path):
+    out = _build_random(tmp_path, {"a.parquet": 1000, "b.parquet": 1000})
+    train = pq.read_table(out / "train")["rid"].to_numpy()
+    pos_a = set(train[train < 100_000].tolist())
+    pos_b = {i - 100_000 for i in train[train >= 100_000].tolist()}
+    assert pos_a != pos_b  # same rows positions would go to the same split in every file

@@ -14,7 +14,7 @@ import pytest
 
 from mmoe_rec.features.build import main as features_main
 from mmoe_rec.features.errors import FeatureDataError
-from mmoe_rec.features.fit import SpecFitter
+from mmoe_rec.features.fit import SpecFitter, fit
 from mmoe_rec.features.numeric import STATS_BLOCK, NumericStats
 from mmoe_rec.features.schema import parse_schema
 from mmoe_rec.features.spec import FeatureSpec, label_column
@@ -230,3 +230,49 @@ def test_a_delimited_column_stored_as_a_dictionary_fits_and_transforms_as_its_st
     spec, spec_of_category = fit(schema, plain), fit(schema, as_category)
     assert spec_of_category.to_dict() == spec.to_dict()
     assert transform_table(spec, as_category).to_pydict() == transform_table(spec, plain).to_pydict()
+
+
+# Gaps a mutation review found (2026-12-07): the top-k cap, the default mean impute, signed log1p, a constant impute
+# on the log scale, a constant train column
+def _spec(numeric=(), categorical=(), rows=None):
+    schema = parse_schema({"numeric": list(numeric), "categorical": list(categorical), "tasks": [{"name": "y"}]})
+    return fit(schema, rows)
+
+
+def test_max_size_keeps_exactly_the_most_frequent_values():
+    rows = pa.table({"c": ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + ["d"], "y": [0] * 10})
+    st = _spec(categorical=[{"name": "c", "max_size": 2}], rows=rows).transforms["features"]["c"]
+    assert st["values"] == ["a", "b"] and st["num_embeddings"] == 3
+
+
+def test_default_mean_impute_gives_0_after_standardizing():
+    x = pa.array([1.0, 2.0, None, 7.0, 10.0])
+    spec = _spec(numeric=[{"name": "x"}], rows=pa.table({"x": x, "y": [0] * 5}))  # impute defaults to mean
+    out = transform_table(spec, pa.table({"x": pa.array([None, 4.0], pa.float64())}))
+    assert out["x"][0].as_py() == pytest.approx(0.0, abs=1e-6)
+    assert out["x_missing"].to_pylist() == [1.0, 0.0]
+
+
+def test_log1p_is_signed():
+    x = np.array([-100.0, -5.0, 0.0, 5.0, 100.0])
+    spec = _spec(numeric=[{"name": "x", "transform": "log1p"}], rows=pa.table({"x": x, "y": [0] * 5}))
+    st = spec.transforms["features"]["x"]
+    logx = np.sign(x) * np.log1p(np.abs(x))
+    assert st["mean"] == pytest.approx(logx.mean(), abs=1e-12) and st["std"] == pytest.approx(logx.std())
+    out = transform_table(spec, pa.table({"x": x}))["x"].to_numpy()
+    assert out[0] < out[1] < out[2] < out[3] < out[4]  # order kept, negatives below 0
+
+
+def test_a_constant_impute_is_on_the_log_scale():
+    x = pa.array([1.0, 10.0, 100.0, None])
+    spec = _spec(numeric=[{"name": "x", "transform": "log1p", "impute": 9}], rows=pa.table({"x": x, "y": [0] * 4}))
+    st = spec.transforms["features"]["x"]
+    assert st["impute"] == pytest.approx(np.log1p(9.0))
+    out = transform_table(spec, pa.table({"x": pa.array([None], pa.float64())}))["x"][0].as_py()
+    assert out == pytest.approx((np.log1p(9.0) - st["mean"]) / st["std"], rel=1e-6)
+
+
+def test_a_constant_train_column_keeps_other_values_on_the_raw_scale():
+    spec = _spec(numeric=[{"name": "x"}], rows=pa.table({"x": [5.0] * 10, "y": [0] * 10}))
+    assert spec.transforms["features"]["x"]["std"] == 1.0
+    assert transform_table(spec, pa.table({"x": [5.0, 6.0]}))["x"].to_pylist() == [0.0, 1.0]
