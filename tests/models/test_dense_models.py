@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mmoe_rec.models import MMoE, OMoE, PLE, SharedBottom
 from mmoe_rec.models.factory import build_model, class_path_of
@@ -338,3 +339,47 @@ def test_a_task_name_holding_a_dot_is_refused_naming_it():
     dotted = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("ctr.v2"), Task("buy")]).finalize()
     with pytest.raises(ValueError, match=r"task names \['ctr.v2'\] hold '.'"):
         MMoE(dotted, num_experts=2)
+
+
+# Gaps a mutation review found (2026-12-07): the model's activation and dropout reach towers and experts, the last
+# shared layer of a deeper body, OMoE's one gate
+@pytest.mark.parametrize("cls,kw", [(MMoE, {}), (OMoE, {}), (SharedBottom, {}), (PLE, {"num_levels": 2})])
+def test_towers_use_the_models_activation(cls, kw):
+    torch.manual_seed(0)
+    model = cls(spec(), activation="gelu", tower_hidden=[6, 4], **kw)
+    for t in TASKS:
+        kinds = {type(m) for m in model.towers[t].mlp.net}
+        assert nn.GELU in kinds and nn.ReLU not in kinds, (t, kinds)
+
+
+def test_the_last_shared_layer_is_the_last_layer_not_the_first():
+    mmoe = MMoE(spec(), num_experts=3, expert_hidden=[8, 5])
+    assert [p is mmoe.experts.weights[-1] for p in mmoe.last_shared_layer()] == [True]
+    assert mmoe.last_shared_layer()[0].shape == (3, 8, 5)
+    omoe = OMoE(spec(), num_experts=3, expert_hidden=[8, 5])
+    assert omoe.last_shared_layer()[0] is omoe.experts.weights[-1]
+    sb = SharedBottom(spec(), bottom_hidden=[10, 6])
+    last = [m for m in sb.bottom.net if isinstance(m, nn.Linear)][-1]
+    assert len(sb.last_shared_layer()) == 1 and sb.last_shared_layer()[0] is last.weight
+    assert last.weight.shape == (6, 10)
+
+
+def test_omoe_has_exactly_one_gate_and_every_gate_weight_is_trained():
+    torch.manual_seed(0)
+    model = OMoE(spec(), num_experts=3)
+    assert model.gates.num_gates == 1 and model.gates.weight.shape[0] == 1
+    x = torch.randn(8, model.front.out_dim)
+    sum(v.sum() for v in model.forward_dense(x).logits.values()).backward()
+    assert (model.gates.weight.grad.reshape(model.gates.num_gates, -1).abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("cls", [MMoE, OMoE])
+def test_the_experts_take_the_models_dropout(cls):
+    torch.manual_seed(0)
+    model = cls(spec(), num_experts=3, expert_hidden=[32], dropout=0.5)
+    assert model.experts.dropout == 0.5
+    x = torch.randn(6, model.front.out_dim)
+    model.train()
+    assert not torch.equal(model.experts(x), model.experts(x))
+    model.eval()
+    assert torch.equal(model.experts(x), model.experts(x))

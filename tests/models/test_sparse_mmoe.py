@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from mmoe_rec.models.mmoe import MMoE
 from mmoe_rec.models.sparse_mmoe import SparseMMoE
@@ -565,3 +566,10 @@ def test_the_fallback_expert_is_shared_for_the_gradient_probe_and_gradnorm():
     for t in TASKS:  # every task reaches it (the capacity drops rows of each)
         grads = torch.autograd.grad(model(batch(64)).logits[t].sum(), fallback, allow_unused=True)
         assert all(g is not None and g.abs().sum() > 0 for g in grads), t
+
+
+# A gap a mutation review found (2026-12-07): the towers take the model's norm
+def test_sparse_towers_take_the_norm():
+    model = SparseMMoE(spec(), num_experts=4, k=2, norm="layer", noise=False, tower_hidden=[6])
+    for t in TASKS:
+        assert any(isinstance(m, nn.LayerNorm) for m in model.towers[t].modules()), t

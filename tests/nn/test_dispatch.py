@@ -295,3 +295,18 @@ def test_dropped_assignments_match_a_brute_force_count(seed):
     assert torch.equal(keep, expected)
     assert int((~keep).sum()) > 0
     assert torch.bincount(chosen[keep], minlength=E).max() <= cap
+
+
+# A gap a mutation review found (2026-12-07): dropout after the activation, not before
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_stacked_experts_reference_paths_drop_out_after_the_activation(activation):
+    """forward_all (the shared and fallback experts of SparseMMoE) is Linear -> activation -> dropout per layer."""
+    torch.manual_seed(0)
+    ex = StackedExperts(2, 4, [6], activation=activation, dropout=0.5).double().train()
+    x = torch.randn(9, 4, dtype=torch.float64)
+    torch.manual_seed(7)
+    got = ex.forward_all(x)
+    torch.manual_seed(7)
+    z = torch.einsum("td,edh->eth", x, ex.weights[0]) + ex.biases[0].unsqueeze(1)
+    want = torch.nn.functional.dropout({"tanh": torch.tanh, "gelu": torch.nn.functional.gelu}[activation](z), 0.5, training=True)
+    torch.testing.assert_close(got, want)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmoe_rec.nn.dispatch import StackedExperts
 from mmoe_rec.nn.experts import ExpertStack
 
 
@@ -183,3 +184,50 @@ def test_bad_configuration_is_rejected(kwargs, match):
     args = {"num_experts": 2, "in_dim": 3, "hidden": [4], **kwargs}
     with pytest.raises(ValueError, match=match):
         ExpertStack(args.pop("num_experts"), args.pop("in_dim"), args.pop("hidden"), **args)
+
+
+# Gaps a mutation review found (2026-12-07): the sparse stack's activations against the dense one's, a subset of
+# experts in an order that does not read the same reversed, batch-norm statistics of a subset
+@pytest.mark.parametrize("activation", ["gelu", "silu", "tanh", "relu"])
+def test_sparse_and_dense_experts_compute_the_same_activation(activation):
+    """The sparse layer's and the dense stack's activation tables: compared for tanh only before (gelu could have been
+    silu in both the sparse paths, which agree with each other)."""
+    torch.manual_seed(0)
+    sparse = StackedExperts(3, 4, [6, 5], activation=activation).double().eval()
+    dense = ExpertStack(3, 4, [6, 5], activation=activation).double().eval()
+    dense.load_state_dict(sparse.state_dict())
+    x = torch.randn(10, 4, dtype=torch.float64)
+    torch.testing.assert_close(sparse.forward_all(x), dense(x).transpose(0, 1))
+
+
+def test_forward_each_on_a_subset_whose_order_is_not_a_palindrome():
+    """The existing test picks experts [4, 1, 4], which reads the same reversed: a reversed per-expert index
+    (bias, norm or slope rows taken in the wrong order) gives the same result there."""
+    torch.manual_seed(0)
+    stack = ExpertStack(6, 5, [4, 3], activation="gelu").double()
+    idx = torch.tensor([4, 1, 2])
+    xs = torch.randn(3, 7, 5, dtype=torch.float64)
+    got = stack.forward_each(xs, idx)
+    for j, e in enumerate(idx.tolist()):
+        torch.testing.assert_close(got[j], stack.forward_one(xs[j], e))
+        h = xs[j]
+        for w, b in zip(stack.weights, stack.biases):
+            h = F.gelu(h @ w[e] + b[e])
+        torch.testing.assert_close(got[j], h)
+
+
+def test_forward_each_in_training_updates_the_running_statistics_of_the_chosen_experts_only():
+    """Docstring of _batch_norm: 'running statistics updated only for idx'. Untested for a subset."""
+    torch.manual_seed(0)
+    stack = ExpertStack(4, 3, [5], norm="batch").double().train()
+    idx = torch.tensor([2, 0])
+    xs = torch.randn(2, 16, 3, dtype=torch.float64)
+    rm = stack.running_mean_0.clone()
+    rv = stack.running_var_0.clone()
+    for j, e in enumerate(idx.tolist()):
+        z = (xs[j] @ stack.weights[0][e] + stack.biases[0][e]).detach()
+        F.batch_norm(z, rm[e], rv[e], training=True, momentum=0.1)  # updates rm[e], rv[e] in place
+    stack.forward_each(xs, idx)
+    torch.testing.assert_close(stack.running_mean_0, rm)
+    torch.testing.assert_close(stack.running_var_0, rv)
+    assert (stack.running_mean_0[[1, 3]] == 0).all() and (stack.running_var_0[[1, 3]] == 1).all()

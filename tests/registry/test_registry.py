@@ -1,6 +1,7 @@
 """Registry and batch scoring: package round trip, real MLflow registry (SQLite) with aliases, Parquet -> Parquet."""
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import mlflow
@@ -18,10 +19,13 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import transform_table
 from mmoe_rec.models.mmoe import MMoE
 from mmoe_rec.registry.package import load_package, save_package
+from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
 from mmoe_rec.registry.register import main as register_main
 from mmoe_rec.registry.register import promote, register_package
 from mmoe_rec.registry.scoring import main as score_main
+from mmoe_rec.registry.scorer import Scorer
 from mmoe_rec.registry.scoring import resolve_model, score_parquet
+from mmoe_rec.registry.signature import model_signature
 
 pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
 
@@ -1003,3 +1007,31 @@ def test_a_package_that_fails_to_be_written_leaves_nothing_and_no_folder_made_fo
     with pytest.raises(OSError, match="No space left"):
         save_package(original_model, INIT_ARGS, tmp_path / "new" / "pkg")
     assert not (tmp_path / "new").exists()
+
+
+# Gaps a mutation review found (2026-12-07): float32 scores on every path, a scorer given a model in training mode
+def test_scores_are_float32_from_the_scorer_the_pyfunc_and_the_signature(rec_data, package, original_model):
+    """The signature declares score_<task> 'float'; only the empty-file output was checked to be float32."""
+    raw = pq.read_table(rec_data[1]).slice(0, 50)
+    table = Scorer(original_model).score_table(raw)
+    for t in original_model.tasks:
+        assert table.schema.field(f"score_{t}").type == pa.float32(), t
+    pyfunc = MultiTaskPyfunc()
+    pyfunc.load_context(types.SimpleNamespace(artifacts={"package": str(package)}))
+    out = pyfunc.predict(None, raw.to_pandas())
+    for t in original_model.tasks:
+        assert out[f"score_{t}"].dtype == np.float32, (t, out[f"score_{t}"].dtype)
+    outputs = model_signature(original_model.feature_spec).outputs.to_dict()
+    assert [c["type"] for c in outputs if c["name"].startswith("score_")] == ["float"] * len(original_model.tasks)
+
+
+def test_a_scorer_given_a_model_in_training_mode_scores_in_eval_mode(rec_data):
+    torch.manual_seed(0)
+    model = MMoE(FeatureSpec.load(rec_data[2]), **INIT_ARGS, dropout=0.5).train()
+    raw = pq.read_table(rec_data[1]).slice(0, 200)
+    scorer = Scorer(model)
+    a, b = scorer.score_table(raw), scorer.score_table(raw)
+    want = reference_scores(model, raw)  # puts the model in eval mode itself
+    for t in model.tasks:
+        np.testing.assert_array_equal(a[f"score_{t}"].to_numpy(), b[f"score_{t}"].to_numpy())
+        np.testing.assert_allclose(a[f"score_{t}"].to_numpy(), want[t], rtol=1e-6, atol=1e-7)
