@@ -11,8 +11,9 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from mmoe_rec import output_dir
 from mmoe_rec.exit_now import exit_now
 
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
@@ -163,15 +164,29 @@ def _end_process(code: int) -> None:
     exit_now(code)
 
 
+def _stopped_job_message(command: str, outputs_before: int = 0) -> str:
+    """The last line of a job (synth, features, score, register) that a SIGTERM ended: what it leaves, truly.
+    `outputs_before`: how many outputs this process had completed before the job (others' are not its own)."""
+    from mmoe_rec.output_dir import completed_outputs
+
+    done = completed_outputs()[outputs_before:]
+    if done:  # the SIGTERM came during the final swap, held until it was done
+        return f"mmoe-rec {command}: stopped by SIGTERM once its output was complete ({done[-1]})"
+    if command == "register":  # the register run, if made, keeps what it logged (a model no version points at)
+        return ("error: mmoe-rec register stopped by SIGTERM before it finished: no version was made and no alias "
+                "moved (a register run it started is marked FAILED)")
+    return f"error: mmoe-rec {command} stopped by SIGTERM before it finished; it left no partial output"
+
+
 @contextlib.contextmanager
-def exit_on_sigterm(message: str | None = None) -> Iterator[None]:
+def exit_on_sigterm(message: str | Callable[[], str] | None = None) -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job through its cleanup, then the process at once,
     as SIGTERM's default does: without it no `.<output>.tmp-<pid>` would be removed (nothing removes it later: the
     name holds the pid). The process ends by os._exit once the exception has come through the job: an interpreter
     shutdown while a reader thread is still inside Python (Arrow reading an .xz file through Python's lzma) aborted
     the process. Only where SIGTERM has its default action (a host program's own handler is left alone), and from
     the main thread (the only one that may set handlers); the action before is put back after the job. `message`:
-    a line for stderr before the exit (a job that says nothing of its own)."""
+    a line for stderr before the exit (a job that says nothing of its own), or a function that makes it then."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return
@@ -180,7 +195,7 @@ def exit_on_sigterm(message: str | None = None) -> Iterator[None]:
         yield
     except _Terminated as e:
         if message:
-            print(message, file=sys.stderr)
+            print(message() if callable(message) else message, file=sys.stderr)
         exit_now(e.code)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -212,8 +227,8 @@ def _run(argv: list[str], process: bool) -> int:
     if argv and argv[0] in JOBS:
         module, func = JOBS[argv[0]].split(":")
         try:
-            with exit_on_sigterm(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished; it left no "
-                                 "partial output"):
+            before = len(output_dir.completed_outputs())
+            with exit_on_sigterm(lambda: _stopped_job_message(argv[0], before)):
                 code = int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             code = _report(e, argv)

@@ -52,6 +52,15 @@ def output_dir_problem(output: Path, overwrite: bool) -> str | None:
     return None
 
 
+_completed: list[Path] = []  # outputs replace_dir put in place in this process, latest last
+
+
+def completed_outputs() -> list[Path]:
+    """The outputs `replace_dir` has put in place in this process: a SIGTERM held back during the swap is taken
+    right after it, and the job's last word must then say that its output is whole, not that it stopped before."""
+    return list(_completed)
+
+
 def replace_dir(new: Path, output: Path) -> None:
     """Put the complete directory `new` at `output`. An existing output is moved aside first and deleted only
     after the rename, so that a failure in between leaves one of the two whole. A SIGTERM waits until the swap and
@@ -65,6 +74,7 @@ def replace_dir(new: Path, output: Path) -> None:
             shutil.rmtree(old)
         else:
             os.replace(new, output)
+        _completed.append(output)
 
 
 @contextlib.contextmanager

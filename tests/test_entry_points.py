@@ -100,6 +100,38 @@ def test_a_job_stopped_by_sigterm_leaves_no_temporary_output(tmp_path):
                                             "no partial output")
 
 
+def test_a_sigterm_during_the_final_swap_ends_the_job_saying_its_output_is_complete(tmp_path):
+    """replace_dir holds a SIGTERM until the new output is in place and the old one removed, then takes it: the
+    job's line said it stopped before it finished and left no partial output, over a complete output (a review)."""
+    import signal
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from mmoe_rec import output_dir
+        real = os.replace
+        def replace(src, dst):  # a SIGTERM arrives during the swap
+            os.kill(os.getpid(), signal.SIGTERM)
+            real(src, dst)
+        output_dir.os.replace = replace
+        from mmoe_rec.cli import main
+        sys.exit(main(["synth", "mmoe", "--rows", "50", "--output", "out"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "mmoe-rec synth: stopped by SIGTERM once its output was complete (out)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_a_stopped_register_says_what_it_leaves():
+    from mmoe_rec import cli
+
+    before = len(cli.output_dir.completed_outputs())  # an earlier job in this process completed an output
+    assert "no version was made and no alias moved" in cli._stopped_job_message("register", before)
+    assert cli._stopped_job_message("score", before).endswith("it left no partial output")
+
+
 # For a subprocess: .xz files read slowly through Python's lzma (as Arrow's reader thread reads them), so that a
 # read is in progress when the job stops; MARK (a path or None) is touched by a read once the build writes output.
 SLOW_LZMA_READS = textwrap.dedent("""

@@ -78,8 +78,9 @@ def register_package(
 def register_version(info: Any, name: str, alias: str | None, tags: dict[str, str]) -> str:
     """Registers the logged model `info` as a new version of `name` and points `alias` at it, whole or not at all:
     if this fails part-way (a store error, a SIGTERM raised through it), the version it made is deleted, and the
-    registered model too if this call created it and it holds no other version; the alias is put back where it
-    was (deleting the version it was moved to deletes it)."""
+    registered model too if this call created it and it holds no version (another register may have added one
+    meanwhile); the alias is put back where it was if it went with that version (deleting a version deletes its
+    aliases), and left alone if it points elsewhere now."""
     client = MlflowClient()
     existed = _registered_model_exists(client, name)
     previous = _alias_version(client, name, alias) if existed and alias else None
@@ -91,7 +92,8 @@ def register_version(info: Any, name: str, alias: str | None, tags: dict[str, st
     except BaseException:
         try:
             _undo_registration(client, name, info, existed)
-            if previous is not None and _alias_version(client, name, alias) != previous:
+            # put back only an alias that went with our version: one moved meanwhile (a promote) is someone's choice
+            if previous is not None and _alias_version(client, name, alias) is None:
                 client.set_registered_model_alias(name, alias, previous)
         except Exception as e:  # noqa: BLE001 - the original error is the one to raise
             print(f"mmoe-rec: could not undo the partial registration of {name!r} ({type(e).__name__}: {e}); check "
@@ -123,7 +125,7 @@ def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
 
 def _undo_registration(client: MlflowClient, name: str, info: Any, existed: bool) -> None:
     """Deletes the versions of `name` made from the logged model `info`, then `name` itself if this registration
-    created it and no version is left."""
+    created it and no version is left (listed again: another register may have added one meanwhile)."""
     if not existed and not _registered_model_exists(client, name):
         return  # stopped before the registered model was made
     versions = model_versions(client, name)
@@ -134,7 +136,7 @@ def _undo_registration(client: MlflowClient, name: str, info: Any, existed: bool
     for v in versions:
         if ours(v):
             client.delete_model_version(name, v.version)
-    if not existed and all(ours(v) for v in versions):
+    if not existed and not model_versions(client, name):
         client.delete_registered_model(name)
 
 

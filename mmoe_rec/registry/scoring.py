@@ -172,6 +172,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     made = missing_parents(output)  # removed again if scoring fails
     output.parent.mkdir(parents=True, exist_ok=True)
+    tmp.touch()  # at once: a failing job removes a folder it made only while empty, not one this job writes into
     read = written = 0
     read_from = dict.fromkeys(files, 0)  # rows read per file
     writer = None

@@ -1,4 +1,4 @@
-"""`model_versions(client, name)`: every version of a registered model, by a filter that holds any name register takes."""
+"""`model_versions(client, name)`: every version of a registered model, whatever quote its name holds."""
 from __future__ import annotations
 
 from typing import Any

@@ -122,13 +122,16 @@ def child_rank_reports(on_child_failure: Optional[Callable[[], None]] = None) ->
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def name_failed_child_ranks(trainer: Any, wait_s: float = CHILD_FAILURE_WAIT_S) -> list[str]:
-    """Rank 0's part of the job failed: says which ranks it launched had already exited non-zero (returned too,
-    for tests). A rank killed by a signal (the kernel's out-of-memory killer sends SIGKILL) prints nothing, and
-    rank 0's error is then gloo's "Connection reset by peer", which names no rank. A peer's sockets close as it
-    dies, a moment before its exit can be read: the ranks get `wait_s` together to show theirs (one still waiting
-    in a collective for rank 0 has not failed: left to end with rank 0). Silent after a SIGTERM, which every rank
-    obeys on its own."""
+def name_failed_child_ranks(trainer: Any, done_dir: Optional[Path] = None,
+                            wait_s: float = CHILD_FAILURE_WAIT_S) -> list[str]:
+    """Rank 0's part of the job failed: says which ranks it launched had already exited non-zero before their work
+    was done (returned too, for tests). A rank killed by a signal (the kernel's out-of-memory killer sends SIGKILL)
+    prints nothing, and rank 0's error is then gloo's "Connection reset by peer", which names no rank. A peer's
+    sockets close as it dies, a moment before its exit can be read: the ranks get `wait_s` together to show theirs
+    (one still waiting in a collective for rank 0 has not failed: left to end with rank 0). A rank that marked its
+    work done in `done_dir` is passed over (an exit after the work, as in the gloo exit race, is join_child_ranks'
+    warning, not a failure); so is every rank after a SIGTERM, which every rank obeys on its own. Whether rank 0
+    failed because of it is not known here (every rank may hit the same bug): said as a possibility."""
     procs = _child_processes(trainer)
     if not procs or sigterm_received_at() is not None:
         return []
@@ -139,12 +142,12 @@ def name_failed_child_ranks(trainer: Any, wait_s: float = CHILD_FAILURE_WAIT_S) 
             code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
-        if code:
+        if code and not (done_dir is not None and (done_dir / f"rank{rank}").exists()):
             hint = " (SIGKILL: the kernel's out-of-memory killer sends it too)" if code == -signal.SIGKILL else ""
             named.append(f"rank {rank} (pid {proc.pid}) {_exit_text(code)}{hint}")
     if named:
-        print(f"mmoe-rec: {'; '.join(named)} while rank 0 was working: rank 0's error below follows from it",
-              file=sys.stderr, flush=True)
+        print(f"mmoe-rec: {'; '.join(named)} before its work was done, while rank 0 was working: rank 0's error "
+              "below may follow from it (a rank that dies fails the others' collectives)", file=sys.stderr, flush=True)
     return named
 
 

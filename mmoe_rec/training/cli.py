@@ -220,7 +220,7 @@ class MultiTaskCLI(LightningCLI):
             try:
                 super()._run_subcommand(subcommand)
             except Exception:  # not Ctrl+C's SystemExit: Lightning SIGKILLs the ranks itself then
-                name_failed_child_ranks(self.trainer)  # rank 0's gloo error names no rank
+                name_failed_child_ranks(self.trainer, done_dir)  # rank 0's gloo error names no rank
                 raise
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
             try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did

@@ -75,6 +75,8 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self._made = missing_parents(self._target)
         self._target.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
+        # made at once: a failing job (another rank's, another run's) removes a folder it made only while empty
+        self._partial.touch()
         self._parts, self.rows, self.batches = {}, 0, 0
 
     def _part(self, worker: int) -> Path:

@@ -221,6 +221,28 @@ def two_files(table: pa.Table, folder: Path, column: str, changed) -> Path:
     return folder
 
 
+def test_score_holds_its_folder_with_its_temporary_file_before_reading_a_row(rec_data, package, tmp_path,
+                                                                            monkeypatch):
+    """A failing scoring job removes the folders it made while they are empty; another job writing into the same
+    new folder made its temporary file only at its first scored batch, so its folder was empty until then and
+    went (a review: two jobs, one failing, the other's output lost). The file now comes with the folder."""
+    from mmoe_rec.registry import scoring
+
+    out = tmp_path / "new" / "scores.parquet"
+    seen = []
+    real = scoring.iter_batches
+
+    def reading(*args, **kwargs):
+        seen.append([p.name for p in out.parent.iterdir()])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "iter_batches", reading)
+    scorer, name, version = resolve_model(str(package))
+    score_parquet(scorer, rec_data[1], out, name, version)
+    assert seen and seen[0] and seen[0][0].startswith(".scores.parquet.tmp-")
+    assert [p.name for p in out.parent.iterdir()] == ["scores.parquet"]
+
+
 def test_bad_value_in_a_later_file_is_reported_at_its_row_in_that_file(rec_data, package, tmp_path):
     # two input files; the bad value is at row 523 of the second one, in its third batch of 200 rows
     raw = pq.read_table(rec_data[1])
@@ -814,6 +836,46 @@ def test_a_registration_stopped_part_way_leaves_no_model_without_versions_and_no
     assert [m.name for m in client.search_registered_models()] == ["rec-kept"]
     runs = mlflow.search_runs(experiment_names=["mmoe-rec"], order_by=["start_time DESC"])
     assert list(runs["status"].iloc[:2]) == ["FAILED", "FAILED"]
+
+
+def test_an_undone_registration_leaves_an_alias_moved_meanwhile_and_a_version_added_meanwhile(package, tracking,
+                                                                                                monkeypatch):
+    """The undo restored the alias to where it was before, over an operator's promote made meanwhile, and deleted
+    the registered model it had created although another register had added a version to it meanwhile (a
+    review's races, here made to happen inside the stopped call)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    _, v1 = register_package(package, "rec-moved", alias="champion")
+    _, v2 = register_package(package, "rec-moved")
+    _, other = register_package(package, "rec-other")
+    source = client.get_model_version("rec-other", other).source
+    real_alias, real_delete = MlflowClient.set_registered_model_alias, MlflowClient.delete_model_version
+
+    def promoted_meanwhile(self, name, alias, version):  # the operator's promote lands; ours never does
+        real_alias(self, name, alias, v2)
+        raise Stopped()
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", promoted_meanwhile)
+    with pytest.raises(Stopped):
+        register_package(package, "rec-moved", alias="champion")
+    monkeypatch.undo()
+    assert str(client.get_model_version_by_alias("rec-moved", "champion").version) == v2
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'rec-moved'")) == [v1, v2]
+
+    def fails_then_added_meanwhile(self, *args, **kwargs):
+        raise Stopped()
+
+    def delete_then_added_meanwhile(self, name, version):
+        real_delete(self, name, version)
+        client.create_model_version(name, source)  # another register's version, between our two deletions
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", fails_then_added_meanwhile)
+    monkeypatch.setattr(MlflowClient, "delete_model_version", delete_then_added_meanwhile)
+    with pytest.raises(Stopped):
+        register_package(package, "rec-race", alias="champion")
+    monkeypatch.undo()
+    assert [v.source for v in client.search_model_versions("name = 'rec-race'")] == [source]
 
 
 def test_scoring_with_other_code_than_the_model_was_registered_with_says_so(rec_data, package, tracking, tmp_path,

@@ -88,10 +88,22 @@ def test_rank_0_failing_names_the_ranks_that_died_before_it_and_not_those_still_
         assert named == [f"rank 1 (pid {procs[0].pid}) was killed by signal 9 (SIGKILL: the kernel's out-of-memory "
                          "killer sends it too)", f"rank 3 (pid {procs[2].pid}) exited with code 4"]
         assert procs[1].poll() is None
-        assert "; ".join(named) + " while rank 0 was working" in capsys.readouterr().err
+        assert "; ".join(named) + " before its work was done, while rank 0 was working: rank 0's error below may " \
+            "follow from it" in capsys.readouterr().err
     finally:
         procs[1].kill()
         procs[1].wait()
+
+
+def test_rank_0_failing_names_no_rank_that_had_marked_its_work_done(tmp_path, capsys):
+    """A rank that exited non-zero after its work (the gloo exit race: SIGABRT at exit) is join_child_ranks'
+    warning, not a cause of rank 0's failure (a review saw it named as one)."""
+    procs = [child("import os; os.abort()")]
+    procs[0].wait()
+    (tmp_path / "rank1").touch()
+    assert name_failed_child_ranks(trainer_with(procs), tmp_path) == []
+    assert name_failed_child_ranks(trainer_with(procs)) == [f"rank 1 (pid {procs[0].pid}) was killed by signal 6"]
+    assert capsys.readouterr().err.count("rank 1") == 1
 
 
 def test_rank_0_failing_after_a_sigterm_names_no_rank(monkeypatch, capsys):
