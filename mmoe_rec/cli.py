@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from mmoe_rec import output_dir
+from mmoe_rec import job_outcome
 from mmoe_rec.exit_now import exit_now
 
 # subcommand -> "module:function"; each function takes the remaining argv and returns an exit code
@@ -164,14 +164,11 @@ def _end_process(code: int) -> None:
     exit_now(code)
 
 
-def _stopped_job_message(command: str, outputs_before: int = 0) -> str:
+def _stopped_job_message(command: str, done: list[str]) -> str:
     """The last line of a job (synth, features, score, register) that a SIGTERM ended: what it leaves, truly.
-    `outputs_before`: how many outputs this process had completed before the job (others' are not its own)."""
-    from mmoe_rec.output_dir import completed_outputs
-
-    done = completed_outputs()[outputs_before:]
-    if done:  # the SIGTERM came during the final swap, held until it was done
-        return f"mmoe-rec {command}: stopped by SIGTERM once its output was complete ({done[-1]})"
+    `done`: the steps it completed (job_outcome), e.g. its output written, the SIGTERM held until then."""
+    if done:
+        return f"mmoe-rec {command}: stopped by SIGTERM once its work was done ({'; '.join(done)})"
     if command == "register":  # the register run, if made, keeps what it logged (a model no version points at)
         return ("error: mmoe-rec register stopped by SIGTERM before it finished: no version was made and no alias "
                 "moved (a register run it started is marked FAILED)")
@@ -227,8 +224,7 @@ def _run(argv: list[str], process: bool) -> int:
     if argv and argv[0] in JOBS:
         module, func = JOBS[argv[0]].split(":")
         try:
-            before = len(output_dir.completed_outputs())
-            with exit_on_sigterm(lambda: _stopped_job_message(argv[0], before)):
+            with job_outcome.collecting() as done, exit_on_sigterm(lambda: _stopped_job_message(argv[0], done)):
                 code = int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
         except Exception as e:  # bad input, an unreachable store, a missing file: one line, not a traceback
             code = _report(e, argv)

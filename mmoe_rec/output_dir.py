@@ -13,6 +13,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from mmoe_rec import job_outcome
+
 
 def resolved_output(output: str | os.PathLike) -> Path:
     """The path a run writes: a symlinked output is its target, so that the temporary sits beside the target and
@@ -52,21 +54,13 @@ def output_dir_problem(output: Path, overwrite: bool) -> str | None:
     return None
 
 
-_completed: list[Path] = []  # outputs replace_dir put in place in this process, latest last
-
-
-def completed_outputs() -> list[Path]:
-    """The outputs `replace_dir` has put in place in this process: a SIGTERM held back during the swap is taken
-    right after it, and the job's last word must then say that its output is whole, not that it stopped before."""
-    return list(_completed)
-
-
 def replace_dir(new: Path, output: Path) -> None:
     """Put the complete directory `new` at `output`. An existing output is moved aside first and deleted only
     after the rename, so that a failure in between leaves one of the two whole. A SIGTERM waits until the swap and
     the removal of the old output are done: between the renames the output would be missing, and an old output
-    left at `.<name>.old-<pid>` is removed by nothing later."""
-    with _sigterm_held():
+    left at `.<name>.old-<pid>` is removed by nothing later; the job's last line then says the output is whole
+    (job_outcome)."""
+    with sigterm_held():
         if output.exists():
             old = output.parent / f".{output.name}.old-{os.getpid()}"
             os.replace(output, old)
@@ -74,11 +68,11 @@ def replace_dir(new: Path, output: Path) -> None:
             shutil.rmtree(old)
         else:
             os.replace(new, output)
-        _completed.append(output)
+        job_outcome.done(f"wrote {output}")
 
 
 @contextlib.contextmanager
-def _sigterm_held() -> Iterator[None]:
+def sigterm_held() -> Iterator[None]:
     """A SIGTERM that arrives in the block is taken after it, by the handler in force before (the process default
     included). Signals cannot be blocked for Python code alone: any thread may receive one, and Python runs its
     handler in the main thread at once; so the handler is swapped for one that only notes the signal."""

@@ -120,16 +120,28 @@ def test_a_sigterm_during_the_final_swap_ends_the_job_saying_its_output_is_compl
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == "mmoe-rec synth: stopped by SIGTERM once its output was complete (out)"
+    assert proc.stderr.strip().splitlines()[-1] == "mmoe-rec synth: stopped by SIGTERM once its work was done (wrote out)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and list((tmp_path / "out").glob("*.parquet"))
 
 
-def test_a_stopped_register_says_what_it_leaves():
-    from mmoe_rec import cli
+def test_a_stopped_job_says_what_it_leaves_and_counts_only_its_own_thread_s_steps():
+    """A review: the completed outputs were counted process-wide, so another thread's output made a stopped job
+    claim it was complete; a register stopped after its version was made said none was."""
+    import threading
 
-    before = len(cli.output_dir.completed_outputs())  # an earlier job in this process completed an output
-    assert "no version was made and no alias moved" in cli._stopped_job_message("register", before)
-    assert cli._stopped_job_message("score", before).endswith("it left no partial output")
+    from mmoe_rec import cli, job_outcome
+
+    assert "no version was made and no alias moved" in cli._stopped_job_message("register", [])
+    assert cli._stopped_job_message("score", []).endswith("it left no partial output")
+    assert cli._stopped_job_message("register", ["registered m version 3, alias 'champion'"]) == (
+        "mmoe-rec register: stopped by SIGTERM once its work was done (registered m version 3, alias 'champion')")
+    with job_outcome.collecting() as done:
+        other = threading.Thread(target=job_outcome.done, args=("wrote another thread's output",))
+        other.start()
+        other.join()
+        job_outcome.done("wrote out")
+    job_outcome.done("outside any job")
+    assert done == ["wrote out"]
 
 
 # For a subprocess: .xz files read slowly through Python's lzma (as Arrow's reader thread reads them), so that a

@@ -11,6 +11,7 @@ import mlflow
 from mlflow import MlflowClient
 
 import mmoe_rec
+from mmoe_rec import job_outcome
 from mmoe_rec.registry.code_version import CODE_TAG, code_fingerprint
 from mmoe_rec.registry.package import load_package, save_package
 from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
@@ -65,6 +66,7 @@ def register_package(
         raise RuntimeError(failure)
     try:
         version = register_version(info, name, alias, tags)
+        job_outcome.done(f"registered {name} version {version}" + (f", alias {alias!r}" if alias else ""))
     except BaseException:  # a failed registration (or a SIGTERM in it) ends our own run FAILED too
         if run_id is None:
             try:

@@ -17,6 +17,7 @@ training on CSV.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -31,7 +32,8 @@ from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.features.sources import column_types, file_columns, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
-from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output
+from mmoe_rec import job_outcome
+from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, sigterm_held
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import Scorer
@@ -170,9 +172,10 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     as_written = [c for c in scorer.spec.id_columns
                   if c not in {st["column"] for st in compiled(scorer.spec).features.values()}]
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    if len(os.fsencode(tmp.name)) > 255:  # most file systems' limit: refused before a folder is made for it
+        raise ValueError(f"--output {output}: the file name is too long (the temporary file beside it, {tmp.name[:20]}"
+                         f"..., would have {len(os.fsencode(tmp.name))} bytes, more than 255)")
     made = missing_parents(output)  # removed again if scoring fails
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp.touch()  # at once: a failing job removes a folder it made only while empty, not one this job writes into
     read = written = 0
     read_from = dict.fromkeys(files, 0)  # rows read per file
     writer = None
@@ -184,6 +187,8 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
         return cast_ids(scores, id_types, path)
 
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()  # at once: a failing job removes a folder it made only while empty, not one this job writes into
         for path in files:
             # errors name the row inside the file, not the run (the batch's first row in the file comes with it)
             for first_row, record_batch in iter_batches(path, columns, reader, batch_rows, as_written=as_written):
@@ -206,11 +211,14 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
                        for p in files)
         if written != expected or read != expected:
             raise RuntimeError(f"scored {written} rows but the input has {expected}: output not written")
-        os.replace(tmp, output)
+        with sigterm_held():  # the output complete and said so, or not written: no SIGTERM in between
+            os.replace(tmp, output)
+            job_outcome.done(f"wrote {output}")
     except BaseException:  # no partial output: the temporary file and the folders made for it go
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         remove_empty_folders(made)
         raise
     return written

@@ -243,6 +243,36 @@ def test_score_holds_its_folder_with_its_temporary_file_before_reading_a_row(rec
     assert [p.name for p in out.parent.iterdir()] == ["scores.parquet"]
 
 
+def test_an_output_name_too_long_for_its_temporary_file_is_refused_before_any_folder_is_made(rec_data, package,
+                                                                                               tmp_path):
+    """The temporary file's name (.<name>.tmp-<pid>) passed 255 bytes: an error naming the hidden file, and the
+    folders made for the output left behind (the unlink in the cleanup raised too; a review)."""
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "new" / "sub" / ("a" * 245 + ".parquet")
+    with pytest.raises(ValueError, match=r"--output .*: the file name is too long"):
+        score_parquet(scorer, rec_data[1], out, name, version)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_job_stopped_as_its_temporary_file_is_made_leaves_neither_it_nor_the_folder(rec_data, package, tmp_path,
+                                                                                    monkeypatch):
+    """The file made with the folder was made before the cleanup's `try`: a stop right then left both (a
+    review)."""
+    from pathlib import Path as PathType
+
+    real_touch = PathType.touch
+
+    def touch_then_stop(self, *args, **kwargs):
+        real_touch(self, *args, **kwargs)
+        raise Stopped()
+
+    monkeypatch.setattr(PathType, "touch", touch_then_stop)
+    scorer, name, version = resolve_model(str(package))
+    with pytest.raises(Stopped):
+        score_parquet(scorer, rec_data[1], tmp_path / "new" / "scores.parquet", name, version)
+    assert not (tmp_path / "new").exists()
+
+
 def test_bad_value_in_a_later_file_is_reported_at_its_row_in_that_file(rec_data, package, tmp_path):
     # two input files; the bad value is at row 523 of the second one, in its third batch of 200 rows
     raw = pq.read_table(rec_data[1])
