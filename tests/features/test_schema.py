@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mmoe_rec.features.errors import FeatureDataError
-from mmoe_rec.features.schema import load_schema, parse_schema
+from mmoe_rec.features.schema import ReaderSpec, load_schema, parse_schema
 
 BASE = {"categorical": [{"name": "u"}], "numeric": [{"name": "x"}], "tasks": [{"name": "click"}]}
 
@@ -104,3 +104,64 @@ def test_the_readmes_schema_at_a_glance_parses():
     keys |= {"id_columns", "categorical", "numeric", "tasks", "sample_weight", "reader", "description", "names"}
     missing = sorted(k for k in keys if f"{k}:" not in block)
     assert not missing, f"README's schema keys at a glance lack {missing}"
+
+
+# Refusals and defaults no test reached (a mutation review, 2026-12-07: each refusal's code could be removed)
+MUTATION_BASE = {"categorical": [{"name": "u"}], "numeric": [{"name": "x"}], "tasks": [{"name": "click"}]}
+
+
+def _schema_with(section=None, **entry):
+    d = {k: [dict(e) for e in v] for k, v in MUTATION_BASE.items()}
+    if section is None:
+        d.update(entry)
+    else:
+        d[section][0].update(entry)
+    return d
+
+
+@pytest.mark.parametrize("schema, message", [
+    (_schema_with("categorical", multi_valued=True, delimiter=""), "delimiter must be a non-empty string"),       # S02
+    (_schema_with("categorical", delimiter="|"), "'delimiter' only applies to multi_valued"),                     # S03
+    (_schema_with("categorical", transform="onehot"), "unknown categorical transform 'onehot'"),                  # S04
+    (_schema_with("numeric", missing_indicator="yes"), "missing_indicator must be auto, true or false"),           # S05
+    (_schema_with("numeric", transform="bucketize", buckets=1), "bucketize needs 'buckets: <int >= 2>'"),          # S06
+    (_schema_with("categorical", transform="hash", buckets=0), "hash transform needs 'buckets: <positive int>'"),  # S07
+    (_schema_with("tasks", type="regression", positive=[1]), "positive/negative values only apply to binary"),    # S09
+    (_schema_with("tasks", negative=["0"]), "'negative' needs 'positive' too"),                                    # S10
+    (_schema_with(tasks=[{"name": "click"}, {"name": "click", "column": "c2"}]), "task names used twice"),        # S11
+    (_schema_with(numeric=[{"name": "u"}]), "feature names used twice: ['u']"),                                    # S12
+    (_schema_with(numeric=[{"name": "x", "column": "click"}]), "label / weight columns also declared as features"),  # S13
+    (_schema_with(sample_weight="w", numeric=[{"name": "x", "column": "w"}]), "label / weight columns also declared"),  # S13
+    (_schema_with(reader={"header": "no"}), "reader header must be true or false"),                               # S14
+    (_schema_with(reader={"strip_whitespace": "yes"}), "reader strip_whitespace must be true or false"),          # S14
+    (_schema_with(features=[{"name": "z"}]), "unknown schema sections ['features']"),                             # S16
+    ({"categorical": [{"name": "u"}]}, "the schema declares no tasks"),                                    # S17
+    (_schema_with(tasks=[]), "the schema declares no tasks"),                                                     # S17
+    (_schema_with("numeric", zero_bucket=True), "'zero_bucket: true' only applies to transform bucketize"),        # S19
+    (_schema_with("numeric", transform="bucketize", zero_bucket="yes"), "'zero_bucket: true' only applies"),       # S19
+    (_schema_with("categorical", min_cnt=2), "unknown keys ['min_cnt']"),                                          # S20
+    (_schema_with("tasks", weight=2), "unknown keys ['weight']"),                                                  # S20
+])
+def test_every_schema_refusal_names_the_file_and_says_why(tmp_path, schema, message):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(schema))
+    with pytest.raises(FeatureDataError) as e:
+        load_schema(path)
+    assert e.value.file == str(path) and message in str(e.value)
+
+
+def test_an_empty_csv_field_is_missing_by_default(tmp_path):
+    from mmoe_rec.features.sources import iter_batches
+
+    assert ReaderSpec().null_values == ("",)
+    path = tmp_path / "t.csv"
+    path.write_text("u,x,click\na,,1\n,2.5,0\n")
+    reader = load_schema_from(tmp_path, MUTATION_BASE).reader
+    (first, batch), = list(iter_batches(str(path), ["u", "x", "click"], reader))
+    assert batch.column("x").to_pylist() == [None, "2.5"] and batch.column("u").to_pylist() == ["a", None]
+
+
+def load_schema_from(tmp_path, d):
+    p = tmp_path / "schema.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return load_schema(p)

@@ -15,10 +15,12 @@ from mmoe_rec.data.collate import BatchCollator
 from mmoe_rec.data.synthetic import main as synth_main
 from mmoe_rec.features.build import main as features_main
 from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import transform_table
 from mmoe_rec.models.mmoe import MMoE
 from mmoe_rec.registry.package import load_package, save_package
+from mmoe_rec.registry import scoring
 from mmoe_rec.registry.pyfunc import MultiTaskPyfunc
 from mmoe_rec.registry.register import main as register_main
 from mmoe_rec.registry.register import promote, register_package
@@ -1127,3 +1129,88 @@ def test_a_scorer_given_a_model_in_training_mode_scores_in_eval_mode(rec_data):
     for t in model.tasks:
         np.testing.assert_array_equal(a[f"score_{t}"].to_numpy(), b[f"score_{t}"].to_numpy())
         np.testing.assert_allclose(a[f"score_{t}"].to_numpy(), want[t], rtol=1e-6, atol=1e-7)
+
+
+# Gaps a mutation review found (2026-12-07): rows lost by the scorer or the reader, 'latest' by number, the
+# package hash's length, a hard-linked output, CSV read with the fitted reader
+def test_a_scorer_that_loses_a_row_writes_nothing(rec_data, package, tmp_path, monkeypatch):
+    scorer, name, version = resolve_model(str(package))
+    real = scorer.score_table
+
+    def lossy(table, **kw):
+        out = real(table, **kw)
+        return out.slice(0, out.num_rows - 1)  # one row of every batch lost
+
+    monkeypatch.setattr(scorer, "score_table", lossy)
+    out = tmp_path / "s.parquet"
+    with pytest.raises(RuntimeError, match="rows but the input has"):
+        score_parquet(scorer, str(rec_data[1]), out, name, version)
+    assert not out.exists()
+
+
+def test_latest_is_the_highest_version_number_not_the_highest_text(monkeypatch):
+    loaded = []
+
+    class FakeClient:
+        def get_model_version(self, name, version):
+            return types.SimpleNamespace(version=version, tags={})
+
+    monkeypatch.setattr(scoring, "model_versions", lambda client, name: [types.SimpleNamespace(version=v)
+                                                                          for v in ("2", "9", "10")])
+    monkeypatch.setattr(scoring, "code_mismatch", lambda *a: None)
+    import mlflow
+    import mlflow.pyfunc
+
+    monkeypatch.setattr(mlflow, "MlflowClient", FakeClient)
+
+    def load_model(uri):
+        loaded.append(uri)
+        return types.SimpleNamespace(unwrap_python_model=lambda: types.SimpleNamespace(scorer="S"))
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", load_model)
+    assert resolve_model("models:/m/latest") == ("S", "m", "10")
+    assert loaded == ["models:/m/10"]
+
+
+def test_a_packages_model_version_carries_16_hex_digits(package):
+    import re
+
+    assert re.fullmatch(r"package-[0-9a-f]{16}", resolve_model(str(package))[2])
+
+
+def test_an_output_that_is_the_input_file_under_another_name_is_refused(tmp_path):
+    import os
+
+    from mmoe_rec.registry.scoring import check_output_is_not_an_input
+
+    src = tmp_path / "in.parquet"
+    src.write_bytes(b"x")
+    os.link(src, tmp_path / "same.parquet")  # a hard link: another name, the same file
+    with pytest.raises(ValueError, match="is the input file"):
+        check_output_is_not_an_input(str(src), tmp_path / "same.parquet")
+
+
+def test_a_reader_that_loses_rows_writes_nothing(rec_data, package, tmp_path, monkeypatch):
+    real = scoring.iter_batches
+
+    def lossy(*a, **kw):
+        for first, batch in real(*a, **kw):
+            yield first, batch.slice(0, batch.num_rows - 1)  # a row the reader never yields
+
+    monkeypatch.setattr(scoring, "iter_batches", lossy)
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    with pytest.raises(RuntimeError, match="rows but the input has"):
+        score_parquet(scorer, str(rec_data[1]), out, name, version)
+    assert not out.exists()
+
+
+def test_scoring_reads_csv_with_the_reader_settings_the_spec_was_fitted_with():
+    from types import SimpleNamespace
+
+    from mmoe_rec.registry.scoring import saved_reader
+
+    spec = SimpleNamespace(transforms={"reader": {"header": False, "column_names": ["a", "b"], "delimiter": ";",
+                                                  "strip_whitespace": True, "null_values": ["", "NA"]}})
+    assert saved_reader(spec) == ReaderSpec(header=False, column_names=("a", "b"), delimiter=";",
+                                            strip_whitespace=True, null_values=("", "NA"))

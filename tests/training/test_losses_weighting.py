@@ -343,3 +343,18 @@ def test_a_weighting_cast_to_bfloat16_keeps_its_state_in_float32(kind):
         ref = _train_gradnorm_weights(GradNorm(["click", "watch"], alpha=1.5), 20).weights()
         cast = _train_gradnorm_weights(GradNorm(["click", "watch"], alpha=1.5).to(torch.bfloat16), 20).weights()
         assert cast == pytest.approx(ref, rel=1e-6) and cast["click"] != pytest.approx(1.0, abs=1e-3)
+
+
+# Gaps a mutation review found (2026-12-07): DWA's ratio of the last two epochs, a temperature of 0
+def test_dwa_weights_follow_the_ratio_of_the_last_two_epochs_not_the_last_loss():
+    w = DynamicWeightAverage(["a", "b"], temperature=2.0)
+    w.on_epoch_end({"a": 2.0, "b": 0.5})
+    w.on_epoch_end({"a": 1.0, "b": 0.45})  # ratios 0.5 and 0.9: b falls slower, b gets more weight
+    ea, eb = math.exp(0.5 / 2), math.exp(0.9 / 2)
+    assert w.weights() == pytest.approx({"a": 2 * ea / (ea + eb), "b": 2 * eb / (ea + eb)}, rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_dwa_temperature_of_0_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DynamicWeightAverage(["a", "b"], temperature=temperature)

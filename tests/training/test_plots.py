@@ -1,5 +1,6 @@
 """Plots: readable figures (title, labels, colour bars, annotated cells) written as PNG."""
 import numpy as np
+import pytest
 from matplotlib.colors import TwoSlopeNorm, to_hex
 
 from mmoe_rec.training import plots
@@ -282,4 +283,60 @@ def test_many_tasks_get_upright_x_labels_and_each_undefined_cell_says_why():
     plots.close(fig)
     fig = plots.relatedness_matrices({"label_corr": (tasks[:3], np.eye(3))})
     assert {label.get_rotation() for label in fig.axes[0].get_xticklabels()} == {30.0}
+    plots.close(fig)
+
+
+# Gaps a mutation review found (2026-12-07): colour scales, their centre and direction, axis labels
+def _panels(fig):
+    return {ax.get_title().split("\n")[0]: ax.images[0] for ax in fig.axes if ax.images and ax.get_title()}
+
+
+def test_correlation_panels_span_minus_one_to_one_on_a_diverging_scale():
+    m = np.array([[1.0, -0.4], [-0.4, 1.0]])
+    fig = plots.relatedness_matrices({"label_corr": (["a", "b"], m), "grad_cos": (["a", "b"], m)})
+    for title in ("label correlation (Pearson)", "loss-gradient cosine (shared params)"):
+        im = _panels(fig)[title]
+        assert (im.norm.vmin, im.norm.vmax) == (-1, 1) and im.cmap.name.startswith("RdBu_r"), title
+    plots.close(fig)
+
+
+def test_load_heatmap_centred_on_the_reached_experts_uniform_share():
+    rng = np.random.default_rng(0)
+    load = np.full((5, 16), np.nan)
+    load[:, :12] = rng.dirichlet(np.ones(12), size=5)  # the gate reaches 12 of 16 experts
+    fig = plots.load_over_training([1, 2, 3, 4, 5], {"click": load}, ylabel="share")
+    im = fig.axes[0].images[0]
+    assert im.norm.vcenter == pytest.approx(1 / 12)
+    plots.close(fig)
+
+
+def test_utilization_above_uniform_is_red_below_is_blue():
+    fig = plots.utilization_heatmap({"click": np.array([0.7, 0.2, 0.1])})
+    im = fig.axes[0].images[0]
+    r, g, b, _ = im.cmap(im.norm(0.7))
+    assert r > b  # overloaded expert: red
+    r, g, b, _ = im.cmap(im.norm(0.1))
+    assert b > r  # starved expert: blue
+    plots.close(fig)
+
+
+def test_load_heatmap_puts_expert_0_at_the_bottom():
+    rng = np.random.default_rng(0)
+    fig = plots.load_over_training([1, 2], {"click": rng.dirichlet(np.ones(16), size=2)}, ylabel="share")
+    assert fig.axes[0].images[0].origin == "lower"
+    lo, hi = fig.axes[0].get_ylim()
+    assert lo < hi
+    plots.close(fig)
+
+
+def test_relatedness_axes_name_the_tasks():
+    fig = plots.relatedness_matrices({"gate_cos": (["a", "b"], np.eye(2))})
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "task" and ax.get_ylabel() == "task"
+    plots.close(fig)
+
+
+def test_utilization_axes_name_experts_and_gates():
+    fig = plots.utilization_heatmap({"click": np.array([0.5, 0.5]), "buy": np.array([0.3, 0.7])})
+    assert fig.axes[0].get_xlabel() == "expert" and fig.axes[0].get_ylabel() == "gate (task)"
     plots.close(fig)

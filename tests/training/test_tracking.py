@@ -3,8 +3,10 @@ import http.server
 import os
 import re
 import socket
+import sqlite3
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -17,6 +19,7 @@ from mmoe_rec.training.tracking import (
     configure_tracking,
     flatten_params,
     git_commit,
+    log_run_files,
     resolve_tracking_uri,
 )
 
@@ -407,3 +410,80 @@ def test_a_sqlite_uri_with_options_checks_and_creates_the_database_file_itself(t
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}?timeout=30"
     check_tracking_uri(uri)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+
+
+# Gaps a mutation review found (2026-12-07): the cut's boundary, an empty mapping, a locked store, the data
+# manifest, the spec kept out of params, the commit tag on every path, an unborn branch
+def test_a_value_of_exactly_the_limit_is_logged_whole_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flat = flatten_params({"x": "y" * MAX_PARAM_CHARS})
+    assert flat["x"] == "y" * MAX_PARAM_CHARS
+
+
+def test_an_empty_mapping_is_logged_not_dropped():
+    assert flatten_params({"model": {"task_weights": {}, "k": 2}}) == {"model/task_weights": "{}", "model/k": "2"}
+
+
+def test_a_store_another_process_is_writing_is_busy_not_broken(tmp_path):
+    db = tmp_path / "mlflow.db"
+    holder = sqlite3.connect(str(db))
+    holder.execute("create table t (x)")
+    holder.commit()
+    holder.execute("begin immediate")  # another writer holds the write lock
+    try:
+        check_tracking_uri(f"sqlite:///{db}")  # must not raise TrackingUnavailable
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+def test_the_data_folders_manifest_is_logged_as_data_manifest_json(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "features"
+    data.mkdir()
+    (data / "manifest.json").write_text('{"rows": {"train": 3}}')
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log_run_files(tracker, "a: 1\n", {"x": 1}, data_dir=data, command="fit")
+    client = tracker.experiment
+    files = {a.path for a in client.list_artifacts(tracker.run_id, "data")}
+    assert files == {"data/manifest.json"}
+    tags = client.get_run(tracker.run_id).data.tags
+    assert tags["mmoe_rec.data_dir"] == str(data.resolve()) and tags["mmoe_rec.command"] == "fit"
+
+
+def test_the_feature_spec_is_not_logged_as_params(tmp_path):
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.log_hyperparams({"feature_spec": {"sparse": [{"name": "u", "vocab": 3}], "version": "abc"}, "lr": 0.1,
+                             "_instantiator": "x", "_class_path": "y"})
+    assert tracker.experiment.get_run(tracker.run_id).data.params == {"lr": "0.1"}
+
+
+def test_a_tracker_made_outside_the_cli_tags_its_run_with_the_commit(tmp_path):
+    from mmoe_rec.training.tracking import git_commit
+
+    commit = git_commit()
+    assert commit  # run from a checkout
+    tracker = MLflowTracker(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert tracker.experiment.get_run(tracker.run_id).data.tags.get("mlflow.source.git.commit") == commit
+
+
+def test_log_run_files_tags_the_commit_for_any_mlflow_logger(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from mmoe_rec.training.tracking import git_commit
+
+    monkeypatch.chdir(tmp_path)
+    logger = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log_run_files(logger, None, None)
+    assert logger.experiment.get_run(logger.run_id).data.tags.get("mlflow.source.git.commit") == git_commit()
+
+
+def test_an_unborn_branch_is_not_read_as_a_longer_packed_refs_branch(tmp_path):
+    from mmoe_rec.training.tracking import git_commit
+
+    git = tmp_path / ".git"
+    git.mkdir()
+    (git / "HEAD").write_text("ref: refs/heads/ma\n")  # a new branch, no commit yet
+    (git / "packed-refs").write_text(f"{'a' * 40} refs/heads/main\n")
+    assert git_commit(tmp_path) is None
