@@ -68,11 +68,16 @@ def _with(section: str | None = None, **entry) -> dict:
         "hash-max_size", "vocab-buckets", "bucketize-impute", "bucketize-indicator", "standardize-buckets",
         "task-name-dot", "id-is-a-score", "id-is-a-job-column"])
 def test_bad_schema_value_names_the_schema_file_and_the_entry(tmp_path, schema, entry):
+    assert_refused(tmp_path, schema, entry)
+
+
+def assert_refused(tmp_path, schema: dict, text: str) -> None:
+    """Loading `schema` from a file is a FeatureDataError that names the file and says `text`."""
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(schema))
     with pytest.raises(FeatureDataError) as e:
         load_schema(path)
-    assert e.value.file == str(path) and entry in str(e.value)
+    assert e.value.file == str(path) and text in str(e.value)
 
 
 def test_good_schema_values_still_load(tmp_path):
@@ -107,47 +112,31 @@ def test_the_readmes_schema_at_a_glance_parses():
 
 
 # Refusals and defaults no test reached (a mutation review, 2026-12-07: each refusal's code could be removed)
-MUTATION_BASE = {"categorical": [{"name": "u"}], "numeric": [{"name": "x"}], "tasks": [{"name": "click"}]}
-
-
-def _schema_with(section=None, **entry):
-    d = {k: [dict(e) for e in v] for k, v in MUTATION_BASE.items()}
-    if section is None:
-        d.update(entry)
-    else:
-        d[section][0].update(entry)
-    return d
-
-
 @pytest.mark.parametrize("schema, message", [
-    (_schema_with("categorical", multi_valued=True, delimiter=""), "delimiter must be a non-empty string"),       # S02
-    (_schema_with("categorical", delimiter="|"), "'delimiter' only applies to multi_valued"),                     # S03
-    (_schema_with("categorical", transform="onehot"), "unknown categorical transform 'onehot'"),                  # S04
-    (_schema_with("numeric", missing_indicator="yes"), "missing_indicator must be auto, true or false"),           # S05
-    (_schema_with("numeric", transform="bucketize", buckets=1), "bucketize needs 'buckets: <int >= 2>'"),          # S06
-    (_schema_with("categorical", transform="hash", buckets=0), "hash transform needs 'buckets: <positive int>'"),  # S07
-    (_schema_with("tasks", type="regression", positive=[1]), "positive/negative values only apply to binary"),    # S09
-    (_schema_with("tasks", negative=["0"]), "'negative' needs 'positive' too"),                                    # S10
-    (_schema_with(tasks=[{"name": "click"}, {"name": "click", "column": "c2"}]), "task names used twice"),        # S11
-    (_schema_with(numeric=[{"name": "u"}]), "feature names used twice: ['u']"),                                    # S12
-    (_schema_with(numeric=[{"name": "x", "column": "click"}]), "label / weight columns also declared as features"),  # S13
-    (_schema_with(sample_weight="w", numeric=[{"name": "x", "column": "w"}]), "label / weight columns also declared"),  # S13
-    (_schema_with(reader={"header": "no"}), "reader header must be true or false"),                               # S14
-    (_schema_with(reader={"strip_whitespace": "yes"}), "reader strip_whitespace must be true or false"),          # S14
-    (_schema_with(features=[{"name": "z"}]), "unknown schema sections ['features']"),                             # S16
+    (_with("categorical", multi_valued=True, delimiter=""), "delimiter must be a non-empty string"),       # S02
+    (_with("categorical", delimiter="|"), "'delimiter' only applies to multi_valued"),                     # S03
+    (_with("categorical", transform="onehot"), "unknown categorical transform 'onehot'"),                  # S04
+    (_with("numeric", missing_indicator="yes"), "missing_indicator must be auto, true or false"),           # S05
+    (_with("numeric", transform="bucketize", buckets=1), "bucketize needs 'buckets: <int >= 2>'"),          # S06
+    (_with("categorical", transform="hash", buckets=0), "hash transform needs 'buckets: <positive int>'"),  # S07
+    (_with("tasks", type="regression", positive=[1]), "positive/negative values only apply to binary"),    # S09
+    (_with("tasks", negative=["0"]), "'negative' needs 'positive' too"),                                    # S10
+    (_with(tasks=[{"name": "click"}, {"name": "click", "column": "c2"}]), "task names used twice"),        # S11
+    (_with(numeric=[{"name": "u"}]), "feature names used twice: ['u']"),                                    # S12
+    (_with(numeric=[{"name": "x", "column": "click"}]), "label / weight columns also declared as features"),  # S13
+    (_with(sample_weight="w", numeric=[{"name": "x", "column": "w"}]), "label / weight columns also declared"),  # S13
+    (_with(reader={"header": "no"}), "reader header must be true or false"),                               # S14
+    (_with(reader={"strip_whitespace": "yes"}), "reader strip_whitespace must be true or false"),          # S14
+    (_with(features=[{"name": "z"}]), "unknown schema sections ['features']"),                             # S16
     ({"categorical": [{"name": "u"}]}, "the schema declares no tasks"),                                    # S17
-    (_schema_with(tasks=[]), "the schema declares no tasks"),                                                     # S17
-    (_schema_with("numeric", zero_bucket=True), "'zero_bucket: true' only applies to transform bucketize"),        # S19
-    (_schema_with("numeric", transform="bucketize", zero_bucket="yes"), "'zero_bucket: true' only applies"),       # S19
-    (_schema_with("categorical", min_cnt=2), "unknown keys ['min_cnt']"),                                          # S20
-    (_schema_with("tasks", weight=2), "unknown keys ['weight']"),                                                  # S20
+    (_with(tasks=[]), "the schema declares no tasks"),                                                     # S17
+    (_with("numeric", zero_bucket=True), "'zero_bucket: true' only applies to transform bucketize"),        # S19
+    (_with("numeric", transform="bucketize", zero_bucket="yes"), "'zero_bucket: true' only applies"),       # S19
+    (_with("categorical", min_cnt=2), "unknown keys ['min_cnt']"),                                          # S20
+    (_with("tasks", weight=2), "unknown keys ['weight']"),                                                  # S20
 ])
 def test_every_schema_refusal_names_the_file_and_says_why(tmp_path, schema, message):
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(schema))
-    with pytest.raises(FeatureDataError) as e:
-        load_schema(path)
-    assert e.value.file == str(path) and message in str(e.value)
+    assert_refused(tmp_path, schema, message)
 
 
 def test_an_empty_csv_field_is_missing_by_default(tmp_path):
@@ -156,7 +145,7 @@ def test_an_empty_csv_field_is_missing_by_default(tmp_path):
     assert ReaderSpec().null_values == ("",)
     path = tmp_path / "t.csv"
     path.write_text("u,x,click\na,,1\n,2.5,0\n")
-    reader = load_schema_from(tmp_path, MUTATION_BASE).reader
+    reader = load_schema_from(tmp_path, BASE).reader
     (first, batch), = list(iter_batches(str(path), ["u", "x", "click"], reader))
     assert batch.column("x").to_pylist() == [None, "2.5"] and batch.column("u").to_pylist() == ["a", None]
 
