@@ -64,7 +64,7 @@ def _marker_aware_observer(procs: list[subprocess.Popen], done_dir: Path, main_p
                 proc.poll()
             codes = [proc.returncode for proc in self._child_processes]
             unmarked = [(rank, proc) for rank, proc in enumerate(self._child_processes, start=1)
-                        if proc.returncode and not (done_dir / f"rank{rank}").exists()]  # marker written before exit
+                        if proc.returncode and not marked_done(done_dir, rank)]  # marker written before exit
             received = sigterm_received_at()
             if unmarked and received is not None and time.monotonic() - received < SIGTERM_GRACE_S:
                 return False  # told to stop: every rank exits on its own, rank 0 after its on-exception work
@@ -142,13 +142,18 @@ def name_failed_child_ranks(trainer: Any, done_dir: Optional[Path] = None,
             code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
-        if code and not (done_dir is not None and (done_dir / f"rank{rank}").exists()):
+        if code and not marked_done(done_dir, rank):
             hint = " (SIGKILL: the kernel's out-of-memory killer sends it too)" if code == -signal.SIGKILL else ""
             named.append(f"rank {rank} (pid {proc.pid}) {_exit_text(code)}{hint}")
     if named:
         print(f"mmoe-rec: {'; '.join(named)} before its work was done, while rank 0 was working: rank 0's error "
               "below may follow from it (a rank that dies fails the others' collectives)", file=sys.stderr, flush=True)
     return named
+
+
+def marked_done(done_dir: Optional[Path], rank: int) -> bool:
+    """Whether local rank `rank` left its done marker (mark_rank_done) in `done_dir` (None: no folder, no marker)."""
+    return done_dir is not None and (done_dir / f"rank{rank}").exists()
 
 
 def mark_rank_done(trainer: Any) -> None:
@@ -195,7 +200,7 @@ def join_child_ranks(trainer: Any, done_dir: Optional[Path] = None, timeout_s: f
             proc.wait()
             how = f"had not exited {timeout_s:.0f} s after rank 0 finished and was killed"
         if how:
-            done = done_dir is not None and (done_dir / f"rank{rank}").exists()
+            done = marked_done(done_dir, rank)
             (after_done if done else failed).append(f"rank {rank} (pid {proc.pid}) {how}")
     if after_done:
         warnings.warn("; ".join(after_done) + " after finishing its work (the gloo exit race, README 'Scaling "

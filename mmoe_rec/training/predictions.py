@@ -176,11 +176,8 @@ class ParquetPredictionWriter(BasePredictionWriter):
         remove_empty_folders(self._made)
 
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
-        parts = self._close_parts()
-        for path in (*parts, self._partial):
-            if path is not None:
-                path.unlink(missing_ok=True)
-        remove_empty_folders(self._made)  # under DDP another rank's files keep a shared one
+        self._close_parts()
+        self.remove_temporary_files()  # under DDP another rank's files keep a shared folder
 
 
 def _limited_batches(trainer: "L.Trainer") -> tuple[str, int] | None:
