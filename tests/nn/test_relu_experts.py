@@ -43,6 +43,20 @@ def test_forward_and_every_gradient_equal_autograd_on_a_per_expert_reference(dim
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("D", [3, 40])  # an input narrower and wider than the first layer (E*h0 = 20)
+@pytest.mark.parametrize("wanted", ["weight and bias", "weight", "bias"])
+def test_the_first_layers_gradients_whichever_of_them_is_asked_for(D, wanted):
+    ws, bs = make_params(4, [D, 5, 3])
+    x = torch.randn(9, D, dtype=torch.float64)
+    asked = {"weight and bias": [ws[0], bs[0]], "weight": [ws[0]], "bias": [bs[0]]}[wanted]
+    g = torch.randn(9, 4, 3, dtype=torch.float64)
+    got = torch.autograd.grad(relu_experts(x, ws, bs), asked, g)
+    want = torch.autograd.grad(per_expert_reference(x, ws, bs), asked, g)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
 def test_gradcheck():
     ws, bs = make_params(3, [4, 5, 3])
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -31,9 +32,12 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     L.seed_everything(0)
     dm = FeatureDataModule(str(feature_dir), batch_size=128, seed=0)
     module = module_for(dm, grad_similarity_every=4)
-    ckpt = ModelCheckpoint(dirpath=in_tmp / "ckpt", monitor="val/click/auc", mode="max", save_last=True)
+    best = ModelCheckpoint(dirpath=in_tmp / "ckpt", monitor="val/click/auc", mode="max")
+    # unmonitored, as in configs/: a monitored callback's save_last rewrites last.ckpt only at epochs that improved
+    # the metric, so the fitted module would equal it only when the last epoch did
+    last = ModelCheckpoint(dirpath=in_tmp / "last", save_last=True)
     trainer = L.Trainer(max_epochs=2, log_every_n_steps=4, logger=MLflowTracker(),
-                        callbacks=[RoutingMonitor(every_n_steps=4), ckpt], **FAST)
+                        callbacks=[RoutingMonitor(every_n_steps=4), best, last], **FAST)
     trainer.fit(module, dm)
     run, client = mlflow_run(in_tmp / "mlflow.db")
     m = run.data.metrics
@@ -50,7 +54,8 @@ def test_fit_learns_logs_to_mlflow_and_checkpoint_reloads(feature_dir, in_tmp):
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots == {"plots/utilization_heatmap.png", "plots/expert_load.png", "plots/task_relatedness.png"}
     # reload without the data module or the CLI: same predictions
-    reloaded = MultiTaskModule.load_from_checkpoint(ckpt.last_model_path, map_location="cpu").eval()
+    assert Path(best.best_model_path).is_file()
+    reloaded = MultiTaskModule.load_from_checkpoint(last.last_model_path, map_location="cpu").eval()
     module.eval()
     batch = next(iter(dm.val_dataloader()))
     with torch.no_grad():
