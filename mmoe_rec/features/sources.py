@@ -254,6 +254,13 @@ def file_columns(path: str, reader: ReaderSpec) -> list[str]:
     return _open_parquet(path).schema_arrow.names
 
 
+def file_metadata(path: str) -> dict[bytes, bytes] | None:
+    """A Parquet file's Arrow schema metadata (key-value pairs of its footer); None for a CSV file."""
+    if input_format(path) == "csv":
+        return None
+    return _open_parquet(path).schema_arrow.metadata
+
+
 def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
     """Arrow type of each of `columns`, as iter_batches yields it, without reading rows. A CSV column is always a
     string (its file is not opened here); a column a Parquet file lacks is left out (iter_batches reports it)."""

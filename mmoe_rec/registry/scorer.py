@@ -10,7 +10,7 @@ import torch
 from mmoe_rec.data.collate import BatchCollator
 from mmoe_rec.features.errors import FeatureDataError
 from mmoe_rec.features.frames import table_from_pandas
-from mmoe_rec.features.spec import FeatureSpec, check_ids_are_not_outputs, label_column, score_column
+from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec, check_ids_are_not_outputs, label_column, score_column
 from mmoe_rec.features.transform import compiled, transform_table
 from mmoe_rec.models.base import MultiTaskModel
 
@@ -40,15 +40,23 @@ class Scorer:
         self.collator = BatchCollator(self.spec, tasks=model.tasks, with_ids=False, with_labels=False)
         self.feature_only = feature_only_columns(self.spec)
 
-    def check_raw_columns(self, columns: list[str], source: str = "input") -> None:
+    def check_raw_columns(self, columns: list[str], source: str = "input",
+                          metadata: dict[bytes, bytes] | None = None) -> None:
         """Refuse input that lacks raw columns the spec reads (all of them named), and feature Parquet: its features
         have their raw names, so it would be transformed a second time (ids looked up as raw values, standardized
-        values standardized again) and score wrong without an error."""
+        values standardized again) and score wrong without an error. `metadata`: the input's Arrow schema
+        metadata, where `mmoe-rec features` records its spec's version (a sure sign, where the columns may not
+        tell: a spec without missing indicators whose raw labels are named label_<task>)."""
+        version = (metadata or {}).get(SPEC_VERSION_KEY.encode())
+        if version is not None:
+            raise FeatureDataError(f"this is feature Parquet written by `mmoe-rec features` (spec version "
+                                   f"{version.decode(errors='replace')} in its metadata); score raw rows", file=source)
         # all of them: feature Parquet always has every label and indicator column, while a wide raw table may
         # happen to carry one such name (a precomputed label_click, the user's own age_missing flag)
         if self.feature_only and self.feature_only <= set(columns):
             raise FeatureDataError(f"this looks like feature Parquet written by `mmoe-rec features` (it has the "
-                                   f"columns {sorted(self.feature_only)}); score raw rows", file=source)
+                                   f"columns {sorted(self.feature_only)}); score raw rows (raw rows that carry "
+                                   f"these columns: drop them first, the model does not read them)", file=source)
         compiled(self.spec).check_columns(list(columns), with_labels=False, file=source)
 
     @torch.no_grad()
@@ -62,7 +70,7 @@ class Scorer:
         """
         if isinstance(table, pd.DataFrame):
             table = table_from_pandas(table, source, row_offset)
-        self.check_raw_columns(table.column_names, source)
+        self.check_raw_columns(table.column_names, source, table.schema.metadata)
         features = transform_table(self.spec, table, with_labels=False, file=source, row_offset=row_offset)
         columns: dict[str, pa.Array] = {col: features.column(col) for col in self.spec.id_columns}
         if features.num_rows == 0:  # no rows, no model call (a batch of none is not one torchrec can pool)

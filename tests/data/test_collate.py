@@ -231,3 +231,18 @@ def test_the_collator_takes_the_table_transform_table_returns():
                                    pa.record_batch({"u": [3], "d": [2.5], "label_click": [1.0]})])
     batch = BatchCollator(spec)(table)
     assert batch.batch_size == 3 and batch.dense[:, 0].tolist() == [0.5, 1.5, 2.5]
+
+
+def test_moving_a_batch_keeps_its_sample_weights_and_step_rows():
+    spec = FeatureSpec([SparseFeature("u", 5)], ["d"], [Task("click")], has_weight=True).finalize()
+    rb = pa.record_batch({"u": pa.array([1, 2, 3], pa.int64()), "d": pa.array([0.5, 1.0, 2.0], pa.float32()),
+                          label_column("click"): pa.array([1.0, 0.0, 1.0], pa.float32()),
+                          WEIGHT_COLUMN: pa.array([2.0, 0.0, 0.5], pa.float32())})  # a weight of 0 is allowed
+    collator = BatchCollator(spec)
+    arrays = collator.arrays(rb)
+    arrays.step_rows = 7
+    moved = collator.to_batch(arrays).to("cpu")
+    torch.testing.assert_close(moved.weights, torch.tensor([2.0, 0.0, 0.5]))
+    assert moved.step_rows == 7
+    # predictions read no labels, and so no sample weight either (scored data need not have one)
+    assert WEIGHT_COLUMN not in BatchCollator(spec, with_labels=False).columns

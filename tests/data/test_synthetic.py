@@ -210,3 +210,13 @@ def test_synth_rec_refuses_bad_generator_options_before_writing(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"error: {message}" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_mmoe_weight_vectors_have_norm_c_and_the_linear_parts_keep_correlation_p():
+    """--c scales both weight vectors (the paper's c); only c = 1 was checked, so a c that did nothing passed."""
+    g = MMoESynthetic(p=0.6, c=2.5, d=20, seed=1)
+    assert np.linalg.norm(g.w1) == pytest.approx(2.5) and np.linalg.norm(g.w2) == pytest.approx(2.5)
+    assert g.w1 @ g.w2 == pytest.approx(0.6 * 2.5 ** 2)
+    s = g.sample(20_000, np.random.default_rng(0))
+    assert np.std(s["lin1"]) == pytest.approx(2.5, rel=0.03) and np.std(s["lin2"]) == pytest.approx(2.5, rel=0.03)
+    assert np.corrcoef(s["lin1"], s["lin2"])[0, 1] == pytest.approx(0.6, abs=0.03)

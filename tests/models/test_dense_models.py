@@ -383,3 +383,115 @@ def test_the_experts_take_the_models_dropout(cls):
     assert not torch.equal(model.experts(x), model.experts(x))
     model.eval()
     assert torch.equal(model.experts(x), model.experts(x))
+
+
+# Gaps a mutation review found (mutmodels): PLE's shared gate takes the model's gate kind and temperature, hard gates
+# record the softmax probabilities, the PLE last shared layer, arguments reaching the front / bottom, validation,
+# the factory's errors and ModelOutput's defaults
+def test_ple_shared_gate_takes_the_models_temperature():
+    torch.manual_seed(0)
+    model = PLE(spec(), num_levels=2, num_task_experts=1, num_shared_experts=2, gate_temperature=0.4).double()
+    x = features()
+    out = model.forward_dense(x)
+    level = model.levels[0]
+    want = torch.softmax(x @ level.shared_gate.weight[0] / 0.4, dim=-1)
+    torch.testing.assert_close(out.routing["0/shared"].combine, want.float())
+    for i, t in enumerate(TASKS):
+        g = torch.softmax(x @ level.task_gates.weight[i] / 0.4, dim=-1)  # over [own; shared]
+        torch.testing.assert_close(out.routing[f"0/{t}"].combine[:, [i, 3, 4]], g.float())
+
+
+def test_hard_gates_record_one_hot_weights_and_the_softmax_probabilities_in_every_model():
+    torch.manual_seed(0)
+    x = features(dtype=torch.float32)
+    models = {
+        "mmoe": MMoE(spec(), num_experts=4, gate="hard", gate_temperature=0.7),
+        "omoe": OMoE(spec(), num_experts=4, gate="hard", gate_temperature=0.7),
+        "ple": PLE(spec(), num_levels=2, num_task_experts=1, num_shared_experts=2, gate="hard",
+                   gate_temperature=0.7),
+    }
+    for name, model in models.items():
+        out = model.forward_dense(x)
+        if name == "ple":
+            level = model.levels[0]
+            sh = out.routing["0/shared"]
+            torch.testing.assert_close(sh.probs, torch.softmax(x @ level.shared_gate.weight[0] / 0.7, -1).detach())
+            gates = {f"0/{t}": (level.task_gates.weight[i], [i, 3, 4]) for i, t in enumerate(TASKS)}
+        elif name == "omoe":
+            gates = {"shared": (model.gates.weight[0], list(range(4)))}
+        else:
+            gates = {t: (model.gates.weight[i], list(range(4))) for i, t in enumerate(TASKS)}
+        for gate, (w, cols) in gates.items():
+            r = out.routing[gate]
+            want = torch.softmax(x @ w / 0.7, dim=-1).detach()
+            torch.testing.assert_close(r.probs[:, cols], want, msg=f"{name} {gate}")
+            assert set(r.combine.unique().tolist()) == {0.0, 1.0}, (name, gate)
+            assert torch.equal(r.combine.argmax(-1), r.probs.argmax(-1)) and r.chosen.shape == (B, 1), (name, gate)
+        for gate, r in out.routing.items():  # the shared gate too: hard like the task gates
+            assert set(r.combine.unique().tolist()) == {0.0, 1.0}, (name, gate)
+
+
+def test_ple_last_shared_layer_is_the_last_layer_of_the_highest_levels_shared_experts():
+    model = PLE(spec(), num_levels=3, num_task_experts=1, num_shared_experts=2, expert_hidden=[8, 5])
+    layer = model.last_shared_layer()
+    assert len(layer) == 1 and layer[0] is model.levels[-1].shared_experts.weights[-1]
+    assert layer[0].shape == (2, 8, 5)
+
+
+@pytest.mark.parametrize("kt,ks", [(-1, 2), (2, -1)])
+def test_ple_refuses_a_negative_number_of_experts(kt, ks):
+    with pytest.raises(ValueError, match="PLE needs num_task_experts >= 0, num_shared_experts >= 0"):
+        PLE(spec(), num_task_experts=kt, num_shared_experts=ks)
+
+
+def test_ple_refuses_a_task_named_shared():
+    from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
+
+    s = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("shared")]).finalize()
+    with pytest.raises(ValueError, match="a task may not be named 'shared' in PLE"):
+        PLE(s, num_levels=2)
+
+
+@pytest.mark.parametrize("cls,kw", [(MMoE, {}), (OMoE, {}), (SharedBottom, {}), (PLE, {"num_levels": 2})])
+def test_embedding_dims_reach_the_embedding_front(cls, kw):
+    plain = cls(spec(), embedding_dim=4, **kw)
+    wider = cls(spec(), embedding_dim=4, embedding_dims={"user": 6}, **kw)
+    assert plain.front.output_dim == 4 + 4 + 2 and wider.front.output_dim == 6 + 4 + 2
+
+
+def test_shared_bottom_takes_the_models_dropout_and_norm():
+    torch.manual_seed(0)
+    model = SharedBottom(spec(), bottom_hidden=[32], dropout=0.5, norm="layer")
+    kinds = {type(m) for m in model.bottom.net}
+    assert nn.Dropout in kinds and nn.LayerNorm in kinds, kinds
+    x = torch.randn(6, model.front.out_dim)
+    model.train()
+    assert not torch.equal(model.bottom(x), model.bottom(x))
+
+
+@pytest.mark.parametrize("cls", [SharedBottom, MMoE, PLE])
+def test_an_empty_task_list_is_refused(cls):
+    with pytest.raises(ValueError, match="needs at least one task"):
+        cls(spec(), tasks=[])
+
+
+@pytest.mark.parametrize("path,match", [
+    ("MMoE", r"must be 'package.module.ClassName'"),
+    ("mmoe_rec.models.no_such_module.MMoE", r"module 'mmoe_rec.models.no_such_module' not found"),
+    ("mmoe_rec.models.mmoe.NoSuchModel", r"mmoe_rec.models.mmoe has no class 'NoSuchModel'"),
+    ("torch.nn.Linear", r"torch.nn.Linear is not a mmoe_rec MultiTaskModel"),
+    ("mmoe_rec.models.factory.build_model", r"is not a mmoe_rec MultiTaskModel"),
+])
+def test_build_model_names_what_is_wrong_with_a_class_path(path, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(path, spec(), {})
+
+
+def test_model_output_defaults_are_empty_and_not_shared():
+    from mmoe_rec.models.output import ModelOutput
+
+    a, b = ModelOutput(logits={}), ModelOutput(logits={})
+    assert a.aux == {} and a.routing == {}
+    a.aux["x"] = torch.tensor(1.0)
+    a.routing["y"] = None
+    assert b.aux == {} and b.routing == {}

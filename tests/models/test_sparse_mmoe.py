@@ -573,3 +573,71 @@ def test_sparse_towers_take_the_norm():
     model = SparseMMoE(spec(), num_experts=4, k=2, norm="layer", noise=False, tower_hidden=[6])
     for t in TASKS:
         assert any(isinstance(m, nn.LayerNorm) for m in model.towers[t].modules()), t
+
+
+# Gaps a mutation review found (mutmodels): the aux losses' values under noise, the bias statistics of the records,
+# the shared experts among the shared parameters, the batch-dependence warning, validation, router_init reaching
+# the Switch router
+def test_noisy_topk_aux_losses_are_the_gate_mean_of_the_balance_functions_on_the_same_noise():
+    from mmoe_rec.nn.balance import importance_loss, load_loss, router_z_loss
+
+    model = SparseMMoE(spec(), num_experts=6, k=2, noise=True, router_init="normal").train()
+    x = features()
+    torch.manual_seed(3)
+    out = model.forward_dense(x)
+    torch.manual_seed(3)
+    routings = [model.gates[t](x) for t in TASKS]  # the same noise draws, in the model's gate order
+    for t, r in zip(TASKS, routings):
+        assert torch.equal(out.routing[t].chosen, r.chosen)
+    want = {"importance": torch.stack([importance_loss(r.combine) for r in routings]).mean(),
+            "load": torch.stack([load_loss(r.load_prob) for r in routings]).mean(),
+            "router_z": torch.stack([router_z_loss(r.logits) for r in routings]).mean()}
+    assert set(out.aux) == set(want)
+    for name, value in want.items():
+        assert value.item() > 0, name
+        torch.testing.assert_close(out.aux[name], value, msg=name)
+
+
+def test_loss_free_bias_records_its_mean_size_spread_and_largest_size():
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, noise=False, loss_free_bias=True)
+    bias = torch.tensor([-0.3, 0.1, 0.0, 0.2])  # largest in size negative
+    with torch.no_grad():
+        model.gates[TASKS[0]].balancer.bias.copy_(bias)
+    extra = model.forward_dense(features()).routing[TASKS[0]].extra
+    torch.testing.assert_close(extra["bias_abs_mean"], bias.abs().mean())
+    torch.testing.assert_close(extra["bias_std"], bias.std(unbiased=False))
+    torch.testing.assert_close(extra["bias_abs_max"], torch.tensor(0.3))
+
+
+def test_shared_parameters_hold_the_always_on_shared_experts():
+    model = SparseMMoE(spec(), num_experts=4, k=2, num_shared_experts=2, noise=False)
+    ids = {id(p) for p in model.shared_parameters()}
+    assert all(id(p) in ids for p in model.shared_experts.parameters())
+    assert all(id(p) in ids for p in [*model.front.parameters(), *model.experts.parameters()])
+    assert not any(id(p) in ids for t in TASKS for p in [*model.gates[t].parameters(), *model.towers[t].parameters()])
+
+
+def test_eval_batch_dependence_is_reported_only_with_an_eval_capacity_factor():
+    assert SparseMMoE(spec(), num_experts=4, k=2, capacity_factor=1.0).eval_batch_dependence() is None
+    why = SparseMMoE(spec(), num_experts=4, k=2, capacity_factor=1.0, eval_capacity_factor=1.5).eval_batch_dependence()
+    assert isinstance(why, str) and "eval_capacity_factor=1.5" in why
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_shared_experts=-1), "num_shared_experts >= 0"),
+    (dict(fine_grained=0), "fine_grained must be >= 1"),
+    (dict(num_experts=0, k=0), "num_experts and fine_grained must be >= 1"),
+    (dict(fine_grained=3, expert_hidden=[16, 8]), r"fine_grained=3 must divide every intermediate width \[16\]"),
+])
+def test_sizes_that_cannot_build_experts_are_refused_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseMMoE(spec(), **kwargs)
+
+
+def test_router_init_reaches_the_switch_router():
+    # with noise on, "auto" starts the switch router at zeros; "normal" asked for must give non-zero weights
+    model = SparseMMoE(spec(), num_experts=4, k=1, router="switch", noise=True, router_init="normal")
+    assert all(bool((model.gates[t].w_gate != 0).any()) for t in TASKS)
+    assert all(bool((SparseMMoE(spec(), num_experts=4, k=1, router="switch", noise=True).gates[t].w_gate == 0).all())
+               for t in TASKS)

@@ -88,3 +88,11 @@ def test_switch_and_z_losses_of_a_batch_of_no_rows_are_zero_not_nan():
         (grad,) = torch.autograd.grad(loss, logits)
         assert grad.shape == (0, 4)
 
+
+
+# A gap a mutation review found (mutmodels): the load loss sums P(x, i) over rows (per expert), not over experts
+def test_load_loss_hand_example_is_the_cv_squared_of_the_per_expert_sums():
+    load_prob = torch.tensor([[0.9, 0.1, 0.5], [0.9, 0.3, 0.1], [0.6, 0.2, 0.0]])  # rows sum alike, experts do not
+    # Load = (2.4, 0.6, 0.6): mean 1.2, population variance 0.72 -> 0.5
+    assert load_loss(load_prob).item() == pytest.approx(0.5, rel=1e-6)
+    assert load_loss(torch.full((5, 4), 0.3)).item() == pytest.approx(0.0, abs=1e-12)

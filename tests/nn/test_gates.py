@@ -136,3 +136,22 @@ def test_records_live_on_the_gates_device():
     weights, probs = gates(torch.randn(5, 6))
     record = gates.record(weights.to("meta"), probs.to("meta"), 1)
     assert record.dropped.device.type == "meta" and record.combine.device.type == "meta"
+
+
+# Gaps a mutation review found (mutmodels): the validation of every size and of a NaN temperature, the dtype of a
+# dense record's drop count
+@pytest.mark.parametrize("args,kwargs,match", [((0, 4), {}, "in_dim, num_experts, num_gates >= 1"),
+                                                ((3, 0), {}, "in_dim, num_experts, num_gates >= 1"),
+                                                ((3, 4), {"temperature": float("nan")}, "temperature must be > 0"),
+                                                ((3, 4), {"temperature": -1.0}, "temperature must be > 0")])
+def test_empty_sizes_and_a_nan_or_negative_temperature_are_rejected(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DenseGates(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "hard"])
+def test_a_dense_records_drop_count_is_an_int64_zero(kind):
+    gates = DenseGates(3, 4, num_gates=2, kind=kind)
+    w, p = gates(torch.randn(5, 3))
+    r = gates.record(w, p, 0)
+    assert r.dropped.dtype == torch.int64 and r.dropped.shape == () and int(r.dropped) == 0

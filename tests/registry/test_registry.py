@@ -790,7 +790,7 @@ def test_feature_parquet_is_refused_but_a_raw_label_column_called_label_task_is_
 
     scorer, name, version = resolve_model(str(package))
     out = tmp_path / "s.parquet"
-    with pytest.raises(FeatureDataError, match="looks like feature Parquet written by `mmoe-rec features`.*score raw"):
+    with pytest.raises(FeatureDataError, match="is feature Parquet written by `mmoe-rec features`.*score raw"):
         score_main(["--model", str(package), "--input", str(rec_data[2] / "test"), "--output", str(out)])
     raw = pq.read_table(rec_data[1]).slice(0, 50)
     # one such name alone in a wide raw table (the user's own flag, a precomputed label) is not feature Parquet
@@ -805,6 +805,31 @@ def test_feature_parquet_is_refused_but_a_raw_label_column_called_label_task_is_
     relabelled = Scorer(MMoE(dataclasses.replace(spec, transforms=transforms), **INIT_ARGS))
     renamed = raw.rename_columns([label_column(c) if c in spec.task_names else c for c in raw.column_names])
     assert relabelled.score_table(renamed).num_rows == 50
+
+
+def test_feature_parquet_is_known_by_its_spec_version_where_its_columns_do_not_tell(rec_data, package, tracking,
+                                                                                      tmp_path):
+    """Feature Parquet without its label and indicator columns (a spec without indicators whose raw labels are
+    named label_<task> writes none that raw rows lack) was scored as raw rows: transformed a second time, wrong
+    scores and no error. Its footer's spec version tells it apart; the refusal by columns says how to score raw rows
+    that happen to carry those names."""
+    from mmoe_rec.features.spec import SPEC_VERSION_KEY
+    from mmoe_rec.registry.scorer import feature_only_columns
+
+    scorer, name, version = resolve_model(str(package))
+    features = pq.read_table(sorted((rec_data[2] / "test").glob("*.parquet"))[0])
+    assert SPEC_VERSION_KEY.encode() in features.schema.metadata
+    trimmed = features.drop_columns(sorted(feature_only_columns(scorer.spec)))
+    pq.write_table(trimmed, tmp_path / "trimmed.parquet")
+    out = tmp_path / "s.parquet"
+    want = f"feature Parquet written by `mmoe-rec features` \\(spec version {scorer.spec.version} in its metadata\\)"
+    with pytest.raises(FeatureDataError, match="trimmed.parquet: this is " + want):
+        score_main(["--model", str(package), "--input", str(tmp_path / "trimmed.parquet"), "--output", str(out)])
+    assert not out.exists()
+    with pytest.raises(FeatureDataError, match=want):
+        scorer.score_table(pq.read_table(tmp_path / "trimmed.parquet"))
+    with pytest.raises(FeatureDataError, match="drop them first, the model does not read them"):
+        scorer.score_table(features.replace_schema_metadata(None))
 
 
 def test_an_output_that_is_a_folder_is_refused_before_the_model_loads(rec_data, package, tracking, tmp_path):
@@ -1214,3 +1239,180 @@ def test_scoring_reads_csv_with_the_reader_settings_the_spec_was_fitted_with():
                                                   "strip_whitespace": True, "null_values": ["", "NA"]}})
     assert saved_reader(spec) == ReaderSpec(header=False, column_names=("a", "b"), delimiter=";",
                                             strip_whitespace=True, null_values=("", "NA"))
+
+
+# Gaps a mutation review (mutregistry, 2026-12-07) found: the package format check and eval mode, an undo that
+# leaves an alias promoted meanwhile, a model that cannot score registered into a given run, an example scored into
+# other rows or columns, an undo before the registered model was made, promote's alias check, regression scores
+def test_a_package_of_another_format_is_refused_and_a_loaded_one_is_in_eval_mode(package, tmp_path):
+    import json
+    import shutil
+
+    model = load_package(package)
+    assert not any(m.training for m in model.modules())  # load_package promises eval mode, whatever scores it
+    other = tmp_path / "pkg"
+    shutil.copytree(package, other)
+    meta = json.loads((other / "model.json").read_text())
+    (other / "model.json").write_text(json.dumps({**meta, "format": 2}))
+    with pytest.raises(ValueError, match="package format 2 is not supported"):
+        load_package(other)
+
+
+def test_an_undo_leaves_an_alias_promoted_meanwhile_where_the_promote_put_it(package, tracking, monkeypatch):
+    """The undo's own alias calls go through here (the older race test stops every call, so an undo that put the
+    alias back over the promote was stopped too and went unseen)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    _, v1 = register_package(package, "rec-promoted", alias="champion")
+    _, v2 = register_package(package, "rec-promoted")
+    real_alias = MlflowClient.set_registered_model_alias
+    calls = []
+
+    def promoted_meanwhile(self, name, alias, version):
+        calls.append(str(version))
+        if len(calls) == 1:  # ours: an operator's promote to v2 lands first, then the stop arrives
+            real_alias(self, name, alias, v2)
+            raise Stopped()
+        real_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", promoted_meanwhile)
+    with pytest.raises(Stopped):
+        register_package(package, "rec-promoted", alias="champion")
+    monkeypatch.undo()
+    assert calls == ["3"]  # the undo did not move the alias
+    assert str(client.get_model_version_by_alias("rec-promoted", "champion").version) == v2
+    assert sorted(str(v.version) for v in client.search_model_versions("name = 'rec-promoted'")) == [v1, v2]
+
+
+def test_a_model_that_cannot_score_is_not_registered_into_a_given_run_either(package, tracking, monkeypatch):
+    client = mlflow.MlflowClient()
+    run = client.create_run(client.create_experiment("train-broken"))
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("cannot score")
+
+    monkeypatch.setattr(Scorer, "score_table", broken)
+    with pytest.raises(RuntimeError, match="does not score its input example.*nothing was registered"):
+        register_package(package, "rec-in-run-broken", alias="champion", run_id=run.info.run_id)
+    assert client.search_registered_models() == []
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda out: out.iloc[:0], r"scored its 1-row input example into 0 rows"),
+    (lambda out: out.drop(columns=["score_conversion"]), r"expected \['score_click', 'score_conversion'\]"),
+])
+def test_a_model_that_scores_its_example_into_other_rows_or_columns_is_not_registered(package, tracking, monkeypatch,
+                                                                                     damage, match):
+    real = MultiTaskPyfunc.predict
+    monkeypatch.setattr(MultiTaskPyfunc, "predict",
+                        lambda self, context, model_input, params=None: damage(real(self, context, model_input, params)))
+    with pytest.raises(RuntimeError, match=match):
+        register_package(package, "rec-damaged", alias="champion")
+    assert mlflow.MlflowClient().search_registered_models() == []
+
+
+def test_a_registration_stopped_before_its_model_was_made_undoes_without_a_word(package, tracking, monkeypatch,
+                                                                                capsys):
+    from mlflow import MlflowClient
+
+    def stopped(self, *args, **kwargs):
+        raise Stopped()
+
+    monkeypatch.setattr(MlflowClient, "create_registered_model", stopped)
+    with pytest.raises(Stopped):
+        register_package(package, "rec-never-made", alias="champion")
+    monkeypatch.undo()
+    assert "could not undo" not in capsys.readouterr().err
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_promote_refuses_an_alias_the_registry_reserves_in_one_line(package, tracking):
+    _, version = register_package(package, "rec-promote")
+    with pytest.raises(ValueError, match="--alias 'latest': "):
+        promote("rec-promote", version, "latest")
+
+
+def test_regression_tasks_are_scored_as_the_models_prediction_not_a_probability(tmp_path):
+    raw, features = tmp_path / "raw", tmp_path / "features"
+    assert synth_main(["mmoe", "--rows", "400", "--output", str(raw)]) == 0
+    assert features_main(["--schema", str(ROOT / "configs/features/synthetic_mmoe.yaml"), "--input", str(raw),
+                          "--output", str(features), "--valid-fraction", "0.1", "--test-fraction", "0.1"]) == 0
+    spec = FeatureSpec.load(features)
+    assert {spec.task(t).type for t in spec.task_names} == {"regression"}
+    torch.manual_seed(0)
+    model = MMoE(spec, **INIT_ARGS).eval()
+    table = pq.read_table(raw).slice(0, 100)
+    scores = Scorer(model).score_table(table)
+    batch = BatchCollator(spec, with_labels=False)(
+        transform_table(spec, table, with_labels=False).combine_chunks().to_batches()[0])
+    with torch.no_grad():
+        logits = model(batch).logits
+    for t in model.tasks:
+        np.testing.assert_allclose(scores[f"score_{t}"].to_numpy(), logits[t].numpy(), rtol=1e-6, atol=1e-7)
+    assert any((scores[f"score_{t}"].to_numpy() < 0).any() for t in model.tasks)  # no probability
+
+
+def test_feature_only_columns_leave_out_raw_columns_the_spec_reads_under_such_a_name(rec_data):
+    """Raw label columns named label_<task> are read by the spec: they are no sign of feature Parquet (the signature
+    and the feature-Parquet check are built on this set)."""
+    import copy
+    import dataclasses
+
+    from mmoe_rec.features.spec import label_column
+    from mmoe_rec.registry.scorer import feature_only_columns
+
+    spec = FeatureSpec.load(rec_data[2])
+    assert feature_only_columns(spec) == {label_column(t) for t in spec.task_names} | {"user_age_missing"}
+    transforms = copy.deepcopy(spec.transforms)
+    for task in spec.task_names:
+        transforms["tasks"][task]["column"] = label_column(task)
+    relabelled = dataclasses.replace(spec, transforms=transforms)
+    assert feature_only_columns(relabelled) == {"user_age_missing"}
+    assert set(model_signature(relabelled).inputs.optional_input_names()) == {"user_age_missing"}
+
+
+def test_the_input_example_holds_each_numeric_features_training_mean_in_raw_units(package):
+    from mmoe_rec.registry.signature import example_input
+
+    spec = load_package(package).feature_spec
+    row = example_input(spec).iloc[0]
+    kinds = set()
+    for state in spec.transforms["features"].values():
+        if state["kind"] != "numeric":
+            continue
+        x = float(row[state["column"]])
+        if state["transform"] == "log1p":  # the statistics are of sign(x) log1p(|x|)
+            assert np.sign(x) * np.log1p(abs(x)) == pytest.approx(state["mean"]), state["column"]
+        elif state["transform"] == "standardize":
+            assert x == pytest.approx(state["mean"]), state["column"]
+        elif state["transform"] == "bucketize":
+            bounds = state["boundaries"]
+            assert len(bounds) >= 3 and bounds[0] < x < bounds[-1], (state["column"], x, bounds)  # a middle one
+        kinds.add(state["transform"])
+    assert kinds == {"log1p", "standardize", "bucketize"}
+
+
+def test_the_code_fingerprint_changes_when_a_scoring_file_is_moved(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mmoe_rec.registry import code_version
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "a.py").write_text("x = 1\n")
+    monkeypatch.setattr(code_version, "mmoe_rec", SimpleNamespace(__file__=str(pkg / "__init__.py")))
+    code_version.code_fingerprint.cache_clear()
+    try:
+        before = code_version.code_fingerprint()
+        (pkg / "demo.py").write_text("v = 5\n")  # the demo, like training and the command line, scores nothing
+        code_version.code_fingerprint.cache_clear()
+        assert code_version.code_fingerprint() == before
+        (pkg / "sub" / "a.py").rename(pkg / "sub" / "b.py")  # same bytes, another module: imports differ
+        code_version.code_fingerprint.cache_clear()
+        assert code_version.code_fingerprint() != before
+    finally:
+        code_version.code_fingerprint.cache_clear()

@@ -358,3 +358,39 @@ def test_dwa_weights_follow_the_ratio_of_the_last_two_epochs_not_the_last_loss()
 def test_a_dwa_temperature_of_0_is_refused(temperature):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         DynamicWeightAverage(["a", "b"], temperature=temperature)
+
+
+def test_without_sample_weights_a_task_loss_is_the_plain_mean_over_rows():
+    logits = {"click": torch.tensor([0.0, 2.0, -1.0]), "watch": torch.tensor([1.0, 2.0, 3.0])}
+    labels = {"click": torch.tensor([1.0, 0.0, 1.0]), "watch": torch.tensor([0.0, 2.0, 5.0])}
+    out = task_losses(logits, labels, spec(), ["click", "watch"])
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(logits["click"], labels["click"])
+    assert out["click"].item() == pytest.approx(ref.item(), rel=1e-6)
+    assert out["watch"].item() == pytest.approx((1 + 0 + 4) / 3, rel=1e-6)
+
+
+def test_row_losses_are_float32_for_bfloat16_outputs_and_refuse_an_unknown_task_type():
+    from mmoe_rec.training.losses import row_losses
+
+    logit = torch.tensor([0.3, -2.0, 5.0]).bfloat16()
+    got = row_losses(logit, torch.tensor([1.0, 0.0, 1.0]).bfloat16(), "binary")
+    assert got.dtype == torch.float32
+    assert row_losses(logit, torch.zeros(3).bfloat16(), "regression").dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown task type 'ranking'"):
+        row_losses(logit, torch.zeros(3), "ranking")
+
+
+def test_rank_scales_make_each_ranks_loss_its_share_of_the_steps_global_mean():
+    """DDP averages the ranks' gradients: a rank holding 3 of a step's 8 rows under 2 ranks scales its mean by
+    2 * 3 / 8; with sample weights by world * local weight / all ranks' weight (here the other rank holds 6)."""
+    from mmoe_rec.training.losses import rank_loss_scale, rank_weight_scale
+
+    other_rank = torch.tensor(6.0)
+    plus_other = lambda t: t + other_rank  # the all-reduce of a 2-rank job whose other rank sums to 6
+    assert rank_loss_scale(None, 3, 8, 2, plus_other) == pytest.approx(0.75)
+    assert rank_loss_scale(None, 3, 8, 1, plus_other) == 1.0  # one process: nothing to rescale
+    assert rank_loss_scale(None, 3, None, 2, plus_other) == 1.0  # no step rows known
+    w = torch.tensor([1.0, 0.5, 0.5])  # local weight 2, global 8
+    assert float(rank_weight_scale(w, 2, plus_other)) == pytest.approx(2 * 2 / 8)
+    assert float(rank_loss_scale(w, 3, 8, 2, plus_other)) == pytest.approx(2 * 2 / 8)
+    assert rank_weight_scale(w, 1, plus_other) == 1.0

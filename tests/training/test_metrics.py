@@ -225,3 +225,19 @@ def test_under_ddp_the_weighted_auc_of_several_updates_per_rank_is_that_of_all_r
     mp.spawn(_weighted_auc_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "auc.pt")), nprocs=2)
     scores, labels, weights = data(n=40, seed=7)
     assert torch.load(tmp_path / "auc.pt").item() == pytest.approx(pairwise_auc(scores, labels, weights), abs=1e-6)
+
+
+def test_reset_starts_the_next_epochs_metrics_from_no_rows():
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click"), Task("dwell", "regression")]).finalize()
+    metrics = TaskMetrics(spec, ["click", "dwell"], "val")
+    metrics.update({"click": torch.tensor([5.0, -5.0]), "dwell": torch.tensor([10.0, 10.0])},
+                   {"click": torch.tensor([0.0, 1.0]), "dwell": torch.tensor([0.0, 0.0])})
+    metrics.reset()
+    logits, labels = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.0, 0.0])
+    metrics.update({"click": logits, "dwell": torch.tensor([1.0, 2.0, 3.0])},
+                   {"click": labels, "dwell": torch.tensor([1.0, 1.0, 1.0])})
+    out = metrics.compute()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    assert out["val/click/logloss"].item() == pytest.approx(bce.item(), rel=1e-5)
+    assert out["val/click/auc"].item() == pytest.approx(1.0)
+    assert out["val/dwell/mse"].item() == pytest.approx(5 / 3, rel=1e-6)

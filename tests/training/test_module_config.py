@@ -129,3 +129,64 @@ def test_predictions_under_bf16_are_float32_probabilities(feature_dir):
         assert score.dtype == torch.float32
         torch.testing.assert_close(score, torch.sigmoid(logits[t].float()))
         assert (score < 1.0).all()
+
+
+class _StepLoss(L.Callback):
+    """The loss training_step returned, the batch and the model's output, at each step."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((outputs["loss"].detach(), batch, pl_module.last_output))
+
+
+def test_the_training_loss_is_the_weighted_task_losses_plus_the_aux_losses_times_their_coefficients(make_feature_dir):
+    """Task weights, sample weights and the aux losses' coefficients all reach the loss that is trained."""
+    from mmoe_rec.training.losses import task_losses
+
+    L.seed_everything(0)
+    feature_dir = make_feature_dir("weighted_aux", with_weight=True, rows={"train": 300, "valid": 100, "test": 100})
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    coefs = {"importance": 0.3, "load": 0.2, "switch": 0.0, "router_z": 0.05}
+    module = MultiTaskModule(model=copy.deepcopy(SPARSE), feature_spec=dm.spec, aux_loss_coefs=coefs,
+                             task_weights={"click": 2.0, "convert": 0.5},
+                             optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.0}},
+                             lr_scheduler={"class_path": "torch.optim.lr_scheduler.ConstantLR"})
+    probe = _StepLoss()
+    L.Trainer(max_steps=1, limit_val_batches=0, callbacks=[probe], **FAST).fit(module, dm)
+    loss, batch, out = probe.seen[0]
+    assert out.aux and batch.weights is not None  # the sparse model returns its balance losses
+    assert not torch.allclose(batch.weights, batch.weights[0])  # weights that change the mean
+    losses = task_losses(out.logits, batch.labels, module.spec, module.tasks, batch.weights)
+    want = 2.0 * losses["click"] + 0.5 * losses["convert"] + sum(coefs[k] * v for k, v in out.aux.items())
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_monitored_metrics_say_which_way_is_better():
+    from mmoe_rec.training.module import better_mode
+
+    assert better_mode("val/click/auc") == "max"
+    assert better_mode("val/loss") == "min" and better_mode("val/click/logloss") == "min"
+    assert better_mode("val/dwell/mse") == "min" and better_mode("train/gradnorm_loss") == "min"
+    assert better_mode("train/click/weight") is None
+
+
+def test_split_metrics_weight_their_loss_as_the_static_task_weights_and_the_scheduler_steps_per_epoch(feature_dir):
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, task_weights={"click": 3.0},
+                             lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR",
+                                           "init_args": {"step_size": 1}})
+    assert module.val_metrics.task_weights == module.test_metrics.task_weights == {"click": 3.0, "convert": 1.0}
+    assert module.configure_optimizers()["lr_scheduler"]["interval"] == "epoch"  # Lightning's default
+    with pytest.raises(ValueError, match="grad_similarity_every must be >= 0"):
+        MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, grad_similarity_every=-1)
+
+
+def test_loading_a_checkpoint_of_another_spec_version_is_refused(feature_dir):
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec)
+    other = {**spec.to_dict(), "version": "0123456789abcdef"}
+    with pytest.raises(ValueError, match="trained on features of spec version 0123456789abcdef"):
+        module.on_load_checkpoint({"hyper_parameters": {"feature_spec": other}})
+    module.on_load_checkpoint({"hyper_parameters": {"feature_spec": spec.to_dict()}})  # its own: loads
