@@ -361,3 +361,18 @@ def test_a_sigterm_while_a_lightning_subcommand_imports_is_one_line_and_exit_143
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 143, done.stderr[-2000:]
     assert done.stderr.strip() == "error: mmoe-rec fit stopped by SIGTERM before it started"
+
+
+@pytest.mark.parametrize("argv", [[], ["bogus"], ["--version"]], ids=["nothing", "unknown", "unknown-option"])
+def test_no_or_an_unknown_subcommand_is_exit_2_with_the_usage_on_stderr(capsys, argv):
+    """As argparse does for a usage error: the usage on stderr and exit 2 (a script's `mmoe-rec $JOB` with a typo
+    exited 0, as if the job had run); asked for with --help / -h it is exit 0 on stdout."""
+    from mmoe_rec import cli
+
+    assert cli.main(argv, process=False) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: mmoe-rec {fit,validate,test,predict,synth,features,register,score}")
+    for asked in ("--help", "-h"):
+        assert cli.main([asked], process=False) == 0
+        out, err = capsys.readouterr()
+        assert err == "" and out.startswith("usage: mmoe-rec ")

@@ -94,3 +94,27 @@ def test_a_failed_features_build_or_synth_leaves_no_folder_it_made(tmp_path, cap
     with pytest.raises(RuntimeError, match="generator fails"):
         synthetic.write_parquet(failing(), tmp_path / "made" / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.csv", "s.yaml"]
+
+
+def test_the_old_output_is_set_aside_under_a_hidden_name_of_this_process_and_siblings_stay(tmp_path, monkeypatch):
+    """While the new output is renamed in, the old one sits at `.<name>.old-<pid>`: a name readers skip (a leading
+    '.') and no other folder has, so a user's `out.old` or another process's set-aside folder beside it is left
+    alone (a fixed name made the swap fail on it, or take it for its own)."""
+    out, new = tmp_path / "out", tmp_path / ".out.tmp"
+    for folder, name in ((out, "old.txt"), (new, "new.txt"), (tmp_path / "out.old", "mine.txt"),
+                         (tmp_path / ".out.old-1", "other.txt")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output_dir.os, "replace", replace)
+    output_dir.replace_dir(new, out)
+    assert seen == [f".out.old-{os.getpid()}", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-1", "out", "out.old"]
+    assert (out / "new.txt").exists() and (tmp_path / "out.old" / "mine.txt").exists()
+    assert (tmp_path / ".out.old-1" / "other.txt").exists()

@@ -92,3 +92,23 @@ def test_labels_refuse_an_unknown_income_or_marital_status_value():
         census.labels(batch("70000", census.NEVER_MARRIED))
     with pytest.raises(ValueError, match="unknown marital status value 'Single'"):
         census.labels(batch(census.INCOME_NEGATIVE, "Single"))
+
+
+def test_raw_path_names_the_vendored_files_and_refuses_another_split(tmp_path):
+    """Only train and test are vendored ("valid" is cut from test): another name is an error naming it, not the path
+    of a file that is not there."""
+    assert census.raw_path("train") == census.DATA_DIR / "train.csv.xz" and census.raw_path("test").exists()
+    assert census.raw_path("test", tmp_path) == tmp_path / "test.csv.xz"
+    for split in ("valid", "Train", ""):
+        with pytest.raises(ValueError, match=f"census raw files are 'train' and 'test', not {split!r}"):
+            census.raw_path(split)
+
+
+def test_an_unknown_label_value_is_named_as_found_past_known_ones():
+    """The value named is the first unknown one, not the batch's first row (a known value: a baffling message)."""
+    t = pa.table({census.INCOME_COLUMN: [census.INCOME_NEGATIVE, census.INCOME_POSITIVE, "70000", "80000"],
+                  census.MARITAL_COLUMN: [census.NEVER_MARRIED, "Divorced", "Divorced", "Single"]})
+    with pytest.raises(ValueError, match="unknown income value '70000'"):
+        census.labels(t)
+    with pytest.raises(ValueError, match="unknown marital status value 'Single'"):
+        census.labels(t.set_column(0, census.INCOME_COLUMN, pa.array([census.INCOME_NEGATIVE] * 4)))

@@ -220,3 +220,70 @@ def test_mmoe_weight_vectors_have_norm_c_and_the_linear_parts_keep_correlation_p
     s = g.sample(20_000, np.random.default_rng(0))
     assert np.std(s["lin1"]) == pytest.approx(2.5, rel=0.03) and np.std(s["lin2"]) == pytest.approx(2.5, rel=0.03)
     assert np.corrcoef(s["lin1"], s["lin2"])[0, 1] == pytest.approx(0.6, abs=0.03)
+
+
+def test_rec_rows_carry_their_own_users_interests_and_age_and_their_own_items_tags():
+    """Each impression's user attributes (interests, age) are the drawn user's and its tags the drawn item's: a row
+    of the same user_id always has the same interests and age, and its tags are that item's, as the world holds
+    them (an id's attributes looked up by another index made them noise the model could not learn)."""
+    g = RecSynthetic(num_users=300, num_items=200, num_tags=50, seed=4)
+    t = g.sample(5_000, np.random.default_rng(5))
+    user_rank = np.argsort(g.user_ids)[t["user_id"].to_numpy() - 1]  # id -> popularity rank
+    item_rank = np.argsort(g.item_ids)[t["item_id"].to_numpy() - 1]
+    assert (g.user_ids[user_rank] == t["user_id"].to_numpy()).all()
+    assert t["interests"].to_pylist() == g.user_interests.take(user_rank).to_pylist()
+    age = t["user_age"].to_numpy(zero_copy_only=False)
+    present = ~np.isnan(age)
+    assert present.sum() > 4_000 and (age[present] == g.user_age[user_rank][present]).all()
+    expected_tags = [g.tag_values[g.tag_offsets[r]:g.tag_offsets[r + 1]].tolist() for r in item_rank]
+    assert t["tags"].to_pylist() == expected_tags
+    # the same user id: the same interests and age in every row (a check that needs no internals)
+    by_user: dict[int, set] = {}
+    for uid, interests, a in zip(t["user_id"].to_pylist(), t["interests"].to_pylist(), t["user_age"].to_pylist()):
+        by_user.setdefault(uid, set()).add(interests)
+        if a is not None:
+            by_user[uid].add(a)
+    assert max(len(v) for v in by_user.values()) <= 2 and len(by_user) > 50
+    by_item: dict[int, set] = {}
+    for iid, tags in zip(t["item_id"].to_pylist(), t["tags"].to_pylist()):
+        by_item.setdefault(iid, set()).add(tuple(tags))
+    assert all(len(v) == 1 for v in by_item.values())
+
+
+@pytest.mark.parametrize("relatedness", [1.5, -0.1])
+def test_rec_relatedness_outside_0_1_is_refused(tmp_path, capsys, relatedness):
+    """r > 1 made sqrt(1 - r) NaN: every logit NaN and every label 0, written without a word."""
+    with pytest.raises(ValueError, match=re.escape(f"relatedness must be in [0, 1], got {relatedness}")):
+        RecSynthetic(relatedness=relatedness, num_users=20, num_items=10)
+    out = tmp_path / "raw"
+    assert synth_main(["rec", "--rows", "10", "--users", "20", "--items", "10", "--relatedness", str(relatedness),
+                       "--output", str(out)]) == 2
+    assert f"relatedness must be in [0, 1], got {relatedness}" in capsys.readouterr().err and not out.exists()
+    RecSynthetic(relatedness=1.0, num_users=20, num_items=10)  # the edges are allowed
+    RecSynthetic(relatedness=0.0, num_users=20, num_items=10)
+
+
+def test_write_parquet_refuses_zero_rows_per_file_and_leaves_nothing(tmp_path):
+    """The library function (the CLI checks its flags first): a ZeroDivisionError from the row arithmetic before."""
+    gen = MMoESynthetic(p=0.5, d=2)
+    with pytest.raises(ValueError, match="rows_per_file must be at least 1, got 0"):
+        synthetic.write_parquet(gen.tables(10, 5), tmp_path / "out" / "raw", rows_per_file=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rec_needs_two_tasks():
+    with pytest.raises(ValueError, match="needs at least two tasks"):
+        RecSynthetic(tasks=("click",), num_users=20, num_items=10)
+
+
+def test_write_parquet_replaces_a_temporary_folder_left_by_an_earlier_process_of_the_same_pid(tmp_path):
+    """`.<name>.tmp-<pid>` of a killed process whose pid came round again: its files would join the output."""
+    import os
+
+    out = tmp_path / "raw"
+    stale = tmp_path / f".raw.tmp-{os.getpid()}"
+    stale.mkdir()
+    (stale / "part-00007.parquet").write_bytes(b"half of a killed run")
+    files = synthetic.write_parquet(MMoESynthetic(p=0.5, d=2).tables(10, 5), out)
+    assert [f.name for f in files] == ["part-00000.parquet"] and pq.read_table(out).num_rows == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

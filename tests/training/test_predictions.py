@@ -175,3 +175,78 @@ def test_removing_the_temporary_files_takes_this_process_parts_by_name_and_no_ot
     writer._part(0).write_bytes(b"rows")
     writer.remove_temporary_files()
     assert not made.exists()
+
+
+def test_scores_are_float32_and_a_process_without_a_batch_writes_the_same_score_columns(feature_dir, tmp_path):
+    """Under DDP a rank given no batch writes an empty file of the score columns: read with the other ranks' files
+    its columns must have their type (float32, as the model's scores are written), or the rank files do not concat."""
+    import pyarrow as pa
+
+    out = tmp_path / "pred.parquet"
+    dm = predict(feature_dir, out)
+    scores = {f.name: f.type for f in pq.read_schema(out) if f.name.startswith("score_")}
+    assert scores and set(scores.values()) == {pa.float32()}
+    # the epoch of a process that got no batch: the writer's hooks as Lightning calls them, with none in between
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    writer = ParquetPredictionWriter(str(tmp_path / "empty.parquet"))
+    trainer = L.Trainer(callbacks=[writer], **FAST)
+    writer.on_predict_epoch_start(trainer, module)
+    writer.on_predict_epoch_end(trainer, module)
+    empty = pq.read_table(tmp_path / "empty.parquet")
+    assert empty.num_rows == 0 and {f.name: f.type for f in empty.schema} == scores
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.parquet", "pred.parquet"]  # no partial file left
+
+
+def test_a_multi_process_run_removes_the_file_of_an_earlier_one_process_run(tmp_path):
+    """The 1-process file `<stem><suffix>` read with the rank files holds every row twice: a run of 2 removes it and
+    earlier rank files past its own, and keeps its own and unrelated files (rank 0's clean-up after the rename)."""
+    out = tmp_path / "pred.parquet"
+    names = ["pred.parquet", "pred.rank0.parquet", "pred.rank1.parquet", "pred.rank2.parquet", "pred.rank10.parquet",
+             "pred.rank1.parquet.bak", "other.rank3.parquet", "predXrank3.parquet", "pred.rank3.csv"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    writer = ParquetPredictionWriter(str(out))
+    with pytest.warns(UserWarning, match="pred.parquet, pred.rank10.parquet, pred.rank2.parquet"):
+        writer._remove_earlier_runs(world_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["pred.rank0.parquet", "pred.rank1.parquet", "pred.rank1.parquet.bak", "other.rank3.parquet",
+         "predXrank3.parquet", "pred.rank3.csv"])
+    writer._remove_earlier_runs(world_size=1)  # and a 1-process run removes every rank file, keeping its own
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["pred.rank1.parquet.bak", "other.rank3.parquet", "predXrank3.parquet", "pred.rank3.csv"])
+
+
+def test_a_folder_made_for_the_output_is_not_empty_from_the_epochs_start(feature_dir, tmp_path):
+    """The partial file is made at the epoch's start: another job that made the same folder and fails meanwhile
+    removes it only while empty (remove_empty_folders), so it stays for this run's first batch."""
+    from mmoe_rec.output_dir import remove_empty_folders
+
+    made = tmp_path / "new"
+
+    class AnotherJobFails(L.Callback):  # runs after the writer's hook: the folder is there, no batch written yet
+        def on_predict_epoch_start(self, trainer, pl_module):
+            assert made.is_dir()
+            remove_empty_folders([made])
+
+    dm = FeatureDataModule(str(feature_dir), batch_size=64, seed=0)
+    module = MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=dm.spec)
+    trainer = L.Trainer(callbacks=[ParquetPredictionWriter(str(made / "pred.parquet")), AnotherJobFails()], **FAST)
+    trainer.predict(module, datamodule=dm, return_predictions=False)
+    assert [p.name for p in made.iterdir()] == ["pred.parquet"]
+    assert pq.read_table(made / "pred.parquet").num_rows == dm.predict_rows()
+
+
+def test_a_symlinked_predictions_path_is_written_at_its_target_and_the_link_stays(feature_dir, tmp_path):
+    """As every output of the project (output_dir.resolved_output): the file the link points at is replaced, the
+    link stays a link to it, and no temporary is left beside either (replacing the link left the target stale)."""
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "pred.parquet"
+    target.write_bytes(b"an earlier run")
+    link = tmp_path / "pred.parquet"
+    link.symlink_to(target)
+    with pytest.warns(UserWarning, match=f"replaced the file an earlier run wrote at {target}"):
+        dm = predict(feature_dir, link)
+    assert link.is_symlink() and link.resolve() == target
+    assert pq.read_table(target).num_rows == dm.predict_rows()
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["pred.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.parquet", "store"]
