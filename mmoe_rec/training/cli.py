@@ -236,11 +236,12 @@ class MultiTaskCLI(LightningCLI):
         given = _flat(self.config[sub].get("model")) if sub else {}
         if sub and self.config[sub].get("ckpt_path"):  # before the trainer and its MLflow run are made
             path = str(self.config[sub]["ckpt_path"])
-            if sub != "fit" and path == "best":
-                # Lightning takes "best" from the ModelCheckpoint of a fit in this same process; in a fresh one it
-                # fails after the MLflow run is made ("not configured to save the best model")
-                raise ValueError(f"--ckpt_path best: `mmoe-rec {sub}` runs in a process of its own, with no fit "
-                                 "whose best checkpoint Lightning could look up; give the file, e.g. "
+            if path == "best":
+                # Lightning takes "best" from the ModelCheckpoint of a fit earlier in this same process; in a fresh
+                # one it fails after the MLflow run is made, saying the callback is "not configured to save the
+                # best model" (a fit's own monitored callback included)
+                raise ValueError(f"--ckpt_path best: `mmoe-rec {sub}` runs in a process of its own, with no earlier "
+                                 "fit whose best checkpoint Lightning could look up; give the file, e.g. "
                                  "checkpoints/<run>/best.ckpt")
             if path == "last":  # resolved before Lightning reads the checkpoint's settings, as a named file is
                 path = self._resolve_last_checkpoint(sub)

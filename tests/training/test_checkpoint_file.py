@@ -49,3 +49,12 @@ def test_a_torch_save_file_that_is_no_lightning_checkpoint_is_named(tmp_path):
         with pytest.raises(ValueError, match="a file written by torch.save, but not a Lightning checkpoint") as info:
             check_checkpoint_file(tmp_path / name)
         assert str(tmp_path / name) in str(info.value)
+
+
+def test_a_zip_archive_without_a_pickle_is_named_as_such(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "archive.ckpt", "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match="a PyTorch checkpoint is a zip archive with a data.pkl; this file"):
+        check_checkpoint_file(tmp_path / "archive.ckpt")

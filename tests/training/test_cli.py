@@ -574,6 +574,25 @@ def test_a_loss_watched_for_its_minimum_and_the_lr_scheduler_mode_are_accepted_o
     assert "the lr_scheduler monitors 'val/click/auc' with mode 'min'" in msg
 
 
+def test_a_fit_from_the_best_checkpoint_is_refused_before_its_run_is_made(feature_dir, in_tmp, capsys, monkeypatch):
+    """`fit --ckpt_path best` failed in Lightning after the MLflow run was made (left FAILED), saying the config's
+    monitored ModelCheckpoint was "not configured to save the best model"."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    assert main(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY, "--data.init_args.data_dir",
+                 str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck"), "--ckpt_path", "best"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --ckpt_path best: `mmoe-rec fit` runs in a process of its own, with no earlier fit"), \
+        err
+    if (in_tmp / "mlflow.db").exists():  # the store may be made; no run in it
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert not (in_tmp / "ck").exists()
+
+
 @pytest.mark.parametrize("subcommand", ["test", "predict"])
 def test_best_and_a_missing_last_checkpoint_are_refused_where_no_fit_ran(feature_dir, in_tmp, capsys, monkeypatch,
                                                                         caplog, subcommand):
@@ -821,3 +840,110 @@ def test_last_finds_a_checkpoint_folder_written_with_a_tilde(feature_dir, in_tmp
     caplog.set_level(logging.INFO)
     assert main(["test", *argv, "--ckpt_path", "last"]) == 0
     assert f"Restoring states from the checkpoint path at {in_tmp / 'home' / 'ck' / 'last.ckpt'}" in caplog.text
+
+
+def test_the_integer_1_is_read_from_every_way_the_setting_can_be_given(tmp_path):
+    """`--trainer.limit_val_batches 1` (the form the docstring names), `=1`, `-c`/`--config`/`--config=` files; the
+    last of the files and the options in their order wins."""
+    from mmoe_rec.training.cli import written_as_integer_one
+
+    one, one_float = tmp_path / "one.yaml", tmp_path / "one_float.yaml"
+    one.write_text("trainer:\n  limit_val_batches: 1\n")
+    one_float.write_text("trainer:\n  limit_val_batches: 1.0\n")
+    key = "limit_val_batches"
+    for args in (["--trainer.limit_val_batches", "1"], ["--trainer.limit_val_batches=1"], ["-c", str(one)],
+                 ["--config", str(one)], [f"--config={one}"],
+                 ["--trainer.limit_val_batches", "1.0", "--config", str(one)],
+                 ["--config", str(one_float), "--trainer.limit_val_batches", "1"]):
+        assert written_as_integer_one(args, key), args
+    for args in (["--trainer.limit_val_batches", "1.0"], ["--config", str(one_float)], ["-c", str(one_float)],
+                 ["--config", str(one), "--config", str(one_float)], ["--config", str(one), f"--config={one_float}"],
+                 ["--trainer.limit_val_batches", "1", "--config", str(one_float)],
+                 ["--trainer.limit_train_batches", "1"], []):
+        assert not written_as_integer_one(args, key), args
+
+
+def test_a_missing_weight_column_is_an_error_before_training(make_feature_dir, in_tmp, capsys):
+    fd = make_feature_dir("noweight", rows={"train": 300, "valid": 100, "test": 100}, with_weight=True)
+    from mmoe_rec.features.spec import WEIGHT_COLUMN
+
+    for path in (fd / "valid").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns([WEIGHT_COLUMN]), path)
+    msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                     "--data.init_args.data_dir", str(fd)], capsys)
+    assert f"label / weight column(s) ['{WEIGHT_COLUMN}'] missing" in msg, msg
+    assert not (in_tmp / "mlflow.db").exists() or not mlflow_runs(in_tmp / "mlflow.db")
+
+
+def _last_stub(sub, config):
+    from types import SimpleNamespace
+
+    from mmoe_rec.training.cli import MultiTaskCLI
+
+    stub = SimpleNamespace(config={sub: config})
+    stub._last_checkpoint_folders = lambda s: MultiTaskCLI._last_checkpoint_folders(stub, s)
+    return stub
+
+
+def test_last_resolves_to_the_newest_last_checkpoint_and_passes_over_a_dangling_link(tmp_path, monkeypatch):
+    import os
+
+    from mmoe_rec.training.cli import MultiTaskCLI
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    ck = tmp_path / "home" / "ck"
+    ck.mkdir(parents=True)
+    for name, mtime in (("last.ckpt", 1_000), ("last-v1.ckpt", 3_000), ("other.ckpt", 5_000)):
+        (ck / name).write_bytes(b"x")
+        os.utime(ck / name, (mtime, mtime))
+    (ck / "last-v2.ckpt").symlink_to(tmp_path / "gone.ckpt")  # a dangling link: not a checkpoint to take
+    stub = _last_stub("test", {"checkpoint_dir": "~/ck"})  # --checkpoint_dir ~/ck: the home folder's ck
+    assert MultiTaskCLI._resolve_last_checkpoint(stub, "test") == str(ck / "last-v1.ckpt")
+    assert stub.config["test"]["ckpt_path"] == str(ck / "last-v1.ckpt")
+    # from the config: the ModelCheckpoint callbacks' folders only, not another callback's `dirpath`
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "last.ckpt").write_bytes(b"x")
+    callbacks = [{"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"dirpath": str(other)}},
+                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "~/ck"}}]
+    stub = _last_stub("test", {"trainer": {"callbacks": callbacks}})
+    assert MultiTaskCLI._last_checkpoint_folders(stub, "test") == {ck}
+    assert MultiTaskCLI._resolve_last_checkpoint(stub, "test") == str(ck / "last-v1.ckpt")
+
+
+def test_a_resume_compares_model_classes_not_their_paths_and_only_for_fit(feature_dir, in_tmp):
+    """`mmoe_rec.models.MMoE` and `mmoe_rec.models.mmoe.MMoE` are one class; validate / test / predict take the
+    checkpoint's model whatever the config names."""
+    from types import SimpleNamespace
+
+    from mmoe_rec.training.cli import MultiTaskCLI
+
+    key = "init_args.model.class_path"
+    used = {key: "mmoe_rec.models.mmoe.MMoE"}
+    for sub in ("fit", "test"):
+        stub = SimpleNamespace(config={sub: {"ckpt_path": "x.ckpt", "data": {"init_args": {"data_dir": str(feature_dir)}}}})
+        MultiTaskCLI._check_checkpoint_matches(stub, sub, {key: "mmoe_rec.models.MMoE"}, used)
+        if sub == "fit":
+            with pytest.raises(ValueError, match="holds a mmoe_rec.models.mmoe.MMoE model; the config trains a "
+                                                 "mmoe_rec.models.PLE"):
+                MultiTaskCLI._check_checkpoint_matches(stub, sub, {key: "mmoe_rec.models.PLE"}, used)
+        else:
+            MultiTaskCLI._check_checkpoint_matches(stub, sub, {key: "mmoe_rec.models.PLE"}, used)
+
+
+def test_a_step_watcher_and_a_scheduler_without_a_mode_are_not_checked_for_a_mode():
+    """ModelCheckpoint(monitor="step", mode="max") keeps the latest k; a scheduler other than ReduceLROnPlateau has
+    no mode to check, only its monitor."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from mmoe_rec.training.cli import check_monitors
+
+    module = SimpleNamespace(monitorable_metrics=lambda: {"val/click/auc": "max"}, tasks=["click"],
+                             lr_scheduler_config={"class_path": "torch.optim.lr_scheduler.StepLR",
+                                                  "monitor": "val/click/auc"})
+    check_monitors(SimpleNamespace(callbacks=[ModelCheckpoint(monitor="step", mode="max", save_top_k=2)]), module)
+    module.lr_scheduler_config = {"class_path": "torch.optim.lr_scheduler.StepLR", "monitor": "val/clik/auc"}
+    with pytest.raises(ValueError, match="the lr_scheduler monitors 'val/clik/auc', which this fit does not log"):
+        check_monitors(SimpleNamespace(callbacks=[]), module)

@@ -693,6 +693,8 @@ def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_
     ({"embedding_lr": -1.0}, "embedding_lr must be a finite number > 0, got -1.0"),  # trained the tables uphill
     ({"embedding_lr": float("nan")}, "embedding_lr must be a finite number > 0"),
     ({"embedding_optimizer": "adagrad"}, "unknown embedding_optimizer 'adagrad'"),
+    ({"embedding_lr": 0}, "embedding_lr must be a finite number > 0, got 0"),  # the tables would never move
+    ({"embedding_optimizer": "none"}, "unknown embedding_optimizer 'none'"),  # fbgemm's no-optimizer value
 ])
 def test_the_sharded_strategy_refuses_bad_embedding_optimizer_settings_when_made(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -737,3 +739,59 @@ def test_loss_free_biases_are_updated_from_every_ranks_loads(feature_dir, tmp_pa
     assert rank0[-1] != rank0[0]  # the biases moved
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FINISHED"
     assert sum(e["rows"] for e in audit(tmp_path / "audit").values()) == 2000  # every row once
+
+
+def test_data_parallel_tables_take_accumulation_and_any_embedding_optimizer():
+    """data_parallel tables are plain parameters of the configured optimizer: no fused step, no fbgemm kernel."""
+    ShardedEmbeddingStrategy(sharding_type="data_parallel", embedding_optimizer="adam").check_settings(4)
+
+
+def test_a_sharded_table_state_that_does_not_fit_the_model_is_refused(tmp_path):
+    """One gloo process: a sharding type that needs NCCL, a full tensor of another shape than the shards', and a
+    checkpoint missing a sharded table are refused, not passed over."""
+    import torch.distributed as dist
+
+    from mmoe_rec.features.spec import SparseFeature, Task
+    from mmoe_rec.nn.embedding import EmbeddingFront
+    from mmoe_rec.training.sharding import _is_sharded, copy_into_shards, shard_module
+
+    spec = FeatureSpec([SparseFeature("user", 5), SparseFeature("tags", 4, multi_valued=True)], ["d"],
+                       [Task("y")]).finalize()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for sharding_type in ("row_wise", "table_row_wise"):
+            with pytest.raises(ValueError, match=f"sharding_type '{sharding_type}' needs the NCCL backend"):
+                shard_module(EmbeddingFront(spec, embedding_dim=4), sharding_type, torch.device("cpu"))
+        front = EmbeddingFront(spec, embedding_dim=4)
+        shard_module(front, "table_wise", torch.device("cpu"))
+        state = front.state_dict()
+        tables = sorted(k for k, v in state.items() if _is_sharded(v))
+        assert len(tables) == 2
+        with pytest.raises(ValueError, match=r"has shape \(6, 4\), the sharded model expects \(5, 4\)"):
+            copy_into_shards(state[tables[1]], torch.zeros(6, 4), tables[1])
+        strategy = ShardedEmbeddingStrategy()
+        strategy._lightning_module = front
+        full = {k: torch.full(tuple(v.size()), 0.5) if _is_sharded(v) else v for k, v in state.items()}
+        strategy.load_model_state_dict({"state_dict": full})  # every table: loads
+        with pytest.raises(RuntimeError, match=f"missing \\['{re.escape(tables[0])}'\\]"):
+            strategy.load_model_state_dict({"state_dict": {k: v for k, v in full.items() if k != tables[0]}})
+        strategy.load_model_state_dict({"state_dict": {k: v for k, v in full.items() if k != tables[0]}},
+                                       strict=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_checkpoint_missing_a_tables_optimizer_state_is_refused():
+    class FusedOptimizer:  # stands in for DMP's fused optimizer: two tables with Adagrad state
+        def state_dict(self):
+            return {"state": {"t_user": {"t_user.momentum1": torch.ones(2)},
+                              "t_item": {"t_item.momentum1": torch.ones(3)}}}
+
+    strategy = ShardedEmbeddingStrategy()
+    strategy._fused_optimizer = lambda: FusedOptimizer()
+    with pytest.raises(RuntimeError, match="no embedding optimizer state for 't_item'"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [], SHARDED_OPTIMIZER_KEY: {
+            "t_user": {"t_user.momentum1": torch.zeros(2)}}})
+    with pytest.raises(RuntimeError, match="no embedding optimizer state 't_item.momentum1' for 't_item'"):
+        strategy.load_optimizer_state_dict({"optimizer_states": [], SHARDED_OPTIMIZER_KEY: {
+            "t_user": {"t_user.momentum1": torch.zeros(2)}, "t_item": {"t_item.momentum2": torch.zeros(3)}}})

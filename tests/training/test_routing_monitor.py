@@ -333,3 +333,26 @@ def test_the_monitor_weighs_the_label_correlation_by_the_batchs_sample_weights()
     want = Window(["a", "b"])
     want.update({}, {"a": repeated[:, 0], "b": repeated[:, 1]})
     torch.testing.assert_close(seen, want.relatedness()["label_corr"][1])
+
+
+def test_a_window_of_zero_steps_is_refused_when_made():
+    """every_n_steps 0 divided by zero at the first training batch."""
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"every_n_steps must be >= 1, got {bad}"):
+            RoutingMonitor(every_n_steps=bad)
+    assert RoutingMonitor(every_n_steps=1).every_n_steps == 1
+
+
+def test_gate_relatedness_is_that_of_the_group_seen_with_the_most_rows():
+    """The gates changed shape within a window (two groups of tasks): the group with the most rows is the one
+    relatedness reports, not the other."""
+    import torch
+
+    from mmoe_rec.training.callbacks import Window
+
+    window = Window(["a", "b", "c"])
+    window.gate_pairs = {("a", "b"): torch.tensor([[1.0, 9.0, 10.0]], dtype=torch.float64),   # JS 0.1, cos 0.9
+                         ("a", "c"): torch.tensor([[1.0, 0.5, 2.0]], dtype=torch.float64)}     # 2 rows only
+    names, js = window.relatedness()["gate_js"]
+    assert names == ["a", "b"] and float(js[0, 1]) == pytest.approx(0.1)
+    assert float(window.relatedness()["gate_cos"][1][0, 1]) == pytest.approx(0.9)
