@@ -182,20 +182,27 @@ def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_majo
 def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     # _linear_pointwise computes input @ weight.T + bias with weight (N, K): b.t() is a view, no copy. "relu" is
     # applied by the GEMM to its output as it is written (no second pass over it), but oneDNN's relu makes a NaN 0
-    # (torch.relu keeps it): only for finite operands, whose products cannot be NaN short of overflowing float32
-    # (checking them reads a and b once; a relu pass reads and writes the larger output)
-    if relu and not _all_finite(a, b, bias):
+    # (torch.relu keeps it): only for operands whose product is sure to be finite (checking reads a and b once; a
+    # relu pass reads and writes the larger output)
+    if relu and not _surely_finite(a, b, bias):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "none", [], "").relu_()
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), bias, "relu" if relu else "none", [], "")
 
 
-def _all_finite(*tensors: torch.Tensor | None) -> bool:
-    """Whether every element is finite, told conservatively by one sum over each tensor: a NaN or an inf makes the
-    total NaN or infinite. Finite values whose total overflows say False too, and the caller then takes the path
-    that is right for any values. One vectorized read and one host sync: torch.isfinite(t).all() makes four passes
-    and three temporaries, 1.5-1.8 ms a step of the large MMoE on a Zen 4, against 0.07 ms (benchmarks/README.md)."""
-    total = sum(t.sum() for t in tensors if t is not None)
-    return math.isfinite(float(total))
+_FINITE_BOUND = torch.finfo(torch.float32).max / 2  # room for the GEMM's rounding
+
+
+def _surely_finite(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a @ b + bias is finite whatever the order of its sums, told conservatively by one norm of each
+    operand: no product, partial sum or output exceeds ||a||_F ||b||_F + ||bias|| (Cauchy-Schwarz), and a NaN or
+    an inf in an operand makes its norm NaN or inf. Finite operands whose products overflow float32 (torch then
+    gives inf - inf = NaN, which oneDNN's relu would make 0) say False, and so do operands whose norms overflow; the
+    caller then takes the path that is right for any values. One vectorized read of each and one host sync:
+    torch.isfinite(t).all() makes four passes and three temporaries, 1.5-1.8 ms a step of the large MMoE on a Zen 4
+    (benchmarks/README.md)."""
+    norms = torch.stack([torch.linalg.vector_norm(t) for t in (a, b, bias) if t is not None]).tolist()
+    bound = norms[0] * norms[1] + sum(norms[2:])  # float64
+    return math.isfinite(bound) and bound < _FINITE_BOUND
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -215,13 +222,23 @@ def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, relu: bool = Fal
 MAX_LOOPED_BATCH = 32  # bmm loops in Python over the batch only for a few large products
 
 
+def _matrix_shape(a: torch.Tensor | Sequence[torch.Tensor]) -> tuple[int, int]:
+    """(rows, columns) of each matrix of a batch, (E, R, C) or E (R, C) matrices (E = 0 only as a tensor: a list
+    of none has no shape to give the result)."""
+    if isinstance(a, torch.Tensor):
+        return a.shape[1], a.shape[2]
+    if not a:
+        raise ValueError("an empty list of matrices: give an (0, R, C) tensor for an empty batch")
+    return a[0].shape[0], a[0].shape[1]
+
+
 def bmm(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor, bias: torch.Tensor | None = None,
         batch_dim: int = 0, relu: bool = False) -> torch.Tensor:
     """(E, M, K), or E (M, K) matrices, @ (E, K, N) [+ bias (E, N)] -> (E, M, N), or (M, E, N) contiguous with
     batch_dim=1 (then the result viewed as (M, E*N) is every product side by side, the layout of a wide GEMM's
     output); relu=True: relu of that. A bias of another shape than (E, N) goes to torch.baddbmm, which broadcasts it
     with a row axis put before its last: (N,) as (1, N), (E, 1) as (E, 1, 1)."""
-    E, M, N = len(a), a[0].shape[0], b.shape[2]
+    E, (M, _), N = len(a), _matrix_shape(a), b.shape[2]
     if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (
             bias is None or (bias.dtype == torch.float32 and bias.shape == (E, N))):
         outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous(), relu) for e in range(E)]
@@ -246,7 +263,7 @@ def bmm_transposed_a(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor) 
     (8, 1024, 128), where oneDNN on the strided a[e]^T directly took 5.5 ms (benchmarks/cpu_gemm.py times one
     expert's product both ways); inputs already held as contiguous matrices are read as they are. The result is
     then a transposed view of an (E, N, M) tensor."""
-    E, K, M, N = len(a), a[0].shape[0], a[0].shape[1], b.shape[2]
+    E, (K, M), N = len(a), _matrix_shape(a), b.shape[2]
     # oneDNN gets (N, K) @ (K, M), both contiguous (row-major): a measured layout.
     if 0 < E <= MAX_LOOPED_BATCH and K * M * N > 0 and _policy_picks_onednn(a[0], b, N * K * M, a_row_major=True):
         b_t_all = b.transpose(1, 2).contiguous()  # (E, N, K)

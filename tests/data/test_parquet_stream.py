@@ -284,3 +284,63 @@ def test_a_zero_sample_weight_is_accepted(tmp_path):
 
 def test_the_shared_last_batches_are_ceil_then_floor_of_an_odd_batch():
     assert rank_batch_sizes(127, 1, 2, 63) == [32, 31]  # docstring 4.: ceil(B/2) and floor(B/2)
+
+
+def test_a_bad_value_or_null_id_past_a_ranges_start_inside_a_row_group_is_named_at_its_row_in_the_file(tmp_path):
+    """A rank's or worker's range may start inside a row group: the error must name the value's row in the file,
+    not the row of the range's start."""
+    p = tmp_path / "f.parquet"
+    w = [1.0] * 1000
+    w[500] = -2.0
+    ids = list(range(1000))
+    ids[700] = None
+    pq.write_table(pa.table({"rid": np.arange(1000), "w": pa.array(w, pa.float32()), "user": pa.array(ids, pa.int64())}),
+                   p, row_group_size=1000)
+    idx = ParquetIndex.from_files([p], ["rid", "w", "user"])
+    with pytest.raises(ValueError, match=r"column w is -2.0 at row 500 \(1 such value\(s\) in rows 448..511\)"):
+        list(read_rows(list(idx.units), 400, 1000, ["rid", "w"], chunk_rows=64, nonnegative_columns=["w"]))
+    with pytest.raises(ValueError, match=r"column user has a null id at row 700 "):
+        list(read_rows(list(idx.units), 650, 1000, ["rid", "user"], id_columns=["user"]))
+
+
+def test_impossible_plans_are_refused_with_a_message():
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        rank_batch_sizes(100, 0, 1, 0)
+    with pytest.raises(ValueError, match="drop_last: 100 rows over 2 ranks do not fill one batch of 64 per rank"):
+        rank_batch_sizes(100, 0, 2, 64, drop_last=True)
+
+
+def test_rank_and_world_size_come_together_and_rank_lies_inside_the_world(tmp_path, monkeypatch):
+    from mmoe_rec.data.parquet_stream import resolve_rank_world
+
+    index = _one_group(tmp_path)
+    with pytest.raises(ValueError, match="pass both rank and world_size, or neither"):
+        FeatureParquetStream(index, _rids, ["rid"], 10, rank=0)
+    with pytest.raises(ValueError, match=r"rank 2 is not in \[0, 2\)"):
+        FeatureParquetStream(index, _rids, ["rid"], 10, rank=2, world_size=2)
+    # torchrun's environment where torch.distributed is not initialised
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert resolve_rank_world() == (1, 3)
+    ds = FeatureParquetStream(index, _rids, ["rid"], 10)
+    assert (ds.rank, ds.world_size) == (1, 3)
+    np.testing.assert_array_equal(np.concatenate(list(ds)), np.arange(334, 667))
+
+
+def test_the_row_group_order_is_reshuffled_each_epoch(tmp_path):
+    """With a shuffle buffer smaller than a row group each batch is one row group's rows: the batches' row groups
+    follow the epoch's unit order, which must change with the epoch (seeded by seed and epoch)."""
+    from mmoe_rec.data.parquet_stream import unit_order
+
+    p = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"rid": np.arange(1000)}), p, row_group_size=100)
+    ds = FeatureParquetStream(ParquetIndex.from_files([p], ["rid"]), _rids, ["rid"], 100, shuffle=True,
+                              shuffle_buffer=0, seed=4, rank=0, world_size=1)
+    orders = []
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        groups = [set((b // 100).tolist()) for b in ds]
+        assert all(len(g) == 1 for g in groups)
+        orders.append([g.pop() for g in groups])
+        assert orders[-1] == unit_order(10, 4, epoch, True).tolist()
+    assert len({tuple(o) for o in orders}) == 3

@@ -12,7 +12,7 @@ from mmoe_rec.features.schema import parse_schema
 from mmoe_rec.features.transform import transform_table
 
 
-@pytest.mark.parametrize("kind", [pa.string(), pa.large_string(), pa.binary()])
+@pytest.mark.parametrize("kind", [pa.string(), pa.large_string(), pa.binary(), pa.large_binary()])
 @pytest.mark.parametrize("chunked", [False, True])
 def test_if_else_with_a_null_scalar_and_a_sliced_array_keeps_the_values(kind, chunked):
     full = pa.array(["AAAA", "BBBB", "x", "", "hello", "world"], pa.string()).cast(kind)
@@ -21,7 +21,8 @@ def test_if_else_with_a_null_scalar_and_a_sliced_array_keeps_the_values(kind, ch
     null = pa.scalar(None, kind)
     if chunked:
         sliced, empty = pa.chunked_array([sliced]), pa.chunked_array([empty])
-    expected = [v.encode() if kind == pa.binary() and v is not None else v for v in ["x", None, "hello", "world"]]
+    binary = kind in (pa.binary(), pa.large_binary())
+    expected = [v.encode() if binary and v is not None else v for v in ["x", None, "hello", "world"]]
     assert if_else(empty, null, sliced).to_pylist() == expected
     assert if_else(pc.invert(empty), sliced, null).to_pylist() == expected
     assert unsliced(sliced).to_pylist() == sliced.to_pylist()

@@ -76,3 +76,19 @@ def test_a_row_transforms_the_same_beside_a_text_value_as_alone(tmp_path):
     for column in ("item", "user", "price"):
         assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
     assert want.column("user").to_pylist()[0] != 0  # a fitted value, not the out-of-vocabulary id
+
+
+def test_numpy_scalars_bools_missing_times_and_huge_floats_among_text_read_as_their_own_column_would():
+    """An object column holds numpy scalars as they are (np.float32 is no Python float): an integral one is its
+    integer's text and a NaN one missing, as for Python floats; pd.NaT is missing; a bool is Arrow's "true"; a float
+    past int64 keeps its float text."""
+    frame = pd.DataFrame({"v": pd.Series([np.float32(4034.0), np.float32("nan"), pd.NaT, True, False, 1e20, "x"],
+                                         dtype=object)})
+    assert table_from_pandas(frame).column("v").to_pylist() == ["4034", None, None, "true", "false", "1e+20", "x"]
+
+
+def test_a_mixed_frame_with_non_text_column_names_names_its_columns_as_text():
+    frame = pd.DataFrame({0: pd.Series([1, "a"], dtype=object), 1: [2.5, 3.5]})
+    table = table_from_pandas(frame)
+    assert table.column_names == ["0", "1"]
+    assert table.to_pydict() == {"0": ["1", "a"], "1": [2.5, 3.5]}

@@ -339,7 +339,7 @@ def test_relu_keeps_a_nan_as_torch_relu_does(policy, bad):
 @needs_onednn
 @pytest.mark.parametrize("policy", ["blas", "onednn"])
 def test_relu_of_finite_operands_whose_sum_overflows_has_the_plain_values(policy):
-    """The finiteness check is a sum over each operand: finite values that overflow it take the unfused path, which
+    """The finiteness check is a norm of each operand: finite values that overflow it take the unfused path, which
     must give the same values as the fused one."""
     g = torch.Generator().manual_seed(10)
     a, b, bias = torch.randn(9, 6, generator=g), torch.randn(6, 5, generator=g), torch.randn(5, generator=g)
@@ -404,3 +404,139 @@ def test_a_block_sets_the_policy_of_its_own_thread_only():
         worker.join()
         assert cpu_gemm.backend() == "blas"
     assert seen == [os.environ.get(cpu_gemm.ENV_VAR, "auto")]
+
+
+def _zen(monkeypatch, family: int) -> None:
+    monkeypatch.setattr(cpu_gemm, "auto_min_macs",
+                        lambda: cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", family)))
+
+
+def test_auto_thresholds_hold_for_later_amd_families_and_read_the_first_processor():
+    # family 26 "on": a later AMD family with AVX-512 is full width too
+    assert cpu_gemm.min_macs_for("AVX512", cpuinfo("AuthenticAMD", 27)) == cpu_gemm.MIN_ONEDNN_MACS
+    # the first processor's fields, not the last's
+    mixed = cpuinfo("AuthenticAMD", 26) + "\n" + cpuinfo("GenuineIntel", 6)
+    assert cpu_gemm.cpuinfo_fields(mixed)["vendor_id"] == "AuthenticAMD"
+    assert cpu_gemm.min_macs_for("AVX512", mixed) == cpu_gemm.MIN_ONEDNN_MACS
+
+
+@needs_onednn
+def test_auto_on_zen5_starts_at_the_threshold_and_keeps_small_transposed_products_in_mkl(monkeypatch):
+    _zen(monkeypatch, 26)
+    k = cpu_gemm.MIN_ONEDNN_MACS // (64 * 64)
+    with cpu_gemm.gemm_backend("auto"):
+        assert cpu_gemm.uses_onednn(torch.randn(64, k), torch.randn(k, 64))  # exactly MIN_ONEDNN_MACS: "from"
+        assert not cpu_gemm.uses_onednn(torch.randn(63, k), torch.randn(k, 64))
+        # a column-major `a` of 2^25 multiply-adds: above the row-major bar, below the column-major one
+        assert cpu_gemm.uses_onednn(torch.randn(1024, 256), torch.randn(256, 128))
+        assert not cpu_gemm.uses_onednn(torch.randn(256, 1024).t(), torch.randn(256, 128))
+
+
+@needs_onednn
+def test_blas_policy_never_reaches_onednn_even_where_auto_would(monkeypatch):
+    _zen(monkeypatch, 26)
+    a, b = torch.randn(1024, 256), torch.randn(256, 128)
+    with cpu_gemm.gemm_backend("auto"):
+        assert cpu_gemm.uses_onednn(a, b)
+    with cpu_gemm.gemm_backend("blas"):
+        assert not cpu_gemm.uses_onednn(a, b)
+        assert not ran_onednn(lambda: cpu_gemm.mm(a, b))
+
+
+def test_a_block_left_by_an_exception_restores_the_policy(monkeypatch):
+    monkeypatch.setenv(cpu_gemm.ENV_VAR, "blas")
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_gemm.gemm_backend("onednn"):
+            raise RuntimeError("inside")
+    assert cpu_gemm.backend() == "blas"
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_strided_biases_are_added_as_torch_adds_them(policy):
+    """oneDNN reads a bias as dense: a strided (N,) view (every other element, or an expert's row of an (N, E)
+    bias transposed) gave other values when passed through as it is."""
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(7, 4, generator=g), torch.randn(4, 3, generator=g)
+    bias = torch.randn(6, generator=g)[::2]
+    assert not bias.is_contiguous()
+    E = 3
+    sa, sb = torch.randn(E, 7, 4, generator=g), torch.randn(E, 4, 3, generator=g)
+    bias_en = torch.randn(3, E, generator=g).t()  # (E, N), each row strided
+    with cpu_gemm.gemm_backend(policy):
+        for relu in (False, True):
+            want = torch.addmm(bias, a, b)
+            torch.testing.assert_close(cpu_gemm.addmm(bias, a, b, relu=relu), want.relu() if relu else want,
+                                       rtol=1e-5, atol=1e-5)
+        want = torch.baddbmm(bias_en.unsqueeze(1), sa, sb)
+        torch.testing.assert_close(cpu_gemm.bmm(sa, sb, bias_en), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_gemm.bmm(sa, sb, bias_en, relu=True), want.relu(), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_relu_keeps_a_nan_from_infinities_of_one_sign(policy):
+    """Two +inf in a row of `a` (their sum +inf, not NaN) times weights of both signs: inf - inf = NaN in the
+    output, which torch.relu keeps and oneDNN's fused relu would make 0."""
+    g = torch.Generator().manual_seed(13)
+    a, b, bias = torch.randn(9, 6, generator=g), torch.randn(6, 5, generator=g), torch.randn(5, generator=g)
+    a[2, 3] = a[2, 4] = float("inf")
+    b[3], b[4] = 1.0, -1.0
+    want = torch.relu(torch.addmm(bias, a, b))
+    assert want[2].isnan().all()
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.addmm(bias, a, b, relu=True)
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_bmm_transposed_a_of_an_empty_inner_dimension_is_zeros(policy):
+    a, b = torch.randn(2, 0, 5), torch.randn(2, 0, 3)
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.bmm_transposed_a(a, b)
+    assert torch.equal(got, torch.zeros(2, 5, 3))
+
+
+@needs_onednn
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_relu_keeps_the_nan_of_finite_operands_whose_products_overflow(policy):
+    """Finite operands passed the old check (a sum of each), their products overflowed to inf - inf = NaN inside the
+    GEMM, and oneDNN's fused relu made that NaN 0 where torch.relu keeps it (a mutation review's probe)."""
+    a, b, bias = torch.tensor([[1e20, 1e20], [1.0, 2.0]]), torch.tensor([[1e20], [-1e20]]), torch.zeros(1)
+    want = torch.relu(torch.addmm(bias, a, b))
+    assert want[0, 0].isnan() and want[1, 0] == 0
+    with cpu_gemm.gemm_backend(policy):
+        got = cpu_gemm.addmm(bias, a, b, relu=True)
+        stacked = cpu_gemm.bmm(torch.stack([a, a]), torch.stack([b, b]), torch.stack([bias, bias]), relu=True)
+    for out in (got, stacked[0], stacked[1]):
+        assert torch.equal(out.isnan(), want.isnan()) and out[1, 0] == 0
+
+
+def test_the_fused_relu_is_kept_for_ordinary_operands_and_left_wherever_a_product_could_be_other_than_finite():
+    g = torch.Generator().manual_seed(11)
+    a, b, bias = torch.randn(64, 32, generator=g) * 100, torch.randn(32, 16, generator=g), torch.randn(16, generator=g)
+    assert cpu_gemm._surely_finite(a, b, bias) and cpu_gemm._surely_finite(a, b, None)
+    assert cpu_gemm._surely_finite(a.t().contiguous().t(), b.t().contiguous().t(), bias)  # strided operands
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for operand in (a, b, bias):
+            broken = operand.clone()
+            broken.view(-1)[3] = bad
+            args = [broken if t is operand else t for t in (a, b, bias)]
+            assert not cpu_gemm._surely_finite(*args)
+    assert not cpu_gemm._surely_finite(a * 1e18, b * 1e18, bias)  # finite, but the products may overflow
+    assert not cpu_gemm._surely_finite(a, b, bias * 1e38)
+
+
+@pytest.mark.parametrize("policy", ["blas", "onednn"])
+def test_a_batch_of_no_matrices_gives_an_empty_product_as_torch_does(policy):
+    """bmm and bmm_transposed_a read the first matrix's shape before looking at the batch size: IndexError."""
+    a, a_t, b = torch.randn(0, 3, 4), torch.randn(0, 4, 3), torch.randn(0, 4, 5)
+    with cpu_gemm.gemm_backend(policy):
+        assert cpu_gemm.bmm(a, b).shape == (0, 3, 5)
+        assert cpu_gemm.bmm(a, b, torch.randn(0, 5), relu=True).shape == (0, 3, 5)
+        assert cpu_gemm.bmm(a, b, batch_dim=1).shape == (3, 0, 5)
+        assert cpu_gemm.bmm_transposed_a(a_t, b).shape == (0, 3, 5)
+        with pytest.raises(ValueError, match="an empty list of matrices"):
+            cpu_gemm.bmm([], b)

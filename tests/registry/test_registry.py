@@ -1416,3 +1416,19 @@ def test_the_code_fingerprint_changes_when_a_scoring_file_is_moved(tmp_path, mon
         assert code_version.code_fingerprint() != before
     finally:
         code_version.code_fingerprint.cache_clear()
+
+
+def test_the_pyfunc_names_its_input_row_and_column_of_a_bad_value(rec_data, package):
+    """The pyfunc's errors say where the value came from ("pyfunc input"), as the score job's name the file."""
+    pyfunc = MultiTaskPyfunc()
+    pyfunc.load_context(types.SimpleNamespace(artifacts={"package": str(package)}))
+    raw = pq.read_table(rec_data[1]).slice(0, 20).to_pandas()
+    raw.index = range(100, 120)  # the row named is the position in the frame, whatever its index
+    bad = raw.astype({"price": object})
+    bad.at[113, "price"] = [1, 2]
+    with pytest.raises(FeatureDataError, match=r"^file pyfunc input, column 'price', row 13 \(0-based\): a list"):
+        pyfunc.predict(None, bad)
+    bad.at[113, "price"] = "abc"
+    with pytest.raises(FeatureDataError, match=r"^file pyfunc input, column 'price', row 13 \(0-based\): expected a "
+                                               r"number, found 'abc'"):
+        pyfunc.predict(None, bad)
