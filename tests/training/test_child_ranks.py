@@ -170,3 +170,121 @@ def test_child_rank_reports_puts_its_observer_in_the_launcher_and_takes_it_out_a
     with child_rank_reports() as folder:
         assert folder is not None and launcher._launch_process_observer is not original
     assert launcher._launch_process_observer is original
+
+
+def _observe(procs, done_dir, stand_in, on_child_failure=None, wait_s=5.0):
+    """The marker-aware observer over `procs`, with a sleeper standing in for rank 0; whether it was killed."""
+    from mmoe_rec.training.child_ranks import _marker_aware_observer
+
+    observer = _marker_aware_observer(procs, done_dir, main_pid=stand_in.pid, sleep_period=0.1,
+                                      on_child_failure=on_child_failure)
+    observer.start()
+    observer.join(timeout=wait_s)
+    time.sleep(0.2)
+    return observer, stand_in.poll() is not None
+
+
+def test_the_launchers_observer_names_the_first_rank_that_failed_and_ends_rank_0_even_if_recording_fails(
+        tmp_path, capfd):
+    stand_in = child("import time; time.sleep(30)")
+    procs = [child("import os; os.abort()"), child("import sys; sys.exit(3)")]
+    for p in procs:
+        p.wait()
+
+    def failing_record():
+        raise ConnectionError("store down")
+
+    try:
+        _, killed = _observe(procs, tmp_path, stand_in, on_child_failure=failing_record)
+        assert killed  # the MLflow store not answering does not keep a job with a dead rank running
+        err = capfd.readouterr().err
+        assert f"mmoe-rec: rank 1 (pid {procs[0].pid}) was killed by signal 6 before its work was done" in err
+        assert "could not record the failure: store down" in err
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_the_launchers_observer_passes_over_a_rank_that_exited_0_and_watches_the_others(tmp_path, capfd):
+    """A rank that ended well (exit 0, marker or not) is no failure; the observer goes on watching the ranks still
+    running, and one that fails later still ends the job."""
+    stand_in = child("import time; time.sleep(30)")
+    ok = child("pass")
+    ok.wait()
+    try:
+        observer, killed = _observe([ok], tmp_path, stand_in)
+        assert not killed and not observer.is_alive()
+        assert tmp_path.exists() and "before its work was done" not in capfd.readouterr().err  # no failure seen
+        late = child("import os, time; time.sleep(1.0); os.abort()")
+        observer, killed = _observe([ok, late], tmp_path, stand_in)
+        assert killed
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_the_launchers_observer_spares_rank_0_after_a_sigterm_for_the_grace_only(tmp_path, monkeypatch):
+    """Told to stop, the ranks exit 143 on their own while rank 0 writes its on-exception checkpoint: not killed
+    then, but once the grace has run out (rank 0 held somewhere) the job is ended as for a failed rank."""
+    failing = child("import sys; sys.exit(143)")
+    failing.wait()
+    stand_in = child("import time; time.sleep(30)")
+    try:
+        monkeypatch.setattr(child_ranks, "sigterm_received_at", lambda: time.monotonic())
+        observer, killed = _observe([failing], tmp_path, stand_in, wait_s=1.0)
+        assert not killed and observer.is_alive()  # still watching
+        monkeypatch.setattr(child_ranks, "sigterm_received_at",
+                            lambda: time.monotonic() - child_ranks.SIGTERM_GRACE_S - 1)
+        observer.join(timeout=5)
+        time.sleep(0.2)
+        assert stand_in.poll() is not None
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def test_the_launcher_passes_its_pid_and_its_recorder_to_what_it_launches(monkeypatch):
+    """Launched ranks read the launcher's pid (die_with_parent, the SIGTERM watch); the observer the launcher starts
+    records the failure (on_child_failure) before it ends rank 0 (here a stand-in process that plays rank 0)."""
+    monkeypatch.delenv(DONE_DIR_ENV, raising=False)
+    with child_rank_reports() as folder:
+        assert os.environ[child_ranks.LAUNCHER_PID_ENV] == str(os.getpid())
+    assert child_ranks.LAUNCHER_PID_ENV not in os.environ
+    code = ("import os, subprocess, sys, time\n"
+            "import lightning.pytorch.strategies.launchers.subprocess_script as launcher\n"
+            "from mmoe_rec.training.child_ranks import child_rank_reports\n"
+            "with child_rank_reports(on_child_failure=lambda: print('recorded', flush=True)):\n"
+            "    rank = subprocess.Popen([sys.executable, '-c', 'import os; os.abort()'])\n"
+            "    rank.wait()\n"
+            "    launcher._launch_process_observer([rank])\n"
+            "    time.sleep(30)\n"
+            "print('ran on', flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if k not in (DONE_DIR_ENV, child_ranks.LAUNCHER_PID_ENV)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == -9 and proc.stdout == "recorded\n", (proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_rank_0_failing_waits_for_all_its_ranks_together():
+    procs = [child("import time; time.sleep(30)"), child("import time; time.sleep(30)")]
+    try:
+        start = time.monotonic()
+        assert name_failed_child_ranks(trainer_with(procs), wait_s=2.0) == []
+        assert time.monotonic() - start < 3.5
+        start = time.monotonic()
+        with pytest.raises(ChildRankFailed, match="rank 2 .* had not exited 2 s after rank 0 finished"):
+            join_child_ranks(trainer_with(procs), timeout_s=2.0)
+        assert time.monotonic() - start < 3.5
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_rank_whose_marker_folder_is_gone_marks_nothing_and_spawned_ranks_are_not_waited_for(tmp_path, monkeypatch):
+    """The observer removes the folder before it ends rank 0; multiprocessing ranks (ddp_spawn) have no wait()."""
+    monkeypatch.setenv(DONE_DIR_ENV, str(tmp_path / "gone"))
+    mark_rank_done(SimpleNamespace(local_rank=1))
+    assert not (tmp_path / "gone").exists()
+    spawned = SimpleNamespace(exitcode=None, join=lambda timeout=None: None)
+    join_child_ranks(trainer_with([spawned]))
+    assert name_failed_child_ranks(trainer_with([spawned])) == []

@@ -26,5 +26,8 @@ def test_a_pause_with_a_gloo_process_group(tmp_path):
         start = time.perf_counter()
         assert settle_gloo_workers(0.05) is True
         assert time.perf_counter() - start >= 0.05
+        start = time.perf_counter()
+        assert settle_gloo_workers(0.4) is True  # the pause asked for, longer than the default one
+        assert time.perf_counter() - start >= 0.4
     finally:
         dist.destroy_process_group()

@@ -124,3 +124,190 @@ def test_a_bad_stop_limit_is_refused(monkeypatch):
             sigterm.stop_limit_s()
     monkeypatch.setenv(sigterm.STOP_LIMIT_ENV, "2.5")
     assert sigterm.stop_limit_s() == 2.5
+
+
+class _Launcher:
+    def __init__(self) -> None:
+        self.killed: list[int] = []
+
+    def kill(self, signum: int) -> None:
+        self.killed.append(signum)
+
+
+def _connector(launcher):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(received_sigterm=False,
+                           trainer=SimpleNamespace(global_rank=0, strategy=SimpleNamespace(launcher=launcher)))
+
+
+def test_the_notifier_forwards_a_sigterm_to_the_launched_ranks_once_and_notes_when_the_first_came(monkeypatch):
+    """Lightning's handler without its broadcast: the ranks it launched are told once (a second SIGTERM is not
+    forwarded again), and the time of the first SIGTERM stays what the launcher's observer measures its grace from."""
+    monkeypatch.setattr(sigterm, "_received_at", None)
+    launcher = _Launcher()
+    first = _connector(launcher)
+    sigterm._notifier(first, signal.SIGTERM, None)
+    at = sigterm.sigterm_received_at()
+    assert first.received_sigterm and launcher.killed == [signal.SIGTERM] and at is not None
+    sigterm._notifier(first, signal.SIGTERM, None)
+    assert launcher.killed == [signal.SIGTERM] and first.received_sigterm
+    other = _connector(_Launcher())  # a later trainer of this process (fit, then test)
+    sigterm._notifier(other, signal.SIGTERM, None)
+    assert sigterm.sigterm_received_at() == at
+    alone = _connector(None)  # no launcher (one process, ddp_spawn): nothing to forward to
+    sigterm._notifier(alone, signal.SIGTERM, None)
+    assert alone.received_sigterm
+
+
+def test_install_puts_the_notifier_without_a_broadcast_in_lightnings_handler(monkeypatch, tmp_path):
+    import lightning as L
+
+    monkeypatch.setattr(sigterm, "_received_at", None)
+    sigterm.install()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path)
+    trainer._signal_connector._sigterm_notifier_fn(signal.SIGTERM, None)
+    assert trainer._signal_connector.received_sigterm and sigterm.sigterm_received_at() is not None
+
+
+def test_a_sigint_under_the_watch_is_ctrl_c_not_a_sigterm():
+    """Python's SIGINT handler writes to the same wakeup fd: the watcher passes over any signal but SIGTERM."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\nfrom mmoe_rec.training import sigterm\n"
+            "with sigterm.watch(lambda: print('on_sigterm ran', flush=True)):\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "        time.sleep(5)\n"
+            "    except KeyboardInterrupt:\n"
+            "        time.sleep(1.0)  # time for a watcher that took it for a SIGTERM to end the process\n"
+            "        print('interrupted', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "interrupted\n"), proc.stderr
+    assert "SIGTERM" not in proc.stderr
+
+
+def test_under_lightnings_handler_a_launched_rank_whose_launcher_is_gone_does_not_defer():
+    watch = sigterm._Watch(lambda: None, "mmoe-rec fit", launcher_pid=os.getppid())
+    try:
+        watch.lightning_handles = True
+        assert watch._defers()
+        watch.launcher_pid = 999_999_999  # rank 0 ended the job: this rank is now another's child
+        assert not watch._defers()
+        watch.launcher_pid = None  # rank 0 itself
+        assert watch._defers()
+        watch.lightning_handles = False
+        assert not watch._defers()
+    finally:
+        os.close(watch.read_fd)
+        os.close(watch.write_fd)
+
+
+def test_a_second_sigterm_after_lightnings_teardown_ends_the_job_at_once():
+    """A SIGTERM left to Lightning's handler, then the handler torn down (rank 0 waiting for its ranks, the logger's
+    finalize): a second SIGTERM is not left to a handler that is gone for the rest of the limit."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, signal, time\nfrom mmoe_rec.training import sigterm\n"
+            "with sigterm.watch(lambda: print('on_sigterm ran', flush=True), job='mmoe-rec fit'):\n"
+            "    sigterm._watch.lightning_handles = True\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.5)\n"
+            "    sigterm._watch.lightning_handles = False  # as install()'s teardown says\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(600)\n")
+    env = {**os.environ, sigterm.STOP_LIMIT_ENV: "20"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 143, proc.stderr
+    assert time.monotonic() - start < 15
+    assert "error: mmoe-rec fit stopped by SIGTERM before it finished" in proc.stderr
+    assert "did not stop within" not in proc.stderr and "on_sigterm ran" in proc.stdout
+
+
+def test_the_stop_limit_defaults_to_the_observers_grace_and_takes_a_whole_day(monkeypatch):
+    monkeypatch.delenv(sigterm.STOP_LIMIT_ENV, raising=False)
+    assert sigterm.stop_limit_s() == sigterm.SIGTERM_GRACE_S  # rank 0 is spared as long as the job may take
+    monkeypatch.setenv(sigterm.STOP_LIMIT_ENV, "86400")
+    assert sigterm.stop_limit_s() == 86_400.0
+
+
+def test_a_host_programs_sigterm_handling_is_left_alone():
+    """Its own handler, its own wakeup fd, or a watch started from another thread: no watch, nothing replaced."""
+    import threading
+
+    def host(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, host)
+    try:
+        with sigterm.watch(lambda: None):
+            assert sigterm._watch is None and signal.getsignal(signal.SIGTERM) is host
+        assert signal.getsignal(signal.SIGTERM) is host
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd)
+    try:
+        with sigterm.watch(lambda: None):
+            assert sigterm._watch is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.set_wakeup_fd(write_fd) == write_fd
+    finally:
+        signal.set_wakeup_fd(-1)
+        os.close(read_fd)
+        os.close(write_fd)
+    seen = []
+
+    def in_thread():
+        try:
+            with sigterm.watch(lambda: None):
+                seen.append(sigterm._watch)
+        except Exception as e:  # noqa: BLE001
+            seen.append(e)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join()
+    assert seen == [None]
+
+
+def test_a_launched_rank_ends_when_its_launcher_dies():
+    """PR_SET_PDEATHSIG: a rank whose rank 0 was killed (in the rendezvous) waited there, orphaned, 30 minutes."""
+    import subprocess
+    import sys
+
+    rank = ("import os, sys, time\nfrom mmoe_rec.training import sigterm\n"
+            "sigterm.die_with_parent(os.getppid())\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    launcher = ("import subprocess, sys\n"
+                f"p = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)\n"
+                "assert p.stdout.readline() == 'ready\\n'\nprint(p.pid, flush=True)\n"
+                "import os; os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout)
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # dead, not yet reaped by its new parent
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the rank outlived its launcher")
+
+
+def test_a_process_that_was_not_launched_does_not_stop_itself():
+    import subprocess
+    import sys
+
+    code = "from mmoe_rec.training import sigterm\nsigterm.die_with_parent(None)\nprint('alive')\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "alive"
