@@ -247,7 +247,7 @@ def test_the_launcher_passes_its_pid_and_its_recorder_to_what_it_launches(monkey
     """Launched ranks read the launcher's pid (die_with_parent, the SIGTERM watch); the observer the launcher starts
     records the failure (on_child_failure) before it ends rank 0 (here a stand-in process that plays rank 0)."""
     monkeypatch.delenv(DONE_DIR_ENV, raising=False)
-    with child_rank_reports() as folder:
+    with child_rank_reports():
         assert os.environ[child_ranks.LAUNCHER_PID_ENV] == str(os.getpid())
     assert child_ranks.LAUNCHER_PID_ENV not in os.environ
     code = ("import os, subprocess, sys, time\n"
