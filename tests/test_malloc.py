@@ -21,10 +21,15 @@ print(libc.sbrk(0) - before >= (64 << 20))
 """
 
 
-def heap_served_64mib(setup: str) -> bool:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(setup=setup)], capture_output=True, text=True,
+def probe_says(probe: str, setup: str) -> bool:
+    """Runs a probe script in a fresh interpreter after `setup`: what it printed, True or False."""
+    out = subprocess.run([sys.executable, "-c", probe.format(setup=setup)], capture_output=True, text=True,
                          check=True)
     return out.stdout.strip() == "True"
+
+
+def heap_served_64mib(setup: str) -> bool:
+    return probe_says(PROBE, setup)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
@@ -72,9 +77,7 @@ print(libc.sbrk(0) == top)
 
 
 def heap_kept_after_free(setup: str) -> bool:
-    out = subprocess.run([sys.executable, "-c", TRIM_PROBE.format(setup=setup)], capture_output=True, text=True,
-                         check=True)
-    return out.stdout.strip() == "True"
+    return probe_says(TRIM_PROBE, setup)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")

@@ -976,8 +976,9 @@ def test_every_missing_column_of_every_file_is_named_before_any_row_is_scored(re
     assert scored == [] and not (tmp_path / "scores.parquet").exists()
 
 
-def test_the_code_fingerprint_leaves_out_editor_files_and_dangling_links(tmp_path, monkeypatch):
-    """An editor's lock link `.#cli.py` (dangling) made the fingerprint raise, and with it register and score."""
+def fingerprinted_package(tmp_path, monkeypatch):
+    """A package of two files (__init__.py, sub/a.py) whose code_fingerprint() code_version computes; its cache
+    cleared. Returns (its folder, code_version)."""
     from types import SimpleNamespace
 
     from mmoe_rec.registry import code_version
@@ -988,6 +989,12 @@ def test_the_code_fingerprint_leaves_out_editor_files_and_dangling_links(tmp_pat
     (pkg / "sub" / "a.py").write_text("x = 1\n")
     monkeypatch.setattr(code_version, "mmoe_rec", SimpleNamespace(__file__=str(pkg / "__init__.py")))
     code_version.code_fingerprint.cache_clear()
+    return pkg, code_version
+
+
+def test_the_code_fingerprint_leaves_out_editor_files_and_dangling_links(tmp_path, monkeypatch):
+    """An editor's lock link `.#cli.py` (dangling) made the fingerprint raise, and with it register and score."""
+    pkg, code_version = fingerprinted_package(tmp_path, monkeypatch)
     try:
         before = code_version.code_fingerprint()
         (pkg / "sub" / ".#a.py").symlink_to(tmp_path / "nowhere")
@@ -1396,16 +1403,7 @@ def test_the_input_example_holds_each_numeric_features_training_mean_in_raw_unit
 
 
 def test_the_code_fingerprint_changes_when_a_scoring_file_is_moved(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from mmoe_rec.registry import code_version
-
-    pkg = tmp_path / "pkg"
-    (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sub" / "a.py").write_text("x = 1\n")
-    monkeypatch.setattr(code_version, "mmoe_rec", SimpleNamespace(__file__=str(pkg / "__init__.py")))
-    code_version.code_fingerprint.cache_clear()
+    pkg, code_version = fingerprinted_package(tmp_path, monkeypatch)
     try:
         before = code_version.code_fingerprint()
         (pkg / "demo.py").write_text("v = 5\n")  # the demo, like training and the command line, scores nothing
