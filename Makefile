@@ -27,7 +27,8 @@ demo: setup
 # (a Zen 3 VM, 2026-12-07: 946 s in one process, 689 s in two; 557-690 s in two, three fresh-clone CI runs, once the
 # tracking tests' MLflow stores were copies, tests/conftest.py; 462-535 s, three runs, once the DDP numerics tests
 # forked their ranks and `mmoe-rec` skipped the interpreter's module teardown; all the DDP tests on one worker,
-# --dist loadgroup, took 561 s; a Zen 4 VM, 2026-12-07: 377 s; a Xeon 6 VM, 2026-12-07: 307 s, 1383 tests; 386 s, 1541 tests that evening).
+# --dist loadgroup, took 561 s; a Zen 4 VM, 2026-12-07: 377 s; a Xeon 6 VM, 2026-12-07: 307 s, 1383 tests; 386 s,
+# 1541 tests that afternoon).
 # `python -m pytest tests/...` runs in one.
 test: setup
 	$(BIN)/python -m pytest -n 2
