@@ -247,18 +247,13 @@ def _open_parquet(path: str) -> pq.ParquetFile:
         raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
 
 
-def file_columns(path: str, reader: ReaderSpec) -> list[str]:
-    """Every column of one input file, from its footer (Parquet) or its header (CSV), without reading rows."""
+def file_header(path: str, reader: ReaderSpec) -> tuple[list[str], dict[bytes, bytes] | None]:
+    """Every column of one input file and its Arrow schema metadata, from one read of its footer (Parquet) or its
+    header (CSV: no metadata, None), without reading rows."""
     if input_format(path) == "csv":
-        return csv_columns(path, reader)
-    return _open_parquet(path).schema_arrow.names
-
-
-def file_metadata(path: str) -> dict[bytes, bytes] | None:
-    """A Parquet file's Arrow schema metadata (key-value pairs of its footer); None for a CSV file."""
-    if input_format(path) == "csv":
-        return None
-    return _open_parquet(path).schema_arrow.metadata
+        return csv_columns(path, reader), None
+    schema = _open_parquet(path).schema_arrow
+    return schema.names, schema.metadata
 
 
 def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:

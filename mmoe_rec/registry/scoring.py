@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from mmoe_rec import job_outcome
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
-from mmoe_rec.features.sources import column_types, file_columns, file_metadata, input_format, iter_batches
+from mmoe_rec.features.sources import column_types, file_header, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
 from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, sigterm_held
 from mmoe_rec.registry.code_version import code_mismatch
@@ -163,7 +163,8 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     for path in files:  # before any row is scored: the format of every file, then its columns
         input_format(path)
     for path in files:
-        scorer.check_raw_columns(file_columns(path, reader), path, file_metadata(path))
+        names, metadata = file_header(path, reader)
+        scorer.check_raw_columns(names, path, metadata)
     # each id column's output type from every file before anything is scored (the files' order does not decide
     # it): features.id_columns' lossless widening, or an error naming both files; a CSV column is text
     id_types = plan_id_types((path, column_types(path, scorer.spec.id_columns)) for path in files)
