@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import glob
 import io
 import lzma
@@ -247,13 +248,30 @@ def _open_parquet(path: str) -> pq.ParquetFile:
         raise FeatureDataError(f"unreadable Parquet file ({e})", file=path) from None
 
 
-def file_header(path: str, reader: ReaderSpec) -> tuple[list[str], dict[bytes, bytes] | None]:
-    """Every column of one input file and its Arrow schema metadata, from one read of its footer (Parquet) or its
-    header (CSV: no metadata, None), without reading rows."""
+@dataclasses.dataclass(frozen=True)
+class FileHeader:
+    """What one input file says about itself without a row read: its columns, its Arrow schema metadata, its
+    number of rows (the footer's), and the Arrow type each column arrives with from iter_batches. A CSV file has
+    no metadata, no footer to count its rows (None for both) and text in every column."""
+    names: list[str]
+    metadata: dict[bytes, bytes] | None
+    schema: pa.Schema | None  # None for a CSV file
+    num_rows: int | None
+
+    def types(self, columns: list[str]) -> dict[str, pa.DataType]:
+        """Arrow type of each of `columns` the file has (a missing one is left out: iter_batches reports it)."""
+        if self.schema is None:
+            return {c: pa.string() for c in columns}
+        return schema_types(self.schema, columns)
+
+
+def file_header(path: str, reader: ReaderSpec) -> FileHeader:
+    """One input file's FileHeader, from one read of its footer (Parquet) or its header line (CSV)."""
     if input_format(path) == "csv":
-        return csv_columns(path, reader), None
-    schema = _open_parquet(path).schema_arrow
-    return schema.names, schema.metadata
+        return FileHeader(csv_columns(path, reader), None, None, None)
+    parquet = _open_parquet(path)
+    schema = parquet.schema_arrow
+    return FileHeader(schema.names, schema.metadata, schema, parquet.metadata.num_rows)
 
 
 def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:

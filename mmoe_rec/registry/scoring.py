@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from mmoe_rec import job_outcome
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
-from mmoe_rec.features.sources import column_types, file_header, input_format, iter_batches
+from mmoe_rec.features.sources import file_header, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
 from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, sigterm_held
 from mmoe_rec.registry.code_version import code_mismatch
@@ -162,12 +162,13 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     reader = saved_reader(scorer.spec)
     for path in files:  # before any row is scored: the format of every file, then its columns
         input_format(path)
+    headers = {}  # one read of each file's footer or header line
     for path in files:
-        names, metadata = file_header(path, reader)
-        scorer.check_raw_columns(names, path, metadata)
+        headers[path] = header = file_header(path, reader)
+        scorer.check_raw_columns(header.names, path, header.metadata)
     # each id column's output type from every file before anything is scored (the files' order does not decide
     # it): features.id_columns' lossless widening, or an error naming both files; a CSV column is text
-    id_types = plan_id_types((path, column_types(path, scorer.spec.id_columns)) for path in files)
+    id_types = plan_id_types((path, headers[path].types(scorer.spec.id_columns)) for path in files)
     columns = compiled(scorer.spec).input_columns(with_labels=False)
     # ids exactly as written, where no feature reads the same column (its values must be read as at the fit)
     as_written = [c for c in scorer.spec.id_columns
@@ -203,13 +204,12 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
                 writer.write_table(scores)
                 written += scores.num_rows
         if writer is None:  # every file is empty: an empty output in the usual columns, not an error
-            empty = pa.table({c: pa.array([], column_types(files[0], [c])[c]) for c in columns})
+            empty = pa.table({c: pa.array([], headers[files[0]].types([c])[c]) for c in columns})
             writer = pq.ParquetWriter(tmp, scored(empty, files[0], 0).schema)
         writer.close()
         writer = None
         # a Parquet file's footer says how many rows it has; a CSV file's rows are those read
-        expected = sum(pq.ParquetFile(p).metadata.num_rows if input_format(p) == "parquet" else read_from[p]
-                       for p in files)
+        expected = sum(read_from[p] if headers[p].num_rows is None else headers[p].num_rows for p in files)
         if written != expected or read != expected:
             raise RuntimeError(f"scored {written} rows but the input has {expected}: output not written")
         with sigterm_held():  # the output complete and said so, or not written: no SIGTERM in between

@@ -2,8 +2,11 @@
 and the formats recognized by name (gaps a mutation review found, 2026-12-07)."""
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from mmoe_rec.features.schema import ReaderSpec
-from mmoe_rec.features.sources import input_format, iter_batches
+from mmoe_rec.features.sources import file_header, input_format, iter_batches
 
 
 def test_the_readers_null_values_make_csv_fields_missing(tmp_path):
@@ -31,3 +34,22 @@ def test_with_strip_a_null_value_padded_with_spaces_is_missing(tmp_path):
 
 def test_pq_files_are_parquet():
     assert input_format("part-0.pq") == "parquet" and input_format("X.PQ") == "parquet"
+
+
+def test_a_parquet_header_gives_columns_metadata_types_and_rows(tmp_path):
+    table = pa.table({"id": pa.array([1, 2, 3], pa.int32()), "city": ["a", None, "c"]})
+    table = table.replace_schema_metadata({b"k": b"v"})
+    pq.write_table(table, tmp_path / "f.parquet")
+    header = file_header(str(tmp_path / "f.parquet"), ReaderSpec())
+    assert header.names == ["id", "city"]
+    assert header.metadata[b"k"] == b"v"
+    assert header.num_rows == 3
+    assert header.types(["city", "id", "absent"]) == {"city": pa.string(), "id": pa.int32()}
+
+
+def test_a_csv_header_has_text_columns_and_no_metadata_or_row_count(tmp_path):
+    (tmp_path / "f.csv").write_text("id,city\n1,a\n2,b\n")
+    header = file_header(str(tmp_path / "f.csv"), ReaderSpec())
+    assert header.names == ["id", "city"]
+    assert header.metadata is None and header.num_rows is None
+    assert header.types(["id"]) == {"id": pa.string()}

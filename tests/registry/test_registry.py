@@ -677,6 +677,28 @@ def test_input_files_without_rows_give_an_output_without_rows(rec_data, package,
     assert got.schema.field("score_click").type == pa.float32()
 
 
+def test_score_opens_each_parquet_input_twice_its_header_and_its_rows(rec_data, package, tmp_path, monkeypatch):
+    """The columns, the spec-version metadata, the id types and the row count come from one footer read; the rows
+    from a second open. Each open re-reads the footer (remote storage: one request per open)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    fresh = pq.read_table(rec_data[1])
+    pq.write_table(fresh.slice(0, 500), folder / "a.parquet")
+    pq.write_table(fresh.slice(500), folder / "b.parquet")
+    opened: dict[str, int] = {}
+    real = pq.ParquetFile
+
+    class CountingParquetFile(real):
+        def __init__(self, source, *args, **kwargs):
+            opened[Path(source).name] = opened.get(Path(source).name, 0) + 1
+            super().__init__(source, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", CountingParquetFile)
+    scorer, name, version = resolve_model(str(package))
+    assert score_parquet(scorer, str(folder), tmp_path / "s.parquet", name, version) == fresh.num_rows
+    assert opened == {"a.parquet": 2, "b.parquet": 2}
+
+
 def test_model_versions_are_real_versions(rec_data, package, tracking, tmp_path):
     register_package(package, "rec-latest")
     register_package(package, "rec-latest")
