@@ -2,7 +2,9 @@
 (a probability for binary tasks, the prediction for regression) are appended to one Parquet file, in the split's
 row order, every row once. The file is written under a temporary name beside the target and renamed when the epoch
 is complete, so a failed run leaves no partial output. With several processes each writes its own rows to
-`<stem>.rank<k><suffix>` (rank 0 included; rank k's rows follow rank k-1's in the split).
+`<stem>.rank<k><suffix>` (rank 0 included; rank k's rows follow rank k-1's in the split). A rank that got no batch
+(possible with a custom data module's stream) writes an empty file in the columns and types the lowest rank with
+rows wrote, so that the rank files read as one table.
 
 Row order with loader workers: each worker makes one contiguous block of its rank's rows and the DataLoader
 interleaves the workers' batches, so batches are written to one temporary part per worker (`Batch.worker`), and
@@ -120,9 +122,11 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
         parts = self._close_parts()
-        if not parts:  # no batch on this rank: an empty file with the score columns
-            names = [score_column(t) for t in pl_module.tasks]
-            pq.write_table(pa.table({n: pa.array([], pa.float32()) for n in names}), self._partial)
+        schema = _first_schema(pq.read_schema(parts[0]) if parts else None)
+        if not parts:  # no batch on this rank: an empty file in the columns another rank wrote (ids included)
+            if schema is None:  # no rank had a batch: the score columns (ids have no type to give them)
+                schema = pa.schema([(score_column(t), pa.float32()) for t in pl_module.tasks])
+            pq.write_table(schema.empty_table(), self._partial)
         else:
             self._join(parts)
         # every rank's rows and batches, summed: with a rank gone this collective fails, and no file is renamed
@@ -178,6 +182,18 @@ class ParquetPredictionWriter(BasePredictionWriter):
     def on_exception(self, trainer: "L.Trainer", pl_module: "L.LightningModule", exception: BaseException) -> None:
         self._close_parts()
         self.remove_temporary_files()  # under DDP another rank's files keep a shared folder
+
+
+def _first_schema(mine: pa.Schema | None) -> pa.Schema | None:
+    """The schema of the lowest rank that wrote rows (this one's without other processes), so that a rank without
+    a batch writes the columns and types the others wrote: the rank files then read as one table. Every rank
+    calls it (a collective)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return mine
+    gathered: list[bytes | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, None if mine is None else mine.serialize().to_pybytes())
+    first = next((b for b in gathered if b is not None), None)
+    return None if first is None else pa.ipc.read_schema(pa.py_buffer(first))
 
 
 def _limited_batches(trainer: "L.Trainer") -> tuple[str, int] | None:

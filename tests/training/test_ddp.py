@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -638,6 +639,31 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
     test_ids = [i for p in sorted((feature_dir / "test").glob("*.parquet"))
                 for i in pq.read_table(p)["row_id"].to_pylist()]
     assert ids == test_ids  # every test row, once, and the rank files in rank order are the split's order
+
+
+def test_a_rank_without_a_predict_batch_writes_the_id_and_score_columns_of_the_others(feature_dir, tmp_path,
+                                                                                     monkeypatch):
+    """A custom data module gives rank 1 no predict batch: its empty file has the columns and types rank 0 wrote
+    (ids included, taken from rank 0's file through a collective), so the rank files read as one table."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = write_config(tmp_path / "c.yaml", feature_dir, 64, tmp_path / "audit", epochs=1, checkpoint=True)
+    run_lightning_cli(["fit", "--config", str(cfg)])
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "predict", "--config", str(cfg),
+                           "--data.class_path", "uneven_predict.RankZeroPredicts",
+                           "--trainer.devices", "2", *PLAIN_FORK,
+                           "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                           "--predictions_path", str(tmp_path / "pred.parquet")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = (pq.read_table(tmp_path / f"pred.rank{r}.parquet") for r in (0, 1))
+    assert rank1.num_rows == 0 and rank1.schema.equals(rank0.schema)
+    assert "row_id" in rank0.column_names
+    test_ids = [i for p in sorted((feature_dir / "test").glob("*.parquet"))
+                for i in pq.read_table(p)["row_id"].to_pylist()]
+    assert pa.concat_tables([rank0, rank1])["row_id"].to_pylist() == test_ids
 
 
 def test_a_dwa_fit_resumed_mid_epoch_under_ddp_ends_as_the_straight_fit(feature_dir, tmp_path, monkeypatch):
