@@ -60,7 +60,7 @@ def gemm_setup(policy: str, per_expert_allowed: bool) -> Iterator[None]:
 
 def as_before(stack: ExpertStack) -> ExpertStack:
     """The general autograd path with the first-layer weight contiguous (E, D, h), as ExpertStack had it."""
-    stack._relu_fast_path = lambda x: False  # instance attribute: this benchmark's switch, nothing else sets it
+    stack._relu_fast_path_dtype = lambda x: None  # instance attribute: this benchmark's switch, nothing else sets it
     stack.weights[0] = torch.nn.Parameter(stack.weights[0].detach().contiguous())
     return stack
 

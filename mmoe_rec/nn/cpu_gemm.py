@@ -1,4 +1,5 @@
-"""Float32 matrix products on the CPU through oneDNN where it beats PyTorch's default BLAS: `mm`, `addmm`, `bmm`.
+"""Float32 and bfloat16 matrix products on the CPU through oneDNN where it beats PyTorch's default: `mm`, `addmm`,
+`bmm`.
 
 PyTorch's CPU `mm` / `addmm` / `bmm` call MKL. On AMD CPUs MKL runs its AVX2 kernels even where the CPU has
 AVX-512, while oneDNN (also built into PyTorch, reached through `torch.ops.mkldnn._linear_pointwise`) picks its
@@ -35,6 +36,10 @@ same for a block of code):
 - `onednn`: oneDNN for every float32 CPU product in a measured layout, whatever its size or the CPU (tests use it
   to reach the oneDNN path anywhere).
 - `blas`: always PyTorch's own `mm` / `addmm`.
+bfloat16 products (relu_experts under CPU autocast) go to oneDNN under `auto` and `onednn` on CPUs with bfloat16
+instructions (`native_bf16()`: AVX512-BF16 or AMX), from `MIN_ONEDNN_MACS_BF16` multiply-adds under `auto`: PyTorch
+sends them to oneDNN there too, but without the fused ReLU, and x^T @ g ran 1.25x faster through
+`_linear_pointwise` (a Xeon 6). oneDNN accumulates in float32 and rounds the output to bfloat16, as PyTorch's.
 Anything else (other dtypes or layouts, CUDA, empty products) goes to PyTorch's own ops. Outputs are new
 contiguous tensors (except `bmm_transposed_a`'s on the oneDNN path: a transposed view). No autograd: callers are hand-written backward passes (`relu_experts`) or no-grad code.
 """
@@ -54,6 +59,10 @@ BACKENDS = ("auto", "onednn", "blas")
 MIN_ONEDNN_MACS = 1 << 21  # below ~2M multiply-adds MKL's lower call overhead wins (benchmarks/cpu_gemm.py)
 MIN_ONEDNN_MACS_HALF_WIDTH = 1 << 27  # Zen 4: the first layer's products (2^29.5) yes, a deeper layer's (2^25) no
 MIN_ONEDNN_MACS_A_TRANSPOSED = 1 << 27
+# bfloat16 (autocast): from here oneDNN, where PyTorch's addmm + relu_ took twice oneDNN's fused product on the large
+# MMoE's first layer on a Xeon 6 with AMX (1.56 against 0.78 ms), and x^T @ g 1.36 against 1.09 ms; products of an
+# expert's deeper layer or a tower (2^23-2^25) came out even
+MIN_ONEDNN_MACS_BF16 = 1 << 27
 ZEN5_FAMILY = 26  # AMD family 0x1A: AVX-512 on full 512-bit units
 
 _blocks = threading.local()  # .stack: this thread's gemm_backend(...) blocks, innermost last
@@ -90,6 +99,14 @@ def gemm_backend(name: str) -> Iterator[None]:
 @functools.cache
 def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 products on this CPU's own bfloat16 instructions (AVX512-BF16 or AMX), as
+    PyTorch asks before it sends bfloat16 matmuls there itself."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
 
 
 def cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
@@ -169,8 +186,12 @@ def _policy_picks_onednn(a: torch.Tensor, b: torch.Tensor, macs: int, a_row_majo
     policy = backend()
     if policy == "blas" or not onednn_available():
         return False
-    if a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != torch.float32:
+    if a.device.type != "cpu" or a.dtype != b.dtype or a.dtype not in (torch.float32, torch.bfloat16):
         return False
+    if a.dtype == torch.bfloat16:  # oneDNN's own kernels only where the CPU has bfloat16 instructions
+        if not native_bf16():
+            return False
+        return policy == "onednn" or macs >= MIN_ONEDNN_MACS_BF16
     if policy == "onednn":
         return True
     least = auto_min_macs()
@@ -213,12 +234,13 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """bias (N,) + (M, K) @ (K, N) -> (M, N); with relu=True, relu of that (the same values either way). A bias of
     another shape is broadcast as torch.addmm does, by torch.addmm (oneDNN takes (N,) only)."""
-    if uses_onednn(a, b) and bias.dtype == torch.float32 and bias.shape == (b.shape[1],):
+    if uses_onednn(a, b) and bias.dtype == a.dtype and bias.shape == (b.shape[1],):
         return _onednn(a, b, bias.contiguous(), relu)
     out = torch.addmm(bias, a, b)
     return out.relu_() if relu else out
 
 
+REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 MAX_LOOPED_BATCH = 32  # bmm loops in Python over the batch only for a few large products
 
 
@@ -240,7 +262,7 @@ def bmm(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor, bias: torch.T
     with a row axis put before its last: (N,) as (1, N), (E, 1) as (E, 1, 1)."""
     E, (M, _), N = len(a), _matrix_shape(a), b.shape[2]
     if 0 < E <= MAX_LOOPED_BATCH and uses_onednn(a[0], b[0]) and (
-            bias is None or (bias.dtype == torch.float32 and bias.shape == (E, N))):
+            bias is None or (bias.dtype == b.dtype and bias.shape == (E, N))):
         outs = [_onednn(a[e], b[e], None if bias is None else bias[e].contiguous(), relu) for e in range(E)]
         return torch.stack(outs, dim=batch_dim)  # one copy of the outputs; oneDNN cannot write into a slice
     if not isinstance(a, torch.Tensor):
@@ -270,4 +292,8 @@ def bmm_transposed_a(a: torch.Tensor | Sequence[torch.Tensor], b: torch.Tensor) 
         a_all = a.contiguous() if isinstance(a, torch.Tensor) else [m.contiguous() for m in a]  # (E, K, M)
         return torch.stack([_onednn(b_t_all[e], a_all[e], None) for e in range(E)]).transpose(1, 2)
     a_all = a if isinstance(a, torch.Tensor) else torch.stack(list(a))
+    if a_all.dtype in REDUCED_PRECISION and a_all.device.type == "cpu":
+        # PyTorch's bfloat16 bmm on a^T of a strided a (an expert's columns of a wider activation) took 7.9 ms for
+        # (8, 1024, 256)^T @ (8, 1024, 128) on a Xeon 6 with AMX, 1.07 ms with the copy made first
+        a_all = a_all.contiguous()
     return torch.bmm(a_all.transpose(1, 2), b)

@@ -164,8 +164,13 @@ class ExpertStack(nn.Module):
         """Every expert on every row: x (B, D) -> (B, E, H)."""
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected input (B, {self.in_dim}), got {tuple(x.shape)}")
-        if self._relu_fast_path(x):
+        dtype = self._relu_fast_path_dtype(x)
+        if dtype == x.dtype and not torch.is_autocast_enabled("cpu"):
             return relu_experts(x, list(self.weights), list(self.biases))
+        if dtype is not None:  # under bfloat16 autocast: what autocast would make of every product, cast once here
+            with torch.autocast("cpu", enabled=False):
+                return relu_experts(x.to(dtype), [w.to(dtype) for w in self.weights],
+                                    [b.to(dtype) for b in self.biases])
         B, E = x.shape[0], self.num_experts
         w0, b0 = self.weights[0], self.biases[0]
         # One GEMM for the first layer of all experts: (B, D) @ (D, E*h) -> (B, E*h).
@@ -178,12 +183,23 @@ class ExpertStack(nn.Module):
             h = self._post(z.transpose(0, 1), layer, None)  # (B, E, h')
         return h  # (B, E, H)
 
-    def _relu_fast_path(self, x: torch.Tensor) -> bool:
-        """nn.relu_experts computes the same thing with fewer memory passes: ReLU experts without norm or active
-        dropout, on the CPU (where it was measured), without autocast, everything in one dtype."""
-        return (self.activation == "relu" and self.norm == "none" and (self.dropout == 0 or not self.training)
-                and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-                and all(p.dtype == x.dtype for p in self.parameters()))
+    def _relu_fast_path_dtype(self, x: torch.Tensor) -> torch.dtype | None:
+        """The dtype nn.relu_experts runs in where it computes what the autograd path would, with fewer memory
+        passes (None: not here). ReLU experts without norm or active dropout, on the CPU (where it was measured):
+        without autocast, x's dtype when every parameter has it; under CPU autocast to bfloat16, bfloat16 for
+        float32 or bfloat16 inputs and parameters (autocast casts each product's operands to it, as this path
+        casts them once). Other autocast dtypes keep the autograd path: not measured."""
+        if not (self.activation == "relu" and self.norm == "none" and (self.dropout == 0 or not self.training)
+                and x.device.type == "cpu"):
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            autocast_to = torch.get_autocast_dtype("cpu")
+            castable = (torch.float32, autocast_to)
+            if autocast_to == torch.bfloat16 and x.dtype in castable and all(
+                    p.dtype in castable for p in self.parameters()):
+                return autocast_to
+            return None
+        return x.dtype if all(p.dtype == x.dtype for p in self.parameters()) else None
 
     def forward_each(self, xs: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
         """Each expert on its own rows: xs (E', N, D) -> (E', N, H); experts: (E',) int64 indices (None = all E)."""

@@ -540,3 +540,90 @@ def test_a_batch_of_no_matrices_gives_an_empty_product_as_torch_does(policy):
         assert cpu_gemm.bmm_transposed_a(a_t, b).shape == (0, 3, 5)
         with pytest.raises(ValueError, match="an empty list of matrices"):
             cpu_gemm.bmm([], b)
+
+
+def test_bf16_products_go_to_onednn_only_on_cpus_with_bf16_instructions(monkeypatch):
+    first_layer = (torch.randn(1024, 358).bfloat16(), torch.randn(358, 2048).bfloat16())  # 2^29.5 multiply-adds
+    deeper_layer = (torch.randn(1024, 256).bfloat16(), torch.randn(256, 128).bfloat16())  # 2^25
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: True)
+    monkeypatch.setattr(cpu_gemm, "native_bf16", lambda: True)
+    with cpu_gemm.gemm_backend("auto"):
+        assert cpu_gemm.uses_onednn(*first_layer)
+        assert not cpu_gemm.uses_onednn(*deeper_layer)  # even on PyTorch's side (measured)
+        assert cpu_gemm.uses_onednn(first_layer[0].t().contiguous().t(), first_layer[1])  # x^T @ g's layout
+        assert not cpu_gemm.uses_onednn(first_layer[0], first_layer[1].float())  # mixed dtypes: PyTorch's
+        assert not cpu_gemm.uses_onednn(first_layer[0].half(), first_layer[1].half())  # float16: not measured
+    with cpu_gemm.gemm_backend("onednn"):
+        assert cpu_gemm.uses_onednn(*deeper_layer)
+    with cpu_gemm.gemm_backend("blas"):
+        assert not cpu_gemm.uses_onednn(*first_layer)
+    monkeypatch.setattr(cpu_gemm, "native_bf16", lambda: False)  # oneDNN would emulate bfloat16: PyTorch's ops
+    for policy in ("auto", "onednn"):
+        with cpu_gemm.gemm_backend(policy):
+            assert not cpu_gemm.uses_onednn(*first_layer)
+
+
+needs_native_bf16 = pytest.mark.skipif(not (cpu_gemm.onednn_available() and cpu_gemm.native_bf16()),
+                                       reason="this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("a_t", [False, True])
+def test_bf16_products_through_onednn_round_as_torchs_do(a_t):
+    a, b = operand(67, 45, a_t, 0).bfloat16(), operand(45, 33, False, 1).bfloat16()
+    bias = torch.randn(33).bfloat16()
+    want = (bias.double() + a.double() @ b.double())  # the operands' exact product, float64
+    with cpu_gemm.gemm_backend("onednn"):
+        assert ran_onednn(lambda: cpu_gemm.addmm(bias, a, b, relu=True))
+        got, got_relu, got_mm = cpu_gemm.addmm(bias, a, b), cpu_gemm.addmm(bias, a, b, relu=True), cpu_gemm.mm(a, b)
+    assert got.dtype == got_relu.dtype == got_mm.dtype == torch.bfloat16
+    # float32 accumulation, one rounding to bfloat16: within one bfloat16 step of the exact value, as torch's
+    for value, exact in ((got, want), (got_relu, want.relu()), (got_mm, a.double() @ b.double()),
+                         (torch.addmm(bias, a, b), want)):
+        torch.testing.assert_close(value.double(), exact, rtol=2 ** -7, atol=1e-2)
+    assert torch.equal(got_relu, got.relu())
+
+
+@needs_native_bf16
+def test_bf16_relu_keeps_a_nan_as_torch_relu_does():
+    a, b, bias = torch.randn(16, 8).bfloat16(), torch.randn(8, 4).bfloat16(), torch.randn(4).bfloat16()
+    a[3, 2] = float("nan")
+    with cpu_gemm.gemm_backend("onednn"):
+        got = cpu_gemm.addmm(bias, a, b, relu=True)
+    assert torch.isnan(got[3]).all() and not torch.isnan(got[:3]).any()
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("dims", [[24, 16, 8], [24, 16]])
+def test_relu_experts_in_bf16_through_onednn_matches_pytorchs_bf16_products(dims):
+    torch.manual_seed(0)
+    E, B = 4, 96
+    x = torch.randn(B, dims[0]).bfloat16().requires_grad_()
+    ws = [(torch.randn(E, a, b) / a ** 0.5).bfloat16().requires_grad_() for a, b in zip(dims, dims[1:])]
+    bs = [(torch.randn(E, b) / 4).bfloat16().requires_grad_() for b in dims[1:]]
+    g = torch.randn(B, E, dims[-1]).bfloat16()
+    results = {}
+    for policy in ("blas", "onednn"):
+        with cpu_gemm.gemm_backend(policy):
+            y = relu_experts(x, ws, bs)
+            grads = torch.autograd.grad(y, [x, *ws, *bs], g)
+        results[policy] = (y, grads)
+    (y_blas, g_blas), (y_dnn, g_dnn) = results["blas"], results["onednn"]
+    assert y_dnn.dtype == torch.bfloat16
+    torch.testing.assert_close(y_dnn.float(), y_blas.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(g_dnn, g_blas):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.float().abs().max().item())
+
+
+def test_bmm_transposed_a_in_bf16_of_a_strided_batch_equals_torchs_product():
+    """bfloat16 inputs of a strided layout are made contiguous first (PyTorch's kernel for that layout was 7x
+    slower): the values are the same product's."""
+    first = torch.randn(64, 3 * 16).bfloat16()  # (B, E*h): an expert's columns of a wider activation
+    a = first.view(64, 3, 16).transpose(0, 1)  # (E, B, h), strided
+    b = torch.randn(3, 64, 8).bfloat16()
+    with cpu_gemm.gemm_backend("blas"):
+        got = cpu_gemm.bmm_transposed_a(a, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 16, 8)
+    assert torch.equal(got, torch.bmm(a.contiguous().transpose(1, 2), b))
+    torch.testing.assert_close(got.double(), a.double().transpose(1, 2) @ b.double(), rtol=2 ** -7, atol=1e-2)

@@ -130,14 +130,14 @@ def test_expert_stack_takes_the_fast_path_and_matches_its_autograd_path_exactly(
     torch.manual_seed(0)
     stack = ExpertStack(5, 12, hidden)
     x = torch.randn(37, 12, requires_grad=True)
-    assert stack._relu_fast_path(x)
+    assert stack._relu_fast_path_dtype(x) == torch.float32
     y = stack(x)
     g = torch.randn_like(y)
     y.backward(g)
     fast = [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()]
     x.grad = None
     stack.zero_grad()
-    monkeypatch.setattr(stack, "_relu_fast_path", lambda x: False)
+    monkeypatch.setattr(stack, "_relu_fast_path_dtype", lambda x: None)
     y_slow = stack(x)
     y_slow.backward(g)
     slow = [x.grad] + [p.grad for p in stack.parameters()]
@@ -148,14 +148,60 @@ def test_expert_stack_takes_the_fast_path_and_matches_its_autograd_path_exactly(
 
 def test_fast_path_only_where_it_computes_the_same_thing():
     x = torch.randn(4, 6)
-    assert ExpertStack(3, 6, [5]).train()._relu_fast_path(x)
-    assert ExpertStack(3, 6, [5], dropout=0.2).eval()._relu_fast_path(x)
-    assert not ExpertStack(3, 6, [5], dropout=0.2).train()._relu_fast_path(x)
-    assert not ExpertStack(3, 6, [5], activation="gelu")._relu_fast_path(x)
-    assert not ExpertStack(3, 6, [5], norm="layer")._relu_fast_path(x)
-    assert not ExpertStack(3, 6, [5])._relu_fast_path(x.double())  # parameters in float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not ExpertStack(3, 6, [5])._relu_fast_path(x)
+    assert ExpertStack(3, 6, [5]).train()._relu_fast_path_dtype(x) == torch.float32
+    assert ExpertStack(3, 6, [5], dropout=0.2).eval()._relu_fast_path_dtype(x) == torch.float32
+    assert ExpertStack(3, 6, [5], dropout=0.2).train()._relu_fast_path_dtype(x) is None
+    assert ExpertStack(3, 6, [5], activation="gelu")._relu_fast_path_dtype(x) is None
+    assert ExpertStack(3, 6, [5], norm="layer")._relu_fast_path_dtype(x) is None
+    assert ExpertStack(3, 6, [5])._relu_fast_path_dtype(x.double()) is None  # parameters in float32
+    assert ExpertStack(3, 6, [5]).double()._relu_fast_path_dtype(x.double()) == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's products in bfloat16, cast once
+        assert ExpertStack(3, 6, [5])._relu_fast_path_dtype(x) == torch.bfloat16
+        assert ExpertStack(3, 6, [5])._relu_fast_path_dtype(x.bfloat16()) == torch.bfloat16
+        assert ExpertStack(3, 6, [5]).double()._relu_fast_path_dtype(x) is None  # autocast leaves float64 be
+        assert ExpertStack(3, 6, [5], activation="gelu")._relu_fast_path_dtype(x) is None
+    with torch.autocast("cpu", dtype=torch.float16):  # not measured: the autograd path
+        assert ExpertStack(3, 6, [5])._relu_fast_path_dtype(x) is None
+
+
+@pytest.mark.parametrize("hidden", [[16], [32, 16]])
+@pytest.mark.parametrize("backend", ["blas", "onednn"])
+def test_under_bf16_autocast_the_fast_path_computes_what_autocast_makes_of_the_autograd_path(hidden, backend,
+                                                                                            monkeypatch):
+    """Every product in bfloat16 (as autocast runs them), the output bfloat16, the parameters' gradients float32
+    (their master copies), each within bfloat16 rounding of the autograd path under the same autocast."""
+    from mmoe_rec.nn import experts as experts_module
+    from mmoe_rec.nn.cpu_gemm import gemm_backend
+
+    calls = []
+    monkeypatch.setattr(experts_module, "relu_experts", lambda *a: calls.append(a[0].dtype) or relu_experts(*a))
+
+    torch.manual_seed(0)
+    stack = ExpertStack(5, 12, hidden)
+    x = torch.randn(64, 12, requires_grad=True)
+
+    def run(path: bool):
+        stack.zero_grad()
+        x.grad = None
+        if not path:
+            stack._relu_fast_path_dtype = lambda x: None
+        try:
+            with gemm_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = stack(x)
+                y.float().backward(g)
+        finally:
+            stack.__dict__.pop("_relu_fast_path_dtype", None)
+        return y, [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()]
+
+    g = torch.randn(64, 5, hidden[-1])
+    fast, fast_grads = run(True)
+    slow, slow_grads = run(False)
+    assert calls == [torch.bfloat16]  # the fast path once, in bfloat16
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
+    for a, b in zip(fast_grads, slow_grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
 
 
 def test_first_layer_weight_is_stored_input_major_and_its_gradient_keeps_that_layout():
@@ -184,7 +230,7 @@ def test_inference_without_autograd_gives_the_same_output(monkeypatch):
             with torch.inference_mode():
                 fast = stack(x)
             with monkeypatch.context() as m, torch.no_grad():
-                m.setattr(stack, "_relu_fast_path", lambda x: False)
+                m.setattr(stack, "_relu_fast_path_dtype", lambda x: None)
                 slow = stack(x)
         if backend == "blas":
             assert torch.equal(fast, slow)

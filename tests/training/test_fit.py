@@ -646,3 +646,34 @@ def test_the_epochs_last_batch_logs_its_train_metrics_when_nothing_watches_them(
                         enable_checkpointing=False, default_root_dir=tmp_path, **FAST)
     trainer.fit(module_for(dm), dm)
     assert {"train/loss", "train/click/loss"} <= set(trainer.callback_metrics)
+
+
+PLE = {"class_path": "mmoe_rec.models.ple.PLE",
+       "init_args": {"embedding_dim": 4, "num_shared_experts": 2, "num_task_experts": 1, "num_levels": 2,
+                     "expert_hidden": [16], "tower_hidden": [8]}}
+DEEP_MMOE = {"class_path": "mmoe_rec.models.mmoe.MMoE",
+             "init_args": {"embedding_dim": 4, "num_experts": 4, "expert_hidden": [16, 8], "tower_hidden": [8]}}
+
+
+@pytest.mark.parametrize("model", [DEEP_MMOE, PLE, SPARSE], ids=["mmoe", "ple", "sparse"])
+def test_bf16_mixed_precision_trains_the_models_as_float32_does(feature_dir, tmp_path, model, monkeypatch):
+    """precision "bf16-mixed" (CPU autocast to bfloat16): the models learn as in float32, the parameters stay
+    float32, and dense ReLU experts run the hand-written path in bfloat16 (its products as autocast makes them)."""
+    from mmoe_rec.nn import experts as experts_module
+
+    dtypes = []
+    real = experts_module.relu_experts
+    monkeypatch.setattr(experts_module, "relu_experts", lambda x, *a: dtypes.append(x.dtype) or real(x, *a))
+    aucs = {}
+    for precision in ("32-true", "bf16-mixed"):
+        L.seed_everything(0)
+        dm = FeatureDataModule(str(feature_dir), batch_size=128, seed=0)
+        module = module_for(dm, model)
+        trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, precision=precision,
+                            default_root_dir=tmp_path, **FAST)
+        trainer.fit(module, dm)
+        aucs[precision] = trainer.callback_metrics["val/click/auc"].item()
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert aucs["bf16-mixed"] > 0.7 and aucs["bf16-mixed"] == pytest.approx(aucs["32-true"], abs=0.03)
+    if model is not SPARSE:  # the sparse model's experts take the routed path
+        assert torch.bfloat16 in dtypes and torch.float32 in dtypes
