@@ -21,6 +21,7 @@ BENCHMARKS = [
     ["train_throughput.py"],  # training rows/s vs DeepCTR-Torch and torch-rechub on census features
     ["step_budget.py"],  # the large model's step against the plain-matmul reference, piece by piece (after the
     # line above: it reads the census features that train_throughput.py builds)
+    ["precision.py"],  # the large model's step in float32 against bf16-mixed (the same census features)
 ]
 
 

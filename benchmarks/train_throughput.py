@@ -147,16 +147,19 @@ class MatmulReference:
     wide mm per layer (bmm for the later expert layers), (c) and (d) the same two through oneDNN's matmul
     (nn.cpu_gemm, forced; a bmm as one oneDNN mm per expert), and a large square mm through each library as the
     machine's peak, for context. torch's CPU mm is MKL, which runs AVX2 kernels on AMD CPUs; oneDNN uses AVX-512
-    where it exists. `rate(key)` times one of them, `rates()` all."""
+    where it exists. All in `dtype` (float32; benchmarks/precision.py times them in bfloat16 too). `rate(key)` times
+    one of them, `rates()` all."""
 
-    def __init__(self, arch: Arch, input_dim: int, tasks: int):
+    def __init__(self, arch: Arch, input_dim: int, tasks: int, dtype: torch.dtype = torch.float32):
         g = torch.Generator().manual_seed(0)
         shapes = gemms(arch, input_dim, tasks, arch.batch_size)
         self.flops = sum(3 * 2 * c * m * k * n for c, m, k, n in shapes)
 
+        def randn(*size):  # drawn in float32 whatever the dtype: the same values rounded
+            return torch.randn(*size, generator=g).to(dtype)
+
         def mats(c, m, k, n):
-            return [(torch.randn(m, k, generator=g), torch.randn(k, n, generator=g),
-                     torch.randn(m, n, generator=g)) for _ in range(c)]
+            return [(randn(m, k), randn(k, n), randn(m, n)) for _ in range(c)]
 
         per = [mats(*s) for s in shapes]
         fused = []
@@ -164,8 +167,7 @@ class MatmulReference:
             if k == input_dim or c == 1:  # same input for every expert / gate: one wide matmul
                 fused.append(("mm", *mats(1, m, k, c * n)[0]))
             else:
-                fused.append(("bmm", torch.randn(c, m, k, generator=g), torch.randn(c, k, n, generator=g),
-                              torch.randn(c, m, n, generator=g)))
+                fused.append(("bmm", randn(c, m, k), randn(c, k, n), randn(c, m, n)))
 
         def three(mm, x, w, dy):  # a layer's forward and its two backward products
             mm(x, w), mm(dy, w.t()), mm(x.t(), dy)
@@ -191,7 +193,7 @@ class MatmulReference:
                     fn()
             return run
 
-        a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
+        a, b = randn(2048, 2048), randn(2048, 2048)
         square = 2 * 2048 ** 3
         self.runs: dict[str, tuple[Callable[[], None], float]] = {
             "per_layer": (run_per, self.flops),

@@ -1,0 +1,158 @@
+"""The large MMoE's training step in float32 and under `--trainer.precision bf16-mixed` (CPU autocast to
+bfloat16), side by side in one process:
+
+    .venv/bin/python benchmarks/precision.py    # ~2 min on 2 idle CPU cores (census features built by
+                                                # train_throughput.py, or --features DIR)
+
+Contenders, timed in interleaved rounds (median per round; ratios against the same round's float32 step):
+- float32: the bare step (forward, task losses, backward, fused Adam) over batches collated in advance;
+- bf16-mixed, autograd experts: the same under autocast with the experts on ExpertStack's autograd path, as
+  every release before relu_experts ran under autocast;
+- bf16-mixed: the same with relu_experts in bfloat16 (what `fit --trainer.precision bf16-mixed` runs);
+- Lightning `Trainer.fit` over the data module's loader, precision 32-true against bf16-mixed (per step: the fit's
+  fixed cost taken out by timing two lengths).
+For context, the plain-matmul reference of train_throughput.py (the model's GEMMs bare, fused) in float32 and in
+bfloat16, and each step's model FLOP/s as a share of the reference of its own precision. Where the CPU has
+bfloat16 instructions (AMX, AVX512-BF16) the products run several times faster in bfloat16 and the step is bound by
+everything else; without them bfloat16 is emulated and slower. Nothing here is a test: it prints.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _args import at_least  # noqa: E402
+import train_throughput as tt  # noqa: E402
+from mmoe_rec.malloc import keep_freed_memory  # noqa: E402
+from mmoe_rec.nn import cpu_gemm  # noqa: E402
+
+
+@contextlib.contextmanager
+def autograd_experts(model):
+    """The experts on ExpertStack's autograd path for the block (an instance attribute: nothing else sets it)."""
+    model.experts._relu_fast_path_dtype = lambda x: None
+    try:
+        yield
+    finally:
+        del model.experts._relu_fast_path_dtype
+
+
+def lightning_fit_per_step(module, features: Path, arch, precision: str, steps: int) -> float:
+    """Seconds per step of Trainer.fit with the loader: two fit lengths, so that the fixed cost cancels."""
+    import lightning as L
+
+    def fit(n: int) -> float:
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            num_sanity_val_steps=0, limit_train_batches=n, precision=precision)
+        t0 = time.perf_counter()
+        trainer.fit(module, datamodule=tt.ours_datamodule(features, arch))
+        return time.perf_counter() - t0
+
+    short, long = steps // 3, steps
+    return (fit(long) - fit(short)) / (long - short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", type=Path, default=ROOT / "bench_out" / "train_throughput" / "census_features")
+    p.add_argument("--rounds", type=at_least(1), default=7)
+    p.add_argument("--steps", type=at_least(3), default=30, help="steps per timed block")
+    p.add_argument("--threads", type=at_least(1), default=2)
+    args = p.parse_args(argv)
+    if not (args.features / "spec.json").exists():
+        raise SystemExit(f"{args.features}: no feature dir; run benchmarks/train_throughput.py once (it builds "
+                         "the census features there) or pass --features")
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    arch = tt.LARGE
+    spec, _ = tt.read_arrays(args.features)
+    input_dim = len(spec.sparse_features) * arch.embedding_dim + spec.dense_dim
+    references = {dtype: tt.MatmulReference(arch, input_dim, len(spec.tasks), dtype)
+                  for dtype in (torch.float32, torch.bfloat16)}
+    flops = references[torch.float32].flops
+
+    torch.manual_seed(0)
+    module = tt.ours_module(spec, arch)
+    model = module.model
+    opt = module.configure_optimizers()
+    batches = list(tt.ours_datamodule(args.features, arch).train_dataloader())[: args.steps]
+    model.train()
+
+    def bare_steps(bf16: bool, autograd: bool = False) -> float:
+        with (autograd_experts(model) if autograd else contextlib.nullcontext()), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            t0 = time.perf_counter()
+            for b in batches:
+                tt.plain_step(model, opt, b, spec)
+            return (time.perf_counter() - t0) / len(batches)
+
+    for bf16, autograd in ((False, False), (True, True), (True, False)):  # warm-up
+        bare_steps(bf16, autograd)
+    timers: dict[str, Callable[[], float]] = {
+        "float32 bare step": lambda: bare_steps(False),
+        "bf16-mixed bare step, autograd experts": lambda: bare_steps(True, autograd=True),
+        "bf16-mixed bare step": lambda: bare_steps(True),
+        "Lightning fit with the loader, 32-true": lambda: lightning_fit_per_step(module, args.features, arch,
+                                                                                 "32-true", args.steps),
+        "Lightning fit with the loader, bf16-mixed": lambda: lightning_fit_per_step(module, args.features, arch,
+                                                                                    "bf16-mixed", args.steps),
+        "reference GEMMs, float32": lambda: flops / references[torch.float32].rate("fused", rounds=2),
+        "reference GEMMs, bfloat16": lambda: flops / references[torch.bfloat16].rate("fused", rounds=2),
+    }
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; oneDNN bfloat16 instructions: "
+          f"{cpu_gemm.native_bf16()}; large MMoE (E=8, {input_dim} -> 256 -> 128, towers 64, batch "
+          f"{arch.batch_size}); {flops / 1e9:.2f} GFLOP a step; {args.rounds} interleaved rounds of {args.steps} steps")
+    samples: dict[str, list[float]] = {k: [] for k in timers}
+    for r in range(args.rounds):
+        with tt.OtherLoad() as load:
+            times = {name: fn() for name, fn in timers.items()}
+        for name, t in times.items():
+            samples[name].append(t)
+        print(f"  round {r + 1}: float32 {times['float32 bare step'] * 1e3:.1f} ms, bf16-mixed "
+              f"{times['bf16-mixed bare step'] * 1e3:.1f} ms a step; other processes {load.share * 100:.0f} % of "
+              "the CPU", flush=True)
+
+    def median_ratio(a: str, b: str) -> float:  # how many times faster b is than a, median of the rounds
+        return statistics.median(x / y for x, y in zip(samples[a], samples[b]))
+
+    print(f"\n{'contender':44s} {'ms/step':>8s} {'rows/s':>9s} {'x float32 (same kind)':>22s}")
+    pairs = {"bf16-mixed bare step, autograd experts": "float32 bare step",
+             "bf16-mixed bare step": "float32 bare step",
+             "Lightning fit with the loader, bf16-mixed": "Lightning fit with the loader, 32-true",
+             "reference GEMMs, bfloat16": "reference GEMMs, float32"}
+    for name in timers:
+        ms = statistics.median(samples[name]) * 1e3
+        speedup = f"{median_ratio(pairs[name], name):.2f}x" if name in pairs else ""
+        print(f"{name:44s} {ms:8.2f} {arch.batch_size / ms * 1e3:9.0f} {speedup:>22s}")
+    print(f"\nbf16-mixed bare step against its autograd-experts path: "
+          f"{median_ratio('bf16-mixed bare step, autograd experts', 'bf16-mixed bare step'):.2f}x")
+    for name, ref in (("float32 bare step", "reference GEMMs, float32"),
+                      ("bf16-mixed bare step", "reference GEMMs, bfloat16")):
+        share = statistics.median(r / s for r, s in zip(samples[ref], samples[name]))
+        print(f"model FLOP/s of the {name}: {flops / statistics.median(samples[name]) / 1e9:.1f} GFLOP/s, "
+              f"{share * 100:.1f} % of the {ref.split(', ')[1]} reference")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
