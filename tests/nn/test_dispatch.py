@@ -310,3 +310,36 @@ def test_stacked_experts_reference_paths_drop_out_after_the_activation(activatio
     z = torch.einsum("td,edh->eth", x, ex.weights[0]) + ex.biases[0].unsqueeze(1)
     want = torch.nn.functional.dropout({"tanh": torch.tanh, "gelu": torch.nn.functional.gelu}[activation](z), 0.5, training=True)
     torch.testing.assert_close(got, want)
+
+
+def test_few_shapes_capacity_keeps_four_leading_bits():
+    assert [dispatch.few_shapes_capacity(c) for c in (1, 7, 15, 16, 17, 100, 650, 704, 705, 1024)] == \
+        [1, 7, 15, 16, 18, 104, 704, 704, 768, 1024]
+    for cap in range(1, 5000):
+        got = dispatch.few_shapes_capacity(cap)
+        assert cap <= got <= cap * 9 / 8
+    assert len({dispatch.few_shapes_capacity(c) for c in range(513, 1025)}) == 8  # a few shapes per octave
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_reduced_precision_plan_on_the_cpu_pads_to_few_shapes_and_computes_the_same(dtype):
+    """The padded layout's capacity is rounded up in bfloat16 / float16 (a new bmm shape builds a new oneDNN kernel):
+    the extra slots are padding, so outputs and gradients are the unrounded plan's."""
+    T, E, k, d = 300, 4, 2, 8
+    torch.manual_seed(0)
+    ex = StackedExperts(E, d, [16, 8]).to(dtype)
+    _, experts, rows, weights = random_assignments(T, E, k)
+    exact = plan_dispatch(experts, rows, E, num_out=T, layout="padded")  # float32: the largest load
+    rounded = plan_dispatch(experts, rows, E, num_out=T, layout="padded", dtype=dtype)
+    most = int(torch.bincount(experts, minlength=E).max())
+    assert exact.capacity == most and rounded.capacity == dispatch.few_shapes_capacity(most) > most
+    assert rounded.padding_fraction > exact.padding_fraction
+    x = torch.randn(T, d, dtype=dtype, requires_grad=True)
+    w = weights.to(dtype)
+    got = {}
+    for name, plan in (("exact", exact), ("rounded", rounded)):
+        out = ex(x, plan, w)
+        got[name] = (out, torch.autograd.grad(out.float().sum(), [x, *ex.parameters()]))
+    torch.testing.assert_close(got["rounded"][0], got["exact"][0], rtol=1e-2, atol=1e-2)
+    for a, b in zip(got["rounded"][1], got["exact"][1]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
