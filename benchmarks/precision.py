@@ -11,6 +11,9 @@ Contenders, timed in interleaved rounds (median per round; ratios against the sa
 - bf16-mixed: the same with relu_experts in bfloat16 (what `fit --trainer.precision bf16-mixed` runs);
 - Lightning `Trainer.fit` over the data module's loader, precision 32-true against bf16-mixed (per step: the fit's
   fixed cost taken out by timing two lengths).
+Then, with `--others` (the default), the bare step of a PLE and of a sparse top-2 MMoE of the same sizes (experts of
+256-128, towers of 64: PLE with 4 shared and 2 task experts a level, 2 levels; the sparse model 16 experts, k = 2)
+in float32 and bf16-mixed, interleaved the same way.
 For context, the plain-matmul reference of train_throughput.py (the model's GEMMs bare, fused) in float32 and in
 bfloat16, and each step's model FLOP/s as a share of the reference of its own precision. Where the CPU has
 bfloat16 instructions (AMX, AVX512-BF16) the products run several times faster in bfloat16 and the step is bound by
@@ -66,12 +69,52 @@ def lightning_fit_per_step(module, features: Path, arch, precision: str, steps: 
     return (fit(long) - fit(short)) / (long - short)
 
 
+OTHER_MODELS = {
+    "PLE": {"class_path": "mmoe_rec.models.ple.PLE",
+            "init_args": {"num_shared_experts": 4, "num_task_experts": 2, "num_levels": 2}},
+    "sparse top-2 MMoE": {"class_path": "mmoe_rec.models.sparse_mmoe.SparseMMoE",
+                          "init_args": {"num_experts": 16, "k": 2}},
+}
+
+
+def other_models(spec, arch, batches: list, rounds: int) -> None:
+    """Bare steps of OTHER_MODELS in float32 and bf16-mixed, interleaved; prints ms/step and the ratio."""
+    from mmoe_rec.training.module import MultiTaskModule
+
+    sizes = {"embedding_dim": arch.embedding_dim, "expert_hidden": list(arch.expert_hidden),
+             "tower_hidden": list(arch.tower_hidden)}
+    print(f"\n{'model (bare step)':44s} {'float32 ms':>10s} {'bf16-mixed ms':>14s} {'x float32':>10s}")
+    for name, model_cfg in OTHER_MODELS.items():
+        torch.manual_seed(0)
+        cfg = {"class_path": model_cfg["class_path"], "init_args": {**sizes, **model_cfg["init_args"]}}
+        module = MultiTaskModule(model=cfg, feature_spec=spec)
+        model, opt = module.model, module.configure_optimizers()
+        model.train()
+
+        def steps(bf16: bool) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                t0 = time.perf_counter()
+                for b in batches:
+                    tt.plain_step(model, opt, b, spec)
+                return (time.perf_counter() - t0) / len(batches)
+
+        steps(False), steps(True)  # warm-up
+        f32, bf16 = [], []
+        for _ in range(rounds):
+            f32.append(steps(False))
+            bf16.append(steps(True))
+        ratio = statistics.median(a / b for a, b in zip(f32, bf16))
+        print(f"{name:44s} {statistics.median(f32) * 1e3:10.2f} {statistics.median(bf16) * 1e3:14.2f} "
+              f"{ratio:9.2f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", type=Path, default=ROOT / "bench_out" / "train_throughput" / "census_features")
     p.add_argument("--rounds", type=at_least(1), default=7)
     p.add_argument("--steps", type=at_least(3), default=30, help="steps per timed block")
     p.add_argument("--threads", type=at_least(1), default=2)
+    p.add_argument("--no-others", dest="others", action="store_false", help="the large MMoE only")
     args = p.parse_args(argv)
     if not (args.features / "spec.json").exists():
         raise SystemExit(f"{args.features}: no feature dir; run benchmarks/train_throughput.py once (it builds "
@@ -151,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         share = statistics.median(r / s for r, s in zip(samples[ref], samples[name]))
         print(f"model FLOP/s of the {name}: {flops / statistics.median(samples[name]) / 1e9:.1f} GFLOP/s, "
               f"{share * 100:.1f} % of the {ref.split(', ')[1]} reference")
+    if args.others:
+        other_models(spec, arch, batches, args.rounds)
     return 0
 
 
