@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _args import at_least  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from mmoe_rec.malloc import keep_freed_memory  # noqa: E402
 from mmoe_rec.nn import cpu_gemm  # noqa: E402
 
 
@@ -110,26 +107,14 @@ def other_models(spec, arch, batches: list, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", type=Path, default=ROOT / "bench_out" / "train_throughput" / "census_features")
+    p.add_argument("--features", type=Path, default=tt.CENSUS_FEATURES)
     p.add_argument("--rounds", type=at_least(1), default=7)
     p.add_argument("--steps", type=at_least(3), default=30, help="steps per timed block")
     p.add_argument("--threads", type=at_least(1), default=2)
     p.add_argument("--no-others", dest="others", action="store_false", help="the large MMoE only")
     args = p.parse_args(argv)
-    if not (args.features / "spec.json").exists():
-        raise SystemExit(f"{args.features}: no feature dir; run benchmarks/train_throughput.py once (it builds "
-                         "the census features there) or pass --features")
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
-
-    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
+    spec, input_dim = tt.large_model_setup(args.features, args.threads)
     arch = tt.LARGE
-    spec, _ = tt.read_arrays(args.features)
-    input_dim = len(spec.sparse_features) * arch.embedding_dim + spec.dense_dim
     references = {dtype: tt.MatmulReference(arch, input_dim, len(spec.tasks), dtype)
                   for dtype in (torch.float32, torch.bfloat16)}
     flops = references[torch.float32].flops

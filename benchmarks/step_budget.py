@@ -25,11 +25,9 @@ pipeline can leave out, and says which share of the reference that leaves. Nothi
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _args import at_least  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from mmoe_rec.malloc import keep_freed_memory  # noqa: E402
 
 aten = torch.ops.aten
 # every overload: relu_experts writes a product straight into a strided output with `torch.bmm(..., out=...)`
@@ -74,26 +71,14 @@ def median_ms(samples: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", type=Path, default=ROOT / "bench_out" / "train_throughput" / "census_features")
+    p.add_argument("--features", type=Path, default=tt.CENSUS_FEATURES)
     p.add_argument("--rounds", type=at_least(1), default=7)
     p.add_argument("--steps", type=at_least(3), default=30,
                    help="steps per timed block (>= 3: Lightning's step is timed over steps // 3 and steps)")
     p.add_argument("--threads", type=at_least(1), default=2)
     args = p.parse_args(argv)
-    if not (args.features / "spec.json").exists():
-        raise SystemExit(f"{args.features}: no feature dir; run benchmarks/train_throughput.py once (it builds "
-                         "the census features there) or pass --features")
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
-
-    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
+    spec, input_dim = tt.large_model_setup(args.features, args.threads)
     arch = tt.LARGE
-    spec, _ = tt.read_arrays(args.features)
-    input_dim = len(spec.sparse_features) * arch.embedding_dim + spec.dense_dim
     reference = tt.MatmulReference(arch, input_dim, len(spec.tasks))
     ref_key = max(tt.REFERENCE_KEYS, key=lambda key: reference.rate(key) if key in reference.runs else 0.0)
     flops = reference.flops  # per step of batch_size rows (train_throughput's count)

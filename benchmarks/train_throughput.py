@@ -360,6 +360,34 @@ def rechub_contender(arch: Arch, data: Arrays, warm_rows: int, workdir: Path, fu
                      lambda: rechub_train_epoch(trainer, loader))
 
 
+# --- setup shared by the step benchmarks ---------------------------------------------------------------------
+
+CENSUS_FEATURES = ROOT / "bench_out" / "train_throughput" / "census_features"  # built by main() below
+
+
+def quiet_torch(threads: int) -> None:
+    """`threads` intra-op threads; warnings and Lightning's and torch.fx's info lines off (they would interleave
+    with the printed rows)."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def large_model_setup(features: Path, threads: int) -> tuple[FeatureSpec, int]:
+    """For the scripts that time the large model's step (step_budget.py, precision.py): malloc tuned, torch quiet,
+    the census features read. Returns their spec and the model's input width."""
+    if not (features / "spec.json").exists():
+        raise SystemExit(f"{features}: no feature dir; run benchmarks/train_throughput.py once (it builds the "
+                         "census features there) or pass --features")
+    tune_malloc()
+    quiet_torch(threads)
+    spec, _ = read_arrays(features)
+    return spec, len(spec.sparse_features) * LARGE.embedding_dim + spec.dense_dim
+
+
 # --- mmoe-rec -----------------------------------------------------------------------------------------------
 
 MODEL_CLASS = "mmoe_rec.models.mmoe.MMoE"
@@ -482,13 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the rows over batches collated in advance (training steps without the loaders)")
     args = p.parse_args(argv)
     malloc_tuned = False if args.default_malloc else tune_malloc()
-
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    import lightning  # noqa: F401  (imported first: it resets its loggers' levels on import)
-
-    for name in ("lightning.pytorch", "lightning.fabric", "torch.fx._symbolic_trace"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_torch(args.threads)
     args.workdir.mkdir(parents=True, exist_ok=True)
     libs = set(args.libs.split(","))
     archs = [{"small": SMALL, "large": LARGE}[m] for m in args.models.split(",")]
