@@ -627,3 +627,42 @@ def test_bmm_transposed_a_in_bf16_of_a_strided_batch_equals_torchs_product():
     assert got.dtype == torch.bfloat16 and got.shape == (3, 16, 8)
     assert torch.equal(got, torch.bmm(a.contiguous().transpose(1, 2), b))
     torch.testing.assert_close(got.double(), a.double().transpose(1, 2) @ b.double(), rtol=2 ** -7, atol=1e-2)
+
+
+# Gaps a mutation review of the bfloat16 path found: PyTorch's bmm fed a strided reduced-precision a^T (7x slower,
+# same values), bfloat16 (E, N) biases kept from oneDNN's per-expert products, the threshold's boundary.
+@pytest.mark.parametrize("dtype, copied", [(torch.bfloat16, True), (torch.float16, True), (torch.float32, False)])
+def test_bmm_transposed_a_copies_a_strided_batch_first_in_reduced_precision_only(dtype, copied, monkeypatch):
+    first = torch.randn(64, 3 * 16).to(dtype)  # (B, E*h): an expert's columns of a wider activation
+    a = first.view(64, 3, 16).transpose(0, 1)  # (E, B, h), strided
+    b = torch.randn(3, 64, 8).to(dtype)
+    seen = []
+    real = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda x, y, **kw: seen.append(x) or real(x, y, **kw))
+    with cpu_gemm.gemm_backend("blas"):
+        got = cpu_gemm.bmm_transposed_a(a, b)
+    (a_t,) = seen
+    assert a_t.transpose(1, 2).is_contiguous() == copied  # float32: MKL reads the strided batch as it is
+    assert (a_t.data_ptr() == first.data_ptr()) == (not copied)
+    assert torch.equal(got, real(a.transpose(1, 2), b))
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("as_list", [False, True])
+def test_a_bf16_batch_with_an_expert_bias_runs_onednn_per_expert_under_the_onednn_policy(as_list):
+    a, b, bias = torch.randn(3, 40, 24).bfloat16(), torch.randn(3, 24, 16).bfloat16(), torch.randn(3, 16).bfloat16()
+    with cpu_gemm.gemm_backend("onednn"):
+        assert ran_onednn(lambda: cpu_gemm.bmm(list(a) if as_list else a, b, bias, relu=True))
+        got = cpu_gemm.bmm(list(a) if as_list else a, b, bias, relu=True)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, torch.baddbmm(bias.unsqueeze(1), a, b).relu(), rtol=2 ** -7, atol=1e-2)
+
+
+def test_bf16_products_go_to_onednn_from_exactly_min_onednn_macs_bf16(monkeypatch):
+    a, b = torch.ones(2, 2).bfloat16(), torch.ones(2, 2).bfloat16()
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: True)
+    monkeypatch.setattr(cpu_gemm, "native_bf16", lambda: True)
+    with cpu_gemm.gemm_backend("auto"):
+        assert cpu_gemm.picks_onednn(a, b, cpu_gemm.MIN_ONEDNN_MACS_BF16)
+        assert not cpu_gemm.picks_onednn(a, b, cpu_gemm.MIN_ONEDNN_MACS_BF16 - 1)
+    assert cpu_gemm.MIN_ONEDNN_MACS_BF16 == 1 << 27  # measured (a Xeon 6 with AMX; module comment)

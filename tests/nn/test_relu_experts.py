@@ -236,3 +236,34 @@ def test_inference_without_autograd_gives_the_same_output(monkeypatch):
             assert torch.equal(fast, slow)
         else:
             torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("hidden", [[16], [32, 16]])
+def test_under_bf16_autocast_a_bf16_input_to_float32_experts_trains_as_the_autograd_path(hidden):
+    """A bfloat16 input (a PLE level's output under autocast) to float32 experts: the fast path casts the parameters
+    (not the input) and its backward, run outside autocast as Lightning runs it, gives float32 parameter gradients
+    and a bfloat16 input gradient, each within bfloat16 rounding of the autograd path's."""
+    torch.manual_seed(0)
+    stack = ExpertStack(5, 12, hidden)
+    x = torch.randn(64, 12).bfloat16().requires_grad_()
+    g = torch.randn(64, 5, hidden[-1])
+    results = []
+    for fast in (True, False):
+        stack.zero_grad()
+        x.grad = None
+        if not fast:
+            stack._relu_fast_path_dtype = lambda x: None
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = stack(x)
+        finally:
+            stack.__dict__.pop("_relu_fast_path_dtype", None)
+        y.float().backward(g)  # outside autocast
+        results.append((y, [x.grad.clone()] + [p.grad.clone() for p in stack.parameters()]))
+    (fast_y, fast_grads), (slow_y, slow_grads) = results
+    assert fast_y.dtype == slow_y.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_y, slow_y, rtol=2e-2, atol=2e-2)
+    assert fast_grads[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in fast_grads[1:])
+    for a, b in zip(fast_grads, slow_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.float().abs().max().item())
