@@ -19,6 +19,9 @@ written by hand so that it makes fewer passes over the large activations:
 358 -> 256 -> 128, batch 1024, 2 CPU threads): with PyTorch's own GEMMs 1-3 % on the experts with the mixture and
 on the whole training step (together with ExpertStack's input-major first-layer weight); with the default GEMM
 policy 1.7x on the experts and 1.6x on the step on a Zen 5, 1.13x and 1.07x on a Zen 4 (benchmarks/README.md).
+In bfloat16 (ExpertStack under CPU autocast casts x and the parameters once and calls it) the same passes run in
+bfloat16; on CPUs with bfloat16 instructions the first layer's products go to oneDNN (`nn.cpu_gemm`), and the
+weight gradient of the strided (E, B, h0) activation is made from a contiguous copy (`benchmarks/precision.py`).
 Under `create_graph=True` (a gradient penalty, a double backward) the backward is autograd's through the same
 arithmetic in plain ops (`_autograd_forward`), so that the gradient it returns can be differentiated again.
 
