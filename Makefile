@@ -28,7 +28,8 @@ demo: setup
 # tracking tests' MLflow stores were copies, tests/conftest.py; 462-535 s, three runs, once the DDP numerics tests
 # forked their ranks and `mmoe-rec` skipped the interpreter's module teardown; all the DDP tests on one worker,
 # --dist loadgroup, took 561 s; a Zen 4 VM, 2026-12-07: 377 s; a Xeon 6 VM, 2026-12-07: 307 s, 1383 tests; 386 s,
-# 1541 tests that afternoon).
+# 1541 tests that afternoon; 472 s, 1570 tests, at 14:40 UTC in a spell when the large model's step ran 25 % slower
+# than that morning).
 # `python -m pytest tests/...` runs in one.
 test: setup
 	$(BIN)/python -m pytest -n 2
