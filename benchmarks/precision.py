@@ -13,7 +13,8 @@ Contenders, timed in interleaved rounds (median per round; ratios against the sa
   fixed cost taken out by timing two lengths).
 Then, with `--others` (the default), the bare step of a PLE and of a sparse top-2 MMoE of the same sizes (experts of
 256-128, towers of 64: PLE with 4 shared and 2 task experts a level, 2 levels; the sparse model 16 experts, k = 2)
-in float32 and bf16-mixed, interleaved the same way.
+in float32 and bf16-mixed, interleaved the same way, and `mmoe-rec score`'s per-batch work (`Scorer.score_table`:
+transform, collate, model) on the census test rows at `--precision 32` and `bf16`.
 For context, the plain-matmul reference of train_throughput.py (the model's GEMMs bare, fused) in float32 and in
 bfloat16, and each step's model FLOP/s as a share of the reference of its own precision. Where the CPU has
 bfloat16 instructions (AMX, AVX512-BF16) the products run several times faster in bfloat16 and the step is bound by
@@ -105,6 +106,43 @@ def other_models(spec, arch, batches: list, rounds: int) -> None:
               f"{ratio:9.2f}x", flush=True)
 
 
+def scoring(spec, arch, rounds: int) -> None:
+    """`Scorer.score_table` (what `mmoe-rec score` runs per batch: transform, collate, model) of the census test
+    rows, 65,536 at a time, with the large MMoE at --precision 32 and bf16, interleaved."""
+    import pyarrow as pa
+
+    from mmoe_rec.features.sources import iter_batches
+    from mmoe_rec.features.transform import compiled
+    from mmoe_rec.models.mmoe import MMoE
+    from mmoe_rec.registry.scorer import Scorer
+    from mmoe_rec.registry.scoring import saved_reader
+
+    columns = compiled(spec).input_columns(with_labels=False)
+    raw = tt.CENSUS_RAW / "test.csv.xz"
+    table = pa.Table.from_batches([b for _, b in iter_batches(str(raw), columns, saved_reader(spec))])
+    chunks = [table.slice(i, 65_536) for i in range(0, table.num_rows, 65_536)]
+    torch.manual_seed(0)
+    model = MMoE(spec, embedding_dim=arch.embedding_dim, num_experts=arch.num_experts,
+                 expert_hidden=list(arch.expert_hidden), tower_hidden=list(arch.tower_hidden))
+    scorers = {precision: Scorer(model, precision) for precision in ("32", "bf16")}
+
+    def rows_per_s(precision: str) -> float:
+        t0 = time.perf_counter()
+        for chunk in chunks:
+            scorers[precision].score_table(chunk)
+        return table.num_rows / (time.perf_counter() - t0)
+
+    rows_per_s("32"), rows_per_s("bf16")  # warm-up
+    rates: dict[str, list[float]] = {"32": [], "bf16": []}
+    for _ in range(rounds):
+        for precision in rates:
+            rates[precision].append(rows_per_s(precision))
+    ratio = statistics.median(b / a for a, b in zip(rates["32"], rates["bf16"]))
+    print(f"\nScorer.score_table, census test ({table.num_rows:,} raw CSV rows in batches of 65,536), large MMoE: "
+          f"--precision 32 {statistics.median(rates['32']):,.0f} rows/s, bf16 {statistics.median(rates['bf16']):,.0f} "
+          f"rows/s ({ratio:.2f}x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", type=Path, default=tt.CENSUS_FEATURES)
@@ -181,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{share * 100:.1f} % of the {ref.split(', ')[1]} reference")
     if args.others:
         other_models(spec, arch, batches, args.rounds)
+        scoring(spec, arch, args.rounds)
     return 0
 
 

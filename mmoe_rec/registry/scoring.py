@@ -12,7 +12,8 @@ inside an input folder or is a folder is refused before anything is read. Featur
 `mmoe-rec features`) is refused: scoring transforms raw rows itself. A bad value is reported at its file and its
 row inside that file. CSV files (.csv / .tsv / .txt, optionally .gz / .bz2 / .xz) are read as `mmoe-rec features`
 reads them, with the reader settings the model's feature spec was fitted with; their columns are text, as in
-training on CSV.
+training on CSV. `--precision bf16` runs the model under CPU autocast to bfloat16, as `--trainer.precision
+bf16-mixed` trains (`registry.scorer.Scorer`).
 """
 from __future__ import annotations
 
@@ -36,25 +37,26 @@ from mmoe_rec.features.transform import compiled
 from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, sigterm_held
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
-from mmoe_rec.registry.scorer import Scorer
+from mmoe_rec.nn import cpu_gemm
+from mmoe_rec.registry.scorer import PRECISIONS, Scorer, checked_precision
 from mmoe_rec.registry.versions import model_versions
 
 
 USAGE = "--model must be models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest or a package folder"
 
 
-def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
+def resolve_model(model_uri: str, precision: str = "32") -> tuple[Scorer, str, str]:
     """Load `models:/name@alias`, `models:/name/version`, `models:/name/latest`, or a local package folder.
     Returns (scorer, name, version): the registry's version number (an alias or "latest" resolved to it), or for
     a package folder "package-" + the first 16 hex digits of a SHA-256 over its model.json, spec.json and weights
     (two packages that score otherwise, by their weights or by a setting such as k, must not write the same
-    model_version)."""
+    model_version). `precision`: the Scorer's, "32" or "bf16"."""
     if os.path.isdir(model_uri) and os.path.exists(os.path.join(model_uri, "model.json")):
         from mmoe_rec.registry.package import PACKAGE_FILES, load_package
 
         model = load_package(model_uri)
         digest = hashlib.sha256("".join(_file_sha256(Path(model_uri) / name) for name in PACKAGE_FILES).encode())
-        return Scorer(model), Path(model_uri).resolve().name, f"package-{digest.hexdigest()[:16]}"
+        return Scorer(model, precision), Path(model_uri).resolve().name, f"package-{digest.hexdigest()[:16]}"
     import mlflow.pyfunc
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -93,7 +95,9 @@ def resolve_model(model_uri: str) -> tuple[Scorer, str, str]:
     if mismatch:
         print(mismatch, file=sys.stderr)
     loaded = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
-    return loaded.unwrap_python_model().scorer, name, version
+    scorer = loaded.unwrap_python_model().scorer
+    scorer.precision = checked_precision(precision)
+    return scorer, name, version
 
 
 def _store() -> str:
@@ -238,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--batch-rows", type=int, default=65_536, help="rows read and scored at a time (memory)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+    p.add_argument("--precision", choices=PRECISIONS, default="32",
+                   help="32: float32 (default); bf16: the model under bfloat16 autocast, as bf16-mixed trains, about "
+                        "2x faster on CPUs with bfloat16 instructions (AMX, AVX512-BF16), scores within bfloat16 "
+                        "rounding of float32's")
     args = p.parse_args(argv)
     check_output_is_not_an_input(args.input, args.output)  # before loading or reading anything
     if args.batch_rows < 1:
@@ -250,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_tracking(args.tracking_uri, setting="--tracking-uri")
     start = time.perf_counter()
-    scorer, name, version = resolve_model(args.model)
+    scorer, name, version = resolve_model(args.model, args.precision)
+    if args.precision == "bf16" and not cpu_gemm.native_bf16():
+        print("--precision bf16: this CPU has no bfloat16 instructions (AMX, AVX512-BF16); bfloat16 is emulated "
+              "here and likely slower than float32", file=sys.stderr)
     rows = score_parquet(scorer, args.input, args.output, name, version, args.batch_rows)
     secs = time.perf_counter() - start
     label = f"{name} v{version}" if version.isdigit() else f"{name} ({version})"  # package-<hash>: no "v"

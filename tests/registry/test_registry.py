@@ -131,6 +131,45 @@ def test_the_package_the_pyfunc_and_the_score_job_score_as_the_saved_model(rec_d
         np.testing.assert_allclose(job[f"score_{t}"].to_numpy(), expected[t], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("source", ["package", "registry"])
+def test_score_with_bf16_precision_scores_every_row_as_the_model_does_under_bf16_autocast(rec_data, package, tracking,
+                                                                                          tmp_path, source):
+    """--precision bf16: the model under CPU autocast to bfloat16 (as bf16-mixed trains), every row once, scores
+    float32 and within bfloat16 rounding of float32's; the same model's float32 scores are untouched by it."""
+    raw = pq.read_table(rec_data[1])
+    model = load_package(package)
+    features = transform_table(model.feature_spec, raw, with_labels=False)
+    batch = BatchCollator(model.feature_spec, with_labels=False)(features.combine_chunks().to_batches()[0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.eval()(batch).logits
+    expected = {t: torch.sigmoid(logits[t].float()).numpy() for t in model.tasks}
+    full = reference_scores(model, raw)
+    uri = str(package) if source == "package" else f"models:/{register_package(package, 'rec-bf16')[0]}/latest"
+    for precision in ("bf16", "32"):
+        out = tmp_path / f"{precision}.parquet"
+        assert score_main(["--model", uri, "--input", str(rec_data[1]), "--output", str(out), "--batch-rows", "400",
+                           "--precision", precision]) == 0
+        scores = pq.read_table(out)
+        assert scores["row_id"].to_pylist() == raw["row_id"].to_pylist()
+        for t in model.tasks:
+            assert scores.schema.field(f"score_{t}").type == pa.float32()
+            got = scores[f"score_{t}"].to_numpy()
+            if precision == "bf16":  # batches of 400 against one: the same bfloat16 products, row by row
+                np.testing.assert_allclose(got, expected[t], rtol=0, atol=2e-6)  # seen: 6e-8
+                # bfloat16 products, not float32 ones: far nearer the first (float32 off by 1.3-1.6e-4 here)
+                assert np.abs(got - full[t]).max() > 20 * max(np.abs(got - expected[t]).max(), 2e-6)
+                np.testing.assert_allclose(got, full[t], rtol=0.05, atol=0.01)
+            else:
+                np.testing.assert_allclose(got, full[t], rtol=1e-6)
+
+
+def test_a_scorer_refuses_an_unknown_precision(package):
+    with pytest.raises(ValueError, match="precision must be one of 32, bf16, got 'bf16-mixed'"):
+        Scorer(load_package(package), precision="bf16-mixed")
+    with pytest.raises(SystemExit):
+        score_main(["--model", str(package), "--input", "x", "--output", "y", "--precision", "16"])
+
+
 def test_the_pyfunc_refuses_feature_parquet_rows_as_the_score_job_does(rec_data, package, tracking):
     """The signature named only the raw columns: MLflow dropped feature Parquet's label and indicator columns
     before the model saw them, and the already-encoded rows were transformed a second time (with integer
