@@ -1256,12 +1256,14 @@ def test_latest_is_the_highest_version_number_not_the_highest_text(monkeypatch):
 
     monkeypatch.setattr(mlflow, "MlflowClient", FakeClient)
 
+    scorer = types.SimpleNamespace(precision="32")
+
     def load_model(uri):
         loaded.append(uri)
-        return types.SimpleNamespace(unwrap_python_model=lambda: types.SimpleNamespace(scorer="S"))
+        return types.SimpleNamespace(unwrap_python_model=lambda: types.SimpleNamespace(scorer=scorer))
 
     monkeypatch.setattr(mlflow.pyfunc, "load_model", load_model)
-    assert resolve_model("models:/m/latest") == ("S", "m", "10")
+    assert resolve_model("models:/m/latest") == (scorer, "m", "10")
     assert loaded == ["models:/m/10"]
 
 
