@@ -6,19 +6,19 @@ bfloat16), side by side in one process:
 
 Contenders, timed in interleaved rounds (median per round; ratios against the same round's float32 step):
 - float32: the bare step (forward, task losses, backward, fused Adam) over batches collated in advance;
-- bf16-mixed, autograd experts: the same under autocast with the experts on ExpertStack's autograd path, as
-  every release before relu_experts ran under autocast;
+- bf16-mixed, autograd experts: the same under autocast with the experts on ExpertStack's autograd path (how they
+  ran under autocast before 2026-12-07);
 - bf16-mixed: the same with relu_experts in bfloat16 (what `fit --trainer.precision bf16-mixed` runs);
 - Lightning `Trainer.fit` over the data module's loader, precision 32-true against bf16-mixed (per step: the fit's
   fixed cost taken out by timing two lengths).
-Then, with `--others` (the default), the bare step of a PLE and of a sparse top-2 MMoE of the same sizes (experts of
+Then (unless `--no-others`) the bare step of a PLE and of a sparse top-2 MMoE of the same sizes (experts of
 256-128, towers of 64: PLE with 4 shared and 2 task experts a level, 2 levels; the sparse model 16 experts, k = 2)
 in float32 and bf16-mixed, interleaved the same way, and `mmoe-rec score`'s per-batch work (`Scorer.score_table`:
 transform, collate, model) on the census test rows at `--precision 32` and `bf16`.
 For context, the plain-matmul reference of train_throughput.py (the model's GEMMs bare, fused) in float32 and in
 bfloat16, and each step's model FLOP/s as a share of the reference of its own precision. Where the CPU has
 bfloat16 instructions (AMX, AVX512-BF16) the products run several times faster in bfloat16 and the step is bound by
-everything else; without them bfloat16 is emulated and slower. Nothing here is a test: it prints.
+everything else; without them oneDNN emulates bfloat16 (not measured here). Nothing here is a test: it prints.
 """
 from __future__ import annotations
 
