@@ -41,8 +41,8 @@ class Scorer:
 
     `precision`: "32" (float32, the default) or "bf16": the model under CPU autocast to bfloat16, as
     `--trainer.precision bf16-mixed` trains (products in bfloat16, softmaxes and each tower's output layer in
-    float32), about twice as fast on CPUs with bfloat16 instructions (AMX, AVX512-BF16); scores then differ from
-    float32's by bfloat16 rounding."""
+    float32): 1.8x the rows/s of float32 for the large MMoE on a Xeon 6 with AMX (`benchmarks/precision.py`), where
+    the CPU has bfloat16 instructions (AMX, AVX512-BF16); scores then differ from float32's by bfloat16 rounding."""
 
     def __init__(self, model: MultiTaskModel, precision: str = "32") -> None:
         self.precision = checked_precision(precision)
