@@ -76,13 +76,15 @@ class Scorer:
 
     @torch.no_grad()
     def score_table(self, table: pa.Table | pa.RecordBatch | pd.DataFrame, source: str = "input",
-                    row_offset: int = 0) -> pa.Table:
+                    row_offset: int = 0, precision: str | None = None) -> pa.Table:
         """(N rows of raw columns: an Arrow table or a pandas DataFrame) -> (N rows: id columns, score_<task> per
         task).
 
         `source` names where the rows come from (a file path) and `row_offset` is the first row's index in it,
-        so that a bad value is reported at its row in that file, not at its row in this batch.
+        so that a bad value is reported at its row in that file, not at its row in this batch. `precision`: this
+        call's, instead of the Scorer's.
         """
+        precision = self.precision if precision is None else checked_precision(precision)
         if isinstance(table, pd.DataFrame):
             table = table_from_pandas(table, source, row_offset)
         self.check_raw_columns(table.column_names, source, table.schema.metadata)
@@ -91,7 +93,7 @@ class Scorer:
         if features.num_rows == 0:  # no rows, no model call (a batch of none is not one torchrec can pool)
             return pa.table({**columns, **{score_column(t): pa.array([], pa.float32()) for t in self.model.tasks}})
         record_batch = features.combine_chunks().to_batches()[0]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = self.model(self.collator(record_batch))
         for task in self.model.tasks:
             logits = out.logits[task].float()  # (N,)

@@ -5,7 +5,7 @@ import math
 
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, ColSpec, Schema
+from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
 from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.features.transform import compiled
@@ -16,6 +16,7 @@ def model_signature(spec: FeatureSpec, tasks: list[str] | None = None) -> ModelS
     """Inputs: the raw columns the FeatureSpec reads (id columns, then each feature's source column), and feature
     Parquet's own columns as optional ones (see below). Outputs: the
     id columns, then `score_<task>` per task the model scores (`tasks`, default every task of the spec).
+    Params: `precision`, "32" (default) or "bf16" (registry.scorer.Scorer).
 
     Input columns are declared without a type: the feature transform takes a column as strings, integers or
     floats, as lists or delimited strings, with nulls, and MLflow's type enforcement would refuse some of these
@@ -28,7 +29,9 @@ def model_signature(spec: FeatureSpec, tasks: list[str] | None = None) -> ModelS
     inputs += [ColSpec(AnyType(), column, required=False) for column in sorted(feature_only_columns(spec))]
     outputs = [ColSpec(AnyType(), column) for column in spec.id_columns]
     outputs += [ColSpec("float", score_column(task)) for task in (spec.task_names if tasks is None else tasks)]
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+    # predict(..., params={"precision": "bf16"}): the model under bfloat16 autocast, as `score --precision bf16`
+    params = ParamSchema([ParamSpec("precision", "string", "32")])
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs), params=params)
 
 
 def example_input(spec: FeatureSpec) -> pd.DataFrame:

@@ -163,6 +163,30 @@ def test_score_with_bf16_precision_scores_every_row_as_the_model_does_under_bf16
                 np.testing.assert_allclose(got, full[t], rtol=1e-6)
 
 
+def test_the_pyfunc_takes_the_precision_as_a_param_per_call(rec_data, package, tracking):
+    """MLflow serving's way to the bf16 scores: predict(..., params={"precision": "bf16"}), declared in the
+    signature (default "32"); the loaded model's own setting stays float32 for the next call."""
+    raw = pq.read_table(rec_data[1])
+    model = load_package(package)
+    features = transform_table(model.feature_spec, raw, with_labels=False)
+    batch = BatchCollator(model.feature_spec, with_labels=False)(features.combine_chunks().to_batches()[0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.eval()(batch).logits
+    bf16 = {t: torch.sigmoid(logits[t].float()).numpy() for t in model.tasks}
+    full = reference_scores(model, raw)
+    name, version = register_package(package, "rec-params")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    params = pyfunc.metadata.signature.params
+    assert [(p.name, p.default) for p in params.params] == [("precision", "32")]
+    frame = raw.to_pandas()
+    for given, want in ((None, full), ({"precision": "bf16"}, bf16), ({}, full), ({"precision": "32"}, full)):
+        out = pyfunc.predict(frame, params=given)
+        for t in model.tasks:
+            np.testing.assert_allclose(out[f"score_{t}"].to_numpy(), want[t], rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="precision must be one of 32, bf16, got 'fp16'"):
+        pyfunc.predict(frame, params={"precision": "fp16"})
+
+
 def test_a_scorer_refuses_an_unknown_precision(package):
     with pytest.raises(ValueError, match="precision must be one of 32, bf16, got 'bf16-mixed'"):
         Scorer(load_package(package), precision="bf16-mixed")
