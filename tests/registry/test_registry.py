@@ -69,13 +69,13 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def reference_scores(model, raw_table: pa.Table) -> dict[str, np.ndarray]:
-    """Scores computed the long way: transform, collate, forward, sigmoid."""
+def reference_scores(model, raw_table: pa.Table, bf16: bool = False) -> dict[str, np.ndarray]:
+    """Scores computed the long way: transform, collate, forward (under bfloat16 autocast with `bf16`), sigmoid."""
     features = transform_table(model.feature_spec, raw_table, with_labels=False)
     batch = BatchCollator(model.feature_spec, with_labels=False)(features.combine_chunks().to_batches()[0])
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model.eval()(batch)
-    return {t: torch.sigmoid(out.logits[t]).numpy() for t in model.tasks}
+    return {t: torch.sigmoid(out.logits[t].float()).numpy() for t in model.tasks}
 
 
 def test_package_round_trip_gives_identical_scores(rec_data, package, original_model):
@@ -138,12 +138,7 @@ def test_score_with_bf16_precision_scores_every_row_as_the_model_does_under_bf16
     float32 and within bfloat16 rounding of float32's; the same model's float32 scores are untouched by it."""
     raw = pq.read_table(rec_data[1])
     model = load_package(package)
-    features = transform_table(model.feature_spec, raw, with_labels=False)
-    batch = BatchCollator(model.feature_spec, with_labels=False)(features.combine_chunks().to_batches()[0])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model.eval()(batch).logits
-    expected = {t: torch.sigmoid(logits[t].float()).numpy() for t in model.tasks}
-    full = reference_scores(model, raw)
+    expected, full = reference_scores(model, raw, bf16=True), reference_scores(model, raw)
     uri = str(package) if source == "package" else f"models:/{register_package(package, 'rec-bf16')[0]}/latest"
     for precision in ("bf16", "32"):
         out = tmp_path / f"{precision}.parquet"
@@ -168,12 +163,7 @@ def test_the_pyfunc_takes_the_precision_as_a_param_per_call(rec_data, package, t
     signature (default "32"); the loaded model's own setting stays float32 for the next call."""
     raw = pq.read_table(rec_data[1])
     model = load_package(package)
-    features = transform_table(model.feature_spec, raw, with_labels=False)
-    batch = BatchCollator(model.feature_spec, with_labels=False)(features.combine_chunks().to_batches()[0])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model.eval()(batch).logits
-    bf16 = {t: torch.sigmoid(logits[t].float()).numpy() for t in model.tasks}
-    full = reference_scores(model, raw)
+    bf16, full = reference_scores(model, raw, bf16=True), reference_scores(model, raw)
     name, version = register_package(package, "rec-params")
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     params = pyfunc.metadata.signature.params
