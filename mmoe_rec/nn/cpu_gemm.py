@@ -101,14 +101,6 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@functools.cache
-def native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 products on this CPU's own bfloat16 instructions (AVX512-BF16 or AMX), as
-    PyTorch asks before it sends bfloat16 matmuls there itself."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check is not None and check())
-
-
 def cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
     """The "key : value" lines of /proc/cpuinfo text, the first processor's (all cores are alike in a VM)."""
     fields: dict[str, str] = {}
@@ -127,6 +119,22 @@ def read_cpuinfo() -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def has_bf16_instructions(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo text names bfloat16 instructions (AVX512-BF16 or AMX-BF16) among its flags.
+    PyTorch's `torch.ops.mkldnn._is_mkldnn_bf16_supported()` says True on any AVX-512 CPU (oneDNN's avx512_core,
+    where it emulates bfloat16: a Skylake too), so it cannot tell."""
+    flags = set(cpuinfo_fields(cpuinfo).get("flags", "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions and PyTorch's oneDNN can run bfloat16 products (False where there
+    is no /proc/cpuinfo to read)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check()) and has_bf16_instructions(read_cpuinfo())
 
 
 def min_macs_for(cpu_capability: str, cpuinfo: str) -> int | None:

@@ -161,7 +161,10 @@ def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *
         layout = "grouped" if fast and N >= GROUPED_MIN_ROWS_PER_EXPERT * E else "padded"
     if layout == "grouped":
         if not (HAS_GROUPED_MM and grouped_ok):
-            raise ValueError("layout='grouped' needs torch._grouped_mm, float32/bfloat16 and 16-byte aligned widths")
+            raise ValueError(f"dispatch layout 'grouped' cannot run in {dtype} here: it needs torch._grouped_mm, "
+                             "float32 or bfloat16, and every width a multiple of 16 bytes (4 float32 or 8 bfloat16 "
+                             "values; under bf16-mixed the experts compute in bfloat16): use 'auto' (padded where "
+                             "grouped cannot run) or 'padded'")
         return DispatchPlan(order, rows[order], out_rows[order], experts[order], counts, 0,
                             counts.cumsum(0).to(torch.int32), num_out)
     cap = int(counts.max()) if N else 0
@@ -466,7 +469,8 @@ class StackedExperts(nn.Module):
         device = x.device.type
         dtype = compute_dtype(x)
         if plan.layout == "grouped" and not self.supports_grouped(dtype):
-            raise ValueError(f"grouped dispatch does not support dtype {dtype} / these widths: use layout='padded'")
+            raise ValueError(f"dispatch layout 'grouped' cannot run in {dtype} with these widths (a multiple of 16 "
+                             "bytes each: 4 float32 or 8 bfloat16 values): use 'auto' or 'padded'")
         params = [p.to(dtype) for p in self._params()]
         with torch.autocast(device_type=device, enabled=False):
             slot_w = plan.slot_weights(weights.to(dtype))  # (S,)

@@ -19,8 +19,9 @@ class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         table = table_from_pandas(frame, "pyfunc input")
-        precision = (params or {}).get("precision") or self.scorer.precision  # per call: a server shares the scorer
-        out = self.scorer.score_table(table, source="pyfunc input", precision=precision).to_pandas()
+        # per call (a server shares the scorer); None: the scorer's own, float32
+        out = self.scorer.score_table(table, source="pyfunc input",
+                                      precision=(params or {}).get("precision")).to_pandas()
         out.index = frame.index  # row for row: scores assigned back onto a filtered or re-indexed frame align
         for column in self.scorer.spec.id_columns:  # the caller's ids as given: through Arrow, a nullable integer
             out[column] = frame[column].array  # column would come back as float64 (ids above 2**53 merged)

@@ -666,3 +666,19 @@ def test_bf16_products_go_to_onednn_from_exactly_min_onednn_macs_bf16(monkeypatc
         assert cpu_gemm.picks_onednn(a, b, cpu_gemm.MIN_ONEDNN_MACS_BF16)
         assert not cpu_gemm.picks_onednn(a, b, cpu_gemm.MIN_ONEDNN_MACS_BF16 - 1)
     assert cpu_gemm.MIN_ONEDNN_MACS_BF16 == 1 << 27  # measured (a Xeon 6 with AMX; module comment)
+
+
+def test_bf16_instructions_are_read_from_the_cpu_flags_not_from_avx512_alone():
+    """PyTorch's own check says True on any AVX-512 CPU (oneDNN emulates bfloat16 on a Skylake): the flags tell."""
+    def flags(*names: str) -> str:
+        return f"processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {' '.join(names)}\n"
+
+    assert cpu_gemm.has_bf16_instructions(flags("avx512_bf16"))  # Cooper Lake, Zen 4
+    assert cpu_gemm.has_bf16_instructions(flags("amx_bf16", "amx_tile"))  # Sapphire Rapids on
+    assert not cpu_gemm.has_bf16_instructions(flags("avx512_vnni"))  # Cascade Lake: emulated
+    assert not cpu_gemm.has_bf16_instructions(flags())
+    assert not cpu_gemm.has_bf16_instructions("")  # no /proc/cpuinfo
+    with open("/proc/cpuinfo") as f:  # this machine: native_bf16 says what its flags say (oneDNN present)
+        text = f.read()
+    if cpu_gemm.onednn_available():
+        assert cpu_gemm.native_bf16() == cpu_gemm.has_bf16_instructions(text)

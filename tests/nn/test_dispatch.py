@@ -343,3 +343,16 @@ def test_a_reduced_precision_plan_on_the_cpu_pads_to_few_shapes_and_computes_the
     torch.testing.assert_close(got["rounded"][0], got["exact"][0], rtol=1e-2, atol=1e-2)
     for a, b in zip(got["rounded"][1], got["exact"][1]):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_a_grouped_layout_that_cannot_run_in_bf16_says_so_naming_the_dtype():
+    """Widths of 12 fit float32's 16-byte rows (4 values) but not bfloat16's (8): a model whose grouped layout
+    trains in float32 is refused under bf16-mixed with a message that names the dtype and the way out."""
+    ex = StackedExperts(4, 12, [12])
+    experts, rows = torch.tensor([0, 1, 2, 3]), torch.arange(4)
+    if not ex.supports_grouped(torch.float32):
+        pytest.skip("this torch has no _grouped_mm")
+    assert ex.plan(experts, rows, layout="grouped", dtype=torch.float32).layout == "grouped"
+    with pytest.raises(ValueError, match=r"'grouped' cannot run in torch.bfloat16 .*8 bfloat16 values.*'padded'"):
+        ex.plan(experts, rows, layout="grouped", dtype=torch.bfloat16)
+    assert ex.plan(experts, rows, layout="auto", dtype=torch.bfloat16).layout == "padded"

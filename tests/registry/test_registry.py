@@ -184,6 +184,63 @@ def test_a_scorer_refuses_an_unknown_precision(package):
         score_main(["--model", str(package), "--input", "x", "--output", "y", "--precision", "16"])
 
 
+def test_a_per_call_precision_leaves_the_scorers_own_alone(rec_data, package):
+    """score_table(..., precision="bf16") is that call's: the next call without one scores in float32 again."""
+    raw = pq.read_table(rec_data[1])
+    scorer = Scorer(load_package(package))
+    before = scorer.score_table(raw)
+    bf16 = scorer.score_table(raw, precision="bf16")
+    after = scorer.score_table(raw)
+    assert scorer.precision == "32"
+    for t in scorer.model.tasks:
+        assert not np.array_equal(bf16[f"score_{t}"].to_numpy(), before[f"score_{t}"].to_numpy())
+        np.testing.assert_array_equal(after[f"score_{t}"].to_numpy(), before[f"score_{t}"].to_numpy())
+
+
+def test_a_model_registered_without_the_precision_param_still_loads_and_scores(rec_data, package, tracking,
+                                                                               monkeypatch):
+    """Versions registered before the signature declared `precision` have no params schema: MLflow then calls
+    predict with params=None (a given precision is dropped with a warning), and it scores in float32."""
+    from mlflow.models import ModelSignature
+
+    from mmoe_rec.registry import register
+
+    def old_signature(spec, tasks=None):
+        new = model_signature(spec, tasks)
+        return ModelSignature(inputs=new.inputs, outputs=new.outputs)
+
+    monkeypatch.setattr(register, "model_signature", old_signature)
+    name, version = register_package(package, "rec-old-signature")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    assert pyfunc.metadata.signature.params is None
+    raw = pq.read_table(rec_data[1])
+    full = reference_scores(load_package(package), raw)
+    for given in (None, {"precision": "bf16"}):
+        out = pyfunc.predict(raw.to_pandas(), params=given)
+        for t in full:
+            np.testing.assert_allclose(out[f"score_{t}"].to_numpy(), full[t], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_score_bf16_warns_only_on_a_cpu_without_bfloat16_instructions(rec_data, package, tmp_path, capsys,
+                                                                      monkeypatch, native):
+    from mmoe_rec.nn import cpu_gemm
+
+    monkeypatch.setattr(cpu_gemm, "native_bf16", lambda: native)
+    for precision in ("32", "bf16"):
+        assert score_main(["--model", str(package), "--input", str(rec_data[1]), "--output",
+                           str(tmp_path / f"{precision}.parquet"), "--precision", precision]) == 0
+        warned = "--precision bf16: this CPU has no bfloat16 instructions" in capsys.readouterr().err
+        assert warned == (precision == "bf16" and not native)
+
+
+def test_the_pyfunc_refuses_an_empty_precision(rec_data, package, tracking):
+    name, version = register_package(package, "rec-empty-precision")
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    with pytest.raises(ValueError, match="precision must be one of 32, bf16, got ''"):
+        pyfunc.predict(pq.read_table(rec_data[1]).to_pandas(), params={"precision": ""})
+
+
 def test_the_pyfunc_refuses_feature_parquet_rows_as_the_score_job_does(rec_data, package, tracking):
     """The signature named only the raw columns: MLflow dropped feature Parquet's label and indicator columns
     before the model saw them, and the already-encoded rows were transformed a second time (with integer
