@@ -13,7 +13,8 @@ inside an input folder or is a folder is refused before anything is read. Featur
 row inside that file. CSV files (.csv / .tsv / .txt, optionally .gz / .bz2 / .xz) are read as `mmoe-rec features`
 reads them, with the reader settings the model's feature spec was fitted with; their columns are text, as in
 training on CSV. `--precision bf16` runs the model under CPU autocast to bfloat16, as `--trainer.precision
-bf16-mixed` trains (`registry.scorer.Scorer`).
+bf16-mixed` trains (`registry.scorer.Scorer`); the output's Arrow schema metadata records the precision
+(`mmoe_rec.score_precision`: "32" or "bf16").
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from mmoe_rec.registry.scorer import PRECISIONS, Scorer, checked_precision
 from mmoe_rec.registry.versions import model_versions
 
 
+PRECISION_KEY = "mmoe_rec.score_precision"  # the score Parquet's schema metadata: "32" or "bf16"
 USAGE = "--model must be models:/<name>@<alias>, models:/<name>/<version>, models:/<name>/latest or a package folder"
 
 
@@ -190,7 +192,9 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
         scores = scorer.score_table(table, source=path, row_offset=row_offset)
         scores = scores.append_column("model_name", pa.array([model_name] * scores.num_rows, pa.string()))
         scores = scores.append_column("model_version", pa.array([model_version] * scores.num_rows, pa.string()))
-        return cast_ids(scores, id_types, path)
+        scores = cast_ids(scores, id_types, path)
+        # the same model version scores a little differently in bfloat16: the file says which it was
+        return scores.replace_schema_metadata({PRECISION_KEY: scorer.precision})
 
     try:
         output.parent.mkdir(parents=True, exist_ok=True)

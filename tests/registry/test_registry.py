@@ -146,6 +146,7 @@ def test_score_with_bf16_precision_scores_every_row_as_the_model_does_under_bf16
                            "--precision", precision]) == 0
         scores = pq.read_table(out)
         assert scores["row_id"].to_pylist() == raw["row_id"].to_pylist()
+        assert scores.schema.metadata[b"mmoe_rec.score_precision"] == precision.encode()
         for t in model.tasks:
             assert scores.schema.field(f"score_{t}").type == pa.float32()
             got = scores[f"score_{t}"].to_numpy()
