@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmoe_rec.nn import cpu_gemm
 from mmoe_rec.nn.experts import NORM_EPS  # the dense experts' layer norm epsilon: the two stacks compute alike
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -168,7 +169,7 @@ def plan_dispatch(experts: torch.Tensor, rows: torch.Tensor, num_experts: int, *
         return DispatchPlan(order, rows[order], out_rows[order], experts[order], counts, 0,
                             counts.cumsum(0).to(torch.int32), num_out)
     cap = int(counts.max()) if N else 0
-    if cap and dev.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    if cap and dev.type == "cpu" and dtype in cpu_gemm.REDUCED_PRECISION:
         cap = few_shapes_capacity(cap)
     sorted_experts = experts[order]
     starts = counts.cumsum(0) - counts  # (E,) first sorted index of each expert

@@ -166,9 +166,9 @@ class ExpertStack(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise ValueError(f"expected input (B, {self.in_dim}), got {tuple(x.shape)}")
         dtype = self._relu_fast_path_dtype(x)
-        if dtype == x.dtype and not torch.is_autocast_enabled("cpu"):
-            return relu_experts(x, list(self.weights), list(self.biases))
-        if dtype is not None:  # under bfloat16 autocast: what autocast would make of every product, cast once here
+        if dtype is not None:
+            # under bfloat16 autocast the operands are cast once here, to what autocast would make of every
+            # product; without it every operand has `dtype` already and `.to` returns it as it is
             with torch.autocast("cpu", enabled=False):
                 return relu_experts(x.to(dtype), [w.to(dtype) for w in self.weights],
                                     [b.to(dtype) for b in self.biases])
