@@ -260,9 +260,12 @@ class FileHeader:
 
     def types(self, columns: list[str]) -> dict[str, pa.DataType]:
         """Arrow type of each of `columns` the file has (a missing one is left out: iter_batches reports it)."""
-        if self.schema is None:
-            return {c: pa.string() for c in columns}
-        return schema_types(self.schema, columns)
+        return _arrow_types(self.schema, columns)
+
+
+def _arrow_types(schema: pa.Schema | None, columns: list[str]) -> dict[str, pa.DataType]:
+    """`columns`' types in a Parquet file's schema, or, for a CSV file (None), text for every one."""
+    return {c: pa.string() for c in columns} if schema is None else schema_types(schema, columns)
 
 
 def file_header(path: str, reader: ReaderSpec) -> FileHeader:
@@ -277,9 +280,7 @@ def file_header(path: str, reader: ReaderSpec) -> FileHeader:
 def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
     """Arrow type of each of `columns`, as iter_batches yields it, without reading rows. A CSV column is always a
     string (its file is not opened here); a column a Parquet file lacks is left out (iter_batches reports it)."""
-    if input_format(path) == "csv":
-        return {c: pa.string() for c in columns}
-    return schema_types(_open_parquet(path).schema_arrow, columns)
+    return _arrow_types(None if input_format(path) == "csv" else _open_parquet(path).schema_arrow, columns)
 
 
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
