@@ -21,12 +21,13 @@ What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo proces
 - table_wise: trains under Lightning (tests/training/test_ddp.py), checkpoint reloads unsharded; with each rank a
   process of its own (start_method popen, the default) or forked from the launching process (start_method fork,
   as in a notebook; spawn takes the same path), whose unsharded module gets the trained tables back in full.
-- column_wise, data_parallel: trained under Lightning by hand (2 processes; a review, 2026-12-06: gathered tables
-  and Adagrad state bitwise those of table_wise after the same step, reloads unsharded, resumes exactly); not
-  covered by a test. column_wise splits a table's columns only from 256 of them (torchrec's minimum shard width,
-  128, not configurable here): at this project's embedding dims (4-16) each table is one shard, placed as
-  table_wise would. A row-wise optimizer's state (exact_row_wise_adagrad) then has one value per row and column
-  shard: resume such a run under the same sharding_type.
+- column_wise, data_parallel: train under Lightning (tests/training/test_ddp.py: tables of 256 columns split in
+  two halves, one per rank, end an epoch with the tables and fused Adagrad state of table_wise, bitwise;
+  data_parallel tables whole on every rank, trained by the configured optimizer; resuming them exactly was seen
+  by hand, 2026-12-06). column_wise splits a table's columns only from 256 of them (torchrec's minimum shard
+  width, 128, not configurable here): at this project's usual embedding dims (4-16) each table is one shard,
+  placed as table_wise would. A row-wise optimizer's state (exact_row_wise_adagrad) then has one value per row
+  and column shard: resume such a run under the same sharding_type.
 - Memory: every rank builds the whole model and broadcasts every full table before DMP shards them (a peak of
   about 3x the tables per rank, measured); sharding spreads the tables' training state and lookups, not this
   start-up peak: tables larger than one rank's memory do not fit yet. Checkpoints gather the tables on rank 0 only.

@@ -11,6 +11,8 @@
   run resumed from it ends bitwise equal to one that ran straight through (tables and their fused optimizer
   state go back into each rank's shards). With single-valued features only, the front's one fused table
   trains sharded the same way and reloads unsharded. GradNorm's step is the same sharded as under plain DDP.
+  column_wise (tables of 256 columns, split across the ranks) ends as table_wise, bitwise; data_parallel
+  replicates the tables.
 - Ranks forked from the launching process (ddp_fork; the sharded strategy with start_method fork) where the test is
   about the numbers (PLAIN_FORK / SHARDED_FORK below); each rank a process of its own (ddp) where the launcher is.
 """
@@ -317,6 +319,58 @@ def test_a_sharded_fit_in_forked_ranks_gives_the_trained_tables_back_to_the_laun
                            json.dumps(MMOE)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "checked 3 tables" in proc.stdout
+
+
+def test_column_wise_shards_train_as_whole_tables_and_data_parallel_tables_are_replicated(feature_dir, tmp_path):
+    """column_wise and data_parallel, the other sharding types gloo runs, each one fit in forked ranks from the same
+    seeded module. Tables of 256 columns (torchrec splits columns in shards of at least 128): column_wise puts one
+    half of every table on each rank and ends with the tables and fused Adagrad state of table_wise, bitwise
+    (Adagrad's state is per element, a pooled sum per column). data_parallel: every rank holds every whole table,
+    trained by the configured optimizer, and the checkpoint has no fused optimizer state."""
+    wide = copy.deepcopy(MMOE)
+    wide["init_args"]["embedding_dim"] = 256
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    fits = {}
+    for model, types in ((wide, ["table_wise", "column_wise"]), (MMOE, ["data_parallel"])):
+        proc = subprocess.run([sys.executable, str(HERE / "sharding_types.py"), str(feature_dir), str(tmp_path),
+                               json.dumps(model), *types], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        fits.update((f["sharding_type"], f) for f in map(json.loads, proc.stdout.splitlines()))
+
+    def shards(fit):  # table key -> sorted [rank, offsets, sizes] of every shard on every rank
+        out = {}
+        for rank, layout in fit["layout"].items():
+            for key, pieces in layout.items():
+                out.setdefault(key, []).extend([int(rank), offsets, sizes] for offsets, sizes in pieces)
+        return {key: sorted(pieces) for key, pieces in out.items()}
+
+    def ckpt(sharding_type):
+        return torch.load(tmp_path / sharding_type / "last.ckpt", map_location="cpu", weights_only=False)
+
+    table_wise, column_wise, replicated = (shards(fits[t]) for t in ("table_wise", "column_wise", "data_parallel"))
+    assert len(table_wise) == 3 and sorted(table_wise) == sorted(column_wise) == sorted(replicated)
+    for key, pieces in table_wise.items():
+        rows = ckpt("table_wise")["state_dict"][key].shape[0]
+        ((_, offsets, sizes),) = pieces  # the whole table on one rank
+        assert offsets == [0, 0] and sizes == [rows, 256]
+        assert column_wise[key] == [[0, [0, 0], [rows, 128]], [1, [0, 128], [rows, 128]]], column_wise[key]
+        assert [p[0] for p in replicated[key]] == [0, 1] and all(p[1:] == [[0, 0], [rows, 4]] for p in replicated[key])
+    for fit in fits.values():
+        assert fit["trained"] == sorted(table_wise), fit  # every table trained and given back in full
+
+    a, b = ckpt("table_wise"), ckpt("column_wise")
+    assert a["global_step"] == b["global_step"] > 0 and sorted(a["state_dict"]) == sorted(b["state_dict"])
+    for key in a["state_dict"]:
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=0, atol=0, msg=key)
+    assert sorted(a[SHARDED_OPTIMIZER_KEY]) == sorted(b[SHARDED_OPTIMIZER_KEY]) == sorted(table_wise)
+    for key, per in a[SHARDED_OPTIMIZER_KEY].items():
+        for name, value in per.items():
+            torch.testing.assert_close(value, b[SHARDED_OPTIMIZER_KEY][key][name], rtol=0, atol=0, msg=key)
+    dense = ckpt("data_parallel")
+    assert not dense.get(SHARDED_OPTIMIZER_KEY)
+    module = MultiTaskModule.load_from_checkpoint(tmp_path / "data_parallel" / "last.ckpt", map_location="cpu")
+    assert sorted(k for k in module.state_dict() if ".embedding_bags." in k) == sorted(table_wise)
 
 
 def test_a_checkpoint_without_sharded_optimizer_state_cannot_resume_a_sharded_run():
