@@ -52,7 +52,7 @@ from mmoe_rec.features.fit import SpecFitter
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.label_check import TrainLabelCheck
 from mmoe_rec.features.schema import Schema, load_schema
-from mmoe_rec.features.sources import column_types, glob_root, iter_batches, resolve_inputs
+from mmoe_rec.features.sources import column_types, file_identity, glob_root, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import (missing_parents, output_dir_problem, remove_empty_folders, replace_dir,
@@ -406,6 +406,16 @@ def _warn_single_file_inputs(sources: list[Source]) -> None:
                        "or glob input to split them independently", ", ".join(single))
 
 
+def _refuse_changed(identities: dict[str, tuple | None]) -> None:
+    """Each input is read twice (fit, then transform): a file another job rewrote meanwhile would be transformed
+    with a spec fitted on other rows (its vocabularies, statistics and train row count those of the old bytes)."""
+    for path, identity in identities.items():
+        if file_identity(path) != identity:
+            raise FeatureDataError("changed while the build read it (its size, modification time or inode are not "
+                                   "those it had when the build started), so the spec would not describe the rows "
+                                   "written; build again once nothing writes to it", file=path)
+
+
 def id_column_types(schema: Schema, sources: list[Source]) -> dict[str, pa.DataType]:
     """The type each id column is written with, from the input files' schemas (id_columns.plan_id_types)."""
     ids = list(schema.id_columns)
@@ -428,6 +438,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         raise FeatureDataError(f"--seed must be in [0, 2**32), got {seed}")
     _refuse_repeated_files(sources)
     _warn_single_file_inputs(sources)
+    identities = {f: file_identity(f) for s in sources for f in s.files}  # before any read: see _refuse_changed
     id_types = id_column_types(schema, sources)
     if split_column and any(s.rule == "column" for s in sources):
         extra = [split_column]
@@ -449,6 +460,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
             fitter.update(batch, None if mask.all() else mask, file=path, row_offset=offset)
     if seen_rows == 0 and all(s.may_hold("train") for s in sources):
         raise FeatureDataError("empty input: no rows in " + ", ".join(f for s in sources for f in s.files))
+    _refuse_changed(identities)
     spec = fitter.spec()
     t_fit = time.perf_counter() - t0
     if log:
@@ -478,6 +490,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
                     bg.submit(writers[SPLITS[k]].write, part)
         finally:
             bg.drain()
+        _refuse_changed(identities)
         if total == 0:
             raise FeatureDataError("empty input: no rows in " + ", ".join(f for s in sources for f in s.files))
         labels.check()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import glob
 import io
 import lzma
@@ -343,6 +344,8 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             tracker = scan.result() if tracker is None else tracker
             if tracker.unclosed():  # the last row read holds the rest of the file
                 raise _unclosed_quote_error(path, row - 1 if row else None, tracker.open_lines())
+            if tracker.lost_newline is not None:
+                raise _lost_newline_error(path, reader, tracker.lost_newline)
     except FeatureDataError:
         raise
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, EOFError, lzma.LZMAError) as e:
@@ -372,6 +375,35 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         sources.close()  # the stream, and an .xz file's decompressed copy (deleted)
 
 
+@functools.cache
+def arrow_drops_quoted_newline() -> bool:
+    """Whether this pyarrow's CSV reader loses the '\\n' of a CRLF inside a quoted field when the '\\r' is the last
+    byte of one of its read blocks (apache/arrow#51368, open in pyarrow 22: a '\\n' after a block that ends on '\\r'
+    is skipped as the rest of a line end, quoted or not). A 64-byte probe, once a process."""
+    head = b"a,b\n"
+    block = 64
+    data = head + b'"' + b"x" * (block - len(head) - 2) + b'\r\nz",1\n'  # its '\r' is the block's last byte
+    table = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(block_size=block, use_threads=False),
+                           parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                           convert_options=pacsv.ConvertOptions(column_types={"a": pa.string()}))
+    return not table.column("a")[0].as_py().endswith("\r\nz")
+
+
+def _lost_newline_error(path: str, reader: ReaderSpec, offset: int) -> FeatureDataError:
+    """The error for a file where Arrow's reader would change a quoted value (arrow_drops_quoted_newline), naming
+    the row that holds it: the file is read again up to there (error path), its records counted."""
+    tracker = _QuoteTracker(_delimiter(path, reader), count_records=True)
+    with _open_csv_stream(path) as f:
+        while tracker._offset <= offset and (block := f.read(min(1 << 24, offset + 1 - tracker._offset))):
+            tracker.feed(bytes(block))
+    row = tracker.open_record - (1 if reader.header else 0)
+    return FeatureDataError(f"a quoted field holds a CRLF line break whose '\\r' ends one of the CSV reader's "
+                            f"{CSV_BLOCK_BYTES >> 20} MiB read blocks (byte {offset:,} of the file): pyarrow "
+                            f"{pa.__version__} drops the '\\n' there (apache/arrow#51368) and would read the value "
+                            "changed; save the file with LF line breaks inside quoted fields, or as Parquet",
+                            file=path, row=row if row >= 0 else None)
+
+
 class _QuoteTracker:
     """Whether CSV bytes, fed block by block, end inside a quoted field, read as Arrow's reader reads them: a '"'
     at a field's start opens one, '""' inside it is a quote, a lone '"' closes it; a '"' elsewhere is a plain
@@ -398,8 +430,39 @@ class _QuoteTracker:
         self._count = count_records
         self.records = 0  # records ended before the current position (with count_records)
         self.open_record = 0  # the record the last opening quote is in
+        self._offset = 0  # bytes fed so far
+        self._check_block_ends = arrow_drops_quoted_newline()
+        self._quoted_cr: int | None = None  # offset of a quoted '\r' ending the last block at a read block's end
+        self.lost_newline: int | None = None  # see feed()
 
     def feed(self, block: bytes) -> None:
+        """The next bytes of the file. Where Arrow's reader loses a quoted CRLF's '\\n' at the end of one of its
+        read blocks (arrow_drops_quoted_newline), the first such place is kept in `lost_newline` (a file offset)."""
+        start = self._offset
+        self._offset += len(block)
+        if self._quoted_cr is not None and block:  # the last block ended on a quoted '\r' at a read block's end
+            if block[0] == 0x0A and self.lost_newline is None:
+                self.lost_newline = self._quoted_cr
+            self._quoted_cr = None
+        if not self._check_block_ends or self.lost_newline is not None:
+            self._feed(block)
+            return
+        cut = 0
+        # Arrow's read blocks end at bytes B-1, 2B-1, ... of the (decompressed) file: check a '\r' there (rare)
+        for p in range((start // CSV_BLOCK_BYTES + 1) * CSV_BLOCK_BYTES - 1, self._offset, CSV_BLOCK_BYTES):
+            if block[p - start] != 0x0D:
+                continue
+            self._feed(block[cut:p - start + 1])  # up to that '\r': is it inside a quoted field?
+            cut = p - start + 1
+            if self._quoted:  # (not a pending '"': this piece ends on '\r')
+                if cut == len(block):
+                    self._quoted_cr = p
+                elif block[cut] == 0x0A:
+                    self.lost_newline = p
+                    break
+        self._feed(block[cut:] if cut else block)
+
+    def _feed(self, block: bytes) -> None:
         i, bom = 0, False
         if self._first:  # Arrow skips a UTF-8 BOM: told once 3 bytes are in (or the bytes end)
             block = self._head + block
@@ -472,6 +535,16 @@ def _record_ends(segment: bytes, before: int) -> int:
     return runs
 
 
+def file_identity(path: str) -> tuple[int, ...] | None:
+    """What tells that a file still holds the bytes it held, without reading them: device, inode, size, modification
+    and status-change times (the ctime: no tool sets it back). None where the file cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class _QuoteScan:
     """A _QuoteTracker fed the file in a thread of its own, beside Arrow's read of the same file (decompression
     releases the GIL: a .gz / .bz2 file's second decompression overlaps the read instead of following it), or the
@@ -487,12 +560,9 @@ class _QuoteScan:
         self._scans = scans
         self._key: tuple | None = None
         if scans is not None:
-            try:  # the same file, unchanged (ctime: no tool sets it back), the same delimiter
-                stat = os.stat(path)
-                self._key = (os.path.realpath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
-                             stat.st_ctime_ns, delimiter)
-            except OSError:
-                pass
+            identity = file_identity(path)  # the same file, unchanged, the same delimiter
+            if identity is not None:
+                self._key = (os.path.realpath(path), *identity, delimiter)
             if self._key in scans:
                 self._tracker = scans[self._key]
                 return

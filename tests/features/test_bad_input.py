@@ -176,6 +176,31 @@ def test_existing_output_is_left_alone_on_error(feat, tmp_path):
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+@pytest.mark.parametrize("when", ["during the fit", "during the transform"])
+def test_an_input_rewritten_while_the_build_reads_it_is_refused(feat, tmp_path, monkeypatch, capsys, when):
+    """The build reads each input twice, fit then transform: a file another job rewrote meanwhile was transformed
+    with a spec fitted on its old rows (every id out of vocabulary, prices thousands of standard deviations, the
+    spec's train_rows 50 against 53 rows written), without an error. Rewritten while the transform reads it, it
+    is refused too: which rows were read cannot be told."""
+    import mmoe_rec.features.build as build_mod
+
+    raw = _csv(tmp_path, _good_rows())
+    patched, name = (build_mod.SpecFitter, "update") if when == "during the fit" else (build_mod, "cast_ids")
+    step = getattr(patched, name)
+
+    def rewrite_then_step(*args, **kwargs):
+        if raw.read_text().startswith("city,amount,income\nc0"):  # once
+            raw.write_text("city,amount,income\n" + "".join(f"zz{i},1000.0,- 50000.\n" for i in range(53)))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(patched, name, rewrite_then_step)
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE), raw)
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}: changed while the build read it" in err, err
+    assert ("fitted spec" in err) == (when == "during the transform")  # refused before the transform pass
+    _assert_clean(tmp_path, out)
+
+
 @pytest.mark.parametrize("clash,names", [
     ({"numeric": [{"name": "amount"}, {"name": "amount_missing", "column": "city"}]},
      ("missing indicator of numeric feature 'amount'", "numeric feature 'amount_missing'")),
