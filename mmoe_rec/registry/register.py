@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -38,12 +39,18 @@ def register_package(
     model = load_package(package_dir)  # fails here, not at serving time, if the package does not load
     spec = model.feature_spec
     tags = {"feature_spec_version": spec.version, "tasks": ",".join(model.tasks), CODE_TAG: code_fingerprint()}
+    # a library caller may be inside a run of its own: register's run is nested in it, and the caller's active
+    # experiment is left alone (mlflow.set_experiment would move the caller's next runs into ours)
+    active = mlflow.active_run()
     if run_id is None:
-        mlflow.set_experiment(experiment)
-        run_ctx = mlflow.start_run(run_name=f"register-{name}")
+        run_ctx = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=f"register-{name}",
+                                   nested=active is not None)
     else:
         status = MlflowClient().get_run(run_id).info.status
-        run_ctx = mlflow.start_run(run_id=run_id)
+        if active is not None and active.info.run_id == run_id:
+            run_ctx = contextlib.nullcontext(active)  # the caller's active run: log into it, leave it running
+        else:
+            run_ctx = mlflow.start_run(run_id=run_id, nested=active is not None)
     try:
         with run_ctx:
             info = mlflow.pyfunc.log_model(
@@ -75,6 +82,26 @@ def register_package(
                 pass
         raise
     return name, version
+
+
+def experiment_id(name: str) -> str:
+    """The id of the experiment `name`, made if there is none: what mlflow.set_experiment does, without making it
+    this process's active experiment."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # made meanwhile by another process
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if found.lifecycle_stage == "deleted":
+        raise MlflowException(f"the MLflow experiment {name!r} is deleted: restore it (`mlflow experiments restore`) "
+                              "or delete it for good (`mlflow gc`) to register into it")
+    return found.experiment_id
 
 
 def register_version(info: Any, name: str, alias: str | None, tags: dict[str, str]) -> str:

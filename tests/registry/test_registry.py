@@ -1020,7 +1020,7 @@ def test_a_registration_stopped_part_way_leaves_no_model_without_versions_and_no
         with pytest.raises(Stopped):
             register_package(package, name, alias="champion")
     monkeypatch.undo()
-    client = MlflowClient()
+    client = mlflow.MlflowClient()
     assert [str(v.version) for v in client.search_model_versions("name = 'rec-kept'")] == [v1]
     assert str(client.get_model_version_by_alias("rec-kept", "champion").version) == v1
     assert [m.name for m in client.search_registered_models()] == ["rec-kept"]
@@ -1035,7 +1035,7 @@ def test_an_undone_registration_leaves_an_alias_moved_meanwhile_and_a_version_ad
     review's races, here made to happen inside the stopped call)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = mlflow.MlflowClient()
     _, v1 = register_package(package, "rec-moved", alias="champion")
     _, v2 = register_package(package, "rec-moved")
     _, other = register_package(package, "rec-other")
@@ -1405,7 +1405,7 @@ def test_an_undo_leaves_an_alias_promoted_meanwhile_where_the_promote_put_it(pac
     alias back over the promote was stopped too and went unseen)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = mlflow.MlflowClient()
     _, v1 = register_package(package, "rec-promoted", alias="champion")
     _, v2 = register_package(package, "rec-promoted")
     real_alias = MlflowClient.set_registered_model_alias
@@ -1565,3 +1565,31 @@ def test_the_pyfunc_names_its_input_row_and_column_of_a_bad_value(rec_data, pack
     with pytest.raises(FeatureDataError, match=r"^file pyfunc input, column 'price', row 13 \(0-based\): expected a "
                                                r"number, found 'abc'"):
         pyfunc.predict(None, bad)
+
+
+def test_register_package_works_inside_the_callers_active_run_and_leaves_its_experiment_alone(package, tracking):
+    """A library user who trains inside `with mlflow.start_run()` and registers there (into that run, or into a run
+    of register's own) must not get "Run ... is already active", and the experiment of their next run must not
+    have been switched to register's "mmoe-rec"."""
+    mlflow.set_experiment("mine")
+    with mlflow.start_run() as run:
+        _, v1 = register_package(package, "rec-in-run", run_id=run.info.run_id)
+        _, v2 = register_package(package, "rec-in-run")
+        assert mlflow.active_run().info.run_id == run.info.run_id  # the caller's run is still the active one
+    assert (v1, v2) == ("1", "2")
+    with mlflow.start_run() as after:
+        pass
+    assert mlflow.get_experiment(after.info.experiment_id).name == "mine"
+    client = mlflow.MlflowClient()
+    caller = client.get_run(run.info.run_id)
+    assert caller.info.status == "FINISHED" and caller.outputs.model_outputs  # ended by its own `with` only
+    (own,) = client.search_runs([client.get_experiment_by_name("mmoe-rec").experiment_id])
+    assert own.data.tags["mlflow.parentRunId"] == run.info.run_id and own.info.status == "FINISHED"
+
+
+def test_register_package_into_a_deleted_experiment_is_refused_with_advice(package, tracking):
+    client = mlflow.MlflowClient()
+    client.delete_experiment(client.create_experiment("mmoe-rec"))
+    with pytest.raises(Exception, match="experiment 'mmoe-rec' is deleted: restore it"):
+        register_package(package, "rec-deleted")
+    assert not client.search_registered_models()
