@@ -187,6 +187,14 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     read = written = 0
     read_from = dict.fromkeys(files, 0)  # rows read per file
     writer = None
+    pending: list[pa.Table] = []  # scored batches not written yet: small files' rows share a row group
+
+    def write_pending() -> None:
+        nonlocal writer
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, pending[0].schema)
+        writer.write_table(pa.concat_tables(pending))  # one row group
+        pending.clear()
 
     def scored(table: pa.Table, path: str, row_offset: int) -> pa.Table:
         scores = scorer.score_table(table, source=path, row_offset=row_offset)
@@ -207,10 +215,12 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
                 read += record_batch.num_rows
                 read_from[path] += record_batch.num_rows
                 scores = scored(pa.Table.from_batches([record_batch]), path, first_row)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, scores.schema)
-                writer.write_table(scores)
+                pending.append(scores)
                 written += scores.num_rows
+                if sum(t.num_rows for t in pending) >= batch_rows:
+                    write_pending()
+        if pending:
+            write_pending()
         if writer is None:  # every file is empty: an empty output in the usual columns, not an error
             empty = pa.table({c: pa.array([], headers[files[0]].types([c])[c]) for c in columns})
             writer = pq.ParquetWriter(tmp, scored(empty, files[0], 0).schema)

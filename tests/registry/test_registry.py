@@ -866,6 +866,25 @@ def test_a_folder_and_files_are_scored_together_each_row_once(rec_data, package,
     assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
 
 
+def test_small_files_rows_share_row_groups_of_at_least_batch_rows(rec_data, package, tmp_path):
+    """One row group per input batch made 600 files of 2 rows an output of 600 row groups of 2 rows; the scored
+    batches are now gathered into row groups of batch_rows or more (the last one the rest), rows in order."""
+    raw = pq.read_table(rec_data[1]).slice(0, 230)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(0, raw.num_rows, 10):
+        pq.write_table(raw.slice(i, 10), folder / f"part-{i:04d}.parquet")
+    pq.write_table(raw.slice(0, 0), folder / "part-empty.parquet")
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    assert score_parquet(scorer, str(folder), out, name, version, batch_rows=64) == raw.num_rows
+    meta = pq.ParquetFile(out).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [70, 70, 70, 20]
+    assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
+    expected = reference_scores(load_package(package), raw)
+    np.testing.assert_allclose(pq.read_table(out)["score_click"].to_numpy(), expected["click"], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("alias", ["latest", "Latest", "v3", "V12", "bad alias", "a/b", ""])
 def test_an_invalid_alias_is_refused_before_anything_is_registered(package, tracking, alias, capsys, monkeypatch):
     from mmoe_rec.cli import main as mmoe_rec_main
