@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="score Parquet file to write (not one that exists, unless "
                                                     "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    p.add_argument("--batch-rows", type=int, default=65_536, help="rows read and scored at a time (memory)")
+    p.add_argument("--batch-rows", type=int, default=65_536,
+                   help="rows read and scored at a time (memory); the output's row groups at least as many but the last")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--precision", choices=PRECISIONS, default="32",
                    help="32: float32 (default); bf16: the model under bfloat16 autocast, as bf16-mixed trains, faster "
