@@ -549,8 +549,33 @@ def test_expert_choice_rows_no_expert_took_get_the_fallback_at_their_evaluation_
     torch.testing.assert_close(out.logits[task], model.towers[task](h), atol=1e-5, rtol=1e-5)
     assert int(out.routing[task].dropped) == int(untaken_rows.sum())
     # the router learns from the untaken rows' weights too: their loss alone reaches it only through the mass
-    (out.logits[task] * untaken_rows).sum().backward()
+    # untaken_rows is (T, 1): times the (T,) logits it broadcast to (T, T) and summed every row's logit, taken rows
+    # included, so a detached mass passed (review 2026-12: mutant `.detach()` on the mass survived)
+    (out.logits[task] * untaken_rows[:, 0]).sum().backward()
     assert model.gates[task].w_gate.grad.abs().sum() > 0
+
+
+# A gap a review found (2026-12): `probs.detach().topk(c, dim=0)` in the expert-choice router passed every test
+def test_expert_choice_router_learns_from_the_taken_rows_weights_as_the_dense_reference_does():
+    """Training under expert choice: the loss of the rows the experts took reaches the router through their combine
+    weights S[row, e], with the gradient of the dense reference built on the same (differentiable) weights."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), router="expert_choice", num_experts=4, k=1, capacity_factor=0.5,
+                       expert_hidden=[8, 8]).train()
+    x = features(40)
+    task = TASKS[0]
+    gate = model.gates[task]
+    r = gate(x)
+    experts, rows, weights = r.assignments()
+    taken = torch.zeros(40).index_fill(0, rows, 1.0)  # (T,)
+    assert 0 < int(taken.sum()) < 40
+    combine = torch.zeros(40, 4).index_put((rows, experts), weights, accumulate=True)  # differentiable in the router
+    reference = model.towers[task](model.experts.forward_dense(x, combine))  # taken rows: no fallback term
+    (want,) = torch.autograd.grad((reference * taken).sum(), gate.w_gate)
+    out = model.forward_dense(x)
+    (got,) = torch.autograd.grad((out.logits[task] * taken).sum(), gate.w_gate)
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_the_fallback_expert_is_shared_for_the_gradient_probe_and_gradnorm():

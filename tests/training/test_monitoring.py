@@ -83,6 +83,25 @@ def test_gate_stats_sparse_metrics():
     assert m["experts/click/bias_abs_mean"] == pytest.approx(0.25)
 
 
+# A gap a review found (2026-12): counting the experts with a combine weight (after capacity) passed every test
+def test_load_statistics_count_the_routers_choices_before_capacity():
+    """fraction, sent, load CV^2, MaxVio and dead experts count what the router chose; an assignment the capacity
+    dropped (combine weight 0, counted in `dropped`) is still a choice of its expert."""
+    rec = sparse_record([[0, 1], [0, 2], [1, 0], [3, 2]], [[0.6, 0.4], [0.5, 0.5], [0.7, 0.3], [0.9, 0.1]], 4,
+                        dropped=1)
+    rec.combine[3, 3] = 0.0  # row 3's first choice, expert 3, dropped by the capacity limit
+    stats = GateStats.empty(4)
+    stats.update(rec)
+    m = utilization_metrics("click", stats)
+    assert m["experts/click/fraction/e3"] == pytest.approx(1 / 8)
+    assert m["experts/click/sent/e3"] == pytest.approx(1 / 4)
+    assert m["experts/click/dead"] == 0.0
+    assert m["experts/click/util/e3"] == 0.0  # the utilization is after capacity
+    assert m["experts/click/load_cv2"] == pytest.approx(float(cv_squared(torch.tensor([3.0, 2, 2, 1]))))
+    assert m["experts/click/max_vio"] == pytest.approx((3 - 2) / 2)
+    assert m["experts/click/dropped_frac"] == pytest.approx(1 / 8)
+
+
 def test_gate_stats_groups_share_for_ple():
     combine = torch.tensor([[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
     rec = GateRecord(combine=combine, probs=combine, expert_groups={"own": [0, 1], "shared": [2]})
