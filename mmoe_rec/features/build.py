@@ -476,7 +476,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
         encode = dictionary_outputs(spec)
         writers = {s: SplitWriter(tmp / s, row_group_rows, rows_per_file, encode, spec.version) for s in SPLITS}
         total = 0
-        labels = TrainLabelCheck(cs.tasks)
+        labels = TrainLabelCheck(cs.tasks, cs.weight_column)
         bg = BackgroundWrites()
         try:
             for si, src, fi, path, offset, batch in prefetch(_batches(sources, columns, schema, batch_rows,

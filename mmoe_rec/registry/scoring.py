@@ -188,13 +188,15 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     read_from = dict.fromkeys(files, 0)  # rows read per file
     writer = None
     pending: list[pa.Table] = []  # scored batches not written yet: small files' rows share a row group
+    pending_rows = 0
 
     def write_pending() -> None:
-        nonlocal writer
+        nonlocal writer, pending_rows
         if writer is None:
             writer = pq.ParquetWriter(tmp, pending[0].schema)
         writer.write_table(pa.concat_tables(pending))  # one row group
         pending.clear()
+        pending_rows = 0
 
     def scored(table: pa.Table, path: str, row_offset: int) -> pa.Table:
         scores = scorer.score_table(table, source=path, row_offset=row_offset)
@@ -216,8 +218,9 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
                 read_from[path] += record_batch.num_rows
                 scores = scored(pa.Table.from_batches([record_batch]), path, first_row)
                 pending.append(scores)
+                pending_rows += scores.num_rows
                 written += scores.num_rows
-                if sum(t.num_rows for t in pending) >= batch_rows:
+                if pending_rows >= batch_rows:
                     write_pending()
         if pending:
             write_pending()
@@ -255,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--batch-rows", type=int, default=65_536,
-                   help="rows read and scored at a time (memory); the output's row groups at least as many but the last")
+                   help="rows read and scored at a time (memory); the output's row groups hold as many or more "
+                        "(the last one the rest)")
     p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--precision", choices=PRECISIONS, default="32",
                    help="32: float32 (default); bf16: the model under bfloat16 autocast, as bf16-mixed trains, faster "

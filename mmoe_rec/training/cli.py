@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -189,6 +189,29 @@ def _end_job_on_sigterm() -> None:
         writer.remove_temporary_files()
 
 
+def folded_components(cfg: Namespace) -> Namespace:
+    """A copy of `cfg` (the root's or a subcommand's) with each module optimizer / lr_scheduler in the
+    {"class_path", "init_args", own keys} form (component_config): jsonargparse keeps a dotted override such as
+    `--model.init_args.optimizer.init_args.lr 0.01` as a key `lr` beside `init_args`, which the module lets win."""
+    cfg = cfg.clone()
+    for prefix in ("", *(f"{sub}." for sub in LightningCLI.subcommands())):
+        for key, own in (("optimizer", ()), ("lr_scheduler", SCHEDULER_KEYS)):
+            path = f"{prefix}model.init_args.{key}"
+            value = cfg.get(path) if path in cfg else None
+            if isinstance(value, dict) and "class_path" in value:
+                cfg[path] = component_config(value, key, own)
+    return cfg
+
+
+class MultiTaskParser(LightningArgumentParser):
+    """Every dump (`--print_config`, the config logged to MLflow) with the optimizer and lr_scheduler settings the
+    module uses in one place: `--print_config` printed a dotted override beside `init_args.lr` and the old value
+    inside it, so editing the value in view in the printed file changed nothing."""
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        return super().dump(folded_components(cfg), *args, **kwargs)
+
+
 class MultiTaskCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         _running_cli[:] = [self]
@@ -287,12 +310,7 @@ class MultiTaskCLI(LightningCLI):
 
     def _log_config(self) -> None:
         sub = self.subcommand
-        config = yaml.safe_load(self._parser(sub).dump(self.config[sub], skip_none=False))
-        module_args = (config.get("model") or {}).get("init_args") or {}
-        for key, own in (("optimizer", ()), ("lr_scheduler", SCHEDULER_KEYS)):
-            if isinstance(module_args.get(key), dict) and "class_path" in module_args[key]:
-                # a dotted override sits beside class_path in the parsed dict: log the settings the run used
-                module_args[key] = component_config(module_args[key], key, own)
+        config = yaml.safe_load(self._parser(sub).dump(self.config[sub], skip_none=False))  # folded_components
         from mlflow.exceptions import MlflowException
 
         try:  # the run's first call to the store: a server that answers but is no MLflow fails here
@@ -481,6 +499,7 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
                     subclass_mode_model=True,
                     subclass_mode_data=True,
                     save_config_callback=None,
+                    parser_class=MultiTaskParser,
                     auto_configure_optimizers=False,
                     # a bad setting raises (mmoe-rec prints its message) instead of printing ~45 lines of usage
                     # before it; no abbreviations: `--trainer.max_epoch 7` was taken as max_epochs (a YAML

@@ -90,6 +90,23 @@ def _try_instantiate(key: str, config: dict[str, Any], *args: Any) -> Any:
         raise ValueError(f"{key} {config['class_path']} with {init_args}: {e}") from None
 
 
+def _check_scheduler_keys(config: dict[str, Any], scheduler: Any) -> None:
+    """Lightning's own scheduler keys, checked when the module is made: Lightning refused a misspelt interval or a
+    plateau scheduler without a monitor only in configure_optimizers (after the trainer, the data and the MLflow
+    run were made), and a frequency of 0 failed with a ZeroDivisionError after the first training batch."""
+    where = f"lr_scheduler {config['class_path']}"
+    interval = config.get("interval", "epoch")
+    if interval not in ("step", "epoch"):
+        raise ValueError(f"{where}: interval must be 'step' or 'epoch', got {interval!r}")
+    frequency = config.get("frequency", 1)
+    if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+        raise ValueError(f"{where}: frequency must be an integer >= 1 ({interval}s between scheduler steps), got "
+                         f"{frequency!r}")
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not config.get("monitor"):
+        raise ValueError(f"{where} steps on a metric: give the one it watches as lr_scheduler.monitor, e.g. "
+                         "val/loss (with its init_args.mode: min, or max for an AUC)")
+
+
 def check_tasks_loaded(model_tasks: list[str], data_tasks: list[str] | None) -> None:
     """Every task of the model is one the data module loads labels for."""
     missing = [t for t in model_tasks if data_tasks is not None and t not in data_tasks]
@@ -710,7 +727,8 @@ class MultiTaskModule(L.LightningModule):
         trainer, the data and the MLflow run are set up."""
         optimizer = _try_instantiate("optimizer", self.optimizer_config, [torch.nn.Parameter(torch.zeros(1))])
         if self.lr_scheduler_config:
-            _try_instantiate("lr_scheduler", self.lr_scheduler_config, optimizer)
+            scheduler = _try_instantiate("lr_scheduler", self.lr_scheduler_config, optimizer)
+            _check_scheduler_keys(self.lr_scheduler_config, scheduler)
         elif any(group.get("lr") == 0 for group in optimizer.param_groups):  # a scheduler may set it (OneCycleLR)
             rank_zero_warn("the optimizer's learning rate is 0 and no lr_scheduler sets another: the weights will "
                            "not change (a typo for 1e-3?)")

@@ -399,3 +399,24 @@ def test_a_binary_label_between_0_and_1_is_refused():
 def test_a_slightly_negative_weight_is_refused():
     with pytest.raises(FeatureDataError, match="sample weight is negative"):
         weight_column(pa.array([1.0, -0.5]), "w")
+
+
+def test_a_train_split_whose_sample_weights_are_all_zero_is_refused(feat, tmp_path, capsys):
+    """Every weighted loss 0: `mmoe-rec fit` trained nothing and exited 0 (review 2026-12-07). Zero weights on some
+    train rows, or on every row of the other splits, are fine."""
+    schema = feat.write_schema(tmp_path / "s.yaml", {**CENSUS_LIKE, "sample_weight": "w"})
+    rows = _good_rows(40)
+
+    def raw(weights, name):
+        p = tmp_path / name
+        p.write_text("city,amount,income,w\n" + "".join(f"{r},{w}\n" for r, w in zip(rows, weights)))
+        return p
+
+    zero = raw([0] * 40, "zero.csv")
+    rc, out = _run(tmp_path, schema, f"train={zero}")
+    err = capsys.readouterr().err
+    assert rc == 1 and "column 'w'" in err and "every one of the 40 train rows has sample weight 0" in err, err
+    _assert_clean(tmp_path, out)
+    some = raw([0] * 39 + [0.5], "some.csv")
+    rc, out = _run(tmp_path, schema, f"train={some}", f"valid+test={zero}")
+    assert rc == 0, capsys.readouterr().err

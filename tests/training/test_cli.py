@@ -947,3 +947,15 @@ def test_a_step_watcher_and_a_scheduler_without_a_mode_are_not_checked_for_a_mod
     module.lr_scheduler_config = {"class_path": "torch.optim.lr_scheduler.StepLR", "monitor": "val/clik/auc"}
     with pytest.raises(ValueError, match="the lr_scheduler monitors 'val/clik/auc', which this fit does not log"):
         check_monitors(SimpleNamespace(callbacks=[]), module)
+
+
+def test_printed_config_holds_one_learning_rate_for_an_overridden_optimizer_setting(capsys):
+    """`--model.init_args.optimizer.init_args.lr 0.01 --print_config` printed `init_args: {lr: 0.001}` and a stray
+    `lr: 0.01` beside it; the stray key wins when the printed file runs, so editing the visible init_args.lr in it
+    changed nothing, silently."""
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"),
+                           "--model.init_args.optimizer.init_args.lr", "0.01", "--print_config"])
+    optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optimizer"]
+    assert set(optimizer) <= {"class_path", "init_args"}, optimizer
+    assert optimizer["init_args"]["lr"] == 0.01

@@ -190,3 +190,23 @@ def test_loading_a_checkpoint_of_another_spec_version_is_refused(feature_dir):
     with pytest.raises(ValueError, match="trained on features of spec version 0123456789abcdef"):
         module.on_load_checkpoint({"hyper_parameters": {"feature_spec": other}})
     module.on_load_checkpoint({"hyper_parameters": {"feature_spec": spec.to_dict()}})  # its own: loads
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"interval": "epcoh"}, r"lr_scheduler.*interval.*'epcoh'"),  # Lightning refused it in configure_optimizers
+    ({"frequency": 0}, r"lr_scheduler.*frequency"),  # ZeroDivisionError after the first training batch
+])
+def test_lightnings_scheduler_keys_are_checked_when_the_module_is_made(feature_dir, extra, match):
+    """A misspelt interval or a frequency of 0 was found only once the trainer, the data and the MLflow run were
+    made (a FAILED run; frequency 0 a raw ZeroDivisionError after the first batch)."""
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    sched = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}, **extra}
+    with pytest.raises(ValueError, match=match):
+        MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec, lr_scheduler=sched)
+
+
+def test_a_plateau_scheduler_without_a_monitor_is_refused_when_the_module_is_made(feature_dir):
+    spec = FeatureDataModule(str(feature_dir), batch_size=64).spec
+    with pytest.raises(ValueError, match=r"lr_scheduler.*monitor"):
+        MultiTaskModule(model=copy.deepcopy(MMOE), feature_spec=spec,
+                        lr_scheduler={"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau"})
