@@ -94,6 +94,16 @@ class BatchCollator:
         return self.label_columns + self.nonnegative_columns + list(self.spec.dense_features)
 
     @property
+    def binary_label_columns(self) -> list[str]:
+        """Label columns of binary tasks: 0 or 1 each (BCE with a target of 2 has no lower bound)."""
+        return [label_column(t) for t in self.tasks if self.spec.task(t).type == "binary"] if self.with_labels else []
+
+    @property
+    def id_bounds(self) -> dict[str, int]:
+        """Each sparse feature's column -> its table's rows: ids lie in [0, rows)."""
+        return {f.name: f.num_embeddings for f in self.spec.sparse_features}
+
+    @property
     def nonnegative_columns(self) -> list[str]:
         return [WEIGHT_COLUMN] if self.with_labels and self.spec.has_weight else []
 

@@ -296,7 +296,8 @@ class FeatureDataModule(L.LightningDataModule):
             chunk_rows=self.chunk_rows,
             finite_columns=collate.finite_columns,
             nonnegative_columns=collate.nonnegative_columns,
-            id_columns=[f.name for f in self.spec.sparse_features],
+            id_columns=collate.id_bounds,
+            binary_columns=collate.binary_label_columns,
         )
         ds.set_epoch(self._epoch)
         return FeatureDataLoader(

@@ -316,19 +316,21 @@ def read_rows(
     schema: pa.Schema | None = None,
     finite_columns: Sequence[str] = (),
     nonnegative_columns: Sequence[str] = (),
-    id_columns: Sequence[str] = (),
+    id_columns: Sequence[str] | Mapping[str, int | None] = (),
+    binary_columns: Sequence[str] = (),
 ) -> Iterator[pa.RecordBatch]:
     """Rows [start, stop) of the sequence made by ``units`` laid end to end, as RecordBatches of <= chunk_rows.
 
     Each chunk has ``columns`` in that order, those in ``schema`` cast to its type, so chunks of different
     files merge. Values of ``finite_columns`` must be finite numbers (no null, NaN or inf), those of
-    ``nonnegative_columns`` also >= 0, and the ids of ``id_columns`` (sparse features: an int or a list of
-    ints, a null list being an empty bag) not null; else a ValueError names the file, the column and the row in
-    the file. A row group that cannot be decoded (a damaged page) is a ValueError naming the file and row group.
+    ``nonnegative_columns`` also >= 0, those of ``binary_columns`` 0 or 1, and the ids of ``id_columns`` (sparse
+    features: an int or a list of ints, a null list being an empty bag) not null and, where a mapping gives the
+    table's rows, in [0, rows); else a ValueError names the file, the column and the row in the file. A row group that cannot be decoded (a damaged page) is a ValueError naming the file and row group.
     """
     schema = pa.schema([]) if schema is None else schema
     types = [schema.field(c).type if c in schema.names else None for c in columns]
     checks = [(c, c in nonnegative_columns) for c in dict.fromkeys([*finite_columns, *nonnegative_columns])]
+    bounds_of = dict(id_columns) if isinstance(id_columns, Mapping) else dict.fromkeys(id_columns)
     bounds = np.concatenate([[0], np.cumsum([u.num_rows for u in units])])
     u = int(np.searchsorted(bounds, start, side="right")) - 1
     files = _OpenFiles()
@@ -344,8 +346,10 @@ def read_rows(
                     part = _conform(rb.slice(a - off, b - a), columns, types, unit.path)
                     for c, nonnegative in checks:
                         _check_values(part.column(c), nonnegative, unit.path, c, unit.first_row + a)
-                    for c in id_columns:
-                        _check_ids(part.column(c), unit.path, c, unit.first_row + a)
+                    for c in binary_columns:
+                        _check_binary(part.column(c), unit.path, c, unit.first_row + a)
+                    for c, rows in bounds_of.items():
+                        _check_ids(part.column(c), unit.path, c, unit.first_row + a, rows)
                     yield part
                 off += rb.num_rows
                 if off >= hi:
@@ -407,17 +411,40 @@ def _check_values(col: pa.Array, nonnegative: bool, path: str, name: str, first_
     )
 
 
-def _check_ids(col: pa.Array, path: str, name: str, first_row: int) -> None:
-    """Raise at the first null id: a null int, or a null inside a list (a null list is an empty bag)."""
+def _check_binary(col: pa.Array, path: str, name: str, first_row: int) -> None:
+    """Raise at the first value other than 0 or 1 (after _check_values: no null or NaN is left)."""
+    x = col.to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((x != 0) & (x != 1))
+    if len(bad):
+        raise ValueError(f"{path}: column {name} is {x[bad[0]]} at row {first_row + int(bad[0])} ({len(bad)} such "
+                         f"value(s) in rows {first_row}..{first_row + len(col) - 1}); a binary task's label is 0 or 1")
+
+
+def _check_ids(col: pa.Array, path: str, name: str, first_row: int, rows: int | None = None) -> None:
+    """Raise at the first null id (a null int, or a null inside a list: a null list is an empty bag), and, given
+    the table's `rows`, at the first id outside [0, rows): the embedding would fail on it naming neither file nor
+    row. One min / max per chunk where every id is fine."""
     listed = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
     ids = pc.list_flatten(col) if listed else col
-    if not ids.null_count:
+
+    def row_of(bad: np.ndarray) -> int:
+        return first_row + int((pc.list_parent_indices(col).to_numpy(zero_copy_only=False)[bad] if listed else bad)[0])
+
+    if ids.null_count:
+        bad = np.flatnonzero(~pc.is_valid(ids).to_numpy(zero_copy_only=False))
+        raise ValueError(f"{path}: column {name} has a null id at row {row_of(bad)} ({len(bad)} null id(s) in rows "
+                         f"{first_row}..{first_row + len(col) - 1}); feature Parquet holds an id for every value "
+                         "(a missing one has its own), so the file was not written by `mmoe-rec features` as it is")
+    if rows is None or not len(ids):
         return
-    bad = np.flatnonzero(~pc.is_valid(ids).to_numpy(zero_copy_only=False))
-    rows = pc.list_parent_indices(col).to_numpy(zero_copy_only=False)[bad] if listed else bad
-    raise ValueError(f"{path}: column {name} has a null id at row {first_row + int(rows[0])} ({len(bad)} null id(s) in "
-                     f"rows {first_row}..{first_row + len(col) - 1}); feature Parquet holds an id for every value "
-                     "(a missing one has its own), so the file was not written by `mmoe-rec features` as it is")
+    low, high = pc.min_max(ids).values()
+    if low.as_py() >= 0 and high.as_py() < rows:
+        return
+    values = ids.to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((values < 0) | (values >= rows))
+    raise ValueError(f"{path}: column {name} has id {values[bad[0]]} at row {row_of(bad)}, outside its table of "
+                     f"{rows} rows ({len(bad)} such id(s) in rows {first_row}..{first_row + len(col) - 1}): was the "
+                     "file encoded with this folder's spec.json?")
 
 
 def _concat(parts: list[pa.RecordBatch]) -> pa.RecordBatch:
@@ -483,8 +510,8 @@ class FeatureParquetStream(IterableDataset):
 
     ``rank`` / ``world_size`` default to ``resolve_rank_world()`` at construction, i.e. in the main process
     after DDP is set up. ``len()`` is the number of batches per rank, the same on every rank.
-    ``finite_columns`` / ``nonnegative_columns`` / ``id_columns``: see ``read_rows`` (labels; sample weights;
-    sparse features).
+    ``finite_columns`` / ``nonnegative_columns`` / ``binary_columns`` / ``id_columns``: see ``read_rows`` (labels;
+    sample weights; binary labels; sparse features and their tables' rows).
     """
 
     def __init__(
@@ -503,7 +530,8 @@ class FeatureParquetStream(IterableDataset):
         chunk_rows: int = 65536,
         finite_columns: Sequence[str] = (),
         nonnegative_columns: Sequence[str] = (),
-        id_columns: Sequence[str] = (),
+        id_columns: Sequence[str] | Mapping[str, int | None] = (),
+        binary_columns: Sequence[str] = (),
     ) -> None:
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither")
@@ -524,7 +552,8 @@ class FeatureParquetStream(IterableDataset):
         self.chunk_rows = chunk_rows
         self.finite_columns = tuple(finite_columns)
         self.nonnegative_columns = tuple(nonnegative_columns)
-        self.id_columns = tuple(id_columns)
+        self.id_columns = dict(id_columns) if isinstance(id_columns, Mapping) else dict.fromkeys(id_columns)
+        self.binary_columns = tuple(binary_columns)
         self.epoch = 0
         # fail here, in the main process, if the rows cannot be planned for any rank (one rank's plan alone let
         # another's loader fail inside a worker, or at its first batch)
@@ -549,7 +578,7 @@ class FeatureParquetStream(IterableDataset):
         units = [self.index.units[i] for i in order]
         chunks = itertools.chain.from_iterable(
             read_rows(units, start, stop, self.columns, self.chunk_rows, self.index.schema, self.finite_columns,
-                      self.nonnegative_columns, self.id_columns)
+                      self.nonnegative_columns, self.id_columns, self.binary_columns)
             for start, stop in plan.ranges
         )
         if self.shuffle:
