@@ -243,8 +243,8 @@ class FeatureDataModule(L.LightningDataModule):
     def _batches_to_skip(self, epoch: int) -> int:
         """Once, for the epoch a mid-epoch checkpoint was written in: how many of its batches were trained. Says so
         when Lightning resumes past that epoch instead: its checkpoint was saved as at an epoch's end (a fit that
-        max_steps stopped in the middle of an epoch, with a checkpoint saved at the epoch's end) and the rest of
-        the epoch is not trained."""
+        max_steps stopped in the middle of an epoch, with a checkpoint saved at the epoch's end, by a version
+        before the module reopened such an epoch in its checkpoints) and the rest of the epoch is not trained."""
         if self._resume_at is None:
             return 0
         saved_epoch, done, total = self._resume_at
@@ -257,8 +257,8 @@ class FeatureDataModule(L.LightningDataModule):
                 f"max_steps stopped there, its checkpoint saved as at the epoch's end): Lightning resumes at epoch "
                 f"{epoch}, so the other {total - done} batches of epoch {saved_epoch} are not trained (and a "
                 f"dynamic-weight-average fit took epoch {saved_epoch}'s loss from the batches before). To continue "
-                f"exactly, resume from a checkpoint written during the epoch (ModelCheckpoint every_n_train_steps), "
-                f"or stop fits at an epoch's end (max_epochs)")
+                f"exactly, resume from a checkpoint written during the epoch (ModelCheckpoint every_n_train_steps) "
+                f"or by this version, or stop fits at an epoch's end (max_epochs)")
         return 0
 
     # --- datasets and loaders -----------------------------------------------------------------------------

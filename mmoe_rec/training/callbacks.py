@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mmoe_rec.nn.routing_record import concat_records
 from mmoe_rec.training import plots
+from mmoe_rec.training.epochs import epoch_cut_short
 from mmoe_rec.training.monitoring import (
     GateStats,
     LabelStats,
@@ -388,6 +389,8 @@ class RoutingMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._flush_segment()
+        if epoch_cut_short(trainer):  # the epoch's sums stay open for the fit that resumes it
+            return
         # the epoch is closed: a checkpoint written after this (at the epoch's end) holds no open epoch sums, and
         # the sums below, already over all ranks, are never summed over the ranks again
         epoch, self._epoch = self._epoch, None

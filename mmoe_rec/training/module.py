@@ -26,6 +26,7 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
+from mmoe_rec.training.epochs import epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
@@ -105,6 +106,19 @@ def _check_scheduler_keys(config: dict[str, Any], scheduler: Any) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not config.get("monitor"):
         raise ValueError(f"{where} steps on a metric: give the one it watches as lr_scheduler.monitor, e.g. "
                          "val/loss (with its init_args.mode: min, or max for an AUC)")
+
+
+def _reopen_cut_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """A checkpoint written at the end of an epoch cut short (`max_steps` reached mid-epoch; save_last writes one)
+    is made the mid-epoch checkpoint it is: Lightning counts that epoch as processed there, so a fit resumed from
+    it went on with the next epoch and skipped the rest of this one (51 of a straight run's 63 steps; the weights
+    and DWA's weights came out otherwise). Its epoch's sums are open (epochs.epoch_cut_short)."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not fit_loop or not trainer.training or not epoch_cut_short(trainer):
+        return
+    for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
+        if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
+            progress["processed"] = progress["completed"]
 
 
 def check_tasks_loaded(model_tasks: list[str], data_tasks: list[str] | None) -> None:
@@ -437,11 +451,12 @@ class MultiTaskModule(L.LightningModule):
         return self._epoch_loss_sum.to(self.device)
 
     def on_train_epoch_end(self) -> None:
-        # rows seen this epoch, summed over ranks: equals the train split size once per epoch
-        self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
-                 sync_dist=True, batch_size=1)
-        # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
-        self._close_epoch_totals()
+        if not epoch_cut_short(self.trainer):  # else its totals stay open for the fit that resumes it
+            # rows seen this epoch, summed over ranks: equals the train split size once per epoch
+            self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
+                     sync_dist=True, batch_size=1)
+            # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
+            self._close_epoch_totals()
         config = self._plateau_config()
         if config is not None and config.interval == "epoch" and self.trainer.fit_loop.restarting:
             # Lightning does not step plateau schedulers at the end of the epoch a fit resumed in (it holds no
@@ -553,6 +568,7 @@ class MultiTaskModule(L.LightningModule):
         if owed is not None:
             value = self.trainer.callback_metrics.get(config.monitor)
             checkpoint[PLATEAU_KEY] = {"point": list(owed), "value": None if value is None else float(value)}
+        _reopen_cut_epoch(checkpoint, self.trainer)
 
     def _accumulation_window_open(self) -> bool:
         """Whether the fit is inside a gradient-accumulation window: batches trained whose optimizer step is still

@@ -18,6 +18,9 @@ process also gets shorter MLflow HTTP limits where the user set none (MLFLOW_HTT
 MLFLOW_HTTP_REQUEST_MAX_RETRIES=3, see HTTP_DEFAULTS), so a server that goes silent mid-run fails a call after
 about 2 minutes instead of MLflow's default of about 15 (120 s per read, 7 retries). Set either variable to
 keep MLflow's own value.
+
+A database store (postgresql, mysql, mariadb, mssql; any driver) is probed the same way before anything else: a
+connection to its host and port, and, but for mssql, the server's first byte within PROBE_TIMEOUT_S.
 """
 from __future__ import annotations
 
@@ -95,6 +98,8 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str 
     hint = f"set MLFLOW_TRACKING_URI (or {setting}) to a reachable store, e.g. sqlite:///mlflow.db"
     if parsed.scheme in ("http", "https"):
         probe_http_server(uri, timeout, hint)
+    elif parsed.scheme.partition("+")[0] in DATABASE_PORTS:
+        probe_database_server(uri, timeout, hint)
     elif parsed.scheme == "sqlite":
         path = _sqlite_path(uri)[0]
         if path and path != ":memory:":
@@ -129,6 +134,44 @@ def probe_sqlite_store(db: Path, uri: str, hint: str) -> None:
     except sqlite3.Error as e:
         raise TrackingUnavailable(f"MLflow SQLite store {uri}: {db} is not a usable SQLite database ({e}); "
                                   f"{hint}") from None
+
+
+# SQLAlchemy stores MLflow takes (dialect, or dialect+driver): their default ports
+DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
+POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")  # answered with one byte, S or N
+
+
+def probe_database_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = "") -> None:
+    """Connect to a database store's host and port and wait for the server's first byte, without its driver:
+    PostgreSQL answers an SSL request with one byte, a MySQL / MariaDB server greets first. Raise
+    TrackingUnavailable if nobody listens, or if nothing comes within `timeout` seconds: MLflow retries a refused
+    connection for about 100 s, and psycopg2 waits on a server that accepts but never answers with no limit at all.
+    A store reached through a Unix socket (no host in the URI) is left to MLflow."""
+    parsed = urlparse(uri)
+    dialect = parsed.scheme.partition("+")[0]
+    try:
+        host, port = parsed.hostname, parsed.port or DATABASE_PORTS[dialect]
+    except ValueError as e:  # a port that is no number
+        raise TrackingUnavailable(f"MLflow database store {redacted(uri)}: {e}; {hint}") from None
+    if not host:
+        return
+    where = f"{host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as conn:
+            if dialect in ("postgresql", "postgres"):
+                conn.sendall(POSTGRES_SSL_REQUEST)
+            if dialect != "mssql":  # TDS waits for the client's pre-login: the connection is all this checks
+                if not conn.recv(1):
+                    raise TrackingUnavailable(f"MLflow database store {redacted(uri)}: {where} closed the connection "
+                                              f"without a word (not a {dialect} server?); {hint}")
+    except (socket.timeout, TimeoutError):
+        why = f"no answer from {where} within {timeout:g} s"
+    except OSError as e:  # refused, unknown host, unreachable network
+        why = f"{where}: {type(e).__name__}: {e}"
+    else:
+        return
+    raise TrackingUnavailable(f"MLflow database store {redacted(uri)} is unreachable ({why}; probed with a "
+                              f"{timeout:g} s timeout); {hint}".rstrip("; "))
 
 
 def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = "") -> None:

@@ -314,13 +314,19 @@ def test_a_fit_stopped_by_sigterm_at_an_epochs_end_resumes_with_the_next_epoch(f
 
 
 def test_resuming_past_the_rest_of_an_epoch_a_max_steps_stop_cut_short_says_so(feature_dir, tmp_path):
-    """max_steps stops a fit 9 batches into epoch 1; a checkpoint saved at that (train) epoch's end makes Lightning
+    """max_steps stops a fit 9 batches into epoch 1; a checkpoint saved at that (train) epoch's end, as an older
+    version wrote it (the epoch counted as processed; this one reopens it, see the test below), makes Lightning
     resume at epoch 2: the other 12 batches of epoch 1 were skipped without a word (a straight run: 63 steps)."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "b", filename="last", enable_version_counter=False)
     _train(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=30)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", map_location="cpu", weights_only=False)
+    for progress in saved["loops"]["fit_loop"]["epoch_progress"].values():
+        assert progress["processed"] == progress["completed"] == 1  # reopened by this version
+        progress["processed"] = 2
+    torch.save(saved, tmp_path / "b" / "old.ckpt")
     with pytest.warns(UserWarning, match="written after 9 of the 21 batches of epoch 1 .* Lightning resumes at "
                                          "epoch 2, so the other 12 batches of epoch 1 are not trained"):
-        resumed, _ = _train(feature_dir, tmp_path / "c", 3, ckpt_path=tmp_path / "b" / "last.ckpt")
+        resumed, _ = _train(feature_dir, tmp_path / "c", 3, ckpt_path=tmp_path / "b" / "old.ckpt")
     assert resumed.global_step == 51
 
 
@@ -367,6 +373,24 @@ def test_mid_epoch_resume_keeps_the_epochs_totals_for_loss_weighting_and_rows_se
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     # rows seen in the last epoch: the whole train split, the rows before the checkpoint included
+    assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
+
+
+def test_a_fit_cut_by_max_steps_mid_epoch_resumes_from_its_last_checkpoint_as_a_straight_run(feature_dir, tmp_path):
+    """save_last writes a checkpoint at the end of an epoch that max_steps cut short; Lightning counted that epoch
+    as processed there, and a fit resumed from it skipped the epoch's other 12 batches (51 steps of 63), its
+    weights and DWA's weights otherwise. The cut epoch is neither logged nor closed (its totals stay open)."""
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, weighting="dwa")
+    last = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    cut_trainer, _ = _train(feature_dir, tmp_path / "b", 3, callbacks=[last], max_steps=30, weighting="dwa")
+    assert float(cut_trainer.callback_metrics["train/rows_seen"]) == 2000.0  # epoch 0's: the cut one is not logged
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=last.last_model_path,
+                                      weighting="dwa")
+    assert resumed_trainer.global_step == straight_trainer.global_step == 63
+    assert resumed.weighting.weights() == straight.weighting.weights() != {"click": 1.0, "convert": 1.0}
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
 
 

@@ -356,3 +356,17 @@ def test_gate_relatedness_is_that_of_the_group_seen_with_the_most_rows():
     names, js = window.relatedness()["gate_js"]
     assert names == ["a", "b"] and float(js[0, 1]) == pytest.approx(0.1)
     assert float(window.relatedness()["gate_cos"][1][0, 1]) == pytest.approx(0.9)
+
+
+def test_a_fit_stopped_mid_epoch_by_max_steps_logs_no_epoch_statistics_for_the_cut_epoch(feature_dir, tmp_path):
+    """max_steps ends the fit 15 steps into a 21-step epoch: Lightning still calls on_train_epoch_end, and the
+    partial epoch must not be logged as that epoch's statistics (a resume from the step-15 checkpoint logs the whole
+    epoch at step 21: the run held epoch 0 twice, at steps 15 and 21)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=15, save_top_k=-1)
+    _, stopped = fit(feature_dir, tmp_path / "b", RoutingMonitor(every_n_steps=5, plots=False), callbacks=[ckpt],
+                     max_steps=15)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    _, resumed = fit(feature_dir, tmp_path / "c", RoutingMonitor(every_n_steps=5, plots=False), ckpt_path=str(path))
+    epoch_key = "experts/epoch/click/util/e0"
+    assert stopped.steps_with(epoch_key) + resumed.steps_with(epoch_key) == [21, 42]
+    assert not any(k.startswith("relatedness/epoch/") for _, m in stopped.calls for k in m)

@@ -487,3 +487,53 @@ def test_an_unborn_branch_is_not_read_as_a_longer_packed_refs_branch(tmp_path):
     (git / "HEAD").write_text("ref: refs/heads/ma\n")  # a new branch, no commit yet
     (git / "packed-refs").write_text(f"{'a' * 40} refs/heads/main\n")
     assert git_commit(tmp_path) is None
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "mysql+pymysql"])
+def test_an_unreachable_database_store_is_a_clear_error_before_the_run(scheme):
+    """A SQLAlchemy store (postgresql, mysql) nobody listens on: refused by the check, naming the store, as a
+    http or sqlite store is (MLflow itself retries its engine for about 100 s, and a server that accepts but never
+    answers blocks psycopg2's connect with no timeout at all)."""
+    uri = f"{scheme}://u:pw@127.0.0.1:{free_port()}/db"
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="127.0.0.1") as info:
+        check_tracking_uri(uri)
+    assert time.monotonic() - start < 60
+    assert "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql+pymysql"])
+def test_a_database_store_that_accepts_but_never_answers_is_unreachable_not_a_hang(blackhole, scheme):
+    uri = f"{scheme}://u:pw@{blackhole.removeprefix('http://')}/db"
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=r"unreachable \(no answer from 127.0.0.1:\d+ within 5 s") as info:
+        check_tracking_uri(uri)
+    assert time.monotonic() - start < 60  # a hang guard (the probe gives up after 5 s), not a speed test
+    assert "u:***@" in str(info.value) and "pw" not in str(info.value)
+
+
+@pytest.mark.parametrize("scheme, greeting", [("postgresql+psycopg2", b"N"), ("mysql", b"J\x00\x00\x00\n8.0")])
+def test_a_database_server_that_answers_passes_the_check(scheme, greeting):
+    """PostgreSQL answers the probe's SSL request with one byte (S or N); a MySQL server greets first."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    received = []
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            if scheme.startswith("postgresql"):
+                received.append(conn.recv(8))
+            conn.sendall(greeting)
+            conn.recv(1)  # until the probe closes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        check_tracking_uri(f"{scheme}://u:pw@127.0.0.1:{server.getsockname()[1]}/db")
+    finally:
+        thread.join(5)
+        server.close()
+    if scheme.startswith("postgresql"):
+        assert received == [bytes.fromhex("0000000804d2162f")]  # the SSLRequest message: length 8, code 80877103
