@@ -1,7 +1,8 @@
 """Batch scoring job: raw Parquet or CSV in, score Parquet out, with a registered model.
 
 Output columns: the spec's id columns passed through, `score_<task>` per task, `model_name`, `model_version` (the
-registry's version number, an alias or "latest" resolved; for a package folder "package-" and its weights' hash).
+registry's version number, an alias or "latest" resolved; for a package folder "package-" and a hash of its
+model.json, spec.json and weights).
 Id columns keep their values exactly: files whose id columns are typed differently are written in the one type
 every file converts to without loss (int32 and int64 as int64), found before scoring; ids that would change
 ("007" as 7) are an error naming the files. Files without rows give an output without rows.

@@ -406,9 +406,9 @@ class MultiTaskCLI(LightningCLI):
         if not folders:
             raise ValueError("--ckpt_path last: the config's checkpoint callbacks name no folder (dirpath) to look "
                              "in; give the checkpoint file, or --checkpoint_dir (the folder the fit wrote to)")
-        raise ValueError(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} (the "
-                         "config's checkpoint folders); give the checkpoint file, or the --checkpoint_dir the "
-                         "fit wrote to")
+        where = "--checkpoint_dir" if self.config[sub].get("checkpoint_dir") else "the config's checkpoint folders"
+        raise ValueError(f"--ckpt_path last: no last.ckpt in {', '.join(sorted(map(str, folders)))} ({where}); "
+                         "give the checkpoint file, or the --checkpoint_dir the fit wrote to")
 
     def before_validate(self) -> None:
         self._require_checkpoint()

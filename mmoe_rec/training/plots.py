@@ -52,6 +52,7 @@ UNREACHABLE_NOTE = "grey: not reachable"
 MAX_WIDTH_IN = 14.0           # at log_png's dpi=110: about 1540 px
 MAX_HEIGHT_IN = 24.0
 FONT = 10
+EXPERT_LABEL_IN = 0.17  # height of one expert's tick label (7 pt) on a load heatmap's axis
 
 
 def _text_in(labels, fontsize: float = FONT) -> float:
@@ -234,13 +235,15 @@ def _load_lines(steps, gates, values, max_experts, ylabel, title):
 def _load_heatmaps(steps, gates, values, max_experts, ylabel, title):
     n = len(gates)
     label_in = _text_in([ylabel], 9)
-    panel_h = float(np.clip(1.6 + 0.012 * max_experts, 2.0, 3.6))
+    # every expert labelled up to 32 of them (0.17 in a label): at 12-16 experts a 2-inch panel labelled every
+    # other one, and finding e7's row meant counting rows
+    panel_h = float(np.clip(0.4 + EXPERT_LABEL_IN * max_experts, 2.0, 0.4 + EXPERT_LABEL_IN * 32))
     panel_h = max(1.6, min(panel_h, (MAX_HEIGHT_IN - 0.9) / n))
     fig_w = min(MAX_WIDTH_IN, 10.0)
     fig, axes = plt.subplots(n, 1, figsize=(fig_w, panel_h * n + 0.9), squeeze=False, sharex=True,
                              layout="constrained")
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#a0a0a0")  # unreachable (NaN): grey, not the white of 1/E
-    max_ticks_y = max(2, int(panel_h / 0.22))
+    max_ticks_y = max(2, int(panel_h / EXPERT_LABEL_IN))
     for ax, g in zip(axes[:, 0], gates):
         v = values[g]  # (S, E)
         num_experts = int((~np.isnan(v).all(axis=0)).sum())  # the experts the gate reaches (others: all NaN, blank)
@@ -254,6 +257,7 @@ def _load_heatmaps(steps, gates, values, max_experts, ylabel, title):
         norm = TwoSlopeNorm(vmin=0.0, vcenter=uniform, vmax=max(top, 2.0 * uniform))
         im = ax.imshow(v.T, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest", origin="lower")
         _expert_axis(ax.yaxis, v.shape[1], max_ticks_y)
+        ax.tick_params(axis="y", labelsize=8 if v.shape[1] <= 12 else 7)
         ax.set_ylabel("expert")
         reach = (f"{num_experts} experts" if num_experts == v.shape[1]
                  else f"{num_experts} of {v.shape[1]} experts, grey: not reachable")

@@ -609,7 +609,7 @@ def test_best_and_a_missing_last_checkpoint_are_refused_where_no_fit_ran(feature
     assert err.startswith(f"error: --ckpt_path best: `mmoe-rec {subcommand}` runs in a process of its own"), err
     assert main([*argv, "--ckpt_path", "last"]) == 1
     err = capsys.readouterr().err
-    assert f"error: --ckpt_path last: no last.ckpt in {in_tmp / 'ck'}" in err, err
+    assert f"error: --ckpt_path last: no last.ckpt in {in_tmp / 'ck'} (--checkpoint_dir)" in err, err
     assert not (in_tmp / "predictions.parquet").exists()
     if (in_tmp / "mlflow.db").exists():  # the store may be made; no run in it
         from mlflow import MlflowClient
