@@ -325,7 +325,8 @@ def read_rows(
     files merge. Values of ``finite_columns`` must be finite numbers (no null, NaN or inf), those of
     ``nonnegative_columns`` also >= 0, those of ``binary_columns`` 0 or 1, and the ids of ``id_columns`` (sparse
     features: an int or a list of ints, a null list being an empty bag) not null and, where a mapping gives the
-    table's rows, in [0, rows); else a ValueError names the file, the column and the row in the file. A row group that cannot be decoded (a damaged page) is a ValueError naming the file and row group.
+    table's rows, in [0, rows); else a ValueError names the file, the column and the row in the file. A row group
+    that cannot be decoded (a damaged page) is a ValueError naming the file and row group.
     """
     schema = pa.schema([]) if schema is None else schema
     types = [schema.field(c).type if c in schema.names else None for c in columns]
