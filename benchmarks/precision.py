@@ -1,7 +1,7 @@
 """The large MMoE's training step in float32 and under `--trainer.precision bf16-mixed` (CPU autocast to
 bfloat16), side by side in one process:
 
-    .venv/bin/python benchmarks/precision.py    # ~2 min on 2 idle CPU cores (census features built by
+    .venv/bin/python benchmarks/precision.py    # ~4 min on 2 idle CPU cores (census features built by
                                                 # train_throughput.py, or --features DIR)
 
 Contenders, timed in interleaved rounds (median per round; ratios against the same round's float32 step):
@@ -9,8 +9,9 @@ Contenders, timed in interleaved rounds (median per round; ratios against the sa
 - bf16-mixed, autograd experts: the same under autocast with the experts on ExpertStack's autograd path (how they
   ran under autocast before 2026-12-07);
 - bf16-mixed: the same with relu_experts in bfloat16 (what `fit --trainer.precision bf16-mixed` runs);
-- Lightning `Trainer.fit` over the data module's loader, precision 32-true against bf16-mixed (per step: the fit's
-  fixed cost taken out by timing two lengths).
+- Lightning `Trainer.fit` over the data module's loader, precision 32-true against bf16-mixed: a whole epoch, per
+  step, the fit's fixed cost and the loader's Parquet reads included (train_throughput.lightning_epoch_per_step;
+  before 2026-12-07 two short fits, whose difference left the loader's reads out).
 Then (unless `--no-others`) the bare step of a PLE and of a sparse top-2 MMoE of the same sizes (experts of
 256-128, towers of 64: PLE with 4 shared and 2 task experts a level, 2 levels; the sparse model 16 experts, k = 2)
 in float32 and bf16-mixed, interleaved the same way, and `mmoe-rec score`'s per-batch work (`Scorer.score_table`:
@@ -49,22 +50,6 @@ def autograd_experts(model):
         yield
     finally:
         del model.experts._relu_fast_path_dtype
-
-
-def lightning_fit_per_step(module, features: Path, arch, precision: str, steps: int) -> float:
-    """Seconds per step of Trainer.fit with the loader: two fit lengths, so that the fixed cost cancels."""
-    import lightning as L
-
-    def fit(n: int) -> float:
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            num_sanity_val_steps=0, limit_train_batches=n, precision=precision)
-        t0 = time.perf_counter()
-        trainer.fit(module, datamodule=tt.ours_datamodule(features, arch))
-        return time.perf_counter() - t0
-
-    short, long = steps // 3, steps
-    return (fit(long) - fit(short)) / (long - short)
 
 
 OTHER_MODELS = {
@@ -178,10 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         "float32 bare step": lambda: bare_steps(False),
         "bf16-mixed bare step, autograd experts": lambda: bare_steps(True, autograd=True),
         "bf16-mixed bare step": lambda: bare_steps(True),
-        "Lightning fit with the loader, 32-true": lambda: lightning_fit_per_step(module, args.features, arch,
-                                                                                 "32-true", args.steps),
-        "Lightning fit with the loader, bf16-mixed": lambda: lightning_fit_per_step(module, args.features, arch,
-                                                                                    "bf16-mixed", args.steps),
+        "Lightning fit with the loader, 32-true": lambda: tt.lightning_epoch_per_step(module, args.features, arch,
+                                                                                      "32-true"),
+        "Lightning fit with the loader, bf16-mixed": lambda: tt.lightning_epoch_per_step(module, args.features,
+                                                                                         arch, "bf16-mixed"),
         "reference GEMMs, float32": lambda: flops / references[torch.float32].rate("fused", rounds=2),
         "reference GEMMs, bfloat16": lambda: flops / references[torch.bfloat16].rate("fused", rounds=2),
     }

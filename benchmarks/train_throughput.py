@@ -337,7 +337,8 @@ def interleaved_epochs(contenders: list[Contender], epochs: int, between: Callab
 
 def deepctr_contender(arch: Arch, data: Arrays, warm_rows: int, fused_adam: bool = False) -> Contender:
     torch.manual_seed(0)
-    model = deepctr_model(data, arch, fused_adam=fused_adam)
+    # without its default embedding L2 (~1.7 ms a step): the same work as mmoe-rec and torch-rechub (_peers.py)
+    model = deepctr_model(data, arch, fused_adam=fused_adam, embedding_l2=0.0)
     deepctr_fit(model, data, arch, slice(0, warm_rows))
     return Contender(arch.name, "DeepCTR-Torch", "MMOE.fit", data.num_rows, lambda: deepctr_fit(model, data, arch))
 
@@ -421,7 +422,8 @@ class Replay:
         return len(self.batches)
 
 
-def lightning_fit(module, dm, limit_batches: int | None = None, batches: Replay | None = None) -> float:
+def lightning_fit(module, dm, limit_batches: int | None = None, batches: Replay | None = None,
+                  precision: str = "32-true") -> float:
     """Seconds for ``Trainer.fit`` of one epoch: no validation, no logger, no checkpoint, no progress bar; over
     ``batches`` (collated in advance) instead of the data module's loader when given."""
     import lightning as L
@@ -429,7 +431,7 @@ def lightning_fit(module, dm, limit_batches: int | None = None, batches: Replay 
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        limit_train_batches=limit_batches if limit_batches is not None else 1.0,
+        limit_train_batches=limit_batches if limit_batches is not None else 1.0, precision=precision,
     )
     t0 = time.perf_counter()
     if batches is not None:
@@ -437,6 +439,16 @@ def lightning_fit(module, dm, limit_batches: int | None = None, batches: Replay 
     else:
         trainer.fit(module, datamodule=dm)
     return time.perf_counter() - t0
+
+
+def lightning_epoch_per_step(module, data_dir: Path, arch: Arch, precision: str = "32-true") -> float:
+    """Seconds per step of one whole epoch of ``Trainer.fit`` with the data module's loader, everything in it: the
+    fit's fixed cost and the loader's Parquet reads, which come in bursts at a few batches of an epoch (the
+    difference of two short fits cancelled them out, leaving about 70 % of the loader's cost out). The headline
+    row's measurement, per step."""
+    dm = ours_datamodule(data_dir, arch)
+    steps = len(dm.train_dataloader())
+    return lightning_fit(module, dm, precision=precision) / steps
 
 
 def plain_step(model, optimizer, batch, spec: FeatureSpec) -> None:

@@ -8,9 +8,10 @@ split seed 0 if it has no spec.json); its train / valid / test splits are read i
 benchmarks/_peers.py, so both peers get exactly the ids and values our model streams.
 
 Models: benchmarks/_peers.py builds them with the layer sizes given here (by default embedding dim 8, 16 experts of
-64, towers of 64). What a peer adds and offers no switch for is kept, since that is what its users train:
-torch-rechub puts BatchNorm after every Linear (gates included); DeepCTR-Torch adds L2 1e-5 on the embeddings and
-draws embeddings and hidden-layer weights from N(0, 1e-4).
+64, towers of 64). What a peer adds by default is kept, since that is what its users train: torch-rechub puts
+BatchNorm after every Linear (gates included; no switch); DeepCTR-Torch adds L2 1e-5 on the embeddings and draws
+embeddings and hidden-layer weights from N(0, 1e-4) (its defaults `l2_reg_embedding` and `init_std`, which its
+MMOE takes as arguments).
 
 Protocol (ours: experiments/_runner.py), per library and seed: Adam lr 1e-3 (torch-rechub with weight decay 1e-4,
 as in its census example), one epoch at a time through the library's own training call (DeepCTR-Torch

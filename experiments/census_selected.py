@@ -12,8 +12,8 @@ settings x the selection seeds), and the reported seeds are disjoint from the se
 
 Each run is the protocol of those two scripts (early stopping on validation income AUC, patience 3, at most 30
 epochs, batch 256, the best epoch tested), single-threaded, one process per run; `--jobs 2` runs two side by side.
-What stays fixed, for everyone, is the architecture (layer sizes as in census_results.py; the peers keep what their
-MMoE cannot switch off) and the feature folder (configs/features/census.yaml, split seed 0). Those were chosen on
+What stays fixed, for everyone, is the architecture (layer sizes as in census_results.py; the peers keep their
+MMoE's defaults: torch-rechub's BatchNorm, DeepCTR-Torch's embedding L2 and initialisation) and the feature folder (configs/features/census.yaml, split seed 0). Those were chosen on
 test AUC too, but they are shared by every contender, so they move the level, not the ranking.
 
 --runs-csv keeps every finished run (rewritten through a temporary file after each run): a second invocation with

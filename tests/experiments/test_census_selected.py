@@ -121,3 +121,25 @@ def test_the_census_feature_folder_is_built_only_where_nothing_else_would_be_rep
     with pytest.raises(SystemExit, match="did not make"):
         build_features(a_file, seed=0)
     assert a_file.read_text() == "keep me too"
+
+
+def test_shipped_runs_print_the_readme_tables(capsys):
+    """The README's census tables (choice on validation, report seeds 200-204) are what the shipped runs print."""
+    shipped = Path(__file__).resolve().parents[2] / "experiments" / "results" / "census_selected_2026-11-25.csv"
+    done = read_runs(shipped)
+    contenders = ["shared-bottom", "OMoE", "MMoE", "PLE", "DeepCTR-Torch MMoE", "torch-rechub MMoE"]
+    print_tables(done, contenders, [100, 101], [200, 201, 202, 203, 204])
+    out = capsys.readouterr().out
+    assert "| MMoE | 0.9570 * | 0.9569 | 0.9565 | 0.9560 |" in out
+    assert "| DeepCTR-Torch MMoE | 0.9562 * | 0.9562 | 0.9561 | 0.9562 |" in out
+    assert "| MMoE | 399,178 | lr 0.001, wd 0 | 0.9569 ± 0.0004 | 0.9560 ± 0.0006 | 0.9948 ± 0.0001 | 5 |" in out
+    assert "| PLE | 472,186 | lr 0.001, wd 0 | 0.9568 ± 0.0004 | 0.9562 ± 0.0006 | 0.9948 ± 0.0000 | 5 |" in out
+    for line in ("vs shared-bottom: +0.0005 ± 0.0003", "vs OMoE: +0.0001 ± 0.0003", "vs PLE: -0.0003 ± 0.0004",
+                 "vs DeepCTR-Torch MMoE: +0.0005 ± 0.0003", "vs torch-rechub MMoE: +0.0003 ± 0.0004"):
+        assert line in out
+    # the report runs are exactly the chosen setting on the report seeds: nothing else was tested for the report
+    report = [r for r in done if r.stage == "report"]
+    assert len(report) == 30 and {r.seed for r in report} == {200, 201, 202, 203, 204}
+    for c in contenders:
+        pick = chosen_setting(done, c, [100, 101])
+        assert {(r.lr, r.weight_decay) for r in report if r.contender == c} == {pick}

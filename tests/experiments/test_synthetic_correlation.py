@@ -179,3 +179,17 @@ def test_the_data_folder_is_not_made_over_files_the_experiment_did_not_make(tmp_
     with pytest.raises(SystemExit, match="did not make"):
         sc.make_data(tmp_path, 0.5, 0, 300)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_shipped_max100_runs_print_the_readme_table(capsys):
+    """The README's 30-seed table of the 20,000-row protocol with at most 100 epochs is what the shipped runs print."""
+    results = Path(__file__).resolve().parents[2] / "experiments" / "results"
+    records = read_runs([results / "synthetic_max100_seeds0-29_2026-11-25.csv"])
+    ps = [1.0, 0.9, 0.5, 0.0]
+    assert complete_seeds(records, ps) == list(range(30))
+    print_all_tables(records, ps, list(range(30)))
+    out = capsys.readouterr().out
+    assert "| OMoE | 0.84 | 0.74 | 0.83 | 0.81 |" in out and "| MMoE | 1.14 | 0.92 | 0.88 | 0.87 |" in out
+    assert ("| OMoE / MMoE | 0.95 [0.75, 1.21] (14/30) | 0.94 [0.75, 1.13] (16/30) | 1.04 [0.85, 1.28] (15/30) "
+            "| 1.04 [0.85, 1.27] (18/30) |") in out
+    assert "| MMoE's lead relative to p = 1.0 | 1 | 0.99 [0.80, 1.23] | 1.10 [0.91, 1.32] | 1.10 [0.86, 1.43] |" in out
