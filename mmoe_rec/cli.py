@@ -53,11 +53,16 @@ def print_user_error(e: Exception, about: str | None = None) -> None:
 
 
 def _cause(e: BaseException) -> BaseException | None:
-    """The exception `e` was raised from or while handling; none where `raise ... from None` replaced it with a
-    clearer message (e.g. "feature spec not found: DIR/spec.json" over "[Errno 2] No such file ...")."""
+    """The exception `e` was raised from (`raise ... from`), or, for the config parser's errors, the one it was
+    raised while handling (jsonargparse wraps a setting's own error that way); none where `raise ... from None`
+    replaced it with a clearer message (e.g. "feature spec not found: DIR/spec.json" over "[Errno 2] No such file
+    ..."). Another error raised while one was handled is a new one, not its detail: a checkpoint's copy onto a
+    read-only folder (EROFS) was reported as the cross-device rename before it (EXDEV), which shutil had handled."""
     if e.__cause__ is not None:
         return e.__cause__
-    return None if e.__suppress_context__ else e.__context__
+    if e.__suppress_context__ or type(e).__module__.split(".")[0] not in ("jsonargparse", "argparse"):
+        return None
+    return e.__context__
 
 
 def _report(e: Exception, argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
+from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
 from mmoe_rec.training.epochs import epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
@@ -270,6 +271,7 @@ class MultiTaskModule(L.LightningModule):
         if stage == "fit" and self._trainer is not None:
             seed_rank_stream(self.trainer.global_rank, self.trainer.world_size)
             self._train_metric_watched = bool(self._watched_train_metrics())
+            use_atomic_checkpoints(self.trainer)  # a full disk leaves the earlier checkpoint, not a truncated one
 
     def _watched_train_metrics(self) -> list[str]:
         """The `train/...` metrics an EarlyStopping, ModelCheckpoint or the lr scheduler watches: they may look at

@@ -148,6 +148,12 @@ class ParquetPredictionWriter(BasePredictionWriter):
                            f"{expected if expected is not None else 'unknown number of'} rows: the predictions "
                            "hold those only")
         replaced = self._target.exists()
+        if trainer.world_size > 1:  # every earlier rank file goes before any new one comes: a rank that dies in
+            trainer.strategy.barrier()  # between leaves files missing, never two runs' files side by side
+            if trainer.is_global_zero:
+                for rank in range(trainer.world_size):
+                    self._path(rank, trainer.world_size).unlink(missing_ok=True)
+            trainer.strategy.barrier()
         os.replace(self._partial, self._target)
         if replaced:  # the folder holds one run's predictions: said, not silent (`score` asks for --overwrite)
             warnings.warn(f"predictions: replaced the file an earlier run wrote at {self._target}", UserWarning,

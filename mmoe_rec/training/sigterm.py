@@ -153,6 +153,10 @@ class _Watch:
                 print(f"error: {self.job} did not stop within {self.stop_limit_s:g} s of a SIGTERM (held in a "
                       "collective by a stalled rank, or its on-exception work took longer); ending it and the "
                       "ranks it launched", file=sys.stderr, flush=True)
+            elif self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+                # the SIGTERM Linux sends a launched rank when rank 0 dies (die_with_parent): nobody stopped it
+                print(f"error: {self.job}: this rank ends, as rank 0 (pid {self.launcher_pid}), which launched it, "
+                      "has ended (see rank 0's error)", file=sys.stderr, flush=True)
             else:  # before Lightning's handler took over (ddp: the ranks still meeting), after its teardown, in the
                 # process that only waits for ddp_spawn / ddp_fork ranks (it never installs it), in an orphaned rank
                 print(f"error: {self.job} stopped by SIGTERM before it finished; ending the ranks it launched, if "

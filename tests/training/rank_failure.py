@@ -182,3 +182,22 @@ class KilledMidTraining(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_rank == self.rank and batch_idx == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DieAtPredictionRename(L.Callback):
+    """Rank `rank` SIGKILLs itself as it renames its predictions file into place (an OOM kill at that moment)."""
+
+    def __init__(self, rank: int = 1) -> None:
+        self.rank = rank
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank != self.rank:
+            return
+        rename = os.replace
+
+        def dying(src, dst, *args, **kwargs):
+            if str(dst).endswith(f".rank{self.rank}.parquet"):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return rename(src, dst, *args, **kwargs)
+
+        os.replace = dying

@@ -694,6 +694,22 @@ def test_two_process_predict_writes_every_test_row_once_and_replaces_an_earlier_
                 for i in pq.read_table(p)["row_id"].to_pylist()]
     assert ids == test_ids  # every test row, once, and the rank files in rank order are the split's order
 
+    # rank 1 killed as it renames its file into place: the earlier run's rank files are gone before any new one
+    # comes (it left rank 1's file of the earlier run beside rank 0's new one: two models' scores, the rows adding
+    # up; review 2026-12-07)
+    for r in (0, 1):  # marked as the earlier run's (the new run writes the same bytes: same model, same rows)
+        (tmp_path / f"pred.rank{r}.parquet").write_bytes(b"the earlier run's file")
+    proc = subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "predict", "--config", str(cfg),
+                           "--trainer.devices", "2", *PLAIN_FORK,
+                           "--trainer.callbacks+", "rank_failure.DieAtPredictionRename",
+                           "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                           "--predictions_path", str(tmp_path / "pred.parquet")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    left = {p.name: p.read_bytes() for p in tmp_path.glob("pred.rank*.parquet")}
+    assert b"the earlier run's file" not in left.values(), left.keys()
+    assert "pred.rank1.parquet" not in left
+
 
 def test_a_rank_without_a_predict_batch_writes_the_id_and_score_columns_of_the_others(feature_dir, tmp_path,
                                                                                      monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 from mmoe_rec.training import sigterm
@@ -311,3 +312,31 @@ def test_a_process_that_was_not_launched_does_not_stop_itself():
     code = "from mmoe_rec.training import sigterm\nsigterm.die_with_parent(None)\nprint('alive')\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "alive"
+
+
+def test_a_rank_ended_by_its_launchers_death_says_so_not_that_it_was_stopped_by_sigterm(tmp_path):
+    """Linux's SIGTERM to an orphaned rank (die_with_parent): it said "stopped by SIGTERM", as if someone had sent
+    one, beside rank 0's own error (a full disk, a SIGKILL; review 2026-12-07)."""
+    import subprocess
+    import sys
+    import time
+
+    err = tmp_path / "rank1.err"
+    rank = ("import os, time\nfrom mmoe_rec.training import sigterm\nparent = os.getppid()\n"
+            "with sigterm.watch(lambda: None, job='mmoe-rec fit', launcher_pid=parent):\n"
+            "    sigterm.die_with_parent(parent)\n    print('ready', flush=True)\n    time.sleep(30)\n")
+    launcher = ("import subprocess, sys\n"
+                f"p = subprocess.Popen([sys.executable, '-c', {rank!r}], stdout=subprocess.PIPE, "
+                f"stderr=open({str(err)!r}, 'w'), text=True)\n"
+                "assert p.stdout.readline() == 'ready\\n'\nprint(p.pid, flush=True)\nimport os; os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout)
+    deadline = time.monotonic() + 20
+    while "rank ends" not in err.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    text = err.read_text()
+    if "rank ends" not in text:
+        os.kill(pid, signal.SIGKILL)
+    assert re.search(r"error: mmoe-rec fit: this rank ends, as rank 0 \(pid \d+\), which launched it, has ended",
+                     text), text
+    assert "stopped by SIGTERM" not in text
