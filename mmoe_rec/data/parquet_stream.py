@@ -438,6 +438,8 @@ def _check_ids(col: pa.Array, path: str, name: str, first_row: int, rows: int | 
                          "(a missing one has its own), so the file was not written by `mmoe-rec features` as it is")
     if rows is None or not len(ids):
         return
+    if pa.types.is_dictionary(ids.type):  # Parquet of another writer: min_max has no kernel for it
+        ids = ids.dictionary_decode()
     low, high = pc.min_max(ids).values()
     if low.as_py() >= 0 and high.as_py() < rows:
         return

@@ -411,9 +411,10 @@ def _refuse_changed(identities: dict[str, tuple | None]) -> None:
     with a spec fitted on other rows (its vocabularies, statistics and train row count those of the old bytes)."""
     for path, identity in identities.items():
         if file_identity(path) != identity:
-            raise FeatureDataError("changed while the build read it (its size, modification time or inode are not "
-                                   "those it had when the build started), so the spec would not describe the rows "
-                                   "written; build again once nothing writes to it", file=path)
+            raise FeatureDataError("changed while the build read it (its size, inode, modification or status-change "
+                                   "time are not those it had when the build started: rewritten, or touched, chmod-ed "
+                                   "or linked), so the spec might not describe the rows written; build again once "
+                                   "nothing writes to it", file=path)
 
 
 def id_column_types(schema: Schema, sources: list[Source]) -> dict[str, pa.DataType]:

@@ -11,6 +11,7 @@ latest epoch): utilization_heatmap.png, expert_load.png, task_relatedness.png.
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -389,7 +390,15 @@ class RoutingMonitor(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._flush_segment()
-        if epoch_cut_short(trainer):  # the epoch's sums stay open for the fit that resumes it
+        if epoch_cut_short(trainer):
+            # the epoch's sums stay open for a fit that resumes it (which logs the whole epoch at its end); what
+            # this fit saw of it is logged as a partial epoch, its plots too: a fit that ends here (max_steps,
+            # early stopping mid-epoch, a fit shorter than one epoch) logged no epoch statistics at all
+            if self._epoch is not None:
+                seen = copy.deepcopy(self._epoch)
+                seen.reduce()
+                self._close_epoch(trainer, seen, trainer.current_epoch, getattr(pl_module, "last_grad_cosine", None),
+                                  probe_step=getattr(pl_module, "last_grad_cosine_step", None), partial=True)
             return
         # the epoch is closed: a checkpoint written after this (at the epoch's end) holds no open epoch sums, and
         # the sums below, already over all ranks, are never summed over the ranks again
@@ -402,33 +411,37 @@ class RoutingMonitor(L.Callback):
                           probe_step=getattr(pl_module, "last_grad_cosine_step", None))
 
     def _close_epoch(self, trainer, epoch: Window, index: int, grad_cosine=None, step: int | None = None,
-                     probe_step: int | None = None) -> None:
-        """Log a finished epoch's statistics (its sums over all ranks) at `step` (default: the current step)."""
+                     probe_step: int | None = None, partial: bool = False) -> None:
+        """Log a finished epoch's statistics (its sums over all ranks) at `step` (default: the current step);
+        `partial`: an epoch cut short, logged under experts/partial_epoch/, relatedness/partial_epoch/ and
+        relatedness/epoch_<nnn>_partial.json, and left out of the load history."""
         if epoch.empty:
             return
         step = trainer.global_step if step is None else step
-        self._log(trainer, epoch.metrics("experts/epoch", "relatedness/epoch"), step)
-        if len(self.epoch_history_steps) < MAX_LOAD_HISTORY:  # one point an epoch; drawn while no window has one
-            self.epoch_history_steps.append(step)
+        kind = "partial_epoch" if partial else "epoch"
+        self._log(trainer, epoch.metrics(f"experts/{kind}", f"relatedness/{kind}"), step)
+        if not partial and len(self.epoch_history_steps) < MAX_LOAD_HISTORY:  # one point an epoch; drawn while no
+            self.epoch_history_steps.append(step)  # window has one
             _append_loads(self.epoch_history, epoch)
         if trainer.is_global_zero:  # the matrices as numbers too (the scalars are one triangle, the plot a picture)
             matrices = {kind: {"tasks": list(names), "matrix": matrix_for_json(mat)}
                         for kind, (names, mat) in epoch.relatedness().items()}
             if grad_cosine is not None:
                 matrices["grad_cos"] = {"tasks": list(grad_cosine[0]), "matrix": matrix_for_json(grad_cosine[1])}
+            name = f"relatedness/epoch_{index:03d}{'_partial' if partial else ''}.json"
             if matrices and self._artifact_logger(trainer):
-                _unless_it_fails(f"relatedness/epoch_{index:03d}.json",
-                                 lambda: log_json(trainer.logger, matrices, f"relatedness/epoch_{index:03d}.json"))
+                _unless_it_fails(name, lambda: log_json(trainer.logger, matrices, name))
         if self.plots and trainer.is_global_zero and self._artifact_logger(trainer):
+            label = f"{index} (cut short at step {step})" if partial else index
             _unless_it_fails(f"epoch {index}'s plots", lambda: self.write_plots(trainer.logger, epoch, grad_cosine,
-                                                                                   epoch=index, probe_step=probe_step))
+                                                                                   epoch=label, probe_step=probe_step))
 
     @staticmethod
     def _log(trainer, metrics: dict[str, float], step: int) -> None:
         if metrics and trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics(metrics, step=step)
 
-    def figures(self, window: Window, grad_cosine=None, epoch: int | None = None,
+    def figures(self, window: Window, grad_cosine=None, epoch: int | str | None = None,
                 probe_step: int | None = None) -> dict[str, Any]:
         """The plots of a window; `epoch` (the one it closes) and `probe_step` (the gradient probe's) go into the
         titles."""
@@ -486,7 +499,7 @@ class RoutingMonitor(L.Callback):
                            "they are not made (the experts/ and relatedness/ scalars are logged)")
         return False
 
-    def write_plots(self, logger, window: Window, grad_cosine=None, epoch: int | None = None,
+    def write_plots(self, logger, window: Window, grad_cosine=None, epoch: int | str | None = None,
                     probe_step: int | None = None) -> None:
         for name, fig in self.figures(window, grad_cosine, epoch, probe_step).items():
             try:

@@ -453,11 +453,12 @@ class MultiTaskModule(L.LightningModule):
         return self._epoch_loss_sum.to(self.device)
 
     def on_train_epoch_end(self) -> None:
-        if not epoch_cut_short(self.trainer):  # else its totals stay open for the fit that resumes it
-            # rows seen this epoch, summed over ranks: equals the train split size once per epoch
-            self.log("train/rows_seen", float(self._epoch_rows), on_step=False, on_epoch=True, reduce_fx="sum",
-                     sync_dist=True, batch_size=1)
-            # the epoch's mean task losses over every batch of every rank: sums and counts reduced, then divided
+        cut = epoch_cut_short(self.trainer)  # then its totals stay open for a fit that resumes it
+        # rows seen this epoch, summed over ranks: equals the train split size once per epoch (a cut one's rows so
+        # far under a name of their own: a resume logs the whole epoch's at its end)
+        self.log("train/partial_epoch/rows_seen" if cut else "train/rows_seen", float(self._epoch_rows),
+                 on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True, batch_size=1)
+        if not cut:  # the epoch's mean task losses over every batch of every rank: sums and counts reduced, divided
             self._close_epoch_totals()
         config = self._plateau_config()
         if config is not None and config.interval == "epoch" and self.trainer.fit_loop.restarting:

@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import mlflow
 from lightning.fabric.utilities.logger import _convert_params
@@ -146,15 +146,22 @@ def probe_database_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str 
     PostgreSQL answers an SSL request with one byte, a MySQL / MariaDB server greets first. Raise
     TrackingUnavailable if nobody listens, or if nothing comes within `timeout` seconds: MLflow retries a refused
     connection for about 100 s, and psycopg2 waits on a server that accepts but never answers with no limit at all.
-    A store reached through a Unix socket (no host in the URI) is left to MLflow."""
+    Left to MLflow: a store whose address is not plainly host and port: no host in the URI, a query that names
+    one (`?host=/var/run/postgresql`, `?port=`, `?unix_socket=`, `?odbc_connect=`: SQLAlchemy's drivers read
+    those over the URI's), MySQL on `localhost` without a port (mysqlclient takes that as its Unix socket), SQL
+    Server without a port (pyodbc reads the host as a DSN name)."""
     parsed = urlparse(uri)
     dialect = parsed.scheme.partition("+")[0]
     try:
-        host, port = parsed.hostname, parsed.port or DATABASE_PORTS[dialect]
+        host, given_port = parsed.hostname, parsed.port
     except ValueError as e:  # a port that is no number
         raise TrackingUnavailable(f"MLflow database store {redacted(uri)}: {e}; {hint}") from None
-    if not host:
+    query = {key.lower() for key in parse_qs(parsed.query)}
+    if (not host or query & {"host", "hostaddr", "port", "unix_socket", "odbc_connect"}
+            or (given_port is None and (dialect == "mssql" or (dialect in ("mysql", "mariadb")
+                                                              and host == "localhost")))):
         return
+    port = given_port or DATABASE_PORTS[dialect]
     where = f"{host}:{port}"
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:

@@ -380,3 +380,15 @@ def test_a_binary_label_other_than_0_or_1_names_the_file_column_and_row(make_fea
         dm = FeatureDataModule(str(d), batch_size=64, shuffle_buffer=100)
         with pytest.raises(ValueError, match="part-00001.parquet: column label_click .*row 123"):
             list(dm.dataloader("train", train=train, rank=0, world_size=1))
+
+
+def test_a_dictionary_typed_id_column_is_checked_as_its_values():
+    """Parquet of another writer may store ids dictionary-encoded: min_max has no kernel for that type, and the check
+    failed with an Arrow error naming neither file nor column (review 2026-12-07)."""
+    from mmoe_rec.data.parquet_stream import _check_ids
+
+    ids = pa.array([3, 1, 99, 2]).dictionary_encode()
+    _check_ids(ids, "f.parquet", "user", 10, rows=100)
+    with pytest.raises(ValueError, match=r"f.parquet: column user has id 99 at row 12, outside its table of 50 rows"):
+        _check_ids(ids, "f.parquet", "user", 10, rows=50)
+

@@ -384,6 +384,7 @@ def test_a_fit_cut_by_max_steps_mid_epoch_resumes_from_its_last_checkpoint_as_a_
     last = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
     cut_trainer, _ = _train(feature_dir, tmp_path / "b", 3, callbacks=[last], max_steps=30, weighting="dwa")
     assert float(cut_trainer.callback_metrics["train/rows_seen"]) == 2000.0  # epoch 0's: the cut one is not logged
+    assert float(cut_trainer.callback_metrics["train/partial_epoch/rows_seen"]) == 9 * 96  # as a partial epoch
     resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=last.last_model_path,
                                       weighting="dwa")
     assert resumed_trainer.global_step == straight_trainer.global_step == 63

@@ -370,3 +370,7 @@ def test_a_fit_stopped_mid_epoch_by_max_steps_logs_no_epoch_statistics_for_the_c
     epoch_key = "experts/epoch/click/util/e0"
     assert stopped.steps_with(epoch_key) + resumed.steps_with(epoch_key) == [21, 42]
     assert not any(k.startswith("relatedness/epoch/") for _, m in stopped.calls for k in m)
+    # what the stopped fit saw of its epoch, under names of its own (a fit that ends there logged nothing at all)
+    assert stopped.steps_with("experts/partial_epoch/click/util/e0") == [15]
+    assert any(k.startswith("relatedness/partial_epoch/") for _, m in stopped.calls for k in m)
+    assert not resumed.steps_with("experts/partial_epoch/click/util/e0")

@@ -537,3 +537,15 @@ def test_a_database_server_that_answers_passes_the_check(scheme, greeting):
         server.close()
     if scheme.startswith("postgresql"):
         assert received == [bytes.fromhex("0000000804d2162f")]  # the SSLRequest message: length 8, code 80877103
+
+
+@pytest.mark.parametrize("uri", [
+    "postgresql://u:pw@127.0.0.1/db?port={port}",  # the driver reads the query's port over the URI's
+    "postgresql://u@localhost/db?host=/var/run/postgresql",  # a Unix socket
+    "mysql+pymysql://u:pw@localhost/db?unix_socket=/run/mysqld/mysqld.sock",
+    "mysql://u:pw@localhost/mlflow",  # mysqlclient: localhost is its Unix socket
+    "mssql+pyodbc://u:pw@my_dsn",  # a DSN name, not a host
+])
+def test_a_database_store_not_addressed_by_host_and_port_is_left_to_mlflow(uri):
+    """The probe refused working stores: it tried TCP to the URI's host on the dialect's default port (review)."""
+    check_tracking_uri(uri.format(port=free_port()))  # no TrackingUnavailable: not probed
