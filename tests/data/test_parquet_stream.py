@@ -152,10 +152,25 @@ def test_a_null_id_names_the_file_column_and_row(make_feature_dir, column):
         return _set(t, column, pa.array(v, t.schema.field(column).type))
 
     _rewrite(d / "train" / "part-00001.parquet", put)
+    assert_both_loaders_refuse(d, f"part-00001.parquet: column {column} has a null id at row 123 ")
+
+
+def assert_both_loaders_refuse(feature_dir, match: str) -> None:
+    """The train split's loader, in training (shuffled) and evaluation order, raises a ValueError matching `match`."""
     for train in (False, True):
-        dm = FeatureDataModule(str(d), batch_size=64, shuffle_buffer=100)
-        with pytest.raises(ValueError, match=f"part-00001.parquet: column {column} has a null id at row 123 "):
+        dm = FeatureDataModule(str(feature_dir), batch_size=64, shuffle_buffer=100)
+        with pytest.raises(ValueError, match=match):
             list(dm.dataloader("train", train=train, rank=0, world_size=1))
+
+
+def set_row_123(feature_dir, column: str, value, type_=None) -> None:
+    """Row 123 of train/part-00001.parquet's `column` set to `value` (the column's type unless `type_`)."""
+    def put(t: pa.Table) -> pa.Table:
+        v = t.column(column).to_pylist()
+        v[123] = value
+        return _set(t, column, pa.array(v, type_ or t.schema.field(column).type))
+
+    _rewrite(feature_dir / "train" / "part-00001.parquet", put)
 
 
 def test_a_damaged_page_names_the_file_and_row_group(make_feature_dir):
@@ -346,40 +361,22 @@ def test_the_row_group_order_is_reshuffled_each_epoch(tmp_path):
     assert len({tuple(o) for o in orders}) == 3
 
 
-# Review (data): the stream names file, column and row for a null id or a non-finite label, but an id outside its
-# feature's table and a binary label other than 0 / 1 (which `mmoe-rec features` refuses) went through: the first
-# failed later in the embedding naming only the feature and a batch row, the second trained silently (BCE with
-# target 2 has no lower bound). These fail on the code reviewed (e7a8fe7).
+# Review (data, 2026-12-07): the stream named file, column and row for a null id or a non-finite label, but an id
+# outside its feature's table and a binary label other than 0 / 1 (which `mmoe-rec features` refuses) went through:
+# the first failed later in the embedding naming only the feature and a batch row, the second trained silently (BCE
+# with target 2 has no lower bound).
 @pytest.mark.parametrize("column,value", [("user", 10 ** 6), ("user", -1), ("tags", [1, 10 ** 6])])
 def test_an_id_outside_its_table_names_the_file_column_and_row(make_feature_dir, column, value):
     d = make_feature_dir("oor_id", rows={"train": 300}, row_group_size=100)
-
-    def put(t: pa.Table) -> pa.Table:
-        v = t.column(column).to_pylist()
-        v[123] = value
-        return _set(t, column, pa.array(v, t.schema.field(column).type))
-
-    _rewrite(d / "train" / "part-00001.parquet", put)
-    for train in (False, True):
-        dm = FeatureDataModule(str(d), batch_size=64, shuffle_buffer=100)
-        with pytest.raises(ValueError, match=f"part-00001.parquet: column {column} .*row 123"):
-            list(dm.dataloader("train", train=train, rank=0, world_size=1))
+    set_row_123(d, column, value)
+    assert_both_loaders_refuse(d, f"part-00001.parquet: column {column} .*row 123")
 
 
 @pytest.mark.parametrize("value", [2.0, 0.5, -1.0])
 def test_a_binary_label_other_than_0_or_1_names_the_file_column_and_row(make_feature_dir, value):
     d = make_feature_dir("bad_binary", rows={"train": 300}, row_group_size=100)
-
-    def put(t: pa.Table) -> pa.Table:
-        v = t.column("label_click").to_pylist()
-        v[123] = value
-        return _set(t, "label_click", pa.array(v, pa.float32()))
-
-    _rewrite(d / "train" / "part-00001.parquet", put)
-    for train in (False, True):
-        dm = FeatureDataModule(str(d), batch_size=64, shuffle_buffer=100)
-        with pytest.raises(ValueError, match="part-00001.parquet: column label_click .*row 123"):
-            list(dm.dataloader("train", train=train, rank=0, world_size=1))
+    set_row_123(d, "label_click", value, pa.float32())
+    assert_both_loaders_refuse(d, "part-00001.parquet: column label_click .*row 123")
 
 
 def test_a_dictionary_typed_id_column_is_checked_as_its_values():
