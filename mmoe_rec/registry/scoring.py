@@ -36,10 +36,10 @@ from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.features.sources import file_header, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
+from mmoe_rec.nn import cpu_gemm
 from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, sigterm_held
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
-from mmoe_rec.nn import cpu_gemm
 from mmoe_rec.registry.scorer import PRECISIONS, Scorer, checked_precision
 from mmoe_rec.registry.versions import model_versions
 
