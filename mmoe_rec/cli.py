@@ -242,17 +242,18 @@ def _run(argv: list[str], process: bool) -> int:
             from lightning.pytorch.utilities.exceptions import SIGTERMException
 
             from mmoe_rec.training.cli import run_lightning_cli
+            from mmoe_rec.training.sigterm import stopped_by_sigterm
 
         try:
             run_lightning_cli(argv)
-        except SIGTERMException:  # a SystemExit without a code: the stopped job exited 0, as if it had finished
+        except (SIGTERMException, Exception) as e:  # SIGTERMException: a SystemExit without a code (exit 0)
+            if not stopped_by_sigterm(e):  # ... or a ddp_spawn rank's exit 143
+                return _report(e, argv)
             resume = "; a checkpoint it wrote, if any, resumes it with --ckpt_path" if argv[0] == "fit" else ""
             if (os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0") == "0":  # said once, by rank 0
                 print(f"error: mmoe-rec {argv[0]} stopped by SIGTERM before it finished (its MLflow run is marked "
                       f"FAILED{resume})", file=sys.stderr)
             return 128 + signal.SIGTERM
-        except Exception as e:
-            return _report(e, argv)
         return 0
     asked = bool(argv) and argv[0] in ("-h", "--help")  # every subcommand, not only LightningCLI's four
     print(

@@ -31,6 +31,7 @@ from mmoe_rec.training.epochs import epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
+from mmoe_rec.training import sigterm
 from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
 from mmoe_rec.training.weighting import FixedWeighting, GradNorm, make_weighting
 
@@ -252,6 +253,12 @@ class MultiTaskModule(L.LightningModule):
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
         self._plateau_deferred: tuple[str, int] | None = None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a ddp_spawn rank unpickles its module before its trainer registers its SIGTERM handler, and it runs
+        # no CLI that would have installed ours (sigterm.install: the ranks agree on a SIGTERM)
+        sigterm.install()
+        super().__setstate__(state)
 
     def forward(self, batch: Batch) -> ModelOutput:
         return self.model(batch)

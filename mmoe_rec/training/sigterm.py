@@ -3,9 +3,14 @@
 Lightning's SIGTERM handler (lightning 2.6, `_SignalConnector._sigterm_notifier_fn`) forwards the signal to the
 ranks its launcher started and then runs a `dist.broadcast` inside the handler, at whatever point of its collectives
 each rank happens to be: rank 1 aborted on a gloo "collective mismatch" and rank 0 failed with "Connection reset by
-peer", exit 1, without a word about the SIGTERM. The handler installed here does the rest of Lightning's work and
-leaves the broadcast to the training loop, which broadcasts rank 0's flag at every batch start anyway (all ranks
-then raise Lightning's SIGTERMException together).
+peer", exit 1, without a word about the SIGTERM. The handler installed here does the rest of Lightning's work
+(`_notifier`) and, under a multi-rank fit, leaves the SIGTERM pending: Lightning's loops check each rank's own flag
+at each batch's end, so a rank signalled alone, or after its gradient all-reduce while another was already in the
+next step (a process-group kill, as `scancel` sends), stopped while the others waited in the next collective (exit
+1, gloo's "Connection closed by peer"). The ranks agree on a pending SIGTERM (an all-reduce of their flags, max)
+where all of them stand at the same point: each training batch's start (in place of Lightning's broadcast of rank
+0's flag), a validation's start and an epoch's end; then every rank raises Lightning's SIGTERMException together.
+A ddp_spawn / ddp_fork rank so stopped exits 143, which its launcher reports as the stop (`stopped_by_sigterm`).
 
 `sigterm_received_at()` tells the launcher's observer (child_ranks) when rank 0 was told to stop: the other ranks
 then exit non-zero before their work is done, and rank 0, still writing its on-exception checkpoint or ending its
@@ -13,6 +18,7 @@ MLflow run, is spared for `SIGTERM_GRACE_S` instead of being SIGKILLed at once.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -32,21 +38,92 @@ _received_at: Optional[float] = None
 
 
 def sigterm_received_at() -> Optional[float]:
-    """time.monotonic() of this process's first SIGTERM under a Lightning run, or None."""
+    """time.monotonic() of this process's first SIGTERM under a Lightning run (or of the ranks' agreement on another
+    rank's), or None."""
     return _received_at
 
 
 def _notifier(self: Any, signum: int, frame: Any) -> None:
-    """Lightning's `_sigterm_notifier_fn` without its broadcast: note it, forward it to the launched ranks once."""
-    global _received_at
+    """Lightning's `_sigterm_notifier_fn` without its broadcast: note it, forward it to the launched ranks once;
+    under a multi-rank fit, leave it pending for the ranks to agree on (`_agree`)."""
+    global _received_at, _pending
     _log.info("rank %s received SIGTERM (%s)", getattr(self.trainer, "global_rank", "?"), signum)
-    if not self.received_sigterm:
+    if not self.received_sigterm and not _pending:
         if _received_at is None:
             _received_at = time.monotonic()
         launcher = self.trainer.strategy.launcher
         if launcher is not None:
             launcher.kill(signum)
-    self.received_sigterm = True
+    if _ranks_agree(self.trainer):
+        _pending = True
+    else:
+        self.received_sigterm = True
+
+
+_pending = False  # a SIGTERM under a multi-rank fit that the ranks have not agreed on yet
+
+
+def _ranks_agree(trainer: Any) -> bool:
+    """Whether a SIGTERM is for the ranks to agree on: a fit of more than one rank, its process group made."""
+    import torch.distributed as dist
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    return (getattr(trainer, "world_size", 1) > 1 and trainer.state.fn == TrainerFn.FITTING
+            and dist.is_available() and dist.is_initialized())
+
+
+def _agree(trainer: Any) -> bool:
+    """Whether any rank has a SIGTERM pending (a collective: every rank calls it at the same point); if so, every
+    rank's Lightning flag is set. A collective that fails (a rank died) leaves this rank's own flag to decide: the
+    next collective reports the death."""
+    import torch
+    import torch.distributed as dist
+
+    global _pending, _received_at
+    if not _ranks_agree(trainer):
+        return bool(trainer.received_sigterm)
+    mine = 1 if (_pending or trainer.received_sigterm) else 0
+    try:
+        flag = torch.tensor([mine], device=trainer.strategy.root_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+    except Exception:  # noqa: BLE001 - see the docstring
+        stop = bool(mine)
+    if stop:
+        _pending = False
+        if _received_at is None:  # a rank told by the agreement alone: the launcher's observer spares it too
+            _received_at = time.monotonic()
+        trainer._signal_connector.received_sigterm = True
+    return stop
+
+
+def _stop_at_batch_start(self: Any) -> None:
+    """In place of `_TrainingEpochLoop._broadcast_sigterm_tensor` (which broadcast rank 0's flag alone): every
+    rank raises SIGTERMException at this batch's start if any rank has a SIGTERM pending."""
+    import torch.distributed as dist
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if _agree(self.trainer):
+        try:
+            dist.barrier()  # as Lightning does: every rank has agreed before any leaves
+        except Exception:  # noqa: BLE001
+            pass
+        raise SIGTERMException()
+
+
+def _agreeing_first(original: Callable[..., Any]) -> Callable[..., Any]:
+    """`original` (a loop's hook that every rank runs at the same point) after the ranks agree on a pending SIGTERM:
+    Lightning's own check of its flag, then, stops every rank (at an epoch's end, or a validation's first batch)."""
+    if getattr(original, "_agrees_first", False):
+        return original
+
+    def hook(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if _ranks_agree(self.trainer):
+            _agree(self.trainer)
+        return original(self, *args, **kwargs)
+
+    hook._agrees_first = True  # type: ignore[attr-defined]
+    return hook
 
 
 def install() -> None:
@@ -58,6 +135,8 @@ def install() -> None:
         return
     if hasattr(_SignalConnector, "_sigterm_notifier_fn"):
         _SignalConnector._sigterm_notifier_fn = _notifier
+        _agree_at_common_points()
+        _spawned_ranks_exit_143()
     original = _SignalConnector.register_signal_handlers
     if not getattr(original, "_tells_the_watch", False):
         def register_signal_handlers(self: Any) -> None:
@@ -70,12 +149,64 @@ def install() -> None:
     original_teardown = _SignalConnector.teardown
     if not getattr(original_teardown, "_tells_the_watch", False):
         def teardown(self: Any) -> None:
+            global _pending
+            _pending = False  # a SIGTERM after the ranks' last agreement: the job has ended anyway
             original_teardown(self)  # the handlers it replaced back: the watch's
             if _watch is not None:
                 _watch.lightning_handles = False
 
         teardown._tells_the_watch = True  # type: ignore[attr-defined]
         _SignalConnector.teardown = teardown
+
+
+def _agree_at_common_points() -> None:
+    """The ranks agree on a pending SIGTERM at each training batch's start, a validation's start and an epoch's end."""
+    from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    if hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor"):
+        _TrainingEpochLoop._broadcast_sigterm_tensor = _stop_at_batch_start
+    _FitLoop.on_advance_end = _agreeing_first(_FitLoop.on_advance_end)
+    _EvaluationLoop.on_run_start = _agreeing_first(_EvaluationLoop.on_run_start)
+
+
+def _spawned_ranks_exit_143() -> None:
+    """A ddp_spawn / ddp_fork rank stopped by SIGTERM exits 143 at once (its launcher says so in one line, and ends
+    the run FAILED): the exception went to the launcher as a traceback, exit 1, and the rank's interpreter exit
+    could abort in gloo's threads (gloo_exit.py)."""
+    try:
+        from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    except ImportError:
+        return
+    original = _MultiProcessingLauncher._wrapping_function
+    if getattr(original, "_exits_143", False):
+        return
+
+    @functools.wraps(original)  # its name too: the spawned rank unpickles the bound method by name
+    def wrapping_function(self: Any, *args: Any, **kwargs: Any) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            original(self, *args, **kwargs)
+        except SIGTERMException:
+            exit_now(_EXIT_CODE)
+
+    wrapping_function._exits_143 = True  # type: ignore[attr-defined]
+    _MultiProcessingLauncher._wrapping_function = wrapping_function
+
+
+def stopped_by_sigterm(error: BaseException) -> bool:
+    """Whether `error` is a stop by SIGTERM: Lightning's, or a spawned rank's exit with 143 (see above)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(error, SIGTERMException):
+        return True
+    try:
+        from torch.multiprocessing import ProcessExitedException
+    except ImportError:
+        return False
+    return isinstance(error, ProcessExitedException) and error.exit_code == _EXIT_CODE
 
 
 # --- the watch -----------------------------------------------------------------------------------------------

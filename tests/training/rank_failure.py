@@ -201,3 +201,18 @@ class DieAtPredictionRename(L.Callback):
             return rename(src, dst, *args, **kwargs)
 
         os.replace = dying
+
+
+
+class SigtermEveryRankAfterBackward(L.Callback):
+    """At its `batch`-th training batch, after the backward (the gradients all-reduced), rank 1 signals itself and
+    its parent, rank 0 under `ddp` (as `scancel` or a kill of the process group signals every rank, each at its own
+    point of the step)."""
+
+    def __init__(self, batch: int = 3) -> None:
+        self.batch = batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.global_rank == 1:
+            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)

@@ -583,6 +583,28 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
+@pytest.mark.parametrize("strategy,callback", [
+    # rank 0, told by the agreement alone, outlasts the launcher's observer poll (5 s) in its on-exception work: it
+    # is spared as when it is signalled itself (it was SIGKILLed for a rank that exited before its work was done)
+    ("ddp", {"SigtermAt": {"batch": 3, "rank": 1}, "SlowOnException": {"seconds": 12.0, "rank": 0}}),
+    ("ddp", {"SigtermEveryRankAfterBackward": {"batch": 3}}),
+    ("ddp_spawn", {"SigtermAt": {"batch": 3, "rank": 1}}),
+])
+def test_a_sigterm_to_any_rank_stops_every_rank_at_the_same_batch_with_exit_143(feature_dir, tmp_path, strategy,
+                                                                                callback):
+    """Each rank acted on its own SIGTERM at its batch's end: a rank signalled alone, or signalled after its gradient
+    all-reduce while another rank was already in the next step (a process-group kill), stopped while the others
+    waited in a collective (exit 1, gloo's "Connection closed by peer"); a ddp_spawn rank ran Lightning's own
+    handler, which broadcast inside it (exit 1, SIGABRT). The ranks now agree on any rank's SIGTERM at the next
+    batch's start: exit 143, one line, the run FAILED."""
+    cfg = config_with_callbacks(tmp_path, feature_dir, 16, **callback)
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", strategy, check=False)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Connection" not in proc.stderr, proc.stderr[-3000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_it_launched(feature_dir, tmp_path,
                                                                                             monkeypatch):
     """Before Lightning's handler (rank 0 waiting for its ranks in the rendezvous, its MLflow run made) a SIGTERM
