@@ -52,7 +52,7 @@ from mmoe_rec.features.fit import SpecFitter
 from mmoe_rec.features.id_columns import cast_ids, plan_id_types
 from mmoe_rec.features.label_check import TrainLabelCheck
 from mmoe_rec.features.schema import Schema, load_schema
-from mmoe_rec.features.sources import column_types, file_identity, glob_root, iter_batches, resolve_inputs
+from mmoe_rec.features.sources import file_header, file_identity, glob_root, iter_batches, resolve_inputs
 from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import (missing_parents, output_dir_problem, remove_empty_folders, replace_dir,
@@ -418,9 +418,11 @@ def _refuse_changed(identities: dict[str, tuple | None]) -> None:
 
 
 def id_column_types(schema: Schema, sources: list[Source]) -> dict[str, pa.DataType]:
-    """The type each id column is written with, from the input files' schemas (id_columns.plan_id_types)."""
+    """The type each id column is written with, from the input files' schemas (id_columns.plan_id_types). A CSV
+    file's header is read for it (its ids are text): an empty file is reported as such, not as text ids that clash
+    with a Parquet file's integers."""
     ids = list(schema.id_columns)
-    return plan_id_types((f, column_types(f, ids)) for s in sources for f in s.files)
+    return plan_id_types((f, file_header(f, schema.reader).types(ids)) for s in sources for f in s.files)
 
 
 def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed: int = 0,

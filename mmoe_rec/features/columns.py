@@ -123,7 +123,8 @@ def categorical_column(arr, column: str) -> pa.Array:
         arr = arr.dictionary_decode()
     t = arr.type
     if pa.types.is_floating(t):
-        x = arr.to_numpy(zero_copy_only=False)  # nulls arrive as NaN
+        # nulls arrive as NaN; float64: 2.0 ** 63 overflows a float16 comparison (a RuntimeWarning every batch)
+        x = arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
         missing = np.isnan(x)
         fraction = ~missing & (x != np.round(x))
         bad = fraction | (~missing & ~(np.abs(x) < 2.0 ** 63))  # inf, or beyond int64
@@ -267,12 +268,14 @@ def label_values(arr, column: str, state: dict, strip: bool = False) -> np.ndarr
         if missing.any():
             raise FeatureDataError("label is NaN", column=column, row=int(np.argmax(missing)))
         vals = pa.array(x)
+        is_bool = pa.types.is_boolean(arr.type)
         try:
-            pos_set = pa.array([float(v) for v in pos])
-            neg_set = None if neg is None else pa.array([float(v) for v in neg])
+            pos_set = pa.array([_label_number(v, is_bool) for v in pos])
+            neg_set = None if neg is None else pa.array([_label_number(v, is_bool) for v in neg])
         except (TypeError, ValueError):
-            raise FeatureDataError(f"numeric label column, but the schema's positive/negative values {pos}/{neg} "
-                                   "are not numbers", column=column) from None
+            kind, expected = ("bool", "true / false or numbers") if is_bool else ("numeric", "numbers")
+            raise FeatureDataError(f"{kind} label column, but the schema's positive/negative values {pos}/{neg} "
+                                   f"are not {expected}", column=column) from None
     is_pos = pc.is_in(vals, value_set=pos_set).to_numpy(zero_copy_only=False)
     if neg_set is not None:
         ok = is_pos | pc.is_in(vals, value_set=neg_set).to_numpy(zero_copy_only=False)
@@ -281,6 +284,16 @@ def label_values(arr, column: str, state: dict, strip: bool = False) -> np.ndarr
             raise FeatureDataError(f"label value {vals[row].as_py()!r} is neither positive {list(pos)} "
                                    f"nor negative {list(neg)}", column=column, row=row)
     return is_pos.astype(np.float32)[:n]
+
+
+def _label_number(value, is_bool: bool) -> float:
+    """A declared positive / negative value as the number a label column holds. For a bool column (1 / 0) "true" and
+    "false" in any case too: its rows in a CSV are such text ("True" written by pandas, "true" by Arrow), which a
+    declared `positive: ["True"]` matches there, as a bool categorical's text matches the CSV's
+    (vocab.canonical_text)."""
+    if is_bool and str(value).lower() in ("true", "false"):
+        return float(str(value).lower() == "true")
+    return float(value)
 
 
 def _refuse_nan_text(vals: pa.Array, declared: tuple, column: str) -> None:

@@ -31,3 +31,16 @@ def missing_columns_error(missing: list[str], have: list[str], file: str | None,
     if len(missing) == 1:
         return FeatureDataError(f"missing column ({holder} has {have})", file=file, column=missing[0])
     return FeatureDataError(f"missing columns {', '.join(map(repr, missing))} ({holder} has {have})", file=file)
+
+
+def check_columns(have: list[str], needed, file: str | None, holder: str = "the input") -> None:
+    """Refuse input (`holder`: "the file", "the input") that lacks `needed` columns (all named at once) or names one
+    of them twice: which one is meant is unclear (Arrow would read the first of a file's, pyarrow fails on a
+    table's). A column nothing reads may repeat: files, Tables and DataFrames alike."""
+    missing = list(dict.fromkeys(c for c in needed if c not in set(have)))
+    if missing:
+        raise missing_columns_error(missing, have, file, holder)
+    twice = [c for c in dict.fromkeys(needed) if have.count(c) > 1]
+    if twice:
+        raise FeatureDataError(f"{holder} names this column twice (its columns are {have}): which one is meant is "
+                               "unclear", file=file, column=twice[0])

@@ -12,17 +12,12 @@ import pyarrow as pa
 from mmoe_rec.features.columns import (
     multi_valued_column, numeric_column, numeric_null_values, single_categorical_column,
 )
-from mmoe_rec.features.errors import FeatureDataError
+from mmoe_rec.features.errors import FeatureDataError, check_columns
 from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import RESERVOIR_SIZE, NumericStats, fit_numeric, prepare
 from mmoe_rec.features.schema import Schema
 from mmoe_rec.features.spec import TRANSFORMS_FORMAT, FeatureSpec, SparseFeature, Task
 from mmoe_rec.features.vocab import VocabCounter
-
-
-def missing_columns(table_columns: Iterable[str], needed: Iterable[str]) -> list[str]:
-    have = set(table_columns)
-    return [c for c in needed if c not in have]
 
 
 def nulls_delimited_fields(c, schema) -> bool:
@@ -55,9 +50,7 @@ class SpecFitter:
     def update(self, table: pa.Table | pa.RecordBatch, mask: np.ndarray | None = None,
                file: str | None = None, row_offset: int = 0) -> None:
         """Add the rows of `table` where `mask` is true (all rows if None). Rows in errors are file rows."""
-        miss = missing_columns(table.column_names, self.schema.raw_columns(with_labels=False))
-        if miss:
-            raise FeatureDataError(f"missing column (the input has {table.column_names})", file=file, column=miss[0])
+        check_columns(table.column_names, self.schema.raw_columns(with_labels=False), file)
         take = None if mask is None else pa.array(mask)
         try:
             for c in self.schema.categorical:

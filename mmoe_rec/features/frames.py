@@ -19,14 +19,17 @@ from mmoe_rec.features.errors import FeatureDataError
 
 def table_from_pandas(frame: pd.DataFrame, file: str | None = None, row_offset: int = 0) -> pa.Table:
     """The frame's columns as an Arrow table (its index left out); a mixed object column as text (see above).
-    A value that is neither a scalar nor missing in such a column (a list among strings) is an error naming it."""
-    try:
-        return pa.Table.from_pandas(frame, preserve_index=False)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an int past 64 bits among others
-        pass
+    A value that is neither a scalar nor missing in such a column (a list among strings) is an error naming it.
+    A name the frame gives two columns is kept twice (pyarrow's from_pandas refuses it): the transform refuses a
+    column it reads named twice, and ignores one it does not read, as for a file (errors.check_columns)."""
+    if frame.columns.is_unique:
+        try:
+            return pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an int past 64 bits among others
+            pass
     arrays = []
-    for name in frame.columns:
-        column = frame[name]
+    for i, name in enumerate(frame.columns):
+        column = frame.iloc[:, i]  # by position: frame[name] of a repeated name is a DataFrame
         try:
             arrays.append(pa.array(column, from_pandas=True))
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:

@@ -30,7 +30,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mmoe_rec.features.arrow_kernels import if_else
-from mmoe_rec.features.errors import FeatureDataError, missing_columns_error
+from mmoe_rec.features.errors import FeatureDataError, check_columns
 from mmoe_rec.features.id_columns import schema_types
 from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.paths import folder_files, skipped_name
@@ -278,12 +278,6 @@ def file_header(path: str, reader: ReaderSpec) -> FileHeader:
     return FileHeader(schema.names, schema.metadata, schema, parquet.metadata.num_rows)
 
 
-def column_types(path: str, columns: list[str]) -> dict[str, pa.DataType]:
-    """Arrow type of each of `columns`, as iter_batches yields it, without reading rows. A CSV column is always a
-    string (its file is not opened here); a column a Parquet file lacks is left out (iter_batches reports it)."""
-    return _arrow_types(None if input_format(path) == "csv" else _open_parquet(path).schema_arrow, columns)
-
-
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
                  batch_rows: int = 65_536, dictionary: Iterable[str] = (),
                  as_written: Iterable[str] = (), quote_scans: dict | None = None
@@ -307,7 +301,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
         if fmt == "parquet":
             pf = _open_parquet(path)
             have = pf.schema_arrow.names
-            _check_columns(path, have, columns)
+            check_columns(have, columns, path, holder="the file")
             as_dict = [c for c in dict.fromkeys(dictionary)
                        if c in columns and pf.schema_arrow.field(c).type == pa.string()]
             if as_dict:
@@ -316,7 +310,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             strip = False
         else:
             have = csv_columns(path, reader)
-            _check_columns(path, have, columns)
+            check_columns(have, columns, path, holder="the file")
             # quotes not tracked on the way (all but .xz) are tracked in a second pass, in a thread beside the
             # read: cheap for plain files; a .gz / .bz2 file is decompressed again, on the other core
             delimiter = _delimiter(path, reader)
@@ -736,14 +730,3 @@ def _bad_csv_row(path: str, reader: ReaderSpec) -> tuple[int, str] | None:
             text = text if len(text) <= 80 else text[:77] + "..."
             return row, f"malformed CSV row: expected {expected} fields, found {found} ({text!r})"
     return None
-
-
-def _check_columns(path: str, have: list[str], needed: list[str]) -> None:
-    missing = list(dict.fromkeys(c for c in needed if c not in set(have)))
-    if missing:
-        raise missing_columns_error(missing, have, path, holder="the file")
-    twice = [c for c in dict.fromkeys(needed) if have.count(c) > 1]
-    if twice:  # Arrow would silently take the first of them
-        raise FeatureDataError(f"the file names this column twice (its columns are {have}): which one is meant is "
-                               "unclear", file=path, column=twice[0])
-

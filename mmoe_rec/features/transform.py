@@ -20,7 +20,7 @@ from mmoe_rec.features.columns import (
     single_categorical_column,
     weight_column,
 )
-from mmoe_rec.features.errors import FeatureDataError, missing_columns_error
+from mmoe_rec.features.errors import FeatureDataError, check_columns
 from mmoe_rec.features.frames import table_from_pandas
 from mmoe_rec.features.numeric import apply_numeric
 from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, label_column
@@ -58,10 +58,9 @@ class CompiledSpec:
         return list(dict.fromkeys(cols))
 
     def check_columns(self, names: list[str], with_labels: bool, file: str | None = None) -> None:
-        """Refuse input without every column the transform reads, naming all that are missing at once."""
-        missing = [c for c in self.input_columns(with_labels) if c not in names]
-        if missing:
-            raise missing_columns_error(missing, names, file)
+        """Refuse input without every column the transform reads (all that are missing named at once), or that names
+        one of them twice (errors.check_columns)."""
+        check_columns(names, self.input_columns(with_labels), file)
 
     def output_schema(self, with_labels: bool, id_types: dict[str, pa.DataType] | None = None) -> pa.Schema:
         fields = [pa.field(c, (id_types or {}).get(c, pa.string())) for c in self.spec.id_columns]

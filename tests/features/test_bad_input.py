@@ -144,6 +144,17 @@ def test_empty_input(feat, tmp_path, capsys, kind):
     _assert_clean(tmp_path, out)
 
 
+def test_an_empty_csv_beside_parquet_is_reported_as_empty_not_as_text_ids(feat, tmp_path, capsys):
+    """The id columns' types are planned before any row is read: a CSV's were taken as text without opening the
+    file, which clashed with the Parquet file's int64 ids ("id column of type string here, int64 in ...")."""
+    feat.write_parquet(tmp_path / "raw" / "a.parquet", feat.raw_table(20))
+    (tmp_path / "raw" / "b.csv").write_text("")
+    rc, out = _run(tmp_path, feat.write_schema(tmp_path / "s.yaml"), tmp_path / "raw")
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {tmp_path / 'raw' / 'b.csv'}: empty input file" in err, err
+    _assert_clean(tmp_path, out)
+
+
 def test_truncated_parquet(feat, tmp_path, capsys):
     good = feat.write_parquet(tmp_path / "a.parquet", feat.raw_table(200))
     data = good.read_bytes()

@@ -130,6 +130,19 @@ def test_csv_and_parquet_of_the_same_rows_get_the_same_ids(tmp_path, typed, fit_
     assert len(spec.transforms["features"]["u"]["values"]) == 3  # "" is no vocabulary value
 
 
+@pytest.mark.parametrize("positive, negative", [(["True"], None), (["True"], ["False"])])
+def test_a_bool_label_and_its_csv_text_match_declared_true_false_alike(tmp_path, positive, negative):
+    """A bool Parquet label with `positive: ["True"]` was refused ("numeric label column, but the schema's
+    positive/negative values ['True']/... are not numbers") where the same rows as CSV (pandas' "True") built."""
+    schema = {**SCHEMA, "tasks": [{"name": "click", "positive": positive, "negative": negative}]}
+    rows = {**ROWS, "click": ["True", "False", "True", "True", "False", "False"]}
+    for name, table in (("csv", _csv_table(tmp_path, rows)),
+                        ("parquet", pa.table({**{c: pa.array(v) for c, v in rows.items()},
+                                              "click": pa.array([v == "True" for v in rows["click"]])}))):
+        spec = fit(parse_schema(schema), [table])
+        assert transform_table(spec, table)["label_click"].to_pylist() == [1, 0, 1, 1, 0, 0], name
+
+
 def test_integral_float_strings_find_an_int_vocabulary(tmp_path):
     schema = parse_schema(SCHEMA)
     spec = fit(schema, [pa.table({"rid": [1, 2], "u": [10.0, 11.0], "h": ["a", "b"], "x": [1.0, 2.0],
@@ -248,6 +261,32 @@ def test_csv_with_a_needed_column_twice_in_the_header_is_refused(tmp_path, capsy
     rc, out = _features(tmp_path, f"train={p}")
     err = capsys.readouterr().err
     assert rc == 1 and str(p) in err and "'x'" in err and "twice" in err
+
+
+def _twice(table: pa.Table, column: str) -> pa.Table:
+    return pa.Table.from_arrays(list(table.columns) + [table[column]], names=table.column_names + [column])
+
+
+def test_in_memory_rows_naming_a_needed_column_twice_are_refused_as_a_file_is():
+    """A Table or DataFrame naming a column twice reached pyarrow (KeyError 'Field "x" exists 2 times in schema',
+    ValueError 'Duplicate column names found'): refused naming the source and the column, as a file is."""
+    rows = pa.table({"rid": [1, 2, 3], "u": ["a", "b", "a"], "h": ["a"] * 3, "x": [1.0, 2.0, 3.0], "click": [0, 1, 0]})
+    spec = fit(parse_schema(SCHEMA), rows)
+    for twice in (_twice(rows, "x"), _twice(rows, "x").to_pandas()):
+        with pytest.raises(FeatureDataError, match=r"^file batch\.parquet, column 'x': the input names this column "
+                                                   r"twice"):
+            transform_table(spec, twice, with_labels=False, file="batch.parquet")
+        with pytest.raises(FeatureDataError, match=r"column 'x': the input names this column twice"):
+            fit(parse_schema(SCHEMA), twice)
+
+
+def test_in_memory_rows_naming_an_unread_column_twice_are_read_as_without_it():
+    rows = pa.table({"rid": [1, 2, 3], "u": ["a", "b", "a"], "h": ["a"] * 3, "x": [1.0, 2.0, 3.0], "click": [0, 1, 0]})
+    spec = fit(parse_schema(SCHEMA), rows)
+    noted = rows.append_column("note", pa.array(["p", "q", "r"]))
+    for twice in (_twice(noted, "note"), _twice(noted, "note").to_pandas()):
+        assert fit(parse_schema(SCHEMA), twice).version == spec.version
+        assert transform_table(spec, twice).equals(transform_table(spec, rows))
 
 
 def test_csv_header_that_differs_from_reader_column_names_is_refused(tmp_path, capsys):

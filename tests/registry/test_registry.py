@@ -1586,6 +1586,24 @@ def test_the_pyfunc_names_its_input_row_and_column_of_a_bad_value(rec_data, pack
         pyfunc.predict(None, bad)
 
 
+def test_the_scorer_and_the_pyfunc_refuse_a_needed_column_named_twice_and_pass_over_an_unread_one(rec_data, package):
+    """In-memory rows follow a file's rule (features.errors.check_columns), where pyarrow's KeyError / ValueError
+    ('Duplicate column names found') came out."""
+    pyfunc = MultiTaskPyfunc()
+    pyfunc.load_context(types.SimpleNamespace(artifacts={"package": str(package)}))
+    raw = pq.read_table(rec_data[1]).slice(0, 5)
+    want = pyfunc.predict(None, raw.to_pandas())
+    twice = pa.Table.from_arrays(list(raw.columns) + [raw["price"]], names=raw.column_names + ["price"])
+    with pytest.raises(FeatureDataError, match=r"^file rows, column 'price': the input names this column twice"):
+        pyfunc.scorer.score_table(twice, source="rows")
+    with pytest.raises(FeatureDataError, match=r"^file pyfunc input, column 'price': the input names this column "
+                                               r"twice"):
+        pyfunc.predict(None, twice.to_pandas())
+    noted = raw.append_column("note", pa.array(["a"] * 5)).append_column("note", pa.array(["b"] * 5))
+    assert pyfunc.predict(None, noted.to_pandas()).equals(want)
+    assert pyfunc.scorer.score_table(noted).equals(pyfunc.scorer.score_table(raw))
+
+
 def test_register_package_works_inside_the_callers_active_run_and_leaves_its_experiment_alone(package, tracking):
     """A library user who trains inside `with mlflow.start_run()` and registers there (into that run, or into a run
     of register's own) must not get "Run ... is already active", and the experiment of their next run must not
