@@ -246,13 +246,17 @@ class SparseMMoE(MultiTaskModel):
         flat_keep = keep.t().reshape(-1)  # assignments are choice-major, like keep.t()
         return experts[flat_keep], rows[flat_keep], weights[flat_keep], dropped_mass, (~keep).sum()
 
-    def _aux(self, r: Routing) -> dict[str, torch.Tensor]:
+    def _importance(self, r: Routing) -> torch.Tensor:
+        """(E,) float32 Importance_i = sum over rows of the gate's weights, before capacity: what the gate asked for
+        (the importance loss balances it; the record carries it for the monitor's importance CV²)."""
         experts, _, weights = r.assignments()
+        return torch.zeros(self.num_experts, device=weights.device, dtype=torch.float32).index_add(
+            0, experts, weights.float())
+
+    def _aux(self, r: Routing) -> dict[str, torch.Tensor]:
         out = {}
-        if "importance" in self.balance:  # before capacity: what the gate asked for
-            importance = torch.zeros(self.num_experts, device=weights.device, dtype=torch.float32).index_add(
-                0, experts, weights.float())
-            out["importance"] = cv_squared(importance)
+        if "importance" in self.balance:
+            out["importance"] = cv_squared(self._importance(r))
         if "load" in self.balance:
             out["load"] = load_loss(r.load_prob).to(r.logits.device)
         if "switch" in self.balance:
@@ -322,7 +326,8 @@ class SparseMMoE(MultiTaskModel):
     def _record(self, task: str, r: Routing, experts, rows, weights, n_dropped: torch.Tensor, T: int) -> GateRecord:
         with torch.no_grad():
             combine = torch.zeros(T, self.num_experts, device=r.logits.device, dtype=torch.float32)
-            combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)
+            combine.index_put_((rows, experts), weights.detach().float(), accumulate=True)  # after capacity
+            importance = self._importance(r)  # (E,) before capacity (expert choice keeps all: combine's sum)
             # on the gate's device: the monitor adds them to device sums every step without a host copy
             # (the dropped fraction is the monitor's own `dropped_frac`, from `dropped` and the assignments)
             extra = {"router_z": router_z_loss(r.logits.detach())}
@@ -340,7 +345,7 @@ class SparseMMoE(MultiTaskModel):
         return GateRecord(combine=combine, probs=probs,
                           chosen=r.chosen.detach() if token_choice else None,
                           assigned=None if token_choice else r.mask,
-                          dropped=n_dropped.to(torch.int64), extra=extra)
+                          dropped=n_dropped.to(torch.int64), extra=extra, importance=importance)
 
     @torch.no_grad()
     def after_optimizer_step(self, output: ModelOutput) -> None:

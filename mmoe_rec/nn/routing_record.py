@@ -20,6 +20,9 @@ class GateRecord:
     extra:   further scalars a router wants logged (router z, bias statistics, ...).
     assigned: (B, E) bool, True where a row was sent to an expert, for routings in which a row gets any number of
              experts (expert choice; `chosen` is None then), else None. Sparse, like `chosen`: load statistics.
+    importance: (E,) float32 sum over the rows of the gate's weights g(x) before the capacity limit (Importance_i,
+             what the importance loss balances), or None: then combine.sum(0) (dense gates, which drop nothing).
+             `combine` is after capacity: its sum misses the weight the limit took off the overloaded experts.
     """
 
     combine: torch.Tensor
@@ -28,7 +31,8 @@ class GateRecord:
     dropped: torch.Tensor | None = None
     expert_groups: dict[str, list[int]] | None = None
     extra: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    assigned: torch.Tensor | None = None  # last: the fields before keep their positions
+    assigned: torch.Tensor | None = None  # last ones: the fields before keep their positions
+    importance: torch.Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -43,11 +47,11 @@ class GateRecord:
 def concat_records(records: list[GateRecord]) -> GateRecord | None:
     """One gate's records of several batches as one record of all their rows (what monitoring sums is the same),
     or None when they do not line up (other experts, extras or routing kind): then take them one by one.
-    `dropped` adds up; an extra becomes the row-weighted mean of its batch means (monitoring weighs each batch's
-    extra by its rows)."""
+    `dropped` and `importance` add up; an extra becomes the row-weighted mean of its batch means (monitoring weighs
+    each batch's extra by its rows)."""
     first = records[0]
     kinds = {(r.num_experts, r.chosen is None, r.chosen.shape[1] if r.chosen is not None else 0,
-              r.assigned is None, r.dropped is None, tuple(sorted(r.extra))) for r in records}
+              r.assigned is None, r.dropped is None, r.importance is None, tuple(sorted(r.extra))) for r in records}
     if len(kinds) != 1:
         return None
     rows = [r.combine.shape[0] for r in records]
@@ -62,4 +66,5 @@ def concat_records(records: list[GateRecord]) -> GateRecord | None:
         expert_groups=first.expert_groups,
         extra=extra,
         assigned=None if first.assigned is None else torch.cat([r.assigned for r in records]),
+        importance=None if first.importance is None else sum(r.importance for r in records),
     )

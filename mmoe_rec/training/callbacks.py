@@ -161,6 +161,7 @@ class Window:
         flat: list[torch.Tensor] = []
         for name in sorted(self.gates):
             flat += self.gates[name].tensors()
+        per_gate = len(flat) // max(len(self.gates), 1)  # every gate gives the same fields
         pairs = sorted(self.jaccard)
         flat += [self.jaccard[p] for p in pairs]
         gate_pairs = sorted(self.gate_pairs)
@@ -168,8 +169,8 @@ class Window:
         flat = _all_reduce(flat)
         pos = 0
         for name in sorted(self.gates):
-            self.gates[name].load_tensors(flat[pos:pos + 4])
-            pos += 4
+            self.gates[name].load_tensors(flat[pos:pos + per_gate])
+            pos += per_gate
         for p in pairs:
             self.jaccard[p] = flat[pos]
             pos += 1
@@ -183,7 +184,8 @@ class Window:
         self.settle()
         gates = {}
         for name, stats in self.gates.items():
-            gates[name] = {"combine_sum": stats.combine_sum.cpu(), "probs_sum": stats.probs_sum.cpu(),
+            gates[name] = {"combine_sum": stats.combine_sum.cpu(), "importance_sum": stats.importance_sum.cpu(),
+                           "probs_sum": stats.probs_sum.cpu(),
                            "counts": stats.counts.cpu(), "dropped": stats.dropped.cpu(),
                            "entropy_sum": stats.entropy_sum.cpu(), "rows": stats.rows,
                            "drop_base": stats.drop_base, "sparse": stats.sparse, "groups": stats.groups,
@@ -200,7 +202,7 @@ class Window:
         for name, g in state["gates"].items():
             window.gates[name] = GateStats(g["combine_sum"], g["probs_sum"], g["counts"], g["dropped"],
                                            g["entropy_sum"], g["rows"], g["drop_base"], g["sparse"], g["groups"],
-                                           dict(g["extra_sum"]))
+                                           dict(g["extra_sum"]), g.get("importance_sum"))
         window.labels = LabelStats.from_state(list(state["tasks"]), state["labels"])
         window.jaccard = {tuple(pair): total for pair, total in state["jaccard"]}
         window.gate_pairs = {tuple(names): total for names, total in state["gate_pairs"]}

@@ -13,7 +13,10 @@ was sent to: `chosen` (token choice) or the `assigned` mask (expert choice, a ro
   fraction, sent, load CV^2, MaxVio and dead experts count the router's choices, before capacity: with a capacity
   factor an expert processes at most its capacity of them, the rest are the dropped fraction (below); the
   utilization (combine weights) is after capacity.
-- importance CV^2: var / mean^2 (+eps) of per-expert summed combine weights (Shazeer et al. 2017).
+- importance CV^2: var / mean^2 (+eps) of Importance_i, the gate's weights summed per expert (Shazeer et al. 2017),
+  before capacity as in the importance loss (GateRecord.importance; a dense gate's combine weights, it drops nothing;
+  expert choice: the weights of the rows each expert took): the combine weights after capacity miss what the limit
+  took off the overloaded experts and understate the imbalance.
 - load CV^2: the same on per-expert assignment counts. MaxVio = (max load - mean load) / mean load.
 - dead experts: experts with no assignment in the window.
 - entropy: mean over rows of -sum_e p log p of the router probabilities, also divided by log E (1 = uniform),
@@ -222,7 +225,7 @@ class GateStats:
     Sums are tensors on the gate's device (rows and the drop base are counted from shapes), so updating them never
     reads a value back to the host; `utilization_metrics` reads them once per window."""
 
-    combine_sum: torch.Tensor  # (E,) sum over rows of combine weights
+    combine_sum: torch.Tensor  # (E,) sum over rows of combine weights (after capacity)
     probs_sum: torch.Tensor  # (E,) sum over rows of router probabilities
     counts: torch.Tensor  # (E,) assignments per expert (sparse gates; zeros for dense)
     dropped: torch.Tensor  # () dropped assignments (token choice) or untaken rows (expert choice)
@@ -232,13 +235,18 @@ class GateStats:
     sparse: bool = False
     groups: dict[str, list[int]] | None = None
     extra_sum: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # () value x rows, per extra
+    importance_sum: torch.Tensor | None = None  # (E,) Importance_i: gate weights before capacity (None: combine_sum)
+
+    def __post_init__(self) -> None:
+        if self.importance_sum is None:  # sums saved before it was kept: the combine weights'
+            self.importance_sum = self.combine_sum.clone()
 
     @classmethod
     def empty(cls, num_experts: int) -> "GateStats":
         return cls(_zeros(num_experts), _zeros(num_experts), _zeros(num_experts), _zeros(), _zeros())
 
     def _move_to(self, device: torch.device) -> None:
-        for field in ("combine_sum", "probs_sum", "counts", "dropped", "entropy_sum"):
+        for field in ("combine_sum", "importance_sum", "probs_sum", "counts", "dropped", "entropy_sum"):
             setattr(self, field, getattr(self, field).to(device))
         self.extra_sum = {k: v.to(device) for k, v in self.extra_sum.items()}
 
@@ -248,7 +256,9 @@ class GateStats:
         if self.combine_sum.device != combine.device:
             self._move_to(combine.device)
         rows = combine.shape[0]
-        self.combine_sum += combine.sum(0)
+        combine_sum = combine.sum(0)  # (E,)
+        self.combine_sum += combine_sum
+        self.importance_sum += combine_sum if record.importance is None else record.importance.detach().double()
         self.probs_sum += probs.sum(0)
         self.rows += rows
         self.entropy_sum += entropy_rows(probs).sum()
@@ -269,7 +279,7 @@ class GateStats:
         device = other.dropped.device
         if self.dropped.device != device:
             self._move_to(device)
-        for field in ("combine_sum", "probs_sum", "counts", "dropped", "entropy_sum"):
+        for field in ("combine_sum", "importance_sum", "probs_sum", "counts", "dropped", "entropy_sum"):
             setattr(self, field, getattr(self, field) + getattr(other, field))
         self.rows += other.rows
         self.drop_base += other.drop_base
@@ -283,10 +293,10 @@ class GateStats:
         device = self.dropped.device
         counted = torch.tensor([self.rows, self.drop_base], dtype=torch.float64, device=device)
         summed = torch.stack([self.dropped, self.entropy_sum] + [self.extra_sum[k] for k in sorted(self.extra_sum)])
-        return [self.combine_sum, self.probs_sum, self.counts, torch.cat([counted, summed])]
+        return [self.combine_sum, self.importance_sum, self.probs_sum, self.counts, torch.cat([counted, summed])]
 
     def load_tensors(self, tensors: list[torch.Tensor]) -> None:
-        self.combine_sum, self.probs_sum, self.counts, s = tensors
+        self.combine_sum, self.importance_sum, self.probs_sum, self.counts, s = tensors
         self.rows, self.drop_base = float(s[0]), float(s[1])
         self.dropped, self.entropy_sum = s[2], s[3]
         for key, v in zip(sorted(self.extra_sum), s[4:]):
@@ -329,7 +339,7 @@ def utilization_metrics(name: str, stats: GateStats, prefix: str = "experts") ->
     # tasks' own experts would count as dead and inflate CV^2 and MaxVio. The per-expert util / fraction / sent
     # keys stay level-wide so that tasks compare expert by expert.
     reach = reachable_experts(stats)
-    out[f"{base}/importance_cv2"] = float(cv_squared(stats.combine_sum[reach]))
+    out[f"{base}/importance_cv2"] = float(cv_squared(stats.importance_sum[reach]))
     entropy = float(stats.entropy_sum) / max(stats.rows, 1.0)
     out[f"{base}/entropy"] = entropy
     out[f"{base}/entropy_norm"] = entropy / math.log(len(reach)) if len(reach) > 1 else 0.0

@@ -456,6 +456,30 @@ def test_expert_choice_records_its_assignment_mask_and_counts_untaken_rows_as_dr
     assert rec.chosen.shape == (10, 1) and rec.assigned is None
 
 
+@pytest.mark.parametrize("router,k", [("noisy_topk", 2), ("switch", 1), ("expert_choice", 1)])
+def test_records_carry_the_importance_the_importance_loss_balances_before_capacity(router, k):
+    """GateRecord.importance: the gate's weights summed per expert before the capacity limit (MOE_NOTES'
+    Importance_i, the importance loss's vector); the combine weights are after it. Expert choice keeps every
+    assignment: its importance is its combine weights' sum."""
+    from mmoe_rec.nn.balance import cv_squared
+
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=k, router=router, noise=False, capacity_factor=1.0,
+                       balance={"importance": True})
+    x = features(30) * 3
+    out = model.forward_dense(x)
+    for t in TASKS:
+        rec, r = out.routing[t], model.gates[t](x)
+        torch.testing.assert_close(rec.importance, r.combine.sum(0))  # (E,) before capacity
+        if router == "expert_choice":
+            torch.testing.assert_close(rec.importance, rec.combine.sum(0))
+        else:
+            assert int(rec.dropped) > 0
+            assert not torch.allclose(rec.importance, rec.combine.sum(0))
+    torch.testing.assert_close(out.aux["importance"],
+                               torch.stack([cv_squared(out.routing[t].importance) for t in TASKS]).mean())
+
+
 def test_loss_free_bias_update_counts_every_micro_batch_since_the_last_step():
     """Gradient accumulation: one optimizer step after two micro-batches moves the bias by the load of both."""
     torch.manual_seed(0)

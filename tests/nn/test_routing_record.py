@@ -21,3 +21,10 @@ def test_records_of_one_kind_concatenate_and_other_k_other_experts_or_kinds_do_n
     assert concat_records([token_choice(3, 2), token_choice(5, 2, experts=6)]) is None
     dense = GateRecord(combine=torch.full((2, 4), 0.25), probs=torch.full((2, 4), 0.25))
     assert concat_records([token_choice(3, 2), dense]) is None
+
+
+def test_the_importance_before_capacity_adds_up_and_a_record_without_it_does_not_line_up():
+    a, b = token_choice(3, 2), token_choice(5, 2)
+    a.importance, b.importance = torch.arange(4.0), torch.ones(4)
+    assert torch.equal(concat_records([a, b]).importance, torch.arange(4.0) + 1)
+    assert concat_records([a, token_choice(5, 2)]) is None

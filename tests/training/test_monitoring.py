@@ -685,3 +685,32 @@ def test_the_windows_label_correlation_weighs_rows_as_their_repeats():
     weighted = _label_corr(LABELS, WEIGHTS)
     torch.testing.assert_close(weighted, _label_corr(repeated, None))
     assert abs(float(weighted[0, 1]) - float(_label_corr(LABELS, None)[0, 1])) > 0.05
+
+
+def test_importance_cv2_is_that_of_the_gate_weights_before_capacity_as_the_importance_loss():
+    """MOE_NOTES: Importance_i = sum over rows of g(x)_i, the gate's weights; the model's importance loss takes them
+    before the capacity limit. The monitor's importance CV^2 must measure the same thing: summed after capacity,
+    the drops (which hit the overloaded experts) take weight off exactly the experts that make the imbalance."""
+    from mmoe_rec.models.sparse_mmoe import SparseMMoE
+    from mmoe_rec.training.callbacks import Window
+
+    spec = FeatureSpec(sparse_features=[SparseFeature("user", 5)], dense_features=["d0"],
+                       tasks=[Task("click"), Task("buy")]).finalize()
+    torch.manual_seed(2)
+    model = SparseMMoE(spec, embedding_dim=3, num_experts=5, expert_hidden=[4], tower_hidden=[3], k=2,
+                       noise=False, capacity_factor=1.0)
+    model.train()
+    x = torch.randn(23, model.front.out_dim) * 3
+    out = model.forward_dense(x)
+    assert int(out.routing["click"].dropped) > 0  # the capacity limit dropped assignments
+    gate_weights = model.gates["click"](x).combine.detach().double()  # (T, E) g(x), before capacity
+    window = Window(["click", "buy"])
+    window.update(out.routing, {t: torch.ones(23) for t in ("click", "buy")})
+    m = window.metrics("experts", "relatedness")
+    assert m["experts/click/importance_cv2"] == pytest.approx(float(cv_squared(gate_weights.sum(0))), rel=1e-6)
+    # a checkpoint's window keeps it; one saved before the field was kept reads the combine weights' sum
+    state = window.state_dict()
+    assert Window.from_state_dict(state).metrics("experts", "relatedness") == m
+    del state["gates"]["click"]["importance_sum"]
+    old = Window.from_state_dict(state).metrics("experts", "relatedness")["experts/click/importance_cv2"]
+    assert old == pytest.approx(float(cv_squared(out.routing["click"].combine.double().sum(0))), rel=1e-6)
