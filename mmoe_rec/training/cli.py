@@ -171,6 +171,7 @@ def _end_job_on_sigterm() -> None:
     folder = os.environ.get(DONE_DIR_ENV)
     if folder and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):  # made by this process
         shutil.rmtree(folder, ignore_errors=True)
+    _end_orphaned_run()  # the SIGTERM Linux sends a launched rank as rank 0 dies (sigterm.die_with_parent)
     trainer = _running_trainer()
     if trainer is None:
         return
@@ -245,6 +246,8 @@ class MultiTaskCLI(LightningCLI):
             except Exception:  # not Ctrl+C's SystemExit: Lightning SIGKILLs the ranks itself then
                 name_failed_child_ranks(self.trainer, done_dir)  # rank 0's gloo error names no rank
                 raise
+            finally:
+                _unshare_run()
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
             try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
                 join_child_ranks(self.trainer, done_dir)
@@ -316,6 +319,7 @@ class MultiTaskCLI(LightningCLI):
         try:  # the run's first call to the store: a server that answers but is no MLflow fails here
             log_run_files(self.trainer.logger, yaml.safe_dump(config, sort_keys=False), self.model.spec.to_dict(),
                           getattr(self.datamodule, "data_dir", None), command=sub)
+            _share_run_with_ranks(self.trainer.logger)
             if isinstance(self.trainer.logger, MLFlowLogger):  # the model's and data's own come from Lightning
                 self.trainer.logger.log_hyperparams({"trainer": config.get("trainer") or {},
                                                      "seed_everything": config.get("seed_everything")})
@@ -462,6 +466,44 @@ def _end_runs_failed(trainer: Any) -> None:
         _end_run_failed(logger)
 
 
+RUN_ID_ENV = "MMOE_REC_RANKS_RUN_ID"  # rank 0's MLflow run and its store, for the ranks it launches
+RUN_URI_ENV = "MMOE_REC_RANKS_RUN_TRACKING_URI"
+
+
+def _share_run_with_ranks(logger: Any) -> None:
+    """Rank 0's run, in the environment its launcher copies into the ranks' (the run is made before they are
+    launched): a rank that outlives rank 0 marks it FAILED (`_end_orphaned_run`)."""
+    if isinstance(logger, MLFlowLogger) and getattr(logger, "_run_id", None) is not None \
+            and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):
+        import mlflow
+
+        os.environ[RUN_ID_ENV] = logger.run_id
+        os.environ[RUN_URI_ENV] = getattr(logger, "_tracking_uri", None) or mlflow.get_tracking_uri()
+
+
+def _unshare_run() -> None:
+    if os.environ.get(LAUNCHER_PID_ENV) in (None, str(os.getpid())):  # not a launched rank's inherited ones
+        os.environ.pop(RUN_ID_ENV, None)
+        os.environ.pop(RUN_URI_ENV, None)
+
+
+def _end_orphaned_run() -> None:
+    """In a launched rank whose launcher, rank 0, has died: rank 0's run, if still RUNNING, is marked FAILED. A rank 0
+    killed by SIGKILL (the out-of-memory killer's way) runs no cleanup of its own and left it RUNNING for good."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+    run_id, uri = os.environ.get(RUN_ID_ENV), os.environ.get(RUN_URI_ENV)
+    if not (run_id and uri and launcher.isdigit()) or int(launcher) in (os.getpid(), os.getppid()):
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - best effort: the store may be what failed
+        pass
+
+
 def _end_failed_job() -> None:
     """The job failed: its run, if made, says so. Lightning marks it FAILED in its own exception handling, after the
     callbacks' on_exception; an exception there (or one raised asynchronously into it, as a DataLoader worker's
@@ -477,6 +519,7 @@ def _end_failed_job() -> None:
         except Exception:  # noqa: BLE001 - the original error is the one to report
             pass
     _end_runs_failed(trainer)
+    _end_orphaned_run()  # this rank's error may be rank 0's death (gloo's "Connection closed by peer")
 
 
 def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:

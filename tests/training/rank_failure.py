@@ -216,3 +216,17 @@ class SigtermEveryRankAfterBackward(L.Callback):
         if batch_idx == self.batch and trainer.global_rank == 1:
             os.kill(os.getppid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class KillsRank0(L.Callback):
+    """Rank 1, at its second training batch, writes its pid to `pid_file` and SIGKILLs rank 0, its parent (the
+    out-of-memory killer's way: rank 0 runs no cleanup, its MLflow run stays RUNNING unless rank 1 ends it)."""
+
+    def __init__(self, pid_file: str) -> None:
+        self.pid_file = pid_file
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and batch_idx == 1:
+            with open(self.pid_file, "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(os.getppid(), signal.SIGKILL)

@@ -643,6 +643,17 @@ def test_a_sigterm_to_rank_0_held_in_a_collective_by_a_stalled_rank_ends_the_job
     assert_ends(int(pid_file.read_text()), within_s=30)
 
 
+def test_a_rank_0_killed_by_sigkill_has_its_run_marked_failed_by_the_rank_that_outlives_it(feature_dir, tmp_path):
+    """SIGKILL (the out-of-memory killer) runs none of rank 0's cleanup: its MLflow run stayed RUNNING for good.
+    Rank 1, ended by rank 0's death (its collective fails, or the SIGTERM Linux sends it), marks the run FAILED."""
+    pid_file = tmp_path / "rank1.pid"
+    cfg = config_with_callbacks(tmp_path, feature_dir, 16, KillsRank0={"pid_file": str(pid_file)})
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert_ends(int(pid_file.read_text()), within_s=30)
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED", proc.stderr[-3000:]
+
+
 def assert_ends(rank1_pid: int, within_s: float) -> None:
     """Rank 1 ends within `within_s` (rank 0 has exited)."""
     deadline = time.monotonic() + within_s
