@@ -26,6 +26,7 @@ from mmoe_rec.features.spec import FeatureSpec
 from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
+from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
 from mmoe_rec.training.epochs import epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, task_losses
@@ -39,7 +40,8 @@ EPOCH_TOTALS_KEY = "mmoe_rec_epoch_totals"  # in a checkpoint: the running epoch
 RNG_KEY = "mmoe_rec_rng_states"  # in a checkpoint: every rank's torch generator states (see _gather_rng_states)
 GRAD_PROBE_KEY = "mmoe_rec_grad_probe"  # in a checkpoint: the running epoch's last gradient probe (names, matrix, step)
 PLATEAU_KEY = "mmoe_rec_plateau_step"  # in a checkpoint: a ReduceLROnPlateau step owed at its point (see _plateau_owed)
-# in a checkpoint written inside a gradient-accumulation window: every rank's gradients summed so far in it
+# in a checkpoint written inside a gradient-accumulation window: every rank's gradients summed so far in it (and
+# the loss-free balancers' loads counted so far in it)
 ACCUMULATED_GRADS_KEY = "mmoe_rec_accumulated_grads"
 DEFAULT_AUX_COEFS = {"importance": 1e-2, "load": 1e-2, "switch": 1e-2, "router_z": 1e-3}
 # fused: one kernel for all parameters instead of ~10 small ops per tensor (3.2 -> 0.6 ms/step on census)
@@ -121,6 +123,23 @@ def _reopen_cut_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
     for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
         if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
             progress["processed"] = progress["completed"]
+
+
+def _uncount_unprocessed_batch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """Lightning restarts a fit mid-epoch with its logging step (`_batches_that_stepped`) one higher, unless inside
+    an accumulation window: it takes the checkpoint for one written at a batch's end, before that batch counted its
+    step. One written as a batch failed before it was processed (OnExceptionCheckpoint: an error in
+    on_train_batch_start, the forward or the backward) has counted the steps before it, and the resume replays the
+    batch, which counts its own: a resumed fit logged every metric a step late. Saved one lower, the two cancel."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.total
+    if trainer.state.fn != "fit" or trainer.state.status != "interrupted" or progress.processed >= progress.ready:
+        return
+    if loop._should_accumulate():  # Lightning's test at the restart, on these same counts: it adds nothing then
+        return
+    state = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+    if state and "_batches_that_stepped" in state:
+        state["_batches_that_stepped"] -= 1
 
 
 def check_tasks_loaded(model_tasks: list[str], data_tasks: list[str] | None) -> None:
@@ -250,6 +269,10 @@ class MultiTaskModule(L.LightningModule):
         self._plateau_due: dict[str, Any] | None = None  # the step owed at the checkpoint resumed from
         self._grads_due: dict[str, Any] | None = None  # the open accumulation window's gradients resumed from
         self._backward_began = False  # the batch in flight has begun its backward (on_before_backward)
+        # the loss-free balancers (name, module), and their pending loads before the forward of the batch in flight
+        # (its total `ready` count, the loads): a forward that failed has counted its loads, and a resume replays it
+        self._balancers = [(n, m) for n, m in self.named_modules() if isinstance(m, LossFreeBias)]
+        self._loads_before_forward: tuple[int, list[torch.Tensor | None]] | None = None
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
         self._plateau_deferred: tuple[str, int] | None = None
@@ -319,6 +342,9 @@ class MultiTaskModule(L.LightningModule):
         return total
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        if self._balancers and self.trainer.accumulate_grad_batches > 1:  # add_load makes a new tensor: references
+            batch_count = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+            self._loads_before_forward = (batch_count, [m.pending_load for _, m in self._balancers])
         out = self.model(batch)
         losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
         if self.trainer.world_size > 1:  # the step's global (weighted) mean under DDP
@@ -571,14 +597,18 @@ class MultiTaskModule(L.LightningModule):
             checkpoint[GRAD_PROBE_KEY] = {"names": list(names), "matrix": matrix.cpu(),
                                           "step": self.last_grad_cosine_step}
         if self._accumulation_window_open():
+            grads = self._gather_accumulated_grads()
+            # the window's loads so far, which its bias update counts (none without the gradients: the window's
+            # batches are left out alike)
             checkpoint[ACCUMULATED_GRADS_KEY] = {"accumulate_grad_batches": self.trainer.accumulate_grad_batches,
-                                                 "grads": self._gather_accumulated_grads()}
+                                                 "grads": grads, "loads": self._gather_pending_loads() if grads else {}}
         config = self._plateau_config()
         owed = self._plateau_owed(config) if config is not None and self.trainer.state.fn == "fit" else None
         if owed is not None:
             value = self.trainer.callback_metrics.get(config.monitor)
             checkpoint[PLATEAU_KEY] = {"point": list(owed), "value": None if value is None else float(value)}
         _reopen_cut_epoch(checkpoint, self.trainer)
+        _uncount_unprocessed_batch(checkpoint, self.trainer)
 
     def _accumulation_window_open(self) -> bool:
         """Whether the fit is inside a gradient-accumulation window: batches trained whose optimizer step is still
@@ -619,6 +649,21 @@ class MultiTaskModule(L.LightningModule):
             out[name] = (has.reshape(-1).bool(), values)
         return out
 
+    def _gather_pending_loads(self) -> dict[str, torch.Tensor]:
+        """Every rank's loss-free balancer loads so far in the open window (each rank's own: they are summed over
+        the ranks at the update): name -> (W, E) int64. Those before the forward of a batch that failed in it (its
+        resume replays the batch, which counts them again). Collective."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        before = self._loads_before_forward
+        failed_forward = before is not None and before[0] == progress.ready > progress.processed
+        out = {}
+        for i, (name, balancer) in enumerate(self._balancers):
+            load = before[1][i] if failed_forward else balancer.pending_load
+            if load is None:  # nothing counted: what take_load reads as zeros
+                load = torch.zeros_like(balancer.bias, dtype=torch.long)
+            out[name] = self._per_rank(load)
+        return out
+
     def _per_rank(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's `tensor`, (W, *shape) on the CPU, whatever shape the strategy's all_gather gives (one
         process: no rank dimension under the single-device strategy, one under DDP's). Collective."""
@@ -644,6 +689,10 @@ class MultiTaskModule(L.LightningModule):
                 param.grad = torch.empty_like(param).copy_(values[rank])
             else:
                 param.grad = None
+        balancers = dict(self._balancers)
+        for name, loads in saved.get("loads", {}).items():
+            if name in balancers and rank < len(loads):
+                balancers[name].pending_load = loads[rank].to(self.device)
 
     def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
         """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit
@@ -683,6 +732,9 @@ class MultiTaskModule(L.LightningModule):
                 self.checkpoint_grad_probe = (list(probe["names"]), probe["matrix"], probe["step"])
                 self.last_grad_cosine = (list(probe["names"]), probe["matrix"])
                 self.last_grad_cosine_step = probe["step"]
+                # that step is probed: a fit resumed inside its accumulation window must not probe it again from
+                # a later micro-batch's losses
+                self._grad_similarity_step = probe["step"]
             self._plateau_due = checkpoint.get(PLATEAU_KEY)
             self._grads_due = checkpoint.get(ACCUMULATED_GRADS_KEY)
         totals = checkpoint.get(EPOCH_TOTALS_KEY)

@@ -16,6 +16,7 @@ from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.training.callbacks import RoutingMonitor
 from mmoe_rec.training.module import MultiTaskModule
 from mmoe_rec.training.tracking import MLflowTracker
+from test_routing_monitor import Capture
 
 pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
 
@@ -238,6 +239,22 @@ class _FailsAfterBackward(_FailsAtBatch):
             raise RuntimeError("the fit fails here")
 
 
+class _FailsInForward(_FailsAtBatch):
+    """Fails at the end of the model's forward of batch `batch` of epoch `epoch`: its loads counted, no backward."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.current = None
+
+        def fail(module, args, output) -> None:
+            if module.training and self.current == (self.epoch, self.batch):
+                raise RuntimeError("the fit fails here")
+
+        pl_module.model.register_forward_hook(fail)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.current = (trainer.current_epoch, batch_idx)
+
+
 def test_a_window_whose_gradients_cannot_be_told_apart_or_another_accumulation_is_said_not_mixed(feature_dir,
                                                                                                  tmp_path):
     """Batch 3 failing after its backward, the second of its window: .grad holds batch 2's gradient and batch 3's,
@@ -395,6 +412,165 @@ def test_a_fit_cut_by_max_steps_mid_epoch_resumes_from_its_last_checkpoint_as_a_
     assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
 
 
+# Resumes compared with a straight run: the weights and every metric logged after the checkpoint, at the same steps.
+NOISY_LOSS_FREE = {"class_path": SPARSE["class_path"],
+                   "init_args": {**SPARSE["init_args"], "dropout": 0.2, "loss_free_bias": True,
+                                 "bias_update_rate": 0.01, "capacity_factor": 1.0}}
+
+
+def _logged_fit(feature_dir, tmp, max_epochs, ckpt_path=None, callbacks=(), max_steps=-1, model=NOISY_LOSS_FREE,
+                trainer_kw=None, dm_kw=None, monitor=True, **module_kw):
+    """(trainer, module, the Capture logger of every log_metrics call)."""
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256, **(dm_kw or {}))
+    module = module_for(dm, model, **module_kw)
+    logger = Capture()
+    cbs = [RoutingMonitor(every_n_steps=4, plots=False)] if monitor else []
+    kw = {**FAST, "log_every_n_steps": 3, **(trainer_kw or {})}
+    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=logger, default_root_dir=tmp,
+                        callbacks=[*cbs, *callbacks], **kw)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer, module, logger
+
+
+def _logged_after(logger, after):
+    out: dict[int, dict[str, float]] = {}
+    for step, metrics in logger.calls:
+        if step is not None and step > after:
+            out.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+    return out
+
+
+def _same(straight, resumed, after):
+    (t1, m1, l1), (t2, m2, l2) = straight, resumed
+    assert t1.global_step == t2.global_step
+    a, b = m1.state_dict(), m2.state_dict()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff
+    want, got = _logged_after(l1, after), _logged_after(l2, after)
+    assert sorted(got) == sorted(want)
+    # the monitor's sums are added in another order after a resume (~1e-8 relative, README); the training's
+    # metrics are exact
+    bad = [(s, k, v, got[s].get(k)) for s, ms in want.items() for k, v in ms.items()
+           if got[s].get(k) is None or (got[s][k] != v if k.startswith(("train/", "val/"))
+                                        else got[s][k] != pytest.approx(v, rel=1e-6, abs=1e-9))]
+    assert not bad, bad[:10]
+
+
+@pytest.mark.parametrize("weighting", ["dwa", "gradnorm", "uncertainty"])
+def test_a_fit_resumed_from_a_mid_epoch_validation_checkpoint_is_the_straight_fit(feature_dir, tmp_path, weighting):
+    kw = dict(weighting=weighting, grad_similarity_every=5,
+              trainer_kw={"val_check_interval": 10, "limit_val_batches": 2},
+              lr_scheduler={"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "monitor": "val/loss",
+                            "init_args": {"mode": "min", "factor": 0.5, "patience": 0, "threshold": 0.05}})
+    straight = _logged_fit(feature_dir, tmp_path / "a", 3, **kw)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", monitor="val/loss", save_top_k=-1, filename="{step}")
+    _logged_fit(feature_dir, tmp_path / "b", 3, callbacks=[ckpt], max_steps=31, **kw)
+    path = tmp_path / "b" / "step=31.ckpt"
+    assert path.exists(), sorted(p.name for p in (tmp_path / "b").iterdir())
+    resumed = _logged_fit(feature_dir, tmp_path / "c", 3, ckpt_path=path, **kw)
+    _same(straight, resumed, 31)
+
+
+class _SigtermAt(L.Callback):
+    """What Lightning's SIGTERM handler leaves: the flag, set as batch `batch` of epoch `epoch` ends."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            trainer._signal_connector.received_sigterm = True
+
+
+def _stop_and_resume(feature_dir, tmp_path, how, max_epochs=3, **kw):
+    """how: N (a fit stopped by max_steps N, its checkpoint at step N), ("sigterm", epoch, batch) (an on-exception
+    checkpoint at that batch's end), or a callback that fails the fit (an on-exception checkpoint as it fails)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    straight = _logged_fit(feature_dir, tmp_path / "a", max_epochs, **kw)
+    if isinstance(how, int):
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=how, save_top_k=-1)
+        _logged_fit(feature_dir, tmp_path / "b", max_epochs, callbacks=[ckpt], max_steps=how, **kw)
+    else:
+        stop, raised = ((_SigtermAt(*how[1:]), SIGTERMException) if isinstance(how, tuple)
+                        else (how, RuntimeError))
+        with pytest.raises(raised):
+            _logged_fit(feature_dir, tmp_path / "b", max_epochs,
+                        callbacks=[stop, OnExceptionCheckpoint(tmp_path / "b")], **kw)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    at = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    resumed = _logged_fit(feature_dir, tmp_path / "c", max_epochs, ckpt_path=path, **kw)
+    _same(straight, resumed, at)
+
+
+WARMUP = {"class_path": "torch.optim.lr_scheduler.LinearLR", "interval": "step",
+          "init_args": {"start_factor": 0.1, "total_iters": 40}}
+ONECYCLE = {"class_path": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step",
+            "init_args": {"max_lr": 0.05, "total_steps": 63}}
+STEPLR = {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}}
+
+
+@pytest.mark.parametrize("sched, how", [(WARMUP, 30), (ONECYCLE, 21), (STEPLR, ("sigterm", 1, 5)),
+                                        (WARMUP, ("sigterm", 0, 20))],
+                         ids=["warmup-mid", "onecycle-last-batch", "steplr-sigterm", "warmup-sigterm-epoch-end"])
+def test_step_and_epoch_schedulers_resume_exactly_and_log_at_the_straight_runs_steps(feature_dir, tmp_path, sched,
+                                                                                      how):
+    _stop_and_resume(feature_dir, tmp_path, how, lr_scheduler=sched, weighting="dwa", monitor=False, model=SPARSE)
+
+
+@pytest.mark.parametrize("fails, batch, accumulate", [(_FailsAtBatch, 5, 1), (_FailsInForward, 5, 1),
+                                                       (_FailsAtBatch, 5, 2), (_FailsAtBatch, 4, 2)],
+                         ids=["batch-start", "forward", "window-end", "window-start"])
+def test_a_fit_resumed_from_a_checkpoint_written_as_it_failed_logs_at_the_straight_runs_steps(feature_dir, tmp_path,
+                                                                                             fails, batch, accumulate):
+    """Lightning adds 1 to its logging step (`_batches_that_stepped`) on every restart not at an epoch's end (nor
+    inside an accumulation window), for a checkpoint written inside a batch's end; one written as a batch failed
+    (OnExceptionCheckpoint) has counted its steps already: the resumed fit logged every train/ metric one logging
+    interval late under a step one higher (train/loss of step 26 at 29, ...), lost the epoch's last one, and logged
+    val/ and train/rows_seen at 42 and 63 instead of 41 and 62. The weights were the straight run's. Under
+    accumulate_grad_batches 2 the failed batch 5 ends its window (Lightning adds 1), batch 4 starts one (it does
+    not). A forward that fails has drawn its routing noise, and the resume draws other noise for it: none there."""
+    quiet = {"class_path": SPARSE["class_path"], "init_args": {**SPARSE["init_args"], "noise": False}}
+    _stop_and_resume(feature_dir, tmp_path, fails(1, batch), lr_scheduler=STEPLR, weighting="dwa", monitor=False,
+                     model=quiet if fails is _FailsInForward else SPARSE,
+                     trainer_kw={"accumulate_grad_batches": accumulate})
+
+
+@pytest.mark.parametrize("how", [30, ("sigterm", 1, 5)], ids=["mid", "sigterm"])
+def test_a_fit_with_loader_workers_and_sample_weights_resumes_exactly(make_feature_dir, tmp_path, how):
+    weighted = make_feature_dir("weighted", with_weight=True)
+    _stop_and_resume(weighted, tmp_path, how, dm_kw={"num_workers": 2}, weighting="dwa", grad_similarity_every=7)
+
+
+class _SigtermInValidation(L.Callback):
+    """The SIGTERM flag set after validation batch `batch` of the validation at global step `step`."""
+
+    def __init__(self, step: int, batch: int) -> None:
+        self.step, self.batch = step, batch
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_step == self.step and batch_idx == self.batch:
+            trainer._signal_connector.received_sigterm = True
+
+
+def test_a_fit_stopped_by_sigterm_inside_a_mid_epoch_validation_resumes_exactly(feature_dir, tmp_path):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    kw = dict(weighting="dwa", trainer_kw={"val_check_interval": 10, "limit_val_batches": 4},
+              lr_scheduler={"class_path": "torch.optim.lr_scheduler.ReduceLROnPlateau", "monitor": "val/loss",
+                            "init_args": {"mode": "min", "factor": 0.5, "patience": 0, "threshold": 0.05}})
+    stop = EarlyStopping(monitor="val/click/auc", mode="max", patience=3, check_on_train_epoch_end=False)
+    straight = _logged_fit(feature_dir, tmp_path / "a", 3, callbacks=[copy.deepcopy(stop)], **kw)
+    with pytest.raises(SIGTERMException):
+        _logged_fit(feature_dir, tmp_path / "b", 3, callbacks=[copy.deepcopy(stop), _SigtermInValidation(31, 1),
+                                                               OnExceptionCheckpoint(tmp_path / "b")], **kw)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 31
+    resumed = _logged_fit(feature_dir, tmp_path / "c", 3, ckpt_path=path, callbacks=[copy.deepcopy(stop)], **kw)
+    _same(straight, resumed, 30)
+
+
 def test_early_stopping_on_chosen_metric(feature_dir, tmp_path):
     dm = FeatureDataModule(str(feature_dir), batch_size=256, seed=0)
     module = module_for(dm)
@@ -513,6 +689,29 @@ def test_loss_free_bias_under_gradient_accumulation_counts_every_micro_batch(fea
         torch.testing.assert_close(bias[t], 0.01 * torch.sign(load.mean() - load))
     # the last micro-batch alone would have given another update
     assert any(not torch.equal(bias[t], 0.01 * torch.sign(last[t].float().mean() - last[t].float())) for t in bias)
+
+
+@pytest.mark.parametrize("fails", [_FailsAtBatch, _FailsInForward], ids=["batch-start", "forward"])
+def test_loss_free_bias_resumed_inside_an_accumulation_window_counts_the_windows_earlier_loads(feature_dir, tmp_path,
+                                                                                              fails):
+    """The bias update at a window's end reads the loads of all its micro-batches (LossFreeBias.pending_load); a
+    checkpoint written inside the window kept the window's gradients but not those loads, so the resumed fit's
+    update counted the batches after the checkpoint only and its biases, choices and weights drifted. A batch that
+    failed after its forward has counted its loads: they are not kept (its resume counts them again)."""
+    model = copy.deepcopy(SPARSE)
+    # (without routing noise: a forward that fails has drawn its noise, and the resume draws other noise for it)
+    model["init_args"].update(loss_free_bias=True, bias_update_rate=0.01, noise=False)
+    _, straight = _train(feature_dir, tmp_path / "a", 2, accumulate=2, model=model)
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "b", 2, accumulate=2, model=model,
+               callbacks=[fails(1, 5), OnExceptionCheckpoint(tmp_path / "b")])
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    saved = torch.load(path, map_location="cpu", weights_only=False)["mmoe_rec_accumulated_grads"]
+    assert sorted(saved["loads"]) == ["model.gates.click.balancer", "model.gates.convert.balancer"]
+    _, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, accumulate=2, model=model)
+    a, b = straight.state_dict(), resumed.state_dict()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff
 
 
 def test_a_trainer_of_ones_own_refuses_data_of_another_spec_or_without_the_modules_tasks(feature_dir,
@@ -640,6 +839,29 @@ def test_a_resumed_fit_keeps_the_epochs_last_gradient_probe(feature_dir, tmp_pat
     assert straight.last_grad_cosine_step == resumed.last_grad_cosine_step == 25
     assert straight.last_grad_cosine[0] == resumed.last_grad_cosine[0]
     torch.testing.assert_close(straight.last_grad_cosine[1], resumed.last_grad_cosine[1], rtol=0, atol=0)
+
+
+def test_a_fit_resumed_inside_an_accumulation_window_does_not_probe_its_step_again(feature_dir, tmp_path):
+    """The gradient probe runs once per optimizer step, on the step's first micro-batch (_grad_similarity_step, not
+    in the checkpoint): a fit resumed at the window's second micro-batch probed step 13 again from that batch's
+    losses, logged a second, other relatedness/grad_cos at step 13 and put it in epoch 1's JSON and plot."""
+    kw = dict(max_epochs=2, grad_similarity_every=13, monitor=False, model=SPARSE,
+              trainer_kw={"accumulate_grad_batches": 2})
+    straight = _logged_fit(feature_dir, tmp_path / "a", **kw)
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _logged_fit(feature_dir, tmp_path / "b", callbacks=[_FailsAtBatch(1, 5),
+                                                            OnExceptionCheckpoint(tmp_path / "b")], **kw)
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    assert torch.load(path, map_location="cpu", weights_only=False)["global_step"] == 13
+    resumed = _logged_fit(feature_dir, tmp_path / "c", ckpt_path=path, **kw)
+    key = "relatedness/grad_cos/click.vs.convert"
+    probes = [[(s, m[key]) for s, m in run[2].calls if key in m] for run in (straight, resumed)]
+    assert probes[0] == [(0, probes[0][0][1]), (13, probes[0][1][1])]
+    # step 13's probe ran (and was logged) before the checkpoint, on the window's first batch: the resumed fit, which
+    # replays the window's second batch at step 13, must not probe it again from that batch's losses
+    assert probes[1] == []
+    assert straight[1].last_grad_cosine_step == resumed[1].last_grad_cosine_step == 13
+    torch.testing.assert_close(straight[1].last_grad_cosine[1], resumed[1].last_grad_cosine[1], rtol=0, atol=0)
 
 
 def test_a_plateau_step_made_up_on_resume_reads_the_metric_a_straight_run_read(feature_dir, tmp_path):

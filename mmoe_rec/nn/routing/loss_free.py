@@ -23,7 +23,8 @@ class LossFreeBias(nn.Module):
         self.update_rate = update_rate
         self.register_buffer("bias", torch.zeros(num_experts))  # (E,) saved with the model, not trained
         # (E,) int64 rows routed since the last update. A plain attribute, not a buffer: DDP broadcasts buffers
-        # from rank 0 at every forward, which would replace each rank's own count; nor is it worth saving.
+        # from rank 0 at every forward, which would replace each rank's own count. A checkpoint written inside a
+        # gradient-accumulation window keeps every rank's with the window's gradients (training.module).
         self.pending_load: torch.Tensor | None = None
 
     def _apply(self, fn, recurse: bool = True):
