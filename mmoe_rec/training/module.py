@@ -725,6 +725,10 @@ class MultiTaskModule(L.LightningModule):
                 f"{self.spec.version}: their ids mean other values. Use the feature folder the model was trained "
                 f"on (its spec.json), or train again")
         self._check_embedding_optimizer(checkpoint)
+        if self._trainer is not None and self.trainer.precision == "64-true":
+            # the weights load before Lightning's precision plugin casts the module: into float32 parameters,
+            # float64 weights were rounded (a resumed 64-true fit, and validate / test, ran on rounded weights)
+            self.double()
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._restore_rng_states(checkpoint.get(RNG_KEY))
             probe = checkpoint.get(GRAD_PROBE_KEY)

@@ -356,3 +356,53 @@ def test_a_grouped_layout_that_cannot_run_in_bf16_says_so_naming_the_dtype():
     with pytest.raises(ValueError, match=r"'grouped' cannot run in torch.bfloat16 .*8 bfloat16 values.*'padded'"):
         ex.plan(experts, rows, layout="grouped", dtype=torch.bfloat16)
     assert ex.plan(experts, rows, layout="auto", dtype=torch.bfloat16).layout == "padded"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_dispatch_under_autocast_with_strided_rows_and_an_empty_expert_is_as_close_as_the_naive_loop(dtype, norm):
+    """bf16-mixed / 16-mixed: x a column slice of a wider activation, one expert chosen by no row. Output in the
+    autocast dtype, float32 gradients for the float32 parameters, each within twice the naive loop's (autocast's own
+    ops) distance from float64, plus a little."""
+    g = torch.Generator().manual_seed(5)
+    T, E, d, k = 300, 4, 16, 2
+    ex = StackedExperts(E, d, [16, 8], norm=norm)
+    x = torch.randn(T, d + 5, generator=g)[:, 2:2 + d]
+    chosen = torch.randint(0, E, (T, k), generator=g)
+    chosen[chosen == 2] = 3
+    experts, rows = chosen.t().reshape(-1), torch.arange(T).repeat(k)
+    w = torch.rand(T * k, generator=g)
+    grad = torch.randn(T, 8, generator=g)
+
+    def run(model, loop, autocast):
+        model.zero_grad(set_to_none=True)
+        xx, ww = x.to(model.weights[0].dtype).requires_grad_(), w.to(model.weights[0].dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            y = (model.forward_loop(xx, experts, rows, ww, num_out=T) if loop
+                 else model(xx, model.plan(experts, rows, num_out=T, layout="padded", dtype=dtype), ww))
+        y.backward(grad.to(y.dtype))
+        return [y.detach(), xx.grad, ww.grad, *(p.grad for p in model.parameters())]
+
+    import copy
+    want = run(copy.deepcopy(ex).double(), loop=True, autocast=False)
+    loop = run(copy.deepcopy(ex), loop=True, autocast=True)
+    got = run(copy.deepcopy(ex), loop=False, autocast=True)
+    assert got[0].dtype == dtype and all(t.dtype == torch.float32 for t in got[1:])
+    assert all(torch.isfinite(t).all() for t in got)
+    dist = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    for i, (a, b, c) in enumerate(zip(got, loop, want)):
+        assert dist(a, c) <= 2 * dist(b, c) + 2e-2, i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_no_rows_dispatches_to_an_empty_output_with_zero_gradients(dtype):
+    ex = StackedExperts(3, 8, [6, 4], norm="layer")
+    x = torch.zeros(0, 8, requires_grad=True)
+    w = torch.zeros(0, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        y = ex(x, ex.plan(empty, empty, num_out=0, dtype=dtype), w)
+    assert y.shape == (0, 4) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == (0, 8) and w.grad.shape == (0,)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and not p.grad.any() for p in ex.parameters())

@@ -267,3 +267,49 @@ def test_under_bf16_autocast_a_bf16_input_to_float32_experts_trains_as_the_autog
     for a, b in zip(fast_grads, slow_grads):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.float().abs().max().item())
+
+
+def _relu_experts_run(fn, x, ws, bs, grad):
+    x = x.detach().requires_grad_()
+    ws = [w.detach().requires_grad_() for w in ws]
+    bs = [b.detach().requires_grad_() for b in bs]
+    y = fn(x, ws, bs)
+    y.backward(grad.to(y.dtype))
+    return [y.detach(), *(t.grad for t in (x, *ws, *bs))]
+
+
+def _normwise(got, want) -> float:
+    return max(float((a.double() - b.double()).norm() / (b.double().norm() + 1e-30)) if b.numel() else 0.0
+               for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("backend", ["blas", "onednn"])
+@pytest.mark.parametrize("layout", ["gapped", "column_major"])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_strided_inputs_and_empty_batches_get_autograds_values_in_float32_and_bfloat16(backend, layout, rows):
+    """x as an expert layer meets it (columns of a wider activation, or the transpose of a contiguous tensor) and a
+    batch of no rows, through PyTorch's GEMMs and oneDNN's: float32 equals float64 autograd up to rounding, and
+    bfloat16 (bf16-mixed's operands) is as close to it as autograd's own bfloat16 ops are, with bfloat16 output and
+    gradients."""
+    from mmoe_rec.nn.cpu_gemm import gemm_backend
+    from mmoe_rec.nn.relu_experts import _autograd_forward
+
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(rows, 20, generator=g)
+    x = wide[:, 4:16] if layout == "gapped" else wide[:, :12].t().contiguous().t()
+    ws = [torch.randn(3, a, b, generator=g) * a ** -0.5 for a, b in ((12, 16), (16, 8))]
+    bs = [torch.randn(3, b, generator=g) * 0.1 for b in (16, 8)]
+    grad = torch.randn(rows, 3, 8, generator=g)
+    as_double = lambda ts: [t.double() for t in ts]  # noqa: E731
+    as_bf16 = lambda ts: [t.bfloat16() for t in ts]  # noqa: E731
+    with gemm_backend(backend):
+        want32 = _relu_experts_run(_autograd_forward, x.double(), as_double(ws), as_double(bs), grad.double())
+        got32 = _relu_experts_run(relu_experts, x, ws, bs, grad)
+        want16 = _relu_experts_run(_autograd_forward, x.bfloat16().double(), as_double(as_bf16(ws)),
+                                   as_double(as_bf16(bs)), grad.bfloat16().double())
+        autograd16 = _relu_experts_run(_autograd_forward, x.bfloat16(), as_bf16(ws), as_bf16(bs), grad.bfloat16())
+        got16 = _relu_experts_run(relu_experts, x.bfloat16(), as_bf16(ws), as_bf16(bs), grad.bfloat16())
+    assert got32[0].shape == (rows, 3, 8) and all(t.dtype == torch.float32 for t in got32)
+    assert all(t.dtype == torch.bfloat16 for t in got16)
+    assert _normwise(got32, want32) < 1e-5
+    assert _normwise(got16, want16) <= 2 * _normwise(autograd16, want16) + 1e-2

@@ -924,3 +924,33 @@ def test_bf16_mixed_precision_trains_the_models_as_float32_does(feature_dir, tmp
     assert aucs["bf16-mixed"] > 0.7 and aucs["bf16-mixed"] == pytest.approx(aucs["32-true"], abs=0.03)
     if model is not SPARSE:  # the sparse model's experts take the routed path
         assert torch.bfloat16 in dtypes and torch.float32 in dtypes
+
+
+def _train_in(feature_dir, tmp, precision, max_epochs, ckpt_path=None, callbacks=(), model=SPARSE):
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
+    module = module_for(dm, model)
+    trainer = L.Trainer(max_epochs=max_epochs, logger=False, limit_val_batches=0, precision=precision,
+                        callbacks=list(callbacks), default_root_dir=tmp, **FAST)
+    trainer.fit(module, dm, ckpt_path=ckpt_path)
+    return trainer, module, dm
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "64-true"])
+def test_a_reduced_or_double_precision_fit_resumes_from_its_checkpoint_exactly(feature_dir, tmp_path, precision):
+    """A fit in each precision the README offers resumes from its end-of-epoch checkpoint as a straight run goes on,
+    bitwise, in the precision it trained in (under 64-true Lightning restores the weights before it casts the
+    module: loaded into the float32 module they were rounded to float32, then cast back), and predicts float32
+    scores."""
+    straight_trainer, straight, dm = _train_in(feature_dir, tmp_path / "a", precision, 2)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    _train_in(feature_dir, tmp_path / "b", precision, 1, callbacks=[ckpt])
+    resumed_trainer, resumed, _ = _train_in(feature_dir, tmp_path / "c", precision, 2, ckpt_path=ckpt.last_model_path)
+    assert resumed_trainer.global_step == straight_trainer.global_step
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    predictions = straight_trainer.predict(straight, dm.test_dataloader())
+    scores = [v for p in predictions for k, v in p.items() if k.startswith("score_")]
+    assert scores and all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in scores)
