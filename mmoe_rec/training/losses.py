@@ -45,8 +45,19 @@ def task_losses(
     return out
 
 
+def step_weight(weights: torch.Tensor | None, world_size: int,
+                sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+    """() the step's sample-weight sum over every rank (one all-reduce of a scalar under DDP); None without weights.
+    0 for a step whose rows all weigh 0: its task losses are all 0 and carry nothing to learn from."""
+    if weights is None:
+        return None
+    local = weights.detach().float().sum()
+    return sum_over_ranks(local.clone()) if world_size > 1 else local
+
+
 def rank_weight_scale(weights: torch.Tensor | None, world_size: int,
-                      sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | float:
+                      sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+                      total: torch.Tensor | None = None) -> torch.Tensor | float:
     """What each rank's sample-weighted losses are multiplied by so that DDP trains on the global weighted mean.
 
     A rank's loss is sum_rank(w l) / sum_rank(w), and DDP averages the ranks' gradients: unscaled, the objective
@@ -54,23 +65,25 @@ def rank_weight_scale(weights: torch.Tensor | None, world_size: int,
     as one holding heavy rows (each rank streams its own slice of the files; weights that follow file order, such
     as date partitions, would skew it). Scaled by world_size * sum_rank(w) / sum_all(w), the average of the ranks'
     gradients is that of sum_all(w l) / sum_all(w), and the mean over ranks of the logged losses is the global
-    weighted mean. One all-reduce of a scalar per step, only with weights under several processes.
+    weighted mean. One all-reduce of a scalar per step, only with weights under several processes (none when
+    `total`, the step's weight over every rank from `step_weight`, is given).
     """
     if weights is None or world_size <= 1:
         return 1.0
     local = weights.detach().float().sum()
-    total = sum_over_ranks(local.clone())
+    total = sum_over_ranks(local.clone()) if total is None else total
     return world_size * local / total.clamp_min(1e-12)
 
 
 def rank_loss_scale(weights: torch.Tensor | None, rows: int, step_rows: int | None, world_size: int,
-                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | float:
+                    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor],
+                    total_weight: torch.Tensor | None = None) -> torch.Tensor | float:
     """What a rank's losses are multiplied by so that DDP, which averages the ranks' gradients of their own means,
     trains on the step's global mean: with sample weights `rank_weight_scale` (one all-reduce); without, the rank's
     share of the step's rows, world_size * rows / step_rows (the ranks' batches differ in size in an epoch's last one
     or two; `step_rows`, the rows summed over the ranks, comes with the batch from the plan: no communication)."""
     if weights is not None:
-        return rank_weight_scale(weights, world_size, sum_over_ranks)
+        return rank_weight_scale(weights, world_size, sum_over_ranks, total_weight)
     if world_size <= 1 or not step_rows:
         return 1.0
     return world_size * rows / step_rows

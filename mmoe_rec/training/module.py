@@ -29,7 +29,7 @@ from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
 from mmoe_rec.training.epochs import epoch_cut_short
-from mmoe_rec.training.losses import rank_loss_scale, task_losses
+from mmoe_rec.training.losses import rank_loss_scale, step_weight, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
 from mmoe_rec.training import sigterm
@@ -347,15 +347,22 @@ class MultiTaskModule(L.LightningModule):
             self._loads_before_forward = (batch_count, [m.pending_load for _, m in self._balancers])
         out = self.model(batch)
         losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
+        sum_over_ranks = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
+        total_weight = step_weight(batch.weights, self.trainer.world_size, sum_over_ranks)  # () or None
         if self.trainer.world_size > 1:  # the step's global (weighted) mean under DDP
             scale = rank_loss_scale(batch.weights, batch.batch_size, getattr(batch, "step_rows", None),
-                                    self.trainer.world_size, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+                                    self.trainer.world_size, sum_over_ranks, total_weight)
             if not (isinstance(scale, float) and scale == 1.0):
                 losses = {t: value * scale for t, value in losses.items()}
         rank_mean = None
         if self.trainer.world_size > 1:  # GradNorm balances the global batch's gradients (weighting.py)
             rank_mean = functools.partial(self.trainer.strategy.reduce, reduce_op="mean")
         task_total = self.weighting(losses, self.model.last_shared_layer, rank_mean)
+        if total_weight is not None:
+            # a step whose rows all weigh 0 (on every rank) has task losses of 0 but trained the weighting's own
+            # parameters (uncertainty's log-variances through their 0.5 s term): no weighting learns from it. The
+            # aux losses stay: the routers routed its rows all the same, and their balance counts rows, not weights
+            task_total = task_total * (total_weight > 0)
         loss = task_total + self.aux_loss(out.aux)
         self.last_output = out
         bs = batch.batch_size

@@ -9,12 +9,13 @@
 - ``gradnorm`` (Chen, Badrinarayanan, Lee & Rabinovich 2018): learnable w_t, trained so that the gradient norms of
   the weighted task losses on the model's last shared layer W, G_t = ||grad_W w_t L_t||, move toward
   mean_t(G_t) * r_t^alpha, where r_t = (L_t / L_t(0)) / mean_s(L_s / L_s(0)) is the task's relative inverse
-  training rate (L_t(0): its loss at the first step). The gradient-norm loss sum_t |G_t - target_t| (target held
-  constant) trains only w; the network trains on sum_t s_t w_t L_t with w held constant, s_t the static
-  task_weights, which multiply on top of w (G_t leaves them out, so w does not learn to undo them); after every
-  optimizer step w is renormalized to sum to K. Costs one extra backward to W per task and step. Under DDP the
-  gradients on W and the losses are averaged over the ranks first (one all-reduce of K x |W| floats a step): the
-  balance is that of the global batch the network trains on, and every rank computes the same w.
+  training rate (L_t(0): its loss at the first step whose rows carry weight; a step whose rows all weigh 0 has
+  r_t = 0 and trains no w). The gradient-norm loss sum_t |G_t - target_t| (target held constant) trains only w;
+  the network trains on sum_t s_t w_t L_t with w held constant, s_t the static task_weights, which multiply on top
+  of w (G_t leaves them out, so w does not learn to undo them); after every optimizer step w is renormalized to
+  sum to K. Costs one extra backward to W per task and step. Under DDP the gradients on W and the losses are
+  averaged over the ranks first (one all-reduce of K x |W| floats a step): the balance is that of the global batch
+  the network trains on, and every rank computes the same w.
 
 A task of static weight 0 (evaluated, not trained) takes no part in DWA's softmax or GradNorm's balance (K counts
 the trained tasks): its loss does not fall, and as the "slowest" task it took weight from the others.
@@ -162,11 +163,14 @@ class GradNorm(LossWeighting):
         norms = grads.norm(dim=1)  # (T,)
         on = self.trained.to(norms.dtype)  # (T,) 1 for the tasks GradNorm balances (static weight > 0)
         with torch.no_grad():
-            # L_t(0) at the first step (NaN until then), without a host sync a step
-            self.initial_losses.copy_(torch.where(torch.isnan(self.initial_losses), seen.clamp_min(1e-12),
+            # L_t(0) at the first step whose rows carry weight (NaN until then), without a host sync a step: a batch
+            # whose rows all weigh 0 has every loss 0, and as L(0) it made every later ratio huge
+            self.initial_losses.copy_(torch.where(torch.isnan(self.initial_losses) & (seen > 0), seen,
                                                   self.initial_losses))
-            ratio = seen / self.initial_losses * on  # (T,) L_t / L_t(0), 0 for an untrained task
-            rate = ratio / (ratio.sum() / self.num_trained)  # (T,) relative inverse training rate r_t
+            # (T,) L_t / L_t(0), 0 for an untrained task and before L_t(0) is known (a loss of 0 then)
+            ratio = torch.where(torch.isnan(self.initial_losses), 0.0, seen / self.initial_losses) * on
+            # (T,) relative inverse training rate r_t; 0 in a weightless step (0 / 0 was NaN, and the step's loss)
+            rate = ratio / (ratio.sum() / self.num_trained).clamp_min(1e-12)
             target = (self.learnt_weights * norms * on).sum() / self.num_trained * rate ** self.alpha  # constant
         # trains w only (norms, target constant); an untrained task's w gets no gradient
         gradnorm_loss = ((self.learnt_weights * norms - target).abs() * on).sum()

@@ -1,11 +1,18 @@
 """Per-task losses and loss weighting against hand-computed references."""
+import copy
+import dataclasses
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
+from conftest import SPARSE
+from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
 from mmoe_rec.training.losses import task_losses, weighted_mean
+from mmoe_rec.training.module import MultiTaskModule
 from mmoe_rec.training.weighting import DynamicWeightAverage, GradNorm, UncertaintyWeighting, make_weighting
 
 
@@ -394,3 +401,93 @@ def test_rank_scales_make_each_ranks_loss_its_share_of_the_steps_global_mean():
     assert float(rank_weight_scale(w, 2, plus_other)) == pytest.approx(2 * 2 / 8)
     assert float(rank_loss_scale(w, 3, 8, 2, plus_other)) == pytest.approx(2 * 2 / 8)
     assert rank_weight_scale(w, 1, plus_other) == 1.0
+
+
+# --- the training step's loss (review) ---------------------------------------------------------------------------
+def _stand_in_trainer(module, world_size=1, other_ranks_weight=0.0):
+    """One process, or rank 0 of `world_size` whose other ranks' batches weigh `other_ranks_weight` together (the
+    all-reduce of a scalar adds it; the only one an uncertainty or fixed weighting makes)."""
+    reduce = (lambda t, reduce_op: t) if world_size == 1 else (lambda t, reduce_op: t + other_ranks_weight)
+    module._trainer = SimpleNamespace(world_size=world_size, log_every_n_steps=0, is_last_batch=False, global_step=0,
+                                      strategy=SimpleNamespace(reduce=reduce))
+
+
+def _bce(z: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+
+
+@pytest.fixture(scope="module")
+def weighted_batch(make_feature_dir):
+    feature_dir = make_feature_dir("weighted_review", with_weight=True, rows={"train": 200, "valid": 50, "test": 50})
+    dm = FeatureDataModule(str(feature_dir), batch_size=64)
+    return dm, next(iter(dm.dataloader("train", rank=0, world_size=1)))
+
+
+def test_the_training_steps_loss_is_the_weighted_sum_computed_by_hand(weighted_batch):
+    """Per-task sample-weighted BCE, a weighting, static task weights and the aux losses' coefficients."""
+    dm, batch = weighted_batch
+    coefs = {"importance": 0.03, "load": 0.02, "switch": 0.0, "router_z": 0.5}
+    module = MultiTaskModule(model=copy.deepcopy(SPARSE), feature_spec=dm.spec, weighting="uncertainty",
+                             task_weights={"click": 2.0, "convert": 0.5}, aux_loss_coefs=coefs)
+    _stand_in_trainer(module)
+    with torch.no_grad():
+        module.weighting.log_vars.copy_(torch.tensor([0.4, -0.3]))
+    torch.manual_seed(0)
+    loss = float(module.training_step(batch, 0).detach())
+    torch.manual_seed(0)  # the same routing noise
+    out = module.model(batch)
+    w = batch.weights.numpy().astype(np.float64)
+    expected = 0.0
+    for i, (t, static) in enumerate((("click", 2.0), ("convert", 0.5))):
+        z = out.logits[t].detach().double().numpy()
+        task_loss = float((w * _bce(z, batch.labels[t].double().numpy())).sum() / w.sum())
+        s = (0.4, -0.3)[i]
+        expected += static * (math.exp(-s) * task_loss + 0.5 * s)  # binary: 1/sigma^2 L + log sigma
+    assert out.aux  # the sparse model's balance losses are in the sum
+    expected += sum(coefs[name] * float(value.detach()) for name, value in out.aux.items())
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradnorm_on_a_batch_whose_rows_all_weigh_0_stays_finite(weighted_batch):
+    """All-zero sample weights: every task loss is 0 and the relative training rates 0 / 0. The step must train
+    nothing and report a finite loss, and L(0) must not be taken from it."""
+    dm, batch = weighted_batch
+    module = MultiTaskModule(model=copy.deepcopy(SPARSE), feature_spec=dm.spec, weighting="gradnorm")
+    _stand_in_trainer(module)
+    zero = dataclasses.replace(batch, weights=torch.zeros_like(batch.weights))
+    torch.manual_seed(0)
+    loss = module.training_step(zero, 0)
+    assert math.isfinite(float(loss.detach()))  # NaN on the original code
+    assert torch.isnan(module.weighting.initial_losses).all()  # L(0) waits for a batch that carries weight
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    assert module.weighting.learnt_weights.grad is None or not module.weighting.learnt_weights.grad.any()
+
+
+def test_gradnorm_takes_its_initial_losses_from_the_first_batch_that_carries_weight():
+    W = torch.nn.Parameter(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)))
+    gn = GradNorm(["a", "b"])
+    gn({"a": (W * 0).sum(), "b": (W * 0).sum()}, lambda: [W])  # a batch of weight 0
+    gn({"a": (W ** 2).sum(), "b": 3 * (W ** 2).sum()}, lambda: [W])
+    torch.testing.assert_close(gn.initial_losses, torch.stack([(W ** 2).sum(), 3 * (W ** 2).sum()]).detach())
+
+
+@pytest.mark.parametrize("world_size, other_ranks_weight, trains", [(1, 0.0, False), (2, 0.0, False), (2, 5.0, True)])
+def test_a_step_whose_rows_all_weigh_0_trains_no_weighting(weighted_batch, world_size, other_ranks_weight, trains):
+    """Uncertainty weighting's 0.5 s regulariser trained the log-variances on a batch whose rows all weigh 0 (a
+    weight-0 partition): a step of no weight on every rank trains no weighting parameter; under DDP, one whose
+    other ranks' rows carry weight still does (DDP averages this rank's gradient with theirs)."""
+    dm, batch = weighted_batch
+    coefs = {"importance": 0.03, "load": 0.02, "switch": 0.0, "router_z": 0.5}
+    module = MultiTaskModule(model=copy.deepcopy(SPARSE), feature_spec=dm.spec, weighting="uncertainty",
+                             aux_loss_coefs=coefs)
+    _stand_in_trainer(module, world_size, other_ranks_weight)
+    zero = dataclasses.replace(batch, weights=torch.zeros_like(batch.weights))
+    torch.manual_seed(0)
+    loss = module.training_step(zero, 0)
+    loss.backward()
+    grad = module.weighting.log_vars.grad
+    assert (grad is not None and bool(grad.any())) == trains
+    if not trains:  # what is left is the aux losses: the routers routed the batch's rows all the same
+        aux = sum(coefs[name] * float(value.detach()) for name, value in module.last_output.aux.items())
+        assert float(loss.detach()) == pytest.approx(aux, rel=1e-6)
