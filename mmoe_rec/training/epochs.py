@@ -10,3 +10,28 @@ def epoch_cut_short(trainer: Any) -> bool:
     running sums stay open, in any checkpoint written now too, so that a fit resumed from it ends the epoch as a
     straight run does (logging it at its cut, then again whole at its real end, gave a run that epoch twice)."""
     return not trainer.is_last_batch
+
+
+def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """A fit with `max_steps` resumed from a checkpoint written at the end of a whole epoch (in its end hooks:
+    Lightning has counted the epoch processed, not yet completed) starts the next epoch, as one without does.
+    Lightning closes such an epoch only for a fit without max_steps (`_FitLoop.on_run_start`); with it, the fit
+    restarted inside the finished epoch: it ran that epoch's end again, counted it a second time against
+    max_epochs (a resume to extend a fit by steps trained nothing and exited 0) and, from a checkpoint of another
+    number of ranks, trained the rest of the epoch's batches as the saved rank count had them (rows seen twice).
+    Called before Lightning restores its loops; a cut epoch's checkpoint is a mid-epoch one (module's
+    _reopen_cut_epoch) and is left to resume mid-epoch."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not fit_loop or trainer.max_steps == -1 or trainer.state.fn != "fit":
+        return
+    epochs = fit_loop.get("epoch_progress") or {}
+    current = epochs.get("current") or {}
+    if not (current and current["ready"] == current["started"] == current["processed"] == current["completed"] + 1):
+        return
+    for progress in epochs.values():  # "total" and "current"
+        progress["completed"] = progress["processed"]
+    batches = fit_loop.get("epoch_loop.batch_progress") or {}
+    for key in batches.get("current") or {}:  # the new epoch has no batch done yet
+        batches["current"][key] = 0
+    if "is_last_batch" in batches:
+        batches["is_last_batch"] = False

@@ -28,7 +28,7 @@ from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
-from mmoe_rec.training.epochs import epoch_cut_short
+from mmoe_rec.training.epochs import close_finished_epoch, epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, step_weight, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
@@ -737,6 +737,7 @@ class MultiTaskModule(L.LightningModule):
             # float64 weights were rounded (a resumed 64-true fit, and validate / test, ran on rounded weights)
             self.double()
         if self._trainer is not None and self.trainer.state.fn == "fit":
+            close_finished_epoch(checkpoint, self.trainer)
             self._restore_rng_states(checkpoint.get(RNG_KEY))
             probe = checkpoint.get(GRAD_PROBE_KEY)
             if probe is not None:  # the checkpoint's epoch's last probe: its statistics report it at its end

@@ -954,3 +954,35 @@ def test_a_reduced_or_double_precision_fit_resumes_from_its_checkpoint_exactly(f
     predictions = straight_trainer.predict(straight, dm.test_dataloader())
     scores = [v for p in predictions for k, v in p.items() if k.startswith("score_")]
     assert scores and all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in scores)
+
+
+@pytest.mark.parametrize("max_epochs", [2, 5])
+def test_a_fit_with_max_steps_resumed_from_an_epoch_end_checkpoint_trains_on_in_the_next_epoch(feature_dir, tmp_path,
+                                                                                               max_epochs):
+    """With max_steps Lightning restarted inside the finished epoch (it closes one only without max_steps): it ran
+    that epoch's end again and counted it twice, so extending a fit by steps trained nothing and exited 0
+    (max_epochs 2), or trained on with an epoch counted twice. It now goes on with the next epoch, as a straight
+    run to the same step does, bitwise."""
+    def fit(max_steps, root, ckpt_path=None, callbacks=()):
+        L.seed_everything(0)
+        dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
+        module = module_for(dm, SPARSE)
+        trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, limit_val_batches=0,
+                            callbacks=list(callbacks), default_root_dir=root, **FAST)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return trainer, module
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ck")  # written at the end of the epoch, in its end hooks
+    L.seed_everything(0)
+    dm = FeatureDataModule(str(feature_dir), batch_size=96, seed=3, shuffle_buffer=256)
+    one = L.Trainer(max_epochs=1, logger=False, limit_val_batches=0, callbacks=[ckpt], default_root_dir=tmp_path / "a",
+                    **FAST)
+    one.fit(module_for(dm, SPARSE), dm)
+    target = one.global_step + 5  # 5 steps into the next epoch
+    straight, straight_module = fit(target, tmp_path / "b")
+    resumed, resumed_module = fit(target, tmp_path / "c", ckpt_path=ckpt.best_model_path)
+    assert resumed.global_step == straight.global_step == target
+    assert resumed.current_epoch == straight.current_epoch
+    a, b = straight_module.state_dict(), resumed_module.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
