@@ -273,6 +273,10 @@ class MultiTaskModule(L.LightningModule):
         # (its total `ready` count, the loads): a forward that failed has counted its loads, and a resume replays it
         self._balancers = [(n, m) for n, m in self.named_modules() if isinstance(m, LossFreeBias)]
         self._loads_before_forward: tuple[int, list[torch.Tensor | None]] | None = None
+        # the torch generator states before the forward of the batch in flight (its total `ready` count, CPU's, the
+        # GPU's): a batch that failed in or after its forward has drawn its routing noise and dropout masks from
+        # them, and a resume replays it (~5 kB copied per step: ~3 us, 0.04 % of a census-size step on the CPU)
+        self._rng_before_forward: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
         self._plateau_deferred: tuple[str, int] | None = None
@@ -446,6 +450,8 @@ class MultiTaskModule(L.LightningModule):
         return bool(every) and ((self.global_step + 1) % every == 0 or bool(self.trainer.is_last_batch))
 
     def on_train_start(self) -> None:
+        # an earlier fit's, whose batch counts this one's may meet
+        self._rng_before_forward = self._loads_before_forward = None
         due, self._plateau_due = self._plateau_due, None
         if isinstance(due, dict):  # the step owed at the checkpoint this fit resumed from, with its value then
             self._take_plateau_step(tuple(due["point"]), due["value"])
@@ -471,6 +477,8 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._backward_began = False  # a failure before the backward leaves the window's .grad as it was
+        # the last hook before the forward (the callbacks' came before): nothing draws between them
+        self._rng_before_forward = (self.trainer.fit_loop.epoch_loop.batch_progress.total.ready, *self._rng_states())
         resumed = self._resumed_epoch
         if resumed is None or resumed == self.current_epoch:
             return
@@ -701,11 +709,21 @@ class MultiTaskModule(L.LightningModule):
             if name in balancers and rank < len(loads):
                 balancers[name].pending_load = loads[rank].to(self.device)
 
+    def _rng_states(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's torch generator states: CPU's, and the GPU's when on one (copies)."""
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
     def _gather_rng_states(self) -> dict[str, torch.Tensor | None]:
         """Every rank's torch generator state (CPU, and the GPU's when on one), (W, n) uint8: a resumed fit
-        continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Collective."""
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        return {"cpu": self._per_rank(torch.get_rng_state()), "cuda": None if cuda is None else self._per_rank(cuda)}
+        continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Written as a
+        batch failed before it was processed (in its forward, backward or optimizer step), those from before its
+        forward: the resume replays the batch, which draws its noise and dropout masks again. Collective."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        before = self._rng_before_forward
+        in_flight = before is not None and before[0] == progress.ready > progress.processed
+        cpu, cuda = before[1:] if in_flight else self._rng_states()
+        return {"cpu": self._per_rank(cpu), "cuda": None if cuda is None else self._per_rank(cuda)}
 
     def _restore_rng_states(self, states: dict[str, torch.Tensor | None] | None) -> None:
         """This rank's saved generator states, when resuming a fit (a checkpoint from another number of ranks

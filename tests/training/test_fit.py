@@ -365,6 +365,29 @@ def test_a_resumed_fit_continues_the_random_stream_of_noisy_routing_and_dropout(
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+# A batch that fails once its forward has drawn (noise, dropout masks) is replayed by the resume: the checkpoint
+# holds the generators as they were before its forward, not after its draws. One failing at its start has drawn
+# nothing (those before an earlier batch's forward would be wrong there).
+@pytest.mark.parametrize("fails, strategy", [(_FailsInForward, "auto"), (_FailsAfterBackward, "auto"),
+                                             (_FailsAtBatch, "auto"), (_FailsInForward, "ddp")],
+                         ids=["forward", "after-backward", "batch-start", "forward-ddp"])
+def test_a_fit_resumed_from_a_checkpoint_written_as_a_batch_failed_draws_that_batchs_noise_again(feature_dir,
+                                                                                                tmp_path, fails,
+                                                                                                strategy):
+    noisy = copy.deepcopy(SPARSE)
+    noisy["init_args"].update(dropout=0.2)  # noisy_topk: noise on by default
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 2, model=noisy, strategy=strategy)
+    with pytest.raises(RuntimeError, match="the fit fails here"):
+        _train(feature_dir, tmp_path / "b", 2, model=noisy, strategy=strategy,
+               callbacks=[fails(1, 5), OnExceptionCheckpoint(tmp_path / "b")])
+    (path,) = (tmp_path / "b").glob("*.ckpt")
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 2, ckpt_path=path, model=noisy, strategy=strategy)
+    assert resumed_trainer.global_step == straight_trainer.global_step == 42
+    a, b = straight.state_dict(), resumed.state_dict()
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, diff
+
+
 # 21 batches per epoch. DWA weighs epoch 3 by the mean losses of epochs 1 and 2: a checkpoint at step 30 falls
 # inside epoch 2 (the weights epoch 3 trains with), one at step 50 inside epoch 3 (the weights after it, and the
 # rows seen in it). Steps 21 and 42 are an epoch's last batch, before its end: Lightning resumes in the next
@@ -530,11 +553,9 @@ def test_a_fit_resumed_from_a_checkpoint_written_as_it_failed_logs_at_the_straig
     interval late under a step one higher (train/loss of step 26 at 29, ...), lost the epoch's last one, and logged
     val/ and train/rows_seen at 42 and 63 instead of 41 and 62. The weights were the straight run's. Under
     accumulate_grad_batches 2 the failed batch 5 ends its window (Lightning adds 1), batch 4 starts one (it does
-    not). A forward that fails has drawn its routing noise, and the resume draws other noise for it: none there."""
-    quiet = {"class_path": SPARSE["class_path"], "init_args": {**SPARSE["init_args"], "noise": False}}
+    not). The forward that fails has drawn its routing noise, which the resume draws again."""
     _stop_and_resume(feature_dir, tmp_path, fails(1, batch), lr_scheduler=STEPLR, weighting="dwa", monitor=False,
-                     model=quiet if fails is _FailsInForward else SPARSE,
-                     trainer_kw={"accumulate_grad_batches": accumulate})
+                     model=SPARSE, trainer_kw={"accumulate_grad_batches": accumulate})
 
 
 @pytest.mark.parametrize("how", [30, ("sigterm", 1, 5)], ids=["mid", "sigterm"])
@@ -697,10 +718,10 @@ def test_loss_free_bias_resumed_inside_an_accumulation_window_counts_the_windows
     """The bias update at a window's end reads the loads of all its micro-batches (LossFreeBias.pending_load); a
     checkpoint written inside the window kept the window's gradients but not those loads, so the resumed fit's
     update counted the batches after the checkpoint only and its biases, choices and weights drifted. A batch that
-    failed after its forward has counted its loads: they are not kept (its resume counts them again)."""
+    failed after its forward has counted its loads (and drawn its routing noise and dropout masks): they are not
+    kept (its resume counts and draws them again)."""
     model = copy.deepcopy(SPARSE)
-    # (without routing noise: a forward that fails has drawn its noise, and the resume draws other noise for it)
-    model["init_args"].update(loss_free_bias=True, bias_update_rate=0.01, noise=False)
+    model["init_args"].update(loss_free_bias=True, bias_update_rate=0.01, dropout=0.2)  # noisy_topk: noise on
     _, straight = _train(feature_dir, tmp_path / "a", 2, accumulate=2, model=model)
     with pytest.raises(RuntimeError, match="the fit fails here"):
         _train(feature_dir, tmp_path / "b", 2, accumulate=2, model=model,
