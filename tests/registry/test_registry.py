@@ -1630,3 +1630,22 @@ def test_register_package_into_a_deleted_experiment_is_refused_with_advice(packa
     with pytest.raises(Exception, match="experiment 'mmoe-rec' is deleted: restore it"):
         register_package(package, "rec-deleted")
     assert not client.search_registered_models()
+
+
+def test_score_reads_a_one_row_group_file_batch_rows_at_a_time_every_row_once_in_order(rec_data, package, tmp_path,
+                                                                                     monkeypatch):
+    """Bounded memory without measuring it: a raw file that is one row group (pandas / pyarrow write up to 1,048,576
+    rows in one) reaches the model --batch-rows rows at a time, and the scores keep the rows' order, each once."""
+    raw = pq.read_table(rec_data[1])
+    one = tmp_path / "one.parquet"
+    pq.write_table(raw, one, row_group_size=raw.num_rows)
+    assert pq.ParquetFile(one).metadata.num_row_groups == 1
+    sizes = []
+    score_table = Scorer.score_table
+    monkeypatch.setattr(Scorer, "score_table",
+                        lambda self, t, *a, **k: (sizes.append(t.num_rows), score_table(self, t, *a, **k))[1])
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "scores.parquet"
+    assert score_parquet(scorer, str(one), out, name, version, batch_rows=400) == raw.num_rows
+    assert max(sizes) == 400 and sum(sizes) == raw.num_rows
+    assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
