@@ -90,6 +90,26 @@ def _exit_text(code: int) -> str:
     return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
 
 
+def launcher_ended(pid: int, wait_s: float = CHILD_FAILURE_WAIT_S) -> bool:
+    """In a launched rank: whether its launcher (`pid`, rank 0) has ended, waiting up to `wait_s` for it. A rank 0
+    killed by a signal closes its sockets before it ends (its ranks' collectives fail first), and Linux reparents
+    its ranks and sends their death signal only at its very end: a rank that failed in a collective as rank 0 was
+    being killed saw its launcher still its parent."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if os.getppid() != pid:  # reparented: its parent ended
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):  # dead, not yet reaped
+                    return True
+        except (OSError, IndexError):  # no /proc (then the parent check above is all there is)
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 @contextmanager
 def child_rank_reports(on_child_failure: Optional[Callable[[], None]] = None) -> Iterator[Optional[Path]]:
     """On the process that may launch ranks (no folder in the environment yet): a fresh folder for their done

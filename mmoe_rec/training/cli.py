@@ -34,7 +34,8 @@ from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, LAUNCHER_PID_ENV, ChildRankFailed, child_rank_reports,
-                                           join_child_ranks, mark_rank_done, name_failed_child_ranks)
+                                           join_child_ranks, launcher_ended, mark_rank_done,
+                                           name_failed_child_ranks)
 from mmoe_rec.training.gloo_exit import settle_gloo_workers
 from mmoe_rec.training.module import SCHEDULER_KEYS, MultiTaskModule, check_tasks_loaded, component_config
 from mmoe_rec.training.predictions import ParquetPredictionWriter
@@ -492,7 +493,8 @@ def _end_orphaned_run() -> None:
     killed by SIGKILL (the out-of-memory killer's way) runs no cleanup of its own and left it RUNNING for good."""
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
     run_id, uri = os.environ.get(RUN_ID_ENV), os.environ.get(RUN_URI_ENV)
-    if not (run_id and uri and launcher.isdigit()) or int(launcher) in (os.getpid(), os.getppid()):
+    if not (run_id and uri and launcher.isdigit()) or int(launcher) == os.getpid() \
+            or not launcher_ended(int(launcher)):
         return
     try:
         from mlflow.tracking import MlflowClient
