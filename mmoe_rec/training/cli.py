@@ -33,6 +33,7 @@ from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
+from mmoe_rec.training.checkpoint_lock import LOCK_NAME, lock_checkpoint_folders, release_checkpoint_folders
 from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, LAUNCHER_PID_ENV, ChildRankFailed, child_rank_reports,
                                            join_child_ranks, launcher_ended, mark_rank_done,
                                            name_failed_child_ranks)
@@ -217,6 +218,7 @@ class MultiTaskParser(LightningArgumentParser):
 class MultiTaskCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         _running_cli[:] = [self]
+        self._checkpoint_locks: list[int] = []  # a fit's checkpoint folders, held by its rank 0 for the whole fit
         self._given_args = [str(a) for a in (args if args is not None else sys.argv[1:])]
         super().parse_arguments(parser, args)
 
@@ -249,6 +251,7 @@ class MultiTaskCLI(LightningCLI):
                 raise
             finally:
                 _unshare_run()
+                release_checkpoint_folders(self._checkpoint_locks)
             mark_rank_done(self.trainer)  # a launched rank: its work is done, whatever its exit brings
             try:  # rank 0 of a multi-process job: its job succeeded only if every other rank's did
                 join_child_ranks(self.trainer, done_dir)
@@ -358,7 +361,25 @@ class MultiTaskCLI(LightningCLI):
         if directory:
             for cb in self.trainer.checkpoint_callbacks:
                 cb.dirpath = os.path.realpath(os.path.expanduser(directory))
+        if self.subcommand == "fit":
+            self._lock_checkpoint_folders()
         self._log_config()
+
+    def _lock_checkpoint_folders(self) -> None:
+        """Rank 0 (under ddp_spawn the main process) holds each local checkpoint folder for the whole fit, before its
+        run is made (checkpoint_lock). A callback without a folder writes into its own run's."""
+        if not self.trainer.is_global_zero:
+            return
+        from fsspec.implementations.local import LocalFileSystem
+        from lightning.fabric.utilities.cloud_io import get_filesystem
+
+        folders = {str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                   if cb.dirpath and isinstance(get_filesystem(str(cb.dirpath)), LocalFileSystem)}
+        fresh = {f for f in folders if not os.path.isdir(f) or not set(os.listdir(f)) - {LOCK_NAME}}
+        self._checkpoint_locks = lock_checkpoint_folders(folders)
+        for folder in fresh:  # the lock file alone: not a folder holding another fit's checkpoints
+            warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {folder} exists and is not "
+                                                                "empty"))
 
     def before_fit(self) -> None:
         if self.config["fit"].get("ckpt_path") == "last":  # none to resume (`_resolve_last_checkpoint`): a fresh fit

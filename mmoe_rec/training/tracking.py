@@ -10,7 +10,10 @@ its `manifest.json` as `data/manifest.json`. validate / test / predict runs log 
 
 A SQLite store is opened and its write lock taken once before anything else, so a folder or file that cannot be
 written is an error at once (MLflow itself retries for about 2 minutes, then fails with a message that does not
-say why).
+say why). Then MLflow sets it up (its schema migrations, on a new file) while the process holds an flock on
+`.<file name>.lock` beside it: MLflow does not serialise that setup, and jobs started together on a new store
+failed (`table _alembic_tmp_experiments already exists`) or left it half migrated for good. A store MLflow cannot
+open is one line that names the file and what to do.
 
 An HTTP(S) store is probed with a real request (GET <uri>/health, PROBE_TIMEOUT_S) before anything else: a server
 that accepts connections but never answers is reported as unreachable, not waited on. For such a store the
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -220,18 +225,69 @@ def probe_http_server(uri: str, timeout: float = PROBE_TIMEOUT_S, hint: str = ""
     )
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for another store, or an in-memory one)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = _sqlite_path(uri)[0]
+    return Path(path).expanduser().resolve() if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def sqlite_setup_lock(uri: str):
+    """Hold an exclusive flock on `.<file name>.lock` beside a SQLite store (nothing for another store): its
+    creation and MLflow's first setup of it (schema migrations) are one process at a time. The kernel drops the
+    lock of a process that dies. A folder where the lock file cannot be made is left to check_tracking_uri."""
+    db = _sqlite_file(uri)
+    fd = None
+    if db is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(db.parent / f".{db.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _first_line(e: BaseException) -> str:
+    """An error's first line (SQLAlchemy's add the statement, its parameters and a link: ten lines and more)."""
+    text = str(e).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+def open_sqlite_store(uri: str) -> None:
+    """Have MLflow open (on a new file: set up) the SQLite store, as a client of it does; MLflow keeps the store
+    for the process. A store it cannot open (made by an older MLflow, or half migrated by a setup cut short) is a
+    TrackingUnavailable of one line, not SQLAlchemy's dump of the failed statement."""
+    db = _sqlite_file(uri)
+    try:
+        mlflow.MlflowClient(tracking_uri=uri)
+    except Exception as e:  # noqa: BLE001 - whatever MLflow or SQLAlchemy raise, one line that says what to do
+        raise TrackingUnavailable(
+            f"MLflow SQLite store {db} cannot be opened ({type(e).__name__}: {_first_line(e)}). A store an older "
+            f"MLflow made: back it up, then run `mlflow db upgrade {uri}`; a store whose first setup was cut short: "
+            f"move it aside (mv {db} {db}.broken) and run again to start a new one") from None
+
+
 def configure_tracking(uri: str | None = None, setting: str = FIT_URI_SETTING) -> str:
     """Resolve, check and install the tracking URI for this process; returns it (`setting`: check_tracking_uri).
 
     For an HTTP(S) store, MLflow's HTTP timeout and retry count get this project's shorter defaults
-    (HTTP_DEFAULTS) unless the environment already sets them.
+    (HTTP_DEFAULTS) unless the environment already sets them. A SQLite store is made and set up by MLflow here,
+    under sqlite_setup_lock (fit, score and register all pass here before their first use of it).
     """
     uri = resolve_tracking_uri(uri)
-    check_tracking_uri(uri, setting=setting)
-    if urlparse(uri).scheme in ("http", "https"):
-        for name, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
-    mlflow.set_tracking_uri(uri)
+    with sqlite_setup_lock(uri):
+        check_tracking_uri(uri, setting=setting)
+        if urlparse(uri).scheme in ("http", "https"):
+            for name, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+        mlflow.set_tracking_uri(uri)
+        if _sqlite_file(uri) is not None:
+            open_sqlite_store(uri)
     return uri
 
 
@@ -413,7 +469,8 @@ class MLflowTracker(MLFlowLogger):
                 run_id=run_id,
             )
         except Exception as e:  # one line that says which store, not a union-validation error from the CLI parser
-            raise TrackingUnavailable(f"MLflow tracking store {redacted(uri)}: {type(e).__name__}: {e}") from e
+            raise TrackingUnavailable(f"MLflow tracking store {redacted(uri)}: {type(e).__name__}: "
+                                      f"{_first_line(e)}") from e
         self._resume_index: int | None = None
 
     def resume_index(self) -> int:

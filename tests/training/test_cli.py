@@ -426,6 +426,60 @@ def test_a_second_fit_replaces_best_and_last_instead_of_writing_versions(feature
     assert any(not torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in weights)
 
 
+def _lock_is_free(folder: Path) -> bool:
+    import fcntl
+
+    with open(folder / ".lock") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("where", ["--checkpoint_dir", "config"])
+def test_a_fit_into_a_checkpoint_folder_another_fit_holds_is_refused_before_its_run(feature_dir, in_tmp, capsys,
+                                                                                     where):
+    """Two fits into one folder both exited 0 with their checkpoints mixed: best.ckpt from one, last.ckpt from the
+    other, whose "best" named a file that held the other's model. A fit holds its folders (`.lock`) while it runs."""
+    import fcntl
+    import os
+
+    folder = in_tmp / ("ck" if where == "--checkpoint_dir" else "checkpoints/mmoe_synthetic")
+    folder.mkdir(parents=True)
+    extra = ["--checkpoint_dir", str(folder)] if where == "--checkpoint_dir" else []
+    runs_before = len(mlflow_runs(in_tmp / "mlflow.db"))
+    with open(folder / ".lock", "w") as other_fit:  # as a fit running in another process holds it
+        fcntl.flock(other_fit, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other_fit.write("4242\n")
+        other_fit.flush()
+        msg = cli_error(["fit", "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+                         "--data.init_args.data_dir", str(feature_dir), *extra], capsys)
+    assert f"checkpoint folder {os.path.realpath(folder)} is in use by another fit (pid 4242)" in msg, msg
+    assert len(mlflow_runs(in_tmp / "mlflow.db")) == runs_before and not list(folder.glob("*.ckpt"))
+
+
+def test_a_fit_releases_its_checkpoint_folder_when_it_ends_or_fails(feature_dir, in_tmp, monkeypatch):
+    import os
+
+    from mmoe_rec.training.cli import MultiTaskCLI
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _fit_tiny(feature_dir, in_tmp / "ck")
+    assert not [w for w in seen if "is not empty" in str(w.message)]  # its own lock file is no earlier fit's files
+    _fit_tiny(feature_dir, in_tmp / "ck", "--seed_everything", "1")  # one after the other: not refused
+    assert _lock_is_free(in_tmp / "ck") and (in_tmp / "ck" / ".lock").read_text().strip() == str(os.getpid())
+
+    def store_fails(self):
+        raise RuntimeError("the store went away")
+
+    monkeypatch.setattr(MultiTaskCLI, "_log_config", store_fails)  # fails once the folder is held
+    with pytest.raises(RuntimeError, match="went away"):
+        _fit_tiny(feature_dir, in_tmp / "ck2")
+    assert _lock_is_free(in_tmp / "ck2")
+
+
 def test_optimizer_arguments_alone_override_the_default_optimizer(feature_dir):
     from mmoe_rec.features.spec import FeatureSpec
     from mmoe_rec.training.module import MultiTaskModule

@@ -549,3 +549,100 @@ def test_a_database_server_that_answers_passes_the_check(scheme, greeting):
 def test_a_database_store_not_addressed_by_host_and_port_is_left_to_mlflow(uri):
     """The probe refused working stores: it tried TCP to the URI's host on the dialect's default port (review)."""
     check_tracking_uri(uri.format(port=free_port()))  # no TrackingUnavailable: not probed
+
+
+def _store_setup_job(role: str, db, signals) -> None:
+    """A job that sets up the SQLite store `db` and makes an experiment in it, in a process forked from the test's
+    (nothing to import: fast). A holds inside MLflow's setup, once it has read the schema version, until B is done
+    or waits; B starts once A is inside and says so where it has to wait for the setup lock."""
+    import fcntl
+    import traceback
+
+    import alembic.runtime.migration as migration
+    from mlflow import MlflowClient
+
+    def wait_for(*names):
+        deadline = time.monotonic() + 60
+        while not any((signals / n).exists() for n in names) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    try:
+        if role == "A":
+            read_heads = migration.MigrationContext.get_current_heads
+
+            def paused(self):
+                heads = read_heads(self)
+                if not (signals / "a_inside").exists():
+                    (signals / "a_inside").touch()
+                    wait_for("b_done", "b_waits")
+                return heads
+
+            migration.MigrationContext.get_current_heads = paused
+        else:
+            flock = fcntl.flock
+
+            def flock_saying_it_waits(fd, op):
+                if op == fcntl.LOCK_EX:
+                    try:
+                        return flock(fd, op | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        (signals / "b_waits").touch()
+                return flock(fd, op)
+
+            fcntl.flock = flock_saying_it_waits
+            wait_for("a_inside")
+        uri = configure_tracking(f"sqlite:///{db}")
+        MlflowClient(uri).create_experiment(f"job-{role}")
+        (signals / f"{role.lower()}_done").touch()
+    except BaseException:
+        (signals / f"{role}_error").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.mark.fresh_mlflow_store  # the store is made by the two jobs
+def test_jobs_started_together_on_a_new_sqlite_store_both_set_it_up(tmp_path):
+    """3 fits started at once on a folder without mlflow.db: all but one failed (`table _alembic_tmp_experiments
+    already exists`, `duplicate column name: step`), and where all did, the store was left half migrated for good:
+    MLflow does not serialise its schema setup; configure_tracking does (sqlite_setup_lock). Job A holds inside
+    MLflow's setup (schema version read, migrations not run) while job B starts."""
+    import multiprocessing
+
+    from mlflow import MlflowClient
+
+    db, signals = tmp_path / "mlflow.db", tmp_path / "signals"
+    signals.mkdir()
+    fork = multiprocessing.get_context("fork")
+    jobs = {role: fork.Process(target=_store_setup_job, args=(role, db, signals)) for role in "AB"}
+    for job in jobs.values():
+        job.start()
+    for job in jobs.values():
+        job.join(timeout=120)
+    assert (signals / "a_inside").exists()  # the jobs overlapped
+    for role, job in jobs.items():
+        error = signals / f"{role}_error"
+        assert job.exitcode == 0, f"job {role}: {error.read_text()[-2000:] if error.exists() else job.exitcode}"
+    assert {"job-A", "job-B"} <= {e.name for e in MlflowClient(f"sqlite:///{db}").search_experiments()}
+
+
+@pytest.mark.fresh_mlflow_store
+def test_a_half_migrated_store_is_one_line_naming_the_file_and_what_to_do(tmp_path):
+    """A store whose first setup was cut short (the schema version not at head, a leftover alembic temporary table:
+    what the race above left) failed every later job with SQLAlchemy's ten-line dump of the failed statement."""
+    import sqlalchemy
+    from alembic import command
+    from mlflow.store.db.utils import InitialBase, _get_alembic_config
+
+    db = tmp_path / "mlflow.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}")
+    InitialBase.metadata.create_all(engine)  # MLflow's setup, stopped inside the migration that copies `tags`
+    with engine.begin() as connection:
+        config = _get_alembic_config(f"sqlite:///{db}")
+        config.attributes["connection"] = connection
+        command.upgrade(config, "4465047574b1")
+        connection.exec_driver_sql("create table _alembic_tmp_tags (key varchar(250))")
+    engine.dispose()
+    with pytest.raises(TrackingUnavailable) as info:
+        configure_tracking(f"sqlite:///{db}")
+    message = str(info.value)
+    assert "\n" not in message and "_alembic_tmp_tags already exists" in message, message
+    assert f"mv {db} {db}.broken" in message

@@ -1,0 +1,61 @@
+"""One fit at a time per checkpoint folder.
+
+Two fits into one folder each renamed their saves over the same best.ckpt / last.ckpt and both exited 0: best.ckpt
+from one, last.ckpt from the other, whose "best" entry named a file that now held another model. A fit's rank 0
+takes a non-blocking flock on `<folder>/.lock` for the whole fit (it writes its pid there, for the refusal's
+message); a second fit is refused before its MLflow run is made. The kernel drops the lock of a process that dies.
+The file stays: removing it on release would let a fit waiting to open it and a later one lock two different files.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Iterable
+
+LOCK_NAME = ".lock"
+
+
+class CheckpointFolderInUse(ValueError):
+    """Another fit holds the checkpoint folder."""
+
+
+def lock_checkpoint_folders(folders: Iterable[str | os.PathLike]) -> list[int]:
+    """Lock each folder (made if missing); the open descriptors, for release_checkpoint_folders. Raises
+    CheckpointFolderInUse, holding none, where another fit holds one."""
+    fds: list[int] = []
+    try:
+        for folder in sorted({Path(f) for f in folders}):
+            fds.append(_lock(folder))
+    except BaseException:
+        release_checkpoint_folders(fds)
+        raise
+    return fds
+
+
+def _lock(folder: Path) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()  # empty while the holder is writing it
+        os.close(fd)
+        raise CheckpointFolderInUse(
+            f"checkpoint folder {folder} is in use by another fit{f' (pid {holder})' if holder.isdigit() else ''}: "
+            "one fit at a time writes a folder's checkpoints; wait for it to end, or give this fit another "
+            "--checkpoint_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def release_checkpoint_folders(fds: list[int]) -> None:
+    """Unlock and close (LOCK_UN first: a copy of the descriptor in a forked loader worker would keep the lock)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
