@@ -1,12 +1,15 @@
 """Directories written whole or not at all: the checks before writing, and the swap once the new one is complete.
 
 Both `mmoe-rec features` and `mmoe-rec synth` write into a temporary directory beside the target and call
-`replace_dir` when it is complete, so a failure leaves the old output (or nothing) and never half of a new one.
+`replace_dir` when it is complete, so a failure leaves the old output (or nothing) and never half of a new one;
+`mmoe-rec score` puts its file in place with `publish_file`. Without --overwrite neither replaces an output that
+another job wrote after this job's checks.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -54,21 +57,80 @@ def output_dir_problem(output: Path, overwrite: bool) -> str | None:
     return None
 
 
-def replace_dir(new: Path, output: Path) -> None:
-    """Put the complete directory `new` at `output`. An existing output is moved aside first and deleted only
-    after the rename, so that a failure in between leaves one of the two whole. A SIGTERM waits until the swap and
-    the removal of the old output are done: between the renames the output would be missing, and an old output
-    left at `.<name>.old-<pid>` is removed by nothing later; the job's last line then says the output is whole
+def temp_path(output: Path, kind: str) -> Path:
+    """`.<name>.<kind>-<pid>-<random>` beside `output`: hidden from every reader here (a leading '.'), and of this
+    process alone, also where jobs of several machines or containers (whose pids repeat) share the folder."""
+    return output.with_name(f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def replace_dir(new: Path, output: Path, *, overwrite: bool) -> None:
+    """Put the complete directory `new` at `output`.
+
+    Without `overwrite` the rename itself refuses an output that another job finished after this job's checks at
+    its start (a rename onto a non-empty directory fails: ENOTEMPTY / EEXIST, onto a file ENOTDIR), so its output
+    stays whole and this job fails saying so; the caller removes `new`. With `overwrite` an existing output is moved
+    aside first and deleted only after the rename, so that a failure in between leaves one of the two whole; the
+    output is missing for a moment between the two renames (a job that starts to read it then stops at the missing
+    spec.json or files, with an error saying so). Where another job renamed its output in during that moment, this
+    one fails, that output stays, and the old one (both were asked to replace it) is deleted; after any other
+    failure of the second rename the old output is put back. A SIGTERM waits until the swap and the removal of the
+    old output are done: between the renames the output would be missing, and an old output left at
+    `.<name>.old-<pid>-<random>` is removed by nothing later; the job's last line then says the output is whole
     (job_outcome)."""
     with sigterm_held():
-        if output.exists():
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
+        if not overwrite:
+            try:
+                os.replace(new, output)
+            except OSError:
+                if not os.path.lexists(output):
+                    raise
+                raise FileExistsError(f"{output}: another job wrote this output while this one ran (it was missing "
+                                      f"or empty when this job started): it is left as it is, and this job's output "
+                                      f"is not written; use --overwrite to replace it") from None
+        elif output.exists():
+            old = temp_path(output, "old")
             os.replace(output, old)
-            os.replace(new, output)
+            try:
+                os.replace(new, output)
+            except OSError:
+                if not os.path.lexists(output):
+                    os.replace(old, output)  # nothing came in its place: the old output goes back
+                    raise
+                shutil.rmtree(old)  # another job's output came in between the renames and stays
+                raise FileExistsError(f"{output}: another job replaced this output while this one replaced it too: "
+                                      f"its output is kept, and this job's is not written") from None
             shutil.rmtree(old)
         else:
             os.replace(new, output)
         job_outcome.done(f"wrote {output}")
+
+
+def publish_file(tmp: Path, output: Path, *, overwrite: bool) -> None:
+    """Put the complete file `tmp` at `output`. Without `overwrite` a hard link makes it (it fails with EEXIST where
+    `output` exists, whatever wrote it since this job's check at its start: a rename would replace it), then `tmp`
+    goes; on a file system without hard links the name is claimed by an exclusive create and then replaced. With
+    `overwrite` a rename replaces what is there."""
+    if overwrite:
+        os.replace(tmp, output)
+        return
+    try:
+        try:
+            os.link(tmp, output)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (vfat, some network and FUSE file systems)
+            os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            try:
+                os.replace(tmp, output)
+            except BaseException:
+                output.unlink(missing_ok=True)  # the empty file that claimed the name
+                raise
+            return
+    except FileExistsError:
+        raise FileExistsError(f"{output}: another job wrote this file while this one ran (it did not exist when this "
+                              f"job started): it is left as it is, and this job's output is not written; use "
+                              f"--overwrite to replace it") from None
+    tmp.unlink()
 
 
 @contextlib.contextmanager

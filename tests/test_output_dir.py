@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
@@ -37,7 +38,7 @@ def test_replace_dir_swaps_whole_and_takes_a_sigterm_only_after_the_renames(tmp_
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         with pytest.raises(Stopped):
-            output_dir.replace_dir(new, out)
+            output_dir.replace_dir(new, out, overwrite=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert [what for what, _ in seen] == ["renamed", "renamed", "sigterm"]
@@ -97,9 +98,10 @@ def test_a_failed_features_build_or_synth_leaves_no_folder_it_made(tmp_path, cap
 
 
 def test_the_old_output_is_set_aside_under_a_hidden_name_of_this_process_and_siblings_stay(tmp_path, monkeypatch):
-    """While the new output is renamed in, the old one sits at `.<name>.old-<pid>`: a name readers skip (a leading
-    '.') and no other folder has, so a user's `out.old` or another process's set-aside folder beside it is left
-    alone (a fixed name made the swap fail on it, or take it for its own)."""
+    """While the new output is renamed in, the old one sits at `.<name>.old-<pid>-<random>`: a name readers skip (a
+    leading '.') and no other folder has, so a user's `out.old` or another process's set-aside folder beside it is
+    left alone (a fixed name made the swap fail on it, or take it for its own; the pid alone repeats across
+    containers that share a volume)."""
     out, new = tmp_path / "out", tmp_path / ".out.tmp"
     for folder, name in ((out, "old.txt"), (new, "new.txt"), (tmp_path / "out.old", "mine.txt"),
                          (tmp_path / ".out.old-1", "other.txt")):
@@ -113,8 +115,98 @@ def test_the_old_output_is_set_aside_under_a_hidden_name_of_this_process_and_sib
         real_replace(src, dst)
 
     monkeypatch.setattr(output_dir.os, "replace", replace)
-    output_dir.replace_dir(new, out)
-    assert seen == [f".out.old-{os.getpid()}", "out"]
+    output_dir.replace_dir(new, out, overwrite=True)
+    assert len(seen) == 2 and re.fullmatch(rf"\.out\.old-{os.getpid()}-[0-9a-f]{{8}}", seen[0]) and seen[1] == "out"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old-1", "out", "out.old"]
     assert (out / "new.txt").exists() and (tmp_path / "out.old" / "mine.txt").exists()
     assert (tmp_path / ".out.old-1" / "other.txt").exists()
+
+
+def _folder(path, name: str):
+    path.mkdir()
+    (path / name).write_text(name)
+    return path
+
+
+def test_without_overwrite_the_swap_refuses_an_output_another_job_filled_meanwhile(tmp_path):
+    """The empty-output check runs at a job's start, the swap at its end: the rename itself refuses a folder that is
+    not empty (ENOTEMPTY / EEXIST), so another job's output that came in between stays whole; an empty one is
+    replaced, as the check allows."""
+    new, out = _folder(tmp_path / ".out.tmp", "mine.txt"), _folder(tmp_path / "out", "theirs.txt")
+    with pytest.raises(FileExistsError, match="another job wrote this output while this one ran"):
+        output_dir.replace_dir(new, out, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"] and (new / "mine.txt").exists()
+    (out / "theirs.txt").unlink()
+    output_dir.replace_dir(new, out, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"] and not new.exists()
+
+
+def test_synth_without_overwrite_leaves_an_output_another_job_wrote_meanwhile(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from mmoe_rec.data import synthetic
+
+    out = tmp_path / "out"
+    real = synthetic.replace_dir
+
+    def other_job_finishes_first(*args, **kwargs):
+        _folder(out, "theirs.txt")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "replace_dir", other_job_finishes_first)
+    with pytest.raises(FileExistsError, match="another job wrote this output"):
+        synthetic.write_parquet(iter([pa.table({"x": [1, 2]})]), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "theirs.txt").exists()
+
+
+def test_two_overwriting_jobs_keep_one_whole_output_and_the_later_one_fails_saying_so(tmp_path, monkeypatch):
+    """Job A moved the output aside, job B renamed its own in, A's rename failed (ENOTEMPTY): a bare OSError, and
+    the original data left at A's hidden `.out.old-...` for good. A now fails saying so, B's output stays, and the
+    old one (both asked to replace it) goes; after any other failure of the second rename the old one goes back."""
+    out, new = _folder(tmp_path / "out", "old.txt"), _folder(tmp_path / ".out.tmp-a", "a.txt")
+    real_replace = os.replace
+
+    def b_renames_in_between(src, dst):
+        if src == new:
+            _folder(out, "b.txt")  # job B's rename, into the gap between A's two
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output_dir.os, "replace", b_renames_in_between)
+    with pytest.raises(FileExistsError, match="another job replaced this output while this one replaced it too"):
+        output_dir.replace_dir(new, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-a", "out"]  # the caller removes its new one
+
+    def fails(src, dst):
+        if src == new:
+            raise OSError(18, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(output_dir.os, "replace", fails)
+    with pytest.raises(OSError, match="cross-device"):
+        output_dir.replace_dir(new, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]  # put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-a", "out"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-hard-links"])
+def test_publish_file_without_overwrite_never_replaces_a_file_that_appeared(tmp_path, monkeypatch, links):
+    """A file put in place by a rename replaced one that another job wrote after this job's check: a hard link
+    fails where the name exists (EEXIST); where the file system has no hard links, an exclusive create claims it."""
+    if not links:
+        def no_links(src, dst):
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(output_dir.os, "link", no_links)
+    out = tmp_path / "scores.parquet"
+    (tmp := tmp_path / ".scores.parquet.tmp").write_text("mine")
+    out.write_text("theirs")
+    with pytest.raises(FileExistsError, match="another job wrote this file while this one ran"):
+        output_dir.publish_file(tmp, out, overwrite=False)
+    assert out.read_text() == "theirs" and tmp.exists()
+    out.unlink()
+    output_dir.publish_file(tmp, out, overwrite=False)
+    assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
+    tmp.write_text("again")
+    output_dir.publish_file(tmp, out, overwrite=True)
+    assert out.read_text() == "again" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]

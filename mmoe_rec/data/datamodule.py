@@ -328,7 +328,9 @@ class FeatureDataModule(L.LightningDataModule):
     def _index(self, split: str, with_ids: bool = False) -> ParquetIndex:
         """The split's row groups, its columns' types checked from the footers (cached: read once). A file made
         with another feature spec (its footer says so) is refused, and so is a split whose row count differs from
-        the one manifest.json records (a file added to or removed from the folder after the build)."""
+        the one manifest.json records (a file added to or removed from the folder after the build). Each file's
+        identity is kept with it: a loader that opens a file rebuilt since (`mmoe-rec features --overwrite` into
+        the folder during a fit) fails naming it, in a loader worker too."""
         key = (split, with_ids)
         if key not in self._indexes:
             collate = self.collator(with_ids)

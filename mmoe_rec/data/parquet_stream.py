@@ -28,7 +28,10 @@ Training rows also pass through a shuffle buffer inside each worker (seeded by s
 The index reads the files' footers only: it checks each column's Arrow type against its kind (``COLUMN_KINDS``)
 and picks one type per column, to which every chunk is cast before chunks of different files are merged. Given
 the folder's spec version, it refuses a file whose footer records another one (``SPEC_VERSION_KEY``): a file made
-with another feature spec, whose ids mean other values.
+with another feature spec, whose ids mean other values. It records each file's identity (device, inode, size,
+modification and status-change times), and every later open of the file, in any process, compares it (one stat per
+open): a folder rebuilt under a running job (`mmoe-rec features --overwrite` between two epochs) is an error naming
+the file, not the new build's rows read with the old build's row groups and spec.
 Label and weight values are checked chunk by chunk as they are read, where the file and row are still known.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmoe_rec.features.sources import file_identity
 from mmoe_rec.features.spec import SPEC_VERSION_KEY
 from mmoe_rec.paths import skipped_name
 
@@ -85,6 +89,8 @@ class RowGroup:
     index: int  # row-group number inside the file
     num_rows: int
     first_row: int = 0  # row number inside the file of the row group's first row (for error messages)
+    # the file's identity when the index was made (sources.file_identity): each open compares it (_OpenFiles.get)
+    identity: tuple[int, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +136,7 @@ class ParquetIndex:
         units = []
         types: dict[str, dict[pa.DataType, str]] = {c: {} for c in required_columns}  # column -> type -> first file
         for path in files:
+            identity = file_identity(str(path))  # before the footer: a file replaced in between fails at its open
             try:
                 meta = pq.read_metadata(path)
             except (OSError, pa.ArrowException) as e:
@@ -150,7 +157,7 @@ class ParquetIndex:
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
                 if n:
-                    units.append(RowGroup(str(path), i, n, first_row))
+                    units.append(RowGroup(str(path), i, n, first_row, identity))
                 first_row += n
         schema = pa.schema([(c, _read_type(c, types[c], kinds.get(c))) for c in required_columns if types[c]])
         return cls(tuple(units), schema)
@@ -271,10 +278,17 @@ class _OpenFiles:
     """The last ``size`` ParquetFiles used, kept open; older ones are closed. The last ``footers`` files' footers
     stay parsed: a shuffled epoch visits row groups of many files in turn, and parsing a file's footer again at each
     (every row group's metadata) made 20 files of 10-row groups read 11x slower than 5. Both are bounded: a parsed
-    footer can take a megabyte (80 columns x 16 row groups), and a worker may visit thousands of files."""
+    footer can take a megabyte (80 columns x 16 row groups), and a worker may visit thousands of files.
 
-    def __init__(self, size: int = MAX_OPEN_FILES, footers: int | None = None) -> None:
+    ``identities`` (path -> the file's identity when the index was made): a file opened is stat'ed once and must
+    still be that file. Each epoch (and each evaluation) opens the files again by path, and `mmoe-rec features
+    --overwrite` into the folder meanwhile puts another build's files under the same names: read with the index's
+    row groups and the job's spec, their ids would mean other values, silently."""
+
+    def __init__(self, size: int = MAX_OPEN_FILES, footers: int | None = None,
+                 identities: Mapping[str, tuple[int, ...] | None] | None = None) -> None:
         self.size = size
+        self.identities = identities or {}
         self.files: collections.OrderedDict[str, pq.ParquetFile] = collections.OrderedDict()
         self.footer_size = MAX_PARSED_FOOTERS if footers is None else footers
         self.footers: collections.OrderedDict[str, pq.FileMetaData] = collections.OrderedDict()
@@ -282,7 +296,7 @@ class _OpenFiles:
     def get(self, path: str) -> pq.ParquetFile:
         pf = self.files.pop(path, None)
         if pf is None:
-            pf = pq.ParquetFile(path, metadata=self.footers.get(path))
+            pf = self._open(path)
         self.footers[path] = pf.metadata
         self.footers.move_to_end(path)
         if len(self.footers) > self.footer_size:
@@ -292,9 +306,29 @@ class _OpenFiles:
             self.files.popitem(last=False)[1].close()
         return pf
 
+    def _open(self, path: str) -> pq.ParquetFile:
+        expected = self.identities.get(path)
+        try:
+            pf = pq.ParquetFile(path, metadata=self.footers.get(path))
+        except (OSError, pa.ArrowException):
+            if expected is not None and file_identity(path) != expected:  # gone or replaced
+                raise ValueError(_changed(path)) from None
+            raise
+        # stat'ed after the open: what matches is the file this handle reads (the old build's files stay readable
+        # through handles opened before the rebuild)
+        if expected is not None and file_identity(path) != expected:
+            pf.close()
+            raise ValueError(_changed(path))
+        return pf
+
     def close(self) -> None:
         while self.files:
             self.files.popitem()[1].close()
+
+
+def _changed(path: str) -> str:
+    return (f"{path}: the feature folder {Path(path).parent} was rebuilt (or changed) while this job read it; "
+            f"restart the job")
 
 
 def feature_files(directory: str | os.PathLike) -> list[Path]:
@@ -334,7 +368,7 @@ def read_rows(
     bounds_of = dict(id_columns) if isinstance(id_columns, Mapping) else dict.fromkeys(id_columns)
     bounds = np.concatenate([[0], np.cumsum([u.num_rows for u in units])])
     u = int(np.searchsorted(bounds, start, side="right")) - 1
-    files = _OpenFiles()
+    files = _OpenFiles(identities={unit.path: unit.identity for unit in units})
     pos = start
     try:
         while pos < stop:

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmoe_rec.output_dir import (missing_parents, output_dir_problem, remove_empty_folders, replace_dir,
-                                 resolved_output)
+                                 resolved_output, temp_path)
 
 BLOCK_ROWS = 262_144  # rows per seeded generator: a constant, so the data does not depend on the chunk size
 
@@ -266,8 +266,7 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
     once the new one is complete."""
     output = resolved_output(output)
     check_output(output, overwrite)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(output, "tmp")
     made = missing_parents(tmp)  # removed again if the write fails
     tmp.mkdir(parents=True)
     try:
@@ -281,7 +280,7 @@ def write_parquet(tables: Iterator[pa.Table], output: str | os.PathLike, rows_pe
             writer.write_table(t, row_group_size=row_group_rows)
         if writer is not None:
             writer.close()
-        replace_dir(tmp, output)
+        replace_dir(tmp, output, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_empty_folders(made)

@@ -56,7 +56,7 @@ from mmoe_rec.features.sources import file_header, file_identity, glob_root, ite
 from mmoe_rec.features.spec import SPEC_VERSION_KEY, FeatureSpec
 from mmoe_rec.features.transform import CompiledSpec, compiled
 from mmoe_rec.output_dir import (missing_parents, output_dir_problem, remove_empty_folders, replace_dir,
-                                 resolved_output)
+                                 resolved_output, temp_path)
 from mmoe_rec.paths import first_repeated_file
 
 logger = logging.getLogger(__name__)
@@ -470,9 +470,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
     if log:
         log(f"fitted spec {spec.version} on {fitter.rows} train rows in {t_fit:.1f}s")
 
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = temp_path(output, "tmp")
     made = missing_parents(tmp)  # removed again if the build fails
     tmp.mkdir(parents=True)
     try:
@@ -514,7 +512,7 @@ def build(schema: Schema, sources: list[Source], output: str | os.PathLike, seed
             "seconds": {"fit": round(t_fit, 3), "total": round(elapsed, 3)},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        replace_dir(tmp, output)
+        replace_dir(tmp, output, overwrite=overwrite)
         if log:
             rows = ", ".join(f"{s} {writers[s].rows}" for s in SPLITS)
             log(f"wrote {output} ({rows} rows) in {elapsed:.1f}s ({total / elapsed:,.0f} rows/s incl. fit)")
@@ -566,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         build(schema, sources, args.output, seed=args.seed, split_column=args.split_column,
               batch_rows=args.batch_rows, row_group_rows=args.row_group_rows, rows_per_file=args.rows_per_file,
               overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
-    except FeatureDataError as e:
+    except (FeatureDataError, FileExistsError) as e:  # FileExistsError: an output another job wrote meanwhile
         from mmoe_rec.cli import print_user_error
 
         print_user_error(e)

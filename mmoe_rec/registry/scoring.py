@@ -37,7 +37,8 @@ from mmoe_rec.features.schema import ReaderSpec
 from mmoe_rec.features.sources import file_header, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
 from mmoe_rec.nn import cpu_gemm
-from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, sigterm_held
+from mmoe_rec.output_dir import (missing_parents, publish_file, remove_empty_folders, resolved_output, sigterm_held,
+                                 temp_path)
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import PRECISIONS, Scorer, checked_precision
@@ -159,10 +160,11 @@ def files_to_score(inputs: str | os.PathLike | list) -> list[str]:
 
 
 def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.PathLike, model_name: str,
-                  model_version: str, batch_rows: int = 65_536) -> int:
+                  model_version: str, batch_rows: int = 65_536, overwrite: bool = True) -> int:
     """Stream `inputs` (raw Parquet or CSV files, read as `mmoe-rec features` reads them) through the model into
     one Parquet file at `output`. Returns the number of rows scored. Input files without rows give an output
-    without rows (the columns and types as always)."""
+    without rows (the columns and types as always). Without `overwrite` a file at `output` is never replaced, also
+    one that another job wrote while this one scored (FileExistsError, this job's output not written)."""
     check_output_is_not_an_input(inputs, output)
     output = resolved_output(output)
     files = files_to_score(inputs)
@@ -180,7 +182,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
     # ids exactly as written, where no feature reads the same column (its values must be read as at the fit)
     as_written = [c for c in scorer.spec.id_columns
                   if c not in {st["column"] for st in compiled(scorer.spec).features.values()}]
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    tmp = temp_path(output, "tmp")
     if len(os.fsencode(tmp.name)) > 255:  # most file systems' limit: refused before a folder is made for it
         raise ValueError(f"--output {output}: the file name is too long (the temporary file beside it, {tmp.name[:20]}"
                          f"..., would have {len(os.fsencode(tmp.name))} bytes, more than 255)")
@@ -235,7 +237,7 @@ def score_parquet(scorer: Scorer, inputs: str | list[str], output: str | os.Path
         if written != expected or read != expected:
             raise RuntimeError(f"scored {written} rows but the input has {expected}: output not written")
         with sigterm_held():  # the output complete and said so, or not written: no SIGTERM in between
-            os.replace(tmp, output)
+            publish_file(tmp, output, overwrite=overwrite)
             job_outcome.done(f"wrote {output}")
     except BaseException:  # no partial output: the temporary file and the folders made for it go
         if writer is not None:
@@ -270,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     check_output_is_not_an_input(args.input, args.output)  # before loading or reading anything
     if args.batch_rows < 1:
         raise ValueError(f"--batch-rows must be >= 1, got {args.batch_rows}")
-    # as `features` and `synth`: never replace data unasked
+    # as `features` and `synth`: never replace data unasked (checked again as the file is put in place: a file that
+    # another job wrote meanwhile stays)
     if Path(args.output).expanduser().exists() and not args.overwrite:
         raise FileExistsError(f"--output {args.output} exists: pass --overwrite to replace it")
     files_to_score(args.input)  # a file named twice, no such input, or none: refused before the model loads
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision == "bf16" and not cpu_gemm.native_bf16():
         print("--precision bf16: this CPU has no bfloat16 instructions (AMX, AVX512-BF16); bfloat16 is emulated "
               "here and likely slower than float32", file=sys.stderr)
-    rows = score_parquet(scorer, args.input, args.output, name, version, args.batch_rows)
+    rows = score_parquet(scorer, args.input, args.output, name, version, args.batch_rows, args.overwrite)
     secs = time.perf_counter() - start
     label = f"{name} v{version}" if version.isdigit() else f"{name} ({version})"  # package-<hash>: no "v"
     print(f"scored {rows} rows with {label} -> {args.output} ({rows / secs:,.0f} rows/s)", file=sys.stderr)

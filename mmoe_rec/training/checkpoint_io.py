@@ -11,9 +11,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from fsspec.implementations.local import LocalFileSystem
 
+from mmoe_rec.output_dir import temp_path
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save into a temporary file beside the target (`.<name>.tmp-<pid>`), synced, then renamed over it.
+    """torch.save into a temporary file beside the target (`.<name>.tmp-<pid>-<random>`), synced, then renamed over
+    it.
 
     Lightning's own save goes through fsspec's transaction, which writes the file under $TMPDIR and then moves it:
     a copy where the checkpoint folder is on another file system (a tmpfs /tmp, the usual case), so a full disk
@@ -25,7 +28,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         path = Path(str(path).removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temp_path(path, "tmp")
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.features.spec import check_ids_are_not_outputs, score_column
-from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output
+from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, temp_path
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
@@ -76,7 +76,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
         self._target = resolved_output(self.target(trainer))  # a symlink: its target is replaced, the link stays
         self._made = missing_parents(self._target)
         self._target.parent.mkdir(parents=True, exist_ok=True)
-        self._partial = self._target.with_name(f".{self._target.name}.partial-{os.getpid()}")
+        self._partial = temp_path(self._target, "partial")
         # made at once: a failing job (another rank's, another run's) removes a folder it made only while empty
         self._partial.touch()
         self._parts, self.rows, self.batches = {}, 0, 0

@@ -276,8 +276,10 @@ def test_rec_needs_two_tasks():
         RecSynthetic(tasks=("click",), num_users=20, num_items=10)
 
 
-def test_write_parquet_replaces_a_temporary_folder_left_by_an_earlier_process_of_the_same_pid(tmp_path):
-    """`.<name>.tmp-<pid>` of a killed process whose pid came round again: its files would join the output."""
+def test_write_parquet_never_writes_into_a_temporary_folder_of_another_process_of_the_same_pid(tmp_path):
+    """`.<name>.tmp-<pid>` of a killed process whose pid came round again: its files would join the output. (It
+    was removed; it may also be a live job's of another container sharing the folder: the temporary's random
+    suffix now keeps the two apart, and the other one is left alone.)"""
     import os
 
     out = tmp_path / "raw"
@@ -286,4 +288,5 @@ def test_write_parquet_replaces_a_temporary_folder_left_by_an_earlier_process_of
     (stale / "part-00007.parquet").write_bytes(b"half of a killed run")
     files = synthetic.write_parquet(MMoESynthetic(p=0.5, d=2).tables(10, 5), out)
     assert [f.name for f in files] == ["part-00000.parquet"] and pq.read_table(out).num_rows == 10
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "raw"]
+    assert [p.name for p in stale.iterdir()] == ["part-00007.parquet"]

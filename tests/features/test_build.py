@@ -91,6 +91,31 @@ def _features(tmp_path, out, *inputs, extra=()):
     return _splits(out)
 
 
+def test_a_build_without_overwrite_never_replaces_an_output_another_job_finished_meanwhile(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Two builds into one missing folder, neither with --overwrite: both passed the empty-output check at their
+    start; the one that finished last moved the other's complete output aside and deleted it, and both said
+    `wrote` (a review). The final rename now refuses a folder that is not empty: the other job's output stays."""
+    import mmoe_rec.features.build as feature_build
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    _raw(tmp_path / "raw/a.parquet", 0)
+    theirs, out = tmp_path / "theirs", tmp_path / "out"
+    _features(tmp_path, theirs, tmp_path / "raw", extra=["--valid-fraction", "0.3"])
+    their_manifest = (theirs / "manifest.json").read_text()
+    real = feature_build.replace_dir
+
+    def other_job_finishes_first(*args, **kwargs):
+        shutil.copytree(theirs, out)  # the other job's complete build, renamed in after this job's checks
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(feature_build, "replace_dir", other_job_finishes_first)
+    rc = features_main(["--schema", str(tmp_path / "s.yaml"), "--input", str(tmp_path / "raw"), "--output", str(out)])
+    assert rc == 1 and "another job wrote this output while this one ran" in capsys.readouterr().err
+    assert (out / "manifest.json").read_text() == their_manifest  # the other job's output, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw", "s.yaml", "theirs"]  # no temporary left
+
+
 def test_adding_an_input_file_leaves_the_split_of_existing_rows_unchanged(tmp_path):
     fractions = ["--valid-fraction", "0.2", "--test-fraction", "0.2"]
     _raw(tmp_path / "raw/b.parquet", 0)

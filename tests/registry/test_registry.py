@@ -576,6 +576,33 @@ def test_score_refuses_an_existing_output_unless_told_to_overwrite(rec_data, pac
     assert "--batch-rows must be >= 1" in capsys.readouterr().err
 
 
+def test_score_without_overwrite_never_replaces_a_file_another_job_wrote_while_it_ran(rec_data, package, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """Two `mmoe-rec score` jobs to one --output, neither with --overwrite: the existence check runs before the
+    model loads (seconds), and the rename at the end replaced whatever had appeared meanwhile (a review). The file
+    is now put in place by a hard link, which fails where one exists: the other job's file stays, this one fails."""
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    raw_file, out = tmp_path / "raw.parquet", tmp_path / "scores.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), raw_file)
+    theirs = pa.table({"row_id": pa.array([-1], pa.int64()), "model_name": ["the other job"]})
+    real = scoring.resolve_model
+
+    def other_job_writes_first(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        pq.write_table(theirs, out)  # the other job's finished scores, renamed in while this one loaded its model
+        return loaded
+
+    monkeypatch.setattr(scoring, "resolve_model", other_job_writes_first)
+    argv = ["score", "--model", str(package), "--input", str(raw_file), "--output", str(out)]
+    assert mmoe_rec_main(argv) == 1
+    assert "another job wrote this file while this one ran" in capsys.readouterr().err
+    assert pq.read_table(out).equals(theirs)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    assert mmoe_rec_main([*argv, "--overwrite"]) == 0 and pq.read_table(out).num_rows == 20  # replaced, as asked
+
+
 def test_score_writes_an_output_under_the_home_folder_there_and_refuses_to_replace_it(rec_data, package, tmp_path,
                                                                                        capsys, monkeypatch):
     """'~/...' (quoted, or from a script): every row was scored, then the rename failed, a temporary file stayed in
