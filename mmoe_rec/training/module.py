@@ -27,12 +27,12 @@ from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
+from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
 from mmoe_rec.training.epochs import close_finished_epoch, epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, step_weight, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
-from mmoe_rec.training import sigterm
 from mmoe_rec.training.sharding import ShardedEmbeddingStrategy
 from mmoe_rec.training.weighting import FixedWeighting, GradNorm, make_weighting
 

@@ -575,7 +575,7 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
     # rank 0's on-exception work outlasts the launcher's observer poll (5 s) after rank 1 has exited 143: the
     # observer spares it (it SIGKILLed rank 0 for a rank that exited before its work was done: exit -9)
     cfg = config_with_callbacks(tmp_path, feature_dir, 16, SigtermAt={"batch": 3, "rank": 0},
-                                SlowOnException={"seconds": 12.0, "rank": 0})
+                                SlowOnException={"seconds": 7.0, "rank": 0})
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
     assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1  # rank 0's alone
@@ -586,7 +586,7 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
 @pytest.mark.parametrize("strategy,callback", [
     # rank 0, told by the agreement alone, outlasts the launcher's observer poll (5 s) in its on-exception work: it
     # is spared as when it is signalled itself (it was SIGKILLed for a rank that exited before its work was done)
-    ("ddp", {"SigtermAt": {"batch": 3, "rank": 1}, "SlowOnException": {"seconds": 12.0, "rank": 0}}),
+    ("ddp", {"SigtermAt": {"batch": 3, "rank": 1}, "SlowOnException": {"seconds": 7.0, "rank": 0}}),
     ("ddp", {"SigtermEveryRankAfterBackward": {"batch": 3}}),
     ("ddp_spawn", {"SigtermAt": {"batch": 3, "rank": 1}}),
 ])
