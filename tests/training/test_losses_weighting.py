@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import SPARSE
+from gloo_ranks import gloo_rank
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
 from mmoe_rec.training.losses import task_losses, weighted_mean
@@ -89,32 +90,13 @@ def test_dwa_weights_follow_loss_ratios():
     assert total.item() == pytest.approx(2.0, rel=1e-5)
 
 
-def _exit_rank_without_finalizing() -> None:
-    """Ends a spawned rank whose work is done and checked in, skipping the interpreter's finalization.
-
-    A DistributedDataParallel module keeps its gloo process group alive from C++ after destroy_process_group (a
-    weakref to the group outlives both, even after gc.collect()), so its worker threads run on. A core dump of a
-    rank that aborted with "terminate called without an active exception" (SIGABRT; CI, and 2 of about 160 runs
-    under load here, 2026-12-06) shows the race: a gloo worker drops a finished allreduce's AsyncWork while the
-    main thread is in Py_FinalizeEx; the work's thread-local state holds a Python object, whose decref takes the
-    GIL, and a thread taking the GIL during finalization is ended by pthread_exit, whose unwinding through C++
-    calls std::terminate. A forked multiprocessing child ends with os._exit likewise."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _weighted_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from mmoe_rec.training.losses import rank_weight_scale, weighted_mean
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         torch.manual_seed(0)
         model = DistributedDataParallel(torch.nn.Linear(3, 1, bias=False))
         x, w = _weighted_ddp_rows()
@@ -124,10 +106,6 @@ def _weighted_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> 
         (loss * scale).backward()
         if rank == 0:
             torch.save(model.module.weight.grad, out_file)
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it (that aborted rank 1)
-    finally:
-        dist.destroy_process_group()
-    _exit_rank_without_finalizing()
 
 
 def _weighted_ddp_rows() -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +265,7 @@ def _gradnorm_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         torch.manual_seed(0)
         gn = DistributedDataParallel(GradNorm(["click", "watch"], alpha=1.5))
         x1, x2 = _gradnorm_rows()
@@ -303,10 +280,6 @@ def _gradnorm_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> 
             gn(_gradnorm_losses(W, x1[mine], x2[mine]), lambda: [W], rank_mean).backward()
         if rank == 0:
             torch.save((gn.module.learnt_weights.grad, gn.module.last_gradnorm_loss), out_file)
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-    _exit_rank_without_finalizing()
 
 
 def test_under_ddp_gradnorm_balances_the_global_batch_as_one_process_would(tmp_path):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from gloo_ranks import gloo_rank
 from torchmetrics.classification import BinaryAUROC
 
 from mmoe_rec.features.spec import FeatureSpec, SparseFeature, Task
@@ -194,13 +195,7 @@ def test_metrics_of_a_model_cast_to_bfloat16_keep_their_sums_in_float32():
 
 
 def _weighted_auc_ddp_rank(rank: int, world: int, init_file: str, out_file: str) -> None:
-    import os
-    import sys
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         scores, labels, weights = data(n=40, seed=7)
         metric = WeightedBinaryAUROC()
         for lo, hi in ((0, 7), (7, 14), (14, 20)):  # several updates on each rank, of different sizes
@@ -209,12 +204,6 @@ def _weighted_auc_ddp_rank(rank: int, world: int, init_file: str, out_file: str)
         auc = metric.compute()
         if rank == 0:
             torch.save(auc, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # past the interpreter's finalization, as test_losses_weighting's ranks (gloo's exit race)
 
 
 def test_under_ddp_the_weighted_auc_of_several_updates_per_rank_is_that_of_all_rows(tmp_path):

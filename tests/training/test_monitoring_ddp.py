@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from gloo_ranks import gloo_rank
 
 from mmoe_rec.nn.routing_record import GateRecord
 
@@ -48,15 +49,9 @@ def _records(rank: int, batch: int, rows: int) -> tuple[dict[str, GateRecord], d
 
 
 def _window_rank(rank: int, world: int, init_file: str, out_file: str, buffered: bool) -> None:
-    import os
-    import sys
-
-    import torch.distributed as dist
-
     from mmoe_rec.training.callbacks import Window
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, init_file):
         # the monitor's path: steps go into a (buffered) segment, which is added to the window before the reduce
         segment = Window(list(TASKS), buffer_elements=1 << 21 if buffered else 0)
         for batch, rows in enumerate(ROWS[rank]):
@@ -67,12 +62,6 @@ def _window_rank(rank: int, world: int, init_file: str, out_file: str, buffered:
         metrics = window.metrics("experts", "relatedness")
         if rank == 0:
             torch.save(metrics, out_file)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # past the interpreter's finalization, as test_metrics' ranks (gloo's exit race)
 
 
 @pytest.mark.parametrize("buffered", [False, True])
