@@ -183,8 +183,8 @@ def _stopped_job_message(command: str, done: list[str]) -> str:
 @contextlib.contextmanager
 def exit_on_sigterm(message: str | Callable[[], str] | None = None) -> Iterator[None]:
     """SIGTERM (`kill`, `timeout`, a scheduler's cancel) ends a job through its cleanup, then the process at once,
-    as SIGTERM's default does: without it no `.<output>.tmp-<pid>` would be removed (nothing removes it later: the
-    name holds the pid). The process ends by os._exit once the exception has come through the job: an interpreter
+    as SIGTERM's default does: without it no `.<output>.tmp-<pid>-<random>` would be removed (nothing removes it
+    later: the name is the process's own). The process ends by os._exit once the exception has come through the job: an interpreter
     shutdown while a reader thread is still inside Python (Arrow reading an .xz file through Python's lzma) aborted
     the process. Only where SIGTERM has its default action (a host program's own handler is left alone), and from
     the main thread (the only one that may set handlers); the action before is put back after the job. `message`:
