@@ -367,14 +367,16 @@ class MultiTaskCLI(LightningCLI):
 
     def _lock_checkpoint_folders(self) -> None:
         """Rank 0 (under ddp_spawn the main process) holds each local checkpoint folder for the whole fit, before its
-        run is made (checkpoint_lock). A callback without a folder writes into its own run's."""
+        run is made (checkpoint_lock). A callback without a folder writes into its own run's, or, without a logger,
+        into <default_root_dir>/checkpoints (Lightning's choice: the same folder for every fit started there)."""
         if not self.trainer.is_global_zero:
             return
         from fsspec.implementations.local import LocalFileSystem
         from lightning.fabric.utilities.cloud_io import get_filesystem
 
-        folders = {str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
-                   if cb.dirpath and isinstance(get_filesystem(str(cb.dirpath)), LocalFileSystem)}
+        default = None if self.trainer.loggers else os.path.join(self.trainer.default_root_dir, "checkpoints")
+        dirpaths = [cb.dirpath or default for cb in self.trainer.checkpoint_callbacks]
+        folders = {str(d) for d in dirpaths if d and isinstance(get_filesystem(str(d)), LocalFileSystem)}
         fresh = {f for f in folders if not os.path.isdir(f) or not set(os.listdir(f)) - {LOCK_NAME}}
         self._checkpoint_locks = lock_checkpoint_folders(folders)
         for folder in fresh:  # the lock file alone: not a folder holding another fit's checkpoints

@@ -9,7 +9,8 @@ at each batch's end, so a rank signalled alone, or after its gradient all-reduce
 next step (a process-group kill, as `scancel` sends), stopped while the others waited in the next collective (exit
 1, gloo's "Connection closed by peer"). The ranks agree on a pending SIGTERM (an all-reduce of their flags, max)
 where all of them stand at the same point: each training batch's start (in place of Lightning's broadcast of rank
-0's flag), a validation's start and an epoch's end; then every rank raises Lightning's SIGTERMException together.
+0's flag), each validation batch's start and an epoch's end; then every rank raises Lightning's SIGTERMException
+together.
 A ddp_spawn / ddp_fork rank so stopped exits 143, which its launcher reports as the stop (`stopped_by_sigterm`).
 
 `sigterm_received_at()` tells the launcher's observer (child_ranks) when rank 0 was told to stop: the other ranks
@@ -113,7 +114,7 @@ def _stop_at_batch_start(self: Any) -> None:
 
 def _agreeing_first(original: Callable[..., Any]) -> Callable[..., Any]:
     """`original` (a loop's hook that every rank runs at the same point) after the ranks agree on a pending SIGTERM:
-    Lightning's own check of its flag, then, stops every rank (at an epoch's end, or a validation's first batch)."""
+    Lightning's own check of its flag, then, stops every rank (at an epoch's end, or a validation batch's end)."""
     if getattr(original, "_agrees_first", False):
         return original
 
@@ -160,7 +161,7 @@ def install() -> None:
 
 
 def _agree_at_common_points() -> None:
-    """The ranks agree on a pending SIGTERM at each training batch's start, a validation's start and an epoch's end."""
+    """The ranks agree on a pending SIGTERM at each training and validation batch's start and at an epoch's end."""
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
     from lightning.pytorch.loops.fit_loop import _FitLoop
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -168,7 +169,9 @@ def _agree_at_common_points() -> None:
     if hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor"):
         _TrainingEpochLoop._broadcast_sigterm_tensor = _stop_at_batch_start
     _FitLoop.on_advance_end = _agreeing_first(_FitLoop.on_advance_end)
-    _EvaluationLoop.on_run_start = _agreeing_first(_EvaluationLoop.on_run_start)
+    # at each validation batch's start: Lightning stops a validation at a batch's end where its flag is set (every
+    # rank has as many validation batches, parquet_stream's plan; one 1-element all-reduce a batch)
+    _EvaluationLoop._evaluation_step = _agreeing_first(_EvaluationLoop._evaluation_step)
 
 
 def _spawned_ranks_exit_143() -> None:

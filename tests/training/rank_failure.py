@@ -230,3 +230,20 @@ class KillsRank0(L.Callback):
             with open(self.pid_file, "w") as f:
                 f.write(str(os.getpid()))
             os.kill(os.getppid(), signal.SIGKILL)
+
+
+class SigtermInValidation(L.Callback):
+    """Rank `rank` signals itself with SIGTERM at its `batch`-th validation batch (not in the sanity check); every
+    validation batch then takes `seconds` (a long validation)."""
+
+    def __init__(self, batch: int = 1, rank: int = 0, seconds: float = 0.5) -> None:
+        self.batch, self.rank, self.seconds = batch, rank, seconds
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            return
+        if batch_idx == self.batch and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+        import time
+
+        time.sleep(self.seconds)

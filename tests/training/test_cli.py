@@ -459,6 +459,29 @@ def test_a_fit_into_a_checkpoint_folder_another_fit_holds_is_refused_before_its_
     assert len(mlflow_runs(in_tmp / "mlflow.db")) == runs_before and not list(folder.glob("*.ckpt"))
 
 
+def test_a_fit_without_a_logger_holds_the_default_checkpoint_folder_too(feature_dir, in_tmp, capsys):
+    """No dirpath and no logger: Lightning writes into <default_root_dir>/checkpoints, the same folder for every fit
+    started there (not a run's own), and that folder was not held."""
+    import fcntl
+    import os
+
+    config = yaml.safe_load((CONFIGS[0].parent / "mmoe_synthetic.yaml").read_text())
+    for cb in config["trainer"]["callbacks"]:
+        (cb.get("init_args") or {}).pop("dirpath", None)
+    path = in_tmp / "no_dirpath.yaml"
+    path.write_text(yaml.safe_dump(config))
+    folder = in_tmp / "checkpoints"
+    folder.mkdir()
+    with open(folder / ".lock", "w") as other_fit:  # as a fit running in another process holds it
+        fcntl.flock(other_fit, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other_fit.write("4242\n")
+        other_fit.flush()
+        msg = cli_error(["fit", "--config", str(path), *TINY, "--data.init_args.data_dir", str(feature_dir),
+                         "--trainer.logger", "false"], capsys)
+    assert f"checkpoint folder {os.path.realpath(folder)} is in use by another fit (pid 4242)" in msg, msg
+    assert not list(folder.glob("*.ckpt"))
+
+
 def test_a_fit_releases_its_checkpoint_folder_when_it_ends_or_fails(feature_dir, in_tmp, monkeypatch):
     import os
 

@@ -605,6 +605,21 @@ def test_a_sigterm_to_any_rank_stops_every_rank_at_the_same_batch_with_exit_143(
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
+def test_a_sigterm_during_a_long_validation_stops_every_rank_at_the_next_validation_batch(feature_dir, tmp_path,
+                                                                                          monkeypatch):
+    """As one process does, the ranks stop at the next validation batch (they agree at each one's start): a SIGTERM
+    kept pending to a validation's end was not acted on, and a validation longer than the stop limit (120 s by
+    default; 4 s here) was ended by the watch instead ("did not stop within"), with no on-exception checkpoint."""
+    monkeypatch.setenv("MMOE_REC_SIGTERM_STOP_LIMIT_S", "4")
+    cfg = config_with_callbacks(tmp_path, feature_dir, 16,
+                                SigtermInValidation={"batch": 1, "rank": 0, "seconds": 0.6})
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert "did not stop within" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1, proc.stderr[-3000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_it_launched(feature_dir, tmp_path,
                                                                                             monkeypatch):
     """Before Lightning's handler (rank 0 waiting for its ranks in the rendezvous, its MLflow run made) a SIGTERM
