@@ -12,7 +12,7 @@ def epoch_cut_short(trainer: Any) -> bool:
     return not trainer.is_last_batch
 
 
-def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
+def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> bool:
     """A fit with `max_steps` resumed from a checkpoint written at the end of a whole epoch (in its end hooks:
     Lightning has counted the epoch processed, not yet completed) starts the next epoch, as one without does.
     Lightning closes such an epoch only for a fit without max_steps (`_FitLoop.on_run_start`); with it, the fit
@@ -20,14 +20,15 @@ def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
     max_epochs (a resume to extend a fit by steps trained nothing and exited 0) and, from a checkpoint of another
     number of ranks, trained the rest of the epoch's batches as the saved rank count had them (rows seen twice).
     Called before Lightning restores its loops; a cut epoch's checkpoint is a mid-epoch one (module's
-    _reopen_cut_epoch) and is left to resume mid-epoch."""
+    _reopen_cut_epoch) and is left to resume mid-epoch. Returns whether it closed one (the module then has the next
+    epoch start as a new one, not as Lightning's restart)."""
     fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
     if not fit_loop or trainer.max_steps == -1 or trainer.state.fn != "fit":
-        return
+        return False
     epochs = fit_loop.get("epoch_progress") or {}
     current = epochs.get("current") or {}
     if not (current and current["ready"] == current["started"] == current["processed"] == current["completed"] + 1):
-        return
+        return False
     for progress in epochs.values():  # "total" and "current"
         progress["completed"] = progress["processed"]
     batches = fit_loop.get("epoch_loop.batch_progress") or {}
@@ -35,3 +36,4 @@ def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
         batches["current"][key] = 0
     if "is_last_batch" in batches:
         batches["is_last_batch"] = False
+    return True

@@ -277,6 +277,10 @@ class MultiTaskModule(L.LightningModule):
         # GPU's): a batch that failed in or after its forward has drawn its routing noise and dropout masks from
         # them, and a resume replays it (~5 kB copied per step: ~3 us, 0.04 % of a census-size step on the CPU)
         self._rng_before_forward: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+        # the epoch's running totals before the batch in flight (its `ready` count, rows, loss sums, batches): a
+        # batch that failed after its training step has added to them, and a resume replays it
+        self._totals_before_batch: tuple[int, int, torch.Tensor | None, int] | None = None
+        self._closed_epoch = False  # the checkpoint resumed from had its finished epoch closed (close_finished_epoch)
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
         self._plateau_deferred: tuple[str, int] | None = None
@@ -451,7 +455,7 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # an earlier fit's, whose batch counts this one's may meet
-        self._rng_before_forward = self._loads_before_forward = None
+        self._rng_before_forward = self._loads_before_forward = self._totals_before_batch = None
         due, self._plateau_due = self._plateau_due, None
         if isinstance(due, dict):  # the step owed at the checkpoint this fit resumed from, with its value then
             self._take_plateau_step(tuple(due["point"]), due["value"])
@@ -466,6 +470,12 @@ class MultiTaskModule(L.LightningModule):
         self._take_deferred_plateau_step()
 
     def on_train_epoch_start(self) -> None:
+        if self._closed_epoch:
+            # the epoch after the one close_finished_epoch closed starts as a new epoch, not as a restart (with
+            # max_steps Lightning restarts it "saved on last": its first advance skipped a validation check and
+            # counted a step, and every metric was logged one step late)
+            self._closed_epoch = False
+            self.trainer.fit_loop.epoch_loop.restarting = False
         self._take_deferred_plateau_step()
         resumed, self._resumed_epoch = self._resumed_epoch, None
         if resumed == self.current_epoch:  # resumed mid-epoch: the totals (and the probe) before came with it
@@ -478,7 +488,9 @@ class MultiTaskModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._backward_began = False  # a failure before the backward leaves the window's .grad as it was
         # the last hook before the forward (the callbacks' came before): nothing draws between them
-        self._rng_before_forward = (self.trainer.fit_loop.epoch_loop.batch_progress.total.ready, *self._rng_states())
+        ready = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        self._rng_before_forward = (ready, *self._rng_states())
+        self._totals_before_batch = (ready, self._epoch_rows, self._epoch_loss_sum, self._epoch_batches)
         resumed = self._resumed_epoch
         if resumed is None or resumed == self.current_epoch:
             return
@@ -494,11 +506,12 @@ class MultiTaskModule(L.LightningModule):
         self._close_epoch_totals()
         self._epoch_rows = 0
 
-    def _epoch_loss_sums(self) -> torch.Tensor:
-        """(T,) this rank's task-loss sums over the epoch's batches so far, on the module's device."""
-        if self._epoch_loss_sum is None:
+    def _epoch_loss_sums(self, sums: torch.Tensor | None = None) -> torch.Tensor:
+        """(T,) this rank's task-loss sums over the epoch's batches so far (or `sums`), on the module's device."""
+        sums = self._epoch_loss_sum if sums is None else sums
+        if sums is None:
             return torch.zeros(len(self.tasks), device=self.device)
-        return self._epoch_loss_sum.to(self.device)
+        return sums.to(self.device)
 
     def on_train_epoch_end(self) -> None:
         cut = epoch_cut_short(self.trainer)  # then its totals stay open for a fit that resumes it
@@ -596,9 +609,11 @@ class MultiTaskModule(L.LightningModule):
         # run that went straight through. The float loss sums also rank by rank: a resume under as many ranks
         # gives each its own, so that each rank's float32 sum continues as it would have (rank 0 starting from
         # the sum over ranks rounds otherwise, and DWA's weights came out a few 1e-7 off).
-        loss_sum = self._epoch_loss_sums()
-        totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([self._epoch_batches, self._epoch_rows],
-                                                                   dtype=torch.float64)])
+        rows, loss_sum, batches = self._epoch_rows, self._epoch_loss_sum, self._epoch_batches
+        if self._in_flight(self._totals_before_batch):  # as before that batch: the resume replays it
+            rows, loss_sum, batches = self._totals_before_batch[1:]
+        loss_sum = self._epoch_loss_sums(loss_sum)
+        totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([batches, rows], dtype=torch.float64)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
         per_rank = self.trainer.strategy.all_gather(loss_sum.float())
         # (W, T): one process gets (T,) from the single-device strategy and (1, T) from a DDP one
@@ -664,13 +679,19 @@ class MultiTaskModule(L.LightningModule):
             out[name] = (has.reshape(-1).bool(), values)
         return out
 
+    def _in_flight(self, before: tuple | None) -> bool:
+        """Whether `before`, a snapshot taken at a batch's start (tagged with its total `ready` count), is of a batch
+        that failed after its start and before it was processed: a checkpoint written now is resumed by replaying
+        that batch, so what it holds must be as before the batch."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        return before is not None and before[0] == progress.ready > progress.processed
+
     def _gather_pending_loads(self) -> dict[str, torch.Tensor]:
         """Every rank's loss-free balancer loads so far in the open window (each rank's own: they are summed over
         the ranks at the update): name -> (W, E) int64. Those before the forward of a batch that failed in it (its
         resume replays the batch, which counts them again). Collective."""
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
         before = self._loads_before_forward
-        failed_forward = before is not None and before[0] == progress.ready > progress.processed
+        failed_forward = self._in_flight(before)
         out = {}
         for i, (name, balancer) in enumerate(self._balancers):
             load = before[1][i] if failed_forward else balancer.pending_load
@@ -719,10 +740,8 @@ class MultiTaskModule(L.LightningModule):
         continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Written as a
         batch failed before it was processed (in its forward, backward or optimizer step), those from before its
         forward: the resume replays the batch, which draws its noise and dropout masks again. Collective."""
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
         before = self._rng_before_forward
-        in_flight = before is not None and before[0] == progress.ready > progress.processed
-        cpu, cuda = before[1:] if in_flight else self._rng_states()
+        cpu, cuda = before[1:] if self._in_flight(before) else self._rng_states()
         return {"cpu": self._per_rank(cpu), "cuda": None if cuda is None else self._per_rank(cuda)}
 
     def _restore_rng_states(self, states: dict[str, torch.Tensor | None] | None) -> None:
@@ -755,7 +774,7 @@ class MultiTaskModule(L.LightningModule):
             # float64 weights were rounded (a resumed 64-true fit, and validate / test, ran on rounded weights)
             self.double()
         if self._trainer is not None and self.trainer.state.fn == "fit":
-            close_finished_epoch(checkpoint, self.trainer)
+            self._closed_epoch = close_finished_epoch(checkpoint, self.trainer)
             self._restore_rng_states(checkpoint.get(RNG_KEY))
             probe = checkpoint.get(GRAD_PROBE_KEY)
             if probe is not None:  # the checkpoint's epoch's last probe: its statistics report it at its end

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from conftest import MMOE, SPARSE, metric_history, mlflow_run
 from mmoe_rec.data.datamodule import FeatureDataModule
@@ -1007,3 +1008,96 @@ def test_a_fit_with_max_steps_resumed_from_an_epoch_end_checkpoint_trains_on_in_
     a, b = straight_module.state_dict(), resumed_module.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+
+def _same_nan(straight, resumed, after):
+    """test_fit._same with NaN equal to NaN in the state (DWA's history holds NaN before its second epoch; torch.equal
+    calls NaN unequal)."""
+    (t1, m1, l1), (t2, m2, l2) = straight, resumed
+    assert t1.global_step == t2.global_step
+    a, b = m1.state_dict(), m2.state_dict()
+    diff = [k for k in a if not torch.equal(torch.nan_to_num(a[k].double(), nan=7.5),
+                                            torch.nan_to_num(b[k].double(), nan=7.5))]
+    assert not diff, diff
+    want, got = _logged_after(l1, after), _logged_after(l2, after)
+    assert {s: sorted(m) for s, m in got.items()} == {s: sorted(m) for s, m in want.items()}
+    bad = [(s, k, v, got[s].get(k)) for s, ms in want.items() for k, v in ms.items()
+           if k.startswith(("train/", "val/")) and got[s].get(k) != v]
+    assert not bad, bad[:10]
+
+
+# 21 batches an epoch. A checkpoint at epoch 0's end, resumed with max_steps into epoch 1 (validation on: 2 batches).
+# "epoch_end": ModelCheckpoint at the train epoch's end; "max_steps_21": a fit stopped by max_steps exactly at the
+# epoch's end, its save_last (then extended by steps); "every21": every_n_train_steps at the epoch's last batch;
+# "sigterm_last": SIGTERM at the epoch's last batch; "val_end": saved at the validation's end.
+@pytest.mark.parametrize("how, accumulate, max_epochs", [
+    ("epoch_end", 1, 3), ("max_steps_21", 1, 3), ("epoch_end", 4, 3), ("epoch_end", 1, -1),
+    ("every21", 1, 3), ("sigterm_last", 1, 3), ("val_end", 1, 3)])
+@pytest.mark.parametrize("weighting", ["dwa"])  # its history is by epoch
+def test_an_epoch_end_checkpoint_resumed_with_max_steps_logs_at_the_straight_runs_steps(feature_dir, tmp_path, how,
+                                                                                        accumulate, max_epochs,
+                                                                                        weighting):
+    """After close_finished_epoch Lightning's epoch loop went on restarting (max_steps forces it) at
+    RESTARTED_ON_LAST: with validation on, its first advance of the next epoch returned at once (`_skip_next_val`)
+    and on_advance_end counted a step (`_batches_that_stepped += 1`): the weights were the straight run's, but every
+    metric after the resume was logged one step late (val/loss of step 41 at 42, train/ at 26, 29, ... instead of
+    23, 26, ...). The module starts that epoch as a new one."""
+    kw = dict(weighting=weighting, lr_scheduler=WARMUP, grad_similarity_every=5,
+              trainer_kw={"limit_val_batches": 2, "accumulate_grad_batches": accumulate})
+    target = 45 if accumulate == 1 else 15
+    straight = _logged_fit(feature_dir, tmp_path / "a", max_epochs, max_steps=target, **kw)
+    b = tmp_path / "b"
+    if how == "every21":
+        _logged_fit(feature_dir, b, max_epochs, max_steps=30, callbacks=[
+            ModelCheckpoint(dirpath=b, every_n_train_steps=21, save_top_k=-1, filename="{step}")], **kw)
+    elif how == "sigterm_last":
+        with pytest.raises(SIGTERMException):
+            _logged_fit(feature_dir, b, max_epochs, callbacks=[_SigtermAt(0, 20), OnExceptionCheckpoint(b)], **kw)
+    elif how == "max_steps_21":
+        _logged_fit(feature_dir, b, max_epochs, max_steps=21,
+                    callbacks=[ModelCheckpoint(dirpath=b, save_last=True, filename="{step}")], **kw)
+        for p in b.glob("step*.ckpt"):
+            p.unlink()
+    elif how == "val_end":
+        _logged_fit(feature_dir, b, 1, callbacks=[ModelCheckpoint(dirpath=b, monitor="val/loss", filename="{step}",
+                                                                  save_on_train_epoch_end=False)], **kw)
+    else:
+        _logged_fit(feature_dir, b, 1, callbacks=[ModelCheckpoint(dirpath=b, filename="{step}")], **kw)
+    (path,) = b.glob("*.ckpt")
+    at = torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    resumed = _logged_fit(feature_dir, tmp_path / "c", max_epochs, ckpt_path=path, max_steps=target, **kw)
+    _same_nan(straight, resumed, at)
+
+
+class _FailsInHook(L.Callback):
+    """Fails batch `batch` of epoch `epoch` in a hook after its training_step returned."""
+
+    def __init__(self, hook, epoch, batch):
+        self.hook, self.epoch, self.batch = hook, epoch, batch
+
+    def _fail(self, trainer, hook):
+        if hook == self.hook and (trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_idx) == (self.epoch,
+                                                                                                    self.batch):
+            raise RuntimeError("the fit fails here")
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._fail(trainer, "before_backward")
+
+    def on_after_backward(self, trainer, pl_module):
+        self._fail(trainer, "after_backward")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._fail(trainer, "before_optimizer_step")
+
+
+@pytest.mark.parametrize("hook, clip", [("before_backward", None), ("after_backward", None),
+                                        ("before_optimizer_step", 0.5)])
+def test_a_batch_failing_after_its_training_step_is_not_counted_twice_in_the_epoch(feature_dir, tmp_path, hook,
+                                                                                    clip):
+    """The checkpoint written as batch 5 of epoch 1 fails after its training_step (its backward, the optimizer step,
+    under gradient clipping) held the epoch's running totals with that batch in them (batches 6, rows 576), and the
+    resume replays it: train/rows_seen 2096 for epoch 1, DWA's epoch mean off, and the weights differed from then
+    on. It holds the totals from before the batch."""
+    tk = {"gradient_clip_val": clip} if clip else {}
+    _stop_and_resume(feature_dir, tmp_path, _FailsInHook(hook, 1, 5), weighting="dwa", trainer_kw=tk)
