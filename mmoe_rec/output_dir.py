@@ -8,6 +8,7 @@ another job wrote after this job's checks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -63,6 +64,10 @@ def temp_path(output: Path, kind: str) -> Path:
     return output.with_name(f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
+# the errors of a rename onto a name another job has taken (a non-empty folder, a file where a folder goes)
+_TAKEN = {errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
+
+
 def replace_dir(new: Path, output: Path, *, overwrite: bool) -> None:
     """Put the complete directory `new` at `output`.
 
@@ -81,8 +86,9 @@ def replace_dir(new: Path, output: Path, *, overwrite: bool) -> None:
         if not overwrite:
             try:
                 os.replace(new, output)
-            except OSError:
-                if not os.path.lexists(output):
+            except OSError as e:
+                # what a rename onto another job's output gives; any other refusal (a mount point: EBUSY) is its own
+                if not os.path.lexists(output) or e.errno not in _TAKEN:
                     raise
                 raise FileExistsError(f"{output}: another job wrote this output while this one ran (it was missing "
                                       f"or empty when this job started): it is left as it is, and this job's output "
@@ -92,9 +98,11 @@ def replace_dir(new: Path, output: Path, *, overwrite: bool) -> None:
             os.replace(output, old)
             try:
                 os.replace(new, output)
-            except OSError:
+            except OSError as e:
                 if not os.path.lexists(output):
                     os.replace(old, output)  # nothing came in its place: the old output goes back
+                    raise
+                if e.errno not in _TAKEN:
                     raise
                 shutil.rmtree(old)  # another job's output came in between the renames and stays
                 raise FileExistsError(f"{output}: another job replaced this output while this one replaced it too: "

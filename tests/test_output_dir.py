@@ -1,6 +1,7 @@
 """output_dir.replace_dir: the new directory takes the output's place whole, a SIGTERM taken only after the swap."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -210,3 +211,24 @@ def test_publish_file_without_overwrite_never_replaces_a_file_that_appeared(tmp_
     tmp.write_text("again")
     output_dir.publish_file(tmp, out, overwrite=True)
     assert out.read_text() == "again" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet"]
+
+
+def test_a_rename_refused_for_another_reason_than_an_output_come_meanwhile_is_not_reported_as_one(tmp_path,
+                                                                                                  monkeypatch):
+    """An empty output folder that is a mount point (`docker run -v $PWD/out:/out ... --output /out`) refuses the
+    rename with EBUSY: the job said another job wrote the output meanwhile and to use --overwrite (which fails too)."""
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    out.mkdir()  # empty: allowed without --overwrite
+    real = os.replace
+
+    def busy(src, dst):
+        if os.fspath(dst) == os.fspath(out):
+            raise OSError(errno.EBUSY, "Device or resource busy", os.fspath(src), None, os.fspath(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(output_dir.os, "replace", busy)
+    with pytest.raises(OSError) as info:
+        output_dir.replace_dir(new, out, overwrite=False)
+    assert "another job" not in str(info.value)
+    assert "Device or resource busy" in str(info.value) or "mount" in str(info.value)

@@ -29,7 +29,7 @@ The index reads the files' footers only: it checks each column's Arrow type agai
 and picks one type per column, to which every chunk is cast before chunks of different files are merged. Given
 the folder's spec version, it refuses a file whose footer records another one (``SPEC_VERSION_KEY``): a file made
 with another feature spec, whose ids mean other values. It records each file's identity (device, inode, size,
-modification and status-change times), and every later open of the file, in any process, compares it (one stat per
+modification time), and every later open of the file, in any process, compares it (one stat per
 open): a folder rebuilt under a running job (`mmoe-rec features --overwrite` between two epochs) is an error naming
 the file, not the new build's rows read with the old build's row groups and spec.
 Label and weight values are checked chunk by chunk as they are read, where the file and row are still known.
@@ -136,7 +136,7 @@ class ParquetIndex:
         units = []
         types: dict[str, dict[pa.DataType, str]] = {c: {} for c in required_columns}  # column -> type -> first file
         for path in files:
-            identity = file_identity(str(path))  # before the footer: a file replaced in between fails at its open
+            identity = _identity(str(path))  # before the footer: a file replaced in between fails at its open
             try:
                 meta = pq.read_metadata(path)
             except (OSError, pa.ArrowException) as e:
@@ -311,12 +311,12 @@ class _OpenFiles:
         try:
             pf = pq.ParquetFile(path, metadata=self.footers.get(path))
         except (OSError, pa.ArrowException):
-            if expected is not None and file_identity(path) != expected:  # gone or replaced
+            if expected is not None and _identity(path) != expected:  # gone or replaced
                 raise ValueError(_changed(path)) from None
             raise
         # stat'ed after the open: what matches is the file this handle reads (the old build's files stay readable
         # through handles opened before the rebuild)
-        if expected is not None and file_identity(path) != expected:
+        if expected is not None and _identity(path) != expected:
             pf.close()
             raise ValueError(_changed(path))
         return pf
@@ -324,6 +324,12 @@ class _OpenFiles:
     def close(self) -> None:
         while self.files:
             self.files.popitem()[1].close()
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    """A feature file's identity for the loader's check: its ctime left out (a chmod of the folder, a hard-link
+    backup, an atime change during a fit must not stop it; a rebuild writes new files)."""
+    return file_identity(path, ctime=False)
 
 
 def _changed(path: str) -> str:

@@ -542,14 +542,16 @@ def _record_ends(segment: bytes, before: int) -> int:
     return runs
 
 
-def file_identity(path: str) -> tuple[int, ...] | None:
+def file_identity(path: str, ctime: bool = True) -> tuple[int, ...] | None:
     """What tells that a file still holds the bytes it held, without reading them: device, inode, size, modification
-    and status-change times (the ctime: no tool sets it back). None where the file cannot be stat'ed."""
+    and status-change times (the ctime: no tool sets it back). None where the file cannot be stat'ed. Without
+    `ctime` (a long job's files, which a chmod, a hard-link backup or an atime change must not stop: they change the
+    ctime alone) another file put under the name still differs, by its inode, size or mtime."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) + ((st.st_ctime_ns,) if ctime else ())
 
 
 class _QuoteScan:

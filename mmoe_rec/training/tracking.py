@@ -241,8 +241,12 @@ def sqlite_setup_lock(uri: str):
     db = _sqlite_file(uri)
     fd = None
     if db is not None:
+        lock = db.parent / f".{db.name}.lock"
         with contextlib.suppress(OSError):
-            fd = os.open(db.parent / f".{db.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except PermissionError:  # made by another user of a shared folder: flock needs no write access
+                fd = os.open(lock, os.O_RDONLY)
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -5,6 +5,7 @@ under the old spec. The rebuild is forced between two epochs, not timed (a revie
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 from mmoe_rec.cli import _loader_worker_error
 from mmoe_rec.data.datamodule import FeatureDataModule
+from mmoe_rec.data.parquet_stream import ParquetIndex, read_rows
 from mmoe_rec.data.synthetic import main as synth_main
 from mmoe_rec.features.build import main as features_main
 from mmoe_rec.features.spec import FeatureSpec
@@ -100,3 +102,26 @@ def test_the_check_holds_in_loader_workers_and_in_the_evaluation_and_predict_loa
     with pytest.raises(ValueError, match=REBUILT):
         list(dm.predict_dataloader())
     assert list(FeatureDataModule(str(feat), batch_size=256).predict_dataloader())  # a new job reads the new build
+
+
+def _rows(index: ParquetIndex) -> int:
+    return sum(b.num_rows for b in read_rows(list(index.units), 0, 100, ["x"], schema=index.schema))
+
+
+@pytest.mark.parametrize("change", ["chmod", "hard link", "touch -a"])
+def test_a_loader_goes_on_reading_a_feature_file_whose_bytes_did_not_change(tmp_path, change):
+    """Only a rebuild (another file under the name) stops a job: making the folder read-only during a fit
+    (chmod -R a-w), a backup that hard-links it (cp -al, rsnapshot), or an atime set by a tool change the ctime, not
+    the bytes, and stopped the job as "rebuilt" when the check compared the ctime."""
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"x": list(range(100))}), path, row_group_size=50)
+    index = ParquetIndex.from_dir(tmp_path, ["x"])
+    assert _rows(index) == 100
+    if change == "chmod":
+        path.chmod(0o444)
+    elif change == "hard link":
+        os.link(path, tmp_path.parent / f"{tmp_path.name}-snapshot.parquet")
+    else:
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns + 10**9, st.st_mtime_ns))
+    assert _rows(index) == 100  # the next epoch
