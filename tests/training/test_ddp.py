@@ -584,9 +584,6 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
 
 
 @pytest.mark.parametrize("strategy,callback", [
-    # rank 0, told by the agreement alone, outlasts the launcher's observer poll (5 s) in its on-exception work: it
-    # is spared as when it is signalled itself (it was SIGKILLed for a rank that exited before its work was done)
-    ("ddp", {"SigtermAt": {"batch": 3, "rank": 1}, "SlowOnException": {"seconds": 7.0, "rank": 0}}),
     ("ddp", {"SigtermEveryRankAfterBackward": {"batch": 3}}),
     ("ddp_spawn", {"SigtermAt": {"batch": 3, "rank": 1}}),
 ])
@@ -609,10 +606,14 @@ def test_a_sigterm_during_a_long_validation_stops_every_rank_at_the_next_validat
                                                                                           monkeypatch):
     """As one process does, the ranks stop at the next validation batch (they agree at each one's start): a SIGTERM
     kept pending to a validation's end was not acted on, and a validation longer than the stop limit (120 s by
-    default; 4 s here) was ended by the watch instead ("did not stop within"), with no on-exception checkpoint."""
-    monkeypatch.setenv("MMOE_REC_SIGTERM_STOP_LIMIT_S", "4")
+    default; 8 s here) was ended by the watch instead ("did not stop within"), with no on-exception checkpoint.
+    Rank 1 alone is signalled; rank 0, told by the agreement alone, outlasts the launcher's observer poll (5 s) in
+    its on-exception work: it is spared as when it is signalled itself (it was SIGKILLed for a rank that exited
+    before its work was done, exit -9)."""
+    monkeypatch.setenv("MMOE_REC_SIGTERM_STOP_LIMIT_S", "8")
     cfg = config_with_callbacks(tmp_path, feature_dir, 16,
-                                SigtermInValidation={"batch": 1, "rank": 0, "seconds": 0.6})
+                                SigtermInValidation={"batch": 1, "rank": 1, "seconds": 0.6},
+                                SlowOnException={"seconds": 7.0, "rank": 0})
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
     assert "did not stop within" not in proc.stderr, proc.stderr[-3000:]
