@@ -10,12 +10,14 @@ CSV header that differs from the schema's ``reader.column_names``, is an error n
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 import csv
 import dataclasses
 import functools
 import glob
 import io
+import itertools
 import lzma
 import os
 import re
@@ -281,13 +283,41 @@ def file_header(path: str, reader: ReaderSpec) -> FileHeader:
     return FileHeader(schema.names, schema.metadata, schema, parquet.metadata.num_rows)
 
 
-def _row_groups_fit(meta: pq.FileMetaData, batch_rows: int) -> bool:
-    """Whether every row group has at most `batch_rows` rows. Arrow gives each batch of a row group the row group's
-    dictionary (so far: all of the dictionary page, then what the plain pages after it added), not the batch's own
-    values, so a batch's dictionary is bounded by its row group's rows only: the consumer that hashes it per batch
-    (CompiledSpec._dictionary_ids) did work quadratic in a large row group's rows (a 4M-row one-row-group file with
-    a distinct string per row: 42 s and 1.3 GB, against 5 s and 0.36 GB decoded)."""
-    return all(meta.row_group(i).num_rows <= batch_rows for i in range(meta.num_row_groups))
+def _parquet_batches(path: str, pf: pq.ParquetFile, columns: list[str], batch_rows: int,
+                     as_dict: list[str]) -> Iterator[pa.RecordBatch]:
+    """The file's batches in order, the `as_dict` columns dictionary-encoded while their dictionaries hold at most
+    `batch_rows` values. Arrow gives each batch of a row group the row group's dictionary so far (all of the
+    dictionary page, then what plain pages after a writer's fallback added), not the batch's own values: a column of
+    a distinct string per row in one large row group gave every batch that many values, which
+    CompiledSpec._dictionary_ids hashed per batch (a 4M-row one-row-group file: 42 s and 1.3 GB, against 5 s and
+    0.36 GB decoded). The batch whose dictionary outgrows `batch_rows` is decoded, and the file is read again from
+    the next row, that column decoded: Arrow's dictionary reader is dropped before it holds more (a low-cardinality
+    column, the usual categorical one, keeps its dictionary however large the row group)."""
+    meta = pf.metadata
+    starts = list(itertools.accumulate((meta.row_group(i).num_rows for i in range(meta.num_row_groups)), initial=0))
+    at = 0  # rows yielded
+    while at < meta.num_rows:
+        reader = _open_parquet(path, read_dictionary=as_dict, metadata=meta) if as_dict else pf
+        first = bisect.bisect_right(starts, at) - 1  # the row group holding row `at`
+        skip = at - starts[first]  # its rows already yielded
+        large: list[str] = []
+        for b in reader.iter_batches(batch_size=batch_rows, columns=columns,
+                                     row_groups=range(first, meta.num_row_groups)):
+            if skip:
+                b, skip = b.slice(min(skip, b.num_rows)), max(skip - b.num_rows, 0)
+                if not b.num_rows:
+                    continue
+            large = [c for c in as_dict if len(b.column(c).dictionary) > batch_rows]
+            if large:
+                b = pa.RecordBatch.from_arrays([a.dictionary_decode() if name in large else a
+                                                for name, a in zip(b.schema.names, b.columns)], names=b.schema.names)
+            yield b
+            at += b.num_rows
+            if large:
+                as_dict = [c for c in as_dict if c not in large]
+                break
+        else:
+            return
 
 
 def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None,
@@ -297,8 +327,8 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
     """Yield (first row in file, batch of `columns`) for one input file. Missing columns, unreadable or
     truncated files and empty files raise FeatureDataError naming the file (and column).
 
-    Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded) when
-    each row group of the file fits in a batch (_row_groups_fit), else decoded, like the other columns. CSV
+    Parquet string columns named in `dictionary` arrive dictionary-encoded (as stored: no strings decoded) while
+    their dictionaries hold at most `batch_rows` values, then decoded, like the other columns (_parquet_batches). CSV
     columns named in `as_written` (id columns) are read as written: not trimmed, no field a null value (an id
     " 42 " or "NA" came out "42" and null, which joins no row back, from a CSV but not from a Parquet file).
     `quote_scans`: a dict the caller keeps over its reads of the same files (a build's two passes): a CSV file's
@@ -317,9 +347,7 @@ def iter_batches(path: str, columns: list[str], reader: ReaderSpec | None = None
             check_columns(have, columns, path, holder="the file")
             as_dict = [c for c in dict.fromkeys(dictionary)
                        if c in columns and pf.schema_arrow.field(c).type == pa.string()]
-            if as_dict and _row_groups_fit(pf.metadata, batch_rows):
-                pf = _open_parquet(path, read_dictionary=as_dict, metadata=pf.metadata)
-            batches = pf.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys(columns)))
+            batches = _parquet_batches(path, pf, list(dict.fromkeys(columns)), batch_rows, as_dict)
             strip = False
         else:
             have = csv_columns(path, reader)
