@@ -102,9 +102,10 @@ def replace_dir(new: Path, output: Path, *, overwrite: bool) -> None:
                 if not os.path.lexists(output):
                     os.replace(old, output)  # nothing came in its place: the old output goes back
                     raise
+                shutil.rmtree(old)  # something else holds the name now: the old output is not put back
                 if e.errno not in _TAKEN:
                     raise
-                shutil.rmtree(old)  # another job's output came in between the renames and stays
+                # another job's output came in between the renames and stays
                 raise FileExistsError(f"{output}: another job replaced this output while this one replaced it too: "
                                       f"its output is kept, and this job's is not written") from None
             shutil.rmtree(old)

@@ -344,8 +344,8 @@ def _batches(sources: list[Source], columns: list[str], schema: Schema, batch_ro
 def dictionary_inputs(cs: CompiledSpec, extra: list[str]) -> list[str]:
     """Raw (string) columns to read dictionary-encoded in the transform pass: those used only by categorical
     features that then compute ids once per distinct value (CompiledSpec._dictionary_ids); never id columns
-    (passed through as read), labels, weights, numeric or split columns. A file whose row groups are larger than a
-    batch gives them decoded (sources.iter_batches)."""
+    (passed through as read), labels, weights, numeric or split columns. A column whose dictionary outgrows a batch
+    arrives decoded from there on (sources.iter_batches)."""
     as_dict = pa.dictionary(pa.int32(), pa.string())
     uses: dict[str, list[bool]] = {}
     for st in cs.features.values():

@@ -26,7 +26,9 @@ def lock_checkpoint_folders(folders: Iterable[str | os.PathLike]) -> list[int]:
     CheckpointFolderInUse, holding none, where another fit holds one."""
     fds: list[int] = []
     try:
-        for folder in sorted({Path(f) for f in folders}):
+        # one folder under two spellings (a symlink, a relative default_root_dir) is locked once: a second flock of
+        # it, even by this process, would refuse it
+        for folder in sorted({Path(os.path.realpath(os.path.expanduser(str(f)))) for f in folders}):
             fds.append(_lock(folder))
     except BaseException:
         release_checkpoint_folders(fds)

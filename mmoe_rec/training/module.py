@@ -505,6 +505,7 @@ class MultiTaskModule(L.LightningModule):
                        f"(save_last, or every_n_train_steps not a multiple of the epoch's batches) avoids this.")
         self._close_epoch_totals()
         self._epoch_rows = 0
+        self._totals_before_batch = (ready, 0, None, 0)  # this epoch's, not the closed one's
 
     def _epoch_loss_sums(self, sums: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) this rank's task-loss sums over the epoch's batches so far (or `sums`), on the module's device."""

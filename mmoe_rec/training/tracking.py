@@ -247,9 +247,13 @@ def sqlite_setup_lock(uri: str):
                 fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
             except PermissionError:  # made by another user of a shared folder: flock needs no write access
                 fd = os.open(lock, os.O_RDONLY)
-    try:
-        if fd is not None:
+    if fd is not None:
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # NFS emulates flock with a write lock, which a read-only descriptor cannot take
+            os.close(fd)
+            fd = None
+    try:
         yield
     finally:
         if fd is not None:
