@@ -330,9 +330,15 @@ def test_a_closed_output_pipe_is_exit_120_without_a_traceback():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout block-buffered into the pipe
-    proc = subprocess.Popen([sys.executable, "-m", "mmoe_rec.cli", "--help"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
-    proc.stdout.close()  # the reader is gone before the command writes
+    # the reader is gone before the command starts (closing it after the start raced with a command that wrote
+    # and exited first on a loaded machine: exit 0)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "mmoe_rec.cli", "--help"], stdout=write_end,
+                                stderr=subprocess.PIPE, env=env)
+    finally:
+        os.close(write_end)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 120, err
     assert "Traceback" not in err, err
