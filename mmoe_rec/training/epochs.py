@@ -37,3 +37,18 @@ def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> bool:
     if "is_last_batch" in batches:
         batches["is_last_batch"] = False
     return True
+
+
+def count_epoch_after_last_batch(trainer: Any) -> None:
+    """A fit resumed from a checkpoint written on an epoch's last batch (at its end, before the epoch's end) goes on
+    with the next epoch: Lightning counts the finished one processed and completed, but, restarting "mid-epoch",
+    does not count the next one ready and started (nor calls its on_train_epoch_start). Every later checkpoint of
+    that fit then showed a finished epoch, which a fit resumed from it did not restart: one written as a batch failed
+    logged every metric a step early (the restart's step Lightning adds, which _uncount_unprocessed_batch takes off
+    in advance, did not come), one written mid-epoch trained other weights. Counted at the fit's start (on_train_start),
+    as Lightning counts an epoch it starts."""
+    loop = trainer.fit_loop
+    epochs = loop.epoch_progress
+    if loop.restarted_mid_epoch and epochs.current.processed == epochs.current.started:
+        epochs.increment_ready()
+        epochs.increment_started()

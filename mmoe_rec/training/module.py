@@ -29,7 +29,7 @@ from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
-from mmoe_rec.training.epochs import close_finished_epoch, epoch_cut_short
+from mmoe_rec.training.epochs import close_finished_epoch, count_epoch_after_last_batch, epoch_cut_short
 from mmoe_rec.training.losses import rank_loss_scale, step_weight, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
@@ -456,6 +456,7 @@ class MultiTaskModule(L.LightningModule):
     def on_train_start(self) -> None:
         # an earlier fit's, whose batch counts this one's may meet
         self._rng_before_forward = self._loads_before_forward = self._totals_before_batch = None
+        count_epoch_after_last_batch(self.trainer)
         due, self._plateau_due = self._plateau_due, None
         if isinstance(due, dict):  # the step owed at the checkpoint this fit resumed from, with its value then
             self._take_plateau_step(tuple(due["point"]), due["value"])
