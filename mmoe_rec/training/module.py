@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import lightning as L
 import numpy as np
@@ -167,6 +167,21 @@ def seed_rank_stream(rank: int, world_size: int) -> None:
         torch.manual_seed(int(seed))
 
 
+class BatchStart(NamedTuple):
+    """What the batch in flight started from, taken in on_train_batch_start (the last hook before its forward: the
+    callbacks' came before, and nothing draws or counts loads between it and the forward). A batch that failed
+    after its start and before it was processed has drawn its routing noise and dropout masks, counted its
+    balancer loads or added to the epoch's totals, and a resume replays it: a checkpoint written then holds these
+    (~5 kB of generator state copied per step: ~3 us, 0.04 % of a census-size step on the CPU)."""
+    ready: int  # the batch's total `ready` count: which batch this is of
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    rows: int  # the epoch's running totals
+    loss_sum: torch.Tensor | None  # (T,)
+    batches: int
+    loads: list[torch.Tensor | None]  # each loss-free balancer's pending load (add_load makes a new tensor)
+
+
 class MultiTaskModule(L.LightningModule):
     """Args:
         model: the model class path and its init args (`feature_spec` is passed by this module).
@@ -269,17 +284,8 @@ class MultiTaskModule(L.LightningModule):
         self._plateau_due: dict[str, Any] | None = None  # the step owed at the checkpoint resumed from
         self._grads_due: dict[str, Any] | None = None  # the open accumulation window's gradients resumed from
         self._backward_began = False  # the batch in flight has begun its backward (on_before_backward)
-        # the loss-free balancers (name, module), and their pending loads before the forward of the batch in flight
-        # (its total `ready` count, the loads): a forward that failed has counted its loads, and a resume replays it
-        self._balancers = [(n, m) for n, m in self.named_modules() if isinstance(m, LossFreeBias)]
-        self._loads_before_forward: tuple[int, list[torch.Tensor | None]] | None = None
-        # the torch generator states before the forward of the batch in flight (its total `ready` count, CPU's, the
-        # GPU's): a batch that failed in or after its forward has drawn its routing noise and dropout masks from
-        # them, and a resume replays it (~5 kB copied per step: ~3 us, 0.04 % of a census-size step on the CPU)
-        self._rng_before_forward: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
-        # the epoch's running totals before the batch in flight (its `ready` count, rows, loss sums, batches): a
-        # batch that failed after its training step has added to them, and a resume replays it
-        self._totals_before_batch: tuple[int, int, torch.Tensor | None, int] | None = None
+        self._balancers = [(n, m) for n, m in self.named_modules() if isinstance(m, LossFreeBias)]  # (name, module)
+        self._batch_start: BatchStart | None = None  # of the batch in flight (on_train_batch_start)
         self._closed_epoch = False  # the checkpoint resumed from had its finished epoch closed (close_finished_epoch)
         # an epoch whose plateau step Lightning skipped (the epoch a fit resumed in): taken at the next epoch's
         # start, or at the fit's end
@@ -350,9 +356,6 @@ class MultiTaskModule(L.LightningModule):
         return total
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        if self._balancers and self.trainer.accumulate_grad_batches > 1:  # add_load makes a new tensor: references
-            batch_count = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
-            self._loads_before_forward = (batch_count, [m.pending_load for _, m in self._balancers])
         out = self.model(batch)
         losses = task_losses(out.logits, batch.labels, self.spec, self.tasks, batch.weights)
         sum_over_ranks = functools.partial(self.trainer.strategy.reduce, reduce_op="sum")
@@ -455,7 +458,7 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # an earlier fit's, whose batch counts this one's may meet
-        self._rng_before_forward = self._loads_before_forward = self._totals_before_batch = None
+        self._batch_start = None
         count_epoch_after_last_batch(self.trainer)
         due, self._plateau_due = self._plateau_due, None
         if isinstance(due, dict):  # the step owed at the checkpoint this fit resumed from, with its value then
@@ -488,10 +491,9 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._backward_began = False  # a failure before the backward leaves the window's .grad as it was
-        # the last hook before the forward (the callbacks' came before): nothing draws between them
         ready = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        self._rng_before_forward = (ready, *self._rng_states())
-        self._totals_before_batch = (ready, self._epoch_rows, self._epoch_loss_sum, self._epoch_batches)
+        self._batch_start = BatchStart(ready, *self._rng_states(), self._epoch_rows, self._epoch_loss_sum,
+                                       self._epoch_batches, [m.pending_load for _, m in self._balancers])
         resumed = self._resumed_epoch
         if resumed is None or resumed == self.current_epoch:
             return
@@ -506,7 +508,8 @@ class MultiTaskModule(L.LightningModule):
                        f"(save_last, or every_n_train_steps not a multiple of the epoch's batches) avoids this.")
         self._close_epoch_totals()
         self._epoch_rows = 0
-        self._totals_before_batch = (ready, 0, None, 0)  # this epoch's, not the closed one's
+        # this epoch's totals, not the closed one's
+        self._batch_start = self._batch_start._replace(rows=0, loss_sum=None, batches=0)
 
     def _epoch_loss_sums(self, sums: torch.Tensor | None = None) -> torch.Tensor:
         """(T,) this rank's task-loss sums over the epoch's batches so far (or `sums`), on the module's device."""
@@ -612,8 +615,9 @@ class MultiTaskModule(L.LightningModule):
         # gives each its own, so that each rank's float32 sum continues as it would have (rank 0 starting from
         # the sum over ranks rounds otherwise, and DWA's weights came out a few 1e-7 off).
         rows, loss_sum, batches = self._epoch_rows, self._epoch_loss_sum, self._epoch_batches
-        if self._in_flight(self._totals_before_batch):  # as before that batch: the resume replays it
-            rows, loss_sum, batches = self._totals_before_batch[1:]
+        start = self._batch_start
+        if self._in_flight(start):  # as before that batch: the resume replays it
+            rows, loss_sum, batches = start.rows, start.loss_sum, start.batches
         loss_sum = self._epoch_loss_sums(loss_sum)
         totals = torch.cat([loss_sum.double(), loss_sum.new_tensor([batches, rows], dtype=torch.float64)])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum").cpu()
@@ -681,22 +685,21 @@ class MultiTaskModule(L.LightningModule):
             out[name] = (has.reshape(-1).bool(), values)
         return out
 
-    def _in_flight(self, before: tuple | None) -> bool:
-        """Whether `before`, a snapshot taken at a batch's start (tagged with its total `ready` count), is of a batch
-        that failed after its start and before it was processed: a checkpoint written now is resumed by replaying
-        that batch, so what it holds must be as before the batch."""
+    def _in_flight(self, start: BatchStart | None) -> bool:
+        """Whether `start` is of a batch that failed after its start and before it was processed: a checkpoint
+        written now is resumed by replaying that batch, so what it holds must be as before the batch."""
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
-        return before is not None and before[0] == progress.ready > progress.processed
+        return start is not None and start.ready == progress.ready > progress.processed
 
     def _gather_pending_loads(self) -> dict[str, torch.Tensor]:
         """Every rank's loss-free balancer loads so far in the open window (each rank's own: they are summed over
         the ranks at the update): name -> (W, E) int64. Those before the forward of a batch that failed in it (its
         resume replays the batch, which counts them again). Collective."""
-        before = self._loads_before_forward
-        failed_forward = self._in_flight(before)
+        start = self._batch_start
+        failed_forward = self._in_flight(start)
         out = {}
         for i, (name, balancer) in enumerate(self._balancers):
-            load = before[1][i] if failed_forward else balancer.pending_load
+            load = start.loads[i] if failed_forward else balancer.pending_load
             if load is None:  # nothing counted: what take_load reads as zeros
                 load = torch.zeros_like(balancer.bias, dtype=torch.long)
             out[name] = self._per_rank(load)
@@ -742,8 +745,8 @@ class MultiTaskModule(L.LightningModule):
         continues the random stream (routing noise, dropout) where it stopped, as a straight run does. Written as a
         batch failed before it was processed (in its forward, backward or optimizer step), those from before its
         forward: the resume replays the batch, which draws its noise and dropout masks again. Collective."""
-        before = self._rng_before_forward
-        cpu, cuda = before[1:] if self._in_flight(before) else self._rng_states()
+        start = self._batch_start
+        cpu, cuda = (start.rng_cpu, start.rng_cuda) if self._in_flight(start) else self._rng_states()
         return {"cpu": self._per_rank(cpu), "cuda": None if cuda is None else self._per_rank(cuda)}
 
     def _restore_rng_states(self, states: dict[str, torch.Tensor | None] | None) -> None:
