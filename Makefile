@@ -23,13 +23,10 @@ demo: setup
 	$(BIN)/python -m mmoe_rec.demo --workdir demo_out
 
 # two pytest workers (pytest-xdist): most of the suite's time is processes starting (torch + Lightning + MLflow:
-# 8-10 s an import on a slow 2-vCPU VM) and waiting for their ranks, which a second worker overlaps
-# (a Zen 3 VM, 2026-12-07: 946 s in one process, 689 s in two; 557-690 s in two, three fresh-clone CI runs, once the
-# tracking tests' MLflow stores were copies, tests/conftest.py; 462-535 s, three runs, once the DDP numerics tests
-# forked their ranks and `mmoe-rec` skipped the interpreter's module teardown; all the DDP tests on one worker,
-# --dist loadgroup, took 561 s; a Zen 4 VM, 2026-12-07: 377 s; a Xeon 6 VM, 2026-12-07: 307 s, 1383 tests; 386 s,
-# 1541 tests that afternoon; 472 s, 1570 tests, at 14:40 UTC in a spell when the large model's step ran 25 % slower
-# than that morning).
+# 5-10 s an import on a 2-vCPU VM) and waiting for their ranks, which a second worker overlaps. Each worker runs
+# torch on one thread (tests/conftest.py): with a thread a core in each, their OpenMP threads spun waiting for each
+# other (a Xeon 6 VM, 2026-12-07: 593 s in a fresh-clone CI run, one thread a worker 351 s, 1781 tests; earlier
+# figures, other VMs: 946 s in one process, 689 s in two).
 # `python -m pytest tests/...` runs in one.
 test: setup
 	$(BIN)/python -m pytest -n 2

@@ -32,6 +32,18 @@ import pytest
 
 from mmoe_rec.features.spec import WEIGHT_COLUMN, FeatureSpec, SparseFeature, Task, label_column
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on a 2-vCPU machine: with torch's default of one thread a core in each, a
+    # worker's OpenMP threads spin waiting for a partner thread the other worker's threads keep off its core.
+    # tests/training/test_fit.py took 437 s in two workers against 69 s in one process, 44 s in two with one
+    # thread each (a Xeon 6 VM, 2026-12-07). One thread a worker, and in the processes it starts (the variable
+    # is read by torch as a process starts; Lightning's CPU DDP ranks already take cores / ranks = 1); a
+    # thread count set in the environment is kept. Tests about thread counts set theirs (tests/nn/test_row_gather.py).
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 NUM_USERS, NUM_ITEMS, NUM_TAGS = 50, 30, 20
 STATE_ENV = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MLFLOW_TRACKING_URI",
              "MLFLOW_EXPERIMENT_ID")
