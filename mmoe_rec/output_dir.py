@@ -123,23 +123,30 @@ def publish_file(tmp: Path, output: Path, *, overwrite: bool) -> None:
         os.replace(tmp, output)
         return
     try:
-        try:
-            os.link(tmp, output)
-        except FileExistsError:
-            raise
-        except OSError:  # no hard links here (vfat, some network and FUSE file systems)
-            os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            try:
-                os.replace(tmp, output)
-            except BaseException:
-                output.unlink(missing_ok=True)  # the empty file that claimed the name
-                raise
-            return
+        os.link(tmp, output)
+        linked = True
     except FileExistsError:
-        raise FileExistsError(f"{output}: another job wrote this file while this one ran (it did not exist when this "
-                              f"job started): it is left as it is, and this job's output is not written; use "
-                              f"--overwrite to replace it") from None
-    tmp.unlink()
+        raise _written_meanwhile(output) from None
+    except OSError:  # no hard links here (vfat, some network and FUSE file systems)
+        linked = False
+    if linked:
+        tmp.unlink()
+        return
+    try:
+        os.close(os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise _written_meanwhile(output) from None
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        output.unlink(missing_ok=True)  # the empty file that claimed the name
+        raise
+
+
+def _written_meanwhile(output: Path) -> FileExistsError:
+    return FileExistsError(f"{output}: another job wrote this file while this one ran (it did not exist when this job "
+                           f"started): it is left as it is, and this job's output is not written; use --overwrite to "
+                           f"replace it")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""When an epoch's end is an epoch's end."""
+"""When an epoch's end is an epoch's end: the loop progress a checkpoint holds, rewritten for Lightning's restart."""
 from __future__ import annotations
 
 from typing import Any
@@ -19,9 +19,9 @@ def close_finished_epoch(checkpoint: dict[str, Any], trainer: Any) -> bool:
     restarted inside the finished epoch: it ran that epoch's end again, counted it a second time against
     max_epochs (a resume to extend a fit by steps trained nothing and exited 0) and, from a checkpoint of another
     number of ranks, trained the rest of the epoch's batches as the saved rank count had them (rows seen twice).
-    Called before Lightning restores its loops; a cut epoch's checkpoint is a mid-epoch one (module's
-    _reopen_cut_epoch) and is left to resume mid-epoch. Returns whether it closed one (the module then has the next
-    epoch start as a new one, not as Lightning's restart)."""
+    Called before Lightning restores its loops; a cut epoch's checkpoint is a mid-epoch one (reopen_cut_epoch) and
+    is left to resume mid-epoch. Returns whether it closed one (the module then has the next epoch start as a new
+    one, not as Lightning's restart)."""
     fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
     if not fit_loop or trainer.max_steps == -1 or trainer.state.fn != "fit":
         return False
@@ -44,7 +44,7 @@ def count_epoch_after_last_batch(trainer: Any) -> None:
     with the next epoch: Lightning counts the finished one processed and completed, but, restarting "mid-epoch",
     does not count the next one ready and started (nor calls its on_train_epoch_start). Every later checkpoint of
     that fit then showed a finished epoch, which a fit resumed from it did not restart: one written as a batch failed
-    logged every metric a step early (the restart's step Lightning adds, which _uncount_unprocessed_batch takes off
+    logged every metric a step early (the restart's step Lightning adds, which uncount_unprocessed_batch takes off
     in advance, did not come), one written mid-epoch trained other weights. Counted at the fit's start (on_train_start),
     as Lightning counts an epoch it starts."""
     loop = trainer.fit_loop
@@ -52,3 +52,33 @@ def count_epoch_after_last_batch(trainer: Any) -> None:
     if loop.restarted_mid_epoch and epochs.current.processed == epochs.current.started:
         epochs.increment_ready()
         epochs.increment_started()
+
+
+def reopen_cut_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """A checkpoint written at the end of an epoch cut short (`max_steps` reached mid-epoch; save_last writes one)
+    is made the mid-epoch checkpoint it is: Lightning counts that epoch as processed there, so a fit resumed from
+    it went on with the next epoch and skipped the rest of this one (51 of a straight run's 63 steps; the weights
+    and DWA's weights came out otherwise). Its epoch's sums are open (epoch_cut_short)."""
+    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+    if not fit_loop or not trainer.training or not epoch_cut_short(trainer):
+        return
+    for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
+        if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
+            progress["processed"] = progress["completed"]
+
+
+def uncount_unprocessed_batch(checkpoint: dict[str, Any], trainer: Any) -> None:
+    """Lightning restarts a fit mid-epoch with its logging step (`_batches_that_stepped`) one higher, unless inside
+    an accumulation window: it takes the checkpoint for one written at a batch's end, before that batch counted its
+    step. One written as a batch failed before it was processed (OnExceptionCheckpoint: an error in
+    on_train_batch_start, the forward or the backward) has counted the steps before it, and the resume replays the
+    batch, which counts its own: a resumed fit logged every metric a step late. Saved one lower, the two cancel."""
+    loop = trainer.fit_loop.epoch_loop
+    progress = loop.batch_progress.total
+    if trainer.state.fn != "fit" or trainer.state.status != "interrupted" or progress.processed >= progress.ready:
+        return
+    if loop._should_accumulate():  # Lightning's test at the restart, on these same counts: it adds nothing then
+        return
+    state = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict")
+    if state and "_batches_that_stepped" in state:
+        state["_batches_that_stepped"] -= 1

@@ -29,7 +29,8 @@ from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
-from mmoe_rec.training.epochs import close_finished_epoch, count_epoch_after_last_batch, epoch_cut_short
+from mmoe_rec.training.epochs import (close_finished_epoch, count_epoch_after_last_batch, epoch_cut_short,
+                                      reopen_cut_epoch, uncount_unprocessed_batch)
 from mmoe_rec.training.losses import rank_loss_scale, step_weight, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
@@ -110,36 +111,6 @@ def _check_scheduler_keys(config: dict[str, Any], scheduler: Any) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not config.get("monitor"):
         raise ValueError(f"{where} steps on a metric: give the one it watches as lr_scheduler.monitor, e.g. "
                          "val/loss (with its init_args.mode: min, or max for an AUC)")
-
-
-def _reopen_cut_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
-    """A checkpoint written at the end of an epoch cut short (`max_steps` reached mid-epoch; save_last writes one)
-    is made the mid-epoch checkpoint it is: Lightning counts that epoch as processed there, so a fit resumed from
-    it went on with the next epoch and skipped the rest of this one (51 of a straight run's 63 steps; the weights
-    and DWA's weights came out otherwise). Its epoch's sums are open (epochs.epoch_cut_short)."""
-    fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
-    if not fit_loop or not trainer.training or not epoch_cut_short(trainer):
-        return
-    for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
-        if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
-            progress["processed"] = progress["completed"]
-
-
-def _uncount_unprocessed_batch(checkpoint: dict[str, Any], trainer: Any) -> None:
-    """Lightning restarts a fit mid-epoch with its logging step (`_batches_that_stepped`) one higher, unless inside
-    an accumulation window: it takes the checkpoint for one written at a batch's end, before that batch counted its
-    step. One written as a batch failed before it was processed (OnExceptionCheckpoint: an error in
-    on_train_batch_start, the forward or the backward) has counted the steps before it, and the resume replays the
-    batch, which counts its own: a resumed fit logged every metric a step late. Saved one lower, the two cancel."""
-    loop = trainer.fit_loop.epoch_loop
-    progress = loop.batch_progress.total
-    if trainer.state.fn != "fit" or trainer.state.status != "interrupted" or progress.processed >= progress.ready:
-        return
-    if loop._should_accumulate():  # Lightning's test at the restart, on these same counts: it adds nothing then
-        return
-    state = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict")
-    if state and "_batches_that_stepped" in state:
-        state["_batches_that_stepped"] -= 1
 
 
 def check_tasks_loaded(model_tasks: list[str], data_tasks: list[str] | None) -> None:
@@ -643,8 +614,8 @@ class MultiTaskModule(L.LightningModule):
         if owed is not None:
             value = self.trainer.callback_metrics.get(config.monitor)
             checkpoint[PLATEAU_KEY] = {"point": list(owed), "value": None if value is None else float(value)}
-        _reopen_cut_epoch(checkpoint, self.trainer)
-        _uncount_unprocessed_batch(checkpoint, self.trainer)
+        reopen_cut_epoch(checkpoint, self.trainer)
+        uncount_unprocessed_batch(checkpoint, self.trainer)
 
     def _accumulation_window_open(self) -> bool:
         """Whether the fit is inside a gradient-accumulation window: batches trained whose optimizer step is still
