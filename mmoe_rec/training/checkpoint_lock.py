@@ -5,16 +5,20 @@ from one, last.ckpt from the other, whose "best" entry named a file that now hel
 takes a non-blocking flock on `<folder>/.lock` for the whole fit (it writes its pid there, for the refusal's
 message); a second fit is refused before its MLflow run is made. The kernel drops the lock of a process that dies.
 The file stays: removing it on release would let a fit waiting to open it and a later one lock two different files.
+Holding the folder, a fit removes the partial saves a killed fit left there (remove_partial_saves).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
 LOCK_NAME = ".lock"
+# a save in progress: checkpoint_io.AtomicCheckpointIO writes output_dir.temp_path(<checkpoint>, "tmp"), then renames
+PARTIAL_SAVE = re.compile(r"\..+\.tmp-\d+-[0-9a-f]{8}")
 
 
 class CheckpointFolderInUse(ValueError):
@@ -61,3 +65,17 @@ def release_checkpoint_folders(fds: list[int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
+
+
+def remove_partial_saves(folder: str | os.PathLike) -> list[str]:
+    """Remove the partial checkpoints in a folder this process holds (lock_checkpoint_folders): a fit killed while
+    it wrote one (SIGKILL, a power cut) left it there, a hidden file as large as a checkpoint, which nothing else
+    removes; no other fit writes the folder while it is held. Returns the names removed."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if PARTIAL_SAVE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+    return sorted(removed)

@@ -33,7 +33,8 @@ from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
-from mmoe_rec.training.checkpoint_lock import LOCK_NAME, lock_checkpoint_folders, release_checkpoint_folders
+from mmoe_rec.training.checkpoint_lock import (LOCK_NAME, lock_checkpoint_folders, release_checkpoint_folders,
+                                               remove_partial_saves)
 from mmoe_rec.training.child_ranks import (DONE_DIR_ENV, LAUNCHER_PID_ENV, ChildRankFailed, child_rank_reports,
                                            join_child_ranks, launcher_ended, mark_rank_done,
                                            name_failed_child_ranks)
@@ -377,8 +378,12 @@ class MultiTaskCLI(LightningCLI):
         default = None if self.trainer.loggers else os.path.join(self.trainer.default_root_dir, "checkpoints")
         dirpaths = [cb.dirpath or default for cb in self.trainer.checkpoint_callbacks]
         folders = {str(d) for d in dirpaths if d and isinstance(get_filesystem(str(d)), LocalFileSystem)}
-        fresh = {f for f in folders if not os.path.isdir(f) or not set(os.listdir(f)) - {LOCK_NAME}}
         self._checkpoint_locks = lock_checkpoint_folders(folders)
+        for folder in sorted(folders):
+            if removed := remove_partial_saves(folder):
+                rank_zero_info(f"removed {len(removed)} partial checkpoint file(s) from {folder}, left by a fit that "
+                               f"was killed as it wrote them: {', '.join(removed)}")
+        fresh = {f for f in folders if not set(os.listdir(f)) - {LOCK_NAME}}
         for folder in fresh:  # the lock file alone: not a folder holding another fit's checkpoints
             warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {folder} exists and is not "
                                                                 "empty"))

@@ -503,6 +503,32 @@ def test_a_fit_releases_its_checkpoint_folder_when_it_ends_or_fails(feature_dir,
     assert _lock_is_free(in_tmp / "ck2")
 
 
+def test_a_fit_removes_the_partial_checkpoint_a_killed_fit_left_in_its_folder(feature_dir, in_tmp, caplog):
+    """A fit SIGKILLed as it wrote a checkpoint left the partial file (hidden, as large as a checkpoint) for good;
+    the next fit into the folder, holding it, removes it and says so."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "mmoe_rec.cli", "fit", "--config",
+                           str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY, "--data.init_args.data_dir",
+                           str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck"),
+                           "--trainer.callbacks+=rank_failure.KilledWhileSaving"],
+                          cwd=in_tmp, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    (partial,) = [p.name for p in (in_tmp / "ck").iterdir() if p.name != ".lock"]
+    assert partial.startswith(".") and ".ckpt.tmp-" in partial
+    (in_tmp / "ck" / "notes.tmp-1-abcdef01").write_text("a user's")  # not hidden: not a partial save
+    with caplog.at_level("INFO"):
+        _fit_tiny(feature_dir, in_tmp / "ck")
+    names = {p.name for p in (in_tmp / "ck").iterdir()}
+    assert partial not in names and "notes.tmp-1-abcdef01" in names and "last.ckpt" in names
+    assert f"removed 1 partial checkpoint file(s) from {in_tmp / 'ck'}" in caplog.text
+
+
 def test_optimizer_arguments_alone_override_the_default_optimizer(feature_dir):
     from mmoe_rec.features.spec import FeatureSpec
     from mmoe_rec.training.module import MultiTaskModule
