@@ -7,14 +7,20 @@ from collections.abc import Iterable
 
 
 def first_repeated_file(files: Iterable[str]) -> tuple[str, str] | None:
-    """The first file named twice, as (its earlier spelling, its later one), by real path (a relative and an
-    absolute spelling, a symlink, a file named itself and through its folder); None if every file is named once."""
-    seen: dict[str, str] = {}
+    """The first file named twice, as (its earlier spelling, its later one), by device and inode (a relative and an
+    absolute spelling, a symlink, a hard link: a `cp -al` or `rsync --link-dest` snapshot beside the data, a file
+    named itself and through its folder), by real path where it cannot be stat'ed; None if every file is named
+    once."""
+    seen: dict[object, str] = {}
     for f in files:
-        real = os.path.realpath(f)
-        if real in seen:
-            return seen[real], f
-        seen[real] = f
+        try:
+            st = os.stat(f)
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:  # missing or unreadable: the reader names it
+            key = os.path.realpath(f)
+        if key in seen:
+            return seen[key], f
+        seen[key] = f
     return None
 
 

@@ -25,3 +25,12 @@ def test_a_folders_files_are_sorted_recursive_and_pass_over_hidden_names_and_a_l
     os.symlink(tmp_path, tmp_path / "day=1" / "up")  # a link back up the tree: walked once, not forever
     files = folder_files(str(tmp_path))
     assert files == [str(tmp_path / n) for n in ["day=1/a.parquet", "day=2/b.parquet", "z.parquet"]]
+
+
+def test_a_hard_link_to_a_file_named_too_is_the_same_file(tmp_path):
+    """A hard link (a `cp -al` / `rsync --link-dest` snapshot beside the data) is the file itself under another
+    name: read once as each name, its rows are scored twice, and the row-count check counts them as expected."""
+    (tmp_path / "a.parquet").write_bytes(b"x")
+    os.link(tmp_path / "a.parquet", tmp_path / "b.parquet")
+    assert first_repeated_file([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]) == \
+        (str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"))

@@ -1,6 +1,7 @@
 """Registry and batch scoring: package round trip, real MLflow registry (SQLite) with aliases, Parquet -> Parquet."""
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 
@@ -1676,3 +1677,15 @@ def test_score_reads_a_one_row_group_file_batch_rows_at_a_time_every_row_once_in
     assert score_parquet(scorer, str(one), out, name, version, batch_rows=400) == raw.num_rows
     assert max(sizes) == 400 and sum(sizes) == raw.num_rows
     assert pq.read_table(out)["row_id"].to_pylist() == raw["row_id"].to_pylist()
+
+
+def test_a_folder_holding_a_file_and_a_hard_link_to_it_is_refused_not_scored_twice(rec_data, package, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 50), folder / "a.parquet")
+    os.link(folder / "a.parquet", folder / "b.parquet")
+    scorer, name, version = resolve_model(str(package))
+    out = tmp_path / "s.parquet"
+    with pytest.raises(ValueError, match="given twice"):
+        score_parquet(scorer, str(folder), out, name, version)
+    assert not out.exists()
