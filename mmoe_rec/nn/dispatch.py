@@ -247,6 +247,11 @@ def _per_expert_sum(t: torch.Tensor, experts: torch.Tensor, E: int, capacity: in
     return t.view(E, capacity, t.shape[1]).sum(1)
 
 
+def _cleared(t: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """`t` (s, d) with the rows of padding slots (`pad` (s, 1) True) set to 0; `t` itself where `pad` is None."""
+    return t if pad is None else t.masked_fill(pad, 0.0)
+
+
 class ExpertDispatch(torch.autograd.Function):
     """out[out_row(s)] += slot_w[s] * expert_{e(s)}(x[row(s)]) over all slots s. Shapes:
 
@@ -340,6 +345,10 @@ class ExpertDispatch(torch.autograd.Function):
             if grad_w is not None:
                 grad_w[s0:s1] = torch.linalg.vecdot(gy, y)  # one fused pass
             gy.mul_(slot_w[s0:s1].unsqueeze(1))  # padding slots: weight 0, so no gradient flows from them anywhere
+            # ... but their saved activations may be inf (float16 overflows on row 0, which never chose that
+            # expert), and 0 * inf is NaN: NaN weight gradients, and with norm or a smooth activation NaN in row 0's
+            # input gradient. Cleared where they meet (float16 alone: the other types do not overflow there).
+            pad = (slot_w[s0:s1] == 0).unsqueeze(1) if y.dtype == torch.float16 else None  # (s, 1)
             for layer in reversed(range(L)):
                 w = params[2 * layer][e0:e1]
                 if layer < n_act:
@@ -355,17 +364,18 @@ class ExpertDispatch(torch.autograd.Function):
                         with torch.enable_grad():
                             z = a.detach().requires_grad_(True)
                             (gy,) = torch.autograd.grad(ACTIVATIONS[activation](z), z, gy)
+                        gy = _cleared(gy, pad)
                     if norm:  # back through gamma * x_hat + beta and the row normalization
                         x_hat, rstd = normed[2 * layer], normed[2 * layer + 1]
                         gamma = params[2 * L + 2 * layer]
-                        param_grads[2 * L + 2 * layer][e0:e1] = _per_expert_sum(gy * x_hat, local, e1 - e0, capacity,
-                                                                                grouped)
+                        param_grads[2 * L + 2 * layer][e0:e1] = _per_expert_sum(gy * _cleared(x_hat, pad), local,
+                                                                                e1 - e0, capacity, grouped)
                         param_grads[2 * L + 2 * layer + 1][e0:e1] = _per_expert_sum(gy, local, e1 - e0, capacity,
                                                                                     grouped)
                         g_hat = _per_expert_affine(gy, gamma, None, ex, E, capacity, grouped)
-                        gy = rstd * (g_hat - g_hat.mean(1, keepdim=True)
-                                     - x_hat * (g_hat * x_hat).mean(1, keepdim=True))
-                param_grads[2 * layer][e0:e1] = _weight_grad(ins[layer], gy, capacity, offs, e1 - e0)
+                        gy = _cleared(rstd * (g_hat - g_hat.mean(1, keepdim=True)
+                                              - x_hat * (g_hat * x_hat).mean(1, keepdim=True)), pad)
+                param_grads[2 * layer][e0:e1] = _weight_grad(_cleared(ins[layer], pad), gy, capacity, offs, e1 - e0)
                 param_grads[2 * layer + 1][e0:e1] = _per_expert_sum(gy, local, e1 - e0, capacity, grouped)
                 if layer > 0 or grad_x is not None:
                     gy = _layer_mm(gy, w.transpose(1, 2), capacity, offs)  # (s, d_l)

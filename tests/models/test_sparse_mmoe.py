@@ -690,3 +690,46 @@ def test_router_init_reaches_the_switch_router():
     assert all(bool((model.gates[t].w_gate != 0).any()) for t in TASKS)
     assert all(bool((SparseMMoE(spec(), num_experts=4, k=1, router="switch", noise=True).gates[t].w_gate == 0).all())
                for t in TASKS)
+
+
+@pytest.mark.parametrize("router,k", [("switch", 1), ("noisy_topk", 2)])
+def test_the_switch_loss_counts_the_assignments_before_the_capacity_drops(router, k):
+    """MOE_NOTES: L = E * sum_i f_i * P_i with f_i the fraction of the router's hard assignments (Switch counts
+    them before the capacity limit: the loss must see the overload the limit hides). With drops, the kept
+    assignments' counts give another value; no test had drops and the switch loss together."""
+    from mmoe_rec.nn.balance import switch_loss
+
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=k, router=router, noise=False, capacity_factor=0.5,
+                       balance={"switch": True})
+    x = features(40) * 3
+    out = model.forward_dense(x)
+    want, kept = [], []
+    for t in TASKS:
+        r, rec = model.gates[t](x), out.routing[t]
+        assert int(rec.dropped) > 0
+        asked = torch.bincount(r.chosen.reshape(-1), minlength=4)  # hard top-k counts, k*T of them
+        assert int(asked.sum()) == 40 * k
+        want.append(switch_loss(r.probs, asked))
+        kept.append(switch_loss(r.probs, (rec.combine > 0).sum(0)))
+    torch.testing.assert_close(out.aux["switch"], torch.stack(want).mean())
+    assert not torch.allclose(torch.stack(want).mean(), torch.stack(kept).mean())  # the case discriminates
+
+
+def test_loss_free_bias_counts_the_loads_the_selection_asked_for_before_capacity():
+    """The bias balances the selection (module doc: counts before capacity); with drops, the kept counts are clipped
+    at C and move the bias differently (a mutant counting kept loads passed every test)."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, noise=False, loss_free_bias=True, bias_update_rate=0.002,
+                       capacity_factor=0.75)
+    x = features(40) * 3
+    out = model.forward_dense(x)
+    model.after_optimizer_step(out)
+    moved_differently = False
+    for t in TASKS:
+        rec = out.routing[t]
+        asked = torch.bincount(rec.chosen.reshape(-1), minlength=4).float()
+        kept = (rec.combine > 0).sum(0).float()
+        torch.testing.assert_close(model.gates[t].balancer.bias, 0.002 * torch.sign(asked.mean() - asked))
+        moved_differently |= not torch.equal(torch.sign(asked.mean() - asked), torch.sign(kept.mean() - kept))
+    assert moved_differently  # the case discriminates

@@ -406,3 +406,31 @@ def test_a_batch_of_no_rows_dispatches_to_an_empty_output_with_zero_gradients(dt
     y.sum().backward()
     assert x.grad.shape == (0, 8) and w.grad.shape == (0,)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and not p.grad.any() for p in ex.parameters())
+
+
+@pytest.mark.parametrize("norm", ["none", "layer"])
+def test_a_padding_slot_whose_expert_overflows_gives_no_nan_gradient(norm):
+    """The backward half of the test above: a padding slot runs its expert on row 0 with weight 0; where that
+    expert overflows float16 on row 0, the backward's h^T g (inf * 0) made that expert's weight gradients NaN, and
+    with layer norm row 0's input gradient too, though row 0 never chose the expert (the per-expert loop: finite).
+    Under fp16 mixed precision GradScaler then skips the step."""
+    torch.manual_seed(0)
+    stack = StackedExperts(2, 4, [8, 4], norm=norm)
+    with torch.no_grad():
+        stack.weights[0][1].mul_(3000.0)  # expert 1's first layer overflows float16 on a large row only
+    stack = stack.to(torch.float16)
+    x = torch.tensor([[50.0, 50, 50, 50], [0.01, 0.01, 0.01, 0.01], [0.01, -0.01, 0.01, -0.01]],
+                     dtype=torch.float16, requires_grad=True)
+    experts, rows = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2])  # row 0 never chooses expert 1
+    w = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    plan = stack.plan(experts, rows, layout="padded", dtype=torch.float16)
+    assert plan.rows.tolist() == [0, 1, 2, 0]  # expert 1's padding slot holds row 0
+    assert not torch.isfinite(stack.forward_all(x[:1].detach())[1]).all()  # expert 1 overflows on row 0
+    want = stack.forward_loop(x, experts, rows, w)
+    assert torch.isfinite(want).all()
+    want_grads = torch.autograd.grad(want.float().sum(), [x, w, *stack.parameters()])
+    assert all(torch.isfinite(g).all() for g in want_grads)  # the case is finite without padding
+    got = stack(x, plan, w)
+    got_grads = torch.autograd.grad(got.float().sum(), [x, w, *stack.parameters()])
+    for (name, _), g in zip([("x", None), ("w", None), *stack.named_parameters()], got_grads):
+        assert torch.isfinite(g).all(), name
