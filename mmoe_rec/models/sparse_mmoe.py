@@ -115,6 +115,16 @@ class SparseMMoE(MultiTaskModel):
         super().__init__(feature_spec, tasks)
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
+        # from Python (the CLI's typed parser catches these): k=2.0 failed in the first forward with a TypeError
+        # naming no setting, capacity_factor=True was taken as 1
+        for name, value in (("num_experts", num_experts), ("k", k), ("num_shared_experts", num_shared_experts),
+                            ("fine_grained", fine_grained)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor),
+                            ("bias_update_rate", bias_update_rate), ("dropout", dropout)):
+            if isinstance(value, bool) or not (value is None or isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if num_experts < 1 or fine_grained < 1 or num_shared_experts < 0:
             raise ValueError("num_experts and fine_grained must be >= 1, num_shared_experts >= 0")
         if not 1 <= k <= num_experts:

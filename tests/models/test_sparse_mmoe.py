@@ -341,6 +341,12 @@ def test_a_batch_of_no_rows_gives_finite_aux_losses(router, k):
     (dict(capacity_factor=float("nan")), "finite number > 0"),
     (dict(eval_capacity_factor=float("inf")), "eval_capacity_factor must be a finite"),
     (dict(router="expert_choice", capacity_factor=float("inf")), "finite number > 0"),
+    # from Python: k=2.0 failed in the first forward naming no setting; capacity_factor=True was taken as 1
+    (dict(k=2.0), "k must be an integer, got 2.0"),
+    (dict(num_experts=4.0), "num_experts must be an integer"),
+    (dict(num_shared_experts=True), "num_shared_experts must be an integer"),
+    (dict(capacity_factor=True), "capacity_factor must be a number, got True"),
+    (dict(capacity_factor="1.5"), "capacity_factor must be a number"),
 ])
 def test_invalid_configuration_raises_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
