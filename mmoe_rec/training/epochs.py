@@ -54,17 +54,40 @@ def count_epoch_after_last_batch(trainer: Any) -> None:
         epochs.increment_started()
 
 
+def fit_stopped_mid_epoch(trainer: Any) -> bool:
+    """Whether the fit that returned (trainer.fit, no evaluation run since) stopped in the middle of an epoch:
+    `max_steps` reached mid-epoch, or a stop asked mid-epoch. A checkpoint written now (trainer.save_checkpoint)
+    is then that epoch's mid-epoch one, as save_last's at the cut end is."""
+    return trainer.state.fn == "fit" and trainer.state.status == "finished" and epoch_cut_short(trainer)
+
+
+def checkpoint_epoch(trainer: Any) -> int:
+    """The epoch a checkpoint written now resumes in: Lightning's current epoch, except after a fit that stopped
+    mid-epoch, whose cut epoch Lightning has counted completed by then (current_epoch is the next one): a resume
+    went on with the next epoch, leaving the rest of the cut one untrained (51 of a straight run's 63 steps)."""
+    epochs = trainer.fit_loop.epoch_progress.current
+    # completed == started: the cut epoch's end ran (not so in a fit resumed from its checkpoint that stopped at once)
+    counted = fit_stopped_mid_epoch(trainer) and epochs.started > 0 and epochs.completed == epochs.started
+    return trainer.current_epoch - 1 if counted else trainer.current_epoch
+
+
 def reopen_cut_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
-    """A checkpoint written at the end of an epoch cut short (`max_steps` reached mid-epoch; save_last writes one)
-    is made the mid-epoch checkpoint it is: Lightning counts that epoch as processed there, so a fit resumed from
-    it went on with the next epoch and skipped the rest of this one (51 of a straight run's 63 steps; the weights
-    and DWA's weights came out otherwise). Its epoch's sums are open (epoch_cut_short)."""
+    """A checkpoint written at the end of an epoch cut short (`max_steps` reached mid-epoch; save_last writes one),
+    or after the fit that it ended (trainer.save_checkpoint), is made the mid-epoch checkpoint it is: Lightning
+    counts that epoch as processed there (and completed after the fit), so a fit resumed from it went on with the
+    next epoch and skipped the rest of this one (51 of a straight run's 63 steps; the weights and DWA's weights
+    came out otherwise). Its epoch's sums are open (epoch_cut_short)."""
     fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
-    if not fit_loop or not trainer.training or not epoch_cut_short(trainer):
+    if not fit_loop or not epoch_cut_short(trainer):
         return
-    for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
-        if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
-            progress["processed"] = progress["completed"]
+    if trainer.training:
+        for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
+            if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
+                progress["processed"] = progress["completed"]
+    elif checkpoint_epoch(trainer) < trainer.current_epoch:  # saved after the fit: the cut epoch counted completed
+        for progress in fit_loop["epoch_progress"].values():
+            progress["processed"] = progress["completed"] = progress["completed"] - 1
+        checkpoint["epoch"] = checkpoint_epoch(trainer)
 
 
 def uncount_unprocessed_batch(checkpoint: dict[str, Any], trainer: Any) -> None:

@@ -29,8 +29,8 @@ from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
 from mmoe_rec.training import sigterm
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
-from mmoe_rec.training.epochs import (close_finished_epoch, count_epoch_after_last_batch, epoch_cut_short,
-                                      reopen_cut_epoch, uncount_unprocessed_batch)
+from mmoe_rec.training.epochs import (checkpoint_epoch, close_finished_epoch, count_epoch_after_last_batch,
+                                      epoch_cut_short, reopen_cut_epoch, uncount_unprocessed_batch)
 from mmoe_rec.training.losses import rank_loss_scale, step_weight, task_losses
 from mmoe_rec.training.metrics import TaskMetrics
 from mmoe_rec.training.monitoring import gradient_cosine, pair_scalars
@@ -595,7 +595,8 @@ class MultiTaskModule(L.LightningModule):
         per_rank = self.trainer.strategy.all_gather(loss_sum.float())
         # (W, T): one process gets (T,) from the single-device strategy and (1, T) from a DDP one
         per_rank = per_rank.reshape(self.trainer.world_size, -1).cpu()
-        checkpoint[EPOCH_TOTALS_KEY] = {"epoch": self.current_epoch, "loss_sum": totals[:-2].float(),
+        # the epoch they are of: after a fit stopped mid-epoch, the cut one (Lightning has counted it completed)
+        checkpoint[EPOCH_TOTALS_KEY] = {"epoch": checkpoint_epoch(self.trainer), "loss_sum": totals[:-2].float(),
                                         "loss_sum_per_rank": per_rank,
                                         "batches": int(totals[-2]), "rows": int(totals[-1])}
         checkpoint[RNG_KEY] = self._gather_rng_states()

@@ -436,6 +436,61 @@ def test_a_fit_cut_by_max_steps_mid_epoch_resumes_from_its_last_checkpoint_as_a_
     assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
 
 
+
+def _datamodule_state(checkpoint):
+    return next(v for k, v in checkpoint.items() if k.endswith("FeatureDataModule"))
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("cut", ["max_steps", "should_stop"])
+def test_a_checkpoint_saved_after_a_fit_cut_by_max_steps_resumes_as_a_straight_run(feature_dir, tmp_path, cut):
+    """trainer.save_checkpoint after a fit that max_steps (or a stop asked) cut mid-epoch: Lightning has counted
+    the cut epoch completed by then (current_epoch is the next one), and the checkpoint was one of epoch 2 with
+    none of its batches done: a fit resumed from it skipped the rest of epoch 1 (51 steps of 63), its weights and
+    DWA's weights otherwise. It is the mid-epoch checkpoint save_last writes at the cut."""
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, weighting="dwa")
+    last = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    callbacks, max_steps = ([last], 30) if cut == "max_steps" else ([last, _StopAt(30)], -1)
+    cut_trainer, _ = _train(feature_dir, tmp_path / "b", 3, callbacks=callbacks, max_steps=max_steps, weighting="dwa")
+    after = tmp_path / "b" / "after.ckpt"
+    cut_trainer.save_checkpoint(after)
+    saved, in_fit = (torch.load(p, map_location="cpu", weights_only=False) for p in (after, last.last_model_path))
+    assert saved["epoch"] == in_fit["epoch"] == 1 and saved["global_step"] == 30
+    assert saved["loops"]["fit_loop"]["epoch_progress"] == in_fit["loops"]["fit_loop"]["epoch_progress"]
+    assert _datamodule_state(saved) == _datamodule_state(in_fit)
+    assert _datamodule_state(saved)["batches_done"] == 9 and _datamodule_state(saved)["epoch"] == 1
+    totals, in_fit_totals = saved["mmoe_rec_epoch_totals"], in_fit["mmoe_rec_epoch_totals"]
+    assert totals["epoch"] == in_fit_totals["epoch"] == 1 and totals["batches"] == 9 and totals["rows"] == 9 * 96
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=after, weighting="dwa")
+    assert resumed_trainer.global_step == straight_trainer.global_step == 63
+    assert resumed.weighting.weights() == straight.weighting.weights() != {"click": 1.0, "convert": 1.0}
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
+
+
+@pytest.mark.parametrize("max_epochs, max_steps", [(1, -1), (3, 21)])
+def test_a_checkpoint_saved_after_a_fit_that_ended_at_an_epochs_end_resumes_at_the_next_epoch(
+        feature_dir, tmp_path, max_epochs, max_steps):
+    """max_epochs reached, or max_steps at an epoch's last batch: the epoch is whole, and a checkpoint saved after
+    the fit is one of the next epoch, none of its batches done (as before the cut epoch's rewrite)."""
+    trainer, _ = _train(feature_dir, tmp_path, max_epochs, max_steps=max_steps)
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    saved = torch.load(tmp_path / "after.ckpt", map_location="cpu", weights_only=False)
+    progress = saved["loops"]["fit_loop"]["epoch_progress"]["current"]
+    assert saved["epoch"] == 1 and progress["processed"] == progress["completed"] == progress["started"] == 1
+    assert _datamodule_state(saved)["batches_done"] == 0 and "epoch_batches" not in _datamodule_state(saved)
+    assert saved["mmoe_rec_epoch_totals"]["epoch"] == 1 and saved["mmoe_rec_epoch_totals"]["batches"] == 0
+
 # Resumes compared with a straight run: the weights and every metric logged after the checkpoint, at the same steps.
 NOISY_LOSS_FREE = {"class_path": SPARSE["class_path"],
                    "init_args": {**SPARSE["init_args"], "dropout": 0.2, "loss_free_bias": True,
