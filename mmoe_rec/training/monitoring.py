@@ -75,9 +75,12 @@ def chosen_mask(record: GateRecord) -> torch.Tensor | None:
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """cos(a, b), whatever their scale (gradients of 1e-6 are as aligned as gradients of 1); 0 if either is 0."""
+    """cos(a, b), whatever their scale (gradients of 1e-6 are as aligned as gradients of 1); NaN (undefined: left out
+    of the logged scalars, null in the JSON, a grey cell in the plot) if either is 0, as a step whose rows all weigh
+    0 gives every task: logged as 0 it read as orthogonal tasks, and each task as unlike itself."""
     a, b = a.double().flatten(), b.double().flatten()
-    return _ratio_or_zero(a @ b, a.norm() * b.norm())
+    den = a.norm() * b.norm()
+    return torch.where(den > 0, (a @ b) / den.clamp_min(torch.finfo(den.dtype).tiny), torch.nan)
 
 
 def _ratio_or_zero(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
