@@ -266,6 +266,8 @@ def _run(argv: list[str], process: bool) -> int:
         "mmoe-rec <subcommand> --help describes each.",
         file=sys.stdout if asked else sys.stderr,
     )
+    if argv and not asked:  # `mmoe-rec fitt`: said after the usage, as argparse does, not left to be guessed
+        print(f"error: {argv[0]!r} is no mmoe-rec subcommand", file=sys.stderr)
     return 0 if asked else 2
 
 

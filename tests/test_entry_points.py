@@ -378,6 +378,8 @@ def test_no_or_an_unknown_subcommand_is_exit_2_with_the_usage_on_stderr(capsys, 
     assert cli.main(argv, process=False) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("usage: mmoe-rec {fit,validate,test,predict,synth,features,register,score}")
+    if argv:  # `mmoe-rec fitt`: the mistake said in one line besides the usage
+        assert err.splitlines()[-1] == f"error: {argv[0]!r} is no mmoe-rec subcommand", err
     for asked in ("--help", "-h"):
         assert cli.main([asked], process=False) == 0
         out, err = capsys.readouterr()

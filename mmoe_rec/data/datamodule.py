@@ -152,7 +152,7 @@ class FeatureDataModule(L.LightningDataModule):
         if pin_memory and not torch.cuda.is_available():  # pinning needs an accelerator (it failed at the 1st batch)
             rank_zero_warn("data pin_memory: no CUDA device here, so batches are not pinned")
             pin_memory = False
-        self.data_dir = Path(data_dir)
+        self.data_dir = Path(data_dir).expanduser()  # `data_dir: ~/feat` in a YAML, as --checkpoint_dir is read
         self.spec = FeatureSpec.load(self.data_dir / "spec.json")
         if isinstance(tasks, str):  # list("click") would be five one-letter tasks
             raise ValueError(f"data tasks must be a list of task names, e.g. [{tasks}], got the string {tasks!r}")

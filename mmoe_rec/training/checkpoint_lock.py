@@ -41,7 +41,11 @@ def lock_checkpoint_folders(folders: Iterable[str | os.PathLike]) -> list[int]:
 
 
 def _lock(folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # "[Errno 17] File exists" named no setting
+        raise ValueError(f"checkpoint folder {folder} (--checkpoint_dir, or a ModelCheckpoint's dirpath) is a file "
+                         "or lies under one: give a folder") from None
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

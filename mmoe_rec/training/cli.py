@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 from jsonargparse import Namespace
@@ -61,7 +62,10 @@ def check_data_for_module(datamodule, module: MultiTaskModule, splits: tuple[str
     spec = datamodule.spec
     for split in splits:
         files = feature_files(data_dir / split)
-        names = set(pq.read_schema(files[0]).names)
+        try:
+            names = set(pq.read_schema(files[0]).names)
+        except (OSError, pa.ArrowException) as e:  # named, as ParquetIndex names a later file of the split
+            raise ValueError(f"{files[0]}: not a readable Parquet file ({e})") from None
         wanted = [label_column(t) for t in module.tasks] + ([WEIGHT_COLUMN] if spec.has_weight else [])
         absent = [c for c in wanted if c not in names]
         if absent:
@@ -158,6 +162,49 @@ def written_as_integer_one(args: list[str], key: str) -> bool:
     return type(found) is int and found == 1
 
 
+def check_config_files(args: list[str]) -> None:
+    """Each --config file in `args` holds a YAML mapping of settings: jsonargparse reported a syntax error as
+    `Problems parsing config: ... in "<unicode string>", line 2` and an empty file or a list as `Unexpected
+    config:`, naming no file. A --config value that is no file (inline YAML) is left to jsonargparse."""
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(os.path.expanduser(value))
+        if not path.is_file():
+            continue
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"--config {value}: not valid YAML{where}: {problem}") from None
+        if loaded is None:
+            raise ValueError(f"--config {value} is empty: a config file is a YAML mapping of settings "
+                             "(trainer:, model:, data:, ...)")
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {value} holds a YAML {type(loaded).__name__}, not a mapping of settings "
+                             "(trainer:, model:, data:, ...)")
+
+
+def component_class_override(args: list[str]) -> None:
+    """Raise a ValueError naming `--model[.init_args].optimizer.class_path X` (or lr_scheduler's) in `args`: the
+    module takes the optimizer as a plain dict, and the parser reported such an option as "Problem with given
+    class_path 'mmoe_rec.training.module.MultiTaskModule': 'dict' object has no attribute 'init_args'"."""
+    for arg in args:
+        m = re.fullmatch(r"--(model\.(?:init_args\.)?(optimizer|lr_scheduler))\.class_path(=.*)?", arg)
+        if m:
+            example = ("{class_path: torch.optim.SGD, init_args: {lr: 0.1}}" if m.group(2) == "optimizer" else
+                       "{class_path: torch.optim.lr_scheduler.StepLR, init_args: {step_size: 10}}")
+            raise ValueError(f"{arg.split('=', 1)[0]}: another {m.group(2)} class takes the whole entry, e.g. "
+                             f"--{m.group(1)} '{example}' (its settings one by one: --{m.group(1)}.init_args.<name> "
+                             "<value>)") from None
+
+
 _running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before Lightning handles it
 
 
@@ -210,10 +257,30 @@ def folded_components(cfg: Namespace) -> Namespace:
 class MultiTaskParser(LightningArgumentParser):
     """Every dump (`--print_config`, the config logged to MLflow) with the optimizer and lr_scheduler settings the
     module uses in one place: `--print_config` printed a dotted override beside `init_args.lr` and the old value
-    inside it, so editing the value in view in the printed file changed nothing."""
+    inside it, so editing the value in view in the printed file changed nothing. A one-batch setting written as the
+    integer 1 is dumped as 1, as instantiate_trainer passes it (dumped as 1.0, the file ran every batch)."""
 
     def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
-        return super().dump(folded_components(cfg), *args, **kwargs)
+        text = super().dump(folded_components(cfg), *args, **kwargs)
+        given = _running_cli[-1]._given_args if _running_cli else []
+        ones = [path for prefix in ("", *(f"{sub}." for sub in LightningCLI.subcommands()))
+                for path in (f"{prefix}trainer.{key}" for key in ONE_BATCH_SETTINGS)
+                if path in cfg and cfg.get(path) == 1 and written_as_integer_one(given, path.rpartition(".")[2])]
+        yaml_out = kwargs.get("format", "parser_mode") in ("parser_mode", "yaml") and not kwargs.get("with_comments")
+        if not ones or not yaml_out:
+            return text
+        # the union type serializes the 1 as 1.0 again (float first): set in the dumped YAML, dumped as jsonargparse
+        # dumps it; a header's comment lines kept
+        header = "".join(line for line in text.splitlines(keepends=True)[:len(self.dump_header or [])])
+        data = yaml.safe_load(text)
+        for path in ones:
+            *parents, key = path.split(".")
+            node = data
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and key in node:
+                node[key] = 1
+        return header + yaml.safe_dump(data, default_flow_style=False, allow_unicode=True, sort_keys=False)
 
 
 class MultiTaskCLI(LightningCLI):
@@ -221,7 +288,12 @@ class MultiTaskCLI(LightningCLI):
         _running_cli[:] = [self]
         self._checkpoint_locks: list[int] = []  # a fit's checkpoint folders, held by its rank 0 for the whole fit
         self._given_args = [str(a) for a in (args if args is not None else sys.argv[1:])]
-        super().parse_arguments(parser, args)
+        check_config_files(self._given_args)
+        try:
+            super().parse_arguments(parser, args)
+        except Exception:
+            component_class_override(self._given_args)  # a clearer error where the parser's names the model
+            raise
 
     def instantiate_trainer(self, **kwargs: Any):
         """`--trainer.limit_val_batches 1` (one batch) reached Lightning as 1.0 (every batch): given as the integer

@@ -101,6 +101,24 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str 
     says to set MLFLOW_TRACKING_URI or `setting` (the caller's own option: `--tracking-uri` for score, register)."""
     parsed = urlparse(uri)
     hint = f"set MLFLOW_TRACKING_URI (or {setting}) to a reachable store, e.g. sqlite:///mlflow.db"
+    scheme = parsed.scheme.partition("+")[0]
+    sqlite_slash_short = scheme == "sqlite" and not uri.startswith("sqlite:///")
+    if sqlite_slash_short or scheme not in (*SUPPORTED_SCHEMES, *DATABASE_PORTS):
+        # refused before anything is made: MLflow's own error is a paragraph naming neither setting (localhost:5000,
+        # http:// forgotten), and a sqlite URI a slash short lost its first letters (sqlite://mlflow.db: lflow.db)
+        given = (f"MLFLOW_TRACKING_URI={redacted(uri)}" if os.environ.get("MLFLOW_TRACKING_URI") == uri
+                 else f"{setting} {redacted(uri)}")
+        if scheme == "sqlite":
+            why = "a SQLite store is sqlite:/// and the file's path: sqlite:///mlflow.db, sqlite:////abs/path.db"
+        elif scheme in ("", "file") and _file_store_allowed():
+            return  # the user opted into MLflow's file store
+        elif scheme in ("", "file"):
+            why = (f"a folder path is MLflow's file store, which MLflow {mlflow.__version__} refuses; a SQLite file "
+                   "is sqlite:///mlflow.db")
+        else:
+            why = f"{parsed.scheme}: is no store MLflow takes (a tracking server is http://host:port)"
+        raise TrackingUnavailable(f"{given}: {why}; supported: sqlite:///relative.db, sqlite:////absolute.db, "
+                                  "http(s)://host:port, postgresql://, mysql://, mariadb://, mssql://, databricks")
     if parsed.scheme in ("http", "https"):
         probe_http_server(uri, timeout, hint)
     elif parsed.scheme.partition("+")[0] in DATABASE_PORTS:
@@ -141,6 +159,13 @@ def probe_sqlite_store(db: Path, uri: str, hint: str) -> None:
                                   f"{hint}") from None
 
 
+# the other stores MLflow takes that check_tracking_uri lets through (probed or not); a folder path (file store)
+# only where MLflow's own opt-in is set
+SUPPORTED_SCHEMES = ("sqlite", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def _file_store_allowed() -> bool:
+    return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")  # MLflow's opt-in
 # SQLAlchemy stores MLflow takes (dialect, or dialect+driver): their default ports
 DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
 POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")  # answered with one byte, S or N

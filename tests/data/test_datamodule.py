@@ -478,3 +478,10 @@ def test_a_feature_file_removed_after_the_build_is_refused(tmp_path):
     dm = FeatureDataModule(str(out), batch_size=64)
     with pytest.raises(ValueError, match="manifest.json records"):
         dm.train_dataloader()
+
+
+def test_a_data_dir_under_home_is_expanded(feature_dir, monkeypatch):
+    """`data_dir: ~/feat` in a YAML config looked for a folder named `~` (--checkpoint_dir's ~ was expanded)."""
+    monkeypatch.setenv("HOME", str(feature_dir.parent))
+    dm = FeatureDataModule(f"~/{feature_dir.name}", batch_size=64)
+    assert dm.data_dir == feature_dir

@@ -19,6 +19,7 @@ from mmoe_rec.training.cli import run_lightning_cli
 pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*_*.yaml"))
+CONFIG = CONFIGS[0].parent / "mmoe_synthetic.yaml"
 TINY = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
         "--trainer.num_sanity_val_steps", "0", "--trainer.log_every_n_steps", "1",
         "--data.init_args.batch_size", "128"]
@@ -1062,3 +1063,68 @@ def test_printed_config_holds_one_learning_rate_for_an_overridden_optimizer_sett
     optimizer = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["optimizer"]
     assert set(optimizer) <= {"class_path", "init_args"}, optimizer
     assert optimizer["init_args"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("key", ["limit_train_batches", "limit_val_batches"])
+def test_print_config_keeps_one_batch_as_the_integer_1(key, capsys):
+    """`--trainer.limit_val_batches 1` is one batch (instantiate_trainer's fix for Lightning #21259), but
+    `--print_config` printed `limit_val_batches: 1.0`, which Lightning reads as every batch: the printed config
+    (and the config.yaml logged to MLflow, the same dump) ran something else than the command that printed it."""
+    with pytest.raises(SystemExit):
+        run_lightning_cli(["fit", "--config", str(CONFIG), f"--trainer.{key}", "1", "--print_config"])
+    value = yaml.safe_load(capsys.readouterr().out)["trainer"][key]
+    assert value == 1 and type(value) is int, value
+
+
+@pytest.mark.parametrize("text", ["trainer:\n  max_epochs: [1\n", "", "- a\n- b\n"],
+                         ids=["yaml_syntax", "empty", "not_a_mapping"])
+def test_a_config_file_that_cannot_be_read_is_named(feature_dir, in_tmp, capsys, text):
+    """A second --config file with a YAML mistake was reported as `Problems parsing config: ... in "<unicode
+    string>", line 2` (an empty one as `Unexpected config: `), naming no file."""
+    from mmoe_rec.cli import main
+
+    broken = in_tmp / "override.yaml"
+    broken.write_text(text)
+    code = main(["fit", "--config", str(CONFIG), "--config", str(broken),
+                 "--data.init_args.data_dir", str(feature_dir)])
+    err = capsys.readouterr().err
+    assert code == 1 and "override.yaml" in err, err
+
+
+def test_an_unreadable_first_feature_file_is_named(make_feature_dir, in_tmp, capsys):
+    """The first file of a split that is no Parquet failed in check_data_for_module's pq.read_schema with Arrow's
+    "Parquet magic bytes not found in footer" alone; a later file of the split is named by the data module."""
+    from mmoe_rec.cli import main
+
+    fd = make_feature_dir("corrupt", rows={"train": 300, "valid": 100, "test": 100})
+    first = sorted((fd / "valid").glob("*.parquet"))[0]
+    first.write_bytes(b"not parquet")
+    code = main(["fit", "--config", str(CONFIG), "--data.init_args.data_dir", str(fd),
+                 "--trainer.max_epochs", "1", "--checkpoint_dir", str(in_tmp / "ck")])
+    err = capsys.readouterr().err
+    assert code == 1 and str(first) in err, err
+
+
+def test_an_optimizer_class_given_by_its_class_path_key_names_the_optimizer(feature_dir, in_tmp, capsys):
+    """`--model.init_args.optimizer.class_path torch.optim.SGD` (the way every other class of the config is
+    changed) failed with "model: Problem with given class_path 'mmoe_rec.training.module.MultiTaskModule': 'dict'
+    object has no attribute 'init_args'": neither the optimizer nor the form that works is named."""
+    from mmoe_rec.cli import main
+
+    code = main(["fit", "--config", str(CONFIG), "--data.init_args.data_dir", str(feature_dir),
+                 "--model.init_args.optimizer.class_path", "torch.optim.SGD",
+                 "--trainer.max_epochs", "1", "--checkpoint_dir", str(in_tmp / "ck")])
+    err = capsys.readouterr().err
+    assert code == 1 and "optimizer" in err and "'dict' object has no attribute" not in err, err
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_named(feature_dir, in_tmp, capsys):
+    """--checkpoint_dir naming an existing file failed with "[Errno 17] File exists: '...'" from the folder lock,
+    naming neither the setting nor that a folder was wanted."""
+    from mmoe_rec.cli import main
+
+    (in_tmp / "ck").write_text("")
+    code = main(["fit", "--config", str(CONFIG), "--data.init_args.data_dir", str(feature_dir),
+                 "--trainer.max_epochs", "1", "--checkpoint_dir", str(in_tmp / "ck")])
+    err = capsys.readouterr().err
+    assert code == 1 and "--checkpoint_dir" in err and "Errno" not in err, err

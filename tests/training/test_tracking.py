@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,8 @@ from mmoe_rec.training.tracking import (
     log_run_files,
     resolve_tracking_uri,
 )
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mmoe_synthetic.yaml"
 
 pytestmark = pytest.mark.seeded_mlflow_store  # tmp_path/mlflow.db: a copy of an empty store (tests/conftest.py)
 
@@ -646,3 +649,39 @@ def test_a_half_migrated_store_is_one_line_naming_the_file_and_what_to_do(tmp_pa
     message = str(info.value)
     assert "\n" not in message and "_alembic_tmp_tags already exists" in message, message
     assert f"mv {db} {db}.broken" in message
+
+
+def test_a_tracking_uri_without_a_scheme_names_the_setting(feature_dir, in_tmp, capsys, monkeypatch):
+    """MLFLOW_TRACKING_URI=localhost:5000 (http:// forgotten) passed MLflow's 'Model registry functionality is
+    unavailable; got unsupported URI' through, naming neither MLFLOW_TRACKING_URI nor the logger's tracking_uri."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "localhost:5000")
+    code = main(["fit", "--config", str(CONFIG), "--data.init_args.data_dir", str(feature_dir),
+                 "--trainer.max_epochs", "1", "--checkpoint_dir", str(in_tmp / "ck")])
+    err = capsys.readouterr().err
+    assert code == 1 and "MLFLOW_TRACKING_URI" in err, err
+
+
+@pytest.mark.parametrize("uri", ["sqlite://mlflow.db", "sqlite:/mlflow.db"])
+def test_a_sqlite_uri_with_too_few_slashes_makes_no_stray_file(feature_dir, in_tmp, capsys, monkeypatch, uri):
+    """check_tracking_uri cut a fixed len("sqlite:///") off any sqlite: URI: `sqlite://mlflow.db` (a slash short)
+    made an empty file `lflow.db` in the working directory (`sqlite:/mlflow.db`: `flow.db`) before the error."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code = main(["fit", "--config", str(CONFIG), "--data.init_args.data_dir", str(feature_dir),
+                 "--trainer.max_epochs", "1", "--checkpoint_dir", str(in_tmp / "ck")])
+    err = capsys.readouterr().err
+    assert code == 1 and uri in err, err
+    assert not (in_tmp / "lflow.db").exists() and not (in_tmp / "flow.db").exists()
+
+
+@pytest.mark.parametrize("uri", ["bogus://x", "mlflow.db"])
+def test_a_tracking_uri_of_no_supported_scheme_is_one_line_naming_it(uri, monkeypatch):
+    """MLflow's own error is a paragraph (unsupported registry URI, or its file store's maintenance notice)."""
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(TrackingUnavailable, match=re.escape(uri)) as info:
+        check_tracking_uri(uri, setting="--tracking-uri")
+    assert "--tracking-uri" in str(info.value) and "sqlite:///" in str(info.value)
+    assert "\n" not in str(info.value)
