@@ -103,7 +103,7 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str 
     hint = f"set MLFLOW_TRACKING_URI (or {setting}) to a reachable store, e.g. sqlite:///mlflow.db"
     scheme = parsed.scheme.partition("+")[0]
     sqlite_slash_short = scheme == "sqlite" and not uri.startswith("sqlite:///")
-    if sqlite_slash_short or scheme not in (*SUPPORTED_SCHEMES, *DATABASE_PORTS):
+    if sqlite_slash_short or scheme not in (*_store_schemes(), *DATABASE_PORTS):
         # refused before anything is made: MLflow's own error is a paragraph naming neither setting (localhost:5000,
         # http:// forgotten), and a sqlite URI a slash short lost its first letters (sqlite://mlflow.db: lflow.db)
         given = (f"MLFLOW_TRACKING_URI={redacted(uri)}" if os.environ.get("MLFLOW_TRACKING_URI") == uri
@@ -159,13 +159,25 @@ def probe_sqlite_store(db: Path, uri: str, hint: str) -> None:
                                   f"{hint}") from None
 
 
-# the other stores MLflow takes that check_tracking_uri lets through (probed or not); a folder path (file store)
-# only where MLflow's own opt-in is set
+# the stores MLflow takes that check_tracking_uri lets through (probed or not), where MLflow's registry of store
+# schemes cannot be read; a folder path (file store) only where MLflow's own opt-in is set
 SUPPORTED_SCHEMES = ("sqlite", "http", "https", "databricks", "databricks-uc", "uc")
+
+
+def _store_schemes() -> tuple[str, ...]:
+    """The URI schemes MLflow has a tracking store for, a plugin's (an installed package's entry point) included."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        return tuple(s for s in _tracking_store_registry._registry if s not in ("", "file"))
+    except (ImportError, AttributeError):  # a private registry: its layout may change
+        return SUPPORTED_SCHEMES
 
 
 def _file_store_allowed() -> bool:
     return os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1")  # MLflow's opt-in
+
+
 # SQLAlchemy stores MLflow takes (dialect, or dialect+driver): their default ports
 DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433}
 POSTGRES_SSL_REQUEST = (8).to_bytes(4, "big") + (80877103).to_bytes(4, "big")  # answered with one byte, S or N

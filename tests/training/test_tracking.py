@@ -685,3 +685,14 @@ def test_a_tracking_uri_of_no_supported_scheme_is_one_line_naming_it(uri, monkey
         check_tracking_uri(uri, setting="--tracking-uri")
     assert "--tracking-uri" in str(info.value) and "sqlite:///" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_tracking_uri_of_a_plugins_scheme_is_left_to_its_store(monkeypatch):
+    """A package may add a tracking store for its own scheme (an `mlflow.tracking_store` entry point): it is not
+    refused as unsupported."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    monkeypatch.setitem(_tracking_store_registry._registry, "myplugin", lambda store_uri, artifact_uri=None: None)
+    check_tracking_uri("myplugin://somewhere", setting="--tracking-uri")
+    with pytest.raises(TrackingUnavailable, match="bogus://x"):
+        check_tracking_uri("bogus://x", setting="--tracking-uri")
