@@ -19,6 +19,7 @@ columns that are mostly 0, such as money amounts, whose quantiles over all rows 
 """
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -58,6 +59,7 @@ class NumericStats:
         self._rng = np.random.default_rng(zlib.crc32(name.encode()))
         self._keys = np.empty(0)
         self._sample = np.empty(0)
+        self.lo, self.hi = math.inf, -math.inf  # exact: a constant column is told by them, not by a rounded std
 
     def update(self, x: np.ndarray, missing: np.ndarray) -> None:
         """x: (n,) float64 with anything at `missing` ignored."""
@@ -66,6 +68,7 @@ class NumericStats:
         n = v.size
         if n == 0:
             return
+        self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
         values = np.concatenate([self._pending, v]) if self._pending.size else v
         full = values.size - values.size % STATS_BLOCK
         if full:
@@ -148,15 +151,20 @@ def fit_numeric(cfg: NumericSpec, stats: NumericStats) -> dict:
         state["boundaries"] = [float(v) for v in np.unique(b)]
         state["num_embeddings"] = len(state["boundaries"]) + 2
         return state
+    # every train value the same: the streamed mean of a non-whole value (12345.67) rounds, and its std (~4e-12)
+    # passed the guard below, scaling valid values 12345.68 to 3e9; taken exactly: 0, unit scale
+    constant = stats.count > 0 and stats.lo == stats.hi
     if cfg.transform == "none":
         mean, std = 0.0, 1.0
+    elif constant:
+        mean, std = stats.lo, 1.0
     else:
         mean, std = stats.mean, stats.std
         _require_finite(cfg, "mean", mean)
         _require_finite(cfg, "standard deviation", std)
         std = std if std > 1e-12 else 1.0  # a constant column stays 0, never inf
     if cfg.impute == "mean":
-        impute = stats.mean
+        impute = stats.lo if constant else stats.mean
     elif cfg.impute == "median":
         impute = float(stats.quantiles(np.array([0.5]))[0])
     elif cfg.impute == "zero":

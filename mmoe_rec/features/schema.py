@@ -49,7 +49,7 @@ CATEGORICAL_TRANSFORMS = ("vocab", "hash")
 NUMERIC_TRANSFORMS = ("standardize", "log1p", "bucketize", "none")
 TASK_TYPES = ("binary", "regression")
 IMPUTE_KINDS = ("mean", "median", "zero")
-
+MAX_HASH_BUCKETS = 2**63 - 1  # ids 1..N as int64
 
 @dataclasses.dataclass(frozen=True)
 class CategoricalSpec:
@@ -233,6 +233,9 @@ def parse_schema(d: dict, source: str = "<schema>") -> Schema:
         _check_categorical(c, source)
         if c.transform == "hash" and (not _is_int(c.buckets) or c.buckets < 1):
             raise FeatureDataError("hash transform needs 'buckets: <positive int>'", file=source, column=c.name)
+        if c.transform == "hash" and c.buckets > MAX_HASH_BUCKETS:  # ids 1..N are int64: it failed at transform
+            raise FeatureDataError(f"hash buckets {c.buckets} is more than ids hold (at most 2**63 - 1)",
+                                   file=source, column=c.name)
         if c.delimiter is not None and not c.multi_valued:
             raise FeatureDataError("'delimiter' only applies to multi_valued features", file=source, column=c.name)
         # an option the transform does not read is an error, not silently ignored

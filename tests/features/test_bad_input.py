@@ -431,3 +431,16 @@ def test_a_train_split_whose_sample_weights_are_all_zero_is_refused(feat, tmp_pa
     some = raw([0] * 39 + [0.5], "some.csv")
     rc, out = _run(tmp_path, schema, f"train={some}", f"valid+test={zero}")
     assert rc == 0, capsys.readouterr().err
+
+
+def test_an_error_in_the_fit_pass_names_the_row_in_the_file_not_in_its_batch(feat, tmp_path, capsys):
+    rows = _good_rows()
+    rows[37] = "c1,abc,- 50000."  # a train row: the fit pass, which reads it in its 4th batch of 10, finds it
+    raw = _csv(tmp_path, rows)
+    out = tmp_path / "out"
+    rc = features_main(["--schema", str(feat.write_schema(tmp_path / "s.yaml", CENSUS_LIKE)), "--input", str(raw),
+                        "--output", str(out), "--batch-rows", "10"])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"file {raw}, column 'amount', row 37 (0-based): expected a number, found 'abc'" in err, err
+    assert "fitted spec" not in err  # it was the fit pass
+    _assert_clean(tmp_path, out)

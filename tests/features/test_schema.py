@@ -119,6 +119,7 @@ def test_the_readmes_schema_at_a_glance_parses():
     (_with("numeric", missing_indicator="yes"), "missing_indicator must be auto, true or false"),           # S05
     (_with("numeric", transform="bucketize", buckets=1), "bucketize needs 'buckets: <int >= 2>'"),          # S06
     (_with("categorical", transform="hash", buckets=0), "hash transform needs 'buckets: <positive int>'"),  # S07
+    (_with("categorical", transform="hash", buckets=2**64), "at most 2**63 - 1"),  # failed at transform
     (_with("tasks", type="regression", positive=[1]), "positive/negative values only apply to binary"),    # S09
     (_with("tasks", negative=["0"]), "'negative' needs 'positive' too"),                                    # S10
     (_with(tasks=[{"name": "click"}, {"name": "click", "column": "c2"}]), "task names used twice"),        # S11
