@@ -189,14 +189,15 @@ class FeatureDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self._epoch, "seed": self.seed, "batches_done": 0}
         trainer = self.trainer
-        if trainer is not None and trainer.state.fn == "fit" and (
-                trainer.state.status in ("running", "interrupted") or fit_stopped_mid_epoch(trainer)):
+        if trainer is not None and ((trainer.state.fn == "fit" and trainer.state.status in ("running", "interrupted"))
+                                    or fit_stopped_mid_epoch(trainer)):
             # batches whose optimizer step is done in the current epoch (a checkpoint written from
             # on_train_batch_end counts the batch just trained, one written by a mid-epoch validation the batches
             # before it; Lightning resumes after them). "interrupted": a checkpoint written on an exception or a
             # SIGTERM (OnExceptionCheckpoint), where Lightning records the position too (the resume had retrained
             # the epoch's first batches and never the last ones). After a fit that max_steps or a stop cut
-            # mid-epoch (trainer.save_checkpoint): the cut epoch's position, as save_last records it at the cut
+            # mid-epoch (trainer.save_checkpoint, an evaluation run since or not): the cut epoch's position, as
+            # save_last records it at the cut
             state["epoch"] = checkpoint_epoch(trainer)
             state["batches_done"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
             if math.isfinite(trainer.num_training_batches):  # done == this: written at the epoch's end

@@ -35,6 +35,7 @@ logit_t = tower_t(mixed_t)
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterator
 
 import torch
@@ -117,14 +118,20 @@ class SparseMMoE(MultiTaskModel):
             raise ValueError(f"unknown router {router!r}; expected one of {ROUTERS}")
         # from Python (the CLI's typed parser catches these): k=2.0 failed in the first forward with a TypeError
         # naming no setting, capacity_factor=True was taken as 1
+        # (numpy scalars, as a sweep over np.arange gives, are numbers: taken as Python ones)
         for name, value in (("num_experts", num_experts), ("k", k), ("num_shared_experts", num_shared_experts),
                             ("fine_grained", fine_grained)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
+        num_experts, k, num_shared_experts, fine_grained = map(int, (num_experts, k, num_shared_experts,
+                                                                     fine_grained))
         for name, value in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor),
                             ("bias_update_rate", bias_update_rate), ("dropout", dropout)):
-            if isinstance(value, bool) or not (value is None or isinstance(value, (int, float))):
+            if isinstance(value, bool) or not (value is None or isinstance(value, numbers.Real)):
                 raise ValueError(f"{name} must be a number, got {value!r}")
+        capacity_factor, eval_capacity_factor = (None if v is None else float(v)
+                                                 for v in (capacity_factor, eval_capacity_factor))
+        bias_update_rate, dropout = float(bias_update_rate), float(dropout)
         if num_experts < 1 or fine_grained < 1 or num_shared_experts < 0:
             raise ValueError("num_experts and fine_grained must be >= 1, num_shared_experts >= 0")
         if not 1 <= k <= num_experts:

@@ -287,8 +287,12 @@ class ExpertDispatch(torch.autograd.Function):
                 else:
                     z.view(E, capacity, z.shape[1]).add_(b.unsqueeze(1))
                 if norm and layer < n_act:  # layer norm per row, affine per expert
-                    rstd = torch.rsqrt(z.var(1, unbiased=False, keepdim=True) + NORM_EPS)  # (s, 1)
-                    x_hat = (z - z.mean(1, keepdim=True)).mul_(rstd)
+                    # the row statistics in float32, as F.layer_norm takes them: a float16 variance overflows for
+                    # deviations near 256 (rstd 0, the row zeroed); bfloat16's loses digits
+                    zs = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+                    rstd = torch.rsqrt(zs.var(1, unbiased=False, keepdim=True) + NORM_EPS)  # (s, 1)
+                    x_hat = (zs - zs.mean(1, keepdim=True)).mul_(rstd).to(z.dtype)
+                    rstd = rstd.to(z.dtype)
                     gamma, beta = norm_params[2 * layer], norm_params[2 * layer + 1]  # (E, d_l+1)
                     z = _per_expert_affine(x_hat, gamma, beta, experts[s0:s1], E, capacity, offs is not None)
                     normed += [x_hat, rstd]

@@ -12,6 +12,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from fsspec.implementations.local import LocalFileSystem
 
 from mmoe_rec.output_dir import temp_path
+from mmoe_rec.training.checkpoint_lock import PARTIAL_SAVE_KIND
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,7 +29,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
         path = Path(str(path).removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(path, "tmp")
+        tmp = temp_path(path, PARTIAL_SAVE_KIND)
         try:
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)

@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Iterable
 
 LOCK_NAME = ".lock"
-# a save in progress: checkpoint_io.AtomicCheckpointIO writes output_dir.temp_path(<checkpoint>, "tmp"), then renames
-PARTIAL_SAVE = re.compile(r"\..+\.tmp-\d+-[0-9a-f]{8}")
+# a save in progress: checkpoint_io.AtomicCheckpointIO writes output_dir.temp_path(<checkpoint>, PARTIAL_SAVE_KIND),
+# then renames; a kind of its own, so that another job's temporary file in the folder (`score --output` there:
+# `.<name>.tmp-...`, written without this lock) is never taken for one
+PARTIAL_SAVE_KIND = "partial-checkpoint"
+PARTIAL_SAVE = re.compile(r"\..+\." + PARTIAL_SAVE_KIND + r"-\d+-[0-9a-f]{8}")
 
 
 class CheckpointFolderInUse(ValueError):

@@ -178,6 +178,8 @@ def check_config_files(args: list[str]) -> None:
             continue
         try:
             loaded = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--config {value}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -55,10 +55,12 @@ def count_epoch_after_last_batch(trainer: Any) -> None:
 
 
 def fit_stopped_mid_epoch(trainer: Any) -> bool:
-    """Whether the fit that returned (trainer.fit, no evaluation run since) stopped in the middle of an epoch:
-    `max_steps` reached mid-epoch, or a stop asked mid-epoch. A checkpoint written now (trainer.save_checkpoint)
-    is then that epoch's mid-epoch one, as save_last's at the cut end is."""
-    return trainer.state.fn == "fit" and trainer.state.status == "finished" and epoch_cut_short(trainer)
+    """Whether the trainer's last fit returned (an evaluation run since, `trainer.test` after `trainer.fit`, or not)
+    having stopped in the middle of an epoch: `max_steps` reached mid-epoch, or a stop asked mid-epoch. A
+    checkpoint written now (trainer.save_checkpoint) is then that epoch's mid-epoch one, as save_last's at the cut
+    end is. The fit loop's counts are the last fit's until the next fit (an evaluation leaves them)."""
+    return (trainer.state.status == "finished" and not trainer.training
+            and trainer.fit_loop.epoch_progress.current.started > 0 and epoch_cut_short(trainer))
 
 
 def checkpoint_epoch(trainer: Any) -> int:
@@ -67,7 +69,7 @@ def checkpoint_epoch(trainer: Any) -> int:
     went on with the next epoch, leaving the rest of the cut one untrained (51 of a straight run's 63 steps)."""
     epochs = trainer.fit_loop.epoch_progress.current
     # completed == started: the cut epoch's end ran (not so in a fit resumed from its checkpoint that stopped at once)
-    counted = fit_stopped_mid_epoch(trainer) and epochs.started > 0 and epochs.completed == epochs.started
+    counted = fit_stopped_mid_epoch(trainer) and epochs.completed == epochs.started
     return trainer.current_epoch - 1 if counted else trainer.current_epoch
 
 

@@ -101,6 +101,8 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str 
     says to set MLFLOW_TRACKING_URI or `setting` (the caller's own option: `--tracking-uri` for score, register)."""
     parsed = urlparse(uri)
     hint = f"set MLFLOW_TRACKING_URI (or {setting}) to a reachable store, e.g. sqlite:///mlflow.db"
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's names for a Databricks workspace (no scheme)
+        return
     scheme = parsed.scheme.partition("+")[0]
     sqlite_slash_short = scheme == "sqlite" and not uri.startswith("sqlite:///")
     if sqlite_slash_short or scheme not in (*_store_schemes(), *DATABASE_PORTS):

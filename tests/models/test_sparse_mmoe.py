@@ -739,3 +739,12 @@ def test_loss_free_bias_counts_the_loads_the_selection_asked_for_before_capacity
         torch.testing.assert_close(model.gates[t].balancer.bias, 0.002 * torch.sign(asked.mean() - asked))
         moved_differently |= not torch.equal(torch.sign(asked.mean() - asked), torch.sign(kept.mean() - kept))
     assert moved_differently  # the case discriminates
+
+
+def test_numpy_integers_and_floats_are_taken_as_settings():
+    """A sweep from numpy (np.arange, np.float32 grids) gives numpy scalars: taken before the type checks
+    (np.int64 is no `int`, np.float32 no `float`), refused after them."""
+    import numpy as np
+
+    SparseMMoE(spec(), num_experts=np.int64(6), k=np.int64(2), num_shared_experts=np.int32(0),
+               fine_grained=np.int64(1), dropout=np.float32(0.1), capacity_factor=np.float32(1.5))

@@ -434,3 +434,38 @@ def test_a_padding_slot_whose_expert_overflows_gives_no_nan_gradient(norm):
     got_grads = torch.autograd.grad(got.float().sum(), [x, w, *stack.parameters()])
     for (name, _), g in zip([("x", None), ("w", None), *stack.named_parameters()], got_grads):
         assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_padded_gradients_equal_the_loop_reference_without_overflow(dtype, activation):
+    """The padding-slot clearing (float16 only) changes no finite gradient: padded dispatch == per-expert loop."""
+    torch.manual_seed(0)
+    stack = StackedExperts(2, 4, [8, 4], activation=activation).to(dtype)
+    x = torch.randn(3, 4).to(dtype).requires_grad_(True)
+    experts, rows = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2])
+    w = torch.tensor([0.7, 0.5, 0.9], dtype=dtype, requires_grad=True)
+    plan = stack.plan(experts, rows, layout="padded", dtype=dtype)
+    want = torch.autograd.grad(stack.forward_loop(x, experts, rows, w).float().sum(), [x, w, *stack.parameters()])
+    got = torch.autograd.grad(stack(x, plan, w).float().sum(), [x, w, *stack.parameters()])
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, **tol)
+
+
+def test_a_float16_layer_norm_of_a_wide_row_equals_the_loop_reference():
+    """The padded kernel's layer norm takes the row variance in float16: a row whose deviations reach ~256
+    (variance > 65504) overflows it, rstd is 0 and the normalised row is all 0 (F.layer_norm, the per-expert loop
+    and the dense ExpertStack reduce in float32 and are right). Under 16-mixed autocast the dispatch runs in
+    float16, silently."""
+    torch.manual_seed(0)
+    stack = StackedExperts(2, 4, [8, 4], activation="tanh", norm="layer")
+    with torch.no_grad():
+        stack.weights[0][1].mul_(3000.0)  # expert 1's first layer: pre-norm values of thousands, finite in float16
+    stack = stack.half()
+    x = torch.randn(3, 4).half()
+    experts, rows, w = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.float16)
+    plan = stack.plan(experts, rows, layout="padded", dtype=torch.float16)
+    with torch.no_grad():
+        want, got = stack.forward_loop(x, experts, rows, w), stack(x, plan, w)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)

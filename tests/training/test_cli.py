@@ -521,7 +521,7 @@ def test_a_fit_removes_the_partial_checkpoint_a_killed_fit_left_in_its_folder(fe
                           cwd=in_tmp, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == -9, proc.stderr[-3000:]
     (partial,) = [p.name for p in (in_tmp / "ck").iterdir() if p.name != ".lock"]
-    assert partial.startswith(".") and ".ckpt.tmp-" in partial
+    assert partial.startswith(".") and ".ckpt.partial-checkpoint-" in partial
     (in_tmp / "ck" / "notes.tmp-1-abcdef01").write_text("a user's")  # not hidden: not a partial save
     with caplog.at_level("INFO"):
         _fit_tiny(feature_dir, in_tmp / "ck")
@@ -1076,15 +1076,16 @@ def test_print_config_keeps_one_batch_as_the_integer_1(key, capsys):
     assert value == 1 and type(value) is int, value
 
 
-@pytest.mark.parametrize("text", ["trainer:\n  max_epochs: [1\n", "", "- a\n- b\n"],
-                         ids=["yaml_syntax", "empty", "not_a_mapping"])
+@pytest.mark.parametrize("text", ["trainer:\n  max_epochs: [1\n", "", "- a\n- b\n", "trainer: caf\xe9\n"],
+                         ids=["yaml_syntax", "empty", "not_a_mapping", "not_utf8"])
 def test_a_config_file_that_cannot_be_read_is_named(feature_dir, in_tmp, capsys, text):
     """A second --config file with a YAML mistake was reported as `Problems parsing config: ... in "<unicode
-    string>", line 2` (an empty one as `Unexpected config: `), naming no file."""
+    string>", line 2` (an empty one as `Unexpected config: `, one in Latin-1 as "'utf-8' codec can't decode"),
+    naming no file."""
     from mmoe_rec.cli import main
 
     broken = in_tmp / "override.yaml"
-    broken.write_text(text)
+    broken.write_bytes(text.encode("latin-1"))
     code = main(["fit", "--config", str(CONFIG), "--config", str(broken),
                  "--data.init_args.data_dir", str(feature_dir)])
     err = capsys.readouterr().err

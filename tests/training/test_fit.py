@@ -1153,3 +1153,42 @@ def test_a_batch_failing_after_a_last_batch_resume_saves_its_own_epochs_totals_a
     assert (totals["epoch"], totals["batches"], totals["rows"]) == (1, batch, batch * 96)
     resumed = _logged_fit(feature_dir, tmp_path / "d", 3, ckpt_path=failed, **kw)
     _same_nan(straight, resumed, saved["global_step"])
+
+
+@pytest.mark.parametrize("evaluate", ["validate", "test"])
+def test_a_checkpoint_saved_after_a_cut_fit_and_an_evaluation_still_resumes_inside_the_cut_epoch(
+        feature_dir, tmp_path, evaluate):
+    """fit (max_steps cut mid-epoch) -> trainer.validate / trainer.test -> trainer.save_checkpoint: the evaluation
+    changes trainer.state.fn, but the checkpoint is still the one of the cut epoch: it must hold the same loop
+    progress and data position as save_last's at the cut, or a fit resumed from it skips the rest of the epoch."""
+    last = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    trainer, module = _train(feature_dir, tmp_path / "b", 3, callbacks=[last], max_steps=30)
+    dm = trainer.datamodule
+    getattr(trainer, evaluate)(module, datamodule=dm, verbose=False)
+    after = tmp_path / "b" / "after.ckpt"
+    trainer.save_checkpoint(after)
+    saved, in_fit = (torch.load(p, map_location="cpu", weights_only=False) for p in (after, last.last_model_path))
+    assert saved["epoch"] == in_fit["epoch"] == 1 and saved["global_step"] == 30
+    assert saved["loops"]["fit_loop"]["epoch_progress"] == in_fit["loops"]["fit_loop"]["epoch_progress"]
+    assert _datamodule_state(saved) == _datamodule_state(in_fit)
+
+
+@pytest.mark.parametrize("model", ["mmoe", "loss_free"])
+def test_a_checkpoint_saved_after_a_cut_fit_with_accumulation_resumes_as_a_straight_run(feature_dir, tmp_path, model):
+    """As the test above, with gradient accumulation (2 batches a step: max_steps=15 cuts epoch 1 after 9 of its
+    21 batches), and with the loss-free balancer, whose pending loads are snapshotted at each batch's start."""
+    kw = {} if model == "mmoe" else {"model": NOISY_LOSS_FREE}
+    straight_trainer, straight = _train(feature_dir, tmp_path / "a", 3, accumulate=2, **kw)
+    last = ModelCheckpoint(dirpath=tmp_path / "b", save_last=True)
+    cut_trainer, _ = _train(feature_dir, tmp_path / "b", 3, callbacks=[last], max_steps=15, accumulate=2, **kw)
+    after = tmp_path / "b" / "after.ckpt"
+    cut_trainer.save_checkpoint(after)
+    saved, in_fit = (torch.load(p, map_location="cpu", weights_only=False) for p in (after, last.last_model_path))
+    assert saved["epoch"] == in_fit["epoch"] == 1
+    assert saved["loops"]["fit_loop"]["epoch_progress"] == in_fit["loops"]["fit_loop"]["epoch_progress"]
+    assert _datamodule_state(saved) == _datamodule_state(in_fit)
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=after, accumulate=2, **kw)
+    assert resumed_trainer.global_step == straight_trainer.global_step
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -696,3 +696,13 @@ def test_a_tracking_uri_of_a_plugins_scheme_is_left_to_its_store(monkeypatch):
     check_tracking_uri("myplugin://somewhere", setting="--tracking-uri")
     with pytest.raises(TrackingUnavailable, match="bogus://x"):
         check_tracking_uri("bogus://x", setting="--tracking-uri")
+
+
+@pytest.mark.parametrize("uri", ["databricks", "databricks-uc"])
+def test_a_bare_databricks_tracking_uri_is_not_taken_for_a_file_store(uri):
+    """MLflow's documented Databricks URIs `databricks` and `databricks-uc` have no `scheme:` (urlparse gives
+    ''): the scheme check took them for a folder path (MLflow's file store) and refused them, while its own
+    message listed databricks as supported."""
+    from mmoe_rec.training.tracking import check_tracking_uri
+
+    check_tracking_uri(uri, timeout=0.1)
