@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, Mod
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.data.parquet_stream import feature_files
@@ -321,7 +322,9 @@ class MultiTaskCLI(LightningCLI):
         with child_rank_reports(on_child_failure=lambda: _end_runs_failed(self.trainer)) as done_dir:
             try:
                 super()._run_subcommand(subcommand)
-            except Exception:  # not Ctrl+C's SystemExit: Lightning SIGKILLs the ranks itself then
+            except Exception as e:  # not Ctrl+C's SystemExit: Lightning SIGKILLs the ranks itself then
+                if sigterm.stopped_by_sigterm_in_predict(self.trainer):  # Lightning has marked its run FAILED
+                    raise SIGTERMException() from e
                 name_failed_child_ranks(self.trainer, done_dir)  # rank 0's gloo error names no rank
                 raise
             finally:

@@ -4,13 +4,15 @@ Lightning's SIGTERM handler (lightning 2.6, `_SignalConnector._sigterm_notifier_
 ranks its launcher started and then runs a `dist.broadcast` inside the handler, at whatever point of its collectives
 each rank happens to be: rank 1 aborted on a gloo "collective mismatch" and rank 0 failed with "Connection reset by
 peer", exit 1, without a word about the SIGTERM. The handler installed here does the rest of Lightning's work
-(`_notifier`) and, under a multi-rank fit, leaves the SIGTERM pending: Lightning's loops check each rank's own flag
-at each batch's end, so a rank signalled alone, or after its gradient all-reduce while another was already in the
-next step (a process-group kill, as `scancel` sends), stopped while the others waited in the next collective (exit
-1, gloo's "Connection closed by peer"). The ranks agree on a pending SIGTERM (an all-reduce of their flags, max)
-where all of them stand at the same point: each training batch's start (in place of Lightning's broadcast of rank
-0's flag), each validation batch's start and an epoch's end; then every rank raises Lightning's SIGTERMException
-together.
+(`_notifier`) and, under a multi-rank fit, validate or test, leaves the SIGTERM pending: Lightning's loops check
+each rank's own flag at each batch's end, so a rank signalled alone, or after its gradient all-reduce while another
+was already in the next step (a process-group kill, as `scancel` sends), stopped while the others waited in the next
+collective (exit 1, gloo's "Connection closed by peer"). The ranks agree on a pending SIGTERM (an all-reduce of
+their flags, max) where all of them stand at the same point: each training batch's start (in place of Lightning's
+broadcast of rank 0's flag), each validation batch's start and an epoch's end; then every rank raises Lightning's
+SIGTERMException together (validate and test: at each batch's start; a rank signalled alone stopped alone there
+too, and the launcher's observer SIGKILLed rank 0, exit -9). A predict's ranks run different numbers of batches (no
+common point): a launched rank passes its SIGTERM on to rank 0, which forwards it to every rank (`_tell_launcher`).
 A ddp_spawn / ddp_fork rank so stopped exits 143, which its launcher reports as the stop (`stopped_by_sigterm`).
 
 `sigterm_received_at()` tells the launcher's observer (child_ranks) when rank 0 was told to stop: the other ranks
@@ -45,8 +47,9 @@ def sigterm_received_at() -> Optional[float]:
 
 
 def _notifier(self: Any, signum: int, frame: Any) -> None:
-    """Lightning's `_sigterm_notifier_fn` without its broadcast: note it, forward it to the launched ranks once;
-    under a multi-rank fit, leave it pending for the ranks to agree on (`_agree`)."""
+    """Lightning's `_sigterm_notifier_fn` without its broadcast: note it, forward it to the launched ranks (or, from
+    a launched rank of a predict, to rank 0) once; under a multi-rank fit, validate or test, leave it pending for the
+    ranks to agree on (`_agree`)."""
     global _received_at, _pending
     _log.info("rank %s received SIGTERM (%s)", getattr(self.trainer, "global_rank", "?"), signum)
     if not self.received_sigterm and not _pending:
@@ -54,23 +57,53 @@ def _notifier(self: Any, signum: int, frame: Any) -> None:
             _received_at = time.monotonic()
         launcher = self.trainer.strategy.launcher
         if launcher is not None:
+            if getattr(launcher, "procs", None) and not _ranks_agree(self.trainer):
+                _forwarded_marker(create=True)  # the ranks told by rank 0 do not pass it back (`_tell_launcher`)
             launcher.kill(signum)
+        _tell_launcher(self.trainer, signum)
     if _ranks_agree(self.trainer):
         _pending = True
     else:
         self.received_sigterm = True
 
 
-_pending = False  # a SIGTERM under a multi-rank fit that the ranks have not agreed on yet
+_pending = False  # a SIGTERM under a multi-rank fit / validate / test that the ranks have not agreed on yet
 
 
 def _ranks_agree(trainer: Any) -> bool:
-    """Whether a SIGTERM is for the ranks to agree on: a fit of more than one rank, its process group made."""
+    """Whether a SIGTERM is for the ranks to agree on: a fit, validate or test of more than one rank (every rank runs
+    as many batches), its process group made."""
     import torch.distributed as dist
     from lightning.pytorch.trainer.states import TrainerFn
 
-    return (getattr(trainer, "world_size", 1) > 1 and trainer.state.fn == TrainerFn.FITTING
+    return (getattr(trainer, "world_size", 1) > 1
+            and trainer.state.fn in (TrainerFn.FITTING, TrainerFn.VALIDATING, TrainerFn.TESTING)
             and dist.is_available() and dist.is_initialized())
+
+
+def _tell_launcher(trainer: Any, signum: int) -> None:
+    """A launched rank of a multi-rank job its ranks cannot agree on (predict: each rank runs its own number of
+    batches) passes its SIGTERM on to rank 0, its launcher, which forwards it to every rank: each stops at its own
+    next batch (a rank stopped alone left rank 0 to fail in the writer's collective, exit 1, or to be SIGKILLed by
+    the launcher's observer). Rank 0 told last fails in that collective: `stopped_by_sigterm_in_predict`."""
+    launcher_pid = _watch.launcher_pid if _watch is not None else None
+    if getattr(trainer, "world_size", 1) > 1 and not _ranks_agree(trainer) and launcher_pid is not None \
+            and os.getppid() == launcher_pid and not _forwarded_marker():
+        os.kill(launcher_pid, signum)
+
+
+def _forwarded_marker(create: bool = False) -> bool:
+    """Whether rank 0 has forwarded a SIGTERM to the ranks it launched (a file in their done-marker folder, made
+    first with `create`): passed back, it came to rank 0 after its teardown and was taken as a second SIGTERM."""
+    from mmoe_rec.training.child_ranks import DONE_DIR_ENV  # it imports this module
+
+    folder = os.environ.get(DONE_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    path = os.path.join(folder, "sigterm-forwarded")
+    if create:
+        open(path, "a").close()
+    return os.path.exists(path)
 
 
 def _agree(trainer: Any) -> bool:
@@ -161,7 +194,8 @@ def install() -> None:
 
 
 def _agree_at_common_points() -> None:
-    """The ranks agree on a pending SIGTERM at each training and validation batch's start and at an epoch's end."""
+    """The ranks agree on a pending SIGTERM at each training and validation (test) batch's start and at an epoch's
+    end."""
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
     from lightning.pytorch.loops.fit_loop import _FitLoop
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
@@ -197,6 +231,16 @@ def _spawned_ranks_exit_143() -> None:
 
     wrapping_function._exits_143 = True  # type: ignore[attr-defined]
     _MultiProcessingLauncher._wrapping_function = wrapping_function
+
+
+def stopped_by_sigterm_in_predict(trainer: Any) -> bool:
+    """Whether an error of a multi-rank predict is its stop by SIGTERM: each rank stops at its own next batch, and a
+    rank that had none left waited in the prediction writer's collective for one that stopped (gloo's "Connection
+    closed by peer"); the SIGTERM reached this rank too (`_tell_launcher`), before or as the collective failed."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    return (getattr(trainer, "world_size", 1) > 1 and trainer.state.fn == TrainerFn.PREDICTING
+            and (trainer.received_sigterm or _received_at is not None))
 
 
 def stopped_by_sigterm(error: BaseException) -> bool:
@@ -291,6 +335,8 @@ class _Watch:
                 # the SIGTERM Linux sends a launched rank when rank 0 dies (die_with_parent): nobody stopped it
                 print(f"error: {self.job}: this rank ends, as rank 0 (pid {self.launcher_pid}), which launched it, "
                       "has ended (see rank 0's error)", file=sys.stderr, flush=True)
+            elif self.launcher_pid is not None and _received_at is not None:
+                pass  # a launched rank told again after its stop (rank 0 forwarding one it was passed): rank 0 says it
             else:  # before Lightning's handler took over (ddp: the ranks still meeting), after its teardown, in the
                 # process that only waits for ddp_spawn / ddp_fork ranks (it never installs it), in an orphaned rank
                 print(f"error: {self.job} stopped by SIGTERM before it finished; ending the ranks it launched, if "

@@ -85,6 +85,20 @@ class SigtermAt(L.Callback):
         self._maybe(batch_idx)
 
 
+class SlowPredictRank(L.Callback):
+    """Rank `rank` takes `seconds` a predict batch: the other ranks finish theirs first and wait in the prediction
+    writer's collective."""
+
+    def __init__(self, rank: int = 1, seconds: float = 1.0) -> None:
+        self.rank, self.seconds = rank, seconds
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.global_rank == self.rank:
+            import time
+
+            time.sleep(self.seconds)
+
+
 class SigtermInSetup(L.Callback):
     """Sends this process a SIGTERM in its setup hook: before Lightning's handler is in place, the watch's."""
 
@@ -233,8 +247,8 @@ class KillsRank0(L.Callback):
 
 
 class SigtermInValidation(L.Callback):
-    """Rank `rank` signals itself with SIGTERM at its `batch`-th validation batch (not in the sanity check); every
-    validation batch then takes `seconds` (a long validation)."""
+    """Rank `rank` signals itself with SIGTERM at its `batch`-th validation (or test) batch (not in the sanity
+    check); every validation (test) batch then takes `seconds` (a long validation)."""
 
     def __init__(self, batch: int = 1, rank: int = 0, seconds: float = 0.5) -> None:
         self.batch, self.rank, self.seconds = batch, rank, seconds
@@ -247,6 +261,8 @@ class SigtermInValidation(L.Callback):
         import time
 
         time.sleep(self.seconds)
+
+    on_test_batch_start = on_validation_batch_start
 
 
 class KilledWhileSaving(L.Callback):

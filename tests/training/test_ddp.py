@@ -96,13 +96,14 @@ def _seed_store(seed_mlflow_store):
     SEED_STORE = seed_mlflow_store
 
 
-def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = True,
+                      subcommand: str = "fit") -> subprocess.CompletedProcess:
     """The job's MLflow store, the default one in `workdir`, starts as a copy of the session's empty one."""
     if not (workdir / "mlflow.db").exists():
         SEED_STORE(workdir)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "mmoe_rec.cli", "fit", "--config", str(config),
+    cmd = [sys.executable, "-m", "mmoe_rec.cli", subcommand, "--config", str(config),
            "--trainer.devices", "2", *extra]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0 or not check, proc.stderr[-4000:]
@@ -619,6 +620,42 @@ def test_a_sigterm_during_a_long_validation_stops_every_rank_at_the_next_validat
     assert "did not stop within" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1, proc.stderr[-3000:]
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(feature_dir, tmp_path_factory) -> Path:
+    """last.ckpt of a one-epoch fit in this process, without an MLflow run: what validate / test / predict load."""
+    folder = tmp_path_factory.mktemp("trained")
+    cfg = write_config(folder / "c.yaml", feature_dir, 64, folder / "audit", epochs=1, checkpoint=True)
+    run_lightning_cli(["fit", "--config", str(cfg), "--trainer.logger", "false"])
+    return folder / "ckpt" / "last.ckpt"
+
+
+@pytest.mark.parametrize("subcommand,callbacks", [
+    ("validate", {"SigtermInValidation": {"batch": 1, "rank": 1, "seconds": 0.3}}),
+    ("test", {"SigtermInValidation": {"batch": 1, "rank": 1, "seconds": 0.3}}),
+    ("predict", {"SigtermAt": {"batch": 1, "rank": 1}}),
+    ("predict", {"SlowPredictRank": {"rank": 1, "seconds": 1.0}, "SigtermAt": {"batch": 1, "rank": 1}}),
+], ids=["validate", "test", "predict", "predict-rank-0-done"])
+def test_a_sigterm_to_one_rank_of_validate_test_or_predict_stops_every_rank_with_exit_143(
+        feature_dir, tmp_path, trained_checkpoint, subcommand, callbacks):
+    """Rank 1 alone is signalled at its second batch. The ranks agreed on a SIGTERM under fit only: rank 1 stopped
+    alone, and the launcher's observer SIGKILLed rank 0 (exit -9, no word of the SIGTERM, validate's run RUNNING),
+    or predict's rank 0, its own batches done, failed in the prediction writer's collective (exit 1, gloo's
+    "Connection closed by peer"). validate and test's ranks now agree at each batch's start as fit's do; predict's
+    ranks (each runs its own number of batches) are told through rank 0 and each stops at its next batch, a rank
+    with none left as its collective fails. Exit 143, one line, the run FAILED, no predictions file."""
+    cfg = config_with_callbacks(tmp_path, feature_dir, 16, **callbacks)
+    out = tmp_path / "out"
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", "--ckpt_path", str(trained_checkpoint),
+                             *(["--predictions_path", str(out / "p.parquet")] if subcommand == "predict" else []),
+                             check=False, subcommand=subcommand)
+    assert proc.returncode == 143, proc.stderr[-4000:]
+    assert proc.stderr.count(f"error: mmoe-rec {subcommand} stopped by SIGTERM before it finished") == 1, \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Connection" not in proc.stderr, proc.stderr[-3000:]
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+    assert not out.exists() or not list(out.rglob("*"))  # neither a rank's file nor a partial one
 
 
 def test_a_sigterm_to_rank_0_in_the_rendezvous_fails_its_run_and_ends_the_ranks_it_launched(feature_dir, tmp_path,
