@@ -417,6 +417,18 @@ def test_mid_epoch_resume_keeps_the_epochs_totals_for_loss_weighting_and_rows_se
     assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
 
 
+def _resumes_as_the_straight_dwa_fit(feature_dir, tmp_path, ckpt, straight_trainer, straight):
+    """A 3-epoch DWA fit resumed from `ckpt` ends as the straight one: step 63, DWA's weights, every weight bitwise,
+    the last epoch's rows seen."""
+    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=ckpt, weighting="dwa")
+    assert resumed_trainer.global_step == straight_trainer.global_step == 63
+    assert resumed.weighting.weights() == straight.weighting.weights() != {"click": 1.0, "convert": 1.0}
+    a, b = straight.state_dict(), resumed.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
+
+
 def test_a_fit_cut_by_max_steps_mid_epoch_resumes_from_its_last_checkpoint_as_a_straight_run(feature_dir, tmp_path):
     """save_last writes a checkpoint at the end of an epoch that max_steps cut short; Lightning counted that epoch
     as processed there, and a fit resumed from it skipped the epoch's other 12 batches (51 steps of 63), its
@@ -426,14 +438,7 @@ def test_a_fit_cut_by_max_steps_mid_epoch_resumes_from_its_last_checkpoint_as_a_
     cut_trainer, _ = _train(feature_dir, tmp_path / "b", 3, callbacks=[last], max_steps=30, weighting="dwa")
     assert float(cut_trainer.callback_metrics["train/rows_seen"]) == 2000.0  # epoch 0's: the cut one is not logged
     assert float(cut_trainer.callback_metrics["train/partial_epoch/rows_seen"]) == 9 * 96  # as a partial epoch
-    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=last.last_model_path,
-                                      weighting="dwa")
-    assert resumed_trainer.global_step == straight_trainer.global_step == 63
-    assert resumed.weighting.weights() == straight.weighting.weights() != {"click": 1.0, "convert": 1.0}
-    a, b = straight.state_dict(), resumed.state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
+    _resumes_as_the_straight_dwa_fit(feature_dir, tmp_path, last.last_model_path, straight_trainer, straight)
 
 
 
@@ -450,6 +455,16 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
+def _saved_as_at_the_cut(after, last_path):
+    """The checkpoint saved after a fit cut at step 30 (in epoch 1) and save_last's at the cut: the same epoch, loop
+    progress and data position. Returns both."""
+    saved, in_fit = (torch.load(p, map_location="cpu", weights_only=False) for p in (after, last_path))
+    assert saved["epoch"] == in_fit["epoch"] == 1 and saved["global_step"] == 30
+    assert saved["loops"]["fit_loop"]["epoch_progress"] == in_fit["loops"]["fit_loop"]["epoch_progress"]
+    assert _datamodule_state(saved) == _datamodule_state(in_fit)
+    return saved, in_fit
+
+
 @pytest.mark.parametrize("cut", ["max_steps", "should_stop"])
 def test_a_checkpoint_saved_after_a_fit_cut_by_max_steps_resumes_as_a_straight_run(feature_dir, tmp_path, cut):
     """trainer.save_checkpoint after a fit that max_steps (or a stop asked) cut mid-epoch: Lightning has counted
@@ -462,20 +477,11 @@ def test_a_checkpoint_saved_after_a_fit_cut_by_max_steps_resumes_as_a_straight_r
     cut_trainer, _ = _train(feature_dir, tmp_path / "b", 3, callbacks=callbacks, max_steps=max_steps, weighting="dwa")
     after = tmp_path / "b" / "after.ckpt"
     cut_trainer.save_checkpoint(after)
-    saved, in_fit = (torch.load(p, map_location="cpu", weights_only=False) for p in (after, last.last_model_path))
-    assert saved["epoch"] == in_fit["epoch"] == 1 and saved["global_step"] == 30
-    assert saved["loops"]["fit_loop"]["epoch_progress"] == in_fit["loops"]["fit_loop"]["epoch_progress"]
-    assert _datamodule_state(saved) == _datamodule_state(in_fit)
+    saved, in_fit = _saved_as_at_the_cut(after, last.last_model_path)
     assert _datamodule_state(saved)["batches_done"] == 9 and _datamodule_state(saved)["epoch"] == 1
     totals, in_fit_totals = saved["mmoe_rec_epoch_totals"], in_fit["mmoe_rec_epoch_totals"]
     assert totals["epoch"] == in_fit_totals["epoch"] == 1 and totals["batches"] == 9 and totals["rows"] == 9 * 96
-    resumed_trainer, resumed = _train(feature_dir, tmp_path / "c", 3, ckpt_path=after, weighting="dwa")
-    assert resumed_trainer.global_step == straight_trainer.global_step == 63
-    assert resumed.weighting.weights() == straight.weighting.weights() != {"click": 1.0, "convert": 1.0}
-    a, b = straight.state_dict(), resumed.state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
-    assert float(resumed_trainer.callback_metrics["train/rows_seen"]) == 2000.0
+    _resumes_as_the_straight_dwa_fit(feature_dir, tmp_path, after, straight_trainer, straight)
 
 
 @pytest.mark.parametrize("max_epochs, max_steps", [(1, -1), (3, 21)])
@@ -1167,10 +1173,7 @@ def test_a_checkpoint_saved_after_a_cut_fit_and_an_evaluation_still_resumes_insi
     getattr(trainer, evaluate)(module, datamodule=dm, verbose=False)
     after = tmp_path / "b" / "after.ckpt"
     trainer.save_checkpoint(after)
-    saved, in_fit = (torch.load(p, map_location="cpu", weights_only=False) for p in (after, last.last_model_path))
-    assert saved["epoch"] == in_fit["epoch"] == 1 and saved["global_step"] == 30
-    assert saved["loops"]["fit_loop"]["epoch_progress"] == in_fit["loops"]["fit_loop"]["epoch_progress"]
-    assert _datamodule_state(saved) == _datamodule_state(in_fit)
+    _saved_as_at_the_cut(after, last.last_model_path)
 
 
 @pytest.mark.parametrize("model", ["mmoe", "loss_free"])
