@@ -495,3 +495,54 @@ def test_model_output_defaults_are_empty_and_not_shared():
     a.aux["x"] = torch.tensor(1.0)
     a.routing["y"] = None
     assert b.aux == {} and b.routing == {}
+
+
+def _raw_expert(stack, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e from the raw parameter tensors: Linear -> LayerNorm (per-expert affine) -> SiLU per layer."""
+    for layer, (w, b) in enumerate(zip(stack.weights, stack.biases)):
+        x = torch.nn.functional.silu(torch.nn.functional.layer_norm(
+            x @ w[e] + b[e], (w.shape[-1],), stack.norm_weights[layer][e], stack.norm_biases[layer][e], eps=1e-5))
+    return x
+
+
+def _raw_gate(gates, i: int, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax((x.float() @ gates.weight[i].float()) / temperature, dim=-1).to(x.dtype)
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (MMoE, {"num_experts": 4}),
+    (OMoE, {"num_experts": 3}),
+    (PLE, {"num_levels": 3, "num_task_experts": 2, "num_shared_experts": 2}),
+    (PLE, {"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 0}),
+])
+def test_a_task_subset_in_another_order_than_the_spec_equals_the_raw_weight_formula(cls, kwargs):
+    """tasks = [stay, click] (spec order: click, convert, stay): gate i, tower and logit key of each task follow
+    the model's task order, and each model equals its formula written from the raw parameter tensors."""
+    torch.manual_seed(0)
+    tasks, temp = ["stay", "click"], 0.7
+    model = cls(spec(), tasks=tasks, activation="silu", norm="layer", gate_temperature=temp, expert_hidden=[7, 5],
+                tower_hidden=[3], **kwargs).double()
+    x = features()
+    out = model.forward_dense(x)
+    assert list(out.logits) == tasks and out.aux == {}
+    if cls is PLE:
+        T = len(tasks)
+        task_in, shared_in = [x] * T, x
+        for li, lv in enumerate(model.levels):
+            assert (lv.shared_gate is not None) == (li < len(model.levels) - 1 and lv.Ks > 0)
+            own = [[_raw_expert(lv.task_experts, t * lv.Kt + j, task_in[t]) for j in range(lv.Kt)] for t in range(T)]
+            shared = [_raw_expert(lv.shared_experts, j, shared_in) for j in range(lv.Ks)]
+            new = [mix(_raw_gate(lv.task_gates, t, task_in[t], temp), own[t] + shared) for t in range(T)]
+            if lv.shared_gate is not None:
+                shared_in = mix(_raw_gate(lv.shared_gate, 0, shared_in, temp),
+                                [o for t in range(T) for o in own[t]] + shared)
+            task_in = new
+        h = dict(zip(tasks, task_in))
+    else:
+        experts = [_raw_expert(model.experts, e, x) for e in range(model.experts.num_experts)]
+        assert model.gates.weight.shape[0] == (1 if cls is OMoE else len(tasks))
+        h = {t: mix(_raw_gate(model.gates, 0 if cls is OMoE else i, x, temp), experts) for i, t in enumerate(tasks)}
+    for t in tasks:
+        tower = model.towers[t]
+        want = torch.nn.functional.linear(tower.mlp(h[t]), tower.out.weight, tower.out.bias).squeeze(-1)
+        torch.testing.assert_close(out.logits[t], want, rtol=1e-6, atol=1e-7)

@@ -231,3 +231,25 @@ def test_forward_each_in_training_updates_the_running_statistics_of_the_chosen_e
     torch.testing.assert_close(stack.running_mean_0, rm)
     torch.testing.assert_close(stack.running_var_0, rv)
     assert (stack.running_mean_0[[1, 3]] == 0).all() and (stack.running_var_0[[1, 3]] == 1).all()
+
+
+@pytest.mark.parametrize("path", ["forward", "forward_each"])
+def test_dropout_follows_the_activation(path):
+    """Linear -> norm -> activation -> dropout (module docstring). With ReLU, dropout before or after the activation
+    gives the same numbers; with tanh a kept unit is tanh(z) / (1 - p) only when dropout comes after it (before,
+    it would be tanh(z / (1 - p)))."""
+    torch.manual_seed(0)
+    p = 0.5
+    stack = ExpertStack(3, 4, [40, 30], activation="tanh", dropout=p).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+
+    def run():
+        return stack(x) if path == "forward" else stack.forward_each(x.expand(3, -1, -1)).transpose(0, 1)
+
+    stack.train()
+    torch.manual_seed(1)
+    train_out = run()
+    kept = train_out != 0
+    assert 0.3 < float((~kept).double().mean()) < 0.7
+    assert torch.all(train_out[kept].abs() <= 1 / (1 - p) + 1e-12)  # tanh(z)/(1-p) is bounded by 2; tanh(.) by 1
+    assert torch.any(train_out[kept].abs() > 1)  # values above 1 exist only if dropout scales after the tanh
