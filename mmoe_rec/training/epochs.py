@@ -86,10 +86,11 @@ def reopen_cut_epoch(checkpoint: dict[str, Any], trainer: Any) -> None:
         for progress in fit_loop["epoch_progress"].values():  # "total" and "current"
             if progress["processed"] > progress["completed"]:  # saved inside the epoch's end hooks
                 progress["processed"] = progress["completed"]
-    elif checkpoint_epoch(trainer) < trainer.current_epoch:  # saved after the fit: the cut epoch counted completed
+    # saved after the fit: the cut epoch counted completed
+    elif (epoch := checkpoint_epoch(trainer)) < trainer.current_epoch:
         for progress in fit_loop["epoch_progress"].values():
             progress["processed"] = progress["completed"] = progress["completed"] - 1
-        checkpoint["epoch"] = checkpoint_epoch(trainer)
+        checkpoint["epoch"] = epoch
 
 
 def uncount_unprocessed_batch(checkpoint: dict[str, Any], trainer: Any) -> None:

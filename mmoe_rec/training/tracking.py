@@ -123,7 +123,7 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT_S, setting: str 
                                   "http(s)://host:port, postgresql://, mysql://, mariadb://, mssql://, databricks")
     if parsed.scheme in ("http", "https"):
         probe_http_server(uri, timeout, hint)
-    elif parsed.scheme.partition("+")[0] in DATABASE_PORTS:
+    elif scheme in DATABASE_PORTS:
         probe_database_server(uri, timeout, hint)
     elif parsed.scheme == "sqlite":
         path = _sqlite_path(uri)[0]
