@@ -594,12 +594,17 @@ def _unshare_run() -> None:
 
 
 def _end_orphaned_run() -> None:
-    """In a launched rank whose launcher, rank 0, has died: rank 0's run, if still RUNNING, is marked FAILED. A rank 0
-    killed by SIGKILL (the out-of-memory killer's way) runs no cleanup of its own and left it RUNNING for good."""
+    """In a launched rank whose launcher, rank 0, has died: rank 0's run, if still RUNNING, is marked FAILED, and its
+    folder of done markers is removed. A rank 0 killed by SIGKILL (the out-of-memory killer's way) runs no cleanup of
+    its own: it left the run RUNNING for good and an empty mmoe-rec-ranks-* folder in $TMPDIR."""
     launcher = os.environ.get(LAUNCHER_PID_ENV, "")
-    run_id, uri = os.environ.get(RUN_ID_ENV), os.environ.get(RUN_URI_ENV)
-    if not (run_id and uri and launcher.isdigit()) or int(launcher) == os.getpid() \
+    run_id, uri, folder = os.environ.get(RUN_ID_ENV), os.environ.get(RUN_URI_ENV), os.environ.get(DONE_DIR_ENV)
+    if not ((run_id and uri) or folder) or not launcher.isdigit() or int(launcher) == os.getpid() \
             or not launcher_ended(int(launcher)):
+        return
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not (run_id and uri):
         return
     try:
         from mlflow.tracking import MlflowClient

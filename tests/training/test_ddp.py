@@ -314,12 +314,17 @@ print("checked", len(tables), "tables")
 def test_a_sharded_fit_in_forked_ranks_gives_the_trained_tables_back_to_the_launching_process(feature_dir, tmp_path):
     """start_method fork (or spawn; Lightning's launcher for notebooks): rank 0 gives its weights back to the process
     that launched the ranks, in a file. Its sharded tables were written as ShardedTensors, which that process failed
-    to read after the whole fit; now they come back in full and load into its unsharded module."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    to read after the whole fit; now they come back in full and load into its unsharded module. The file's folder
+    in $TMPDIR goes with it (Lightning removed the file only: every such fit left an empty folder)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "TMPDIR": str(temp)}
     proc = subprocess.run([sys.executable, "-c", FORKED_SHARDED_FIT, str(feature_dir), str(tmp_path / "ckpt"),
                            json.dumps(MMOE)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "checked 3 tables" in proc.stdout
+    assert not list(temp.glob("tmp*")), list(temp.iterdir())
 
 
 def test_column_wise_shards_train_as_whole_tables_and_data_parallel_tables_are_replicated(feature_dir, tmp_path):
@@ -696,15 +701,21 @@ def test_a_sigterm_to_rank_0_held_in_a_collective_by_a_stalled_rank_ends_the_job
     assert_ends(int(pid_file.read_text()), within_s=30)
 
 
-def test_a_rank_0_killed_by_sigkill_has_its_run_marked_failed_by_the_rank_that_outlives_it(feature_dir, tmp_path):
-    """SIGKILL (the out-of-memory killer) runs none of rank 0's cleanup: its MLflow run stayed RUNNING for good.
-    Rank 1, ended by rank 0's death (its collective fails, or the SIGTERM Linux sends it), marks the run FAILED."""
+def test_a_rank_0_killed_by_sigkill_has_its_run_marked_failed_by_the_rank_that_outlives_it(feature_dir, tmp_path,
+                                                                                          monkeypatch):
+    """SIGKILL (the out-of-memory killer) runs none of rank 0's cleanup: its MLflow run stayed RUNNING for good, and
+    its folder of the ranks' done markers stayed in $TMPDIR. Rank 1, ended by rank 0's death (its collective fails,
+    or the SIGTERM Linux sends it), marks the run FAILED and removes the folder."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
     pid_file = tmp_path / "rank1.pid"
     cfg = config_with_callbacks(tmp_path, feature_dir, 16, KillsRank0={"pid_file": str(pid_file)})
     proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert_ends(int(pid_file.read_text()), within_s=30)
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED", proc.stderr[-3000:]
+    assert not list(temp.glob("mmoe-rec-ranks-*"))
 
 
 def assert_ends(rank1_pid: int, within_s: float) -> None:
