@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from mmoe_rec.features.numeric import FLOAT32_MAX
 from mmoe_rec.features.sources import file_identity
 from mmoe_rec.features.spec import SPEC_VERSION_KEY
 from mmoe_rec.paths import skipped_name
@@ -152,6 +153,8 @@ class ParquetIndex:
                 kind = COLUMN_KINDS[kinds[c]] if c in kinds else None
                 if kind is not None and not kind.accepts(t):
                     raise ValueError(f"{path}: column {c} is {t}, expected {kind.expected}")
+                if pa.types.is_dictionary(t):  # read as its values: a batch's slice would carry the whole dictionary
+                    t = t.value_type
                 types[c].setdefault(t, str(path))
             first_row = 0
             for i in range(meta.num_row_groups):
@@ -433,19 +436,24 @@ def _check_values(col: pa.Array, nonnegative: bool, path: str, name: str, first_
     """Raise at the first null, NaN, inf (or, if ``nonnegative``, negative) value; ``first_row`` is the row in
     the file of ``col[0]``. Vectorised: a few Arrow kernels per chunk (a float column without nulls, the usual
     dense feature: one numpy pass over its buffer)."""
+    if pa.types.is_float16(col.type):  # no comparison kernels for halffloat
+        col = col.cast(pa.float32())
     if col.null_count == 0 and pa.types.is_floating(col.type) and not nonnegative:
-        if np.isfinite(col.to_numpy(zero_copy_only=False)).all():
+        x = col.to_numpy(zero_copy_only=False)
+        if np.isfinite(x).all() and (x.dtype != np.float64 or np.abs(x).max(initial=0) <= FLOAT32_MAX):
             return
     ok = pc.is_valid(col)
     if pa.types.is_floating(col.type):
         ok = pc.and_(ok, pc.fill_null(pc.is_finite(col), False))
+        if pa.types.is_float64(col.type):  # the batch holds it as float32: beyond its range it would be inf
+            ok = pc.and_(ok, pc.fill_null(pc.less_equal(pc.abs(col), FLOAT32_MAX), False))
     if nonnegative and not pa.types.is_boolean(col.type):
         ok = pc.and_(ok, pc.fill_null(pc.greater_equal(col, 0), False))
     if pc.all(ok).as_py() is not False:
         return
     bad = np.flatnonzero(~ok.to_numpy(zero_copy_only=False))
     value = col[int(bad[0])].as_py()
-    what = "a finite number >= 0" if nonnegative else "a finite number"
+    what = ("a finite number >= 0" if nonnegative else "a finite number") + " within float32's range"
     raise ValueError(
         f"{path}: column {name} is {'null' if value is None else value} at row {first_row + int(bad[0])} "
         f"({len(bad)} such value(s) in rows {first_row}..{first_row + len(col) - 1}); every value must be {what}"
