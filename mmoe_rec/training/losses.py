@@ -11,9 +11,14 @@ from mmoe_rec.features.spec import FeatureSpec
 LOSS_KINDS = {"binary": "bce", "regression": "mse"}
 
 
-def row_losses(logit: torch.Tensor, label: torch.Tensor, task_type: str) -> torch.Tensor:
-    """(B,) unreduced loss of one task; computed in float32 whatever the model's precision."""
-    logit, label = logit.float(), label.float()
+def row_losses(logit: torch.Tensor, label: torch.Tensor, task_type: str, task: str = "") -> torch.Tensor:
+    """(B,) unreduced loss of one task; computed in float32 whatever the model's precision (float64 for a model in
+    float64, "64-true": rounded to float32, its gradients were off by up to 5e-3 relative)."""
+    if logit.shape != label.shape:  # a (B, 1) head against (B,) labels broadcast to a (B, B) loss without a word
+        raise ValueError(f"task {task!r}: the model's logits have shape {tuple(logit.shape)} and its labels "
+                         f"{tuple(label.shape)}; a model returns one (B,) tensor of logits per task")
+    dtype = torch.float64 if logit.dtype == torch.float64 else torch.float32
+    logit, label = logit.to(dtype), label.to(dtype)
     if task_type == "binary":
         return F.binary_cross_entropy_with_logits(logit, label, reduction="none")
     if task_type == "regression":
@@ -41,7 +46,7 @@ def task_losses(
     for t in tasks:
         if t not in labels:
             raise KeyError(f"batch has no label for task {t!r} (labels: {sorted(labels)})")
-        out[t] = weighted_mean(row_losses(logits[t], labels[t], spec.task(t).type), sample_weights)
+        out[t] = weighted_mean(row_losses(logits[t], labels[t], spec.task(t).type, t), sample_weights)
     return out
 
 

@@ -107,7 +107,7 @@ class TaskMetrics(nn.Module):
                weights: torch.Tensor | None = None) -> None:
         for t, kind in self.types.items():
             logit, label = logits[t].detach().float(), labels[t].float()
-            per_row = row_losses(logit, label, kind)  # (B,)
+            per_row = row_losses(logit, label, kind, t)  # (B,)
             # a copy per task: torchmetrics sets the weight of a NaN row to 1 in place
             w = torch.ones_like(per_row) if weights is None else weights.detach().float().clone()
             if kind == "binary":

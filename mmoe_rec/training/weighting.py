@@ -152,7 +152,7 @@ class GradNorm(LossWeighting):
             raise ValueError("gradnorm needs the model's last shared layer (MultiTaskModel.last_shared_layer()); "
                              "this model has none with gradients: use another weighting")
         static = self.static_weights  # (T,)
-        raw = torch.stack([losses[t] for t in self.tasks]).float()  # (T,) unweighted task losses
+        raw = torch.stack([losses[t] for t in self.tasks])  # (T,) unweighted task losses (float32, or float64)
         grads = torch.stack([self._layer_grad(losses[t], layer) if self.static[t] else self._no_grad(layer)
                              for t in self.tasks])  # (T, |W|) grad_W L_t (zeros for an untrained task)
         seen = raw.detach().clone()  # (T,) a copy: the ranks' mean is taken in place
