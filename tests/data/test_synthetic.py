@@ -290,3 +290,38 @@ def test_write_parquet_never_writes_into_a_temporary_folder_of_another_process_o
     assert [f.name for f in files] == ["part-00000.parquet"] and pq.read_table(out).num_rows == 10
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "raw"]
     assert [p.name for p in stale.iterdir()] == ["part-00007.parquet"]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9])
+def test_mmoe_labels_follow_the_papers_formula_for_both_tasks(p):
+    """y_t = w_tᵀx + Σ_j sin(α_j·w_tᵀx + β_j) + ε_t with ε_t ~ N(0, noise_std²), recomputed from x for each task
+    (the pinned values of an earlier test cover y1 only; the monotone-correlation test misses e.g. y2's noise)."""
+    g = MMoESynthetic(p=p, seed=5)
+    u2 = (g.w2 - p * g.w1) / np.sqrt(1 - p ** 2)  # the paper's u2, recovered from w2
+    assert g.w1 @ u2 == pytest.approx(0.0, abs=1e-12) and np.linalg.norm(u2) == pytest.approx(1.0)
+    s = g.sample(20_000, np.random.default_rng(2))
+    assert s["x"].mean() == pytest.approx(0.0, abs=0.01) and s["x"].std() == pytest.approx(1.0, abs=0.01)
+    for w, y, lin in ((g.w1, "y1", "lin1"), (g.w2, "y2", "lin2")):
+        np.testing.assert_allclose(s[lin], s["x"] @ w, rtol=0, atol=1e-12)
+        clean = s[lin] + np.sin(np.outer(s[lin], g.alpha) + g.beta).sum(axis=1)
+        eps = s[y] - clean
+        assert abs(eps.mean()) < 5e-4 and eps.std() == pytest.approx(0.01, rel=0.03), (y, eps.mean(), eps.std())
+    quiet = MMoESynthetic(p=p, seed=5, noise_std=0.0).sample(1_000, np.random.default_rng(2))
+    for y, lin in (("y1", "lin1"), ("y2", "lin2")):
+        np.testing.assert_allclose(quiet[y], quiet[lin] + np.sin(np.outer(quiet[lin], g.alpha) + g.beta).sum(1),
+                                   rtol=0, atol=1e-12)
+
+
+def test_mmoe_written_labels_match_the_written_inputs(tmp_path):
+    """The Parquet's y1, y2 are the labels of its own x rows (float32 inputs: the recomputed labels differ by far
+    less than the noise), across blocks and chunks."""
+    out = tmp_path / "m"
+    assert synth_main(["mmoe", "--rows", "3000", "--d", "8", "--p", "0.7", "--seed", "4", "--chunk-rows", "777",
+                       "--noise-std", "0", "--output", str(out)]) == 0
+    g = MMoESynthetic(p=0.7, d=8, seed=4, noise_std=0.0)
+    t = pq.read_table(out)
+    x = np.stack([t[f"x{j}"].to_numpy() for j in range(8)], axis=1).astype(np.float64)
+    for w, y in ((g.w1, "y1"), (g.w2, "y2")):
+        lin = x @ w
+        np.testing.assert_allclose(t[y].to_numpy(), lin + np.sin(np.outer(lin, g.alpha) + g.beta).sum(1),
+                                   rtol=0, atol=1e-4)
