@@ -6,7 +6,9 @@ Every fit run logs: flattened hyper-parameters (the FeatureSpec itself as `spec.
 resolved LightningCLI config as `config.yaml` (Lightning's SaveConfigCallback cannot write into an SQLite-backed
 run, so the CLI hands the YAML to `log_run_files`), the git commit as the tag `mlflow.source.git.commit` (and
 `mmoe_rec.git_dirty`: whether tracked files were modified), the data folder as the tag `mmoe_rec.data_dir` and
-its `manifest.json` as `data/manifest.json`. validate / test / predict runs log the same.
+its `manifest.json` as `data/manifest.json`, and the installed version as `mmoe_rec.version` (the commit only
+where the package runs from a checkout of its own, or was pip-installed from git). validate / test / predict runs
+log the same.
 
 A SQLite store is opened and its write lock taken once before anything else, so a folder or file that cannot be
 written is an error at once (MLflow itself retries for about 2 minutes, then fails with a message that does not
@@ -33,6 +35,7 @@ import contextlib
 import fcntl
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import os
 import re
@@ -377,6 +380,58 @@ def git_commit(start: str | os.PathLike | None = None) -> str | None:
     return None
 
 
+DISTRIBUTION = "mmoe-rec"  # the name pip knows the package by
+INSTALLED_PACKAGE_DIRS = ("site-packages", "dist-packages")
+
+
+def _package_in_checkout() -> Path | None:
+    """The folder of this package if a git checkout holds it as its own source (an editable install, a run from the
+    source tree); None for an installed copy: a virtual environment inside another project's checkout put that
+    project's commit on the run as the code that ran."""
+    package = Path(__file__).resolve().parents[1]  # mmoe_rec/
+    git = _git_dir(package)
+    if git is None:
+        return None
+    for folder in [package, *package.parents]:
+        if (folder / ".git").exists():
+            inside = package.relative_to(folder).parts
+            return None if any(part in INSTALLED_PACKAGE_DIRS for part in inside) else package
+    return None
+
+
+def _installed_commit() -> str | None:
+    """The commit pip installed the package from (`pip install git+...`: its direct_url.json), if any."""
+    try:
+        text = importlib.metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+        commit = (json.loads(text or "{}").get("vcs_info") or {}).get("commit_id")
+    except (importlib.metadata.PackageNotFoundError, ValueError, AttributeError):
+        return None
+    return commit if isinstance(commit, str) and commit else None
+
+
+def code_tags() -> dict[str, str]:
+    """What a run records of the mmoe_rec code that made it: `mmoe_rec.version` (the installed distribution's),
+    the commit as `mlflow.source.git.commit` (of the checkout the package runs from, else of a `pip install
+    git+...`) and, from a checkout, `mmoe_rec.git_dirty`. An installed copy run from another project's checkout is
+    not tagged with that project's commit."""
+    tags = {}
+    try:
+        tags["mmoe_rec.version"] = importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # a source tree on PYTHONPATH, never installed
+        pass
+    checkout = _package_in_checkout()
+    commit = git_commit(checkout) if checkout is not None else _installed_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    dirty = git_dirty(checkout) if checkout is not None else None
+    if dirty is not None:
+        tags["mmoe_rec.git_dirty"] = str(dirty).lower()
+    if not tags:
+        rank_zero_warn("this mmoe_rec is neither installed nor in a git checkout: the run records no version or "
+                       "commit of the code that made it")
+    return tags
+
+
 def git_dirty(start: str | os.PathLike | None = None) -> bool | None:
     """Whether tracked files differ from the commit (`git status --porcelain --untracked-files=no`); None where
     there is no git, no checkout, or no answer within 10 s. A run from a modified tree must not claim its commit."""
@@ -502,9 +557,8 @@ class MLflowTracker(MLFlowLogger):
         """run_id: log into this existing run (e.g. a fit resumed from a checkpoint continues its run)."""
         uri = configure_tracking(tracking_uri)
         tags = dict(tags or {})
-        commit = git_commit()
-        if commit:  # the code that runs, as log_run_files records it again (a tag given for it gives way)
-            tags["mlflow.source.git.commit"] = commit
+        # the code that runs, as log_run_files records it again (a tag given for it gives way)
+        tags.update((k, v) for k, v in code_tags().items() if k != "mmoe_rec.git_dirty")
         try:
             super().__init__(
                 experiment_name=experiment_name,
@@ -573,12 +627,8 @@ def log_run_files(logger: Any, config_yaml: str | None, spec_dict: dict[str, Any
         client.log_text(run_id, config_yaml, name)
     if spec_dict:
         client.log_text(run_id, json.dumps(spec_dict, indent=2, sort_keys=True, default=str), "spec.json")
-    commit = git_commit()
-    if commit:
-        client.set_tag(run_id, "mlflow.source.git.commit", commit)
-    dirty = git_dirty()
-    if dirty is not None:
-        client.set_tag(run_id, "mmoe_rec.git_dirty", str(dirty).lower())
+    for key, value in code_tags().items():
+        client.set_tag(run_id, key, value)
     if data_dir is not None:
         folder = Path(data_dir).expanduser().resolve()
         client.set_tag(run_id, "mmoe_rec.data_dir", str(folder))

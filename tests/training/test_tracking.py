@@ -1,5 +1,6 @@
 """Tracking store resolution, fail-fast checks, git commit, parameter flattening."""
 import http.server
+import json
 import os
 import re
 import socket
@@ -706,3 +707,48 @@ def test_a_bare_databricks_tracking_uri_is_not_taken_for_a_file_store(uri):
     from mmoe_rec.training.tracking import check_tracking_uri
 
     check_tracking_uri(uri, timeout=0.1)
+
+
+def test_an_installed_copy_inside_another_projects_checkout_is_not_tagged_with_that_projects_commit(tmp_path):
+    """A virtual environment inside a user's own git checkout: the package's folder walked up to that checkout, and
+    its runs claimed the user's commit as the code that ran (a review). An installed copy records its version."""
+    import shutil
+    import subprocess
+    import sys
+
+    import mmoe_rec
+
+    project = tmp_path / "project"
+    (project / ".git" / "refs" / "heads").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (project / ".git" / "refs" / "heads" / "main").write_text("d" * 40 + "\n")
+    site = project / ".venv" / "lib" / "python3" / "site-packages"
+    shutil.copytree(Path(mmoe_rec.__file__).parent, site / "mmoe_rec",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import json, mmoe_rec.training.tracking as t; assert t.__file__.startswith(%r), t.__file__; "
+            "print(json.dumps(t.code_tags()))" % str(site))
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(site)},
+                          cwd=project, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tags = json.loads(proc.stdout.splitlines()[-1])
+    assert "mlflow.source.git.commit" not in tags and "mmoe_rec.git_dirty" not in tags
+    assert tags["mmoe_rec.version"]  # the installed distribution's
+
+
+def test_a_pip_install_from_git_records_the_commit_pip_installed(monkeypatch):
+    import importlib.metadata
+
+    from mmoe_rec.training import tracking
+
+    class Installed:
+        version = "9.9"
+
+        def read_text(self, name):
+            assert name == "direct_url.json"
+            return json.dumps({"url": "https://example.org/mmoe-rec.git",
+                               "vcs_info": {"vcs": "git", "commit_id": "e" * 40}})
+
+    monkeypatch.setattr(tracking, "_package_in_checkout", lambda: None)
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Installed())
+    tags = tracking.code_tags()
+    assert tags == {"mmoe_rec.version": "9.9", "mlflow.source.git.commit": "e" * 40}
