@@ -29,6 +29,13 @@ def resolved_output(output: str | os.PathLike) -> Path:
     return Path(os.path.realpath(output)) if output.is_symlink() else output
 
 
+def spelt_as_folder(output: str | os.PathLike) -> bool:
+    """Whether a file output is written as a folder (`out/`): Path drops the trailing separator, and the job wrote a
+    file named `out` where the user meant a folder."""
+    text = os.fspath(output)
+    return text.endswith(os.sep) or bool(os.altsep and text.endswith(os.altsep))
+
+
 def missing_parents(path: Path) -> list[Path]:
     """The folders above `path` that do not exist yet, deepest first: those `mkdir(parents=True)` would make."""
     missing = []

@@ -57,7 +57,8 @@ def resolve_inputs(spec: str, exclude: str | os.PathLike | None = None) -> list[
     scoring job reads one), a glob every file it matches and every file below a folder it matches; both pass over
     names that start with "." or "_" (`_SUCCESS`, `.crc`, `_tmp/`) below the input's root, and the folder `exclude`
     (the build's own output, when it lies inside an input folder). Any other file must be of a known format: one
-    passed over would lose its rows unseen."""
+    passed over would lose its rows unseen. A leading '~' is the home folder (a quoted argument, a YAML value)."""
+    spec = os.path.expanduser(spec)
     p = Path(spec)
     if p.is_dir():
         files = folder_files(spec, exclude)

@@ -17,7 +17,7 @@ def expand_inputs(inputs: str | os.PathLike | list) -> list[str]:
     once itself and once through its folder) is an error naming both spellings."""
     files: list[str] = []
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
-        item = str(item)
+        item = os.path.expanduser(str(item))  # from a YAML file or a quoted argument no shell expanded it
         if os.path.isdir(item):
             files += folder_files(item)
         elif os.path.exists(item):

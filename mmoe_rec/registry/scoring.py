@@ -38,7 +38,7 @@ from mmoe_rec.features.sources import file_header, input_format, iter_batches
 from mmoe_rec.features.transform import compiled
 from mmoe_rec.nn import cpu_gemm
 from mmoe_rec.output_dir import (missing_parents, publish_file, remove_empty_folders, resolved_output, sigterm_held,
-                                 temp_path)
+                                 spelt_as_folder, temp_path)
 from mmoe_rec.registry.code_version import code_mismatch
 from mmoe_rec.registry.inputs import expand_inputs
 from mmoe_rec.registry.scorer import PRECISIONS, Scorer, checked_precision
@@ -128,6 +128,9 @@ def check_output_is_not_an_input(inputs: str | os.PathLike | list, output: str |
     from, inside an input folder it would be read back as input by the next run, and onto a folder the rename
     would fail only after every row is scored.
     """
+    if spelt_as_folder(output):
+        raise ValueError(f"--output {output} is a folder: --output must be a file path, such as "
+                         f"{Path(output) / 'scores.parquet'}")
     out = Path(output).expanduser().resolve()
     for item in [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs):
         src = Path(item).expanduser().resolve()

@@ -34,13 +34,14 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_warn
 
 from mmoe_rec.features.spec import check_ids_are_not_outputs, score_column
-from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, temp_path
+from mmoe_rec.output_dir import missing_parents, remove_empty_folders, resolved_output, spelt_as_folder, temp_path
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
     def __init__(self, output: str = "predictions.parquet") -> None:
         super().__init__(write_interval="batch")
         self.output = Path(output).expanduser()  # from a YAML file or a quoted argument no shell expanded it
+        self._given = output  # as written: Path drops a trailing "/"
         self._parts: dict[int, tuple[Path, pq.ParquetWriter]] = {}  # loader worker -> its part and writer
         self._target: Path | None = None
         self._partial: Path | None = None
@@ -55,6 +56,9 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
     def check_output(self, world_size: int = 1) -> None:
         """Before the run: each file this writer will replace can be a file (a folder there is an error)."""
+        if spelt_as_folder(self._given):
+            raise IsADirectoryError(f"predictions output {self._given} is a folder; give a file path, such as "
+                                    f"{self.output / 'predictions.parquet'}")
         for rank in range(world_size):
             target = resolved_output(self._path(rank, world_size))
             if target.is_dir():

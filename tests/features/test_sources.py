@@ -53,3 +53,15 @@ def test_a_csv_header_has_text_columns_and_no_metadata_or_row_count(tmp_path):
     assert header.names == ["id", "city"]
     assert header.metadata is None and header.num_rows is None
     assert header.types(["id"]) == {"id": pa.string()}
+
+
+def test_an_input_under_the_home_folder_is_read_from_there(tmp_path, monkeypatch):
+    """'~/raw.csv' from a YAML value or a quoted argument, which no shell expanded: it was 'no input files found'."""
+    from mmoe_rec.features.sources import resolve_inputs
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "a.csv").write_text("x\n1\n")
+    assert resolve_inputs("~/raw/a.csv") == [str(tmp_path / "raw" / "a.csv")]
+    assert resolve_inputs("~/raw") == [str(tmp_path / "raw" / "a.csv")]
+    assert resolve_inputs("~/raw/*.csv") == [str(tmp_path / "raw" / "a.csv")]

@@ -1689,3 +1689,30 @@ def test_a_folder_holding_a_file_and_a_hard_link_to_it_is_refused_not_scored_twi
     with pytest.raises(ValueError, match="given twice"):
         score_parquet(scorer, str(folder), out, name, version)
     assert not out.exists()
+
+
+def test_an_output_spelt_as_a_folder_is_refused_and_no_file_is_written_in_its_place(rec_data, package, tmp_path):
+    """`--output out/` (a folder, by its trailing slash, that does not exist yet): the job scored every row and
+    wrote a Parquet FILE named `out`, saying `-> out/`."""
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    raw_file = tmp_path / "raw.parquet"
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), raw_file)
+    out = str(tmp_path / "out") + os.sep
+    assert mmoe_rec_main(["score", "--model", str(package), "--input", str(raw_file), "--output", out]) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_reads_an_input_under_the_home_folder_as_it_writes_an_output_there(rec_data, package, tmp_path,
+                                                                                 monkeypatch):
+    """'~/...' is expanded for --output (and in the input-versus-output check), but --input '~/raw.parquet' was
+    'no such file or folder'."""
+    from mmoe_rec.cli import main as mmoe_rec_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    pq.write_table(pq.read_table(rec_data[1]).slice(0, 20), tmp_path / "home" / "raw.parquet")
+    argv = ["score", "--model", str(package), "--input", "~/raw.parquet", "--output", "~/s.parquet"]
+    assert mmoe_rec_main(argv) == 0
+    assert pq.read_table(tmp_path / "home" / "s.parquet").num_rows == 20

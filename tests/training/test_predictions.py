@@ -250,3 +250,12 @@ def test_a_symlinked_predictions_path_is_written_at_its_target_and_the_link_stay
     assert pq.read_table(target).num_rows == dm.predict_rows()
     assert [p.name for p in (tmp_path / "store").iterdir()] == ["pred.parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.parquet", "store"]
+
+
+def test_an_output_spelt_as_a_folder_is_refused_before_the_run(tmp_path):
+    """`--predictions_path preds/` (a folder, by its trailing slash): Path drops the slash, and the run wrote a file
+    named `preds`."""
+    writer = ParquetPredictionWriter(str(tmp_path / "preds") + "/")
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file path"):
+        writer.check_output()
+    assert not (tmp_path / "preds").exists()
