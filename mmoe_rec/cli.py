@@ -91,6 +91,11 @@ def _report(e: Exception, argv: list[str] | None = None) -> int:
         # the class alternative's own error
         message = alternative
         innermost = ValueError(message)
+    required = re.match(r"the following arguments are required: (\w+)\.(data|model)\b", message)
+    if required:  # jsonargparse names its internal keys: a model and its data come from a config file
+        message = (f"{message} (mmoe-rec {required.group(1)} takes its model and data from a config file: "
+                   f"--config configs/<name>.yaml; `mmoe-rec {required.group(1)} --help` lists the settings)")
+        innermost = ValueError(message)
     echo = next((m for m in ("Got value: Namespace(", "Given value: Namespace(") if m in message), None)
     if echo:  # the whole sub-config of a class, printed back (jsonargparse's wording varies by version): cut
         innermost = ValueError(message[: message.index(echo)].rstrip(". ") + ".")

@@ -529,8 +529,8 @@ def parser() -> argparse.ArgumentParser:
         description="Fit a FeatureSpec on the train split and write feature Parquet (DIR/spec.json, "
                     "DIR/{train,valid,test}/part-*.parquet).",
         epilog="examples:\n"
-               "  mmoe-rec features --schema configs/features/synthetic_rec.yaml --input data/rec_raw "
-               "--output data/rec_features --valid-fraction 0.1 --test-fraction 0.1 --seed 0\n"
+               "  mmoe-rec features --schema configs/features/synthetic_rec.yaml --input demo_out/raw/synthetic_rec "
+               "--output demo_out/features/synthetic_rec --valid-fraction 0.1 --test-fraction 0.1 --seed 0\n"
                "  mmoe-rec features --schema configs/features/census.yaml "
                "--input train=data/census_income/train.csv.xz --input valid+test=data/census_income/test.csv.xz "
                "--output data/census_features --seed 0",

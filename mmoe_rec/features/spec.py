@@ -168,7 +168,8 @@ class FeatureSpec:
             raw = path.parent.is_dir() and any(p.suffix in (".parquet", ".csv", ".tsv", ".gz", ".bz2", ".xz")
                                                for p in path.parent.iterdir())
             hint = (f" ({path.parent} holds data files but no spec.json: raw data? `mmoe-rec features --schema ... "
-                    f"--input {path.parent} --output <folder>` makes the feature folder to give here)" if raw else "")
+                    f"--input {path.parent} --output <folder>` makes the feature folder to give here)" if raw else
+                    " (a feature folder is made by `mmoe-rec features`: the config's header, or the README, says how)")
             raise FileNotFoundError(f"feature spec not found: {path}{hint}") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not a valid spec.json ({e})") from None

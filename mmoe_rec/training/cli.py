@@ -208,6 +208,12 @@ def component_class_override(args: list[str]) -> None:
                              "<value>)") from None
 
 
+CKPT_PATH_HELP = {  # --ckpt_path, by whether the subcommand is fit
+    True: "a checkpoint file to resume the fit from (e.g. checkpoints/<run>/last.ckpt), or last: the newest "
+          "last.ckpt in the checkpoint folders (none: the fit starts anew)",
+    False: "the checkpoint file whose model this runs (e.g. checkpoints/<run>/best.ckpt), or last: the newest last.ckpt in "
+           "the checkpoint folders (required)",
+}
 _running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before Lightning handles it
 
 
@@ -317,6 +323,13 @@ class MultiTaskCLI(LightningCLI):
                             help="predict: the Parquet file of ids and score_<task> columns (unless the config "
                                  "has its own prediction writer callback)")
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:  # Lightning's help offers "best", "hpc", "registry" and None, refused here
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP[subcommand == "fit"]
+        return parser
+
     def _run_subcommand(self, subcommand: str) -> None:
         # a rank that fails during the work: Lightning SIGKILLs rank 0, which ends its MLflow runs FAILED first
         with child_rank_reports(on_child_failure=lambda: _end_runs_failed(self.trainer)) as done_dir:
@@ -351,6 +364,15 @@ class MultiTaskCLI(LightningCLI):
                 raise ValueError(f"--ckpt_path best: `mmoe-rec {sub}` runs in a process of its own, with no earlier "
                                  "fit whose best checkpoint Lightning could look up; give the file, e.g. "
                                  "checkpoints/<run>/best.ckpt")
+            if path == "registry" or path.startswith("registry:"):  # Lightning's model registry: a download
+                raise ValueError(f"--ckpt_path {path}: mmoe-rec reads checkpoints from files (Lightning's model "
+                                 "registry downloads them); give the checkpoint file, or last")
+            if path == "hpc":  # Lightning's SLURM requeue checkpoint: hpc_ckpt_<n>.ckpt in default_root_dir
+                root = Path(self.config[sub].get("trainer", {}).get("default_root_dir") or ".").expanduser()
+                if not list(root.glob("hpc_ckpt_*.ckpt")):
+                    raise ValueError(f"--ckpt_path hpc: no hpc_ckpt_<n>.ckpt in {root.resolve()} (the trainer's "
+                                     "default_root_dir, where Lightning's SLURM requeue writes them); give the "
+                                     "checkpoint file, or last")
             if path == "last":  # resolved before Lightning reads the checkpoint's settings, as a named file is
                 path = self._resolve_last_checkpoint(sub)
             if path != "last":

@@ -601,7 +601,8 @@ def test_a_missing_feature_directory_is_named_by_its_spec_path(in_tmp, capsys, m
     err = capsys.readouterr().err
     assert rc == 1
     # the message raised `from None`, not the OSError it replaced ("[Errno 2] No such file or directory")
-    assert err.splitlines()[0] == f"error: feature spec not found: {in_tmp / 'nowhere' / 'spec.json'}"
+    assert err.splitlines()[0].startswith(f"error: feature spec not found: {in_tmp / 'nowhere' / 'spec.json'} (a "
+                                          "feature folder is made by `mmoe-rec features`"), err
 
 
 @pytest.mark.fresh_mlflow_store  # no store made
@@ -695,6 +696,43 @@ def test_a_fit_from_the_best_checkpoint_is_refused_before_its_run_is_made(featur
         client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
         assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
     assert not (in_tmp / "ck").exists()
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_hpc_without_its_checkpoint_and_registry_are_refused_before_a_run_is_made(feature_dir, in_tmp, capsys,
+                                                                                   monkeypatch, subcommand):
+    """`--ckpt_path hpc` with no SLURM requeue checkpoint and `registry` (a download from Lightning's model
+    registry) failed in Lightning after the MLflow run was made (left FAILED): the README says a ckpt_path that is no
+    checkpoint fails before the run. `--help` describes what is taken instead of Lightning's list."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    argv = [subcommand, "--config", str(CONFIGS[0].parent / "mmoe_synthetic.yaml"), *TINY,
+            "--data.init_args.data_dir", str(feature_dir), "--checkpoint_dir", str(in_tmp / "ck")]
+    assert main([*argv, "--ckpt_path", "hpc"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: --ckpt_path hpc: no hpc_ckpt_<n>.ckpt in {in_tmp}")
+    for name in ("registry", "registry:my-model:v1"):
+        assert main([*argv, "--ckpt_path", name]) == 1
+        assert capsys.readouterr().err.startswith(f"error: --ckpt_path {name}: mmoe-rec reads checkpoints from files")
+    if (in_tmp / "mlflow.db").exists():  # the store may be made; no run in it
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{in_tmp / 'mlflow.db'}")
+        assert not [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    entry = help_text.split("--ckpt_path CKPT_PATH ")[-1].split("(type:")[0]  # the option's own help
+    assert "or last: the newest last.ckpt in the checkpoint folders" in entry and "hpc" not in entry, entry
+
+
+def test_a_fit_without_a_config_says_to_give_one(capsys, monkeypatch):
+    """jsonargparse named its internal keys ("the following arguments are required: fit.data, fit.model")."""
+    from mmoe_rec.cli import main
+
+    monkeypatch.delenv("MMOE_REC_TRACEBACK", raising=False)
+    assert main(["fit"]) == 1
+    assert "takes its model and data from a config file: --config configs/<name>.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("subcommand", ["test", "predict"])
