@@ -494,7 +494,7 @@ class MultiTaskCLI(LightningCLI):
             self.config_init["fit"]["ckpt_path"] = None  # not Lightning's own lookup (the config's folders again)
         check_monitors(self.trainer, self.model)
         if isinstance(self.trainer.strategy, ShardedEmbeddingStrategy):  # before the run and the ranks exist
-            self.trainer.strategy.check_settings(self.trainer.accumulate_grad_batches)
+            self.trainer.strategy.check_settings(self.trainer.accumulate_grad_batches, self.model)
         self._before(("train", "valid"))
 
     def _require_checkpoint(self) -> None:

@@ -779,17 +779,22 @@ class MultiTaskModule(L.LightningModule):
         self._resumed_epoch = totals["epoch"]
 
     def _check_embedding_optimizer(self, checkpoint: dict[str, Any]) -> None:
-        """A fit resumed from a ddp_sharded_embeddings checkpoint under another strategy would train the tables
-        with the configured optimizer from fresh state and drop their fused optimizer's state: refused."""
-        from mmoe_rec.training.sharding import SHARDED_OPTIMIZER_KEY, ShardedEmbeddingStrategy
+        """A fit resumed from a ddp_sharded_embeddings checkpoint of fused tables under another strategy would
+        train the tables with the configured optimizer from fresh state and drop their fused optimizer's state:
+        refused. data_parallel tables are trained by the configured optimizer: their checkpoint resumes anywhere."""
+        from mmoe_rec.training.sharding import SHARDING_TYPE_KEY, ShardedEmbeddingStrategy, fused_tables_in
 
-        if (SHARDED_OPTIMIZER_KEY in checkpoint and self._trainer is not None and self.trainer.state.fn == "fit"
+        fused = fused_tables_in(checkpoint)  # None: written before the sharding type was, with no state
+        if (fused is not False and self._trainer is not None and self.trainer.state.fn == "fit"
                 and not isinstance(self.trainer.strategy, ShardedEmbeddingStrategy)):
+            how = (f"sharding_type {checkpoint[SHARDING_TYPE_KEY]}" if checkpoint.get(SHARDING_TYPE_KEY)
+                   else "sharding_type table_wise or column_wise" if fused
+                   else "the sharding_type it was written with (data_parallel if so)")
             raise ValueError(
                 f"this checkpoint was written under ddp_sharded_embeddings: its embedding tables are trained by their "
                 f"own fused optimizer, whose state it holds, and {type(self.trainer.strategy).__name__} would "
                 f"replace it with the configured optimizer from scratch. Resume it with --trainer.strategy "
-                f"ddp_sharded_embeddings (validate / test / predict / register take it under any strategy)")
+                f"ddp_sharded_embeddings, {how} (validate / test / predict / register take it under any strategy)")
 
     # --- evaluation -------------------------------------------------------------------------------------
     def _eval_step(self, batch: Batch, metrics: TaskMetrics, prefix: str) -> None:

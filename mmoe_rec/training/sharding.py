@@ -34,7 +34,13 @@ What runs where (torch 2.13 CPU, torchrec 1.8, fbgemm-gpu-cpu 1.8, 2 gloo proces
 - The fused tables step inside every backward: `accumulate_grad_batches` > 1 is refused with them (data_parallel
   tables take it), and gradient clipping does not reach them.
 - row_wise, table_row_wise (and grid_shard): torchrec's EmbeddingBagCollectionSharder offers them only for
-  compute device "cuda", so the planner finds no plan on CPU: they need GPUs (NCCL).
+  compute device "cuda", so the planner finds no plan on CPU: they need GPUs (NCCL); refused on the CPU.
+- Fused tables need a multiple of 4 columns in every shard (torchrec asserts it as DMP builds them, on every rank):
+  refused before, naming the tables (`check_table_dims`). column_wise shards are multiples of 4 wide that divide
+  the dim, or the whole table, so the rule is the same for it. data_parallel tables take any dim.
+- Precision: torchrec builds the tables (fused or data_parallel) from their config's data type, float32, whatever
+  the module's dtype (fbgemm has no float64 tables): under 64-true / bf16-true they and the fused optimizer state
+  stay float32 (seen 2026-12-08, one process); the dense part takes the precision.
 - On GPUs any sharding needs fbgemm's CUDA kernels, which the pinned fbgemm-gpu-cpu does not have: install the
   CUDA build fbgemm-gpu in its place (`require_fbgemm_kernels` refuses to shard without them). Never run on a
   GPU: the project's one GPU check (H100, 2026-11-24, README) did not cover sharding.
@@ -46,7 +52,9 @@ into the checkpoint under `SHARDED_OPTIMIZER_KEY`. Resuming under this strategy 
 DMP has sharded the module (DMP builds fresh tables, so weights loaded before it would be lost): each rank copies
 its own shards out of the full tables and optimizer state, and the run continues exactly as if it had not
 stopped (tests/training/test_ddp.py). A checkpoint without that state (from plain DDP) cannot resume a sharded
-run: the embedding optimizers differ; it is refused with a clear error.
+run: the embedding optimizers differ; it is refused with a clear error. The checkpoint records its sharding type
+(`SHARDING_TYPE_KEY`): data_parallel tables have no fused state (the configured optimizer's state holds theirs),
+so theirs resumes under plain DDP, and a checkpoint whose fused state would be dropped does not resume them.
 """
 from __future__ import annotations
 
@@ -68,6 +76,7 @@ CPU_EMBEDDING_OPTIMIZERS = ("exact_adagrad", "exact_row_wise_adagrad", "exact_sg
 
 SHARDED_OPTIMIZER_KEY = "sharded_embedding_optimizer"  # checkpoint entry: {table key: {state name: full tensor}}
 SHARDED_OPTIMIZER_KIND_KEY = "sharded_embedding_optimizer_kind"  # checkpoint entry: the embedding_optimizer name
+SHARDING_TYPE_KEY = "sharded_embedding_sharding_type"  # checkpoint entry: the sharding_type it was written under
 
 # Observed with 2 CPU processes on gloo (see the module docstring); "nccl" = needs NCCL / GPUs.
 SHARDING_SUPPORT = {
@@ -93,6 +102,41 @@ def _tables(module: nn.Module) -> list[tuple[str, str]]:
 
 def embedding_tables(module: nn.Module) -> list[str]:
     return [table for table, _ in _tables(module)]
+
+
+FUSED_COLUMN_MULTIPLE = 4  # fbgemm's fused tables: each shard's columns (torchrec asserts it when DMP builds them)
+
+
+def check_table_dims(module: nn.Module, sharding_type: str) -> None:
+    """Refuse tables the fused kernel cannot hold: torchrec asserted it deep in DMP's setup, on every rank.
+    column_wise cuts a table into shards whose width is a multiple of 4 dividing its dim, or keeps it whole,
+    so the same rule holds for it. data_parallel tables are plain parameters: any dim."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    if sharding_type == "data_parallel":
+        return
+    bad = [f"{cfg.name} (feature{'s' * (len(cfg.feature_names) > 1)} {', '.join(cfg.feature_names)}): dim "
+           f"{cfg.embedding_dim}"
+           for m in module.modules() if isinstance(m, EmbeddingBagCollection)
+           for cfg in m.embedding_bag_configs() if cfg.embedding_dim % FUSED_COLUMN_MULTIPLE]
+    if bad:
+        raise ValueError(
+            f"sharding_type {sharding_type!r} puts the embedding tables in fbgemm's fused kernel, whose tables (and "
+            f"column shards) need a multiple of {FUSED_COLUMN_MULTIPLE} columns; not so for {'; '.join(bad)}. Give "
+            f"them dims that are multiples of {FUSED_COLUMN_MULTIPLE} (model init_args embedding_dim / "
+            f"embedding_dims), or use sharding_type data_parallel (tables of any dim, trained by the configured "
+            f"optimizer)")
+
+
+def fused_tables_in(checkpoint: Mapping[str, Any]) -> bool | None:
+    """Whether a checkpoint's tables were trained by a fused embedding optimizer (model-parallel sharding): from its
+    sharding type; a checkpoint without it (plain DDP, or written before the type was recorded) from its fused
+    state. None: an old one with an empty state, data_parallel's or a stateless optimizer's (exact_sgd)."""
+    if checkpoint.get(SHARDING_TYPE_KEY) is not None:
+        return checkpoint[SHARDING_TYPE_KEY] != "data_parallel"
+    if SHARDED_OPTIMIZER_KEY not in checkpoint:
+        return False
+    return True if any(checkpoint[SHARDED_OPTIMIZER_KEY].values()) else None
 
 
 FBGEMM_PROBE_OP = "fbgemm::permute_2D_sparse_data"  # the sharded input split's first fbgemm op
@@ -146,6 +190,7 @@ def shard_module(
     tables = embedding_tables(module)
     if not tables:
         raise ValueError("ShardedEmbeddingStrategy: the model has no torchrec EmbeddingBagCollection to shard")
+    check_table_dims(module, sharding_type)
     dense = sharding_type == "data_parallel"
     kernel = EmbeddingComputeKernel.DENSE.value if dense else EmbeddingComputeKernel.FUSED.value
     constraints = {t: ParameterConstraints(sharding_types=[sharding_type], compute_kernels=[kernel]) for t in tables}
@@ -286,10 +331,16 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         self.embedding_optimizer = embedding_optimizer
         self.embedding_lr = embedding_lr
 
-    def check_settings(self, accumulate_grad_batches: int) -> None:
-        """Settings this strategy cannot train with, on the device the trainer chose. Called by the CLI before the
-        fit (no MLflow run made yet, one process: at setup every rank printed it and the run ended FAILED) and
-        again at setup for a Trainer of one's own."""
+    def check_settings(self, accumulate_grad_batches: int, module: nn.Module | None = None) -> None:
+        """Settings this strategy cannot train with, on the device the trainer chose (and the tables of `module`).
+        Called by the CLI before the fit (no MLflow run made yet, one process: at setup every rank printed it and
+        the run ended FAILED) and again at setup for a Trainer of one's own."""
+        if SHARDING_SUPPORT[self.sharding_type] == "nccl" and self.root_device.type == "cpu":
+            raise ValueError(
+                f"sharding_type {self.sharding_type!r} needs the NCCL backend (GPUs); on the CPU use one of "
+                f"{[k for k, v in SHARDING_SUPPORT.items() if v == 'gloo']}")
+        if module is not None:
+            check_table_dims(module, self.sharding_type)
         if self.sharding_type == "data_parallel":
             return
         if self.root_device.type == "cpu" and self.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
@@ -304,7 +355,7 @@ class ShardedEmbeddingStrategy(DDPStrategy):
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         fused = self.sharding_type != "data_parallel"
-        self.check_settings(self.lightning_module.trainer.accumulate_grad_batches)
+        self.check_settings(self.lightning_module.trainer.accumulate_grad_batches, model)
         if fused:
             rank_zero_warn(
                 f"ddp_sharded_embeddings: the sharded embedding tables are trained by fbgemm's fused "
@@ -333,9 +384,12 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         return getattr(self.model, "fused_optimizer", None)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        """Add the fused embedding optimizer's state, gathered to full tensors (all ranks call this)."""
-        fused = self._fused_optimizer()
-        if fused is not None and "optimizer_states" in checkpoint:  # not for weights-only checkpoints
+        """Add the sharding type and the fused embedding optimizer's state, gathered to full tensors (all ranks call
+        this). data_parallel tables have none (the configured optimizer's state holds theirs): no entry says so."""
+        fused = self._fused_optimizer() if self.sharding_type != "data_parallel" else None
+        if "optimizer_states" in checkpoint:  # not for weights-only checkpoints
+            checkpoint[SHARDING_TYPE_KEY] = self.sharding_type
+        if fused is not None and "optimizer_states" in checkpoint:
             state = gather_optimizer_state(fused.state_dict()["state"], self.global_rank, self.world_size)
             if state is not None:
                 checkpoint[SHARDED_OPTIMIZER_KEY] = state
@@ -366,6 +420,19 @@ class ShardedEmbeddingStrategy(DDPStrategy):
         current = {key: per for key, per in current.items() if per}
         kind = checkpoint.get(SHARDED_OPTIMIZER_KIND_KEY)
         saved_state = any(checkpoint.get(SHARDED_OPTIMIZER_KEY, {}).values())  # exact_sgd keeps none
+        if self.sharding_type == "data_parallel":  # no fused optimizer: the configured one trains the tables
+            if fused_tables_in(checkpoint):
+                saved_type = checkpoint.get(SHARDING_TYPE_KEY) or "table_wise or column_wise"  # (an old one's)
+                if saved_state:  # resumed silently before, that state dropped
+                    raise ValueError(
+                        f"this checkpoint's embedding tables were sharded {saved_type} and trained by fbgemm's fused "
+                        f"{kind or 'embedding optimizer'}, whose state it holds; sharding_type data_parallel would "
+                        f"train them with the configured optimizer from fresh state and drop it. Resume it with "
+                        f"sharding_type {saved_type}, or start a new fit")
+                rank_zero_warn(f"the checkpoint's embedding tables were trained by {kind!r}, which keeps no state; "
+                               f"under data_parallel the configured optimizer takes them over from fresh state")
+            super().load_optimizer_state_dict(checkpoint)
+            return
         if kind is not None and kind != self.embedding_optimizer and saved_state:  # dropped, or the wrong shape
             raise ValueError(
                 f"this checkpoint's embedding tables were trained by embedding_optimizer {kind!r}, whose state it "
@@ -376,6 +443,12 @@ class ShardedEmbeddingStrategy(DDPStrategy):
                            f"{self.embedding_optimizer!r} starts from fresh state")
             super().load_optimizer_state_dict(checkpoint)
             return
+        if current and checkpoint.get(SHARDING_TYPE_KEY) == "data_parallel":
+            raise RuntimeError(
+                f"this checkpoint was written with sharding_type data_parallel: its tables were trained by the "
+                f"configured optimizer, and it holds no fused embedding optimizer state for sharding_type "
+                f"{self.sharding_type!r} to take over; resume it with sharding_type data_parallel or "
+                f"--trainer.strategy ddp")
         if current and SHARDED_OPTIMIZER_KEY not in checkpoint:
             raise RuntimeError(
                 "this checkpoint holds no sharded-embedding optimizer state (it was not written under "
