@@ -748,3 +748,57 @@ def test_numpy_integers_and_floats_are_taken_as_settings():
 
     SparseMMoE(spec(), num_experts=np.int64(6), k=np.int64(2), num_shared_experts=np.int32(0),
                fine_grained=np.int64(1), dropout=np.float32(0.1), capacity_factor=np.float32(1.5))
+
+
+# Gaps a mutation review found (each test below failed on one surviving mutant and passes on this code)
+
+def test_expert_choice_untaken_rows_fallback_mass_is_the_sum_of_their_top_eval_k_probabilities():
+    """With eval_k = 2 the fallback weight of a row no expert took is the sum of its top-2 probabilities (the
+    test above has eval_k = 1, where top-1 and top-eval_k agree: mutant `topk(1)` survived)."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), router="expert_choice", num_experts=8, k=1, capacity_factor=2.0,
+                       expert_hidden=[8, 8]).train()
+    x = features(40)
+    task = TASKS[0]
+    assert model.gates[task].eval_k == 2
+    out = model.forward_dense(x)
+    r = model.gates[task](x)
+    experts, rows, weights = r.assignments()
+    combine = torch.zeros(40, 8).index_put((rows, experts), weights, accumulate=True)
+    untaken_rows = torch.ones(40).index_fill(0, rows, 0.0)[:, None]
+    assert 0 < int(untaken_rows.sum()) < 40
+    mass = untaken_rows * r.probs.topk(2, dim=1).values.sum(1, keepdim=True)
+    h = model.experts.forward_dense(x, combine) + mass * model.fallback.forward_all(x)[0]
+    torch.testing.assert_close(out.logits[task], model.towers[task](h), atol=1e-5, rtol=1e-5)
+
+
+def test_token_choice_dropped_mass_carries_the_routers_gradient():
+    """A row that lost every assignment reaches the tower only through dropped mass * fallback(x); its loss must
+    still reach the router through that mass, as the expert-choice one does (mutant detached mass survived)."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, capacity_factor=0.25, noise=False, expert_hidden=[8, 8]).train()
+    x = features(40)
+    task = TASKS[0]
+    r = model.gates[task](x)
+    lost = ~apply_capacity(r.chosen, 4, capacity_for(40, 1, 4, 0.25)).any(1)
+    assert lost.any() and not lost.all()
+    out = model.forward_dense(x)
+    (out.logits[task] * lost.float()).sum().backward()
+    assert model.gates[task].w_gate.grad.abs().sum() > 0
+
+
+def test_fine_grained_capacity_counts_the_split_experts():
+    """With fine_grained = m a split expert takes at most ceil(m·k·T / (m·E) · cf) assignments, the capacity of an
+    unsplit expert's share, not m times it (mutant capacity over the unsplit E survived)."""
+    torch.manual_seed(0)
+    model = SparseMMoE(spec(), num_experts=4, k=1, fine_grained=2, capacity_factor=0.5, noise=False,
+                       expert_hidden=[8, 8]).train()
+    x = features(40)
+    cap = capacity_for(40, 2, 8, 0.5)
+    assert cap == 5
+    out = model.forward_dense(x)
+    for t in TASKS:
+        rec = out.routing[t]
+        dropped = int((~apply_capacity(rec.chosen, 8, cap)).sum())
+        assert int(rec.dropped) == dropped > 0
+        assert int((rec.combine > 0).sum(0).max()) <= cap

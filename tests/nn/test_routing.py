@@ -271,3 +271,72 @@ def test_loss_free_bias_stays_float32_and_keeps_moving_in_a_bfloat16_model():
         cast(router)
         assert router.balancer.bias.dtype == torch.float32 and torch.equal(router.balancer.bias, trained)
         assert "balancer.bias" in dict(router.named_buffers())
+
+
+# Gaps a mutation review found (each test below failed on one surviving mutant and passes on this code)
+
+def test_with_k_equal_to_e_every_expert_stays_chosen_with_probability_one():
+    """k = E is a valid router: every expert is always chosen, so P(x, i) = 1 exactly (mutant `k > E` in
+    smooth_load survived: it compared against a threshold that does not exist and gave P < 1)."""
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(4, 3, k=3, init="normal", init_std=0.5).train()
+    r = router(torch.randn(32, 4))
+    assert r.load_prob is not None
+    assert torch.equal(r.load_prob, torch.ones(32, 3))
+    assert torch.equal(smooth_load(r.logits, r.logits, torch.ones(32, 3), r.mask, 3), torch.ones(32, 3))
+
+
+@pytest.mark.parametrize("make", [lambda: SwitchRouter(4, 3, loss_free_bias=True),
+                                  lambda: NoisyTopKRouter(4, 3, k=1, noise=False, loss_free_bias=True)])
+def test_loss_free_bias_changes_the_top_1_choice_but_not_its_raw_probability_weight(make):
+    """k = 1: the weight is the raw softmax probability of the clean scores over all E, bias left out of it (mutant
+    `softmax(noisy + bias)` for the probabilities survived: only the k = 2 path was checked)."""
+    torch.manual_seed(0)
+    router = make().eval()
+    x = torch.randn(64, 4)
+    router.balancer.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))  # expert 2 wins every row by its bias alone
+    r = router(x)
+    assert (r.chosen[:, 0] == 2).all()
+    clean = torch.softmax(x @ router.w_gate, dim=1)
+    torch.testing.assert_close(r.probs, clean)
+    torch.testing.assert_close(r.weights[:, 0], clean[:, 2])
+    assert (r.weights < 0.9).all()  # softmax(clean + bias) would be ~1
+
+
+def test_expert_choice_eval_k_is_the_rounded_capacity_factor_at_most_e():
+    """Evaluation's k = round(cf), clamped to [1, E] (mutants int(cf) and no clamp to E survived)."""
+    x = torch.randn(16, 4)
+    for cf, E, want in [(1.75, 4, 2), (2.6, 4, 3), (0.4, 4, 1), (3.0, 2, 2)]:
+        router = ExpertChoiceRouter(4, E, capacity_factor=cf).eval()
+        assert router.eval_k == want, cf
+        r = router(x)
+        assert r.chosen.shape == (16, want), cf
+        assert all(len(set(row)) == want for row in r.chosen.tolist())  # distinct experts per row
+        assert set(r.chosen.flatten().tolist()) <= set(range(E))
+
+
+def test_expert_choice_needs_a_capacity_factor_and_loss_free_bias_a_positive_rate():
+    """None capacity factor and a zero bias rate are refused with a ValueError naming the setting (mutants that
+    dropped either check survived: None then failed later with a TypeError, rate 0 gave a bias that never moves)."""
+    with pytest.raises(ValueError, match="capacity_factor"):
+        ExpertChoiceRouter(4, 3, capacity_factor=None)
+    with pytest.raises(ValueError, match="update_rate"):
+        LossFreeBias(3, update_rate=0.0)
+    with pytest.raises(ValueError, match="update_rate"):
+        NoisyTopKRouter(4, 3, k=1, noise=False, loss_free_bias=True, bias_update_rate=0.0)
+
+
+def test_routing_combine_carries_the_routers_gradient():
+    """Routing.combine is documented differentiable (benchmarks/moe_layer.py's dense reference trains through it);
+    mutant combine built from detached weights survived."""
+    torch.manual_seed(0)
+    router = NoisyTopKRouter(4, 5, k=2, noise=False).train()
+    x = torch.randn(24, 4)
+    target = torch.randn(24, 5)
+    (router(x).combine * target).sum().backward()
+    via_combine = router.w_gate.grad.clone()
+    router.w_gate.grad = None
+    r = router(x)
+    (r.weights * target.gather(1, r.chosen)).sum().backward()
+    assert via_combine.abs().sum() > 0
+    torch.testing.assert_close(via_combine, router.w_gate.grad)
