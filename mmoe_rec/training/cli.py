@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mmoe_rec.data.datamodule import FeatureDataModule
 from mmoe_rec.data.parquet_stream import feature_files
 from mmoe_rec.features.spec import WEIGHT_COLUMN, label_column
-from mmoe_rec.training import sigterm
+from mmoe_rec.training import on_exception, sigterm
 from mmoe_rec.training.checkpoint_file import check_checkpoint_file
 from mmoe_rec.training.checkpoint_lock import (LOCK_NAME, lock_checkpoint_folders, release_checkpoint_folders,
                                                remove_partial_saves)
@@ -661,6 +661,7 @@ def run_lightning_cli(argv: list[str]) -> MultiTaskCLI:
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     register_strategy()
     sigterm.install()  # every rank stops at the same batch (Lightning's handler broadcast inside the handler)
+    on_exception.install()  # a rank that fails alone writes no on-exception checkpoint (it hung, waiting for the rest)
     launcher_pid = None
     if os.environ.get(DONE_DIR_ENV):  # a rank rank 0 launched: it ends with rank 0, however rank 0 ends
         launcher = os.environ.get(LAUNCHER_PID_ENV, "")

@@ -27,7 +27,7 @@ from mmoe_rec.models.base import MultiTaskModel
 from mmoe_rec.models.factory import build_model, class_path_of, import_class
 from mmoe_rec.models.output import ModelOutput
 from mmoe_rec.nn.routing.loss_free import LossFreeBias
-from mmoe_rec.training import hand_back, sigterm
+from mmoe_rec.training import hand_back, on_exception, sigterm
 from mmoe_rec.training.checkpoint_io import use_atomic_checkpoints
 from mmoe_rec.training.epochs import (checkpoint_epoch, close_finished_epoch, count_epoch_after_last_batch,
                                       epoch_cut_short, reopen_cut_epoch, uncount_unprocessed_batch)
@@ -187,6 +187,7 @@ class MultiTaskModule(L.LightningModule):
     ) -> None:
         super().__init__()
         hand_back.install()  # a ddp_spawn / ddp_fork fit leaves no empty folder in $TMPDIR
+        on_exception.install()  # a rank that fails alone writes no on-exception checkpoint (API users too)
         if feature_spec is None:
             raise ValueError("MultiTaskModule needs the data's feature_spec (the CLI links it from data.spec)")
         spec = feature_spec if isinstance(feature_spec, FeatureSpec) else FeatureSpec.from_dict(feature_spec)
@@ -267,6 +268,7 @@ class MultiTaskModule(L.LightningModule):
         # a ddp_spawn rank unpickles its module before its trainer registers its SIGTERM handler, and it runs
         # no CLI that would have installed ours (sigterm.install: the ranks agree on a SIGTERM)
         sigterm.install()
+        on_exception.install()
         super().__setstate__(state)
 
     def forward(self, batch: Batch) -> ModelOutput:

@@ -233,6 +233,14 @@ def _spawned_ranks_exit_143() -> None:
     _MultiProcessingLauncher._wrapping_function = wrapping_function
 
 
+def stopped_together(trainer: Any, error: BaseException) -> bool:
+    """Whether `error` is a SIGTERMException every rank raised at the same point (a fit, validate or test whose
+    ranks agreed on the SIGTERM): the ranks can still meet in a collective, an on-exception checkpoint's."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    return isinstance(error, SIGTERMException) and _ranks_agree(trainer)
+
+
 def stopped_by_sigterm_in_predict(trainer: Any) -> bool:
     """Whether an error of a multi-rank predict is its stop by SIGTERM: each rank stops at its own next batch, and a
     rank that had none left waited in the prediction writer's collective for one that stopped (gloo's "Connection

@@ -96,8 +96,8 @@ def _seed_store(seed_mlflow_store):
     SEED_STORE = seed_mlflow_store
 
 
-def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = True,
-                      subcommand: str = "fit") -> subprocess.CompletedProcess:
+def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = True, subcommand: str = "fit",
+                      timeout: float = 240) -> subprocess.CompletedProcess:
     """The job's MLflow store, the default one in `workdir`, starts as a copy of the session's empty one."""
     if not (workdir / "mlflow.db").exists():
         SEED_STORE(workdir)
@@ -105,7 +105,7 @@ def run_two_processes(workdir: Path, config: Path, *extra: str, check: bool = Tr
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "mmoe_rec.cli", subcommand, "--config", str(config),
            "--trainer.devices", "2", *extra]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc
 
@@ -524,10 +524,12 @@ def test_a_sharded_fit_with_a_stateless_embedding_optimizer_resumes(feature_dir,
 
 
 def config_with_callbacks(tmp_path: Path, feature_dir: Path, batch_size: int, **callbacks: dict) -> Path:
-    """A one-epoch config with rank_failure's `callbacks` (class name -> init_args) added."""
+    """A one-epoch config with rank_failure's `callbacks` (class name, or another class's full path -> init_args)
+    added."""
     cfg = write_config(tmp_path / "c.yaml", feature_dir, batch_size, tmp_path / "audit", epochs=1)
     config = yaml.safe_load(cfg.read_text())
-    config["trainer"]["callbacks"] += [{"class_path": f"rank_failure.{name}", "init_args": init_args}
+    config["trainer"]["callbacks"] += [{"class_path": name if "." in name else f"rank_failure.{name}",
+                                        "init_args": init_args}
                                        for name, init_args in callbacks.items()]
     cfg.write_text(yaml.safe_dump(config))
     return cfg
@@ -564,6 +566,32 @@ def test_a_rank_that_fails_during_the_work_fails_the_job_and_its_run(feature_dir
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
+ON_EXCEPTION = "lightning.pytorch.callbacks.OnExceptionCheckpoint"
+CHECKPOINTING = ("--trainer.enable_checkpointing", "true")  # Lightning refuses a Checkpoint callback without it
+
+
+@pytest.mark.parametrize("strategy,rank", [("ddp", 0), ("ddp", 1), ("ddp_fork", 0)])
+def test_a_rank_that_fails_alone_writes_no_on_exception_checkpoint_and_fails_the_job_at_once(feature_dir, tmp_path,
+                                                                                            strategy, rank):
+    """Lightning runs OnExceptionCheckpoint in the failing rank alone, and a checkpoint's save is a collective: the
+    rank waited there for the other, itself waiting in the gradient all-reduce, until the process group's timeout
+    (30 minutes; a review's job hung). It now skips it with a warning and fails the job at once, its run FAILED.
+    ddp_fork's ranks run no on_exception; the launching process, which holds none of their state, failed in it
+    ("MultiTaskModule is not attached to a `Trainer`", in place of the rank's error) and now skips it too."""
+    cfg = config_with_callbacks(tmp_path, feature_dir, 64, FailMidTraining={"rank": rank},
+                                **{ON_EXCEPTION: {"dirpath": str(tmp_path / "exc")}})
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", strategy, *CHECKPOINTING, check=False,
+                             timeout=150)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert f"rank {rank} fails mid-training" in proc.stderr
+    why = f"rank {rank}'s RuntimeError is its own" if strategy == "ddp" else "the trained state is in the ranks"
+    assert re.search(r"no on-exception checkpoint written to \S+on_exception.ckpt: " + re.escape(why) +
+                     r".*; the last periodic checkpoint stands", proc.stderr), proc.stderr[-3000:]
+    assert "not attached" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "exc" / "on_exception.ckpt").exists()
+    assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
+
+
 def test_a_rank_killed_mid_training_is_named_by_rank_0(feature_dir, tmp_path):
     """Rank 1 is SIGKILLed mid-training (the out-of-memory killer's way: it prints nothing). Rank 0's collective
     fails with gloo's "Connection closed by peer", which names no rank: rank 0 says which rank died and how, and
@@ -581,9 +609,12 @@ def test_a_sigterm_to_rank_0_stops_every_rank_at_the_same_batch_with_exit_143(fe
     # rank 0's on-exception work outlasts the launcher's observer poll (5 s) after rank 1 has exited 143: the
     # observer spares it (it SIGKILLed rank 0 for a rank that exited before its work was done: exit -9)
     cfg = config_with_callbacks(tmp_path, feature_dir, 16, SigtermAt={"batch": 3, "rank": 0},
+                                **{ON_EXCEPTION: {"dirpath": str(tmp_path / "exc")}},
                                 SlowOnException={"seconds": 7.0, "rank": 0})
-    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", check=False)
+    proc = run_two_processes(tmp_path, cfg, "--trainer.strategy", "ddp", *CHECKPOINTING, check=False)
     assert proc.returncode == 143, proc.stderr[-4000:]
+    # the ranks stopped together: they write the on-exception checkpoint together (rank-local errors skip it)
+    assert (tmp_path / "exc" / "on_exception.ckpt").exists() and "no on-exception checkpoint" not in proc.stderr
     assert proc.stderr.count("error: mmoe-rec fit stopped by SIGTERM before it finished") == 1  # rank 0's alone
     assert "collective mismatch" not in proc.stderr and "Connection reset" not in proc.stderr, proc.stderr[-3000:]
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
