@@ -546,3 +546,36 @@ def test_a_task_subset_in_another_order_than_the_spec_equals_the_raw_weight_form
         tower = model.towers[t]
         want = torch.nn.functional.linear(tower.mlp(h[t]), tower.out.weight, tower.out.bias).squeeze(-1)
         torch.testing.assert_close(out.logits[t], want, rtol=1e-6, atol=1e-7)
+
+
+# Gaps a mutation review found (mutdense): pooling reaches the embedding front of every model, dropout reaches the
+# towers of every model and PLE's experts
+@pytest.mark.parametrize("cls,kw", [(MMoE, {}), (OMoE, {}), (SharedBottom, {}), (PLE, {"num_levels": 2})])
+def test_pooling_reaches_the_embedding_front(cls, kw):
+    assert cls(spec(), **kw).front.poolings == {"user": "sum", "tags": "sum"}
+    assert cls(spec(), pooling="mean", **kw).front.poolings == {"user": "mean", "tags": "mean"}
+    assert cls(spec(), pooling={"tags": "mean"}, **kw).front.poolings == {"user": "sum", "tags": "mean"}
+
+
+@pytest.mark.parametrize("cls,kw", [(MMoE, {}), (OMoE, {}), (SharedBottom, {}),
+                                    (PLE, {"num_levels": 2, "num_task_experts": 1, "num_shared_experts": 1})])
+def test_dropout_reaches_every_tower_and_every_expert(cls, kw):
+    torch.manual_seed(0)
+    model = cls(spec(), tower_hidden=[64], dropout=0.5, **kw)
+    for t in TASKS:
+        assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.towers[t].modules()), t
+        tower, h = model.towers[t].train(), torch.randn(6, model.towers[t].mlp.net[0].in_features)
+        assert not torch.equal(tower(h), tower(h)), t
+    if cls is PLE:
+        for level in model.levels:
+            for stack in (level.task_experts, level.shared_experts):
+                assert stack.dropout == 0.5
+                stack.train()
+                xin = torch.randn(6, stack.in_dim)
+                assert not torch.equal(stack(xin), stack(xin))
+
+
+def test_shared_bottom_takes_the_models_activation():
+    model = SharedBottom(spec(), bottom_hidden=[10, 6], activation="gelu")
+    kinds = {type(m) for m in model.bottom.net}
+    assert nn.GELU in kinds and nn.ReLU not in kinds, kinds

@@ -400,3 +400,39 @@ def test_fused_mean_pooling_divides_the_right_features_bags_when_keys_come_in_an
                                                  lengths=torch.tensor([1, 1, 1, 2]))
     batch = Batch(sparse=sparse, dense=torch.ones(2, 1), labels={})
     torch.testing.assert_close(fused(batch), per_table(batch))
+
+
+# Gaps a mutation review found (mutdense): the default pooling of features a pooling dict leaves out, and the
+# reordering of a collection's pooled features into spec order (never exercised: an unsharded collection returns
+# them in spec order)
+def test_the_features_a_pooling_dict_does_not_name_are_sum_pooled():
+    torch.manual_seed(0)
+    front = EmbeddingFront(spec(dense=()), embedding_dim=3, pooling={"user": "mean"}, fuse_tables=False)
+    assert front.poolings == {"user": "mean", "tags": "sum", "item": "sum"}
+    out = front(batch(dense_dim=0))
+    tags = table(front, "tags")  # row 0's bag [1, 3, 3] tells a sum from a mean
+    torch.testing.assert_close(out[:, 3:6], torch.stack([pool(tags, bag, "sum") for bag in TAGS]))
+
+
+def test_pooled_features_are_put_in_spec_order_when_the_collection_returns_them_in_another():
+    """A collection sharded by DistributedModelParallel may return its features grouped by shard (module docstring):
+    the front puts them back in spec order."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    torch.manual_seed(0)
+    front = EmbeddingFront(spec(), embedding_dims={"user": 2, "tags": 3, "item": 4}, pooling={"tags": "mean"})
+    assert not front.fused  # tags is multi-valued
+    want = front(batch())
+
+    class Regrouped(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+            by_key = self.inner(features).to_dict()
+            keys = ["item", "user", "tags"]
+            return KeyedTensor.from_tensor_list(keys, [by_key[k] for k in keys])
+
+    front.ebc = Regrouped(front.ebc)
+    assert torch.equal(front(batch()), want)

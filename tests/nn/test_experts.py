@@ -253,3 +253,31 @@ def test_dropout_follows_the_activation(path):
     assert 0.3 < float((~kept).double().mean()) < 0.7
     assert torch.all(train_out[kept].abs() <= 1 / (1 - p) + 1e-12)  # tanh(z)/(1-p) is bounded by 2; tanh(.) by 1
     assert torch.any(train_out[kept].abs() > 1)  # values above 1 exist only if dropout scales after the tanh
+
+
+def test_forward_each_on_every_expert_in_another_order_uses_each_experts_norm_and_statistics():
+    """experts naming all E experts, permuted: each row block still gets its own expert's batch-norm running
+    statistics (eval) and updates them (training), not those of the expert at its position."""
+    torch.manual_seed(0)
+    stack = ExpertStack(3, 4, [5], norm="batch").double()
+    randomize_norms(stack)
+    idx = torch.tensor([2, 0, 1])
+    xs = torch.randn(3, 16, 4, dtype=torch.float64)
+    got = stack.eval().forward_each(xs, idx)
+    for j, e in enumerate(idx.tolist()):
+        torch.testing.assert_close(got[j], reference_expert(stack, xs[j], e))
+    stack.train()
+    rm, rv = stack.running_mean_0.clone(), stack.running_var_0.clone()
+    for j, e in enumerate(idx.tolist()):
+        z = (xs[j] @ stack.weights[0][e] + stack.biases[0][e]).detach()
+        F.batch_norm(z, rm[e], rv[e], training=True, momentum=0.1)  # updates rm[e], rv[e] in place
+    stack.forward_each(xs, idx)
+    torch.testing.assert_close(stack.running_mean_0, rm)
+    torch.testing.assert_close(stack.running_var_0, rv)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])  # the hand-written ReLU path and the autograd one
+def test_an_input_of_another_width_is_refused_naming_the_expected_shape(activation):
+    stack = ExpertStack(3, 4, [5], activation=activation)
+    with pytest.raises(ValueError, match=r"expected input \(B, 4\), got \(6, 5\)"):
+        stack(torch.randn(6, 5))

@@ -55,3 +55,16 @@ def test_a_towers_dropout_and_norm_are_applied():
     assert torch.equal(tower.eval()(x), tower(x))
     towers = make_towers(["a"], 8, [16], norm="layer")
     assert any(isinstance(m, torch.nn.LayerNorm) for m in towers.modules())
+
+
+def test_a_tower_without_hidden_layers_gives_float32_logits_under_bf16_autocast():
+    """With hidden = [] the tower's input is the float32 mixture, not a bf16 activation: the output layer must still
+    leave autocast (a bf16 Linear rounds every logit to 8 bits of mantissa and ties the scores)."""
+    torch.manual_seed(0)
+    tower = Tower(32, [])
+    x = torch.randn(2048, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tower(x)
+    assert logits.dtype == torch.float32
+    assert len(torch.unique(logits)) > 0.99 * len(x)
+    torch.testing.assert_close(logits, tower(x), rtol=1e-5, atol=1e-6)
