@@ -543,3 +543,43 @@ def test_float64_logits_give_float64_task_losses():
     assert out.dtype == torch.float64
     got, = torch.autograd.grad(out, logit)
     torch.testing.assert_close(got, 2 * (logit - label).detach() / 50, rtol=1e-12, atol=0)
+
+
+def test_gradnorm_averages_gradients_and_losses_with_rank_mean_as_one_process_on_all_rows():
+    """One process playing rank 0 of two: its rank_mean averages each tensor with rank 1's (computed here on the
+    other half of the rows). Both the gradients on W and the losses must go through it, so that the learnt
+    weights' gradient and the gradient-norm loss are those of one process on all rows (the DDP test checks the
+    same with real processes, but is left out of the fast runs)."""
+    x1, x2 = _gradnorm_rows()
+    gn = GradNorm(["click", "watch"], alpha=1.5)
+    for step in range(2):  # the first step sets L(0); the second has r_t != 1, not the same on the two halves
+        W = torch.nn.Parameter(_gradnorm_weights(step))
+        other = _gradnorm_losses(W, x1[4:], x2[4:])
+        other_grads = torch.stack([torch.autograd.grad(other[t], [W])[0].flatten() for t in ("click", "watch")])
+        other_seen = torch.stack([other[t].detach() for t in ("click", "watch")])
+
+        def rank_mean(t):
+            return (t + (other_grads if t.dim() == 2 else other_seen).to(t.dtype)) / 2
+        gn.zero_grad()
+        gn(_gradnorm_losses(W, x1[:4], x2[:4]), lambda: [W], rank_mean).backward()
+    one = GradNorm(["click", "watch"], alpha=1.5)
+    for step in range(2):
+        W = torch.nn.Parameter(_gradnorm_weights(step))
+        one.zero_grad()
+        one(_gradnorm_losses(W, x1, x2), lambda: [W]).backward()
+    assert one.learnt_weights.grad.abs().min() > 0
+    torch.testing.assert_close(gn.learnt_weights.grad, one.learnt_weights.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gn.last_gradnorm_loss, one.last_gradnorm_loss, rtol=1e-5, atol=1e-7)
+
+
+def test_gradnorm_loss_leaves_out_a_task_weighted_0_even_with_alpha_0():
+    """alpha = 0: every trained task's target is the mean G; an untrained task (r_t = 0, and 0 ** 0 = 1) must not
+    add |0 - mean G| to the logged gradient-norm loss."""
+    W, losses = _gradnorm_case(1)
+    x3 = torch.randn(5, 3, generator=torch.Generator().manual_seed(7))
+    gn = GradNorm(["click", "watch", "idle"], {"idle": 0.0}, alpha=0.0)
+    gn({**losses(), "idle": ((x3 @ W) ** 2).mean()}, lambda: [W])
+    l = losses()
+    norms = torch.stack([torch.autograd.grad(l[t], [W], retain_graph=True)[0].norm() for t in ("click", "watch")])
+    want = (norms - norms.mean()).abs().sum()  # w = 1
+    torch.testing.assert_close(gn.last_gradnorm_loss, want, rtol=1e-5, atol=1e-6)

@@ -230,3 +230,14 @@ def test_reset_starts_the_next_epochs_metrics_from_no_rows():
     assert out["val/click/logloss"].item() == pytest.approx(bce.item(), rel=1e-5)
     assert out["val/click/auc"].item() == pytest.approx(1.0)
     assert out["val/dwell/mse"].item() == pytest.approx(5 / 3, rel=1e-6)
+
+
+def test_an_infinite_logit_ranks_above_every_finite_one_however_large():
+    """+inf is the largest score, above a finite logit of 1e4 (mapped to a finite stand-in smaller than that, the
+    two swapped places)."""
+    spec = FeatureSpec([SparseFeature("u", 3)], ["d"], [Task("click")]).finalize()
+    m = TaskMetrics(spec, ["click"], "val")
+    m.update({"click": torch.tensor([float("inf"), 1e4, 0.0, float("-inf"), -1e4])},
+             {"click": torch.tensor([1.0, 0, 0, 0, 1])})
+    # positive at +inf above all 3 negatives; positive at -1e4 above only the -inf negative: (3 + 1) / 6
+    assert m.compute()["val/click/auc"].item() == pytest.approx(4 / 6)

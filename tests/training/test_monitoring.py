@@ -714,3 +714,79 @@ def test_importance_cv2_is_that_of_the_gate_weights_before_capacity_as_the_impor
     del state["gates"]["click"]["importance_sum"]
     old = Window.from_state_dict(state).metrics("experts", "relatedness")["experts/click/importance_cv2"]
     assert old == pytest.approx(float(cv_squared(out.routing["click"].combine.double().sum(0))), rel=1e-6)
+
+
+# Tests that kill surviving mutants of a mutation review of the monitoring statistics
+
+
+def test_a_ple_gates_groups_survive_being_added_into_an_empty_window():
+    """RoutingMonitor adds every segment into fresh window / epoch sums (GateStats.empty(...).add(...)): the groups
+    must come along, or a PLE task gate loses its own / shared shares and its balance statistics count the other
+    tasks' own experts as dead."""
+    chosen = [[0], [1], [4], [5]]  # level of 6 experts: click's own 0-1, buy's own 2-3, shared 4-5
+    rec = sparse_record(chosen, [[1.0]] * 4, 6)
+    rec.expert_groups = {"own": [0, 1], "shared": [4, 5]}
+    direct = GateStats.empty(6)
+    direct.update(rec)
+    added = GateStats.empty(6)
+    added.add(direct)
+    assert added.groups == {"own": [0, 1], "shared": [4, 5]}
+    want = utilization_metrics("0/click", direct)
+    got = utilization_metrics("0/click", added)
+    assert got == pytest.approx(want)
+    assert got["experts/0/click/dead"] == 0.0 and got["experts/0/click/share/own"] == pytest.approx(0.5)
+
+
+def test_gate_js_leaves_out_a_row_only_one_gate_weighed():
+    """A row one gate dropped (no weight) is left out of the JS sum as well as of the cosine and the row count
+    (counted, it added JS 0.5 to gates that are identical on every row they both weigh)."""
+    g = torch.softmax(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), -1)
+    h = g.clone()
+    h[2] = 0.0
+    js, cos, rows = gate_pair_sums(torch.stack([g, h]))[0].tolist()
+    assert rows == 9 and cos == pytest.approx(9.0, rel=1e-5)
+    assert js == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_diagonal_of_the_expert_overlap_matrix_is_one():
+    """Each task's chosen experts overlap fully with themselves (the JSON matrix and the plot show the diagonal)."""
+    from mmoe_rec.training.callbacks import Window
+
+    window = Window(["a", "b"])
+    window.update({"a": sparse_record([[0], [1]], [[1.0], [1.0]], 2), "b": sparse_record([[1], [1]], [[1.0], [1.0]], 2)},
+                  {"a": torch.tensor([0.0, 1]), "b": torch.tensor([1.0, 0])})
+    names, mat = window.relatedness()["expert_jaccard"]
+    assert names == ["a", "b"]
+    assert mat.tolist() == [[1.0, 0.5], [0.5, 1.0]]
+
+
+def test_gates_over_other_experts_are_left_out_and_the_others_still_compared():
+    """Tasks a and b have gates over 4 experts, c over 3: a and b are compared (the largest group of gates of the
+    same shape), c is not."""
+    from mmoe_rec.training.callbacks import Window
+
+    g = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), -1)
+    c = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(3)), -1)
+    window = Window(["a", "b", "c"])
+    labels = {t: torch.tensor([0.0, 1, 0, 1, 1, 0]) for t in "abc"}
+    window.update({"a": GateRecord(combine=g, probs=g), "b": GateRecord(combine=g.clone(), probs=g),
+                   "c": GateRecord(combine=c, probs=c)}, labels)
+    names, js = window.relatedness()["gate_js"]
+    assert names == ["a", "b"] and float(js[0, 1]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_partial_epoch_stays_out_of_the_epoch_load_history():
+    """An epoch cut short is logged under partial_epoch/, but not drawn as an epoch's point of the load plot."""
+    from types import SimpleNamespace
+
+    from mmoe_rec.training.callbacks import RoutingMonitor, Window
+
+    g = torch.softmax(torch.randn(6, 4, generator=torch.Generator().manual_seed(2)), -1)
+    window = Window(["a"])
+    window.update({"a": GateRecord(combine=g, probs=g)}, {"a": torch.tensor([0.0, 1, 0, 1, 1, 0])})
+    monitor = RoutingMonitor(every_n_steps=5, plots=False)
+    trainer = SimpleNamespace(global_step=15, is_global_zero=False, logger=None)
+    monitor._close_epoch(trainer, window, 0, partial=True)
+    assert monitor.epoch_history_steps == [] and monitor.epoch_history == {}
+    monitor._close_epoch(trainer, window, 0)
+    assert monitor.epoch_history_steps == [15] and list(monitor.epoch_history) == ["a"]

@@ -356,3 +356,69 @@ def test_a_load_heatmap_labels_every_expert_up_to_32(tmp_path):
             fig.canvas.draw()
             assert [t.get_text() for t in ax.get_yticklabels()] == [f"e{e}" for e in range(experts)]
         plots.close(fig)
+
+
+# Tests that kill surviving mutants of a mutation review of the plots (values drawn, not looks)
+
+
+def test_utilization_of_gates_with_different_uniform_shares_is_coloured_relative_to_each_gates_share():
+    """Expert choice: weights need not sum to 1 (gate a's total 0.5, b's 1.0): each cell is coloured by its weight
+    over its own gate's uniform share total / E, centred on 1."""
+    u = {"a": np.array([0.1, 0.1, 0.2, 0.1]), "b": np.array([0.2, 0.2, 0.4, 0.2])}
+    fig = plots.utilization_heatmap(u)
+    im = fig.axes[0].images[0]
+    np.testing.assert_allclose(np.ma.getdata(im.get_array()), [[0.8, 0.8, 1.6, 0.8]] * 2)
+    assert im.norm.vcenter == 1.0
+    plots.close(fig)
+
+
+def test_utilization_of_weights_that_do_not_sum_to_one_is_centred_on_their_uniform_share():
+    fig = plots.utilization_heatmap({"click": np.array([0.1, 0.2, 0.1, 0.1])})  # total 0.5: uniform 0.125
+    im = fig.axes[0].images[0]
+    assert im.norm.vcenter == pytest.approx(0.125)
+    assert "uniform=0.125" in [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    plots.close(fig)
+
+
+def test_utilization_colour_scale_reaches_at_least_twice_the_uniform_share():
+    """The diverging scale is symmetric around 1/E at least (0 .. 2/E): a gate near uniform is pale, not the
+    darkest red at its largest weight."""
+    fig = plots.utilization_heatmap({"click": np.array([0.3, 0.35, 0.35])})
+    norm = fig.axes[0].images[0].norm
+    assert norm.vmin == 0.0 and norm.vcenter == pytest.approx(1 / 3) and norm.vmax == pytest.approx(2 / 3)
+    plots.close(fig)
+
+
+@pytest.mark.parametrize("num_experts, reached", [(6, 4), (16, 12)], ids=["lines", "heatmaps"])
+def test_a_gate_uniform_over_the_experts_it_reaches_gets_the_note(num_experts, reached):
+    """A PLE expert-choice task gate: exactly 1/reached on each expert it reaches, NaN on the others: the note,
+    not a flat map or flat lines."""
+    steps = [5, 10, 15]
+    load = np.full((len(steps), num_experts), np.nan)
+    load[:, :reached] = 1.0 / reached
+    fig = plots.load_over_training(steps, {"0/click": load}, ylabel="share of assignments")
+    ax = next(ax for ax in fig.axes if ax.get_title())
+    assert not ax.images and not ax.lines
+    assert any("by construction" in t.get_text() for t in ax.texts)
+    assert f"1/E = {1 / reached:.3g}" in ax.get_title()
+    plots.close(fig)
+
+
+def test_similarity_panels_have_fixed_colour_ranges():
+    """Cosine, JS and Jaccard are drawn on 0..1 whatever the values, so that panels and epochs compare."""
+    m = np.array([[1.0, 0.4], [0.4, 1.0]])
+    fig = plots.relatedness_matrices({"gate_cos": (["a", "b"], m), "gate_js": (["a", "b"], 1 - m - 0.3 * np.eye(2)),
+                                      "expert_jaccard": (["a", "b"], m)})
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 3
+    for im in images:
+        assert (im.norm.vmin, im.norm.vmax) == (0.0, 1.0)
+    plots.close(fig)
+
+
+def test_load_heatmap_draws_each_experts_values_in_its_own_row():
+    rng = np.random.default_rng(0)
+    load = rng.dirichlet(np.ones(16), size=3)  # (steps, experts)
+    fig = plots.load_over_training([1, 2, 3], {"click": load}, ylabel="share")
+    np.testing.assert_allclose(np.ma.getdata(fig.axes[0].images[0].get_array()), load.T)  # row e: expert e
+    plots.close(fig)
