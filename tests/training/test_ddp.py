@@ -551,18 +551,15 @@ def test_a_rank_that_fails_after_rank_0_finished_fails_the_job_and_its_run(featu
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 
-@pytest.mark.parametrize("callback,message", [("FailBeforeRendezvous", "rank 1 fails before the rendezvous"),
-                                              ("FailMidTraining", "rank 1 fails mid-training")])
-def test_a_rank_that_fails_during_the_work_fails_the_job_and_its_run(feature_dir, tmp_path, callback, message):
+def test_a_rank_that_fails_before_the_rendezvous_fails_the_job_and_its_run(feature_dir, tmp_path):
     """Rank 1 fails before the ranks' rendezvous (rank 0 waits there: only the launcher's observer can end it, by
-    SIGKILL, which had left the MLflow run RUNNING) or mid-training (rank 0's collective fails and Lightning ends
-    the run): the job fails and the run is FAILED either way."""
-    proc = fit_with_rank_1_callback(tmp_path, feature_dir, callback)
+    SIGKILL, which had left the MLflow run RUNNING): the job fails and the run is FAILED. (Rank 1 failing
+    mid-training, where rank 0's collective fails and Lightning ends the run: the next test's ("ddp", 1).)"""
+    proc = fit_with_rank_1_callback(tmp_path, feature_dir, "FailBeforeRendezvous")
     assert proc.returncode != 0, proc.stderr[-4000:]
-    assert message in proc.stderr
-    if callback == "FailBeforeRendezvous":
-        assert re.search(r"mmoe-rec: rank 1 \(pid \d+\) exited with code 1 before its work was done",
-                         proc.stderr), proc.stderr[-2000:]
+    assert "rank 1 fails before the rendezvous" in proc.stderr
+    assert re.search(r"mmoe-rec: rank 1 \(pid \d+\) exited with code 1 before its work was done",
+                     proc.stderr), proc.stderr[-2000:]
     assert mlflow_run(tmp_path / "mlflow.db")[0].info.status == "FAILED"
 
 

@@ -556,8 +556,7 @@ def test_a_database_store_not_addressed_by_host_and_port_is_left_to_mlflow(uri):
 
 
 def _store_setup_job(role: str, db, signals) -> None:
-    """A job that sets up the SQLite store `db` and makes an experiment in it, in a process forked from the test's
-    (nothing to import: fast). A holds inside MLflow's setup, once it has read the schema version, until B is done
+    """A job that sets up the SQLite store `db` and makes an experiment in it, in a process of its own. A holds inside MLflow's setup, once it has read the schema version, until B is done
     or waits; B starts once A is inside and says so where it has to wait for the setup lock."""
     import fcntl
     import traceback
@@ -615,12 +614,14 @@ def test_jobs_started_together_on_a_new_sqlite_store_both_set_it_up(tmp_path):
 
     db, signals = tmp_path / "mlflow.db", tmp_path / "signals"
     signals.mkdir()
-    fork = multiprocessing.get_context("fork")
-    jobs = {role: fork.Process(target=_store_setup_job, args=(role, db, signals)) for role in "AB"}
+    # spawned, not forked: a child forked from a pytest worker's threads (xdist's, MLflow's) hung for good, now and
+    # then, on a lock one of them held at the fork (both jobs past 240 s in a fresh-clone CI run)
+    spawn = multiprocessing.get_context("spawn")
+    jobs = {role: spawn.Process(target=_store_setup_job, args=(role, db, signals)) for role in "AB"}
     for job in jobs.values():
         job.start()
     for job in jobs.values():
-        job.join(timeout=120)
+        job.join(timeout=300)  # two MLflow schema setups one after the other: over 120 s on a loaded 2-core VM
     assert (signals / "a_inside").exists()  # the jobs overlapped
     for role, job in jobs.items():
         error = signals / f"{role}_error"
