@@ -211,8 +211,8 @@ def component_class_override(args: list[str]) -> None:
 CKPT_PATH_HELP = {  # --ckpt_path, by whether the subcommand is fit
     True: "a checkpoint file to resume the fit from (e.g. checkpoints/<run>/last.ckpt), or last: the newest "
           "last.ckpt in the checkpoint folders (none: the fit starts anew)",
-    False: "the checkpoint file whose model this runs (e.g. checkpoints/<run>/best.ckpt), or last: the newest last.ckpt in "
-           "the checkpoint folders (required)",
+    False: "the checkpoint file whose model this runs (e.g. checkpoints/<run>/best.ckpt), or last: the newest "
+           "last.ckpt in the checkpoint folders (required)",
 }
 _running_cli: list["MultiTaskCLI"] = []  # the CLI of this process, for a SIGTERM before Lightning handles it
 
