@@ -222,14 +222,7 @@ def test_forward_each_in_training_updates_the_running_statistics_of_the_chosen_e
     stack = ExpertStack(4, 3, [5], norm="batch").double().train()
     idx = torch.tensor([2, 0])
     xs = torch.randn(2, 16, 3, dtype=torch.float64)
-    rm = stack.running_mean_0.clone()
-    rv = stack.running_var_0.clone()
-    for j, e in enumerate(idx.tolist()):
-        z = (xs[j] @ stack.weights[0][e] + stack.biases[0][e]).detach()
-        F.batch_norm(z, rm[e], rv[e], training=True, momentum=0.1)  # updates rm[e], rv[e] in place
-    stack.forward_each(xs, idx)
-    torch.testing.assert_close(stack.running_mean_0, rm)
-    torch.testing.assert_close(stack.running_var_0, rv)
+    assert_running_stats_updated_by_expert(stack, xs, idx)
     assert (stack.running_mean_0[[1, 3]] == 0).all() and (stack.running_var_0[[1, 3]] == 1).all()
 
 
@@ -267,13 +260,7 @@ def test_forward_each_on_every_expert_in_another_order_uses_each_experts_norm_an
     for j, e in enumerate(idx.tolist()):
         torch.testing.assert_close(got[j], reference_expert(stack, xs[j], e))
     stack.train()
-    rm, rv = stack.running_mean_0.clone(), stack.running_var_0.clone()
-    for j, e in enumerate(idx.tolist()):
-        z = (xs[j] @ stack.weights[0][e] + stack.biases[0][e]).detach()
-        F.batch_norm(z, rm[e], rv[e], training=True, momentum=0.1)  # updates rm[e], rv[e] in place
-    stack.forward_each(xs, idx)
-    torch.testing.assert_close(stack.running_mean_0, rm)
-    torch.testing.assert_close(stack.running_var_0, rv)
+    assert_running_stats_updated_by_expert(stack, xs, idx)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])  # the hand-written ReLU path and the autograd one
@@ -281,3 +268,15 @@ def test_an_input_of_another_width_is_refused_naming_the_expected_shape(activati
     stack = ExpertStack(3, 4, [5], activation=activation)
     with pytest.raises(ValueError, match=r"expected input \(B, 4\), got \(6, 5\)"):
         stack(torch.randn(6, 5))
+
+
+def assert_running_stats_updated_by_expert(stack, xs, idx) -> None:
+    """A training forward_each updates each expert's first-layer batch-norm statistics from its own rows (xs[j] for
+    expert idx[j]), as F.batch_norm would."""
+    rm, rv = stack.running_mean_0.clone(), stack.running_var_0.clone()
+    for j, e in enumerate(idx.tolist()):
+        z = (xs[j] @ stack.weights[0][e] + stack.biases[0][e]).detach()
+        F.batch_norm(z, rm[e], rv[e], training=True, momentum=0.1)  # updates rm[e], rv[e] in place
+    stack.forward_each(xs, idx)
+    torch.testing.assert_close(stack.running_mean_0, rm)
+    torch.testing.assert_close(stack.running_var_0, rv)
