@@ -409,10 +409,10 @@ def _installed_commit() -> str | None:
     return commit if isinstance(commit, str) and commit else None
 
 
-def code_tags() -> dict[str, str]:
+def code_tags(with_dirty: bool = True) -> dict[str, str]:
     """What a run records of the mmoe_rec code that made it: `mmoe_rec.version` (the installed distribution's),
     the commit as `mlflow.source.git.commit` (of the checkout the package runs from, else of a `pip install
-    git+...`) and, from a checkout, `mmoe_rec.git_dirty`. An installed copy run from another project's checkout is
+    git+...`) and, from a checkout and `with_dirty`, `mmoe_rec.git_dirty` (a `git status`). An installed copy run from another project's checkout is
     not tagged with that project's commit."""
     tags = {}
     try:
@@ -423,7 +423,7 @@ def code_tags() -> dict[str, str]:
     commit = git_commit(checkout) if checkout is not None else _installed_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    dirty = git_dirty(checkout) if checkout is not None else None
+    dirty = git_dirty(checkout) if checkout is not None and with_dirty else None
     if dirty is not None:
         tags["mmoe_rec.git_dirty"] = str(dirty).lower()
     if not tags:
@@ -558,7 +558,7 @@ class MLflowTracker(MLFlowLogger):
         uri = configure_tracking(tracking_uri)
         tags = dict(tags or {})
         # the code that runs, as log_run_files records it again (a tag given for it gives way)
-        tags.update((k, v) for k, v in code_tags().items() if k != "mmoe_rec.git_dirty")
+        tags.update(code_tags(with_dirty=False))
         try:
             super().__init__(
                 experiment_name=experiment_name,
