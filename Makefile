@@ -27,9 +27,11 @@ demo: setup
 # torch on one thread (tests/conftest.py): with a thread a core in each, their OpenMP threads spun waiting for each
 # other (a Xeon 6 VM, 2026-12-07: 593 s in a fresh-clone CI run, one thread a worker 351 s, 1781 tests; earlier
 # figures, other VMs: 946 s in one process, 689 s in two).
+# --dist worksteal: an idle worker takes tests queued for the other, which the slow DDP tests at the end of the
+# queue had left to one worker (same VM, 2026-12-08, 1928 tests: 579 s with the default `load`, 418 s with it).
 # `python -m pytest tests/...` runs in one.
 test: setup
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --dist worksteal
 
 bench: setup
 	$(BIN)/pip install -q -e ".[dev,bench]"
