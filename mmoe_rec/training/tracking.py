@@ -389,10 +389,7 @@ def _package_in_checkout() -> Path | None:
     source tree); None for an installed copy: a virtual environment inside another project's checkout put that
     project's commit on the run as the code that ran."""
     package = Path(__file__).resolve().parents[1]  # mmoe_rec/
-    git = _git_dir(package)
-    if git is None:
-        return None
-    for folder in [package, *package.parents]:
+    for folder in [package, *package.parents]:  # the checkout holding it, as _git_dir finds it
         if (folder / ".git").exists():
             inside = package.relative_to(folder).parts
             return None if any(part in INSTALLED_PACKAGE_DIRS for part in inside) else package
@@ -412,8 +409,8 @@ def _installed_commit() -> str | None:
 def code_tags(with_dirty: bool = True) -> dict[str, str]:
     """What a run records of the mmoe_rec code that made it: `mmoe_rec.version` (the installed distribution's),
     the commit as `mlflow.source.git.commit` (of the checkout the package runs from, else of a `pip install
-    git+...`) and, from a checkout and `with_dirty`, `mmoe_rec.git_dirty` (a `git status`). An installed copy run from another project's checkout is
-    not tagged with that project's commit."""
+    git+...`) and, from a checkout and `with_dirty`, `mmoe_rec.git_dirty` (a `git status`). An installed copy run
+    from another project's checkout is not tagged with that project's commit."""
     tags = {}
     try:
         tags["mmoe_rec.version"] = importlib.metadata.version(DISTRIBUTION)
